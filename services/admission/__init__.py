@@ -1,0 +1,1 @@
+"""Admission: authenticates tenants, validates requests, enforces quotas and sheds load."""

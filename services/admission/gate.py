@@ -1,0 +1,82 @@
+"""The admission decision: authenticate, validate, check quota, deadline and load. No NATS here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from services.admission.intake import Intake, read_intake
+from services.admission.quota import QuotaLedger
+from shared.catalog import ModelCatalog
+from shared.contracts.events import PressureV1
+from shared.credentials import InvalidCredential, TenantVerifier
+from shared.errors import DinError, ErrorCode
+
+PRESSURE_STALE_MS = 2_000
+
+
+class AdmissionGate:
+    """Decides, for one request, to admit it or refuse it with an error."""
+
+    def __init__(
+        self,
+        verifier: TenantVerifier,
+        quota: QuotaLedger,
+        catalog: ModelCatalog,
+        *,
+        max_payload: int,
+        shed_factor: float = 1.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._verifier = verifier
+        self._quota = quota
+        self._catalog = catalog
+        self._max_payload = max_payload
+        self._shed_factor = shed_factor
+        self._clock = wall_clock
+        self.pressure: PressureV1 | None = None
+
+    def admit(self, tenant: str, model: str, headers: dict[str, str] | None, body: bytes) -> Intake:
+        """Return the request's intake when admitted; raise ``DinError`` with the reason otherwise."""
+        now_ms = self._clock() * 1000.0
+        intake = read_intake(headers, body, now_ms, self._max_payload)
+        if not self._verifier.knows(tenant):
+            raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
+        try:
+            self._verifier.verify(tenant, intake.token, now=now_ms / 1000.0)
+        except InvalidCredential:
+            raise DinError(ErrorCode.UNAUTHENTICATED, "credential missing, invalid or expired") from None
+        entry = self._catalog.get(model)
+        if entry is None:
+            raise DinError(ErrorCode.UNKNOWN_MODEL, f"model {model!r} is not served by this network")
+        if not entry.has_version(intake.model_version):
+            raise DinError(
+                ErrorCode.UNKNOWN_MODEL,
+                f"model {model!r} has no version {intake.model_version!r}; versions: {', '.join(entry.versions)}",
+            )
+        wait_s = self._quota.admit(tenant)
+        if wait_s > 0:
+            raise DinError(
+                ErrorCode.RATE_LIMITED,
+                f"tenant {tenant!r} is over its request rate",
+                retry_after_ms=max(1, int(wait_s * 1000)),
+            )
+        self._check_load(intake, now_ms)
+        return intake
+
+    def _check_load(self, intake: Intake, now_ms: float) -> None:
+        pressure = self.pressure
+        if pressure is None or now_ms - pressure.at_ms > PRESSURE_STALE_MS:
+            return
+        if pressure.executors == 0:
+            raise DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, "no executor is live right now", retry_after_ms=1000)
+        if pressure.inflight >= pressure.capacity * self._shed_factor:
+            backlog = pressure.inflight - pressure.capacity * self._shed_factor + 1
+            retry = max(5, int(backlog * max(pressure.fastest_ms, 1.0) / max(pressure.executors, 1)))
+            raise DinError(ErrorCode.OVERLOADED, "the network is past capacity", retry_after_ms=retry)
+        if intake.deadline_ms - now_ms < pressure.fastest_ms:
+            raise DinError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"the deadline leaves {intake.deadline_ms - now_ms:.0f} ms; the fastest executor needs "
+                f"{pressure.fastest_ms:.0f} ms",
+            )

@@ -1,0 +1,104 @@
+"""Admission's front door: requests on ``din.v1.infer.<tenant>.<model>``, admitted ones on to classification."""
+
+from __future__ import annotations
+
+import time
+
+from nats.aio.msg import Msg
+
+from services.admission.gate import AdmissionGate
+from services.admission.intake import peek_request_id
+from services.admission.quota import QuotaLedger
+from services.admission.settings import AdmissionSettings
+from shared.catalog import ModelCatalog
+from shared.contracts.events import AdmissionDecisionV1, PressureV1
+from shared.contracts.job import JobV1
+from shared.credentials import TenantVerifier, read_credentials
+from shared.errors import DinError, ErrorCode
+from shared.naming import InvalidNameError, Subjects, Topics
+from shared.runtime import ServiceRuntime
+from shared.topology import load_topology
+
+PASSTHROUGH_PREFIXES = ("Din-Tensor-", "Content-Type")
+
+
+def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
+    """Build the admission service."""
+    runtime = ServiceRuntime("admission", settings)
+    topology = load_topology(settings.topology)
+    gate = AdmissionGate(
+        TenantVerifier(read_credentials(settings.credentials_file)),
+        QuotaLedger({t.name: (t.rate_per_s, t.burst) for t in topology.tenants}),
+        ModelCatalog.from_repository(settings.model_repo),
+        max_payload=settings.max_payload_bytes,
+        shed_factor=settings.shed_factor,
+    )
+    counts = {"admitted": 0, "refused": 0, "unanswerable": 0}
+    runtime.detail = lambda: counts
+
+    @runtime.broker.subscriber(Subjects.PRESSURE)
+    async def on_pressure(pressure: PressureV1) -> None:
+        gate.pressure = pressure
+
+    def record(request_id: str, tenant: str, model: str, intake_sla, ok: bool, reason: str, detail: str, size: int):
+        runtime.events.emit(
+            Topics.ADMISSION_DECISIONS,
+            AdmissionDecisionV1(
+                request_id=request_id,
+                tenant=tenant,
+                model=model,
+                sla_class=intake_sla,
+                admitted=ok,
+                reason=reason,
+                detail=detail,
+                input_bytes=size,
+                at_ms=time.time() * 1000.0,
+            ),
+            key=tenant,
+        )
+
+    @runtime.hot_path(Subjects.INFER_ALL, queue="admission")
+    async def on_infer(msg: Msg) -> None:
+        received_ms = time.time() * 1000.0
+        raw_tenant, raw_model = msg.subject.split(".")[3:5]
+        if not msg.reply:
+            counts["unanswerable"] += 1
+            record(peek_request_id(msg.headers, msg.data) or "", raw_tenant, raw_model, None, False,
+                   "no_reply_subject", "request sent without a reply subject", len(msg.data))
+            return
+        try:
+            tenant, model = Subjects.parse_infer(msg.subject)
+            intake = gate.admit(tenant, model, msg.headers, msg.data)
+        except (DinError, InvalidNameError) as exc:
+            error = exc if isinstance(exc, DinError) else DinError(ErrorCode.BAD_REQUEST, str(exc))
+            request_id = peek_request_id(msg.headers, msg.data)
+            counts["refused"] += 1
+            await runtime.answer_error(msg.reply, error, request_id)
+            record(request_id or "", raw_tenant, raw_model, None, False, error.code.value, error.message,
+                   len(msg.data))
+            return
+        job = JobV1(
+            request_id=intake.request_id,
+            tenant=tenant,
+            model=model,
+            model_version=intake.model_version,
+            sla_class=intake.sla_class,
+            deadline_ms=intake.deadline_ms,
+            reply_to=msg.reply,
+            content_type=intake.content_type,
+            labels=intake.labels,
+            allow_degrade=intake.allow_degrade,
+            min_accuracy=intake.min_accuracy,
+            traceparent=intake.traceparent,
+            received_ms=received_ms,
+            stamps_ms={"admitted": time.time() * 1000.0},
+        )
+        headers = job.to_headers()
+        for name, value in (msg.headers or {}).items():
+            if name.startswith(PASSTHROUGH_PREFIXES):
+                headers[name] = value
+        await runtime.nc.publish(Subjects.CLASSIFY, msg.data, headers=headers)
+        counts["admitted"] += 1
+        record(intake.request_id, tenant, model, intake.sla_class, True, "ok", "", len(msg.data))
+
+    return runtime

@@ -1,0 +1,24 @@
+"""Settings of the admission service (``DIN_ADMISSION_*``)."""
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class AdmissionSettings(ServiceSettings):
+    """Where tenants and their secrets are, and how much admission lets through."""
+
+    model_config = SettingsConfigDict(env_prefix="DIN_ADMISSION_", extra="ignore", populate_by_name=True)
+
+    topology: Path = Field(validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (tenants, quotas).")
+    model_repo: Path = Field(
+        validation_alias=AliasChoices("DIN_MODEL_REPO"), description="Model repository whose configs list the models."
+    )
+    credentials_file: Path = Field(description="JSON file with each tenant's token secret.")
+    max_payload_bytes: int = Field(default=4 * 1024 * 1024, description="Largest request body accepted.")
+    shed_factor: float = Field(
+        default=1.0, description="Shed new requests once network in-flight jobs exceed capacity times this."
+    )

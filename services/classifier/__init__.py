@@ -1,0 +1,1 @@
+"""Classifier: gives every admitted request a workload class (task, SLA, size, sensitivity, candidate models)."""

@@ -1,0 +1,46 @@
+"""Workload classification: pure logic from tenant policy, request labels and the model catalog."""
+
+from __future__ import annotations
+
+from shared.catalog import ModelCatalog
+from shared.contracts.job import JobV1, WorkloadClassV1
+from shared.topology import TenantSpec
+
+SIZE_CLASSES = ((16 * 1024, "small"), (256 * 1024, "medium"))
+
+
+def size_class(input_bytes: int) -> str:
+    for limit, name in SIZE_CLASSES:
+        if input_bytes < limit:
+            return name
+    return "large"
+
+
+class WorkloadPolicy:
+    """Classifies jobs of known tenants against the catalog."""
+
+    def __init__(self, tenants: list[TenantSpec], catalog: ModelCatalog, sensitive_labels: list[str]) -> None:
+        self._tenants = {t.name: t for t in tenants}
+        self._catalog = catalog
+        self._sensitive = {label.lower() for label in sensitive_labels}
+
+    def classify(self, job: JobV1, input_bytes: int) -> WorkloadClassV1:
+        tenant = self._tenants[job.tenant]
+        sensitive = tenant.always_sensitive or any(label.lower() in self._sensitive for label in job.labels)
+        variants = self._catalog.variants(job.model)
+        if job.model_version is None and job.allow_degrade:
+            floor = job.min_accuracy
+            candidates = [
+                v.name for v in variants if v.name == job.model or floor is None or (v.accuracy or 0.0) >= floor
+            ]
+        else:
+            candidates = [job.model]
+        return WorkloadClassV1(
+            task=variants[0].task,
+            sla_class=job.sla_class,
+            input_bytes=input_bytes,
+            size_class=size_class(input_bytes),
+            sensitive=sensitive,
+            allowed_sites=list(tenant.sensitive_sites) if sensitive and tenant.sensitive_sites else None,
+            candidates=candidates,
+        )

@@ -1,0 +1,23 @@
+"""Settings of the classifier service (``DIN_CLASSIFIER_*``)."""
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class ClassifierSettings(ServiceSettings):
+    """Where the tenant policies and the model catalog are."""
+
+    model_config = SettingsConfigDict(env_prefix="DIN_CLASSIFIER_", extra="ignore", populate_by_name=True)
+
+    topology: Path = Field(validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (tenant policy).")
+    model_repo: Path = Field(
+        validation_alias=AliasChoices("DIN_MODEL_REPO"), description="Model repository whose configs list the models."
+    )
+    sensitive_labels: list[str] = Field(
+        default=["sensitive", "pii", "confidential", "restricted"],
+        description="Request labels that mark data as sensitive.",
+    )

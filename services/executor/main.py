@@ -1,0 +1,276 @@
+"""An executor's front door: jobs in (assigned directly, or pulled from the site's queue), answers straight to the client.
+
+Every job ends in exactly one of: a result to the client, an error to the
+client, or, when it is within ``deadline_margin_ms`` of its deadline, silence
+(the scheduler answers it). In all three a completion event tells the
+scheduler and telemetry it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
+
+from services.executor.batcher import BatchOutput, DynamicBatcher, ItemResult
+from services.executor.repository import ModelRepository
+from services.executor.settings import ExecutorSettings
+from shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, ModelLoadedV1
+from shared.contracts.inference import InferResponseV1, ServedByV1
+from shared.contracts.job import JobV1
+from shared.errors import DinError, ErrorCode, error_reply
+from shared.naming import Subjects, work_stream
+from shared.runtime import ServiceRuntime
+from shared.tensors import decode_request, encode_outputs, validate_inputs
+
+REQUEST_ID_HEADER = "Din-Request-Id"
+PULL_ACK_WAIT_S = 30.0
+DRAIN_NOTICE_S = 0.2
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
+    """Build one executor."""
+    runtime = ServiceRuntime("executor", settings, instance=settings.id)
+    repository = ModelRepository(settings.model_repo)
+
+    def run_batch(model: str, inputs):
+        handle = repository.current(model)
+        return BatchOutput(handle.run(inputs), handle.version)
+
+    batcher = DynamicBatcher(
+        run_batch, capacity=settings.capacity, max_queue_delay_ms=settings.max_queue_delay_ms
+    )
+    serving: set[asyncio.Task] = set()
+    background: list[asyncio.Task] = []
+    announced = {"draining": False}
+    runtime.detail = lambda: {
+        "models": ",".join(f"{h.name}@{h.version}" for h in repository.loaded()),
+        "completed": batcher.stats().completed,
+        "inflight": len(serving),
+    }
+
+    def heartbeat() -> HeartbeatV1:
+        stats = batcher.stats()
+        return HeartbeatV1(
+            executor=settings.id,
+            site=settings.site,
+            models=[
+                ModelLoadedV1(
+                    name=h.name,
+                    version=h.version,
+                    max_batch_size=batcher.max_batch_size(h.name),
+                    compute_ms_per_item=stats.compute_ms_per_item.get(h.name, 0.2),
+                    accuracy=h.accuracy,
+                )
+                for h in repository.loaded()
+            ],
+            capacity=settings.capacity,
+            queue_depth=stats.queue_depth,
+            inflight=stats.inflight,
+            recent_latency_ms=stats.recent_latency_ms,
+            draining=stats.draining or announced["draining"],
+            interval_s=settings.heartbeat_interval_s,
+            sent_ms=now_ms(),
+        )
+
+    async def send_heartbeat() -> None:
+        await runtime.nc.publish(
+            Subjects.heartbeat(settings.site, settings.id), heartbeat().model_dump_json().encode()
+        )
+
+    async def complete(job: JobV1, model: str, version: str, result: ItemResult | None, error: DinError | None):
+        timings = dict(result and {"queue": result.queue_ms, "compute": result.compute_ms} or {})
+        timings["total"] = now_ms() - job.received_ms
+        event = CompletionV1(
+            request_id=job.request_id,
+            tenant=job.tenant,
+            site=settings.site,
+            executor=settings.id,
+            model=model,
+            model_version=version,
+            sla_class=job.sla_class,
+            ok=error is None,
+            error_code=error.code.value if error else None,
+            batch_size=result.batch_size if result else 0,
+            degraded=model != job.model,
+            timings_ms={k: round(v, 3) for k, v in timings.items()},
+            at_ms=now_ms(),
+        )
+        await runtime.nc.publish(
+            Subjects.completed(settings.site), event.model_dump_json().encode(),
+            headers={REQUEST_ID_HEADER: job.request_id},
+        )
+
+    def response(job: JobV1, model: str, result: ItemResult, requested: list[str] | None) -> bytes:
+        stamps = job.stamps_ms
+        timings = {
+            "admission": stamps.get("admitted", job.received_ms) - job.received_ms,
+            "classify": stamps.get("classified", 0) - stamps.get("admitted", 0),
+            "schedule": stamps.get("scheduled", 0) - stamps.get("classified", 0),
+            "queue": result.queue_ms,
+            "compute": result.compute_ms,
+            "total": now_ms() - job.received_ms,
+        }
+        return InferResponseV1(
+            model_name=model,
+            model_version=result.model_version or "",
+            id=job.request_id,
+            outputs=encode_outputs(result.outputs, requested),
+            served_by=ServedByV1(
+                site=settings.site,
+                executor=settings.id,
+                model=model,
+                model_version=result.model_version or "",
+                degraded=model != job.model,
+                batch_size=result.batch_size,
+            ),
+            timings_ms={k: round(v, 3) for k, v in timings.items()},
+        ).model_dump_json().encode()
+
+    async def serve(job: JobV1, body: bytes, headers: dict[str, str]) -> None:
+        """Run one job to its single outcome."""
+        model = job.model_chosen or job.model
+        cutoff = job.deadline_ms - settings.deadline_margin_ms
+        version = ""
+        try:
+            handle = repository.handle(model, job.model_version)
+            version = handle.version
+            decoded = decode_request(body, headers, content_type=job.content_type)
+            validate_inputs(decoded.inputs, handle.inputs, batcher.max_batch_size(model))
+            if now_ms() >= cutoff:
+                raise DinError(ErrorCode.DEADLINE_EXCEEDED, "deadline reached before the job was queued")
+            result = await batcher.submit(model, decoded.inputs, sla_class=job.sla_class, deadline_ms=cutoff)
+            version = result.model_version or version
+            if now_ms() >= cutoff:
+                raise DinError(ErrorCode.DEADLINE_EXCEEDED, "computed too late for the deadline")
+            await runtime.nc.publish(job.reply_to, response(job, model, result, decoded.requested_outputs))
+            await complete(job, model, version, result, None)
+        except DinError as error:
+            if error.code != ErrorCode.DEADLINE_EXCEEDED:
+                body_out, err_headers = error_reply(error, job.request_id)
+                await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
+            await complete(job, model, version, None, error)
+        except Exception as exc:
+            runtime.log.exception("job %s failed", job.request_id)
+            error = DinError(ErrorCode.INFERENCE_FAILED, f"inference failed: {exc.__class__.__name__}")
+            body_out, err_headers = error_reply(error, job.request_id)
+            await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
+            await complete(job, model, version, None, error)
+
+    def start_serving(job: JobV1, body: bytes, headers: dict[str, str], on_done=None) -> None:
+        task = asyncio.create_task(serve(job, body, headers))
+        serving.add(task)
+        task.add_done_callback(serving.discard)
+        if on_done is not None:
+            task.add_done_callback(on_done)
+
+    @runtime.hot_path(Subjects.execute(settings.site, settings.id))
+    async def on_job(msg: Msg) -> None:
+        try:
+            job = JobV1.from_headers(msg.headers)
+        except ValueError:
+            runtime.dead_letter(msg, "missing or invalid job header")
+            return
+        start_serving(job, msg.data, msg.headers)
+
+    @runtime.hot_path(Subjects.probe(settings.site), queue=f"probe-{settings.site}")
+    async def on_probe(msg: Msg) -> None:
+        if msg.reply:
+            await runtime.nc.publish(msg.reply, msg.data)
+
+    @runtime.broker.subscriber(Subjects.control("executor", settings.id))
+    async def on_control(command: LoadModelV1) -> ModelLoadedV1 | dict:
+        try:
+            handle = await asyncio.to_thread(repository.load, command.model, command.version)
+        except DinError as error:
+            return error.to_model().model_dump()
+        runtime.log.info("now serving %s version %s", handle.name, handle.version)
+        await send_heartbeat()
+        return ModelLoadedV1(
+            name=handle.name,
+            version=handle.version,
+            max_batch_size=batcher.max_batch_size(handle.name),
+            compute_ms_per_item=batcher.stats().compute_ms_per_item.get(handle.name, 0.2),
+            accuracy=handle.accuracy,
+        )
+
+    async def heartbeats() -> None:
+        while True:
+            await send_heartbeat()
+            await asyncio.sleep(settings.heartbeat_interval_s)
+
+    async def pull(model: str) -> None:
+        """Distributed mode: take jobs for ``model`` from the site's work queue while there is room."""
+        js = runtime.nc.jetstream()
+        subscription = await js.pull_subscribe(
+            Subjects.work(settings.site, model),
+            durable=f"work-{model}",
+            stream=work_stream(settings.site),
+            config=ConsumerConfig(ack_wait=PULL_ACK_WAIT_S, max_deliver=3),
+        )
+        while True:
+            room = settings.capacity - len(serving)
+            if room <= 0:
+                await asyncio.sleep(0.001)
+                continue
+            try:
+                msgs = await subscription.fetch(batch=min(room, batcher.max_batch_size(model)), timeout=1.0)
+            except NatsTimeout:
+                continue
+            for msg in msgs:
+                try:
+                    job = JobV1.from_headers(msg.headers)
+                except ValueError:
+                    runtime.dead_letter(msg, "missing or invalid job header")
+                    await msg.term()
+                    continue
+                start_serving(job, msg.data, msg.headers, on_done=lambda _t, m=msg: asyncio.ensure_future(m.ack()))
+
+    async def ensure_work_stream() -> None:
+        config = StreamConfig(
+            name=work_stream(settings.site),
+            subjects=[Subjects.work_all(settings.site)],
+            retention=RetentionPolicy.WORK_QUEUE,
+            max_age=600.0,
+        )
+        js = runtime.nc.jetstream()
+        with contextlib.suppress(Exception):
+            await js.add_stream(config)
+
+    @runtime.on_start
+    async def load_models() -> None:
+        for model in settings.models:
+            handle = await asyncio.to_thread(repository.load, model)
+            batcher.set_max_batch_size(model, int(handle.config.get("max_batch_size", 64)))
+            runtime.log.info("loaded %s version %s", handle.name, handle.version)
+        batcher.start()
+        background.append(asyncio.create_task(heartbeats(), name="heartbeats"))
+        if settings.pull:
+            await ensure_work_stream()
+            for model in settings.models:
+                background.append(asyncio.create_task(pull(model), name=f"pull-{model}"))
+
+    @runtime.on_stop_accepting
+    async def announce_draining() -> None:
+        announced["draining"] = True
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await send_heartbeat()
+        await asyncio.sleep(DRAIN_NOTICE_S)
+
+    @runtime.on_drain
+    async def drain() -> None:
+        await batcher.drain()
+        if serving:
+            await asyncio.wait(serving, timeout=10.0)
+
+    return runtime

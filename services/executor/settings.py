@@ -1,0 +1,39 @@
+"""Settings of an executor (``DIN_EXECUTOR_*``)."""
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+from typing import Annotated
+
+from shared.naming import token
+from shared.settings import ServiceSettings
+
+
+class ExecutorSettings(ServiceSettings):
+    """Which executor this is, what it serves and how it batches."""
+
+    model_config = SettingsConfigDict(env_prefix="DIN_EXECUTOR_", extra="ignore", populate_by_name=True)
+
+    id: str = Field(description="Executor id, unique in the network.")
+    models: Annotated[list[str], NoDecode] = Field(description="Models to serve, comma-separated.")
+    model_repo: Path = Field(description="Model repository folder (``<model>/<version>/model.onnx``).")
+    capacity: int = Field(default=256, ge=1, description="Jobs queued before new ones are refused as overloaded.")
+    max_queue_delay_ms: float = Field(default=2.0, ge=0, description="Longest wait for a batch to fill.")
+    heartbeat_interval_s: float = Field(default=0.5, gt=0, description="Seconds between heartbeats.")
+    deadline_margin_ms: float = Field(
+        default=5.0, description="Jobs this close to their deadline are left to the scheduler to answer."
+    )
+    pull: bool = Field(default=False, description="Pull work from the site's JetStream queue (distributed mode).")
+
+    @field_validator("id")
+    @classmethod
+    def _id_token(cls, value: str) -> str:
+        return token(value, what="executor id")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [token(part.strip(), what="model") for part in value.split(",") if part.strip()]
+        return value

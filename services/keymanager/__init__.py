@@ -1,0 +1,1 @@
+"""Key manager: site and tenant identities, data-encryption keys, rotation and revocation."""

@@ -1,0 +1,65 @@
+"""Jobs the scheduler dispatched and has not yet seen complete: the basis of "exactly one answer".
+
+When an executor dies its jobs are dispatched again if time remains; a job
+still open just before its deadline is answered with an error by the
+scheduler. Pure logic, no NATS.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from shared.contracts.job import JobV1
+
+
+@dataclass
+class InflightJob:
+    """A dispatched job and what is needed to dispatch it again."""
+
+    job: JobV1
+    body: bytes
+    passthrough: dict[str, str]
+    executor: str | None
+    site: str
+
+
+class InflightTable:
+    """Open jobs by request id, by executor, and by deadline."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, InflightJob] = {}
+        self._deadlines: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, entry: InflightJob) -> None:
+        request_id = entry.job.request_id
+        if request_id not in self._jobs:
+            heapq.heappush(self._deadlines, (entry.job.deadline_ms, request_id))
+        self._jobs[request_id] = entry
+
+    def complete(self, request_id: str) -> InflightJob | None:
+        return self._jobs.pop(request_id, None)
+
+    def on_executor(self, executor_id: str) -> list[InflightJob]:
+        """Remove and return the open jobs assigned to ``executor_id``."""
+        lost = [e for e in self._jobs.values() if e.executor == executor_id]
+        for entry in lost:
+            del self._jobs[entry.job.request_id]
+        return lost
+
+    def on_site(self, site: str) -> list[InflightJob]:
+        """Open jobs queued at ``site`` (distributed mode), left in the table."""
+        return [e for e in self._jobs.values() if e.site == site]
+
+    def due(self, now_ms: float, margin_ms: float) -> list[InflightJob]:
+        """Remove and return open jobs whose deadline is less than ``margin_ms`` away."""
+        expired = []
+        while self._deadlines and self._deadlines[0][0] - margin_ms <= now_ms:
+            _, request_id = heapq.heappop(self._deadlines)
+            entry = self._jobs.pop(request_id, None)
+            if entry is not None:
+                expired.append(entry)
+        return expired

@@ -1,0 +1,225 @@
+"""Scheduler's front door: classified jobs on ``din.v1.schedule``, dispatched to an executor or a site queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.js.api import RetentionPolicy, StreamConfig
+
+from services.scheduler.inflight import InflightJob, InflightTable
+from services.scheduler.links import LinkTable
+from services.scheduler.placement import Placement, pick_executor
+from services.scheduler.registry import ExecutorRegistry
+from services.scheduler.settings import SchedulerSettings, SchedulingMode
+from shared.contracts.events import HeartbeatV1, PressureV1, ProbeV1, SchedulingDecisionV1
+from shared.contracts.job import HEADER_PREFIX, JobV1
+from shared.errors import DinError, ErrorCode
+from shared.naming import Subjects, Topics, work_stream
+from shared.runtime import ServiceRuntime
+from shared.topology import load_topology
+
+REQUEST_ID_HEADER = "Din-Request-Id"
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
+    """Build the scheduler service."""
+    runtime = ServiceRuntime("scheduler", settings)
+    topology = load_topology(settings.topology)
+    registry = ExecutorRegistry()
+    links = LinkTable(topology, home=settings.site)
+    inflight = InflightTable()
+    cost_limits = {t.name: t.max_cost_per_1k for t in topology.tenants}
+    counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0}
+    tasks: list[asyncio.Task] = []
+    enqueues: set[asyncio.Task] = set()
+    runtime.detail = lambda: {**counts, "mode": settings.mode.value, "executors": len(registry.live()),
+                              "inflight": len(inflight)}
+
+    def record(job: JobV1, placement: Placement | None, reason: str, alternatives=()) -> None:
+        runtime.events.emit(
+            Topics.SCHEDULING_DECISIONS,
+            SchedulingDecisionV1(
+                request_id=job.request_id,
+                tenant=job.tenant,
+                mode=settings.mode.value,
+                sla_class=job.sla_class,
+                chosen_executor=placement.executor.id if placement and settings.mode == SchedulingMode.CENTRALIZED
+                else None,
+                chosen_site=placement.executor.site if placement else None,
+                chosen_model=placement.model if placement else None,
+                degraded=placement.degraded if placement else False,
+                predicted_ms=round(placement.predicted_ms, 3) if placement else None,
+                reason=reason,
+                alternatives=list(placement.alternatives if placement else alternatives),
+                attempt=job.attempt,
+                at_ms=now_ms(),
+            ),
+            key=job.tenant,
+        )
+
+    async def dispatch(job: JobV1, body: bytes, passthrough: dict[str, str]) -> None:
+        """Place ``job`` and send it on, or answer it with the reason it cannot run."""
+        try:
+            placement = pick_executor(job, registry.live(), links, topology, now_ms(), cost_limits)
+        except DinError as error:
+            counts["refused"] += 1
+            record(job, None, error.code.value)
+            await runtime.answer_error(job.reply_to, error, job.request_id)
+            return
+        state = placement.executor
+        centralized = settings.mode == SchedulingMode.CENTRALIZED
+        job.model_chosen = placement.model
+        job.site_chosen = state.site
+        job.executor_chosen = state.id if centralized else None
+        job.stamps_ms["scheduled"] = now_ms()
+        headers = {**passthrough, **job.to_headers(), REQUEST_ID_HEADER: job.request_id}
+        inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site))
+        registry.note_dispatch(state.id, job.sla_class)
+        counts["scheduled"] += 1
+        counts["degraded"] += placement.degraded
+        record(job, placement, placement.reason)
+        if centralized:
+            await runtime.nc.publish(Subjects.execute(state.site, state.id), body, headers=headers)
+        else:
+            task = asyncio.create_task(enqueue(job, body, headers))
+            enqueues.add(task)
+            task.add_done_callback(enqueues.discard)
+
+    async def enqueue(job: JobV1, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            await runtime.nc.jetstream().publish(
+                Subjects.work(job.site_chosen, job.model_chosen), body, headers=headers, timeout=2.0
+            )
+        except Exception as exc:
+            if inflight.complete(job.request_id) is not None:
+                await runtime.answer_error(
+                    job.reply_to,
+                    DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"site {job.site_chosen} queue unreachable: {exc}",
+                             retry_after_ms=500),
+                    job.request_id,
+                )
+
+    @runtime.hot_path(Subjects.SCHEDULE, queue="scheduler")
+    async def on_schedule(msg: Msg) -> None:
+        try:
+            job = JobV1.from_headers(msg.headers)
+        except ValueError:
+            runtime.dead_letter(msg, "missing or invalid job header")
+            return
+        passthrough = {k: v for k, v in msg.headers.items() if not k.startswith(HEADER_PREFIX)}
+        await dispatch(job, msg.data, passthrough)
+
+    @runtime.hot_path(Subjects.COMPLETED_ALL)
+    async def on_completed(msg: Msg) -> None:
+        request_id = (msg.headers or {}).get(REQUEST_ID_HEADER)
+        entry = inflight.complete(request_id) if request_id else None
+        if entry is not None and entry.executor:
+            registry.note_completion(entry.executor, entry.job.sla_class)
+
+    @runtime.broker.subscriber(Subjects.HEARTBEAT_ALL)
+    async def on_heartbeat(heartbeat: HeartbeatV1) -> None:
+        if registry.observe(heartbeat, time.monotonic()):
+            runtime.log.info("discovered executor %s at %s serving %s", heartbeat.executor, heartbeat.site,
+                             ", ".join(m.name for m in heartbeat.models))
+
+    async def watchdog() -> None:
+        interval = settings.watchdog_interval_ms / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            for dead in registry.expire(time.monotonic()):
+                runtime.log.warning("executor %s at %s missed its heartbeats: dropped", dead.id, dead.site)
+                for entry in inflight.on_executor(dead.id):
+                    await redispatch(entry)
+            for entry in inflight.due(now_ms(), settings.deadline_margin_ms):
+                counts["deadline_answers"] += 1
+                lost = entry.executor is not None and registry.get(entry.executor) is None
+                code = ErrorCode.EXECUTOR_LOST if lost else ErrorCode.DEADLINE_EXCEEDED
+                await runtime.answer_error(
+                    entry.job.reply_to,
+                    DinError(code, f"no answer from site {entry.site} before the deadline"),
+                    entry.job.request_id,
+                )
+
+    async def redispatch(entry: InflightJob) -> None:
+        job = entry.job
+        job.attempt += 1
+        job.executor_chosen = None
+        if job.deadline_ms - now_ms() <= settings.deadline_margin_ms:
+            await runtime.answer_error(
+                job.reply_to, DinError(ErrorCode.EXECUTOR_LOST, "the executor died and no time is left"),
+                job.request_id,
+            )
+            return
+        counts["redispatched"] += 1
+        await dispatch(job, entry.body, entry.passthrough)
+
+    async def prober() -> None:
+        seq = 0
+        remote = [s.name for s in topology.sites if s.name != settings.site]
+        while True:
+            for site in remote:
+                seq += 1
+                links.sent(site)
+                probe = ProbeV1(from_site=settings.site, to_site=site, sent_ms=now_ms(), seq=seq)
+                started = time.perf_counter()
+                with contextlib.suppress(NatsTimeout, NoRespondersError):
+                    await runtime.nc.request(Subjects.probe(site), probe.model_dump_json().encode(), timeout=1.0)
+                    links.observe_rtt(site, (time.perf_counter() - started) * 1000.0)
+            await asyncio.sleep(settings.probe_interval_s)
+
+    async def pressure() -> None:
+        while True:
+            await asyncio.sleep(settings.pressure_interval_s)
+            live = registry.live()
+            fastest = min(
+                (links.rtt_ms(s.site) + min(m.compute_ms_per_item for m in s.heartbeat.models) for s in live
+                 if s.heartbeat.models),
+                default=0.0,
+            )
+            report = PressureV1(
+                inflight=len(inflight),
+                capacity=sum(s.heartbeat.capacity for s in live),
+                fastest_ms=round(fastest, 3),
+                executors=len(live),
+                at_ms=now_ms(),
+            )
+            await runtime.nc.publish(Subjects.PRESSURE, report.model_dump_json().encode())
+
+    @runtime.on_start
+    async def start_background() -> None:
+        if settings.mode == SchedulingMode.DISTRIBUTED:
+            await ensure_work_streams()
+        for loop in (watchdog, prober, pressure):
+            tasks.append(asyncio.create_task(loop(), name=f"scheduler-{loop.__name__}"))
+
+    async def ensure_work_streams() -> None:
+        for site in topology.sites:
+            js = runtime.nc.jetstream(domain=site.name)
+            config = StreamConfig(
+                name=work_stream(site.name),
+                subjects=[Subjects.work_all(site.name)],
+                retention=RetentionPolicy.WORK_QUEUE,
+                max_age=600.0,
+            )
+            try:
+                await js.add_stream(config)
+            except Exception as exc:
+                runtime.log.warning("work stream of site %s not created yet: %s", site.name, exc)
+
+    @runtime.on_drain
+    async def stop_background() -> None:
+        if enqueues:
+            await asyncio.wait(enqueues, timeout=2.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    return runtime

@@ -1,0 +1,1 @@
+"""Telemetry: records every service's events to Kafka and aggregates them into metrics."""

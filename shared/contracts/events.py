@@ -1,0 +1,154 @@
+"""Events services publish: heartbeats, health, decisions and completions.
+
+Decisions and completions land in Kafka (``shared.naming.Topics``) so SREs can
+replay them; heartbeats and health travel on NATS.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from shared.contracts.inference import SlaClass
+from shared.contracts.job import WorkloadClassV1
+
+
+class ModelLoadedV1(BaseModel):
+    """A model an executor serves right now."""
+
+    name: str = Field(description="Model name.")
+    version: str = Field(description="Version being served.")
+    max_batch_size: int = Field(description="Largest batch the executor forms for it.")
+    compute_ms_per_item: float = Field(description="Recent mean compute time per batch item, ms.")
+    accuracy: float | None = Field(default=None, description="Held-out accuracy from the model's config.")
+
+
+class HeartbeatV1(BaseModel):
+    """An executor's periodic announcement of itself and its load."""
+
+    executor: str = Field(description="Executor id, unique in the network.")
+    site: str = Field(description="Site the executor runs at.")
+    models: list[ModelLoadedV1] = Field(description="Models it serves.")
+    capacity: int = Field(description="Jobs it can hold in its queues before it sheds.")
+    queue_depth: dict[str, int] = Field(description="Queued jobs per SLA class.")
+    inflight: int = Field(description="Jobs taken and not yet answered.")
+    recent_latency_ms: float = Field(description="Recent mean time from receipt to answer, ms.")
+    draining: bool = Field(default=False, description="True once it stopped taking new work.")
+    interval_s: float = Field(description="Seconds until the next heartbeat.")
+    sent_ms: float = Field(description="Epoch ms when sent.")
+
+
+class HealthV1(BaseModel):
+    """Answer on a health subject."""
+
+    service: str = Field(description="Service name.")
+    instance: str = Field(description="Instance id (the executor id for executors).")
+    version: str = Field(description="Software version.")
+    site: str = Field(description="Site the instance runs at.")
+    ready: bool = Field(description="True when the instance serves traffic.")
+    detail: dict[str, str] = Field(default_factory=dict, description="Service-specific facts.")
+
+
+class AdmissionDecisionV1(BaseModel):
+    """Admission's verdict on one request, with its reason."""
+
+    request_id: str = Field(description="Request id.")
+    tenant: str = Field(description="Tenant, or the raw token from the subject when unknown.")
+    model: str = Field(description="Model asked for.")
+    sla_class: SlaClass | None = Field(default=None, description="Service class, when it could be read.")
+    admitted: bool = Field(description="True when the request went on to classification.")
+    reason: str = Field(description="Error code when refused, 'ok' when admitted.")
+    detail: str = Field(default="", description="Human-readable explanation.")
+    input_bytes: int = Field(description="Size of the body.")
+    at_ms: float = Field(description="Epoch ms of the decision.")
+
+
+class ClassificationV1(BaseModel):
+    """The workload class the classifier gave one request."""
+
+    request_id: str = Field(description="Request id.")
+    tenant: str = Field(description="Tenant.")
+    workload: WorkloadClassV1 = Field(description="The class.")
+    at_ms: float = Field(description="Epoch ms of the decision.")
+
+
+class AlternativeV1(BaseModel):
+    """One placement the scheduler considered."""
+
+    executor: str = Field(description="Executor id.")
+    site: str = Field(description="Its site.")
+    model: str = Field(description="Model variant.")
+    predicted_ms: float | None = Field(description="Predicted completion time; None when excluded.")
+    excluded_by: str | None = Field(default=None, description="Constraint that excluded it, if any.")
+
+
+class SchedulingDecisionV1(BaseModel):
+    """Where the scheduler sent one request, why, and what else it considered."""
+
+    request_id: str = Field(description="Request id.")
+    tenant: str = Field(description="Tenant.")
+    mode: str = Field(description="centralized or distributed.")
+    sla_class: SlaClass = Field(description="Service class.")
+    chosen_executor: str | None = Field(description="Executor chosen (centralized mode).")
+    chosen_site: str | None = Field(description="Site chosen; None when refused.")
+    chosen_model: str | None = Field(description="Model variant chosen.")
+    degraded: bool = Field(description="True when a smaller variant was chosen.")
+    predicted_ms: float | None = Field(description="Predicted completion time of the choice.")
+    reason: str = Field(description="Why this choice, or the error code when refused.")
+    alternatives: list[AlternativeV1] = Field(description="Placements considered.")
+    attempt: int = Field(description="1 for a first dispatch, more for a retry.")
+    at_ms: float = Field(description="Epoch ms of the decision.")
+
+
+class CompletionV1(BaseModel):
+    """An executor finished (or failed) one job."""
+
+    request_id: str = Field(description="Request id.")
+    tenant: str = Field(description="Tenant.")
+    site: str = Field(description="Site of the executor.")
+    executor: str = Field(description="Executor id.")
+    model: str = Field(description="Model that ran.")
+    model_version: str = Field(description="Its version.")
+    sla_class: SlaClass = Field(description="Service class.")
+    ok: bool = Field(description="True when a result was returned.")
+    error_code: str | None = Field(default=None, description="Error code when not ok.")
+    batch_size: int = Field(description="Size of the batch it ran in.")
+    degraded: bool = Field(description="True when a smaller variant answered.")
+    timings_ms: dict[str, float] = Field(description="Latency breakdown, ms.")
+    at_ms: float = Field(description="Epoch ms of completion.")
+
+
+class ProbeV1(BaseModel):
+    """A link probe and its echo."""
+
+    from_site: str = Field(description="Site that sent the probe.")
+    to_site: str = Field(description="Site that echoed it.")
+    sent_ms: float = Field(description="Epoch ms when sent.")
+    seq: int = Field(description="Sequence number, to count losses.")
+
+
+class PressureV1(BaseModel):
+    """The scheduler's periodic view of network load, used by admission to shed early."""
+
+    inflight: int = Field(description="Jobs dispatched and not yet completed, network-wide.")
+    capacity: int = Field(description="Jobs the live executors can hold in total.")
+    fastest_ms: float = Field(description="Lowest predicted completion time over live executors, ms.")
+    executors: int = Field(description="Live executors.")
+    at_ms: float = Field(description="Epoch ms when sent.")
+
+
+class DeadLetterV1(BaseModel):
+    """A message a service could not process, kept for inspection instead of dropped."""
+
+    service: str = Field(description="Service that gave up on it.")
+    subject: str = Field(description="Subject it arrived on.")
+    reason: str = Field(description="Why it could not be processed.")
+    headers: dict[str, str] = Field(description="Its headers.")
+    body_b64: str = Field(description="Its body, base64.")
+    at_ms: float = Field(description="Epoch ms.")
+
+
+class LoadModelV1(BaseModel):
+    """Operator command: serve ``version`` of ``model`` from now on, without failing requests in flight."""
+
+    model: str = Field(description="Model name.")
+    version: str | None = Field(default=None, description="Version to serve; the newest when absent.")

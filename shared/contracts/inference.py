@@ -1,0 +1,112 @@
+"""Inference request and response, in the Open Inference Protocol (KServe v2 / Triton) tensor format.
+
+A request is JSON (``InferRequestV1``) or, for large tensors, one raw tensor in
+the body with its name, shape and datatype in headers (see ``shared.tensors``).
+DIN's own metadata (SLA class, deadline, credentials, labels) travels in
+``Din-*`` headers or, for clients that cannot set headers, in ``parameters``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Datatype(StrEnum):
+    """Tensor element types of the Open Inference Protocol that DIN serves."""
+
+    FP32 = "FP32"
+    FP64 = "FP64"
+    INT64 = "INT64"
+    INT32 = "INT32"
+    UINT8 = "UINT8"
+    BOOL = "BOOL"
+
+
+class SlaClass(StrEnum):
+    """Service class of a request; realtime is isolated from batch floods."""
+
+    REALTIME = "realtime"
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+class TensorV1(BaseModel):
+    """One named tensor: shape, datatype and row-major flattened data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Tensor name, as in the model's config.")
+    shape: list[int] = Field(description="Dimensions; the first is the batch dimension.")
+    datatype: Datatype = Field(description="Element type.")
+    data: list[Any] = Field(description="Elements in row-major order, flattened.")
+
+
+class RequestedOutputV1(BaseModel):
+    """An output the caller wants back."""
+
+    name: str = Field(description="Output tensor name.")
+
+
+class InferRequestV1(BaseModel):
+    """An inference request (Open Inference Protocol)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(default=None, description="Caller's request id; DIN assigns one when absent.")
+    inputs: list[TensorV1] = Field(min_length=1, description="Input tensors.")
+    outputs: list[RequestedOutputV1] | None = Field(
+        default=None, description="Outputs to return; all when absent."
+    )
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="Free-form parameters; DIN reads sla_class, timeout_ms, token, labels, "
+        "allow_degrade, min_accuracy and model_version here when headers are not used.",
+    )
+
+
+class ServedByV1(BaseModel):
+    """Where and by what a request was served."""
+
+    site: str = Field(description="Site of the executor that answered.")
+    executor: str = Field(description="Executor id.")
+    model: str = Field(description="Model that answered.")
+    model_version: str = Field(description="Version of the model that answered.")
+    degraded: bool = Field(description="True when a smaller variant answered instead of the one asked for.")
+    batch_size: int = Field(description="Size of the batch this request was computed in.")
+
+
+class InferResponseV1(BaseModel):
+    """A successful inference answer (Open Inference Protocol) plus where it was served."""
+
+    model_name: str = Field(description="Model that answered.")
+    model_version: str = Field(description="Version of that model.")
+    id: str = Field(description="Request id.")
+    outputs: list[TensorV1] = Field(description="Output tensors.")
+    served_by: ServedByV1 = Field(description="Site, executor and model that served the request.")
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Latency breakdown in milliseconds: admission, classify, schedule, queue, compute, total.",
+    )
+
+
+class RequestHeaders:
+    """Header names a client may set on a request (all optional but the token)."""
+
+    TOKEN = "Din-Token"
+    SLA_CLASS = "Din-Sla-Class"
+    TIMEOUT_MS = "Din-Timeout-Ms"
+    DEADLINE_MS = "Din-Deadline-Ms"
+    LABELS = "Din-Labels"
+    ALLOW_DEGRADE = "Din-Allow-Degrade"
+    MIN_ACCURACY = "Din-Min-Accuracy"
+    MODEL_VERSION = "Din-Model-Version"
+    REQUEST_ID = "Din-Request-Id"
+    CONTENT_TYPE = "Content-Type"
+    TRACEPARENT = "traceparent"
+
+
+JSON_CONTENT_TYPE = "application/json"
+TENSOR_CONTENT_TYPE = "application/vnd.din.tensor"

@@ -1,0 +1,70 @@
+"""An admitted request on its way through classifier, scheduler and executor.
+
+Between stages the request body travels untouched; everything a stage needs
+to decide travels in ``Din-Job-*`` headers described by ``JobV1``. A stage
+reads the headers, adds its part and forwards, so no stage re-parses tensors.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, Field
+
+from shared.contracts.inference import SlaClass
+
+HEADER_PREFIX = "Din-Job-"
+
+
+class WorkloadClassV1(BaseModel):
+    """The classifier's verdict on a request."""
+
+    task: str = Field(description="Task type of the requested model, e.g. image-classification.")
+    sla_class: SlaClass = Field(description="Service class.")
+    input_bytes: int = Field(description="Size of the request body in bytes.")
+    size_class: str = Field(description="small, medium or large, from input_bytes.")
+    sensitive: bool = Field(description="True when the data may run only at the tenant's allowed sites.")
+    allowed_sites: list[str] | None = Field(
+        default=None, description="Sites the request may run at; None means any site."
+    )
+    candidates: list[str] = Field(
+        description="Model variants that may answer, preferred first (the requested model first)."
+    )
+
+
+class JobV1(BaseModel):
+    """Routing metadata of one admitted request, carried in headers between stages."""
+
+    request_id: str = Field(description="Request id, unique per request.")
+    tenant: str = Field(description="Tenant that sent the request.")
+    model: str = Field(description="Model the client asked for.")
+    model_version: str | None = Field(default=None, description="Version asked for; None means latest.")
+    sla_class: SlaClass = Field(description="Service class.")
+    deadline_ms: int = Field(description="Absolute deadline, Unix epoch milliseconds.")
+    reply_to: str = Field(description="Subject where the single answer must go.")
+    content_type: str = Field(description="Content type of the body: JSON or the binary tensor form.")
+    labels: list[str] = Field(default_factory=list, description="Sensitivity labels given by the client.")
+    allow_degrade: bool = Field(default=False, description="A smaller model variant may answer.")
+    min_accuracy: float | None = Field(default=None, description="Lowest accuracy acceptable.")
+    traceparent: str | None = Field(default=None, description="W3C trace context of the request.")
+    received_ms: float = Field(description="When admission received the request, epoch ms.")
+    workload: WorkloadClassV1 | None = Field(default=None, description="Set by the classifier.")
+    model_chosen: str | None = Field(default=None, description="Variant the scheduler assigned.")
+    site_chosen: str | None = Field(default=None, description="Site the scheduler assigned.")
+    executor_chosen: str | None = Field(default=None, description="Executor assigned (centralized mode).")
+    attempt: int = Field(default=1, description="1 for the first dispatch, more after a retry.")
+    stamps_ms: dict[str, float] = Field(
+        default_factory=dict, description="Epoch ms at which each stage handed the job on."
+    )
+
+    def to_headers(self) -> dict[str, str]:
+        """Encode as one compact JSON header (header values must be single-line strings)."""
+        return {HEADER_PREFIX + "V1": self.model_dump_json(exclude_none=True)}
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, str] | None) -> "JobV1":
+        """Decode from headers written by ``to_headers``; raises ``ValueError`` if absent or invalid."""
+        raw = (headers or {}).get(HEADER_PREFIX + "V1")
+        if raw is None:
+            raise ValueError("missing job header")
+        return cls.model_validate(json.loads(raw))

@@ -1,0 +1,145 @@
+"""The Kafka event log services write decisions and completions to.
+
+Recording must never slow or break the request path: ``emit`` only puts the
+event on a bounded in-memory queue, and a background task hands events to an
+idempotent aiokafka producer (``acks=all``). When Kafka is unreachable the
+queue absorbs a burst; past its bound events are counted as dropped, never
+blocking a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from pydantic import BaseModel
+
+from shared.naming import Topics
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPE_HEADER = "din-event-type"
+
+
+def event_type(model: BaseModel) -> str:
+    """Versioned type name of an event, e.g. ``din.v1.SchedulingDecisionV1``."""
+    return f"din.v1.{type(model).__name__}"
+
+
+class EventLog:
+    """Fire-and-forget writer of contract events to Kafka topics."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        client_id: str,
+        topic_scope: str | None = None,
+        max_buffered: int = 50_000,
+        linger_ms: int = 5,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._client_id = client_id
+        self._scope = topic_scope
+        self._queue: asyncio.Queue[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = asyncio.Queue(
+            maxsize=max_buffered
+        )
+        self._linger_ms = linger_ms
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task | None = None
+        self.sent = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def topic(self, base: str) -> str:
+        """The concrete topic for ``base``, with this log's scope applied."""
+        return Topics.scoped(base, self._scope) if self._scope else base
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._pump(), name=f"eventlog-{self._client_id}")
+
+    async def ensure_topics(self, bases: tuple[str, ...] = Topics.ALL, partitions: int = 3) -> None:
+        """Create the topics this log writes, so the first event does not wait for auto-creation."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, client_id=f"{self._client_id}-admin")
+        await admin.start()
+        try:
+            new = [NewTopic(self.topic(b), num_partitions=partitions, replication_factor=1) for b in bases]
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+        finally:
+            await admin.close()
+
+    def emit(self, base_topic: str, event: BaseModel, key: str | None = None) -> None:
+        """Queue ``event`` for ``base_topic``; never blocks, never raises."""
+        self.emit_encoded(base_topic, event_type(event), event.model_dump_json().encode(), key)
+
+    def emit_encoded(self, base_topic: str, type_name: str, value: bytes, key: str | None = None) -> None:
+        """Queue an already-encoded event of type ``type_name`` (e.g. relayed from NATS unchanged)."""
+        headers = [(EVENT_TYPE_HEADER, type_name.encode())]
+        item = (self.topic(base_topic), key.encode() if key else None, value, headers)
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def _connect(self) -> AIOKafkaProducer:
+        delay = 0.2
+        while True:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                client_id=self._client_id,
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=self._linger_ms,
+            )
+            try:
+                await producer.start()
+                return producer
+            except KafkaError as exc:
+                await producer.stop()
+                log.warning("event log: Kafka at %s unreachable (%s); retrying", self._bootstrap, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _pump(self) -> None:
+        self._producer = await self._connect()
+        while True:
+            topic, key, value, headers = await self._queue.get()
+            try:
+                future = await self._producer.send(topic, value, key=key, headers=headers)
+                future.add_done_callback(self._count)
+            except KafkaError as exc:
+                self.failed += 1
+                log.warning("event log: could not send to %s: %s", topic, exc)
+            finally:
+                self._queue.task_done()
+
+    def _count(self, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.failed += 1
+        else:
+            self.sent += 1
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait until queued events are handed to Kafka and acknowledged."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+            if self._producer is not None:
+                await asyncio.wait_for(self._producer.flush(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("event log: %d events not flushed within %.1fs", self._queue.qsize(), timeout_s)
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None

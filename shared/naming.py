@@ -1,0 +1,139 @@
+"""Every NATS subject and Kafka topic DIN uses, built from validated parts.
+
+Handlers never spell a subject or topic as a literal: they ask this module.
+A token (tenant, site, model, executor id, service name) must match
+``TOKEN_PATTERN``: it may not contain ``.``, ``*``, ``>`` or whitespace, which
+would change the meaning of a subject, nor characters Kafka refuses in topic
+names.
+"""
+
+from __future__ import annotations
+
+import re
+
+API_VERSION = "v1"
+PREFIX = f"din.{API_VERSION}"
+TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+WILDCARD = "*"
+
+SERVICES = ("admission", "classifier", "scheduler", "executor", "telemetry", "keymanager")
+
+
+class InvalidNameError(ValueError):
+    """A subject or topic token that would break routing."""
+
+
+def token(value: str, *, what: str = "token") -> str:
+    """Return ``value`` if it is a safe single subject token, else raise."""
+    if not isinstance(value, str) or not TOKEN_PATTERN.match(value):
+        raise InvalidNameError(
+            f"invalid {what} {value!r}: use 1-64 of A-Z a-z 0-9 _ - (no '.', '*', '>' or spaces)"
+        )
+    return value
+
+
+def _join(*parts: str) -> str:
+    return ".".join((PREFIX, *parts))
+
+
+class Subjects:
+    """NATS subjects. Each method validates its tokens."""
+
+    @staticmethod
+    def infer(tenant: str, model: str) -> str:
+        """Where a client publishes an inference request for ``model`` as ``tenant``."""
+        return _join("infer", token(tenant, what="tenant"), token(model, what="model"))
+
+    INFER_ALL = _join("infer", WILDCARD, WILDCARD)
+
+    @staticmethod
+    def parse_infer(subject: str) -> tuple[str, str]:
+        """Return ``(tenant, model)`` from a request subject, or raise."""
+        parts = subject.split(".")
+        if len(parts) != 5 or ".".join(parts[:3]) != _join("infer"):
+            raise InvalidNameError(f"not an inference subject: {subject!r}")
+        return token(parts[3], what="tenant"), token(parts[4], what="model")
+
+    CLASSIFY = _join("classify")
+    PRESSURE = _join("pressure")
+    SCHEDULE = _join("schedule")
+
+    @staticmethod
+    def execute(site: str, executor_id: str) -> str:
+        """Direct assignment of a job to one executor (centralized scheduling)."""
+        return _join("exec", token(site, what="site"), token(executor_id, what="executor id"))
+
+    @staticmethod
+    def work(site: str, model: str) -> str:
+        """A site's work queue for ``model`` (distributed scheduling, JetStream)."""
+        return _join("work", token(site, what="site"), token(model, what="model"))
+
+    @staticmethod
+    def work_all(site: str) -> str:
+        """Every work subject of one site: the subject filter of its stream."""
+        return _join("work", token(site, what="site"), ">")
+
+    @staticmethod
+    def heartbeat(site: str, executor_id: str) -> str:
+        """Where an executor announces itself and its load."""
+        return _join("heartbeat", token(site, what="site"), token(executor_id, what="executor id"))
+
+    HEARTBEAT_ALL = _join("heartbeat", WILDCARD, WILDCARD)
+
+    @staticmethod
+    def probe(site: str) -> str:
+        """Echo subject answered at ``site``, used to measure inter-site links."""
+        return _join("probe", token(site, what="site"))
+
+    @staticmethod
+    def completed(site: str) -> str:
+        """Completion events of jobs finished at ``site``."""
+        return _join("events", "completed", token(site, what="site"))
+
+    COMPLETED_ALL = _join("events", "completed", WILDCARD)
+
+    @staticmethod
+    def control(service: str, instance: str) -> str:
+        """Operator commands to one instance, e.g. loading a new model version on an executor."""
+        return _join("control", token(service, what="service"), token(instance, what="instance"))
+
+    @staticmethod
+    def health(service: str, instance: str | None = None) -> str:
+        """Health subject of a service, or of one instance of it."""
+        parts = ["health", token(service, what="service")]
+        if instance is not None:
+            parts.append(token(instance, what="instance"))
+        return _join(*parts)
+
+
+def work_stream(site: str) -> str:
+    """JetStream stream name holding a site's work queue."""
+    return f"DIN_WORK_{token(site, what='site').upper().replace('-', '_')}"
+
+
+class Topics:
+    """Kafka topics, named ``din.v1.<area>.<kind>`` like Seldon's ``TopicNamer``."""
+
+    ADMISSION_DECISIONS = _join("admission", "decisions")
+    CLASSIFICATIONS = _join("classifier", "classifications")
+    SCHEDULING_DECISIONS = _join("scheduler", "decisions")
+    COMPLETIONS = _join("executor", "completions")
+    HEARTBEATS = _join("executor", "heartbeats")
+    DEAD_LETTER = _join("deadletter")
+    SMOKE = _join("smoke")
+
+    ALL = (
+        ADMISSION_DECISIONS,
+        CLASSIFICATIONS,
+        SCHEDULING_DECISIONS,
+        COMPLETIONS,
+        HEARTBEATS,
+        DEAD_LETTER,
+    )
+
+    @staticmethod
+    def scoped(base: str, scope: str) -> str:
+        """A private copy of topic ``base`` for one test or run: ``base.<scope>``."""
+        if base not in Topics.ALL and base != Topics.SMOKE:
+            raise InvalidNameError(f"unknown topic {base!r}")
+        return f"{base}.{token(scope, what='scope')}"

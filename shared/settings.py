@@ -1,0 +1,48 @@
+"""Settings every service shares: where the brokers are and which site it runs at.
+
+Each service has one settings class deriving from ``ServiceSettings`` with its
+own ``DIN_<SERVICE>_`` prefix; the shared broker fields keep their plain
+``DIN_`` names (``DIN_NATS_URL``, ``DIN_KAFKA_BOOTSTRAP``, ``DIN_SITE``) so one
+environment serves every process. Nothing outside settings classes reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.naming import token
+
+
+def _plain(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class ServiceSettings(BaseSettings):
+    """Broker addresses and identity shared by all services."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    nats_url: str = Field(
+        validation_alias=_plain("DIN_NATS_URL"),
+        description="NATS server this process connects to (its own site's leaf or the hub).",
+    )
+    kafka_bootstrap: str = Field(
+        validation_alias=_plain("DIN_KAFKA_BOOTSTRAP"),
+        description="Kafka bootstrap servers for the event log, host:port[,host:port].",
+    )
+    site: str = Field(
+        validation_alias=_plain("DIN_SITE"),
+        description="Name of the site this process runs at.",
+    )
+    topic_scope: str | None = Field(
+        default=None,
+        validation_alias=_plain("DIN_TOPIC_SCOPE"),
+        description="Optional suffix for every Kafka topic, isolating one run or test.",
+    )
+
+    @field_validator("site")
+    @classmethod
+    def _site_is_token(cls, value: str) -> str:
+        return token(value, what="site")

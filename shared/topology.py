@@ -1,0 +1,159 @@
+"""Topology files: the sites of a DIN network, their executors, the links between them and the tenants.
+
+A topology is YAML validated here; any mistake becomes one ``TopologyError``
+line that names the file, the place and what to do.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.naming import token
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot describe a network."""
+
+
+class PathType(StrEnum):
+    """Kind of network path between two sites; the crypto policy keys off it."""
+
+    DEDICATED = "dedicated"
+    VPN = "vpn"
+    INTERNET = "internet"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExecutorSpec(_Strict):
+    """One executor process at a site."""
+
+    id: str = Field(description="Executor id, unique in the network.")
+    models: list[str] = Field(min_length=1, description="Models it loads from the repository.")
+    capacity: int = Field(default=256, ge=1, description="Jobs it queues before it sheds load.")
+
+    @field_validator("id")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        return token(value, what="executor id")
+
+
+class SiteSpec(_Strict):
+    """A site: the hub (cloud/HQ) or an edge site with its own NATS leaf server."""
+
+    name: str = Field(description="Site name, a subject token.")
+    role: str = Field(description="'hub' for the one cloud/HQ site, 'edge' for leaf sites.")
+    executors: list[ExecutorSpec] = Field(default_factory=list, description="Executors at the site.")
+    cost_per_1k: float = Field(default=0.0, ge=0, description="Relative cost of 1,000 requests here.")
+
+    @field_validator("name")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        return token(value, what="site name")
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if value not in ("hub", "edge"):
+            raise ValueError("role must be 'hub' or 'edge'")
+        return value
+
+
+class LinkSpec(_Strict):
+    """A network link between two sites and the kind of path it takes."""
+
+    between: tuple[str, str] = Field(description="The two sites it joins.")
+    path: PathType = Field(description="dedicated, vpn or internet.")
+
+
+class TenantSpec(_Strict):
+    """A tenant: its quota and where its sensitive data may run."""
+
+    name: str = Field(description="Tenant name, a subject token.")
+    rate_per_s: float = Field(default=500.0, gt=0, description="Token-bucket refill rate, requests/s.")
+    burst: int = Field(default=1000, ge=1, description="Token-bucket size.")
+    sensitive_sites: list[str] | None = Field(
+        default=None, description="Sites allowed for its sensitive data; None means any site."
+    )
+    always_sensitive: bool = Field(default=False, description="Treat every request as sensitive.")
+    max_cost_per_1k: float | None = Field(default=None, description="Most it may pay per 1,000 requests.")
+
+    @field_validator("name")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        return token(value, what="tenant name")
+
+
+class Topology(_Strict):
+    """A whole network: sites, links and tenants."""
+
+    name: str = Field(description="Name of the topology.")
+    sites: list[SiteSpec] = Field(min_length=1, description="Sites; exactly one has role 'hub'.")
+    links: list[LinkSpec] = Field(default_factory=list, description="Links between sites.")
+    tenants: list[TenantSpec] = Field(min_length=1, description="Tenants allowed to send requests.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Topology":
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"site names repeat: {names}")
+        hubs = [s.name for s in self.sites if s.role == "hub"]
+        if len(hubs) != 1:
+            raise ValueError(f"exactly one site needs role 'hub', found {len(hubs)}")
+        executor_ids = [e.id for s in self.sites for e in s.executors]
+        if len(set(executor_ids)) != len(executor_ids):
+            raise ValueError(f"executor ids repeat: {executor_ids}")
+        for link in self.links:
+            for end in link.between:
+                if end not in names:
+                    raise ValueError(f"link {list(link.between)} names unknown site {end!r}")
+            if link.between[0] == link.between[1]:
+                raise ValueError(f"link joins site {link.between[0]!r} to itself")
+        for tenant in self.tenants:
+            for site in tenant.sensitive_sites or []:
+                if site not in names:
+                    raise ValueError(f"tenant {tenant.name!r} allows unknown site {site!r}")
+        tenant_names = [t.name for t in self.tenants]
+        if len(set(tenant_names)) != len(tenant_names):
+            raise ValueError(f"tenant names repeat: {tenant_names}")
+        return self
+
+    @property
+    def hub(self) -> SiteSpec:
+        return next(s for s in self.sites if s.role == "hub")
+
+    def site(self, name: str) -> SiteSpec:
+        return next(s for s in self.sites if s.name == name)
+
+    def path_between(self, a: str, b: str) -> PathType | None:
+        """Path type of the direct link between two sites, or None when there is none (same site)."""
+        for link in self.links:
+            if set(link.between) == {a, b}:
+                return link.path
+        return None
+
+
+def load_topology(path: Path) -> Topology:
+    """Read and validate a topology file; raise ``TopologyError`` with a one-line message."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise TopologyError(f"topology file {path} not found: pass an existing file with --topology") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise TopologyError(f"topology file {path} is not valid YAML{where}: fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise TopologyError(f"topology file {path} must hold a mapping with name, sites, links, tenants")
+    try:
+        return Topology.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "top level"
+        raise TopologyError(f"topology file {path}: {where}: {first['msg']}") from None

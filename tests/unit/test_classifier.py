@@ -1,0 +1,53 @@
+import json
+
+from services.classifier.policy import WorkloadPolicy, size_class
+from shared.catalog import ModelCatalog, ModelEntry
+from shared.contracts.inference import SlaClass
+from shared.contracts.job import JobV1
+from shared.topology import TenantSpec
+
+SIG = json.dumps([["input", "FP32", [64]]])
+CATALOG = ModelCatalog(
+    [
+        ModelEntry("digits-large", "image-classification", ("1",), 0.98, SIG),
+        ModelEntry("digits-small", "image-classification", ("1",), 0.95, SIG),
+        ModelEntry("digits-tiny", "image-classification", ("1",), 0.80, SIG),
+        ModelEntry("other", "text", ("1",), 0.99, "[]"),
+    ]
+)
+TENANTS = [
+    TenantSpec(name="acme", sensitive_sites=["factory"]),
+    TenantSpec(name="initech", sensitive_sites=["branch"], always_sensitive=True),
+    TenantSpec(name="globex"),
+]
+POLICY = WorkloadPolicy(TENANTS, CATALOG, ["pii", "sensitive"])
+
+
+def job(tenant="acme", model="digits-large", labels=(), allow_degrade=False, min_accuracy=None, version=None):
+    return JobV1(
+        request_id="r", tenant=tenant, model=model, model_version=version, sla_class=SlaClass.BATCH,
+        deadline_ms=1, reply_to="r", content_type="application/json", labels=list(labels),
+        allow_degrade=allow_degrade, min_accuracy=min_accuracy, received_ms=0.0,
+    )
+
+
+def test_sensitive_labels_confine_data_to_the_tenants_sites():
+    plain = POLICY.classify(job(), 100)
+    assert (plain.sensitive, plain.allowed_sites) == (False, None)
+    marked = POLICY.classify(job(labels=["PII"]), 100)
+    assert (marked.sensitive, marked.allowed_sites) == (True, ["factory"])
+    assert POLICY.classify(job("initech"), 100).allowed_sites == ["branch"]
+    assert POLICY.classify(job("globex", labels=["pii"]), 100).allowed_sites is None
+
+
+def test_candidates_follow_degradation_permission_and_accuracy_floor():
+    assert POLICY.classify(job(), 10).candidates == ["digits-large"]
+    assert POLICY.classify(job(allow_degrade=True), 10).candidates == ["digits-large", "digits-small", "digits-tiny"]
+    assert POLICY.classify(job(allow_degrade=True, min_accuracy=0.9), 10).candidates == ["digits-large", "digits-small"]
+    assert POLICY.classify(job(allow_degrade=True, version="1"), 10).candidates == ["digits-large"]
+
+
+def test_task_and_size_class():
+    workload = POLICY.classify(job(), 20_000)
+    assert (workload.task, workload.size_class, workload.sla_class) == ("image-classification", "medium", SlaClass.BATCH)
+    assert [size_class(n) for n in (0, 16383, 16384, 262144)] == ["small", "small", "medium", "large"]

@@ -1,0 +1,194 @@
+import pytest
+
+from services.scheduler.inflight import InflightJob, InflightTable
+from services.scheduler.links import SAME_SITE_RTT_MS, LinkTable
+from services.scheduler.placement import pick_executor
+from services.scheduler.registry import ExecutorRegistry
+from shared.contracts.events import HeartbeatV1, ModelLoadedV1
+from shared.contracts.inference import SlaClass
+from shared.contracts.job import JobV1, WorkloadClassV1
+from shared.errors import DinError, ErrorCode
+from shared.topology import Topology
+
+NOW_MS = 1_000_000.0
+
+TOPOLOGY = Topology.model_validate(
+    {
+        "name": "t",
+        "sites": [
+            {"name": "cloud", "role": "hub", "cost_per_1k": 1.0},
+            {"name": "factory", "role": "edge", "cost_per_1k": 0.1},
+            {"name": "branch", "role": "edge", "cost_per_1k": 0.1},
+        ],
+        "links": [{"between": ["cloud", "factory"], "path": "dedicated"},
+                  {"between": ["cloud", "branch"], "path": "internet"}],
+        "tenants": [{"name": "acme"}, {"name": "cheap", "max_cost_per_1k": 0.5}],
+    }
+)
+
+
+def beat(executor, site, models, *, queue=None, inflight=0, capacity=100, per_item=1.0, draining=False):
+    return HeartbeatV1(
+        executor=executor,
+        site=site,
+        models=[ModelLoadedV1(name=m, version="1", max_batch_size=8, compute_ms_per_item=per_item) for m in models],
+        capacity=capacity,
+        queue_depth=queue or {},
+        inflight=inflight,
+        recent_latency_ms=1.0,
+        draining=draining,
+        interval_s=0.5,
+        sent_ms=NOW_MS,
+    )
+
+
+def job(model="digits-large", *, tenant="acme", sla=SlaClass.INTERACTIVE, budget_ms=1000.0, candidates=None,
+        allowed=None):
+    return JobV1(
+        request_id="r1",
+        tenant=tenant,
+        model=model,
+        sla_class=sla,
+        deadline_ms=int(NOW_MS + budget_ms),
+        reply_to="_INBOX.x",
+        content_type="application/json",
+        received_ms=NOW_MS,
+        workload=WorkloadClassV1(
+            task="image-classification",
+            sla_class=sla,
+            input_bytes=300,
+            size_class="small",
+            sensitive=allowed is not None,
+            allowed_sites=allowed,
+            candidates=candidates or [model],
+        ),
+    )
+
+
+def registry(*beats):
+    reg = ExecutorRegistry()
+    for hb in beats:
+        reg.observe(hb, now=0.0)
+    return reg
+
+
+def links(**rtts):
+    table = LinkTable(TOPOLOGY, home="cloud")
+    for site, rtt in rtts.items():
+        table.observe_rtt(site, rtt)
+    return table
+
+
+def place(j, reg, table=None):
+    return pick_executor(j, reg.live(), table or links(factory=1.0, branch=20.0), TOPOLOGY, NOW_MS,
+                         {"acme": None, "cheap": 0.5})
+
+
+def test_lowest_predicted_completion_wins_network_plus_queue_plus_compute():
+    reg = registry(
+        beat("cloud-1", "cloud", ["digits-large"], queue={"interactive": 30}),
+        beat("factory-1", "factory", ["digits-large"], queue={"interactive": 2}),
+        beat("branch-1", "branch", ["digits-large"]),
+    )
+    chosen = place(job(), reg)
+    assert chosen.executor.id == "factory-1"
+    assert chosen.predicted_ms == pytest.approx(1.0 + 2 * 1.0 + 1.0)
+    assert {a.executor for a in chosen.alternatives} == {"cloud-1", "factory-1", "branch-1"}
+
+
+def test_realtime_does_not_count_batch_work_queued_behind_it():
+    reg = registry(
+        beat("cloud-1", "cloud", ["m"], queue={"batch": 500}, capacity=1000),
+        beat("factory-1", "factory", ["m"]),
+    )
+    assert place(job("m", sla=SlaClass.REALTIME), reg).executor.id == "cloud-1"
+    assert place(job("m", sla=SlaClass.BATCH), reg).executor.id == "factory-1"
+
+
+def test_dispatches_between_heartbeats_count_as_queued():
+    reg = registry(beat("a", "cloud", ["m"]), beat("b", "cloud", ["m"]))
+    first = place(job("m"), reg).executor.id
+    reg.note_dispatch(first, SlaClass.INTERACTIVE)
+    assert place(job("m"), reg).executor.id != first
+
+
+def test_sovereignty_is_a_hard_constraint():
+    reg = registry(beat("cloud-1", "cloud", ["m"]), beat("branch-1", "branch", ["m"], queue={"interactive": 90}))
+    chosen = place(job("m", allowed=["branch"]), reg)
+    assert chosen.executor.site == "branch"
+    assert any(a.excluded_by == "sovereignty" for a in chosen.alternatives)
+    with pytest.raises(DinError) as caught:
+        place(job("m", allowed=["factory"]), reg)
+    assert caught.value.code == ErrorCode.NO_ELIGIBLE_EXECUTOR
+
+
+def test_cost_limit_excludes_expensive_sites():
+    reg = registry(beat("cloud-1", "cloud", ["m"]), beat("factory-1", "factory", ["m"], queue={"interactive": 50}))
+    assert place(job("m", tenant="cheap"), reg).executor.site == "factory"
+
+
+def test_degrades_to_a_smaller_variant_when_the_large_one_is_saturated_or_too_slow():
+    reg = registry(
+        beat("cloud-1", "cloud", ["big"], queue={"interactive": 99}, inflight=1, capacity=100),
+        beat("cloud-2", "cloud", ["small"], per_item=0.1),
+    )
+    chosen = place(job("big", candidates=["big", "small"]), reg)
+    assert (chosen.model, chosen.degraded) == ("small", True)
+    with pytest.raises(DinError) as caught:
+        place(job("big"), reg)
+    assert caught.value.code == ErrorCode.OVERLOADED
+    slow = registry(beat("cloud-1", "cloud", ["big"], per_item=50.0), beat("cloud-2", "cloud", ["small"]))
+    chosen = place(job("big", budget_ms=20.0, candidates=["big", "small"]), slow)
+    assert chosen.model == "small"
+    with pytest.raises(DinError) as caught:
+        place(job("big", budget_ms=20.0), slow)
+    assert caught.value.code == ErrorCode.DEADLINE_EXCEEDED
+
+
+def test_preferred_model_wins_when_it_can_meet_the_deadline():
+    reg = registry(beat("cloud-1", "cloud", ["big"], per_item=3.0), beat("cloud-2", "cloud", ["small"], per_item=0.1))
+    chosen = place(job("big", candidates=["big", "small"]), reg)
+    assert (chosen.model, chosen.degraded) == ("big", False)
+
+
+def test_unknown_model_and_draining_executors():
+    reg = registry(beat("cloud-1", "cloud", ["m"], draining=True))
+    with pytest.raises(DinError) as caught:
+        place(job("m"), reg)
+    assert caught.value.code == ErrorCode.NO_ELIGIBLE_EXECUTOR
+
+
+def test_registry_discovers_and_expires_after_three_missed_beats():
+    reg = ExecutorRegistry()
+    assert reg.observe(beat("a", "cloud", ["m"]), now=0.0) is True
+    assert reg.observe(beat("a", "cloud", ["m"]), now=0.4) is False
+    assert reg.expire(now=1.8) == []
+    assert [s.id for s in reg.expire(now=2.0)] == ["a"]
+    assert reg.live() == []
+
+
+def test_link_table_prices_jitter_and_loss():
+    table = LinkTable(TOPOLOGY, home="cloud")
+    assert table.rtt_ms("cloud") == SAME_SITE_RTT_MS
+    for rtt in (10.0, 10.0, 10.0):
+        table.sent("branch")
+        table.observe_rtt("branch", rtt)
+    steady = table.rtt_ms("branch")
+    assert steady == pytest.approx(10.0)
+    table.sent("branch")
+    table.sent("branch")
+    assert table.rtt_ms("branch") > steady
+    assert table.snapshot()["branch"]["path"] == "internet"
+
+
+def test_inflight_table_by_executor_and_deadline():
+    table = InflightTable()
+    for i, (executor, deadline) in enumerate([("a", 100), ("b", 50), ("a", 300)]):
+        j = job("m")
+        j.request_id, j.deadline_ms = f"r{i}", deadline
+        table.add(InflightJob(j, b"", {}, executor, "cloud"))
+    assert [e.job.request_id for e in table.due(now_ms=40, margin_ms=10)] == ["r1"]
+    assert table.complete("r0") is not None
+    assert [e.job.request_id for e in table.on_executor("a")] == ["r2"]
+    assert len(table) == 0
+    assert table.due(now_ms=10_000, margin_ms=0) == []
