@@ -1,0 +1,1 @@
+"""DIN command line and local stack tooling."""

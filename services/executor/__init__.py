@@ -1,0 +1,1 @@
+"""Executor service: loads ONNX models, batches requests and runs them."""

@@ -1,0 +1,195 @@
+"""Model repository: the zoo layout on disk, and one onnxruntime session per served model version.
+
+Layout (written by ``din.zoo.build_zoo``)::
+
+    <root>/<model>/config.json
+    <root>/<model>/<version>/model.onnx
+
+Each model has one *current* handle. ``load`` builds the new version's session
+first and then swaps it in atomically, so a batch already holding the old
+handle finishes on it while new batches get the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+
+from shared.errors import DinError, ErrorCode
+from shared.naming import TOKEN_PATTERN
+from shared.tensors import TensorSpec
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.onnx"
+
+
+def _version_order(version: str) -> tuple[int, int, str]:
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+def session_options() -> onnxruntime.SessionOptions:
+    """One thread, sequential execution: the executor scales by processes, not by threads per session."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
+
+
+class ModelHandle:
+    """One loaded version of one model: its onnxruntime session and its config.
+
+    ``run`` is safe to call from several threads at once.
+    """
+
+    def __init__(
+        self, name: str, version: str, config: Mapping[str, Any], session: onnxruntime.InferenceSession
+    ):
+        self.name = name
+        self.version = version
+        self.config = dict(config)
+        self.inputs = [TensorSpec.from_config(entry) for entry in config["inputs"]]
+        self.outputs = [TensorSpec.from_config(entry) for entry in config["outputs"]]
+        self.output_names = [spec.name for spec in self.outputs]
+        self.max_batch_size = int(config.get("max_batch_size", 1))
+        self._session = session
+
+    @property
+    def accuracy(self) -> float | None:
+        """Held-out accuracy of this version, from the config."""
+        value = (self.config.get("accuracy") or {}).get(self.version)
+        return float(value) if value is not None else None
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model on ``inputs`` and return ``outputs`` (all declared outputs when None)."""
+        names = list(outputs) if outputs is not None else self.output_names
+        try:
+            results = self._session.run(names, dict(inputs))
+        except Exception as exc:
+            raise DinError(ErrorCode.INFERENCE_FAILED, f"{self.name} v{self.version} failed: {exc}") from exc
+        return dict(zip(names, results))
+
+    def __repr__(self) -> str:
+        return f"ModelHandle({self.name!r}, version={self.version!r})"
+
+
+class ModelRepository:
+    """Models stored under ``root`` in the zoo layout, and the version of each that serves now."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._current: dict[str, ModelHandle] = {}
+        self._lock = threading.Lock()
+
+    def list_models(self) -> list[str]:
+        """Names of the models stored under the root, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if TOKEN_PATTERN.match(entry.name) and (entry / CONFIG_FILE).is_file()
+        )
+
+    def config(self, name: str) -> dict[str, Any]:
+        """The stored config of model ``name``; ``UNKNOWN_MODEL`` when there is none."""
+        path = self._model_dir(name) / CONFIG_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise DinError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}") from None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise DinError(ErrorCode.INTERNAL, f"config of model {name!r} is not valid JSON") from None
+
+    def versions(self, name: str) -> list[str]:
+        """Versions of model ``name`` listed in its config, oldest first."""
+        return sorted((str(v) for v in self.config(name).get("versions", [])), key=_version_order)
+
+    def latest_version(self, name: str) -> str:
+        """The newest version of model ``name``."""
+        versions = self.versions(name)
+        if not versions:
+            raise DinError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} has no versions")
+        return versions[-1]
+
+    def open(self, name: str, version: str | None = None) -> ModelHandle:
+        """A new handle for ``name`` at ``version`` (the latest when None), not made current."""
+        config = self.config(name)
+        version = str(version) if version is not None else self.latest_version(name)
+        if version not in self.versions(name):
+            raise DinError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} has no version {version!r}")
+        path = self._model_dir(name) / version / MODEL_FILE
+        if not path.is_file():
+            raise DinError(
+                ErrorCode.UNKNOWN_MODEL, f"model {name!r} version {version!r} has no {MODEL_FILE}"
+            )
+        session = onnxruntime.InferenceSession(
+            str(path), session_options(), providers=["CPUExecutionProvider"]
+        )
+        handle = ModelHandle(name, version, config, session)
+        self._check_signature(handle, session)
+        return handle
+
+    def load(self, name: str, version: str | None = None) -> ModelHandle:
+        """Open ``name`` at ``version`` and make it current; the previous handle keeps working for its holders."""
+        handle = self.open(name, version)
+        with self._lock:
+            self._current[name] = handle
+        return handle
+
+    def current(self, name: str) -> ModelHandle:
+        """The handle serving ``name`` now; ``UNKNOWN_MODEL`` when it is not loaded."""
+        with self._lock:
+            handle = self._current.get(name)
+        if handle is None:
+            raise DinError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} is not loaded here")
+        return handle
+
+    def handle(self, name: str, version: str | None = None) -> ModelHandle:
+        """The current handle of ``name``, which must be ``version`` when one is asked for."""
+        handle = self.current(name)
+        if version is not None and str(version) != handle.version:
+            raise DinError(
+                ErrorCode.UNKNOWN_MODEL,
+                f"model {name!r} serves version {handle.version!r} here, not {version!r}",
+            )
+        return handle
+
+    def loaded(self) -> list[ModelHandle]:
+        """Current handles of every loaded model, sorted by name."""
+        with self._lock:
+            return [self._current[name] for name in sorted(self._current)]
+
+    def unload(self, name: str) -> ModelHandle | None:
+        """Stop serving ``name``; returns the handle that was current, which its holders may still use."""
+        with self._lock:
+            return self._current.pop(name, None)
+
+    def _model_dir(self, name: str) -> Path:
+        if not isinstance(name, str) or not TOKEN_PATTERN.match(name):
+            raise DinError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}")
+        return self.root / name
+
+    @staticmethod
+    def _check_signature(handle: ModelHandle, session: onnxruntime.InferenceSession) -> None:
+        session_inputs = {node.name for node in session.get_inputs()}
+        session_outputs = {node.name for node in session.get_outputs()}
+        declared_inputs = {spec.name for spec in handle.inputs}
+        if declared_inputs != session_inputs or not set(handle.output_names) <= session_outputs:
+            raise DinError(
+                ErrorCode.INTERNAL,
+                f"config of {handle.name!r} v{handle.version} declares inputs {sorted(declared_inputs)} and "
+                f"outputs {handle.output_names}; the ONNX graph has {sorted(session_inputs)} and "
+                f"{sorted(session_outputs)}",
+            )

@@ -1,0 +1,141 @@
+"""The model repository: listing, loading, running and swapping versions while a handle is in use."""
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from din.zoo import load_test_split
+from services.executor.repository import ModelRepository
+from shared.errors import DinError, ErrorCode
+
+
+@pytest.fixture
+def repo(zoo_dir) -> ModelRepository:
+    return ModelRepository(zoo_dir)
+
+
+@pytest.fixture(scope="module")
+def test_split(zoo_dir):
+    return load_test_split(zoo_dir)
+
+
+def test_lists_models_and_versions(repo):
+    assert repo.list_models() == ["digits-large", "digits-small"]
+    assert repo.versions("digits-small") == ["1", "2"]
+    assert repo.latest_version("digits-small") == "2"
+    assert repo.config("digits-large")["split_points"] == ["hidden_1", "hidden_2"]
+
+
+def test_empty_or_missing_root_lists_nothing(tmp_path):
+    assert ModelRepository(tmp_path / "absent").list_models() == []
+
+
+def test_load_defaults_to_latest_and_runs_at_the_configured_accuracy(repo, test_split):
+    x_test, y_test = test_split
+    handle = repo.load("digits-small")
+    assert (handle.name, handle.version) == ("digits-small", "2")
+    assert repo.current("digits-small") is handle
+    outputs = handle.run({"input": x_test})
+    assert set(outputs) == {"probabilities", "label"}
+    assert outputs["probabilities"].shape == (len(x_test), 10)
+    np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+    assert float(np.mean(outputs["label"] == y_test)) == pytest.approx(handle.accuracy, abs=1e-6)
+    assert handle.max_batch_size == 64
+    assert [spec.name for spec in handle.inputs] == ["input"]
+
+
+def test_run_returns_only_the_outputs_asked_for(repo, test_split):
+    outputs = repo.load("digits-large").run({"input": test_split[0][:3]}, outputs=["label"])
+    assert list(outputs) == ["label"] and outputs["label"].shape == (3,)
+
+
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [("digits-medium", None), ("digits-small", "9"), ("../digits-small", None), ("digits small", None)],
+    ids=["unknown", "no-such-version", "traversal", "space"],
+)
+def test_unknown_models_and_versions_are_refused(repo, name, version):
+    with pytest.raises(DinError) as excinfo:
+        repo.load(name, version)
+    assert excinfo.value.code is ErrorCode.UNKNOWN_MODEL
+
+
+def test_current_and_pinned_version_lookups(repo):
+    with pytest.raises(DinError) as excinfo:
+        repo.current("digits-small")
+    assert excinfo.value.code is ErrorCode.UNKNOWN_MODEL
+    repo.load("digits-small", "1")
+    assert repo.handle("digits-small").version == "1"
+    assert repo.handle("digits-small", "1").version == "1"
+    with pytest.raises(DinError) as excinfo:
+        repo.handle("digits-small", "2")
+    assert excinfo.value.code is ErrorCode.UNKNOWN_MODEL
+
+
+def test_version_swap_while_the_old_handle_is_running(repo, test_split):
+    x_test = test_split[0][:32]
+    expected_v1 = repo.open("digits-small", "1").run({"input": x_test})["probabilities"]
+    expected_v2 = repo.open("digits-small", "2").run({"input": x_test})["probabilities"]
+    assert not np.allclose(expected_v1, expected_v2)
+
+    old = repo.load("digits-small", "1")
+    started, stop = threading.Event(), threading.Event()
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def keep_running_old_handle() -> None:
+        try:
+            while not stop.is_set() or not results:
+                results.append(old.run({"input": x_test})["probabilities"])
+                started.set()
+        except BaseException as exc:
+            errors.append(exc)
+            started.set()
+
+    worker = threading.Thread(target=keep_running_old_handle)
+    worker.start()
+    assert started.wait(10)
+    new = repo.load("digits-small", "2")
+    after_swap = repo.current("digits-small").run({"input": x_test})["probabilities"]
+    results_at_swap = len(results)
+    stop.set()
+    worker.join(10)
+
+    assert errors == []
+    assert new is not old and repo.current("digits-small") is new
+    np.testing.assert_array_equal(after_swap, expected_v2)
+    assert len(results) >= results_at_swap >= 1
+    for result in results:
+        np.testing.assert_array_equal(result, expected_v1)
+    np.testing.assert_array_equal(old.run({"input": x_test})["probabilities"], expected_v1)
+
+
+def test_unload_stops_serving_but_leaves_the_handle_usable(repo, test_split):
+    handle = repo.load("digits-large")
+    assert repo.loaded() == [handle]
+    assert repo.unload("digits-large") is handle
+    assert repo.loaded() == []
+    with pytest.raises(DinError):
+        repo.current("digits-large")
+    assert handle.run({"input": test_split[0][:2]})["label"].shape == (2,)
+
+
+def test_bad_input_fails_as_inference_failed(repo):
+    handle = repo.load("digits-small")
+    with pytest.raises(DinError) as excinfo:
+        handle.run({"input": np.zeros((2, 10), np.float32)})
+    assert excinfo.value.code is ErrorCode.INFERENCE_FAILED
+
+
+def test_config_that_disagrees_with_the_graph_is_refused(zoo_dir, tmp_path):
+    shutil.copytree(zoo_dir / "digits-small", tmp_path / "digits-small")
+    config_path = tmp_path / "digits-small" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["inputs"][0]["name"] = "image"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(DinError) as excinfo:
+        ModelRepository(tmp_path).load("digits-small")
+    assert excinfo.value.code is ErrorCode.INTERNAL
