@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -46,7 +47,11 @@ class ServiceRuntime:
             logger=None,
             max_reconnect_attempts=-1,
         )
-        self.app = FastStream(self.broker, title=f"din-{name}", version=__version__, logger=self.log)
+        self.app = FastStream(
+            self.broker,
+            logger=self.log,
+            specification=AsyncAPI(title=f"din-{name}", version=__version__),
+        )
         self.events = EventLog(
             settings.kafka_bootstrap, client_id=f"din-{name}-{self.instance}", topic_scope=settings.topic_scope
         )

@@ -86,7 +86,11 @@ class NatsServerSpec:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    # Like Kafka's Uuid.randomUuid: never start with '-', which the storage tool would read as an option.
+    while True:
+        value = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not value.startswith("-"):
+            return value
 
 
 def require_java() -> str:

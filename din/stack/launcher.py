@@ -1,0 +1,780 @@
+"""The whole DIN network on one machine: brokers first, then every service as its own OS process.
+
+``Stack`` starts a NATS hub at the hub site and one leaf server per edge site
+(JetStream everywhere, one domain per site), Kafka in KRaft mode, then the
+services: admission, classifier, scheduler, telemetry and keymanager once at
+the hub site, and one executor per executor in the topology, each connected to
+its own site's NATS server. It returns only when every service answers its
+health subject with ``ready=true``; anything else stops what was started and
+raises ``StackError`` with the failing process's log tail.
+
+``service_environments`` is the single place that decides each service's
+environment; ``docker-compose.yml`` must match it, and a test compares them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from din.stack.brokers import (
+    DEFAULT_KAFKA_LIBS,
+    REPO_ROOT,
+    KafkaSpec,
+    NatsServerSpec,
+    nats_server_binary,
+    require_java,
+    start_nats,
+)
+from din.stack.processes import (
+    ManagedProcess,
+    StackError,
+    pid_alive,
+    port_is_free,
+    terminate_group,
+    wait_for_port,
+)
+from shared.credentials import write_credentials
+from shared.naming import Subjects
+from shared.topology import Topology
+
+DEFAULT_DIN_DIR = REPO_ROOT / ".din"
+DEFAULT_MODEL_REPO = REPO_ROOT / ".din" / "models"
+DEFAULT_TOPOLOGY = REPO_ROOT / "ops" / "topology" / "default.yaml"
+STATE_FILE_NAME = "stack.json"
+
+SCHEDULER_MODES = ("centralized", "distributed")
+# Start order: back ends before the front door, so stopping in reverse closes admission first.
+SINGLETON_SERVICES = ("keymanager", "telemetry", "scheduler", "classifier", "admission")
+EXECUTOR = "executor"
+SERVICE_KINDS = (*SINGLETON_SERVICES[:2], EXECUTOR, *SINGLETON_SERVICES[2:])
+
+
+# --------------------------------------------------------------------------- ports
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    """Every TCP port the stack listens on.
+
+    Edge sites take ports in topology order: the ``i``-th edge site's NATS
+    client port is ``leaf_clients[i]`` when given, else ``hub_client + 1 + i``;
+    monitor ports likewise from ``hub_monitor``.
+    """
+
+    hub_client: int = 4222
+    leaf_clients: tuple[int, ...] = ()
+    leafnode: int = 7422
+    hub_monitor: int = 8222
+    leaf_monitors: tuple[int, ...] = ()
+    kafka: int = 9092
+    kafka_controller: int = 9093
+    telemetry_metrics: int = 9464
+
+    def offset(self, n: int) -> "PortPlan":
+        """The same plan with every port moved by ``n``."""
+        if n == 0:
+            return self
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = tuple(p + n for p in value) if isinstance(value, tuple) else value + n
+        plan = PortPlan(**moved)
+        bad = [p for p in plan.all_ports() if not 0 < p < 65536]
+        if bad:
+            raise StackError(f"--port-offset {n} moves port {bad[0]} outside 1-65535: pick a smaller offset")
+        return plan
+
+    @classmethod
+    def free(cls, edge_sites: int = 4) -> "PortPlan":
+        """A plan of ephemeral ports that are free right now (for tests and benchmarks)."""
+        count = 6 + 2 * edge_sites
+        socks = []
+        try:
+            for _ in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.bind(("127.0.0.1", 0))
+                socks.append(sock)
+            ports = [s.getsockname()[1] for s in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+        return cls(
+            hub_client=ports[0],
+            leafnode=ports[1],
+            hub_monitor=ports[2],
+            kafka=ports[3],
+            kafka_controller=ports[4],
+            telemetry_metrics=ports[5],
+            leaf_clients=tuple(ports[6 : 6 + edge_sites]),
+            leaf_monitors=tuple(ports[6 + edge_sites :]),
+        )
+
+    def leaf_client(self, index: int) -> int:
+        return self._indexed(self.leaf_clients, self.hub_client, index, "leaf client")
+
+    def leaf_monitor(self, index: int) -> int:
+        return self._indexed(self.leaf_monitors, self.hub_monitor, index, "leaf monitor")
+
+    @staticmethod
+    def _indexed(explicit: tuple[int, ...], base: int, index: int, what: str) -> int:
+        if not explicit:
+            return base + 1 + index
+        if index >= len(explicit):
+            raise StackError(f"port plan has {len(explicit)} {what} ports but the topology needs more edge sites")
+        return explicit[index]
+
+    def all_ports(self) -> list[int]:
+        single = [self.hub_client, self.leafnode, self.hub_monitor, self.kafka, self.kafka_controller,
+                  self.telemetry_metrics]
+        return [*single, *self.leaf_clients, *self.leaf_monitors]
+
+
+# --------------------------------------------------------------------------- plan of processes
+
+
+@dataclass(frozen=True)
+class ServiceInstance:
+    """One service process the stack runs.
+
+    ``name`` is unique in the stack (``admission``, ``executor-cloud-1``) and
+    names its log; ``service`` is its kind (one of ``SERVICE_KINDS``);
+    ``instance`` is the executor id for executors, else None.
+    """
+
+    name: str
+    service: str
+    site: str
+    instance: str | None = None
+
+    @property
+    def health_subject(self) -> str:
+        return Subjects.health(self.service, self.instance)
+
+
+def service_instances(topology: Topology, services: Iterable[str] | None = None) -> list[ServiceInstance]:
+    """Service processes of ``topology`` in start order, limited to the kinds in ``services`` (None: all)."""
+    wanted = set(SERVICE_KINDS if services is None else services)
+    unknown = wanted - set(SERVICE_KINDS)
+    if unknown:
+        raise StackError(f"unknown service {sorted(unknown)[0]!r}: choose from {', '.join(SERVICE_KINDS)}")
+    hub = topology.hub.name
+    out = [ServiceInstance(name, name, hub) for name in SINGLETON_SERVICES[:2] if name in wanted]
+    if EXECUTOR in wanted:
+        for site in topology.sites:
+            for executor in site.executors:
+                out.append(ServiceInstance(f"executor-{executor.id}", EXECUTOR, site.name, executor.id))
+    out += [ServiceInstance(name, name, hub) for name in SINGLETON_SERVICES[2:] if name in wanted]
+    return out
+
+
+def service_environments(
+    topology: Topology,
+    *,
+    nats_urls: Mapping[str, str],
+    kafka_bootstrap: str,
+    topology_path: str | Path,
+    credentials_path: str | Path,
+    model_repo: str | Path = DEFAULT_MODEL_REPO,
+    mode: str = "centralized",
+    telemetry_metrics_port: int = 9464,
+    topic_scope: str | None = None,
+    services: Iterable[str] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Environment of every service process, keyed by process name (see ``service_instances``).
+
+    ``nats_urls`` maps each site to the NATS URL its processes use; the hub
+    site's URL serves the singleton services. ``din up`` and
+    ``docker-compose.yml`` both follow this function.
+    """
+    if mode not in SCHEDULER_MODES:
+        raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
+    missing = [s.name for s in topology.sites if s.name not in nats_urls]
+    if missing:
+        raise StackError(f"no NATS URL for site {missing[0]!r}")
+    executors = {e.id: e for s in topology.sites for e in s.executors}
+    envs: dict[str, dict[str, str]] = {}
+    for inst in service_instances(topology, services):
+        env = {
+            "DIN_NATS_URL": nats_urls[inst.site],
+            "DIN_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "DIN_SITE": inst.site,
+            "DIN_TOPOLOGY": str(topology_path),
+            "DIN_MODEL_REPO": str(model_repo),
+        }
+        if topic_scope:
+            env["DIN_TOPIC_SCOPE"] = topic_scope
+        if inst.service == "admission":
+            env["DIN_ADMISSION_CREDENTIALS_FILE"] = str(credentials_path)
+        elif inst.service == "scheduler":
+            env["DIN_SCHEDULER_MODE"] = mode
+        elif inst.service == "telemetry":
+            env["DIN_TELEMETRY_METRICS_PORT"] = str(telemetry_metrics_port)
+        elif inst.service == EXECUTOR:
+            spec = executors[inst.instance]
+            env["DIN_EXECUTOR_ID"] = spec.id
+            env["DIN_EXECUTOR_MODELS"] = ",".join(spec.models)
+            env["DIN_EXECUTOR_MODEL_REPO"] = str(model_repo)
+            env["DIN_EXECUTOR_CAPACITY"] = str(spec.capacity)
+            # Distributed scheduling hands work to each site's JetStream queue, which executors pull.
+            env["DIN_EXECUTOR_PULL"] = "true" if mode == "distributed" else "false"
+        envs[inst.name] = env
+    return envs
+
+
+def default_service_command(instance: ServiceInstance) -> list[str]:
+    """``python -m services.<kind>``, run from the repository root."""
+    return [sys.executable, "-m", f"services.{instance.service}"]
+
+
+def nats_specs(topology: Topology, ports: PortPlan) -> list[NatsServerSpec]:
+    """The hub's nats-server and one leaf per edge site, in topology order."""
+    specs = [NatsServerSpec(topology.hub.name, ports.hub_client, ports.hub_monitor, leaf_listen_port=ports.leafnode)]
+    edges = [s for s in topology.sites if s.role == "edge"]
+    for i, site in enumerate(edges):
+        specs.append(
+            NatsServerSpec(site.name, ports.leaf_client(i), ports.leaf_monitor(i), hub_leaf_port=ports.leafnode)
+        )
+    return specs
+
+
+def port_roles(topology: Topology, ports: PortPlan, *, kafka: bool = True, telemetry: bool = True) -> list[tuple[int, str]]:
+    """Every port the stack will listen on, with a human description of its role."""
+    roles: list[tuple[int, str]] = []
+    for spec in nats_specs(topology, ports):
+        kind = "hub" if spec.is_hub else "leaf"
+        roles.append((spec.client_port, f"NATS client port of {kind} site {spec.site}"))
+        roles.append((spec.monitor_port, f"NATS monitor port of {kind} site {spec.site}"))
+        if spec.is_hub:
+            roles.append((ports.leafnode, f"NATS leafnode port of hub site {spec.site}"))
+    if kafka:
+        roles.append((ports.kafka, "Kafka broker port"))
+        roles.append((ports.kafka_controller, "Kafka controller port"))
+    if telemetry:
+        roles.append((ports.telemetry_metrics, "telemetry metrics port"))
+    return roles
+
+
+def check_ports(roles: list[tuple[int, str]]) -> None:
+    """Raise a one-line ``StackError`` for the first planned port that repeats or is taken."""
+    seen: dict[int, str] = {}
+    for port, role in roles:
+        if port in seen:
+            raise StackError(f"port {port} is planned twice ({seen[port]} and {role}): fix the port plan")
+        seen[port] = role
+    for port, role in roles:
+        if not port_is_free(port):
+            raise StackError(
+                f"port {port} ({role}) is already in use: stop what holds it (`din down` for an old stack) "
+                f"or pass --port-offset N to move every port"
+            )
+
+
+# --------------------------------------------------------------------------- async helpers
+
+
+def _run_async(coro):
+    """Run ``coro`` to completion, also when called from inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _await_health(
+    pending: list[tuple[ServiceInstance, ManagedProcess, str]], timeout_s: float
+) -> None:
+    """Ask each instance's health subject until it answers ready; raise on exit or timeout."""
+    import nats
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from shared.contracts.events import HealthV1
+
+    connections = {}
+    try:
+        for url in {url for _, _, url in pending}:
+            connections[url] = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
+
+        async def one(inst: ServiceInstance, proc: ManagedProcess, url: str) -> None:
+            deadline = time.monotonic() + timeout_s
+            last = f"no answer on {inst.health_subject}"
+            while True:
+                if not proc.alive():
+                    code = proc.popen.returncode if proc.popen else None
+                    raise StackError(f"{inst.name} exited with code {code} during start-up\n{proc.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise StackError(f"{inst.name} not ready within {timeout_s:.0f}s ({last})\n{proc.log_tail()}")
+                try:
+                    reply = await connections[url].request(inst.health_subject, b"{}", timeout=1.0)
+                    health = HealthV1.model_validate_json(reply.data)
+                    if health.ready:
+                        return
+                    last = f"answered ready=false {health.detail or ''}".strip()
+                except (NoRespondersError, NatsTimeout, asyncio.TimeoutError):
+                    pass
+                except ValueError as exc:
+                    last = f"health answer is not a HealthV1: {str(exc).splitlines()[0]}"
+                await asyncio.sleep(0.2)
+
+        tasks = [asyncio.ensure_future(one(*p)) for p in pending]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for nc in connections.values():
+            try:
+                await nc.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection must not hide the real error
+                pass
+
+
+async def _kafka_answers(bootstrap: str) -> bool:
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    try:
+        await client.bootstrap()
+        return bool(client.cluster.brokers())
+    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        return False
+    finally:
+        await client.close()
+
+
+def wait_kafka_ready(spec: KafkaSpec, proc: ManagedProcess, timeout_s: float) -> None:
+    """Wait until the broker listens and answers a metadata request."""
+    deadline = time.monotonic() + timeout_s
+    wait_for_port(spec.port, timeout_s, proc)
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StackError(f"kafka exited during start-up\n{proc.log_tail()}")
+        if _run_async(_kafka_answers(spec.bootstrap)):
+            return
+        time.sleep(0.2)
+    raise StackError(f"kafka did not answer metadata requests within {timeout_s:.0f}s\n{proc.log_tail()}")
+
+
+def _http_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def wait_nats_mesh(specs: list[NatsServerSpec], procs: list[ManagedProcess], timeout_s: float) -> None:
+    """Wait until every server's JetStream is healthy and every leaf is connected to the hub."""
+    deadline = time.monotonic() + timeout_s
+    by_site = dict(zip((s.site for s in specs), procs))
+    hub = next(s for s in specs if s.is_hub)
+    leaves = len(specs) - 1
+    for spec in specs:
+        while True:
+            proc = by_site[spec.site]
+            if not proc.alive():
+                raise StackError(f"{proc.name} exited during start-up\n{proc.log_tail()}")
+            status, _ = _http_json(f"http://127.0.0.1:{spec.monitor_port}/healthz")
+            if status == 200:
+                break
+            if time.monotonic() > deadline:
+                raise StackError(f"{proc.name} not healthy within {timeout_s:.0f}s\n{proc.log_tail()}")
+            time.sleep(0.1)
+    while True:
+        _, leafz = _http_json(f"http://127.0.0.1:{hub.monitor_port}/leafz")
+        if len(leafz.get("leafs") or []) >= leaves:
+            return
+        if time.monotonic() > deadline:
+            proc = by_site[hub.site]
+            raise StackError(
+                f"only {len(leafz.get('leafs') or [])} of {leaves} leaf servers joined the hub within "
+                f"{timeout_s:.0f}s\n{proc.log_tail()}"
+            )
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def _start_time(pid: int) -> str | None:
+    """Kernel start time of ``pid`` (Linux), to tell a pid from a later process reusing it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _same_process(pid: int, start_time: str | None) -> bool:
+    """True when ``pid`` still runs and is the process recorded with ``start_time``."""
+    if not pid_alive(pid):
+        return False
+    return start_time is None or _start_time(pid) in (None, start_time)
+
+
+def read_state(state_file: Path) -> dict | None:
+    """The state of the running stack, or None when there is none."""
+    try:
+        return json.loads(Path(state_file).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise StackError(f"state file {state_file} is unreadable: delete it after checking no stack runs") from None
+
+
+def state_processes_alive(state: dict) -> list[dict]:
+    """Entries of ``state['processes']`` (and the supervisor) whose process still runs."""
+    alive = [p for p in state.get("processes", []) if _same_process(p["pid"], p.get("start_time"))]
+    sup = state.get("supervisor")
+    if sup and sup["pid"] != os.getpid() and _same_process(sup["pid"], sup.get("start_time")):
+        alive.append({"name": "din up (supervisor)", **sup})
+    return alive
+
+
+def stop_from_state(state_file: Path, timeout_s: float = 10.0) -> list[str]:
+    """Stop the stack described by ``state_file`` (``din down``); return the names of processes stopped."""
+    state = read_state(state_file)
+    if state is None:
+        return []
+    stopped = []
+    sup = state.get("supervisor")
+    if sup and sup["pid"] != os.getpid() and _same_process(sup["pid"], sup.get("start_time")):
+        # A foreground `din up` stops its own processes cleanly on SIGTERM.
+        os.kill(sup["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s * 3
+        while time.monotonic() < deadline and _same_process(sup["pid"], sup.get("start_time")):
+            time.sleep(0.1)
+        stopped.append("din up (supervisor)")
+    for entry in reversed(state.get("processes", [])):
+        if _same_process(entry["pid"], entry.get("start_time")):
+            terminate_group(entry["pid"], timeout_s)
+            stopped.append(entry["name"])
+    Path(state_file).unlink(missing_ok=True)
+    return stopped
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class ProcessRow:
+    """One line of the table ``din up`` prints."""
+
+    site: str
+    process: str
+    address: str
+    log: Path
+    pid: int | None = None
+
+
+class Stack:
+    """A DIN network on this machine: brokers, then services, each its own OS process.
+
+    Use as ``with Stack(topology).start() as stack:`` or call ``start()``/``stop()``.
+    ``services`` limits which service kinds run (None: all, ``()``: brokers only);
+    ``service_command`` builds the argv of a service (tests pass a fake).
+    A foreground ``din up`` sets ``supervisor_pid`` before ``start()`` so that
+    ``din down`` from another shell signals it rather than its children.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        topology_file: Path | None = None,
+        ports: PortPlan | None = None,
+        din_dir: Path = DEFAULT_DIN_DIR,
+        mode: str = "centralized",
+        services: Iterable[str] | None = None,
+        kafka: bool = True,
+        service_command: Callable[[ServiceInstance], list[str]] = default_service_command,
+        model_repo: Path = DEFAULT_MODEL_REPO,
+        kafka_libs: Path = DEFAULT_KAFKA_LIBS,
+        ready_timeout_s: float = 60.0,
+        broker_timeout_s: float = 60.0,
+        write_state: bool = True,
+        topic_scope: str | None = None,
+    ) -> None:
+        if mode not in SCHEDULER_MODES:
+            raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
+        self.topology = topology
+        self.topology_file = Path(topology_file) if topology_file else None
+        self.ports = ports or PortPlan()
+        self.din_dir = Path(din_dir)
+        self.mode = mode
+        self.instances = service_instances(topology, services)
+        self.kafka_enabled = kafka
+        self.service_command = service_command
+        self.model_repo = Path(model_repo)
+        self.kafka_libs = Path(kafka_libs)
+        self.ready_timeout_s = ready_timeout_s
+        self.broker_timeout_s = broker_timeout_s
+        self.state_file = self.din_dir / STATE_FILE_NAME if write_state else None
+        self.topic_scope = topic_scope
+        self.nats = nats_specs(topology, self.ports)
+        self.kafka = KafkaSpec(self.ports.kafka, self.ports.kafka_controller, libs=self.kafka_libs)
+        self.supervisor_pid: int | None = None
+        self.run_dir: Path | None = None
+        self.processes: list[ManagedProcess] = []
+        self.rows: list[ProcessRow] = []
+        self._started_at: str | None = None
+
+    @classmethod
+    def brokers_only(cls, topology: Topology, *, ports: PortPlan | None = None, din_dir: Path = DEFAULT_DIN_DIR,
+                     kafka: bool = True, write_state: bool = False, **kwargs) -> "Stack":
+        """NATS hub, leaves and Kafka without services, on free ports unless ``ports`` is given."""
+        edges = sum(1 for s in topology.sites if s.role == "edge")
+        return cls(topology, ports=ports or PortPlan.free(edges), din_dir=din_dir, services=(), kafka=kafka,
+                   write_state=write_state, **kwargs)
+
+    # -- addresses
+
+    @property
+    def nats_urls(self) -> dict[str, str]:
+        """NATS URL of each site's server."""
+        return {spec.site: spec.url for spec in self.nats}
+
+    @property
+    def hub_url(self) -> str:
+        return self.nats_urls[self.topology.hub.name]
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka.bootstrap
+
+    def environments(self) -> dict[str, dict[str, str]]:
+        """Environment of each service process of this stack."""
+        assert self.run_dir is not None, "environments() needs the run dir: call start() first"
+        return service_environments(
+            self.topology,
+            nats_urls=self.nats_urls,
+            kafka_bootstrap=self.kafka_bootstrap,
+            topology_path=self.run_dir / "topology.yaml",
+            credentials_path=self.run_dir / "credentials.json",
+            model_repo=self.model_repo,
+            mode=self.mode,
+            telemetry_metrics_port=self.ports.telemetry_metrics,
+            topic_scope=self.topic_scope,
+            services={i.service for i in self.instances},
+        )
+
+    # -- lifecycle
+
+    def preflight(self) -> None:
+        """Check everything start() needs before starting anything."""
+        if self.state_file is not None:
+            state = read_state(self.state_file)
+            if state is not None:
+                if state_processes_alive(state):
+                    raise StackError(
+                        f"a stack is already running from {state.get('run_dir')}: run `din down` first"
+                    )
+                self.state_file.unlink(missing_ok=True)
+        nats_server_binary()
+        if self.kafka_enabled:
+            require_java()
+            if not (self.kafka_libs / ".complete").exists():
+                raise StackError(f"Kafka jars not found in {self.kafka_libs}: run `bash ops/setup.sh` first")
+        check_ports(
+            port_roles(
+                self.topology,
+                self.ports,
+                kafka=self.kafka_enabled,
+                telemetry=any(i.service == "telemetry" for i in self.instances),
+            )
+        )
+
+    def _new_run_dir(self) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        runs = self.din_dir / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            candidate = runs / (stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+        raise StackError(f"cannot create a run folder under {runs}")
+
+    def _write_topology(self, run_dir: Path) -> Path:
+        target = run_dir / "topology.yaml"
+        if self.topology_file is not None:
+            shutil.copyfile(self.topology_file, target)
+        else:
+            target.write_text(yaml.safe_dump(self.topology.model_dump(mode="json"), sort_keys=False))
+        return target
+
+    def start(self) -> "Stack":
+        """Start brokers, then services; return when all are ready or raise ``StackError`` having stopped all."""
+        self.preflight()
+        self.run_dir = self._new_run_dir()
+        self._started_at = datetime.now(timezone.utc).isoformat()
+        try:
+            self._write_topology(self.run_dir)
+            write_credentials(self.run_dir / "credentials.json", [t.name for t in self.topology.tenants])
+            self._start_brokers()
+            self._start_services()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _track(self, proc: ManagedProcess, site: str, address: str) -> ManagedProcess:
+        self.processes.append(proc)
+        self.rows.append(ProcessRow(site, proc.name, address, proc.log_path, proc.pid))
+        self._save_state()
+        return proc
+
+    def _start_brokers(self) -> None:
+        hub_site = self.topology.hub.name
+        kafka_proc = None
+        if self.kafka_enabled:
+            # The JVM is slowest: launch it first and let NATS start meanwhile.
+            kafka_proc = self._track(self.kafka.process(self.run_dir).start(), hub_site, self.kafka_bootstrap)
+        nats_procs = start_nats(self.nats, self.run_dir, timeout_s=self.broker_timeout_s)
+        for spec, proc in zip(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs):
+            extra = f" (leafnodes :{spec.leaf_listen_port})" if spec.is_hub else ""
+            self._track(proc, spec.site, f"{spec.url}{extra} monitor http://127.0.0.1:{spec.monitor_port}")
+        wait_nats_mesh(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs, self.broker_timeout_s)
+        if kafka_proc is not None:
+            wait_kafka_ready(self.kafka, kafka_proc, self.broker_timeout_s)
+
+    def _start_services(self) -> None:
+        if not self.instances:
+            return
+        envs = self.environments()
+        pending = []
+        for inst in self.instances:
+            env = {**envs[inst.name], "PYTHONUNBUFFERED": "1"}
+            proc = ManagedProcess(
+                name=inst.name,
+                argv=self.service_command(inst),
+                log_path=self.run_dir / "logs" / f"{inst.name}.log",
+                env=env,
+                cwd=REPO_ROOT,
+            ).start()
+            address = env["DIN_NATS_URL"]
+            if inst.service == "telemetry":
+                address += f" metrics http://127.0.0.1:{self.ports.telemetry_metrics}/metrics"
+            self._track(proc, inst.site, address)
+            pending.append((inst, proc, env["DIN_NATS_URL"]))
+        _run_async(_await_health(pending, self.ready_timeout_s))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every process in reverse start order (SIGTERM, then SIGKILL) and remove the state file."""
+        for proc in reversed(self.processes):
+            try:
+                proc.stop(timeout_s)
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                if proc.pid is not None:
+                    terminate_group(proc.pid, 0.5)
+        if self.state_file is not None and self.run_dir is not None:
+            state = read_state(self.state_file)
+            if state is not None and state.get("run_dir") == str(self.run_dir):
+                self.state_file.unlink(missing_ok=True)
+
+    def watch(self, poll_s: float = 0.5) -> ManagedProcess:
+        """Block until one of the stack's processes exits, and return it."""
+        while True:
+            for proc in self.processes:
+                if not proc.alive():
+                    return proc
+            time.sleep(poll_s)
+
+    def __enter__(self) -> "Stack":
+        if self.run_dir is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- state
+
+    def state(self) -> dict:
+        """What ``din status`` and ``din down`` need to find this stack again."""
+        sup = None
+        if self.supervisor_pid is not None:
+            sup = {"pid": self.supervisor_pid, "start_time": _start_time(self.supervisor_pid)}
+        return {
+            "version": 1,
+            "started_at": self._started_at,
+            "run_dir": str(self.run_dir),
+            "topology": str(self.run_dir / "topology.yaml") if self.run_dir else None,
+            "mode": self.mode,
+            "supervisor": sup,
+            "urls": {"nats": self.nats_urls, "kafka": self.kafka_bootstrap if self.kafka_enabled else None},
+            "ports": {f.name: getattr(self.ports, f.name) for f in fields(self.ports)},
+            "processes": [
+                {
+                    "name": row.process,
+                    "site": row.site,
+                    "pid": row.pid,
+                    "start_time": _start_time(row.pid) if row.pid else None,
+                    "address": row.address,
+                    "log": str(row.log),
+                }
+                for row in self.rows
+            ],
+        }
+
+    def _save_state(self) -> None:
+        if self.state_file is None:
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
+        tmp.replace(self.state_file)
+
+
+__all__ = [
+    "DEFAULT_DIN_DIR",
+    "DEFAULT_MODEL_REPO",
+    "DEFAULT_TOPOLOGY",
+    "EXECUTOR",
+    "PortPlan",
+    "ProcessRow",
+    "SCHEDULER_MODES",
+    "SERVICE_KINDS",
+    "SINGLETON_SERVICES",
+    "ServiceInstance",
+    "Stack",
+    "StackError",
+    "check_ports",
+    "default_service_command",
+    "nats_specs",
+    "port_roles",
+    "read_state",
+    "service_environments",
+    "service_instances",
+    "state_processes_alive",
+    "stop_from_state",
+    "wait_kafka_ready",
+    "wait_nats_mesh",
+]

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up (idempotent), then run the whole test suite; arguments go to pytest.
+# Exits non-zero on any failure, including when no test was collected.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash ops/setup.sh
+
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "test: error: pytest collected no tests, which counts as a failure" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,153 @@
+"""Session fixtures for the whole suite: real brokers started once per session, a private token per test.
+
+* ``nats_network``: a real nats-server hub (site ``cloud``) with one leaf per
+  edge site (``factory``, ``branch``), JetStream on each with the site name as
+  its domain. With ``DIN_NATS_URL`` set, that one server stands for every site.
+* ``kafka_bootstrap``: a real Kafka (KRaft) on free ports, started only when a
+  test asks for it. With ``DIN_KAFKA_BOOTSTRAP`` set, that broker is used.
+* With ``DIN_TESTCONTAINERS=1`` and a reachable Docker engine, both come from
+  testcontainers instead (a single NATS server with JetStream).
+* ``unique``: ``t`` + 8 hex characters, for a test's own subjects and topics.
+
+Tests under ``tests/integration/`` are marked ``integration`` automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from shared.topology import Topology
+
+INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+TEST_TOPOLOGY = {
+    "name": "tests",
+    "sites": [
+        {"name": "cloud", "role": "hub", "executors": [{"id": "cloud-1", "models": ["digits-small"]}]},
+        {"name": "factory", "role": "edge", "executors": [{"id": "factory-1", "models": ["digits-small"]}]},
+        {"name": "branch", "role": "edge", "executors": [{"id": "branch-1", "models": ["digits-small"]}]},
+    ],
+    "links": [
+        {"between": ["cloud", "factory"], "path": "dedicated"},
+        {"between": ["cloud", "branch"], "path": "internet"},
+        {"between": ["factory", "branch"], "path": "vpn"},
+    ],
+    "tenants": [{"name": "acme", "sensitive_sites": ["factory"]}, {"name": "globex"}],
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if INTEGRATION_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@dataclass
+class NatsNetwork:
+    """Where each site's NATS server listens.
+
+    ``single`` is True when one external server stands for every site; then
+    ``domain(site)`` is None, since that server has no per-site JetStream domain.
+    """
+
+    hub_site: str
+    urls: dict[str, str]
+    single: bool = False
+    domains: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def hub_url(self) -> str:
+        return self.urls[self.hub_site]
+
+    @property
+    def edge_sites(self) -> list[str]:
+        return [site for site in self.urls if site != self.hub_site]
+
+    def url(self, site: str) -> str:
+        return self.urls[site]
+
+    def domain(self, site: str) -> str | None:
+        """JetStream domain of the server at ``site``."""
+        return self.domains.get(site)
+
+
+def _use_testcontainers() -> bool:
+    if os.environ.get("DIN_TESTCONTAINERS") != "1":
+        return False
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception:  # noqa: BLE001 - no engine: fall back to local brokers
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def test_topology() -> Topology:
+    """Three sites (hub ``cloud``, edges ``factory`` and ``branch``), one executor each, two tenants."""
+    return Topology.model_validate(TEST_TOPOLOGY)
+
+
+@pytest.fixture(scope="session")
+def nats_network(test_topology, tmp_path_factory):
+    """A NATS hub with a leaf per edge site, started once per session (see module docstring)."""
+    sites = [s.name for s in test_topology.sites]
+    hub = test_topology.hub.name
+    external = os.environ.get("DIN_NATS_URL")
+    if external:
+        yield NatsNetwork(hub, {site: external for site in sites}, single=True)
+        return
+    if _use_testcontainers():
+        from testcontainers.community.nats import NatsContainer
+
+        with NatsContainer(jetstream=True) as container:
+            url = container.nats_uri()
+            yield NatsNetwork(hub, {site: url for site in sites}, single=True)
+        return
+    from din.stack.launcher import Stack
+
+    stack = Stack.brokers_only(test_topology, kafka=False, din_dir=tmp_path_factory.mktemp("nats"))
+    stack.start()
+    try:
+        yield NatsNetwork(hub, stack.nats_urls, domains={site: site for site in sites})
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory):
+    """Bootstrap address of a real Kafka, started on first use and kept for the session."""
+    external = os.environ.get("DIN_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    if _use_testcontainers():
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    from din.stack.brokers import KafkaSpec
+    from din.stack.launcher import PortPlan, check_ports, wait_kafka_ready
+
+    plan = PortPlan.free(edge_sites=0)
+    spec = KafkaSpec(plan.kafka, plan.kafka_controller)
+    check_ports([(spec.port, "Kafka broker port"), (spec.controller_port, "Kafka controller port")])
+    proc = spec.process(tmp_path_factory.mktemp("kafka")).start()
+    try:
+        wait_kafka_ready(spec, proc, timeout_s=90)
+        yield spec.bootstrap
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A token private to this test, for its subjects, streams and topics: ``t`` + 8 hex characters."""
+    return f"t{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,155 @@
+"""The real brokers DIN runs on: NATS hub and leaves route between sites, JetStream works at a leaf, Kafka keeps headers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import nats
+import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import RetentionPolicy, StreamConfig
+from nats.js.errors import NotFoundError
+
+from shared.naming import Subjects, Topics, work_stream
+
+pytestmark = pytest.mark.integration
+
+
+async def _deliver(publisher, subscriber, subject: str, payload: bytes, timeout_s: float = 5.0):
+    """Publish until the subscriber sees the message: interest crosses a leaf link asynchronously."""
+    box: asyncio.Queue = asyncio.Queue()
+
+    async def on_msg(msg) -> None:
+        await box.put(msg)
+
+    sub = await subscriber.subscribe(subject, cb=on_msg)
+    await subscriber.flush()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            await publisher.publish(subject, payload, headers={"Din-Test": "1"})
+            await publisher.flush()
+            try:
+                return await asyncio.wait_for(box.get(), 0.2)
+            except asyncio.TimeoutError:
+                continue
+        raise AssertionError(f"{subject} never reached the subscriber within {timeout_s}s")
+    finally:
+        await sub.unsubscribe()
+
+
+@pytest.mark.parametrize(("pub_site", "sub_site"), [("factory", "cloud"), ("cloud", "factory"), ("factory", "branch")])
+async def test_message_crosses_between_sites(nats_network, unique, pub_site, sub_site):
+    publisher = await nats.connect(nats_network.url(pub_site))
+    subscriber = await nats.connect(nats_network.url(sub_site))
+    try:
+        subject = Subjects.probe(unique)
+        payload = json.dumps({"from": pub_site, "to": sub_site}).encode()
+        msg = await _deliver(publisher, subscriber, subject, payload)
+        assert msg.data == payload
+        assert msg.headers == {"Din-Test": "1"}
+    finally:
+        await publisher.close()
+        await subscriber.close()
+
+
+async def test_leaf_servers_are_distinct_from_the_hub(nats_network):
+    if nats_network.single:
+        pytest.skip("one external server stands for every site")
+    hub = await nats.connect(nats_network.hub_url)
+    leaf = await nats.connect(nats_network.url("factory"))
+    try:
+        assert hub._server_info["server_name"] == "din-cloud"
+        assert leaf._server_info["server_name"] == "din-factory"
+    finally:
+        await hub.close()
+        await leaf.close()
+
+
+async def test_work_queue_stream_on_a_leaf_domain(nats_network, unique):
+    """Create the stream in the factory leaf's domain from the hub, publish at the hub, consume at the leaf."""
+    hub = await nats.connect(nats_network.hub_url)
+    leaf = await nats.connect(nats_network.url("factory"))
+    stream = work_stream(unique)
+    subject = Subjects.work(unique, "digits-small")
+    hub_js_factory = hub.jetstream(domain=nats_network.domain("factory"))
+    try:
+        info = await hub_js_factory.add_stream(
+            StreamConfig(name=stream, subjects=[Subjects.work_all(unique)], retention=RetentionPolicy.WORK_QUEUE)
+        )
+        assert info.config.name == stream
+
+        # The stream's own domain serves its API at the leaf; the hub's domain does not hold it.
+        leaf_js = leaf.jetstream()
+        assert (await leaf_js.stream_info(stream)).config.retention == RetentionPolicy.WORK_QUEUE
+        if not nats_network.single:
+            with pytest.raises(NotFoundError):
+                await hub.jetstream().stream_info(stream)
+
+        # Publish at the hub; the ack comes from the leaf's stream once its interest has crossed the link.
+        hub_js = hub.jetstream()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                ack = await hub_js.publish(subject, b"job-1", timeout=1)
+                break
+            except (NoRespondersError, NatsTimeout):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        assert ack.stream == stream
+        if not nats_network.single:
+            assert ack.domain == "factory"
+
+        consumer = await leaf_js.pull_subscribe(subject, durable=f"w{unique}", stream=stream)
+        msgs = await consumer.fetch(1, timeout=5)
+        assert [m.data for m in msgs] == [b"job-1"]
+        await msgs[0].ack_sync()
+        # Work-queue retention: an acknowledged job leaves the stream.
+        deadline = time.monotonic() + 5
+        while (await leaf_js.stream_info(stream)).state.messages != 0:
+            assert time.monotonic() < deadline, "acked message stayed in the work queue"
+            await asyncio.sleep(0.05)
+    finally:
+        try:
+            await leaf.jetstream().delete_stream(stream)
+        except Exception:  # noqa: BLE001 - the assertion above is what matters
+            pass
+        await hub.close()
+        await leaf.close()
+
+
+async def test_kafka_event_round_trip_with_headers(kafka_bootstrap, unique):
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    topic = Topics.scoped(Topics.SMOKE, unique)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        meta = await asyncio.wait_for(
+            producer.send_and_wait(
+                topic,
+                value=b'{"ok": true}',
+                key=b"req-1",
+                headers=[("din-type", b"din.v1.smoke"), ("din-run", unique.encode())],
+            ),
+            timeout=30,
+        )
+        assert meta.topic == topic and meta.offset == 0
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), timeout=30)
+    finally:
+        await consumer.stop()
+    assert record.key == b"req-1"
+    assert record.value == b'{"ok": true}'
+    assert dict(record.headers) == {"din-type": b"din.v1.smoke", "din-run": unique.encode()}
