@@ -56,6 +56,7 @@ class Subjects:
 
     CLASSIFY = _join("classify")
     PRESSURE = _join("pressure")
+    ALERTS = _join("alerts")
     SCHEDULE = _join("schedule")
 
     @staticmethod
@@ -114,21 +115,25 @@ def work_stream(site: str) -> str:
 class Topics:
     """Kafka topics, named ``din.v1.<area>.<kind>`` like Seldon's ``TopicNamer``."""
 
+    REQUESTS = _join("admission", "requests")
     ADMISSION_DECISIONS = _join("admission", "decisions")
     CLASSIFICATIONS = _join("classifier", "classifications")
     SCHEDULING_DECISIONS = _join("scheduler", "decisions")
     COMPLETIONS = _join("executor", "completions")
     HEARTBEATS = _join("executor", "heartbeats")
     DEAD_LETTER = _join("deadletter")
+    ALERTS = _join("telemetry", "alerts")
     SMOKE = _join("smoke")
 
     ALL = (
+        REQUESTS,
         ADMISSION_DECISIONS,
         CLASSIFICATIONS,
         SCHEDULING_DECISIONS,
         COMPLETIONS,
         HEARTBEATS,
         DEAD_LETTER,
+        ALERTS,
     )
 
     @staticmethod

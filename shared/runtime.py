@@ -63,6 +63,7 @@ class ServiceRuntime:
         self._subscriptions = []
         self._start_hooks: list[Callable[[], Awaitable[None]]] = []
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._background: list[asyncio.Task] = []
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
 
         health_subjects = [Subjects.health(name)]
@@ -93,6 +94,24 @@ class ServiceRuntime:
         """Run ``hook`` once the broker is connected, before the service reports ready."""
         self._start_hooks.append(hook)
         return hook
+
+    def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task:
+        """Run a background loop for the life of the service; a crash is logged, and shutdown cancels it."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.append(task)
+        task.add_done_callback(self._report_crash)
+        return task
+
+    def _report_crash(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("background task %s crashed", task.get_name(), exc_info=task.exception())
+
+    async def stop_background(self) -> None:
+        """Cancel every ``spawn``ed task and wait for them to end."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
 
     def on_stop_accepting(self, hook: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         """Run ``hook`` at shutdown while subscriptions are still open, e.g. to tell routers to stop sending."""
@@ -145,6 +164,7 @@ class ServiceRuntime:
                 self.log.warning("drain of %s failed: %s", sub.subject, exc)
         for hook in self._drain_hooks:
             await hook()
+        await self.stop_background()
         await self.events.stop()
 
     def _guard(self, handler: Handler) -> Handler:

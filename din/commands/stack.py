@@ -22,7 +22,9 @@ from din.stack.launcher import (
     STATE_FILE_NAME,
     PortPlan,
     Stack,
+    format_table,
     read_state,
+    shown_path,
     state_processes_alive,
     stop_from_state,
 )
@@ -111,19 +113,6 @@ def stop_signals_interrupt():
             signal.signal(sig, handler)
 
 
-def _shown(path: Path | str) -> str:
-    path = Path(path)
-    with contextlib.suppress(ValueError):
-        return str(path.relative_to(Path.cwd()))
-    return str(path)
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
-    return "\n".join(lines)
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
     stack = Stack(
@@ -144,9 +133,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             stack.start()
             started = True
-            rows = [[r.site, r.process, str(r.pid), r.address, _shown(r.log)] for r in stack.rows]
-            print(format_table(["SITE", "PROCESS", "PID", "ADDRESS", "LOG"], rows))
-            print(f"ready in {time.monotonic() - begun:.1f}s; run folder {_shown(stack.run_dir)}", flush=True)
+            print(stack.describe())
+            print(f"ready in {time.monotonic() - begun:.1f}s; run folder {shown_path(stack.run_dir)}", flush=True)
             if args.detach:
                 print("detached: `din status` shows it, `din down` stops it", flush=True)
                 detached = True
@@ -182,15 +170,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     state_file = args.din_dir / STATE_FILE_NAME
     state = read_state(state_file)
     if state is None:
-        print(f"no stack running (no {_shown(state_file)})")
+        print(f"no stack running (no {shown_path(state_file)})")
         return EXIT_NOT_RUNNING
     alive_pids = {p["pid"] for p in state_processes_alive(state)}
     sup = state.get("supervisor")
     how = f"foreground, supervised by pid {sup['pid']}" if sup else "detached"
-    print(f"run {_shown(state['run_dir'])} ({state.get('mode')}, {how}), started {state.get('started_at')}")
+    print(f"run {shown_path(state['run_dir'])} ({state.get('mode')}, {how}), started {state.get('started_at')}")
     rows = [
         [p["site"], p["name"], str(p["pid"]), "running" if p["pid"] in alive_pids else "STOPPED", p["address"],
-         _shown(p["log"])]
+         shown_path(p["log"])]
         for p in state.get("processes", [])
     ]
     print(format_table(["SITE", "PROCESS", "PID", "STATE", "ADDRESS", "LOG"], rows))
@@ -214,7 +202,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     left = state_processes_alive(state)
     if left:
         raise StackError(f"could not stop {', '.join(p['name'] for p in left)} (pids {[p['pid'] for p in left]})")
-    print(f"stopped {len(stopped)} processes of run {_shown(state['run_dir'])}")
+    print(f"stopped {len(stopped)} processes of run {shown_path(state['run_dir'])}")
     return 0
 
 
@@ -225,7 +213,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
         raise StackError("Maven not found: install it (apt-get install maven) so set-up can fetch Kafka's jars")
     begun = time.monotonic()
     libs = resolve_kafka_jars(DEFAULT_KAFKA_LIBS)
-    print(f"kafka jars: {_shown(libs)} ({time.monotonic() - begun:.1f}s)")
+    print(f"kafka jars: {shown_path(libs)} ({time.monotonic() - begun:.1f}s)")
     try:
         zoo = importlib.import_module("din.zoo")
     except ModuleNotFoundError as exc:
@@ -236,5 +224,5 @@ def cmd_setup(args: argparse.Namespace) -> int:
     begun = time.monotonic()
     configs = zoo.build_zoo(DEFAULT_MODEL_REPO)
     names = ", ".join(c.get("name", "?") for c in configs) if isinstance(configs, list) else "done"
-    print(f"models: {names} in {_shown(DEFAULT_MODEL_REPO)} ({time.monotonic() - begun:.1f}s)")
+    print(f"models: {names} in {shown_path(DEFAULT_MODEL_REPO)} ({time.monotonic() - begun:.1f}s)")
     return 0

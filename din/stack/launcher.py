@@ -15,6 +15,7 @@ environment; ``docker-compose.yml`` must match it, and a test compares them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import json
 import os
@@ -167,6 +168,20 @@ class ServiceInstance:
         return Subjects.health(self.service, self.instance)
 
 
+def shown_path(path: Path | str) -> str:
+    path = Path(path)
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
 def service_instances(topology: Topology, services: Iterable[str] | None = None) -> list[ServiceInstance]:
     """Service processes of ``topology`` in start order, limited to the kinds in ``services`` (None: all)."""
     wanted = set(SERVICE_KINDS if services is None else services)
@@ -193,6 +208,7 @@ def service_environments(
     model_repo: str | Path = DEFAULT_MODEL_REPO,
     mode: str = "centralized",
     telemetry_metrics_port: int = 9464,
+    telemetry_metrics_host: str = "127.0.0.1",
     topic_scope: str | None = None,
     services: Iterable[str] | None = None,
 ) -> dict[str, dict[str, str]]:
@@ -225,6 +241,7 @@ def service_environments(
             env["DIN_SCHEDULER_MODE"] = mode
         elif inst.service == "telemetry":
             env["DIN_TELEMETRY_METRICS_PORT"] = str(telemetry_metrics_port)
+            env["DIN_TELEMETRY_METRICS_HOST"] = telemetry_metrics_host
         elif inst.service == EXECUTOR:
             spec = executors[inst.instance]
             env["DIN_EXECUTOR_ID"] = spec.id
@@ -519,6 +536,7 @@ class Stack:
         broker_timeout_s: float = 60.0,
         write_state: bool = True,
         topic_scope: str | None = None,
+        external_kafka: str | None = None,
     ) -> None:
         if mode not in SCHEDULER_MODES:
             raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
@@ -528,7 +546,8 @@ class Stack:
         self.din_dir = Path(din_dir)
         self.mode = mode
         self.instances = service_instances(topology, services)
-        self.kafka_enabled = kafka
+        self.kafka_enabled = kafka and external_kafka is None
+        self.external_kafka = external_kafka
         self.service_command = service_command
         self.model_repo = Path(model_repo)
         self.kafka_libs = Path(kafka_libs)
@@ -565,7 +584,18 @@ class Stack:
 
     @property
     def kafka_bootstrap(self) -> str:
-        return self.kafka.bootstrap
+        return self.external_kafka or self.kafka.bootstrap
+
+    @property
+    def credentials_file(self) -> Path:
+        """The tenants' token secrets of this run (written by ``start``)."""
+        assert self.run_dir is not None, "credentials_file needs the run dir: call start() first"
+        return self.run_dir / "credentials.json"
+
+    def describe(self) -> str:
+        """A table of where every process runs and logs."""
+        rows = [[r.site, r.process, str(r.pid), r.address, shown_path(r.log)] for r in self.rows]
+        return format_table(["SITE", "PROCESS", "PID", "ADDRESS", "LOG"], rows)
 
     def environments(self) -> dict[str, dict[str, str]]:
         """Environment of each service process of this stack."""
@@ -575,7 +605,7 @@ class Stack:
             nats_urls=self.nats_urls,
             kafka_bootstrap=self.kafka_bootstrap,
             topology_path=self.run_dir / "topology.yaml",
-            credentials_path=self.run_dir / "credentials.json",
+            credentials_path=self.credentials_file,
             model_repo=self.model_repo,
             mode=self.mode,
             telemetry_metrics_port=self.ports.telemetry_metrics,
@@ -637,7 +667,7 @@ class Stack:
         self._started_at = datetime.now(timezone.utc).isoformat()
         try:
             self._write_topology(self.run_dir)
-            write_credentials(self.run_dir / "credentials.json", [t.name for t in self.topology.tenants])
+            write_credentials(self.credentials_file, [t.name for t in self.topology.tenants])
             self._start_brokers()
             self._start_services()
         except BaseException:

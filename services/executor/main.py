@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 
+from faststream.nats import NatsResponse
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
@@ -20,15 +21,16 @@ from services.executor.batcher import BatchOutput, DynamicBatcher, ItemResult
 from services.executor.repository import ModelRepository
 from services.executor.settings import ExecutorSettings
 from shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, ModelLoadedV1
-from shared.contracts.inference import InferResponseV1, ServedByV1
+from shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
 from shared.contracts.job import JobV1
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.naming import Subjects, work_stream
 from shared.runtime import ServiceRuntime
 from shared.tensors import decode_request, encode_outputs, validate_inputs
 
-REQUEST_ID_HEADER = "Din-Request-Id"
 PULL_ACK_WAIT_S = 30.0
+PULL_WAIT_S = 1.0
+PULL_MORE_WAIT_S = 0.001
 DRAIN_NOTICE_S = 0.2
 
 
@@ -49,7 +51,6 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         run_batch, capacity=settings.capacity, max_queue_delay_ms=settings.max_queue_delay_ms
     )
     serving: set[asyncio.Task] = set()
-    background: list[asyncio.Task] = []
     announced = {"draining": False}
     runtime.detail = lambda: {
         "models": ",".join(f"{h.name}@{h.version}" for h in repository.loaded()),
@@ -106,7 +107,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         )
         await runtime.nc.publish(
             Subjects.completed(settings.site), event.model_dump_json().encode(),
-            headers={REQUEST_ID_HEADER: job.request_id},
+            headers={RequestHeaders.REQUEST_ID: job.request_id},
         )
 
     def response(job: JobV1, model: str, result: ItemResult, requested: list[str] | None) -> bytes:
@@ -135,8 +136,8 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             timings_ms={k: round(v, 3) for k, v in timings.items()},
         ).model_dump_json().encode()
 
-    async def serve(job: JobV1, body: bytes, headers: dict[str, str]) -> None:
-        """Run one job to its single outcome."""
+    async def serve(job: JobV1, body: bytes, headers: dict[str, str], settle=None) -> None:
+        """Run one job to its single outcome; ``settle`` acknowledges a job pulled from a work queue."""
         model = job.model_chosen or job.model
         cutoff = job.deadline_ms - settings.deadline_margin_ms
         version = ""
@@ -164,13 +165,14 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             body_out, err_headers = error_reply(error, job.request_id)
             await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
             await complete(job, model, version, None, error)
+        finally:
+            if settle is not None:
+                await settle()
 
-    def start_serving(job: JobV1, body: bytes, headers: dict[str, str], on_done=None) -> None:
-        task = asyncio.create_task(serve(job, body, headers))
+    def start_serving(job: JobV1, body: bytes, headers: dict[str, str], settle=None) -> None:
+        task = asyncio.create_task(serve(job, body, headers, settle))
         serving.add(task)
         task.add_done_callback(serving.discard)
-        if on_done is not None:
-            task.add_done_callback(on_done)
 
     @runtime.hot_path(Subjects.execute(settings.site, settings.id))
     async def on_job(msg: Msg) -> None:
@@ -187,11 +189,12 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             await runtime.nc.publish(msg.reply, msg.data)
 
     @runtime.broker.subscriber(Subjects.control("executor", settings.id))
-    async def on_control(command: LoadModelV1) -> ModelLoadedV1 | dict:
+    async def on_control(command: LoadModelV1) -> ModelLoadedV1 | NatsResponse:
         try:
             handle = await asyncio.to_thread(repository.load, command.model, command.version)
         except DinError as error:
-            return error.to_model().model_dump()
+            body, headers = error_reply(error, None)
+            return NatsResponse(body, headers=headers)
         runtime.log.info("now serving %s version %s", handle.name, handle.version)
         await send_heartbeat()
         return ModelLoadedV1(
@@ -208,7 +211,11 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             await asyncio.sleep(settings.heartbeat_interval_s)
 
     async def pull(model: str) -> None:
-        """Distributed mode: take jobs for ``model`` from the site's work queue while there is room."""
+        """Distributed mode: take jobs for ``model`` from the site's work queue while there is room.
+
+        The pull subscription is unsubscribed explicitly on the way out: draining the connection would
+        otherwise wait forever on a ``next_msg``-style subscription's internal queue (nats-py).
+        """
         js = runtime.nc.jetstream()
         subscription = await js.pull_subscribe(
             Subjects.work(settings.site, model),
@@ -216,23 +223,30 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             stream=work_stream(settings.site),
             config=ConsumerConfig(ack_wait=PULL_ACK_WAIT_S, max_deliver=3),
         )
-        while True:
-            room = settings.capacity - len(serving)
-            if room <= 0:
-                await asyncio.sleep(0.001)
-                continue
-            try:
-                msgs = await subscription.fetch(batch=min(room, batcher.max_batch_size(model)), timeout=1.0)
-            except NatsTimeout:
-                continue
-            for msg in msgs:
-                try:
-                    job = JobV1.from_headers(msg.headers)
-                except ValueError:
-                    runtime.dead_letter(msg, "missing or invalid job header")
-                    await msg.term()
+        try:
+            while True:
+                room = settings.capacity - len(serving)
+                if room <= 0:
+                    await asyncio.sleep(0.001)
                     continue
-                start_serving(job, msg.data, msg.headers, on_done=lambda _t, m=msg: asyncio.ensure_future(m.ack()))
+                try:
+                    msgs = await subscription.fetch(1, timeout=PULL_WAIT_S)
+                except (NatsTimeout, asyncio.TimeoutError):
+                    continue
+                more = min(room, batcher.max_batch_size(model)) - 1
+                if more > 0:
+                    with contextlib.suppress(NatsTimeout, asyncio.TimeoutError):
+                        msgs += await subscription.fetch(more, timeout=PULL_MORE_WAIT_S)
+                for msg in msgs:
+                    try:
+                        job = JobV1.from_headers(msg.headers)
+                    except ValueError:
+                        runtime.dead_letter(msg, "missing or invalid job header")
+                        await msg.term()
+                        continue
+                    start_serving(job, msg.data, msg.headers, settle=msg.ack)
+        finally:
+            await subscription.unsubscribe()
 
     async def ensure_work_stream() -> None:
         config = StreamConfig(
@@ -252,18 +266,16 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             batcher.set_max_batch_size(model, int(handle.config.get("max_batch_size", 64)))
             runtime.log.info("loaded %s version %s", handle.name, handle.version)
         batcher.start()
-        background.append(asyncio.create_task(heartbeats(), name="heartbeats"))
+        runtime.spawn(heartbeats(), name="heartbeats")
         if settings.pull:
             await ensure_work_stream()
             for model in settings.models:
-                background.append(asyncio.create_task(pull(model), name=f"pull-{model}"))
+                runtime.spawn(pull(model), name=f"pull-{model}")
 
     @runtime.on_stop_accepting
     async def announce_draining() -> None:
         announced["draining"] = True
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await runtime.stop_background()
         await send_heartbeat()
         await asyncio.sleep(DRAIN_NOTICE_S)
 

@@ -16,13 +16,13 @@ from services.scheduler.placement import Placement, pick_executor
 from services.scheduler.registry import ExecutorRegistry
 from services.scheduler.settings import SchedulerSettings, SchedulingMode
 from shared.contracts.events import HeartbeatV1, PressureV1, ProbeV1, SchedulingDecisionV1
+from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.errors import DinError, ErrorCode
 from shared.naming import Subjects, Topics, work_stream
 from shared.runtime import ServiceRuntime
 from shared.topology import load_topology
 
-REQUEST_ID_HEADER = "Din-Request-Id"
 
 
 def now_ms() -> float:
@@ -38,7 +38,6 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
     inflight = InflightTable()
     cost_limits = {t.name: t.max_cost_per_1k for t in topology.tenants}
     counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0}
-    tasks: list[asyncio.Task] = []
     enqueues: set[asyncio.Task] = set()
     runtime.detail = lambda: {**counts, "mode": settings.mode.value, "executors": len(registry.live()),
                               "inflight": len(inflight)}
@@ -80,7 +79,7 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
         job.site_chosen = state.site
         job.executor_chosen = state.id if centralized else None
         job.stamps_ms["scheduled"] = now_ms()
-        headers = {**passthrough, **job.to_headers(), REQUEST_ID_HEADER: job.request_id}
+        headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id}
         inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site))
         registry.note_dispatch(state.id, job.sla_class)
         counts["scheduled"] += 1
@@ -119,7 +118,7 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
 
     @runtime.hot_path(Subjects.COMPLETED_ALL)
     async def on_completed(msg: Msg) -> None:
-        request_id = (msg.headers or {}).get(REQUEST_ID_HEADER)
+        request_id = (msg.headers or {}).get(RequestHeaders.REQUEST_ID)
         entry = inflight.complete(request_id) if request_id else None
         if entry is not None and entry.executor:
             registry.note_completion(entry.executor, entry.job.sla_class)
@@ -198,7 +197,7 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
         if settings.mode == SchedulingMode.DISTRIBUTED:
             await ensure_work_streams()
         for loop in (watchdog, prober, pressure):
-            tasks.append(asyncio.create_task(loop(), name=f"scheduler-{loop.__name__}"))
+            runtime.spawn(loop(), name=loop.__name__)
 
     async def ensure_work_streams() -> None:
         for site in topology.sites:
@@ -215,11 +214,8 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
                 runtime.log.warning("work stream of site %s not created yet: %s", site.name, exc)
 
     @runtime.on_drain
-    async def stop_background() -> None:
+    async def finish_enqueues() -> None:
         if enqueues:
             await asyncio.wait(enqueues, timeout=2.0)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     return runtime

@@ -1,0 +1,539 @@
+"""Machine-readable contracts generated from ``shared.contracts``; nobody edits the output by hand.
+
+``render_schemas`` builds, from ``MESSAGE_MODELS`` and ``shared.naming``:
+
+* ``json/<name>.schema.json``: one JSON Schema per versioned message model
+  (``din.v1.infer_request`` ...), from ``model_json_schema()``;
+* ``asyncapi.yaml``: one AsyncAPI 3.0 document with every NATS subject and
+  Kafka topic as a channel, the messages on each with their headers, and which
+  service sends and receives them (one operation per service and direction).
+
+Every channel address comes from ``channels()``, which calls the
+``Subjects`` builders with placeholder tokens and writes the placeholders as
+AsyncAPI parameters (``{tenant}``), so no subject is spelled here. Output is
+byte-stable (sorted keys, fixed order): ``din schemas`` writes it to
+``schemas/`` and a unit test fails when the committed files drift.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from shared.contracts import (
+    MESSAGE_MODELS,
+    AdmissionDecisionV1,
+    ClassificationV1,
+    CompletionV1,
+    DeadLetterV1,
+    ErrorReplyV1,
+    ErrorV1,
+    HealthV1,
+    HeartbeatV1,
+    InferRequestV1,
+    InferResponseV1,
+    JobV1,
+    LoadModelV1,
+    ModelLoadedV1,
+    PressureV1,
+    ProbeV1,
+    SchedulingDecisionV1,
+)
+from shared.contracts.inference import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, RequestHeaders
+from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
+from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ErrorCode
+from shared.eventlog import EVENT_TYPE_HEADER, event_type
+from shared.naming import API_VERSION, SERVICES, Subjects, Topics, work_stream
+from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT_DIR = REPO_ROOT / "schemas"
+ASYNCAPI_FILE = "asyncapi.yaml"
+JSON_DIR = "json"
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+COMPONENT_REF = "#/components/schemas/{model}"
+KAFKA_BINDING_VERSION = "0.5.0"
+NATS_BINDING_VERSION = "0.1.0"
+KAFKA_PARTITIONS = 3
+
+CLIENT = "client"
+OPERATOR = "operator"
+
+PARAMETERS = {
+    "tenant": "Tenant name from the topology.",
+    "model": "Model name, as in the model repository.",
+    "site": "Site name from the topology.",
+    "executor": "Executor id from the topology.",
+    "service": f"Service name: one of {', '.join(SERVICES)}.",
+    "instance": "Instance id: the executor id for executors.",
+}
+
+REQUEST_HEADER_DOCS = {
+    "TOKEN": "Tenant token din1.<tenant>.<expiry>.<signature>; required here or in parameters.token.",
+    "SLA_CLASS": "Service class: realtime, interactive (default) or batch.",
+    "TIMEOUT_MS": "Time the caller will wait, ms; the deadline is receipt time plus this.",
+    "DEADLINE_MS": "Absolute deadline, Unix epoch ms; wins over the timeout.",
+    "LABELS": "Comma-separated data labels; sensitive labels keep the request at the tenant's allowed sites.",
+    "ALLOW_DEGRADE": "true lets a smaller model variant answer when the asked one cannot in time.",
+    "MIN_ACCURACY": "Lowest held-out accuracy (0..1) of a variant allowed to answer.",
+    "MODEL_VERSION": "Model version to run; the newest when absent.",
+    "REQUEST_ID": "Caller's request id (at most 128 printable characters); DIN assigns one when absent.",
+    "CONTENT_TYPE": f"{JSON_CONTENT_TYPE} (default) or {TENSOR_CONTENT_TYPE} for a binary tensor body.",
+    "TRACEPARENT": "W3C trace context, carried to every stage.",
+}
+
+
+# --------------------------------------------------------------------------- JSON Schema files
+
+
+def json_schema(name: str, model: type[BaseModel]) -> dict:
+    """The JSON Schema of one message model, identified by its versioned ``name``."""
+    return {
+        **model.model_json_schema(),
+        "$schema": JSON_SCHEMA_DIALECT,
+        "$id": f"{name}.schema.json",
+        "title": f"{name} ({model.__name__})",
+    }
+
+
+def _dump_json(document: dict) -> str:
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------- the channel table
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One side of a channel: ``service`` sends or receives ``messages`` (None: all of the channel's)."""
+
+    service: str
+    messages: tuple[str, ...] | None = None
+    queue: str | None = None
+    reply: str | None = None
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A NATS subject pattern or Kafka topic, its messages, and who sends and receives them.
+
+    ``address`` is None for a reply channel (the requester's inbox).
+    """
+
+    key: str
+    address: str | None
+    description: str
+    messages: tuple[str, ...]
+    sends: tuple[Endpoint, ...]
+    receives: tuple[Endpoint, ...] = ()
+    kafka: bool = False
+
+
+def subject_pattern(build: Callable[..., str], *params: str) -> str:
+    """The subject ``build`` makes from one placeholder token per parameter, each written ``{param}``."""
+    placeholders = {name.upper(): name for name in params}
+    subject = build(*placeholders)
+    return ".".join(f"{{{placeholders[t]}}}" if t in placeholders else t for t in subject.split("."))
+
+
+def _each(services: tuple[str, ...], **options) -> tuple[Endpoint, ...]:
+    return tuple(Endpoint(service, **options) for service in services)
+
+
+def channels() -> list[Channel]:
+    """Every channel DIN uses: the single table the AsyncAPI document is built from."""
+    job = ("job",)
+    nats = [
+        Channel(
+            "infer", subject_pattern(Subjects.infer, "tenant", "model"),
+            "A client's inference request; sent as a NATS request whose reply subject receives the single answer.",
+            ("inferRequest", "inferRequestTensor"),
+            sends=(Endpoint(CLIENT, reply="inferReply"),),
+            receives=(Endpoint("admission", queue="admission"),),
+        ),
+        Channel(
+            "inferReply", None,
+            "The requester's reply subject: exactly one answer, a result or an error (error headers set).",
+            ("inferResponse", "errorReply"),
+            sends=(Endpoint("executor"), *_each(("admission", "classifier", "scheduler"), messages=("errorReply",))),
+            receives=(Endpoint(CLIENT),),
+        ),
+        Channel(
+            "classify", Subjects.CLASSIFY,
+            "Admitted requests, on their way to the classifier.", job,
+            sends=(Endpoint("admission"),), receives=(Endpoint("classifier", queue="classifier"),),
+        ),
+        Channel(
+            "schedule", Subjects.SCHEDULE,
+            "Classified requests, on their way to the scheduler.", job,
+            sends=(Endpoint("classifier"),), receives=(Endpoint("scheduler", queue="scheduler"),),
+        ),
+        Channel(
+            "execute", subject_pattern(Subjects.execute, "site", "executor"),
+            "Centralized scheduling: a job assigned to one executor.", job,
+            sends=(Endpoint("scheduler"),), receives=(Endpoint("executor"),),
+        ),
+        Channel(
+            "work", subject_pattern(Subjects.work, "site", "model"),
+            f"Distributed scheduling: a site's JetStream work queue for one model (stream "
+            f"{work_stream('SITE')} with SITE the site name in upper case); the site's executors pull from it.",
+            job,
+            sends=(Endpoint("scheduler"),), receives=(Endpoint("executor"),),
+        ),
+        Channel(
+            "pressure", Subjects.PRESSURE,
+            "The scheduler's periodic view of network load; admission sheds early on it.", ("pressure",),
+            sends=(Endpoint("scheduler"),), receives=(Endpoint("admission"),),
+        ),
+        Channel(
+            "heartbeat", subject_pattern(Subjects.heartbeat, "site", "executor"),
+            "An executor's periodic announcement of itself and its load.", ("heartbeat",),
+            sends=(Endpoint("executor"),),
+            receives=(Endpoint("scheduler"), Endpoint("telemetry", queue="telemetry")),
+        ),
+        Channel(
+            "completed", subject_pattern(Subjects.completed, "site"),
+            "Completion events of jobs finished at a site.", ("completion",),
+            sends=(Endpoint("executor"),),
+            receives=(Endpoint("scheduler"), Endpoint("telemetry", queue="telemetry")),
+        ),
+        Channel(
+            "probe", subject_pattern(Subjects.probe, "site"),
+            "Link probe to a site, echoed unchanged by one of its executors (queue group probe-<site>).",
+            ("probe",),
+            sends=(Endpoint("scheduler", reply="probeReply"),),
+            receives=(Endpoint("executor", queue="probe-{site}"),),
+        ),
+        Channel(
+            "probeReply", None, "The prober's reply subject: the probe, echoed.", ("probe",),
+            sends=(Endpoint("executor"),), receives=(Endpoint("scheduler"),),
+        ),
+        Channel(
+            "control", subject_pattern(Subjects.control, "service", "instance"),
+            "Operator commands to one instance, e.g. serving a new model version on an executor.", ("loadModel",),
+            sends=(Endpoint(OPERATOR, reply="controlReply"),), receives=(Endpoint("executor"),),
+        ),
+        Channel(
+            "controlReply", None, "The operator's reply subject: the model now served, or why not.",
+            ("modelLoaded", "controlError"),
+            sends=(Endpoint("executor"),), receives=(Endpoint(OPERATOR),),
+        ),
+        Channel(
+            "health", subject_pattern(Subjects.health, "service"),
+            "Health of a service, answered by each of its instances.", ("healthRequest",),
+            sends=(Endpoint(OPERATOR, reply="healthReply"),), receives=_each(SERVICES),
+        ),
+        Channel(
+            "healthInstance", subject_pattern(Subjects.health, "service", "instance"),
+            "Health of one instance of a service with several (executors).", ("healthRequest",),
+            sends=(Endpoint(OPERATOR, reply="healthReply"),), receives=(Endpoint("executor"),),
+        ),
+        Channel(
+            "healthReply", None, "The asker's reply subject: the instance's health.", ("health",),
+            sends=_each(SERVICES), receives=(Endpoint(OPERATOR),),
+        ),
+    ]
+    topics = {
+        Topics.ADMISSION_DECISIONS: ("admissionDecision", ("admission",), "Admission's verdict on every request."),
+        Topics.CLASSIFICATIONS: ("classification", ("classifier",), "The workload class of every admitted request."),
+        Topics.SCHEDULING_DECISIONS: (
+            "schedulingDecision", ("scheduler",), "Every placement, its reason and the alternatives considered."
+        ),
+        Topics.COMPLETIONS: ("completionEvent", ("telemetry",), "Every job's completion, relayed from NATS."),
+        Topics.HEARTBEATS: ("heartbeatEvent", ("telemetry",), "Executor heartbeats, relayed from NATS."),
+        Topics.DEAD_LETTER: (
+            "deadLetter", ("classifier", "scheduler", "executor"),
+            "Messages a service could not process and could not answer, kept instead of dropped.",
+        ),
+    }
+    missing = [topic for topic in Topics.ALL if topic not in topics]
+    if missing:
+        raise ValueError(f"topic {missing[0]} has no entry in din.schemas.channels()")
+    kafka = [
+        Channel(
+            "topic_" + topic.removeprefix(f"din.{API_VERSION}.").replace(".", "_"), topic,
+            f"{description} Kafka topic; with DIN_TOPIC_SCOPE set, {topic}.<scope>.",
+            (message,), sends=_each(senders), kafka=True,
+        )
+        for topic, (message, senders, description) in ((t, topics[t]) for t in Topics.ALL)
+    ]
+    return nats + kafka
+
+
+# --------------------------------------------------------------------------- messages and headers
+
+
+def _ref(model: type[BaseModel] | str) -> dict:
+    return {"$ref": COMPONENT_REF.format(model=model if isinstance(model, str) else model.__name__)}
+
+
+def _header_object(description: str, headers: dict[str, dict], required: tuple[str, ...] = ()) -> dict:
+    schema = {"type": "object", "description": description, "properties": headers}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def _text(description: str, **extra) -> dict:
+    return {"type": "string", "description": description, **extra}
+
+
+def header_schemas() -> dict[str, dict]:
+    """Header objects: request, tensor, job, error and Kafka event headers, as component schemas."""
+    documented = {name for name in vars(RequestHeaders) if name.isupper()}
+    if documented != set(REQUEST_HEADER_DOCS):
+        raise ValueError(f"REQUEST_HEADER_DOCS must describe exactly RequestHeaders' names {sorted(documented)}")
+    tensor = {
+        TENSOR_NAME_HEADER: _text("Name of the tensor in the body."),
+        TENSOR_SHAPE_HEADER: _text("Comma-separated dimensions, e.g. 1,64.", pattern=r"^(\d+(,\d+)*)?$"),
+        TENSOR_DATATYPE_HEADER: {**_ref("Datatype"), "description": "Element type."},
+    }
+    job = {
+        JOB_HEADER_PREFIX + "V1": _text(
+            "The job's routing metadata (JobV1) as compact JSON.",
+            contentMediaType=JSON_CONTENT_TYPE, contentSchema=_ref(JobV1),
+        ),
+        RequestHeaders.CONTENT_TYPE: _text("Content type of the body, passed through from the request."),
+        **tensor,
+    }
+    return {
+        "RequestHeaders": _header_object(
+            "Headers a client may set on a request; each has a parameters.<name> fallback in the JSON body.",
+            {getattr(RequestHeaders, name): _text(doc) for name, doc in REQUEST_HEADER_DOCS.items()},
+        ),
+        "TensorHeaders": _header_object(
+            "Describe a binary tensor body.", tensor, (TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER, TENSOR_DATATYPE_HEADER)
+        ),
+        "JobHeaders": _header_object(
+            "Carry an admitted request between stages; the body is the client's, untouched.",
+            job, (JOB_HEADER_PREFIX + "V1",),
+        ),
+        "ErrorHeaders": _header_object(
+            "Mark an answer as an error (NATS micro error headers plus DIN's code).",
+            {
+                ERROR_HEADER: _text("Human-readable message, at most 200 characters."),
+                ERROR_CODE_HEADER: _text("HTTP-like status number.", pattern=r"^\d{3}$"),
+                DIN_ERROR_HEADER: {**_ref(ErrorCode.__name__), "description": "Stable DIN error code."},
+            },
+            (ERROR_HEADER, ERROR_CODE_HEADER, DIN_ERROR_HEADER),
+        ),
+        "CompletionHeaders": _header_object(
+            "Identify the request a completion event belongs to.",
+            {RequestHeaders.REQUEST_ID: _text("Request id of the finished job.")},
+            (RequestHeaders.REQUEST_ID,),
+        ),
+        "TensorBody": {
+            "type": "string",
+            "format": "binary",
+            "description": "One tensor as raw little-endian bytes in row-major order; see TensorHeaders.",
+        },
+        "JobBody": {
+            "description": "The client's request body, untouched: JSON or binary as its Content-Type says.",
+            "oneOf": [_ref(InferRequestV1), _ref("TensorBody")],
+        },
+        "HealthRequest": {"type": "object", "description": "An empty JSON object."},
+    }
+
+
+def _model_name(model: type[BaseModel]) -> str:
+    return next(name for name, candidate in MESSAGE_MODELS.items() if candidate is model)
+
+
+def messages() -> dict[str, dict]:
+    """Every message, keyed as channels reference them."""
+
+    def json_message(model: type[BaseModel], summary: str, headers: dict | None = None) -> dict:
+        message = {"summary": summary, "contentType": JSON_CONTENT_TYPE, "payload": _ref(model)}
+        if model in MESSAGE_MODELS.values():
+            message["name"] = _model_name(model)
+            message["x-din-json-schema"] = f"{JSON_DIR}/{message['name']}.schema.json"
+        if headers:
+            message["headers"] = headers
+        return message
+
+    def event(model: type[BaseModel], summary: str, key: str) -> dict:
+        message = json_message(
+            model, summary,
+            _header_object("Kafka record headers.", {
+                EVENT_TYPE_HEADER: _text("Versioned event type.", const=event_type(model.model_construct())),
+            }, (EVENT_TYPE_HEADER,)),
+        )
+        message["bindings"] = {"kafka": {"key": _text(key), "bindingVersion": KAFKA_BINDING_VERSION}}
+        return message
+
+    return {
+        "inferRequest": json_message(InferRequestV1, "An inference request, tensors as JSON.", _ref("RequestHeaders")),
+        "inferRequestTensor": {
+            "summary": "An inference request with one binary tensor as the body.",
+            "contentType": TENSOR_CONTENT_TYPE,
+            "payload": _ref("TensorBody"),
+            "headers": {"allOf": [_ref("RequestHeaders"), _ref("TensorHeaders")]},
+        },
+        "inferResponse": json_message(InferResponseV1, "The result, and where it was served."),
+        "errorReply": json_message(ErrorReplyV1, "Why the request failed.", _ref("ErrorHeaders")),
+        "job": {
+            "name": _model_name(JobV1),
+            "summary": "An admitted request: the client's body, routing metadata in headers.",
+            "payload": _ref("JobBody"),
+            "headers": _ref("JobHeaders"),
+        },
+        "pressure": json_message(PressureV1, "Network load."),
+        "heartbeat": json_message(HeartbeatV1, "An executor's state and load."),
+        "completion": json_message(CompletionV1, "A job finished or failed.", _ref("CompletionHeaders")),
+        "probe": json_message(ProbeV1, "A link probe."),
+        "loadModel": json_message(LoadModelV1, "Serve a model version from now on."),
+        "modelLoaded": json_message(ModelLoadedV1, "The model version now served."),
+        "controlError": json_message(ErrorV1, "Why the command failed."),
+        "healthRequest": {"summary": "Ask for health.", "contentType": JSON_CONTENT_TYPE,
+                          "payload": _ref("HealthRequest")},
+        "health": json_message(HealthV1, "An instance's health."),
+        "admissionDecision": event(AdmissionDecisionV1, "Admission's verdict.", "Tenant."),
+        "classification": event(ClassificationV1, "A request's workload class.", "Tenant."),
+        "schedulingDecision": event(SchedulingDecisionV1, "A placement decision.", "Tenant."),
+        "completionEvent": event(CompletionV1, "A job finished or failed.", "Site of the executor."),
+        "heartbeatEvent": event(HeartbeatV1, "An executor heartbeat.", "Executor id."),
+        "deadLetter": event(DeadLetterV1, "A message kept for inspection.", "Service that gave up on it."),
+    }
+
+
+# --------------------------------------------------------------------------- the AsyncAPI document
+
+
+def _channel_object(channel: Channel) -> dict:
+    body: dict = {"description": channel.description}
+    if channel.address is None:
+        body["address"] = None
+        body["servers"] = [{"$ref": "#/servers/nats"}]
+    else:
+        body["address"] = channel.address
+        body["servers"] = [{"$ref": "#/servers/kafka" if channel.kafka else "#/servers/nats"}]
+    body["messages"] = {key: {"$ref": f"#/components/messages/{key}"} for key in channel.messages}
+    params = re.findall(r"\{(\w+)\}", channel.address or "")
+    if params:
+        body["parameters"] = {name: {"description": PARAMETERS[name]} for name in params}
+    if channel.kafka:
+        body["bindings"] = {
+            "kafka": {
+                "topic": channel.address,
+                "partitions": KAFKA_PARTITIONS,
+                "replicas": 1,
+                "bindingVersion": KAFKA_BINDING_VERSION,
+            }
+        }
+    return body
+
+
+def _operations(table: list[Channel]) -> dict[str, dict]:
+    by_key = {c.key: c for c in table}
+    operations: dict[str, dict] = {}
+    for channel in table:
+        for action, endpoints in (("send", channel.sends), ("receive", channel.receives)):
+            for end in endpoints:
+                chosen = end.messages or channel.messages
+                op: dict = {
+                    "action": action,
+                    "channel": {"$ref": f"#/channels/{channel.key}"},
+                    "messages": [{"$ref": f"#/channels/{channel.key}/messages/{m}"} for m in chosen],
+                    "tags": [{"name": end.service}],
+                }
+                if end.queue:
+                    op["bindings"] = {"nats": {"queue": end.queue, "bindingVersion": NATS_BINDING_VERSION}}
+                if end.reply:
+                    reply = by_key[end.reply]
+                    op["reply"] = {
+                        "channel": {"$ref": f"#/channels/{reply.key}"},
+                        "messages": [{"$ref": f"#/channels/{reply.key}/messages/{m}"} for m in reply.messages],
+                    }
+                operations[f"{end.service}_{action}_{channel.key}"] = op
+    return operations
+
+
+def asyncapi_document() -> dict:
+    """The AsyncAPI 3.0 document of every channel, message and operation."""
+    table = channels()
+    _, defs = models_json_schema(
+        [(model, "validation") for model in (*MESSAGE_MODELS.values(), ModelLoadedV1)], ref_template=COMPONENT_REF
+    )
+    schemas = {**defs["$defs"], **header_schemas()}
+    actors = sorted({end.service for c in table for end in (*c.sends, *c.receives)})
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "DIN, a Distributed Inference Network",
+            "version": f"{API_VERSION.removeprefix('v')}.0.0",
+            "description": "Every NATS subject and Kafka topic of DIN's API "
+            f"{API_VERSION}. Generated by `din schemas` from shared.contracts and shared.naming; do not edit.",
+            "tags": [{"name": actor} for actor in actors],
+        },
+        "defaultContentType": JSON_CONTENT_TYPE,
+        "servers": {
+            "nats": {
+                "host": "localhost:4222",
+                "protocol": "nats",
+                "description": "The hub site's NATS server. Each edge site runs a leaf server joined to it, so "
+                "every subject is reachable from any site's server; JetStream runs at every site, one domain each.",
+            },
+            "kafka": {
+                "host": "localhost:9092",
+                "protocol": "kafka",
+                "description": "The event log: decisions, completions and dead letters, for replay and audit.",
+            },
+        },
+        "channels": {c.key: _channel_object(c) for c in table},
+        "operations": _operations(table),
+        "components": {"schemas": schemas, "messages": messages()},
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_schemas() -> dict[str, str]:
+    """Every generated file, keyed by its path relative to ``schemas/``."""
+    files = {
+        f"{JSON_DIR}/{name}.schema.json": _dump_json(json_schema(name, model))
+        for name, model in sorted(MESSAGE_MODELS.items())
+    }
+    header = "# Generated by `din schemas` from shared.contracts and shared.naming. Do not edit.\n"
+    files[ASYNCAPI_FILE] = header + yaml.safe_dump(
+        asyncapi_document(), sort_keys=True, allow_unicode=True, width=120, default_flow_style=False
+    )
+    return files
+
+
+def write_schemas(out_dir: Path = DEFAULT_OUT_DIR) -> list[Path]:
+    """Write every generated file under ``out_dir``, removing stale JSON Schemas; return the paths written."""
+    out_dir = Path(out_dir)
+    files = render_schemas()
+    for stale in (out_dir / JSON_DIR).glob("*.schema.json"):
+        if f"{JSON_DIR}/{stale.name}" not in files:
+            stale.unlink()
+    written = []
+    for rel, text in files.items():
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def drifted(out_dir: Path = DEFAULT_OUT_DIR) -> list[str]:
+    """Relative paths whose committed content differs from a fresh render (missing and stale files too)."""
+    out_dir = Path(out_dir)
+    files = render_schemas()
+    stale = [
+        f"{JSON_DIR}/{p.name}" for p in sorted((out_dir / JSON_DIR).glob("*.schema.json"))
+        if f"{JSON_DIR}/{p.name}" not in files
+    ]
+    changed = [
+        rel for rel, text in files.items()
+        if not (out_dir / rel).is_file() or (out_dir / rel).read_text() != text
+    ]
+    return sorted(changed + stale)
