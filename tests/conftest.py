@@ -151,3 +151,13 @@ def kafka_bootstrap(tmp_path_factory):
 def unique() -> str:
     """A token private to this test, for its subjects, streams and topics: ``t`` + 8 hex characters."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model zoo (real models trained on scikit-learn's digits), built once per test session."""
+    from din.zoo import build_zoo
+
+    out_dir = tmp_path_factory.mktemp("zoo")
+    build_zoo(out_dir)
+    return out_dir

@@ -70,6 +70,7 @@ class BatcherStats:
     """A snapshot of the batcher's load, for heartbeats and metrics."""
 
     queue_depth: dict[str, int]
+    capacity_by_class: dict[str, int]
     queued: int
     inflight: int
     capacity: int
@@ -271,6 +272,7 @@ class DynamicBatcher:
         rows = sum(size * count for size, count in self._histogram.items())
         return BatcherStats(
             queue_depth={sla.value: self._depth[sla] for sla in CLASS_PRIORITY},
+            capacity_by_class={sla.value: limit for sla, limit in self._class_limit.items()},
             queued=self._queued,
             inflight=self._inflight,
             capacity=self._capacity,

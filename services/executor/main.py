@@ -22,6 +22,7 @@ from services.executor.repository import ModelRepository
 from services.executor.settings import ExecutorSettings
 from shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, ModelLoadedV1
 from shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
+from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
 from shared.contracts.job import JobV1
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.naming import Subjects, work_stream
@@ -32,6 +33,7 @@ PULL_ACK_WAIT_S = 30.0
 PULL_WAIT_S = 1.0
 PULL_MORE_WAIT_S = 0.001
 DRAIN_NOTICE_S = 0.2
+MAX_ATTEMPTS = 3
 
 
 def now_ms() -> float:
@@ -74,6 +76,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
                 for h in repository.loaded()
             ],
             capacity=settings.capacity,
+            capacity_by_class=stats.capacity_by_class,
             queue_depth=stats.queue_depth,
             inflight=stats.inflight,
             recent_latency_ms=stats.recent_latency_ms,
@@ -155,6 +158,9 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             await runtime.nc.publish(job.reply_to, response(job, model, result, decoded.requested_outputs))
             await complete(job, model, version, result, None)
         except DinError as error:
+            if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS and settle is None:
+                await give_back(job, body, headers)
+                return
             if error.code != ErrorCode.DEADLINE_EXCEEDED:
                 body_out, err_headers = error_reply(error, job.request_id)
                 await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
@@ -168,6 +174,13 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         finally:
             if settle is not None:
                 await settle()
+
+    async def give_back(job: JobV1, body: bytes, headers: dict[str, str]) -> None:
+        """Full: hand the job back to the scheduler to place elsewhere, instead of failing it."""
+        job.attempt += 1
+        job.avoid.append(settings.id)
+        passthrough = {k: v for k, v in headers.items() if not k.startswith(JOB_HEADER_PREFIX)}
+        await runtime.nc.publish(Subjects.SCHEDULE, body, headers={**passthrough, **job.to_headers()})
 
     def start_serving(job: JobV1, body: bytes, headers: dict[str, str], settle=None) -> None:
         task = asyncio.create_task(serve(job, body, headers, settle))

@@ -64,11 +64,13 @@ def pick_executor(
                 continue
             excluded = None
             predicted = None
-            if allowed is not None and state.site not in allowed:
+            if state.id in job.avoid:
+                excluded = "gave_back"
+            elif allowed is not None and state.site not in allowed:
                 excluded = "sovereignty"
             elif cost_limit is not None and topology.site(state.site).cost_per_1k > cost_limit:
                 excluded = "cost"
-            elif state.load() >= state.heartbeat.capacity:
+            elif state.load() >= state.heartbeat.capacity_by_class.get(job.sla_class.value, state.heartbeat.capacity):
                 excluded = "capacity"
             else:
                 predicted = predict_ms(state, model, job, links)
@@ -101,7 +103,7 @@ def pick_executor(
             ErrorCode.NO_ELIGIBLE_EXECUTOR,
             f"no executor of {job.model} at a site this request may use ({', '.join(sorted(refusals))})",
         )
-    if "capacity" in refusals and "deadline" not in refusals:
+    if refusals & {"capacity", "gave_back"} and "deadline" not in refusals:
         raise DinError(ErrorCode.OVERLOADED, f"every executor of {job.model} is full", retry_after_ms=50)
     raise DinError(
         ErrorCode.DEADLINE_EXCEEDED,

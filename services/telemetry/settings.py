@@ -3,12 +3,61 @@
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.contracts.inference import SlaClass
 from shared.settings import ServiceSettings
+
+HOUR_MS = 3_600_000
+DEFAULT_SLA_TARGETS_MS = {SlaClass.REALTIME: 50.0, SlaClass.INTERACTIVE: 500.0, SlaClass.BATCH: 5000.0}
+"""Default latency target of each SLA class's p99, ms (the settings below override them)."""
 
 
 class TelemetrySettings(ServiceSettings):
-    """Where telemetry serves its metrics."""
+    """Where telemetry serves its metrics, the SLA targets it alerts on, and how its Kafka topics are kept."""
 
     model_config = SettingsConfigDict(env_prefix="DIN_TELEMETRY_", extra="ignore", populate_by_name=True)
 
     metrics_port: int = Field(default=9464, description="HTTP port of the Prometheus /metrics endpoint.")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the /metrics endpoint binds; 0.0.0.0 lets a containerised Prometheus scrape it.",
+    )
+
+    sla_target_realtime_ms: float = Field(
+        default=DEFAULT_SLA_TARGETS_MS[SlaClass.REALTIME], gt=0, description="Latency target of realtime, ms."
+    )
+    sla_target_interactive_ms: float = Field(
+        default=DEFAULT_SLA_TARGETS_MS[SlaClass.INTERACTIVE], gt=0, description="Latency target of interactive, ms."
+    )
+    sla_target_batch_ms: float = Field(
+        default=DEFAULT_SLA_TARGETS_MS[SlaClass.BATCH], gt=0, description="Latency target of batch, ms."
+    )
+    sla_quantile: float = Field(default=0.99, gt=0, lt=1, description="Quantile compared with the targets.")
+    sla_window_s: float = Field(default=60.0, gt=0, description="Sliding window the quantile covers, seconds.")
+    sla_min_samples: int = Field(
+        default=20, ge=1, description="Completions a class needs in the window before its SLA can be violated."
+    )
+    alert_interval_s: float = Field(default=5.0, gt=0, description="How often the SLA targets are evaluated.")
+
+    decisions_from: str = Field(
+        default="latest",
+        pattern="^(latest|earliest)$",
+        description="Where a new consumer group starts reading the decision topics: latest or earliest.",
+    )
+    topic_partitions: int = Field(default=3, ge=1, description="Partitions of each topic telemetry creates.")
+    retention_requests_h: float = Field(
+        default=72.0, gt=0, description="Retention of recorded requests (payloads), hours."
+    )
+    retention_events_h: float = Field(
+        default=168.0, gt=0, description="Retention of decisions, classifications and completions, hours."
+    )
+    retention_heartbeats_h: float = Field(default=24.0, gt=0, description="Retention of heartbeats, hours.")
+    retention_alerts_h: float = Field(default=720.0, gt=0, description="Retention of SLA alerts, hours.")
+    retention_dead_letter_h: float = Field(default=336.0, gt=0, description="Retention of dead letters, hours.")
+
+    def sla_targets_ms(self) -> dict[SlaClass, float]:
+        """Each SLA class's latency target, ms."""
+        return {
+            SlaClass.REALTIME: self.sla_target_realtime_ms,
+            SlaClass.INTERACTIVE: self.sla_target_interactive_ms,
+            SlaClass.BATCH: self.sla_target_batch_ms,
+        }

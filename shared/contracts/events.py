@@ -29,6 +29,10 @@ class HeartbeatV1(BaseModel):
     site: str = Field(description="Site the executor runs at.")
     models: list[ModelLoadedV1] = Field(description="Models it serves.")
     capacity: int = Field(description="Jobs it can hold in its queues before it sheds.")
+    capacity_by_class: dict[str, int] = Field(
+        default_factory=dict,
+        description="Queued jobs at which it refuses each SLA class (lower classes may fill less of the queue).",
+    )
     queue_depth: dict[str, int] = Field(description="Queued jobs per SLA class.")
     inflight: int = Field(description="Jobs taken and not yet answered.")
     recent_latency_ms: float = Field(description="Recent mean time from receipt to answer, ms.")

@@ -53,6 +53,9 @@ class JobV1(BaseModel):
     site_chosen: str | None = Field(default=None, description="Site the scheduler assigned.")
     executor_chosen: str | None = Field(default=None, description="Executor assigned (centralized mode).")
     attempt: int = Field(default=1, description="1 for the first dispatch, more after a retry.")
+    avoid: list[str] = Field(
+        default_factory=list, description="Executors that gave this job back because they were full."
+    )
     stamps_ms: dict[str, float] = Field(
         default_factory=dict, description="Epoch ms at which each stage handed the job on."
     )

@@ -83,6 +83,7 @@ def expected_envs(topology, services, nats_servers) -> dict[str, dict[str, str]]
         credentials_path=credentials,
         model_repo=f"{APP_DIR}/.din/models",
         telemetry_metrics_port=9464,
+        telemetry_metrics_host="0.0.0.0",
     )
 
 

@@ -100,7 +100,9 @@ def test_service_environments(topology):
     hub = {**common, "DIN_NATS_URL": "nats://hub:4222", "DIN_SITE": "cloud"}
     assert envs["admission"] == {**hub, "DIN_ADMISSION_CREDENTIALS_FILE": "/run/credentials.json"}
     assert envs["scheduler"] == {**hub, "DIN_SCHEDULER_MODE": "distributed"}
-    assert envs["telemetry"] == {**hub, "DIN_TELEMETRY_METRICS_PORT": "9999"}
+    assert envs["telemetry"] == {
+        **hub, "DIN_TELEMETRY_METRICS_PORT": "9999", "DIN_TELEMETRY_METRICS_HOST": "127.0.0.1"
+    }
     assert envs["classifier"] == envs["keymanager"] == hub
     assert envs["executor-factory-1"] == {
         **common,

@@ -1,0 +1,392 @@
+"""DIN's Prometheus metrics, aggregated per tenant, model, site and SLA class from the events services publish.
+
+Telemetry sees every completion, so observing one must stay cheap: the
+families here are plain dicts of per-label-set counters and bucket arrays
+(one ``bisect`` and a few increments per observation, no locks, no
+per-call label validation), turned into Prometheus families only when
+``/metrics`` is scraped. ``prometheus_client`` does the exposition format.
+
+``METRICS`` lists every exported name with its type and labels; the Grafana
+dashboard, the Prometheus config and docs/telemetry.md use exactly these (a
+test checks). Nothing here knows NATS or Kafka.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from services.telemetry.alerts import SlaWatch
+from shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, SchedulingDecisionV1
+from shared.contracts.inference import SlaClass
+from shared.errors import ErrorCode
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUEST_LABELS = ("tenant", "model", "site", "sla_class")
+STAGES = ("admission", "classify", "schedule", "network", "queue", "compute")
+"""Latency stages. ``network`` is what is left of ``total`` once the others are taken out: transit between
+sites there and back. It is reported only for completions that carry every other stage."""
+
+OTHER = "_other"
+UNKNOWN = "unknown"
+EXECUTOR_STALE_INTERVALS = 3
+EXECUTOR_FORGET_S = 300.0
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric: its full name as scraped (counters end in ``_total``), type, labels and help."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+    help: str
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("din_requests_total", "counter", (*REQUEST_LABELS, "outcome"),
+               "Completed requests (outcome ok or error), by where and what served them."),
+    MetricSpec("din_request_duration_seconds", "histogram", REQUEST_LABELS,
+               "End-to-end latency of completed requests, from admission to answer."),
+    MetricSpec("din_request_stage_duration_seconds", "histogram", ("stage", *REQUEST_LABELS),
+               "Latency of each stage: admission, classify, schedule, network, queue, compute."),
+    MetricSpec("din_time_to_first_token_seconds", "histogram", REQUEST_LABELS,
+               "Streaming models: time from admission to the first output token (TTFT)."),
+    MetricSpec("din_time_per_output_token_seconds", "histogram", REQUEST_LABELS,
+               "Streaming models: mean time between output tokens after the first (TPOT)."),
+    MetricSpec("din_batch_size", "histogram", ("model", "site"),
+               "Size of the batch each completed request was computed in."),
+    MetricSpec("din_degraded_requests_total", "counter", REQUEST_LABELS,
+               "Requests answered by a smaller variant than the one asked for (model is the variant)."),
+    MetricSpec("din_sla_target_misses_total", "counter", REQUEST_LABELS,
+               "Completed requests slower than their SLA class's latency target."),
+    MetricSpec("din_admission_requests_total", "counter", ("tenant", "model", "sla_class", "outcome"),
+               "Admission decisions: admitted or refused."),
+    MetricSpec("din_rejects_total", "counter", ("stage", "reason", "tenant", "model", "sla_class"),
+               "Requests refused or failed, by the stage that gave up (admission, scheduler, executor) and why."),
+    MetricSpec("din_scheduling_decisions_total", "counter", ("sla_class", "site", "model", "outcome"),
+               "Scheduler placements (outcome placed or degraded) and refusals (site and model 'none')."),
+    MetricSpec("din_executor_up", "gauge", ("executor", "site"),
+               "1 while the executor's heartbeats arrive, 0 once it missed three."),
+    MetricSpec("din_executor_utilization_ratio", "gauge", ("executor", "site"),
+               "Jobs held (in flight plus queued) over capacity, from the latest heartbeat."),
+    MetricSpec("din_executor_inflight", "gauge", ("executor", "site"), "Jobs being computed."),
+    MetricSpec("din_executor_queue_depth", "gauge", ("executor", "site", "sla_class"), "Jobs queued per SLA class."),
+    MetricSpec("din_executor_capacity", "gauge", ("executor", "site"), "Jobs the executor holds before it sheds."),
+    MetricSpec("din_model_compute_seconds_per_item", "gauge", ("executor", "site", "model"),
+               "Recent compute time per batch item the executor reports for each model."),
+    MetricSpec("din_sla_latency_seconds", "gauge", ("sla_class", "quantile"),
+               "End-to-end latency quantiles (0.5, 0.95, 0.99) per SLA class over the sliding SLA window."),
+    MetricSpec("din_sla_window_requests", "gauge", ("sla_class",), "Completions per SLA class in the sliding window."),
+    MetricSpec("din_sla_target_seconds", "gauge", ("sla_class",), "Latency target of the SLA class's quantile."),
+    MetricSpec("din_sla_violation_active", "gauge", ("sla_class",), "1 while the class's SLA violation alert fires."),
+    MetricSpec("din_sla_violations_total", "counter", ("sla_class",), "SLA violation alerts raised."),
+    MetricSpec("din_telemetry_events_total", "counter", ("source",),
+               "Events telemetry consumed, by source (completion, heartbeat, admission, scheduling)."),
+    MetricSpec("din_telemetry_invalid_events_total", "counter", ("source",),
+               "Events telemetry could not decode, by source; they were dead-lettered or skipped."),
+    MetricSpec("din_telemetry_recorded_events_total", "counter", (), "Events telemetry wrote to Kafka."),
+    MetricSpec("din_telemetry_dropped_events_total", "counter", (),
+               "Events telemetry could not buffer for Kafka (Kafka unreachable for long)."),
+)
+METRIC_NAMES = tuple(m.name for m in METRICS)
+
+
+def exported_series_names() -> set[str]:
+    """Every series name a scrape can contain, including ``_bucket``/``_sum``/``_count`` of histograms."""
+    names = set()
+    for spec in METRICS:
+        names.add(spec.name)
+        if spec.kind == "histogram":
+            names.update({f"{spec.name}_bucket", f"{spec.name}_sum", f"{spec.name}_count"})
+    return names
+
+
+class _Family:
+    """Per-label-set values of one metric; folds label values into ``_other`` past ``max_series``."""
+
+    __slots__ = ("spec", "series", "max_series")
+
+    def __init__(self, spec: MetricSpec, max_series: int) -> None:
+        self.spec = spec
+        self.series: dict[tuple[str, ...], object] = {}
+        self.max_series = max_series
+
+    def _key(self, key: tuple[str, ...]) -> tuple[str, ...]:
+        if key in self.series or len(self.series) < self.max_series:
+            return key
+        return tuple(OTHER for _ in key)
+
+
+class _Counter(_Family):
+    __slots__ = ()
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        series = self.series
+        if key not in series:
+            key = self._key(key)
+        series[key] = series.get(key, 0.0) + amount
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.spec.name, self.spec.help, labels=self.spec.labels)
+        for key, value in self.series.items():
+            family.add_metric(list(key), value)
+        return family
+
+
+class _Histogram(_Family):
+    __slots__ = ("bounds", "_les")
+
+    def __init__(self, spec: MetricSpec, max_series: int, bounds: tuple[float, ...]) -> None:
+        super().__init__(spec, max_series)
+        self.bounds = bounds
+        self._les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        entry = self.series.get(key)
+        if entry is None:
+            key = self._key(key)
+            entry = self.series.get(key)
+            if entry is None:
+                entry = self.series[key] = [[0] * (len(self.bounds) + 1), 0.0]
+        entry[0][bisect_left(self.bounds, value)] += 1
+        entry[1] += value
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.spec.name, self.spec.help, labels=self.spec.labels)
+        for key, (counts, total) in self.series.items():
+            running = 0
+            buckets = []
+            for le, count in zip(self._les, counts):
+                running += count
+                buckets.append((le, running))
+            family.add_metric(list(key), buckets, total)
+        return family
+
+
+@dataclass
+class _Executor:
+    heartbeat: HeartbeatV1
+    seen_s: float
+
+
+class _Collector:
+    """Adapter so a ``CollectorRegistry`` scrapes ``TelemetryMetrics`` on demand."""
+
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self.collect = collect
+
+
+class TelemetryMetrics:
+    """All of telemetry's aggregates. Feed it decoded events; scrape ``exposition()``."""
+
+    def __init__(
+        self,
+        sla_targets_ms: Mapping[SlaClass, float],
+        *,
+        sla_window_s: float = 60.0,
+        sla_quantile: float = 0.99,
+        sla_min_samples: int = 20,
+        max_series: int = 5000,
+        clock: Callable[[], float] = time.monotonic,
+        recorded: Callable[[], tuple[int, int]] = lambda: (0, 0),
+    ) -> None:
+        self.clock = clock
+        self.sla = SlaWatch(sla_targets_ms, window_s=sla_window_s, quantile=sla_quantile, min_samples=sla_min_samples)
+        self._recorded = recorded
+        specs = {m.name: m for m in METRICS}
+
+        def counter(name: str) -> _Counter:
+            return _Counter(specs[name], max_series)
+
+        def histogram(name: str, bounds: tuple[float, ...]) -> _Histogram:
+            return _Histogram(specs[name], max_series, bounds)
+
+        self.requests = counter("din_requests_total")
+        self.duration = histogram("din_request_duration_seconds", LATENCY_BUCKETS_S)
+        self.stage = histogram("din_request_stage_duration_seconds", LATENCY_BUCKETS_S)
+        self.ttft = histogram("din_time_to_first_token_seconds", LATENCY_BUCKETS_S)
+        self.tpot = histogram("din_time_per_output_token_seconds", TOKEN_BUCKETS_S)
+        self.batch = histogram("din_batch_size", BATCH_BUCKETS)
+        self.degraded = counter("din_degraded_requests_total")
+        self.target_misses = counter("din_sla_target_misses_total")
+        self.admission = counter("din_admission_requests_total")
+        self.rejects = counter("din_rejects_total")
+        self.scheduling = counter("din_scheduling_decisions_total")
+        self.events = counter("din_telemetry_events_total")
+        self.invalid_events = counter("din_telemetry_invalid_events_total")
+        self._families = (
+            self.requests, self.duration, self.stage, self.ttft, self.tpot, self.batch, self.degraded,
+            self.target_misses, self.admission, self.rejects, self.scheduling, self.events, self.invalid_events,
+        )
+        self._executors: dict[str, _Executor] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self.collect))
+
+    # -- observations (the hot path)
+
+    def observe_completion(self, event: CompletionV1) -> None:
+        """Count one completed (or failed) job."""
+        sla = event.sla_class
+        key = (event.tenant, event.model, event.site, sla.value)
+        self.events.inc(("completion",))
+        if not event.ok:
+            self.requests.inc((*key, "error"))
+            self.rejects.inc(("executor", _reason(event.error_code), event.tenant, event.model, sla.value))
+            return
+        self.requests.inc((*key, "ok"))
+        timings = event.timings_ms
+        total = timings.get("total")
+        if total is not None:
+            self.duration.observe(key, total / 1000.0)
+            self.sla.observe(sla, event.site, total, self.clock())
+            if total > self.sla.targets_ms.get(sla, float("inf")):
+                self.target_misses.inc(key)
+        known = 0.0
+        complete = total is not None
+        for stage in ("admission", "classify", "schedule", "queue", "compute"):
+            value = timings.get(stage)
+            if value is None:
+                complete = False
+                continue
+            known += value
+            self.stage.observe((stage, *key), value / 1000.0)
+        if complete:
+            self.stage.observe(("network", *key), max(0.0, total - known) / 1000.0)
+        ttft = timings.get("ttft")
+        if ttft is not None:
+            self.ttft.observe(key, ttft / 1000.0)
+        tpot = timings.get("tpot")
+        if tpot is not None:
+            self.tpot.observe(key, tpot / 1000.0)
+        self.batch.observe((event.model, event.site), event.batch_size)
+        if event.degraded:
+            self.degraded.inc(key)
+
+    def observe_heartbeat(self, heartbeat: HeartbeatV1) -> None:
+        """Keep an executor's latest heartbeat for the utilisation gauges."""
+        self.events.inc(("heartbeat",))
+        self._executors[heartbeat.executor] = _Executor(heartbeat, self.clock())
+
+    def observe_admission(self, decision: AdmissionDecisionV1) -> None:
+        """Count an admission decision, and the refusal's reason."""
+        self.events.inc(("admission",))
+        sla = decision.sla_class.value if decision.sla_class else UNKNOWN
+        outcome = "admitted" if decision.admitted else "refused"
+        self.admission.inc((decision.tenant, decision.model, sla, outcome))
+        if not decision.admitted:
+            self.rejects.inc(("admission", _reason(decision.reason), decision.tenant, decision.model, sla))
+
+    def observe_scheduling(self, decision: SchedulingDecisionV1) -> None:
+        """Count a placement or a refusal by the scheduler."""
+        self.events.inc(("scheduling",))
+        sla = decision.sla_class.value
+        if decision.chosen_site is None:
+            self.scheduling.inc((sla, "none", "none", "refused"))
+            self.rejects.inc(("scheduler", _reason(decision.reason), decision.tenant, decision.chosen_model or
+                              UNKNOWN, sla))
+            return
+        outcome = "degraded" if decision.degraded else "placed"
+        self.scheduling.inc((sla, decision.chosen_site, decision.chosen_model or UNKNOWN, outcome))
+
+    def invalid(self, source: str) -> None:
+        """Count an event that could not be decoded."""
+        self.invalid_events.inc((source,))
+
+    # -- scrape
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._families:
+            yield family.collect()
+        yield from self._executor_gauges()
+        yield from self._sla_gauges()
+        sent, dropped = self._recorded()
+        specs = {m.name: m for m in METRICS}
+        recorded = CounterMetricFamily("din_telemetry_recorded_events_total",
+                                       specs["din_telemetry_recorded_events_total"].help)
+        recorded.add_metric([], sent)
+        yield recorded
+        lost = CounterMetricFamily("din_telemetry_dropped_events_total", specs["din_telemetry_dropped_events_total"].help)
+        lost.add_metric([], dropped)
+        yield lost
+
+    def _executor_gauges(self) -> Iterable[Metric]:
+        specs = {m.name: m for m in METRICS}
+
+        def gauge(name: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, specs[name].help, labels=specs[name].labels)
+
+        up, util, inflight, depth, capacity, per_item = (
+            gauge("din_executor_up"), gauge("din_executor_utilization_ratio"), gauge("din_executor_inflight"),
+            gauge("din_executor_queue_depth"), gauge("din_executor_capacity"),
+            gauge("din_model_compute_seconds_per_item"),
+        )
+        now = self.clock()
+        for name, state in list(self._executors.items()):
+            hb = state.heartbeat
+            age = now - state.seen_s
+            if age > EXECUTOR_FORGET_S:
+                del self._executors[name]
+                continue
+            ids = [hb.executor, hb.site]
+            alive = age <= EXECUTOR_STALE_INTERVALS * hb.interval_s
+            up.add_metric(ids, 1.0 if alive else 0.0)
+            held = hb.inflight + sum(hb.queue_depth.values())
+            util.add_metric(ids, held / hb.capacity if hb.capacity > 0 else 0.0)
+            inflight.add_metric(ids, hb.inflight)
+            capacity.add_metric(ids, hb.capacity)
+            for sla in SlaClass:
+                depth.add_metric([*ids, sla.value], hb.queue_depth.get(sla.value, 0))
+            for model in hb.models:
+                per_item.add_metric([*ids, model.name], model.compute_ms_per_item / 1000.0)
+        return up, util, inflight, depth, capacity, per_item
+
+    def _sla_gauges(self) -> Iterable[Metric]:
+        specs = {m.name: m for m in METRICS}
+        quantiles = GaugeMetricFamily("din_sla_latency_seconds", specs["din_sla_latency_seconds"].help,
+                                      labels=("sla_class", "quantile"))
+        samples = GaugeMetricFamily("din_sla_window_requests", specs["din_sla_window_requests"].help,
+                                    labels=("sla_class",))
+        target = GaugeMetricFamily("din_sla_target_seconds", specs["din_sla_target_seconds"].help,
+                                   labels=("sla_class",))
+        active = GaugeMetricFamily("din_sla_violation_active", specs["din_sla_violation_active"].help,
+                                   labels=("sla_class",))
+        fired = CounterMetricFamily("din_sla_violations_total", specs["din_sla_violations_total"].help,
+                                    labels=("sla_class",))
+        now = self.clock()
+        for sla in SlaClass:
+            window = self.sla.latency(sla, now)
+            samples.add_metric([sla.value], window.samples)
+            for q, value in (("0.5", window.p50_ms), ("0.95", window.p95_ms), ("0.99", window.p99_ms)):
+                if value is not None:
+                    quantiles.add_metric([sla.value, q], value / 1000.0)
+            if sla in self.sla.targets_ms:
+                target.add_metric([sla.value], self.sla.targets_ms[sla] / 1000.0)
+            active.add_metric([sla.value], 1.0 if self.sla.firing[sla] else 0.0)
+            fired.add_metric([sla.value], self.sla.fired[sla])
+        return quantiles, samples, target, active, fired
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+_REASONS = {code.value for code in ErrorCode}
+
+
+def _reason(code: str | None) -> str:
+    """A reject reason label: a known error code, ``ok`` never; anything else folds into ``_other``."""
+    if code is None:
+        return UNKNOWN
+    return code if code in _REASONS else OTHER

@@ -1,0 +1,87 @@
+"""The Kafka topics DIN records to: names, keys, partitions and retention, and their creation.
+
+``topic_plan`` is the single table of what is kept where (docs/telemetry.md
+prints the same table). ``ensure_topics`` creates missing topics with their
+partitions and retention and re-applies the retention of existing ones, so
+what the docs promise is what the broker does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from services.telemetry.settings import HOUR_MS, TelemetrySettings
+from shared.naming import Topics
+
+log = logging.getLogger(__name__)
+
+TOPIC_ALREADY_EXISTS = 36
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One recorded topic."""
+
+    base: str
+    key: str
+    writer: str
+    retention_ms: int
+    partitions: int
+
+
+def topic_plan(settings: TelemetrySettings) -> list[TopicSpec]:
+    """Every recorded topic with its key, writer, retention and partitions."""
+    p = settings.topic_partitions
+
+    def hours(h: float) -> int:
+        return int(h * HOUR_MS)
+
+    events = hours(settings.retention_events_h)
+    return [
+        TopicSpec(Topics.REQUESTS, "tenant", "admission", hours(settings.retention_requests_h), p),
+        TopicSpec(Topics.ADMISSION_DECISIONS, "tenant", "admission", events, p),
+        TopicSpec(Topics.CLASSIFICATIONS, "tenant", "classifier", events, p),
+        TopicSpec(Topics.SCHEDULING_DECISIONS, "tenant", "scheduler", events, p),
+        TopicSpec(Topics.COMPLETIONS, "site", "telemetry (relayed from executors)", events, p),
+        TopicSpec(Topics.HEARTBEATS, "executor id", "telemetry (relayed from executors)",
+                  hours(settings.retention_heartbeats_h), p),
+        TopicSpec(Topics.ALERTS, "SLA class", "telemetry", hours(settings.retention_alerts_h), p),
+        TopicSpec(Topics.DEAD_LETTER, "service", "any service", hours(settings.retention_dead_letter_h), p),
+    ]
+
+
+def scoped(base: str, scope: str | None) -> str:
+    """The concrete topic name of ``base`` under an optional run/test scope."""
+    return Topics.scoped(base, scope) if scope else base
+
+
+async def ensure_topics(bootstrap: str, plan: list[TopicSpec], *, scope: str | None, client_id: str) -> None:
+    """Create missing topics of ``plan`` and (re)apply every topic's retention."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id)
+    await admin.start()
+    try:
+        new = [
+            NewTopic(scoped(t.base, scope), num_partitions=t.partitions, replication_factor=1,
+                     topic_configs={"retention.ms": str(t.retention_ms)})
+            for t in plan
+        ]
+        response = await admin.create_topics(new)
+        existing = {name for name, code, *_ in response.topic_errors if code == TOPIC_ALREADY_EXISTS}
+        failed = [(name, code) for name, code, *_ in response.topic_errors if code not in (0, TOPIC_ALREADY_EXISTS)]
+        if failed:
+            log.warning("could not create topics: %s", failed)
+        if existing:
+            await admin.alter_configs(
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, scoped(t.base, scope),
+                                   configs={"retention.ms": str(t.retention_ms)})
+                    for t in plan
+                    if scoped(t.base, scope) in existing
+                ]
+            )
+    finally:
+        await admin.close()

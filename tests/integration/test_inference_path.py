@@ -1,0 +1,318 @@
+"""The inference path over real brokers: clients publish, admission → classifier → scheduler → executor answer.
+
+One centralized-mode network serves the module; tests that kill or stop
+processes run last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import signal
+import time
+from collections import Counter
+
+import nats
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from din.client import DinRequestError
+from din.workload import load_digits_test
+from shared.contracts.events import LoadModelV1, ModelLoadedV1
+from shared.contracts.inference import RequestHeaders
+from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ErrorReplyV1
+from shared.naming import Subjects, Topics
+from shared.tensors import encode_binary, encode_request_json
+from tests.integration.network import running_network
+
+
+@pytest.fixture(scope="module")
+def network(kafka_bootstrap, zoo_dir, tmp_path_factory):
+    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), "centralized") as net:
+        yield net
+
+
+@pytest.fixture(scope="module")
+def digits(zoo_dir):
+    return load_digits_test(zoo_dir)
+
+
+async def test_json_and_binary_requests_are_answered_with_correct_labels(network, digits):
+    x, y = digits
+    async with network.client("globex") as client:
+        for i in range(20):
+            result = await client.infer("digits-small", {"input": x[i : i + 1]}, binary=i % 2 == 0, sla="realtime")
+            served = result.served_by
+            assert (served.model, served.degraded) == ("digits-small", False)
+            assert served.site in {"cloud", "factory", "branch"}
+            assert result.outputs["probabilities"].shape == (1, 10)
+        labels = [int((await client.infer("digits-small", {"input": x[i : i + 1]})).outputs["label"][0])
+                  for i in range(60)]
+    assert np.mean(np.array(labels) == y[:60]) > 0.9
+
+
+async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits):
+    """N mixed requests on one inbox: exactly N answers, each error structured with code and request id."""
+    x, _ = digits
+    token = network.token("acme")
+    good = encode_request_json({"input": x[:1]})
+    nan = x[:1].copy()
+    nan[0, 3] = math.nan
+    binary_body, binary_headers = encode_binary("input", x[:2])
+    auth = {RequestHeaders.TOKEN: token}
+    cases = [
+        ("good", "acme", "digits-small", good, auth, None),
+        ("good-binary", "acme", "digits-small", binary_body, {**auth, **binary_headers}, None),
+        ("malformed-json", "acme", "digits-small", b"{nope", auth, "bad_request"),
+        ("schema", "acme", "digits-small", b'{"inputs": [{"name": "input"}]}', auth, "schema_violation"),
+        ("shape", "acme", "digits-small", encode_request_json({"input": x[:1, :10]}), auth, "bad_tensor"),
+        ("dtype", "acme", "digits-small", encode_request_json({"input": x[:1].astype(np.float64)}), auth,
+         "bad_tensor"),
+        ("nan", "acme", "digits-small", encode_request_json({"input": nan}), auth, "bad_tensor"),
+        ("unknown-tenant", "nobody", "digits-small", good, auth, "unknown_tenant"),
+        ("unknown-model", "acme", "resnet-50", good, auth, "unknown_model"),
+        ("unknown-version", "acme", "digits-small", good, {**auth, RequestHeaders.MODEL_VERSION: "7"},
+         "unknown_model"),
+        ("oversized", "acme", "digits-small", b"x" * (5 * 1024 * 1024), auth, "payload_too_large"),
+        ("expired", "acme", "digits-small", good, {**auth, RequestHeaders.DEADLINE_MS: str(int(time.time() * 1000) - 5)},
+         "deadline_exceeded"),
+        ("no-token", "acme", "digits-small", good, {}, "unauthenticated"),
+        ("forged-token", "acme", "digits-small", good, {RequestHeaders.TOKEN: token[:-2] + "00"}, "unauthenticated"),
+        ("bad-sla", "acme", "digits-small", good, {**auth, RequestHeaders.SLA_CLASS: "gold"}, "bad_request"),
+        ("binary-bad-shape", "acme", "digits-small", binary_body[:-4],
+         {**auth, **binary_headers}, "bad_tensor"),
+    ]
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    answers: list = []
+    inbox = nc.new_inbox()
+
+    async def collect(msg):
+        answers.append(msg)
+
+    await nc.subscribe(inbox, cb=collect)
+    rounds = 3
+    for round_ in range(rounds):
+        for name, tenant, model, body, headers, _ in cases:
+            subject = f"din.v1.infer.{tenant}.{model}"
+            await nc.publish(subject, body, reply=inbox,
+                             headers={**headers, RequestHeaders.REQUEST_ID: f"{name}-{round_}",
+                                      RequestHeaders.TIMEOUT_MS: headers.get(RequestHeaders.TIMEOUT_MS, "3000")}
+                             if RequestHeaders.DEADLINE_MS not in headers else
+                             {**headers, RequestHeaders.REQUEST_ID: f"{name}-{round_}"})
+    expected = rounds * len(cases)
+    deadline = time.monotonic() + 10
+    while len(answers) < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    await nc.close()
+
+    assert len(answers) == expected
+    by_id: dict[str, list] = {}
+    for msg in answers:
+        if msg.headers and DIN_ERROR_HEADER in msg.headers:
+            error = ErrorReplyV1.model_validate_json(msg.data).error
+            assert msg.headers[ERROR_CODE_HEADER] == str(error.status)
+            by_id.setdefault(error.request_id or "?", []).append(error.code.value)
+        else:
+            by_id.setdefault(json.loads(msg.data)["id"], []).append(None)
+    for round_ in range(rounds):
+        for name, *_, code in cases:
+            assert by_id.get(f"{name}-{round_}") == [code], name
+
+
+async def test_sensitive_data_runs_only_at_the_tenants_allowed_sites(network, digits):
+    x, _ = digits
+    async with network.client("acme") as acme, network.client("initech") as initech, \
+            network.client("globex") as globex:
+        acme_sites = {(await acme.infer("digits-small", {"input": x[i : i + 1]}, labels=["pii"])).served_by.site
+                      for i in range(30)}
+        initech_sites = {(await initech.infer("digits-small", {"input": x[i : i + 1]})).served_by.site
+                         for i in range(30)}
+        open_sites = Counter([(await globex.infer("digits-small", {"input": x[i : i + 1]}, labels=["pii"])).served_by.site
+                              for i in range(60)])
+    assert acme_sites == {"factory"}
+    assert initech_sites == {"branch"}
+    assert "cloud" in open_sites, "globex has no sovereignty policy: its requests go to the fastest site"
+
+
+async def test_large_model_saturated_degrades_only_requests_that_allow_it(network, digits):
+    """cloud-1 (the only digits-large executor) holds 2 jobs; a burst beyond it degrades to digits-small."""
+    x, _ = digits
+    async with network.client("globex") as client:
+        async def one(i: int, allow: bool):
+            try:
+                result = await client.infer("digits-large", {"input": x[i % 100 : i % 100 + 1]}, sla="batch",
+                                            allow_degrade=allow, timeout_ms=5000)
+                return result.served_by
+            except DinRequestError as exc:
+                return exc.error.code.value
+
+        degraded = []
+        for _ in range(10):
+            served = await asyncio.gather(*(one(i, True) for i in range(40)))
+            assert all(not isinstance(s, str) for s in served), [s for s in served if isinstance(s, str)]
+            degraded = [s for s in served if s.degraded]
+            if degraded:
+                break
+        assert degraded, "a burst of 40 never saturated cloud-1"
+        assert {(s.model, s.degraded) for s in degraded} == {("digits-small", True)}
+        assert any(s.model == "digits-large" and not s.degraded for s in served)
+        strict = await asyncio.gather(*(one(i, False) for i in range(40)))
+    assert all(isinstance(s, str) or (s.model == "digits-large" and not s.degraded) for s in strict)
+    assert set(s for s in strict if isinstance(s, str)) <= {"overloaded"}
+
+
+async def test_model_version_swap_under_load_fails_no_request(network, digits):
+    x, _ = digits
+    nc = await nats.connect(network.hub_url)
+    versions = Counter()
+    failures = []
+    stop = asyncio.Event()
+
+    async def load(client):
+        i = 0
+        while not stop.is_set():
+            try:
+                result = await client.infer("digits-small", {"input": x[i % 100 : i % 100 + 1]}, sla="interactive")
+                if result.served_by.executor == "cloud-2":
+                    versions[result.served_by.model_version] += 1
+            except Exception as exc:
+                failures.append(exc)
+            i += 1
+
+    async with network.client("globex") as client:
+        workers = [asyncio.create_task(load(client)) for _ in range(8)]
+        for version in ("1", "2", "1", "2"):
+            await asyncio.sleep(0.4)
+            reply = await nc.request(Subjects.control("executor", "cloud-2"),
+                                     LoadModelV1(model="digits-small", version=version).model_dump_json().encode(),
+                                     timeout=10)
+            assert ModelLoadedV1.model_validate_json(reply.data).version == version
+        await asyncio.sleep(0.4)
+        stop.set()
+        await asyncio.gather(*workers)
+    await nc.close()
+    assert failures == []
+    assert versions["1"] > 0 and versions["2"] > 0
+
+
+async def test_every_decision_lands_in_kafka_with_its_reason(network, digits, kafka_bootstrap):
+    x, _ = digits
+    async with network.client("globex") as client:
+        result = await client.infer("digits-small", {"input": x[:1]}, request_id="kafka-probe-1")
+        with pytest.raises(DinRequestError):
+            await client.infer("resnet", {"input": x[:1]}, request_id="kafka-probe-2")
+    wanted = {
+        Topics.scoped(Topics.ADMISSION_DECISIONS, network.topic_scope),
+        Topics.scoped(Topics.SCHEDULING_DECISIONS, network.topic_scope),
+        Topics.scoped(Topics.COMPLETIONS, network.topic_scope),
+    }
+    consumer = AIOKafkaConsumer(*wanted, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    found: dict[tuple[str, str], dict] = {}
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(found) < 4:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    event = json.loads(record.value)
+                    if event.get("request_id") in ("kafka-probe-1", "kafka-probe-2"):
+                        found[(record.topic, event["request_id"])] = event
+    finally:
+        await consumer.stop()
+    admitted = found[(Topics.scoped(Topics.ADMISSION_DECISIONS, network.topic_scope), "kafka-probe-1")]
+    refused = found[(Topics.scoped(Topics.ADMISSION_DECISIONS, network.topic_scope), "kafka-probe-2")]
+    placed = found[(Topics.scoped(Topics.SCHEDULING_DECISIONS, network.topic_scope), "kafka-probe-1")]
+    done = found[(Topics.scoped(Topics.COMPLETIONS, network.topic_scope), "kafka-probe-1")]
+    assert (admitted["admitted"], admitted["reason"]) == (True, "ok")
+    assert (refused["admitted"], refused["reason"]) == (False, "unknown_model")
+    assert placed["chosen_executor"] == result.served_by.executor and placed["reason"]
+    assert {a["executor"] for a in placed["alternatives"]} >= {"cloud-2", "factory-1", "branch-1"}
+    assert done["ok"] and done["executor"] == result.served_by.executor
+
+
+async def test_services_survive_garbage_and_keep_serving(network, digits):
+    x, _ = digits
+    nc = await nats.connect(network.hub_url)
+    garbage = [b"", b"\x00\xff\x10", b"{", b'{"request_id": 1}', b"x" * 10000]
+    for subject in (Subjects.CLASSIFY, Subjects.SCHEDULE, Subjects.execute("cloud", "cloud-2"),
+                    Subjects.heartbeat("cloud", "ghost"), Subjects.PRESSURE, Subjects.completed("cloud"),
+                    Subjects.control("executor", "cloud-2"), "din.v1.infer.acme", "din.v1.infer.a.b"):
+        for body in garbage:
+            await nc.publish(subject, body, headers={"Din-Job-V1": "{broken"})
+            await nc.publish(subject, body)
+    await nc.flush()
+    await nc.close()
+    await asyncio.sleep(0.5)
+    for service in ("admission", "classifier", "scheduler", "telemetry", "keymanager"):
+        assert (await network.health(service)).ready, service
+    assert (await network.health("executor", "cloud-2")).ready
+    dead_lettered = int((await network.health("classifier")).detail["dead_lettered"])
+    assert dead_lettered >= len(garbage)
+    async with network.client("globex") as client:
+        assert (await client.infer("digits-small", {"input": x[:1]})).outputs["label"].shape == (1,)
+
+
+async def test_new_executor_is_used_and_a_killed_one_is_avoided(network, digits):
+    """initech may only run at branch: a second branch executor gets traffic; killing the first loses nothing."""
+    x, _ = digits
+    network.start_executor("branch-2", "branch", like="branch-1")
+    await network.wait_ready("executor", "branch-2")
+    async with network.client("initech") as client:
+        seen = Counter()
+        for i in range(200):
+            seen[(await client.infer("digits-small", {"input": x[i % 100 : i % 100 + 1]})).served_by.executor] += 1
+            if seen["branch-2"] >= 5:
+                break
+        assert seen["branch-2"] >= 5, seen
+
+        async def one(i):
+            try:
+                return (await client.infer("digits-small", {"input": x[i % 100 : i % 100 + 1]},
+                                           timeout_ms=3000)).served_by.executor
+            except DinRequestError as exc:
+                return exc.error.code.value
+
+        in_flight = [asyncio.create_task(one(i)) for i in range(100)]
+        await asyncio.sleep(0.01)
+        network.kill("executor-branch-1")
+        outcomes = Counter(await asyncio.gather(*in_flight))
+        assert sum(outcomes.values()) == 100
+        assert set(outcomes) <= {"branch-1", "branch-2", "executor_lost", "deadline_exceeded"}, outcomes
+        await asyncio.sleep(2.0)
+        after = Counter([await one(i) for i in range(40)])
+    assert after == Counter({"branch-2": 40})
+
+
+async def test_sigterm_drains_in_flight_work(network, digits):
+    """acme's sensitive data may only run at factory: SIGTERM factory-1 mid-burst; what it took is answered."""
+    x, _ = digits
+    async with network.client("acme") as client:
+        async def one(i):
+            try:
+                result = await client.infer("digits-small", {"input": x[i % 100 : i % 100 + 1]}, labels=["pii"],
+                                            timeout_ms=3000)
+                return result.served_by.executor
+            except DinRequestError as exc:
+                return exc.error.code.value
+
+        burst = [asyncio.create_task(one(i)) for i in range(100)]
+        await asyncio.sleep(0.01)
+        proc = network.kill("executor-factory-1", signal.SIGTERM)
+        outcomes = Counter(await asyncio.gather(*burst))
+        assert sum(outcomes.values()) == 100
+        assert outcomes["factory-1"] > 0
+        assert set(outcomes) <= {"factory-1", "no_eligible_executor", "overloaded", "executor_lost"}, outcomes
+        proc.popen.wait(timeout=15)
+        assert proc.popen.returncode == 0
+        with pytest.raises(DinRequestError) as caught:
+            await one_strict(client, x)
+        assert caught.value.error.code.value == "no_eligible_executor"
+
+
+async def one_strict(client, x):
+    await asyncio.sleep(2.0)
+    return await client.infer("digits-small", {"input": x[:1]}, labels=["pii"], timeout_ms=2000)
