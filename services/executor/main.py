@@ -30,6 +30,7 @@ from shared.runtime import ServiceRuntime
 from shared.tensors import decode_request, encode_outputs, validate_inputs
 
 PULL_ACK_WAIT_S = 30.0
+PULL_MAX_DELIVER = 50
 PULL_WAIT_S = 1.0
 PULL_MORE_WAIT_S = 0.001
 DRAIN_NOTICE_S = 0.2
@@ -139,8 +140,8 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             timings_ms={k: round(v, 3) for k, v in timings.items()},
         ).model_dump_json().encode()
 
-    async def serve(job: JobV1, body: bytes, headers: dict[str, str], settle=None) -> None:
-        """Run one job to its single outcome; ``settle`` acknowledges a job pulled from a work queue."""
+    async def serve(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None) -> None:
+        """Run one job to its single outcome; ``pulled`` is its work-queue message when it came from one."""
         model = job.model_chosen or job.model
         cutoff = job.deadline_ms - settings.deadline_margin_ms
         version = ""
@@ -158,7 +159,11 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             await runtime.nc.publish(job.reply_to, response(job, model, result, decoded.requested_outputs))
             await complete(job, model, version, result, None)
         except DinError as error:
-            if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS and settle is None:
+            if error.code == ErrorCode.OVERLOADED and pulled is not None:
+                await pulled.nak(delay=(error.retry_after_ms or 10) / 1000.0)
+                pulled = None
+                return
+            if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS:
                 await give_back(job, body, headers)
                 return
             if error.code != ErrorCode.DEADLINE_EXCEEDED:
@@ -172,8 +177,8 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
             await complete(job, model, version, None, error)
         finally:
-            if settle is not None:
-                await settle()
+            if pulled is not None:
+                await pulled.ack()
 
     async def give_back(job: JobV1, body: bytes, headers: dict[str, str]) -> None:
         """Full: hand the job back to the scheduler to place elsewhere, instead of failing it."""
@@ -182,8 +187,8 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         passthrough = {k: v for k, v in headers.items() if not k.startswith(JOB_HEADER_PREFIX)}
         await runtime.nc.publish(Subjects.SCHEDULE, body, headers={**passthrough, **job.to_headers()})
 
-    def start_serving(job: JobV1, body: bytes, headers: dict[str, str], settle=None) -> None:
-        task = asyncio.create_task(serve(job, body, headers, settle))
+    def start_serving(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None) -> None:
+        task = asyncio.create_task(serve(job, body, headers, pulled))
         serving.add(task)
         task.add_done_callback(serving.discard)
 
@@ -234,7 +239,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             Subjects.work(settings.site, model),
             durable=f"work-{model}",
             stream=work_stream(settings.site),
-            config=ConsumerConfig(ack_wait=PULL_ACK_WAIT_S, max_deliver=3),
+            config=ConsumerConfig(ack_wait=PULL_ACK_WAIT_S, max_deliver=PULL_MAX_DELIVER),
         )
         try:
             while True:
@@ -257,7 +262,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
                         runtime.dead_letter(msg, "missing or invalid job header")
                         await msg.term()
                         continue
-                    start_serving(job, msg.data, msg.headers, settle=msg.ack)
+                    start_serving(job, msg.data, msg.headers, pulled=msg)
         finally:
             await subscription.unsubscribe()
 

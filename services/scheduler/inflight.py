@@ -15,13 +15,18 @@ from shared.contracts.job import JobV1
 
 @dataclass
 class InflightJob:
-    """A dispatched job and what is needed to dispatch it again."""
+    """A dispatched job and what is needed to dispatch it again.
+
+    ``executor`` is the executor it was assigned to (None when it waits in a site queue);
+    ``counted_on`` is the executor whose load estimate it was added to.
+    """
 
     job: JobV1
     body: bytes
     passthrough: dict[str, str]
     executor: str | None
     site: str
+    counted_on: str
 
 
 class InflightTable:

@@ -67,7 +67,10 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
     async def dispatch(job: JobV1, body: bytes, passthrough: dict[str, str]) -> None:
         """Place ``job`` and send it on, or answer it with the reason it cannot run."""
         try:
-            placement = pick_executor(job, registry.live(), links, topology, now_ms(), cost_limits)
+            placement = pick_executor(
+                job, registry.live(), links, topology, now_ms(), cost_limits,
+                queue_at_site=settings.mode == SchedulingMode.DISTRIBUTED,
+            )
         except DinError as error:
             counts["refused"] += 1
             record(job, None, error.code.value)
@@ -80,7 +83,7 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
         job.executor_chosen = state.id if centralized else None
         job.stamps_ms["scheduled"] = now_ms()
         headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id}
-        inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site))
+        inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site, state.id))
         registry.note_dispatch(state.id, job.sla_class)
         counts["scheduled"] += 1
         counts["degraded"] += placement.degraded
@@ -120,8 +123,8 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
     async def on_completed(msg: Msg) -> None:
         request_id = (msg.headers or {}).get(RequestHeaders.REQUEST_ID)
         entry = inflight.complete(request_id) if request_id else None
-        if entry is not None and entry.executor:
-            registry.note_completion(entry.executor, entry.job.sla_class)
+        if entry is not None:
+            registry.note_completion(entry.counted_on, entry.job.sla_class)
 
     @runtime.broker.subscriber(Subjects.HEARTBEAT_ALL)
     async def on_heartbeat(heartbeat: HeartbeatV1) -> None:

@@ -47,8 +47,14 @@ def pick_executor(
     topology: Topology,
     now_ms: float,
     cost_limits: dict[str, float | None],
+    *,
+    queue_at_site: bool = False,
 ) -> Placement:
-    """Choose an executor and model variant for ``job`` or raise ``DinError`` saying why none fits."""
+    """Choose an executor and model variant for ``job`` or raise ``DinError`` saying why none fits.
+
+    With ``queue_at_site`` (distributed mode) a job waits in its site's work queue until an executor has
+    room, so a full executor is not excluded; its backlog only lengthens the predicted completion.
+    """
     workload = job.workload
     candidates = workload.candidates if workload else [job.model]
     allowed = set(workload.allowed_sites) if workload and workload.allowed_sites else None
@@ -70,7 +76,7 @@ def pick_executor(
                 excluded = "sovereignty"
             elif cost_limit is not None and topology.site(state.site).cost_per_1k > cost_limit:
                 excluded = "cost"
-            elif state.load() >= state.heartbeat.capacity_by_class.get(job.sla_class.value, state.heartbeat.capacity):
+            elif not queue_at_site and state.load() >= state.capacity_for(job.sla_class):
                 excluded = "capacity"
             else:
                 predicted = predict_ms(state, model, job, links)

@@ -37,6 +37,10 @@ class ExecutorState:
         ahead = [c for c in SlaClass][: list(SlaClass).index(sla) + 1]
         return sum(self.heartbeat.queue_depth.get(c.value, 0) + self.dispatched[c] for c in ahead)
 
+    def capacity_for(self, sla: SlaClass) -> int:
+        """Load at which the executor refuses ``sla`` jobs."""
+        return self.heartbeat.capacity_by_class.get(sla.value, self.heartbeat.capacity)
+
     def load(self) -> int:
         return self.heartbeat.inflight + sum(self.heartbeat.queue_depth.values()) + sum(self.dispatched.values())
 
