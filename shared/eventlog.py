@@ -44,7 +44,7 @@ class EventLog:
         self._bootstrap = bootstrap
         self._client_id = client_id
         self._scope = topic_scope
-        self._queue: asyncio.Queue[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = asyncio.Queue(
+        self._queue: asyncio.Queue[tuple[str, bytes | None, bytes | BaseModel, list[tuple[str, bytes]]]] = asyncio.Queue(
             maxsize=max_buffered
         )
         self._linger_ms = linger_ms
@@ -75,13 +75,19 @@ class EventLog:
             await admin.close()
 
     def emit(self, base_topic: str, event: BaseModel, key: str | None = None) -> None:
-        """Queue ``event`` for ``base_topic``; never blocks, never raises."""
-        self.emit_encoded(base_topic, event_type(event), event.model_dump_json().encode(), key)
+        """Queue ``event`` for ``base_topic``; never blocks, never raises.
+
+        Encoding happens later, in the background task, so it never delays the message a handler has
+        just published.
+        """
+        self._put((self.topic(base_topic), key.encode() if key else None, event, [(EVENT_TYPE_HEADER, b"")]))
 
     def emit_encoded(self, base_topic: str, type_name: str, value: bytes, key: str | None = None) -> None:
         """Queue an already-encoded event of type ``type_name`` (e.g. relayed from NATS unchanged)."""
-        headers = [(EVENT_TYPE_HEADER, type_name.encode())]
-        item = (self.topic(base_topic), key.encode() if key else None, value, headers)
+        self._put((self.topic(base_topic), key.encode() if key else None, value,
+                   [(EVENT_TYPE_HEADER, type_name.encode())]))
+
+    def _put(self, item: tuple) -> None:
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -110,6 +116,9 @@ class EventLog:
         self._producer = await self._connect()
         while True:
             topic, key, value, headers = await self._queue.get()
+            if isinstance(value, BaseModel):
+                headers = [(EVENT_TYPE_HEADER, event_type(value).encode())]
+                value = value.model_dump_json().encode()
             try:
                 future = await self._producer.send(topic, value, key=key, headers=headers)
                 future.add_done_callback(self._count)

@@ -56,6 +56,7 @@ class Subjects:
 
     CLASSIFY = _join("classify")
     PRESSURE = _join("pressure")
+    ROLL_CALL = _join("rollcall")
     ALERTS = _join("alerts")
     SCHEDULE = _join("schedule")
 

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import uvloop
 from faststream import FastStream
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
@@ -206,6 +207,6 @@ class ServiceRuntime:
 
 
 def run_service(runtime: ServiceRuntime) -> None:
-    """Run a service until SIGINT or SIGTERM, then drain and exit."""
+    """Run a service on uvloop until SIGINT or SIGTERM, then drain and exit."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(runtime.app.run())
+    uvloop.run(runtime.app.run())

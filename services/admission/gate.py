@@ -68,9 +68,7 @@ class AdmissionGate:
         pressure = self.pressure
         if pressure is None or now_ms - pressure.at_ms > PRESSURE_STALE_MS:
             return
-        if pressure.executors == 0:
-            raise DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, "no executor is live right now", retry_after_ms=1000)
-        if pressure.inflight >= pressure.capacity * self._shed_factor:
+        if pressure.capacity and pressure.inflight >= pressure.capacity * self._shed_factor:
             backlog = pressure.inflight - pressure.capacity * self._shed_factor + 1
             retry = max(5, int(backlog * max(pressure.fastest_ms, 1.0) / max(pressure.executors, 1)))
             raise DinError(ErrorCode.OVERLOADED, "the network is past capacity", retry_after_ms=retry)

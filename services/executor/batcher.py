@@ -13,6 +13,9 @@ Isolation between SLA classes:
 * Inside a batch, slots go to classes by smooth weighted round robin
   (realtime 8, interactive 4, batch 1 by default) with credit kept across
   batches, so a flood of one class never starves another.
+* Batches of a model whose recent batches took under ``inline_below_ms``
+  run on the event loop itself: for tiny models the hand-off to a worker
+  thread costs more than the computation.
 * Each class may fill only its share of the queue (batch half of it by
   default), so a batch flood leaves room for realtime and interactive work.
 """
@@ -39,6 +42,7 @@ DEFAULT_QUEUE_SHARES: dict[SlaClass, float] = {
     SlaClass.BATCH: 0.5,
 }
 RECENT_WINDOW = 256
+INLINE_WARMUP_BATCHES = 16
 MIN_RETRY_AFTER_MS = 10
 
 
@@ -136,6 +140,7 @@ class DynamicBatcher:
         realtime_queue_delay_ms: float = 0.0,
         capacity: int = 512,
         concurrency: int = 1,
+        inline_below_ms: float = 0.0,
         class_weights: Mapping[SlaClass, int] | None = None,
         queue_shares: Mapping[SlaClass, float] | None = None,
         now_ms: Callable[[], float] | None = None,
@@ -153,6 +158,7 @@ class DynamicBatcher:
         self._max_delay_ms = max_queue_delay_ms
         self._capacity = capacity
         self._concurrency = concurrency
+        self._inline_below_ms = inline_below_ms
         self._weights = dict(class_weights or DEFAULT_CLASS_WEIGHTS)
         shares = dict(queue_shares or DEFAULT_QUEUE_SHARES)
         self._class_limit = {sla: max(1, int(capacity * shares.get(sla, 1.0))) for sla in CLASS_PRIORITY}
@@ -423,6 +429,8 @@ class DynamicBatcher:
             inputs = _concatenate(items)
             if self._run_is_async:
                 produced = await self._run(model, inputs)
+            elif self._runs_inline(model):
+                produced = self._run(model, inputs)
             else:
                 produced = await loop.run_in_executor(self._pool, self._run, model, inputs)
                 if inspect.isawaitable(produced):
@@ -472,6 +480,13 @@ class DynamicBatcher:
                 while lane.queues[sla]:
                     self._fail([self._dequeue(lane, sla)], error)
         self._lanes.clear()
+
+    def _runs_inline(self, model: str) -> bool:
+        """Batches this fast cost less on the event loop than the hand-off to a worker thread."""
+        window = self._compute.get(model)
+        if not window or len(window) < INLINE_WARMUP_BATCHES:
+            return False
+        return sum(ms for ms, _ in window) / len(window) < self._inline_below_ms
 
     def _compute_ms_per_item(self, model: str) -> float:
         window = self._compute.get(model)

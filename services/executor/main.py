@@ -51,7 +51,10 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         return BatchOutput(handle.run(inputs), handle.version)
 
     batcher = DynamicBatcher(
-        run_batch, capacity=settings.capacity, max_queue_delay_ms=settings.max_queue_delay_ms
+        run_batch,
+        capacity=settings.capacity,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        inline_below_ms=settings.inline_below_ms,
     )
     serving: set[asyncio.Task] = set()
     announced = {"draining": False}
@@ -222,6 +225,10 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             compute_ms_per_item=batcher.stats().compute_ms_per_item.get(handle.name, 0.2),
             accuracy=handle.accuracy,
         )
+
+    @runtime.broker.subscriber(Subjects.ROLL_CALL)
+    async def on_roll_call() -> None:
+        await send_heartbeat()
 
     async def heartbeats() -> None:
         while True:

@@ -20,6 +20,9 @@ class ExecutorSettings(ServiceSettings):
     model_repo: Path = Field(description="Model repository folder (``<model>/<version>/model.onnx``).")
     capacity: int = Field(default=256, ge=1, description="Jobs queued before new ones are refused as overloaded.")
     max_queue_delay_ms: float = Field(default=2.0, ge=0, description="Longest wait for a batch to fill.")
+    inline_below_ms: float = Field(
+        default=0.3, ge=0, description="Run batches on the event loop when they recently took less than this."
+    )
     heartbeat_interval_s: float = Field(default=0.5, gt=0, description="Seconds between heartbeats.")
     deadline_margin_ms: float = Field(
         default=5.0, description="Jobs this close to their deadline are left to the scheduler to answer."

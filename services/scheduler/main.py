@@ -25,6 +25,9 @@ from shared.topology import load_topology
 
 
 
+ROLL_CALL_WAIT_S = 0.2
+
+
 def now_ms() -> float:
     return time.time() * 1000.0
 
@@ -199,6 +202,8 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
     async def start_background() -> None:
         if settings.mode == SchedulingMode.DISTRIBUTED:
             await ensure_work_streams()
+        await runtime.nc.publish(Subjects.ROLL_CALL, b"")
+        await asyncio.sleep(ROLL_CALL_WAIT_S)
         for loop in (watchdog, prober, pressure):
             runtime.spawn(loop(), name=loop.__name__)
 

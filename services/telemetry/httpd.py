@@ -50,6 +50,8 @@ class MetricsServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
             status, content_type, body = self._respond(head[:MAX_REQUEST_BYTES])
+            if head.startswith(b"HEAD "):
+                body = b""
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
             status, content_type, body = "400 Bad Request", "text/plain", b"bad request\n"
         try:

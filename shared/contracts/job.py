@@ -7,8 +7,6 @@ reads the headers, adds its part and forwards, so no stage re-parses tensors.
 
 from __future__ import annotations
 
-import json
-
 from pydantic import BaseModel, Field
 
 from shared.contracts.inference import SlaClass
@@ -70,4 +68,4 @@ class JobV1(BaseModel):
         raw = (headers or {}).get(HEADER_PREFIX + "V1")
         if raw is None:
             raise ValueError("missing job header")
-        return cls.model_validate(json.loads(raw))
+        return cls.model_validate_json(raw)

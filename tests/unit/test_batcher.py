@@ -279,3 +279,24 @@ async def test_drain_refuses_new_items_and_finishes_queued_ones():
     assert first.done() and all(f.done() and f.exception() is None for f in queued)
     stats = batcher.stats()
     assert stats.queued == 0 and stats.inflight == 0 and stats.draining and stats.completed == 7
+
+
+async def test_tiny_batches_run_on_the_event_loop_once_measured_fast():
+    threads = []
+
+    def run(model, inputs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return {"y": inputs["x"] * 2}
+
+    batcher = DynamicBatcher(run, max_queue_delay_ms=0.0, inline_below_ms=1000.0)
+    for _ in range(40):
+        await batcher.submit("m", {"x": np.ones((1, 2), np.float32)}, sla_class="realtime")
+    await batcher.drain()
+    assert threads[0] is False and threads[-1] is True
+
+    slow = DynamicBatcher(run, max_queue_delay_ms=0.0, inline_below_ms=0.0)
+    threads.clear()
+    for _ in range(40):
+        await slow.submit("m", {"x": np.ones((1, 2), np.float32)}, sla_class="realtime")
+    await slow.drain()
+    assert not any(threads)
