@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ONNX Runtime responder and (c) the full DIN path, side by side in one run, at light load and under "
         "closed-loop load; writes inference_path.json and inference_path.md.",
     )
-    bench.add_argument("--concurrency", default="1,8,32,64", help="closed-loop levels (default %(default)s)")
+    bench.add_argument("--concurrency", default="8,32,64", help="closed-loop levels beyond the sequential one")
     bench.add_argument("--seconds", type=float, default=3.0, help="seconds per load level")
     bench.add_argument("--light-requests", type=int, default=2000, help="sequential requests for p50/p99")
     bench.add_argument("--mode", choices=("centralized", "distributed"), default="centralized")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ from din.stack.launcher import (
     state_processes_alive,
     stop_from_state,
 )
+from din.commands.models import build_models
 from din.stack.processes import StackError, pid_alive
 from shared.topology import load_topology
 
@@ -214,15 +214,5 @@ def cmd_setup(args: argparse.Namespace) -> int:
     begun = time.monotonic()
     libs = resolve_kafka_jars(DEFAULT_KAFKA_LIBS)
     print(f"kafka jars: {shown_path(libs)} ({time.monotonic() - begun:.1f}s)")
-    try:
-        zoo = importlib.import_module("din.zoo")
-    except ModuleNotFoundError as exc:
-        if exc.name == "din.zoo":
-            print("models: skipped (din.zoo is not in this checkout)")
-            return 0
-        raise StackError(f"building the model zoo needs {exc.name!r}: run `bash ops/setup.sh`") from None
-    begun = time.monotonic()
-    configs = zoo.build_zoo(DEFAULT_MODEL_REPO)
-    names = ", ".join(c.get("name", "?") for c in configs) if isinstance(configs, list) else "done"
-    print(f"models: {names} in {shown_path(DEFAULT_MODEL_REPO)} ({time.monotonic() - begun:.1f}s)")
+    print(build_models(DEFAULT_MODEL_REPO))
     return 0
