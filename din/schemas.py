@@ -45,12 +45,14 @@ from shared.contracts import (
     PressureV1,
     ProbeV1,
     SchedulingDecisionV1,
+    SlaViolationV1,
 )
 from shared.contracts.inference import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, RequestHeaders
 from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
 from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ErrorCode
 from shared.eventlog import EVENT_TYPE_HEADER, event_type
 from shared.naming import API_VERSION, SERVICES, Subjects, Topics, work_stream
+from shared.recording import RECORD_HEADERS
 from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +195,16 @@ def channels() -> list[Channel]:
             sends=(Endpoint("scheduler"),), receives=(Endpoint("admission"),),
         ),
         Channel(
+            "rollCall", Subjects.ROLL_CALL,
+            "A starting scheduler asks every executor to send a heartbeat now.", ("healthRequest",),
+            sends=(Endpoint("scheduler"),), receives=(Endpoint("executor"),),
+        ),
+        Channel(
+            "alerts", Subjects.ALERTS,
+            "SLA violation alerts as they start and resolve.", ("slaViolation",),
+            sends=(Endpoint("telemetry"),), receives=(Endpoint(OPERATOR),),
+        ),
+        Channel(
             "heartbeat", subject_pattern(Subjects.heartbeat, "site", "executor"),
             "An executor's periodic announcement of itself and its load.", ("heartbeat",),
             sends=(Endpoint("executor"),),
@@ -241,6 +253,10 @@ def channels() -> list[Channel]:
         ),
     ]
     topics = {
+        Topics.REQUESTS: (
+            "recordedRequest", ("admission",), "Every admitted request, body and metadata, for replay."
+        ),
+        Topics.ALERTS: ("slaViolationEvent", ("telemetry",), "SLA violation alerts."),
         Topics.ADMISSION_DECISIONS: ("admissionDecision", ("admission",), "Admission's verdict on every request."),
         Topics.CLASSIFICATIONS: ("classification", ("classifier",), "The workload class of every admitted request."),
         Topics.SCHEDULING_DECISIONS: (
@@ -400,6 +416,19 @@ def messages() -> dict[str, dict]:
         "completionEvent": event(CompletionV1, "A job finished or failed.", "Site of the executor."),
         "heartbeatEvent": event(HeartbeatV1, "An executor heartbeat.", "Executor id."),
         "deadLetter": event(DeadLetterV1, "A message kept for inspection.", "Service that gave up on it."),
+        "slaViolation": json_message(SlaViolationV1, "An SLA class crossed its latency target, or came back under."),
+        "slaViolationEvent": event(SlaViolationV1, "An SLA violation alert.", "SLA class."),
+        "recordedRequest": {
+            "summary": "An admitted request as the client sent it (the token never recorded), for replay.",
+            "payload": _ref("JobBody"),
+            "headers": _header_object(
+                "Kafka record headers: the request's metadata (RecordedRequestV1) and the tensor headers of a "
+                "binary body.",
+                {name: _text(f"Recorded metadata: {name}.") for name in RECORD_HEADERS},
+                (EVENT_TYPE_HEADER,),
+            ),
+            "bindings": {"kafka": {"key": _text("Tenant."), "bindingVersion": KAFKA_BINDING_VERSION}},
+        },
     }
 
 

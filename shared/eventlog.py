@@ -87,6 +87,10 @@ class EventLog:
         self._put((self.topic(base_topic), key.encode() if key else None, value,
                    [(EVENT_TYPE_HEADER, type_name.encode())]))
 
+    def emit_record(self, base_topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        """Queue a record whose headers the caller built (they include ``din-event-type``), e.g. a recorded request."""
+        self._put((self.topic(base_topic), key, value, headers))
+
     def _put(self, item: tuple) -> None:
         try:
             self._queue.put_nowait(item)

@@ -151,8 +151,10 @@ def create_runtime(settings: TelemetrySettings) -> ServiceRuntime:
                                     alert.target_ms, alert.samples, alert.worst_site)
                 body = alert.model_dump_json().encode()
                 runtime.events.emit_encoded(Topics.ALERTS, event_type(alert), body, key=alert.sla_class.value)
-                with contextlib.suppress(Exception):
+                try:
                     await runtime.nc.publish(Subjects.ALERTS, body)
+                except Exception as exc:  # NATS reconnecting: the alert is still recorded in Kafka
+                    runtime.log.warning("could not publish the SLA alert on %s: %s", Subjects.ALERTS, exc)
 
     @runtime.on_start
     async def start() -> None:

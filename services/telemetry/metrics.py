@@ -317,7 +317,8 @@ class TelemetryMetrics:
                                        specs["din_telemetry_recorded_events_total"].help)
         recorded.add_metric([], sent)
         yield recorded
-        lost = CounterMetricFamily("din_telemetry_dropped_events_total", specs["din_telemetry_dropped_events_total"].help)
+        lost = CounterMetricFamily("din_telemetry_dropped_events_total",
+                                   specs["din_telemetry_dropped_events_total"].help)
         lost.add_metric([], dropped)
         yield lost
 

@@ -24,6 +24,7 @@ from shared.contracts.inference import (
     TensorV1,
 )
 from shared.contracts.job import JobV1, WorkloadClassV1
+from shared.contracts.telemetry import RecordedRequestV1, SlaViolationV1
 from shared.errors import ErrorReplyV1, ErrorV1
 
 __all__ = [
@@ -44,9 +45,11 @@ __all__ = [
     "ModelLoadedV1",
     "PressureV1",
     "ProbeV1",
+    "RecordedRequestV1",
     "RequestedOutputV1",
     "SchedulingDecisionV1",
     "ServedByV1",
+    "SlaViolationV1",
     "SlaClass",
     "TensorV1",
     "WorkloadClassV1",
@@ -67,4 +70,6 @@ MESSAGE_MODELS = {
     "din.v1.pressure": PressureV1,
     "din.v1.dead_letter": DeadLetterV1,
     "din.v1.load_model": LoadModelV1,
+    "din.v1.recorded_request": RecordedRequestV1,
+    "din.v1.sla_violation": SlaViolationV1,
 }

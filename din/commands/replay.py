@@ -1,0 +1,155 @@
+"""``din replay``: re-drive recorded requests against the running stack and compare; ``--what-if`` runs offline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import nats
+
+from din.replay.compare import Comparison, recorded_outcomes
+from din.replay.driver import ReplayDriver
+from din.replay.endpoints import add_source_arguments, record_range, resolve_endpoints
+from din.replay.reader import ReplayError, quiet_kafka_client
+from din.replay.recorded import load_window
+from din.replay.whatif import POLICIES, what_if
+from din.stack.launcher import DEFAULT_MODEL_REPO
+from shared.credentials import issue_token, read_credentials
+from shared.naming import Topics
+from shared.recording import load_replay_keys
+
+EXIT_ERROR = 2
+REPLAY_TOPICS = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS)
+WHAT_IF_TOPICS = (Topics.CLASSIFICATIONS, Topics.SCHEDULING_DECISIONS, Topics.HEARTBEATS)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``replay``."""
+    replay = subparsers.add_parser(
+        "replay",
+        help="re-drive recorded requests against the running stack and compare with the recording",
+        description="Reads a time or offset range of recorded requests from Kafka, sends them again at the "
+        "recorded pace times --speed, then compares request counts and tenant mix, latency, errors, and where "
+        "and by which model each was served. Sealed payloads need --key-file; without it the replay uses the "
+        "metadata only (zero inputs of the recorded shape) and says so. With --what-if POLICY nothing is sent: "
+        "the scheduler's logic runs offline on the recorded traffic and telemetry instead.",
+    )
+    add_source_arguments(replay)
+    replay.add_argument("--speed", type=float, default=1.0,
+                        help="pace factor: 2 replays twice as fast as recorded, 0.5 half as fast, 0 as fast as "
+                             "possible (default %(default)s)")
+    replay.add_argument("--concurrency", type=int, default=256, help="most requests in flight at once")
+    replay.add_argument("--limit", type=int, help="replay at most this many requests (the first ones)")
+    replay.add_argument("--key-file", type=Path, help="SRE key file to decrypt sealed recorded payloads")
+    replay.add_argument("--nats", help="NATS URL of the stack to replay against (default: the running stack's hub)")
+    replay.add_argument("--credentials", type=Path, help="tenants' credentials file (default: the running stack's)")
+    replay.add_argument("--model-repo", type=Path, default=DEFAULT_MODEL_REPO,
+                        help="model repository, for input shapes of metadata-only replays (default: %(default)s)")
+    replay.add_argument("--what-if", choices=POLICIES, metavar="POLICY",
+                        help=f"run the scheduler offline under POLICY instead of replaying ({', '.join(POLICIES)})")
+    replay.add_argument("--topology", type=Path, help="the recorded topology (default: the running stack's)")
+    replay.add_argument("--what-if-topology", type=Path, help="a different topology for --what-if")
+    replay.add_argument("--json", type=Path, help="also write the comparison as JSON to this file")
+    replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    replay.set_defaults(handler=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    quiet_kafka_client()
+    try:
+        return asyncio.run(run_replay(args))
+    except ReplayError as exc:
+        print(f"din: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+async def run_replay(args: argparse.Namespace) -> int:
+    if args.what_if is None and args.what_if_topology is not None:
+        raise ReplayError("--what-if-topology needs --what-if POLICY")
+    endpoints = resolve_endpoints(args)
+    rng = record_range(args)
+    keyring = None
+    if args.key_file is not None:
+        try:
+            keyring = load_replay_keys(args.key_file)
+        except ValueError as exc:
+            raise ReplayError(str(exc)) from None
+    began = time.perf_counter()
+    bases = WHAT_IF_TOPICS if args.what_if else REPLAY_TOPICS
+    window = await load_window(endpoints.kafka, rng, scope=args.topic_scope, keyring=keyring, limit=args.limit,
+                               bases=bases)
+    read_s = time.perf_counter() - began
+    records = sum(s.records for s in window.stats)
+    print(f"read {len(window.requests)} recorded requests ({rng.describe()}) and {records - len(window.requests)} "
+          f"events in {read_s:.2f}s ({window.read_rate():,.0f} records/s decoded)", flush=True)
+    for line in window.skipped_summary():
+        print(f"  {line}", flush=True)
+
+    if args.what_if is not None:
+        recorded = endpoints.load_topology()
+        alternative = endpoints.load_topology(args.what_if_topology) if args.what_if_topology else None
+        report = what_if(window, recorded, args.what_if, alternative)
+        print(f"\nwhat-if {args.what_if} on {report.topology_name} (offline; the live stack was not touched)\n")
+        print(report.text())
+        _write_json(args.json, report.as_dict())
+        return 0
+
+    sealed_left = sum(r.sealed for r in window.requests)
+    notes = list(window.skipped_summary())
+    if sealed_left:
+        why = "no --key-file was given" if keyring is None else "the key did not open them"
+        note = (f"{sealed_left} recorded payloads are sealed and {why}: replaying METADATA ONLY for them "
+                "(zero inputs of the recorded shape); load and routing are reproduced, results are not")
+        print(f"  {note}", flush=True)
+        notes.append(note)
+    if endpoints.nats is None:
+        raise ReplayError("no NATS address: start the stack (`din up`) or pass --nats URL")
+    if endpoints.credentials is None:
+        raise ReplayError("no tenant credentials: pass --credentials (the running stack's are used by default)")
+    try:
+        secrets = read_credentials(endpoints.credentials)
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
+    span_s = (window.requests[-1].meta.received_ms - window.requests[0].meta.received_ms) / 1000.0
+    ttl = max(3600.0, span_s / max(args.speed, 1e-3) + 600.0) if args.speed > 0 else 3600.0
+    tokens = {tenant: issue_token(tenant, secret, ttl_s=ttl) for tenant, secret in secrets.items()}
+    try:
+        nc = await nats.connect(endpoints.nats, connect_timeout=3, max_reconnect_attempts=3, allow_reconnect=True,
+                                name="din-replay")
+    except Exception as exc:  # noqa: BLE001 - every connection failure is one line
+        raise ReplayError(
+            f"cannot reach NATS at {endpoints.nats} ({exc.__class__.__name__}): is the stack running?"
+        ) from None
+    try:
+        driver = ReplayDriver(nc, tokens, speed=args.speed, concurrency=args.concurrency, model_repo=args.model_repo,
+                              progress=not args.no_progress)
+        await driver.preflight()
+        pace = "as fast as possible" if args.speed == 0 else f"{args.speed:g}x the recorded pace"
+        print(f"replaying {len(window.requests)} requests ({span_s:.1f}s recorded) at {pace} "
+              f"to {endpoints.nats} as run {driver.run_id} ...", flush=True)
+        result = await driver.run(window.requests)
+    finally:
+        await nc.drain()
+    if result.late:
+        notes.append(f"{result.late} request(s) left more than 50 ms behind their recorded time "
+                     f"(raise --concurrency or lower --speed)")
+    for rid, why in list(result.unsendable.items())[:5]:
+        notes.append(f"not sent: {rid}: {why}")
+    if len(result.unsendable) > 5:
+        notes.append(f"... and {len(result.unsendable) - 5} more not sent")
+    comparison = Comparison(recorded_outcomes(window), result.outcomes, notes)
+    print(f"\nreplayed {len(result.outcomes)} requests in {result.wall_s:.1f}s ({result.rate:,.0f} req/s); "
+          f"replay ids start with replay-{result.run_id}-\n")
+    print(comparison.text())
+    _write_json(args.json, {"run_id": result.run_id, **comparison.as_dict()})
+    return 0
+
+
+def _write_json(path: Path | None, data: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"\nwrote {path}")

@@ -1,0 +1,81 @@
+"""Where the recorded data and the running stack are: explicit options first, else the stack ``din up`` started."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from din.replay.reader import RecordRange, ReplayError, parse_offsets, parse_time
+from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state
+from shared.topology import Topology, TopologyError, load_topology
+
+DEFAULT_SINCE = "15m"
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options naming the Kafka to read and the range of records, shared by replay and report."""
+    parser.add_argument("--since", help=f"start of the time range: a duration ago (15m, 2h, 90s), epoch s/ms or "
+                                        f"ISO-8601 (default {DEFAULT_SINCE} ago unless --offsets is given)")
+    parser.add_argument("--until", help="end of the time range, exclusive, same forms as --since (default: now)")
+    parser.add_argument("--offsets", help="offset range of the requests topic: START-END for every partition, or "
+                                          "P:START-END[,P:START-END]; END exclusive and optional")
+    parser.add_argument("--kafka", help="Kafka bootstrap servers (default: the running stack's)")
+    parser.add_argument("--topic-scope", help="topic scope the stack recorded under (DIN_TOPIC_SCOPE), if any")
+    parser.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR,
+                        help="folder holding stack.json of the running stack (default: %(default)s)")
+
+
+def record_range(args: argparse.Namespace) -> RecordRange:
+    """The range the options ask for; ``ReplayError`` when it cannot be read."""
+    offsets = parse_offsets(args.offsets) if args.offsets else None
+    since_text = args.since if args.since is not None else (None if offsets else DEFAULT_SINCE)
+    since = parse_time(since_text) if since_text is not None else None
+    until = parse_time(args.until) if args.until is not None else None
+    if since is not None and until is not None and until <= since:
+        raise ReplayError("--until must be later than --since")
+    return RecordRange(since_ms=since, until_ms=until, offsets=offsets)
+
+
+@dataclass
+class Endpoints:
+    """Addresses and files of the recording and of the stack to replay against."""
+
+    kafka: str
+    nats: str | None
+    credentials: Path | None
+    topology: Path | None
+
+    def load_topology(self, override: Path | None = None) -> Topology:
+        path = override or self.topology
+        if path is None:
+            raise ReplayError("no topology: pass --topology (the stack's is used when one is running)")
+        try:
+            return load_topology(path)
+        except TopologyError as exc:
+            raise ReplayError(str(exc)) from None
+
+
+def resolve_endpoints(args: argparse.Namespace) -> Endpoints:
+    """Options, falling back to the running stack's state file."""
+    state = read_state(Path(args.din_dir) / STATE_FILE_NAME) or {}
+    urls = state.get("urls") or {}
+    kafka = getattr(args, "kafka", None) or urls.get("kafka")
+    if not kafka:
+        raise ReplayError("no Kafka address: start the stack (`din up`) or pass --kafka HOST:PORT")
+    topology = getattr(args, "topology", None) or (Path(state["topology"]) if state.get("topology") else None)
+    nats_url = getattr(args, "nats", None)
+    if nats_url is None and urls.get("nats"):
+        by_site = urls["nats"]
+        hub = None
+        if topology is not None:
+            try:
+                hub = load_topology(topology).hub.name
+            except TopologyError:
+                hub = None
+        nats_url = by_site.get(hub) if hub in by_site else next(iter(by_site.values()))
+    credentials = getattr(args, "credentials", None)
+    if credentials is None and state.get("run_dir"):
+        candidate = Path(state["run_dir"]) / "credentials.json"
+        credentials = candidate if candidate.exists() else None
+    return Endpoints(kafka=kafka, nats=nats_url, credentials=credentials, topology=topology)

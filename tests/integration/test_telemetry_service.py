@@ -1,0 +1,177 @@
+"""The telemetry service over real NATS and Kafka: relays, metrics over HTTP, SLA alerts, garbage, topics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import nats
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.telemetry.main import create_runtime
+from services.telemetry.settings import TelemetrySettings
+from shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, ModelLoadedV1
+from shared.contracts.telemetry import SlaViolationV1
+from shared.naming import Subjects, Topics
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def samples(text: bytes) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append(sample)
+    return found
+
+
+def total(found, name, **labels) -> float:
+    return sum(s.value for s in found.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def read_topic(bootstrap: str, topic: str) -> list:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        records = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pending = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+            if not pending:
+                break
+            for batch in (await consumer.getmany(*pending, timeout_ms=300)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(nats_network, kafka_bootstrap, unique):
+    port = free_port()
+    settings = TelemetrySettings(
+        nats_url=nats_network.hub_url, kafka_bootstrap=kafka_bootstrap, site="cloud", topic_scope=unique,
+        metrics_port=port, sla_target_realtime_ms=5.0, sla_min_samples=5, sla_window_s=30.0, alert_interval_s=0.2,
+        decisions_from="earliest",
+    )
+    runtime = create_runtime(settings)
+    await runtime.app.start()
+    nc = await nats.connect(nats_network.hub_url)
+    alerts: asyncio.Queue = asyncio.Queue()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        async def on_alert(msg) -> None:
+            await alerts.put(SlaViolationV1.model_validate_json(msg.data))
+
+        await nc.subscribe(Subjects.ALERTS, cb=on_alert)
+        heartbeat = HeartbeatV1(
+            executor="factory-1", site="factory", capacity=10, queue_depth={"realtime": 3}, inflight=2,
+            recent_latency_ms=4.0, interval_s=30.0, sent_ms=time.time() * 1000,
+            models=[ModelLoadedV1(name="digits-small", version="1", max_batch_size=8, compute_ms_per_item=0.4)],
+        )
+        await nc.publish(Subjects.heartbeat("factory", "factory-1"), heartbeat.model_dump_json().encode())
+        for i in range(12):
+            event = CompletionV1(
+                request_id=f"r{i}", tenant="acme", site="factory", executor="factory-1", model="digits-small",
+                model_version="1", sla_class="realtime", ok=True, batch_size=2, degraded=False,
+                timings_ms={"queue": 1.0, "compute": 0.5, "total": 20.0 + i}, at_ms=time.time() * 1000,
+            )
+            await nc.publish(Subjects.completed("factory"), event.model_dump_json().encode())
+        # garbage on every subject telemetry consumes, and on its Kafka input
+        await nc.publish(Subjects.completed("cloud"), b"\xff\x00 not json")
+        await nc.publish(Subjects.completed("cloud"), b'{"request_id": 1}')
+        await nc.publish(Subjects.heartbeat("cloud", "x"), b"[]")
+        await nc.flush()
+        decisions = Topics.scoped(Topics.ADMISSION_DECISIONS, unique)
+        await producer.send_and_wait(decisions, b"garbage")
+        for reason in ("rate_limited", "rate_limited", "unauthenticated"):
+            decision = AdmissionDecisionV1(request_id="x", tenant="globex", model="digits-small", admitted=False,
+                                           reason=reason, input_bytes=5, at_ms=time.time() * 1000)
+            await producer.send_and_wait(decisions, decision.model_dump_json().encode(), key=b"globex")
+
+        alert = await asyncio.wait_for(alerts.get(), 15)
+        assert alert.firing and alert.sla_class.value == "realtime" and alert.worst_site == "factory"
+        assert alert.observed_ms > 5.0 and alert.samples == 12
+
+        deadline = time.monotonic() + 20
+        while True:
+            status, body = await http_get(port, "/metrics")
+            assert status == 200
+            found = samples(body)
+            if total(found, "din_rejects_total", stage="admission") >= 3 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.3)
+        key = dict(tenant="acme", model="digits-small", site="factory", sla_class="realtime")
+        assert total(found, "din_requests_total", outcome="ok", **key) == 12
+        assert total(found, "din_request_duration_seconds_count", **key) == 12
+        assert total(found, "din_rejects_total", stage="admission", reason="rate_limited", tenant="globex") == 2
+        assert total(found, "din_rejects_total", stage="admission", reason="unauthenticated") == 1
+        assert total(found, "din_executor_utilization_ratio", executor="factory-1") == pytest.approx(0.5)
+        assert total(found, "din_sla_violation_active", sla_class="realtime") == 1
+        assert total(found, "din_telemetry_invalid_events_total", source="completion") == 2
+        assert total(found, "din_telemetry_invalid_events_total", source="heartbeat") == 1
+        assert total(found, "din_telemetry_invalid_events_total", source="admission") == 1
+        assert (await http_get(port, "/nope"))[0] == 404
+
+        health = json.loads((await nc.request(Subjects.health("telemetry"), b"", timeout=5)).data)
+        assert health["ready"] is True, "garbage did not take telemetry down"
+
+        await runtime.events.flush()
+        completions = await read_topic(kafka_bootstrap, Topics.scoped(Topics.COMPLETIONS, unique))
+        assert len(completions) == 12, "only valid completions are relayed"
+        assert all(dict(r.headers)["din-event-type"] == b"din.v1.CompletionV1" and r.key == b"factory"
+                   for r in completions)
+        dead = await read_topic(kafka_bootstrap, Topics.scoped(Topics.DEAD_LETTER, unique))
+        assert len(dead) == 3
+        recorded_alerts = await read_topic(kafka_bootstrap, Topics.scoped(Topics.ALERTS, unique))
+        assert [SlaViolationV1.model_validate_json(r.value).firing for r in recorded_alerts][:1] == [True]
+        assert recorded_alerts[0].key == b"realtime"
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            (response,) = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, Topics.scoped(Topics.REQUESTS, unique),
+                                configs={"retention.ms": None})])
+            configs = {name: value for name, value, *_ in response.resources[0][4]}
+            assert configs["retention.ms"] == str(72 * 3_600_000)
+            described = await admin.describe_topics([Topics.scoped(Topics.REQUESTS, unique)])
+            assert len(described[0]["partitions"]) == 3
+        finally:
+            await admin.close()
+    finally:
+        await producer.stop()
+        await nc.close()
+        await runtime.app.stop()
