@@ -258,7 +258,7 @@ class DynamicBatcher:
             rows=rows,
             sla_class=sla,
             deadline_ms=deadline_ms,
-            enqueued=loop.time(),
+            enqueued=time.perf_counter(),
             future=loop.create_future(),
         )
         key = (model, signature)
@@ -305,13 +305,12 @@ class DynamicBatcher:
         self._pool.shutdown(wait=False)
 
     async def _dispatch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 self._wakeup.clear()
                 next_ready = None
                 while self._busy < self._concurrency:
-                    lane, next_ready = self._pick_lane(loop.time())
+                    lane, next_ready = self._pick_lane(time.perf_counter())
                     if lane is None:
                         break
                     items = self._take_batch(lane)
@@ -323,7 +322,7 @@ class DynamicBatcher:
                     return
                 timeout = None
                 if next_ready is not None and self._busy < self._concurrency:
-                    timeout = max(0.0, next_ready - loop.time())
+                    timeout = max(0.0, next_ready - time.perf_counter())
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout)
                 except TimeoutError:
@@ -423,7 +422,7 @@ class DynamicBatcher:
 
     async def _run_batch(self, model: str, items: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         rows = sum(item.rows for item in items)
         try:
             inputs = _concatenate(items)
@@ -443,7 +442,7 @@ class DynamicBatcher:
                 items, DinError(ErrorCode.INFERENCE_FAILED, f"batch of {rows} for {model!r} failed: {exc}")
             )
         else:
-            finished = loop.time()
+            finished = time.perf_counter()
             compute_ms = (finished - started) * 1000.0
             self._histogram[rows] += 1
             self._compute.setdefault(model, deque(maxlen=RECENT_WINDOW)).append((compute_ms, rows))
