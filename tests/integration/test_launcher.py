@@ -286,3 +286,37 @@ def test_cli_detached_up_then_down(tmp_path, topology_file, test_topology, capsy
     assert_nothing_left(pids)
     assert main(["down", *args]) == 0
     assert "no stack running" in capsys.readouterr().out
+
+
+def test_din_up_with_the_real_services_then_ctrl_c_leaves_nothing(tmp_path, topology_file, test_topology):
+    """The six real services and every executor answer health; one SIGINT stops brokers and services alike."""
+    offset = free_offset(test_topology)
+    din_dir = tmp_path / "din"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "din.cli", "up", "--topology", str(topology_file), "--din-dir", str(din_dir),
+         "--port-offset", str(offset)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    lines = []
+    try:
+        for line in up.stdout:
+            lines.append(line)
+            if "press Ctrl-C to stop" in line or up.poll() is not None:
+                break
+        output = "".join(lines)
+        assert "press Ctrl-C to stop" in output, output
+        state = read_state(din_dir / "stack.json")
+        names = {p["name"] for p in state["processes"]}
+        executors = {f"executor-{e.id}" for s in test_topology.sites for e in s.executors}
+        assert names == {"kafka", "nats-hub-cloud", "nats-leaf-factory", "nats-leaf-branch", "admission",
+                         "classifier", "scheduler", "telemetry", "keymanager"} | executors
+        pids = [p["pid"] for p in state["processes"]]
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=30)
+    assert_nothing_left(pids)
+    assert not (din_dir / "stack.json").exists()
