@@ -9,9 +9,19 @@ digits data (nothing is downloaded) and writes a model repository::
     <out_dir>/_stamp.json                what was built, to skip an identical rebuild
 
 Inputs are the 8x8 digit images flattened to 64 float32 values scaled to
-[0, 1]. Every model answers ``probabilities`` [batch, 10] float32 and
-``label`` [batch] int64. scikit-learn and skl2onnx are imported only when a
-build actually runs, so reading a built zoo needs neither.
+[0, 1]. Every digit classifier answers ``probabilities`` [batch, 10] float32
+and ``label`` [batch] int64. scikit-learn and skl2onnx are imported only when
+a build actually runs, so reading a built zoo needs neither.
+
+Two more kinds of model are derived or trained alongside, for multi-stage inference:
+
+* split models: each classifier with hidden layers is cut at every split
+  point into ``<model>-head-<point>`` (input -> the hidden tensor) and
+  ``<model>-tail-<point>`` (hidden tensor -> probabilities, label), see
+  ``din.split``; their configs carry ``role``, ``split_of`` and ``split_point``.
+* ``charlm``: a character-level GRU with its recurrent state as an explicit
+  input and output, trained in numpy on Python's own documentation text, see
+  ``din.zoo_text``.
 """
 
 from __future__ import annotations
@@ -28,9 +38,23 @@ from typing import Any
 
 import numpy as np
 
-ZOO_FORMAT = 1
+from din.zoo_text import (
+    LOGITS_OUTPUT,
+    STATE_INPUT,
+    STATE_OUTPUT,
+    TOKEN_INPUT,
+    CharLMRecipe,
+    load_corpus,
+    to_onnx,
+    train_charlm,
+)
+
+ZOO_FORMAT = 2
 TASK = "image-classification"
 FAMILY = "digits"
+TEXT_TASK = "text-generation"
+TEXT_FAMILY = "charlm"
+SPLIT_ROLES = ("head", "tail")
 INPUT_NAME = "input"
 FEATURES = 64
 CLASSES = 10
@@ -73,9 +97,12 @@ RECIPES: tuple[ModelRecipe, ...] = (
     ),
 )
 
+TEXT_RECIPES: tuple[CharLMRecipe, ...] = (CharLMRecipe(),)
+
 DESCRIPTIONS = {
     "digits-small": "Multinomial logistic regression on 8x8 digits: tiny and fast, less accurate.",
     "digits-large": "Two-hidden-layer perceptron (256, 128, ReLU) on 8x8 digits: slower, more accurate.",
+    "charlm": "Character-level GRU over Python's documentation text, one step per call with explicit state.",
 }
 
 
@@ -104,20 +131,71 @@ def load_digits_split() -> DigitsSplit:
 
 
 def recipe_digest() -> str:
-    """A digest of everything that decides the zoo's contents; the stamp records it."""
+    """A digest of everything that decides the zoo's contents; the stamp records it.
+
+    It covers the split models (derived from the recipes' split points) and
+    the text models with the digest of the corpus they learn from.
+    """
     recipe = {
         "format": ZOO_FORMAT,
         "split": [TEST_FRACTION, SPLIT_SEED],
         "opsets": OPSETS,
         "max_batch_size": MAX_BATCH_SIZE,
         "models": [[r.name, r.version, r.estimator, dict(r.params)] for r in RECIPES],
+        "split_models": [[r.name, r.version, recipe_split_points(r)] for r in RECIPES],
+        "text_models": [dict(r.key()) for r in TEXT_RECIPES],
     }
+    if TEXT_RECIPES:
+        recipe["corpus"] = load_corpus().digest
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
+def recipe_split_points(recipe: ModelRecipe) -> list[str]:
+    """Names of the hidden tensors where ``recipe``'s model can be cut: ``hidden_1`` .. ``hidden_<layers>``."""
+    if recipe.estimator != "mlp":
+        return []
+    return [f"hidden_{index + 1}" for index in range(len(recipe.params["hidden_layer_sizes"]))]
+
+
+def split_model_name(model: str, role: str, split_point: str) -> str:
+    """Name of the ``role`` ("head" or "tail") part of ``model`` cut at ``split_point``."""
+    return f"{model}-{role}-{split_point}"
+
+
+def split_task(model: str, role: str, split_point: str) -> str:
+    """The task of a split part: unique to its model, role and point, since no other model can stand in for it.
+
+    The catalog offers models of the same task and inputs as fallbacks; a head
+    cut elsewhere, or from another model, computes a different tensor.
+    """
+    return f"split-{role}:{model}@{split_point}"
+
+
+def _split_sources() -> list[tuple[str, str, list[str]]]:
+    """``(model, split point, versions)`` for every cut the zoo makes, in recipe order."""
+    sources = []
+    for name in dict.fromkeys(r.name for r in RECIPES):
+        recipes = [r for r in RECIPES if r.name == name]
+        for point in dict.fromkeys(p for r in recipes for p in recipe_split_points(r)):
+            sources.append((name, point, [r.version for r in recipes if point in recipe_split_points(r)]))
+    return sources
+
+
 def model_names() -> list[str]:
-    """Names of the zoo's models, in recipe order."""
-    return list(dict.fromkeys(recipe.name for recipe in RECIPES))
+    """Names of the zoo's models: the recipes' in order, then the split parts, then the text models."""
+    names = list(dict.fromkeys(recipe.name for recipe in RECIPES))
+    names += [split_model_name(name, role, point) for name, point, _ in _split_sources() for role in SPLIT_ROLES]
+    names += list(dict.fromkeys(recipe.name for recipe in TEXT_RECIPES))
+    return names
+
+
+def _model_files() -> list[tuple[str, str]]:
+    """``(model, version)`` of every ONNX file the zoo holds."""
+    files = [(r.name, r.version) for r in RECIPES]
+    for name, point, versions in _split_sources():
+        files += [(split_model_name(name, role, point), v) for role in SPLIT_ROLES for v in versions]
+    files += [(r.name, r.version) for r in TEXT_RECIPES]
+    return files
 
 
 def build_zoo(out_dir: Path, *, force: bool = False) -> list[dict[str, Any]]:
@@ -145,6 +223,11 @@ def build_zoo(out_dir: Path, *, force: bool = False) -> list[dict[str, Any]]:
             estimator.fit(split.x_train, split.y_train)
             model = _to_onnx(estimator, recipe)
             split_points[recipe.name] = _name_hidden_layers(model)
+            if split_points[recipe.name] != recipe_split_points(recipe):
+                raise RuntimeError(
+                    f"{recipe.name} has split points {split_points[recipe.name]}, "
+                    f"its recipe promises {recipe_split_points(recipe)}"
+                )
             payload = model.SerializeToString()
             _write_atomic(out_dir / recipe.name / recipe.version / MODEL_FILE, payload)
             accuracy.setdefault(recipe.name, {})[recipe.version] = _onnx_accuracy(
@@ -153,7 +236,7 @@ def build_zoo(out_dir: Path, *, force: bool = False) -> list[dict[str, Any]]:
             parameter_count[recipe.name] = _parameter_count(estimator)
 
     configs = []
-    for name in model_names():
+    for name in dict.fromkeys(recipe.name for recipe in RECIPES):
         versions = [recipe.version for recipe in RECIPES if recipe.name == name]
         config = {
             "name": name,
@@ -169,8 +252,12 @@ def build_zoo(out_dir: Path, *, force: bool = False) -> list[dict[str, Any]]:
             "parameter_count": parameter_count[name],
             "split_points": split_points[name],
         }
-        _write_atomic(out_dir / name / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        _write_config(out_dir, config)
         configs.append(config)
+
+    configs += _build_split_models(out_dir, split)
+    with threadpool_limits(limits=1):
+        configs += [_build_text_model(out_dir, recipe) for recipe in TEXT_RECIPES]
 
     test_path = out_dir / DATA_DIR / TEST_SPLIT_FILE
     test_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,8 +284,116 @@ def _is_built(out_dir: Path, digest: str) -> bool:
         return False
     expected = [out_dir / DATA_DIR / TEST_SPLIT_FILE]
     expected += [out_dir / name / CONFIG_FILE for name in model_names()]
-    expected += [out_dir / r.name / r.version / MODEL_FILE for r in RECIPES]
+    expected += [out_dir / name / version / MODEL_FILE for name, version in _model_files()]
     return all(path.is_file() for path in expected)
+
+
+def _build_split_models(out_dir: Path, split: DigitsSplit) -> list[dict[str, Any]]:
+    """Cut every model with split points into a head and a tail at each point; their configs, head first."""
+    from din.split import split_model
+
+    configs = []
+    for source, point, versions in _split_sources():
+        paths = {role: out_dir / split_model_name(source, role, point) for role in SPLIT_ROLES}
+        accuracy: dict[str, float] = {}
+        width = 0
+        for version in versions:
+            head, tail = (paths[role] / version / MODEL_FILE for role in SPLIT_ROLES)
+            split_model(out_dir / source / version / MODEL_FILE, point, head, tail)
+            accuracy[version], width = _composed_accuracy(head, tail, point, split.x_test, split.y_test)
+        hidden = [{"name": point, "datatype": "FP32", "shape": [-1, width]}]
+        hidden_bytes = width * np.dtype(np.float32).itemsize
+        input_bytes = FEATURES * np.dtype(np.float32).itemsize
+        for role in SPLIT_ROLES:
+            is_head = role == "head"
+            config = {
+                "name": split_model_name(source, role, point),
+                "task": split_task(source, role, point),
+                "family": FAMILY,
+                "description": f"The {role} of {source} cut at {point}: "
+                + (f"input -> {point}." if is_head else f"{point} -> probabilities, label."),
+                "versions": versions,
+                "inputs": copy.deepcopy(INPUTS if is_head else hidden),
+                "outputs": copy.deepcopy(hidden if is_head else OUTPUTS),
+                "max_batch_size": MAX_BATCH_SIZE,
+                "accuracy": dict(accuracy),
+                "input_bytes_per_item": input_bytes if is_head else hidden_bytes,
+                "intermediate_bytes_per_item": hidden_bytes,
+                "parameter_count": _onnx_parameter_count(paths[role] / versions[-1] / MODEL_FILE),
+                "role": role,
+                "split_of": source,
+                "split_point": point,
+            }
+            _write_config(out_dir, config)
+            configs.append(config)
+    return configs
+
+
+def _composed_accuracy(
+    head: Path, tail: Path, point: str, x_test: np.ndarray, y_test: np.ndarray
+) -> tuple[float, int]:
+    """Held-out accuracy of tail(head(x)), and the width of the split tensor."""
+    head_session = _ort_session(head.read_bytes())
+    tail_session = _ort_session(tail.read_bytes())
+    (hidden,) = head_session.run([point], {INPUT_NAME: x_test})
+    (labels,) = tail_session.run(["label"], {point: hidden})
+    return round(float(np.mean(labels == y_test)), 6), int(hidden.shape[1])
+
+
+def _build_text_model(out_dir: Path, recipe: CharLMRecipe) -> dict[str, Any]:
+    """Train the character model of ``recipe``, export its one-step ONNX graph and return its config."""
+    corpus = load_corpus()
+    trained = train_charlm(recipe)
+    model = to_onnx(
+        trained.params, graph_name=f"{recipe.name}-v{recipe.version}", doc=DESCRIPTIONS[recipe.name]
+    )
+    model.model_version = int(recipe.version)
+    _write_atomic(out_dir / recipe.name / recipe.version / MODEL_FILE, model.SerializeToString())
+    hidden, vocab = trained.hidden, len(trained.vocab)
+    state_bytes = hidden * np.dtype(np.float32).itemsize
+    config = {
+        "name": recipe.name,
+        "task": TEXT_TASK,
+        "family": TEXT_FAMILY,
+        "description": DESCRIPTIONS[recipe.name],
+        "versions": [recipe.version],
+        "inputs": [
+            {"name": TOKEN_INPUT, "datatype": "INT64", "shape": [-1]},
+            {"name": STATE_INPUT, "datatype": "FP32", "shape": [-1, hidden]},
+        ],
+        "outputs": [
+            {"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, vocab]},
+            {"name": STATE_OUTPUT, "datatype": "FP32", "shape": [-1, hidden]},
+        ],
+        "max_batch_size": MAX_BATCH_SIZE,
+        "accuracy": {recipe.version: trained.heldout_accuracy},
+        "accuracy_metric": "held-out next-character top-1 accuracy",
+        "input_bytes_per_item": np.dtype(np.int64).itemsize + state_bytes,
+        "state_bytes_per_item": state_bytes,
+        "parameter_count": int(sum(p.size for p in trained.params.values())),
+        "role": "autoregressive",
+        "vocab": trained.vocab,
+        "hidden": hidden,
+        "loss": {
+            "train": trained.train_loss,
+            "heldout": trained.heldout_loss,
+            "uniform": round(trained.uniform_loss, 4),
+            "unit": "nats per character",
+        },
+        "corpus": {
+            "source": "pydoc_data.topics",
+            "sha256": corpus.digest,
+            "train_chars": int(len(corpus.train)),
+            "heldout_chars": int(len(corpus.heldout)),
+        },
+        "training": {key: value for key, value in recipe.key() if key not in ("name", "version")},
+    }
+    _write_config(out_dir, config)
+    return config
+
+
+def _write_config(out_dir: Path, config: Mapping[str, Any]) -> None:
+    _write_atomic(out_dir / config["name"] / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
 
 
 def make_estimator(recipe: ModelRecipe):
@@ -253,15 +448,28 @@ def _name_hidden_layers(model) -> list[str]:
     return list(renames.values())
 
 
-def _onnx_accuracy(payload: bytes, x_test: np.ndarray, y_test: np.ndarray) -> float:
+def _ort_session(payload: bytes):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-    (labels,) = session.run(["label"], {INPUT_NAME: x_test})
+    return onnxruntime.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_accuracy(payload: bytes, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    (labels,) = _ort_session(payload).run(["label"], {INPUT_NAME: x_test})
     return round(float(np.mean(labels == y_test)), 6)
+
+
+def _onnx_parameter_count(path: Path) -> int:
+    """Floating-point weights in an ONNX file (class labels and shape constants are not parameters)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return int(
+        sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    )
 
 
 def _parameter_count(estimator) -> int:
