@@ -1,14 +1,22 @@
 """DIN's Python client: one request in, one answer (or one structured error) out.
 
-    async with await DinClient.connect("nats://127.0.0.1:4222", tenant="acme", token=token) as client:
+    keys = PrincipalKeys.load(run_dir / "keys" / "tenant-acme.json")
+    async with await DinClient.connect("nats://127.0.0.1:4222", tenant="acme", token=token, keys=keys) as client:
         result = await client.infer("digits-small", {"input": pixels}, sla="realtime")
 
-Any NATS client can do the same by publishing to ``din.v1.infer.<tenant>.<model>``
-with a reply subject; this one only adds encoding and error decoding.
+With ``keys`` (the tenant's key file, written by ``din up``) every request is
+sealed to the tenant's data key, bound to its id, model and reply subject, and
+every result is checked: signed by a site the key manager vouches for, sealed to
+this tenant for this request. Without keys the client sends in clear, which
+admission accepts only from tenants the crypto policy lets in (or with security off).
+
+Any NATS client can publish to ``din.v1.infer.<tenant>.<model>`` with a reply
+subject; this one adds encoding, sealing, verification and error decoding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +24,7 @@ from dataclasses import dataclass
 import nats
 import numpy as np
 from nats.aio.client import Client as NatsClient
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.aio.msg import Msg
 
 from shared.contracts.inference import (
     JSON_CONTENT_TYPE,
@@ -24,11 +32,24 @@ from shared.contracts.inference import (
     RequestHeaders,
     SlaClass,
 )
+from shared.envelope import InvalidToken
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
 from shared.naming import Subjects
+from shared.security import (
+    KeyAgent,
+    PayloadSecurity,
+    PrincipalKeys,
+    is_sealed,
+    request_binding,
+    result_binding,
+    site_of,
+    tenant_principal,
+)
 from shared.tensors import encode_binary, encode_request_json, tensors_to_arrays
 
 CLIENT_GRACE_S = 0.5
+NO_RESPONDERS_STATUS = "503"
+STATUS_HEADER = "Status"
 
 
 class DinRequestError(Exception):
@@ -45,10 +66,12 @@ class NoAnswerError(Exception):
 
 @dataclass
 class InferResult:
-    """A successful answer, with the outputs as numpy arrays."""
+    """A successful answer, with the outputs as numpy arrays and who vouched for it."""
 
     response: InferResponseV1
     outputs: dict[str, np.ndarray]
+    signer: str | None = None
+    encrypted: bool = False
 
     @property
     def served_by(self):
@@ -65,16 +88,52 @@ def decode_answer(data: bytes, headers: Mapping[str, str] | None) -> InferRespon
 class DinClient:
     """A tenant's connection to a DIN network."""
 
-    def __init__(self, nc: NatsClient, tenant: str, token: str, *, owns_connection: bool = False) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        tenant: str,
+        token: str,
+        *,
+        security: PayloadSecurity | None = None,
+        owns_connection: bool = False,
+    ) -> None:
         self._nc = nc
         self.tenant = tenant
         self._token = token
         self._owns = owns_connection
+        self.security = security or PayloadSecurity(None)
+        self._reader = tenant_principal(tenant)
+        self._inbox = nc.new_inbox()
+        self._pending: dict[str, asyncio.Future] = {}
+        self._subscription = None
 
     @classmethod
-    async def connect(cls, url: str, tenant: str, token: str) -> "DinClient":
+    async def connect(
+        cls, url: str, tenant: str, token: str, keys: PrincipalKeys | None = None, *, keys_timeout_s: float = 30.0
+    ) -> "DinClient":
+        """Connect as ``tenant``; with ``keys``, wait until the tenant's data key has been distributed."""
         nc = await nats.connect(url, name=f"din-client-{tenant}")
-        return cls(nc, tenant, token, owns_connection=True)
+        try:
+            security = None
+            if keys is not None:
+                if keys.principal != tenant_principal(tenant):
+                    raise ValueError(f"key file of {keys.principal} cannot be used as tenant {tenant!r}")
+                security = PayloadSecurity(KeyAgent(keys))
+                await security.start(nc, readers=lambda agent: [tenant_principal(tenant)], timeout_s=keys_timeout_s)
+            client = cls(nc, tenant, token, security=security, owns_connection=True)
+            await client._listen()
+        except BaseException:
+            await nc.close()
+            raise
+        return client
+
+    async def _listen(self) -> None:
+        self._subscription = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_answer)
+
+    async def _on_answer(self, msg: Msg) -> None:
+        future = self._pending.pop(msg.subject[len(self._inbox) + 1 :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
 
     async def __aenter__(self) -> "DinClient":
         return self
@@ -83,6 +142,10 @@ class DinClient:
         await self.close()
 
     async def close(self) -> None:
+        await self.security.stop()
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()
+            self._subscription = None
         if self._owns:
             await self._nc.drain()
 
@@ -100,7 +163,7 @@ class DinClient:
         request_id: str | None = None,
         traceparent: str | None = None,
     ) -> tuple[bytes, dict[str, str]]:
-        """Encode a request body and headers (binary form takes exactly one input)."""
+        """Encode a request body and headers, unsealed (binary form takes exactly one input)."""
         headers = {
             RequestHeaders.TOKEN: self._token,
             RequestHeaders.SLA_CLASS: SlaClass(sla).value,
@@ -128,16 +191,63 @@ class DinClient:
         headers[RequestHeaders.CONTENT_TYPE] = JSON_CONTENT_TYPE
         return encode_request_json({n: np.asarray(a) for n, a in inputs.items()}), headers
 
+    def seal(self, model: str, body: bytes, headers: dict[str, str], reply: str) -> tuple[bytes, dict[str, str]]:
+        """Seal a built request to this tenant's data key, bound to its id, model and ``reply`` subject."""
+        if not self.security.enabled:
+            return body, headers
+        aad = request_binding(headers[RequestHeaders.REQUEST_ID], self.tenant, model, reply, headers)
+        sealed = self.security.seal(body, reader=self._reader, aad=aad)
+        return sealed.body, {**headers, **sealed.to_headers()}
+
+    def open_answer(self, request_id: str, data: bytes, headers: Mapping[str, str] | None) -> InferResult:
+        """Decode an answer: an error as ``DinRequestError``, a result checked (signature, seal) and decoded.
+
+        A result that cannot be authenticated raises ``DinRequestError`` with code ``unauthenticated``.
+        """
+        if headers and DIN_ERROR_HEADER in headers:
+            raise DinRequestError(ErrorReplyV1.model_validate_json(data).error)
+        signer = None
+        encrypted = False
+        if self.security.enabled:
+            try:
+                if not is_sealed(headers):
+                    raise InvalidToken()
+                signer = self.security.verify_answer(data, headers)
+                opened = self.security.open(
+                    data, headers, reader=self._reader,
+                    allow_integrity=self.security.agent.integrity_allowed(site_of(signer)),
+                    expected_aad=result_binding(request_id, self.tenant),
+                )
+                if opened.sender != signer:
+                    raise InvalidToken()
+            except InvalidToken as refused:
+                self.security.refused(refused)
+                raise DinRequestError(refused.to_model(request_id)) from None
+            data, encrypted = opened.plaintext, opened.confidential
+        response = InferResponseV1.model_validate_json(data)
+        return InferResult(response, tensors_to_arrays(response.outputs), signer, encrypted)
+
+    async def request(self, subject: str, body: bytes, headers: dict[str, str], token: str, wait_s: float) -> Msg:
+        """Publish with reply subject ``<inbox>.<token>`` and wait for the single answer."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending[token] = future
+        try:
+            await self._nc.publish(subject, body, reply=f"{self._inbox}.{token}", headers=headers)
+            msg = await asyncio.wait_for(future, wait_s)
+        except asyncio.TimeoutError:
+            raise NoAnswerError(f"no answer within {wait_s:.1f}s") from None
+        finally:
+            self._pending.pop(token, None)
+        if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
+            raise NoAnswerError("no admission service is listening: is the DIN stack running?")
+        return msg
+
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], **options) -> InferResult:
         """Send one request and wait for its single answer; raise ``DinRequestError`` on a DIN error."""
         timeout_ms = options.get("timeout_ms")
         body, headers = self.build(inputs, **options)
+        token = uuid.uuid4().hex
+        body, headers = self.seal(model, body, headers, f"{self._inbox}.{token}")
         wait_s = (timeout_ms / 1000.0 if timeout_ms else 60.0) + CLIENT_GRACE_S
-        try:
-            msg = await self._nc.request(Subjects.infer(self.tenant, model), body, timeout=wait_s, headers=headers)
-        except NoRespondersError:
-            raise NoAnswerError("no admission service is listening: is the DIN stack running?") from None
-        except NatsTimeout:
-            raise NoAnswerError(f"no answer within {wait_s:.1f}s") from None
-        response = decode_answer(msg.data, msg.headers)
-        return InferResult(response=response, outputs=tensors_to_arrays(response.outputs))
+        msg = await self.request(Subjects.infer(self.tenant, model), body, headers, token, wait_s)
+        return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers)

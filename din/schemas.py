@@ -40,19 +40,24 @@ from shared.contracts import (
     InferRequestV1,
     InferResponseV1,
     JobV1,
+    KeyCommandResultV1,
+    KeyCommandV1,
     LoadModelV1,
     ModelLoadedV1,
     PressureV1,
     ProbeV1,
     SchedulingDecisionV1,
     SlaViolationV1,
+    SpanV1,
 )
+from shared import envelope
 from shared.contracts.inference import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, RequestHeaders
 from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
 from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ErrorCode
 from shared.eventlog import EVENT_TYPE_HEADER, event_type
 from shared.naming import API_VERSION, SERVICES, Subjects, Topics, work_stream
 from shared.recording import RECORD_HEADERS
+from shared.security import SIGNER_HEADER
 from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -229,13 +234,18 @@ def channels() -> list[Channel]:
         ),
         Channel(
             "control", subject_pattern(Subjects.control, "service", "instance"),
-            "Operator commands to one instance, e.g. serving a new model version on an executor.", ("loadModel",),
-            sends=(Endpoint(OPERATOR, reply="controlReply"),), receives=(Endpoint("executor"),),
+            "Operator commands to one instance: serving a new model version on an executor; rotating data keys "
+            "or revoking a principal at the key manager (signed by the operator principal).",
+            ("loadModel", "keyCommand"),
+            sends=(Endpoint(OPERATOR, reply="controlReply"),),
+            receives=(Endpoint("executor", messages=("loadModel",)), Endpoint("keymanager", messages=("keyCommand",))),
         ),
         Channel(
-            "controlReply", None, "The operator's reply subject: the model now served, or why not.",
-            ("modelLoaded", "controlError"),
-            sends=(Endpoint("executor"),), receives=(Endpoint(OPERATOR),),
+            "controlReply", None, "The operator's reply subject: the model now served, the keys now, or why not.",
+            ("modelLoaded", "keyCommandResult", "controlError"),
+            sends=(Endpoint("executor", messages=("modelLoaded", "controlError")),
+                   Endpoint("keymanager", messages=("keyCommandResult", "controlError"))),
+            receives=(Endpoint(OPERATOR),),
         ),
         Channel(
             "health", subject_pattern(Subjects.health, "service"),
@@ -257,6 +267,7 @@ def channels() -> list[Channel]:
             "recordedRequest", ("admission",), "Every admitted request, body and metadata, for replay."
         ),
         Topics.ALERTS: ("slaViolationEvent", ("telemetry",), "SLA violation alerts."),
+        Topics.SPANS: ("spanEvent", SERVICES, "Sampled trace spans of every hop; key: trace id."),
         Topics.ADMISSION_DECISIONS: ("admissionDecision", ("admission",), "Admission's verdict on every request."),
         Topics.CLASSIFICATIONS: ("classification", ("classifier",), "The workload class of every admitted request."),
         Topics.SCHEDULING_DECISIONS: (
@@ -340,6 +351,32 @@ def header_schemas() -> dict[str, dict]:
             },
             (ERROR_HEADER, ERROR_CODE_HEADER, DIN_ERROR_HEADER),
         ),
+        "EnvelopeHeaders": _header_object(
+            "Seal a payload (shared.envelope): AES-256-GCM, or HMAC-SHA256 where the crypto policy allows "
+            "integrity only; every header below is authenticated with the body.",
+            {
+                envelope.H_VERSION: _text("Envelope format version.", const=envelope.FORMAT_VERSION),
+                envelope.H_MODE: _text("aead (encrypted) or mac (integrity only).", enum=[envelope.MODE_AEAD,
+                                                                                         envelope.MODE_MAC]),
+                envelope.H_KEY_VERSION: _text("Version of the reader's data key.", pattern=r"^\d+$"),
+                envelope.H_SENDER: _text("Principal that sealed it: site-<site> or tenant-<tenant>."),
+                envelope.H_READER: _text("Principal whose data key sealed it, who may open it."),
+                envelope.H_TIMESTAMP: _text("Sealing time, Unix epoch ms.", pattern=r"^\d+$"),
+                envelope.H_NONCE: _text("96 random bits, base64url; a nonce seen before is refused."),
+                envelope.H_AAD: _text("Routing metadata bound to the payload, canonical JSON: request id, tenant, "
+                                      "model, reply subject, tensor headers."),
+                envelope.H_TAG: _text("mac mode only: the HMAC-SHA256 tag, base64url."),
+            },
+            envelope.ENVELOPE_HEADERS[:-1],
+        ),
+        "ResultSignatureHeaders": _header_object(
+            "Sign a result: Ed25519 by the executor's site over SHA-256 of the body and the envelope headers.",
+            {
+                SIGNER_HEADER: _text("The signing site's principal, site-<site>."),
+                envelope.SIGNATURE_HEADER: _text("Ed25519 signature, base64url."),
+            },
+            (SIGNER_HEADER, envelope.SIGNATURE_HEADER),
+        ),
         "CompletionHeaders": _header_object(
             "Identify the request a completion event belongs to.",
             {RequestHeaders.REQUEST_ID: _text("Request id of the finished job.")},
@@ -385,20 +422,27 @@ def messages() -> dict[str, dict]:
         return message
 
     return {
-        "inferRequest": json_message(InferRequestV1, "An inference request, tensors as JSON.", _ref("RequestHeaders")),
+        "inferRequest": json_message(
+            InferRequestV1, "An inference request, tensors as JSON (sealed to the tenant: the body is ciphertext).",
+            {"allOf": [_ref("RequestHeaders"), _ref("EnvelopeHeaders")]},
+        ),
         "inferRequestTensor": {
-            "summary": "An inference request with one binary tensor as the body.",
+            "summary": "An inference request with one binary tensor as the body (sealed to the tenant).",
             "contentType": TENSOR_CONTENT_TYPE,
             "payload": _ref("TensorBody"),
-            "headers": {"allOf": [_ref("RequestHeaders"), _ref("TensorHeaders")]},
+            "headers": {"allOf": [_ref("RequestHeaders"), _ref("TensorHeaders"), _ref("EnvelopeHeaders")]},
         },
-        "inferResponse": json_message(InferResponseV1, "The result, and where it was served."),
+        "inferResponse": json_message(
+            InferResponseV1, "The result, and where it was served; sealed to the tenant and signed by the site.",
+            {"allOf": [_ref("EnvelopeHeaders"), _ref("ResultSignatureHeaders")]},
+        ),
         "errorReply": json_message(ErrorReplyV1, "Why the request failed.", _ref("ErrorHeaders")),
         "job": {
             "name": _model_name(JobV1),
-            "summary": "An admitted request: the client's body, routing metadata in headers.",
+            "summary": "An admitted request: the client's body sealed to the tenant, then by the scheduler to the "
+                       "executor's site; routing metadata in headers.",
             "payload": _ref("JobBody"),
-            "headers": _ref("JobHeaders"),
+            "headers": {"allOf": [_ref("JobHeaders"), _ref("EnvelopeHeaders")]},
         },
         "pressure": json_message(PressureV1, "Network load."),
         "heartbeat": json_message(HeartbeatV1, "An executor's state and load."),
@@ -407,6 +451,13 @@ def messages() -> dict[str, dict]:
         "loadModel": json_message(LoadModelV1, "Serve a model version from now on."),
         "modelLoaded": json_message(ModelLoadedV1, "The model version now served."),
         "controlError": json_message(ErrorV1, "Why the command failed."),
+        "keyCommand": json_message(
+            KeyCommandV1, "Rotate data keys, revoke a principal, or report key status.",
+            _header_object("Signed by the operator principal.",
+                           {envelope.SIGNATURE_HEADER: _text("Ed25519 signature over the body, base64url.")},
+                           (envelope.SIGNATURE_HEADER,)),
+        ),
+        "keyCommandResult": json_message(KeyCommandResultV1, "The keys after the command."),
         "healthRequest": {"summary": "Ask for health.", "contentType": JSON_CONTENT_TYPE,
                           "payload": _ref("HealthRequest")},
         "health": json_message(HealthV1, "An instance's health."),
@@ -418,6 +469,7 @@ def messages() -> dict[str, dict]:
         "deadLetter": event(DeadLetterV1, "A message kept for inspection.", "Service that gave up on it."),
         "slaViolation": json_message(SlaViolationV1, "An SLA class crossed its latency target, or came back under."),
         "slaViolationEvent": event(SlaViolationV1, "An SLA violation alert.", "SLA class."),
+        "spanEvent": event(SpanV1, "A finished trace span.", "Trace id."),
         "recordedRequest": {
             "summary": "An admitted request as the client sent it (the token never recorded), for replay.",
             "payload": _ref("JobBody"),

@@ -13,7 +13,9 @@ Keys
     are encrypted under a *data-encryption key* (DEK) that belongs to the
     *reader* (a site or a tenant) and carries a version. A ``Keyring`` holds
     DEKs by ``(reader, version)``: the current version seals, retired versions
-    still open for a grace window, revoked principals are refused.
+    still open for a grace window, revoked principals are refused. A new version
+    may be installed *pending* (it opens but does not seal) and activated later,
+    so every holder can open it before anyone seals with it.
 
 Distribution
     The key manager wraps a reader's DEK to each holder's X25519 public key
@@ -119,6 +121,7 @@ H_AAD = "Din-Env-Aad"
 H_TAG = "Din-Env-Tag"
 ENVELOPE_HEADERS = (H_VERSION, H_MODE, H_KEY_VERSION, H_SENDER, H_READER, H_TIMESTAMP, H_NONCE, H_AAD, H_TAG)
 _AUTHENTICATED_HEADERS = ENVELOPE_HEADERS[:-1]
+_ENVELOPE_HEADER_SET = frozenset(ENVELOPE_HEADERS)
 
 SIGNATURE_HEADER = "Din-Sig"
 """Where a result's Ed25519 signature travels; excluded from what is signed."""
@@ -196,8 +199,12 @@ def _b64d(text: str | bytes, length: int | None = None) -> bytes:
     return raw
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+"""Built once: ``json.dumps`` with options builds a new encoder per call, a measurable cost on the hot path."""
+
+
 def _canonical(obj: Mapping[str, str]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _CANONICAL_JSON.encode(obj).encode("ascii")
 
 
 def _check_str_map(values: Mapping[str, str], what: str) -> dict[str, str]:
@@ -465,35 +472,64 @@ class Keyring:
         self._current: dict[str, _Entry] = {}
         self._revoked: set[str] = set()
 
-    def install(self, dek: DataKey, *, now: float | None = None, grace_s: float | None = None) -> None:
+    def install(
+        self, dek: DataKey, *, now: float | None = None, grace_s: float | None = None, activate: bool = True
+    ) -> None:
         """Add a DEK (e.g. one from ``unwrap_dek``).
 
         A version newer than the reader's current one becomes current and the old
         current is retired at ``now`` (accepted for ``grace_s``, default the ring's).
-        An older version is kept as already retired. Re-installing the same key is a
-        no-op; a different key under an existing version raises ``ValueError``.
+        With ``activate=False`` a newer version is only *pending*: it opens messages
+        but does not seal until ``activate`` (two-phase rotation: every holder can
+        open a version before anyone seals with it). An older version is kept as
+        already retired. Re-installing the same key is a no-op (or activates a
+        pending one); a different key under an existing version raises ``ValueError``.
         """
         slot = (dek.reader, dek.version)
         existing = self._entries.get(slot)
         if existing is not None:
             if not hmac.compare_digest(existing.dek.key, dek.key):
                 raise ValueError(f"a different key is installed as {dek.reader} v{dek.version}")
+            if activate and existing.accept_until is None and self._current.get(dek.reader) is not existing:
+                self.activate(dek.reader, dek.version, now=now, grace_s=grace_s)
             return
-        now = self.clock() if now is None else now
-        grace = self.grace_s if grace_s is None else grace_s
         entry = _Entry(
             dek=dek,
             aead=AESGCM(_hkdf(dek.key, _LABEL + b"/aead/" + _dek_context(dek.reader, dek.version))),
             mac_key=_hkdf(dek.key, _LABEL + b"/mac/" + _dek_context(dek.reader, dek.version)),
         )
         current = self._current.get(dek.reader)
-        if current is None or dek.version > current.dek.version:
-            if current is not None:
-                current.accept_until = now + grace
-            self._current[dek.reader] = entry
-        else:
-            entry.accept_until = now + grace
         self._entries[slot] = entry
+        if current is None or dek.version > current.dek.version:
+            if activate:
+                self.activate(dek.reader, dek.version, now=now, grace_s=grace_s)
+        else:
+            now = self.clock() if now is None else now
+            entry.accept_until = now + (self.grace_s if grace_s is None else grace_s)
+
+    def activate(
+        self, reader: str, version: int, *, now: float | None = None, grace_s: float | None = None
+    ) -> None:
+        """Make installed ``version`` the one that seals for ``reader``.
+
+        The previous current version is retired at ``now`` (accepted for ``grace_s``,
+        default the ring's). Activating a version older than the current one, or one
+        already retired, raises ``ValueError``; activating the current one is a no-op.
+        """
+        entry = self._entries[(reader, version)]
+        current = self._current.get(reader)
+        if current is entry:
+            return
+        if entry.accept_until is not None or (current is not None and version < current.dek.version):
+            raise ValueError(f"{reader} v{version} is retired or older than the current version")
+        now = self.clock() if now is None else now
+        until = now + (self.grace_s if grace_s is None else grace_s)
+        if current is not None:
+            current.accept_until = until
+        for (other_reader, other_version), other in self._entries.items():
+            if other_reader == reader and other_version < version and other.accept_until is None and other is not current:
+                other.accept_until = until  # an older version still pending never gets to seal
+        self._current[reader] = entry
 
     def rotate(self, reader: str, *, now: float | None = None, grace_s: float | None = None) -> int:
         """Make a fresh DEK current for ``reader`` and return its version.
@@ -542,6 +578,11 @@ class Keyring:
         if entry is None:
             raise KeyError(reader)
         return entry.dek
+
+    def get(self, reader: str, version: int) -> DataKey | None:
+        """The DEK held as ``version`` of ``reader``, for the key manager to recover its state."""
+        entry = self._entries.get((reader, version))
+        return None if entry is None else entry.dek
 
     def versions(self, reader: str) -> list[int]:
         """All versions held for ``reader``, oldest first (current and retired)."""
@@ -604,6 +645,13 @@ class ReplayGuard:
             self._seen.discard(old_nonce)
             self._floor = max(self._floor, oldest)
 
+    def release(self, nonce: str) -> None:
+        """Forget ``nonce``: a message handed back for redelivery (a work-queue NAK) may arrive again.
+
+        Only for a message this process authenticated and then gave back itself.
+        """
+        self._seen.discard(nonce)
+
     def _evict(self, horizon: float) -> None:
         # Raising the floor past every evicted timestamp keeps a caller whose clock
         # steps backwards from getting an evicted nonce accepted again.
@@ -640,15 +688,19 @@ class Sealed:
 
         Other headers are ignored; values that are not ASCII raise ``InvalidToken``.
         """
-        pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+        if isinstance(headers, Mapping):
+            pairs = [(name, headers[name]) for name in ENVELOPE_HEADERS if name in headers]
+        else:
+            pairs = [(name, value) for name, value in (headers or ()) if name in _ENVELOPE_HEADER_SET]
         picked: dict[str, str] = {}
         for name, value in pairs:
-            if name in ENVELOPE_HEADERS:
-                try:
-                    text = value.decode("ascii") if isinstance(value, bytes) else value
-                    picked[name] = text.encode("ascii").decode("ascii")
-                except (UnicodeError, AttributeError):
-                    raise InvalidToken(Reason.MALFORMED) from None
+            try:
+                text = value.decode("ascii") if isinstance(value, bytes) else value
+                if not text.isascii():
+                    raise UnicodeError("not ASCII")
+            except (UnicodeError, AttributeError):
+                raise InvalidToken(Reason.MALFORMED) from None
+            picked[name] = text
         return cls(bytes(body), picked)
 
     @property
@@ -699,7 +751,7 @@ class PathPolicy:
 
 
 def _aad_header(aad: Mapping[str, str]) -> str:
-    return _canonical(_check_str_map(aad, "aad")).decode("ascii")
+    return _CANONICAL_JSON.encode(_check_str_map(aad, "aad"))
 
 
 def _mac(key: bytes, associated: bytes, plaintext: bytes) -> bytes:

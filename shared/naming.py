@@ -124,6 +124,7 @@ class Topics:
     HEARTBEATS = _join("executor", "heartbeats")
     DEAD_LETTER = _join("deadletter")
     ALERTS = _join("telemetry", "alerts")
+    SPANS = _join("telemetry", "spans")
     SMOKE = _join("smoke")
 
     ALL = (
@@ -135,6 +136,7 @@ class Topics:
         HEARTBEATS,
         DEAD_LETTER,
         ALERTS,
+        SPANS,
     )
 
     @staticmethod

@@ -29,6 +29,7 @@ from shared.errors import DinError, ErrorCode, error_reply
 from shared.eventlog import EventLog
 from shared.naming import Subjects, Topics
 from shared.settings import ServiceSettings
+from shared.tracing import Tracing
 
 Handler = Callable[[Msg], Awaitable[None]]
 log = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ class ServiceRuntime:
         )
         self.events = EventLog(
             settings.kafka_bootstrap, client_id=f"din-{name}-{self.instance}", topic_scope=settings.topic_scope
+        )
+        self.tracing = Tracing(
+            name,
+            self.instance,
+            settings.site,
+            sample_ratio=settings.trace_sample_ratio,
+            emit=lambda span: self.events.emit(Topics.SPANS, span, key=span.trace_id),
+            otlp_endpoint=settings.otlp_endpoint,
         )
         self.ready = False
         self.handler_errors = 0
@@ -166,6 +175,7 @@ class ServiceRuntime:
         for hook in self._drain_hooks:
             await hook()
         await self.stop_background()
+        self.tracing.shutdown()
         await self.events.stop()
 
     def _guard(self, handler: Handler) -> Handler:

@@ -36,6 +36,18 @@ class ServiceSettings(BaseSettings):
         validation_alias=_plain("DIN_SITE"),
         description="Name of the site this process runs at.",
     )
+    trace_sample_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        validation_alias=_plain("DIN_TRACE_SAMPLE_RATIO"),
+        description="Share of requests without a sampled traceparent that start a trace.",
+    )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=_plain("DIN_OTLP_ENDPOINT"),
+        description="OTLP/HTTP traces endpoint of a collector; traces are exported there when set.",
+    )
     topic_scope: str | None = Field(
         default=None,
         validation_alias=_plain("DIN_TOPIC_SCOPE"),

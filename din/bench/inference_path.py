@@ -231,7 +231,7 @@ async def _light(path: str, send, count: int) -> Measurement:
 async def measure_din(stack: Stack, row: np.ndarray, levels: list[int], seconds: float,
                       light_count: int) -> list[Measurement]:
     secret = read_credentials(stack.credentials_file)["bench"]
-    client = await DinClient.connect(stack.hub_url, "bench", issue_token("bench", secret))
+    client = await DinClient.connect(stack.hub_url, "bench", issue_token("bench", secret), stack.tenant_keys("bench"))
 
     async def send() -> None:
         await client.infer(MODEL, {"input": row}, sla="realtime", binary=True, timeout_ms=5000)

@@ -10,6 +10,7 @@ from din.client import DinClient
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, SCHEDULER_MODES, PortPlan, Stack
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared.credentials import issue_token, read_credentials
+from shared.security import PrincipalKeys
 from shared.topology import load_topology
 
 
@@ -43,7 +44,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with stack.start():
         print(stack.describe(), flush=True)
         credentials = read_credentials(stack.credentials_file)
-        report = asyncio.run(_drive(stack.hub_url, credentials, args.requests, args.concurrency))
+        keys = {tenant: stack.tenant_keys(tenant) for tenant in credentials}
+        report = asyncio.run(_drive(stack.hub_url, credentials, keys, args.requests, args.concurrency))
         print("\nSummary (latency is client-observed, end to end):\n")
         print(report.table())
         print(f"\nDecisions and completions are in Kafka at {stack.kafka_bootstrap}; logs under {stack.run_dir}.")
@@ -51,10 +53,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _drive(hub_url: str, credentials: dict[str, str], count: int, concurrency: int):
+async def _drive(hub_url: str, credentials: dict[str, str], keys: dict[str, PrincipalKeys], count: int,
+                 concurrency: int):
     x, y = load_digits_test(DEFAULT_MODEL_REPO)
     tenants = sorted(credentials)
-    clients = {t: await DinClient.connect(hub_url, t, issue_token(t, credentials[t])) for t in tenants}
+    clients = {t: await DinClient.connect(hub_url, t, issue_token(t, credentials[t]), keys[t]) for t in tenants}
     try:
         plan = mixed_plan(tenants, count, len(x))
         print(f"\nSending {count} requests as {', '.join(tenants)} ({concurrency} in flight) ...", flush=True)

@@ -4,9 +4,12 @@
 (JetStream everywhere, one domain per site), Kafka in KRaft mode, then the
 services: admission, classifier, scheduler, telemetry and keymanager once at
 the hub site, and one executor per executor in the topology, each connected to
-its own site's NATS server. It returns only when every service answers its
-health subject with ``ready=true``; anything else stops what was started and
-raises ``StackError`` with the failing process's log tail.
+its own site's NATS server. Before any service starts it writes the run's key
+files (``shared.security.init_keys``: a master key, the key store, one key file
+per principal) under ``<run>/keys``; each service is given only its own. It
+returns only when every service answers its health subject with ``ready=true``;
+anything else stops what was started and raises ``StackError`` with the failing
+process's log tail.
 
 ``service_environments`` is the single place that decides each service's
 environment; ``docker-compose.yml`` must match it, and a test compares them.
@@ -29,7 +32,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import yaml
 
@@ -52,6 +55,17 @@ from din.stack.processes import (
 )
 from shared.credentials import write_credentials
 from shared.naming import Subjects
+from shared.security import (
+    KEYSTORE_FILE,
+    MASTER_KEY_FILE,
+    CryptoPolicy,
+    PrincipalKeys,
+    init_keys,
+    key_file,
+    key_file_name,
+    site_principal,
+    tenant_principal,
+)
 from shared.topology import Topology
 
 DEFAULT_DIN_DIR = REPO_ROOT / ".din"
@@ -64,6 +78,8 @@ SCHEDULER_MODES = ("centralized", "distributed")
 SINGLETON_SERVICES = ("keymanager", "telemetry", "scheduler", "classifier", "admission")
 EXECUTOR = "executor"
 SERVICE_KINDS = (*SINGLETON_SERVICES[:2], EXECUTOR, *SINGLETON_SERVICES[2:])
+SECURED_SERVICES = ("keymanager", "admission", "scheduler", EXECUTOR)
+"""Services that hold keys; ``DIN_SECURITY`` switches them all on or off together."""
 
 
 # --------------------------------------------------------------------------- ports
@@ -211,12 +227,18 @@ def service_environments(
     telemetry_metrics_host: str = "127.0.0.1",
     topic_scope: str | None = None,
     services: Iterable[str] | None = None,
+    keys_dir: str | Path | None = None,
+    security: bool = True,
+    security_policy: CryptoPolicy | None = None,
 ) -> dict[str, dict[str, str]]:
     """Environment of every service process, keyed by process name (see ``service_instances``).
 
     ``nats_urls`` maps each site to the NATS URL its processes use; the hub
-    site's URL serves the singleton services. ``din up`` and
-    ``docker-compose.yml`` both follow this function.
+    site's URL serves the singleton services. ``keys_dir`` holds the key files
+    (default: ``keys`` beside the credentials file): the key manager gets the key
+    store and master key, admission and the scheduler the hub site's key file,
+    each executor its site's. ``din up`` and ``docker-compose.yml`` both follow
+    this function.
     """
     if mode not in SCHEDULER_MODES:
         raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
@@ -224,6 +246,9 @@ def service_environments(
     if missing:
         raise StackError(f"no NATS URL for site {missing[0]!r}")
     executors = {e.id: e for s in topology.sites for e in s.executors}
+    keys = PurePath(keys_dir) if keys_dir is not None else PurePath(credentials_path).parent / "keys"
+    hub_keys = str(keys / key_file_name(site_principal(topology.hub.name)))
+    policy = (security_policy or CryptoPolicy()).model_dump_json()
     envs: dict[str, dict[str, str]] = {}
     for inst in service_instances(topology, services):
         env = {
@@ -235,10 +260,18 @@ def service_environments(
         }
         if topic_scope:
             env["DIN_TOPIC_SCOPE"] = topic_scope
-        if inst.service == "admission":
+        if inst.service in SECURED_SERVICES:
+            env["DIN_SECURITY"] = "on" if security else "off"
+        if inst.service == "keymanager":
+            env["DIN_KEYMANAGER_KEYSTORE"] = str(keys / KEYSTORE_FILE)
+            env["DIN_KEYMANAGER_MASTER_KEY_FILE"] = str(keys / MASTER_KEY_FILE)
+            env["DIN_KEYMANAGER_POLICY"] = policy
+        elif inst.service == "admission":
             env["DIN_ADMISSION_CREDENTIALS_FILE"] = str(credentials_path)
+            env["DIN_ADMISSION_KEY_FILE"] = hub_keys
         elif inst.service == "scheduler":
             env["DIN_SCHEDULER_MODE"] = mode
+            env["DIN_SCHEDULER_KEY_FILE"] = hub_keys
         elif inst.service == "telemetry":
             env["DIN_TELEMETRY_METRICS_PORT"] = str(telemetry_metrics_port)
             env["DIN_TELEMETRY_METRICS_HOST"] = telemetry_metrics_host
@@ -248,6 +281,7 @@ def service_environments(
             env["DIN_EXECUTOR_MODELS"] = ",".join(spec.models)
             env["DIN_EXECUTOR_MODEL_REPO"] = str(model_repo)
             env["DIN_EXECUTOR_CAPACITY"] = str(spec.capacity)
+            env["DIN_EXECUTOR_KEY_FILE"] = str(keys / key_file_name(site_principal(inst.site)))
             # Distributed scheduling hands work to each site's JetStream queue, which executors pull.
             env["DIN_EXECUTOR_PULL"] = "true" if mode == "distributed" else "false"
         envs[inst.name] = env
@@ -537,6 +571,8 @@ class Stack:
         write_state: bool = True,
         topic_scope: str | None = None,
         external_kafka: str | None = None,
+        security: bool = True,
+        security_policy: CryptoPolicy | None = None,
     ) -> None:
         if mode not in SCHEDULER_MODES:
             raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
@@ -555,6 +591,8 @@ class Stack:
         self.broker_timeout_s = broker_timeout_s
         self.state_file = self.din_dir / STATE_FILE_NAME if write_state else None
         self.topic_scope = topic_scope
+        self.security = security
+        self.security_policy = security_policy
         self.nats = nats_specs(topology, self.ports)
         self.kafka = KafkaSpec(self.ports.kafka, self.ports.kafka_controller, libs=self.kafka_libs)
         self.supervisor_pid: int | None = None
@@ -592,6 +630,16 @@ class Stack:
         assert self.run_dir is not None, "credentials_file needs the run dir: call start() first"
         return self.run_dir / "credentials.json"
 
+    @property
+    def keys_dir(self) -> Path:
+        """The key files of this run (written by ``start``): master key, key store, one file per principal."""
+        assert self.run_dir is not None, "keys_dir needs the run dir: call start() first"
+        return self.run_dir / "keys"
+
+    def tenant_keys(self, tenant: str) -> PrincipalKeys:
+        """The key material a client of ``tenant`` connects with."""
+        return PrincipalKeys.load(key_file(self.keys_dir, tenant_principal(tenant)))
+
     def describe(self) -> str:
         """A table of where every process runs and logs."""
         rows = [[r.site, r.process, str(r.pid), r.address, shown_path(r.log)] for r in self.rows]
@@ -611,6 +659,9 @@ class Stack:
             telemetry_metrics_port=self.ports.telemetry_metrics,
             topic_scope=self.topic_scope,
             services={i.service for i in self.instances},
+            keys_dir=self.keys_dir,
+            security=self.security,
+            security_policy=self.security_policy,
         )
 
     # -- lifecycle
@@ -668,6 +719,7 @@ class Stack:
         try:
             self._write_topology(self.run_dir)
             write_credentials(self.credentials_file, [t.name for t in self.topology.tenants])
+            init_keys(self.keys_dir, self.topology)
             self._start_brokers()
             self._start_services()
         except BaseException:

@@ -36,6 +36,10 @@ class AdmissionGate:
         self._clock = wall_clock
         self.pressure: PressureV1 | None = None
 
+    def knows(self, tenant: str) -> bool:
+        """True when ``tenant`` is a tenant of this network."""
+        return self._verifier.knows(tenant)
+
     def admit(self, tenant: str, model: str, headers: dict[str, str] | None, body: bytes) -> Intake:
         """Return the request's intake when admitted; raise ``DinError`` with the reason otherwise."""
         now_ms = self._clock() * 1000.0

@@ -1,4 +1,10 @@
-"""Admission's front door: requests on ``din.v1.infer.<tenant>.<model>``, admitted ones on to classification."""
+"""Admission's front door: requests on ``din.v1.infer.<tenant>.<model>``, admitted ones on to classification.
+
+A request must come sealed by its tenant (or in clear from a tenant the crypto
+policy lets in); one that cannot be authenticated is answered ``unauthenticated``,
+except a replay, which is dropped: its reply subject is the original requester's,
+who gets its own answer.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import time
 from nats.aio.msg import Msg
 
 from services.admission.gate import AdmissionGate
+from services.admission.ingress import RequestOpener
 from services.admission.intake import peek_request_id
 from services.admission.quota import QuotaLedger
 from services.admission.settings import AdmissionSettings
@@ -14,12 +21,15 @@ from shared.catalog import ModelCatalog
 from shared.contracts.events import AdmissionDecisionV1, PressureV1
 from shared.contracts.job import JobV1
 from shared.credentials import TenantVerifier, read_credentials
+from shared.envelope import InvalidToken, Reason
 from shared.errors import DinError, ErrorCode
 from shared.naming import InvalidNameError, Subjects, Topics
 from shared.runtime import ServiceRuntime
+from shared.security import PayloadSecurity, tenant_principal
 from shared.topology import load_topology
 
 PASSTHROUGH_PREFIXES = ("Din-Tensor-", "Content-Type")
+SILENT_REASONS = (Reason.REPLAY, Reason.STALE)
 
 
 def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
@@ -33,8 +43,17 @@ def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
         max_payload=settings.max_payload_bytes,
         shed_factor=settings.shed_factor,
     )
+    security = PayloadSecurity.from_settings(settings)
+    opener = RequestOpener(security, settings.max_payload_bytes)
     counts = {"admitted": 0, "refused": 0, "unanswerable": 0}
-    runtime.detail = lambda: counts
+    runtime.detail = lambda: {**counts, **security.detail()}
+
+    @runtime.on_start
+    async def keys() -> None:
+        await security.start(runtime.nc, readers=lambda agent: [tenant_principal(t.name) for t in topology.tenants],
+                             timeout_s=settings.keys_wait_s)
+
+    runtime.on_drain(security.stop)
 
     @runtime.broker.subscriber(Subjects.PRESSURE)
     async def on_pressure(pressure: PressureV1) -> None:
@@ -68,7 +87,19 @@ def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
             return
         try:
             tenant, model = Subjects.parse_infer(msg.subject)
-            intake = gate.admit(tenant, model, msg.headers, msg.data)
+            if not gate.knows(tenant):
+                raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
+            unsealed = opener.unseal(tenant, model, msg.reply, msg.headers, msg.data)
+            intake = gate.admit(tenant, model, msg.headers, unsealed.plaintext)
+        except InvalidToken as refused:
+            security.refused(refused)
+            counts["refused"] += 1
+            request_id = peek_request_id(msg.headers, b"")
+            if refused.reason not in SILENT_REASONS:
+                await runtime.answer_error(msg.reply, refused, request_id)
+            record(request_id or "", raw_tenant, raw_model, None, False, refused.code.value,
+                   f"envelope refused ({refused.reason.value})", len(msg.data))
+            return
         except (DinError, InvalidNameError) as exc:
             error = exc if isinstance(exc, DinError) else DinError(ErrorCode.BAD_REQUEST, str(exc))
             request_id = peek_request_id(msg.headers, msg.data)
@@ -93,12 +124,14 @@ def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
             received_ms=received_ms,
             stamps_ms={"admitted": time.time() * 1000.0},
         )
-        headers = job.to_headers()
-        for name, value in (msg.headers or {}).items():
-            if name.startswith(PASSTHROUGH_PREFIXES):
-                headers[name] = value
-        await runtime.nc.publish(Subjects.CLASSIFY, msg.data, headers=headers)
+        passthrough = {name: value for name, value in (msg.headers or {}).items()
+                       if name.startswith(PASSTHROUGH_PREFIXES)}
+        body, envelope_headers = opener.forward(
+            unsealed, request_id=intake.request_id, tenant=tenant, model=model, reply=msg.reply,
+            passthrough=passthrough, body=msg.data,
+        )
+        await runtime.nc.publish(Subjects.CLASSIFY, body, headers={**job.to_headers(), **passthrough, **envelope_headers})
         counts["admitted"] += 1
-        record(intake.request_id, tenant, model, intake.sla_class, True, "ok", "", len(msg.data))
+        record(intake.request_id, tenant, model, intake.sla_class, True, "ok", "", len(unsealed.plaintext))
 
     return runtime

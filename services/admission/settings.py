@@ -5,11 +5,11 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.security import SecuredServiceSettings
 
 
-class AdmissionSettings(ServiceSettings):
-    """Where tenants and their secrets are, and how much admission lets through."""
+class AdmissionSettings(SecuredServiceSettings):
+    """Where tenants and their secrets are, how much admission lets through, and its key file."""
 
     model_config = SettingsConfigDict(env_prefix="DIN_ADMISSION_", extra="ignore", populate_by_name=True)
 

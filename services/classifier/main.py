@@ -1,4 +1,8 @@
-"""Classifier's front door: jobs from admission on ``din.v1.classify``, classified jobs on to the scheduler."""
+"""Classifier's front door: jobs from admission on ``din.v1.classify``, classified jobs on to the scheduler.
+
+The classifier decides from the job header alone: it holds no keys and passes the
+sealed body and its envelope on untouched.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.errors import DinError, ErrorCode
 from shared.naming import Subjects, Topics
 from shared.runtime import ServiceRuntime
+from shared.security import payload_size
 from shared.topology import load_topology
 
 
@@ -33,7 +38,7 @@ def create_runtime(settings: ClassifierSettings) -> ServiceRuntime:
             runtime.dead_letter(msg, "missing or invalid job header")
             return
         try:
-            job.workload = policy.classify(job, len(msg.data))
+            job.workload = policy.classify(job, payload_size(msg.data, msg.headers))
         except KeyError as exc:
             await runtime.answer_error(job.reply_to, DinError(ErrorCode.INTERNAL, f"no policy for {exc}"), job.request_id)
             return

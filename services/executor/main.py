@@ -4,6 +4,11 @@ Every job ends in exactly one of: a result to the client, an error to the
 client, or, when it is within ``deadline_margin_ms`` of its deadline, silence
 (the scheduler answers it). In all three a completion event tells the
 scheduler and telemetry it is closed.
+
+Jobs arrive sealed to this executor's site; the result is sealed to the tenant
+and signed with the site's key (unsealed, still signed, for a tenant the policy
+lets send in clear). A job that cannot be authenticated is dead-lettered and
+never answered.
 """
 
 from __future__ import annotations
@@ -24,9 +29,23 @@ from shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, Mode
 from shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
 from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
 from shared.contracts.job import JobV1
+from shared.envelope import InvalidToken, SealRefused
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.naming import Subjects, work_stream
 from shared.runtime import ServiceRuntime
+from shared.security import (
+    ANSWER_FIELD,
+    ANSWER_PLAIN,
+    Opened,
+    PayloadSecurity,
+    PayloadProtection,
+    check_binding,
+    request_binding,
+    result_binding,
+    site_principal,
+    tenant_principal,
+    without_envelope,
+)
 from shared.tensors import decode_request, encode_outputs, validate_inputs
 
 PULL_ACK_WAIT_S = 30.0
@@ -58,11 +77,54 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
     )
     serving: set[asyncio.Task] = set()
     announced = {"draining": False}
+    security = PayloadSecurity.from_settings(settings)
+    site_reader = site_principal(settings.site)
     runtime.detail = lambda: {
         "models": ",".join(f"{h.name}@{h.version}" for h in repository.loaded()),
         "completed": batcher.stats().completed,
         "inflight": len(serving),
+        **security.detail(),
     }
+
+    def protection(opened: Opened | None) -> PayloadProtection:
+        if opened is None:
+            return PayloadProtection.OFF
+        if opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN:
+            return PayloadProtection.CLIENT_PLAINTEXT
+        return PayloadProtection.ENCRYPTED if opened.confidential else PayloadProtection.INTEGRITY
+
+    def open_job(msg: Msg) -> tuple[JobV1, bytes, Opened | None] | None:
+        """The job in ``msg``, authenticated; None (dead-lettered) when it is not one."""
+        try:
+            job = JobV1.from_headers(msg.headers)
+        except ValueError:
+            runtime.dead_letter(msg, "missing or invalid job header")
+            return None
+        if not security.enabled:
+            return job, msg.data, None
+        try:
+            opened = security.open(msg.data, msg.headers, reader=site_reader,
+                                   allow_integrity=security.agent.integrity_allowed(settings.site))
+            check_binding(opened.aad, request_binding(job.request_id, job.tenant, job.model, job.reply_to,
+                                                      msg.headers))
+        except InvalidToken as refused:
+            security.refused(refused)
+            runtime.dead_letter(msg, f"unauthenticated ({refused.reason.value})")
+            return None
+        return job, opened.plaintext, opened
+
+    def answer(job: JobV1, result: bytes, opened: Opened | None) -> tuple[bytes, dict[str, str]]:
+        """The result as it goes to the client: sealed to the tenant (or plain) and signed by this site."""
+        if opened is None:
+            return result, {}
+        if opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN:
+            return result, security.sign_answer(result, {})
+        try:
+            sealed = security.seal(result, reader=tenant_principal(job.tenant),
+                                   aad=result_binding(job.request_id, job.tenant), confidential=opened.confidential)
+        except SealRefused as refused:
+            raise DinError(ErrorCode.INTERNAL, f"cannot seal the result: {refused.message}") from None
+        return sealed.body, security.sign_answer(sealed.body, sealed.to_headers())
 
     def heartbeat() -> HeartbeatV1:
         stats = batcher.stats()
@@ -94,7 +156,8 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             Subjects.heartbeat(settings.site, settings.id), heartbeat().model_dump_json().encode()
         )
 
-    async def complete(job: JobV1, model: str, version: str, result: ItemResult | None, error: DinError | None):
+    async def complete(job: JobV1, model: str, version: str, result: ItemResult | None, error: DinError | None,
+                       opened: Opened | None):
         timings = dict(result and {"queue": result.queue_ms, "compute": result.compute_ms} or {})
         timings["total"] = now_ms() - job.received_ms
         event = CompletionV1(
@@ -111,6 +174,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             degraded=model != job.model,
             timings_ms={k: round(v, 3) for k, v in timings.items()},
             at_ms=now_ms(),
+            protection=protection(opened).value,
         )
         await runtime.nc.publish(
             Subjects.completed(settings.site), event.model_dump_json().encode(),
@@ -143,8 +207,13 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             timings_ms={k: round(v, 3) for k, v in timings.items()},
         ).model_dump_json().encode()
 
-    async def serve(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None) -> None:
-        """Run one job to its single outcome; ``pulled`` is its work-queue message when it came from one."""
+    async def serve(
+        job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None, opened: Opened | None = None
+    ) -> None:
+        """Run one job to its single outcome; ``pulled`` is its work-queue message when it came from one.
+
+        ``body`` is the plaintext; ``opened`` says how it travelled (None with security off).
+        """
         model = job.model_chosen or job.model
         cutoff = job.deadline_ms - settings.deadline_margin_ms
         version = ""
@@ -159,50 +228,57 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             version = result.model_version or version
             if now_ms() >= cutoff:
                 raise DinError(ErrorCode.DEADLINE_EXCEEDED, "computed too late for the deadline")
-            await runtime.nc.publish(job.reply_to, response(job, model, result, decoded.requested_outputs))
-            await complete(job, model, version, result, None)
+            answer_body, answer_headers = answer(job, response(job, model, result, decoded.requested_outputs), opened)
+            await runtime.nc.publish(job.reply_to, answer_body, headers=answer_headers or None)
+            await complete(job, model, version, result, None, opened)
         except DinError as error:
             if error.code == ErrorCode.OVERLOADED and pulled is not None:
+                if opened is not None:
+                    security.replay.release(opened.nonce)
                 await pulled.nak(delay=(error.retry_after_ms or 10) / 1000.0)
                 pulled = None
                 return
             if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS:
-                await give_back(job, body, headers)
+                await give_back(job, body, headers, opened)
                 return
             if error.code != ErrorCode.DEADLINE_EXCEEDED:
                 body_out, err_headers = error_reply(error, job.request_id)
                 await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
-            await complete(job, model, version, None, error)
+            await complete(job, model, version, None, error, opened)
         except Exception as exc:
             runtime.log.exception("job %s failed", job.request_id)
             error = DinError(ErrorCode.INFERENCE_FAILED, f"inference failed: {exc.__class__.__name__}")
             body_out, err_headers = error_reply(error, job.request_id)
             await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
-            await complete(job, model, version, None, error)
+            await complete(job, model, version, None, error, opened)
         finally:
             if pulled is not None:
                 await pulled.ack()
 
-    async def give_back(job: JobV1, body: bytes, headers: dict[str, str]) -> None:
-        """Full: hand the job back to the scheduler to place elsewhere, instead of failing it."""
+    async def give_back(job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> None:
+        """Full: hand the job back to the scheduler to place elsewhere, instead of failing it (sealed to the tenant)."""
         job.attempt += 1
         job.avoid.append(settings.id)
-        passthrough = {k: v for k, v in headers.items() if not k.startswith(JOB_HEADER_PREFIX)}
-        await runtime.nc.publish(Subjects.SCHEDULE, body, headers={**passthrough, **job.to_headers()})
+        passthrough = {k: v for k, v in without_envelope(headers).items() if not k.startswith(JOB_HEADER_PREFIX)}
+        sealed_headers: dict[str, str] = {}
+        if opened is not None:
+            sealed = security.seal(body, reader=tenant_principal(job.tenant), aad=opened.aad,
+                                   confidential=opened.confidential)
+            body, sealed_headers = sealed.body, sealed.to_headers()
+        await runtime.nc.publish(Subjects.SCHEDULE, body, headers={**passthrough, **job.to_headers(), **sealed_headers})
 
-    def start_serving(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None) -> None:
-        task = asyncio.create_task(serve(job, body, headers, pulled))
+    def start_serving(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None,
+                      opened: Opened | None = None) -> None:
+        task = asyncio.create_task(serve(job, body, headers, pulled, opened))
         serving.add(task)
         task.add_done_callback(serving.discard)
 
     @runtime.hot_path(Subjects.execute(settings.site, settings.id))
     async def on_job(msg: Msg) -> None:
-        try:
-            job = JobV1.from_headers(msg.headers)
-        except ValueError:
-            runtime.dead_letter(msg, "missing or invalid job header")
-            return
-        start_serving(job, msg.data, msg.headers)
+        opened_job = open_job(msg)
+        if opened_job is not None:
+            job, body, opened = opened_job
+            start_serving(job, body, msg.headers, opened=opened)
 
     @runtime.hot_path(Subjects.probe(settings.site), queue=f"probe-{settings.site}")
     async def on_probe(msg: Msg) -> None:
@@ -263,13 +339,12 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
                     with contextlib.suppress(NatsTimeout, asyncio.TimeoutError):
                         msgs += await subscription.fetch(more, timeout=PULL_MORE_WAIT_S)
                 for msg in msgs:
-                    try:
-                        job = JobV1.from_headers(msg.headers)
-                    except ValueError:
-                        runtime.dead_letter(msg, "missing or invalid job header")
+                    opened_job = open_job(msg)
+                    if opened_job is None:
                         await msg.term()
                         continue
-                    start_serving(job, msg.data, msg.headers, pulled=msg)
+                    job, body, opened = opened_job
+                    start_serving(job, body, msg.headers, pulled=msg, opened=opened)
         finally:
             await subscription.unsubscribe()
 
@@ -283,6 +358,10 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         js = runtime.nc.jetstream()
         with contextlib.suppress(Exception):
             await js.add_stream(config)
+
+    @runtime.on_start
+    async def keys() -> None:
+        await security.start(runtime.nc, readers=lambda agent: [site_reader], timeout_s=settings.keys_wait_s)
 
     @runtime.on_start
     async def load_models() -> None:
@@ -309,5 +388,6 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         await batcher.drain()
         if serving:
             await asyncio.wait(serving, timeout=10.0)
+        await security.stop()
 
     return runtime

@@ -7,11 +7,11 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from typing import Annotated
 
 from shared.naming import token
-from shared.settings import ServiceSettings
+from shared.security import SecuredServiceSettings
 
 
-class ExecutorSettings(ServiceSettings):
-    """Which executor this is, what it serves and how it batches."""
+class ExecutorSettings(SecuredServiceSettings):
+    """Which executor this is, what it serves, how it batches, and its site's key file."""
 
     model_config = SettingsConfigDict(env_prefix="DIN_EXECUTOR_", extra="ignore", populate_by_name=True)
 

@@ -8,7 +8,7 @@ scheduler. Pure logic, no NATS.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.contracts.job import JobV1
 
@@ -17,8 +17,10 @@ from shared.contracts.job import JobV1
 class InflightJob:
     """A dispatched job and what is needed to dispatch it again.
 
-    ``executor`` is the executor it was assigned to (None when it waits in a site queue);
-    ``counted_on`` is the executor whose load estimate it was added to.
+    ``body`` is the plaintext (held only in memory) and ``aad`` the metadata its seal binds,
+    so a dispatch again seals it afresh; ``executor`` is the executor it was assigned to
+    (None when it waits in a site queue); ``counted_on`` is the executor whose load
+    estimate it was added to.
     """
 
     job: JobV1
@@ -27,6 +29,7 @@ class InflightJob:
     executor: str | None
     site: str
     counted_on: str
+    aad: dict[str, str] = field(default_factory=dict)
 
 
 class InflightTable:

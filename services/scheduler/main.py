@@ -1,4 +1,11 @@
-"""Scheduler's front door: classified jobs on ``din.v1.schedule``, dispatched to an executor or a site queue."""
+"""Scheduler's front door: classified jobs on ``din.v1.schedule``, dispatched to an executor or a site queue.
+
+Each job arrives sealed to its tenant; the scheduler opens it and seals it again
+to the chosen site: encrypted, or integrity-only where the crypto policy allows it
+on that site's link (never for sensitive data). Revoked sites get no work. A job
+that cannot be authenticated is dead-lettered, never answered: its reply subject
+may belong to a legitimate request it was copied from.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +25,20 @@ from services.scheduler.settings import SchedulerSettings, SchedulingMode
 from shared.contracts.events import HeartbeatV1, PressureV1, ProbeV1, SchedulingDecisionV1
 from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import HEADER_PREFIX, JobV1
+from shared.envelope import InvalidToken, SealRefused
 from shared.errors import DinError, ErrorCode
 from shared.naming import Subjects, Topics, work_stream
 from shared.runtime import ServiceRuntime
+from shared.security import (
+    PayloadSecurity,
+    check_binding,
+    request_binding,
+    seal_to_site,
+    site_principal,
+    tenant_principal,
+    without_envelope,
+)
 from shared.topology import load_topology
-
-
 
 ROLL_CALL_WAIT_S = 0.2
 
@@ -42,8 +57,23 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
     cost_limits = {t.name: t.max_cost_per_1k for t in topology.tenants}
     counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0}
     enqueues: set[asyncio.Task] = set()
+    security = PayloadSecurity.from_settings(settings)
     runtime.detail = lambda: {**counts, "mode": settings.mode.value, "executors": len(registry.live()),
-                              "inflight": len(inflight)}
+                              "inflight": len(inflight), **security.detail()}
+
+    def usable(site: str) -> bool:
+        return not security.enabled or site_principal(site) not in security.agent.revoked
+
+    @runtime.on_start
+    async def keys() -> None:
+        await security.start(
+            runtime.nc,
+            readers=lambda agent: [
+                *(tenant_principal(t.name) for t in topology.tenants),
+                *(site_principal(s.name) for s in topology.sites if site_principal(s.name) not in agent.revoked),
+            ],
+            timeout_s=settings.keys_wait_s,
+        )
 
     def record(job: JobV1, placement: Placement | None, reason: str, alternatives=()) -> None:
         runtime.events.emit(
@@ -67,11 +97,21 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
             key=job.tenant,
         )
 
-    async def dispatch(job: JobV1, body: bytes, passthrough: dict[str, str]) -> None:
-        """Place ``job`` and send it on, or answer it with the reason it cannot run."""
+    def seal_for(site: str, job: JobV1, body: bytes, aad: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        if not security.enabled:
+            return body, {}
+        sealed = seal_to_site(security, body, site=site, aad=aad,
+                              sensitive=job.workload is not None and job.workload.sensitive)
+        return sealed.body, sealed.to_headers()
+
+    async def dispatch(job: JobV1, body: bytes, passthrough: dict[str, str], aad: dict[str, str]) -> None:
+        """Place ``job`` and send it on, or answer it with the reason it cannot run.
+
+        ``body`` is the plaintext and ``aad`` the metadata its seal binds (both unused with security off).
+        """
         try:
             placement = pick_executor(
-                job, registry.live(), links, topology, now_ms(), cost_limits,
+                job, [s for s in registry.live() if usable(s.site)], links, topology, now_ms(), cost_limits,
                 queue_at_site=settings.mode == SchedulingMode.DISTRIBUTED,
             )
         except DinError as error:
@@ -81,20 +121,27 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
             return
         state = placement.executor
         centralized = settings.mode == SchedulingMode.CENTRALIZED
+        try:
+            wire, sealed_headers = seal_for(state.site, job, body, aad)
+        except SealRefused as error:
+            counts["refused"] += 1
+            record(job, None, ErrorCode.INTERNAL.value)
+            await runtime.answer_error(job.reply_to, DinError(ErrorCode.INTERNAL, str(error)), job.request_id)
+            return
         job.model_chosen = placement.model
         job.site_chosen = state.site
         job.executor_chosen = state.id if centralized else None
         job.stamps_ms["scheduled"] = now_ms()
-        headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id}
-        inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site, state.id))
+        headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
+        inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site, state.id, aad))
         registry.note_dispatch(state.id, job.sla_class)
         counts["scheduled"] += 1
         counts["degraded"] += placement.degraded
         record(job, placement, placement.reason)
         if centralized:
-            await runtime.nc.publish(Subjects.execute(state.site, state.id), body, headers=headers)
+            await runtime.nc.publish(Subjects.execute(state.site, state.id), wire, headers=headers)
         else:
-            task = asyncio.create_task(enqueue(job, body, headers))
+            task = asyncio.create_task(enqueue(job, wire, headers))
             enqueues.add(task)
             task.add_done_callback(enqueues.discard)
 
@@ -119,8 +166,18 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
         except ValueError:
             runtime.dead_letter(msg, "missing or invalid job header")
             return
-        passthrough = {k: v for k, v in msg.headers.items() if not k.startswith(HEADER_PREFIX)}
-        await dispatch(job, msg.data, passthrough)
+        passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
+        if not security.enabled:
+            await dispatch(job, msg.data, passthrough, {})
+            return
+        try:
+            opened = security.open_from(msg.data, msg.headers, reader=tenant_principal(job.tenant))
+            check_binding(opened.aad, request_binding(job.request_id, job.tenant, job.model, job.reply_to, passthrough))
+        except InvalidToken as refused:
+            security.refused(refused)
+            runtime.dead_letter(msg, f"unauthenticated ({refused.reason.value})")
+            return
+        await dispatch(job, opened.plaintext, passthrough, opened.aad)
 
     @runtime.hot_path(Subjects.COMPLETED_ALL)
     async def on_completed(msg: Msg) -> None:
@@ -131,6 +188,13 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
 
     @runtime.broker.subscriber(Subjects.HEARTBEAT_ALL)
     async def on_heartbeat(heartbeat: HeartbeatV1) -> None:
+        if not usable(heartbeat.site):
+            if registry.get(heartbeat.executor) is not None:
+                runtime.log.warning("executor %s at revoked site %s: no more work", heartbeat.executor, heartbeat.site)
+                registry.forget(heartbeat.executor)
+                for entry in inflight.on_executor(heartbeat.executor):
+                    await redispatch(entry)
+            return
         if registry.observe(heartbeat, time.monotonic()):
             runtime.log.info("discovered executor %s at %s serving %s", heartbeat.executor, heartbeat.site,
                              ", ".join(m.name for m in heartbeat.models))
@@ -164,7 +228,7 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
             )
             return
         counts["redispatched"] += 1
-        await dispatch(job, entry.body, entry.passthrough)
+        await dispatch(job, entry.body, entry.passthrough, entry.aad)
 
     async def prober() -> None:
         seq = 0
@@ -225,5 +289,6 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
     async def finish_enqueues() -> None:
         if enqueues:
             await asyncio.wait(enqueues, timeout=2.0)
+        await security.stop()
 
     return runtime

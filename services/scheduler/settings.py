@@ -6,7 +6,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.security import SecuredServiceSettings
 
 
 class SchedulingMode(StrEnum):
@@ -16,8 +16,8 @@ class SchedulingMode(StrEnum):
     DISTRIBUTED = "distributed"
 
 
-class SchedulerSettings(ServiceSettings):
-    """Scheduling mode and the timings of probes, pressure reports and the deadline watchdog."""
+class SchedulerSettings(SecuredServiceSettings):
+    """Scheduling mode, the timings of probes, pressure reports and the deadline watchdog, and its key file."""
 
     model_config = SettingsConfigDict(env_prefix="DIN_SCHEDULER_", extra="ignore", populate_by_name=True)
 

@@ -51,6 +51,7 @@ def topic_plan(settings: TelemetrySettings) -> list[TopicSpec]:
                   hours(settings.retention_heartbeats_h), p),
         TopicSpec(Topics.ALERTS, "SLA class", "telemetry", hours(settings.retention_alerts_h), p),
         TopicSpec(Topics.DEAD_LETTER, "service", "any service", hours(settings.retention_dead_letter_h), p),
+        TopicSpec(Topics.SPANS, "trace id", "every service (sampled spans)", events, p),
     ]
 
 

@@ -24,7 +24,8 @@ from shared.contracts.inference import (
     TensorV1,
 )
 from shared.contracts.job import JobV1, WorkloadClassV1
-from shared.contracts.telemetry import RecordedRequestV1, SlaViolationV1
+from shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
+from shared.contracts.telemetry import RecordedRequestV1, SlaViolationV1, SpanV1
 from shared.errors import ErrorReplyV1, ErrorV1
 
 __all__ = [
@@ -41,6 +42,9 @@ __all__ = [
     "InferRequestV1",
     "InferResponseV1",
     "JobV1",
+    "KeyAction",
+    "KeyCommandResultV1",
+    "KeyCommandV1",
     "LoadModelV1",
     "ModelLoadedV1",
     "PressureV1",
@@ -50,6 +54,7 @@ __all__ = [
     "SchedulingDecisionV1",
     "ServedByV1",
     "SlaViolationV1",
+    "SpanV1",
     "SlaClass",
     "TensorV1",
     "WorkloadClassV1",
@@ -72,4 +77,7 @@ MESSAGE_MODELS = {
     "din.v1.load_model": LoadModelV1,
     "din.v1.recorded_request": RecordedRequestV1,
     "din.v1.sla_violation": SlaViolationV1,
+    "din.v1.span": SpanV1,
+    "din.v1.key_command": KeyCommandV1,
+    "din.v1.key_command_result": KeyCommandResultV1,
 }

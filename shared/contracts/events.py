@@ -119,6 +119,13 @@ class CompletionV1(BaseModel):
     degraded: bool = Field(description="True when a smaller variant answered.")
     timings_ms: dict[str, float] = Field(description="Latency breakdown, ms.")
     at_ms: float = Field(description="Epoch ms of completion.")
+    protection: str | None = Field(
+        default=None,
+        description="Crypto protection the request used on its way to and from the executor: 'encrypted' "
+        "(AES-256-GCM envelopes), 'integrity' (HMAC envelopes, readable; only on links the policy allows), "
+        "'client-plaintext' (sent unsealed by a tenant the policy lets in; sealed inside DIN, answered unsealed) "
+        "or 'off' (security off); results are signed unless 'off'. None from executors that predate it.",
+    )
 
 
 class ProbeV1(BaseModel):

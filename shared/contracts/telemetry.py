@@ -44,3 +44,18 @@ class SlaViolationV1(BaseModel):
     samples: int = Field(description="Completions of the class in the window.")
     worst_site: str | None = Field(default=None, description="Site with the highest quantile in the window.")
     at_ms: float = Field(description="Epoch ms of the evaluation.")
+
+
+class SpanV1(BaseModel):
+    """One finished, sampled trace span, as recorded in the Kafka event log."""
+
+    trace_id: str = Field(description="W3C trace id, 32 hex characters; the same across every hop of a request.")
+    span_id: str = Field(description="This span's id, 16 hex characters.")
+    parent_span_id: str | None = Field(default=None, description="The span this one is a child of.")
+    name: str = Field(description="What the hop did, e.g. 'admission admit'.")
+    service: str = Field(description="Service that recorded it (din-<service>).")
+    instance: str = Field(description="Instance id, e.g. the executor id.")
+    site: str = Field(description="Site of the instance.")
+    start_ms: float = Field(description="Start, Unix epoch ms.")
+    end_ms: float = Field(description="End, Unix epoch ms.")
+    attributes: dict[str, str] = Field(default_factory=dict, description="Request id, tenant, model and the like.")

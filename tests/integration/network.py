@@ -22,6 +22,7 @@ from din.stack.processes import ManagedProcess
 from shared.contracts.events import HealthV1
 from shared.credentials import issue_token, read_credentials
 from shared.naming import Subjects
+from shared.security import CryptoPolicy, PrincipalKeys
 from shared.topology import Topology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -70,9 +71,12 @@ class Network:
     def token(self, tenant: str) -> str:
         return issue_token(tenant, read_credentials(self.stack.credentials_file)[tenant])
 
+    def keys(self, tenant: str) -> PrincipalKeys:
+        return self.stack.tenant_keys(tenant)
+
     @contextlib.asynccontextmanager
     async def client(self, tenant: str):
-        client = await DinClient.connect(self.hub_url, tenant, self.token(tenant))
+        client = await DinClient.connect(self.hub_url, tenant, self.token(tenant), self.keys(tenant))
         try:
             yield client
         finally:
@@ -124,10 +128,17 @@ class Network:
             await asyncio.sleep(0.2)
 
 
+RAW_CLIENT_POLICY = CryptoPolicy(plaintext_ingress=[t["name"] for t in INFERENCE_TOPOLOGY["tenants"]])
+"""The inference-path tests also send raw NATS requests and use clients without key files: let them in."""
+
+
 @contextlib.contextmanager
-def running_network(kafka_bootstrap: str, model_repo: Path, din_dir: Path, mode: str) -> Iterator[Network]:
-    """Start the inference-test topology with every service; stop it all afterwards."""
-    topology = Topology.model_validate(INFERENCE_TOPOLOGY)
+def running_network(
+    kafka_bootstrap: str, model_repo: Path, din_dir: Path, mode: str,
+    security_policy: CryptoPolicy = RAW_CLIENT_POLICY, topology_spec: dict = INFERENCE_TOPOLOGY,
+) -> Iterator[Network]:
+    """Start a topology (the inference-test one by default) with every service; stop it all afterwards."""
+    topology = Topology.model_validate(topology_spec)
     scope = f"it{uuid.uuid4().hex[:8]}"
     edges = sum(1 for s in topology.sites if s.role == "edge")
     stack = Stack(
@@ -139,6 +150,7 @@ def running_network(kafka_bootstrap: str, model_repo: Path, din_dir: Path, mode:
         write_state=False,
         topic_scope=scope,
         external_kafka=kafka_bootstrap,
+        security_policy=security_policy,
     )
     stack.start()
     try:

@@ -163,16 +163,17 @@ class InProcessStack:
 
         hub = nats_network.hub_url
         common = dict(kafka_bootstrap=kafka_bootstrap, topic_scope=scope)
+        plaintext = dict(security=False)
         self.runtimes = [
             telemetry(TelemetrySettings(nats_url=hub, site="cloud", metrics_port=metrics_port, **common)),
-            scheduler(SchedulerSettings(nats_url=hub, site="cloud", topology=topology_file, **common)),
+            scheduler(SchedulerSettings(nats_url=hub, site="cloud", topology=topology_file, **plaintext, **common)),
             classifier(ClassifierSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
                                           **common)),
             *[executor(ExecutorSettings(nats_url=nats_network.url(site), site=site, id=f"{site}-1",
-                                        models=["digits-small"], model_repo=model_repo, **common))
+                                        models=["digits-small"], model_repo=model_repo, **plaintext, **common))
               for site in ("cloud", "factory", "branch")],
             admission(AdmissionSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
-                                        credentials_file=credentials, **common)),
+                                        credentials_file=credentials, **plaintext, **common)),
         ]
 
     async def start(self, nc) -> None:

@@ -98,12 +98,21 @@ def test_service_environments(topology):
     )
     common = {"DIN_KAFKA_BOOTSTRAP": "kafka:9092", "DIN_TOPOLOGY": "/run/topology.yaml", "DIN_MODEL_REPO": "/models"}
     hub = {**common, "DIN_NATS_URL": "nats://hub:4222", "DIN_SITE": "cloud"}
-    assert envs["admission"] == {**hub, "DIN_ADMISSION_CREDENTIALS_FILE": "/run/credentials.json"}
-    assert envs["scheduler"] == {**hub, "DIN_SCHEDULER_MODE": "distributed"}
+    secured = {"DIN_SECURITY": "on"}
+    hub_keys = "/run/keys/site-cloud.json"
+    assert envs["admission"] == {**hub, **secured, "DIN_ADMISSION_CREDENTIALS_FILE": "/run/credentials.json",
+                                 "DIN_ADMISSION_KEY_FILE": hub_keys}
+    assert envs["scheduler"] == {**hub, **secured, "DIN_SCHEDULER_MODE": "distributed",
+                                 "DIN_SCHEDULER_KEY_FILE": hub_keys}
     assert envs["telemetry"] == {
         **hub, "DIN_TELEMETRY_METRICS_PORT": "9999", "DIN_TELEMETRY_METRICS_HOST": "127.0.0.1"
     }
-    assert envs["classifier"] == envs["keymanager"] == hub
+    assert envs["classifier"] == hub
+    assert envs["keymanager"] == {
+        **hub, **secured, "DIN_KEYMANAGER_KEYSTORE": "/run/keys/keystore.json",
+        "DIN_KEYMANAGER_MASTER_KEY_FILE": "/run/keys/master.key",
+        "DIN_KEYMANAGER_POLICY": envs["keymanager"]["DIN_KEYMANAGER_POLICY"],
+    }
     assert envs["executor-factory-1"] == {
         **common,
         "DIN_NATS_URL": "nats://factory:4222",
@@ -113,6 +122,8 @@ def test_service_environments(topology):
         "DIN_EXECUTOR_MODEL_REPO": "/models",
         "DIN_EXECUTOR_CAPACITY": "256",
         "DIN_EXECUTOR_PULL": "true",
+        "DIN_EXECUTOR_KEY_FILE": "/run/keys/site-factory.json",
+        **secured,
     }
     assert envs["executor-branch-1"]["DIN_EXECUTOR_MODELS"] == "digits-small,digits-large"
     assert envs["executor-cloud-2"]["DIN_NATS_URL"] == "nats://hub:4222"

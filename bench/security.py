@@ -1,0 +1,454 @@
+"""Benchmark: what payload security costs, encryption on vs off in the same run, at 1 KB, 16 KB and 256 KB.
+
+1. ``raw``: nats-py request-reply between this process and one responder process
+   over a real nats-server, the reply echoing the request's payload, in three modes
+   measured back to back, twice, in alternating order:
+
+   * ``plain``: the payload as it is;
+   * ``sealed``: what DIN does per hop, with DIN's own code (``shared.security``):
+     the client seals the request to the tenant's key bound to its id, tenant,
+     model and reply subject; the responder opens it (AAD check, replay guard),
+     seals the reply to the tenant; the client opens it;
+   * ``sealed+signed``: plus the result signature (Ed25519 over SHA-256 of the
+     body) that the responder adds and the client verifies, as DIN's executors do.
+
+   For each: p50/p99 latency one request at a time, and throughput with
+   ``--concurrency`` requests in flight. Added p50 and throughput ratio are against
+   ``plain`` of the same size in the same run.
+2. ``crypto``: the in-process cost of seal, open, sign and verify at each size.
+3. ``din`` (``--din``, needs Kafka and the model zoo): the full DIN path with
+   ``DIN_SECURITY`` on and off, one stack after the other.
+
+Writes ``bench/results/security.json`` and ``bench/results/security.md``.
+
+    .venv/bin/python bench/security.py [--seconds 2] [--concurrency 16] [--din]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nats
+import numpy as np
+import uvloop
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shared import envelope  # noqa: E402
+from shared.contracts.inference import RequestHeaders  # noqa: E402
+from shared.envelope import DataKey, InvalidToken  # noqa: E402
+from shared.security import (  # noqa: E402
+    KeyAgent,
+    KeyStore,
+    PayloadSecurity,
+    PrincipalKeys,
+    init_keys,
+    key_file,
+    request_binding,
+    result_binding,
+    site_principal,
+    tenant_principal,
+)
+from shared.topology import Topology  # noqa: E402
+
+SIZES = (1024, 16 * 1024, 256 * 1024)
+MODES = ("plain", "sealed", "sealed+signed")
+SUBJECT = "bench.security.{mode}"
+TENANT, SITE, MODEL = "bench", "bench", "bench-model"
+TOPOLOGY = {
+    "name": "security-bench",
+    "sites": [{"name": SITE, "role": "hub", "executors": [{"id": "bench-1", "models": ["digits-small"],
+                                                           "capacity": 1024}]}],
+    "tenants": [{"name": TENANT, "rate_per_s": 1_000_000, "burst": 1_000_000}],
+}
+OUT = REPO / "bench" / "results"
+TARGET_THROUGHPUT_COST = 0.10
+TARGET_ADDED_P50_US = 100.0
+
+
+def _security(keys_dir: Path, principal: str, dek: DataKey) -> PayloadSecurity:
+    """A principal's PayloadSecurity with the bench's data key installed and the site's public key known."""
+    agent = KeyAgent(PrincipalKeys.load(key_file(keys_dir, principal)))
+    agent.keyring.install(dek)
+    store = KeyStore.load(keys_dir / "keystore.json")
+    agent.publics[site_principal(SITE)] = store.publics[site_principal(SITE)]
+    return PayloadSecurity(agent, max_entries=1_000_000)
+
+
+def _dek(keys_dir: Path) -> DataKey:
+    return DataKey(tenant_principal(TENANT), 1, bytes.fromhex((keys_dir / "bench.dek").read_text().strip()))
+
+
+# --------------------------------------------------------------------------- responder process
+
+
+async def respond(url: str, keys_dir: Path) -> None:
+    security = _security(keys_dir, site_principal(SITE), _dek(keys_dir))
+    reader = tenant_principal(TENANT)
+    nc = await nats.connect(url)
+
+    async def plain(msg) -> None:
+        await nc.publish(msg.reply, msg.data)
+
+    def opened(msg) -> bytes:
+        headers = msg.headers
+        expected = request_binding(headers[RequestHeaders.REQUEST_ID], TENANT, MODEL, msg.reply, None)
+        return security.open(msg.data, headers, reader=reader, expected_aad=expected).plaintext
+
+    async def sealed(msg) -> None:
+        payload = opened(msg)
+        reply = security.seal(payload, reader=reader, aad=result_binding(msg.headers[RequestHeaders.REQUEST_ID],
+                                                                         TENANT))
+        await nc.publish(msg.reply, reply.body, headers=reply.to_headers())
+
+    async def signed(msg) -> None:
+        payload = opened(msg)
+        reply = security.seal(payload, reader=reader, aad=result_binding(msg.headers[RequestHeaders.REQUEST_ID],
+                                                                         TENANT))
+        await nc.publish(msg.reply, reply.body, headers=security.sign_answer(reply.body, reply.to_headers()))
+
+    for mode, handler in zip(MODES, (plain, sealed, signed)):
+        await nc.subscribe(SUBJECT.format(mode=mode), cb=handler, pending_msgs_limit=1_000_000,
+                           pending_bytes_limit=2**31)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass
+class Row:
+    """One mode at one payload size, light and loaded."""
+
+    mode: str
+    size: int
+    round: int
+    p50_us: float
+    p99_us: float
+    light_requests: int
+    throughput_rps: float
+    loaded_requests: int
+    loaded_p50_us: float
+    errors: int
+
+
+class Client:
+    """Request-reply with a reply subject known before sending (DIN binds it into the seal)."""
+
+    def __init__(self, nc, security: PayloadSecurity) -> None:
+        self.nc = nc
+        self.security = security
+        self.inbox = nc.new_inbox()
+        self.pending: dict[str, asyncio.Future] = {}
+        self.reader = tenant_principal(TENANT)
+
+    async def start(self) -> None:
+        async def on_reply(msg) -> None:
+            future = self.pending.pop(msg.subject[len(self.inbox) + 1:], None)
+            if future is not None:
+                future.set_result(msg)
+
+        await self.nc.subscribe(self.inbox + ".*", cb=on_reply, pending_msgs_limit=1_000_000,
+                                pending_bytes_limit=2**31)
+
+    async def call(self, mode: str, payload: bytes) -> None:
+        token = uuid.uuid4().hex
+        reply = f"{self.inbox}.{token}"
+        future = asyncio.get_running_loop().create_future()
+        self.pending[token] = future
+        headers = {RequestHeaders.REQUEST_ID: token}
+        body = payload
+        if mode != "plain":
+            sealed = self.security.seal(payload, reader=self.reader,
+                                        aad=request_binding(token, TENANT, MODEL, reply, None))
+            body, headers = sealed.body, {**headers, **sealed.to_headers()}
+        await self.nc.publish(SUBJECT.format(mode=mode), body, reply=reply, headers=headers)
+        msg = await asyncio.wait_for(future, 10)
+        if mode == "plain":
+            answer = msg.data
+        else:
+            if mode == "sealed+signed":
+                self.security.verify_answer(msg.data, msg.headers)
+            answer = self.security.open(msg.data, msg.headers, reader=self.reader,
+                                        expected_aad=result_binding(token, TENANT)).plaintext
+        if len(answer) != len(payload):
+            raise InvalidToken()
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values) * 1e6, q)) if values else 0.0
+
+
+async def light(client: Client, mode: str, payload: bytes, count: int) -> tuple[float, float]:
+    for _ in range(min(200, count)):
+        await client.call(mode, payload)
+    latencies = []
+    for _ in range(count):
+        t = time.perf_counter()
+        await client.call(mode, payload)
+        latencies.append(time.perf_counter() - t)
+    return _pct(latencies, 50), _pct(latencies, 99)
+
+
+async def loaded(client: Client, mode: str, payload: bytes, concurrency: int, seconds: float):
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from = start + 0.3
+    stop_at = measure_from + seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        while (t := time.perf_counter()) < stop_at:
+            try:
+                await client.call(mode, payload)
+            except Exception:  # noqa: BLE001 - counted
+                errors += 1
+                continue
+            if t >= measure_from:
+                latencies.append(time.perf_counter() - t)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(latencies) / seconds, len(latencies), _pct(latencies, 50), errors
+
+
+async def measure_raw(url: str, keys_dir: Path, *, seconds: float, concurrency: int, rounds: int) -> list[Row]:
+    nc = await nats.connect(url)
+    client = Client(nc, _security(keys_dir, tenant_principal(TENANT), _dek(keys_dir)))
+    await client.start()
+    rows = []
+    rng = np.random.default_rng(7)
+    for size in SIZES:
+        payload = rng.bytes(size)
+        count = 1500 if size <= 16 * 1024 else 400
+        for round_ in range(rounds):
+            order = MODES if round_ % 2 == 0 else tuple(reversed(MODES))
+            for mode in order:
+                p50, p99 = await light(client, mode, payload, count)
+                rps, done, loaded_p50, errors = await loaded(client, mode, payload, concurrency, seconds)
+                rows.append(Row(mode, size, round_, p50, p99, count, rps, done, loaded_p50, errors))
+                print(f"  {size // 1024:>4} KB {mode:<14} p50 {p50:8.1f} us  {rps:8.0f} req/s", flush=True)
+    await nc.close()
+    return rows
+
+
+# --------------------------------------------------------------------------- in-process crypto
+
+
+def crypto_costs(keys_dir: Path) -> list[dict]:
+    security = _security(keys_dir, site_principal(SITE), _dek(keys_dir))
+    client = _security(keys_dir, tenant_principal(TENANT), _dek(keys_dir))
+    out = []
+    reader = tenant_principal(TENANT)
+    aad = request_binding(uuid.uuid4().hex, TENANT, MODEL, "_INBOX.x.y", None)
+    for size in SIZES:
+        payload = os.urandom(size)
+        n = 3000 if size <= 16 * 1024 else 400
+
+        def timed(fn) -> float:
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                best = min(best, (time.perf_counter() - t) / n * 1e6)
+            return best
+
+        sealed = security.seal(payload, reader=reader, aad=aad)
+        headers = sealed.to_headers()
+        signed = security.sign_answer(sealed.body, dict(headers))
+        out.append({
+            "size": size,
+            "seal_us": round(timed(lambda: security.seal(payload, reader=reader, aad=aad)), 2),
+            "open_us": round(timed(lambda: client.open(sealed.body, headers, reader=reader, replay=False)), 2),
+            "sign_us": round(timed(lambda: security.sign_answer(sealed.body, dict(headers))), 2),
+            "verify_us": round(timed(lambda: client.verify_answer(sealed.body, signed)), 2),
+        })
+    return out
+
+
+# --------------------------------------------------------------------------- full DIN path
+
+
+def measure_din(din_dir: Path, seconds: float, concurrency: int) -> list[dict]:
+    from din.bench.inference_path import closed_loop
+    from din.client import DinClient
+    from din.stack.launcher import DEFAULT_MODEL_REPO, PortPlan, Stack
+    from din.workload import load_digits_test
+    from shared.credentials import issue_token, read_credentials
+
+    row = load_digits_test(DEFAULT_MODEL_REPO)[0][:1]
+    results = []
+    for security in (True, False):
+        stack = Stack(Topology.model_validate(TOPOLOGY), ports=PortPlan.free(0), din_dir=din_dir,
+                      model_repo=DEFAULT_MODEL_REPO, write_state=False, security=security)
+        with stack.start():
+            async def run() -> dict:
+                token = issue_token(TENANT, read_credentials(stack.credentials_file)[TENANT])
+                client = await DinClient.connect(stack.hub_url, TENANT, token,
+                                                 stack.tenant_keys(TENANT) if security else None)
+
+                async def send() -> None:
+                    await client.infer("digits-small", {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
+
+                one = await closed_loop("din", send, 1, seconds)
+                many = await closed_loop("din", send, concurrency, seconds)
+                await client.close()
+                return {"security": "on" if security else "off", "p50_ms": round(one.p50_ms, 3),
+                        "p99_ms": round(one.p99_ms, 3), "light_rps": round(one.throughput, 1),
+                        "loaded_rps": round(many.throughput, 1), "loaded_p50_ms": round(many.p50_ms, 3),
+                        "errors": one.errors + many.errors}
+
+            results.append(uvloop.run(run()))
+            print(f"  DIN security {results[-1]['security']}: {results[-1]}", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarize(rows: list[Row]) -> list[dict]:
+    summary = []
+    for size in SIZES:
+        def mean(mode: str, field: str) -> float:
+            return statistics.fmean(getattr(r, field) for r in rows if r.size == size and r.mode == mode)
+
+        plain_p50, plain_rps = mean("plain", "p50_us"), mean("plain", "throughput_rps")
+        for mode in MODES[1:]:
+            p50, rps = mean(mode, "p50_us"), mean(mode, "throughput_rps")
+            summary.append({
+                "size": size,
+                "mode": mode,
+                "plain_p50_us": round(plain_p50, 1),
+                "p50_us": round(p50, 1),
+                "added_p50_us": round(p50 - plain_p50, 1),
+                "plain_rps": round(plain_rps, 1),
+                "rps": round(rps, 1),
+                "throughput_ratio": round(rps / plain_rps, 3),
+                "throughput_cost": round(1 - rps / plain_rps, 3),
+                "meets_p50_target": size > 16 * 1024 or p50 - plain_p50 <= TARGET_ADDED_P50_US,
+                "meets_throughput_target": 1 - rps / plain_rps <= TARGET_THROUGHPUT_COST,
+            })
+    return summary
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        "# Payload security: encryption on vs off",
+        "",
+        f"Raw NATS request-reply (reply echoes the payload), same run, {env['rounds']} rounds in alternating order; "
+        f"p50 one request at a time, throughput with {env['concurrency']} in flight for {env['seconds']} s. "
+        f"{env['cpus']} CPUs, Python {env['python']}, nats-server, client and responder on one machine.",
+        "",
+        "| payload | mode | p50 µs (plain) | p50 µs | added p50 µs | req/s (plain) | req/s | throughput ratio | "
+        "targets met |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in report["summary"]:
+        met = []
+        if s["size"] <= 16 * 1024:
+            met.append("p50 ≤100 µs" if s["meets_p50_target"] else "p50 MISSED")
+        met.append("cost ≤10%" if s["meets_throughput_target"] else f"cost {s['throughput_cost']:.0%} MISSED")
+        lines.append(
+            f"| {s['size'] // 1024} KB | {s['mode']} | {s['plain_p50_us']:.1f} | {s['p50_us']:.1f} | "
+            f"{s['added_p50_us']:+.1f} | {s['plain_rps']:.0f} | {s['rps']:.0f} | {s['throughput_ratio']:.3f} | "
+            f"{', '.join(met)} |"
+        )
+    lines += ["", "In-process cost of each operation (best of 3, µs):", "",
+              "| payload | seal | open | sign (SHA-256 + Ed25519) | verify |", "|---:|---:|---:|---:|---:|"]
+    for c in report["crypto"]:
+        lines.append(f"| {c['size'] // 1024} KB | {c['seal_us']} | {c['open_us']} | {c['sign_us']} | "
+                     f"{c['verify_us']} |")
+    one_kb = next(c for c in report["crypto"] if c["size"] == 1024)
+    sealed_1k = next(s for s in report["summary"] if s["size"] == 1024 and s["mode"] == "sealed")
+    lines += [
+        "",
+        "Reading the numbers: a sealed round trip does two seals and two opens (one per side each way); "
+        f"in process and hot that is {2 * (one_kb['seal_us'] + one_kb['open_us']):.0f} µs at 1 KB, yet it adds "
+        f"{sealed_1k['added_p50_us']:.0f} µs at p50. The AES-GCM work itself is under a microsecond per KB; the "
+        "rest is Python around it (headers, canonical JSON, base64, replay cache) and nats-py handling eight more "
+        "headers per message, run with cold caches because client, responder and nats-server share two cores "
+        "and wake per message. The echo responder does no work of its own, so the throughput ratio shows the "
+        "envelope against nothing. The DIN path below does more per request: three seals, four opens, a result "
+        "signature and its verification (verifying alone takes " f"{one_kb['verify_us']:.0f} µs here), across five "
+        "processes.",
+    ]
+    if report.get("din"):
+        lines += ["", "Full DIN path (digits-small, one site), DIN_SECURITY on vs off, one stack after the other:", "",
+                  "| security | p50 ms | p99 ms | req/s (1 in flight) | req/s loaded | loaded p50 ms | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for d in report["din"]:
+            lines.append(f"| {d['security']} | {d['p50_ms']} | {d['p99_ms']} | {d['light_rps']} | {d['loaded_rps']} | "
+                         f"{d['loaded_p50_ms']} | {d['errors']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds of load per mode and size")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight under load")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per size, in alternating mode order")
+    parser.add_argument("--din", action="store_true", help="also the full DIN path, security on vs off")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--responder", nargs=2, metavar=("URL", "KEYS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.responder:
+        uvloop.run(respond(args.responder[0], Path(args.responder[1])))
+        return 0
+
+    from din.stack.launcher import PortPlan, Stack
+
+    topology = Topology.model_validate(TOPOLOGY)
+    with tempfile.TemporaryDirectory() as tmp:
+        keys_dir = Path(tmp) / "keys"
+        init_keys(keys_dir, topology)
+        (keys_dir / "bench.dek").write_text(os.urandom(32).hex())
+        report: dict = {"environment": {
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "seconds": args.seconds, "concurrency": args.concurrency, "rounds": args.rounds,
+        }}
+        print("crypto costs in process ...", flush=True)
+        report["crypto"] = crypto_costs(keys_dir)
+        stack = Stack.brokers_only(topology, ports=PortPlan.free(0), din_dir=Path(tmp) / "din", kafka=False)
+        with stack.start():
+            responder = subprocess.Popen([sys.executable, __file__, "--responder", stack.hub_url, str(keys_dir)],
+                                         stdout=subprocess.PIPE, text=True, cwd=REPO)
+            try:
+                responder.stdout.readline()
+                print("raw NATS request-reply ...", flush=True)
+                rows = uvloop.run(measure_raw(stack.hub_url, keys_dir, seconds=args.seconds,
+                                              concurrency=args.concurrency, rounds=args.rounds))
+            finally:
+                responder.terminate()
+                responder.wait(timeout=10)
+        report["summary"] = summarize(rows)
+        report["raw"] = [asdict(r) for r in rows]
+        if args.din:
+            print("full DIN path, security on then off ...", flush=True)
+            report["din"] = measure_din(Path(tmp) / "din", args.seconds, 32)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "security.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "security.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""``din keys``: create key files, and rotate, revoke or inspect the keys of the running stack.
+
+``init`` writes what ``din up`` writes for each run (master key, key store, one key
+file per principal). ``rotate``, ``revoke`` and ``status`` send a command signed with
+the run's ``operator`` key file to its key manager. ``export-audit`` writes the
+audit data keys as a replay key file, for opening payloads recorded to Kafka.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_TOPOLOGY, STATE_FILE_NAME, format_table, read_state
+from din.stack.processes import StackError
+from shared.contracts.keys import KeyAction, KeyCommandResultV1
+from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from shared.naming import Subjects
+from shared.recording import write_replay_keys
+from shared.security import (
+    AUDIT,
+    KEYMANAGER,
+    KEYSTORE_FILE,
+    OPERATOR,
+    KeyAgent,
+    KeyStore,
+    PrincipalKeys,
+    init_keys,
+    key_file,
+    new_key_command,
+    sign_key_command,
+)
+from shared.topology import load_topology
+
+COMMAND_TIMEOUT_S = 30.0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    keys = subparsers.add_parser("keys", help="create key files; rotate, revoke or inspect the running stack's keys")
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+
+    init = actions.add_parser("init", help="write a master key, a key store and one key file per principal")
+    init.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
+    init.add_argument("--out", type=Path, required=True, help="folder for the key files (created, mode 0600 files)")
+    init.set_defaults(handler=cmd_init)
+
+    show = actions.add_parser("show", help="list the principals of a key store and their public keys")
+    show.add_argument("--keys-dir", type=Path, help="key folder (default: the running stack's)")
+    show.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
+    show.set_defaults(handler=cmd_show)
+
+    for name, text in (("status", "current data key versions and revocations"),
+                       ("rotate", "rotate data keys now (two-phase; old versions stay accepted for the grace)"),
+                       ("revoke", "revoke a principal: refuse it and rotate every key it held")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
+        if name == "rotate":
+            action.add_argument("--reader", help="the one reader to rotate, e.g. tenant-acme (default: all)")
+            action.add_argument("--grace", type=float, help="seconds old versions stay accepted")
+        if name == "revoke":
+            action.add_argument("principal", help="e.g. site-branch")
+        action.set_defaults(handler=cmd_command)
+
+    export = actions.add_parser("export-audit", help="write the audit data keys as a replay key file")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
+    export.set_defaults(handler=cmd_export_audit)
+
+
+def _running(din_dir: Path) -> tuple[Path, str]:
+    """Key folder and hub NATS URL of the running stack."""
+    state = read_state(din_dir / STATE_FILE_NAME)
+    if state is None:
+        raise StackError(f"no stack is running from {din_dir}: start one with `din up`")
+    hub = load_topology(Path(state["topology"])).hub.name
+    return Path(state["run_dir"]) / "keys", state["urls"]["nats"][hub]
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    topology = load_topology(args.topology)
+    store = init_keys(args.out, topology)
+    print(f"wrote keys of {len(store.publics)} principals to {args.out}: give each service only its own key file")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    keys_dir = args.keys_dir or _running(args.din_dir)[0]
+    try:
+        store = KeyStore.load(keys_dir / KEYSTORE_FILE)
+    except ValueError as exc:
+        raise StackError(str(exc)) from None
+    rows = [[name, public.to_dict()["x25519"][:16] + "...", public.to_dict()["ed25519"][:16] + "...",
+             "store" if name == KEYMANAGER else str(key_file(keys_dir, name).name)]
+            for name, public in sorted(store.publics.items())]
+    print(format_table(["PRINCIPAL", "X25519", "ED25519", "KEY FILE"], rows))
+    return 0
+
+
+async def send_command(url: str, operator: PrincipalKeys, action: KeyAction, **fields) -> KeyCommandResultV1:
+    """Sign and send one command to the key manager; raise ``StackError`` with its answer on failure."""
+    import nats
+
+    body, headers = sign_key_command(operator, new_key_command(action, **fields))
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1)
+    try:
+        reply = await nc.request(Subjects.control("keymanager", KEYMANAGER), body, headers=headers,
+                                 timeout=COMMAND_TIMEOUT_S)
+    finally:
+        await nc.close()
+    if reply.headers and DIN_ERROR_HEADER in reply.headers:
+        error = ErrorReplyV1.model_validate_json(reply.data).error
+        raise StackError(f"key manager refused: {error.code.value}: {error.message}")
+    return KeyCommandResultV1.model_validate_json(reply.data)
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    keys_dir, url = _running(args.din_dir)
+    operator = PrincipalKeys.load(key_file(keys_dir, OPERATOR))
+    fields = {}
+    if args.keys_command == "rotate":
+        fields = {"reader": args.reader, "grace_s": args.grace}
+    elif args.keys_command == "revoke":
+        fields = {"principal": args.principal}
+    result = asyncio.run(send_command(url, operator, KeyAction(args.keys_command), **fields))
+    if result.message:
+        print(result.message)
+    print(format_table(["READER", "VERSION"], [[r, str(v)] for r, v in sorted(result.versions.items())]))
+    print(f"revoked: {', '.join(result.revoked) or 'none'}; rotations since start: {result.rotations}")
+    return 0
+
+
+async def audit_keys(url: str, audit: PrincipalKeys):
+    """Every audit data key version the key manager distributes now."""
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1)
+    agent = KeyAgent(audit)
+    try:
+        await agent.watch(nc, ready=lambda a: a.ready_for([AUDIT]), timeout_s=COMMAND_TIMEOUT_S)
+    finally:
+        await agent.stop()
+        await nc.close()
+    return [agent.keyring.get(reader, version) for reader, version in sorted(agent.deks)]
+
+
+def cmd_export_audit(args: argparse.Namespace) -> int:
+    keys_dir, url = _running(args.din_dir)
+    deks = asyncio.run(audit_keys(url, PrincipalKeys.load(key_file(keys_dir, AUDIT))))
+    write_replay_keys(args.out, deks)
+    print(f"wrote {len(deks)} audit data key versions to {args.out} (keep it secret: it opens recorded payloads)")
+    return 0

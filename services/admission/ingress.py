@@ -1,0 +1,79 @@
+"""The ingress hop: a tenant's sealed request opened at admission, or a plaintext one the policy lets in. No NATS here.
+
+A request sealed by its tenant travels on to the classifier and scheduler as it
+came (ciphertext and envelope headers); a plaintext request from a tenant in the
+policy's ``plaintext_ingress`` is sealed here, before it goes any further, and
+marked so the executor answers it unsealed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.contracts.inference import RequestHeaders
+from shared.envelope import InvalidToken, Reason
+from shared.errors import DinError, ErrorCode
+from shared.security import (
+    ANSWER_FIELD,
+    ANSWER_PLAIN,
+    ENVELOPE_PREFIX,
+    PayloadSecurity,
+    PayloadProtection,
+    is_sealed,
+    request_binding,
+    tenant_principal,
+)
+
+AEAD_OVERHEAD = 16
+
+
+@dataclass
+class Unsealed:
+    """A request after the ingress hop: its plaintext, and the envelope it travels on in (if it came sealed)."""
+
+    plaintext: bytes
+    envelope: dict[str, str] = field(default_factory=dict)
+    protection: PayloadProtection = PayloadProtection.ENCRYPTED
+
+
+class RequestOpener:
+    """Opens requests for admission and seals the ones that arrive in clear."""
+
+    def __init__(self, security: PayloadSecurity, max_payload: int) -> None:
+        self.security = security
+        self.max_payload = max_payload
+
+    def unseal(self, tenant: str, model: str, reply: str, headers: dict[str, str] | None, body: bytes) -> Unsealed:
+        """The request's plaintext; raise ``InvalidToken`` when it cannot be authenticated.
+
+        Raises ``DinError`` (payload too large) before any crypto for an oversized body.
+        """
+        if not self.security.enabled:
+            return Unsealed(body, protection=PayloadProtection.OFF)
+        if not is_sealed(headers):
+            if tenant in self.security.agent.plaintext_ingress:
+                return Unsealed(body, protection=PayloadProtection.CLIENT_PLAINTEXT)
+            raise InvalidToken(Reason.MALFORMED)
+        if len(body) > self.max_payload + AEAD_OVERHEAD:
+            raise DinError(ErrorCode.PAYLOAD_TOO_LARGE,
+                           f"payload of {len(body)} bytes exceeds the limit of {self.max_payload}")
+        reader = tenant_principal(tenant)
+        expected = request_binding((headers or {}).get(RequestHeaders.REQUEST_ID, ""), tenant, model, reply, headers)
+        opened = self.security.open(body, headers, reader=reader, expected_aad=expected)
+        if opened.sender != reader:
+            raise InvalidToken(Reason.AAD_MISMATCH)
+        sealed_headers = {k: v for k, v in (headers or {}).items() if k.startswith(ENVELOPE_PREFIX)}
+        return Unsealed(opened.plaintext, sealed_headers)
+
+    def forward(
+        self, unsealed: Unsealed, *, request_id: str, tenant: str, model: str, reply: str,
+        passthrough: dict[str, str], body: bytes,
+    ) -> tuple[bytes, dict[str, str]]:
+        """The body and envelope headers the request travels on with."""
+        if not self.security.enabled:
+            return body, {}
+        if unsealed.envelope:
+            return body, unsealed.envelope
+        aad = request_binding(request_id, tenant, model, reply, passthrough) | {ANSWER_FIELD: ANSWER_PLAIN}
+        sealed = self.security.seal(unsealed.plaintext, reader=tenant_principal(tenant), aad=aad)
+        return sealed.body, sealed.to_headers()

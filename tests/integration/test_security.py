@@ -1,0 +1,432 @@
+"""Security over real brokers: sealed hops, per-path policy, attacks refused beside live traffic, rotation, revocation.
+
+One network for the module, with a strict policy: no tenant may send in clear;
+the dedicated link to ``factory`` may carry integrity-only payloads (the operator
+allows it), every other path is encrypted. ``frugal`` may only afford factory, so
+its requests take that path deterministically. Revocation runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections import Counter
+
+import nats
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from din.client import DinClient, DinRequestError
+from din.commands.keys import send_command
+from shared import envelope
+from shared.contracts.events import CompletionV1
+from shared.contracts.keys import KeyAction
+from shared.contracts.inference import RequestHeaders
+from shared.envelope import DataKey, Keyring
+from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from shared.naming import Subjects, Topics
+from shared.security import (
+    OPERATOR,
+    CryptoPolicy,
+    KeyAgent,
+    PayloadSecurity,
+    PrincipalKeys,
+    key_file,
+    request_binding,
+    site_principal,
+    tenant_principal,
+)
+from tests.integration.network import running_network
+
+MODEL = "digits-small"
+SECURITY_TOPOLOGY = {
+    "name": "security-tests",
+    "sites": [
+        {"name": "cloud", "role": "hub", "cost_per_1k": 0.5, "executors": [{"id": "cloud-1", "models": [MODEL]}]},
+        {"name": "factory", "role": "edge", "cost_per_1k": 0.1,
+         "executors": [{"id": "factory-1", "models": [MODEL]}]},
+        {"name": "branch", "role": "edge", "cost_per_1k": 0.5, "executors": [{"id": "branch-1", "models": [MODEL]}]},
+    ],
+    "links": [
+        {"between": ["cloud", "factory"], "path": "dedicated"},
+        {"between": ["cloud", "branch"], "path": "internet"},
+        {"between": ["factory", "branch"], "path": "vpn"},
+    ],
+    "tenants": [
+        {"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
+        {"name": "globex", "rate_per_s": 5000, "burst": 5000},
+        {"name": "initech", "sensitive_sites": ["branch"], "always_sensitive": True, "rate_per_s": 5000,
+         "burst": 5000},
+        {"name": "frugal", "max_cost_per_1k": 0.2, "rate_per_s": 5000, "burst": 5000},
+    ],
+}
+STRICT_POLICY = CryptoPolicy(paths={"dedicated": "integrity"})
+RNG = np.random.default_rng(20261126)
+SECRET = RNG.uniform(0.0, 16.0, size=(1, 64)).astype(np.float32)
+"""The tenants' secret input: its bytes must never show up on the bus or in Kafka outside integrity-only paths."""
+FRUGAL_INPUT = RNG.uniform(0.0, 16.0, size=(1, 64)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def network(kafka_bootstrap, zoo_dir, tmp_path_factory):
+    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), "centralized",
+                         security_policy=STRICT_POLICY, topology_spec=SECURITY_TOPOLOGY) as net:
+        yield net
+
+
+@contextlib.asynccontextmanager
+async def clients(network, *tenants: str):
+    opened = {t: await DinClient.connect(network.hub_url, t, network.token(t), network.keys(t)) for t in tenants}
+    try:
+        yield opened
+    finally:
+        for client in opened.values():
+            await client.close()
+
+
+def operator(network) -> PrincipalKeys:
+    return PrincipalKeys.load(key_file(network.stack.keys_dir, OPERATOR))
+
+
+async def key_command(network, action: KeyAction, **fields):
+    return await send_command(network.hub_url, operator(network), action, **fields)
+
+
+async def detail(network, service: str, instance: str | None = None) -> dict[str, str]:
+    return (await network.health(service, instance)).detail
+
+
+def refused_count(detail_: dict[str, str], reason: str) -> int:
+    return int(detail_.get(f"auth_refused_{reason}", "0"))
+
+
+class Sniffer:
+    """Every message crossing the hub (and, through its interest, every leaf), kept raw."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.messages: list = []
+        self.nc = None
+
+    async def __aenter__(self) -> "Sniffer":
+        self.nc = await nats.connect(self.url)
+
+        async def keep(msg) -> None:
+            self.messages.append(msg)
+
+        await self.nc.subscribe(">", cb=keep)
+        await self.nc.flush()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.nc.close()
+
+
+def _needles(array: np.ndarray) -> list[bytes]:
+    raw = array.tobytes()
+    as_json = json.dumps([float(v) for v in array.reshape(-1)[:8]])[1:-1].encode()
+    return [raw, raw[:32], raw[-32:], as_json]
+
+
+async def test_requests_are_served_signed_and_each_reports_its_protection(network):
+    completions: list[CompletionV1] = []
+    nc = await nats.connect(network.hub_url)
+    await nc.subscribe(Subjects.COMPLETED_ALL, cb=_completions_into(completions))
+    async with clients(network, "globex", "initech", "frugal", "acme") as c:
+        results = {
+            "globex": [await c["globex"].infer(MODEL, {"input": SECRET}, binary=True) for _ in range(10)],
+            "initech": [await c["initech"].infer(MODEL, {"input": SECRET}) for _ in range(10)],
+            "frugal": [await c["frugal"].infer(MODEL, {"input": FRUGAL_INPUT}, binary=True) for _ in range(10)],
+            "acme-pii": [await c["acme"].infer(MODEL, {"input": SECRET}, labels=["pii"]) for _ in range(10)],
+        }
+    await asyncio.sleep(0.5)
+    await nc.close()
+    for name, served in results.items():
+        for result in served:
+            assert result.signer == site_principal(result.served_by.site), name
+    assert {r.served_by.site for r in results["initech"]} == {"branch"}
+    assert {r.served_by.site for r in results["frugal"]} == {"factory"}
+    assert {r.served_by.site for r in results["acme-pii"]} == {"factory"}
+    assert all(r.encrypted for key in ("globex", "initech", "acme-pii") for r in results[key])
+    assert not any(r.encrypted for r in results["frugal"]), "factory's link is integrity-only for non-sensitive data"
+    protection = Counter((c.tenant, c.site, c.protection) for c in completions)
+    assert protection[("frugal", "factory", "integrity")] == 10
+    assert protection[("acme", "factory", "encrypted")] == 10, "sensitive data is encrypted whatever the path"
+    assert protection[("initech", "branch", "encrypted")] == 10
+    assert sum(n for (tenant, _, level), n in protection.items() if tenant == "globex" and level == "encrypted") == 10
+
+
+def _completions_into(into: list):
+    async def keep(msg) -> None:
+        with contextlib.suppress(ValueError):
+            into.append(CompletionV1.model_validate_json(msg.data))
+
+    return keep
+
+
+async def test_the_bus_carries_only_ciphertext_outside_integrity_only_links(network):
+    needles = _needles(SECRET)
+    frugal_needles = _needles(FRUGAL_INPUT)
+    async with Sniffer(network.hub_url) as sniffer, clients(network, "globex", "initech", "acme", "frugal") as c:
+        for i in range(6):
+            await c["globex"].infer(MODEL, {"input": SECRET}, binary=i % 2 == 0)
+            await c["initech"].infer(MODEL, {"input": SECRET}, binary=i % 2 == 1)
+            await c["acme"].infer(MODEL, {"input": SECRET}, labels=["pii"], binary=True)
+            await c["frugal"].infer(MODEL, {"input": FRUGAL_INPUT}, binary=True)
+        await asyncio.sleep(0.3)
+    seen_subjects = Counter(m.subject.split(".")[2] if m.subject.startswith("din.") else m.subject.split(".")[0]
+                            for m in sniffer.messages)
+    assert seen_subjects["infer"] >= 24 and seen_subjects["exec"] >= 24, seen_subjects
+    readable = []
+    for msg in sniffer.messages:
+        blob = msg.data + json.dumps(dict(msg.headers or {})).encode()
+        assert not any(n in blob for n in needles), f"secret input in clear on {msg.subject}"
+        if any(n in blob for n in frugal_needles):
+            readable.append(msg)
+    # frugal's input is readable only where the operator allowed it: integrity-only jobs to factory.
+    assert readable, "frugal's jobs to factory are integrity-only by policy"
+    for msg in readable:
+        assert msg.subject == Subjects.execute("factory", "factory-1"), msg.subject
+        assert msg.headers[envelope.H_MODE] == envelope.MODE_MAC
+
+
+async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network):
+    before = {s: await detail(network, s) for s in ("admission", "scheduler")}
+    before_exec = await detail(network, "executor", "cloud-1")
+    failures: list = []
+    served = Counter()
+    stop = asyncio.Event()
+    nc = await nats.connect(network.hub_url)
+    captured_requests: list = []
+    captured_jobs: list = []
+    captured_results: list = []
+    await nc.subscribe(Subjects.infer("globex", MODEL), cb=_into(captured_requests))
+    await nc.subscribe(Subjects.execute("cloud", "cloud-1"), cb=_into(captured_jobs))
+    await nc.subscribe("_INBOX.>", cb=_into(captured_results))
+
+    async def legit(client: DinClient, tenant: str) -> None:
+        while not stop.is_set():
+            try:
+                result = await client.infer(MODEL, {"input": SECRET}, timeout_ms=5000)
+                served[tenant] += 1
+                assert result.signer is not None
+            except Exception as exc:  # noqa: BLE001 - every failure is a finding
+                failures.append((tenant, repr(exc)))
+
+    attacker_inbox = nc.new_inbox()
+    answers: list = []
+    await nc.subscribe(attacker_inbox + ".*", cb=_into(answers))
+
+    async with clients(network, "globex", "initech", "acme") as c:
+        workers = [asyncio.create_task(legit(c[t], t)) for t in ("globex", "initech", "globex", "initech")]
+        await asyncio.sleep(0.5)
+        globex = c["globex"]
+
+        def sealed_request(client: DinClient, token: str, model: str = MODEL):
+            body, headers = client.build({"input": SECRET}, timeout_ms=3000)
+            return client.seal(model, body, headers, f"{attacker_inbox}.{token}")
+
+        async def attack(token: str, subject: str, body: bytes, headers: dict) -> None:
+            await nc.publish(subject, body, reply=f"{attacker_inbox}.{token}", headers=headers)
+
+        subject = Subjects.infer("globex", MODEL)
+        body, headers = sealed_request(globex, "tampered")
+        await attack("tampered", subject, body[:-1] + bytes([body[-1] ^ 1]), headers)
+        first, second = sealed_request(globex, "swapped"), sealed_request(globex, "other")
+        await attack("swapped", subject, second[0], {**first[1], RequestHeaders.REQUEST_ID:
+                                                      second[1][RequestHeaders.REQUEST_ID]})
+        body, headers = sealed_request(globex, "unknown-key")
+        await attack("unknown-key", subject, body, {**headers, envelope.H_KEY_VERSION: "977"})
+        body, headers = sealed_request(c["acme"], "other-tenant")
+        await attack("other-tenant", subject, body, headers)
+        await attack("unsealed", subject, *c["globex"].build({"input": SECRET}, timeout_ms=3000))
+
+        # Retired: globex's data key rotates with a 1 s grace; a request sealed under the old version after it.
+        old_ring = Keyring()
+        old_ring.install(globex.security.agent.keyring.current_key(tenant_principal("globex")))
+        result = await key_command(network, KeyAction.ROTATE, reader=tenant_principal("globex"), grace_s=1.0)
+        assert result.versions[tenant_principal("globex")] >= 2
+        await asyncio.sleep(1.5)
+        body, headers = globex.build({"input": SECRET}, timeout_ms=3000)
+        reply = f"{attacker_inbox}.retired"
+        old = envelope.seal(body, reader=tenant_principal("globex"), keyring=old_ring, sender=tenant_principal("globex"),
+                            aad=request_binding(headers[RequestHeaders.REQUEST_ID], "globex", MODEL, reply, headers))
+        await attack("retired", subject, old.body, {**headers, **old.to_headers()})
+
+        # Replays of a request and of a job captured on the bus, after their answers went out.
+        seen = len(captured_requests)
+        while not any(m.reply.startswith(globex._inbox) for m in captured_requests[seen:]):
+            await asyncio.sleep(0.05)
+        request = next(m for m in captured_requests[seen:] if m.reply.startswith(globex._inbox))
+        job = captured_jobs[-1]
+        await asyncio.sleep(0.5)
+        replay_watch: list = []
+        await nc.subscribe(request.reply, cb=_into(replay_watch))
+        await nc.publish(request.subject, request.data, reply=request.reply, headers=request.headers)
+        await nc.publish(job.subject, job.data, headers=job.headers)
+        # A job forged with a key nobody was given.
+        forged_ring = Keyring()
+        forged_ring.install(DataKey(site_principal("cloud"), 1, bytes(32)))
+        forged = envelope.seal(b"{}", reader=site_principal("cloud"), keyring=forged_ring,
+                               sender=site_principal("cloud"), aad={"rid": "forged"})
+        await nc.publish(job.subject, forged.body, headers={**job.headers, **forged.to_headers()})
+
+        # A captured result with its signature flipped: the client refuses it.
+        result_msg = next(m for m in captured_results if m.headers and envelope.SIGNATURE_HEADER in m.headers
+                          and m.subject.startswith(globex._inbox))
+        signature = envelope._b64d(result_msg.headers[envelope.SIGNATURE_HEADER])
+        forged_sig = envelope._b64e(bytes([signature[0] ^ 1]) + signature[1:])
+        with pytest.raises(DinRequestError) as caught:
+            globex.open_answer("captured", result_msg.data, {**result_msg.headers,
+                                                             envelope.SIGNATURE_HEADER: forged_sig})
+        assert caught.value.error.code.value == "unauthenticated"
+
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*workers)
+    await nc.close()
+
+    assert failures == [], failures[:5]
+    assert served["globex"] > 20 and served["initech"] > 20, served
+    by_token = {m.subject.rsplit(".", 1)[1]: m for m in answers}
+    for token in ("tampered", "swapped", "unknown-key", "other-tenant", "unsealed", "retired"):
+        msg = by_token[token]
+        error = ErrorReplyV1.model_validate_json(msg.data).error
+        assert (msg.headers[DIN_ERROR_HEADER], error.code.value, error.message) == (
+            "unauthenticated", "unauthenticated", "message could not be authenticated"), token
+    assert replay_watch == [], "a replay gets no answer (its reply subject is the original requester's)"
+
+    after = await detail(network, "admission")
+    for reason in ("bad_tag", "unknown_key", "wrong_reader", "malformed", "retired_key", "replay"):
+        assert refused_count(after, reason) > refused_count(before["admission"], reason), reason
+    after_exec = await detail(network, "executor", "cloud-1")
+    assert refused_count(after_exec, "replay") > refused_count(before_exec, "replay")
+    assert int(after_exec["auth_refused"]) >= int(before_exec["auth_refused"]) + 2
+    for service in ("admission", "classifier", "scheduler", "keymanager", "telemetry"):
+        assert (await network.health(service)).ready, service
+    for executor in ("cloud-1", "factory-1", "branch-1"):
+        assert (await network.health("executor", executor)).ready, executor
+
+
+def _into(into: list):
+    async def keep(msg) -> None:
+        into.append(msg)
+
+    return keep
+
+
+async def test_kafka_holds_no_plaintext_payloads(network, kafka_bootstrap):
+    topics = [Topics.scoped(t, network.topic_scope) for t in Topics.ALL]
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    records = []
+    try:
+        deadline = time.monotonic() + 15
+        idle = 0
+        while time.monotonic() < deadline and idle < 4:
+            batch = await consumer.getmany(timeout_ms=500)
+            got = [r for rs in batch.values() for r in rs]
+            records += got
+            idle = 0 if got else idle + 1
+    finally:
+        await consumer.stop()
+    by_topic = Counter(r.topic for r in records)
+    dead = [r for r in records if r.topic == Topics.scoped(Topics.DEAD_LETTER, network.topic_scope)]
+    assert by_topic[Topics.scoped(Topics.COMPLETIONS, network.topic_scope)] > 50
+    assert dead, "the attacks left dead letters: their bodies must be ciphertext"
+    needles = _needles(SECRET)
+    for record in records:
+        raw = (record.value or b"") + b"".join(v for _, v in record.headers)
+        assert not any(n in raw for n in needles), f"secret in clear in {record.topic}"
+    for record in dead:
+        body = base64.b64decode(json.loads(record.value)["body_b64"])
+        assert not any(n in body for n in needles), "a dead letter kept a payload in clear"
+
+
+async def test_rotation_under_load_loses_no_request(network):
+    failures: list = []
+    served = Counter()
+    stop = asyncio.Event()
+
+    async def load(client: DinClient, tenant: str, i: int) -> None:
+        while not stop.is_set():
+            try:
+                await client.infer(MODEL, {"input": SECRET}, binary=i % 2 == 0, timeout_ms=5000)
+                served[tenant] += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is a finding
+                failures.append((tenant, repr(exc)))
+
+    start = await key_command(network, KeyAction.STATUS)
+    async with clients(network, "globex", "initech", "acme", "frugal") as c:
+        workers = [asyncio.create_task(load(c[t], t, i)) for i, t in enumerate(["globex", "initech", "acme",
+                                                                                  "frugal"] * 2)]
+        for _ in range(3):
+            await asyncio.sleep(0.5)
+            await key_command(network, KeyAction.ROTATE)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*workers)
+        sealing = {t: c[t].security.agent.keyring.current_version(tenant_principal(t)) for t in c}
+    end = await key_command(network, KeyAction.STATUS)
+    assert failures == [], failures[:5]
+    assert sum(served.values()) > 100 and all(served[t] > 10 for t in ("globex", "initech", "acme", "frugal")), served
+    assert end.rotations >= start.rotations + 3 * len(start.versions)
+    for reader, version in start.versions.items():
+        assert end.versions[reader] == version + 3, reader
+    for tenant, version in sealing.items():
+        assert version == end.versions[tenant_principal(tenant)], "clients seal with the newest version"
+
+
+async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network):
+    branch = PayloadSecurity(KeyAgent(PrincipalKeys.load(key_file(network.stack.keys_dir, site_principal("branch")))))
+    nc = await nats.connect(network.stack.nats_urls["branch"])
+    await branch.start(nc, readers=lambda a: [site_principal("branch"), tenant_principal("globex")])
+    before = await detail(network, "scheduler")
+    async with clients(network, "globex", "initech") as c:
+        globex = c["globex"]
+        # Branch signs a result before its revocation; afterwards the client refuses anything from it.
+        late = branch.seal(b"{}", reader=tenant_principal("globex"), aad={"rid": "late", "tenant": "globex"})
+        late_headers = branch.sign_answer(late.body, late.to_headers())
+        # And a give-back sealed by branch to the scheduler (a real message shape, from branch's own keys).
+        give_back_body, give_back_headers = globex.build({"input": SECRET}, request_id="from-branch")
+        job_reply = f"{globex._inbox}.from-branch"
+        sealed = branch.seal(give_back_body, reader=tenant_principal("globex"), aad=request_binding(
+            "from-branch", "globex", MODEL, job_reply, give_back_headers))
+
+        result = await key_command(network, KeyAction.REVOKE, principal=site_principal("branch"))
+        assert site_principal("branch") in result.revoked
+        await asyncio.sleep(1.5)
+        with pytest.raises(DinRequestError) as refused:
+            globex.open_answer("late", late.body, late_headers)
+        assert refused.value.error.code.value == "unauthenticated"
+
+        from shared.contracts.job import JobV1
+        from shared.contracts.inference import SlaClass
+
+        job = JobV1(request_id="from-branch", tenant="globex", model=MODEL, sla_class=SlaClass.INTERACTIVE,
+                    deadline_ms=int(time.time() * 1000) + 3000, reply_to=job_reply,
+                    content_type="application/json", received_ms=time.time() * 1000)
+        hub = await nats.connect(network.hub_url)
+        await hub.publish(Subjects.SCHEDULE, sealed.body, headers={**job.to_headers(), **sealed.to_headers()})
+        await hub.flush()
+        await hub.close()
+
+        # No new work for branch: initech may only run there, globex runs elsewhere.
+        with pytest.raises(DinRequestError) as nowhere:
+            await c["initech"].infer(MODEL, {"input": SECRET}, timeout_ms=2000)
+        assert nowhere.value.error.code.value == "no_eligible_executor"
+        sites = Counter()
+        for _ in range(30):
+            sites[(await globex.infer(MODEL, {"input": SECRET})).served_by.site] += 1
+        assert "branch" not in sites and sum(sites.values()) == 30, sites
+    await asyncio.sleep(0.3)
+    after = await detail(network, "scheduler")
+    assert refused_count(after, "revoked") == refused_count(before, "revoked") + 1
+    assert site_principal("branch") in after["revoked"]
+    await branch.stop()
+    await nc.close()

@@ -1,0 +1,278 @@
+"""Every hop of a request, sealed and checked, and every attack refused the same way (one code, one message).
+
+Client (``DinClient.seal`` / ``open_answer``) -> admission (``RequestOpener``) ->
+scheduler (open, ``check_binding``, re-seal to the site) -> executor (open, answer
+sealed to the tenant and signed). No NATS: agents get their keys from
+``KeyAuthority`` entries directly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from din.client import DinClient, DinRequestError
+from services.admission.ingress import RequestOpener
+from shared import envelope
+from shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
+from shared.envelope import InvalidToken, Reason
+from shared.errors import ErrorCode
+from shared.security import (
+    ANSWER_FIELD,
+    ANSWER_PLAIN,
+    SIGNER_HEADER,
+    PayloadSecurity,
+    PayloadProtection,
+    check_binding,
+    payload_size,
+    request_binding,
+    result_binding,
+    seal_for_audit,
+    seal_to_site,
+    without_envelope,
+)
+from tests.unit.test_security_rotation import (  # noqa: F401 - fixtures
+    ACME,
+    AUDIT,
+    BRANCH,
+    FACTORY,
+    HUB,
+    INITECH,
+    agents,
+    authority,
+    clock,
+    deliver,
+    keys_dir,
+)
+
+MODEL = "digits-small"
+REPLY = "_INBOX.client.token1"
+
+
+class StubNats:
+    """Just enough of a NATS client for ``DinClient`` to build and check messages."""
+
+    def new_inbox(self) -> str:
+        return "_INBOX.client"
+
+
+@pytest.fixture
+def net(authority, agents):
+    deliver(authority.publication(), agents)
+    return {p: PayloadSecurity(agent) for p, agent in agents.items()}
+
+
+def client_for(security: PayloadSecurity, tenant: str = "acme") -> DinClient:
+    return DinClient(StubNats(), tenant, "token", security=security)
+
+
+def request(client: DinClient, rid: str = "req-1", reply: str = REPLY, model: str = MODEL):
+    body, headers = client.build({"input": [[0.5] * 4]}, request_id=rid)
+    return client.seal(model, body, headers, reply)
+
+
+def result_json(rid: str) -> bytes:
+    return InferResponseV1(
+        model_name=MODEL, model_version="1", id=rid, outputs=[],
+        served_by=ServedByV1(site="factory", executor="factory-1", model=MODEL, model_version="1", degraded=False,
+                             batch_size=1),
+    ).model_dump_json().encode()
+
+
+def answer(site: PayloadSecurity, rid: str, tenant: str = "acme", confidential: bool = True):
+    sealed = site.seal(result_json(rid), reader=f"tenant-{tenant}", aad=result_binding(rid, tenant),
+                       confidential=confidential)
+    return sealed.body, site.sign_answer(sealed.body, sealed.to_headers())
+
+
+def refused(reason: Reason, fn, *args, **kwargs) -> InvalidToken:
+    with pytest.raises(InvalidToken) as info:
+        fn(*args, **kwargs)
+    assert info.value.reason == reason
+    assert info.value.code == ErrorCode.UNAUTHENTICATED
+    assert info.value.message == InvalidToken.MESSAGE
+    return info.value
+
+
+def test_the_whole_path_sealed_hop_by_hop(net):
+    client = client_for(net[ACME])
+    body, headers = request(client)
+    plain = json.loads(client.build({"input": [[0.5] * 4]}, request_id="x")[0])
+    assert b"0.5" not in body and envelope.H_NONCE in headers
+
+    opener = RequestOpener(net[HUB], max_payload=1 << 20)
+    unsealed = opener.unseal("acme", MODEL, REPLY, headers, body)
+    assert json.loads(unsealed.plaintext)["inputs"] == plain["inputs"]
+    assert unsealed.protection == PayloadProtection.ENCRYPTED
+    forward_body, forward_env = opener.forward(unsealed, request_id="req-1", tenant="acme", model=MODEL, reply=REPLY,
+                                               passthrough={}, body=body)
+    assert forward_body == body and forward_env == {k: v for k, v in headers.items() if k.startswith("Din-Env-")}
+
+    # The scheduler (a separate process, with its own replay guard) opens, checks the job against the seal, re-seals.
+    scheduler = PayloadSecurity(net[HUB].agent)
+    passthrough = without_envelope({k: v for k, v in headers.items() if k.startswith(("Content-Type", "Din-Tensor"))})
+    opened = scheduler.open_from(forward_body, forward_env, reader=ACME)
+    check_binding(opened.aad, request_binding("req-1", "acme", MODEL, REPLY, passthrough))
+    job = scheduler.seal(opened.plaintext, reader=FACTORY, aad=opened.aad, confidential=False)
+    assert job.body == opened.plaintext, "factory's dedicated link is integrity-only by policy"
+
+    executor = net[FACTORY]
+    at_site = executor.open(job.body, job.to_headers(), reader=FACTORY, allow_integrity=True)
+    assert at_site.plaintext == unsealed.plaintext and not at_site.confidential
+
+    result_body, result_headers = answer(executor, "req-1", confidential=True)
+    result = client.open_answer("req-1", result_body, result_headers)
+    assert result.signer == FACTORY and result.encrypted and result.response.id == "req-1"
+
+
+def test_integrity_only_is_refused_where_the_policy_does_not_allow_it(net):
+    client = client_for(net[ACME])
+    mac_result = answer(net[BRANCH], "req-9", confidential=False)
+    with pytest.raises(DinRequestError) as info:
+        client.open_answer("req-9", *mac_result)
+    assert info.value.error.code == ErrorCode.UNAUTHENTICATED
+    assert net[ACME].refusals[Reason.MODE_NOT_ALLOWED.value] == 1
+    assert client.open_answer("req-8", *answer(net[FACTORY], "req-8", confidential=False)).encrypted is False
+
+
+def test_plaintext_ingress_only_for_tenants_the_policy_names(net, authority, agents):
+    opener = RequestOpener(net[HUB], max_payload=1 << 20)
+    refused(Reason.MALFORMED, opener.unseal, "acme", MODEL, REPLY, {}, b'{"inputs": []}')
+    authority.policy = authority.policy.model_copy(update={"plaintext_ingress": ["acme"]})
+    deliver([authority.policy_entry()], agents)
+    unsealed = opener.unseal("acme", MODEL, REPLY, {}, b'{"inputs": []}')
+    assert unsealed.protection == PayloadProtection.CLIENT_PLAINTEXT
+    body, env = opener.forward(unsealed, request_id="r", tenant="acme", model=MODEL, reply=REPLY, passthrough={},
+                               body=b'{"inputs": []}')
+    assert b"inputs" not in body, "sealed at admission before it goes on"
+    opened = net[FACTORY].open(body, env, reader=ACME)
+    assert opened.aad[ANSWER_FIELD] == ANSWER_PLAIN
+    check_binding(opened.aad, request_binding("r", "acme", MODEL, REPLY, {}))
+
+
+def test_every_attack_is_refused_with_one_code_and_counted(net, authority, agents, clock):
+    client = client_for(net[ACME])
+    hub = net[HUB]
+    opener = RequestOpener(hub, max_payload=1 << 20)
+    seen: list[InvalidToken] = []
+
+    def attempt(reason: Reason, headers, body, *, tenant="acme", reply=REPLY):
+        err = refused(reason, opener.unseal, tenant, MODEL, reply, headers, body)
+        hub.refused(err)
+        seen.append(err)
+
+    body, headers = request(client, "req-1")
+    other_body, other_headers = request(client, "req-2")
+    flipped = body[:5] + bytes([body[5] ^ 1]) + body[6:]
+    attempt(Reason.BAD_TAG, headers, flipped)                                   # tampered ciphertext
+    attempt(Reason.BAD_TAG, {**other_headers, RequestHeaders.REQUEST_ID: "req-1",
+                             **{k: v for k, v in headers.items() if k != "Din-Env-Aad"}}, other_body)  # swapped
+    attempt(Reason.UNKNOWN_KEY, {**headers, "Din-Env-Kv": "99"}, body)         # unknown key version
+    attempt(Reason.AAD_MISMATCH, headers, body, reply="_INBOX.attacker.1")      # answer redirected
+    attempt(Reason.WRONG_READER, headers, body, tenant="initech")              # sealed for another tenant
+    opener.unseal("acme", MODEL, REPLY, headers, body)                          # the genuine one, once
+    attempt(Reason.REPLAY, headers, body)                                       # replayed
+    attempt(Reason.MALFORMED, {RequestHeaders.REQUEST_ID: "req-3"}, b"{}")     # unsealed
+
+    # Retired: sealed under v1, which stops opening once a rotation's grace has passed.
+    old_body, old_headers = request(client, "req-4")
+    version, pending = authority.begin_rotation(ACME)
+    deliver(pending, agents)
+    deliver(authority.activate(ACME, version, grace_s=1), agents)
+    clock.now += 2
+    attempt(Reason.RETIRED_KEY, old_headers, old_body)
+
+    # Revoked: branch holds acme's key, but its name is refused once revoked.
+    by_branch = net[BRANCH].seal(b"{}", reader=ACME, aad=request_binding("req-5", "acme", MODEL, REPLY, {}))
+    entries, _, _ = authority.revoke(BRANCH)
+    deliver(entries, agents)
+    attempt(Reason.REVOKED, {RequestHeaders.REQUEST_ID: "req-5", **by_branch.to_headers()}, by_branch.body)
+
+    assert {e.code for e in seen} == {ErrorCode.UNAUTHENTICATED}
+    assert {str(e) for e in seen} == {InvalidToken.MESSAGE}
+    assert {e.to_model("r").model_dump_json() for e in seen} == {seen[0].to_model("r").model_dump_json()}
+    detail = hub.detail()
+    assert detail["auth_refused"] == str(len(seen))
+    for reason in ("bad_tag", "unknown_key", "aad_mismatch", "wrong_reader", "replay", "malformed", "retired_key",
+                   "revoked"):
+        assert int(detail[f"auth_refused_{reason}"]) >= 1, reason
+
+
+def test_forged_or_misdirected_results_are_refused_by_the_client(net):
+    client = client_for(net[ACME])
+    body, headers = answer(net[FACTORY], "req-1")
+
+    def rejected(reason: Reason, data, hdrs, rid="req-1"):
+        before = client.security.refusals[reason.value]
+        with pytest.raises(DinRequestError) as info:
+            client.open_answer(rid, data, hdrs)
+        assert info.value.error.code == ErrorCode.UNAUTHENTICATED
+        assert info.value.error.message == InvalidToken.MESSAGE
+        assert client.security.refusals[reason.value] == before + 1
+
+    signature = headers[envelope.SIGNATURE_HEADER]
+    forged = envelope._b64e(bytes([envelope._b64d(signature)[0] ^ 1]) + envelope._b64d(signature)[1:])
+    rejected(Reason.BAD_SIGNATURE, body, {**headers, envelope.SIGNATURE_HEADER: forged})
+    rejected(Reason.BAD_SIGNATURE, body, {**headers, SIGNER_HEADER: BRANCH})       # claims another site signed
+    rejected(Reason.UNKNOWN_KEY, body, {**headers, SIGNER_HEADER: ACME})          # not a site at all
+    rejected(Reason.BAD_SIGNATURE, body[:-1] + bytes([body[-1] ^ 1]), headers)    # tampered after signing
+    rejected(Reason.AAD_MISMATCH, body, headers, rid="req-2")                     # another request's result
+    rejected(Reason.MALFORMED, result_json("req-1"), {})                           # unsealed, unsigned
+    # A tenant cannot read or accept another tenant's result.
+    initech = client_for(net[INITECH], "initech")
+    with pytest.raises(DinRequestError):
+        initech.open_answer("req-1", body, headers)
+    # Errors are passed through as they are (they carry no payload).
+    with pytest.raises(DinRequestError) as info:
+        client.open_answer("req-1", b'{"error": {"code": "overloaded", "message": "m", "retriable": true, '
+                                    b'"status": 503}}', {"Din-Error": "overloaded"})
+    assert info.value.error.code == ErrorCode.OVERLOADED
+    assert client.open_answer("req-1", body, headers).signer == FACTORY
+
+
+def test_audit_seal_and_payload_size(net):
+    sealed = seal_for_audit(net[HUB], b"tensor bytes", request_id="r", tenant="acme")
+    assert sealed.reader == AUDIT and b"tensor bytes" not in sealed.body
+    audit = net[AUDIT]
+    assert audit.open(sealed.body, sealed.to_headers(), reader=AUDIT, replay=False).plaintext == b"tensor bytes"
+    with pytest.raises(InvalidToken):
+        net[FACTORY].open(sealed.body, sealed.to_headers(), reader=AUDIT)
+    assert payload_size(sealed.body, sealed.to_headers()) == len(b"tensor bytes")
+    assert payload_size(b"abc", {}) == 3
+    mac = net[HUB].seal(b"abc", reader=FACTORY, aad={}, confidential=False)
+    assert payload_size(mac.body, mac.to_headers()) == 3
+
+
+def test_security_off_passes_payloads_through():
+    off = PayloadSecurity(None)
+    assert not off.enabled and off.detail()["security"] == "off"
+    opener = RequestOpener(off, max_payload=10)
+    unsealed = opener.unseal("acme", MODEL, REPLY, {}, b"{}")
+    assert unsealed.protection == PayloadProtection.OFF
+    assert opener.forward(unsealed, request_id="r", tenant="acme", model=MODEL, reply=REPLY, passthrough={},
+                          body=b"{}") == (b"{}", {})
+    client = client_for(off)
+    body, headers = client.build({"input": [[1.0]]}, request_id="r")
+    assert client.seal(MODEL, body, headers, REPLY) == (body, headers)
+    assert client.open_answer("r", result_json("r"), {}).signer is None
+
+
+def test_oversized_sealed_requests_are_refused_before_any_crypto(net):
+    opener = RequestOpener(net[HUB], max_payload=8)
+    body, headers = request(client_for(net[ACME]))
+    with pytest.raises(Exception) as info:
+        opener.unseal("acme", MODEL, REPLY, headers, body)
+    assert getattr(info.value, "code", None) == ErrorCode.PAYLOAD_TOO_LARGE
+    assert len(net[HUB].replay) == 0, "nothing was opened"
+
+
+def test_seal_to_site_follows_the_policy_and_never_relaxes_sensitive_data(net):
+    hub = net[HUB]
+    aad = {"rid": "r", "tenant": "acme"}
+    assert not seal_to_site(hub, b"x", site="factory", aad=aad).confidential
+    assert seal_to_site(hub, b"x", site="factory", aad=aad, sensitive=True).confidential
+    assert seal_to_site(hub, b"x", site="branch", aad=aad).confidential
+    relaxed = seal_to_site(hub, b"x", site="factory", aad=aad)
+    refused(Reason.MODE_NOT_ALLOWED, net[FACTORY].open, relaxed.body, relaxed.to_headers(), reader=FACTORY)
+    assert net[FACTORY].open(relaxed.body, relaxed.to_headers(), reader=FACTORY, allow_integrity=True).plaintext == b"x"
