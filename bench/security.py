@@ -48,7 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from shared import envelope  # noqa: E402
 from shared.contracts.inference import RequestHeaders  # noqa: E402
 from shared.envelope import DataKey, InvalidToken  # noqa: E402
 from shared.security import (  # noqa: E402

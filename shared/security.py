@@ -81,7 +81,6 @@ from pydantic import AliasChoices, BaseModel, Field, field_validator, model_vali
 from shared import envelope
 from shared.contracts.keys import KeyAction, KeyCommandV1
 from shared.envelope import (
-    DataKey,
     Identity,
     InvalidToken,
     Keyring,

@@ -20,6 +20,7 @@ from shared.envelope import InvalidToken, Reason
 from shared.errors import ErrorCode
 from shared.security import (
     ANSWER_FIELD,
+    AUDIT,
     ANSWER_PLAIN,
     SIGNER_HEADER,
     PayloadSecurity,
@@ -32,19 +33,8 @@ from shared.security import (
     seal_to_site,
     without_envelope,
 )
-from tests.unit.test_security_rotation import (  # noqa: F401 - fixtures
-    ACME,
-    AUDIT,
-    BRANCH,
-    FACTORY,
-    HUB,
-    INITECH,
-    agents,
-    authority,
-    clock,
-    deliver,
-    keys_dir,
-)
+from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH
+from tests.unit.test_security_rotation import deliver
 
 MODEL = "digits-small"
 REPLY = "_INBOX.client.token1"

@@ -15,66 +15,17 @@ from shared.security import (
     AUDIT,
     KEYMANAGER,
     KEYSTORE_FILE,
-    MASTER_KEY_FILE,
-    CryptoPolicy,
     EntryKeys,
     KeyAgent,
     KeyStore,
     PrincipalKeys,
-    init_keys,
     key_file,
-    read_master_key,
     sign_entry,
     site_principal,
-    tenant_principal,
 )
-from tests.unit.test_security_keys import TOPOLOGY
 
-T0 = 1_700_000_000.0
-HUB, FACTORY, BRANCH = site_principal("cloud"), site_principal("factory"), site_principal("branch")
-ACME, INITECH = tenant_principal("acme"), tenant_principal("initech")
+from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH, T0
 AAD = {"rid": "r1", "tenant": "acme"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("keys")
-    init_keys(path, TOPOLOGY)
-    return path
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-def _authority(keys_dir, clock, **kw) -> KeyAuthority:
-    store = KeyStore.load(keys_dir / KEYSTORE_FILE)
-    issuer = store.identity(KEYMANAGER, read_master_key(keys_dir / MASTER_KEY_FILE))
-    options = {"grace_s": 60.0, "revoke_grace_s": 5.0} | kw
-    return KeyAuthority(issuer, store.publics, TOPOLOGY, CryptoPolicy(paths={"dedicated": "integrity"}),
-                        clock=clock, **options)
-
-
-@pytest.fixture
-def authority(keys_dir, clock) -> KeyAuthority:
-    auth = _authority(keys_dir, clock)
-    auth.ensure_current()
-    return auth
-
-
-@pytest.fixture
-def agents(keys_dir, clock) -> dict[str, KeyAgent]:
-    return {p: KeyAgent(PrincipalKeys.load(key_file(keys_dir, p)), clock=clock)
-            for p in (HUB, FACTORY, BRANCH, ACME, INITECH, AUDIT)}
 
 
 def deliver(entries, agents) -> None:
@@ -224,7 +175,7 @@ def test_forged_moved_and_rolled_back_entries_are_refused(authority, agents, key
     assert BRANCH in agent.revoked
 
 
-def test_the_key_manager_recovers_its_versions_from_the_bucket(authority, keys_dir, clock):
+def test_the_key_manager_recovers_its_versions_from_the_bucket(authority, restart_authority, keys_dir, clock):
     authority.begin_rotation(ACME)
     version, pending = authority.begin_rotation(FACTORY)
     activation = authority.activate(FACTORY, version)
@@ -232,7 +183,7 @@ def test_the_key_manager_recovers_its_versions_from_the_bucket(authority, keys_d
     issuer = authority.issuer
     own = KeyAgent(PrincipalKeys(issuer, issuer.public, store.bucket, store.kv_domain), clock=clock)
     deliver(authority.publication() + activation, {"km": own})
-    restarted = _authority(keys_dir, clock)
+    restarted = restart_authority()
     restarted.recover(own)
     assert restarted.versions() == authority.versions()
     assert restarted.pending() == [(ACME, 2)]
