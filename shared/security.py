@@ -224,7 +224,7 @@ class CryptoPolicy(BaseModel):
             raise ValueError(f"unknown path type {sorted(unknown)[0]!r}: use {', '.join(sorted(known))}")
         if value.get(PathType.INTERNET.value) == Level.INTEGRITY:
             raise ValueError("the internet path cannot be integrity-only: it is never a trusted segment")
-        return {**{p: Level.ENCRYPTED for p in known}, **value}
+        return {p: value.get(p, Level.ENCRYPTED) for p in sorted(known)}
 
     def level(self, path: PathType | None) -> Level:
         """The level of a path (None: a site's link to itself)."""

@@ -90,6 +90,18 @@ class TenantSpec(_Strict):
         return token(value, what="tenant name")
 
 
+class SecuritySpec(_Strict):
+    """The operator's crypto policy for this network (see ``shared.security.CryptoPolicy``)."""
+
+    paths: dict[str, str] = Field(
+        default_factory=dict,
+        description="Assurance level per path type (local, dedicated, vpn, internet): encrypted or integrity.",
+    )
+    plaintext_ingress: list[str] = Field(
+        default_factory=list, description="Tenants allowed to send unsealed requests (plain NATS clients)."
+    )
+
+
 class Topology(_Strict):
     """A whole network: sites, links and tenants."""
 
@@ -97,6 +109,7 @@ class Topology(_Strict):
     sites: list[SiteSpec] = Field(min_length=1, description="Sites; exactly one has role 'hub'.")
     links: list[LinkSpec] = Field(default_factory=list, description="Links between sites.")
     tenants: list[TenantSpec] = Field(min_length=1, description="Tenants allowed to send requests.")
+    security: SecuritySpec = Field(default_factory=SecuritySpec, description="Crypto policy per path type.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Topology":
@@ -120,6 +133,9 @@ class Topology(_Strict):
                 if site not in names:
                     raise ValueError(f"tenant {tenant.name!r} allows unknown site {site!r}")
         tenant_names = [t.name for t in self.tenants]
+        for tenant in self.security.plaintext_ingress:
+            if tenant not in tenant_names:
+                raise ValueError(f"security.plaintext_ingress names unknown tenant {tenant!r}")
         if len(set(tenant_names)) != len(tenant_names):
             raise ValueError(f"tenant names repeat: {tenant_names}")
         return self

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from din.client import DinClient, DinRequestError
-from din.commands.token import running_credentials
+from din.commands.token import running_tenant
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 from din.workload import load_digits_test
 from shared.contracts.inference import SlaClass
-from shared.credentials import issue_token
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,16 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    state, secrets = running_credentials(args.din_dir)
+    url, token, keys = running_tenant(args.din_dir, args.tenant)
     x, y = load_digits_test(DEFAULT_MODEL_REPO)
-    url = state["urls"]["nats"][next(iter(state["urls"]["nats"]))]
-    return asyncio.run(_infer(url, args, secrets.get(args.tenant, ""), x[args.sample : args.sample + 1],
-                              int(y[args.sample])))
+    return asyncio.run(_infer(url, token, keys, args, x[args.sample : args.sample + 1], int(y[args.sample])))
 
 
-async def _infer(url: str, args: argparse.Namespace, secret: str, row: np.ndarray, truth: int) -> int:
-    token = issue_token(args.tenant, secret) if secret else ""
-    async with await DinClient.connect(url, args.tenant, token) as client:
+async def _infer(url: str, token: str, keys, args: argparse.Namespace, row: np.ndarray, truth: int) -> int:
+    async with await DinClient.connect(url, args.tenant, token, keys) as client:
         try:
             result = await client.infer(
                 args.model, {"input": row}, sla=args.sla, timeout_ms=args.timeout_ms,

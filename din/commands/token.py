@@ -8,6 +8,7 @@ from pathlib import Path
 from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state
 from din.stack.processes import StackError
 from shared.credentials import issue_token, read_credentials
+from shared.security import PrincipalKeys, key_file, tenant_principal
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +25,16 @@ def running_credentials(din_dir: Path) -> tuple[dict, dict[str, str]]:
     if state is None:
         raise StackError("no stack is running: start one with `din up --detach`")
     return state, read_credentials(Path(state["run_dir"]) / "credentials.json")
+
+
+def running_tenant(din_dir: Path, tenant: str) -> tuple[str, str, PrincipalKeys | None]:
+    """Hub URL, a fresh token and the key material of ``tenant`` in the running stack."""
+    state, secrets = running_credentials(din_dir)
+    url = state["urls"]["nats"][next(iter(state["urls"]["nats"]))]
+    keys_path = key_file(Path(state["run_dir"]) / "keys", tenant_principal(tenant))
+    keys = PrincipalKeys.load(keys_path) if keys_path.exists() else None
+    token = issue_token(tenant, secrets[tenant]) if tenant in secrets else ""
+    return url, token, keys
 
 
 def cmd_token(args: argparse.Namespace) -> int:

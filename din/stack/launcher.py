@@ -248,7 +248,7 @@ def service_environments(
     executors = {e.id: e for s in topology.sites for e in s.executors}
     keys = PurePath(keys_dir) if keys_dir is not None else PurePath(credentials_path).parent / "keys"
     hub_keys = str(keys / key_file_name(site_principal(topology.hub.name)))
-    policy = (security_policy or CryptoPolicy()).model_dump_json()
+    policy = (security_policy or CryptoPolicy(**topology.security.model_dump())).model_dump_json()
     envs: dict[str, dict[str, str]] = {}
     for inst in service_instances(topology, services):
         env = {

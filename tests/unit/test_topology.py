@@ -69,6 +69,8 @@ def test_good_topology_loads(tmp_path):
         ("bad path type", _broken(lambda d: d["links"][0].update(path="carrier-pigeon")), "links.0.path"),
         ("tenant names unknown site", _broken(lambda d: d["tenants"][0].update(sensitive_sites=["moon"])), "'moon'"),
         ("self link", _broken(lambda d: d["links"].append({"between": ["cloud", "cloud"], "path": "vpn"})), "to itself"),
+        ("plaintext for unknown tenant", _broken(lambda d: d.update(security={"plaintext_ingress": ["moon"]})),
+         "unknown tenant 'moon'"),
     ],
 )
 def test_mistakes_give_one_line(tmp_path, case, data, expected):
