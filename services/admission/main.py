@@ -19,13 +19,15 @@ from services.admission.quota import QuotaLedger
 from services.admission.settings import AdmissionSettings
 from shared.catalog import ModelCatalog
 from shared.contracts.events import AdmissionDecisionV1, PressureV1
+from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import JobV1
 from shared.credentials import TenantVerifier, read_credentials
 from shared.envelope import InvalidToken, Reason
 from shared.errors import DinError, ErrorCode
 from shared.naming import InvalidNameError, Subjects, Topics
 from shared.runtime import ServiceRuntime
-from shared.security import PayloadSecurity, tenant_principal
+from shared.recording import record_request
+from shared.security import PayloadSecurity, seal_for_audit, tenant_principal
 from shared.topology import load_topology
 
 PASSTHROUGH_PREFIXES = ("Din-Tensor-", "Content-Type")
@@ -76,8 +78,21 @@ def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
             key=tenant,
         )
 
+    def keep(job: JobV1, plaintext: bytes, passthrough: dict[str, str]) -> None:
+        """Record the admitted request for replay; with security on, sealed for the audit reader only."""
+        if security.enabled:
+            sealed = seal_for_audit(security, plaintext, request_id=job.request_id, tenant=job.tenant)
+            record_request(runtime.events, Topics.REQUESTS, job, sealed.body, {**passthrough, **sealed.to_headers()})
+        else:
+            record_request(runtime.events, Topics.REQUESTS, job, plaintext, passthrough)
+
     @runtime.hot_path(Subjects.INFER_ALL, queue="admission")
     async def on_infer(msg: Msg) -> None:
+        with runtime.tracing.hop("admission admit", (msg.headers or {}).get(RequestHeaders.TRACEPARENT),
+                                 subject=msg.subject) as (span, traceparent):
+            await admit(msg, span, traceparent)
+
+    async def admit(msg: Msg, span, traceparent: str | None) -> None:
         received_ms = time.time() * 1000.0
         raw_tenant, raw_model = msg.subject.split(".")[3:5]
         if not msg.reply:
@@ -120,7 +135,7 @@ def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
             labels=intake.labels,
             allow_degrade=intake.allow_degrade,
             min_accuracy=intake.min_accuracy,
-            traceparent=intake.traceparent,
+            traceparent=traceparent,
             received_ms=received_ms,
             stamps_ms={"admitted": time.time() * 1000.0},
         )
@@ -132,6 +147,8 @@ def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
         )
         await runtime.nc.publish(Subjects.CLASSIFY, body, headers={**job.to_headers(), **passthrough, **envelope_headers})
         counts["admitted"] += 1
+        keep(job, unsealed.plaintext, passthrough)
+        span.set_attributes({"din.request_id": job.request_id, "din.tenant": tenant, "din.model": model})
         record(intake.request_id, tenant, model, intake.sla_class, True, "ok", "", len(unsealed.plaintext))
 
     return runtime

@@ -37,6 +37,11 @@ def create_runtime(settings: ClassifierSettings) -> ServiceRuntime:
         except ValueError:
             runtime.dead_letter(msg, "missing or invalid job header")
             return
+        with runtime.tracing.hop("classifier classify", job.traceparent, **{"din.request_id": job.request_id}) as (
+                _, job.traceparent):
+            await classify(job, msg)
+
+    async def classify(job: JobV1, msg: Msg) -> None:
         try:
             job.workload = policy.classify(job, payload_size(msg.data, msg.headers))
         except KeyError as exc:

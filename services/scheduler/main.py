@@ -166,6 +166,11 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
         except ValueError:
             runtime.dead_letter(msg, "missing or invalid job header")
             return
+        with runtime.tracing.hop("scheduler place", job.traceparent, **{"din.request_id": job.request_id}) as (
+                _, job.traceparent):
+            await schedule(job, msg)
+
+    async def schedule(job: JobV1, msg: Msg) -> None:
         passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
         if not security.enabled:
             await dispatch(job, msg.data, passthrough, {})

@@ -11,6 +11,7 @@ Pure logic: usable offline for what-if analysis.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from services.scheduler.links import LinkTable
@@ -19,6 +20,11 @@ from shared.contracts.events import AlternativeV1
 from shared.contracts.job import JobV1
 from shared.errors import DinError, ErrorCode
 from shared.topology import Topology
+
+
+NEAR_TIE = 0.1
+NEAR_TIE_MS = 0.05
+_RNG = random.Random()
 
 
 @dataclass
@@ -40,6 +46,15 @@ def predict_ms(state: ExecutorState, model: str, job: JobV1, links: LinkTable) -
     return links.rtt_ms(state.site) + ahead * per_item + per_item
 
 
+def spread(feasible: list[tuple[float, ExecutorState]], rng: random.Random) -> tuple[float, ExecutorState]:
+    """The best prediction, spreading load among near-ties: within ``NEAR_TIE`` of the best, the least loaded
+    executor wins, and equally loaded ones are picked at random, so a new executor gets work at once."""
+    fastest = min(predicted for predicted, _ in feasible)
+    near = [(p, s) for p, s in feasible if p <= fastest * (1 + NEAR_TIE) + NEAR_TIE_MS]
+    lightest = min(s.load() for _, s in near)
+    return rng.choice([(p, s) for p, s in near if s.load() == lightest])
+
+
 def pick_executor(
     job: JobV1,
     executors: list[ExecutorState],
@@ -49,6 +64,7 @@ def pick_executor(
     cost_limits: dict[str, float | None],
     *,
     queue_at_site: bool = False,
+    rng: random.Random | None = None,
 ) -> Placement:
     """Choose an executor and model variant for ``job`` or raise ``DinError`` saying why none fits.
 
@@ -64,7 +80,7 @@ def pick_executor(
     refusals: set[str] = set()
 
     for rank, model in enumerate(candidates):
-        best: tuple[float, ExecutorState] | None = None
+        feasible: list[tuple[float, ExecutorState]] = []
         for state in executors:
             if not any(m.name == model and (job.model_version in (None, m.version)) for m in state.heartbeat.models):
                 continue
@@ -94,9 +110,9 @@ def pick_executor(
             if excluded:
                 refusals.add(excluded)
                 continue
-            if best is None or predicted < best[0]:
-                best = (predicted, state)
-        if best is not None:
+            feasible.append((predicted, state))
+        if feasible:
+            best = spread(feasible, rng or _RNG)
             reason = "lowest predicted completion"
             if rank > 0:
                 reason = f"degraded: {candidates[0]} cannot meet the deadline or is saturated"

@@ -277,7 +277,8 @@ async def test_new_executor_is_used_and_a_killed_one_is_avoided(network, digits)
                 return exc.error.code.value
 
         in_flight = [asyncio.create_task(one(i)) for i in range(100)]
-        await asyncio.sleep(0.01)
+        while not any(task.done() for task in in_flight):
+            await asyncio.sleep(0.001)
         network.kill("executor-branch-1")
         outcomes = Counter(await asyncio.gather(*in_flight))
         assert sum(outcomes.values()) == 100
@@ -299,11 +300,12 @@ async def test_sigterm_drains_in_flight_work(network, digits):
             except DinRequestError as exc:
                 return exc.error.code.value
 
-        burst = [asyncio.create_task(one(i)) for i in range(100)]
-        await asyncio.sleep(0.01)
+        burst = [asyncio.create_task(one(i)) for i in range(300)]
+        while sum(task.done() for task in burst) < 10:
+            await asyncio.sleep(0.001)
         proc = network.kill("executor-factory-1", signal.SIGTERM)
         outcomes = Counter(await asyncio.gather(*burst))
-        assert sum(outcomes.values()) == 100
+        assert sum(outcomes.values()) == 300
         assert outcomes["factory-1"] > 0
         assert set(outcomes) <= {"factory-1", "no_eligible_executor", "overloaded", "executor_lost"}, outcomes
         proc.popen.wait(timeout=15)
@@ -316,3 +318,30 @@ async def test_sigterm_drains_in_flight_work(network, digits):
 async def one_strict(client, x):
     await asyncio.sleep(2.0)
     return await client.infer("digits-small", {"input": x[:1]}, labels=["pii"], timeout_ms=2000)
+
+
+async def test_one_request_can_be_followed_across_every_hop(network, digits, kafka_bootstrap):
+    """A sampled traceparent from the client: admission, classifier, scheduler and executor spans share its trace."""
+    x, _ = digits
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with network.client("globex") as client:
+        result = await client.infer("digits-small", {"input": x[:1]}, traceparent=f"00-{trace_id}-00f067aa0ba902b7-01")
+    consumer = AIOKafkaConsumer(Topics.scoped(Topics.SPANS, network.topic_scope), bootstrap_servers=kafka_bootstrap,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    spans = []
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len({s["service"] for s in spans}) < 4:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                spans += [json.loads(r.value) for r in records if json.loads(r.value)["trace_id"] == trace_id]
+    finally:
+        await consumer.stop()
+    by_service = {s["service"]: s for s in spans}
+    assert set(by_service) == {"din-admission", "din-classifier", "din-scheduler", "din-executor"}
+    assert by_service["din-admission"]["parent_span_id"] == "00f067aa0ba902b7"
+    for child, parent in (("din-classifier", "din-admission"), ("din-scheduler", "din-classifier"),
+                          ("din-executor", "din-scheduler")):
+        assert by_service[child]["parent_span_id"] == by_service[parent]["span_id"]
+    assert by_service["din-executor"]["site"] == result.served_by.site
+    assert by_service["din-executor"]["instance"] == result.served_by.executor

@@ -201,3 +201,16 @@ def test_a_site_queue_absorbs_work_beyond_an_executors_capacity():
     queued = pick_executor(job("m", sla=SlaClass.BATCH), reg.live(), links(), TOPOLOGY, NOW_MS, {},
                            queue_at_site=True)
     assert queued.executor.id == "cloud-1" and queued.predicted_ms > 5.0
+
+
+def test_near_ties_spread_over_the_least_loaded_executors():
+    import random
+
+    reg = registry(beat("a", "cloud", ["m"]), beat("b", "cloud", ["m"]), beat("c", "cloud", ["m"], per_item=5.0))
+    rng = random.Random(1)
+    picks = {pick_executor(job("m"), reg.live(), links(), TOPOLOGY, NOW_MS, {}, rng=rng).executor.id
+             for _ in range(40)}
+    assert picks == {"a", "b"}
+    reg.note_dispatch("a", SlaClass.INTERACTIVE)
+    assert {pick_executor(job("m"), reg.live(), links(), TOPOLOGY, NOW_MS, {}, rng=rng).executor.id
+            for _ in range(20)} == {"b"}
