@@ -246,8 +246,11 @@ class DinClient:
         """Send one request and wait for its single answer; raise ``DinRequestError`` on a DIN error."""
         timeout_ms = options.get("timeout_ms")
         body, headers = self.build(inputs, **options)
+        return await self.send(model, body, headers, (timeout_ms / 1000.0 if timeout_ms else 60.0) + CLIENT_GRACE_S)
+
+    async def send(self, model: str, body: bytes, headers: dict[str, str], wait_s: float) -> InferResult:
+        """Seal an already-built request (e.g. a recorded one being replayed), send it, check and open the answer."""
         token = uuid.uuid4().hex
         body, headers = self.seal(model, body, headers, f"{self._inbox}.{token}")
-        wait_s = (timeout_ms / 1000.0 if timeout_ms else 60.0) + CLIENT_GRACE_S
         msg = await self.request(Subjects.infer(self.tenant, model), body, headers, token, wait_s)
         return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers)

@@ -2,7 +2,8 @@
 
 * (a) direct: an in-process ONNX Runtime call on one row;
 * (b) raw NATS: nats-py request-reply to a single ONNX Runtime responder process;
-* (c) DIN: the full path (admission, classifier, scheduler, executor), one site.
+* (c) DIN: the full path (admission, classifier, scheduler, executor), one site, with payload
+  security on (the default) and, in a second stack, off (``din-plaintext``).
 
 Clients, the responder and DIN's services all run on uvloop.
 
@@ -84,6 +85,8 @@ class BenchReport:
             "raw_nats_peak_rps": self.peak("raw-nats").throughput,
             "direct_peak_rps": self.peak("direct").throughput,
             "din_peak_over_raw_nats": self.peak("din").throughput / self.peak("raw-nats").throughput,
+            "din_plaintext_added_p50_ms_over_direct": self.light("din-plaintext").p50_ms - direct.p50_ms,
+            "din_plaintext_peak_rps": self.peak("din-plaintext").throughput,
         }
 
     def to_json(self) -> str:
@@ -110,6 +113,9 @@ class BenchReport:
             f"- Peak sustained throughput: DIN **{s['din_peak_rps']:.0f} req/s**, raw NATS "
             f"{s['raw_nats_peak_rps']:.0f} req/s (ratio {s['din_peak_over_raw_nats']:.2f}), "
             f"direct {s['direct_peak_rps']:.0f} req/s.",
+            f"- With payload security off (`DIN_SECURITY=off`, comparison only): DIN adds "
+            f"{s['din_plaintext_added_p50_ms_over_direct']:.3f} ms at p50 and peaks at "
+            f"{s['din_plaintext_peak_rps']:.0f} req/s.",
         ]
         return "\n".join(lines)
 
@@ -229,16 +235,17 @@ async def _light(path: str, send, count: int) -> Measurement:
 
 
 async def measure_din(stack: Stack, row: np.ndarray, levels: list[int], seconds: float,
-                      light_count: int) -> list[Measurement]:
+                      light_count: int, path: str) -> list[Measurement]:
     secret = read_credentials(stack.credentials_file)["bench"]
-    client = await DinClient.connect(stack.hub_url, "bench", issue_token("bench", secret), stack.tenant_keys("bench"))
+    keys = stack.tenant_keys("bench") if stack.security else None
+    client = await DinClient.connect(stack.hub_url, "bench", issue_token("bench", secret), keys)
 
     async def send() -> None:
         await client.infer(MODEL, {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
 
-    results = [await _light("din", send, light_count)]
+    results = [await _light(path, send, light_count)]
     for level in levels:
-        results.append(await closed_loop("din", send, level, seconds))
+        results.append(await closed_loop(path, send, level, seconds))
     await client.close()
     return results
 
@@ -257,9 +264,13 @@ def run_bench(model_repo: Path, din_dir: Path, *, levels: list[int], seconds: fl
     })
     report.measurements.append(measure_direct(model_repo, row, light_count))
     topology = Topology.model_validate(BENCH_TOPOLOGY)
-    stack = Stack(topology, ports=PortPlan.free(0), din_dir=din_dir, mode=mode, model_repo=model_repo,
-                  write_state=False)
-    with stack.start():
-        report.measurements += uvloop.run(measure_raw(stack.hub_url, model_repo, row, levels, seconds, light_count))
-        report.measurements += uvloop.run(measure_din(stack, row, levels, seconds, light_count))
+    for security, path in ((True, "din"), (False, "din-plaintext")):
+        stack = Stack(topology, ports=PortPlan.free(0), din_dir=din_dir, mode=mode, model_repo=model_repo,
+                      write_state=False, security=security)
+        with stack.start():
+            if security:
+                report.measurements += uvloop.run(
+                    measure_raw(stack.hub_url, model_repo, row, levels, seconds, light_count)
+                )
+            report.measurements += uvloop.run(measure_din(stack, row, levels, seconds, light_count, path))
     return report

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nats
 
+from din.client import DinClient
 from din.replay.compare import Comparison, recorded_outcomes
 from din.replay.driver import ReplayDriver
 from din.replay.endpoints import add_source_arguments, record_range, resolve_endpoints
@@ -21,6 +22,7 @@ from din.stack.launcher import DEFAULT_MODEL_REPO
 from shared.credentials import issue_token, read_credentials
 from shared.naming import Topics
 from shared.recording import load_replay_keys
+from shared.security import PrincipalKeys, key_file, tenant_principal
 
 EXIT_ERROR = 2
 REPLAY_TOPICS = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS)
@@ -65,6 +67,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ReplayError as exc:
         print(f"din: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+async def tenant_clients(url: str, keys_dir: Path, tokens: dict[str, str]) -> dict[str, DinClient]:
+    """Clients that seal like the tenants themselves, for every tenant whose key file the stack holds.
+
+    Tenants without one are replayed as plain NATS requests, which admission accepts only for tenants
+    the topology lets send in clear.
+    """
+    clients = {}
+    for tenant, token in tokens.items():
+        path = key_file(keys_dir, tenant_principal(tenant))
+        if path.exists():
+            clients[tenant] = await DinClient.connect(url, tenant, token, PrincipalKeys.load(path))
+    return clients
 
 
 async def run_replay(args: argparse.Namespace) -> int:
@@ -124,9 +140,10 @@ async def run_replay(args: argparse.Namespace) -> int:
         raise ReplayError(
             f"cannot reach NATS at {endpoints.nats} ({exc.__class__.__name__}): is the stack running?"
         ) from None
+    clients = await tenant_clients(endpoints.nats, endpoints.credentials.parent / "keys", tokens)
     try:
         driver = ReplayDriver(nc, tokens, speed=args.speed, concurrency=args.concurrency, model_repo=args.model_repo,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, clients=clients)
         await driver.preflight()
         pace = "as fast as possible" if args.speed == 0 else f"{args.speed:g}x the recorded pace"
         print(f"replaying {len(window.requests)} requests ({span_s:.1f}s recorded) at {pace} "
@@ -134,6 +151,8 @@ async def run_replay(args: argparse.Namespace) -> int:
         result = await driver.run(window.requests)
     finally:
         await nc.drain()
+        for client in clients.values():
+            await client.close()
     if result.late:
         notes.append(f"{result.late} request(s) left more than 50 ms behind their recorded time "
                      f"(raise --concurrency or lower --speed)")

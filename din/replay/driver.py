@@ -26,7 +26,7 @@ import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 
-from din.client import DinRequestError, decode_answer
+from din.client import DinClient, DinRequestError, NoAnswerError, decode_answer
 from din.replay.compare import Outcome
 from din.replay.progress import ProgressBar
 from din.replay.reader import ReplayError
@@ -127,11 +127,13 @@ class ReplayDriver:
         model_repo: Path | None = None,
         progress: bool = True,
         run_id: str | None = None,
+        clients: dict[str, DinClient] | None = None,
     ) -> None:
         if speed < 0:
             raise ReplayError("--speed must be >= 0 (0 sends as fast as possible)")
         self._nc = nc
         self._tokens = tokens
+        self._clients = clients or {}
         self.speed = speed
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
         self._synthetic = SyntheticInputs(model_repo)
@@ -201,10 +203,14 @@ class ReplayDriver:
         meta = recorded.meta
         outcome = Outcome(meta.request_id, meta.tenant, meta.sla_class.value, False)
         started = time.perf_counter()
+        wait_s = meta.timeout_ms / 1000.0 + ANSWER_GRACE_S
+        client = self._clients.get(meta.tenant)
         try:
-            msg = await self._nc.request(subject, body, headers=headers,
-                                         timeout=meta.timeout_ms / 1000.0 + ANSWER_GRACE_S)
-            response = decode_answer(msg.data, msg.headers)
+            if client is not None:
+                response = (await client.send(meta.model, body, headers, wait_s)).response
+            else:
+                msg = await self._nc.request(subject, body, headers=headers, timeout=wait_s)
+                response = decode_answer(msg.data, msg.headers)
             outcome.ok = True
             outcome.latency_ms = response.timings_ms.get("total")
             outcome.site = response.served_by.site
@@ -212,6 +218,8 @@ class ReplayDriver:
             outcome.degraded = response.served_by.degraded
         except DinRequestError as exc:
             outcome.code = exc.error.code.value
+        except NoAnswerError:
+            outcome.code = "no_answer"
         except NoRespondersError:
             outcome.code = "no_responders"
         except NatsTimeout:
