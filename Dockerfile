@@ -18,7 +18,8 @@ COPY din ./din
 COPY shared ./shared
 COPY services ./services
 RUN pip install --no-cache-dir --disable-pip-version-check . \
-    && useradd --system --uid 10001 --no-create-home din
+    && useradd --system --uid 10001 --no-create-home din \
+    && mkdir -p /run/din/keys && chown din /run/din/keys
 COPY ops/topology ./ops/topology
 COPY --from=zoo /app/.din/models ./.din/models
 USER din

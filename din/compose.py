@@ -53,6 +53,9 @@ APP_DIR = PurePosixPath("/app")
 CONTAINER_TOPOLOGY = APP_DIR / DEFAULT_TOPOLOGY.relative_to(REPO_ROOT).as_posix()
 CONTAINER_MODEL_REPO = APP_DIR / DEFAULT_MODEL_REPO.relative_to(REPO_ROOT).as_posix()
 CONTAINER_CREDENTIALS = PurePosixPath("/run/din/credentials.json")
+CONTAINER_KEYS = CONTAINER_CREDENTIALS.parent / "keys"
+KEYS_INIT = "keys-init"
+KEYS_VOLUME = "din-keys"
 NATS_CONF_IN_CONTAINER = "/etc/nats/nats.conf"
 NATS_DATA_DIR = PurePosixPath("/data/jetstream")
 KAFKA_HOST = "kafka"
@@ -157,22 +160,35 @@ def _din_service(inst: ServiceInstance, env: dict[str, str]) -> dict:
         "depends_on": {
             nats_host(inst.site): {"condition": "service_healthy"},
             KAFKA_HOST: {"condition": "service_healthy"},
+            KEYS_INIT: {"condition": "service_completed_successfully"},
         },
         "restart": "on-failure",
+        "volumes": [f"{KEYS_VOLUME}:{CONTAINER_KEYS}:ro"],
     }
     if inst.service == "admission":
-        service["volumes"] = [f"./{CREDENTIALS_EXAMPLE}:{CONTAINER_CREDENTIALS}:ro"]
+        service["volumes"].insert(0, f"./{CREDENTIALS_EXAMPLE}:{CONTAINER_CREDENTIALS}:ro")
     if inst.service == "telemetry":
         port = env["DIN_TELEMETRY_METRICS_PORT"]
         service["ports"] = [f"{port}:{port}"]
     return service
 
 
+def _keys_init_service() -> dict:
+    """One-shot: write the master key, key store and key files into the shared volume, once."""
+    init = f"din keys init --topology {CONTAINER_TOPOLOGY} --out {CONTAINER_KEYS}"
+    return {
+        "image": DIN_IMAGE,
+        "build": {"context": ".", "dockerfile": "Dockerfile"},
+        "command": ["sh", "-c", f"test -f {CONTAINER_KEYS}/master.key || {init}"],
+        "volumes": [f"{KEYS_VOLUME}:{CONTAINER_KEYS}"],
+    }
+
+
 def compose_document(topology: Topology) -> dict:
     """The docker-compose document of ``topology``."""
     hub = topology.hub.name
-    services: dict[str, dict] = {}
-    volumes: dict[str, dict] = {}
+    services: dict[str, dict] = {KEYS_INIT: _keys_init_service()}
+    volumes: dict[str, dict] = {KEYS_VOLUME: {}}
     for site in sorted(topology.sites, key=lambda s: s.name != hub):
         host = nats_host(site.name)
         services[host] = {

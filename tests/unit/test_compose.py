@@ -192,3 +192,15 @@ def test_telemetry_metrics_reachable_from_other_containers(services, monkeypatch
         f"telemetry binds /metrics to {host} in docker-compose.yml, out of Prometheus' and the host's reach: "
         "service_environments must set DIN_TELEMETRY_METRICS_HOST (0.0.0.0 for compose), then run `din compose`"
     )
+
+
+def test_key_files_are_made_once_and_mounted_read_only_into_every_din_service(topology, services):
+    init = services["keys-init"]
+    assert "din keys init" in init["command"][-1] and "/run/din/keys" in init["command"][-1]
+    for inst in service_instances(topology):
+        service = services[inst.name]
+        assert "din-keys:/run/din/keys:ro" in service["volumes"], inst.name
+        assert service["depends_on"]["keys-init"] == {"condition": "service_completed_successfully"}
+        for name, value in service["environment"].items():
+            if name.endswith("KEY_FILE") or name.endswith("KEYSTORE"):
+                assert value.startswith("/run/din/keys/"), (inst.name, name)
