@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 
 from din.client import DinClient
+from din.commands.report import REPORT_TOPICS
+from din.replay.reader import RecordRange
+from din.replay.recorded import load_window
+from din.replay.report import render_report
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, SCHEDULER_MODES, PortPlan, Stack
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared.credentials import issue_token, read_credentials
 from shared.security import PrincipalKeys
 from shared.topology import load_topology
+
+REPORT_SETTLE_S = 1.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,12 +52,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(stack.describe(), flush=True)
         credentials = read_credentials(stack.credentials_file)
         keys = {tenant: stack.tenant_keys(tenant) for tenant in credentials}
+        started_ms = time.time() * 1000.0
         report = asyncio.run(_drive(stack.hub_url, credentials, keys, args.requests, args.concurrency))
         print("\nSummary (latency is client-observed, end to end):\n")
         print(report.table())
-        print(f"\nDecisions and completions are in Kafka at {stack.kafka_bootstrap}; logs under {stack.run_dir}.")
+        html = stack.run_dir / "report.html"
+        asyncio.run(_write_report(stack.kafka_bootstrap, started_ms - 1000.0, html))
+        print(f"\nEvery decision, completion and (sealed) request is in Kafka at {stack.kafka_bootstrap}; "
+              f"the recorded window as a self-contained HTML report: {html}; logs under {stack.run_dir}.")
     print("Stack stopped.")
     return 0
+
+
+async def _write_report(bootstrap: str, since_ms: float, out: Path) -> None:
+    """Render the demo's recorded window (what `din report` does for any window)."""
+    await asyncio.sleep(REPORT_SETTLE_S)
+    window = await load_window(bootstrap, RecordRange(since_ms=since_ms, until_ms=None, offsets=None),
+                               requests=False, bases=REPORT_TOPICS)
+    out.write_text(render_report(window, title="DIN demo", source=bootstrap, scope=None))
 
 
 async def _drive(hub_url: str, credentials: dict[str, str], keys: dict[str, PrincipalKeys], count: int,
