@@ -20,39 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 
 import numpy as np
 
+from shared.cascade import Confidence, confidence
 from shared.errors import DinError, ErrorCode
 
-
-class Confidence(StrEnum):
-    """How confident the small model is in an answer, from its probabilities."""
-
-    MAX = "max"
-    MARGIN = "margin"
-    ENTROPY = "entropy"
-
-
-def confidence(probabilities: np.ndarray, measure: str | Confidence = Confidence.MAX) -> np.ndarray:
-    """Confidence of each answer ([batch, classes] -> [batch]); higher means surer."""
-    try:
-        measure = Confidence(measure)
-    except ValueError:
-        known = ", ".join(m.value for m in Confidence)
-        raise DinError(ErrorCode.BAD_REQUEST, f"unknown confidence measure {measure!r}; known: {known}") from None
-    probabilities = np.atleast_2d(np.asarray(probabilities, dtype=np.float64))
-    if probabilities.shape[1] < 2:
-        raise DinError(ErrorCode.BAD_REQUEST, "confidence needs probabilities over at least two classes")
-    if measure is Confidence.MAX:
-        return probabilities.max(axis=1)
-    if measure is Confidence.MARGIN:
-        top_two = np.sort(probabilities, axis=1)[:, -2:]
-        return top_two[:, 1] - top_two[:, 0]
-    clipped = np.clip(probabilities, 1e-12, 1.0)
-    entropy = -(clipped * np.log(clipped)).sum(axis=1)
-    return 1.0 - entropy / math.log(probabilities.shape[1])
+__all__ = [
+    "CascadeEvaluation", "CascadePolicy", "Confidence", "calibrate", "confidence", "cross_fit", "evaluate_cascade",
+]
 
 
 @dataclass(frozen=True)
