@@ -91,6 +91,9 @@ REQUEST_HEADER_DOCS = {
     "ALLOW_DEGRADE": "true lets a smaller model variant answer when the asked one cannot in time.",
     "MIN_ACCURACY": "Lowest held-out accuracy (0..1) of a variant allowed to answer.",
     "MODEL_VERSION": "Model version to run; the newest when absent.",
+    "CASCADE": "Large-small cascade with this confidence threshold (e.g. 0.8): the smallest variant of the model's "
+    "task answers, and an answer whose top class probability is below the threshold escalates to the most "
+    "accurate one; served_by.escalated tells which.",
     "REQUEST_ID": "Caller's request id (at most 128 printable characters); DIN assigns one when absent.",
     "CONTENT_TYPE": f"{JSON_CONTENT_TYPE} (default) or {TENSOR_CONTENT_TYPE} for a binary tensor body.",
     "TRACEPARENT": "W3C trace context, carried to every stage.",

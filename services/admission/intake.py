@@ -19,6 +19,7 @@ from shared.contracts.inference import (
     RequestHeaders,
     SlaClass,
 )
+from shared.cascade import parse_threshold
 from shared.errors import DinError, ErrorCode
 
 DEFAULT_TIMEOUT_MS = {SlaClass.REALTIME: 1_000, SlaClass.INTERACTIVE: 5_000, SlaClass.BATCH: 60_000}
@@ -39,6 +40,7 @@ class Intake:
     min_accuracy: float | None
     model_version: str | None
     traceparent: str | None
+    cascade_threshold: float | None = None
 
 
 def _flag(value: object) -> bool:
@@ -105,6 +107,10 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
     except (TypeError, ValueError):
         raise DinError(ErrorCode.BAD_REQUEST, "min_accuracy must be a number between 0 and 1") from None
     version = pick(RequestHeaders.MODEL_VERSION, "model_version")
+    cascade_raw = pick(RequestHeaders.CASCADE, "cascade")
+    cascade_threshold = parse_threshold(cascade_raw) if cascade_raw is not None else None
+    if cascade_threshold is not None and version is not None:
+        raise DinError(ErrorCode.BAD_REQUEST, "a cascade picks its own model variants: do not pin a model version")
     token = pick(RequestHeaders.TOKEN, "token")
     request_id = headers.get(RequestHeaders.REQUEST_ID) or body_id or uuid.uuid4().hex
     if not request_id.isprintable() or len(request_id) > 128:
@@ -120,6 +126,7 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
         min_accuracy=min_accuracy,
         model_version=str(version) if version is not None else None,
         traceparent=headers.get(RequestHeaders.TRACEPARENT),
+        cascade_threshold=cascade_threshold,
     )
 
 

@@ -135,6 +135,7 @@ def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
             labels=intake.labels,
             allow_degrade=intake.allow_degrade,
             min_accuracy=intake.min_accuracy,
+            cascade_threshold=intake.cascade_threshold,
             traceparent=traceparent,
             received_ms=received_ms,
             stamps_ms={"admitted": time.time() * 1000.0},

@@ -44,6 +44,9 @@ def create_runtime(settings: ClassifierSettings) -> ServiceRuntime:
     async def classify(job: JobV1, msg: Msg) -> None:
         try:
             job.workload = policy.classify(job, payload_size(msg.data, msg.headers))
+            stages = policy.cascade_stages(job)
+            if stages is not None:
+                job.escalate_to, job.cascade_stage = stages[1], 1
         except KeyError as exc:
             await runtime.answer_error(job.reply_to, DinError(ErrorCode.INTERNAL, f"no policy for {exc}"), job.request_id)
             return

@@ -28,7 +28,10 @@ class WorkloadPolicy:
         tenant = self._tenants[job.tenant]
         sensitive = tenant.always_sensitive or any(label.lower() in self._sensitive for label in job.labels)
         variants = self._catalog.variants(job.model)
-        if job.model_version is None and job.allow_degrade:
+        stages = self.cascade_stages(job)
+        if stages is not None:
+            candidates = [stages[0]]
+        elif job.model_version is None and job.allow_degrade:
             floor = job.min_accuracy
             candidates = [
                 v.name for v in variants if v.name == job.model or floor is None or (v.accuracy or 0.0) >= floor
@@ -44,3 +47,16 @@ class WorkloadPolicy:
             allowed_sites=list(tenant.sensitive_sites) if sensitive and tenant.sensitive_sites else None,
             candidates=candidates,
         )
+
+    def cascade_stages(self, job: JobV1) -> tuple[str, str] | None:
+        """For a cascade job, its (small, large) variants: the least and the most accurate of the model's task.
+
+        None when the job asks for no cascade or its model has no other variant.
+        """
+        if job.cascade_threshold is None:
+            return None
+        variants = self._catalog.variants(job.model)
+        if len(variants) < 2:
+            return None
+        by_accuracy = sorted(variants, key=lambda v: v.accuracy or 0.0)
+        return by_accuracy[0].name, by_accuracy[-1].name

@@ -119,6 +119,14 @@ class CompletionV1(BaseModel):
     degraded: bool = Field(description="True when a smaller variant answered.")
     timings_ms: dict[str, float] = Field(description="Latency breakdown, ms.")
     at_ms: float = Field(description="Epoch ms of completion.")
+    stage: int | None = Field(
+        default=None, description="Cascade jobs: 1 for the small variant's stage, 2 for the large one's; else None."
+    )
+    escalated: bool = Field(
+        default=False,
+        description="Cascade jobs: on stage 1, True when the answer was not confident enough and the job went on "
+        "to stage 2 (the client was not answered by this stage); on stage 2, always True.",
+    )
     protection: str | None = Field(
         default=None,
         description="Crypto protection the request used on its way to and from the executor: 'encrypted' "

@@ -63,7 +63,7 @@ class InferRequestV1(BaseModel):
     parameters: dict[str, Any] | None = Field(
         default=None,
         description="Free-form parameters; DIN reads sla_class, timeout_ms, token, labels, "
-        "allow_degrade, min_accuracy and model_version here when headers are not used.",
+        "allow_degrade, min_accuracy, model_version and cascade here when headers are not used.",
     )
 
 
@@ -76,6 +76,11 @@ class ServedByV1(BaseModel):
     model_version: str = Field(description="Version of the model that answered.")
     degraded: bool = Field(description="True when a smaller variant answered instead of the one asked for.")
     batch_size: int = Field(description="Size of the batch this request was computed in.")
+    escalated: bool = Field(
+        default=False,
+        description="Cascade requests: True when the small variant was not confident enough and the large one "
+        "answered; False when the small one answered (and for requests without a cascade).",
+    )
 
 
 class InferResponseV1(BaseModel):
@@ -103,6 +108,7 @@ class RequestHeaders:
     ALLOW_DEGRADE = "Din-Allow-Degrade"
     MIN_ACCURACY = "Din-Min-Accuracy"
     MODEL_VERSION = "Din-Model-Version"
+    CASCADE = "Din-Cascade"
     REQUEST_ID = "Din-Request-Id"
     CONTENT_TYPE = "Content-Type"
     TRACEPARENT = "traceparent"

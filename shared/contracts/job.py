@@ -44,6 +44,17 @@ class JobV1(BaseModel):
     labels: list[str] = Field(default_factory=list, description="Sensitivity labels given by the client.")
     allow_degrade: bool = Field(default=False, description="A smaller model variant may answer.")
     min_accuracy: float | None = Field(default=None, description="Lowest accuracy acceptable.")
+    cascade_threshold: float | None = Field(
+        default=None,
+        description="Large-small cascade: the small variant answers, and an answer whose confidence (top class "
+        "probability) is below this threshold escalates to the large one. None: no cascade.",
+    )
+    escalate_to: str | None = Field(
+        default=None, description="Cascade: the large variant a low-confidence answer escalates to (classifier)."
+    )
+    cascade_stage: int | None = Field(
+        default=None, description="Cascade: 1 while the small variant runs, 2 once escalated to the large one."
+    )
     traceparent: str | None = Field(default=None, description="W3C trace context of the request.")
     received_ms: float = Field(description="When admission received the request, epoch ms.")
     workload: WorkloadClassV1 | None = Field(default=None, description="Set by the classifier.")

