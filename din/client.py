@@ -162,8 +162,13 @@ class DinClient:
         binary: bool = False,
         request_id: str | None = None,
         traceparent: str | None = None,
+        cascade: float | None = None,
     ) -> tuple[bytes, dict[str, str]]:
-        """Encode a request body and headers, unsealed (binary form takes exactly one input)."""
+        """Encode a request body and headers, unsealed (binary form takes exactly one input).
+
+        ``cascade``: a confidence threshold; the model's smallest variant answers and escalates its answers
+        less confident than this to the most accurate variant (``served_by.escalated`` says which answered).
+        """
         headers = {
             RequestHeaders.TOKEN: self._token,
             RequestHeaders.SLA_CLASS: SlaClass(sla).value,
@@ -181,6 +186,8 @@ class DinClient:
             headers[RequestHeaders.MODEL_VERSION] = version
         if traceparent:
             headers[RequestHeaders.TRACEPARENT] = traceparent
+        if cascade is not None:
+            headers[RequestHeaders.CASCADE] = str(cascade)
         if binary:
             if len(inputs) != 1:
                 raise ValueError("the binary tensor form carries exactly one input")

@@ -5,6 +5,11 @@ client, or, when it is within ``deadline_margin_ms`` of its deadline, silence
 (the scheduler answers it). In all three a completion event tells the
 scheduler and telemetry it is closed.
 
+A cascade job's first stage (the small variant) whose answer is not confident
+enough is not answered here: it goes back to the scheduler for the large
+variant, whose executor answers; its completion event then says ``escalated``
+and carries no request-id header, so the scheduler keeps the job open.
+
 Jobs arrive sealed to this executor's site; the result is sealed to the tenant
 and signed with the site's key (unsealed, still signed, for a tenant the policy
 lets send in clear). A job that cannot be authenticated is dead-lettered and
@@ -26,6 +31,7 @@ from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
 from services.executor.batcher import BatchOutput, DynamicBatcher, ItemResult
 from services.executor.repository import ModelRepository
 from services.executor.settings import ExecutorSettings
+from shared.cascade import answer_confidence
 from shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, ModelLoadedV1
 from shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
 from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
@@ -70,8 +76,10 @@ def stage_timings(job: JobV1, result: ItemResult | None) -> dict[str, float]:
         timings.update(
             admission=stamps["admitted"] - job.received_ms,
             classify=stamps["classified"] - stamps["admitted"],
-            schedule=stamps["scheduled"] - stamps["classified"],
+            schedule=stamps["scheduled"] - stamps.get("escalated", stamps["classified"]),
         )
+        if "escalated" in stamps:
+            timings["small_stage"] = stamps["escalated"] - stamps["classified"]
     if result is not None:
         timings.update(queue=result.queue_ms, compute=result.compute_ms)
     return timings
@@ -192,7 +200,8 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         )
 
     async def complete(job: JobV1, model: str, version: str, result: ItemResult | None, error: DinError | None,
-                       opened: Opened | None):
+                       opened: Opened | None, *, handed_on: bool = False):
+        """Report the job closed here; ``handed_on``: a cascade's first stage that escalated (the job stays open)."""
         timings = stage_timings(job, result)
         event = CompletionV1(
             request_id=job.request_id,
@@ -205,14 +214,16 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             ok=error is None,
             error_code=error.code.value if error else None,
             batch_size=result.batch_size if result else 0,
-            degraded=model != job.model,
+            degraded=model != job.model and job.cascade_stage is None,
             timings_ms={k: round(v, 3) for k, v in timings.items()},
             at_ms=now_ms(),
             protection=protection(opened).value,
+            stage=job.cascade_stage,
+            escalated=handed_on or job.cascade_stage == 2,
         )
         await runtime.nc.publish(
             Subjects.completed(settings.site), event.model_dump_json().encode(),
-            headers={RequestHeaders.REQUEST_ID: job.request_id},
+            headers=None if handed_on else {RequestHeaders.REQUEST_ID: job.request_id},
         )
 
     def response(job: JobV1, model: str, result: ItemResult, requested: list[str] | None) -> bytes:
@@ -227,8 +238,9 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
                 executor=settings.id,
                 model=model,
                 model_version=result.model_version or "",
-                degraded=model != job.model,
+                degraded=model != job.model and job.cascade_stage is None,
                 batch_size=result.batch_size,
+                escalated=job.cascade_stage == 2,
             ),
             timings_ms={k: round(v, 3) for k, v in timings.items()},
         ).model_dump_json().encode()
@@ -254,6 +266,11 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             version = result.model_version or version
             if now_ms() >= cutoff:
                 raise DinError(ErrorCode.DEADLINE_EXCEEDED, "computed too late for the deadline")
+            if (job.cascade_stage == 1 and job.escalate_to and job.cascade_threshold is not None
+                    and answer_confidence(result.outputs) < job.cascade_threshold):
+                await complete(job, model, version, result, None, opened, handed_on=True)
+                await escalate(job, body, headers, opened)
+                return
             answer_body, answer_headers = answer(job, response(job, model, result, decoded.requested_outputs), opened)
             await runtime.nc.publish(job.reply_to, answer_body, headers=answer_headers or None)
             await complete(job, model, version, result, None, opened)
@@ -282,9 +299,23 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
                 await pulled.ack()
 
     async def give_back(job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> None:
-        """Full: hand the job back to the scheduler to place elsewhere, instead of failing it (sealed to the tenant)."""
+        """Full: hand the job back to the scheduler to place elsewhere, instead of failing it."""
         job.attempt += 1
         job.avoid.append(settings.id)
+        await hand_back(job, body, headers, opened)
+
+    async def escalate(job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> None:
+        """Cascade: the small variant was not sure; hand the job back to be placed on the large variant."""
+        job.cascade_stage = 2
+        if job.workload is not None:
+            job.workload.candidates = [job.escalate_to]
+        job.model_chosen = job.site_chosen = job.executor_chosen = None
+        job.avoid = []
+        job.stamps_ms["escalated"] = now_ms()
+        await hand_back(job, body, headers, opened)
+
+    async def hand_back(job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> None:
+        """Send ``job`` back to the scheduler with its original body, sealed again to the tenant."""
         passthrough = {k: v for k, v in without_envelope(headers).items() if not k.startswith(JOB_HEADER_PREFIX)}
         sealed_headers: dict[str, str] = {}
         if opened is not None:

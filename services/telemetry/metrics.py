@@ -241,6 +241,8 @@ class TelemetryMetrics:
         sla = event.sla_class
         key = (event.tenant, event.model, event.site, sla.value)
         self.events.inc(("completion",))
+        if event.stage == 1 and event.escalated:
+            return  # a cascade's first stage handed the request on; its final completion counts it
         if not event.ok:
             self.requests.inc((*key, "error"))
             self.rejects.inc(("executor", _reason(event.error_code), event.tenant, event.model, sla.value))

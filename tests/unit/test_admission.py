@@ -135,3 +135,31 @@ def test_request_id_is_recovered_for_errors_when_possible():
     assert peek_request_id({RequestHeaders.REQUEST_ID: "r1"}, b"") == "r1"
     assert peek_request_id({}, b'{"id": "r2"}') == "r2"
     assert peek_request_id({}, b"\xff\xfe") is None
+
+
+def test_cascade_threshold_comes_from_header_or_parameters():
+    intake = read_intake({RequestHeaders.CASCADE: " 0.8"}, GOOD_BODY, NOW * 1000, 4096)
+    assert intake.cascade_threshold == 0.8
+    body = json.loads(GOOD_BODY) | {"parameters": {"cascade": 0.5}}
+    assert read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096).cascade_threshold == 0.5
+    assert read_intake({}, GOOD_BODY, NOW * 1000, 4096).cascade_threshold is None
+
+
+@pytest.mark.parametrize("raw", ["high", "-0.1", "nan", "inf", ""])
+def test_invalid_cascade_thresholds_are_bad_requests(raw):
+    error = refused(ErrorCode.BAD_REQUEST, lambda: read_intake({RequestHeaders.CASCADE: raw}, GOOD_BODY, NOW * 1000,
+                                                                4096))
+    assert "cascade" in error.message
+
+
+def test_a_cascade_needs_another_variant_and_no_pinned_version():
+    assert gate().admit("acme", "digits-large", headers(**{RequestHeaders.CASCADE: "0.9"}),
+                        GOOD_BODY).cascade_threshold == 0.9
+    refused(ErrorCode.BAD_REQUEST, lambda: gate().admit(
+        "acme", "digits-small", headers(**{RequestHeaders.CASCADE: "0.9", RequestHeaders.MODEL_VERSION: "2"}),
+        GOOD_BODY))
+    lonely = AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 2)}, clock=FakeClock()),
+                           ModelCatalog([catalog().get("digits-large")]), max_payload=4096, wall_clock=lambda: NOW)
+    error = refused(ErrorCode.BAD_REQUEST,
+                    lambda: lonely.admit("acme", "digits-large", headers(**{RequestHeaders.CASCADE: "0.9"}), GOOD_BODY))
+    assert "no other variant" in error.message

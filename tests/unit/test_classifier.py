@@ -51,3 +51,12 @@ def test_task_and_size_class():
     workload = POLICY.classify(job(), 20_000)
     assert (workload.task, workload.size_class, workload.sla_class) == ("image-classification", "medium", SlaClass.BATCH)
     assert [size_class(n) for n in (0, 16383, 16384, 262144)] == ["small", "small", "medium", "large"]
+
+
+def test_a_cascade_runs_the_least_accurate_variant_first_and_escalates_to_the_most_accurate():
+    for asked in ("digits-large", "digits-small", "digits-tiny"):
+        cascade = job(model=asked).model_copy(update={"cascade_threshold": 0.8})
+        assert POLICY.cascade_stages(cascade) == ("digits-tiny", "digits-large")
+        assert POLICY.classify(cascade, 10).candidates == ["digits-tiny"]
+    assert POLICY.cascade_stages(job()) is None
+    assert POLICY.cascade_stages(job(model="other").model_copy(update={"cascade_threshold": 0.8})) is None
