@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from din.generated import drifted_files, stale_files, write_files
 from din.stack.brokers import REPO_ROOT, KafkaSpec, NatsServerSpec
 from din.stack.launcher import (
     DEFAULT_MODEL_REPO,
@@ -260,29 +261,13 @@ def render_compose() -> dict[str, str]:
     return files
 
 
-def _stale(root: Path, files: dict[str, str]) -> list[Path]:
-    """NATS configs of sites no longer in the topology."""
-    return [p for p in sorted((root / NATS_CONF_DIR).glob("*.conf")) if p.relative_to(root).as_posix() not in files]
-
-
 def write_compose(root: Path = REPO_ROOT) -> list[Path]:
     """Write every generated file under ``root``, removing stale NATS configs; return the paths written."""
-    root = Path(root)
-    files = render_compose()
-    for stale in _stale(root, files):
-        stale.unlink()
-    written = []
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        written.append(path)
-    return written
+    root, files = Path(root), render_compose()
+    return write_files(root, files, stale_files(root, NATS_CONF_DIR, "*.conf", files))
 
 
 def drifted(root: Path = REPO_ROOT) -> list[str]:
     """Relative paths whose committed content differs from a fresh render (missing and stale files too)."""
-    root = Path(root)
-    files = render_compose()
-    changed = [rel for rel, text in files.items() if not (root / rel).is_file() or (root / rel).read_text() != text]
-    return sorted(changed + [p.relative_to(root).as_posix() for p in _stale(root, files)])
+    root, files = Path(root), render_compose()
+    return drifted_files(root, files, stale_files(root, NATS_CONF_DIR, "*.conf", files))

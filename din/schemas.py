@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from din.generated import drifted_files, stale_files, write_files
 from shared.contracts import (
     MESSAGE_MODELS,
     AdmissionDecisionV1,
@@ -594,30 +595,11 @@ def render_schemas() -> dict[str, str]:
 
 def write_schemas(out_dir: Path = DEFAULT_OUT_DIR) -> list[Path]:
     """Write every generated file under ``out_dir``, removing stale JSON Schemas; return the paths written."""
-    out_dir = Path(out_dir)
-    files = render_schemas()
-    for stale in (out_dir / JSON_DIR).glob("*.schema.json"):
-        if f"{JSON_DIR}/{stale.name}" not in files:
-            stale.unlink()
-    written = []
-    for rel, text in files.items():
-        path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        written.append(path)
-    return written
+    out_dir, files = Path(out_dir), render_schemas()
+    return write_files(out_dir, files, stale_files(out_dir, JSON_DIR, "*.schema.json", files))
 
 
 def drifted(out_dir: Path = DEFAULT_OUT_DIR) -> list[str]:
     """Relative paths whose committed content differs from a fresh render (missing and stale files too)."""
-    out_dir = Path(out_dir)
-    files = render_schemas()
-    stale = [
-        f"{JSON_DIR}/{p.name}" for p in sorted((out_dir / JSON_DIR).glob("*.schema.json"))
-        if f"{JSON_DIR}/{p.name}" not in files
-    ]
-    changed = [
-        rel for rel, text in files.items()
-        if not (out_dir / rel).is_file() or (out_dir / rel).read_text() != text
-    ]
-    return sorted(changed + stale)
+    out_dir, files = Path(out_dir), render_schemas()
+    return drifted_files(out_dir, files, stale_files(out_dir, JSON_DIR, "*.schema.json", files))

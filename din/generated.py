@@ -1,0 +1,33 @@
+"""Files DIN generates and keeps in the repository (schemas, compose): write them, or tell which drifted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def stale_files(root: Path, folder: str, pattern: str, files: dict[str, str]) -> list[str]:
+    """Relative paths under ``root/folder`` matching ``pattern`` that a fresh render no longer produces."""
+    return [
+        p.relative_to(root).as_posix()
+        for p in sorted((root / folder).glob(pattern))
+        if p.relative_to(root).as_posix() not in files
+    ]
+
+
+def write_files(root: Path, files: dict[str, str], stale: list[str]) -> list[Path]:
+    """Write ``files`` (relative path → text) under ``root`` and remove ``stale``; return the paths written."""
+    for rel in stale:
+        (root / rel).unlink()
+    written = []
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def drifted_files(root: Path, files: dict[str, str], stale: list[str]) -> list[str]:
+    """Relative paths whose content under ``root`` differs from ``files``, plus missing and ``stale`` ones."""
+    changed = [rel for rel, text in files.items() if not (root / rel).is_file() or (root / rel).read_text() != text]
+    return sorted(changed + stale)
