@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from din.bench.privacy import RAW_POINT, LeakageRow, measure_leakage
+from din.bench.privacy import RAW_POINT, LeakageRow, latest_model_path, measure_leakage, onnx_session
 from services.scheduler.cascade import (
     CascadeEvaluation,
     CascadePolicy,
@@ -191,21 +191,6 @@ def _inline(text: str) -> str:
     return text.replace("\n", "⏎").replace("`", "'")
 
 
-def _session(path: Path):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _model_path(repo: Path, name: str) -> Path:
-    versions = json.loads((repo / name / "config.json").read_text())["versions"]
-    return repo / name / str(versions[-1]) / "model.onnx"
-
-
 def _cascade_row(evaluation: CascadeEvaluation, kind: str) -> dict[str, Any]:
     row = evaluation.to_dict()
     row["kind"] = kind
@@ -218,8 +203,8 @@ def cascade_table(repo: Path) -> list[dict[str, Any]]:
     from din.zoo import load_test_split
 
     x_test, y_test = load_test_split(repo)
-    (small,) = _session(_model_path(repo, SMALL)).run(["probabilities"], {"input": x_test})
-    (large,) = _session(_model_path(repo, LARGE)).run(["probabilities"], {"input": x_test})
+    (small,) = onnx_session(latest_model_path(repo, SMALL)).run(["probabilities"], {"input": x_test})
+    (large,) = onnx_session(latest_model_path(repo, LARGE)).run(["probabilities"], {"input": x_test})
     rows = [
         _cascade_row(evaluate_cascade(CascadePolicy(-np.inf), small, large, y_test), "small alone"),
         _cascade_row(evaluate_cascade(CascadePolicy(np.inf), small, large, y_test), "large alone"),
@@ -252,12 +237,12 @@ def part_latencies(repo: Path, points: list[str]) -> dict[str, float]:
 
     x_test, _ = load_test_split(repo)
     row = x_test[:1]
-    latencies = {LARGE: _per_item_ms(_session(_model_path(repo, LARGE)), {"input": row})}
+    latencies = {LARGE: _per_item_ms(onnx_session(latest_model_path(repo, LARGE)), {"input": row})}
     for point in points:
-        head = _session(_model_path(repo, split_model_name(LARGE, "head", point)))
+        head = onnx_session(latest_model_path(repo, split_model_name(LARGE, "head", point)))
         (hidden,) = head.run([point], {"input": row})
         latencies[f"head@{point}"] = _per_item_ms(head, {"input": row})
-        tail = _session(_model_path(repo, split_model_name(LARGE, "tail", point)))
+        tail = onnx_session(latest_model_path(repo, split_model_name(LARGE, "tail", point)))
         latencies[f"tail@{point}"] = _per_item_ms(tail, {point: hidden})
     return latencies
 
@@ -355,9 +340,9 @@ def charlm_stats(repo: Path) -> dict[str, Any]:
     from din.zoo_text import decode, evaluate, generate, load_corpus, onnx_stepper, prefill
 
     config = json.loads((repo / TEXT / "config.json").read_text())
-    path = _model_path(repo, TEXT)
+    path = latest_model_path(repo, TEXT)
     hidden, vocab = int(config["hidden"]), config["vocab"]
-    stepper = onnx_stepper(_session(path))
+    stepper = onnx_stepper(onnx_session(path))
     corpus = load_corpus()
     heldout_onnx, _ = evaluate(stepper, corpus.heldout, hidden)
     samples = [
@@ -375,11 +360,11 @@ def charlm_stats(repo: Path) -> dict[str, Any]:
     begun = time.perf_counter()
     logits, state = prefill(stepper, tokens, hidden)
     prefill_ms = (time.perf_counter() - begun) * 1000.0
-    other = onnx_stepper(_session(path))
+    other = onnx_stepper(onnx_session(path))
     handed_off, _, _ = decode(other, logits.copy(), state.copy(), SAMPLE_CHARS)
     single, _, _ = decode(stepper, logits, state, SAMPLE_CHARS)
     step_ms = _per_item_ms(
-        _session(path), {"token": np.array([1], np.int64), "state": np.zeros((1, hidden), np.float32)}
+        onnx_session(path), {"token": np.array([1], np.int64), "state": np.zeros((1, hidden), np.float32)}
     )
     return {
         "vocab_size": len(vocab),

@@ -63,7 +63,8 @@ class LeakageRow:
         return asdict(self)
 
 
-def _session(path: Path):
+def onnx_session(path: Path):
+    """A single-threaded, quiet ONNX Runtime session for offline measurements."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -73,7 +74,8 @@ def _session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _latest(repo: Path, model: str) -> Path:
+def latest_model_path(repo: Path, model: str) -> Path:
+    """The newest version's ``model.onnx`` of ``model`` in the repository at ``repo``."""
     import json
 
     versions = json.loads((repo / model / "config.json").read_text())["versions"]
@@ -108,8 +110,8 @@ def measure_leakage(
     config = json.loads((repo / model / "config.json").read_text())
     points = list(config["split_points"] if points is None else points)
     split = load_digits_split()
-    judge_session = _session(_latest(repo, judge))
-    full_session = _session(_latest(repo, model))
+    judge_session = onnx_session(latest_model_path(repo, judge))
+    full_session = onnx_session(latest_model_path(repo, model))
     rng = np.random.default_rng(seed)
 
     def judge_accuracy(images: np.ndarray) -> float:
@@ -123,8 +125,8 @@ def measure_leakage(
         if point == RAW_POINT:
             train_mid, test_mid, tail, tail_input = split.x_train, split.x_test, full_session, "input"
         else:
-            head = _session(_latest(repo, split_model_name(model, "head", point)))
-            tail = _session(_latest(repo, split_model_name(model, "tail", point)))
+            head = onnx_session(latest_model_path(repo, split_model_name(model, "head", point)))
+            tail = onnx_session(latest_model_path(repo, split_model_name(model, "tail", point)))
             (train_mid,) = head.run([point], {"input": split.x_train})
             (test_mid,) = head.run([point], {"input": split.x_test})
             tail_input = point
