@@ -3,7 +3,9 @@
 An executor is usable from its first heartbeat and dropped once it has been
 silent for ``MISSED_BEATS`` heartbeat intervals. Between heartbeats the
 scheduler counts what it dispatched itself, so two requests arriving in the
-same millisecond do not both see an empty queue.
+same millisecond do not both see an empty queue, and counts what completed since,
+which may take the count below zero: those jobs were still in the heartbeat's
+snapshot.
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ class ExecutorState:
     def queued(self, sla: SlaClass) -> int:
         """Jobs ahead of a new ``sla`` job: its own class and every class served before it."""
         ahead = [c for c in SlaClass][: list(SlaClass).index(sla) + 1]
-        return sum(self.heartbeat.queue_depth.get(c.value, 0) + self.dispatched[c] for c in ahead)
+        return max(0, sum(self.heartbeat.queue_depth.get(c.value, 0) + self.dispatched[c] for c in ahead))
 
     def capacity_for(self, sla: SlaClass) -> int:
         """Load at which the executor refuses ``sla`` jobs."""
         return self.heartbeat.capacity_by_class.get(sla.value, self.heartbeat.capacity)
 
     def load(self) -> int:
-        return self.heartbeat.inflight + sum(self.heartbeat.queue_depth.values()) + sum(self.dispatched.values())
+        return max(0, self.heartbeat.inflight + sum(self.heartbeat.queue_depth.values()) + sum(self.dispatched.values()))
 
 
 class ExecutorRegistry:
@@ -87,5 +89,5 @@ class ExecutorRegistry:
 
     def note_completion(self, executor_id: str, sla: SlaClass) -> None:
         state = self._executors.get(executor_id)
-        if state is not None and state.dispatched[sla] > 0:
+        if state is not None:
             state.dispatched[sla] -= 1

@@ -214,3 +214,12 @@ def test_near_ties_spread_over_the_least_loaded_executors():
     reg.note_dispatch("a", SlaClass.INTERACTIVE)
     assert {pick_executor(job("m"), reg.live(), links(), TOPOLOGY, NOW_MS, {}, rng=rng).executor.id
             for _ in range(20)} == {"b"}
+
+
+def test_completions_after_a_heartbeat_release_what_its_snapshot_counted():
+    reg = registry(beat("a", "cloud", ["m"], inflight=1, capacity=1))
+    with pytest.raises(DinError):
+        place(job("m"), reg)
+    reg.note_completion("a", SlaClass.INTERACTIVE)
+    assert reg.get("a").load() == 0
+    assert place(job("m"), reg).executor.id == "a"
