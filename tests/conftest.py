@@ -161,3 +161,11 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("zoo")
     build_zoo(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def digits(zoo_dir):
+    """The zoo's held-out digits: inputs (float32, n×64) and true labels."""
+    from din.workload import load_digits_test
+
+    return load_digits_test(zoo_dir)

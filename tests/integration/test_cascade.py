@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from din.client import DinRequestError
-from din.workload import load_digits_test
 from shared.contracts.events import CompletionV1
 from shared.contracts.inference import InferResponseV1, RequestHeaders
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
@@ -30,11 +29,6 @@ from tests.integration.network import running_network
 def network(request, kafka_bootstrap, zoo_dir, tmp_path_factory):
     with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), request.param) as net:
         yield net
-
-
-@pytest.fixture(scope="module")
-def digits(zoo_dir):
-    return load_digits_test(zoo_dir)
 
 
 async def test_threshold_zero_never_escalates_and_above_one_always_does(network, digits):

@@ -19,7 +19,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from din.client import DinRequestError
-from din.workload import load_digits_test
 from shared.contracts.events import LoadModelV1, ModelLoadedV1
 from shared.contracts.inference import RequestHeaders
 from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ErrorReplyV1
@@ -32,11 +31,6 @@ from tests.integration.network import running_network
 def network(kafka_bootstrap, zoo_dir, tmp_path_factory):
     with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), "centralized") as net:
         yield net
-
-
-@pytest.fixture(scope="module")
-def digits(zoo_dir):
-    return load_digits_test(zoo_dir)
 
 
 async def test_json_and_binary_requests_are_answered_with_correct_labels(network, digits):
