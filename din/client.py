@@ -10,6 +10,11 @@ every result is checked: signed by a site the key manager vouches for, sealed to
 this tenant for this request. Without keys the client sends in clear, which
 admission accepts only from tenants the crypto policy lets in (or with security off).
 
+Generation streams tokens::
+
+    async for chunk in client.generate("charlm", "def ", max_tokens=32):
+        print(chunk.text, end="")
+
 Any NATS client can publish to ``din.v1.infer.<tenant>.<model>`` with a reply
 subject; this one adds encoding, sealing, verification and error decoding.
 """
@@ -17,8 +22,9 @@ subject; this one adds encoding, sealing, verification and error decoding.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import nats
@@ -28,9 +34,11 @@ from nats.aio.msg import Msg
 
 from shared.contracts.inference import (
     JSON_CONTENT_TYPE,
+    STREAM_SEQ_HEADER,
     InferResponseV1,
     RequestHeaders,
     SlaClass,
+    StreamChunkV1,
 )
 from shared.envelope import InvalidToken
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
@@ -105,6 +113,7 @@ class DinClient:
         self._reader = tenant_principal(tenant)
         self._inbox = nc.new_inbox()
         self._pending: dict[str, asyncio.Future] = {}
+        self._streams: dict[str, asyncio.Queue] = {}
         self._subscription = None
 
     @classmethod
@@ -131,7 +140,12 @@ class DinClient:
         self._subscription = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_answer)
 
     async def _on_answer(self, msg: Msg) -> None:
-        future = self._pending.pop(msg.subject[len(self._inbox) + 1 :], None)
+        token = msg.subject[len(self._inbox) + 1 :]
+        stream = self._streams.get(token)
+        if stream is not None:
+            stream.put_nowait(msg)
+            return
+        future = self._pending.pop(token, None)
         if future is not None and not future.done():
             future.set_result(msg)
 
@@ -163,11 +177,16 @@ class DinClient:
         request_id: str | None = None,
         traceparent: str | None = None,
         cascade: float | None = None,
+        max_tokens: int | None = None,
+        split: str | None = None,
+        split_protection: str | None = None,
     ) -> tuple[bytes, dict[str, str]]:
         """Encode a request body and headers, unsealed (binary form takes exactly one input).
 
         ``cascade``: a confidence threshold; the model's smallest variant answers and escalates its answers
         less confident than this to the most accurate variant (``served_by.escalated`` says which answered).
+        ``split``: 'auto', a split point or 'none' (split inference; ``served_by.split_point`` says where it was
+        cut), with ``split_protection`` such as 'quantize:4'. ``max_tokens``: generation (use ``generate``).
         """
         headers = {
             RequestHeaders.TOKEN: self._token,
@@ -188,6 +207,12 @@ class DinClient:
             headers[RequestHeaders.TRACEPARENT] = traceparent
         if cascade is not None:
             headers[RequestHeaders.CASCADE] = str(cascade)
+        if max_tokens is not None:
+            headers[RequestHeaders.MAX_TOKENS] = str(max_tokens)
+        if split is not None:
+            headers[RequestHeaders.SPLIT] = split
+        if split_protection is not None:
+            headers[RequestHeaders.SPLIT_PROTECTION] = split_protection
         if binary:
             if len(inputs) != 1:
                 raise ValueError("the binary tensor form carries exactly one input")
@@ -211,6 +236,20 @@ class DinClient:
 
         A result that cannot be authenticated raises ``DinRequestError`` with code ``unauthenticated``.
         """
+        data, signer, encrypted = self._open(request_id, data, headers)
+        response = InferResponseV1.model_validate_json(data)
+        return InferResult(response, tensors_to_arrays(response.outputs), signer, encrypted)
+
+    def open_chunk(self, request_id: str, data: bytes, headers: Mapping[str, str] | None) -> StreamChunkV1:
+        """Decode one message of a token stream, checked like an answer and bound to its position in the stream."""
+        if headers and DIN_ERROR_HEADER in headers:
+            raise DinRequestError(ErrorReplyV1.model_validate_json(data).error)
+        seq = headers.get(STREAM_SEQ_HEADER) if headers else None
+        plain, _, _ = self._open(request_id, data, headers, seq=int(seq) if seq and seq.isdigit() else None)
+        return StreamChunkV1.model_validate_json(plain)
+
+    def _open(self, request_id: str, data: bytes, headers: Mapping[str, str] | None,
+              seq: int | None = None) -> tuple[bytes, str | None, bool]:
         if headers and DIN_ERROR_HEADER in headers:
             raise DinRequestError(ErrorReplyV1.model_validate_json(data).error)
         signer = None
@@ -223,7 +262,7 @@ class DinClient:
                 opened = self.security.open(
                     data, headers, reader=self._reader,
                     allow_integrity=self.security.agent.integrity_allowed(site_of(signer)),
-                    expected_aad=result_binding(request_id, self.tenant),
+                    expected_aad=result_binding(request_id, self.tenant, seq),
                 )
                 if opened.sender != signer:
                     raise InvalidToken()
@@ -231,8 +270,7 @@ class DinClient:
                 self.security.refused(refused)
                 raise DinRequestError(refused.to_model(request_id)) from None
             data, encrypted = opened.plaintext, opened.confidential
-        response = InferResponseV1.model_validate_json(data)
-        return InferResult(response, tensors_to_arrays(response.outputs), signer, encrypted)
+        return data, signer, encrypted
 
     async def request(self, subject: str, body: bytes, headers: dict[str, str], token: str, wait_s: float) -> Msg:
         """Publish with reply subject ``<inbox>.<token>`` and wait for the single answer."""
@@ -261,3 +299,40 @@ class DinClient:
         body, headers = self.seal(model, body, headers, f"{self._inbox}.{token}")
         msg = await self.request(Subjects.infer(self.tenant, model), body, headers, token, wait_s)
         return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers)
+
+    async def generate(
+        self, model: str, prompt: str, max_tokens: int, *, timeout_ms: int | None = None, **options
+    ) -> AsyncIterator[StreamChunkV1]:
+        """Stream ``max_tokens`` tokens continuing ``prompt``: chunks in order, the last with ``done`` and the
+        stream's timings (ttft, tpot). An error (also mid-stream) raises ``DinRequestError``; silence past the
+        deadline raises ``NoAnswerError``."""
+        inputs = {"prompt": np.frombuffer(prompt.encode("utf-8"), dtype=np.uint8)[None, :]}
+        body, headers = self.build(inputs, max_tokens=max_tokens, timeout_ms=timeout_ms, **options)
+        request_id = headers[RequestHeaders.REQUEST_ID]
+        token = uuid.uuid4().hex
+        reply = f"{self._inbox}.{token}"
+        body, headers = self.seal(model, body, headers, reply)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[token] = queue
+        ends_at = time.monotonic() + (timeout_ms / 1000.0 if timeout_ms else 60.0) + CLIENT_GRACE_S
+        early: dict[int, StreamChunkV1] = {}
+        expected = 0
+        try:
+            await self._nc.publish(Subjects.infer(self.tenant, model), body, reply=reply, headers=headers)
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), max(0.0, ends_at - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise NoAnswerError(f"the stream stopped after {expected} chunks and no end came") from None
+                if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
+                    raise NoAnswerError("no admission service is listening: is the DIN stack running?")
+                chunk = self.open_chunk(request_id, msg.data, msg.headers)
+                early[chunk.seq] = chunk
+                while expected in early:
+                    ready = early.pop(expected)
+                    expected += 1
+                    yield ready
+                    if ready.done:
+                        return
+        finally:
+            self._streams.pop(token, None)

@@ -95,6 +95,13 @@ REQUEST_HEADER_DOCS = {
     "CASCADE": "Large-small cascade with this confidence threshold (e.g. 0.8): the smallest variant of the model's "
     "task answers, and an answer whose top class probability is below the threshold escalates to the most "
     "accurate one; served_by.escalated tells which.",
+    "MAX_TOKENS": "Generation (models with a prefill part, e.g. charlm): stream this many tokens (1..512) back as "
+    "StreamChunkV1 messages on the reply subject, the last with done=true; the input is the prompt as a UINT8 "
+    "tensor named 'prompt' holding UTF-8 text.",
+    "SPLIT": "Split inference (models with head/tail parts, e.g. digits-large): 'auto' lets the scheduler pick the "
+    "split point per request from link and load measurements; a split point name forces it; 'none' runs whole.",
+    "SPLIT_PROTECTION": "Split inference: protect the intermediate tensor before it leaves the data's site: "
+    "'none' (default), 'quantize:<bits 1..8>' or 'noise:<relative sigma>'.",
     "REQUEST_ID": "Caller's request id (at most 128 printable characters); DIN assigns one when absent.",
     "CONTENT_TYPE": f"{JSON_CONTENT_TYPE} (default) or {TENSOR_CONTENT_TYPE} for a binary tensor body.",
     "TRACEPARENT": "W3C trace context, carried to every stage.",

@@ -21,7 +21,10 @@ Two more kinds of model are derived or trained alongside, for multi-stage infere
   ``din.split``; their configs carry ``role``, ``split_of`` and ``split_point``.
 * ``charlm``: a character-level GRU with its recurrent state as an explicit
   input and output, trained in numpy on Python's own documentation text, see
-  ``din.zoo_text``.
+  ``din.zoo_text``. Its one-step graph serves decoding; ``charlm-prefill``,
+  exported from the same weights, reads a whole prompt per call. The step
+  model's config names it in ``prefill_model``; its own config carries
+  ``role`` "prefill" and ``prefill_for``.
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ import numpy as np
 
 from din.zoo_text import (
     LOGITS_OUTPUT,
+    PROMPT_INPUT,
     STATE_INPUT,
     STATE_OUTPUT,
     TOKEN_INPUT,
     CharLMRecipe,
     load_corpus,
+    numpy_stepper,
+    prefill,
     to_onnx,
+    to_onnx_prefill,
     train_charlm,
 )
 
@@ -53,6 +60,9 @@ ZOO_FORMAT = 2
 TASK = "image-classification"
 FAMILY = "digits"
 TEXT_TASK = "text-generation"
+PREFILL_TASK = "text-generation-prefill"
+PREFILL_FIDELITY_CHARS = 256
+PREFILL_TOLERANCE = 1e-4
 TEXT_FAMILY = "charlm"
 SPLIT_ROLES = ("head", "tail")
 INPUT_NAME = "input"
@@ -103,6 +113,8 @@ DESCRIPTIONS = {
     "digits-small": "Multinomial logistic regression on 8x8 digits: tiny and fast, less accurate.",
     "digits-large": "Two-hidden-layer perceptron (256, 128, ReLU) on 8x8 digits: slower, more accurate.",
     "charlm": "Character-level GRU over Python's documentation text, one step per call with explicit state.",
+    "charlm-prefill": "Prefill for charlm: reads a whole prompt in one call (a Scan over the same GRU step) "
+    "and returns the last logits and the state to decode from.",
 }
 
 
@@ -144,6 +156,7 @@ def recipe_digest() -> str:
         "models": [[r.name, r.version, r.estimator, dict(r.params)] for r in RECIPES],
         "split_models": [[r.name, r.version, recipe_split_points(r)] for r in RECIPES],
         "text_models": [dict(r.key()) for r in TEXT_RECIPES],
+        "prefill_models": [[prefill_model_name(r.name), r.version] for r in TEXT_RECIPES],
     }
     if TEXT_RECIPES:
         recipe["corpus"] = load_corpus().digest
@@ -171,6 +184,11 @@ def split_task(model: str, role: str, split_point: str) -> str:
     return f"split-{role}:{model}@{split_point}"
 
 
+def prefill_model_name(model: str) -> str:
+    """Name of the prefill model exported beside the one-step text model ``model``."""
+    return f"{model}-prefill"
+
+
 def _split_sources() -> list[tuple[str, str, list[str]]]:
     """``(model, split point, versions)`` for every cut the zoo makes, in recipe order."""
     sources = []
@@ -182,10 +200,11 @@ def _split_sources() -> list[tuple[str, str, list[str]]]:
 
 
 def model_names() -> list[str]:
-    """Names of the zoo's models: the recipes' in order, then the split parts, then the text models."""
+    """Names of the zoo's models: the recipes' in order, then the split parts, then each text model and its prefill."""
     names = list(dict.fromkeys(recipe.name for recipe in RECIPES))
     names += [split_model_name(name, role, point) for name, point, _ in _split_sources() for role in SPLIT_ROLES]
-    names += list(dict.fromkeys(recipe.name for recipe in TEXT_RECIPES))
+    for name in dict.fromkeys(recipe.name for recipe in TEXT_RECIPES):
+        names += [name, prefill_model_name(name)]
     return names
 
 
@@ -194,7 +213,7 @@ def _model_files() -> list[tuple[str, str]]:
     files = [(r.name, r.version) for r in RECIPES]
     for name, point, versions in _split_sources():
         files += [(split_model_name(name, role, point), v) for role in SPLIT_ROLES for v in versions]
-    files += [(r.name, r.version) for r in TEXT_RECIPES]
+    files += [(name, r.version) for r in TEXT_RECIPES for name in (r.name, prefill_model_name(r.name))]
     return files
 
 
@@ -257,7 +276,8 @@ def build_zoo(out_dir: Path, *, force: bool = False) -> list[dict[str, Any]]:
 
     configs += _build_split_models(out_dir, split)
     with threadpool_limits(limits=1):
-        configs += [_build_text_model(out_dir, recipe) for recipe in TEXT_RECIPES]
+        for recipe in TEXT_RECIPES:
+            configs += _build_text_model(out_dir, recipe)
 
     test_path = out_dir / DATA_DIR / TEST_SPLIT_FILE
     test_path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,8 +360,8 @@ def _composed_accuracy(
     return round(float(np.mean(labels == y_test)), 6), int(hidden.shape[1])
 
 
-def _build_text_model(out_dir: Path, recipe: CharLMRecipe) -> dict[str, Any]:
-    """Train the character model of ``recipe``, export its one-step ONNX graph and return its config."""
+def _build_text_model(out_dir: Path, recipe: CharLMRecipe) -> list[dict[str, Any]]:
+    """Train the character model of ``recipe``, export its one-step and prefill graphs; their configs, step first."""
     corpus = load_corpus()
     trained = train_charlm(recipe)
     model = to_onnx(
@@ -372,6 +392,7 @@ def _build_text_model(out_dir: Path, recipe: CharLMRecipe) -> dict[str, Any]:
         "state_bytes_per_item": state_bytes,
         "parameter_count": int(sum(p.size for p in trained.params.values())),
         "role": "autoregressive",
+        "prefill_model": prefill_model_name(recipe.name),
         "vocab": trained.vocab,
         "hidden": hidden,
         "loss": {
@@ -389,7 +410,55 @@ def _build_text_model(out_dir: Path, recipe: CharLMRecipe) -> dict[str, Any]:
         "training": {key: value for key, value in recipe.key() if key not in ("name", "version")},
     }
     _write_config(out_dir, config)
+    return [config, _build_prefill_model(out_dir, recipe, trained.params, config)]
+
+
+def _build_prefill_model(
+    out_dir: Path, recipe: CharLMRecipe, params: Mapping[str, np.ndarray], step_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Export the prefill graph of the trained ``params``, check it reads a prompt as the step does; its config."""
+    name = prefill_model_name(recipe.name)
+    model = to_onnx_prefill(params, graph_name=f"{name}-v{recipe.version}", doc=DESCRIPTIONS[name])
+    model.model_version = int(recipe.version)
+    payload = model.SerializeToString()
+    _check_prefill(payload, params, load_corpus().heldout[:PREFILL_FIDELITY_CHARS])
+    _write_atomic(out_dir / name / recipe.version / MODEL_FILE, payload)
+    hidden, vocab = step_config["hidden"], len(step_config["vocab"])
+    config = copy.deepcopy(dict(step_config))
+    del config["input_bytes_per_item"], config["prefill_model"]
+    config.update(
+        name=name,
+        task=PREFILL_TASK,
+        description=DESCRIPTIONS[name],
+        inputs=[
+            {"name": PROMPT_INPUT, "datatype": "INT64", "shape": [-1, -1]},
+            {"name": STATE_INPUT, "datatype": "FP32", "shape": [-1, hidden]},
+        ],
+        outputs=[
+            {"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, vocab]},
+            {"name": STATE_OUTPUT, "datatype": "FP32", "shape": [-1, hidden]},
+        ],
+        # Prompts of different lengths cannot share a [batch, time] tensor.
+        max_batch_size=1,
+        input_bytes_per_token=np.dtype(np.int64).itemsize,
+        role="prefill",
+        prefill_for=recipe.name,
+    )
+    _write_config(out_dir, config)
     return config
+
+
+def _check_prefill(payload: bytes, params: Mapping[str, np.ndarray], tokens: np.ndarray) -> None:
+    """Raise unless the prefill graph reads ``tokens`` as the numpy step does, token by token."""
+    hidden = params["recurrent"].shape[0]
+    expected_logits, expected_state = prefill(numpy_stepper(params), tokens, hidden)
+    logits, state = _ort_session(payload).run(
+        [LOGITS_OUTPUT, STATE_OUTPUT],
+        {PROMPT_INPUT: tokens[None, :].astype(np.int64), STATE_INPUT: np.zeros((1, hidden), np.float32)},
+    )
+    error = max(float(np.abs(logits - expected_logits).max()), float(np.abs(state - expected_state).max()))
+    if error > PREFILL_TOLERANCE:
+        raise RuntimeError(f"the prefill graph differs from the step by {error:g} over {len(tokens)} tokens")
 
 
 def _write_config(out_dir: Path, config: Mapping[str, Any]) -> None:

@@ -14,7 +14,10 @@ The ONNX export is a *one-step* model::
              state_out  FP32  [batch, hidden]  the state after reading ``token``
 
 Prefill runs the step over the prompt carrying the state; decode feeds back
-the chosen character one step at a time. The state is all that has to move
+the chosen character one step at a time. ``to_onnx_prefill`` exports the
+prefill as one graph that reads a whole prompt per call (``tokens`` INT64
+[batch, time] in, the last step's ``logits`` and ``state_out`` out), a
+``Scan`` over the same step. The state is all that has to move
 when prefill and decode run on different executors.
 """
 
@@ -30,11 +33,13 @@ from typing import Any
 import numpy as np
 
 TOKEN_INPUT = "token"
+PROMPT_INPUT = "tokens"
 STATE_INPUT = "state"
 LOGITS_OUTPUT = "logits"
 STATE_OUTPUT = "state_out"
 OPSET = 17
 HELDOUT_FRACTION = 0.1
+GATES = ("reset", "update", "candidate")
 
 StepFunction = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 """One model step: ``(token [batch], state [batch, hidden]) -> (logits [batch, vocab], state [batch, hidden])``."""
@@ -317,16 +322,13 @@ def _train(recipe: CharLMRecipe, corpus: Corpus) -> TrainedCharLM:
     )
 
 
-def to_onnx(params: Mapping[str, np.ndarray], *, graph_name: str = "charlm-step", doc: str = ""):
-    """The one-step ONNX model of trained ``params`` (see the module docstring for its signature)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def _step_initializers(params: Mapping[str, np.ndarray]) -> list:
+    """The weights of one GRU step as ONNX initializers, one tensor per gate so no node has to slice."""
+    from onnx import numpy_helper
 
     hidden = params["recurrent"].shape[0]
-    vocab = params["output"].shape[1]
-    gates = ("reset", "update", "candidate")
     initializers = []
-    for index, gate in enumerate(gates):
+    for index, gate in enumerate(GATES):
         columns = slice(index * hidden, (index + 1) * hidden)
         initializers += [
             numpy_helper.from_array(np.ascontiguousarray(params["embedding"][:, columns]), f"embedding_{gate}"),
@@ -337,29 +339,64 @@ def to_onnx(params: Mapping[str, np.ndarray], *, graph_name: str = "charlm-step"
         numpy_helper.from_array(params["output"], "output_weight"),
         numpy_helper.from_array(params["output_bias"], "output_bias"),
     ]
+    return initializers
+
+
+def _step_nodes(token: str, state: str, logits: str, state_out: str, *, prefix: str = "") -> list:
+    """The nodes of one GRU step, reading the ``_step_initializers`` weights by name.
+
+    ``token``, ``state``, ``logits`` and ``state_out`` name the step's inputs
+    and outputs; ``prefix`` goes before every intermediate name, so a copy
+    inside a subgraph does not reuse a name of the graph around it.
+    """
+    from onnx import helper
+
+    def name(base: str) -> str:
+        return prefix + base
+
     nodes = []
-    for gate in gates:
+    for gate in GATES:
         nodes += [
-            helper.make_node("Gather", [f"embedding_{gate}", TOKEN_INPUT], [f"x_{gate}"], axis=0),
-            helper.make_node("MatMul", [STATE_INPUT, f"recurrent_{gate}"], [f"hw_{gate}"]),
-            helper.make_node("Add", [f"hw_{gate}", f"recurrent_bias_{gate}"], [f"h_{gate}"]),
+            helper.make_node("Gather", [f"embedding_{gate}", token], [name(f"x_{gate}")], axis=0),
+            helper.make_node("MatMul", [state, f"recurrent_{gate}"], [name(f"hw_{gate}")]),
+            helper.make_node("Add", [name(f"hw_{gate}"), f"recurrent_bias_{gate}"], [name(f"h_{gate}")]),
         ]
     nodes += [
-        helper.make_node("Add", ["x_reset", "h_reset"], ["reset_pre"]),
-        helper.make_node("Sigmoid", ["reset_pre"], ["reset"]),
-        helper.make_node("Add", ["x_update", "h_update"], ["update_pre"]),
-        helper.make_node("Sigmoid", ["update_pre"], ["update"]),
-        helper.make_node("Mul", ["reset", "h_candidate"], ["gated_candidate"]),
-        helper.make_node("Add", ["x_candidate", "gated_candidate"], ["candidate_pre"]),
-        helper.make_node("Tanh", ["candidate_pre"], ["candidate"]),
-        helper.make_node("Sub", [STATE_INPUT, "candidate"], ["state_delta"]),
-        helper.make_node("Mul", ["update", "state_delta"], ["kept"]),
-        helper.make_node("Add", ["candidate", "kept"], [STATE_OUTPUT]),
-        helper.make_node("MatMul", [STATE_OUTPUT, "output_weight"], ["logits_raw"]),
-        helper.make_node("Add", ["logits_raw", "output_bias"], [LOGITS_OUTPUT]),
+        helper.make_node("Add", [name("x_reset"), name("h_reset")], [name("reset_pre")]),
+        helper.make_node("Sigmoid", [name("reset_pre")], [name("reset")]),
+        helper.make_node("Add", [name("x_update"), name("h_update")], [name("update_pre")]),
+        helper.make_node("Sigmoid", [name("update_pre")], [name("update")]),
+        helper.make_node("Mul", [name("reset"), name("h_candidate")], [name("gated_candidate")]),
+        helper.make_node("Add", [name("x_candidate"), name("gated_candidate")], [name("candidate_pre")]),
+        helper.make_node("Tanh", [name("candidate_pre")], [name("candidate")]),
+        helper.make_node("Sub", [state, name("candidate")], [name("state_delta")]),
+        helper.make_node("Mul", [name("update"), name("state_delta")], [name("kept")]),
+        helper.make_node("Add", [name("candidate"), name("kept")], [state_out]),
+        helper.make_node("MatMul", [state_out, "output_weight"], [name("logits_raw")]),
+        helper.make_node("Add", [name("logits_raw"), "output_bias"], [logits]),
     ]
+    return nodes
+
+
+def _finish_model(graph, doc: str):
+    """Wrap ``graph`` in a checked model with the zoo's opset."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="din.zoo_text")
+    model.doc_string = doc
+    onnx.checker.check_model(model)
+    return model
+
+
+def to_onnx(params: Mapping[str, np.ndarray], *, graph_name: str = "charlm-step", doc: str = ""):
+    """The one-step ONNX model of trained ``params`` (see the module docstring for its signature)."""
+    from onnx import TensorProto, helper
+
+    hidden = params["recurrent"].shape[0]
+    vocab = params["output"].shape[1]
     graph = helper.make_graph(
-        nodes,
+        _step_nodes(TOKEN_INPUT, STATE_INPUT, LOGITS_OUTPUT, STATE_OUTPUT),
         graph_name,
         [
             helper.make_tensor_value_info(TOKEN_INPUT, TensorProto.INT64, ["batch"]),
@@ -369,24 +406,91 @@ def to_onnx(params: Mapping[str, np.ndarray], *, graph_name: str = "charlm-step"
             helper.make_tensor_value_info(LOGITS_OUTPUT, TensorProto.FLOAT, ["batch", vocab]),
             helper.make_tensor_value_info(STATE_OUTPUT, TensorProto.FLOAT, ["batch", hidden]),
         ],
-        initializer=initializers,
+        initializer=_step_initializers(params),
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="din.zoo_text")
-    model.doc_string = doc
-    onnx.checker.check_model(model)
-    return model
+    return _finish_model(graph, doc)
+
+
+def to_onnx_prefill(params: Mapping[str, np.ndarray], *, graph_name: str = "charlm-prefill", doc: str = ""):
+    """The prefill ONNX model of trained ``params``: a whole prompt in one call.
+
+    ::
+
+        inputs   tokens     INT64 [batch, time]    the prompt's character indices
+                 state      FP32  [batch, hidden]  the state to start from (zeros for a fresh prompt)
+        outputs  logits     FP32  [batch, vocab]   scores of the character after the last token
+                 state_out  FP32  [batch, hidden]  the state after the last token
+
+    A ``Scan`` over the time axis runs the same step as ``to_onnx``. The
+    logits ride along as a second scan state (starting as zeros), so only the
+    last step's are kept. The prompt must hold at least one token:
+    onnxruntime's ``Scan`` fails on an empty time axis, and with a batch above
+    one it dies with a floating-point exception rather than an error.
+    """
+    from onnx import TensorProto, helper
+
+    hidden = params["recurrent"].shape[0]
+    vocab = params["output"].shape[1]
+    body = helper.make_graph(
+        _step_nodes("step_token", "step_state", "step_logits", "step_state_out", prefix="step_"),
+        f"{graph_name}-step",
+        [
+            helper.make_tensor_value_info("step_state", TensorProto.FLOAT, ["batch", hidden]),
+            helper.make_tensor_value_info("step_logits_in", TensorProto.FLOAT, ["batch", vocab]),
+            helper.make_tensor_value_info("step_token", TensorProto.INT64, ["batch"]),
+        ],
+        [
+            helper.make_tensor_value_info("step_state_out", TensorProto.FLOAT, ["batch", hidden]),
+            helper.make_tensor_value_info("step_logits", TensorProto.FLOAT, ["batch", vocab]),
+        ],
+    )
+    nodes = [
+        # Zero logits of shape [batch, vocab], the batch read from the tokens.
+        helper.make_node("Shape", [PROMPT_INPUT], ["batch_size"], start=0, end=1),
+        helper.make_node("Concat", ["batch_size", "vocab_size"], ["logits_shape"], axis=0),
+        helper.make_node(
+            "ConstantOfShape",
+            ["logits_shape"],
+            ["logits_initial"],
+            value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        ),
+        helper.make_node(
+            "Scan",
+            [STATE_INPUT, "logits_initial", PROMPT_INPUT],
+            [STATE_OUTPUT, LOGITS_OUTPUT],
+            body=body,
+            num_scan_inputs=1,
+            scan_input_axes=[1],
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        graph_name,
+        [
+            helper.make_tensor_value_info(PROMPT_INPUT, TensorProto.INT64, ["batch", "time"]),
+            helper.make_tensor_value_info(STATE_INPUT, TensorProto.FLOAT, ["batch", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info(LOGITS_OUTPUT, TensorProto.FLOAT, ["batch", vocab]),
+            helper.make_tensor_value_info(STATE_OUTPUT, TensorProto.FLOAT, ["batch", hidden]),
+        ],
+        initializer=[
+            *_step_initializers(params),
+            helper.make_tensor("vocab_size", TensorProto.INT64, [1], [vocab]),
+        ],
+    )
+    return _finish_model(graph, doc)
 
 
 def params_from_onnx(model) -> dict[str, np.ndarray]:
-    """The numpy weights of a one-step model written by ``to_onnx`` (a ``ModelProto``)."""
+    """The numpy weights of a model written by ``to_onnx`` or ``to_onnx_prefill`` (a ``ModelProto``)."""
     from onnx import numpy_helper
 
     weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    gates = ("reset", "update", "candidate")
     return {
-        "embedding": np.concatenate([weights[f"embedding_{g}"] for g in gates], axis=1),
-        "recurrent": np.concatenate([weights[f"recurrent_{g}"] for g in gates], axis=1),
-        "recurrent_bias": np.concatenate([weights[f"recurrent_bias_{g}"] for g in gates]),
+        "embedding": np.concatenate([weights[f"embedding_{g}"] for g in GATES], axis=1),
+        "recurrent": np.concatenate([weights[f"recurrent_{g}"] for g in GATES], axis=1),
+        "recurrent_bias": np.concatenate([weights[f"recurrent_bias_{g}"] for g in GATES]),
         "output": weights["output_weight"],
         "output_bias": weights["output_bias"],
     }

@@ -1,7 +1,9 @@
 """The model catalog: which models exist, their task and accuracy, read from a model repository's configs.
 
-Admission uses it to refuse unknown models; the classifier to list the
-variants that may answer a request (same task and inputs, preferred first).
+Admission uses it to refuse unknown models and multi-stage requests a model
+cannot serve; the classifier to list the variants that may answer a request
+(same task and inputs, preferred first); the scheduler to find a model's parts:
+the head and tail of each split point, and the prefill part of a generator.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ class ModelEntry:
     versions: tuple[str, ...]
     accuracy: float | None
     input_signature: str
+    role: str | None = None
+    split_of: str | None = None
+    split_point: str | None = None
+    prefill_model: str | None = None
+    vocab: str | None = None
+    hidden: int | None = None
+    input_bytes: int | None = None
+    intermediate_bytes: int | None = None
 
     def has_version(self, version: str | None) -> bool:
         return version is None or version in self.versions
@@ -56,6 +66,14 @@ class ModelCatalog:
                     versions=tuple(str(v) for v in config.get("versions", ["1"])),
                     accuracy=_best_accuracy(config.get("accuracy")),
                     input_signature=signature,
+                    role=config.get("role"),
+                    split_of=config.get("split_of"),
+                    split_point=config.get("split_point"),
+                    prefill_model=config.get("prefill_model"),
+                    vocab=config.get("vocab"),
+                    hidden=config.get("hidden"),
+                    input_bytes=config.get("input_bytes_per_item"),
+                    intermediate_bytes=config.get("intermediate_bytes_per_item"),
                 )
             )
         return cls(entries)
@@ -65,6 +83,12 @@ class ModelCatalog:
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def split_parts(self, name: str) -> dict[str, tuple[str, str]]:
+        """``name``'s split points, each with its (head, tail) model names, in the repository's order."""
+        heads = {e.split_point: e.name for e in self._entries.values() if e.split_of == name and e.role == "head"}
+        tails = {e.split_point: e.name for e in self._entries.values() if e.split_of == name and e.role == "tail"}
+        return {point: (heads[point], tails[point]) for point in sorted(heads) if point in tails}
 
     def variants(self, name: str) -> list[ModelEntry]:
         """``name`` first, then other models of the same task and inputs, most accurate first."""

@@ -111,6 +111,24 @@ def protect(
     return noisy.astype(np.float32).reshape(array.shape)
 
 
+def parse_protection(text: str) -> tuple[Protection, float]:
+    """Read ``none``, ``quantize:<bits>`` or ``noise:<relative sigma>``; raise ``DinError(BAD_REQUEST)`` otherwise."""
+    method, _, raw = str(text).strip().partition(":")
+    protection = _method(method)
+    if protection is Protection.NONE:
+        return protection, 0.0
+    try:
+        strength = float(raw)
+    except ValueError:
+        raise DinError(ErrorCode.BAD_REQUEST, f"protection {text!r} needs a strength: "
+                                              f"'quantize:<bits>' or 'noise:<sigma>'") from None
+    if protection is Protection.QUANTIZE:
+        _check_bits(strength)
+    elif strength < 0 or not math.isfinite(strength):
+        raise DinError(ErrorCode.BAD_REQUEST, f"noise strength must be a finite number >= 0, not {raw!r}")
+    return protection, strength
+
+
 def wire_bytes(elements_per_item: int, method: str | Protection, strength: float) -> int:
     """Bytes one item of ``elements_per_item`` values takes on the wire under ``method``."""
     method = _method(method)

@@ -53,6 +53,11 @@ Hops (wire headers: ``Din-Env-*`` from ``shared.envelope``; ``Din-Signer`` and `
                              signed by the site (Ed25519 over SHA-256 of the body and the
                              envelope headers); the client verifies, then opens.
     executor -> scheduler    a job handed back is re-sealed to ``tenant-<t>``.
+    executor -> executor     a multi-stage job's intermediate tensor or decode state, sealed to
+                             ``tenant-<t>`` (held only by sites that may serve the tenant, which already
+                             hold it to seal results) with AAD ``stage_binding``: request, stage, the next
+                             stage's site, reply subject, tensor headers; the receiving executor refuses
+                             one bound to another site. Token stream chunks go to the client like results.
     Kafka                    payloads recorded for audit are sealed with ``seal_for_audit``.
     A tenant named in the policy's ``plaintext_ingress`` may send unsealed requests (raw
     NATS clients); admission seals them at once and the executor answers unsealed.
@@ -635,6 +640,18 @@ def request_binding(request_id: str, tenant: str, model: str, reply: str, header
     return aad
 
 
+def stage_binding(request_id: str, tenant: str, stage: int, site: str, reply: str,
+                  headers: Mapping[str, str] | None, *, plain_answer: bool = False) -> dict[str, str]:
+    """The AAD of what a multi-stage job hands to stage ``stage`` at ``site``: the request, the stage, the site, the
+    reply subject and the headers that say how to read the body; ``plain_answer`` when the client may be answered
+    in clear."""
+    aad = request_binding(request_id, tenant, f"stage-{stage}", reply, headers)
+    aad["site"] = site
+    if plain_answer:
+        aad[ANSWER_FIELD] = ANSWER_PLAIN
+    return aad
+
+
 def check_binding(aad: Mapping[str, str], expected: Mapping[str, str]) -> None:
     """Refuse (``InvalidToken``) unless ``aad`` is ``expected``, give or take the answer mode."""
     bound = {k: v for k, v in aad.items() if k != ANSWER_FIELD}
@@ -642,9 +659,12 @@ def check_binding(aad: Mapping[str, str], expected: Mapping[str, str]) -> None:
         raise InvalidToken(Reason.AAD_MISMATCH)
 
 
-def result_binding(request_id: str, tenant: str) -> dict[str, str]:
-    """The AAD of a result: the request it answers and its tenant."""
-    return {"rid": request_id, "tenant": tenant}
+def result_binding(request_id: str, tenant: str, seq: int | None = None) -> dict[str, str]:
+    """The AAD of a result: the request it answers and its tenant; for a token stream's chunk, its position."""
+    aad = {"rid": request_id, "tenant": tenant}
+    if seq is not None:
+        aad["seq"] = str(seq)
+    return aad
 
 
 def is_sealed(headers: Mapping[str, str] | None) -> bool:
@@ -913,6 +933,7 @@ __all__ = [
     "key_file",
     "key_file_name",
     "key_holders",
+    "stage_binding",
     "principals_of",
     "read_entry",
     "read_master_key",

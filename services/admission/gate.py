@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from services.admission.intake import Intake, read_intake
+from services.admission.intake import SPLIT_AUTO, SPLIT_NONE, Intake, read_intake
 from services.admission.quota import QuotaLedger
 from shared.catalog import ModelCatalog
 from shared.contracts.events import PressureV1
@@ -60,6 +60,7 @@ class AdmissionGate:
             )
         if intake.cascade_threshold is not None and len(self._catalog.variants(model)) < 2:
             raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} has no other variant of its task to cascade with")
+        self._check_stages(model, intake)
         wait_s = self._quota.admit(tenant)
         if wait_s > 0:
             raise DinError(
@@ -69,6 +70,22 @@ class AdmissionGate:
             )
         self._check_load(intake, now_ms)
         return intake
+
+    def _check_stages(self, model: str, intake: Intake) -> None:
+        entry = self._catalog.get(model)
+        if intake.max_tokens is not None and (entry.prefill_model is None or self._catalog.get(entry.prefill_model)
+                                              is None):
+            raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} does not generate tokens (max_tokens needs a model "
+                                                  "with a prefill part, e.g. charlm)")
+        if intake.split is None or intake.split in (SPLIT_AUTO, SPLIT_NONE):
+            if intake.split == SPLIT_AUTO and not self._catalog.split_parts(model):
+                raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} has no split points")
+            return
+        points = self._catalog.split_parts(model)
+        if intake.split not in points:
+            known = ", ".join(points) or "none"
+            raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} cannot be cut at {intake.split!r}: its graph's "
+                                                  f"split points are {known} (or use 'auto')")
 
     def _check_load(self, intake: Intake, now_ms: float) -> None:
         pressure = self.pressure

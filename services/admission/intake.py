@@ -21,9 +21,13 @@ from shared.contracts.inference import (
 )
 from shared.cascade import parse_threshold
 from shared.errors import DinError, ErrorCode
+from shared.privacy import parse_protection
 
 DEFAULT_TIMEOUT_MS = {SlaClass.REALTIME: 1_000, SlaClass.INTERACTIVE: 5_000, SlaClass.BATCH: 60_000}
 MAX_TIMEOUT_MS = 600_000
+MAX_TOKENS_LIMIT = 512
+SPLIT_AUTO = "auto"
+SPLIT_NONE = "none"
 
 
 @dataclass
@@ -41,6 +45,9 @@ class Intake:
     model_version: str | None
     traceparent: str | None
     cascade_threshold: float | None = None
+    max_tokens: int | None = None
+    split: str | None = None
+    protection: str | None = None
 
 
 def _flag(value: object) -> bool:
@@ -111,6 +118,20 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
     cascade_threshold = parse_threshold(cascade_raw) if cascade_raw is not None else None
     if cascade_threshold is not None and version is not None:
         raise DinError(ErrorCode.BAD_REQUEST, "a cascade picks its own model variants: do not pin a model version")
+    max_tokens = _max_tokens(pick(RequestHeaders.MAX_TOKENS, "max_tokens"))
+    split_raw = pick(RequestHeaders.SPLIT, "split")
+    split = str(split_raw).strip() if split_raw is not None else None
+    if split is not None and (not split or not split.isprintable() or len(split) > 64):
+        raise DinError(ErrorCode.BAD_REQUEST, "split must be 'auto', 'none' or a split point name")
+    protection_raw = pick(RequestHeaders.SPLIT_PROTECTION, "split_protection")
+    protection = None
+    if protection_raw is not None:
+        parse_protection(str(protection_raw))
+        protection = str(protection_raw).strip()
+        if split is None:
+            raise DinError(ErrorCode.BAD_REQUEST, "split_protection applies only to split inference: set split too")
+    if sum(x is not None for x in (cascade_threshold, max_tokens, split)) > 1:
+        raise DinError(ErrorCode.BAD_REQUEST, "cascade, max_tokens and split cannot be combined in one request")
     token = pick(RequestHeaders.TOKEN, "token")
     request_id = headers.get(RequestHeaders.REQUEST_ID) or body_id or uuid.uuid4().hex
     if not request_id.isprintable() or len(request_id) > 128:
@@ -127,7 +148,23 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
         model_version=str(version) if version is not None else None,
         traceparent=headers.get(RequestHeaders.TRACEPARENT),
         cascade_threshold=cascade_threshold,
+        max_tokens=max_tokens,
+        split=split,
+        protection=protection,
     )
+
+
+def _max_tokens(raw: object | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_TOKENS_LIMIT:
+        raise DinError(ErrorCode.BAD_REQUEST, f"max_tokens must be a whole number from 1 to {MAX_TOKENS_LIMIT}, "
+                                              f"not {raw!r}")
+    return value
 
 
 def peek_request_id(headers: dict[str, str] | None, body: bytes) -> str | None:

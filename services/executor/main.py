@@ -5,6 +5,12 @@ client, or, when it is within ``deadline_margin_ms`` of its deadline, silence
 (the scheduler answers it). In all three a completion event tells the
 scheduler and telemetry it is closed.
 
+A multi-stage job's stage (see ``services.executor.stages``) that is not the last
+hands its output on, sealed to the next stage's site, and reports a completion
+with a ``Din-Stage-Done`` header (the job stays open). Generation streams its
+tokens as ``StreamChunkV1`` messages: the prefill stage sends the first, the
+decode stage (here, or at another executor) the rest and a last ``done`` chunk.
+
 A cascade job's first stage (the small variant) whose answer is not confident
 enough is not answered here: it goes back to the scheduler for the large
 variant, whose executor answers; its completion event then says ``escalated``
@@ -33,9 +39,26 @@ from services.executor.repository import ModelRepository
 from services.executor.settings import ExecutorSettings
 from shared.cascade import answer_confidence
 from shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, ModelLoadedV1
-from shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
+from services.executor.stages import (
+    STATE_CONTENT_TYPE,
+    DecodeState,
+    decode_state,
+    describe,
+    encode_state,
+    intermediate,
+    next_token,
+    prompt_tokens,
+)
+from shared.contracts.inference import (
+    STREAM_SEQ_HEADER,
+    TENSOR_CONTENT_TYPE,
+    InferResponseV1,
+    RequestHeaders,
+    ServedByV1,
+    StreamChunkV1,
+)
 from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
-from shared.contracts.job import JobV1
+from shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageKind
 from shared.envelope import InvalidToken, SealRefused
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.naming import Subjects, work_stream
@@ -50,6 +73,7 @@ from shared.security import (
     request_binding,
     result_binding,
     site_principal,
+    stage_binding,
     tenant_principal,
     without_envelope,
 )
@@ -122,6 +146,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
     warm_ms: dict[str, float] = {}
     security = PayloadSecurity.from_settings(settings)
     site_reader = site_principal(settings.site)
+    rng = np.random.default_rng()
     runtime.detail = lambda: {
         "models": ",".join(f"{h.name}@{h.version}" for h in repository.loaded()),
         "completed": batcher.stats().completed,
@@ -143,28 +168,37 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         except ValueError:
             runtime.dead_letter(msg, "missing or invalid job header")
             return None
+        if job.plan and not (0 <= job.stage < len(job.plan) and job.plan[job.stage].site == settings.site):
+            runtime.dead_letter(msg, f"stage {job.stage} of the job's plan is not for site {settings.site}")
+            return None
         if not security.enabled:
             return job, msg.data, None
+        if job.stage > 0:
+            reader = tenant_principal(job.tenant)
+            expected = stage_binding(job.request_id, job.tenant, job.stage, settings.site, job.reply_to, msg.headers)
+        else:
+            reader = site_reader
+            expected = request_binding(job.request_id, job.tenant, job.model, job.reply_to, msg.headers)
         try:
-            opened = security.open(msg.data, msg.headers, reader=site_reader,
+            opened = security.open(msg.data, msg.headers, reader=reader,
                                    allow_integrity=security.agent.integrity_allowed(settings.site))
-            check_binding(opened.aad, request_binding(job.request_id, job.tenant, job.model, job.reply_to,
-                                                      msg.headers))
+            check_binding(opened.aad, expected)
         except InvalidToken as refused:
             security.refused(refused)
             runtime.dead_letter(msg, f"unauthenticated ({refused.reason.value})")
             return None
         return job, opened.plaintext, opened
 
-    def answer(job: JobV1, result: bytes, opened: Opened | None) -> tuple[bytes, dict[str, str]]:
-        """The result as it goes to the client: sealed to the tenant (or plain) and signed by this site."""
+    def answer(job: JobV1, result: bytes, opened: Opened | None, seq: int | None = None) -> tuple[bytes, dict[str, str]]:
+        """The result (or stream chunk ``seq``) as it goes to the client: sealed to the tenant (or plain) and signed
+        by this site."""
         if opened is None:
             return result, {}
         if opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN:
             return result, security.sign_answer(result, {})
         try:
             sealed = security.seal(result, reader=tenant_principal(job.tenant),
-                                   aad=result_binding(job.request_id, job.tenant), confidential=opened.confidential)
+                                   aad=result_binding(job.request_id, job.tenant, seq), confidential=opened.confidential)
         except SealRefused as refused:
             raise DinError(ErrorCode.INTERNAL, f"cannot seal the result: {refused.message}") from None
         return sealed.body, security.sign_answer(sealed.body, sealed.to_headers())
@@ -200,9 +234,13 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         )
 
     async def complete(job: JobV1, model: str, version: str, result: ItemResult | None, error: DinError | None,
-                       opened: Opened | None, *, handed_on: bool = False):
-        """Report the job closed here; ``handed_on``: a cascade's first stage that escalated (the job stays open)."""
-        timings = stage_timings(job, result)
+                       opened: Opened | None, *, handed_on: bool = False, output_bytes: int | None = None,
+                       extra_timings: dict[str, float] | None = None):
+        """Report the job closed here; ``handed_on``: a cascade's first stage that escalated, or a multi-stage
+        job's stage that sent its output on (the job stays open)."""
+        timings = {**stage_timings(job, result), **(extra_timings or {})}
+        stage = job.plan[job.stage] if job.plan else None
+        handed_to = job.plan[job.stage + 1].site if handed_on and stage is not None else None
         event = CompletionV1(
             request_id=job.request_id,
             tenant=job.tenant,
@@ -214,34 +252,44 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             ok=error is None,
             error_code=error.code.value if error else None,
             batch_size=result.batch_size if result else 0,
-            degraded=model != job.model and job.cascade_stage is None,
+            degraded=model != job.model and job.cascade_stage is None and not job.plan,
             timings_ms={k: round(v, 3) for k, v in timings.items()},
             at_ms=now_ms(),
             protection=protection(opened).value,
-            stage=job.cascade_stage,
-            escalated=handed_on or job.cascade_stage == 2,
+            stage=job.cascade_stage if stage is None else job.stage,
+            escalated=job.cascade_stage is not None and (handed_on or job.cascade_stage == 2),
+            stage_kind=stage.kind.value if stage is not None else None,
+            handed_on_to=handed_to,
+            output_bytes=output_bytes,
         )
-        await runtime.nc.publish(
-            Subjects.completed(settings.site), event.model_dump_json().encode(),
-            headers=None if handed_on else {RequestHeaders.REQUEST_ID: job.request_id},
+        if handed_to is not None:
+            headers = {STAGE_DONE_HEADER: job.request_id}
+        else:
+            headers = None if handed_on else {RequestHeaders.REQUEST_ID: job.request_id}
+        await runtime.nc.publish(Subjects.completed(settings.site), event.model_dump_json().encode(), headers=headers)
+
+    def served_by(job: JobV1, model: str, result: ItemResult) -> ServedByV1:
+        return ServedByV1(
+            site=settings.site,
+            executor=settings.id,
+            model=job.model if job.plan else model,
+            model_version=result.model_version or "",
+            degraded=model != job.model and job.cascade_stage is None and not job.plan,
+            batch_size=result.batch_size,
+            escalated=job.cascade_stage == 2,
+            split_point=job.split_chosen,
+            stages=[describe(stage) for stage in job.plan],
         )
 
     def response(job: JobV1, model: str, result: ItemResult, requested: list[str] | None) -> bytes:
         timings = stage_timings(job, result)
+        served = served_by(job, model, result)
         return InferResponseV1(
-            model_name=model,
-            model_version=result.model_version or "",
+            model_name=served.model,
+            model_version=served.model_version,
             id=job.request_id,
             outputs=encode_outputs(result.outputs, requested),
-            served_by=ServedByV1(
-                site=settings.site,
-                executor=settings.id,
-                model=model,
-                model_version=result.model_version or "",
-                degraded=model != job.model and job.cascade_stage is None,
-                batch_size=result.batch_size,
-                escalated=job.cascade_stage == 2,
-            ),
+            served_by=served,
             timings_ms={k: round(v, 3) for k, v in timings.items()},
         ).model_dump_json().encode()
 
@@ -255,17 +303,35 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         model = job.model_chosen or job.model
         cutoff = job.deadline_ms - settings.deadline_margin_ms
         version = ""
+        stage = job.plan[job.stage] if job.plan else None
         try:
-            handle = repository.handle(model, job.model_version)
+            handle = repository.handle(model, None if job.plan else job.model_version)
             version = handle.version
-            decoded = decode_request(body, headers, content_type=job.content_type)
-            validate_inputs(decoded.inputs, handle.inputs, batcher.max_batch_size(model))
+            if stage is not None and stage.kind == StageKind.DECODE:
+                await generate(job, decode_state(body, int(handle.config["hidden"])), opened)
+                return
+            decoded = decode_request(body, headers, content_type=TENSOR_CONTENT_TYPE if job.stage else job.content_type)
+            if stage is not None and stage.kind == StageKind.PREFILL:
+                tokens = prompt_tokens(decoded.inputs, handle.config["vocab"])
+                job.prompt_tokens = tokens.shape[1]
+                inputs = {"tokens": tokens, "state": np.zeros((1, int(handle.config["hidden"])), np.float32)}
+            else:
+                validate_inputs(decoded.inputs, handle.inputs, batcher.max_batch_size(model))
+                inputs = decoded.inputs
             if now_ms() >= cutoff:
                 raise DinError(ErrorCode.DEADLINE_EXCEEDED, "deadline reached before the job was queued")
-            result = await batcher.submit(model, decoded.inputs, sla_class=job.sla_class, deadline_ms=cutoff)
+            result = await batcher.submit(model, inputs, sla_class=job.sla_class, deadline_ms=cutoff)
             version = result.model_version or version
             if now_ms() >= cutoff:
                 raise DinError(ErrorCode.DEADLINE_EXCEEDED, "computed too late for the deadline")
+            if stage is not None and stage.kind == StageKind.SPLIT_HEAD:
+                payload, payload_headers = intermediate(job, result.outputs, rng)
+                await complete(job, model, version, result, None, opened, handed_on=True, output_bytes=len(payload))
+                await forward(job, payload, payload_headers, opened)
+                return
+            if stage is not None and stage.kind == StageKind.PREFILL:
+                await prefilled(job, model, version, result, opened)
+                return
             if (job.cascade_stage == 1 and job.escalate_to and job.cascade_threshold is not None
                     and answer_confidence(result.outputs) < job.cascade_threshold):
                 await complete(job, model, version, result, None, opened, handed_on=True)
@@ -281,7 +347,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
                 await pulled.nak(delay=(error.retry_after_ms or 10) / 1000.0)
                 pulled = None
                 return
-            if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS:
+            if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS and job.stage == 0:
                 await give_back(job, body, headers, opened)
                 return
             if error.code != ErrorCode.DEADLINE_EXCEEDED:
@@ -297,6 +363,86 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         finally:
             if pulled is not None:
                 await pulled.ack()
+
+    async def send_chunk(job: JobV1, chunk: StreamChunkV1, opened: Opened | None) -> None:
+        body, chunk_headers = answer(job, chunk.model_dump_json(exclude_none=True).encode(), opened, seq=chunk.seq)
+        await runtime.nc.publish(job.reply_to, body, headers={**chunk_headers, RequestHeaders.REQUEST_ID: job.request_id,
+                                                              STREAM_SEQ_HEADER: str(chunk.seq)})
+
+    async def prefilled(job: JobV1, model: str, version: str, result: ItemResult, opened: Opened | None) -> None:
+        """The prompt is in: stream the first token, then decode here (co-located) or hand the state on."""
+        handle = repository.handle(model)
+        token = next_token(result.outputs["logits"])
+        await send_chunk(job, StreamChunkV1(id=job.request_id, seq=0, text=handle.config["vocab"][token],
+                                            token=token), opened)
+        job.stamps_ms["first_token"] = now_ms()
+        job.stamps_ms["prefill_compute"] = result.compute_ms
+        state = DecodeState(result.outputs["state_out"], token, 1)
+        payload = encode_state(state)
+        await complete(job, model, version, result, None, opened, handed_on=True, output_bytes=len(payload))
+        nxt = job.plan[job.stage + 1]
+        if nxt.site == settings.site and nxt.executor in (None, settings.id) and repository.has(nxt.model):
+            job.stage += 1
+            job.model_chosen = nxt.model
+            job.stamps_ms["decode_start"] = now_ms()
+            await generate(job, state, opened)
+            return
+        await forward(job, payload, {RequestHeaders.CONTENT_TYPE: STATE_CONTENT_TYPE}, opened)
+
+    async def generate(job: JobV1, state: DecodeState, opened: Opened | None) -> None:
+        """Decode: one token per step (steps of concurrent streams batch together), each streamed as it comes."""
+        model = job.plan[job.stage].model
+        vocab = repository.handle(model).config["vocab"]
+        job.stamps_ms.setdefault("decode_start", now_ms())
+        cutoff = job.deadline_ms - settings.deadline_margin_ms
+        result = None
+        last_ms = job.stamps_ms["first_token"]
+        for seq in range(state.made, job.max_tokens):
+            if now_ms() >= cutoff:
+                raise DinError(ErrorCode.DEADLINE_EXCEEDED, "the deadline came before the last token")
+            result = await batcher.submit(model, {"token": np.array([state.token], np.int64), "state": state.state},
+                                          sla_class=job.sla_class, deadline_ms=cutoff)
+            token = next_token(result.outputs["logits"])
+            state = DecodeState(result.outputs["state_out"], token, seq + 1)
+            await send_chunk(job, StreamChunkV1(id=job.request_id, seq=seq, text=vocab[token], token=token), opened)
+            last_ms = now_ms()
+        stamps = job.stamps_ms
+        timings = {
+            "ttft": stamps["first_token"] - job.received_ms,
+            "tpot": (last_ms - stamps["first_token"]) / max(1, job.max_tokens - 1),
+            "prefill": stamps.get("prefill_compute", 0.0),
+            "state_transfer": stamps["decode_start"] - stamps["first_token"],
+            "total": now_ms() - job.received_ms,
+        }
+        served = served_by(job, model, result) if result is not None else ServedByV1(
+            site=settings.site, executor=settings.id, model=job.model, model_version="", degraded=False, batch_size=1,
+            stages=[describe(stage) for stage in job.plan])
+        await send_chunk(job, StreamChunkV1(id=job.request_id, seq=job.max_tokens, text="", done=True,
+                                            finish_reason="length", served_by=served,
+                                            timings_ms={k: round(v, 3) for k, v in timings.items()}), opened)
+        await complete(job, model, served.model_version, result, None, opened,
+                       extra_timings={k: v for k, v in timings.items() if k != "total"})
+
+    async def forward(job: JobV1, payload: bytes, payload_headers: dict[str, str], opened: Opened | None) -> None:
+        """Send a stage's output to the next stage as the plan says, sealed to the tenant and bound to that stage's
+        site (a site holds only the keys of tenants it may serve, so no new site learns a key)."""
+        nxt = job.plan[job.stage + 1]
+        job.stage += 1
+        job.model_chosen, job.site_chosen, job.executor_chosen = nxt.model, nxt.site, nxt.executor
+        job.stamps_ms[f"stage_{job.stage}"] = now_ms()
+        body, sealed_headers = payload, {}
+        if opened is not None:
+            aad = stage_binding(job.request_id, job.tenant, job.stage, nxt.site, job.reply_to, payload_headers,
+                                plain_answer=opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN)
+            sensitive = bool(job.workload and job.workload.sensitive)
+            sealed = security.seal(payload, reader=tenant_principal(job.tenant), aad=aad,
+                                   confidential=sensitive or not security.agent.integrity_allowed(nxt.site))
+            body, sealed_headers = sealed.body, sealed.to_headers()
+        out = {**payload_headers, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
+        if nxt.executor is not None:
+            await runtime.nc.publish(Subjects.execute(nxt.site, nxt.executor), body, headers=out)
+        else:
+            await runtime.nc.jetstream().publish(Subjects.work(nxt.site, nxt.model), body, headers=out, timeout=2.0)
 
     async def give_back(job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> None:
         """Full: hand the job back to the scheduler to place elsewhere, instead of failing it."""

@@ -166,6 +166,11 @@ class ModelRepository:
             )
         return handle
 
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is loaded here."""
+        with self._lock:
+            return name in self._current
+
     def loaded(self) -> list[ModelHandle]:
         """Current handles of every loaded model, sorted by name."""
         with self._lock:

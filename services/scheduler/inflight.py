@@ -19,8 +19,9 @@ class InflightJob:
 
     ``body`` is the plaintext (held only in memory) and ``aad`` the metadata its seal binds,
     so a dispatch again seals it afresh; ``executor`` is the executor it was assigned to
-    (None when it waits in a site queue); ``counted_on`` is the executor whose load
-    estimate it was added to.
+    (None when it waits in a site queue); ``counted_on`` are the executors whose load
+    estimates it was added to, one per stage still to finish, in order. A multi-stage job also waits on ``later``: the executors
+    of its stages still to come, in order.
     """
 
     job: JobV1
@@ -28,8 +29,10 @@ class InflightJob:
     passthrough: dict[str, str]
     executor: str | None
     site: str
-    counted_on: str
+    counted_on: list[str]
     aad: dict[str, str] = field(default_factory=dict)
+    later: list[str] = field(default_factory=list)
+    advanced: int = 0
 
 
 class InflightTable:
@@ -51,9 +54,17 @@ class InflightTable:
     def complete(self, request_id: str) -> InflightJob | None:
         return self._jobs.pop(request_id, None)
 
+    def advance(self, request_id: str) -> InflightJob | None:
+        """A multi-stage job's stage handed on: the job now waits on its next stage's executor."""
+        entry = self._jobs.get(request_id)
+        if entry is not None:
+            entry.advanced += 1
+            entry.executor = entry.later.pop(0) if entry.later else None
+        return entry
+
     def on_executor(self, executor_id: str) -> list[InflightJob]:
-        """Remove and return the open jobs assigned to ``executor_id``."""
-        lost = [e for e in self._jobs.values() if e.executor == executor_id]
+        """Remove and return the open jobs assigned to ``executor_id`` (for any stage still to run)."""
+        lost = [e for e in self._jobs.values() if e.executor == executor_id or executor_id in e.later]
         for entry in lost:
             del self._jobs[entry.job.request_id]
         return lost

@@ -20,11 +20,13 @@ from nats.js.api import RetentionPolicy, StreamConfig
 from services.scheduler.inflight import InflightJob, InflightTable
 from services.scheduler.links import LinkTable
 from services.scheduler.placement import Placement, pick_executor
+from services.scheduler.plans import is_multi_stage, make_plan
 from services.scheduler.registry import ExecutorRegistry
 from services.scheduler.settings import SchedulerSettings, SchedulingMode
 from shared.contracts.events import HeartbeatV1, PressureV1, ProbeV1, SchedulingDecisionV1
 from shared.contracts.inference import RequestHeaders
-from shared.contracts.job import HEADER_PREFIX, JobV1
+from shared.catalog import ModelCatalog
+from shared.contracts.job import HEADER_PREFIX, STAGE_DONE_HEADER, JobV1
 from shared.envelope import InvalidToken, SealRefused
 from shared.errors import DinError, ErrorCode
 from shared.naming import Subjects, Topics, work_stream
@@ -54,8 +56,10 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
     registry = ExecutorRegistry()
     links = LinkTable(topology, home=settings.site)
     inflight = InflightTable()
+    catalog = ModelCatalog.from_repository(settings.model_repo)
     cost_limits = {t.name: t.max_cost_per_1k for t in topology.tenants}
-    counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0}
+    counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
+              "multi_stage": 0, "streams_interrupted": 0}
     enqueues: set[asyncio.Task] = set()
     security = PayloadSecurity.from_settings(settings)
     runtime.detail = lambda: {**counts, "mode": settings.mode.value, "executors": len(registry.live()),
@@ -93,6 +97,7 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
                 alternatives=list(placement.alternatives if placement else alternatives),
                 attempt=job.attempt,
                 at_ms=now_ms(),
+                plan=job.plan,
             ),
             key=job.tenant,
         )
@@ -110,10 +115,7 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
         ``body`` is the plaintext and ``aad`` the metadata its seal binds (both unused with security off).
         """
         try:
-            placement = pick_executor(
-                job, [s for s in registry.live() if usable(s.site)], links, topology, now_ms(), cost_limits,
-                queue_at_site=settings.mode == SchedulingMode.DISTRIBUTED,
-            )
+            placement = place(job)
         except DinError as error:
             counts["refused"] += 1
             record(job, None, error.code.value)
@@ -133,8 +135,11 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
         job.executor_chosen = state.id if centralized else None
         job.stamps_ms["scheduled"] = now_ms()
         headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
-        inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site, state.id, aad))
-        registry.note_dispatch(state.id, job.sla_class)
+        later = [stage.executor for stage in job.plan[1:] if stage.executor]
+        inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site, [state.id, *later], aad,
+                                 later))
+        for executor in [state.id, *later]:
+            registry.note_dispatch(executor, job.sla_class)
         counts["scheduled"] += 1
         counts["degraded"] += placement.degraded
         record(job, placement, placement.reason)
@@ -144,6 +149,27 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
             task = asyncio.create_task(enqueue(job, wire, headers))
             enqueues.add(task)
             task.add_done_callback(enqueues.discard)
+
+    def place(job: JobV1) -> Placement:
+        """The job's (first stage's) placement; a multi-stage job gets its whole plan in ``job.plan``."""
+        executors = [s for s in registry.live() if usable(s.site)]
+        queue_at_site = settings.mode == SchedulingMode.DISTRIBUTED
+        if not is_multi_stage(job):
+            return pick_executor(job, executors, links, topology, now_ms(), cost_limits, queue_at_site=queue_at_site)
+
+        def place_stage(model: str, sites: list[str] | None) -> Placement:
+            workload = job.workload.model_copy(update={"candidates": [model], "allowed_sites": sites}) \
+                if job.workload else None
+            stage_job = job.model_copy(update={"model": model, "model_version": None, "workload": workload})
+            return pick_executor(stage_job, executors, links, topology, now_ms(), cost_limits,
+                                 queue_at_site=queue_at_site)
+
+        plan = make_plan(job, catalog, place_stage, links, topology, queue_at_site=queue_at_site)
+        job.plan, job.stage = plan.stages, 0
+        job.split_chosen = plan.split_point
+        counts["multi_stage"] += 1
+        plan.first.reason = plan.reason
+        return plan.first
 
     async def enqueue(job: JobV1, body: bytes, headers: dict[str, str]) -> None:
         try:
@@ -186,10 +212,16 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
 
     @runtime.hot_path(Subjects.COMPLETED_ALL)
     async def on_completed(msg: Msg) -> None:
-        request_id = (msg.headers or {}).get(RequestHeaders.REQUEST_ID)
+        headers = msg.headers or {}
+        if STAGE_DONE_HEADER in headers:
+            entry = inflight.advance(headers[STAGE_DONE_HEADER])
+            if entry is not None and entry.counted_on:
+                registry.note_completion(entry.counted_on.pop(0), entry.job.sla_class)
+            return
+        request_id = headers.get(RequestHeaders.REQUEST_ID)
         entry = inflight.complete(request_id) if request_id else None
         if entry is not None:
-            registry.note_completion(entry.counted_on, entry.job.sla_class)
+            release(entry)
 
     @runtime.broker.subscriber(Subjects.HEARTBEAT_ALL)
     async def on_heartbeat(heartbeat: HeartbeatV1) -> None:
@@ -213,6 +245,7 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
                 for entry in inflight.on_executor(dead.id):
                     await redispatch(entry)
             for entry in inflight.due(now_ms(), settings.deadline_margin_ms):
+                release(entry)
                 counts["deadline_answers"] += 1
                 lost = entry.executor is not None and registry.get(entry.executor) is None
                 code = ErrorCode.EXECUTOR_LOST if lost else ErrorCode.DEADLINE_EXCEEDED
@@ -222,10 +255,26 @@ def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
                     entry.job.request_id,
                 )
 
+    def release(entry: InflightJob) -> None:
+        """Take a closed job off the load estimates of the executors it still counted on."""
+        for executor in entry.counted_on:
+            registry.note_completion(executor, entry.job.sla_class)
+        entry.counted_on = []
+
     async def redispatch(entry: InflightJob) -> None:
+        release(entry)
         job = entry.job
+        if job.max_tokens is not None and entry.advanced:
+            counts["streams_interrupted"] += 1
+            await runtime.answer_error(
+                job.reply_to,
+                DinError(ErrorCode.EXECUTOR_LOST, "the token stream was interrupted: its decode executor died"),
+                job.request_id,
+            )
+            return
         job.attempt += 1
         job.executor_chosen = None
+        job.plan, job.stage, job.split_chosen = [], 0, None
         if job.deadline_ms - now_ms() <= settings.deadline_margin_ms:
             await runtime.answer_error(
                 job.reply_to, DinError(ErrorCode.EXECUTOR_LOST, "the executor died and no time is left"),

@@ -22,6 +22,10 @@ class SchedulerSettings(SecuredServiceSettings):
     model_config = SettingsConfigDict(env_prefix="DIN_SCHEDULER_", extra="ignore", populate_by_name=True)
 
     topology: Path = Field(validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (sites, links, tenants).")
+    model_repo: Path = Field(
+        validation_alias=AliasChoices("DIN_MODEL_REPO"),
+        description="Model repository whose configs name each model's parts (split heads and tails, prefill).",
+    )
     mode: SchedulingMode = Field(
         default=SchedulingMode.CENTRALIZED,
         description="centralized: assign each job to an executor; distributed: queue it at a site for its executors to pull.",

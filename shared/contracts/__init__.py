@@ -21,9 +21,10 @@ from shared.contracts.inference import (
     RequestedOutputV1,
     ServedByV1,
     SlaClass,
+    StreamChunkV1,
     TensorV1,
 )
-from shared.contracts.job import JobV1, WorkloadClassV1
+from shared.contracts.job import JobV1, StageKind, StageV1, WorkloadClassV1
 from shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
 from shared.contracts.telemetry import RecordedRequestV1, SlaViolationV1, SpanV1
 from shared.errors import ErrorReplyV1, ErrorV1
@@ -56,6 +57,9 @@ __all__ = [
     "SlaViolationV1",
     "SpanV1",
     "SlaClass",
+    "StageKind",
+    "StageV1",
+    "StreamChunkV1",
     "TensorV1",
     "WorkloadClassV1",
 ]
@@ -63,6 +67,7 @@ __all__ = [
 MESSAGE_MODELS = {
     "din.v1.infer_request": InferRequestV1,
     "din.v1.infer_response": InferResponseV1,
+    "din.v1.stream_chunk": StreamChunkV1,
     "din.v1.error_reply": ErrorReplyV1,
     "din.v1.job": JobV1,
     "din.v1.heartbeat": HeartbeatV1,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from shared.contracts.inference import SlaClass
-from shared.contracts.job import WorkloadClassV1
+from shared.contracts.job import StageV1, WorkloadClassV1
 
 
 class ModelLoadedV1(BaseModel):
@@ -101,6 +101,9 @@ class SchedulingDecisionV1(BaseModel):
     alternatives: list[AlternativeV1] = Field(description="Placements considered.")
     attempt: int = Field(description="1 for a first dispatch, more for a retry.")
     at_ms: float = Field(description="Epoch ms of the decision.")
+    plan: list[StageV1] = Field(
+        default_factory=list, description="Multi-stage jobs: every stage with the site and executor placed on."
+    )
 
 
 class CompletionV1(BaseModel):
@@ -126,6 +129,17 @@ class CompletionV1(BaseModel):
         default=False,
         description="Cascade jobs: on stage 1, True when the answer was not confident enough and the job went on "
         "to stage 2 (the client was not answered by this stage); on stage 2, always True.",
+    )
+    stage_kind: str | None = Field(
+        default=None, description="Multi-stage jobs: the kind of stage that ran here (split-head, prefill, ...)."
+    )
+    handed_on_to: str | None = Field(
+        default=None,
+        description="Multi-stage jobs: the site this stage sealed and sent its output to (the job stays open); "
+        "None on the stage that answered.",
+    )
+    output_bytes: int | None = Field(
+        default=None, description="Multi-stage jobs: size of the intermediate (tensor or state) handed on."
     )
     protection: str | None = Field(
         default=None,

@@ -63,7 +63,7 @@ class InferRequestV1(BaseModel):
     parameters: dict[str, Any] | None = Field(
         default=None,
         description="Free-form parameters; DIN reads sla_class, timeout_ms, token, labels, "
-        "allow_degrade, min_accuracy, model_version and cascade here when headers are not used.",
+        "allow_degrade, min_accuracy, model_version, cascade, max_tokens, split and split_protection here when headers are not used.",
     )
 
 
@@ -81,6 +81,13 @@ class ServedByV1(BaseModel):
         description="Cascade requests: True when the small variant was not confident enough and the large one "
         "answered; False when the small one answered (and for requests without a cascade).",
     )
+    split_point: str | None = Field(
+        default=None, description="Split inference: where the model was cut ('local' or 'no-split' when it was not)."
+    )
+    stages: list[str] = Field(
+        default_factory=list,
+        description="Multi-stage jobs: every stage as '<kind>:<model>@<site>/<executor>', in order.",
+    )
 
 
 class InferResponseV1(BaseModel):
@@ -97,6 +104,31 @@ class InferResponseV1(BaseModel):
     )
 
 
+class StreamChunkV1(BaseModel):
+    """One message of a token stream: a generated token, or the last message with the stream's summary.
+
+    A generation request gets chunks ``seq`` 0, 1, 2, ... on its reply subject, the last with ``done``;
+    or, at any point, one error reply (``Nats-Service-Error`` headers) that ends the stream.
+    """
+
+    id: str = Field(description="Request id.")
+    seq: int = Field(description="Position of this chunk in the stream, from 0.")
+    text: str = Field(description="The generated text of this chunk (empty on the last one).")
+    token: int | None = Field(default=None, description="The generated token id.")
+    done: bool = Field(default=False, description="True on the last chunk of the stream.")
+    finish_reason: str | None = Field(default=None, description="Last chunk: 'length' when max_tokens were made.")
+    served_by: ServedByV1 | None = Field(default=None, description="Last chunk: where prefill and decode ran.")
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Last chunk: ttft (time to first token), tpot (mean time per output token after the first), "
+        "prefill, state_transfer and total, in milliseconds.",
+    )
+
+
+STREAM_SEQ_HEADER = "Din-Stream-Seq"
+"""On every token-stream message: the chunk's ``seq`` (its seal binds it too)."""
+
+
 class RequestHeaders:
     """Header names a client may set on a request (all optional but the token)."""
 
@@ -109,6 +141,9 @@ class RequestHeaders:
     MIN_ACCURACY = "Din-Min-Accuracy"
     MODEL_VERSION = "Din-Model-Version"
     CASCADE = "Din-Cascade"
+    MAX_TOKENS = "Din-Max-Tokens"
+    SPLIT = "Din-Split"
+    SPLIT_PROTECTION = "Din-Split-Protection"
     REQUEST_ID = "Din-Request-Id"
     CONTENT_TYPE = "Content-Type"
     TRACEPARENT = "traceparent"

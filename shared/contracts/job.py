@@ -7,11 +7,15 @@ reads the headers, adds its part and forwards, so no stage re-parses tensors.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import BaseModel, Field
 
 from shared.contracts.inference import SlaClass
 
 HEADER_PREFIX = "Din-Job-"
+STAGE_DONE_HEADER = "Din-Stage-Done"
+"""On a completion event of a stage that handed its output on: the request id (the job stays open)."""
 
 
 class WorkloadClassV1(BaseModel):
@@ -28,6 +32,33 @@ class WorkloadClassV1(BaseModel):
     candidates: list[str] = Field(
         description="Model variants that may answer, preferred first (the requested model first)."
     )
+
+
+class StageKind(StrEnum):
+    """What one stage of a multi-stage job does."""
+
+    SPLIT_HEAD = "split-head"
+    SPLIT_TAIL = "split-tail"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class StageV1(BaseModel):
+    """One stage of a multi-stage job's plan: the model (or part of one) it runs, where, and what it hands on.
+
+    The scheduler fills ``site`` and, in centralized mode, ``executor`` for every stage before the first one
+    runs; each stage's executor seals its output to the next stage's site and sends it there.
+    """
+
+    kind: StageKind = Field(description="What the stage does.")
+    model: str = Field(description="Model, or part of one, that the stage runs.")
+    sites: list[str] | None = Field(default=None, description="Sites the stage may run at; None means any site.")
+    site: str | None = Field(default=None, description="Site the scheduler placed the stage at.")
+    executor: str | None = Field(default=None, description="Executor placed on (centralized mode).")
+    output: str = Field(
+        description="What the stage produces: the tensor handed to the next stage, 'answer' or 'stream'."
+    )
+    predicted_ms: float | None = Field(default=None, description="The scheduler's predicted latency of the stage.")
 
 
 class JobV1(BaseModel):
@@ -55,6 +86,25 @@ class JobV1(BaseModel):
     cascade_stage: int | None = Field(
         default=None, description="Cascade: 1 while the small variant runs, 2 once escalated to the large one."
     )
+    max_tokens: int | None = Field(
+        default=None, description="Generation: tokens to stream back (prefill, then decode). None: one answer."
+    )
+    prompt_tokens: int | None = Field(default=None, description="Generation: the prompt's length in tokens.")
+    split: str | None = Field(
+        default=None,
+        description="Split inference: 'auto' (the scheduler picks the split point per request), a split point "
+        "name, or 'none'. None: the model runs whole.",
+    )
+    split_chosen: str | None = Field(
+        default=None, description="Split inference: the scheduler's choice, a split point, 'local' or 'no-split'."
+    )
+    protection: str | None = Field(
+        default=None, description="Split inference: protection of the intermediate, e.g. 'quantize:4', 'noise:0.1'."
+    )
+    plan: list[StageV1] = Field(
+        default_factory=list, description="Multi-stage jobs: the stages, in order, as the scheduler placed them."
+    )
+    stage: int = Field(default=0, description="Multi-stage jobs: index in ``plan`` of the stage now running.")
     traceparent: str | None = Field(default=None, description="W3C trace context of the request.")
     received_ms: float = Field(description="When admission received the request, epoch ms.")
     workload: WorkloadClassV1 | None = Field(default=None, description="Set by the classifier.")

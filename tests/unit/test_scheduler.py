@@ -186,7 +186,7 @@ def test_inflight_table_by_executor_and_deadline():
     for i, (executor, deadline) in enumerate([("a", 100), ("b", 50), ("a", 300)]):
         j = job("m")
         j.request_id, j.deadline_ms = f"r{i}", deadline
-        table.add(InflightJob(j, b"", {}, executor, "cloud", executor))
+        table.add(InflightJob(j, b"", {}, executor, "cloud", [executor]))
     assert [e.job.request_id for e in table.due(now_ms=40, margin_ms=10)] == ["r1"]
     assert table.complete("r0") is not None
     assert [e.job.request_id for e in table.on_executor("a")] == ["r2"]

@@ -9,6 +9,7 @@ import onnxruntime
 import pytest
 
 from din import zoo
+from din.zoo_text import CharLMRecipe
 
 
 def _session(path) -> onnxruntime.InferenceSession:
@@ -143,6 +144,18 @@ def test_missing_file_or_changed_recipe_triggers_a_rebuild(tmp_path, tiny_recipe
     zoo.build_zoo(tmp_path)
     assert model_path.stat().st_mtime_ns != before
     assert json.loads((tmp_path / "_stamp.json").read_text())["recipe"] == zoo.recipe_digest()
+
+
+def test_a_missing_prefill_model_triggers_a_rebuild(tmp_path, tiny_recipes, monkeypatch):
+    monkeypatch.setattr(zoo, "TEXT_RECIPES", (CharLMRecipe(hidden=8, seq_len=8, batch=4, steps=3),))
+    first = zoo.build_zoo(tmp_path)
+    assert [c["name"] for c in first] == zoo.model_names() == ["digits-small", "charlm", "charlm-prefill"]
+    assert first[1]["prefill_model"] == "charlm-prefill" and first[2]["prefill_for"] == "charlm"
+    prefill_path = tmp_path / "charlm-prefill" / "1" / "model.onnx"
+    payload = prefill_path.read_bytes()
+    prefill_path.unlink()
+    assert zoo.build_zoo(tmp_path) == first
+    assert prefill_path.read_bytes() == payload
 
 
 def test_force_rebuilds_byte_identical_models(tmp_path, tiny_recipes):

@@ -1,0 +1,287 @@
+"""Multi-stage jobs over real brokers across sites: split inference and prefill/decode with streamed tokens.
+
+Topology (every executor a process, security on, tenants' clients seal):
+
+* factory (edge): ``factory-head`` serves the digits-large heads; ``factory-gen`` serves charlm's prefill and
+  decode (co-located generation).
+* branch (edge): ``branch-prefill`` serves charlm's prefill only.
+* cloud (hub): two tail executors (the digits-large tails and the whole model), ``cloud-decode`` serves charlm.
+
+acme's ``pii`` data may run only at factory: its split head runs there and only the intermediate leaves;
+its generation is co-located on factory-gen. initech's data may run at branch and cloud: its prefill runs at
+branch and its decode state crosses to cloud (disaggregated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+
+import nats
+import numpy as np
+from aiokafka import AIOKafkaConsumer
+import onnxruntime as ort
+import pytest
+
+from din.client import DinRequestError, NoAnswerError
+from din.zoo_text import generate, onnx_stepper
+from shared.contracts.events import CompletionV1, SchedulingDecisionV1
+from shared.contracts.inference import RequestHeaders
+from shared.contracts.job import JobV1, StageKind, StageV1
+from shared.naming import Subjects, Topics
+from shared.security import CryptoPolicy
+from tests.integration.network import INFERENCE_TOPOLOGY, running_network
+
+TAILS = ["digits-large-tail-hidden_1", "digits-large-tail-hidden_2", "digits-large"]
+MULTISTAGE_TOPOLOGY = {
+    "name": "multistage-tests",
+    "sites": [
+        {
+            "name": "cloud",
+            "role": "hub",
+            "executors": [
+                {"id": "cloud-tail-1", "models": TAILS},
+                {"id": "cloud-tail-2", "models": TAILS},
+                {"id": "cloud-decode", "models": ["charlm"]},
+            ],
+        },
+        {"name": "factory", "role": "edge", "executors": [
+            {"id": "factory-head", "models": ["digits-large-head-hidden_1", "digits-large-head-hidden_2"]},
+            {"id": "factory-gen", "models": ["charlm-prefill", "charlm"]},
+        ]},
+        {"name": "branch", "role": "edge", "executors": [{"id": "branch-prefill", "models": ["charlm-prefill"]}]},
+    ],
+    "links": INFERENCE_TOPOLOGY["links"],
+    "tenants": [
+        {"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
+        {"name": "initech", "sensitive_sites": ["branch", "cloud"], "always_sensitive": True, "rate_per_s": 5000,
+         "burst": 5000},
+    ],
+}
+
+
+@pytest.fixture(scope="module", params=["centralized", "distributed"])
+def network(request, kafka_bootstrap, zoo_dir, tmp_path_factory):
+    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), request.param,
+                         security_policy=CryptoPolicy(), topology_spec=MULTISTAGE_TOPOLOGY) as net:
+        yield net
+
+
+@pytest.fixture(scope="module")
+def whole_model(zoo_dir):
+    session = ort.InferenceSession(str(zoo_dir / "digits-large" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["label"], {"input": x.astype(np.float32)})[0]
+
+
+@pytest.fixture(scope="module")
+def greedy(zoo_dir):
+    config = json.loads((zoo_dir / "charlm" / "config.json").read_text())
+    session = ort.InferenceSession(str(zoo_dir / "charlm" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    return lambda prompt, count: generate(onnx_stepper(session), config["vocab"], prompt, count, config["hidden"])
+
+
+async def test_split_keeps_raw_input_at_its_site_and_answers_like_the_whole_model(network, digits, whole_model):
+    x, _ = digits
+    async with network.client("acme") as client:
+        for point in ("hidden_1", "hidden_2", "auto"):
+            for i in range(6):
+                result = await client.infer("digits-large", {"input": x[i : i + 1]}, labels=["pii"], split=point)
+                served = result.served_by
+                assert served.model == "digits-large" and result.encrypted
+                assert served.split_point in ("hidden_1", "hidden_2"), "factory has no whole model: auto must cut"
+                if point != "auto":
+                    assert served.split_point == point
+                head, tail = served.stages
+                assert head.startswith(f"split-head:digits-large-head-{served.split_point}@factory/")
+                assert tail.startswith(f"split-tail:digits-large-tail-{served.split_point}@cloud/")
+                assert served.site == "cloud"
+                assert int(result.outputs["label"][0]) == int(whole_model(x[i : i + 1])[0])
+
+
+async def test_protected_intermediate_still_answers(network, digits, whole_model):
+    x, _ = digits
+    agree = 0
+    async with network.client("acme") as client:
+        for i in range(20):
+            result = await client.infer("digits-large", {"input": x[i : i + 1]}, labels=["pii"], split="hidden_2",
+                                        split_protection="quantize:4")
+            agree += int(result.outputs["label"][0]) == int(whole_model(x[i : i + 1])[0])
+    assert agree >= 18, "4-bit quantisation of the intermediate barely changes the answers"
+
+
+async def test_unsplittable_points_and_bad_options_are_refused_clearly(network, digits):
+    x, _ = digits
+    async with network.client("acme") as client:
+        cases = [
+            ("digits-large", dict(split="probabilities"), "cannot be cut at 'probabilities'"),
+            ("digits-large", dict(split="input"), "cannot be cut at 'input'"),
+            ("digits-small", dict(split="auto"), "no split points"),
+            ("digits-large", dict(split="hidden_1", split_protection="quantize:12"), "bit count"),
+            ("digits-large", dict(max_tokens=5), "does not generate tokens"),
+            ("digits-large", dict(split="hidden_1", cascade=0.5), "cannot be combined"),
+        ]
+        for model, options, expected in cases:
+            with pytest.raises(DinRequestError) as raised:
+                await client.infer(model, {"input": x[:1]}, labels=["pii"], **options)
+            assert raised.value.error.code.value == "bad_request" and expected in raised.value.error.message, options
+
+
+async def test_plan_and_every_hop_are_recorded(network, digits):
+    x, _ = digits
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    completions: list[tuple[CompletionV1, dict]] = []
+
+    async def collect(msg):
+        completions.append((CompletionV1.model_validate_json(msg.data), dict(msg.headers or {})))
+
+    await nc.subscribe(Subjects.COMPLETED_ALL, cb=collect)
+    await nc.flush()
+    request_id = uuid.uuid4().hex
+    async with network.client("acme") as client:
+        await client.infer("digits-large", {"input": x[:1]}, labels=["pii"], split="hidden_1", request_id=request_id)
+    for _ in range(50):
+        if len([c for c, _ in completions if c.request_id == request_id]) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await nc.close()
+    mine = [(c, h) for c, h in completions if c.request_id == request_id]
+    kinds = {c.stage_kind: (c, h) for c, h in mine}
+    head, head_headers = kinds["split-head"]
+    assert head.site == "factory" and head.handed_on_to == "cloud" and head.output_bytes >= 256 * 4
+    assert head_headers.get("Din-Stage-Done") == request_id and RequestHeaders.REQUEST_ID not in head_headers
+    tail, tail_headers = kinds["split-tail"]
+    assert tail.site == "cloud" and tail.handed_on_to is None and tail.ok
+    assert tail_headers[RequestHeaders.REQUEST_ID] == request_id
+    decision = await _scheduling_decision(network, request_id)
+    assert [s.kind for s in decision.plan] == [StageKind.SPLIT_HEAD, StageKind.SPLIT_TAIL]
+    assert [s.site for s in decision.plan] == ["factory", "cloud"]
+
+
+async def _scheduling_decision(network, request_id: str) -> SchedulingDecisionV1:
+    consumer = AIOKafkaConsumer(
+        Topics.scoped(Topics.SCHEDULING_DECISIONS, network.topic_scope),
+        bootstrap_servers=network.stack.kafka_bootstrap, auto_offset_reset="earliest",
+        group_id=f"t{uuid.uuid4().hex[:6]}",
+    )
+    await consumer.start()
+    try:
+        for _ in range(40):
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    decision = SchedulingDecisionV1.model_validate_json(record.value)
+                    if decision.request_id == request_id:
+                        return decision
+    finally:
+        await consumer.stop()
+    raise AssertionError("no scheduling decision recorded")
+
+
+async def _stream(client, prompt: str, count: int, **options):
+    return [chunk async for chunk in client.generate("charlm", prompt, max_tokens=count, **options)]
+
+
+async def test_colocated_generation_streams_the_models_own_continuation(network, greedy):
+    async with network.client("acme") as client:
+        for prompt in ("def ", "The "):
+            chunks = await _stream(client, prompt, 24, labels=["pii"])
+            assert [c.seq for c in chunks] == list(range(25)) and chunks[-1].done
+            assert "".join(c.text for c in chunks) == greedy(prompt, 24)
+            last = chunks[-1]
+            assert last.finish_reason == "length"
+            assert {"ttft", "tpot", "prefill", "state_transfer"} <= last.timings_ms.keys()
+            assert [s.split("@")[1] for s in last.served_by.stages] == ["factory/factory-gen"] * 2 or \
+                network.stack.mode == "distributed"
+            assert all(s.split("@")[1].startswith("factory/") for s in last.served_by.stages)
+
+
+async def test_disaggregated_generation_moves_the_sealed_state_across_sites(network, greedy):
+    async with network.client("initech") as client:
+        prompt = "import os\nimport sys\n" * 8
+        chunks = await _stream(client, prompt, 40)
+    assert "".join(c.text for c in chunks) == greedy(prompt, 40)
+    stages = chunks[-1].served_by.stages
+    assert stages[0].startswith("prefill:charlm-prefill@branch/") and stages[1].startswith("decode:charlm@cloud/")
+    assert chunks[-1].served_by.site == "cloud"
+
+
+async def test_bad_prompts_and_token_counts_get_one_clear_error(network):
+    async with network.client("acme") as client:
+        for prompt, count, code, text in [("é€", 4, "bad_request", "vocabulary"),
+                                           ("def ", 0, "bad_request", "max_tokens"),
+                                           ("def ", 10_000, "bad_request", "max_tokens")]:
+            with pytest.raises(DinRequestError) as raised:
+                await _stream(client, prompt, count, labels=["pii"])
+            assert raised.value.error.code.value == code and text in raised.value.error.message
+
+
+async def test_forged_or_corrupted_stage_input_is_refused_and_the_executor_keeps_serving(network, digits):
+    x, _ = digits
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    inbox = nc.new_inbox()
+    answers = await nc.subscribe(inbox)
+    job = JobV1(request_id="forged", tenant="acme", model="digits-large", sla_class="interactive",
+                deadline_ms=2**42, reply_to=inbox, content_type="application/json", received_ms=0.0, stage=1,
+                plan=[StageV1(kind=StageKind.SPLIT_HEAD, model="digits-large-head-hidden_1", site="factory",
+                              output="hidden_1"),
+                      StageV1(kind=StageKind.SPLIT_TAIL, model="digits-large-tail-hidden_1", site="cloud",
+                              executor="cloud-tail-2", output="answer")],
+                model_chosen="digits-large-tail-hidden_1")
+    headers = {**job.to_headers(), "Din-Env-V": "1", "Din-Env-Key": "site-cloud.1", "Din-Env-Nonce": "AAAA"}
+    wrong_site = job.model_copy(update={"stage": 0})
+    await nc.publish(Subjects.execute("cloud", "cloud-tail-2"), b"\x00" * 1024, headers=headers)
+    await nc.publish(Subjects.execute("cloud", "cloud-tail-2"), b"\x00" * 1024, headers=wrong_site.to_headers())
+    await nc.publish(Subjects.work("cloud", "digits-large-tail-hidden_1"), b"garbage", headers=headers)
+    with pytest.raises(nats.errors.TimeoutError):
+        await answers.next_msg(timeout=1.0)
+    await nc.close()
+    async with network.client("acme") as client:
+        result = await client.infer("digits-large", {"input": x[:1]}, labels=["pii"], split="hidden_1")
+        assert result.served_by.split_point == "hidden_1"
+
+
+async def test_a_dead_tail_executor_is_replaced_within_the_deadline(network, digits, whole_model):
+    if network.stack.mode == "distributed":
+        pytest.skip("distributed mode: a queued stage is redelivered by JetStream, not re-planned")
+    x, _ = digits
+    network.kill("executor-cloud-tail-1", signal.SIGSTOP)
+    try:
+        async with network.client("acme") as client:
+            results = await asyncio.gather(*(
+                client.infer("digits-large", {"input": x[i : i + 1]}, labels=["pii"], split="hidden_1",
+                             timeout_ms=8000)
+                for i in range(10)
+            ))
+        for i, result in enumerate(results):
+            assert int(result.outputs["label"][0]) == int(whole_model(x[i : i + 1])[0])
+            assert "cloud-tail-1" not in result.served_by.stages[1]
+        health = await network.health("scheduler")
+        assert int(health.detail["redispatched"]) >= 1
+    finally:
+        network.kill("executor-cloud-tail-1", signal.SIGKILL)
+
+
+async def test_a_dying_decode_executor_ends_the_stream_with_an_error(network):
+    if network.stack.mode == "distributed":
+        pytest.skip("distributed mode: the decode queue has no single executor to lose")
+    network.kill("executor-cloud-decode", signal.SIGSTOP)
+    try:
+        received = []
+        async with network.client("initech") as client:
+            with pytest.raises(DinRequestError) as raised:
+                async for chunk in client.generate("charlm", "def main():\n", max_tokens=64, timeout_ms=8000):
+                    received.append(chunk)
+        assert [c.seq for c in received] == [0], "the first token comes from prefill, before the state moves"
+        assert raised.value.error.code.value == "executor_lost"
+        assert "interrupted" in raised.value.error.message
+    finally:
+        network.kill("executor-cloud-decode", signal.SIGKILL)
+
+
+async def test_no_answer_means_no_hang(network):
+    async with network.client("initech") as client:
+        with pytest.raises((DinRequestError, NoAnswerError)):
+            await _stream(client, "def ", 500, timeout_ms=1)
