@@ -1,27 +1,40 @@
-"""``din infer``: send one request to the running stack as a tenant and print the answer."""
+"""``din infer``: send one request to the running stack as a tenant and print the answer.
+
+Without ``--prompt`` it classifies a held-out digit (optionally split across sites with ``--split``);
+with ``--prompt`` it streams generated text to stdout as it arrives, then one JSON line summing up the stream.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import sys
+from collections.abc import AsyncIterable
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 
-from din.client import DinClient, DinRequestError
+from din.client import DinClient, DinRequestError, NoAnswerError
 from din.commands.token import running_tenant
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 from din.workload import load_digits_test
-from shared.contracts.inference import SlaClass
+from shared.contracts.inference import InferResponseV1, SlaClass, StreamChunkV1
+
+DIGITS_MODEL = "digits-small"
+TEXT_MODEL = "charlm"
+DEFAULT_MAX_TOKENS = 32
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     infer = subparsers.add_parser(
-        "infer", help="send one inference request (a held-out digit) to the running stack and print the answer"
+        "infer",
+        help="send one inference request (a held-out digit, or a prompt to continue) to the running stack "
+        "and print the answer",
     )
     infer.add_argument("--tenant", required=True)
-    infer.add_argument("--model", default="digits-small")
+    infer.add_argument("--model", help=f"default: {DIGITS_MODEL}, or {TEXT_MODEL} with --prompt")
     infer.add_argument("--sample", type=int, default=0, help="index of the held-out digit to send")
     infer.add_argument("--sla", choices=[c.value for c in SlaClass], default="interactive")
     infer.add_argument("--timeout-ms", type=int)
@@ -29,12 +42,92 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--allow-degrade", action="store_true")
     infer.add_argument("--version")
     infer.add_argument("--binary", action="store_true", help="send the compact binary tensor form")
+    mode = infer.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--split", metavar="{auto,none,<point>}",
+        help="split inference: cut the model at this point (head at the data's site, tail elsewhere)",
+    )
+    mode.add_argument("--prompt", help="generate text continuing this prompt, streamed as it arrives")
+    infer.add_argument("--split-protection", help="protection of the split's intermediate, e.g. quantize:4")
+    infer.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens to generate (with --prompt)")
     infer.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
     infer.set_defaults(handler=cmd_infer)
 
 
+def pick_model(args: argparse.Namespace) -> str:
+    """The model asked for, else the default for the kind of request (generation or digit)."""
+    if args.model:
+        return args.model
+    return TEXT_MODEL if args.prompt is not None else DIGITS_MODEL
+
+
+def request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The client options (``DinClient.infer`` and ``generate``) the command line asks for."""
+    return {
+        "sla": args.sla,
+        "timeout_ms": args.timeout_ms,
+        "labels": [label for label in args.labels.split(",") if label],
+        "allow_degrade": args.allow_degrade,
+        "version": args.version,
+        "binary": args.binary,
+        "split": args.split,
+        "split_protection": args.split_protection,
+    }
+
+
+def error_json(exc: DinRequestError) -> str:
+    """The network's error, as ``{"error": {...}}``."""
+    return json.dumps({"error": exc.error.model_dump(mode="json", exclude_none=True)}, indent=2)
+
+
+def answer_json(response: InferResponseV1, label: int, truth: int) -> str:
+    """A digit's answer without its raw outputs, with the predicted and the true label."""
+    answer = response.model_dump(mode="json", exclude={"outputs"})
+    answer["label"] = label
+    answer["true_label"] = truth
+    return json.dumps(answer, indent=2)
+
+
+def stream_summary(last: StreamChunkV1) -> str:
+    """One JSON line from a stream's last chunk: where it ran, its timings and why it ended."""
+    return json.dumps(last.model_dump(mode="json", include={"served_by", "timings_ms", "finish_reason"}))
+
+
+def report_failure(exc: DinRequestError | NoAnswerError) -> int:
+    """Print a failed request (the error's JSON, or one line when nothing answered); the exit code."""
+    if isinstance(exc, DinRequestError):
+        print(error_json(exc))
+    else:
+        print(f"din: error: {exc}", file=sys.stderr)
+    return 1
+
+
+async def stream_text(chunks: AsyncIterable[StreamChunkV1], out: TextIO) -> StreamChunkV1 | None:
+    """Write each chunk's text to ``out`` as it arrives and end the line; the last chunk.
+
+    When the stream fails after some text, the line is ended before the error propagates.
+    """
+    last = None
+    wrote = False
+    try:
+        async for chunk in chunks:
+            out.write(chunk.text)
+            out.flush()
+            wrote = wrote or bool(chunk.text)
+            last = chunk
+    except BaseException:
+        if wrote:
+            out.write("\n")
+            out.flush()
+        raise
+    out.write("\n")
+    return last
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     url, token, keys = running_tenant(args.din_dir, args.tenant)
+    if args.prompt is not None:
+        return asyncio.run(_generate(url, token, keys, args))
     x, y = load_digits_test(DEFAULT_MODEL_REPO)
     return asyncio.run(_infer(url, token, keys, args, x[args.sample : args.sample + 1], int(y[args.sample])))
 
@@ -42,16 +135,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
 async def _infer(url: str, token: str, keys, args: argparse.Namespace, row: np.ndarray, truth: int) -> int:
     async with await DinClient.connect(url, args.tenant, token, keys) as client:
         try:
-            result = await client.infer(
-                args.model, {"input": row}, sla=args.sla, timeout_ms=args.timeout_ms,
-                labels=[label for label in args.labels.split(",") if label], allow_degrade=args.allow_degrade,
-                version=args.version, binary=args.binary,
-            )
-        except DinRequestError as exc:
-            print(json.dumps({"error": exc.error.model_dump(mode="json", exclude_none=True)}, indent=2))
-            return 1
-    answer = result.response.model_dump(mode="json", exclude={"outputs"})
-    answer["label"] = int(result.outputs["label"][0])
-    answer["true_label"] = truth
-    print(json.dumps(answer, indent=2))
+            result = await client.infer(pick_model(args), {"input": row}, **request_options(args))
+        except (DinRequestError, NoAnswerError) as exc:
+            return report_failure(exc)
+    print(answer_json(result.response, int(result.outputs["label"][0]), truth))
+    return 0
+
+
+async def _generate(url: str, token: str, keys, args: argparse.Namespace) -> int:
+    async with await DinClient.connect(url, args.tenant, token, keys) as client:
+        chunks = client.generate(pick_model(args), args.prompt, args.max_tokens, **request_options(args))
+        try:
+            last = await stream_text(chunks, sys.stdout)
+        except (DinRequestError, NoAnswerError) as exc:
+            return report_failure(exc)
+    if last is not None:
+        print(stream_summary(last))
     return 0

@@ -69,6 +69,10 @@ METRICS: tuple[MetricSpec, ...] = (
                "Size of the batch each completed request was computed in."),
     MetricSpec("din_degraded_requests_total", "counter", REQUEST_LABELS,
                "Requests answered by a smaller variant than the one asked for (model is the variant)."),
+    MetricSpec("din_stage_handoffs_total", "counter", ("stage_kind", "site", "to_site"),
+               "Multi-stage jobs: a stage's output (intermediate tensor or decode state) sealed and sent on."),
+    MetricSpec("din_stage_handoff_bytes_total", "counter", ("stage_kind", "site", "to_site"),
+               "Multi-stage jobs: bytes of intermediate tensors and decode states handed on (before sealing)."),
     MetricSpec("din_sla_target_misses_total", "counter", REQUEST_LABELS,
                "Completed requests slower than their SLA class's latency target."),
     MetricSpec("din_admission_requests_total", "counter", ("tenant", "model", "sla_class", "outcome"),
@@ -221,6 +225,8 @@ class TelemetryMetrics:
         self.batch = histogram("din_batch_size", BATCH_BUCKETS)
         self.degraded = counter("din_degraded_requests_total")
         self.target_misses = counter("din_sla_target_misses_total")
+        self.handoffs = counter("din_stage_handoffs_total")
+        self.handoff_bytes = counter("din_stage_handoff_bytes_total")
         self.admission = counter("din_admission_requests_total")
         self.rejects = counter("din_rejects_total")
         self.scheduling = counter("din_scheduling_decisions_total")
@@ -228,7 +234,7 @@ class TelemetryMetrics:
         self.invalid_events = counter("din_telemetry_invalid_events_total")
         self._families = (
             self.requests, self.duration, self.stage, self.ttft, self.tpot, self.batch, self.degraded,
-            self.target_misses, self.admission, self.rejects, self.scheduling, self.events, self.invalid_events,
+            self.target_misses, self.handoffs, self.handoff_bytes, self.admission, self.rejects, self.scheduling, self.events, self.invalid_events,
         )
         self._executors: dict[str, _Executor] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -243,6 +249,11 @@ class TelemetryMetrics:
         self.events.inc(("completion",))
         if event.stage == 1 and event.escalated:
             return  # a cascade's first stage handed the request on; its final completion counts it
+        if event.handed_on_to is not None:
+            handoff = (event.stage_kind or "_other", event.site, event.handed_on_to)
+            self.handoffs.inc(handoff)
+            self.handoff_bytes.inc(handoff, event.output_bytes or 0)
+            return
         if not event.ok:
             self.requests.inc((*key, "error"))
             self.rejects.inc(("executor", _reason(event.error_code), event.tenant, event.model, sla.value))
