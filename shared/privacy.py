@@ -116,6 +116,8 @@ def parse_protection(text: str) -> tuple[Protection, float]:
     method, _, raw = str(text).strip().partition(":")
     protection = _method(method)
     if protection is Protection.NONE:
+        if raw:
+            raise DinError(ErrorCode.BAD_REQUEST, f"protection 'none' takes no strength, not {text!r}")
         return protection, 0.0
     try:
         strength = float(raw)

@@ -56,6 +56,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report = asyncio.run(_drive(stack.hub_url, credentials, keys, args.requests, args.concurrency))
         print("\nSummary (latency is client-observed, end to end):\n")
         print(report.table())
+        print("\nMulti-stage requests:\n")
+        print(asyncio.run(_multi_stage(stack.hub_url, credentials, keys)))
         html = stack.run_dir / "report.html"
         asyncio.run(_write_report(stack.kafka_bootstrap, started_ms - 1000.0, html))
         print(f"\nEvery decision, completion and (sealed) request is in Kafka at {stack.kafka_bootstrap}; "
@@ -70,6 +72,38 @@ async def _write_report(bootstrap: str, since_ms: float, out: Path) -> None:
     window = await load_window(bootstrap, RecordRange(since_ms=since_ms, until_ms=None, offsets=None),
                                requests=False, bases=REPORT_TOPICS)
     out.write_text(render_report(window, title="DIN demo", source=bootstrap, scope=None))
+
+
+async def _multi_stage(hub_url: str, credentials: dict[str, str], keys: dict[str, PrincipalKeys],
+                       splits: int = 40) -> str:
+    """A few split requests whose raw input must stay at factory, and streamed generations, co-located at factory
+    for acme's sensitive data and disaggregated from branch to cloud for initech's."""
+    x, y = load_digits_test(DEFAULT_MODEL_REPO)
+    lines = []
+    async with await DinClient.connect(hub_url, "acme", issue_token("acme", credentials["acme"]),
+                                       keys["acme"]) as client:
+        points: dict[str, int] = {}
+        correct = 0
+        for i in range(splits):
+            result = await client.infer("digits-large", {"input": x[i : i + 1]}, labels=["pii"], split="auto",
+                                        split_protection="quantize:4")
+            points[result.served_by.split_point] = points.get(result.served_by.split_point, 0) + 1
+            correct += int(result.outputs["label"][0]) == int(y[i])
+        lines.append(f"  split inference (acme, pii, auto, quantize:4): {correct}/{splits} correct; split points "
+                     f"{points}; stages {' -> '.join(result.served_by.stages)}")
+        lines.append(await _stream_line(client, "acme", "def ", labels=["pii"]))
+    async with await DinClient.connect(hub_url, "initech", issue_token("initech", credentials["initech"]),
+                                       keys["initech"]) as client:
+        lines.append(await _stream_line(client, "initech", "import "))
+    return "\n".join(lines)
+
+
+async def _stream_line(client: DinClient, tenant: str, prompt: str, **options) -> str:
+    chunks = [chunk async for chunk in client.generate("charlm", prompt, max_tokens=48, **options)]
+    last = chunks[-1]
+    text = (prompt + "".join(c.text for c in chunks)).replace("\n", "\\n")
+    return (f"  generation ({tenant}): {text!r}\n    ttft {last.timings_ms['ttft']:.1f} ms, tpot "
+            f"{last.timings_ms['tpot']:.2f} ms, stages {' -> '.join(last.served_by.stages)}")
 
 
 async def _drive(hub_url: str, credentials: dict[str, str], keys: dict[str, PrincipalKeys], count: int,

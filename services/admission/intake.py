@@ -120,7 +120,9 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
         raise DinError(ErrorCode.BAD_REQUEST, "a cascade picks its own model variants: do not pin a model version")
     max_tokens = _max_tokens(pick(RequestHeaders.MAX_TOKENS, "max_tokens"))
     split_raw = pick(RequestHeaders.SPLIT, "split")
-    split = str(split_raw).strip() if split_raw is not None else None
+    if split_raw is not None and not isinstance(split_raw, str):
+        raise DinError(ErrorCode.BAD_REQUEST, "split must be 'auto', 'none' or a split point name")
+    split = split_raw.strip() if split_raw is not None else None
     if split is not None and (not split or not split.isprintable() or len(split) > 64):
         raise DinError(ErrorCode.BAD_REQUEST, "split must be 'auto', 'none' or a split point name")
     protection_raw = pick(RequestHeaders.SPLIT_PROTECTION, "split_protection")
@@ -130,7 +132,7 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
         protection = str(protection_raw).strip()
         if split is None:
             raise DinError(ErrorCode.BAD_REQUEST, "split_protection applies only to split inference: set split too")
-    if sum(x is not None for x in (cascade_threshold, max_tokens, split)) > 1:
+    if sum(x is not None for x in (cascade_threshold, max_tokens, split if split != SPLIT_NONE else None)) > 1:
         raise DinError(ErrorCode.BAD_REQUEST, "cascade, max_tokens and split cannot be combined in one request")
     token = pick(RequestHeaders.TOKEN, "token")
     request_id = headers.get(RequestHeaders.REQUEST_ID) or body_id or uuid.uuid4().hex

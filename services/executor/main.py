@@ -308,7 +308,8 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             handle = repository.handle(model, None if job.plan else job.model_version)
             version = handle.version
             if stage is not None and stage.kind == StageKind.DECODE:
-                await generate(job, decode_state(body, int(handle.config["hidden"])), opened)
+                await generate(job, decode_state(body, int(handle.config["hidden"]), len(handle.config["vocab"])),
+                               opened)
                 return
             decoded = decode_request(body, headers, content_type=TENSOR_CONTENT_TYPE if job.stage else job.content_type)
             if stage is not None and stage.kind == StageKind.PREFILL:

@@ -75,8 +75,9 @@ def encode_state(state: DecodeState) -> bytes:
     return buffer.getvalue()
 
 
-def decode_state(payload: bytes, hidden: int) -> DecodeState:
-    """Read ``encode_state``'s payload; ``DinError(BAD_REQUEST)`` when it is not one for a state of ``hidden``."""
+def decode_state(payload: bytes, hidden: int, vocab_size: int) -> DecodeState:
+    """Read ``encode_state``'s payload; ``DinError(BAD_REQUEST)`` when it is not one for a model with a state of
+    ``hidden`` and ``vocab_size`` tokens."""
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
             state = np.asarray(archive["state"], dtype=np.float32)
@@ -84,8 +85,12 @@ def decode_state(payload: bytes, hidden: int) -> DecodeState:
             made = int(archive["made"][0])
     except Exception:
         raise DinError(ErrorCode.BAD_REQUEST, "the decode state handed on is not readable") from None
-    if state.shape != (1, hidden) or not np.isfinite(state).all():
+    if state.shape != (1, hidden):
         raise DinError(ErrorCode.BAD_REQUEST, f"the decode state has shape {state.shape}, expected (1, {hidden})")
+    if not np.isfinite(state).all():
+        raise DinError(ErrorCode.BAD_REQUEST, "the decode state holds values that are not finite")
+    if not 0 <= token < vocab_size or made < 1:
+        raise DinError(ErrorCode.BAD_REQUEST, f"the decode state's token {token} or count {made} is out of range")
     return DecodeState(state, token, made)
 
 

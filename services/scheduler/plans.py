@@ -171,7 +171,7 @@ def plan_split(job: JobV1, catalog: ModelCatalog, place: Placer, links: LinkTabl
         full_ms_at_tail=tail_per_item if anywhere and anywhere.executor.site == tail_site else None,
         allowed_sites=sites,
         tail_queue_ms=max(0.0, tail_choice.predicted_ms - links.rtt_ms(tail_site)
-                          - (tail_per_item or 0.0)),
+                          - _compute_ms(tail_choice.executor, tail_choice.model)),
     )
     decision = choose_split_point(candidates, context)
     if decision.point == LOCAL:

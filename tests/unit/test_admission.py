@@ -163,3 +163,126 @@ def test_a_cascade_needs_another_variant_and_no_pinned_version():
     error = refused(ErrorCode.BAD_REQUEST,
                     lambda: lonely.admit("acme", "digits-large", headers(**{RequestHeaders.CASCADE: "0.9"}), GOOD_BODY))
     assert "no other variant" in error.message
+
+
+# --- multi-stage requests: max_tokens, split, split_protection ---------------------------------------------------------
+
+
+def staged_catalog(prefill_listed: bool = True) -> ModelCatalog:
+    """The zoo's shape: a generator with its prefill part, a model with head/tail parts at two points, one without."""
+    sig = json.dumps([["input", "FP32", [64]]])
+    parts = [
+        ModelEntry(f"digits-large-{role}-{point}", f"split-{role}:digits-large@{point}", ("1",), 0.98, sig,
+                   role=role, split_of="digits-large", split_point=point)
+        for point in ("hidden_1", "hidden_2") for role in ("head", "tail")
+    ]
+    text = [ModelEntry("charlm", "text-generation", ("1",), 0.65, "[]", role="autoregressive",
+                       prefill_model="charlm-prefill", vocab="ab", hidden=4)]
+    if prefill_listed:
+        text.append(ModelEntry("charlm-prefill", "text-generation-prefill", ("1",), 0.65, "[]", role="prefill"))
+    base = catalog()
+    return ModelCatalog([*(base.get(name) for name in base.names()), *parts, *text])
+
+
+def staged_gate(prefill_listed: bool = True) -> AdmissionGate:
+    return AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 100)}, clock=FakeClock()),
+                         staged_catalog(prefill_listed), max_payload=4096, wall_clock=lambda: NOW)
+
+
+def intake_of(**hdrs):
+    return read_intake(hdrs, GOOD_BODY, NOW * 1000, 4096)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("1", 1), ("512", 512), (" 7 ", 7)])
+def test_max_tokens_within_bounds_is_accepted(raw, expected):
+    assert intake_of(**{RequestHeaders.MAX_TOKENS: raw}).max_tokens == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "513", "x", "", "-1", "1.5", "1e2"])
+def test_max_tokens_out_of_bounds_or_not_a_whole_number_is_refused(raw):
+    error = refused(ErrorCode.BAD_REQUEST, lambda: intake_of(**{RequestHeaders.MAX_TOKENS: raw}))
+    assert "max_tokens" in error.message and "512" in error.message
+
+
+def test_max_tokens_split_and_protection_come_from_parameters_too():
+    body = json.loads(GOOD_BODY) | {"parameters": {"max_tokens": 3}}
+    assert read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096).max_tokens == 3
+    body = json.loads(GOOD_BODY) | {"parameters": {"split": "hidden_1", "split_protection": "noise:0.1"}}
+    intake = read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096)
+    assert (intake.split, intake.protection) == ("hidden_1", "noise:0.1")
+    refused(ErrorCode.BAD_REQUEST, lambda: read_intake(
+        {}, json.dumps(json.loads(GOOD_BODY) | {"parameters": {"max_tokens": 0}}).encode(), NOW * 1000, 4096))
+    plain = intake_of()
+    assert (plain.max_tokens, plain.split, plain.protection) == (None, None, None)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("auto", "auto"), ("none", "none"), ("hidden_1", "hidden_1"),
+                                               (" hidden_2 ", "hidden_2"), ("p" * 64, "p" * 64)])
+def test_split_accepts_auto_none_or_a_point_name(raw, expected):
+    assert intake_of(**{RequestHeaders.SPLIT: raw}).split == expected
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "a\tb", "a\nb", "p" * 65])
+def test_split_refuses_empty_unprintable_or_long_names(raw):
+    assert "split" in refused(ErrorCode.BAD_REQUEST, lambda: intake_of(**{RequestHeaders.SPLIT: raw})).message
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("quantize:4", "quantize:4"), (" noise:0.1 ", "noise:0.1"),
+                                               ("none", "none"), ("quantize:1", "quantize:1"), ("noise:0", "noise:0")])
+def test_split_protection_is_accepted_with_a_split(raw, expected):
+    intake = intake_of(**{RequestHeaders.SPLIT: "auto", RequestHeaders.SPLIT_PROTECTION: raw})
+    assert intake.protection == expected
+
+
+def test_split_protection_without_a_split_is_refused():
+    error = refused(ErrorCode.BAD_REQUEST, lambda: intake_of(**{RequestHeaders.SPLIT_PROTECTION: "quantize:4"}))
+    assert "set split too" in error.message
+
+
+@pytest.mark.parametrize("raw", ["quantize", "quantize:0", "quantize:9", "quantize:2.5", "quantize:x", "noise",
+                                 "noise:-0.1", "noise:nan", "noise:inf", "blur:1", "", "QUANTIZE:4", "quantize:4:1",
+                                 "none:xyz"])
+def test_bad_split_protections_are_refused(raw):
+    refused(ErrorCode.BAD_REQUEST,
+            lambda: intake_of(**{RequestHeaders.SPLIT: "auto", RequestHeaders.SPLIT_PROTECTION: raw}))
+
+
+@pytest.mark.parametrize("combo", [
+    {RequestHeaders.CASCADE: "0.9", RequestHeaders.SPLIT: "auto"},
+    {RequestHeaders.CASCADE: "0.9", RequestHeaders.SPLIT: "hidden_1"},
+    {RequestHeaders.CASCADE: "0.9", RequestHeaders.MAX_TOKENS: "4"},
+    {RequestHeaders.MAX_TOKENS: "4", RequestHeaders.SPLIT: "auto"},
+])
+def test_cascade_generation_and_split_do_not_combine(combo):
+    assert "cannot be combined" in refused(ErrorCode.BAD_REQUEST, lambda: intake_of(**combo)).message
+
+
+def test_split_none_is_no_split_so_it_combines_with_a_cascade():
+    assert intake_of(**{RequestHeaders.CASCADE: "0.9", RequestHeaders.SPLIT: "none"}).cascade_threshold == 0.9
+
+
+def test_gate_admits_generation_only_for_a_model_with_a_prefill_part():
+    g = staged_gate()
+    assert g.admit("acme", "charlm", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY).max_tokens == 16
+    error = refused(ErrorCode.BAD_REQUEST,
+                    lambda: g.admit("acme", "digits-large", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY))
+    assert "does not generate tokens" in error.message
+    unlisted = staged_gate(prefill_listed=False)  # charlm names a prefill part the catalog does not hold
+    refused(ErrorCode.BAD_REQUEST,
+            lambda: unlisted.admit("acme", "charlm", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY))
+
+
+def test_gate_admits_only_split_points_the_catalog_lists():
+    g = staged_gate()
+    for split in ("hidden_1", "hidden_2", "auto", "none"):
+        assert g.admit("acme", "digits-large", headers(**{RequestHeaders.SPLIT: split}), GOOD_BODY).split == split
+    error = refused(ErrorCode.BAD_REQUEST,
+                    lambda: g.admit("acme", "digits-large", headers(**{RequestHeaders.SPLIT: "hidden_3"}), GOOD_BODY))
+    assert "'hidden_3'" in error.message and "hidden_1, hidden_2" in error.message
+    error = refused(ErrorCode.BAD_REQUEST,
+                    lambda: g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "hidden_1"}), GOOD_BODY))
+    assert "split points are none" in error.message
+    error = refused(ErrorCode.BAD_REQUEST,
+                    lambda: g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "auto"}), GOOD_BODY))
+    assert "no split points" in error.message
+    assert g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "none"}), GOOD_BODY).split == "none"

@@ -223,3 +223,55 @@ def test_completions_after_a_heartbeat_release_what_its_snapshot_counted():
     reg.note_completion("a", SlaClass.INTERACTIVE)
     assert reg.get("a").load() == 0
     assert place(job("m"), reg).executor.id == "a"
+
+
+def staged(request_id, executor, later, deadline=10_000):
+    j = job("m")
+    j.request_id, j.deadline_ms = request_id, deadline
+    return InflightJob(j, b"", {}, executor, "factory", [executor, *later] if executor else list(later),
+                       later=list(later))
+
+
+def test_inflight_advance_moves_a_job_on_to_its_next_stages_executor():
+    table = InflightTable()
+    table.add(staged("r1", "head-1", ["tail-1", "last-1"]))
+    entry = table.advance("r1")
+    assert (entry.executor, entry.later, entry.advanced) == ("tail-1", ["last-1"], 1)
+    assert table.advance("r1").executor == "last-1"
+    last = table.advance("r1")
+    assert (last.executor, last.later, last.advanced) == (None, [], 3)
+    assert len(table) == 1  # advancing never closes the job: only its answer does
+    assert table.complete("r1") is entry
+
+
+def test_inflight_advance_of_an_unknown_job_changes_nothing():
+    table = InflightTable()
+    table.add(staged("r1", "head-1", ["tail-1"]))
+    assert table.advance("nope") is None
+    assert table.complete("r1").executor == "head-1"
+    assert table.advance("r1") is None  # a stage-done event arriving after the answer
+
+
+def test_inflight_on_executor_finds_a_job_by_a_later_stages_executor():
+    table = InflightTable()
+    table.add(staged("r1", "head-1", ["tail-1"]))
+    table.add(staged("r2", "head-2", ["tail-2"]))
+    table.add(staged("r3", "tail-1", []))
+    assert sorted(e.job.request_id for e in table.on_executor("tail-1")) == ["r1", "r3"]
+    assert [e.job.request_id for e in table.on_executor("head-2")] == ["r2"]
+    assert len(table) == 0
+
+
+def test_inflight_a_finished_stages_executor_no_longer_holds_the_job():
+    table = InflightTable()
+    table.add(staged("r1", "prefill-1", ["decode-1"]))
+    table.advance("r1")
+    assert table.on_executor("prefill-1") == []
+    assert [e.job.request_id for e in table.on_executor("decode-1")] == ["r1"]
+
+
+def test_inflight_distributed_stages_wait_in_site_queues():
+    table = InflightTable()
+    table.add(staged("r1", None, []))
+    assert table.advance("r1").executor is None
+    assert [e.job.request_id for e in table.on_site("factory")] == ["r1"]

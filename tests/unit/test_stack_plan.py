@@ -118,14 +118,14 @@ def test_service_environments(topology):
         "DIN_NATS_URL": "nats://factory:4222",
         "DIN_SITE": "factory",
         "DIN_EXECUTOR_ID": "factory-1",
-        "DIN_EXECUTOR_MODELS": "digits-small",
+        "DIN_EXECUTOR_MODELS": "digits-small,digits-large-head-hidden_1,digits-large-head-hidden_2,charlm-prefill,charlm",
         "DIN_EXECUTOR_MODEL_REPO": "/models",
         "DIN_EXECUTOR_CAPACITY": "256",
         "DIN_EXECUTOR_PULL": "true",
         "DIN_EXECUTOR_KEY_FILE": "/run/keys/site-factory.json",
         **secured,
     }
-    assert envs["executor-branch-1"]["DIN_EXECUTOR_MODELS"] == "digits-small,digits-large"
+    assert envs["executor-branch-1"]["DIN_EXECUTOR_MODELS"] == "digits-small,digits-large,charlm-prefill"
     assert envs["executor-cloud-2"]["DIN_NATS_URL"] == "nats://hub:4222"
     for env in envs.values():
         settings = ServiceSettings.model_validate(env)
