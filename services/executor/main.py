@@ -473,8 +473,11 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
 
     async def traced_serve(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None,
                            opened: Opened | None) -> None:
-        with runtime.tracing.hop("executor serve", job.traceparent, **{"din.request_id": job.request_id,
-                                                                       "din.executor": settings.id}):
+        attributes = {"din.request_id": job.request_id, "din.executor": settings.id}
+        if job.plan:
+            attributes.update({"din.stage": job.stage, "din.stage_kind": job.plan[job.stage].kind.value})
+        with runtime.tracing.hop(f"executor {job.plan[job.stage].kind.value if job.plan else 'serve'}",
+                                 job.traceparent, **attributes) as (_, job.traceparent):
             await serve(job, body, headers, pulled, opened)
 
     def start_serving(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None,

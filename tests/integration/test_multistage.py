@@ -140,8 +140,10 @@ async def test_plan_and_every_hop_are_recorded(network, digits):
     await nc.subscribe(Subjects.COMPLETED_ALL, cb=collect)
     await nc.flush()
     request_id = uuid.uuid4().hex
+    trace_id = uuid.uuid4().hex
     async with network.client("acme") as client:
-        await client.infer("digits-large", {"input": x[:1]}, labels=["pii"], split="hidden_1", request_id=request_id)
+        await client.infer("digits-large", {"input": x[:1]}, labels=["pii"], split="hidden_1", request_id=request_id,
+                           traceparent=f"00-{trace_id}-00f067aa0ba902b7-01")
     for _ in range(50):
         if len([c for c, _ in completions if c.request_id == request_id]) >= 2:
             break
@@ -158,26 +160,33 @@ async def test_plan_and_every_hop_are_recorded(network, digits):
     decision = await _scheduling_decision(network, request_id)
     assert [s.kind for s in decision.plan] == [StageKind.SPLIT_HEAD, StageKind.SPLIT_TAIL]
     assert [s.site for s in decision.plan] == ["factory", "cloud"]
+    spans = await _records(network, Topics.SPANS, lambda span: span["trace_id"] == trace_id, want=5)
+    by_name = {span["name"]: span for span in spans}
+    head, tail = by_name["executor split-head"], by_name["executor split-tail"]
+    assert (head["site"], tail["site"]) == ("factory", "cloud")
+    assert tail["parent_span_id"] == head["span_id"], "the tail's span follows the head's in the request's trace"
+
+
+async def _records(network, topic: str, keep, want: int) -> list[dict]:
+    consumer = AIOKafkaConsumer(Topics.scoped(topic, network.topic_scope),
+                                bootstrap_servers=network.stack.kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    found: list[dict] = []
+    try:
+        for _ in range(40):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                found += [value for value in (json.loads(r.value) for r in records) if keep(value)]
+            if len(found) >= want:
+                break
+    finally:
+        await consumer.stop()
+    return found
 
 
 async def _scheduling_decision(network, request_id: str) -> SchedulingDecisionV1:
-    consumer = AIOKafkaConsumer(
-        Topics.scoped(Topics.SCHEDULING_DECISIONS, network.topic_scope),
-        bootstrap_servers=network.stack.kafka_bootstrap, auto_offset_reset="earliest",
-        group_id=f"t{uuid.uuid4().hex[:6]}",
-    )
-    await consumer.start()
-    try:
-        for _ in range(40):
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    decision = SchedulingDecisionV1.model_validate_json(record.value)
-                    if decision.request_id == request_id:
-                        return decision
-    finally:
-        await consumer.stop()
-    raise AssertionError("no scheduling decision recorded")
+    found = await _records(network, Topics.SCHEDULING_DECISIONS, lambda d: d["request_id"] == request_id, want=1)
+    assert found, "no scheduling decision recorded"
+    return SchedulingDecisionV1.model_validate(found[0])
 
 
 async def _stream(client, prompt: str, count: int, **options):

@@ -163,7 +163,8 @@ class InProcessStack:
         plaintext = dict(security=False)
         self.runtimes = [
             telemetry(TelemetrySettings(nats_url=hub, site="cloud", metrics_port=metrics_port, **common)),
-            scheduler(SchedulerSettings(nats_url=hub, site="cloud", topology=topology_file, **plaintext, **common)),
+            scheduler(SchedulerSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
+                                        **plaintext, **common)),
             classifier(ClassifierSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
                                           **common)),
             *[executor(ExecutorSettings(nats_url=nats_network.url(site), site=site, id=f"{site}-1",

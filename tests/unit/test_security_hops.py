@@ -16,7 +16,7 @@ from din.client import DinClient, DinRequestError
 from services.admission.ingress import RequestOpener
 from shared import envelope
 from shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
-from shared.envelope import InvalidToken, Reason
+from shared.envelope import InvalidToken, Reason, SealRefused
 from shared.errors import ErrorCode
 from shared.security import (
     ANSWER_FIELD,
@@ -31,6 +31,7 @@ from shared.security import (
     result_binding,
     seal_for_audit,
     seal_to_site,
+    stage_binding,
     without_envelope,
 )
 from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH
@@ -266,3 +267,22 @@ def test_seal_to_site_follows_the_policy_and_never_relaxes_sensitive_data(net):
     relaxed = seal_to_site(hub, b"x", site="factory", aad=aad)
     refused(Reason.MODE_NOT_ALLOWED, net[FACTORY].open, relaxed.body, relaxed.to_headers(), reader=FACTORY)
     assert net[FACTORY].open(relaxed.body, relaxed.to_headers(), reader=FACTORY, allow_integrity=True).plaintext == b"x"
+
+
+def test_a_stage_hand_off_opens_only_as_the_stage_and_site_it_was_sealed_for(net):
+    tensor = {"Din-Tensor-Name": "hidden_1", "Din-Tensor-Shape": "1,256", "Din-Tensor-Datatype": "FP32"}
+    sent = stage_binding("req-1", "acme", 1, "cloud", REPLY, tensor)
+    handed = net[FACTORY].seal(b"\x01" * 1024, reader=ACME, aad=sent)
+    tail = PayloadSecurity(net[HUB].agent)
+    opened = tail.open(handed.body, handed.to_headers(), reader=ACME)
+    check_binding(opened.aad, stage_binding("req-1", "acme", 1, "cloud", REPLY, tensor))
+    for wrong in (stage_binding("req-1", "acme", 1, "branch", REPLY, tensor),
+                  stage_binding("req-1", "acme", 0, "cloud", REPLY, tensor),
+                  stage_binding("req-1", "acme", 1, "cloud", "_INBOX.thief", tensor),
+                  stage_binding("req-1", "acme", 1, "cloud", REPLY, {**tensor, "Din-Tensor-Shape": "2,128"})):
+        refused(Reason.AAD_MISMATCH, check_binding, opened.aad, wrong)
+    corrupted = bytearray(handed.body)
+    corrupted[10] ^= 0xFF
+    refused(Reason.BAD_TAG, PayloadSecurity(net[HUB].agent).open, bytes(corrupted), handed.to_headers(), reader=ACME)
+    with pytest.raises(SealRefused):
+        net[FACTORY].seal(b"state", reader=INITECH, aad=sent)
