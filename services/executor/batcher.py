@@ -13,6 +13,10 @@ Isolation between SLA classes:
 * Inside a batch, slots go to classes by smooth weighted round robin
   (realtime 8, interactive 4, batch 1 by default) with credit kept across
   batches, so a flood of one class never starves another.
+* A model may have its own batching window (``set_queue_delay``): token-by-token
+  models use none, so each step runs with whatever steps of other streams are
+  queued at that moment (continuous batching) instead of adding the window to
+  every token.
 * Batches of a model whose recent batches took under ``inline_below_ms``
   run on the event loop itself: for tiny models the hand-off to a worker
   thread costs more than the computation.
@@ -154,6 +158,7 @@ class DynamicBatcher:
         self._default_max_batch = max_batch_size
         self._max_batch: dict[str, int] = {}
         self._delay_s = max_queue_delay_ms / 1000.0
+        self._model_delay_s: dict[str, float] = {}
         self._realtime_delay_s = min(realtime_queue_delay_ms, max_queue_delay_ms) / 1000.0
         self._max_delay_ms = max_queue_delay_ms
         self._capacity = capacity
@@ -182,6 +187,12 @@ class DynamicBatcher:
         self._failed = 0
         self._rejected = 0
         self._expired = 0
+
+    def set_queue_delay(self, model: str, delay_ms: float) -> None:
+        """The batching window of ``model``, instead of ``max_queue_delay_ms``."""
+        if delay_ms < 0:
+            raise ValueError("a queue delay cannot be negative")
+        self._model_delay_s[model] = delay_ms / 1000.0
 
     def set_max_batch_size(self, model: str, max_batch_size: int) -> None:
         """Largest batch, in rows, formed for ``model``."""
@@ -354,7 +365,7 @@ class DynamicBatcher:
     def _ready_at(self, lane: _Lane) -> float:
         if self._draining or lane.rows >= self.max_batch_size(lane.model):
             return float("-inf")
-        ready_at = lane.oldest() + self._delay_s
+        ready_at = lane.oldest() + self._model_delay_s.get(lane.model, self._delay_s)
         realtime = lane.queues[SlaClass.REALTIME]
         if realtime:
             ready_at = min(ready_at, realtime[0].enqueued + self._realtime_delay_s)

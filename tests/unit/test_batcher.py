@@ -67,6 +67,23 @@ async def test_batches_fill_up_to_max_size_and_results_go_back_to_their_items():
     await batcher.drain()
 
 
+async def test_a_model_without_a_batching_window_runs_what_is_queued_at_once():
+    runner = GatedRunner()
+    runner.gate.set()
+    batcher = DynamicBatcher(runner.run, max_batch_size=8, max_queue_delay_ms=60_000, capacity=100)
+    batcher.set_queue_delay("tok", 0.0)
+    steps = await asyncio.wait_for(asyncio.gather(*(batcher.submit_nowait("tok", item(i)) for i in range(3))), 5)
+    assert runner.batches == [("tok", [0, 1, 2])], "steps queued together still batch together"
+    assert [r.batch_size for r in steps] == [3, 3, 3]
+    windowed = batcher.submit_nowait("m", item(9))
+    await asyncio.sleep(0.05)
+    assert not windowed.done(), "other models still wait for their window"
+    with pytest.raises(ValueError):
+        batcher.set_queue_delay("tok", -1.0)
+    await batcher.drain()
+    assert windowed.done()
+
+
 async def test_multi_row_items_are_never_split_across_batches():
     runner = GatedRunner()
     batcher = DynamicBatcher(runner.run, max_batch_size=8, capacity=100)
