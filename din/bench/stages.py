@@ -14,7 +14,8 @@ One three-site stack (payload security on) serves two measurements:
   against one prefill-only and one decode-only executor (disaggregated, at
   branch). Reported per arrangement and prompt kind: time to first token and time
   per output token (client side) at p50 and p99, the p99 gap between tokens, and
-  requests meeting a TTFT and a TPOT objective.
+  requests meeting a TTFT and a TPOT objective, at each load, and the ratios
+  disaggregated over co-located.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class GenerationMeasurement:
     """One arrangement (or one prompt kind within it) under the mixed workload; times in ms, client side."""
 
     arrangement: str
+    rate_per_s: float
     prompts: str
     requests: int
     errors: int
@@ -121,7 +123,9 @@ class StagesReport:
 
     def to_json(self) -> str:
         return json.dumps({"environment": self.environment, "split": [asdict(m) for m in self.split],
-                           "generation": [asdict(m) for m in self.generation]}, indent=2)
+                           "generation": [asdict(m) for m in self.generation],
+                           "disaggregated_over_colocated": {f"{k:g}": v for k, v in self.ratios().items()}},
+                          indent=2)
 
     def to_markdown(self) -> str:
         env = self.environment
@@ -146,21 +150,40 @@ class StagesReport:
             "",
             "## Prefill/decode: co-located against disaggregated (charlm)",
             "",
-            f"{env.get('generation_requests')} requests per arrangement, Poisson arrivals at "
-            f"{env.get('rate_per_s')}/s, {env.get('long_fraction')} long prompts ({env.get('long_chars')} chars) "
+            f"{env.get('generation_requests')} requests per arrangement and load, Poisson arrivals at "
+            f"{env.get('rates_per_s')} per second, {env.get('long_fraction')} long prompts ({env.get('long_chars')} chars) "
             f"among short ones ({env.get('short_chars')} chars), {env.get('max_tokens')} tokens each. Both "
             "arrangements have two executors. SLO: TTFT <= "
             f"{env.get('slo_ttft_ms')} ms and TPOT <= {env.get('slo_tpot_ms')} ms.",
             "",
-            "| arrangement | prompts | requests | errors | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
+            "| arrangement | load /s | prompts | requests | errors | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
             "gap p99 | within SLO |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for m in self.generation:
             cells = [_fmt(v) for v in (m.ttft_p50, m.ttft_p99, m.tpot_p50, m.tpot_p99, m.gap_p99)]
-            lines.append(f"| {m.arrangement} | {m.prompts} | {m.requests} | {m.errors} | {' | '.join(cells)} | "
-                         f"{m.within_slo:.0%} |")
+            lines.append(f"| {m.arrangement} | {m.rate_per_s:g} | {m.prompts} | {m.requests} | {m.errors} | "
+                         f"{' | '.join(cells)} | {m.within_slo:.0%} |")
+        lines += ["", "Disaggregated / co-located, all prompts (latencies: below 1 means disaggregated is better; "
+                  "within SLO: above 1):", "",
+                  "| load /s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | gap p99 | within SLO |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for rate, ratios in self.ratios().items():
+            lines.append(f"| {rate:g} | " + " | ".join(_fmt(r) for r in ratios.values()) + " |")
         return "\n".join(lines)
+
+    def ratios(self) -> dict[float, dict[str, float | None]]:
+        """Per load: disaggregated over co-located for each figure of the 'all prompts' rows."""
+        rows = {(m.arrangement, m.rate_per_s): m for m in self.generation if m.prompts == "all"}
+        out = {}
+        for rate in sorted({r for _, r in rows}):
+            colo, disagg = rows.get(("colocated", rate)), rows.get(("disaggregated", rate))
+            if colo is None or disagg is None:
+                continue
+            out[rate] = {name: (round(getattr(disagg, name) / getattr(colo, name), 3)
+                                if getattr(colo, name) and getattr(disagg, name) is not None else None)
+                         for name in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "gap_p99", "within_slo")}
+        return out
 
 
 def _fmt(value: float | None) -> str:
@@ -252,7 +275,7 @@ async def measure_generation(client: DinClient, arrangement: str, mix: list[tupl
         gap_all = [g for s in done for g in s.gaps]
         within = sum(1 for s in done if s.ttft <= slo[0] and s.tpot <= slo[1])
         rows.append(GenerationMeasurement(
-            arrangement=arrangement, prompts=label, requests=len(chosen), errors=len(chosen) - len(done),
+            arrangement=arrangement, rate_per_s=rate_per_s, prompts=label, requests=len(chosen), errors=len(chosen) - len(done),
             ttft_p50=_percentile(ttft, 50), ttft_p99=_percentile(ttft, 99), tpot_p50=_percentile(tpot, 50),
             tpot_p99=_percentile(tpot, 99), gap_p99=_percentile(gap_all, 99),
             within_slo=round(within / max(1, len(chosen)), 4),
@@ -261,26 +284,27 @@ async def measure_generation(client: DinClient, arrangement: str, mix: list[tupl
 
 
 async def measure_all(stack: Stack, x: np.ndarray, y: np.ndarray, *, warm_up: int, mix: list[tuple[str, str]],
-                      rate_per_s: float, max_tokens: int, seed: int, slo: tuple[float, float]) -> StagesReport:
+                      rates_per_s: list[float], max_tokens: int, seed: int, slo: tuple[float, float]) -> StagesReport:
     report = StagesReport()
     client = await _client(stack, "bench")
     try:
         report.split = await measure_split(client, x, y, warm_up)
     finally:
         await client.close()
-    for tenant in ("colocated", "disaggregated"):
-        client = await _client(stack, tenant)
-        try:
-            report.generation += await measure_generation(client, tenant, mix, rate_per_s, max_tokens, seed, slo)
-        finally:
-            await client.close()
+    for rate_per_s in rates_per_s:
+        for tenant in ("colocated", "disaggregated"):
+            client = await _client(stack, tenant)
+            try:
+                report.generation += await measure_generation(client, tenant, mix, rate_per_s, max_tokens, seed, slo)
+            finally:
+                await client.close()
     return report
 
 
 def run_stages_bench(model_repo: Path, din_dir: Path, *, items: int = 300, requests: int = 120,
-                     rate_per_s: float = 20.0, long_fraction: float = 0.3, long_chars: int = 2000,
+                     rates_per_s: tuple[float, ...] = (30.0, 60.0), long_fraction: float = 0.3, long_chars: int = 2000,
                      short_chars: int = 16, max_tokens: int = 32, warm_up: int = 20, seed: int = 0,
-                     slo_ttft_ms: float = 100.0, slo_tpot_ms: float = 5.0,
+                     slo_ttft_ms: float = 50.0, slo_tpot_ms: float = 1.0,
                      mode: str = "centralized") -> StagesReport:
     """Start the three-site stack and run both measurements (see the module docstring)."""
     x, y = load_digits_test(model_repo)
@@ -289,12 +313,12 @@ def run_stages_bench(model_repo: Path, din_dir: Path, *, items: int = 300, reque
     stack = Stack(Topology.model_validate(STAGES_TOPOLOGY), ports=PortPlan.free(2), din_dir=din_dir, mode=mode,
                   model_repo=model_repo, write_state=False)
     with stack.start():
-        report = uvloop.run(measure_all(stack, x, y, warm_up=warm_up, mix=mix, rate_per_s=rate_per_s,
+        report = uvloop.run(measure_all(stack, x, y, warm_up=warm_up, mix=mix, rates_per_s=list(rates_per_s),
                                         max_tokens=max_tokens, seed=seed, slo=(slo_ttft_ms, slo_tpot_ms)))
     report.environment = {
         "python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count()),
         "mode": mode, "split_items": str(len(x)), "generation_requests": str(requests),
-        "rate_per_s": f"{rate_per_s:g}", "long_fraction": f"{long_fraction:.0%}", "long_chars": str(long_chars),
+        "rates_per_s": ", ".join(f"{r:g}" for r in rates_per_s), "long_fraction": f"{long_fraction:.0%}", "long_chars": str(long_chars),
         "short_chars": str(short_chars), "max_tokens": str(max_tokens), "slo_ttft_ms": f"{slo_ttft_ms:g}",
         "slo_tpot_ms": f"{slo_tpot_ms:g}", "seed": str(seed),
     }

@@ -22,11 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--items", type=int, default=300, help="held-out digits per split path")
     bench.add_argument("--requests", type=int, default=120, help="generation requests per arrangement")
-    bench.add_argument("--rate", type=float, default=20.0, help="generation arrivals per second (Poisson)")
+    bench.add_argument("--rates", default="30,60", help="generation loads, arrivals per second (Poisson), comma-separated")
     bench.add_argument("--long-fraction", type=float, default=0.3)
     bench.add_argument("--long-chars", type=int, default=2000)
     bench.add_argument("--short-chars", type=int, default=16)
     bench.add_argument("--max-tokens", type=int, default=32)
+    bench.add_argument("--slo-ttft-ms", type=float, default=50.0, help="time-to-first-token objective")
+    bench.add_argument("--slo-tpot-ms", type=float, default=1.0, help="time-per-output-token objective")
     bench.add_argument("--mode", choices=["centralized", "distributed"], default="centralized")
     bench.add_argument("--out", type=Path, default=DEFAULT_OUT)
     bench.set_defaults(handler=cmd_bench_stages)
@@ -34,9 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_bench_stages(args: argparse.Namespace) -> int:
     report = run_stages_bench(
-        DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR, items=args.items, requests=args.requests, rate_per_s=args.rate,
+        DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR, items=args.items, requests=args.requests, rates_per_s=tuple(float(r) for r in args.rates.split(",") if r.strip()),
         long_fraction=args.long_fraction, long_chars=args.long_chars, short_chars=args.short_chars,
-        max_tokens=args.max_tokens, mode=args.mode,
+        max_tokens=args.max_tokens, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, mode=args.mode,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "stages.json").write_text(report.to_json() + "\n")
