@@ -1,6 +1,10 @@
 """``din bench-stages``: multi-stage inference through the real stack, side by side in one run.
 
-One three-site stack (payload security on) serves two measurements:
+One three-site stack (payload security on) serves the three multi-stage patterns:
+
+* **Large-small cascade** (held-out digits, one request at a time): digits-small
+  alone, digits-large alone and the cascade at each threshold, as
+  ``din bench-cascade`` measures it on its own stack.
 
 * **Split inference** (held-out digits, one request at a time): tenant ``bench``
   sends each digit as (a) plain data, which may travel, so the whole
@@ -32,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import uvloop
 
+from din.bench.cascade import CascadeMeasurement
+from din.bench.cascade import measure as measure_cascade_path
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
@@ -45,7 +51,10 @@ GENERATE = ["charlm-prefill", "charlm"]
 STAGES_TOPOLOGY = {
     "name": "bench-stages",
     "sites": [
-        {"name": "cloud", "role": "hub", "executors": [{"id": "tail-1", "models": TAILS, "capacity": 64}]},
+        {"name": "cloud", "role": "hub", "executors": [
+            {"id": "tail-1", "models": TAILS, "capacity": 64},
+            {"id": "small-1", "models": ["digits-small"], "capacity": 64},
+        ]},
         {"name": "factory", "role": "edge", "executors": [
             {"id": "head-1", "models": HEADS, "capacity": 64},
             {"id": "colo-1", "models": GENERATE, "capacity": 64},
@@ -117,12 +126,14 @@ class GenerationMeasurement:
 class StagesReport:
     """Both measurements and what they ran on."""
 
+    cascade: list[CascadeMeasurement] = field(default_factory=list)
     split: list[SplitMeasurement] = field(default_factory=list)
     generation: list[GenerationMeasurement] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({"environment": self.environment, "split": [asdict(m) for m in self.split],
+        return json.dumps({"environment": self.environment, "cascade": [asdict(m) for m in self.cascade],
+                           "split": [asdict(m) for m in self.split],
                            "generation": [asdict(m) for m in self.generation],
                            "disaggregated_over_colocated": {f"{k:g}": v for k, v in self.ratios().items()}},
                           indent=2)
@@ -135,9 +146,16 @@ class StagesReport:
             f"One run, payload security on, {env.get('cpus')} CPUs, Python {env.get('python')}, "
             f"{env.get('mode')} scheduling.",
             "",
+            "## Large-small cascade (held-out digits, one at a time)",
+            "",
+            "| path | accuracy | escalated | mean ms | p50 ms | p99 ms | mean ms when escalated |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *(f"| {m.path} | {m.accuracy:.4f} | {m.escalation_rate:.1%} | {m.mean_ms:.2f} | {m.p50_ms:.2f} | "
+              f"{m.p99_ms:.2f} | {_fmt(m.mean_escalated_ms)} |" for m in self.cascade),
+            "",
             "## Split inference (digits-large, held-out digits, one at a time)",
             "",
-            f"{env.get('split_items')} items. pii data may not leave factory: only the intermediate crosses to cloud.",
+            f"{env.get('split_items')} items (the cascade used the same ones). pii data may not leave factory: only the intermediate crosses to cloud.",
             "",
             "| path | accuracy | p50 ms | p99 ms | mean ms | split points used |",
             "|---|---:|---:|---:|---:|---|",
@@ -284,10 +302,19 @@ async def measure_generation(client: DinClient, arrangement: str, mix: list[tupl
 
 
 async def measure_all(stack: Stack, x: np.ndarray, y: np.ndarray, *, warm_up: int, mix: list[tuple[str, str]],
-                      rates_per_s: list[float], max_tokens: int, seed: int, slo: tuple[float, float]) -> StagesReport:
+                      rates_per_s: list[float], max_tokens: int, seed: int, slo: tuple[float, float],
+                      thresholds: list[float]) -> StagesReport:
     report = StagesReport()
     client = await _client(stack, "bench")
     try:
+        for model in ("digits-small", "digits-large"):
+            for i in range(warm_up):
+                await client.infer(model, {"input": x[i % len(x) : i % len(x) + 1]})
+        report.cascade = [await measure_cascade_path(client, "digits-small alone", "digits-small", None, x, y),
+                          await measure_cascade_path(client, "digits-large alone", "digits-large", None, x, y)]
+        for threshold in thresholds:
+            report.cascade.append(await measure_cascade_path(client, f"cascade @ {threshold:g}", "digits-large",
+                                                             threshold, x, y))
         report.split = await measure_split(client, x, y, warm_up)
     finally:
         await client.close()
@@ -301,11 +328,11 @@ async def measure_all(stack: Stack, x: np.ndarray, y: np.ndarray, *, warm_up: in
     return report
 
 
-def run_stages_bench(model_repo: Path, din_dir: Path, *, items: int = 300, requests: int = 120,
+def run_stages_bench(model_repo: Path, din_dir: Path, *, items: int = 300, requests: int = 240,
                      rates_per_s: tuple[float, ...] = (30.0, 60.0), long_fraction: float = 0.3, long_chars: int = 2000,
                      short_chars: int = 16, max_tokens: int = 32, warm_up: int = 20, seed: int = 0,
                      slo_ttft_ms: float = 50.0, slo_tpot_ms: float = 1.0,
-                     mode: str = "centralized") -> StagesReport:
+                     thresholds: tuple[float, ...] = (0.8,), mode: str = "centralized") -> StagesReport:
     """Start the three-site stack and run both measurements (see the module docstring)."""
     x, y = load_digits_test(model_repo)
     x, y = x[:items], y[:items]
@@ -314,7 +341,8 @@ def run_stages_bench(model_repo: Path, din_dir: Path, *, items: int = 300, reque
                   model_repo=model_repo, write_state=False)
     with stack.start():
         report = uvloop.run(measure_all(stack, x, y, warm_up=warm_up, mix=mix, rates_per_s=list(rates_per_s),
-                                        max_tokens=max_tokens, seed=seed, slo=(slo_ttft_ms, slo_tpot_ms)))
+                                        max_tokens=max_tokens, seed=seed, slo=(slo_ttft_ms, slo_tpot_ms),
+                                        thresholds=list(thresholds)))
     report.environment = {
         "python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count()),
         "mode": mode, "split_items": str(len(x)), "generation_requests": str(requests),
