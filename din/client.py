@@ -40,6 +40,7 @@ from shared.contracts.inference import (
     SlaClass,
     StreamChunkV1,
 )
+from shared.cascade import TARGET_PREFIX
 from shared.envelope import InvalidToken
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
 from shared.naming import Subjects
@@ -177,6 +178,7 @@ class DinClient:
         request_id: str | None = None,
         traceparent: str | None = None,
         cascade: float | None = None,
+        cascade_rate: float | None = None,
         max_tokens: int | None = None,
         split: str | None = None,
         split_protection: str | None = None,
@@ -184,7 +186,8 @@ class DinClient:
         """Encode a request body and headers, unsealed (binary form takes exactly one input).
 
         ``cascade``: a confidence threshold; the model's smallest variant answers and escalates its answers
-        less confident than this to the most accurate variant (``served_by.escalated`` says which answered).
+        less confident than this to the most accurate variant (``served_by.escalated`` says which answered);
+        ``cascade_rate`` instead: escalate about this fraction of requests, the least confident ones.
         ``split``: 'auto', a split point or 'none' (split inference; ``served_by.split_point`` says where it was
         cut), with ``split_protection`` such as 'quantize:4'. ``max_tokens``: generation (use ``generate``).
         """
@@ -207,6 +210,8 @@ class DinClient:
             headers[RequestHeaders.TRACEPARENT] = traceparent
         if cascade is not None:
             headers[RequestHeaders.CASCADE] = str(cascade)
+        if cascade_rate is not None:
+            headers[RequestHeaders.CASCADE] = f"{TARGET_PREFIX}{cascade_rate}"
         if max_tokens is not None:
             headers[RequestHeaders.MAX_TOKENS] = str(max_tokens)
         if split is not None:

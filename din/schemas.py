@@ -94,7 +94,8 @@ REQUEST_HEADER_DOCS = {
     "MODEL_VERSION": "Model version to run; the newest when absent.",
     "CASCADE": "Large-small cascade with this confidence threshold (e.g. 0.8): the smallest variant of the model's "
     "task answers, and an answer whose top class probability is below the threshold escalates to the most "
-    "accurate one; served_by.escalated tells which.",
+    "accurate one; served_by.escalated tells which. Or 'rate:<fraction>' (e.g. rate:0.2): escalate about that "
+    "fraction of requests, the least confident, calibrated on the small variant's recent answers.",
     "MAX_TOKENS": "Generation (models with a prefill part, e.g. charlm): stream this many tokens (1..512) back as "
     "StreamChunkV1 messages on the reply subject, the last with done=true; the input is the prompt as a UINT8 "
     "tensor named 'prompt' holding UTF-8 text.",

@@ -9,6 +9,8 @@ Pure numpy.
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -46,6 +48,60 @@ def confidence(probabilities: np.ndarray, measure: str | Confidence = Confidence
 
 PROBABILITIES_OUTPUT = "probabilities"
 """Output tensor a cascade's first-stage model must have: class probabilities, [batch, classes]."""
+
+
+TARGET_PREFIX = "rate:"
+CALIBRATION_WINDOW = 512
+
+
+@dataclass(frozen=True)
+class CascadeSpec:
+    """What a request asks of a cascade: a fixed confidence ``threshold``, or a ``target_rate`` of escalations."""
+
+    threshold: float | None = None
+    target_rate: float | None = None
+
+
+def parse_cascade(raw: object) -> CascadeSpec:
+    """``<threshold>`` (e.g. ``0.8``) or ``rate:<target escalation rate>`` (e.g. ``rate:0.2``); ``DinError`` else."""
+    text = str(raw).strip() if not isinstance(raw, bool) else ""
+    if not text.startswith(TARGET_PREFIX):
+        return CascadeSpec(threshold=parse_threshold(raw))
+    try:
+        rate = float(text[len(TARGET_PREFIX):])
+    except ValueError:
+        rate = math.nan
+    if not 0.0 <= rate <= 1.0:
+        raise DinError(ErrorCode.BAD_REQUEST,
+                       f"cascade target rate must be a fraction from 0 to 1 (e.g. rate:0.2), not {raw!r}")
+    return CascadeSpec(target_rate=rate)
+
+
+class EscalationCalibrator:
+    """Turns a target escalation rate into a threshold from the confidences of recent first-stage answers.
+
+    The threshold for rate ``r`` is the ``floor(r * n)``-th lowest of the last ``n`` confidences (as
+    ``services.scheduler.cascade.calibrate`` does offline), so about ``r`` of answers like the recent ones
+    escalate. With no history yet every answer escalates: accuracy first until there is data.
+    """
+
+    def __init__(self, window: int = CALIBRATION_WINDOW) -> None:
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def observe(self, value: float) -> None:
+        """Record one first-stage answer's confidence."""
+        self._recent.append(value)
+
+    def threshold(self, target_rate: float) -> float:
+        """The confidence below which about ``target_rate`` of recent answers lie."""
+        if not self._recent:
+            return math.inf
+        ordered = sorted(self._recent)
+        count = math.floor(target_rate * len(ordered) + 1e-9)
+        return math.inf if count >= len(ordered) else ordered[count]
 
 
 def parse_threshold(raw: object) -> float:

@@ -80,12 +80,14 @@ class CascadeReport:
 
 
 async def measure(client: DinClient, path: str, model: str, threshold: float | None, x: np.ndarray,
-                  y: np.ndarray) -> CascadeMeasurement:
-    """Send every item once, sequentially; score answers and client-side latency."""
+                  y: np.ndarray, *, rate: float | None = None) -> CascadeMeasurement:
+    """Send every item once, sequentially; score answers and client-side latency. ``threshold`` or ``rate``
+    (a target escalation rate) asks for a cascade."""
     latencies, correct, escalated = [], [], []
     for i in range(len(x)):
         started = time.perf_counter()
-        result = await client.infer(model, {"input": x[i : i + 1]}, timeout_ms=5000, cascade=threshold)
+        result = await client.infer(model, {"input": x[i : i + 1]}, timeout_ms=5000, cascade=threshold,
+                                    cascade_rate=rate)
         latencies.append((time.perf_counter() - started) * 1000.0)
         correct.append(int(result.outputs["label"][0]) == int(y[i]))
         escalated.append(result.served_by.escalated)

@@ -3,8 +3,8 @@
 One three-site stack (payload security on) serves the three multi-stage patterns:
 
 * **Large-small cascade** (held-out digits, one request at a time): digits-small
-  alone, digits-large alone and the cascade at each threshold, as
-  ``din bench-cascade`` measures it on its own stack.
+  alone, digits-large alone and the cascade at each threshold and each target
+  escalation rate (calibrated online at the small model's executor).
 
 * **Split inference** (held-out digits, one request at a time): tenant ``bench``
   sends each digit as (a) plain data, which may travel, so the whole
@@ -303,7 +303,7 @@ async def measure_generation(client: DinClient, arrangement: str, mix: list[tupl
 
 async def measure_all(stack: Stack, x: np.ndarray, y: np.ndarray, *, warm_up: int, mix: list[tuple[str, str]],
                       rates_per_s: list[float], max_tokens: int, seed: int, slo: tuple[float, float],
-                      thresholds: list[float]) -> StagesReport:
+                      thresholds: list[float], target_rates: list[float]) -> StagesReport:
     report = StagesReport()
     client = await _client(stack, "bench")
     try:
@@ -315,6 +315,9 @@ async def measure_all(stack: Stack, x: np.ndarray, y: np.ndarray, *, warm_up: in
         for threshold in thresholds:
             report.cascade.append(await measure_cascade_path(client, f"cascade @ {threshold:g}", "digits-large",
                                                              threshold, x, y))
+        for rate in target_rates:
+            report.cascade.append(await measure_cascade_path(client, f"cascade, target rate {rate:g}",
+                                                             "digits-large", None, x, y, rate=rate))
         report.split = await measure_split(client, x, y, warm_up)
     finally:
         await client.close()
@@ -332,7 +335,8 @@ def run_stages_bench(model_repo: Path, din_dir: Path, *, items: int = 300, reque
                      rates_per_s: tuple[float, ...] = (30.0, 60.0), long_fraction: float = 0.3, long_chars: int = 2000,
                      short_chars: int = 16, max_tokens: int = 32, warm_up: int = 20, seed: int = 0,
                      slo_ttft_ms: float = 50.0, slo_tpot_ms: float = 1.0,
-                     thresholds: tuple[float, ...] = (0.8,), mode: str = "centralized") -> StagesReport:
+                     thresholds: tuple[float, ...] = (0.8,), target_rates: tuple[float, ...] = (0.1, 0.25),
+                     mode: str = "centralized") -> StagesReport:
     """Start the three-site stack and run both measurements (see the module docstring)."""
     x, y = load_digits_test(model_repo)
     x, y = x[:items], y[:items]
@@ -342,7 +346,7 @@ def run_stages_bench(model_repo: Path, din_dir: Path, *, items: int = 300, reque
     with stack.start():
         report = uvloop.run(measure_all(stack, x, y, warm_up=warm_up, mix=mix, rates_per_s=list(rates_per_s),
                                         max_tokens=max_tokens, seed=seed, slo=(slo_ttft_ms, slo_tpot_ms),
-                                        thresholds=list(thresholds)))
+                                        thresholds=list(thresholds), target_rates=list(target_rates)))
     report.environment = {
         "python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count()),
         "mode": mode, "split_items": str(len(x)), "generation_requests": str(requests),

@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--items", type=int, default=300, help="held-out digits per cascade and split path")
     bench.add_argument("--thresholds", default="0.8", help="cascade confidence thresholds, comma-separated")
+    bench.add_argument("--target-rates", default="0.1,0.25", help="cascade target escalation rates, comma-separated")
     bench.add_argument("--requests", type=int, default=240, help="generation requests per arrangement")
     bench.add_argument("--rates", default="30,60", help="generation loads, arrivals per second (Poisson), comma-separated")
     bench.add_argument("--long-fraction", type=float, default=0.3)
@@ -41,6 +42,7 @@ def cmd_bench_stages(args: argparse.Namespace) -> int:
         DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR, items=args.items, requests=args.requests, rates_per_s=tuple(float(r) for r in args.rates.split(",") if r.strip()),
         long_fraction=args.long_fraction, long_chars=args.long_chars, short_chars=args.short_chars,
         max_tokens=args.max_tokens, thresholds=tuple(float(t) for t in args.thresholds.split(",") if t.strip()),
+        target_rates=tuple(float(r) for r in args.target_rates.split(",") if r.strip()),
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, mode=args.mode,
     )
     args.out.mkdir(parents=True, exist_ok=True)

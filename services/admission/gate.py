@@ -58,7 +58,8 @@ class AdmissionGate:
                 ErrorCode.UNKNOWN_MODEL,
                 f"model {model!r} has no version {intake.model_version!r}; versions: {', '.join(entry.versions)}",
             )
-        if intake.cascade_threshold is not None and len(self._catalog.variants(model)) < 2:
+        cascade = intake.cascade_threshold is not None or intake.cascade_target_rate is not None
+        if cascade and len(self._catalog.variants(model)) < 2:
             raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} has no other variant of its task to cascade with")
         self._check_stages(model, intake)
         wait_s = self._quota.admit(tenant)

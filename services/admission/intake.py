@@ -19,7 +19,7 @@ from shared.contracts.inference import (
     RequestHeaders,
     SlaClass,
 )
-from shared.cascade import parse_threshold
+from shared.cascade import parse_cascade
 from shared.errors import DinError, ErrorCode
 from shared.privacy import parse_protection
 
@@ -45,6 +45,7 @@ class Intake:
     model_version: str | None
     traceparent: str | None
     cascade_threshold: float | None = None
+    cascade_target_rate: float | None = None
     max_tokens: int | None = None
     split: str | None = None
     protection: str | None = None
@@ -115,8 +116,9 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
         raise DinError(ErrorCode.BAD_REQUEST, "min_accuracy must be a number between 0 and 1") from None
     version = pick(RequestHeaders.MODEL_VERSION, "model_version")
     cascade_raw = pick(RequestHeaders.CASCADE, "cascade")
-    cascade_threshold = parse_threshold(cascade_raw) if cascade_raw is not None else None
-    if cascade_threshold is not None and version is not None:
+    cascade = parse_cascade(cascade_raw) if cascade_raw is not None else None
+    cascade_threshold = cascade.threshold if cascade else None
+    if cascade is not None and version is not None:
         raise DinError(ErrorCode.BAD_REQUEST, "a cascade picks its own model variants: do not pin a model version")
     max_tokens = _max_tokens(pick(RequestHeaders.MAX_TOKENS, "max_tokens"))
     split_raw = pick(RequestHeaders.SPLIT, "split")
@@ -132,7 +134,7 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
         protection = str(protection_raw).strip()
         if split is None:
             raise DinError(ErrorCode.BAD_REQUEST, "split_protection applies only to split inference: set split too")
-    if sum(x is not None for x in (cascade_threshold, max_tokens, split if split != SPLIT_NONE else None)) > 1:
+    if sum(x is not None for x in (cascade, max_tokens, split if split != SPLIT_NONE else None)) > 1:
         raise DinError(ErrorCode.BAD_REQUEST, "cascade, max_tokens and split cannot be combined in one request")
     token = pick(RequestHeaders.TOKEN, "token")
     request_id = headers.get(RequestHeaders.REQUEST_ID) or body_id or uuid.uuid4().hex
@@ -150,6 +152,7 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
         model_version=str(version) if version is not None else None,
         traceparent=headers.get(RequestHeaders.TRACEPARENT),
         cascade_threshold=cascade_threshold,
+        cascade_target_rate=cascade.target_rate if cascade else None,
         max_tokens=max_tokens,
         split=split,
         protection=protection,

@@ -136,6 +136,7 @@ def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
             allow_degrade=intake.allow_degrade,
             min_accuracy=intake.min_accuracy,
             cascade_threshold=intake.cascade_threshold,
+            cascade_target_rate=intake.cascade_target_rate,
             max_tokens=intake.max_tokens,
             split=intake.split,
             protection=intake.protection,

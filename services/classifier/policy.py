@@ -53,7 +53,7 @@ class WorkloadPolicy:
 
         None when the job asks for no cascade or its model has no other variant.
         """
-        if job.cascade_threshold is None:
+        if job.cascade_threshold is None and job.cascade_target_rate is None:
             return None
         variants = self._catalog.variants(job.model)
         if len(variants) < 2:

@@ -37,7 +37,7 @@ from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
 from services.executor.batcher import BatchOutput, DynamicBatcher, ItemResult
 from services.executor.repository import ModelRepository
 from services.executor.settings import ExecutorSettings
-from shared.cascade import answer_confidence
+from shared.cascade import EscalationCalibrator, answer_confidence
 from shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, ModelLoadedV1
 from services.executor.stages import (
     STATE_CONTENT_TYPE,
@@ -148,6 +148,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
     security = PayloadSecurity.from_settings(settings)
     site_reader = site_principal(settings.site)
     rng = np.random.default_rng()
+    calibrators: dict[str, EscalationCalibrator] = {}
     runtime.detail = lambda: {
         "models": ",".join(f"{h.name}@{h.version}" for h in repository.loaded()),
         "completed": batcher.stats().completed,
@@ -334,8 +335,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             if stage is not None and stage.kind == StageKind.PREFILL:
                 await prefilled(job, model, version, result, opened)
                 return
-            if (job.cascade_stage == 1 and job.escalate_to and job.cascade_threshold is not None
-                    and answer_confidence(result.outputs) < job.cascade_threshold):
+            if job.cascade_stage == 1 and job.escalate_to and unsure(job, model, result):
                 await complete(job, model, version, result, None, opened, handed_on=True)
                 await escalate(job, body, headers, opened)
                 return
@@ -365,6 +365,17 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         finally:
             if pulled is not None:
                 await pulled.ack()
+
+    def unsure(job: JobV1, model: str, result: ItemResult) -> bool:
+        """Cascade, first stage: whether the small variant's answer is below the job's threshold, fixed or
+        calibrated on this executor's recent answers of ``model`` to escalate the job's target rate."""
+        value = answer_confidence(result.outputs)
+        calibrator = calibrators.setdefault(model, EscalationCalibrator())
+        threshold = job.cascade_threshold
+        if threshold is None and job.cascade_target_rate is not None:
+            threshold = calibrator.threshold(job.cascade_target_rate)
+        calibrator.observe(value)
+        return threshold is not None and value < threshold
 
     async def send_chunk(job: JobV1, chunk: StreamChunkV1, opened: Opened | None) -> None:
         body, chunk_headers = answer(job, chunk.model_dump_json(exclude_none=True).encode(), opened, seq=chunk.seq)

@@ -80,6 +80,11 @@ class JobV1(BaseModel):
         description="Large-small cascade: the small variant answers, and an answer whose confidence (top class "
         "probability) is below this threshold escalates to the large one. None: no cascade.",
     )
+    cascade_target_rate: float | None = Field(
+        default=None,
+        description="Large-small cascade by target: escalate about this fraction of requests, the least confident, "
+        "calibrated on the small variant's recent answers at its executor. None: a fixed threshold or no cascade.",
+    )
     escalate_to: str | None = Field(
         default=None, description="Cascade: the large variant a low-confidence answer escalates to (classifier)."
     )

@@ -115,7 +115,18 @@ async def test_a_realistic_threshold_escalates_some_answers_each_once_and_keeps_
     assert cascade_accuracy >= small_accuracy, (cascade_accuracy, small_accuracy, len(escalated))
 
 
-@pytest.mark.parametrize("value", ["sure", "-0.5", "nan"])
+async def test_a_target_rate_escalates_about_that_fraction(network, digits):
+    x, y = digits
+    count = 120
+    async with network.client("globex") as client:
+        results = [await client.infer("digits-large", {"input": x[i : i + 1]}, cascade_rate=0.25)
+                   for i in range(count)]
+    escalated = [r.served_by.escalated for r in results]
+    assert all(r.served_by.model == ("digits-large" if up else "digits-small") for r, up in zip(results, escalated))
+    assert 0.1 <= np.mean(escalated) <= 0.45, np.mean(escalated)
+
+
+@pytest.mark.parametrize("value", ["sure", "-0.5", "nan", "rate:2"])
 async def test_an_invalid_cascade_threshold_is_a_structured_bad_request(network, digits, value):
     x, _ = digits
     async with network.client("globex") as client:

@@ -145,7 +145,14 @@ def test_cascade_threshold_comes_from_header_or_parameters():
     assert read_intake({}, GOOD_BODY, NOW * 1000, 4096).cascade_threshold is None
 
 
-@pytest.mark.parametrize("raw", ["high", "-0.1", "nan", "inf", ""])
+def test_a_cascade_may_ask_for_a_target_escalation_rate_instead():
+    intake = read_intake({RequestHeaders.CASCADE: "rate:0.2"}, GOOD_BODY, NOW * 1000, 4096)
+    assert (intake.cascade_threshold, intake.cascade_target_rate) == (None, 0.2)
+    pinned = {RequestHeaders.CASCADE: "rate:0.2", RequestHeaders.MODEL_VERSION: "1"}
+    refused(ErrorCode.BAD_REQUEST, lambda: read_intake(pinned, GOOD_BODY, NOW * 1000, 4096))
+
+
+@pytest.mark.parametrize("raw", ["high", "-0.1", "nan", "inf", "", "rate:", "rate:1.5", "rate:-0.1", "rate:x"])
 def test_invalid_cascade_thresholds_are_bad_requests(raw):
     error = refused(ErrorCode.BAD_REQUEST, lambda: read_intake({RequestHeaders.CASCADE: raw}, GOOD_BODY, NOW * 1000,
                                                                 4096))
