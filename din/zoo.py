@@ -56,7 +56,7 @@ from din.zoo_text import (
     train_charlm,
 )
 
-ZOO_FORMAT = 2
+ZOO_FORMAT = 3
 TASK = "image-classification"
 FAMILY = "digits"
 TEXT_TASK = "text-generation"
@@ -321,6 +321,7 @@ def _build_split_models(out_dir: Path, split: DigitsSplit) -> list[dict[str, Any
             head, tail = (paths[role] / version / MODEL_FILE for role in SPLIT_ROLES)
             split_model(out_dir / source / version / MODEL_FILE, point, head, tail)
             accuracy[version], width = _composed_accuracy(head, tail, point, split.x_test, split.y_test)
+        leakage = _head_leakage(paths["head"] / versions[-1] / MODEL_FILE, point, split)
         hidden = [{"name": point, "datatype": "FP32", "shape": [-1, width]}]
         hidden_bytes = width * np.dtype(np.float32).itemsize
         input_bytes = FEATURES * np.dtype(np.float32).itemsize
@@ -344,9 +345,25 @@ def _build_split_models(out_dir: Path, split: DigitsSplit) -> list[dict[str, Any
                 "split_of": source,
                 "split_point": point,
             }
+            if is_head:
+                config["leakage"] = {
+                    "recovered_variance": leakage,
+                    "attack": "ridge inversion decoder fitted on the train split, scored on the held-out split; "
+                    "intermediate unprotected",
+                }
             _write_config(out_dir, config)
             configs.append(config)
     return configs
+
+
+def _head_leakage(head: Path, point: str, split: DigitsSplit) -> float:
+    """What an inversion attack recovers of the input from the head's unprotected output (``din.inversion``)."""
+    from din.inversion import recovered_variance
+
+    session = _ort_session(head.read_bytes())
+    (train_mid,) = session.run([point], {INPUT_NAME: split.x_train})
+    (test_mid,) = session.run([point], {INPUT_NAME: split.x_test})
+    return round(recovered_variance(train_mid, split.x_train, test_mid, split.x_test), 4)
 
 
 def _composed_accuracy(

@@ -30,6 +30,7 @@ class ModelEntry:
     hidden: int | None = None
     input_bytes: int | None = None
     intermediate_bytes: int | None = None
+    leakage: float | None = None
 
     def has_version(self, version: str | None) -> bool:
         return version is None or version in self.versions
@@ -74,6 +75,7 @@ class ModelCatalog:
                     hidden=config.get("hidden"),
                     input_bytes=config.get("input_bytes_per_item"),
                     intermediate_bytes=config.get("intermediate_bytes_per_item"),
+                    leakage=(config.get("leakage") or {}).get("recovered_variance"),
                 )
             )
         return cls(entries)

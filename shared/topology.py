@@ -83,6 +83,11 @@ class TenantSpec(_Strict):
     )
     always_sensitive: bool = Field(default=False, description="Treat every request as sensitive.")
     max_cost_per_1k: float | None = Field(default=None, description="Most it may pay per 1,000 requests.")
+    max_leakage: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Split inference: the most of the input's variance an inversion attack may recover from an "
+        "intermediate that leaves the data's site (as the model zoo measures it per split point); None: no limit.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from din.inversion import fit_decoder, reconstruct
 from shared.privacy import Protection, protect, wire_bytes
 
 RAW_POINT = "input"
-ATTACK_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 PROTECTIONS: tuple[tuple[str, float], ...] = (
     ("none", 0.0),
     ("quantize", 8),
@@ -82,13 +82,6 @@ def latest_model_path(repo: Path, model: str) -> Path:
     return repo / model / str(versions[-1]) / "model.onnx"
 
 
-def fit_decoder(observed: np.ndarray, inputs: np.ndarray):
-    """The attacker's decoder from observed intermediates to inputs (ridge, alpha by cross-validation)."""
-    from sklearn.linear_model import RidgeCV
-
-    return RidgeCV(alphas=ATTACK_ALPHAS).fit(observed.astype(np.float64), inputs.astype(np.float64))
-
-
 def measure_leakage(
     repo: Path,
     model: str = "digits-large",
@@ -137,8 +130,7 @@ def measure_leakage(
             if point == RAW_POINT and Protection(method) is Protection.NONE:
                 reconstruction = split.x_test
             else:
-                decoder = fit_decoder(seen_train, split.x_train)
-                reconstruction = np.clip(decoder.predict(seen_test.astype(np.float64)), 0.0, 1.0)
+                reconstruction = reconstruct(fit_decoder(seen_train, split.x_train), seen_test)
             mse = float(np.mean((reconstruction - split.x_test) ** 2))
             rows.append(
                 LeakageRow(

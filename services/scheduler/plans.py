@@ -14,8 +14,10 @@ Two kinds of plan:
   hold the tenant's key, which the intermediate is sealed with). With ``auto`` the split point is chosen per request by
   ``choose_split_point`` from the measured link round trip, each part's measured
   compute and the tail's queue (Neurosurgeon), honouring sovereignty: the raw
-  input stays at its allowed sites, only an intermediate leaves. The choice may
-  be ``local`` or ``no-split``: the job then runs whole, at the site chosen.
+  input stays at its allowed sites, only an intermediate leaves, and, when the
+  tenant sets ``max_leakage``, only one whose measured leakage (``din.inversion``,
+  recorded per split point by the zoo) is within it. The choice may be
+  ``local`` or ``no-split``: the job then runs whole, at the site chosen.
 
 The scheduler dispatches the first stage; each stage's executor sends its output
 to the next stage as the plan says.
@@ -131,12 +133,18 @@ def plan_split(job: JobV1, catalog: ModelCatalog, place: Placer, links: LinkTabl
         raise DinError(ErrorCode.BAD_REQUEST, f"model {job.model!r} has no split points")
     sites = _allowed(job)
     tail_sites = serving_sites(topology, job.tenant)
+    limit = next(t.max_leakage for t in topology.tenants if t.name == job.tenant)
     if job.split != SPLIT_AUTO:
         if job.split not in parts:
             raise DinError(ErrorCode.BAD_REQUEST, f"model {job.model!r} cannot be cut at {job.split!r}: split "
                                                   f"points are {', '.join(parts)}")
         head_model, tail_model = parts[job.split]
         head, tail = place(head_model, sites), place(tail_model, tail_sites)
+        leakage = catalog.get(head_model).leakage
+        if limit is not None and head.executor.site != tail.executor.site and (leakage is None or leakage > limit):
+            measured = "is not measured" if leakage is None else f"gives away {leakage:.3f} of the input's variance"
+            raise DinError(ErrorCode.BAD_REQUEST, f"split point {job.split!r} {measured} to an inversion attack; "
+                                                  f"tenant {job.tenant!r} allows at most {limit:.3f}")
         return _split_plan(job.split, head, tail, sites, tail_sites, f"split at {job.split} as asked",
                            queue_at_site=queue_at_site)
 
@@ -158,7 +166,7 @@ def plan_split(job: JobV1, catalog: ModelCatalog, place: Placer, links: LinkTabl
             continue
         size = catalog.get(head_model).intermediate_bytes or 0.0
         candidates.append(SplitCandidate(point, float(size), _compute_ms(head.executor, head_model),
-                                         _compute_ms(tail.executor, tail_model)))
+                                         _compute_ms(tail.executor, tail_model), catalog.get(head_model).leakage))
     tail_per_item = _compute_ms(tail_choice.executor, tail_choice.model) if tail_choice.model == job.model else None
     entry = catalog.get(job.model)
     context = SplitContext(
@@ -170,6 +178,7 @@ def plan_split(job: JobV1, catalog: ModelCatalog, place: Placer, links: LinkTabl
         full_ms_at_data=_compute_ms(local.executor, job.model) if local and local.executor.site == data_site else None,
         full_ms_at_tail=tail_per_item if anywhere and anywhere.executor.site == tail_site else None,
         allowed_sites=sites,
+        max_leakage=limit,
         tail_queue_ms=max(0.0, tail_choice.predicted_ms - links.rtt_ms(tail_site)
                           - _compute_ms(tail_choice.executor, tail_choice.model)),
     )

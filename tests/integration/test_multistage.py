@@ -7,7 +7,8 @@ Topology (every executor a process, security on, tenants' clients seal):
 * branch (edge): ``branch-prefill`` serves charlm's prefill only.
 * cloud (hub): two tail executors (the digits-large tails and the whole model), ``cloud-decode`` serves charlm.
 
-acme's ``pii`` data may run only at factory: its split head runs there and only the intermediate leaves;
+acme's ``pii`` data may run only at factory: its split head runs there and only the intermediate leaves
+(careful's too, and only an intermediate that leaks at most 0.95 of the input's variance);
 its generation is co-located on factory-gen. initech's data may run at branch and cloud: its prefill runs at
 branch and its decode state crosses to cloud (disaggregated).
 """
@@ -58,6 +59,7 @@ MULTISTAGE_TOPOLOGY = {
         {"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
         {"name": "initech", "sensitive_sites": ["branch", "cloud"], "always_sensitive": True, "rate_per_s": 5000,
          "burst": 5000},
+        {"name": "careful", "sensitive_sites": ["factory"], "max_leakage": 0.95, "rate_per_s": 5000, "burst": 5000},
     ],
 }
 
@@ -99,6 +101,17 @@ async def test_split_keeps_raw_input_at_its_site_and_answers_like_the_whole_mode
                 assert tail.startswith(f"split-tail:digits-large-tail-{served.split_point}@cloud/")
                 assert served.site == "cloud"
                 assert int(result.outputs["label"][0]) == int(whole_model(x[i : i + 1])[0])
+
+
+async def test_a_tenants_leakage_limit_decides_which_intermediate_may_leave(network, digits):
+    x, _ = digits
+    async with network.client("careful") as client:
+        for i in range(5):
+            result = await client.infer("digits-large", {"input": x[i : i + 1]}, labels=["pii"], split="auto")
+            assert result.served_by.split_point == "hidden_2", "hidden_1 gives away more than careful allows"
+        with pytest.raises(DinRequestError) as raised:
+            await client.infer("digits-large", {"input": x[:1]}, labels=["pii"], split="hidden_1")
+    assert raised.value.error.code.value == "bad_request" and "allows at most 0.950" in raised.value.error.message
 
 
 async def test_protected_intermediate_still_answers(network, digits, whole_model):

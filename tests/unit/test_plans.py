@@ -44,6 +44,8 @@ TOPOLOGY = Topology.model_validate(
         "tenants": [
             {"name": "acme", "sensitive_sites": ["factory"]},
             {"name": "vault", "always_sensitive": True, "sensitive_sites": ["factory", "cloud"]},
+            {"name": "careful", "sensitive_sites": ["factory"], "max_leakage": 0.95},
+            {"name": "paranoid", "sensitive_sites": ["factory"], "max_leakage": 0.5},
         ],
     }
 )
@@ -242,6 +244,28 @@ def test_auto_splits_when_the_data_site_has_no_whole_model(catalog):
                                                                    result.split_point)
     assert (tail.model, tail.executor, tail.site) == (TAIL[result.split_point], "cloud-1", "cloud")
     assert result.first.executor.id == "factory-1" and result.reason
+
+
+def test_the_zoo_records_what_each_split_point_leaks(catalog):
+    leaks = {point: catalog.get(HEAD[point]).leakage for point in HEAD}
+    assert 0.9 < leaks["hidden_2"] < leaks["hidden_1"] <= 1.0, leaks
+
+
+def test_a_tenants_leakage_limit_keeps_leaky_intermediates_at_home(catalog):
+    executors = [executor("factory-1", "factory", HEADS), executor("cloud-1", "cloud", [LARGE, *TAILS])]
+    fast_hidden_1 = [executor("factory-1", "factory", HEADS, per_model={HEAD["hidden_2"]: 5.0}),
+                     executor("cloud-1", "cloud", [LARGE, *TAILS])]
+    assert plan(job(allowed=["factory"], split="auto"), catalog, fast_hidden_1).split_point == "hidden_1"
+    careful = job(tenant="careful", allowed=["factory"], split="auto")
+    assert plan(careful, catalog, fast_hidden_1).split_point == "hidden_2", "hidden_1 leaks more than 0.95"
+    with pytest.raises(DinError) as refused:
+        plan(job(tenant="careful", allowed=["factory"], split="hidden_1"), catalog, executors)
+    assert refused.value.code == ErrorCode.BAD_REQUEST and "allows at most 0.950" in refused.value.message
+    assert plan(job(tenant="careful", allowed=["factory"], split="hidden_2"), catalog, executors).split_point == \
+        "hidden_2"
+    with pytest.raises(DinError) as nothing:
+        plan(job(tenant="paranoid", allowed=["factory"], split="auto"), catalog, executors)
+    assert nothing.value.code == ErrorCode.NO_ELIGIBLE_EXECUTOR and "privacy" in nothing.value.message
 
 
 def test_auto_runs_local_when_the_data_site_serves_the_whole_model_and_the_link_is_slow(catalog):
