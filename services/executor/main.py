@@ -94,7 +94,8 @@ def now_ms() -> float:
 
 
 def stage_timings(job: JobV1, result: ItemResult | None) -> dict[str, float]:
-    """Where a job's time went, ms: each stage from the stamps it carries, then queue and compute here."""
+    """Where a job's time went, ms: each stage from the stamps it carries (``stage_<k>``: a multi-stage job's
+    earlier stages, from dispatch or hand-off to their hand-off on), then queue and compute here."""
     stamps = job.stamps_ms
     timings = {"total": now_ms() - job.received_ms}
     if {"admitted", "classified", "scheduled"} <= stamps.keys():
@@ -105,6 +106,12 @@ def stage_timings(job: JobV1, result: ItemResult | None) -> dict[str, float]:
         )
         if "escalated" in stamps:
             timings["small_stage"] = stamps["escalated"] - stamps["classified"]
+        previous = stamps["scheduled"]
+        for stage in range(1, len(job.plan)):
+            handed = stamps.get(f"stage_{stage}")
+            if handed is not None:
+                timings[f"stage_{stage - 1}"] = handed - previous
+                previous = handed
     if result is not None:
         timings.update(queue=result.queue_ms, compute=result.compute_ms)
     return timings

@@ -100,6 +100,7 @@ async def test_split_keeps_raw_input_at_its_site_and_answers_like_the_whole_mode
                 assert head.startswith(f"split-head:digits-large-head-{served.split_point}@factory/")
                 assert tail.startswith(f"split-tail:digits-large-tail-{served.split_point}@cloud/")
                 assert served.site == "cloud"
+                assert "stage_0" in result.response.timings_ms, "the head stage's time is in the breakdown"
                 assert int(result.outputs["label"][0]) == int(whole_model(x[i : i + 1])[0])
 
 
