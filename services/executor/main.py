@@ -439,6 +439,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             stages=[describe(stage) for stage in job.plan])
         await send_chunk(job, StreamChunkV1(id=job.request_id, seq=job.max_tokens, text="", done=True,
                                             finish_reason="length", served_by=served,
+                                            prompt_tokens=job.prompt_tokens, completion_tokens=job.max_tokens,
                                             timings_ms={k: round(v, 3) for k, v in timings.items()}), opened)
         await complete(job, model, served.model_version, result, None, opened,
                        extra_timings={k: v for k, v in timings.items() if k != "total"})

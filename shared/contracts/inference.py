@@ -118,6 +118,8 @@ class StreamChunkV1(BaseModel):
     done: bool = Field(default=False, description="True on the last chunk of the stream.")
     finish_reason: str | None = Field(default=None, description="Last chunk: 'length' when max_tokens were made.")
     served_by: ServedByV1 | None = Field(default=None, description="Last chunk: where prefill and decode ran.")
+    prompt_tokens: int | None = Field(default=None, description="Last chunk: the prompt's length in tokens.")
+    completion_tokens: int | None = Field(default=None, description="Last chunk: tokens generated.")
     timings_ms: dict[str, float] = Field(
         default_factory=dict,
         description="Last chunk: ttft (time to first token), tpot (mean time per output token after the first), "

@@ -214,7 +214,7 @@ async def test_colocated_generation_streams_the_models_own_continuation(network,
             assert [c.seq for c in chunks] == list(range(25)) and chunks[-1].done
             assert "".join(c.text for c in chunks) == greedy(prompt, 24)
             last = chunks[-1]
-            assert last.finish_reason == "length"
+            assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", len(prompt), 24)
             assert {"ttft", "tpot", "prefill", "state_transfer"} <= last.timings_ms.keys()
             assert [s.split("@")[1] for s in last.served_by.stages] == ["factory/factory-gen"] * 2 or \
                 network.stack.mode == "distributed"
