@@ -79,7 +79,8 @@ from shared.security import (
 )
 from shared.tensors import DYNAMIC_DIM, WIRE_DTYPES, decode_request, encode_outputs, validate_inputs
 
-PULL_ACK_WAIT_S = 30.0
+PULL_ACK_WAIT_S = 3.0
+IN_PROGRESS_EVERY_S = 1.0
 PULL_MAX_DELIVER = 50
 PULL_WAIT_S = 1.0
 PULL_MORE_WAIT_S = 0.001
@@ -491,14 +492,27 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             body, sealed_headers = sealed.body, sealed.to_headers()
         await runtime.nc.publish(Subjects.SCHEDULE, body, headers={**passthrough, **job.to_headers(), **sealed_headers})
 
+    async def keep_claimed(pulled: Msg) -> None:
+        """Tell JetStream a pulled job is still being worked on, so only a dead executor's job is redelivered
+        (after ``PULL_ACK_WAIT_S``) to another executor of the site."""
+        while True:
+            await asyncio.sleep(IN_PROGRESS_EVERY_S)
+            with contextlib.suppress(Exception):
+                await pulled.in_progress()
+
     async def traced_serve(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None,
                            opened: Opened | None) -> None:
         attributes = {"din.request_id": job.request_id, "din.executor": settings.id}
         if job.plan:
             attributes.update({"din.stage": job.stage, "din.stage_kind": job.plan[job.stage].kind.value})
-        with runtime.tracing.hop(f"executor {job.plan[job.stage].kind.value if job.plan else 'serve'}",
-                                 job.traceparent, **attributes) as (_, job.traceparent):
-            await serve(job, body, headers, pulled, opened)
+        claim = asyncio.create_task(keep_claimed(pulled)) if pulled is not None else None
+        try:
+            with runtime.tracing.hop(f"executor {job.plan[job.stage].kind.value if job.plan else 'serve'}",
+                                     job.traceparent, **attributes) as (_, job.traceparent):
+                await serve(job, body, headers, pulled, opened)
+        finally:
+            if claim is not None:
+                claim.cancel()
 
     def start_serving(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None,
                       opened: Opened | None = None) -> None:
