@@ -2,8 +2,9 @@
 
 Every job ends in exactly one of: a result to the client, an error to the
 client, or, when it is within ``deadline_margin_ms`` of its deadline, silence
-(the scheduler answers it). In all three a completion event tells the
-scheduler and telemetry it is closed.
+(the scheduler answers it). A completion event tells telemetry; it closes the
+job at the scheduler in the first two cases only, so in the third the
+scheduler's deadline watchdog still answers (also ending a token stream).
 
 A multi-stage job's stage (see ``services.executor.stages``) that is not the last
 hands its output on, sealed to the next stage's site, and reports a completion
@@ -272,10 +273,11 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             handed_on_to=handed_to,
             output_bytes=output_bytes,
         )
+        left_to_scheduler = error is not None and error.code == ErrorCode.DEADLINE_EXCEEDED
         if handed_to is not None:
             headers = {STAGE_DONE_HEADER: job.request_id}
         else:
-            headers = None if handed_on else {RequestHeaders.REQUEST_ID: job.request_id}
+            headers = None if handed_on or left_to_scheduler else {RequestHeaders.REQUEST_ID: job.request_id}
         await runtime.nc.publish(Subjects.completed(settings.site), event.model_dump_json().encode(), headers=headers)
 
     def served_by(job: JobV1, model: str, result: ItemResult) -> ServedByV1:
@@ -351,13 +353,14 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
             await runtime.nc.publish(job.reply_to, answer_body, headers=answer_headers or None)
             await complete(job, model, version, result, None, opened)
         except DinError as error:
-            if error.code == ErrorCode.OVERLOADED and pulled is not None:
+            streamed = "first_token" in job.stamps_ms
+            if error.code == ErrorCode.OVERLOADED and pulled is not None and not streamed:
                 if opened is not None:
                     security.replay.release(opened.nonce)
                 await pulled.nak(delay=(error.retry_after_ms or 10) / 1000.0)
                 pulled = None
                 return
-            if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS and job.stage == 0:
+            if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS and job.stage == 0 and not streamed:
                 await give_back(job, body, headers, opened)
                 return
             if error.code != ErrorCode.DEADLINE_EXCEEDED:

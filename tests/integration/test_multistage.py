@@ -310,6 +310,21 @@ async def test_a_dying_decode_executor_ends_the_stream_with_an_error(network):
         network.kill("executor-cloud-decode", signal.SIGKILL)
 
 
+async def test_a_stream_that_runs_out_of_time_still_ends_with_one_error(network):
+    """512 tokens rarely fit in these deadlines: the executor stops at its cutoff and the scheduler ends the stream."""
+    async with network.client("acme") as client:
+        for timeout_ms in (60, 120, 250):
+            chunks = []
+            try:
+                async for chunk in client.generate("charlm", "def ", max_tokens=512, timeout_ms=timeout_ms,
+                                                   labels=["pii"]):
+                    chunks.append(chunk)
+            except DinRequestError as ended:
+                assert ended.error.code.value == "deadline_exceeded", ended.error
+            else:
+                assert chunks[-1].done
+
+
 async def test_no_answer_means_no_hang(network):
     async with network.client("initech") as client:
         with pytest.raises((DinRequestError, NoAnswerError)):
