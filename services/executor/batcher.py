@@ -16,7 +16,7 @@ Isolation between SLA classes:
 * A model may have its own batching window (``set_queue_delay``): token-by-token
   models use none, so each step runs with whatever steps of other streams are
   queued at that moment (continuous batching) instead of adding the window to
-  every token.
+  every token; so do split tails, whose requests waited once at their head.
 * Batches of a model whose recent batches took under ``inline_below_ms``
   run on the event loop itself: for tiny models the hand-off to a worker
   thread costs more than the computation.

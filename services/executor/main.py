@@ -88,7 +88,9 @@ PULL_MORE_WAIT_S = 0.001
 DRAIN_NOTICE_S = 0.2
 MAX_ATTEMPTS = 3
 WARM_UP_RUNS = 20
-TOKEN_ROLES = ("autoregressive", "prefill")
+NO_WINDOW_ROLES = ("autoregressive", "prefill", "tail")
+"""Model roles that run without a batching window: token steps (continuous batching) and split tails, whose
+requests already waited for a window at their head."""
 
 
 def now_ms() -> float:
@@ -618,7 +620,7 @@ def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
         for model in settings.models:
             handle = await asyncio.to_thread(repository.load, model)
             batcher.set_max_batch_size(model, int(handle.config.get("max_batch_size", 64)))
-            if handle.config.get("role") in TOKEN_ROLES:
+            if handle.config.get("role") in NO_WINDOW_ROLES:
                 batcher.set_queue_delay(model, 0.0)
             warm_ms[model] = await asyncio.to_thread(warm_up, handle)
             runtime.log.info("loaded %s version %s (%.3f ms per item warm)", handle.name, handle.version,
