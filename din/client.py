@@ -247,8 +247,6 @@ class DinClient:
 
     def open_chunk(self, request_id: str, data: bytes, headers: Mapping[str, str] | None) -> StreamChunkV1:
         """Decode one message of a token stream, checked like an answer and bound to its position in the stream."""
-        if headers and DIN_ERROR_HEADER in headers:
-            raise DinRequestError(ErrorReplyV1.model_validate_json(data).error)
         seq = headers.get(STREAM_SEQ_HEADER) if headers else None
         plain, _, _ = self._open(request_id, data, headers, seq=int(seq) if seq and seq.isdigit() else None)
         return StreamChunkV1.model_validate_json(plain)

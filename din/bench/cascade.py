@@ -100,19 +100,27 @@ async def measure(client: DinClient, path: str, model: str, threshold: float | N
     )
 
 
+async def measure_paths(client: DinClient, x: np.ndarray, y: np.ndarray, thresholds: list[float], warm_up: int,
+                        target_rates: list[float] = ()) -> list[CascadeMeasurement]:
+    """Warm both models up, then each alone and the cascade at each threshold and each target escalation rate."""
+    for model in (SMALL, LARGE):
+        for i in range(warm_up):
+            await client.infer(model, {"input": x[i % len(x) : i % len(x) + 1]})
+    results = [await measure(client, f"{SMALL} alone", SMALL, None, x, y),
+               await measure(client, f"{LARGE} alone", LARGE, None, x, y)]
+    for threshold in thresholds:
+        results.append(await measure(client, f"cascade @ {threshold:g}", LARGE, threshold, x, y))
+    for rate in target_rates:
+        results.append(await measure(client, f"cascade, target rate {rate:g}", LARGE, None, x, y, rate=rate))
+    return results
+
+
 async def measure_all(stack: Stack, x: np.ndarray, y: np.ndarray, thresholds: list[float],
                       warm_up: int) -> list[CascadeMeasurement]:
     token = issue_token("bench", read_credentials(stack.credentials_file)["bench"])
     client = await DinClient.connect(stack.hub_url, "bench", token, stack.tenant_keys("bench"))
     try:
-        for model in (SMALL, LARGE):
-            for i in range(warm_up):
-                await client.infer(model, {"input": x[i % len(x) : i % len(x) + 1]})
-        results = [await measure(client, f"{SMALL} alone", SMALL, None, x, y),
-                   await measure(client, f"{LARGE} alone", LARGE, None, x, y)]
-        for threshold in thresholds:
-            results.append(await measure(client, f"cascade @ {threshold:g}", LARGE, threshold, x, y))
-        return results
+        return await measure_paths(client, x, y, thresholds, warm_up)
     finally:
         await client.close()
 

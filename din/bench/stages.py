@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 import uvloop
 
-from din.bench.cascade import CascadeMeasurement
-from din.bench.cascade import measure as measure_cascade_path
+from din.bench.cascade import CascadeMeasurement, measure_paths
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
@@ -307,17 +306,7 @@ async def measure_all(stack: Stack, x: np.ndarray, y: np.ndarray, *, warm_up: in
     report = StagesReport()
     client = await _client(stack, "bench")
     try:
-        for model in ("digits-small", "digits-large"):
-            for i in range(warm_up):
-                await client.infer(model, {"input": x[i % len(x) : i % len(x) + 1]})
-        report.cascade = [await measure_cascade_path(client, "digits-small alone", "digits-small", None, x, y),
-                          await measure_cascade_path(client, "digits-large alone", "digits-large", None, x, y)]
-        for threshold in thresholds:
-            report.cascade.append(await measure_cascade_path(client, f"cascade @ {threshold:g}", "digits-large",
-                                                             threshold, x, y))
-        for rate in target_rates:
-            report.cascade.append(await measure_cascade_path(client, f"cascade, target rate {rate:g}",
-                                                             "digits-large", None, x, y, rate=rate))
+        report.cascade = await measure_paths(client, x, y, thresholds, warm_up, target_rates)
         report.split = await measure_split(client, x, y, warm_up)
     finally:
         await client.close()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from services.admission.intake import SPLIT_AUTO, SPLIT_NONE, Intake, read_intake
 from services.admission.quota import QuotaLedger
-from shared.catalog import ModelCatalog
+from shared.catalog import ModelCatalog, ModelEntry
 from shared.contracts.events import PressureV1
 from shared.credentials import InvalidCredential, TenantVerifier
 from shared.errors import DinError, ErrorCode
@@ -61,7 +61,7 @@ class AdmissionGate:
         cascade = intake.cascade_threshold is not None or intake.cascade_target_rate is not None
         if cascade and len(self._catalog.variants(model)) < 2:
             raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} has no other variant of its task to cascade with")
-        self._check_stages(model, intake)
+        self._check_stages(entry, intake)
         wait_s = self._quota.admit(tenant)
         if wait_s > 0:
             raise DinError(
@@ -72,8 +72,8 @@ class AdmissionGate:
         self._check_load(intake, now_ms)
         return intake
 
-    def _check_stages(self, model: str, intake: Intake) -> None:
-        entry = self._catalog.get(model)
+    def _check_stages(self, entry: ModelEntry, intake: Intake) -> None:
+        model = entry.name
         if intake.max_tokens is not None and (entry.prefill_model is None or self._catalog.get(entry.prefill_model)
                                               is None):
             raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} does not generate tokens (max_tokens needs a model "

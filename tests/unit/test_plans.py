@@ -21,6 +21,7 @@ from shared.contracts.inference import SlaClass
 from shared.contracts.job import JobV1, StageKind, WorkloadClassV1
 from shared.errors import DinError, ErrorCode
 from shared.topology import Topology
+from tests.unit.test_security_keys import TOPOLOGY as SITES_TOPOLOGY
 
 NOW_MS = 1_000_000.0
 LARGE = "digits-large"
@@ -30,17 +31,8 @@ HEADS, TAILS = list(HEAD.values()), list(TAIL.values())
 
 TOPOLOGY = Topology.model_validate(
     {
+        **SITES_TOPOLOGY.model_dump(include={"sites", "links"}),
         "name": "plans",
-        "sites": [
-            {"name": "cloud", "role": "hub"},
-            {"name": "factory", "role": "edge"},
-            {"name": "branch", "role": "edge"},
-        ],
-        "links": [
-            {"between": ["cloud", "factory"], "path": "dedicated"},
-            {"between": ["cloud", "branch"], "path": "internet"},
-            {"between": ["factory", "branch"], "path": "vpn"},
-        ],
         "tenants": [
             {"name": "acme", "sensitive_sites": ["factory"]},
             {"name": "vault", "always_sensitive": True, "sensitive_sites": ["factory", "cloud"]},
