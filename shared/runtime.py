@@ -1,11 +1,18 @@
 """The front door every service is built on: a FastStream app over NATS, a Kafka event log and health.
 
+A service is a ``Service`` subclass whose handlers are methods declared with
+``endpoint`` (a raw message on the request path), ``job_endpoint`` (a message
+carrying a ``JobV1``: decoded, dead-lettered when it is not one, and traced as
+one hop) or ``control`` (a typed FastStream subscriber of the control plane).
+Each declaration names its channel (the key of ``shared.channels.CHANNELS``),
+the subject, the queue group and the channels it publishes to, so the class is
+the service's map and the AsyncAPI document is generated from it.
+
 Control-plane subscribers (health, heartbeats, probes) are ordinary FastStream
-subscribers. Request-path handlers are registered with ``hot_path`` and run
-as plain nats-py subscriptions on the broker's own connection: FastStream's
-per-message pipeline measured ~300 us and ~3k msg/s per handler on our 2-core
-machine, against ~25k msg/s for a bare nats-py callback, and every request
-crosses four handlers.
+subscribers. Request-path handlers run as plain nats-py subscriptions on the
+broker's own connection: FastStream's per-message pipeline measured ~300 us and
+~3k msg/s per handler on our 2-core machine, against ~25k msg/s for a bare
+nats-py callback, and every request crosses four handlers.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import uvloop
 from faststream import FastStream
@@ -25,6 +34,7 @@ from nats.aio.msg import Msg
 
 from shared import __version__
 from shared.contracts.events import DeadLetterV1, HealthV1
+from shared.contracts.job import JobV1
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.eventlog import EventLog
 from shared.naming import Subjects, Topics
@@ -32,7 +42,59 @@ from shared.settings import ServiceSettings
 from shared.tracing import Tracing
 
 Handler = Callable[[Msg], Awaitable[None]]
+SubjectOf = str | Callable[[Any], str]
 log = logging.getLogger(__name__)
+
+RAW, JOB, CONTROL = "raw", "job", "control"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One subscription a service declares: the channel it serves, where, and what handling it publishes to.
+
+    ``subject`` and ``queue`` are strings or functions of the service's settings (e.g. an executor's own
+    subject); ``publishes`` names channels (keys of ``shared.channels.CHANNELS``) and Kafka topics.
+    """
+
+    channel: str
+    subject: SubjectOf
+    queue: SubjectOf | None = None
+    publishes: tuple[str, ...] = ()
+    kind: str = RAW
+    span: str | None = None
+
+    def resolve(self, settings: Any) -> tuple[str, str | None]:
+        """The concrete subject and queue group under ``settings``."""
+        subject = self.subject(settings) if callable(self.subject) else self.subject
+        queue = self.queue(settings) if callable(self.queue) else self.queue
+        return subject, queue
+
+
+def _declare(spec: Endpoint) -> Callable:
+    def mark(method: Callable) -> Callable:
+        method.__din_endpoint__ = spec
+        return method
+
+    return mark
+
+
+def endpoint(channel: str, subject: SubjectOf, *, queue: SubjectOf | None = None,
+             publishes: tuple[str, ...] = ()) -> Callable:
+    """Declare ``async def on_<channel>(self, msg: Msg)``: a request-path handler of raw messages."""
+    return _declare(Endpoint(channel, subject, queue, tuple(publishes), RAW))
+
+
+def job_endpoint(channel: str, subject: SubjectOf, *, queue: SubjectOf | None = None,
+                 publishes: tuple[str, ...] = (), span: str | None = None) -> Callable:
+    """Declare ``async def on_<channel>(self, job: JobV1, msg: Msg)``: the job header is decoded first (a
+    message without a valid one is dead-lettered) and, with ``span``, the call is one hop of the job's trace."""
+    return _declare(Endpoint(channel, subject, queue, tuple(publishes), JOB, span))
+
+
+def control(channel: str, subject: SubjectOf, *, queue: SubjectOf | None = None,
+            publishes: tuple[str, ...] = ()) -> Callable:
+    """Declare a typed FastStream subscriber (its argument a contract model, its return the reply)."""
+    return _declare(Endpoint(channel, subject, queue, tuple(publishes), CONTROL))
 
 
 class ServiceRuntime:
@@ -76,10 +138,10 @@ class ServiceRuntime:
         self._background: list[asyncio.Task] = []
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
 
-        health_subjects = [Subjects.health(name)]
+        self.health_subjects = [Subjects.health(name)]
         if instance is not None:
-            health_subjects.append(Subjects.health(name, instance))
-        for subject in health_subjects:
+            self.health_subjects.append(Subjects.health(name, instance))
+        for subject in self.health_subjects:
             self.broker.subscriber(subject, include_in_schema=False)(self._health)
 
         self.app.on_startup(self._start)
@@ -90,6 +152,24 @@ class ServiceRuntime:
     def nc(self) -> NatsClient:
         """The underlying nats-py connection (valid once the app has started)."""
         return self.broker.connection
+
+    def job_handler(self, handler: Callable[[JobV1, Msg], Awaitable[None]], span: str | None) -> Handler:
+        """``handler`` behind job decoding (dead-letter when the header is missing or invalid) and a trace hop."""
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                job = JobV1.from_headers(msg.headers)
+            except ValueError:
+                self.dead_letter(msg, "missing or invalid job header")
+                return
+            if span is None:
+                await handler(job, msg)
+                return
+            with self.tracing.hop(span, job.traceparent, **{"din.request_id": job.request_id}) as (
+                    _, job.traceparent):
+                await handler(job, msg)
+
+        return on_message
 
     def hot_path(self, subject: str, queue: str | None = None) -> Callable[[Handler], Handler]:
         """Register ``handler`` as a plain nats-py subscription opened after start-up."""
@@ -216,7 +296,66 @@ class ServiceRuntime:
         await self.nc.publish(reply_to, body, headers=headers)
 
 
-def run_service(runtime: ServiceRuntime) -> None:
+class Service:
+    """A service instance: its settings, its runtime, and the endpoints its class declares.
+
+    Subclasses set ``name`` (and ``publishes``, the channels and topics it sends to outside any handler, e.g.
+    heartbeats or decision records), declare handlers with ``endpoint``/``job_endpoint``/``control`` and
+    override ``detail`` for their health answer.
+    """
+
+    name: ClassVar[str]
+    publishes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: ServiceSettings, *, instance: str | None = None) -> None:
+        self.settings = settings
+        self.runtime = ServiceRuntime(self.name, settings, instance=instance)
+        self.runtime.detail = self.detail
+        for attribute, spec in self.endpoints().items():
+            method = getattr(self, attribute)
+            subject, queue = spec.resolve(settings)
+            if spec.kind == CONTROL:
+                self.runtime.broker.subscriber(subject, queue=queue or "", include_in_schema=False)(method)
+            elif spec.kind == JOB:
+                self.runtime.hot_path(subject, queue)(self.runtime.job_handler(method, spec.span))
+            else:
+                self.runtime.hot_path(subject, queue)(method)
+
+    @classmethod
+    def endpoints(cls) -> dict[str, Endpoint]:
+        """The declared endpoints by handler name, in the order the class defines them."""
+        found: dict[str, Endpoint] = {}
+        for klass in reversed(cls.__mro__):
+            for attribute, value in vars(klass).items():
+                spec = getattr(value, "__din_endpoint__", None)
+                if spec is not None:
+                    found[attribute] = spec
+        return found
+
+    def subscriptions(self) -> list[tuple[str, str | None]]:
+        """Every (subject, queue group) this instance subscribes to, health included."""
+        health = [(subject, None) for subject in self.runtime.health_subjects]
+        return health + [spec.resolve(self.settings) for spec in self.endpoints().values()]
+
+    def detail(self) -> dict[str, Any]:
+        """Service-specific fields of the health answer."""
+        return {}
+
+    @property
+    def app(self) -> FastStream:
+        return self.runtime.app
+
+    @property
+    def nc(self) -> NatsClient:
+        return self.runtime.nc
+
+    @property
+    def log(self) -> logging.Logger:
+        return self.runtime.log
+
+
+def run_service(service: Service | ServiceRuntime) -> None:
     """Run a service on uvloop until SIGINT or SIGTERM, then drain and exit."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime = service.runtime if isinstance(service, Service) else service
     uvloop.run(runtime.app.run())

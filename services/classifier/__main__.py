@@ -1,5 +1,5 @@
-from services.classifier.main import create_runtime
+from services.classifier.main import Classifier
 from services.classifier.settings import ClassifierSettings
 from shared.runtime import run_service
 
-run_service(create_runtime(ClassifierSettings()))
+run_service(Classifier(ClassifierSettings()))

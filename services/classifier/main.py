@@ -17,49 +17,53 @@ from shared.contracts.events import ClassificationV1
 from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.errors import DinError, ErrorCode
 from shared.naming import Subjects, Topics
-from shared.runtime import ServiceRuntime
+from shared.runtime import Service, job_endpoint
 from shared.security import payload_size
 from shared.topology import load_topology
 
 
-def create_runtime(settings: ClassifierSettings) -> ServiceRuntime:
-    """Build the classifier service."""
-    runtime = ServiceRuntime("classifier", settings)
-    topology = load_topology(settings.topology)
-    policy = WorkloadPolicy(topology.tenants, ModelCatalog.from_repository(settings.model_repo), settings.sensitive_labels)
-    counts = {"classified": 0}
-    runtime.detail = lambda: counts
+class Classifier(Service):
+    """Labels each admitted job with its workload class (task, SLA, size, sensitivity, candidate models)."""
 
-    @runtime.hot_path(Subjects.CLASSIFY, queue="classifier")
-    async def on_classify(msg: Msg) -> None:
-        try:
-            job = JobV1.from_headers(msg.headers)
-        except ValueError:
-            runtime.dead_letter(msg, "missing or invalid job header")
-            return
-        with runtime.tracing.hop("classifier classify", job.traceparent, **{"din.request_id": job.request_id}) as (
-                _, job.traceparent):
-            await classify(job, msg)
+    name = "classifier"
+    publishes = (Topics.CLASSIFICATIONS,)
 
-    async def classify(job: JobV1, msg: Msg) -> None:
+    def __init__(self, settings: ClassifierSettings) -> None:
+        super().__init__(settings)
+        topology = load_topology(settings.topology)
+        self.policy = WorkloadPolicy(
+            topology.tenants, ModelCatalog.from_repository(settings.model_repo), settings.sensitive_labels
+        )
+        self.counts = {"classified": 0}
+
+    def detail(self) -> dict[str, int]:
+        return self.counts
+
+    @job_endpoint("classify", Subjects.CLASSIFY, queue="classifier", span="classifier classify",
+                  publishes=("schedule", "inferReply"))
+    async def on_classify(self, job: JobV1, msg: Msg) -> None:
         try:
-            job.workload = policy.classify(job, payload_size(msg.data, msg.headers))
-            stages = policy.cascade_stages(job)
+            job.workload = self.policy.classify(job, payload_size(msg.data, msg.headers))
+            stages = self.policy.cascade_stages(job)
             if stages is not None:
                 job.escalate_to, job.cascade_stage = stages[1], 1
         except KeyError as exc:
-            await runtime.answer_error(job.reply_to, DinError(ErrorCode.INTERNAL, f"no policy for {exc}"), job.request_id)
+            await self.runtime.answer_error(job.reply_to, DinError(ErrorCode.INTERNAL, f"no policy for {exc}"),
+                                            job.request_id)
             return
         now_ms = time.time() * 1000.0
         job.stamps_ms["classified"] = now_ms
         headers = {k: v for k, v in msg.headers.items() if not k.startswith(HEADER_PREFIX)}
         headers.update(job.to_headers())
-        await runtime.nc.publish(Subjects.SCHEDULE, msg.data, headers=headers)
-        counts["classified"] += 1
-        runtime.events.emit(
+        await self.nc.publish(Subjects.SCHEDULE, msg.data, headers=headers)
+        self.counts["classified"] += 1
+        self.runtime.events.emit(
             Topics.CLASSIFICATIONS,
             ClassificationV1(request_id=job.request_id, tenant=job.tenant, workload=job.workload, at_ms=now_ms),
             key=job.tenant,
         )
 
-    return runtime
+
+def create_runtime(settings: ClassifierSettings):
+    """Build the classifier service (its runtime, for launchers that start runtimes)."""
+    return Classifier(settings).runtime
