@@ -11,6 +11,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from shared.contracts.job import JobV1
+from shared.lifecycle import past_cutoff
 
 
 @dataclass
@@ -76,7 +77,7 @@ class InflightTable:
     def due(self, now_ms: float, margin_ms: float) -> list[InflightJob]:
         """Remove and return open jobs whose deadline is less than ``margin_ms`` away."""
         expired = []
-        while self._deadlines and self._deadlines[0][0] - margin_ms <= now_ms:
+        while self._deadlines and past_cutoff(self._deadlines[0][0], now_ms, margin_ms):
             _, request_id = heapq.heappop(self._deadlines)
             entry = self._jobs.pop(request_id, None)
             if entry is not None:

@@ -1,0 +1,204 @@
+"""How a job ends: the rules the executor and the scheduler share, without NATS.
+
+At an executor every job it takes ends in one ``Outcome``: a result or an error
+to the client, silence within the deadline margin (the scheduler's watchdog
+answers), its output handed on to the next stage of its plan, handed back to
+the scheduler because the executor is full, escalated by a cascade, or (pulled
+from a site queue) NAK'd so the queue offers it again. Its completion event
+closes the job at the scheduler (``Din-Request-Id``) only when the client was
+answered; a hand-off carries ``Din-Stage-Done`` instead and keeps the job open.
+
+At the scheduler a job stays in flight until a completion closes it or the
+watchdog answers it at its deadline margin. An executor's death dispatches its
+open jobs again while time remains, except a token stream whose first token
+has already gone to the client.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Mapping
+
+from shared.contracts.inference import RequestHeaders
+from shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageV1
+from shared.errors import ErrorCode
+
+MAX_ATTEMPTS = 3
+"""Dispatches a job may have before a full executor fails it instead of handing it back."""
+
+FIRST_TOKEN_STAMP = "first_token"
+"""``JobV1.stamps_ms`` key set when a generation's first token went to the client."""
+
+
+class Outcome(StrEnum):
+    """How one job ended at one executor."""
+
+    ANSWERED = "answered"
+    """The result went to the client."""
+    FAILED = "failed"
+    """An error went to the client."""
+    LEFT_TO_WATCHDOG = "left-to-watchdog"
+    """Within the deadline margin: not answered here, the scheduler's watchdog answers."""
+    HANDED_ON = "handed-on"
+    """A multi-stage job's stage sent its output to the next stage (the job stays open)."""
+    ESCALATED = "escalated"
+    """A cascade's small variant was not sure: back to the scheduler for the large variant."""
+    GIVEN_BACK = "given-back"
+    """The executor was full: back to the scheduler to be placed elsewhere."""
+    REQUEUED = "requeued"
+    """Pulled from a site queue and NAK'd because full: the queue offers it again."""
+
+
+class Settlement(StrEnum):
+    """What an executor tells its site's work queue about a pulled message."""
+
+    ACK = "ack"
+    """Done with (whatever the outcome): the queue forgets it."""
+    NAK = "nak"
+    """Not taken: offer it again after a delay."""
+    TERM = "term"
+    """Not a job this executor can read: never offer it again."""
+
+
+class Redispatch(StrEnum):
+    """What the scheduler does with an open job whose executor died."""
+
+    DISPATCH_AGAIN = "dispatch-again"
+    """Place it afresh (a multi-stage job gets a new plan)."""
+    STREAM_INTERRUPTED = "stream-interrupted"
+    """A token stream already under way: answer ``EXECUTOR_LOST`` (tokens cannot be taken back)."""
+    NO_TIME_LEFT = "no-time-left"
+    """Within the deadline margin: answer ``EXECUTOR_LOST``."""
+
+
+def cutoff_ms(deadline_ms: float, margin_ms: float) -> float:
+    """The last moment work on a job is worth doing: ``margin_ms`` before its deadline."""
+    return deadline_ms - margin_ms
+
+
+def past_cutoff(deadline_ms: float, now_ms: float, margin_ms: float) -> bool:
+    """Whether a job is within ``margin_ms`` of its deadline: the executor gives up on it silently, the
+    scheduler's watchdog answers it, and a lost executor's job is not dispatched again."""
+    return now_ms >= cutoff_ms(deadline_ms, margin_ms)
+
+
+def has_streamed(job: JobV1) -> bool:
+    """Whether a token of the job's generation already went to the client (it can no longer move)."""
+    return FIRST_TOKEN_STAMP in job.stamps_ms
+
+
+def outcome_of_error(code: ErrorCode, *, pulled: bool, streamed: bool, attempt: int, plan_stage: int) -> Outcome:
+    """How a job that failed with ``code`` at an executor ends.
+
+    A full executor (``OVERLOADED``) NAKs a pulled job, or hands a first-stage job back while it has attempts
+    left, unless a token has streamed; ``DEADLINE_EXCEEDED`` is left to the scheduler's watchdog; anything
+    else is answered as an error.
+    """
+    if code == ErrorCode.OVERLOADED and not streamed:
+        if pulled:
+            return Outcome.REQUEUED
+        if attempt < MAX_ATTEMPTS and plan_stage == 0:
+            return Outcome.GIVEN_BACK
+    if code == ErrorCode.DEADLINE_EXCEEDED:
+        return Outcome.LEFT_TO_WATCHDOG
+    return Outcome.FAILED
+
+
+def may_escalate(job: JobV1) -> bool:
+    """Whether an answer of this job may escalate instead of going to the client: a cascade's first step
+    with a large variant to go to."""
+    return job.cascade_stage == 1 and bool(job.escalate_to)
+
+
+def reports_completion(outcome: Outcome) -> bool:
+    """Whether the executor publishes a completion event: not for a job it handed back or NAK'd, which
+    another executor completes."""
+    return outcome not in (Outcome.GIVEN_BACK, Outcome.REQUEUED)
+
+
+def completion_headers(outcome: Outcome, request_id: str) -> dict[str, str] | None:
+    """Headers of the completion event: ``Din-Request-Id`` closes the job at the scheduler (the client was
+    answered), ``Din-Stage-Done`` marks a stage hand-off (the job stays open); an escalation and a give-up
+    at the deadline carry none, so the scheduler keeps the job (the large variant, or its watchdog, answers)."""
+    if outcome in (Outcome.ANSWERED, Outcome.FAILED):
+        return {RequestHeaders.REQUEST_ID: request_id}
+    if outcome == Outcome.HANDED_ON:
+        return {STAGE_DONE_HEADER: request_id}
+    if outcome in (Outcome.ESCALATED, Outcome.LEFT_TO_WATCHDOG):
+        return None
+    raise ValueError(f"a job {outcome.value} reports no completion")
+
+
+def settlement(outcome: Outcome | None) -> Settlement:
+    """What to tell the work queue about a pulled message; ``outcome`` None: it was not a readable job."""
+    if outcome is None:
+        return Settlement.TERM
+    return Settlement.NAK if outcome == Outcome.REQUEUED else Settlement.ACK
+
+
+def give_back(job: JobV1, executor_id: str) -> None:
+    """Mark ``job`` handed back by a full ``executor_id``: one more attempt, elsewhere."""
+    job.attempt += 1
+    job.avoid.append(executor_id)
+
+
+def escalate(job: JobV1, now_ms: float) -> None:
+    """Turn a cascade's first step into its second: the large variant only, placed afresh."""
+    job.cascade_stage = 2
+    if job.workload is not None:
+        job.workload.candidates = [job.escalate_to]
+    job.model_chosen = job.site_chosen = job.executor_chosen = None
+    job.avoid = []
+    job.stamps_ms["escalated"] = now_ms
+
+
+def hand_on(job: JobV1, now_ms: float) -> StageV1:
+    """Move ``job`` to the next stage of its plan, to be sent there; the stage's hand-off time is stamped
+    (``stage_<index>``). Returns that stage."""
+    following = job.plan[job.stage + 1]
+    job.stage += 1
+    job.model_chosen, job.site_chosen, job.executor_chosen = following.model, following.site, following.executor
+    job.stamps_ms[f"stage_{job.stage}"] = now_ms
+    return following
+
+
+def runs_here(stage: StageV1, site: str, executor_id: str, serves_model: bool) -> bool:
+    """Whether this executor may run ``stage`` itself instead of sending it on (a co-located decode)."""
+    return stage.site == site and stage.executor in (None, executor_id) and serves_model
+
+
+def stage_done(headers: Mapping[str, str] | None) -> str | None:
+    """The request id a completion event marks as one stage handed on (its job stays open), if any."""
+    return (headers or {}).get(STAGE_DONE_HEADER)
+
+
+def closes_job(headers: Mapping[str, str] | None) -> str | None:
+    """The request id whose in-flight job a completion event closes at the scheduler, if any."""
+    headers = headers or {}
+    if STAGE_DONE_HEADER in headers:
+        return None
+    return headers.get(RequestHeaders.REQUEST_ID) or None
+
+
+def may_redispatch(job: JobV1, stages_done: int, now_ms: float, margin_ms: float) -> Redispatch:
+    """What to do with an open job whose executor died; ``stages_done`` counts its stages handed on."""
+    if job.max_tokens is not None and stages_done:
+        return Redispatch.STREAM_INTERRUPTED
+    if past_cutoff(job.deadline_ms, now_ms, margin_ms):
+        return Redispatch.NO_TIME_LEFT
+    return Redispatch.DISPATCH_AGAIN
+
+
+def reset_for_redispatch(job: JobV1) -> None:
+    """Make a lost executor's job new again for placement: one more attempt, no executor, no plan."""
+    job.attempt += 1
+    job.executor_chosen = None
+    job.plan, job.stage, job.split_chosen = [], 0, None
+
+
+def watchdog_error(assigned_executor: str | None, executor_alive: bool) -> ErrorCode:
+    """The code the watchdog answers an open job with at its deadline margin: ``EXECUTOR_LOST`` when the
+    executor it was assigned to has gone, else ``DEADLINE_EXCEEDED``."""
+    if assigned_executor is not None and not executor_alive:
+        return ErrorCode.EXECUTOR_LOST
+    return ErrorCode.DEADLINE_EXCEEDED
