@@ -87,4 +87,6 @@ def read_credentials(path: Path) -> dict[str, str]:
             bytes.fromhex(secret)
         return {str(k): str(v) for k, v in tenants.items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"credentials file {path} unusable ({exc.__class__.__name__}): rerun `din up` or fix it") from None
+        raise ValueError(
+            f"credentials file {path} unusable ({exc.__class__.__name__}): rerun `din up` or fix it"
+        ) from None

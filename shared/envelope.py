@@ -86,6 +86,7 @@ __all__ = [
     "DEFAULT_GRACE_S",
     "DataKey",
     "Identity",
+    "InstalledKey",
     "InvalidToken",
     "Keyring",
     "PathPolicy",
@@ -305,6 +306,17 @@ class Identity:
         """The publishable half."""
         return self._public
 
+    def sign(self, message: bytes) -> bytes:
+        """Ed25519 signature (64 bytes) over ``message``."""
+        return self._ed25519.sign(message)
+
+    def agree(self, peer_x25519: bytes) -> bytes:
+        """X25519 shared secret with a peer's 32-byte public key."""
+        return self._x25519.exchange(X25519PublicKey.from_public_bytes(peer_x25519))
+
+    def _private_bytes(self) -> bytes:
+        return _raw_private(self._x25519) + _raw_private(self._ed25519)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -339,7 +351,7 @@ def wrap_private(identity: Identity, master_key: bytes) -> bytes:
     aead = _master_aead(master_key)
     header = _WRAPPED_PRIVATE_MAGIC + bytes([identity._kind]) + _name_bytes(identity.name)
     nonce = os.urandom(NONCE_BYTES)
-    secret = _raw_private(identity._x25519) + _raw_private(identity._ed25519)
+    secret = identity._private_bytes()
     return header + nonce + aead.encrypt(nonce, secret, header)
 
 
@@ -409,7 +421,7 @@ def wrap_dek_for(recipient: PublicIdentity, dek: DataKey, *, issuer: Identity) -
     header = _WRAPPED_DEK_MAGIC + _dek_context(dek.reader, dek.version) + ephemeral_public
     nonce = os.urandom(NONCE_BYTES)
     body = header + nonce + AESGCM(wrapping_key).encrypt(nonce, dek.key, header + recipient.x25519)
-    return body + issuer._ed25519.sign(body + recipient.x25519)
+    return body + issuer.sign(body + recipient.x25519)
 
 
 def unwrap_dek(identity: Identity, wrapped: bytes, *, issuer_public: PublicIdentity) -> DataKey:
@@ -428,7 +440,7 @@ def unwrap_dek(identity: Identity, wrapped: bytes, *, issuer_public: PublicIdent
         ciphertext = body[offset + 32 + NONCE_BYTES :]
         if len(ciphertext) != KEY_BYTES + _TAG_BYTES:
             raise ValueError("length")
-        shared = identity._x25519.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
+        shared = identity.agree(ephemeral_public)
         wrapping_key = _hkdf(shared, _LABEL + b"/dek-wrap", salt=ephemeral_public + own_public)
         key = AESGCM(wrapping_key).decrypt(nonce, ciphertext, body[: offset + 32] + own_public)
         return DataKey(reader, version, key)
@@ -440,12 +452,48 @@ def unwrap_dek(identity: Identity, wrapped: bytes, *, issuer_public: PublicIdent
         raise InvalidToken(Reason.MALFORMED) from None
 
 
-@dataclass(slots=True)
-class _Entry:
-    dek: DataKey
-    aead: AESGCM
-    mac_key: bytes
-    accept_until: float | None = None  # None while current or not yet retired
+class InstalledKey:
+    """One DEK version held by a ``Keyring``, with the AEAD and MAC keys derived from it once.
+
+    ``accept_until`` is None while the version is current or pending, else the time after
+    which ``open`` refuses it.
+    """
+
+    __slots__ = ("dek", "accept_until", "_aead", "_mac_key")
+
+    def __init__(self, dek: DataKey) -> None:
+        context = _dek_context(dek.reader, dek.version)
+        self.dek = dek
+        self.accept_until: float | None = None
+        self._aead = AESGCM(_hkdf(dek.key, _LABEL + b"/aead/" + context))
+        self._mac_key = _hkdf(dek.key, _LABEL + b"/mac/" + context)
+
+    @property
+    def version(self) -> int:
+        return self.dek.version
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, associated: bytes) -> bytes:
+        """AES-256-GCM: ciphertext || 16-byte tag."""
+        return self._aead.encrypt(nonce, plaintext, associated)
+
+    def decrypt(self, nonce: bytes, ciphertext: bytes, associated: bytes) -> bytes:
+        """Inverse of ``encrypt``; raises ``InvalidToken`` (bad tag) if it does not authenticate."""
+        try:
+            return self._aead.decrypt(nonce, ciphertext, associated)
+        except InvalidTag:
+            raise InvalidToken(Reason.BAD_TAG) from None
+
+    def mac(self, associated: bytes, plaintext: bytes) -> bytes:
+        """HMAC-SHA256 over ``associated || 0x00 || plaintext`` (integrity-only mode)."""
+        mac = hmac.new(self._mac_key, associated, "sha256")
+        mac.update(b"\x00")
+        mac.update(plaintext)
+        return mac.digest()
+
+    def verify_mac(self, associated: bytes, plaintext: bytes, tag: bytes) -> None:
+        """Raise ``InvalidToken`` (bad tag) unless ``tag`` is the MAC of ``associated`` and ``plaintext``."""
+        if not hmac.compare_digest(self.mac(associated, plaintext), tag):
+            raise InvalidToken(Reason.BAD_TAG)
 
 
 class Keyring:
@@ -468,8 +516,8 @@ class Keyring:
         self.grace_s = grace_s
         self.clock = clock
         self.random = random
-        self._entries: dict[tuple[str, int], _Entry] = {}
-        self._current: dict[str, _Entry] = {}
+        self._entries: dict[tuple[str, int], InstalledKey] = {}
+        self._current: dict[str, InstalledKey] = {}
         self._revoked: set[str] = set()
 
     def install(
@@ -493,11 +541,7 @@ class Keyring:
             if activate and existing.accept_until is None and self._current.get(dek.reader) is not existing:
                 self.activate(dek.reader, dek.version, now=now, grace_s=grace_s)
             return
-        entry = _Entry(
-            dek=dek,
-            aead=AESGCM(_hkdf(dek.key, _LABEL + b"/aead/" + _dek_context(dek.reader, dek.version))),
-            mac_key=_hkdf(dek.key, _LABEL + b"/mac/" + _dek_context(dek.reader, dek.version)),
-        )
+        entry = InstalledKey(dek)
         current = self._current.get(dek.reader)
         self._entries[slot] = entry
         if current is None or dek.version > current.dek.version:
@@ -527,7 +571,8 @@ class Keyring:
         if current is not None:
             current.accept_until = until
         for (other_reader, other_version), other in self._entries.items():
-            if other_reader == reader and other_version < version and other.accept_until is None and other is not current:
+            pending_older = other_reader == reader and other_version < version and other.accept_until is None
+            if pending_older and other is not current:
                 other.accept_until = until  # an older version still pending never gets to seal
         self._current[reader] = entry
 
@@ -588,13 +633,22 @@ class Keyring:
         """All versions held for ``reader``, oldest first (current and retired)."""
         return sorted(v for r, v in self._entries if r == reader)
 
-    def _sealing_entry(self, reader: str) -> _Entry:
+    def sealing_key(self, reader: str, *, sender: str) -> InstalledKey:
+        """The key ``sender`` seals to ``reader`` with; raises ``SealRefused`` if either is revoked or ``reader``
+        has no current version."""
+        if reader in self._revoked or sender in self._revoked:
+            raise SealRefused("sender or reader is revoked")
         entry = self._current.get(reader)
         if entry is None:
             raise SealRefused(f"no current data key for reader {reader!r}")
         return entry
 
-    def _opening_entry(self, reader: str, version: int, now: float) -> _Entry:
+    def opening_key(self, reader: str, version: int, *, sender: str, now: float | None = None) -> InstalledKey:
+        """The key that opens ``version`` of ``reader`` from ``sender`` at ``now``; raises ``InvalidToken`` for a
+        revoked party, an unknown version or one retired past its grace."""
+        if reader in self._revoked or sender in self._revoked:
+            raise InvalidToken(Reason.REVOKED)
+        now = self.clock() if now is None else now
         entry = self._entries.get((reader, version))
         if entry is None:
             raise InvalidToken(Reason.UNKNOWN_KEY)
@@ -754,13 +808,6 @@ def _aad_header(aad: Mapping[str, str]) -> str:
     return _CANONICAL_JSON.encode(_check_str_map(aad, "aad"))
 
 
-def _mac(key: bytes, associated: bytes, plaintext: bytes) -> bytes:
-    mac = hmac.new(key, associated, "sha256")
-    mac.update(b"\x00")
-    mac.update(plaintext)
-    return mac.digest()
-
-
 def seal(
     plaintext: bytes,
     *,
@@ -778,16 +825,14 @@ def seal(
     and an HMAC-SHA256 tag authenticates it and the headers (trusted local paths only).
     Raises ``SealRefused`` if the reader has no current DEK or a party is revoked.
     """
-    if reader in keyring._revoked or sender in keyring._revoked:
-        raise SealRefused("sender or reader is revoked")
-    entry = keyring._sealing_entry(reader)
+    key = keyring.sealing_key(reader, sender=sender)
     token(sender, what="sender")
     now = keyring.clock() if now is None else now
     nonce = keyring.random(NONCE_BYTES)
     headers = {
         H_VERSION: FORMAT_VERSION,
         H_MODE: MODE_AEAD if confidential else MODE_MAC,
-        H_KEY_VERSION: str(entry.dek.version),
+        H_KEY_VERSION: str(key.version),
         H_SENDER: sender,
         H_READER: reader,
         H_TIMESTAMP: str(int(now * 1000)),
@@ -796,8 +841,8 @@ def seal(
     }
     associated = _canonical(headers)
     if confidential:
-        return Sealed(entry.aead.encrypt(nonce, plaintext, associated), headers)
-    headers[H_TAG] = _b64e(_mac(entry.mac_key, associated, plaintext))
+        return Sealed(key.encrypt(nonce, plaintext, associated), headers)
+    headers[H_TAG] = _b64e(key.mac(associated, plaintext))
     return Sealed(bytes(plaintext), headers)
 
 
@@ -842,19 +887,13 @@ def open(  # noqa: A001 - the Fernet-like name is the point; use as ``envelope.o
     reader = authenticated[H_READER]
     if reader != expected_reader:
         raise InvalidToken(Reason.WRONG_READER)
-    if reader in keyring._revoked or authenticated[H_SENDER] in keyring._revoked:
-        raise InvalidToken(Reason.REVOKED)
     now = keyring.clock() if now is None else now
-    entry = keyring._opening_entry(reader, int(version_text), now)
+    key = keyring.opening_key(reader, int(version_text), sender=authenticated[H_SENDER], now=now)
 
     if mode == MODE_AEAD:
-        try:
-            plaintext = entry.aead.decrypt(nonce, sealed.body, associated)
-        except InvalidTag:
-            raise InvalidToken(Reason.BAD_TAG) from None
+        plaintext = key.decrypt(nonce, sealed.body, associated)
     else:
-        if not hmac.compare_digest(_mac(entry.mac_key, associated, sealed.body), tag):
-            raise InvalidToken(Reason.BAD_TAG)
+        key.verify_mac(associated, sealed.body, tag)
         if not allow_integrity_only:
             raise InvalidToken(Reason.MODE_NOT_ALLOWED)
         plaintext = sealed.body
@@ -881,7 +920,7 @@ def sign_result(identity: Identity, payload: bytes, headers: Mapping[str, str]) 
     ``Din-Sig`` key in ``headers`` is ignored, so the signature can be added to the
     same dict afterwards.
     """
-    return _b64e(identity._ed25519.sign(_result_message(payload, headers)))
+    return _b64e(identity.sign(_result_message(payload, headers)))
 
 
 def verify_result(

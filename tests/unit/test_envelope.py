@@ -375,6 +375,26 @@ def test_revoked_sender_and_reader_are_refused(ring: Keyring) -> None:
     _refused(Reason.REVOKED, envelope.open, to_b, keyring=ring, expected_reader="site-a")
 
 
+def test_keyring_hands_out_the_sealing_and_opening_keys(ring: Keyring, clock: FakeClock) -> None:
+    sealing = ring.sealing_key("site-a", sender="site-b")
+    assert sealing.version == ring.current_version("site-a")
+    associated = b"headers"
+    box = sealing.encrypt(NONCE, b"payload", associated)
+    opening = ring.opening_key("site-a", sealing.version, sender="site-b")
+    assert opening.decrypt(NONCE, box, associated) == b"payload"
+    _refused(Reason.BAD_TAG, opening.decrypt, NONCE, _flip(box, 0), associated)
+    opening.verify_mac(associated, b"payload", sealing.mac(associated, b"payload"))
+    _refused(Reason.BAD_TAG, opening.verify_mac, associated, b"payload!", sealing.mac(associated, b"payload"))
+    _refused(Reason.UNKNOWN_KEY, ring.opening_key, "site-a", 99, sender="site-b")
+    ring.rotate("site-a", grace_s=5)
+    clock.advance(6)
+    _refused(Reason.RETIRED_KEY, ring.opening_key, "site-a", sealing.version, sender="site-b")
+    ring.revoke("site-b")
+    with pytest.raises(SealRefused):
+        ring.sealing_key("site-a", sender="site-b")
+    _refused(Reason.REVOKED, ring.opening_key, "site-a", sealing.version + 1, sender="site-b")
+
+
 def test_every_refusal_looks_the_same(ring: Keyring, clock: FakeClock) -> None:
     """Whatever check fails, the caller sees one code, one message, one reply."""
     signer = Identity.generate("site-a")
@@ -602,7 +622,7 @@ def test_wrapped_dek_refusals() -> None:
     # Signed by the real key manager but wrapped by someone else's ephemeral key: the tag fails.
     forged_body = bytearray(wrapped[:-64])
     forged_body[-1] ^= 1
-    resigned = bytes(forged_body) + keymanager._ed25519.sign(bytes(forged_body) + site.public.x25519)
+    resigned = bytes(forged_body) + keymanager.sign(bytes(forged_body) + site.public.x25519)
     _refused(Reason.BAD_TAG, envelope.unwrap_dek, site, resigned, issuer_public=keymanager.public)
 
 

@@ -20,11 +20,11 @@ from shared.envelope import InvalidToken, Reason, SealRefused
 from shared.errors import ErrorCode
 from shared.security import (
     ANSWER_FIELD,
-    AUDIT,
     ANSWER_PLAIN,
+    AUDIT,
     SIGNER_HEADER,
-    PayloadSecurity,
     PayloadProtection,
+    PayloadSecurity,
     check_binding,
     payload_size,
     request_binding,

@@ -23,8 +23,8 @@ from shared.security import (
     sign_entry,
     site_principal,
 )
-
 from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH, T0
+
 AAD = {"rid": "r1", "tenant": "acme"}
 
 

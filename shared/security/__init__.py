@@ -1,0 +1,176 @@
+"""Who holds which key, how keys reach them, and how each hop of a request is sealed.
+
+``shared.envelope`` is the crypto; this package wires it into DIN. It imports no
+``cryptography.hazmat``: every primitive goes through ``shared.envelope``. Import
+every name from ``shared.security``; the modules hold one concern each:
+
+``principals``  who is who, and who holds each reader's data key (``key_holders``)
+``policy``      the operator's per-path crypto policy (``CryptoPolicy``, ``Level``)
+``keyfiles``    the master key, the key store and the principal key files (``init_keys``)
+``bucket``      names and signed values of the ``DIN_KEYS`` bucket entries
+``agent``       ``KeyAgent``: a principal's view of the bucket, fed by a JetStream watch
+``bindings``    what each hop's seal binds (``request_binding``, ``stage_binding``, ``result_binding``)
+``headers``     the envelope and signature headers on a message
+``payload``     ``PayloadSecurity``: seal, open, sign and verify as one process
+``commands``    operator key commands, signed and verified
+``settings``    ``SecuredServiceSettings``, the settings of every service that seals
+
+Principals
+    ``site-<site>`` (a site's executors; the hub site's admission and scheduler),
+    ``tenant-<tenant>`` (a tenant's clients), ``audit`` (reads recorded payloads),
+    ``operator`` (signs key commands) and ``keymanager`` (the key authority).
+    Each has an ``Identity`` (X25519 + Ed25519).
+
+Key files (``init_keys``, run by ``din up`` and ``din keys init``)
+    ``keys/master.key``      the key manager's 32-byte master key (mode 0600)
+    ``keys/keystore.json``   every identity, its private keys wrapped under
+                             ``unlock(master, principal)`` = HMAC-SHA256(master,
+                             ``"din.keys.v1/unlock\\0" || principal``): the key manager's store
+    ``keys/<principal>.json`` one principal's credentials (mode 0600): its wrapped
+                             identity and unlock key, the key manager's public key
+                             to pin, the bucket and JetStream domain. A service is
+                             given only its own file, so it holds only its own identity.
+
+Data keys (DEKs) and readers
+    A payload is sealed to a *reader*; the reader's DEK (``shared.envelope.Keyring``)
+    opens it. ``key_holders`` decides who receives each reader's DEK:
+    ``site-<s>``: the site and the hub site (whose scheduler seals jobs to it);
+    ``tenant-<t>``: the tenant, the hub site (admission opens requests, the
+    scheduler re-seals them) and every site that may serve the tenant (it seals
+    the result); ``audit``: the auditor and the hub site. The key manager holds
+    every DEK too, wrapped to itself, so it recovers its state from the bucket.
+
+The key-value bucket ``DIN_KEYS`` (JetStream at the hub site), every value signed by the key manager
+    ``pub.<principal>``                  a public identity
+    ``dek.<holder>.<reader>.<version>``  a DEK wrapped to ``holder`` (``wrap_dek_for``),
+                                         with its state: pending, active, or retired at ``not_after``
+    ``revoked``                          revoked principals
+    ``policy``                           the per-path crypto policy, resolved per site
+    A value is ``{"body": <canonical JSON text>, "sig": <Ed25519 over body and key name>}``;
+    each body carries ``issued_ms`` so an older value cannot replace a newer one.
+    Holders watch the bucket (``KeyAgent``) and install DEKs as they appear.
+
+Rotation is two-phase: a new version is published *pending* (every holder can open
+it), activated ``activation_delay_s`` later (holders seal with it), and the old
+version is accepted until ``not_after`` (the grace window), so nothing in flight is lost.
+
+Hops (wire headers: ``Din-Env-*`` from ``shared.envelope``; ``Din-Signer`` and ``Din-Sig`` on results)
+    client -> admission      sealed to ``tenant-<t>`` by the tenant; AAD = ``request_binding``
+                             (request id, tenant, model, reply subject, tensor headers).
+                             Forwarded to classifier and scheduler as it is.
+    scheduler -> executor    opened and re-sealed to ``site-<s>`` with the same AAD,
+                             encrypted or, where the operator's policy allows for that
+                             site's link, integrity-only (sensitive data is always encrypted).
+    executor -> client       the result sealed to ``tenant-<t>`` (AAD ``result_binding``) and
+                             signed by the site (Ed25519 over SHA-256 of the body and the
+                             envelope headers); the client verifies, then opens.
+    executor -> scheduler    a job handed back is re-sealed to ``tenant-<t>``.
+    executor -> executor     a multi-stage job's intermediate tensor or decode state, sealed to
+                             ``tenant-<t>`` (held only by sites that may serve the tenant, which already
+                             hold it to seal results) with AAD ``stage_binding``: request, stage, the next
+                             stage's site, reply subject, tensor headers; the receiving executor refuses
+                             one bound to another site. Token stream chunks go to the client like results.
+    Kafka                    payloads recorded for audit are sealed with ``seal_for_audit``.
+    A tenant named in the policy's ``plaintext_ingress`` may send unsealed requests (raw
+    NATS clients); admission seals them at once and the executor answers unsealed.
+"""
+
+from shared.security.agent import AGENT_GRACE_S, DekState, KeyAgent
+from shared.security.bindings import (
+    ANSWER_FIELD,
+    ANSWER_PLAIN,
+    BOUND_HEADER_PREFIXES,
+    check_binding,
+    request_binding,
+    result_binding,
+    stage_binding,
+)
+from shared.security.bucket import EntryKeys, read_entry, sign_entry
+from shared.security.commands import new_key_command, sign_key_command, verify_key_command
+from shared.security.headers import ENVELOPE_PREFIX, SIGNER_HEADER, is_sealed, payload_size, without_envelope
+from shared.security.keyfiles import (
+    KEY_FILE_FORMAT,
+    KEYS_BUCKET,
+    KEYSTORE_FILE,
+    KEYSTORE_FORMAT,
+    MASTER_KEY_FILE,
+    KeyStore,
+    PrincipalKeys,
+    init_keys,
+    key_file,
+    key_file_name,
+    read_master_key,
+    unlock_key,
+)
+from shared.security.payload import Opened, PayloadSecurity, seal_for_audit, seal_to_site
+from shared.security.policy import LOCAL_PATH, CryptoPolicy, Level, PayloadProtection
+from shared.security.principals import (
+    AUDIT,
+    KEYMANAGER,
+    OPERATOR,
+    SITE_PREFIX,
+    TENANT_PREFIX,
+    key_holders,
+    principals_of,
+    serving_sites,
+    site_of,
+    site_principal,
+    tenant_principal,
+)
+from shared.security.settings import SecuredServiceSettings
+
+__all__ = [
+    "AGENT_GRACE_S",
+    "ANSWER_FIELD",
+    "ANSWER_PLAIN",
+    "AUDIT",
+    "BOUND_HEADER_PREFIXES",
+    "CryptoPolicy",
+    "DekState",
+    "ENVELOPE_PREFIX",
+    "EntryKeys",
+    "KEYMANAGER",
+    "KEYSTORE_FILE",
+    "KEYSTORE_FORMAT",
+    "KEYS_BUCKET",
+    "KEY_FILE_FORMAT",
+    "KeyAgent",
+    "KeyStore",
+    "LOCAL_PATH",
+    "Level",
+    "MASTER_KEY_FILE",
+    "OPERATOR",
+    "Opened",
+    "PayloadProtection",
+    "PayloadSecurity",
+    "PrincipalKeys",
+    "SIGNER_HEADER",
+    "SITE_PREFIX",
+    "SecuredServiceSettings",
+    "TENANT_PREFIX",
+    "check_binding",
+    "init_keys",
+    "is_sealed",
+    "key_file",
+    "key_file_name",
+    "key_holders",
+    "new_key_command",
+    "payload_size",
+    "principals_of",
+    "read_entry",
+    "read_master_key",
+    "request_binding",
+    "result_binding",
+    "seal_for_audit",
+    "seal_to_site",
+    "serving_sites",
+    "sign_entry",
+    "sign_key_command",
+    "site_of",
+    "site_principal",
+    "stage_binding",
+    "tenant_principal",
+    "unlock_key",
+    "verify_key_command",
+    "without_envelope",
+]

@@ -1,0 +1,53 @@
+"""What each hop's seal binds (its AAD): a request, a multi-stage hand-off, a result.
+
+A payload sealed under one binding does not open under another, so a sealed body cannot be moved to another
+request, tenant, model, reply subject, stage or site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from shared.envelope import InvalidToken, Reason
+
+BOUND_HEADER_PREFIXES = ("Din-Tensor-", "Content-Type")
+"""Request headers that change how the body is read: bound into the AAD."""
+ANSWER_FIELD = "answer"
+ANSWER_PLAIN = "plain"
+
+
+def request_binding(request_id: str, tenant: str, model: str, reply: str,
+                    headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The AAD of a request: its id, tenant, model, reply subject, and the headers that say how to read the body."""
+    aad = {"rid": request_id, "tenant": tenant, "model": model, "reply": reply}
+    for name, value in (headers or {}).items():
+        if name.startswith(BOUND_HEADER_PREFIXES):
+            aad[name] = value
+    return aad
+
+
+def stage_binding(request_id: str, tenant: str, stage: int, site: str, reply: str,
+                  headers: Mapping[str, str] | None, *, plain_answer: bool = False) -> dict[str, str]:
+    """The AAD of what a multi-stage job hands to stage ``stage`` at ``site``: the request, the stage, the site, the
+    reply subject and the headers that say how to read the body; ``plain_answer`` when the client may be answered
+    in clear."""
+    aad = request_binding(request_id, tenant, f"stage-{stage}", reply, headers)
+    aad["site"] = site
+    if plain_answer:
+        aad[ANSWER_FIELD] = ANSWER_PLAIN
+    return aad
+
+
+def check_binding(aad: Mapping[str, str], expected: Mapping[str, str]) -> None:
+    """Refuse (``InvalidToken``) unless ``aad`` is ``expected``, give or take the answer mode."""
+    bound = {k: v for k, v in aad.items() if k != ANSWER_FIELD}
+    if bound != dict(expected) or (ANSWER_FIELD in aad and aad[ANSWER_FIELD] != ANSWER_PLAIN):
+        raise InvalidToken(Reason.AAD_MISMATCH)
+
+
+def result_binding(request_id: str, tenant: str, seq: int | None = None) -> dict[str, str]:
+    """The AAD of a result: the request it answers and its tenant; for a token stream's chunk, its position."""
+    aad = {"rid": request_id, "tenant": tenant}
+    if seq is not None:
+        aad["seq"] = str(seq)
+    return aad

@@ -1,0 +1,61 @@
+"""Entries of the ``DIN_KEYS`` bucket: their names, and values signed by the key manager.
+
+A value is ``{"body": <canonical JSON text>, "sig": <Ed25519 over body and key name>}``; each body carries
+``issued_ms`` so an older value cannot replace a newer one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from shared import envelope
+from shared.envelope import Identity, InvalidToken, PublicIdentity, Reason
+from shared.naming import token
+
+_ENTRY_HEADER = "Din-Keys-Entry"
+
+
+class EntryKeys:
+    """Names of the entries in the keys bucket, built from validated tokens."""
+
+    REVOKED = "revoked"
+    POLICY = "policy"
+
+    @staticmethod
+    def public(principal: str) -> str:
+        return f"pub.{token(principal, what='principal')}"
+
+    @staticmethod
+    def dek(holder: str, reader: str, version: int) -> str:
+        return f"dek.{token(holder, what='holder')}.{token(reader, what='reader')}.{int(version)}"
+
+
+def _canonical(body: Mapping[str, object]) -> str:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sign_entry(issuer: Identity, key: str, body: Mapping[str, object]) -> bytes:
+    """A bucket value: ``body`` as canonical JSON, signed by ``issuer`` together with the entry's ``key``."""
+    text = _canonical(body)
+    signature = envelope.sign_result(issuer, text.encode("ascii"), {_ENTRY_HEADER: key})
+    return json.dumps({"body": text, "sig": signature}).encode("ascii")
+
+
+def read_entry(value: bytes, key: str, issuer: PublicIdentity) -> dict:
+    """The body of a value written by ``sign_entry`` under ``key``; raises ``InvalidToken``."""
+    try:
+        doc = json.loads(value)
+        text, signature = doc["body"], doc["sig"]
+        if not isinstance(text, str) or not isinstance(signature, str):
+            raise TypeError("entry")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InvalidToken(Reason.MALFORMED) from None
+    envelope.verify_result(issuer, text.encode("ascii", "replace"), {_ENTRY_HEADER: key}, signature)
+    try:
+        body = json.loads(text)
+        if not isinstance(body, dict) or not isinstance(body.get("issued_ms"), int):
+            raise TypeError("body")
+    except (ValueError, TypeError):
+        raise InvalidToken(Reason.MALFORMED) from None
+    return body

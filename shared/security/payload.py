@@ -1,0 +1,174 @@
+"""One process's payload crypto: seal and open each hop's payload with its key agent, sign and verify answers."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+
+from shared import envelope
+from shared.envelope import InvalidToken, Reason, ReplayGuard, Sealed
+from shared.security.agent import KeyAgent
+from shared.security.headers import SIGNER_HEADER, signed_headers
+from shared.security.keyfiles import PrincipalKeys
+from shared.security.principals import AUDIT, site_of, site_principal
+from shared.security.settings import SecuredServiceSettings
+
+
+class Opened:
+    """An authenticated payload: its plaintext, its bound metadata and how it travelled."""
+
+    __slots__ = ("plaintext", "_sealed", "_aad")
+
+    def __init__(self, plaintext: bytes, sealed: Sealed) -> None:
+        self.plaintext = plaintext
+        self._sealed = sealed
+        self._aad: dict[str, str] | None = None
+
+    @property
+    def aad(self) -> dict[str, str]:
+        """The routing metadata the seal bound (parsed on first use)."""
+        if self._aad is None:
+            self._aad = self._sealed.aad
+        return self._aad
+
+    @property
+    def sender(self) -> str:
+        return self._sealed.sender
+
+    @property
+    def confidential(self) -> bool:
+        return self._sealed.confidential
+
+    @property
+    def nonce(self) -> str:
+        return self._sealed.nonce
+
+
+class PayloadSecurity:
+    """One process's payload crypto: seal and open with its ``KeyAgent``, refuse replays, count refusals by reason.
+
+    With ``agent`` None security is off (``DIN_SECURITY=off``, for benchmark comparison only):
+    nothing is sealed and ``enabled`` is False.
+    """
+
+    def __init__(self, agent: KeyAgent | None, *, replay_window_s: float = 120.0, max_entries: int = 100_000) -> None:
+        self.agent = agent
+        self.enabled = agent is not None
+        self.replay = ReplayGuard(replay_window_s, max_entries=max_entries)
+        self.refusals: Counter[str] = Counter()
+
+    @classmethod
+    def from_settings(cls, settings: SecuredServiceSettings) -> PayloadSecurity:
+        """Off, or this process's agent from its key file (not yet watching)."""
+        if not settings.security:
+            return cls(None)
+        return cls(KeyAgent(PrincipalKeys.load(settings.key_file)), replay_window_s=settings.replay_window_s,
+                   max_entries=settings.replay_cache_entries)
+
+    @property
+    def principal(self) -> str:
+        return self.agent.principal if self.agent else ""
+
+    async def start(self, nc, *, readers: Callable[[KeyAgent], Iterable[str]] = lambda a: (),
+                    timeout_s: float = 60.0) -> None:
+        """Watch the keys bucket until the policy and a sealing DEK of every reader in ``readers(agent)`` are here."""
+        if self.agent is not None:
+            await self.agent.watch(nc, ready=lambda a: a.ready_for(readers(a)), timeout_s=timeout_s)
+
+    async def stop(self) -> None:
+        if self.agent is not None:
+            await self.agent.stop()
+
+    def refused(self, error: InvalidToken) -> None:
+        """Count a refusal by its reason (for health detail and telemetry only)."""
+        self.refusals[error.reason.value] += 1
+
+    def open(
+        self,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        *,
+        reader: str,
+        allow_integrity: bool = False,
+        expected_aad: Mapping[str, str] | None = None,
+        replay: bool = True,
+    ) -> Opened:
+        """Authenticate a sealed message for ``reader`` and return it opened; raise ``InvalidToken`` (not counted)."""
+        sealed = Sealed.from_headers(body, headers)
+        plaintext = envelope.open(
+            sealed,
+            keyring=self.agent.keyring,
+            expected_reader=reader,
+            expected_aad=expected_aad,
+            replay_guard=self.replay if replay else None,
+            allow_integrity_only=allow_integrity,
+        )
+        return Opened(plaintext, sealed)
+
+    def open_from(self, body: bytes, headers: Mapping[str, str] | None, *, reader: str, **options) -> Opened:
+        """``open`` letting integrity-only through when the policy allows it on the sender site's link to the hub."""
+        sender = (headers or {}).get(envelope.H_SENDER, "")
+        return self.open(body, headers, reader=reader, allow_integrity=self.agent.integrity_allowed(site_of(sender)),
+                         **options)
+
+    def seal(self, plaintext: bytes, *, reader: str, aad: Mapping[str, str], confidential: bool = True) -> Sealed:
+        """Seal ``plaintext`` for ``reader`` as this principal; raises ``SealRefused`` without a current DEK."""
+        return envelope.seal(plaintext, reader=reader, aad=aad, keyring=self.agent.keyring, sender=self.principal,
+                             confidential=confidential)
+
+    def sign_answer(self, body: bytes, headers: dict[str, str]) -> dict[str, str]:
+        """Add ``Din-Signer`` and ``Din-Sig`` to ``headers``: Ed25519 over SHA-256 of the body and envelope headers."""
+        headers[SIGNER_HEADER] = self.principal
+        headers[envelope.SIGNATURE_HEADER] = self.agent.sign(hashlib.sha256(body).digest(), signed_headers(headers))
+        return headers
+
+    def verify_answer(self, body: bytes, headers: Mapping[str, str]) -> str:
+        """Check an answer's signature; return the signing site's principal or raise ``InvalidToken``."""
+        try:
+            signer = headers[SIGNER_HEADER]
+            signature = headers[envelope.SIGNATURE_HEADER]
+        except (KeyError, TypeError):
+            raise InvalidToken(Reason.MALFORMED) from None
+        public = self.agent.publics.get(signer)
+        if public is None or site_of(signer) is None:
+            raise InvalidToken(Reason.UNKNOWN_KEY)
+        if signer in self.agent.revoked:
+            raise InvalidToken(Reason.REVOKED)
+        envelope.verify_result(public, hashlib.sha256(body).digest(), signed_headers(headers), signature)
+        return signer
+
+    def detail(self) -> dict[str, str]:
+        """Health detail: refusals by reason and the key versions in use."""
+        out = {"security": "on" if self.enabled else "off", "auth_refused": str(sum(self.refusals.values()))}
+        out.update({f"auth_refused_{reason}": str(n) for reason, n in sorted(self.refusals.items())})
+        if self.agent is not None:
+            out["key_versions"] = ",".join(f"{r}:{v}" for r, v in self.agent.versions().items())
+            out["revoked"] = ",".join(sorted(self.agent.revoked))
+            out["key_entries_refused"] = str(self.agent.refused)
+        return out
+
+
+def seal_to_site(
+    security: PayloadSecurity, plaintext: bytes, *, site: str, aad: Mapping[str, str], sensitive: bool = False
+) -> Sealed:
+    """Seal a payload for ``site`` at the level the policy sets for its link: a job, or an intermediate tensor.
+
+    Encrypted, or integrity-only where the operator's policy allows it on that site's
+    link to the hub; sensitive data is always encrypted. The site opens it with
+    ``PayloadSecurity.open(..., reader=site_principal(site), allow_integrity=...)``.
+    """
+    confidential = sensitive or not security.agent.integrity_allowed(site)
+    return security.seal(plaintext, reader=site_principal(site), aad=aad, confidential=confidential)
+
+
+def seal_for_audit(security: PayloadSecurity, plaintext: bytes, *, request_id: str, tenant: str,
+                   kind: str = "request") -> Sealed:
+    """Seal a payload for the ``audit`` reader, e.g. the body of a request recorded to Kafka.
+
+    The record's value is ``Sealed.body`` and its headers ``Sealed.to_headers()`` (non-secret
+    metadata); the AAD binds ``rid``, ``tenant`` and ``kind``. The hub site holds the audit
+    DEK; whoever replays recordings opens them with the ``audit`` principal's key file
+    (``din keys export-audit`` writes them as a replay key file).
+    """
+    return security.seal(plaintext, reader=AUDIT, aad={"rid": request_id, "tenant": tenant, "kind": kind})

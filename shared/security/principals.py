@@ -1,0 +1,62 @@
+"""Who is who: the principals of a network and, for each DEK reader, who holds its key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from shared.naming import token
+from shared.topology import Topology
+
+KEYMANAGER = "keymanager"
+OPERATOR = "operator"
+AUDIT = "audit"
+SITE_PREFIX = "site-"
+TENANT_PREFIX = "tenant-"
+
+
+def site_principal(site: str) -> str:
+    """The principal (and DEK reader) of a site."""
+    return token(SITE_PREFIX + site, what="site principal")
+
+
+def tenant_principal(tenant: str) -> str:
+    """The principal (and DEK reader) of a tenant."""
+    return token(TENANT_PREFIX + tenant, what="tenant principal")
+
+
+def site_of(principal: str) -> str | None:
+    """The site a ``site-<site>`` principal names, else None."""
+    return principal[len(SITE_PREFIX):] if principal.startswith(SITE_PREFIX) else None
+
+
+def serving_sites(topology: Topology, tenant: str) -> list[str]:
+    """Sites that may run ``tenant``'s requests: its sensitive sites if all its data is sensitive, else every site."""
+    spec = next(t for t in topology.tenants if t.name == tenant)
+    if spec.always_sensitive and spec.sensitive_sites:
+        return list(spec.sensitive_sites)
+    return [s.name for s in topology.sites]
+
+
+def principals_of(topology: Topology) -> list[str]:
+    """Every principal of a network, key manager first."""
+    return [
+        KEYMANAGER,
+        OPERATOR,
+        AUDIT,
+        *(site_principal(s.name) for s in topology.sites),
+        *(tenant_principal(t.name) for t in topology.tenants),
+    ]
+
+
+def key_holders(topology: Topology, revoked: Iterable[str] = ()) -> dict[str, frozenset[str]]:
+    """For each DEK reader, the principals that receive its DEK (least privilege; revoked ones left out)."""
+    hub = site_principal(topology.hub.name)
+    readers: dict[str, set[str]] = {}
+    for site in topology.sites:
+        readers[site_principal(site.name)] = {site_principal(site.name), hub}
+    for tenant in topology.tenants:
+        sites = {site_principal(s) for s in serving_sites(topology, tenant.name)}
+        readers[tenant_principal(tenant.name)] = {tenant_principal(tenant.name), hub, *sites}
+    readers[AUDIT] = {AUDIT, hub}
+    gone = set(revoked) - {KEYMANAGER}
+    return {reader: frozenset((holders - gone) | {KEYMANAGER}) for reader, holders in readers.items()}
