@@ -200,7 +200,7 @@ def _cascade_row(evaluation: CascadeEvaluation, kind: str) -> dict[str, Any]:
 
 def cascade_table(repo: Path) -> list[dict[str, Any]]:
     """Each model alone, fixed-threshold sweeps and 2-fold calibrated target-rate policies."""
-    from din.zoo import load_test_split
+    from zoo.build import load_test_split
 
     x_test, y_test = load_test_split(repo)
     (small,) = onnx_session(latest_model_path(repo, SMALL)).run(["probabilities"], {"input": x_test})
@@ -233,7 +233,7 @@ def _per_item_ms(session, feeds: dict[str, np.ndarray], runs: int = TIMING_RUNS)
 
 def part_latencies(repo: Path, points: list[str]) -> dict[str, float]:
     """Median per-item latency (ms, batch 1) of the whole model and of each head and tail."""
-    from din.zoo import load_test_split, split_model_name
+    from zoo.build import load_test_split, split_model_name
 
     x_test, _ = load_test_split(repo)
     row = x_test[:1]
@@ -337,7 +337,7 @@ def split_choices(rows: list[LeakageRow], latencies: dict[str, float], points: l
 
 def charlm_stats(repo: Path) -> dict[str, Any]:
     """charlm's figures: config losses, ONNX-recomputed held-out loss, samples, step latency, handoff check."""
-    from din.zoo_text import decode, evaluate, generate, load_corpus, onnx_stepper, prefill
+    from zoo.text import decode, evaluate, generate, load_corpus, onnx_stepper, prefill
 
     config = json.loads((repo / TEXT / "config.json").read_text())
     path = latest_model_path(repo, TEXT)
@@ -390,7 +390,7 @@ def run_multistage(repo: Path) -> MultistageReport:
     """Build the zoo in ``repo`` if it is not current, then measure every table."""
     from threadpoolctl import threadpool_limits
 
-    from din.zoo import build_zoo
+    from zoo.build import build_zoo
 
     begun = time.perf_counter()
     repo = Path(repo)

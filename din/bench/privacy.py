@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from din.inversion import fit_decoder, reconstruct
+from zoo.inversion import fit_decoder, reconstruct
 from shared.privacy import Protection, protect, wire_bytes
 
 RAW_POINT = "input"
@@ -97,7 +97,8 @@ def measure_leakage(
     """
     import json
 
-    from din.zoo import load_digits_split, split_model_name
+    from zoo.build import split_model_name
+    from zoo.digits import load_digits_split
 
     repo = Path(repo)
     config = json.loads((repo / model / "config.json").read_text())

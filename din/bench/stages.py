@@ -40,7 +40,7 @@ from din.bench.cascade import CascadeMeasurement, measure_paths
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
-from din.zoo_text import load_corpus
+from zoo.text import load_corpus
 from shared.credentials import issue_token, read_credentials
 from shared.topology import Topology
 

@@ -11,11 +11,11 @@ import nats
 
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, STATE_FILE_NAME, read_state, shown_path
 from din.stack.processes import StackError
-from din.zoo import build_zoo
 from shared.catalog import ModelCatalog
 from shared.contracts.events import LoadModelV1, ModelLoadedV1
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from shared.naming import Subjects
+from zoo.build import build_zoo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,8 +48,8 @@ def build_models(out: Path, force: bool = False) -> str:
     begun = time.monotonic()
     configs = build_zoo(out, force=force)
     names = ", ".join(
-        f"{c['name']} (v{', v'.join(sorted(c['accuracy']))}: accuracy "
-        f"{', '.join(f'{a:.3f}' for _, a in sorted(c['accuracy'].items()))})"
+        f"{c.name} (v{', v'.join(sorted(c.accuracy))}: accuracy "
+        f"{', '.join(f'{a:.3f}' for _, a in sorted(c.accuracy.items()))})"
         for c in configs
     )
     return f"models: {names} in {shown_path(out)} ({time.monotonic() - begun:.1f}s)"

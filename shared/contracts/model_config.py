@@ -62,6 +62,8 @@ class ModelConfigV1(BaseModel):
     split_point: str | None = Field(default=None, description="Split parts: the tensor the model was cut at.")
     split_points: list[str] = Field(default_factory=list, description="Whole models: points they can be cut at.")
     prefill_model: str | None = Field(default=None, description="Token models: the model that reads a prompt.")
+    prefill_for: str | None = Field(default=None, description="Prefill models: the token model they read prompts for.")
+    input_bytes_per_token: int | None = Field(default=None, description="Prefill models: input bytes per prompt token.")
     vocab: str | None = Field(default=None, description="Token models: the characters, by token id.")
     hidden: int | None = Field(default=None, description="Token models: width of the recurrent state.")
     leakage: LeakageV1 | None = Field(default=None, description="Split heads: measured inversion leakage.")
@@ -69,6 +71,10 @@ class ModelConfigV1(BaseModel):
     def best_accuracy(self) -> float | None:
         """The best held-out accuracy of any version, or None when none is recorded."""
         return max(self.accuracy.values()) if self.accuracy else None
+
+    def to_json(self) -> str:
+        """The file's text: every key that has a value (None is left out), indented, with a final newline."""
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
 
     @classmethod
     def read(cls, path: Path) -> ModelConfigV1:

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from din.zoo import load_test_split
+from zoo.build import load_test_split
 from services.scheduler.cascade import (
     CascadePolicy,
     Confidence,

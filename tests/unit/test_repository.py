@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from din import zoo
-from din.zoo import load_test_split
+from zoo import build as zoo
+from zoo.build import load_test_split
 from services.executor.repository import ModelRepository
 from shared.errors import DinError, ErrorCode
 

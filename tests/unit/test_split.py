@@ -9,8 +9,9 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from din import zoo
-from din.split import check_split_point, split_model
+from zoo import build as zoo
+from zoo.digits import ModelRecipe
+from zoo.split import check_split_point, split_model
 from services.executor.repository import ModelRepository
 from shared.errors import DinError, ErrorCode
 
@@ -136,7 +137,7 @@ def test_a_clean_cut_of_the_skip_model_after_the_join_is_accepted(tmp_path):
 @pytest.fixture
 def tiny_split_zoo(monkeypatch):
     params = {"hidden_layer_sizes": [8], "max_iter": 20, "random_state": 0}
-    recipes = (zoo.ModelRecipe("digits-large", "1", "mlp", params),)
+    recipes = (ModelRecipe("digits-large", "1", "mlp", params),)
     monkeypatch.setattr(zoo, "RECIPES", recipes)
     monkeypatch.setattr(zoo, "TEXT_RECIPES", ())
 
@@ -145,7 +146,7 @@ def test_a_missing_split_part_triggers_a_rebuild(tmp_path, tiny_split_zoo):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first = zoo.build_zoo(tmp_path)
-        names = [c["name"] for c in first]
+        names = [c.name for c in first]
         assert names == ["digits-large", "digits-large-head-hidden_1", "digits-large-tail-hidden_1"]
         tail = tmp_path / "digits-large-tail-hidden_1" / "1" / "model.onnx"
         payload = tail.read_bytes()

@@ -8,8 +8,10 @@ import onnx
 import onnxruntime
 import pytest
 
-from din import zoo
-from din.zoo_text import CharLMRecipe
+from shared.contracts.model_config import ModelConfigV1
+from zoo import build as zoo
+from zoo import digits
+from zoo.text import CharLMRecipe
 
 
 def _session(path) -> onnxruntime.InferenceSession:
@@ -80,9 +82,9 @@ def test_onnx_matches_a_fresh_sklearn_fit(zoo_dir, recipe):
     """Retraining from the recipe reproduces the stored model: builds are deterministic and the export faithful."""
     from threadpoolctl import threadpool_limits
 
-    split = zoo.load_digits_split()
+    split = digits.load_digits_split()
     with threadpool_limits(limits=1):
-        estimator = zoo.make_estimator(recipe).fit(split.x_train, split.y_train)
+        estimator = digits.make_estimator(recipe).fit(split.x_train, split.y_train)
     session = _session(zoo_dir / recipe.name / recipe.version / "model.onnx")
     probabilities, labels = session.run(["probabilities", "label"], {"input": split.x_test})
     assert probabilities.dtype == np.float32 and probabilities.shape == (len(split.x_test), 10)
@@ -119,12 +121,12 @@ def test_second_build_is_skipped_and_returns_the_same_configs(zoo_dir):
     before = _backdate(model_path)
     configs = zoo.build_zoo(zoo_dir)
     assert model_path.stat().st_mtime_ns == before
-    assert configs == [_config(zoo_dir, name) for name in zoo.model_names()]
+    assert configs == [ModelConfigV1.read(zoo_dir / name / "config.json") for name in zoo.model_names()]
 
 
 @pytest.fixture
 def tiny_recipes(monkeypatch):
-    recipes = (zoo.ModelRecipe("digits-small", "1", "logistic_regression", {"C": 0.1, "max_iter": 500}),)
+    recipes = (digits.ModelRecipe("digits-small", "1", "logistic_regression", {"C": 0.1, "max_iter": 500}),)
     monkeypatch.setattr(zoo, "RECIPES", recipes)
     monkeypatch.setattr(zoo, "TEXT_RECIPES", ())
     return recipes
@@ -149,8 +151,8 @@ def test_missing_file_or_changed_recipe_triggers_a_rebuild(tmp_path, tiny_recipe
 def test_a_missing_prefill_model_triggers_a_rebuild(tmp_path, tiny_recipes, monkeypatch):
     monkeypatch.setattr(zoo, "TEXT_RECIPES", (CharLMRecipe(hidden=8, seq_len=8, batch=4, steps=3),))
     first = zoo.build_zoo(tmp_path)
-    assert [c["name"] for c in first] == zoo.model_names() == ["digits-small", "charlm", "charlm-prefill"]
-    assert first[1]["prefill_model"] == "charlm-prefill" and first[2]["prefill_for"] == "charlm"
+    assert [c.name for c in first] == zoo.model_names() == ["digits-small", "charlm", "charlm-prefill"]
+    assert first[1].prefill_model == "charlm-prefill" and first[2].prefill_for == "charlm"
     prefill_path = tmp_path / "charlm-prefill" / "1" / "model.onnx"
     payload = prefill_path.read_bytes()
     prefill_path.unlink()

@@ -8,8 +8,8 @@ import onnx
 import onnxruntime
 import pytest
 
-from din import zoo_text
-from din.zoo_text import (
+from zoo import text as zoo_text
+from zoo.text import (
     CharLMRecipe,
     Corpus,
     decode,

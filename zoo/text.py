@@ -383,7 +383,7 @@ def _finish_model(graph, doc: str):
     import onnx
     from onnx import helper
 
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="din.zoo_text")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="zoo.text")
     model.doc_string = doc
     onnx.checker.check_model(model)
     return model
