@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -35,13 +37,26 @@ class ModelEntry:
     def has_version(self, version: str | None) -> bool:
         return version is None or version in self.versions
 
-
-def _best_accuracy(raw: object) -> float | None:
-    if isinstance(raw, (int, float)):
-        return float(raw)
-    if isinstance(raw, dict) and raw:
-        return max(float(v) for v in raw.values())
-    return None
+    @classmethod
+    def from_config(cls, config: ModelConfigV1) -> ModelEntry:
+        """The catalog's view of one model's config."""
+        signature = json.dumps([[t.name, t.datatype.value, t.shape[1:] if t.shape else None] for t in config.inputs])
+        return cls(
+            name=config.name,
+            task=config.task,
+            versions=tuple(config.versions),
+            accuracy=config.best_accuracy(),
+            input_signature=signature,
+            role=config.role,
+            split_of=config.split_of,
+            split_point=config.split_point,
+            prefill_model=config.prefill_model,
+            vocab=config.vocab,
+            hidden=config.hidden,
+            input_bytes=config.input_bytes_per_item,
+            intermediate_bytes=config.intermediate_bytes_per_item,
+            leakage=config.leakage.recovered_variance if config.leakage else None,
+        )
 
 
 class ModelCatalog:
@@ -51,34 +66,10 @@ class ModelCatalog:
         self._entries = {e.name: e for e in entries}
 
     @classmethod
-    def from_repository(cls, root: Path) -> "ModelCatalog":
-        """Read ``<root>/<model>/config.json`` for every model folder."""
-        entries = []
-        for config_path in sorted(Path(root).glob("*/config.json")):
-            config = json.loads(config_path.read_text())
-            inputs = config.get("inputs", [])
-            signature = json.dumps(
-                [[i.get("name"), i.get("datatype"), i.get("shape")[1:] if i.get("shape") else None] for i in inputs]
-            )
-            entries.append(
-                ModelEntry(
-                    name=config["name"],
-                    task=config.get("task", "unknown"),
-                    versions=tuple(str(v) for v in config.get("versions", ["1"])),
-                    accuracy=_best_accuracy(config.get("accuracy")),
-                    input_signature=signature,
-                    role=config.get("role"),
-                    split_of=config.get("split_of"),
-                    split_point=config.get("split_point"),
-                    prefill_model=config.get("prefill_model"),
-                    vocab=config.get("vocab"),
-                    hidden=config.get("hidden"),
-                    input_bytes=config.get("input_bytes_per_item"),
-                    intermediate_bytes=config.get("intermediate_bytes_per_item"),
-                    leakage=(config.get("leakage") or {}).get("recovered_variance"),
-                )
-            )
-        return cls(entries)
+    def from_repository(cls, root: Path) -> ModelCatalog:
+        """Read ``<root>/<model>/config.json`` for every model folder; ``ValueError`` naming a file that is invalid."""
+        paths = sorted(Path(root).glob(f"*/{CONFIG_FILE}"))
+        return cls([ModelEntry.from_config(ModelConfigV1.read(path)) for path in paths])
 
     def get(self, name: str) -> ModelEntry | None:
         return self._entries.get(name)

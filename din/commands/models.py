@@ -66,7 +66,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         raise StackError(f"no models in {args.repo}: run `din models build`")
     for name in catalog.names():
         entry = catalog.get(name)
-        print(f"{name:16} task={entry.task:22} versions={','.join(entry.versions):6} best accuracy={entry.accuracy:.3f}")
+        versions = ",".join(entry.versions)
+        print(f"{name:16} task={entry.task:22} versions={versions:6} best accuracy={entry.accuracy:.3f}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """Model repository: the zoo layout on disk, and one onnxruntime session per served model version.
 
-Layout (written by ``din.zoo.build_zoo``)::
+Layout (written by ``zoo.build.build_zoo``)::
 
-    <root>/<model>/config.json
+    <root>/<model>/config.json          a ``ModelConfigV1``
     <root>/<model>/<version>/model.onnx
 
 Each model has one *current* handle. ``load`` builds the new version's session
@@ -12,21 +12,23 @@ handle finishes on it while new batches get the new one.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime
 
+from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1, TensorConfigV1
 from shared.errors import DinError, ErrorCode
 from shared.naming import TOKEN_PATTERN
 from shared.tensors import TensorSpec
 
-CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
+
+
+def _tensor_spec(tensor: TensorConfigV1) -> TensorSpec:
+    return TensorSpec(name=tensor.name, datatype=tensor.datatype, shape=tuple(tensor.shape))
 
 
 def _version_order(version: str) -> tuple[int, int, str]:
@@ -49,23 +51,20 @@ class ModelHandle:
     ``run`` is safe to call from several threads at once.
     """
 
-    def __init__(
-        self, name: str, version: str, config: Mapping[str, Any], session: onnxruntime.InferenceSession
-    ):
+    def __init__(self, name: str, version: str, config: ModelConfigV1, session: onnxruntime.InferenceSession):
         self.name = name
         self.version = version
-        self.config = dict(config)
-        self.inputs = [TensorSpec.from_config(entry) for entry in config["inputs"]]
-        self.outputs = [TensorSpec.from_config(entry) for entry in config["outputs"]]
+        self.config = config
+        self.inputs = [_tensor_spec(tensor) for tensor in config.inputs]
+        self.outputs = [_tensor_spec(tensor) for tensor in config.outputs]
         self.output_names = [spec.name for spec in self.outputs]
-        self.max_batch_size = int(config.get("max_batch_size", 1))
+        self.max_batch_size = config.max_batch_size
         self._session = session
 
     @property
     def accuracy(self) -> float | None:
         """Held-out accuracy of this version, from the config."""
-        value = (self.config.get("accuracy") or {}).get(self.version)
-        return float(value) if value is not None else None
+        return self.config.accuracy.get(self.version)
 
     def run(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
@@ -76,7 +75,7 @@ class ModelHandle:
             results = self._session.run(names, dict(inputs))
         except Exception as exc:
             raise DinError(ErrorCode.INFERENCE_FAILED, f"{self.name} v{self.version} failed: {exc}") from exc
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     def __repr__(self) -> str:
         return f"ModelHandle({self.name!r}, version={self.version!r})"
@@ -100,21 +99,23 @@ class ModelRepository:
             if TOKEN_PATTERN.match(entry.name) and (entry / CONFIG_FILE).is_file()
         )
 
-    def config(self, name: str) -> dict[str, Any]:
-        """The stored config of model ``name``; ``UNKNOWN_MODEL`` when there is none."""
+    def config(self, name: str) -> ModelConfigV1:
+        """The stored config of model ``name``.
+
+        ``UNKNOWN_MODEL`` when there is none; ``INTERNAL``, naming the file, when it is not JSON or not a valid
+        ``ModelConfigV1``.
+        """
         path = self._model_dir(name) / CONFIG_FILE
+        if not path.is_file():
+            raise DinError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}")
         try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise DinError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}") from None
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise DinError(ErrorCode.INTERNAL, f"config of model {name!r} is not valid JSON") from None
+            return ModelConfigV1.read(path)
+        except ValueError as exc:
+            raise DinError(ErrorCode.INTERNAL, f"config of model {name!r} is invalid: {exc}") from None
 
     def versions(self, name: str) -> list[str]:
         """Versions of model ``name`` listed in its config, oldest first."""
-        return sorted((str(v) for v in self.config(name).get("versions", [])), key=_version_order)
+        return sorted(self.config(name).versions, key=_version_order)
 
     def latest_version(self, name: str) -> str:
         """The newest version of model ``name``."""

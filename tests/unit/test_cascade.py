@@ -6,7 +6,6 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from zoo.build import load_test_split
 from services.scheduler.cascade import (
     CascadePolicy,
     Confidence,
@@ -16,6 +15,7 @@ from services.scheduler.cascade import (
     evaluate_cascade,
 )
 from shared.errors import DinError, ErrorCode
+from zoo.build import load_test_split
 
 PROBABILITIES = np.array(
     [
@@ -37,7 +37,7 @@ PROBABILITIES = np.array(
 )
 def test_confidence_measures(measure, expected):
     scores = confidence(PROBABILITIES, measure)
-    for score, want in zip(scores, expected):
+    for score, want in zip(scores, expected, strict=True):
         if want is not None:
             assert score == pytest.approx(want, abs=1e-6)
     assert scores[0] > scores[1]

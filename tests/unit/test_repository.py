@@ -7,10 +7,12 @@ import threading
 import numpy as np
 import pytest
 
+from services.executor.repository import ModelRepository
+from shared.catalog import ModelCatalog
+from shared.contracts.model_config import DEFAULT_MAX_BATCH_SIZE, ModelConfigV1
+from shared.errors import DinError, ErrorCode
 from zoo import build as zoo
 from zoo.build import load_test_split
-from services.executor.repository import ModelRepository
-from shared.errors import DinError, ErrorCode
 
 
 @pytest.fixture
@@ -27,7 +29,7 @@ def test_lists_models_and_versions(repo):
     assert repo.list_models() == sorted(zoo.model_names())
     assert repo.versions("digits-small") == ["1", "2"]
     assert repo.latest_version("digits-small") == "2"
-    assert repo.config("digits-large")["split_points"] == ["hidden_1", "hidden_2"]
+    assert repo.config("digits-large").split_points == ["hidden_1", "hidden_2"]
 
 
 def test_empty_or_missing_root_lists_nothing(tmp_path):
@@ -131,12 +133,76 @@ def test_bad_input_fails_as_inference_failed(repo):
     assert excinfo.value.code is ErrorCode.INFERENCE_FAILED
 
 
-def test_config_that_disagrees_with_the_graph_is_refused(zoo_dir, tmp_path):
+
+
+@pytest.fixture
+def small_copy(zoo_dir, tmp_path):
+    """A repository holding a copy of digits-small, and a function that rewrites its config."""
     shutil.copytree(zoo_dir / "digits-small", tmp_path / "digits-small")
     config_path = tmp_path / "digits-small" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["inputs"][0]["name"] = "image"
-    config_path.write_text(json.dumps(config))
+
+    def rewrite(change) -> None:
+        config = json.loads(config_path.read_text())
+        change(config)
+        config_path.write_text(json.dumps(config))
+
+    return tmp_path, config_path, rewrite
+
+
+def test_config_that_disagrees_with_the_graph_is_refused(small_copy):
+    root, _, rewrite = small_copy
+    rewrite(lambda config: config["inputs"][0].update(name="image"))
     with pytest.raises(DinError) as excinfo:
-        ModelRepository(tmp_path).load("digits-small")
+        ModelRepository(root).load("digits-small")
     assert excinfo.value.code is ErrorCode.INTERNAL
+
+
+def test_config_is_typed_and_the_handle_takes_its_values(repo):
+    config = repo.config("digits-small")
+    assert isinstance(config, ModelConfigV1)
+    assert (config.name, config.task, config.versions) == ("digits-small", "image-classification", ["1", "2"])
+    handle = repo.open("digits-small", "1")
+    assert handle.config == config
+    assert handle.max_batch_size == config.max_batch_size
+    assert handle.accuracy == config.accuracy["1"]
+    assert [(s.name, s.datatype.value, s.shape) for s in handle.outputs] == [
+        ("probabilities", "FP32", (-1, 10)), ("label", "INT64", (-1,))]
+
+
+def test_a_config_without_a_batch_size_gets_the_one_default_everywhere(small_copy):
+    root, _, rewrite = small_copy
+    rewrite(lambda config: config.pop("max_batch_size"))
+    assert ModelRepository(root).open("digits-small").max_batch_size == DEFAULT_MAX_BATCH_SIZE
+    assert ModelConfigV1.read(root / "digits-small" / "config.json").max_batch_size == DEFAULT_MAX_BATCH_SIZE
+
+
+def test_a_config_missing_a_required_key_is_refused_naming_the_file(small_copy):
+    root, config_path, rewrite = small_copy
+    rewrite(lambda config: config.pop("inputs"))
+    with pytest.raises(DinError) as excinfo:
+        ModelRepository(root).load("digits-small")
+    assert excinfo.value.code is ErrorCode.INTERNAL
+    assert str(config_path) in excinfo.value.message and "inputs" in excinfo.value.message
+    with pytest.raises(ValueError, match="inputs"):
+        ModelCatalog.from_repository(root)
+
+
+def test_a_config_that_is_not_json_is_refused_naming_the_file(small_copy):
+    root, config_path, _ = small_copy
+    config_path.write_text("{not json")
+    repo = ModelRepository(root)
+    assert repo.list_models() == ["digits-small"]
+    for read in (repo.config, repo.versions, repo.load):
+        with pytest.raises(DinError) as excinfo:
+            read("digits-small")
+        assert excinfo.value.code is ErrorCode.INTERNAL and str(config_path) in excinfo.value.message
+    with pytest.raises(ValueError, match=str(config_path)):
+        ModelCatalog.from_repository(root)
+
+
+def test_a_missing_config_is_an_unknown_model(small_copy):
+    root, config_path, _ = small_copy
+    config_path.unlink()
+    with pytest.raises(DinError) as excinfo:
+        ModelRepository(root).config("digits-small")
+    assert excinfo.value.code is ErrorCode.UNKNOWN_MODEL

@@ -9,11 +9,11 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from services.executor.repository import ModelRepository
+from shared.errors import DinError, ErrorCode
 from zoo import build as zoo
 from zoo.digits import ModelRecipe
 from zoo.split import check_split_point, split_model
-from services.executor.repository import ModelRepository
-from shared.errors import DinError, ErrorCode
 
 
 def _session(path) -> onnxruntime.InferenceSession:

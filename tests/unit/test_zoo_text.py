@@ -8,6 +8,8 @@ import onnx
 import onnxruntime
 import pytest
 
+from services.executor.repository import ModelRepository
+from shared.tensors import validate_inputs
 from zoo import text as zoo_text
 from zoo.text import (
     CharLMRecipe,
@@ -27,8 +29,6 @@ from zoo.text import (
     to_onnx_prefill,
     train_charlm,
 )
-from services.executor.repository import ModelRepository
-from shared.tensors import validate_inputs
 
 
 def _session(model_or_path) -> onnxruntime.InferenceSession:
