@@ -7,8 +7,9 @@ Admission calls ``request_record`` once per admitted request (or
 * value: the request body exactly as received (sealed by the security work
   once recordings are encrypted; then the ``Din-Env-*`` headers travel too),
 * headers: ``din-event-type`` = ``din.v1.RecordedRequestV1`` and the request's
-  metadata as ASCII ``din-*`` headers (see ``RECORD_HEADERS``), plus the
-  ``Din-Tensor-*`` headers of a binary-form body.
+  metadata as ASCII ``din-*`` headers (see ``RECORD_HEADERS``): every serving
+  option that is set, as its request header in lower case with the same text
+  (``din-cascade: rate:0.2``), plus the ``Din-Tensor-*`` headers of a binary-form body.
 
 ``parse_request_record`` is the inverse for replay: it raises ``CorruptRecord``
 for anything that is not a well-formed recorded request, so a reader can skip
@@ -28,7 +29,9 @@ from pydantic import ValidationError
 
 from shared import envelope
 from shared.contracts.job import JobV1
+from shared.contracts.options import ServingOptionsV1, lookup_in, option_headers, read_options, wire_options
 from shared.contracts.telemetry import RecordedRequestV1
+from shared.errors import DinError
 from shared.eventlog import EVENT_TYPE_HEADER
 
 REQUEST_EVENT_TYPE = f"din.v1.{RecordedRequestV1.__name__}"
@@ -36,30 +39,31 @@ REQUEST_EVENT_TYPE = f"din.v1.{RecordedRequestV1.__name__}"
 H_REQUEST_ID = "din-request-id"
 H_TENANT = "din-tenant"
 H_MODEL = "din-model"
-H_MODEL_VERSION = "din-model-version"
-H_SLA_CLASS = "din-sla-class"
 H_CONTENT_TYPE = "din-content-type"
 H_RECEIVED_MS = "din-received-ms"
 H_TIMEOUT_MS = "din-timeout-ms"
-H_LABELS = "din-labels"
-H_ALLOW_DEGRADE = "din-allow-degrade"
-H_MIN_ACCURACY = "din-min-accuracy"
+
+
+def option_record_header(request_header: str) -> str:
+    """The record header of a serving option: its request header in lower case (``din-sla-class``)."""
+    return request_header.lower()
+
+
+OPTION_RECORD_HEADERS = tuple(dict.fromkeys(option_record_header(wire.header)
+                                            for _, wire in wire_options(ServingOptionsV1)))
+"""The record headers of the serving options, each written only when the option is set."""
 
 RECORD_HEADERS = (
     EVENT_TYPE_HEADER,
     H_REQUEST_ID,
     H_TENANT,
     H_MODEL,
-    H_MODEL_VERSION,
-    H_SLA_CLASS,
     H_CONTENT_TYPE,
     H_RECEIVED_MS,
     H_TIMEOUT_MS,
-    H_LABELS,
-    H_ALLOW_DEGRADE,
-    H_MIN_ACCURACY,
+    *OPTION_RECORD_HEADERS,
 )
-"""Every ``din-*`` header a recorded request may carry (the optional ones only when set)."""
+"""Every ``din-*`` header a recorded request may carry (the options only when set)."""
 
 TENSOR_HEADER_PREFIX = "Din-Tensor-"
 ENVELOPE_HEADER_PREFIX = "Din-Env-"
@@ -88,19 +92,11 @@ def request_record(
         (H_REQUEST_ID, job.request_id.encode()),
         (H_TENANT, job.tenant.encode()),
         (H_MODEL, job.model.encode()),
-        (H_SLA_CLASS, job.sla_class.value.encode()),
         (H_CONTENT_TYPE, job.content_type.encode()),
         (H_RECEIVED_MS, repr(round(job.received_ms, 3)).encode()),
         (H_TIMEOUT_MS, str(max(1, int(job.deadline_ms - job.received_ms))).encode()),
     ]
-    if job.model_version is not None:
-        headers.append((H_MODEL_VERSION, job.model_version.encode()))
-    if job.labels:
-        headers.append((H_LABELS, ",".join(job.labels).encode()))
-    if job.allow_degrade:
-        headers.append((H_ALLOW_DEGRADE, b"true"))
-    if job.min_accuracy is not None:
-        headers.append((H_MIN_ACCURACY, repr(job.min_accuracy).encode()))
+    headers.extend((option_record_header(name), value.encode()) for name, value in option_headers(job).items())
     if passthrough_headers:
         for name, value in passthrough_headers.items():
             if name.startswith((TENSOR_HEADER_PREFIX, ENVELOPE_HEADER_PREFIX)):
@@ -163,23 +159,21 @@ def parse_request_record(record: KafkaRecord) -> RecordedRequest:
     if record.value is None:
         raise CorruptRecord("record has no value")
     try:
-        labels = values.get(H_LABELS)
+        options = read_options(lookup_in(values, header_name=option_record_header), ServingOptionsV1)
         meta = RecordedRequestV1(
+            **options.serving_options(),
             request_id=values[H_REQUEST_ID],
             tenant=values[H_TENANT],
             model=values[H_MODEL],
-            model_version=values.get(H_MODEL_VERSION),
-            sla_class=values[H_SLA_CLASS],
             content_type=values[H_CONTENT_TYPE],
             received_ms=float(values[H_RECEIVED_MS]),
             timeout_ms=int(values[H_TIMEOUT_MS]),
-            labels=[s for s in labels.split(",") if s] if labels else [],
-            allow_degrade=values.get(H_ALLOW_DEGRADE) == "true",
-            min_accuracy=float(values[H_MIN_ACCURACY]) if H_MIN_ACCURACY in values else None,
             tensor_headers=tensor,
         )
     except KeyError as exc:
         raise CorruptRecord(f"missing header {exc.args[0]}") from None
+    except DinError as exc:
+        raise CorruptRecord(f"invalid option header: {exc.message}") from None
     except (ValueError, ValidationError) as exc:
         raise CorruptRecord(f"invalid header value: {str(exc).splitlines()[0]}") from None
     if record.key is not None and record.key != meta.tenant.encode():

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from services.admission.intake import SPLIT_AUTO, SPLIT_NONE, Intake, read_intake
+from services.admission.intake import Intake, read_intake
 from services.admission.quota import QuotaLedger
 from shared.catalog import ModelCatalog, ModelEntry
 from shared.contracts.events import PressureV1
+from shared.contracts.options import SPLIT_AUTO, SPLIT_NONE, RequestOptionsV1
 from shared.credentials import InvalidCredential, TenantVerifier
 from shared.errors import DinError, ErrorCode
 
@@ -44,24 +45,25 @@ class AdmissionGate:
         """Return the request's intake when admitted; raise ``DinError`` with the reason otherwise."""
         now_ms = self._clock() * 1000.0
         intake = read_intake(headers, body, now_ms, self._max_payload)
+        asked = intake.options
         if not self._verifier.knows(tenant):
             raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
         try:
-            self._verifier.verify(tenant, intake.token, now=now_ms / 1000.0)
+            self._verifier.verify(tenant, asked.token, now=now_ms / 1000.0)
         except InvalidCredential:
             raise DinError(ErrorCode.UNAUTHENTICATED, "credential missing, invalid or expired") from None
         entry = self._catalog.get(model)
         if entry is None:
             raise DinError(ErrorCode.UNKNOWN_MODEL, f"model {model!r} is not served by this network")
-        if not entry.has_version(intake.model_version):
+        if not entry.has_version(asked.model_version):
             raise DinError(
                 ErrorCode.UNKNOWN_MODEL,
-                f"model {model!r} has no version {intake.model_version!r}; versions: {', '.join(entry.versions)}",
+                f"model {model!r} has no version {asked.model_version!r}; versions: {', '.join(entry.versions)}",
             )
-        cascade = intake.cascade_threshold is not None or intake.cascade_target_rate is not None
+        cascade = asked.cascade_threshold is not None or asked.cascade_target_rate is not None
         if cascade and len(self._catalog.variants(model)) < 2:
             raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} has no other variant of its task to cascade with")
-        self._check_stages(entry, intake)
+        self._check_stages(entry, asked)
         wait_s = self._quota.admit(tenant)
         if wait_s > 0:
             raise DinError(
@@ -72,20 +74,20 @@ class AdmissionGate:
         self._check_load(intake, now_ms)
         return intake
 
-    def _check_stages(self, entry: ModelEntry, intake: Intake) -> None:
+    def _check_stages(self, entry: ModelEntry, asked: RequestOptionsV1) -> None:
         model = entry.name
-        if intake.max_tokens is not None and (entry.prefill_model is None or self._catalog.get(entry.prefill_model)
+        if asked.max_tokens is not None and (entry.prefill_model is None or self._catalog.get(entry.prefill_model)
                                               is None):
             raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} does not generate tokens (max_tokens needs a model "
                                                   "with a prefill part, e.g. charlm)")
-        if intake.split is None or intake.split in (SPLIT_AUTO, SPLIT_NONE):
-            if intake.split == SPLIT_AUTO and not self._catalog.split_parts(model):
+        if asked.split is None or asked.split in (SPLIT_AUTO, SPLIT_NONE):
+            if asked.split == SPLIT_AUTO and not self._catalog.split_parts(model):
                 raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} has no split points")
             return
         points = self._catalog.split_parts(model)
-        if intake.split not in points:
+        if asked.split not in points:
             known = ", ".join(points) or "none"
-            raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} cannot be cut at {intake.split!r}: its graph's "
+            raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} cannot be cut at {asked.split!r}: its graph's "
                                                   f"split points are {known} (or use 'auto')")
 
     def _check_load(self, intake: Intake, now_ms: float) -> None:

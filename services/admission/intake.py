@@ -1,7 +1,8 @@
 """Reading a raw request: who sent it, for what, under which SLA and deadline, and is the body well formed.
 
-Metadata comes from ``Din-*`` headers, or from the JSON body's ``parameters``
-for clients that cannot set headers; headers win. Nothing here knows NATS.
+The options (``shared.contracts.options.RequestOptionsV1``) come from ``Din-*``
+headers, or from the JSON body's ``parameters`` for clients that cannot set
+headers; headers win. Nothing here knows NATS.
 """
 
 from __future__ import annotations
@@ -19,157 +20,93 @@ from shared.contracts.inference import (
     RequestHeaders,
     SlaClass,
 )
-from shared.cascade import parse_cascade
+from shared.contracts.options import (
+    RequestOptionsV1,
+    check_options,
+    check_timeout,
+    lookup_in,
+    parse_request_id,
+    read_options,
+)
 from shared.errors import DinError, ErrorCode
-from shared.privacy import parse_protection
 
 DEFAULT_TIMEOUT_MS = {SlaClass.REALTIME: 1_000, SlaClass.INTERACTIVE: 5_000, SlaClass.BATCH: 60_000}
-MAX_TIMEOUT_MS = 600_000
-MAX_TOKENS_LIMIT = 512
-SPLIT_AUTO = "auto"
-SPLIT_NONE = "none"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Intake:
-    """What admission learned from one request."""
+    """What admission learned from one request: its options, resolved, and its body's content type.
 
-    request_id: str
-    token: str | None
-    sla_class: SlaClass
-    deadline_ms: int
+    ``options.request_id`` and ``options.deadline_ms`` are always set here (a given or assigned id, an absolute
+    deadline); ``request_id`` and ``deadline_ms`` read them typed.
+    """
+
+    options: RequestOptionsV1
     content_type: str
-    labels: list[str]
-    allow_degrade: bool
-    min_accuracy: float | None
-    model_version: str | None
-    traceparent: str | None
-    cascade_threshold: float | None = None
-    cascade_target_rate: float | None = None
-    max_tokens: int | None = None
-    split: str | None = None
-    protection: str | None = None
 
+    @property
+    def request_id(self) -> str:
+        return self.options.request_id or ""
 
-def _flag(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+    @property
+    def deadline_ms(self) -> int:
+        return self.options.deadline_ms or 0
 
 
 def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_payload: int) -> Intake:
-    """Validate the body against the contract and collect the request's metadata; raise ``DinError``."""
+    """Validate the body against the contract and collect the request's options; raise ``DinError``."""
     headers = headers or {}
     if len(body) > max_payload:
         raise DinError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload of {len(body)} bytes exceeds the limit of {max_payload}")
     content_type = headers.get(RequestHeaders.CONTENT_TYPE, JSON_CONTENT_TYPE).split(";")[0].strip()
-    params: dict = {}
-    body_id: str | None = None
-    if content_type == JSON_CONTENT_TYPE:
-        try:
-            request = InferRequestV1.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            if first["type"] == "json_invalid":
-                raise DinError(ErrorCode.BAD_REQUEST, "body is not valid JSON") from None
-            raise DinError(ErrorCode.SCHEMA_VIOLATION, f"{where}: {first['msg']}") from None
-        params = request.parameters or {}
-        body_id = request.id
-    elif content_type != TENSOR_CONTENT_TYPE:
+    request = _body(content_type, body)
+    params = (request.parameters if request else None) or {}
+    asked = read_options(lookup_in(headers, params), RequestOptionsV1)
+    check_options(asked)
+    resolved = asked.model_copy(update={
+        "deadline_ms": _deadline_ms(asked, now_ms),
+        "request_id": asked.request_id or _body_request_id(request) or uuid.uuid4().hex,
+    })
+    return Intake(options=resolved, content_type=content_type)
+
+
+def _body(content_type: str, body: bytes) -> InferRequestV1 | None:
+    """The JSON request (``None`` for the binary form); ``DinError`` when it breaks the contract."""
+    if content_type == TENSOR_CONTENT_TYPE:
+        return None
+    if content_type != JSON_CONTENT_TYPE:
         raise DinError(
             ErrorCode.BAD_REQUEST,
             f"unsupported content type {content_type!r}: use {JSON_CONTENT_TYPE} or {TENSOR_CONTENT_TYPE}",
         )
-
-    def pick(header: str, param: str) -> object | None:
-        value = headers.get(header)
-        return value if value is not None else params.get(param)
-
-    raw_sla = pick(RequestHeaders.SLA_CLASS, "sla_class") or SlaClass.INTERACTIVE.value
     try:
-        sla = SlaClass(str(raw_sla))
-    except ValueError:
-        raise DinError(ErrorCode.BAD_REQUEST, f"unknown SLA class {raw_sla!r}: use realtime, interactive or batch") from None
+        return InferRequestV1.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        if first["type"] == "json_invalid":
+            raise DinError(ErrorCode.BAD_REQUEST, "body is not valid JSON") from None
+        raise DinError(ErrorCode.SCHEMA_VIOLATION, f"{where}: {first['msg']}") from None
 
-    deadline_raw = pick(RequestHeaders.DEADLINE_MS, "deadline_ms")
-    timeout_raw = pick(RequestHeaders.TIMEOUT_MS, "timeout_ms")
-    try:
-        if deadline_raw is not None:
-            deadline_ms = int(deadline_raw)
-        else:
-            timeout_ms = int(timeout_raw) if timeout_raw is not None else DEFAULT_TIMEOUT_MS[sla]
-            if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
-                raise DinError(ErrorCode.BAD_REQUEST, f"timeout_ms must be in 1..{MAX_TIMEOUT_MS}")
-            deadline_ms = int(now_ms) + timeout_ms
-    except (TypeError, ValueError):
-        raise DinError(ErrorCode.BAD_REQUEST, "timeout_ms and deadline_ms must be whole numbers") from None
+
+def _body_request_id(request: InferRequestV1 | None) -> str | None:
+    """The JSON body's own id, held to the same rule as the header's."""
+    if request is None or request.id is None:
+        return None
+    return parse_request_id(request.id)
+
+
+def _deadline_ms(asked: RequestOptionsV1, now_ms: float) -> int:
+    """The absolute deadline: the one asked for, else receipt plus the timeout (or the SLA class's default)."""
+    if asked.deadline_ms is not None:
+        deadline_ms = asked.deadline_ms
+    else:
+        timeout_ms = asked.timeout_ms if asked.timeout_ms is not None else DEFAULT_TIMEOUT_MS[asked.sla_class]
+        check_timeout(timeout_ms)
+        deadline_ms = int(now_ms) + timeout_ms
     if deadline_ms <= now_ms:
         raise DinError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline has already passed")
-
-    labels_raw = pick(RequestHeaders.LABELS, "labels") or []
-    labels = [s.strip() for s in labels_raw.split(",")] if isinstance(labels_raw, str) else list(labels_raw)
-    min_acc_raw = pick(RequestHeaders.MIN_ACCURACY, "min_accuracy")
-    try:
-        min_accuracy = float(min_acc_raw) if min_acc_raw is not None else None
-    except (TypeError, ValueError):
-        raise DinError(ErrorCode.BAD_REQUEST, "min_accuracy must be a number between 0 and 1") from None
-    version = pick(RequestHeaders.MODEL_VERSION, "model_version")
-    cascade_raw = pick(RequestHeaders.CASCADE, "cascade")
-    cascade = parse_cascade(cascade_raw) if cascade_raw is not None else None
-    cascade_threshold = cascade.threshold if cascade else None
-    if cascade is not None and version is not None:
-        raise DinError(ErrorCode.BAD_REQUEST, "a cascade picks its own model variants: do not pin a model version")
-    max_tokens = _max_tokens(pick(RequestHeaders.MAX_TOKENS, "max_tokens"))
-    split_raw = pick(RequestHeaders.SPLIT, "split")
-    if split_raw is not None and not isinstance(split_raw, str):
-        raise DinError(ErrorCode.BAD_REQUEST, "split must be 'auto', 'none' or a split point name")
-    split = split_raw.strip() if split_raw is not None else None
-    if split is not None and (not split or not split.isprintable() or len(split) > 64):
-        raise DinError(ErrorCode.BAD_REQUEST, "split must be 'auto', 'none' or a split point name")
-    protection_raw = pick(RequestHeaders.SPLIT_PROTECTION, "split_protection")
-    protection = None
-    if protection_raw is not None:
-        parse_protection(str(protection_raw))
-        protection = str(protection_raw).strip()
-        if split is None:
-            raise DinError(ErrorCode.BAD_REQUEST, "split_protection applies only to split inference: set split too")
-    if sum(x is not None for x in (cascade, max_tokens, split if split != SPLIT_NONE else None)) > 1:
-        raise DinError(ErrorCode.BAD_REQUEST, "cascade, max_tokens and split cannot be combined in one request")
-    token = pick(RequestHeaders.TOKEN, "token")
-    request_id = headers.get(RequestHeaders.REQUEST_ID) or body_id or uuid.uuid4().hex
-    if not request_id.isprintable() or len(request_id) > 128:
-        raise DinError(ErrorCode.BAD_REQUEST, "request id must be printable and at most 128 characters")
-    return Intake(
-        request_id=request_id,
-        token=str(token) if token is not None else None,
-        sla_class=sla,
-        deadline_ms=deadline_ms,
-        content_type=content_type,
-        labels=[label for label in labels if label],
-        allow_degrade=_flag(pick(RequestHeaders.ALLOW_DEGRADE, "allow_degrade") or False),
-        min_accuracy=min_accuracy,
-        model_version=str(version) if version is not None else None,
-        traceparent=headers.get(RequestHeaders.TRACEPARENT),
-        cascade_threshold=cascade_threshold,
-        cascade_target_rate=cascade.target_rate if cascade else None,
-        max_tokens=max_tokens,
-        split=split,
-        protection=protection,
-    )
-
-
-def _max_tokens(raw: object | None) -> int | None:
-    if raw is None:
-        return None
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_TOKENS_LIMIT:
-        raise DinError(ErrorCode.BAD_REQUEST, f"max_tokens must be a whole number from 1 to {MAX_TOKENS_LIMIT}, "
-                                              f"not {raw!r}")
-    return value
+    return deadline_ms
 
 
 def peek_request_id(headers: dict[str, str] | None, body: bytes) -> str | None:

@@ -13,7 +13,9 @@ class AdmissionSettings(SecuredServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="DIN_ADMISSION_", extra="ignore", populate_by_name=True)
 
-    topology: Path = Field(validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (tenants, quotas).")
+    topology: Path = Field(
+        validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (tenants, quotas)."
+    )
     model_repo: Path = Field(
         validation_alias=AliasChoices("DIN_MODEL_REPO"), description="Model repository whose configs list the models."
     )

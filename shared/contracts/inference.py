@@ -62,8 +62,9 @@ class InferRequestV1(BaseModel):
     )
     parameters: dict[str, Any] | None = Field(
         default=None,
-        description="Free-form parameters; DIN reads sla_class, timeout_ms, token, labels, "
-        "allow_degrade, min_accuracy, model_version, cascade, max_tokens, split and split_protection here when headers are not used.",
+        description="Free-form parameters; DIN reads its request options here when headers are not used: "
+        "sla_class, timeout_ms, deadline_ms, token, labels, allow_degrade, min_accuracy, model_version, cascade, "
+        "max_tokens, split and split_protection (shared.contracts.options).",
     )
 
 
@@ -132,7 +133,11 @@ STREAM_SEQ_HEADER = "Din-Stream-Seq"
 
 
 class RequestHeaders:
-    """Header names a client may set on a request (all optional but the token)."""
+    """Header names a client may set on a request (all optional but the token).
+
+    Each but ``CONTENT_TYPE`` carries an option of ``shared.contracts.options.RequestOptionsV1``, which declares
+    its value, default, ``parameters`` fallback and description (``request_header_docs``).
+    """
 
     TOKEN = "Din-Token"
     SLA_CLASS = "Din-Sla-Class"

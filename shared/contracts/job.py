@@ -8,14 +8,30 @@ reads the headers, adds its part and forwards, so no stage re-parses tensors.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.contracts.inference import SlaClass
+from shared.contracts.options import ServingOptionsV1
 
 HEADER_PREFIX = "Din-Job-"
 STAGE_DONE_HEADER = "Din-Stage-Done"
 """On a completion event of a stage that handed its output on: the request id (the job stays open)."""
+
+
+DEPRECATED_PROTECTION = "protection"
+"""Old name of the job's ``split_protection``: still accepted when a job is built or decoded."""
+
+
+def _deprecated_protection_schema(schema: dict[str, Any]) -> None:
+    schema.setdefault("properties", {})[DEPRECATED_PROTECTION] = {
+        "anyOf": [{"type": "string"}, {"type": "null"}],
+        "default": None,
+        "deprecated": True,
+        "description": "Deprecated: the old name of split_protection, accepted on input and no longer sent.",
+        "title": "Protection",
+    }
 
 
 class WorkloadClassV1(BaseModel):
@@ -61,50 +77,31 @@ class StageV1(BaseModel):
     predicted_ms: float | None = Field(default=None, description="The scheduler's predicted latency of the stage.")
 
 
-class JobV1(BaseModel):
-    """Routing metadata of one admitted request, carried in headers between stages."""
+class JobV1(ServingOptionsV1):
+    """Routing metadata of one admitted request, carried in headers between stages.
+
+    The request's serving options (SLA class, labels, degradation, accuracy floor, version, cascade, max tokens,
+    split and split protection) are inherited from ``ServingOptionsV1``, so the job carries every one of them.
+    ``protection`` is the deprecated name of ``split_protection``: accepted on input, readable, no longer sent.
+    """
+
+    model_config = ConfigDict(json_schema_extra=_deprecated_protection_schema)
 
     request_id: str = Field(description="Request id, unique per request.")
     tenant: str = Field(description="Tenant that sent the request.")
     model: str = Field(description="Model the client asked for.")
-    model_version: str | None = Field(default=None, description="Version asked for; None means latest.")
-    sla_class: SlaClass = Field(description="Service class.")
     deadline_ms: int = Field(description="Absolute deadline, Unix epoch milliseconds.")
     reply_to: str = Field(description="Subject where the single answer must go.")
     content_type: str = Field(description="Content type of the body: JSON or the binary tensor form.")
-    labels: list[str] = Field(default_factory=list, description="Sensitivity labels given by the client.")
-    allow_degrade: bool = Field(default=False, description="A smaller model variant may answer.")
-    min_accuracy: float | None = Field(default=None, description="Lowest accuracy acceptable.")
-    cascade_threshold: float | None = Field(
-        default=None,
-        description="Large-small cascade: the small variant answers, and an answer whose confidence (top class "
-        "probability) is below this threshold escalates to the large one. None: no cascade.",
-    )
-    cascade_target_rate: float | None = Field(
-        default=None,
-        description="Large-small cascade by target: escalate about this fraction of requests, the least confident, "
-        "calibrated on the small variant's recent answers at its executor. None: a fixed threshold or no cascade.",
-    )
     escalate_to: str | None = Field(
         default=None, description="Cascade: the large variant a low-confidence answer escalates to (classifier)."
     )
     cascade_stage: int | None = Field(
         default=None, description="Cascade: 1 while the small variant runs, 2 once escalated to the large one."
     )
-    max_tokens: int | None = Field(
-        default=None, description="Generation: tokens to stream back (prefill, then decode). None: one answer."
-    )
     prompt_tokens: int | None = Field(default=None, description="Generation: the prompt's length in tokens.")
-    split: str | None = Field(
-        default=None,
-        description="Split inference: 'auto' (the scheduler picks the split point per request), a split point "
-        "name, or 'none'. None: the model runs whole.",
-    )
     split_chosen: str | None = Field(
         default=None, description="Split inference: the scheduler's choice, a split point, 'local' or 'no-split'."
-    )
-    protection: str | None = Field(
-        default=None, description="Split inference: protection of the intermediate, e.g. 'quantize:4', 'noise:0.1'."
     )
     plan: list[StageV1] = Field(
         default_factory=list, description="Multi-stage jobs: the stages, in order, as the scheduler placed them."
@@ -124,12 +121,26 @@ class JobV1(BaseModel):
         default_factory=dict, description="Epoch ms at which each stage handed the job on."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_deprecated_protection(cls, data: Any) -> Any:
+        if isinstance(data, dict) and DEPRECATED_PROTECTION in data:
+            data = dict(data)
+            old = data.pop(DEPRECATED_PROTECTION)
+            data.setdefault("split_protection", old)
+        return data
+
+    @property
+    def protection(self) -> str | None:
+        """Deprecated name of ``split_protection`` (the split intermediate's protection, not the crypto level)."""
+        return self.split_protection
+
     def to_headers(self) -> dict[str, str]:
         """Encode as one compact JSON header (header values must be single-line strings)."""
         return {HEADER_PREFIX + "V1": self.model_dump_json(exclude_none=True)}
 
     @classmethod
-    def from_headers(cls, headers: dict[str, str] | None) -> "JobV1":
+    def from_headers(cls, headers: dict[str, str] | None) -> JobV1:
         """Decode from headers written by ``to_headers``; raises ``ValueError`` if absent or invalid."""
         raw = (headers or {}).get(HEADER_PREFIX + "V1")
         if raw is None:

@@ -11,22 +11,21 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from shared.contracts.inference import SlaClass
+from shared.contracts.options import ServingOptionsV1
 
 
-class RecordedRequestV1(BaseModel):
-    """Metadata of one admitted request recorded for replay (carried in ``din-*`` record headers)."""
+class RecordedRequestV1(ServingOptionsV1):
+    """Metadata of one admitted request recorded for replay (carried in ``din-*`` record headers).
+
+    Every serving option (``ServingOptionsV1``) is recorded, so a replay asks for exactly what the original did.
+    """
 
     request_id: str = Field(description="Request id given at admission.")
     tenant: str = Field(description="Tenant that sent it; also the record key.")
     model: str = Field(description="Model the client asked for.")
-    model_version: str | None = Field(default=None, description="Version asked for; None means latest.")
-    sla_class: SlaClass = Field(description="Service class.")
     content_type: str = Field(description="Content type of the body (JSON or the binary tensor form).")
     received_ms: float = Field(description="When admission received it, Unix epoch ms: replay paces by it.")
     timeout_ms: int = Field(description="Deadline minus receipt, ms: replay gives each request the same budget.")
-    labels: list[str] = Field(default_factory=list, description="Sensitivity labels the client set.")
-    allow_degrade: bool = Field(default=False, description="Whether a smaller variant may answer.")
-    min_accuracy: float | None = Field(default=None, description="Lowest acceptable accuracy, if set.")
     tensor_headers: dict[str, str] = Field(
         default_factory=dict, description="The Din-Tensor-* headers of a binary-form request."
     )

@@ -13,7 +13,9 @@ from shared.errors import DinError, ErrorCode
 
 NOW = 1_700_000_000.0
 SECRET = "ab" * 32
-GOOD_BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [0.1, 0.2]}]}).encode()
+GOOD_BODY = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [0.1, 0.2]}]}
+).encode()
 
 
 class FakeClock:
@@ -58,19 +60,19 @@ def refused(code: ErrorCode, call) -> DinError:
 def test_defaults_and_header_metadata():
     intake = read_intake({RequestHeaders.SLA_CLASS: "realtime", RequestHeaders.LABELS: "pii, x"}, GOOD_BODY,
                          NOW * 1000, 4096)
-    assert intake.sla_class is SlaClass.REALTIME
+    assert intake.options.sla_class is SlaClass.REALTIME
     assert intake.deadline_ms == int(NOW * 1000) + DEFAULT_TIMEOUT_MS[SlaClass.REALTIME]
-    assert intake.labels == ["pii", "x"]
+    assert intake.options.labels == ["pii", "x"]
 
 
 def test_parameters_stand_in_for_headers_and_headers_win():
     body = json.loads(GOOD_BODY)
     body["parameters"] = {"sla_class": "batch", "timeout_ms": 250, "allow_degrade": True, "token": "t"}
     intake = read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096)
-    assert (intake.sla_class, intake.allow_degrade, intake.token) == (SlaClass.BATCH, True, "t")
+    assert (intake.options.sla_class, intake.options.allow_degrade, intake.options.token) == (SlaClass.BATCH, True, "t")
     assert intake.deadline_ms == int(NOW * 1000) + 250
     intake = read_intake({RequestHeaders.SLA_CLASS: "realtime"}, json.dumps(body).encode(), NOW * 1000, 4096)
-    assert intake.sla_class is SlaClass.REALTIME
+    assert intake.options.sla_class is SlaClass.REALTIME
 
 
 @pytest.mark.parametrize(
@@ -94,7 +96,7 @@ def test_bad_requests_are_refused_with_a_code(hdrs, body, code):
 
 def test_gate_admits_a_good_request():
     intake = gate().admit("acme", "digits-small", headers(**{RequestHeaders.MODEL_VERSION: "2"}), GOOD_BODY)
-    assert intake.model_version == "2"
+    assert intake.options.model_version == "2"
 
 
 def test_gate_refuses_unknown_tenant_model_version_and_bad_credentials():
@@ -139,15 +141,15 @@ def test_request_id_is_recovered_for_errors_when_possible():
 
 def test_cascade_threshold_comes_from_header_or_parameters():
     intake = read_intake({RequestHeaders.CASCADE: " 0.8"}, GOOD_BODY, NOW * 1000, 4096)
-    assert intake.cascade_threshold == 0.8
+    assert intake.options.cascade_threshold == 0.8
     body = json.loads(GOOD_BODY) | {"parameters": {"cascade": 0.5}}
-    assert read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096).cascade_threshold == 0.5
-    assert read_intake({}, GOOD_BODY, NOW * 1000, 4096).cascade_threshold is None
+    assert read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096).options.cascade_threshold == 0.5
+    assert read_intake({}, GOOD_BODY, NOW * 1000, 4096).options.cascade_threshold is None
 
 
 def test_a_cascade_may_ask_for_a_target_escalation_rate_instead():
     intake = read_intake({RequestHeaders.CASCADE: "rate:0.2"}, GOOD_BODY, NOW * 1000, 4096)
-    assert (intake.cascade_threshold, intake.cascade_target_rate) == (None, 0.2)
+    assert (intake.options.cascade_threshold, intake.options.cascade_target_rate) == (None, 0.2)
     pinned = {RequestHeaders.CASCADE: "rate:0.2", RequestHeaders.MODEL_VERSION: "1"}
     refused(ErrorCode.BAD_REQUEST, lambda: read_intake(pinned, GOOD_BODY, NOW * 1000, 4096))
 
@@ -161,7 +163,7 @@ def test_invalid_cascade_thresholds_are_bad_requests(raw):
 
 def test_a_cascade_needs_another_variant_and_no_pinned_version():
     assert gate().admit("acme", "digits-large", headers(**{RequestHeaders.CASCADE: "0.9"}),
-                        GOOD_BODY).cascade_threshold == 0.9
+                        GOOD_BODY).options.cascade_threshold == 0.9
     refused(ErrorCode.BAD_REQUEST, lambda: gate().admit(
         "acme", "digits-small", headers(**{RequestHeaders.CASCADE: "0.9", RequestHeaders.MODEL_VERSION: "2"}),
         GOOD_BODY))
@@ -172,7 +174,7 @@ def test_a_cascade_needs_another_variant_and_no_pinned_version():
     assert "no other variant" in error.message
 
 
-# --- multi-stage requests: max_tokens, split, split_protection ---------------------------------------------------------
+# --- multi-stage requests: max_tokens, split, split_protection -------------------------------------------------------
 
 
 def staged_catalog(prefill_listed: bool = True) -> ModelCatalog:
@@ -202,7 +204,7 @@ def intake_of(**hdrs):
 
 @pytest.mark.parametrize(("raw", "expected"), [("1", 1), ("512", 512), (" 7 ", 7)])
 def test_max_tokens_within_bounds_is_accepted(raw, expected):
-    assert intake_of(**{RequestHeaders.MAX_TOKENS: raw}).max_tokens == expected
+    assert intake_of(**{RequestHeaders.MAX_TOKENS: raw}).options.max_tokens == expected
 
 
 @pytest.mark.parametrize("raw", ["0", "513", "x", "", "-1", "1.5", "1e2"])
@@ -213,20 +215,20 @@ def test_max_tokens_out_of_bounds_or_not_a_whole_number_is_refused(raw):
 
 def test_max_tokens_split_and_protection_come_from_parameters_too():
     body = json.loads(GOOD_BODY) | {"parameters": {"max_tokens": 3}}
-    assert read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096).max_tokens == 3
+    assert read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096).options.max_tokens == 3
     body = json.loads(GOOD_BODY) | {"parameters": {"split": "hidden_1", "split_protection": "noise:0.1"}}
     intake = read_intake({}, json.dumps(body).encode(), NOW * 1000, 4096)
-    assert (intake.split, intake.protection) == ("hidden_1", "noise:0.1")
+    assert (intake.options.split, intake.options.split_protection) == ("hidden_1", "noise:0.1")
     refused(ErrorCode.BAD_REQUEST, lambda: read_intake(
         {}, json.dumps(json.loads(GOOD_BODY) | {"parameters": {"max_tokens": 0}}).encode(), NOW * 1000, 4096))
     plain = intake_of()
-    assert (plain.max_tokens, plain.split, plain.protection) == (None, None, None)
+    assert (plain.options.max_tokens, plain.options.split, plain.options.split_protection) == (None, None, None)
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("auto", "auto"), ("none", "none"), ("hidden_1", "hidden_1"),
                                                (" hidden_2 ", "hidden_2"), ("p" * 64, "p" * 64)])
 def test_split_accepts_auto_none_or_a_point_name(raw, expected):
-    assert intake_of(**{RequestHeaders.SPLIT: raw}).split == expected
+    assert intake_of(**{RequestHeaders.SPLIT: raw}).options.split == expected
 
 
 @pytest.mark.parametrize("raw", ["", "   ", "a\tb", "a\nb", "p" * 65])
@@ -238,7 +240,7 @@ def test_split_refuses_empty_unprintable_or_long_names(raw):
                                                ("none", "none"), ("quantize:1", "quantize:1"), ("noise:0", "noise:0")])
 def test_split_protection_is_accepted_with_a_split(raw, expected):
     intake = intake_of(**{RequestHeaders.SPLIT: "auto", RequestHeaders.SPLIT_PROTECTION: raw})
-    assert intake.protection == expected
+    assert intake.options.split_protection == expected
 
 
 def test_split_protection_without_a_split_is_refused():
@@ -265,12 +267,12 @@ def test_cascade_generation_and_split_do_not_combine(combo):
 
 
 def test_split_none_is_no_split_so_it_combines_with_a_cascade():
-    assert intake_of(**{RequestHeaders.CASCADE: "0.9", RequestHeaders.SPLIT: "none"}).cascade_threshold == 0.9
+    assert intake_of(**{RequestHeaders.CASCADE: "0.9", RequestHeaders.SPLIT: "none"}).options.cascade_threshold == 0.9
 
 
 def test_gate_admits_generation_only_for_a_model_with_a_prefill_part():
     g = staged_gate()
-    assert g.admit("acme", "charlm", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY).max_tokens == 16
+    assert g.admit("acme", "charlm", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY).options.max_tokens == 16
     error = refused(ErrorCode.BAD_REQUEST,
                     lambda: g.admit("acme", "digits-large", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY))
     assert "does not generate tokens" in error.message
@@ -282,7 +284,8 @@ def test_gate_admits_generation_only_for_a_model_with_a_prefill_part():
 def test_gate_admits_only_split_points_the_catalog_lists():
     g = staged_gate()
     for split in ("hidden_1", "hidden_2", "auto", "none"):
-        assert g.admit("acme", "digits-large", headers(**{RequestHeaders.SPLIT: split}), GOOD_BODY).split == split
+        admitted = g.admit("acme", "digits-large", headers(**{RequestHeaders.SPLIT: split}), GOOD_BODY)
+        assert admitted.options.split == split
     error = refused(ErrorCode.BAD_REQUEST,
                     lambda: g.admit("acme", "digits-large", headers(**{RequestHeaders.SPLIT: "hidden_3"}), GOOD_BODY))
     assert "'hidden_3'" in error.message and "hidden_1, hidden_2" in error.message
@@ -292,4 +295,4 @@ def test_gate_admits_only_split_points_the_catalog_lists():
     error = refused(ErrorCode.BAD_REQUEST,
                     lambda: g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "auto"}), GOOD_BODY))
     assert "no split points" in error.message
-    assert g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "none"}), GOOD_BODY).split == "none"
+    assert g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "none"}), GOOD_BODY).options.split == "none"
