@@ -1,5 +1,5 @@
-from services.admission.main import create_runtime
+from services.admission.main import Admission
 from services.admission.settings import AdmissionSettings
 from shared.runtime import run_service
 
-run_service(create_runtime(AdmissionSettings()))
+run_service(Admission(AdmissionSettings()))

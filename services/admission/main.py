@@ -9,24 +9,25 @@ who gets its own answer.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
 from services.admission.gate import AdmissionGate
-from services.admission.ingress import RequestOpener
-from services.admission.intake import peek_request_id
+from services.admission.ingress import RequestOpener, Unsealed
+from services.admission.intake import Intake, peek_request_id
 from services.admission.quota import QuotaLedger
 from services.admission.settings import AdmissionSettings
 from shared.catalog import ModelCatalog
 from shared.contracts.events import AdmissionDecisionV1, PressureV1
-from shared.contracts.inference import RequestHeaders
+from shared.contracts.inference import RequestHeaders, SlaClass
 from shared.contracts.job import JobV1
 from shared.credentials import TenantVerifier, read_credentials
 from shared.envelope import InvalidToken, Reason
 from shared.errors import DinError, ErrorCode
 from shared.naming import InvalidNameError, Subjects, Topics
-from shared.runtime import ServiceRuntime
 from shared.recording import record_request
+from shared.runtime import Service, control, endpoint
 from shared.security import PayloadSecurity, seal_for_audit, tenant_principal
 from shared.topology import load_topology
 
@@ -34,126 +35,162 @@ PASSTHROUGH_PREFIXES = ("Din-Tensor-", "Content-Type")
 SILENT_REASONS = (Reason.REPLAY, Reason.STALE)
 
 
-def create_runtime(settings: AdmissionSettings) -> ServiceRuntime:
-    """Build the admission service."""
-    runtime = ServiceRuntime("admission", settings)
-    topology = load_topology(settings.topology)
-    gate = AdmissionGate(
-        TenantVerifier(read_credentials(settings.credentials_file)),
-        QuotaLedger({t.name: (t.rate_per_s, t.burst) for t in topology.tenants}),
-        ModelCatalog.from_repository(settings.model_repo),
-        max_payload=settings.max_payload_bytes,
-        shed_factor=settings.shed_factor,
-    )
-    security = PayloadSecurity.from_settings(settings)
-    opener = RequestOpener(security, settings.max_payload_bytes)
-    counts = {"admitted": 0, "refused": 0, "unanswerable": 0}
-    runtime.detail = lambda: {**counts, **security.detail()}
+@dataclass(frozen=True)
+class Admitted:
+    """A request that passed the gate: where it goes, what it asked for, and its opened body."""
 
-    @runtime.on_start
-    async def keys() -> None:
-        await security.start(runtime.nc, readers=lambda agent: [tenant_principal(t.name) for t in topology.tenants],
-                             timeout_s=settings.keys_wait_s)
+    tenant: str
+    model: str
+    unsealed: Unsealed
+    intake: Intake
 
-    runtime.on_drain(security.stop)
 
-    @runtime.broker.subscriber(Subjects.PRESSURE)
-    async def on_pressure(pressure: PressureV1) -> None:
-        gate.pressure = pressure
+class Admission(Service):
+    """Authenticates, validates and rate-limits every request, records it, and sends it on to the classifier."""
 
-    def record(request_id: str, tenant: str, model: str, intake_sla, ok: bool, reason: str, detail: str, size: int):
-        runtime.events.emit(
-            Topics.ADMISSION_DECISIONS,
-            AdmissionDecisionV1(
-                request_id=request_id,
-                tenant=tenant,
-                model=model,
-                sla_class=intake_sla,
-                admitted=ok,
-                reason=reason,
-                detail=detail,
-                input_bytes=size,
-                at_ms=time.time() * 1000.0,
-            ),
-            key=tenant,
+    name = "admission"
+
+    def __init__(self, settings: AdmissionSettings) -> None:
+        super().__init__(settings)
+        self.topology = load_topology(settings.topology)
+        self.gate = AdmissionGate(
+            TenantVerifier(read_credentials(settings.credentials_file)),
+            QuotaLedger({t.name: (t.rate_per_s, t.burst) for t in self.topology.tenants}),
+            ModelCatalog.from_repository(settings.model_repo),
+            max_payload=settings.max_payload_bytes,
+            shed_factor=settings.shed_factor,
+        )
+        self.security = PayloadSecurity.from_settings(settings)
+        self.opener = RequestOpener(self.security, settings.max_payload_bytes)
+        self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0}
+        self.runtime.on_start(self._start_keys)
+        self.runtime.on_drain(self.security.stop)
+
+    def detail(self) -> dict[str, object]:
+        return {**self.counts, **self.security.detail()}
+
+    async def _start_keys(self) -> None:
+        await self.security.start(
+            self.nc, readers=lambda agent: [tenant_principal(t.name) for t in self.topology.tenants],
+            timeout_s=self.settings.keys_wait_s,
         )
 
-    def keep(job: JobV1, plaintext: bytes, passthrough: dict[str, str]) -> None:
-        """Record the admitted request for replay; with security on, sealed for the audit reader only."""
-        if security.enabled:
-            sealed = seal_for_audit(security, plaintext, request_id=job.request_id, tenant=job.tenant)
-            record_request(runtime.events, Topics.REQUESTS, job, sealed.body, {**passthrough, **sealed.to_headers()})
-        else:
-            record_request(runtime.events, Topics.REQUESTS, job, plaintext, passthrough)
+    @control("pressure", Subjects.PRESSURE)
+    async def on_pressure(self, pressure: PressureV1) -> None:
+        self.gate.pressure = pressure
 
-    @runtime.hot_path(Subjects.INFER_ALL, queue="admission")
-    async def on_infer(msg: Msg) -> None:
-        with runtime.tracing.hop("admission admit", (msg.headers or {}).get(RequestHeaders.TRACEPARENT),
-                                 subject=msg.subject) as (span, traceparent):
-            await admit(msg, span, traceparent)
+    @endpoint("infer", Subjects.INFER_ALL, queue="admission",
+              publishes=("classify", "inferReply", Topics.ADMISSION_DECISIONS, Topics.REQUESTS))
+    async def on_infer(self, msg: Msg) -> None:
+        with self.runtime.tracing.hop("admission admit", (msg.headers or {}).get(RequestHeaders.TRACEPARENT),
+                                      subject=msg.subject) as (span, traceparent):
+            received_ms = time.time() * 1000.0
+            if not msg.reply:
+                self._unanswerable(msg)
+                return
+            admitted = await self._admit(msg)
+            if admitted is None:
+                return
+            job = self._job(admitted, msg.reply, traceparent, received_ms)
+            await self._forward(job, admitted, msg)
+            span.set_attributes({"din.request_id": job.request_id, "din.tenant": job.tenant, "din.model": job.model})
 
-    async def admit(msg: Msg, span, traceparent: str | None) -> None:
-        received_ms = time.time() * 1000.0
-        raw_tenant, raw_model = msg.subject.split(".")[3:5]
-        if not msg.reply:
-            counts["unanswerable"] += 1
-            record(peek_request_id(msg.headers, msg.data) or "", raw_tenant, raw_model, None, False,
-                   "no_reply_subject", "request sent without a reply subject", len(msg.data))
-            return
+    async def _admit(self, msg: Msg) -> Admitted | None:
+        """The request opened and through the gate; ``None`` once a refusal has been answered and recorded."""
         try:
             tenant, model = Subjects.parse_infer(msg.subject)
-            if not gate.knows(tenant):
+            if not self.gate.knows(tenant):
                 raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
-            unsealed = opener.unseal(tenant, model, msg.reply, msg.headers, msg.data)
-            intake = gate.admit(tenant, model, msg.headers, unsealed.plaintext)
+            unsealed = self.opener.unseal(tenant, model, msg.reply, msg.headers, msg.data)
+            return Admitted(tenant, model, unsealed, self.gate.admit(tenant, model, msg.headers, unsealed.plaintext))
         except InvalidToken as refused:
-            security.refused(refused)
-            counts["refused"] += 1
-            request_id = peek_request_id(msg.headers, b"")
-            if refused.reason not in SILENT_REASONS:
-                await runtime.answer_error(msg.reply, refused, request_id)
-            record(request_id or "", raw_tenant, raw_model, None, False, refused.code.value,
-                   f"envelope refused ({refused.reason.value})", len(msg.data))
-            return
+            await self._refuse_envelope(msg, refused)
         except (DinError, InvalidNameError) as exc:
-            error = exc if isinstance(exc, DinError) else DinError(ErrorCode.BAD_REQUEST, str(exc))
-            request_id = peek_request_id(msg.headers, msg.data)
-            counts["refused"] += 1
-            await runtime.answer_error(msg.reply, error, request_id)
-            record(request_id or "", raw_tenant, raw_model, None, False, error.code.value, error.message,
-                   len(msg.data))
-            return
-        job = JobV1(
+            await self._refuse(msg, exc if isinstance(exc, DinError) else DinError(ErrorCode.BAD_REQUEST, str(exc)))
+        return None
+
+    def _job(self, admitted: Admitted, reply_to: str, traceparent: str | None, received_ms: float) -> JobV1:
+        """The job of an admitted request: every option it asked for, and where its answer goes."""
+        intake = admitted.intake
+        return JobV1(
+            **intake.options.serving_options(),
             request_id=intake.request_id,
-            tenant=tenant,
-            model=model,
-            model_version=intake.model_version,
-            sla_class=intake.sla_class,
+            tenant=admitted.tenant,
+            model=admitted.model,
             deadline_ms=intake.deadline_ms,
-            reply_to=msg.reply,
+            reply_to=reply_to,
             content_type=intake.content_type,
-            labels=intake.labels,
-            allow_degrade=intake.allow_degrade,
-            min_accuracy=intake.min_accuracy,
-            cascade_threshold=intake.cascade_threshold,
-            cascade_target_rate=intake.cascade_target_rate,
-            max_tokens=intake.max_tokens,
-            split=intake.split,
-            protection=intake.protection,
             traceparent=traceparent,
             received_ms=received_ms,
             stamps_ms={"admitted": time.time() * 1000.0},
         )
+
+    async def _forward(self, job: JobV1, admitted: Admitted, msg: Msg) -> None:
+        """Send the job on to the classifier, record the request and the admission."""
         passthrough = {name: value for name, value in (msg.headers or {}).items()
                        if name.startswith(PASSTHROUGH_PREFIXES)}
-        body, envelope_headers = opener.forward(
-            unsealed, request_id=intake.request_id, tenant=tenant, model=model, reply=msg.reply,
+        body, envelope_headers = self.opener.forward(
+            admitted.unsealed, request_id=job.request_id, tenant=job.tenant, model=job.model, reply=msg.reply,
             passthrough=passthrough, body=msg.data,
         )
-        await runtime.nc.publish(Subjects.CLASSIFY, body, headers={**job.to_headers(), **passthrough, **envelope_headers})
-        counts["admitted"] += 1
-        keep(job, unsealed.plaintext, passthrough)
-        span.set_attributes({"din.request_id": job.request_id, "din.tenant": tenant, "din.model": model})
-        record(intake.request_id, tenant, model, intake.sla_class, True, "ok", "", len(unsealed.plaintext))
+        await self.nc.publish(Subjects.CLASSIFY, body, headers={**job.to_headers(), **passthrough, **envelope_headers})
+        self.counts["admitted"] += 1
+        self._keep(job, admitted.unsealed.plaintext, passthrough)
+        self._decision(job.request_id, job.tenant, job.model, job.sla_class, True, "ok", "",
+                       len(admitted.unsealed.plaintext))
 
-    return runtime
+    def _unanswerable(self, msg: Msg) -> None:
+        raw_tenant, raw_model = self._raw_target(msg)
+        self.counts["unanswerable"] += 1
+        self._decision(peek_request_id(msg.headers, msg.data) or "", raw_tenant, raw_model, None, False,
+                       "no_reply_subject", "request sent without a reply subject", len(msg.data))
+
+    async def _refuse_envelope(self, msg: Msg, refused: InvalidToken) -> None:
+        """An envelope that does not open: answered (unless it is a replay or stale), counted and recorded."""
+        self.security.refused(refused)
+        self.counts["refused"] += 1
+        request_id = peek_request_id(msg.headers, b"")
+        if refused.reason not in SILENT_REASONS:
+            await self.runtime.answer_error(msg.reply, refused, request_id)
+        raw_tenant, raw_model = self._raw_target(msg)
+        self._decision(request_id or "", raw_tenant, raw_model, None, False, refused.code.value,
+                       f"envelope refused ({refused.reason.value})", len(msg.data))
+
+    async def _refuse(self, msg: Msg, error: DinError) -> None:
+        """A request the gate refused: answered with the error, counted and recorded."""
+        request_id = peek_request_id(msg.headers, msg.data)
+        self.counts["refused"] += 1
+        await self.runtime.answer_error(msg.reply, error, request_id)
+        raw_tenant, raw_model = self._raw_target(msg)
+        self._decision(request_id or "", raw_tenant, raw_model, None, False, error.code.value, error.message,
+                       len(msg.data))
+
+    @staticmethod
+    def _raw_target(msg: Msg) -> tuple[str, str]:
+        tenant, model = msg.subject.split(".")[3:5]
+        return tenant, model
+
+    def _decision(self, request_id: str, tenant: str, model: str, sla_class: SlaClass | None, admitted: bool,
+                  reason: str, detail: str, size: int) -> None:
+        self.runtime.events.emit(
+            Topics.ADMISSION_DECISIONS,
+            AdmissionDecisionV1(
+                request_id=request_id, tenant=tenant, model=model, sla_class=sla_class, admitted=admitted,
+                reason=reason, detail=detail, input_bytes=size, at_ms=time.time() * 1000.0,
+            ),
+            key=tenant,
+        )
+
+    def _keep(self, job: JobV1, plaintext: bytes, passthrough: dict[str, str]) -> None:
+        """Record the admitted request for replay; with security on, sealed for the audit reader only."""
+        if self.security.enabled:
+            sealed = seal_for_audit(self.security, plaintext, request_id=job.request_id, tenant=job.tenant)
+            record_request(self.runtime.events, Topics.REQUESTS, job, sealed.body,
+                           {**passthrough, **sealed.to_headers()})
+        else:
+            record_request(self.runtime.events, Topics.REQUESTS, job, plaintext, passthrough)
+
+
+def create_runtime(settings: AdmissionSettings):
+    """Build the admission service (its runtime, for launchers that start runtimes)."""
+    return Admission(settings).runtime
