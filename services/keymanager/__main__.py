@@ -1,5 +1,5 @@
-from services.keymanager.main import create_runtime
+from services.keymanager.main import KeyManager
 from services.keymanager.settings import KeyManagerSettings
 from shared.runtime import run_service
 
-run_service(create_runtime(KeyManagerSettings()))
+run_service(KeyManager(KeyManagerSettings()))

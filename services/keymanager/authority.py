@@ -7,7 +7,6 @@ expiry with an injected clock.
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from shared.security import (
     CryptoPolicy,
     EntryKeys,
     KeyAgent,
+    b64url,
     key_holders,
     sign_entry,
 )
@@ -107,7 +107,8 @@ class KeyAuthority:
         for holder in sorted(self.holders(reader)):
             wrapped = envelope.wrap_dek_for(self.publics[holder], record.dek, issuer=self.issuer)
             key = EntryKeys.dek(holder, reader, version)
-            out.append((key, sign_entry(self.issuer, key, {**body, "wrapped": _b64(wrapped), "issued_ms": self._issued_ms()})))
+            signed = {**body, "wrapped": b64url.encode(wrapped), "issued_ms": self._issued_ms()}
+            out.append((key, sign_entry(self.issuer, key, signed)))
         return out
 
     def revoked_entry(self) -> Entry:
@@ -196,7 +197,3 @@ class KeyAuthority:
                 gone += [EntryKeys.dek(holder, reader, version)
                          for holder in key_holders(self.topology)[reader]]
         return gone
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import asyncio
 
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
 
-from services.keymanager.authority import Entry, KeyAuthority
+from services.keymanager.authority import KeyAuthority
+from services.keymanager.commands import command_result, run_command
+from services.keymanager.distribution import KeyDistribution
 from services.keymanager.settings import KeyManagerSettings
-from shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
-from shared.envelope import InvalidToken, ReplayGuard
+from shared.contracts.keys import KeyAction
+from shared.envelope import Identity, InvalidToken, ReplayGuard
 from shared.errors import DinError, ErrorCode
-from shared.naming import Subjects
-from shared.runtime import ServiceRuntime
+from shared.naming import Subjects, Topics
+from shared.runtime import Service, endpoint
 from shared.security import (
     KEYMANAGER,
     OPERATOR,
@@ -32,27 +36,42 @@ from shared.security import (
     read_master_key,
     verify_key_command,
 )
-from shared.topology import load_topology
+from shared.topology import Topology, load_topology
 
 EXPIRY_INTERVAL_S = 1.0
+RECOVERY_TIMEOUT_S = 30.0
+KEYS_BUCKET_CHANNEL = "keysBucket"
+"""The channel of the ``DIN_KEYS`` JetStream key-value bucket (public identities, wrapped DEKs, revocations,
+policy), which the key manager alone writes."""
 
 
-def create_runtime(settings: KeyManagerSettings) -> ServiceRuntime:
-    """Build the key manager service."""
-    runtime = ServiceRuntime("keymanager", settings)
-    topology = load_topology(settings.topology)
-    state: dict[str, object] = {"authority": None, "bucket": None}
-    counts = {"commands": 0, "commands_refused": 0, "published": 0, "deleted": 0}
-    guard = ReplayGuard(settings.command_window_s)
-    lock = asyncio.Lock()
+def control_subject(settings: KeyManagerSettings) -> str:
+    """The key manager's command subject (one instance, named like the service)."""
+    return Subjects.control(KeyManager.name, KeyManager.name)
 
-    def authority() -> KeyAuthority:
-        return state["authority"]
 
-    def detail() -> dict[str, object]:
-        out: dict[str, object] = {"security": "on" if settings.security else "off", **counts}
-        if state["authority"] is not None:
-            auth = authority()
+class KeyManager(Service):
+    """The key authority: distributes identities and data keys, rotates and revokes them on command or schedule."""
+
+    name = "keymanager"
+    publishes = (KEYS_BUCKET_CHANNEL,)
+
+    def __init__(self, settings: KeyManagerSettings) -> None:
+        super().__init__(settings)
+        self.topology = load_topology(settings.topology)
+        self.guard = ReplayGuard(settings.command_window_s)
+        self.keys: KeyDistribution | None = None
+        self.counts = {"commands": 0, "commands_refused": 0}
+        self.runtime.on_start(self.start_keys)
+
+    def detail(self) -> dict[str, object]:
+        keys = self.keys
+        out: dict[str, object] = {
+            "security": "on" if self.settings.security else "off", **self.counts,
+            "published": keys.published if keys else 0, "deleted": keys.deleted if keys else 0,
+        }
+        if keys is not None:
+            auth = keys.authority
             out.update(
                 identities=len(auth.publics),
                 rotations=auth.rotations,
@@ -61,131 +80,98 @@ def create_runtime(settings: KeyManagerSettings) -> ServiceRuntime:
             )
         return out
 
-    runtime.detail = detail
-
-    async def put(entries: list[Entry]) -> None:
-        bucket = state["bucket"]
-        for key, value in entries:
-            await bucket.put(key, value)
-        counts["published"] += len(entries)
-
-    async def delete(keys: list[str]) -> None:
-        bucket = state["bucket"]
-        for key in keys:
-            await bucket.delete(key)
-        counts["deleted"] += len(keys)
-
-    async def rotate(readers: list[str], grace_s: float | None) -> None:
-        """Two-phase rotation of ``readers``: distribute new versions, wait, then seal with them."""
-        async with lock:
-            started = []
-            for reader in readers:
-                version, entries = authority().begin_rotation(reader)
-                await put(entries)
-                started.append((reader, version))
-            await asyncio.sleep(settings.activation_delay_s)
-            for reader, version in started:
-                await put(authority().activate(reader, version, grace_s))
-
-    async def revoke(principal: str) -> None:
-        async with lock:
-            entries, held, gone = authority().revoke(principal)
-            await put(entries)
-            await delete(gone)
-        await rotate(held, settings.revoke_grace_s)
-
-    @runtime.on_start
-    async def start_keys() -> None:
-        if not settings.security:
+    async def start_keys(self) -> None:
+        """Recover the keys from the bucket, publish everything, then rotate and expire on schedule."""
+        if not self.settings.security:
             return
-        master = read_master_key(settings.master_key_file)
-        store = KeyStore.load(settings.keystore)
-        missing = [p for p in principals_of(topology) if p not in store.publics]
-        if missing:
-            raise ValueError(f"keystore {settings.keystore} has no identity for {missing[0]}: rerun `din keys init`")
-        issuer = store.identity(KEYMANAGER, master)
-        js = runtime.nc.jetstream(domain=store.kv_domain)
-        try:
-            bucket = await js.key_value(store.bucket)
-        except Exception:  # noqa: BLE001 - first start: create it
-            bucket = await js.create_key_value(
-                KeyValueConfig(bucket=store.bucket, history=1, storage=StorageType.FILE,
-                               description="DIN public identities, wrapped data keys, revocations, crypto policy")
-            )
-        state["bucket"] = bucket
-        auth = KeyAuthority(
-            issuer, store.publics, topology, settings.policy,
-            grace_s=settings.grace_s, revoke_grace_s=settings.revoke_grace_s,
+        issuer, store = load_issuer(self.settings, self.topology)
+        bucket = await open_keys_bucket(self.nc, store)
+        authority = KeyAuthority(
+            issuer, store.publics, self.topology, self.settings.policy,
+            grace_s=self.settings.grace_s, revoke_grace_s=self.settings.revoke_grace_s,
         )
-        own = KeyAgent(PrincipalKeys(issuer, issuer.public, store.bucket, store.kv_domain))
-        await own.watch(runtime.nc, timeout_s=30.0)
-        await own.stop()
-        auth.recover(own)
-        state["authority"] = auth
-        for reader, version in auth.pending():
-            auth.activate(reader, version)
-        created = auth.ensure_current()
-        await put(auth.publication())
-        runtime.log.info(
+        authority.recover(await read_own_keys(self.nc, issuer, store))
+        keys = KeyDistribution(authority, bucket, activation_delay_s=self.settings.activation_delay_s)
+        created = await keys.publish_all()
+        self.keys = keys
+        self.log.info(
             "keys published: %d identities, %d readers (%d new), revoked: %s",
-            len(auth.publics), len(auth.readers()), len(created), ", ".join(sorted(auth.revoked)) or "none",
+            len(authority.publics), len(authority.readers()), len(created),
+            ", ".join(sorted(authority.revoked)) or "none",
         )
-        runtime.spawn(scheduled_rotation(), name="rotation")
-        runtime.spawn(expiry(), name="expiry")
+        self.runtime.spawn(self.scheduled_rotation(), name="rotation")
+        self.runtime.spawn(self.expiry(), name="expiry")
 
-    async def scheduled_rotation() -> None:
+    async def scheduled_rotation(self) -> None:
+        """Rotate every reader's DEK each ``rotate_interval_s``."""
         while True:
-            await asyncio.sleep(settings.rotate_interval_s)
-            await rotate(authority().readers(), None)
+            await asyncio.sleep(self.settings.rotate_interval_s)
+            await self.keys.rotate(self.keys.authority.readers(), None)
 
-    async def expiry() -> None:
+    async def expiry(self) -> None:
+        """Delete versions past their grace, checked each ``EXPIRY_INTERVAL_S``."""
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
-            async with lock:
-                await delete(authority().expire())
+            await self.keys.expire()
 
-    def result(command: KeyCommandV1, message: str) -> KeyCommandResultV1:
-        auth = authority()
-        return KeyCommandResultV1(action=command.action, versions=auth.versions(), revoked=sorted(auth.revoked),
-                                  rotations=auth.rotations, message=message)
-
-    @runtime.hot_path(Subjects.control("keymanager", runtime.instance))
-    async def on_command(msg: Msg) -> None:
+    @endpoint("control", control_subject, publishes=("controlReply", KEYS_BUCKET_CHANNEL, Topics.DEAD_LETTER))
+    async def on_control(self, msg: Msg) -> None:
+        """An operator's signed key command: verify it, carry it out, answer with the keys now."""
         if not msg.reply:
-            runtime.dead_letter(msg, "key command without a reply subject")
+            self.runtime.dead_letter(msg, "key command without a reply subject")
             return
-        if state["authority"] is None:
-            await runtime.answer_error(msg.reply, DinError(ErrorCode.INTERNAL, "security is off: no keys"), None)
+        keys = self.keys
+        if keys is None:
+            await self.runtime.answer_error(msg.reply, DinError(ErrorCode.INTERNAL, "security is off: no keys"), None)
             return
         try:
-            command = verify_key_command(msg.data, msg.headers, authority().publics[OPERATOR], guard)
+            command = verify_key_command(msg.data, msg.headers, keys.authority.publics[OPERATOR], self.guard)
         except InvalidToken as refused:
-            counts["commands_refused"] += 1
-            runtime.log.warning("key command refused (%s)", refused.reason.value)
-            await runtime.answer_error(msg.reply, refused, None)
+            self.counts["commands_refused"] += 1
+            self.log.warning("key command refused (%s)", refused.reason.value)
+            await self.runtime.answer_error(msg.reply, refused, None)
             return
-        counts["commands"] += 1
+        self.counts["commands"] += 1
         try:
-            if command.action == KeyAction.ROTATE:
-                readers = [command.reader] if command.reader else authority().readers()
-                if any(r not in authority().records for r in readers):
-                    raise DinError(ErrorCode.BAD_REQUEST, f"unknown reader {command.reader!r}")
-                await rotate(readers, command.grace_s)
-                message = f"rotated {len(readers)} data keys"
-            elif command.action == KeyAction.REVOKE:
-                if not command.principal:
-                    raise DinError(ErrorCode.BAD_REQUEST, "revoke needs a principal")
-                try:
-                    await revoke(command.principal)
-                except KeyError:
-                    raise DinError(ErrorCode.BAD_REQUEST, f"unknown principal {command.principal!r}") from None
-                runtime.log.warning("revoked %s", command.principal)
-                message = f"revoked {command.principal}"
-            else:
-                message = "status"
+            message = await run_command(command, keys, revoke_grace_s=self.settings.revoke_grace_s)
         except DinError as error:
-            await runtime.answer_error(msg.reply, error, None)
+            await self.runtime.answer_error(msg.reply, error, None)
             return
-        await runtime.nc.publish(msg.reply, result(command, message).model_dump_json().encode())
+        if command.action == KeyAction.REVOKE:
+            self.log.warning("revoked %s", command.principal)
+        await self.nc.publish(msg.reply, command_result(command, keys.authority, message).model_dump_json().encode())
 
-    return runtime
+
+def load_issuer(settings: KeyManagerSettings, topology: Topology) -> tuple[Identity, KeyStore]:
+    """The key manager's own identity, unwrapped from the key store with the master key, and the store."""
+    master = read_master_key(settings.master_key_file)
+    store = KeyStore.load(settings.keystore)
+    missing = [p for p in principals_of(topology) if p not in store.publics]
+    if missing:
+        raise ValueError(f"keystore {settings.keystore} has no identity for {missing[0]}: rerun `din keys init`")
+    return store.identity(KEYMANAGER, master), store
+
+
+async def open_keys_bucket(nc: NatsClient, store: KeyStore) -> KeyValue:
+    """The keys bucket at the hub's JetStream, created on first start."""
+    js = nc.jetstream(domain=store.kv_domain)
+    try:
+        return await js.key_value(store.bucket)
+    except Exception:  # noqa: BLE001 - first start: create it
+        return await js.create_key_value(
+            KeyValueConfig(bucket=store.bucket, history=1, storage=StorageType.FILE,
+                           description="DIN public identities, wrapped data keys, revocations, crypto policy")
+        )
+
+
+async def read_own_keys(nc: NatsClient, issuer: Identity, store: KeyStore) -> KeyAgent:
+    """What the bucket holds, read as the key manager's own agent (the DEKs it wrapped to itself)."""
+    own = KeyAgent(PrincipalKeys(issuer, issuer.public, store.bucket, store.kv_domain))
+    await own.watch(nc, timeout_s=RECOVERY_TIMEOUT_S)
+    await own.stop()
+    return own
+
+
+def create_runtime(settings: KeyManagerSettings):
+    """Build the key manager service (its runtime, for launchers that start runtimes)."""
+    return KeyManager(settings).runtime

@@ -14,19 +14,27 @@ class KeyManagerSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="DIN_KEYMANAGER_", extra="ignore", populate_by_name=True)
 
-    topology: Path = Field(validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (sites, links, tenants).")
+    topology: Path = Field(
+        validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (sites, links, tenants)."
+    )
     security: bool = Field(
         default=True,
         validation_alias=AliasChoices("DIN_SECURITY"),
         description="on (default): distribute keys; off: answer health only (benchmark comparison).",
     )
     keystore: Path | None = Field(default=None, description="keystore.json written by `din keys init` or `din up`.")
-    master_key_file: Path | None = Field(default=None, description="File holding the master key the store is wrapped under.")
+    master_key_file: Path | None = Field(
+        default=None, description="File holding the master key the store is wrapped under."
+    )
     policy: CryptoPolicy = Field(
         default_factory=CryptoPolicy,
-        description="Per-path crypto policy as JSON: {\"paths\": {path type: level}, \"plaintext_ingress\": [tenants]}.",
+        description=(
+            "Per-path crypto policy as JSON: {\"paths\": {path type: level}, \"plaintext_ingress\": [tenants]}."
+        ),
     )
-    rotate_interval_s: float = Field(default=3600.0, gt=0, description="Seconds between scheduled rotations of every DEK.")
+    rotate_interval_s: float = Field(
+        default=3600.0, gt=0, description="Seconds between scheduled rotations of every DEK."
+    )
     grace_s: float = Field(default=600.0, ge=0, description="How long a rotated-out DEK version still opens messages.")
     activation_delay_s: float = Field(
         default=1.0, ge=0, description="How long a new DEK version is only distributed before it starts sealing."
