@@ -1,26 +1,27 @@
-"""Machine-readable contracts generated from ``shared.contracts``; nobody edits the output by hand.
+"""Machine-readable contracts generated from the code; nobody edits the output by hand.
 
-``render_schemas`` builds, from ``MESSAGE_MODELS`` and ``shared.naming``:
+``render_schemas`` builds:
 
 * ``json/<name>.schema.json``: one JSON Schema per versioned message model
-  (``din.v1.infer_request`` ...), from ``model_json_schema()``;
+  (``din.v1.infer_request`` ...) of ``shared.contracts.MESSAGE_MODELS``, from
+  ``model_json_schema()``;
 * ``asyncapi.yaml``: one AsyncAPI 3.0 document with every NATS subject and
-  Kafka topic as a channel, the messages on each with their headers, and which
-  service sends and receives them (one operation per service and direction).
+  Kafka topic as a channel (the catalog ``shared.channels``), the messages on
+  each with their headers, and who sends and receives them: one operation per
+  party, direction and channel, derived from the endpoints and publications the
+  service classes declare (``din.service_operations``).
 
-Every channel address comes from ``channels()``, which calls the
-``Subjects`` builders with placeholder tokens and writes the placeholders as
-AsyncAPI parameters (``{tenant}``), so no subject is spelled here. Output is
-byte-stable (sorted keys, fixed order): ``din schemas`` writes it to
-``schemas/`` and a unit test fails when the committed files drift.
+Every channel address is built by the ``shared.naming`` builders from
+placeholder tokens, written as AsyncAPI parameters (``{tenant}``), so no
+subject is spelled here. Output is byte-stable (sorted keys, fixed order):
+``din schemas`` writes it to ``schemas/`` and a unit test fails when the
+committed files drift.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from din.generated import drifted_files, stale_files, write_files
+from din.service_operations import Operation, operations
+from shared import envelope
+from shared.channels import Channel, all_channels, subject_pattern
 from shared.contracts import (
     MESSAGE_MODELS,
     AdmissionDecisionV1,
@@ -50,16 +54,22 @@ from shared.contracts import (
     SchedulingDecisionV1,
     SlaViolationV1,
     SpanV1,
+    StreamChunkV1,
 )
-from shared import envelope
-from shared.contracts.inference import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, RequestHeaders
+from shared.contracts.inference import JSON_CONTENT_TYPE, STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders
 from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
+from shared.contracts.job import STAGE_DONE_HEADER
 from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ErrorCode
 from shared.eventlog import EVENT_TYPE_HEADER, event_type
-from shared.naming import API_VERSION, SERVICES, Subjects, Topics, work_stream
+from shared.naming import API_VERSION, SERVICES
 from shared.recording import RECORD_HEADERS
+from shared.runtime import Service
 from shared.security import SIGNER_HEADER
+from services.executor.stages import STATE_CONTENT_TYPE
 from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
+
+__all__ = ["ASYNCAPI_FILE", "DEFAULT_OUT_DIR", "JSON_DIR", "asyncapi_document", "drifted", "render_schemas",
+           "subject_pattern", "write_schemas"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "schemas"
@@ -71,9 +81,6 @@ KAFKA_BINDING_VERSION = "0.5.0"
 NATS_BINDING_VERSION = "0.1.0"
 KAFKA_PARTITIONS = 3
 
-CLIENT = "client"
-OPERATOR = "operator"
-
 PARAMETERS = {
     "tenant": "Tenant name from the topology.",
     "model": "Model name, as in the model repository.",
@@ -81,6 +88,7 @@ PARAMETERS = {
     "executor": "Executor id from the topology.",
     "service": f"Service name: one of {', '.join(SERVICES)}.",
     "instance": "Instance id: the executor id for executors.",
+    "entry": "Entry name: pub.<principal>, dek.<holder>.<reader>.<version>, revoked or policy.",
 }
 
 REQUEST_HEADER_DOCS = {
@@ -126,186 +134,6 @@ def _dump_json(document: dict) -> str:
     return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-# --------------------------------------------------------------------------- the channel table
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One side of a channel: ``service`` sends or receives ``messages`` (None: all of the channel's)."""
-
-    service: str
-    messages: tuple[str, ...] | None = None
-    queue: str | None = None
-    reply: str | None = None
-
-
-@dataclass(frozen=True)
-class Channel:
-    """A NATS subject pattern or Kafka topic, its messages, and who sends and receives them.
-
-    ``address`` is None for a reply channel (the requester's inbox).
-    """
-
-    key: str
-    address: str | None
-    description: str
-    messages: tuple[str, ...]
-    sends: tuple[Endpoint, ...]
-    receives: tuple[Endpoint, ...] = ()
-    kafka: bool = False
-
-
-def subject_pattern(build: Callable[..., str], *params: str) -> str:
-    """The subject ``build`` makes from one placeholder token per parameter, each written ``{param}``."""
-    placeholders = {name.upper(): name for name in params}
-    subject = build(*placeholders)
-    return ".".join(f"{{{placeholders[t]}}}" if t in placeholders else t for t in subject.split("."))
-
-
-def _each(services: tuple[str, ...], **options) -> tuple[Endpoint, ...]:
-    return tuple(Endpoint(service, **options) for service in services)
-
-
-def channels() -> list[Channel]:
-    """Every channel DIN uses: the single table the AsyncAPI document is built from."""
-    job = ("job",)
-    nats = [
-        Channel(
-            "infer", subject_pattern(Subjects.infer, "tenant", "model"),
-            "A client's inference request; sent as a NATS request whose reply subject receives the single answer.",
-            ("inferRequest", "inferRequestTensor"),
-            sends=(Endpoint(CLIENT, reply="inferReply"),),
-            receives=(Endpoint("admission", queue="admission"),),
-        ),
-        Channel(
-            "inferReply", None,
-            "The requester's reply subject: exactly one answer, a result or an error (error headers set).",
-            ("inferResponse", "errorReply"),
-            sends=(Endpoint("executor"), *_each(("admission", "classifier", "scheduler"), messages=("errorReply",))),
-            receives=(Endpoint(CLIENT),),
-        ),
-        Channel(
-            "classify", Subjects.CLASSIFY,
-            "Admitted requests, on their way to the classifier.", job,
-            sends=(Endpoint("admission"),), receives=(Endpoint("classifier", queue="classifier"),),
-        ),
-        Channel(
-            "schedule", Subjects.SCHEDULE,
-            "Classified requests, on their way to the scheduler.", job,
-            sends=(Endpoint("classifier"),), receives=(Endpoint("scheduler", queue="scheduler"),),
-        ),
-        Channel(
-            "execute", subject_pattern(Subjects.execute, "site", "executor"),
-            "Centralized scheduling: a job assigned to one executor.", job,
-            sends=(Endpoint("scheduler"),), receives=(Endpoint("executor"),),
-        ),
-        Channel(
-            "work", subject_pattern(Subjects.work, "site", "model"),
-            f"Distributed scheduling: a site's JetStream work queue for one model (stream "
-            f"{work_stream('SITE')} with SITE the site name in upper case); the site's executors pull from it.",
-            job,
-            sends=(Endpoint("scheduler"),), receives=(Endpoint("executor"),),
-        ),
-        Channel(
-            "pressure", Subjects.PRESSURE,
-            "The scheduler's periodic view of network load; admission sheds early on it.", ("pressure",),
-            sends=(Endpoint("scheduler"),), receives=(Endpoint("admission"),),
-        ),
-        Channel(
-            "rollCall", Subjects.ROLL_CALL,
-            "A starting scheduler asks every executor to send a heartbeat now.", ("healthRequest",),
-            sends=(Endpoint("scheduler"),), receives=(Endpoint("executor"),),
-        ),
-        Channel(
-            "alerts", Subjects.ALERTS,
-            "SLA violation alerts as they start and resolve.", ("slaViolation",),
-            sends=(Endpoint("telemetry"),), receives=(Endpoint(OPERATOR),),
-        ),
-        Channel(
-            "heartbeat", subject_pattern(Subjects.heartbeat, "site", "executor"),
-            "An executor's periodic announcement of itself and its load.", ("heartbeat",),
-            sends=(Endpoint("executor"),),
-            receives=(Endpoint("scheduler"), Endpoint("telemetry", queue="telemetry")),
-        ),
-        Channel(
-            "completed", subject_pattern(Subjects.completed, "site"),
-            "Completion events of jobs finished at a site.", ("completion",),
-            sends=(Endpoint("executor"),),
-            receives=(Endpoint("scheduler"), Endpoint("telemetry", queue="telemetry")),
-        ),
-        Channel(
-            "probe", subject_pattern(Subjects.probe, "site"),
-            "Link probe to a site, echoed unchanged by one of its executors (queue group probe-<site>).",
-            ("probe",),
-            sends=(Endpoint("scheduler", reply="probeReply"),),
-            receives=(Endpoint("executor", queue="probe-{site}"),),
-        ),
-        Channel(
-            "probeReply", None, "The prober's reply subject: the probe, echoed.", ("probe",),
-            sends=(Endpoint("executor"),), receives=(Endpoint("scheduler"),),
-        ),
-        Channel(
-            "control", subject_pattern(Subjects.control, "service", "instance"),
-            "Operator commands to one instance: serving a new model version on an executor; rotating data keys "
-            "or revoking a principal at the key manager (signed by the operator principal).",
-            ("loadModel", "keyCommand"),
-            sends=(Endpoint(OPERATOR, reply="controlReply"),),
-            receives=(Endpoint("executor", messages=("loadModel",)), Endpoint("keymanager", messages=("keyCommand",))),
-        ),
-        Channel(
-            "controlReply", None, "The operator's reply subject: the model now served, the keys now, or why not.",
-            ("modelLoaded", "keyCommandResult", "controlError"),
-            sends=(Endpoint("executor", messages=("modelLoaded", "controlError")),
-                   Endpoint("keymanager", messages=("keyCommandResult", "controlError"))),
-            receives=(Endpoint(OPERATOR),),
-        ),
-        Channel(
-            "health", subject_pattern(Subjects.health, "service"),
-            "Health of a service, answered by each of its instances.", ("healthRequest",),
-            sends=(Endpoint(OPERATOR, reply="healthReply"),), receives=_each(SERVICES),
-        ),
-        Channel(
-            "healthInstance", subject_pattern(Subjects.health, "service", "instance"),
-            "Health of one instance of a service with several (executors).", ("healthRequest",),
-            sends=(Endpoint(OPERATOR, reply="healthReply"),), receives=(Endpoint("executor"),),
-        ),
-        Channel(
-            "healthReply", None, "The asker's reply subject: the instance's health.", ("health",),
-            sends=_each(SERVICES), receives=(Endpoint(OPERATOR),),
-        ),
-    ]
-    topics = {
-        Topics.REQUESTS: (
-            "recordedRequest", ("admission",), "Every admitted request, body and metadata, for replay."
-        ),
-        Topics.ALERTS: ("slaViolationEvent", ("telemetry",), "SLA violation alerts."),
-        Topics.SPANS: ("spanEvent", SERVICES, "Sampled trace spans of every hop; key: trace id."),
-        Topics.ADMISSION_DECISIONS: ("admissionDecision", ("admission",), "Admission's verdict on every request."),
-        Topics.CLASSIFICATIONS: ("classification", ("classifier",), "The workload class of every admitted request."),
-        Topics.SCHEDULING_DECISIONS: (
-            "schedulingDecision", ("scheduler",), "Every placement, its reason and the alternatives considered."
-        ),
-        Topics.COMPLETIONS: ("completionEvent", ("telemetry",), "Every job's completion, relayed from NATS."),
-        Topics.HEARTBEATS: ("heartbeatEvent", ("telemetry",), "Executor heartbeats, relayed from NATS."),
-        Topics.DEAD_LETTER: (
-            "deadLetter", ("classifier", "scheduler", "executor"),
-            "Messages a service could not process and could not answer, kept instead of dropped.",
-        ),
-    }
-    missing = [topic for topic in Topics.ALL if topic not in topics]
-    if missing:
-        raise ValueError(f"topic {missing[0]} has no entry in din.schemas.channels()")
-    kafka = [
-        Channel(
-            "topic_" + topic.removeprefix(f"din.{API_VERSION}.").replace(".", "_"), topic,
-            f"{description} Kafka topic; with DIN_TOPIC_SCOPE set, {topic}.<scope>.",
-            (message,), sends=_each(senders), kafka=True,
-        )
-        for topic, (message, senders, description) in ((t, topics[t]) for t in Topics.ALL)
-    ]
-    return nats + kafka
-
-
 # --------------------------------------------------------------------------- messages and headers
 
 
@@ -325,7 +153,8 @@ def _text(description: str, **extra) -> dict:
 
 
 def header_schemas() -> dict[str, dict]:
-    """Header objects: request, tensor, job, error and Kafka event headers, as component schemas."""
+    """Header objects (request, tensor, job, stage, stream, completion, error, envelope and signature headers) and
+    bodies that are not contract models, as component schemas."""
     documented = {name for name in vars(RequestHeaders) if name.isupper()}
     if documented != set(REQUEST_HEADER_DOCS):
         raise ValueError(f"REQUEST_HEADER_DOCS must describe exactly RequestHeaders' names {sorted(documented)}")
@@ -351,7 +180,8 @@ def header_schemas() -> dict[str, dict]:
             "Describe a binary tensor body.", tensor, (TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER, TENSOR_DATATYPE_HEADER)
         ),
         "JobHeaders": _header_object(
-            "Carry an admitted request between stages; the body is the client's, untouched.",
+            "Carry an admitted request between services; the body is the client's, untouched (or, on a "
+            "multi-stage job's later stages, the previous stage's output).",
             job, (JOB_HEADER_PREFIX + "V1",),
         ),
         "ErrorHeaders": _header_object(
@@ -390,9 +220,35 @@ def header_schemas() -> dict[str, dict]:
             (SIGNER_HEADER, envelope.SIGNATURE_HEADER),
         ),
         "CompletionHeaders": _header_object(
-            "Identify the request a completion event belongs to.",
-            {RequestHeaders.REQUEST_ID: _text("Request id of the finished job.")},
-            (RequestHeaders.REQUEST_ID,),
+            "Tell the scheduler what became of the job; at most one of the two is set. Neither: the job stays "
+            "open at the scheduler (a cascade's small variant escalated it, or the executor gave up at its "
+            "deadline cutoff and leaves the answer to the scheduler's deadline watchdog).",
+            {
+                RequestHeaders.REQUEST_ID: _text("The job is closed (the client was answered): the scheduler "
+                                                 "forgets it and releases its load estimate."),
+                STAGE_DONE_HEADER: _text("Request id of a multi-stage job one of whose stages (not the last) "
+                                         "finished and handed its output on: the job stays open and the "
+                                         "scheduler's in-flight entry advances to the next stage."),
+            },
+        ),
+        "StageHeaders": _header_object(
+            "A multi-stage job's next stage, as the executor of the previous one hands it on.",
+            {
+                RequestHeaders.REQUEST_ID: _text("Request id of the job."),
+                RequestHeaders.CONTENT_TYPE: _text(f"{TENSOR_CONTENT_TYPE} for a split inference's intermediate "
+                                                   f"tensor (with TensorHeaders), {STATE_CONTENT_TYPE} for a "
+                                                   "generation's decode state."),
+            },
+            (RequestHeaders.REQUEST_ID, RequestHeaders.CONTENT_TYPE),
+        ),
+        "StreamHeaders": _header_object(
+            "Mark a token-stream message.",
+            {
+                RequestHeaders.REQUEST_ID: _text("Request id of the generation request."),
+                STREAM_SEQ_HEADER: _text("The chunk's seq (0, 1, ...; the result seal binds it too), so the "
+                                         "client can order chunks and notice a gap.", pattern=r"^\d+$"),
+            },
+            (RequestHeaders.REQUEST_ID, STREAM_SEQ_HEADER),
         ),
         "TensorBody": {
             "type": "string",
@@ -403,7 +259,28 @@ def header_schemas() -> dict[str, dict]:
             "description": "The client's request body, untouched: JSON or binary as its Content-Type says.",
             "oneOf": [_ref(InferRequestV1), _ref("TensorBody")],
         },
+        "DecodeStateBody": {
+            "type": "string",
+            "format": "binary",
+            "description": "A generation's decode state: a NumPy .npz archive of the recurrent state after the "
+            "prompt and the last token made.",
+        },
+        "StageBody": {
+            "description": "A stage's output, as its Content-Type says: a split head's intermediate tensor "
+            "(protected as the request asked) under the tail model's input name, or a decode state.",
+            "oneOf": [_ref("TensorBody"), _ref("DecodeStateBody")],
+        },
         "HealthRequest": {"type": "object", "description": "An empty JSON object."},
+        "KeysEntry": {
+            "type": "object",
+            "description": "A keys-bucket value, signed by the key manager so no one else can forge one.",
+            "properties": {
+                "body": _text("The entry as canonical JSON; it carries issued_ms, so an older value cannot "
+                              "replace a newer one."),
+                "sig": _text("Ed25519 signature of the key manager over the body and the entry's name, base64url."),
+            },
+            "required": ["body", "sig"],
+        },
     }
 
 
@@ -448,13 +325,26 @@ def messages() -> dict[str, dict]:
             InferResponseV1, "The result, and where it was served; sealed to the tenant and signed by the site.",
             {"allOf": [_ref("EnvelopeHeaders"), _ref("ResultSignatureHeaders")]},
         ),
-        "errorReply": json_message(ErrorReplyV1, "Why the request failed.", _ref("ErrorHeaders")),
+        "streamChunk": json_message(
+            StreamChunkV1, "One message of a token stream (a generation request): a token, or the last one "
+            "(done) with the stream's summary; sealed to the tenant and signed like a result.",
+            {"allOf": [_ref("StreamHeaders"), _ref("EnvelopeHeaders"), _ref("ResultSignatureHeaders")]},
+        ),
+        "errorReply": json_message(ErrorReplyV1, "Why the request failed (on a stream: the stream ends).",
+                                   _ref("ErrorHeaders")),
         "job": {
             "name": _model_name(JobV1),
             "summary": "An admitted request: the client's body sealed to the tenant, then by the scheduler to the "
                        "executor's site; routing metadata in headers.",
             "payload": _ref("JobBody"),
             "headers": {"allOf": [_ref("JobHeaders"), _ref("EnvelopeHeaders")]},
+        },
+        "stageJob": {
+            "name": _model_name(JobV1),
+            "summary": "A multi-stage job's next stage: the previous stage's output sealed to the tenant and bound "
+                       "to the next stage's site; the job header's stage says which plan entry runs.",
+            "payload": _ref("StageBody"),
+            "headers": {"allOf": [_ref("JobHeaders"), _ref("StageHeaders"), _ref("EnvelopeHeaders")]},
         },
         "pressure": json_message(PressureV1, "Network load."),
         "heartbeat": json_message(HeartbeatV1, "An executor's state and load."),
@@ -473,6 +363,8 @@ def messages() -> dict[str, dict]:
         "healthRequest": {"summary": "Ask for health.", "contentType": JSON_CONTENT_TYPE,
                           "payload": _ref("HealthRequest")},
         "health": json_message(HealthV1, "An instance's health."),
+        "keysEntry": {"summary": "An identity, wrapped data key, revocation list or policy.",
+                      "contentType": JSON_CONTENT_TYPE, "payload": _ref("KeysEntry")},
         "admissionDecision": event(AdmissionDecisionV1, "Admission's verdict.", "Tenant."),
         "classification": event(ClassificationV1, "A request's workload class.", "Tenant."),
         "schedulingDecision": event(SchedulingDecisionV1, "A placement decision.", "Tenant."),
@@ -523,46 +415,41 @@ def _channel_object(channel: Channel) -> dict:
     return body
 
 
-def _operations(table: list[Channel]) -> dict[str, dict]:
-    by_key = {c.key: c for c in table}
-    operations: dict[str, dict] = {}
-    for channel in table:
-        for action, endpoints in (("send", channel.sends), ("receive", channel.receives)):
-            for end in endpoints:
-                chosen = end.messages or channel.messages
-                op: dict = {
-                    "action": action,
-                    "channel": {"$ref": f"#/channels/{channel.key}"},
-                    "messages": [{"$ref": f"#/channels/{channel.key}/messages/{m}"} for m in chosen],
-                    "tags": [{"name": end.service}],
-                }
-                if end.queue:
-                    op["bindings"] = {"nats": {"queue": end.queue, "bindingVersion": NATS_BINDING_VERSION}}
-                if end.reply:
-                    reply = by_key[end.reply]
-                    op["reply"] = {
-                        "channel": {"$ref": f"#/channels/{reply.key}"},
-                        "messages": [{"$ref": f"#/channels/{reply.key}/messages/{m}"} for m in reply.messages],
-                    }
-                operations[f"{end.service}_{action}_{channel.key}"] = op
-    return operations
+def _operation_object(op: Operation) -> dict:
+    body: dict = {
+        "action": op.action,
+        "channel": {"$ref": f"#/channels/{op.channel.key}"},
+        "messages": [{"$ref": f"#/channels/{op.channel.key}/messages/{m}"} for m in op.messages],
+        "tags": [{"name": op.party}],
+    }
+    if op.queue:
+        body["bindings"] = {"nats": {"queue": op.queue, "bindingVersion": NATS_BINDING_VERSION}}
+    if op.reply is not None:
+        body["reply"] = {
+            "channel": {"$ref": f"#/channels/{op.reply.key}"},
+            "messages": [{"$ref": f"#/channels/{op.reply.key}/messages/{m}"} for m in op.reply.messages],
+        }
+    return body
 
 
-def asyncapi_document() -> dict:
-    """The AsyncAPI 3.0 document of every channel, message and operation."""
-    table = channels()
+def asyncapi_document(services: list[type[Service]] | None = None) -> dict:
+    """The AsyncAPI 3.0 document of every channel, message and operation; ``services``: the service classes
+    whose declarations give the operations (default: every service's, see ``din.service_operations``)."""
+    table = all_channels()
+    found = operations(services)
     _, defs = models_json_schema(
         [(model, "validation") for model in (*MESSAGE_MODELS.values(), ModelLoadedV1)], ref_template=COMPONENT_REF
     )
     schemas = {**defs["$defs"], **header_schemas()}
-    actors = sorted({end.service for c in table for end in (*c.sends, *c.receives)})
+    actors = sorted({op.party for op in found})
     return {
         "asyncapi": "3.0.0",
         "info": {
             "title": "DIN, a Distributed Inference Network",
             "version": f"{API_VERSION.removeprefix('v')}.0.0",
             "description": "Every NATS subject and Kafka topic of DIN's API "
-            f"{API_VERSION}. Generated by `din schemas` from shared.contracts and shared.naming; do not edit.",
+            f"{API_VERSION}. Generated by `din schemas` from shared.contracts, shared.channels and the endpoints "
+            "the service classes declare; do not edit.",
             "tags": [{"name": actor} for actor in actors],
         },
         "defaultContentType": JSON_CONTENT_TYPE,
@@ -580,7 +467,7 @@ def asyncapi_document() -> dict:
             },
         },
         "channels": {c.key: _channel_object(c) for c in table},
-        "operations": _operations(table),
+        "operations": {op.key: _operation_object(op) for op in sorted(found, key=lambda op: op.key)},
         "components": {"schemas": schemas, "messages": messages()},
     }
 
@@ -588,15 +475,15 @@ def asyncapi_document() -> dict:
 # --------------------------------------------------------------------------- rendering
 
 
-def render_schemas() -> dict[str, str]:
-    """Every generated file, keyed by its path relative to ``schemas/``."""
+def render_schemas(services: list[type[Service]] | None = None) -> dict[str, str]:
+    """Every generated file, keyed by its path relative to ``schemas/`` (``services``: see ``asyncapi_document``)."""
     files = {
         f"{JSON_DIR}/{name}.schema.json": _dump_json(json_schema(name, model))
         for name, model in sorted(MESSAGE_MODELS.items())
     }
-    header = "# Generated by `din schemas` from shared.contracts and shared.naming. Do not edit.\n"
+    header = "# Generated by `din schemas` from shared.contracts, shared.channels and the services. Do not edit.\n"
     files[ASYNCAPI_FILE] = header + yaml.safe_dump(
-        asyncapi_document(), sort_keys=True, allow_unicode=True, width=120, default_flow_style=False
+        asyncapi_document(services), sort_keys=True, allow_unicode=True, width=120, default_flow_style=False
     )
     return files
 
