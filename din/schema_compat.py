@@ -148,7 +148,7 @@ def _label(branch: dict) -> str:
 
 
 def breaking_changes(old: dict, new: dict) -> list[str]:
-    """Every change from JSON Schema ``old`` to ``new`` that breaks a reader or writer of ``old`` (empty: compatible)."""
+    """Every change from JSON Schema ``old`` to ``new`` that breaks a reader or writer of ``old`` (empty: none)."""
     comparison = _Comparison(old, new)
     comparison.node(old, new, "$")
     return comparison.problems

@@ -30,6 +30,7 @@ from pydantic.json_schema import models_json_schema
 
 from din.generated import drifted_files, stale_files, write_files
 from din.service_operations import Operation, operations
+from services.executor.stages import STATE_CONTENT_TYPE
 from shared import envelope
 from shared.channels import Channel, all_channels, subject_pattern
 from shared.contracts import (
@@ -65,7 +66,6 @@ from shared.naming import API_VERSION, SERVICES
 from shared.recording import RECORD_HEADERS
 from shared.runtime import Service
 from shared.security import SIGNER_HEADER
-from services.executor.stages import STATE_CONTENT_TYPE
 from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
 
 __all__ = ["ASYNCAPI_FILE", "DEFAULT_OUT_DIR", "JSON_DIR", "asyncapi_document", "drifted", "render_schemas",

@@ -227,7 +227,9 @@ def _check_narrowing(operations: list[Operation], parties: set[str]) -> None:
                                              f"{sorted(unknown)} it does not carry")
 
 
-def operations(services: Iterable[type[Service]] | None = None, *, check_catalog: bool | None = None) -> list[Operation]:
+def operations(
+    services: Iterable[type[Service]] | None = None, *, check_catalog: bool | None = None
+) -> list[Operation]:
     """Every operation: each service's (derived from its class; default every service's) and the client's and
     operator's. ``check_catalog`` (default: when documenting every service) also refuses a catalog narrowing
     of a party that does not act on that channel; a partial set of services would trip it by design."""
