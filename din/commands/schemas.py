@@ -1,4 +1,4 @@
-"""``din schemas``: regenerate ``schemas/`` from the contracts, or check that it is up to date."""
+"""``din schemas``: regenerate ``schemas/`` from the contracts and the services' declarations, or check it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``schemas``."""
     parser = subparsers.add_parser(
         "schemas",
-        help="generate the JSON Schemas and the AsyncAPI document from the contracts",
-        description="Write one JSON Schema per message model and schemas/asyncapi.yaml. "
+        help="generate the JSON Schemas and the AsyncAPI document from the contracts and the services",
+        description="Write one JSON Schema per message model and schemas/asyncapi.yaml, whose operations come "
+        "from the endpoints and publications each service class declares (shared.channels names the channels). "
         "With --check, write nothing and exit 1 when a committed file differs from a fresh render.",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: %(default)s)")
