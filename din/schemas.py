@@ -224,8 +224,9 @@ def header_schemas() -> dict[str, dict]:
             "open at the scheduler (a cascade's small variant escalated it, or the executor gave up at its "
             "deadline cutoff and leaves the answer to the scheduler's deadline watchdog).",
             {
-                RequestHeaders.REQUEST_ID: _text("The job is closed (the client was answered): the scheduler "
-                                                 "forgets it and releases its load estimate."),
+                RequestHeaders.REQUEST_ID: _text("The job is closed (the client was answered, with a result or "
+                                                 "an error): the scheduler forgets it and releases its load "
+                                                 "estimate."),
                 STAGE_DONE_HEADER: _text("Request id of a multi-stage job one of whose stages (not the last) "
                                          "finished and handed its output on: the job stays open and the "
                                          "scheduler's in-flight entry advances to the next stage."),
