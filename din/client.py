@@ -40,7 +40,7 @@ from shared.contracts.inference import (
     SlaClass,
     StreamChunkV1,
 )
-from shared.cascade import TARGET_PREFIX
+from shared.contracts.options import RequestOptionsV1, option_headers
 from shared.envelope import InvalidToken
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
 from shared.naming import Subjects
@@ -57,6 +57,23 @@ from shared.security import (
 from shared.tensors import encode_binary, encode_request_json, tensors_to_arrays
 
 CLIENT_GRACE_S = 0.5
+BUILD_OPTIONS = {
+    "sla": "sla_class",
+    "timeout_ms": "timeout_ms",
+    "deadline_ms": "deadline_ms",
+    "labels": "labels",
+    "allow_degrade": "allow_degrade",
+    "min_accuracy": "min_accuracy",
+    "version": "model_version",
+    "request_id": "request_id",
+    "traceparent": "traceparent",
+    "cascade": "cascade_threshold",
+    "cascade_rate": "cascade_target_rate",
+    "max_tokens": "max_tokens",
+    "split": "split",
+    "split_protection": "split_protection",
+}
+"""``DinClient.build``'s option keywords and the ``RequestOptionsV1`` field each sets (the token is the client's)."""
 NO_RESPONDERS_STATUS = "503"
 STATUS_HEADER = "Status"
 
@@ -71,6 +88,10 @@ class DinRequestError(Exception):
 
 class NoAnswerError(Exception):
     """No answer arrived: the network is not running or not reachable from this client."""
+
+
+class NoRespondersError(NoAnswerError):
+    """Nobody listens on the request subject: no admission service runs."""
 
 
 @dataclass
@@ -120,7 +141,7 @@ class DinClient:
     @classmethod
     async def connect(
         cls, url: str, tenant: str, token: str, keys: PrincipalKeys | None = None, *, keys_timeout_s: float = 30.0
-    ) -> "DinClient":
+    ) -> DinClient:
         """Connect as ``tenant``; with ``keys``, wait until the tenant's data key has been distributed."""
         nc = await nats.connect(url, name=f"din-client-{tenant}")
         try:
@@ -137,6 +158,13 @@ class DinClient:
             raise
         return client
 
+    @classmethod
+    async def attach(cls, nc: NatsClient, tenant: str, token: str) -> DinClient:
+        """A client without keys on an existing connection (which stays the caller's to close)."""
+        client = cls(nc, tenant, token)
+        await client._listen()
+        return client
+
     async def _listen(self) -> None:
         self._subscription = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_answer)
 
@@ -150,7 +178,7 @@ class DinClient:
         if future is not None and not future.done():
             future.set_result(msg)
 
-    async def __aenter__(self) -> "DinClient":
+    async def __aenter__(self) -> DinClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -182,8 +210,12 @@ class DinClient:
         max_tokens: int | None = None,
         split: str | None = None,
         split_protection: str | None = None,
+        deadline_ms: int | None = None,
     ) -> tuple[bytes, dict[str, str]]:
         """Encode a request body and headers, unsealed (binary form takes exactly one input).
+
+        The options are those of ``RequestOptionsV1`` (``BUILD_OPTIONS`` maps these keywords to its fields);
+        ``version`` is the model version, ``deadline_ms`` an absolute deadline (epoch ms) instead of a timeout.
 
         ``cascade``: a confidence threshold; the model's smallest variant answers and escalates its answers
         less confident than this to the most accurate variant (``served_by.escalated`` says which answered);
@@ -191,33 +223,24 @@ class DinClient:
         ``split``: 'auto', a split point or 'none' (split inference; ``served_by.split_point`` says where it was
         cut), with ``split_protection`` such as 'quantize:4'. ``max_tokens``: generation (use ``generate``).
         """
-        headers = {
-            RequestHeaders.TOKEN: self._token,
-            RequestHeaders.SLA_CLASS: SlaClass(sla).value,
-            RequestHeaders.REQUEST_ID: request_id or uuid.uuid4().hex,
-        }
-        if timeout_ms is not None:
-            headers[RequestHeaders.TIMEOUT_MS] = str(int(timeout_ms))
-        if labels:
-            headers[RequestHeaders.LABELS] = ",".join(labels)
-        if allow_degrade:
-            headers[RequestHeaders.ALLOW_DEGRADE] = "true"
-        if min_accuracy is not None:
-            headers[RequestHeaders.MIN_ACCURACY] = str(min_accuracy)
-        if version is not None:
-            headers[RequestHeaders.MODEL_VERSION] = version
-        if traceparent:
-            headers[RequestHeaders.TRACEPARENT] = traceparent
-        if cascade is not None:
-            headers[RequestHeaders.CASCADE] = str(cascade)
-        if cascade_rate is not None:
-            headers[RequestHeaders.CASCADE] = f"{TARGET_PREFIX}{cascade_rate}"
-        if max_tokens is not None:
-            headers[RequestHeaders.MAX_TOKENS] = str(max_tokens)
-        if split is not None:
-            headers[RequestHeaders.SPLIT] = split
-        if split_protection is not None:
-            headers[RequestHeaders.SPLIT_PROTECTION] = split_protection
+        options = RequestOptionsV1(
+            token=self._token,
+            sla_class=SlaClass(sla),
+            timeout_ms=int(timeout_ms) if timeout_ms is not None else None,
+            deadline_ms=int(deadline_ms) if deadline_ms is not None else None,
+            labels=list(labels or []),
+            allow_degrade=allow_degrade,
+            min_accuracy=min_accuracy,
+            model_version=version,
+            request_id=request_id or uuid.uuid4().hex,
+            traceparent=traceparent or None,
+            cascade_threshold=cascade if cascade_rate is None else None,
+            cascade_target_rate=cascade_rate,
+            max_tokens=max_tokens,
+            split=split,
+            split_protection=split_protection,
+        )
+        headers = option_headers(options)
         if binary:
             if len(inputs) != 1:
                 raise ValueError("the binary tensor form carries exactly one input")
@@ -282,12 +305,12 @@ class DinClient:
         try:
             await self._nc.publish(subject, body, reply=f"{self._inbox}.{token}", headers=headers)
             msg = await asyncio.wait_for(future, wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise NoAnswerError(f"no answer within {wait_s:.1f}s") from None
         finally:
             self._pending.pop(token, None)
         if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
-            raise NoAnswerError("no admission service is listening: is the DIN stack running?")
+            raise NoRespondersError("no admission service is listening: is the DIN stack running?")
         return msg
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], **options) -> InferResult:
@@ -311,13 +334,22 @@ class DinClient:
         deadline raises ``NoAnswerError``."""
         inputs = {"prompt": np.frombuffer(prompt.encode("utf-8"), dtype=np.uint8)[None, :]}
         body, headers = self.build(inputs, max_tokens=max_tokens, timeout_ms=timeout_ms, **options)
+        wait_s = (timeout_ms / 1000.0 if timeout_ms else 60.0) + CLIENT_GRACE_S
+        async for chunk in self.stream(model, body, headers, wait_s):
+            yield chunk
+
+    async def stream(self, model: str, body: bytes, headers: dict[str, str], wait_s: float
+                     ) -> AsyncIterator[StreamChunkV1]:
+        """Seal an already-built generation request (e.g. a recorded one being replayed), send it and yield its
+        chunks in order until the one with ``done``; errors as in ``generate``, silence for ``wait_s`` in all
+        raises ``NoAnswerError``."""
         request_id = headers[RequestHeaders.REQUEST_ID]
         token = uuid.uuid4().hex
         reply = f"{self._inbox}.{token}"
         body, headers = self.seal(model, body, headers, reply)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[token] = queue
-        ends_at = time.monotonic() + (timeout_ms / 1000.0 if timeout_ms else 60.0) + CLIENT_GRACE_S
+        ends_at = time.monotonic() + wait_s
         early: dict[int, StreamChunkV1] = {}
         expected = 0
         try:
@@ -325,10 +357,10 @@ class DinClient:
             while True:
                 try:
                     msg = await asyncio.wait_for(queue.get(), max(0.0, ends_at - time.monotonic()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise NoAnswerError(f"the stream stopped after {expected} chunks and no end came") from None
                 if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
-                    raise NoAnswerError("no admission service is listening: is the DIN stack running?")
+                    raise NoRespondersError("no admission service is listening: is the DIN stack running?")
                 chunk = self.open_chunk(request_id, msg.data, msg.headers)
                 early[chunk.seq] = chunk
                 while expected in early:

@@ -21,10 +21,18 @@ from din.commands.token import running_tenant
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 from din.workload import load_digits_test
 from shared.contracts.inference import InferResponseV1, SlaClass, StreamChunkV1
+from shared.contracts.options import RequestOptionsV1
 
 DIGITS_MODEL = "digits-small"
 TEXT_MODEL = "charlm"
 DEFAULT_MAX_TOKENS = 32
+OPTIONS_NOT_OFFERED = {
+    "token": "the tenant's credentials give it",
+    "request_id": "the client assigns one per request",
+    "traceparent": "a single command has no trace to join",
+    "deadline_ms": "--timeout-ms sets the time budget",
+}
+"""Request options (``RequestOptionsV1`` fields) ``din infer`` has no flag for, and why."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,20 +44,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--tenant", required=True)
     infer.add_argument("--model", help=f"default: {DIGITS_MODEL}, or {TEXT_MODEL} with --prompt")
     infer.add_argument("--sample", type=int, default=0, help="index of the held-out digit to send")
-    infer.add_argument("--sla", choices=[c.value for c in SlaClass], default="interactive")
-    infer.add_argument("--timeout-ms", type=int)
-    infer.add_argument("--labels", default="", help="comma-separated sensitivity labels, e.g. pii")
-    infer.add_argument("--allow-degrade", action="store_true")
-    infer.add_argument("--version")
+    infer.add_argument("--sla", choices=[c.value for c in SlaClass], default="interactive",
+                       help=option_help("sla_class"))
+    infer.add_argument("--timeout-ms", type=int, help=option_help("timeout_ms"))
+    infer.add_argument("--labels", default="", help=option_help("labels"))
+    infer.add_argument("--allow-degrade", action="store_true", help=option_help("allow_degrade"))
+    infer.add_argument("--min-accuracy", type=float, help=option_help("min_accuracy"))
+    infer.add_argument("--version", help=option_help("model_version"))
     infer.add_argument("--binary", action="store_true", help="send the compact binary tensor form")
+    cascade = infer.add_mutually_exclusive_group()
+    cascade.add_argument("--cascade", type=float, metavar="THRESHOLD", help=option_help("cascade_threshold"))
+    cascade.add_argument("--cascade-rate", type=float, metavar="FRACTION", help=option_help("cascade_target_rate"))
     mode = infer.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--split", metavar="{auto,none,<point>}",
-        help="split inference: cut the model at this point (head at the data's site, tail elsewhere)",
-    )
+    mode.add_argument("--split", metavar="{auto,none,<point>}", help=option_help("split"))
     mode.add_argument("--prompt", help="generate text continuing this prompt, streamed as it arrives")
-    infer.add_argument("--split-protection", help="protection of the split's intermediate, e.g. quantize:4")
-    infer.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens to generate (with --prompt)")
+    infer.add_argument("--split-protection", help=option_help("split_protection"))
+    infer.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                       help=f"(with --prompt, default {DEFAULT_MAX_TOKENS}) " + option_help("max_tokens"))
     infer.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
     infer.set_defaults(handler=cmd_infer)
 
@@ -61,15 +72,27 @@ def pick_model(args: argparse.Namespace) -> str:
     return TEXT_MODEL if args.prompt is not None else DIGITS_MODEL
 
 
+def option_help(field: str) -> str:
+    """A flag's help: the option's description in the request contract (``%`` escaped for argparse)."""
+    return (RequestOptionsV1.model_fields[field].description or "").replace("%", "%%")
+
+
 def request_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The client options (``DinClient.infer`` and ``generate``) the command line asks for."""
+    """The client options (``DinClient.infer`` and ``generate``) the command line asks for.
+
+    Every option of ``RequestOptionsV1`` has a flag but those in ``OPTIONS_NOT_OFFERED``; ``max_tokens`` goes to
+    ``generate`` with ``--prompt``.
+    """
     return {
         "sla": args.sla,
         "timeout_ms": args.timeout_ms,
         "labels": [label for label in args.labels.split(",") if label],
         "allow_degrade": args.allow_degrade,
+        "min_accuracy": args.min_accuracy,
         "version": args.version,
         "binary": args.binary,
+        "cascade": args.cascade,
+        "cascade_rate": args.cascade_rate,
         "split": args.split,
         "split_protection": args.split_protection,
     }

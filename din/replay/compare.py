@@ -20,7 +20,8 @@ NO_OUTCOME = "no_outcome_recorded"
 
 @dataclass
 class Outcome:
-    """How one request ended."""
+    """How one request ended; for a replayed one also how it was served (cascade escalation, split point, the
+    number of chunks of a token stream)."""
 
     request_id: str
     tenant: str
@@ -32,6 +33,9 @@ class Outcome:
     site: str | None = None
     model: str | None = None
     degraded: bool = False
+    escalated: bool = False
+    split_point: str | None = None
+    chunks: int | None = None
 
 
 def recorded_outcomes(window: RecordedWindow) -> dict[str, Outcome]:

@@ -1,9 +1,12 @@
 """Re-driving recorded requests against a running stack, at the recorded pace times a speed factor.
 
 Each recorded request is sent again as its tenant (with a fresh token from the
-stack's credentials), with the same model, SLA class, time budget, labels and
-degradation flags, and a new request id ``replay-<run>-<original id>`` so the
-replay's own recordings never mix with the original's. Sends are open-loop:
+stack's credentials), to the same model, with every option it asked for (the
+serving options of ``RecordedRequestV1``: SLA class, labels, degradation,
+accuracy floor, version, cascade, max tokens, split and split protection), the
+same time budget, and a new request id ``replay-<run>-<original id>`` so the
+replay's own recordings never mix with the original's. A generation request's
+token stream is read to its last chunk. Sends are open-loop:
 request *i* leaves at ``(received_i - received_0) / speed`` after the start,
 whether or not earlier ones were answered, with at most ``concurrency`` in
 flight (a send that has to wait for a slot is counted as late).
@@ -19,18 +22,21 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from nats.aio.client import Client as NatsClient
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError as NatsNoResponders
+from nats.errors import TimeoutError as NatsTimeout
 
-from din.client import DinClient, DinRequestError, NoAnswerError, decode_answer
+from din.client import DinClient, DinRequestError, NoAnswerError, NoRespondersError
 from din.replay.compare import Outcome
 from din.replay.progress import ProgressBar
 from din.replay.reader import ReplayError
-from shared.contracts.inference import TENSOR_CONTENT_TYPE, RequestHeaders
+from shared.contracts.inference import TENSOR_CONTENT_TYPE, RequestHeaders, ServedByV1, StreamChunkV1
+from shared.contracts.options import option_headers
 from shared.naming import Subjects
 from shared.recording import RecordedRequest
 from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_SHAPE_HEADER, WIRE_DTYPES, encode_binary, parse_datatype
@@ -93,25 +99,28 @@ class SyntheticInputs:
 
 
 def replay_headers(recorded: RecordedRequest, token: str, request_id: str) -> dict[str, str]:
-    """The request headers that reproduce the recorded request's metadata."""
+    """The request headers that ask again for everything the recorded request asked for (every serving option
+    of ``RecordedRequestV1``, the same time budget), as ``request_id`` with ``token``."""
     meta = recorded.meta
-    headers = {
+    return {
+        **option_headers(meta),
         RequestHeaders.TOKEN: token,
-        RequestHeaders.SLA_CLASS: meta.sla_class.value,
         RequestHeaders.REQUEST_ID: request_id,
         RequestHeaders.TIMEOUT_MS: str(meta.timeout_ms),
         RequestHeaders.CONTENT_TYPE: meta.content_type,
+        **meta.tensor_headers,
     }
-    if meta.labels:
-        headers[RequestHeaders.LABELS] = ",".join(meta.labels)
-    if meta.allow_degrade:
-        headers[RequestHeaders.ALLOW_DEGRADE] = "true"
-    if meta.min_accuracy is not None:
-        headers[RequestHeaders.MIN_ACCURACY] = repr(meta.min_accuracy)
-    if meta.model_version is not None:
-        headers[RequestHeaders.MODEL_VERSION] = meta.model_version
-    headers.update(meta.tensor_headers)
-    return headers
+
+
+def served_into(outcome: Outcome, served: ServedByV1, timings_ms: dict[str, float]) -> None:
+    """Fill ``outcome`` from where and how a request was served."""
+    outcome.ok = True
+    outcome.latency_ms = timings_ms.get("total")
+    outcome.site = served.site
+    outcome.model = served.model
+    outcome.degraded = served.degraded
+    outcome.escalated = served.escalated
+    outcome.split_point = served.split_point
 
 
 class ReplayDriver:
@@ -133,7 +142,7 @@ class ReplayDriver:
             raise ReplayError("--speed must be >= 0 (0 sends as fast as possible)")
         self._nc = nc
         self._tokens = tokens
-        self._clients = clients or {}
+        self._clients = dict(clients or {})
         self.speed = speed
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
         self._synthetic = SyntheticInputs(model_repo)
@@ -144,7 +153,7 @@ class ReplayDriver:
         """Raise ``ReplayError`` unless an admission service answers on this connection."""
         try:
             await self._nc.request(Subjects.health("admission"), b"", timeout=3.0)
-        except (NoRespondersError, NatsTimeout):
+        except (NatsNoResponders, NatsTimeout):
             raise ReplayError(
                 "no admission service answers on this NATS server: is the stack running (`din status`)?"
             ) from None
@@ -166,13 +175,31 @@ class ReplayDriver:
             body, tensor_headers = synthetic
             headers.update(tensor_headers)
             result.synthetic += 1
-        return Subjects.infer(meta.tenant, meta.model), body, headers
+        return body, headers
 
     async def run(self, requests: list[RecordedRequest]) -> ReplayResult:
         """Replay ``requests`` (sorted by receipt) and return their outcomes."""
         result = ReplayResult(run_id=self.run_id)
         if not requests:
             return result
+        attached = await self._attach_clients({r.meta.tenant for r in requests})
+        try:
+            await self._send_all(requests, result)
+        finally:
+            for tenant in attached:
+                await self._clients.pop(tenant).close()
+        return result
+
+    async def _attach_clients(self, tenants: set[str]) -> list[str]:
+        """Plain clients on the replay's connection for the tenants with a token but no client of their own."""
+        attached = []
+        for tenant in sorted(tenants - set(self._clients)):
+            if tenant in self._tokens:
+                self._clients[tenant] = await DinClient.attach(self._nc, tenant, self._tokens[tenant])
+                attached.append(tenant)
+        return attached
+
+    async def _send_all(self, requests: list[RecordedRequest], result: ReplayResult) -> None:
         bar = ProgressBar(len(requests), "replay", enabled=self._progress)
         origin_ms = requests[0].meta.received_ms
         began = time.monotonic()
@@ -196,33 +223,25 @@ class ReplayDriver:
         await asyncio.gather(*tasks)
         result.wall_s = time.monotonic() - began
         bar.close()
-        return result
 
-    async def _one(self, recorded: RecordedRequest, subject: str, body: bytes, headers: dict[str, str],
-                   result: ReplayResult, bar: ProgressBar) -> None:
+    async def _one(self, recorded: RecordedRequest, body: bytes, headers: dict[str, str], result: ReplayResult,
+                   bar: ProgressBar) -> None:
         meta = recorded.meta
         outcome = Outcome(meta.request_id, meta.tenant, meta.sla_class.value, False)
         started = time.perf_counter()
         wait_s = meta.timeout_ms / 1000.0 + ANSWER_GRACE_S
-        client = self._clients.get(meta.tenant)
+        client = self._clients[meta.tenant]
         try:
-            if client is not None:
-                response = (await client.send(meta.model, body, headers, wait_s)).response
+            if meta.max_tokens is not None:
+                await self._stream(outcome, client.stream(meta.model, body, headers, wait_s))
             else:
-                msg = await self._nc.request(subject, body, headers=headers, timeout=wait_s)
-                response = decode_answer(msg.data, msg.headers)
-            outcome.ok = True
-            outcome.latency_ms = response.timings_ms.get("total")
-            outcome.site = response.served_by.site
-            outcome.model = response.served_by.model
-            outcome.degraded = response.served_by.degraded
+                response = (await client.send(meta.model, body, headers, wait_s)).response
+                served_into(outcome, response.served_by, response.timings_ms)
         except DinRequestError as exc:
             outcome.code = exc.error.code.value
-        except NoAnswerError:
-            outcome.code = "no_answer"
         except NoRespondersError:
             outcome.code = "no_responders"
-        except NatsTimeout:
+        except NoAnswerError:
             outcome.code = "no_answer"
         except Exception as exc:  # noqa: BLE001 - an undecodable answer is an outcome too
             outcome.code = f"bad_answer:{exc.__class__.__name__}"
@@ -231,3 +250,12 @@ class ReplayDriver:
             result.outcomes[meta.request_id] = outcome
             self._semaphore.release()
             bar.advance()
+
+    @staticmethod
+    async def _stream(outcome: Outcome, chunks: AsyncIterator[StreamChunkV1]) -> None:
+        """Consume a replayed generation's token stream to its end; the outcome counts its chunks."""
+        outcome.chunks = 0
+        async for chunk in chunks:
+            outcome.chunks += 1
+            if chunk.done and chunk.served_by is not None:
+                served_into(outcome, chunk.served_by, chunk.timings_ms)

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -61,7 +61,7 @@ def parse_time(text: str, now_ms: float | None = None) -> float:
             "or ISO-8601 like 2025-01-31T12:00:00Z"
         ) from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp() * 1000.0
 
 
@@ -103,7 +103,7 @@ class RecordRange:
 def _fmt(ms: float | None) -> str:
     if ms is None:
         return "(open)"
-    return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    return datetime.fromtimestamp(ms / 1000.0, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
 @dataclass
@@ -137,7 +137,7 @@ class TopicReader:
         self._admin: AIOKafkaAdminClient | None = None
         self._topics: set[str] = set()
 
-    async def __aenter__(self) -> "TopicReader":
+    async def __aenter__(self) -> TopicReader:
         await self.connect()
         return self
 

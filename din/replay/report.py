@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def bucket_seconds(span_ms: float) -> int:
 
 
 def _utc(ms: float) -> str:
-    return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(ms / 1000.0, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class _Buckets:
@@ -251,7 +251,7 @@ def render_report(window: RecordedWindow, *, title: str = "DIN recorded window",
     meta = (f"Window {_utc(start)} to {_utc(end)} ({span_s:,.0f} s)"
             + (f" &middot; scope {html.escape(scope)}" if scope else "")
             + (f" &middot; from Kafka at {html.escape(source)}" if source else "")
-            + f" &middot; generated {_utc(datetime.now(timezone.utc).timestamp() * 1000.0)}")
+            + f" &middot; generated {_utc(datetime.now(UTC).timestamp() * 1000.0)}")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>

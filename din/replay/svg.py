@@ -8,7 +8,7 @@ nothing else.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html import escape
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -72,7 +72,7 @@ def fmt_number(value: float) -> str:
 
 def fmt_clock(ms: float, step_ms: float = 1000.0) -> str:
     """UTC clock time, with tenths of a second when ticks are closer than a second."""
-    moment = datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+    moment = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
     if step_ms < 1000.0:
         return moment.strftime("%H:%M:%S.%f")[:-5]
     return moment.strftime("%H:%M:%S")

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from din.replay.recorded import RecordedWindow
 from din.replay.reader import ReplayError
+from din.replay.recorded import RecordedWindow
 from services.scheduler.links import UNMEASURED_RTT_MS, LinkTable
 from services.scheduler.placement import Placement, pick_executor
 from services.scheduler.registry import ExecutorRegistry, ExecutorState
@@ -342,9 +342,9 @@ class WhatIfReport:
         row("cost (sum, per 1k)", lambda c: f"{c['cost']:.4f}, {c['cost_per_1k']:.3f}")
         width = max(len(label) for label, _ in rows) + 2
         col_w = [max(len(name), *(len(r[1][i]) for r in rows)) + 2 for i, (name, _) in enumerate(cols)]
-        lines = [" " * width + "".join(name.ljust(w) for (name, _), w in zip(cols, col_w))]
+        lines = [" " * width + "".join(name.ljust(w) for (name, _), w in zip(cols, col_w, strict=True))]
         for label, cells in rows:
-            lines.append(label.ljust(width) + "".join(cell.ljust(w) for cell, w in zip(cells, col_w)))
+            lines.append(label.ljust(width) + "".join(cell.ljust(w) for cell, w in zip(cells, col_w, strict=True)))
         change = data["changes"]
         lines.append("")
         lines.append(f"placements changed vs baseline: {change['changed']}/{change['of']}"

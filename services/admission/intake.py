@@ -20,6 +20,7 @@ from shared.contracts.inference import (
     RequestHeaders,
     SlaClass,
 )
+from shared.contracts.job import JobV1
 from shared.contracts.options import (
     RequestOptionsV1,
     check_options,
@@ -107,6 +108,23 @@ def _deadline_ms(asked: RequestOptionsV1, now_ms: float) -> int:
     if deadline_ms <= now_ms:
         raise DinError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline has already passed")
     return deadline_ms
+
+
+def admitted_job(intake: Intake, *, tenant: str, model: str, reply_to: str, traceparent: str | None,
+                 received_ms: float, admitted_ms: float) -> JobV1:
+    """The job of an admitted request: every serving option it asked for, its id, deadline and reply subject."""
+    return JobV1(
+        **intake.options.serving_options(),
+        request_id=intake.request_id,
+        tenant=tenant,
+        model=model,
+        deadline_ms=intake.deadline_ms,
+        reply_to=reply_to,
+        content_type=intake.content_type,
+        traceparent=traceparent,
+        received_ms=received_ms,
+        stamps_ms={"admitted": admitted_ms},
+    )
 
 
 def peek_request_id(headers: dict[str, str] | None, body: bytes) -> str | None:

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 
 from services.admission.gate import AdmissionGate
 from services.admission.ingress import RequestOpener, Unsealed
-from services.admission.intake import Intake, peek_request_id
+from services.admission.intake import Intake, admitted_job, peek_request_id
 from services.admission.quota import QuotaLedger
 from services.admission.settings import AdmissionSettings
 from shared.catalog import ModelCatalog
@@ -111,19 +111,8 @@ class Admission(Service):
 
     def _job(self, admitted: Admitted, reply_to: str, traceparent: str | None, received_ms: float) -> JobV1:
         """The job of an admitted request: every option it asked for, and where its answer goes."""
-        intake = admitted.intake
-        return JobV1(
-            **intake.options.serving_options(),
-            request_id=intake.request_id,
-            tenant=admitted.tenant,
-            model=admitted.model,
-            deadline_ms=intake.deadline_ms,
-            reply_to=reply_to,
-            content_type=intake.content_type,
-            traceparent=traceparent,
-            received_ms=received_ms,
-            stamps_ms={"admitted": time.time() * 1000.0},
-        )
+        return admitted_job(admitted.intake, tenant=admitted.tenant, model=admitted.model, reply_to=reply_to,
+                            traceparent=traceparent, received_ms=received_ms, admitted_ms=time.time() * 1000.0)
 
     async def _forward(self, job: JobV1, admitted: Admitted, msg: Msg) -> None:
         """Send the job on to the classifier, record the request and the admission."""

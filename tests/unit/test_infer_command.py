@@ -71,7 +71,8 @@ def test_split_options_pass_through_to_the_client():
                  "--split-protection", "quantize:4", "--sla", "realtime", "--timeout-ms", "800")
     assert request_options(args) == {
         "sla": "realtime", "timeout_ms": 800, "labels": ["pii", "secret"], "allow_degrade": False,
-        "version": None, "binary": False, "split": "hidden_2", "split_protection": "quantize:4",
+        "min_accuracy": None, "version": None, "binary": False, "cascade": None, "cascade_rate": None,
+        "split": "hidden_2", "split_protection": "quantize:4",
     }
 
 
