@@ -8,6 +8,7 @@
 * With ``DIN_TESTCONTAINERS=1`` and a reachable Docker engine, both come from
   testcontainers instead (a single NATS server with JetStream).
 * ``unique``: ``t`` + 8 hex characters, for a test's own subjects and topics.
+* ``zoo_dir``: the model zoo set-up built (``.din/models``), reused rather than retrained.
 
 Tests under ``tests/integration/`` are marked ``integration`` automatically.
 """
@@ -22,23 +23,15 @@ from pathlib import Path
 import pytest
 
 from shared.topology import Topology
+from tests.support import three_site_topology
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
-TEST_TOPOLOGY = {
-    "name": "tests",
-    "sites": [
-        {"name": "cloud", "role": "hub", "executors": [{"id": "cloud-1", "models": ["digits-small"]}]},
-        {"name": "factory", "role": "edge", "executors": [{"id": "factory-1", "models": ["digits-small"]}]},
-        {"name": "branch", "role": "edge", "executors": [{"id": "branch-1", "models": ["digits-small"]}]},
-    ],
-    "links": [
-        {"between": ["cloud", "factory"], "path": "dedicated"},
-        {"between": ["cloud", "branch"], "path": "internet"},
-        {"between": ["factory", "branch"], "path": "vpn"},
-    ],
-    "tenants": [{"name": "acme", "sensitive_sites": ["factory"]}, {"name": "globex"}],
-}
+TEST_TOPOLOGY = three_site_topology(
+    "tests",
+    {site: [{"id": f"{site}-1", "models": ["digits-small"]}] for site in ("cloud", "factory", "branch")},
+    [{"name": "acme", "sensitive_sites": ["factory"]}, {"name": "globex"}],
+)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -154,13 +147,14 @@ def unique() -> str:
 
 
 @pytest.fixture(scope="session")
-def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model zoo (real models trained on scikit-learn's digits), built once per test session."""
-    from din.zoo import build_zoo
+def zoo_dir() -> Path:
+    """The model zoo (real models trained on scikit-learn's digits) that set-up built in the default model
+    repository; built there first only when it is missing or older than the recipes."""
+    from din.stack.launcher import DEFAULT_MODEL_REPO
+    from zoo.build import build_zoo
 
-    out_dir = tmp_path_factory.mktemp("zoo")
-    build_zoo(out_dir)
-    return out_dir
+    build_zoo(DEFAULT_MODEL_REPO)
+    return DEFAULT_MODEL_REPO
 
 
 @pytest.fixture(scope="session")

@@ -2,58 +2,51 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
 import sys
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+import numpy as np
+from aiokafka import AIOKafkaConsumer
 
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.stack.processes import ManagedProcess
 from shared.contracts.events import HealthV1
+from shared.contracts.inference import RequestHeaders
 from shared.credentials import issue_token, read_credentials
+from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from shared.naming import Subjects
 from shared.security import CryptoPolicy, PrincipalKeys
+from shared.tensors import encode_request_json
 from shared.topology import Topology
+from tests.support import three_site_topology, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-INFERENCE_TOPOLOGY = {
-    "name": "inference-tests",
-    "sites": [
-        {
-            "name": "cloud",
-            "role": "hub",
-            "executors": [
-                {"id": "cloud-1", "models": ["digits-large"], "capacity": 2},
-                {"id": "cloud-2", "models": ["digits-small"]},
-            ],
-        },
-        {"name": "factory", "role": "edge", "executors": [{"id": "factory-1", "models": ["digits-small"]}]},
-        {"name": "branch", "role": "edge", "executors": [{"id": "branch-1", "models": ["digits-small"]}]},
-    ],
-    "links": [
-        {"between": ["cloud", "factory"], "path": "dedicated"},
-        {"between": ["cloud", "branch"], "path": "internet"},
-        {"between": ["factory", "branch"], "path": "vpn"},
-    ],
-    "tenants": [
+INFERENCE_TOPOLOGY = three_site_topology(
+    "inference-tests",
+    {
+        "cloud": [{"id": "cloud-1", "models": ["digits-large"], "capacity": 2},
+                  {"id": "cloud-2", "models": ["digits-small"]}],
+        "factory": [{"id": "factory-1", "models": ["digits-small"]}],
+        "branch": [{"id": "branch-1", "models": ["digits-small"]}],
+    },
+    [
         {"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
         {"name": "globex", "rate_per_s": 5000, "burst": 5000},
         {"name": "initech", "sensitive_sites": ["branch"], "always_sensitive": True, "rate_per_s": 5000,
          "burst": 5000},
         {"name": "tiny", "rate_per_s": 1, "burst": 2},
     ],
-}
+)
 
 
 @dataclass
@@ -86,8 +79,11 @@ class Network:
         return next(p for p in self.stack.processes if p.name == name)
 
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> ManagedProcess:
+        """Send ``sig`` to process ``name``; a SIGKILL returns once the process is gone."""
         proc = self.process(name)
         os.kill(proc.pid, sig)
+        if sig == signal.SIGKILL:
+            proc.popen.wait(timeout=10)
         return proc
 
     def start_executor(self, executor_id: str, site: str, like: str) -> ManagedProcess:
@@ -114,19 +110,123 @@ class Network:
             await nc.close()
 
     async def wait_ready(self, service: str, instance: str | None = None, timeout_s: float = 30.0) -> HealthV1:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                health = await self.health(service, instance)
-                if health.ready:
-                    return health
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{service} {instance or ''} not ready within {timeout_s}s")
-            await asyncio.sleep(0.2)
+        """Poll ``service``'s health until it answers ready."""
 
+        async def ready() -> HealthV1 | None:
+            health = await self.health(service, instance)
+            return health if health.ready else None
+
+        return await wait_for(ready, timeout_s, f"{service} {instance or ''} ready", interval=0.2,
+                              retry_on=(Exception,))
+
+    async def live_executors(self) -> int:
+        """How many executors the scheduler counts as live (heartbeating and not draining)."""
+        return int((await self.health("scheduler")).detail["executors"])
+
+    async def wait_live_executors(self, count: int, timeout_s: float = 30.0) -> None:
+        """Wait until the scheduler counts exactly ``count`` live executors."""
+        seen: list[int] = []
+
+        async def counted() -> bool:
+            seen.append(await self.live_executors())
+            return seen[-1] == count
+
+        await wait_for(counted, timeout_s, lambda: f"scheduler counting {count} live executors (last saw {seen[-1:]})",
+                       interval=0.1, retry_on=(Exception,))
+
+    def topology_executors(self) -> dict[str, tuple[str, str]]:
+        """``process name: (executor id, site)`` of every executor the topology declares."""
+        return {f"executor-{e.id}": (e.id, site.name) for site in self.topology.sites for e in site.executors}
+
+    async def restore(self) -> None:
+        """Bring the stack back to its topology: stop executors a test added, restart the ones a test killed or
+        froze, and wait until they are ready and the scheduler counts exactly the topology's executors."""
+        declared = self.topology_executors()
+        changed = False
+        for proc in [p for p in self.stack.processes if p.name.startswith("executor-") and p.name not in declared]:
+            proc.stop()
+            self.stack.processes.remove(proc)
+            changed = True
+        restarted = []
+        for name, (executor_id, site) in declared.items():
+            proc = self.process(name)
+            if proc.alive() and not _frozen(proc.pid):
+                continue
+            if proc.alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.popen.wait(timeout=10)
+            self.stack.processes.remove(proc)
+            restarted.append(self.start_executor(executor_id, site, like=executor_id))
+            changed = True
+        if not changed:
+            return
+        for executor_id, _ in (declared[p.name] for p in restarted):
+            await self.wait_ready("executor", executor_id, timeout_s=60.0)
+        await self.wait_live_executors(len(declared))
+
+
+    async def barrier(self, nc: nats.NATS, inbox: str, answers: list, headers: dict[str, str] | None = None) -> None:
+        """Send one more good request (globex, digits-small, ``headers`` added) answered on ``inbox`` and wait for
+        its answer, then drop it from ``answers``: what the services still owed earlier requests on that inbox has
+        arrived by then. A causal barrier through the same hops, instead of a fixed sleep."""
+        request_id = f"barrier-{uuid.uuid4().hex[:8]}"
+        body = encode_request_json({"input": np.zeros((1, 64), dtype=np.float32)})
+        await nc.publish(Subjects.infer("globex", "digits-small"), body, reply=inbox,
+                         headers={RequestHeaders.TOKEN: self.token("globex"), RequestHeaders.REQUEST_ID: request_id,
+                                  **(headers or {})})
+
+        def answered() -> bool:
+            return any(reply_id(msg) == request_id for msg in answers)
+
+        await wait_for(answered, 10.0, f"the answer to barrier request {request_id}")
+        answers[:] = [msg for msg in answers if reply_id(msg) != request_id]
+
+
+def reply_id(msg) -> str | None:
+    """The request id an answer on a reply subject belongs to (a result's ``id`` or an error's ``request_id``)."""
+    if DIN_ERROR_HEADER in (msg.headers or {}):
+        return ErrorReplyV1.model_validate_json(msg.data).error.request_id
+    return json.loads(msg.data).get("id")
+
+def _frozen(pid: int) -> bool:
+    """True when process ``pid`` is stopped (SIGSTOP) rather than running."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class KafkaEvents:
+    """JSON events read from Kafka topics, as ``(topic, event)`` pairs."""
+
+    found: list[tuple[str, dict]]
+
+    def on(self, topic: str) -> list[dict]:
+        return [event for t, event in self.found if t == topic]
+
+
+async def read_events(bootstrap: str, topics: list[str], keep: Callable[[dict], bool],
+                      enough: Callable[[KafkaEvents], bool], what: str, timeout_s: float = 20.0) -> KafkaEvents:
+    """Read ``topics`` from the start, keeping the events ``keep`` accepts, until ``enough`` holds; a bounded wait
+    that fails naming ``what``."""
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    events = KafkaEvents([])
+
+    async def poll() -> bool:
+        for records in (await consumer.getmany(timeout_ms=200)).values():
+            for record in records:
+                event = json.loads(record.value)
+                if keep(event):
+                    events.found.append((record.topic, event))
+        return enough(events)
+
+    try:
+        await wait_for(poll, timeout_s, lambda: f"{what} (found {len(events.found)})", interval=0.01)
+    finally:
+        await consumer.stop()
+    return events
 
 RAW_CLIENT_POLICY = CryptoPolicy(plaintext_ingress=[t["name"] for t in INFERENCE_TOPOLOGY["tenants"]])
 """The inference-path tests also send raw NATS requests and use clients without key files: let them in."""

@@ -1,7 +1,8 @@
 """The inference path over real brokers: clients publish, admission → classifier → scheduler → executor answer.
 
-One centralized-mode network serves the module; tests that kill or stop
-processes run last.
+One centralized-mode network serves the module; before each test it is
+restored to its topology (executors a test killed are restarted, ones it
+added are stopped), so the order of the tests does not matter.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections import Counter
 import nats
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from din.client import DinRequestError
 from shared.contracts.events import LoadModelV1, ModelLoadedV1
@@ -24,13 +24,21 @@ from shared.contracts.inference import RequestHeaders
 from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ErrorReplyV1
 from shared.naming import Subjects, Topics
 from shared.tensors import encode_binary, encode_request_json
-from tests.integration.network import running_network
+from tests.integration.network import read_events, running_network
+from tests.support import wait_for
 
 
 @pytest.fixture(scope="module")
-def network(kafka_bootstrap, zoo_dir, tmp_path_factory):
+def stack(kafka_bootstrap, zoo_dir, tmp_path_factory):
     with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), "centralized") as net:
         yield net
+
+
+@pytest.fixture
+async def network(stack):
+    """The module's network, as its topology declares it."""
+    await stack.restore()
+    return stack
 
 
 async def test_json_and_binary_requests_are_answered_with_correct_labels(network, digits):
@@ -70,8 +78,8 @@ async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits)
         ("unknown-version", "acme", "digits-small", good, {**auth, RequestHeaders.MODEL_VERSION: "7"},
          "unknown_model"),
         ("oversized", "acme", "digits-small", b"x" * (5 * 1024 * 1024), auth, "payload_too_large"),
-        ("expired", "acme", "digits-small", good, {**auth, RequestHeaders.DEADLINE_MS: str(int(time.time() * 1000) - 5)},
-         "deadline_exceeded"),
+        ("expired", "acme", "digits-small", good,
+         {**auth, RequestHeaders.DEADLINE_MS: str(int(time.time() * 1000) - 5)}, "deadline_exceeded"),
         ("no-token", "acme", "digits-small", good, {}, "unauthenticated"),
         ("forged-token", "acme", "digits-small", good, {RequestHeaders.TOKEN: token[:-2] + "00"}, "unauthenticated"),
         ("bad-sla", "acme", "digits-small", good, {**auth, RequestHeaders.SLA_CLASS: "gold"}, "bad_request"),
@@ -96,10 +104,8 @@ async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits)
                              if RequestHeaders.DEADLINE_MS not in headers else
                              {**headers, RequestHeaders.REQUEST_ID: f"{name}-{round_}"})
     expected = rounds * len(cases)
-    deadline = time.monotonic() + 10
-    while len(answers) < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: len(answers) >= expected, 10, lambda: f"{expected} answers (got {len(answers)})")
+    await network.barrier(nc, inbox, answers)
     await nc.close()
 
     assert len(answers) == expected
@@ -124,8 +130,9 @@ async def test_sensitive_data_runs_only_at_the_tenants_allowed_sites(network, di
                       for i in range(30)}
         initech_sites = {(await initech.infer("digits-small", {"input": x[i : i + 1]})).served_by.site
                          for i in range(30)}
-        open_sites = Counter([(await globex.infer("digits-small", {"input": x[i : i + 1]}, labels=["pii"])).served_by.site
-                              for i in range(60)])
+        open_sites = Counter([
+            (await globex.infer("digits-small", {"input": x[i : i + 1]}, labels=["pii"])).served_by.site
+            for i in range(60)])
     assert acme_sites == {"factory"}
     assert initech_sites == {"branch"}
     assert "cloud" in open_sites, "globex has no sovereignty policy: its requests go to the fastest site"
@@ -176,15 +183,20 @@ async def test_model_version_swap_under_load_fails_no_request(network, digits):
                 failures.append(exc)
             i += 1
 
+    async def served_more(version: str, count: int) -> None:
+        """Wait until cloud-2 has served ``count`` more requests with ``version`` than it had so far."""
+        wanted = versions[version] + count
+        await wait_for(lambda: versions[version] >= wanted or failures, 15,
+                       lambda: f"cloud-2 serving {count} requests with version {version} (served {dict(versions)})")
+
     async with network.client("globex") as client:
         workers = [asyncio.create_task(load(client)) for _ in range(8)]
         for version in ("1", "2", "1", "2"):
-            await asyncio.sleep(0.4)
             reply = await nc.request(Subjects.control("executor", "cloud-2"),
                                      LoadModelV1(model="digits-small", version=version).model_dump_json().encode(),
                                      timeout=10)
             assert ModelLoadedV1.model_validate_json(reply.data).version == version
-        await asyncio.sleep(0.4)
+            await served_more(version, 5)
         stop.set()
         await asyncio.gather(*workers)
     await nc.close()
@@ -198,29 +210,19 @@ async def test_every_decision_lands_in_kafka_with_its_reason(network, digits, ka
         result = await client.infer("digits-small", {"input": x[:1]}, request_id="kafka-probe-1")
         with pytest.raises(DinRequestError):
             await client.infer("resnet", {"input": x[:1]}, request_id="kafka-probe-2")
-    wanted = {
-        Topics.scoped(Topics.ADMISSION_DECISIONS, network.topic_scope),
-        Topics.scoped(Topics.SCHEDULING_DECISIONS, network.topic_scope),
-        Topics.scoped(Topics.COMPLETIONS, network.topic_scope),
-    }
-    consumer = AIOKafkaConsumer(*wanted, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    found: dict[tuple[str, str], dict] = {}
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(found) < 4:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    event = json.loads(record.value)
-                    if event.get("request_id") in ("kafka-probe-1", "kafka-probe-2"):
-                        found[(record.topic, event["request_id"])] = event
-    finally:
-        await consumer.stop()
-    admitted = found[(Topics.scoped(Topics.ADMISSION_DECISIONS, network.topic_scope), "kafka-probe-1")]
-    refused = found[(Topics.scoped(Topics.ADMISSION_DECISIONS, network.topic_scope), "kafka-probe-2")]
-    placed = found[(Topics.scoped(Topics.SCHEDULING_DECISIONS, network.topic_scope), "kafka-probe-1")]
-    done = found[(Topics.scoped(Topics.COMPLETIONS, network.topic_scope), "kafka-probe-1")]
+    admission, scheduling, completions = (Topics.scoped(topic, network.topic_scope) for topic in (
+        Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS))
+    wanted = {(admission, "kafka-probe-1"), (admission, "kafka-probe-2"), (scheduling, "kafka-probe-1"),
+              (completions, "kafka-probe-1")}
+    events = await read_events(
+        kafka_bootstrap, [admission, scheduling, completions],
+        keep=lambda event: event.get("request_id") in ("kafka-probe-1", "kafka-probe-2"),
+        enough=lambda read: wanted <= {(topic, event["request_id"]) for topic, event in read.found},
+        what="the admission, scheduling and completion events of both probes",
+    )
+    found = {(topic, event["request_id"]): event for topic, event in events.found}
+    admitted, refused = found[(admission, "kafka-probe-1")], found[(admission, "kafka-probe-2")]
+    placed, done = found[(scheduling, "kafka-probe-1")], found[(completions, "kafka-probe-1")]
     assert (admitted["admitted"], admitted["reason"]) == (True, "ok")
     assert (refused["admitted"], refused["reason"]) == (False, "unknown_model")
     assert placed["chosen_executor"] == result.served_by.executor and placed["reason"]
@@ -240,12 +242,15 @@ async def test_services_survive_garbage_and_keep_serving(network, digits):
             await nc.publish(subject, body)
     await nc.flush()
     await nc.close()
-    await asyncio.sleep(0.5)
+
+    async def classifier_dead_lettered_the_garbage() -> bool:
+        return int((await network.health("classifier")).detail["dead_lettered"]) >= len(garbage)
+
+    await wait_for(classifier_dead_lettered_the_garbage, 10,
+                   f"the classifier dead-lettering {len(garbage)} garbage messages")
     for service in ("admission", "classifier", "scheduler", "telemetry", "keymanager"):
         assert (await network.health(service)).ready, service
     assert (await network.health("executor", "cloud-2")).ready
-    dead_lettered = int((await network.health("classifier")).detail["dead_lettered"])
-    assert dead_lettered >= len(garbage)
     async with network.client("globex") as client:
         assert (await client.infer("digits-small", {"input": x[:1]})).outputs["label"].shape == (1,)
 
@@ -271,13 +276,14 @@ async def test_new_executor_is_used_and_a_killed_one_is_avoided(network, digits)
                 return exc.error.code.value
 
         in_flight = [asyncio.create_task(one(i)) for i in range(100)]
-        while not any(task.done() for task in in_flight):
-            await asyncio.sleep(0.001)
+        await wait_for(lambda: any(task.done() for task in in_flight), 10, "a first answer to the burst",
+                       interval=0.001)
         network.kill("executor-branch-1")
         outcomes = Counter(await asyncio.gather(*in_flight))
         assert sum(outcomes.values()) == 100
         assert set(outcomes) <= {"branch-1", "branch-2", "executor_lost", "deadline_exceeded"}, outcomes
-        await asyncio.sleep(2.0)
+        branch_2_replaces_branch_1 = len(network.topology_executors())
+        await network.wait_live_executors(branch_2_replaces_branch_1)
         after = Counter([await one(i) for i in range(40)])
     assert after == Counter({"branch-2": 40})
 
@@ -295,8 +301,8 @@ async def test_sigterm_drains_in_flight_work(network, digits):
                 return exc.error.code.value
 
         burst = [asyncio.create_task(one(i)) for i in range(300)]
-        while sum(task.done() for task in burst) < 10:
-            await asyncio.sleep(0.001)
+        await wait_for(lambda: sum(task.done() for task in burst) >= 10, 10, "10 answers to the burst",
+                       interval=0.001)
         proc = network.kill("executor-factory-1", signal.SIGTERM)
         outcomes = Counter(await asyncio.gather(*burst))
         assert sum(outcomes.values()) == 300
@@ -304,14 +310,10 @@ async def test_sigterm_drains_in_flight_work(network, digits):
         assert set(outcomes) <= {"factory-1", "no_eligible_executor", "overloaded", "executor_lost"}, outcomes
         proc.popen.wait(timeout=15)
         assert proc.popen.returncode == 0
+        await network.wait_live_executors(len(network.topology_executors()) - 1)
         with pytest.raises(DinRequestError) as caught:
-            await one_strict(client, x)
+            await client.infer("digits-small", {"input": x[:1]}, labels=["pii"], timeout_ms=2000)
         assert caught.value.error.code.value == "no_eligible_executor"
-
-
-async def one_strict(client, x):
-    await asyncio.sleep(2.0)
-    return await client.infer("digits-small", {"input": x[:1]}, labels=["pii"], timeout_ms=2000)
 
 
 async def test_one_request_can_be_followed_across_every_hop(network, digits, kafka_bootstrap):
@@ -320,17 +322,13 @@ async def test_one_request_can_be_followed_across_every_hop(network, digits, kaf
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     async with network.client("globex") as client:
         result = await client.infer("digits-small", {"input": x[:1]}, traceparent=f"00-{trace_id}-00f067aa0ba902b7-01")
-    consumer = AIOKafkaConsumer(Topics.scoped(Topics.SPANS, network.topic_scope), bootstrap_servers=kafka_bootstrap,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    spans = []
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len({s["service"] for s in spans}) < 4:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                spans += [json.loads(r.value) for r in records if json.loads(r.value)["trace_id"] == trace_id]
-    finally:
-        await consumer.stop()
+    read = await read_events(
+        kafka_bootstrap, [Topics.scoped(Topics.SPANS, network.topic_scope)],
+        keep=lambda span: span["trace_id"] == trace_id,
+        enough=lambda read: len({span["service"] for _, span in read.found}) >= 4,
+        what=f"spans of trace {trace_id} from four services",
+    )
+    spans = [span for _, span in read.found]
     by_service = {s["service"]: s for s in spans}
     assert set(by_service) == {"din-admission", "din-classifier", "din-scheduler", "din-executor"}
     assert by_service["din-admission"]["parent_span_id"] == "00f067aa0ba902b7"

@@ -22,18 +22,18 @@ import uuid
 
 import nats
 import numpy as np
-from aiokafka import AIOKafkaConsumer
 import onnxruntime as ort
 import pytest
 
 from din.client import DinRequestError
-from din.zoo_text import generate, onnx_stepper
 from shared.contracts.events import CompletionV1, SchedulingDecisionV1
 from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import JobV1, StageKind, StageV1
 from shared.naming import Subjects, Topics
 from shared.security import CryptoPolicy
-from tests.integration.network import INFERENCE_TOPOLOGY, running_network
+from tests.integration.network import read_events, running_network
+from tests.support import THREE_SITE_LINKS, wait_for
+from zoo.text import generate, onnx_stepper
 
 TAILS = ["digits-large-tail-hidden_1", "digits-large-tail-hidden_2", "digits-large"]
 MULTISTAGE_TOPOLOGY = {
@@ -54,7 +54,7 @@ MULTISTAGE_TOPOLOGY = {
         ]},
         {"name": "branch", "role": "edge", "executors": [{"id": "branch-prefill", "models": ["charlm-prefill"]}]},
     ],
-    "links": INFERENCE_TOPOLOGY["links"],
+    "links": THREE_SITE_LINKS,
     "tenants": [
         {"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
         {"name": "initech", "sensitive_sites": ["branch", "cloud"], "always_sensitive": True, "rate_per_s": 5000,
@@ -65,10 +65,17 @@ MULTISTAGE_TOPOLOGY = {
 
 
 @pytest.fixture(scope="module", params=["centralized", "distributed"])
-def network(request, kafka_bootstrap, zoo_dir, tmp_path_factory):
+def stack(request, kafka_bootstrap, zoo_dir, tmp_path_factory):
     with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), request.param,
                          security_policy=CryptoPolicy(), topology_spec=MULTISTAGE_TOPOLOGY) as net:
         yield net
+
+
+@pytest.fixture
+async def network(stack):
+    """The module's network as its topology declares it: the tests that kill executors do not leave them dead."""
+    await stack.restore()
+    return stack
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +165,13 @@ async def test_plan_and_every_hop_are_recorded(network, digits):
     async with network.client("acme") as client:
         await client.infer("digits-large", {"input": x[:1]}, labels=["pii"], split="hidden_1", request_id=request_id,
                            traceparent=f"00-{trace_id}-00f067aa0ba902b7-01")
-    for _ in range(50):
-        if len([c for c, _ in completions if c.request_id == request_id]) >= 2:
-            break
-        await asyncio.sleep(0.05)
+
+    def mine() -> list[tuple[CompletionV1, dict]]:
+        return [(c, h) for c, h in completions if c.request_id == request_id]
+
+    await wait_for(lambda: len(mine()) >= 2, 5, "completions of the head and the tail stage")
     await nc.close()
-    mine = [(c, h) for c, h in completions if c.request_id == request_id]
-    kinds = {c.stage_kind: (c, h) for c, h in mine}
+    kinds = {c.stage_kind: (c, h) for c, h in mine()}
     head, head_headers = kinds["split-head"]
     assert head.site == "factory" and head.handed_on_to == "cloud" and head.output_bytes >= 256 * 4
     assert head_headers.get("Din-Stage-Done") == request_id and RequestHeaders.REQUEST_ID not in head_headers
@@ -174,32 +181,23 @@ async def test_plan_and_every_hop_are_recorded(network, digits):
     decision = await _scheduling_decision(network, request_id)
     assert [s.kind for s in decision.plan] == [StageKind.SPLIT_HEAD, StageKind.SPLIT_TAIL]
     assert [s.site for s in decision.plan] == ["factory", "cloud"]
-    spans = await _records(network, Topics.SPANS, lambda span: span["trace_id"] == trace_id, want=5)
+    spans = await _records(network, Topics.SPANS, lambda span: span["trace_id"] == trace_id, want=5,
+                           what=f"five spans of trace {trace_id}")
     by_name = {span["name"]: span for span in spans}
     head, tail = by_name["executor split-head"], by_name["executor split-tail"]
     assert (head["site"], tail["site"]) == ("factory", "cloud")
     assert tail["parent_span_id"] == head["span_id"], "the tail's span follows the head's in the request's trace"
 
 
-async def _records(network, topic: str, keep, want: int) -> list[dict]:
-    consumer = AIOKafkaConsumer(Topics.scoped(topic, network.topic_scope),
-                                bootstrap_servers=network.stack.kafka_bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    found: list[dict] = []
-    try:
-        for _ in range(40):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                found += [value for value in (json.loads(r.value) for r in records) if keep(value)]
-            if len(found) >= want:
-                break
-    finally:
-        await consumer.stop()
-    return found
+async def _records(network, topic: str, keep, want: int, what: str) -> list[dict]:
+    read = await read_events(network.stack.kafka_bootstrap, [Topics.scoped(topic, network.topic_scope)], keep,
+                             enough=lambda read: len(read.found) >= want, what=what)
+    return [event for _, event in read.found]
 
 
 async def _scheduling_decision(network, request_id: str) -> SchedulingDecisionV1:
-    found = await _records(network, Topics.SCHEDULING_DECISIONS, lambda d: d["request_id"] == request_id, want=1)
-    assert found, "no scheduling decision recorded"
+    found = await _records(network, Topics.SCHEDULING_DECISIONS, lambda d: d["request_id"] == request_id, want=1,
+                           what=f"the scheduling decision of {request_id}")
     return SchedulingDecisionV1.model_validate(found[0])
 
 
@@ -255,15 +253,27 @@ async def test_forged_or_corrupted_stage_input_is_refused_and_the_executor_keeps
                 model_chosen="digits-large-tail-hidden_1")
     headers = {**job.to_headers(), "Din-Env-V": "1", "Din-Env-Key": "site-cloud.1", "Din-Env-Nonce": "AAAA"}
     wrong_site = job.model_copy(update={"stage": 0})
+    refused_before = await _refused(network, "cloud-tail-2")
     await nc.publish(Subjects.execute("cloud", "cloud-tail-2"), b"\x00" * 1024, headers=headers)
     await nc.publish(Subjects.execute("cloud", "cloud-tail-2"), b"\x00" * 1024, headers=wrong_site.to_headers())
     await nc.publish(Subjects.work("cloud", "digits-large-tail-hidden_1"), b"garbage", headers=headers)
-    with pytest.raises(nats.errors.TimeoutError):
-        await answers.next_msg(timeout=1.0)
+
+    async def both_refused() -> bool:
+        return await _refused(network, "cloud-tail-2") >= refused_before + 2
+
+    await wait_for(both_refused, 10, "cloud-tail-2 refusing both forged stage inputs")
+    await nc.flush()
+    assert answers.pending_msgs == 0, "a forged stage input was answered"
     await nc.close()
     async with network.client("acme") as client:
         result = await client.infer("digits-large", {"input": x[:1]}, labels=["pii"], split="hidden_1")
         assert result.served_by.split_point == "hidden_1"
+
+
+async def _refused(network, executor: str) -> int:
+    """Messages ``executor`` refused: dead-lettered, or refused by its payload security."""
+    detail = (await network.health("executor", executor)).detail
+    return int(detail["dead_lettered"]) + int(detail.get("auth_refused", 0))
 
 
 async def test_a_dead_tail_executor_is_replaced_within_the_deadline(network, digits, whole_model):
