@@ -1,5 +1,5 @@
-from services.telemetry.main import create_runtime
+from services.telemetry.main import Telemetry
 from services.telemetry.settings import TelemetrySettings
 from shared.runtime import run_service
 
-run_service(create_runtime(TelemetrySettings()))
+run_service(Telemetry(TelemetrySettings()))

@@ -105,3 +105,10 @@ class SlaWatch:
                 )
             )
         return changes
+
+
+def describe(alert: SlaViolationV1) -> str:
+    """One line for the log: the class, firing or resolved, the quantile against the target, the worst site."""
+    state = "firing" if alert.firing else "resolved"
+    return (f"{alert.sla_class.value} {state}: p{alert.quantile * 100:g} {alert.observed_ms:.1f} ms vs target "
+            f"{alert.target_ms:.1f} ms over {alert.samples} requests (worst site {alert.worst_site})")

@@ -52,7 +52,7 @@ class MetricsServer:
             status, content_type, body = self._respond(head[:MAX_REQUEST_BYTES])
             if head.startswith(b"HEAD "):
                 body = b""
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             status, content_type, body = "400 Bad Request", "text/plain", b"bad request\n"
         try:
             writer.write(

@@ -34,9 +34,20 @@ TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 REQUEST_LABELS = ("tenant", "model", "site", "sla_class")
-STAGES = ("admission", "classify", "schedule", "network", "queue", "compute")
-"""Latency stages. ``network`` is what is left of ``total`` once the others are taken out: transit between
-sites there and back. It is reported only for completions that carry every other stage."""
+PHASE_LABEL = "stage"
+"""The label of ``din_request_stage_duration_seconds`` that names a latency phase (exported as ``stage``, the name
+the dashboard queries)."""
+REFUSED_BY_LABEL = "stage"
+"""The label of ``din_rejects_total`` that names the service that refused or failed the request (exported as
+``stage``, the name the dashboard queries)."""
+LATENCY_PHASES = ("admission", "classify", "schedule", "network", "queue", "compute")
+"""Phases of a request's latency, the values of ``PHASE_LABEL``. ``network`` is what is left of ``total`` once
+the others are taken out: transit between sites there and back. It is reported only for completions that carry
+every other phase."""
+MEASURED_PHASES = tuple(p for p in LATENCY_PHASES if p != "network")
+"""The phases a completion's ``timings_ms`` carries (``network`` is derived from them)."""
+REFUSED_BY_ADMISSION, REFUSED_BY_SCHEDULER, FAILED_AT_EXECUTOR = "admission", "scheduler", "executor"
+"""Values of ``REFUSED_BY_LABEL``."""
 
 OTHER = "_other"
 UNKNOWN = "unknown"
@@ -59,7 +70,7 @@ METRICS: tuple[MetricSpec, ...] = (
                "Completed requests (outcome ok or error), by where and what served them."),
     MetricSpec("din_request_duration_seconds", "histogram", REQUEST_LABELS,
                "End-to-end latency of completed requests, from admission to answer."),
-    MetricSpec("din_request_stage_duration_seconds", "histogram", ("stage", *REQUEST_LABELS),
+    MetricSpec("din_request_stage_duration_seconds", "histogram", (PHASE_LABEL, *REQUEST_LABELS),
                "Latency of each stage: admission, classify, schedule, network, queue, compute."),
     MetricSpec("din_time_to_first_token_seconds", "histogram", REQUEST_LABELS,
                "Streaming models: time from admission to the first output token (TTFT)."),
@@ -77,7 +88,7 @@ METRICS: tuple[MetricSpec, ...] = (
                "Completed requests slower than their SLA class's latency target."),
     MetricSpec("din_admission_requests_total", "counter", ("tenant", "model", "sla_class", "outcome"),
                "Admission decisions: admitted or refused."),
-    MetricSpec("din_rejects_total", "counter", ("stage", "reason", "tenant", "model", "sla_class"),
+    MetricSpec("din_rejects_total", "counter", (REFUSED_BY_LABEL, "reason", "tenant", "model", "sla_class"),
                "Requests refused or failed, by the stage that gave up (admission, scheduler, executor) and why."),
     MetricSpec("din_scheduling_decisions_total", "counter", ("sla_class", "site", "model", "outcome"),
                "Scheduler placements (outcome placed or degraded) and refusals (site and model 'none')."),
@@ -172,7 +183,7 @@ class _Histogram(_Family):
         for key, (counts, total) in self.series.items():
             running = 0
             buckets = []
-            for le, count in zip(self._les, counts):
+            for le, count in zip(self._les, counts, strict=True):
                 running += count
                 buckets.append((le, running))
             family.add_metric(list(key), buckets, total)
@@ -219,7 +230,7 @@ class TelemetryMetrics:
 
         self.requests = counter("din_requests_total")
         self.duration = histogram("din_request_duration_seconds", LATENCY_BUCKETS_S)
-        self.stage = histogram("din_request_stage_duration_seconds", LATENCY_BUCKETS_S)
+        self.phase_duration = histogram("din_request_stage_duration_seconds", LATENCY_BUCKETS_S)
         self.ttft = histogram("din_time_to_first_token_seconds", LATENCY_BUCKETS_S)
         self.tpot = histogram("din_time_per_output_token_seconds", TOKEN_BUCKETS_S)
         self.batch = histogram("din_batch_size", BATCH_BUCKETS)
@@ -233,8 +244,9 @@ class TelemetryMetrics:
         self.events = counter("din_telemetry_events_total")
         self.invalid_events = counter("din_telemetry_invalid_events_total")
         self._families = (
-            self.requests, self.duration, self.stage, self.ttft, self.tpot, self.batch, self.degraded,
-            self.target_misses, self.handoffs, self.handoff_bytes, self.admission, self.rejects, self.scheduling, self.events, self.invalid_events,
+            self.requests, self.duration, self.phase_duration, self.ttft, self.tpot, self.batch, self.degraded,
+            self.target_misses, self.handoffs, self.handoff_bytes, self.admission, self.rejects, self.scheduling,
+            self.events, self.invalid_events,
         )
         self._executors: dict[str, _Executor] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -247,16 +259,17 @@ class TelemetryMetrics:
         sla = event.sla_class
         key = (event.tenant, event.model, event.site, sla.value)
         self.events.inc(("completion",))
-        if event.stage == 1 and event.escalated:
-            return  # a cascade's first stage handed the request on; its final completion counts it
+        cascade_step = event.stage
+        if cascade_step == 1 and event.escalated:
+            return  # a cascade's first step handed the request on; its final completion counts it
         if event.handed_on_to is not None:
-            handoff = (event.stage_kind or "_other", event.site, event.handed_on_to)
+            handoff = (event.stage_kind or OTHER, event.site, event.handed_on_to)
             self.handoffs.inc(handoff)
             self.handoff_bytes.inc(handoff, event.output_bytes or 0)
             return
         if not event.ok:
             self.requests.inc((*key, "error"))
-            self.rejects.inc(("executor", _reason(event.error_code), event.tenant, event.model, sla.value))
+            self._reject(FAILED_AT_EXECUTOR, event.error_code, event.tenant, event.model, sla.value)
             return
         self.requests.inc((*key, "ok"))
         timings = event.timings_ms
@@ -268,15 +281,15 @@ class TelemetryMetrics:
                 self.target_misses.inc(key)
         known = 0.0
         complete = total is not None
-        for stage in ("admission", "classify", "schedule", "queue", "compute"):
-            value = timings.get(stage)
+        for phase in MEASURED_PHASES:
+            value = timings.get(phase)
             if value is None:
                 complete = False
                 continue
             known += value
-            self.stage.observe((stage, *key), value / 1000.0)
+            self.phase_duration.observe((phase, *key), value / 1000.0)
         if complete:
-            self.stage.observe(("network", *key), max(0.0, total - known) / 1000.0)
+            self.phase_duration.observe(("network", *key), max(0.0, total - known) / 1000.0)
         ttft = timings.get("ttft")
         if ttft is not None:
             self.ttft.observe(key, ttft / 1000.0)
@@ -299,7 +312,7 @@ class TelemetryMetrics:
         outcome = "admitted" if decision.admitted else "refused"
         self.admission.inc((decision.tenant, decision.model, sla, outcome))
         if not decision.admitted:
-            self.rejects.inc(("admission", _reason(decision.reason), decision.tenant, decision.model, sla))
+            self._reject(REFUSED_BY_ADMISSION, decision.reason, decision.tenant, decision.model, sla)
 
     def observe_scheduling(self, decision: SchedulingDecisionV1) -> None:
         """Count a placement or a refusal by the scheduler."""
@@ -307,11 +320,13 @@ class TelemetryMetrics:
         sla = decision.sla_class.value
         if decision.chosen_site is None:
             self.scheduling.inc((sla, "none", "none", "refused"))
-            self.rejects.inc(("scheduler", _reason(decision.reason), decision.tenant, decision.chosen_model or
-                              UNKNOWN, sla))
+            self._reject(REFUSED_BY_SCHEDULER, decision.reason, decision.tenant, decision.chosen_model or UNKNOWN, sla)
             return
         outcome = "degraded" if decision.degraded else "placed"
         self.scheduling.inc((sla, decision.chosen_site, decision.chosen_model or UNKNOWN, outcome))
+
+    def _reject(self, refused_by: str, code: str | None, tenant: str, model: str, sla: str) -> None:
+        self.rejects.inc((refused_by, _reason(code), tenant, model, sla))
 
     def invalid(self, source: str) -> None:
         """Count an event that could not be decoded."""

@@ -50,7 +50,7 @@ class SlidingQuantiles:
     def _merged(self, now_s: float) -> list[int]:
         tick = int(now_s // self.slot_s)
         merged = [0] * (len(BOUNDS_MS) + 1)
-        for stamp, counts in zip(self._stamp, self._counts):
+        for stamp, counts in zip(self._stamp, self._counts, strict=True):
             if stamp >= 0 and tick - stamp < self._slots:
                 for i, c in enumerate(counts):
                     if c:

@@ -7,8 +7,10 @@ import random
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.telemetry.alerts import SlaWatch
+from services.telemetry.alerts import SlaWatch, describe
+from services.telemetry.decisions import DecisionFeed
 from services.telemetry.metrics import METRIC_NAMES, OTHER, TelemetryMetrics
+from services.telemetry.settings import TelemetrySettings
 from services.telemetry.window import SlidingQuantiles
 from shared.contracts.events import (
     AdmissionDecisionV1,
@@ -18,6 +20,8 @@ from shared.contracts.events import (
     SchedulingDecisionV1,
 )
 from shared.contracts.inference import SlaClass
+from shared.contracts.telemetry import SlaViolationV1
+from shared.naming import Topics
 
 TARGETS = {SlaClass.REALTIME: 50.0, SlaClass.INTERACTIVE: 500.0, SlaClass.BATCH: 5000.0}
 
@@ -96,7 +100,7 @@ def test_token_latencies_are_defined_and_fed_when_present():
     assert value(s, "din_time_per_output_token_seconds_sum", sla_class="interactive") == pytest.approx(0.015)
 
 
-def test_rejects_by_stage_and_reason_with_unknown_reasons_folded():
+def test_rejects_by_refusing_service_and_reason_with_unknown_reasons_folded():
     metrics = TelemetryMetrics(TARGETS, clock=Clock())
     for reason, admitted in (("ok", True), ("rate_limited", False), ("rate_limited", False), ("bogus!", False)):
         metrics.observe_admission(AdmissionDecisionV1(
@@ -192,3 +196,29 @@ def test_sla_watch_fires_once_then_resolves():
     (resolved,) = watch.evaluate(30.0, 30000.0)
     assert not resolved.firing and resolved.samples == 0
     assert watch.fired[SlaClass.REALTIME] == 1
+
+
+def test_decision_feed_counts_decisions_of_its_scoped_topics_and_skips_garbage():
+    metrics = TelemetryMetrics(TARGETS, clock=Clock())
+    settings = TelemetrySettings(nats_url="nats://x:4222", kafka_bootstrap="k:9092", site="cloud", topic_scope="run1")
+    feed = DecisionFeed(metrics, settings, client_id="t")
+    admissions, placements = Topics.scoped(Topics.ADMISSION_DECISIONS, "run1"), Topics.scoped(
+        Topics.SCHEDULING_DECISIONS, "run1")
+    assert set(feed.by_topic) == {admissions, placements} and feed.group == "din-telemetry-run1"
+    refusal = AdmissionDecisionV1(request_id="r", tenant="acme", model="m", admitted=False, reason="rate_limited",
+                                  input_bytes=1, at_ms=0.0)
+    feed.observe(admissions, refusal.model_dump_json().encode())
+    feed.observe(admissions, b"garbage")
+    feed.observe(placements, None)
+    assert (feed.decisions, feed.invalid) == (1, 2)
+    s = scrape(metrics)
+    assert value(s, "din_rejects_total", stage="admission", reason="rate_limited") == 1
+    assert value(s, "din_telemetry_invalid_events_total", source="admission") == 1
+    assert value(s, "din_telemetry_invalid_events_total", source="scheduling") == 1
+
+
+def test_an_alert_is_described_in_one_line():
+    alert = SlaViolationV1(sla_class="realtime", firing=True, quantile=0.99, observed_ms=61.34, target_ms=50.0,
+                           window_s=60.0, samples=40, worst_site="factory", at_ms=0.0)
+    assert describe(alert) == ("realtime firing: p99 61.3 ms vs target 50.0 ms over 40 requests "
+                               "(worst site factory)")
