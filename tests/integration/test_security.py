@@ -24,8 +24,8 @@ from din.client import DinClient, DinRequestError
 from din.commands.keys import send_command
 from shared import envelope
 from shared.contracts.events import CompletionV1
-from shared.contracts.keys import KeyAction
 from shared.contracts.inference import RequestHeaders
+from shared.contracts.keys import KeyAction
 from shared.envelope import DataKey, Keyring
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from shared.naming import Subjects, Topics
@@ -112,7 +112,7 @@ class Sniffer:
         self.messages: list = []
         self.nc = None
 
-    async def __aenter__(self) -> "Sniffer":
+    async def __aenter__(self) -> Sniffer:
         self.nc = await nats.connect(self.url)
 
         async def keep(msg) -> None:
@@ -254,7 +254,8 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
         await asyncio.sleep(1.5)
         body, headers = globex.build({"input": SECRET}, timeout_ms=3000)
         reply = f"{attacker_inbox}.retired"
-        old = envelope.seal(body, reader=tenant_principal("globex"), keyring=old_ring, sender=tenant_principal("globex"),
+        globex_principal = tenant_principal("globex")
+        old = envelope.seal(body, reader=globex_principal, keyring=old_ring, sender=globex_principal,
                             aad=request_binding(headers[RequestHeaders.REQUEST_ID], "globex", MODEL, reply, headers))
         await attack("retired", subject, old.body, {**headers, **old.to_headers()})
 
@@ -406,8 +407,8 @@ async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network)
             globex.open_answer("late", late.body, late_headers)
         assert refused.value.error.code.value == "unauthenticated"
 
-        from shared.contracts.job import JobV1
         from shared.contracts.inference import SlaClass
+        from shared.contracts.job import JobV1
 
         job = JobV1(request_id="from-branch", tenant="globex", model=MODEL, sla_class=SlaClass.INTERACTIVE,
                     deadline_ms=int(time.time() * 1000) + 3000, reply_to=job_reply,
