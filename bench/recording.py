@@ -14,46 +14,41 @@ Measures, on this machine, in about a minute:
    acks=all): offered rates step up until records are dropped or fall behind.
 4. ``replay_read``: records read and decoded per second by ``din replay``'s reader.
 
-Writes ``bench/results/recording.json`` and ``bench/results/recording.md``.
+Writes ``recording.json`` and ``recording.md`` to ``bench/results/`` (or ``--out``).
 
-    .venv/bin/python bench/recording.py [--seconds 6] [--concurrency 64]
+    din bench-recording [--seconds 6] [--concurrency 64]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing
 import platform
-import sys
 import tempfile
 import time
 import timeit
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from bench import RESULTS_DIR, write_results
+from din.client import DinClient, DinRequestError, NoAnswerError
+from din.replay.reader import RecordRange, TopicReader
+from din.replay.recorded import read_requests
+from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack
+from din.workload import load_digits_test
+from shared.contracts.inference import SlaClass
+from shared.contracts.job import JobV1
+from shared.credentials import issue_token, read_credentials
+from shared.eventlog import EventLog
+from shared.naming import Topics
+from shared.recording import request_record
+from shared.tensors import encode_binary
+from shared.topology import load_topology
 
-from din.client import DinClient, DinRequestError, NoAnswerError  # noqa: E402
-from din.replay.reader import RecordRange, TopicReader  # noqa: E402
-from din.replay.recorded import read_requests  # noqa: E402
-from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack  # noqa: E402
-from din.workload import load_digits_test  # noqa: E402
-from shared.contracts.inference import SlaClass  # noqa: E402
-from shared.contracts.job import JobV1  # noqa: E402
-from shared.credentials import issue_token, read_credentials  # noqa: E402
-from shared.eventlog import EventLog  # noqa: E402
-from shared.naming import Topics  # noqa: E402
-from shared.recording import request_record  # noqa: E402
-from shared.tensors import encode_binary  # noqa: E402
-from shared.topology import load_topology  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
-INFERENCE_RESULTS = RESULTS / "inference_path.json"
+INFERENCE_RESULTS = RESULTS_DIR / "inference_path.json"
 BODY_ITEMS = 64
 RATE_STEPS = (2_000, 5_000, 10_000, 20_000, 40_000, 60_000)
 TOP_UP = 20_000
@@ -233,7 +228,7 @@ async def replay_read(bootstrap: str) -> dict[str, float]:
 
 
 def published_peak() -> float | None:
-    """DIN's peak request rate from ``bench/results/inference_path.json`` (bench ``din.bench.inference_path``)."""
+    """DIN's peak request rate from ``bench/results/inference_path.json`` (``din bench``, ``bench.inference_path``)."""
     try:
         return float(json.loads(INFERENCE_RESULTS.read_text())["summary"]["din_peak_rps"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -246,7 +241,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# Recording and replay benchmark",
         "",
-        f"Machine: {results['machine']}. Run {results['started']}; `bench/recording.py`.",
+        f"Machine: {results['machine']}. Run {results['started']}; `din bench-recording`.",
         "",
         "| measure | value |",
         "|---|---|",
@@ -279,11 +274,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=6.0, help="length of each measured run")
-    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight in the inference runs")
-    args = parser.parse_args()
+def run_recording_bench(seconds: float = 6.0, concurrency: int = 64, out: Path = RESULTS_DIR) -> int:
+    """Run the four measurements, write ``recording.json`` and ``.md`` to ``out``; 1 when recording lacks headroom.
+
+    ``seconds`` is the length of each measured run, ``concurrency`` the requests in flight in the inference runs.
+    """
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results: dict = {"started": started, "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, "
                                                      f"Python {platform.python_version()}"}
@@ -298,34 +293,31 @@ def main() -> int:
                       write_state=False, topic_scope=scope)
         print("2. starting a whole stack (NATS hub + leaves, Kafka, every service) ...", flush=True)
         with stack.start():
-            alone = asyncio.run(closed_loop(stack.hub_url, stack.credentials_file, args.seconds, args.concurrency))
+            alone = asyncio.run(closed_loop(stack.hub_url, stack.credentials_file, seconds, concurrency))
             print(f"  inference alone: {alone}", flush=True)
             peak = max(alone["requests_per_s"], published_peak() or 0.0)
             queue: multiprocessing.Queue = multiprocessing.Queue()
             recorder = multiprocessing.Process(
                 target=_recorder_process,
-                args=(stack.kafka_bootstrap, f"{scope}rec", peak, args.seconds + 4.0, queue))
+                args=(stack.kafka_bootstrap, f"{scope}rec", peak, seconds + 4.0, queue))
             recorder.start()
             time.sleep(1.0)
-            loaded = asyncio.run(closed_loop(stack.hub_url, stack.credentials_file, args.seconds, args.concurrency))
+            loaded = asyncio.run(closed_loop(stack.hub_url, stack.credentials_file, seconds, concurrency))
             recorder.join(120)
             loaded["recording"] = queue.get(timeout=5)
             print(f"  inference while recording: {loaded}", flush=True)
             admission_records = asyncio.run(_count(stack.kafka_bootstrap, scope))
-            results["inference"] = {"concurrency": args.concurrency, "alone": alone, "with_recording": loaded,
+            results["inference"] = {"concurrency": concurrency, "alone": alone, "with_recording": loaded,
                                     "admission_records": admission_records}
             print("3. recording rate through EventLog (idempotent, acks=all) ...", flush=True)
-            results["recording"] = recording_steps(stack.kafka_bootstrap, args.seconds / 2)
+            results["recording"] = recording_steps(stack.kafka_bootstrap, seconds / 2)
             print("4. replay read and decode ...", flush=True)
             results["replay_read"] = asyncio.run(replay_read(stack.kafka_bootstrap))
             print(f"  {results['replay_read']}", flush=True)
     results["inference"]["published_peak_per_s"] = published_peak()
     results["inference"]["peak_per_s"] = round(max(peak, 1.0), 1)
     results["headroom"] = round(results["recording"]["sustained_per_s"] / max(peak, 1.0), 2)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recording.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "recording.md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(out, "recording", json.dumps(results, indent=2), markdown(results))
     ok = results["headroom"] >= 1.0 and results["replay_read"]["read_and_decode_per_s"] >= 5000
     return 0 if ok else 1
 
@@ -337,7 +329,3 @@ async def _count(bootstrap: str, scope: str) -> str:
             return f"yes ({len(window.requests)} recorded)"
     except Exception:  # noqa: BLE001 - no topic or no records: admission does not record yet
         return "no (admission does not record requests yet; the separate recorder stands in for it)"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,12 +7,11 @@ steady again. SLA alerts use a short window so they fire and resolve within
 the run. Writes the report, and with ``--screenshot`` a PNG taken with headless
 Chromium.
 
-    .venv/bin/python bench/sample_recording.py --out /tmp/din-report.html [--screenshot docs/report-screenshot.png]
+    din bench-sample-recording --out /tmp/din-report.html [--screenshot docs/report-screenshot.png]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -24,18 +23,15 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from din.client import DinClient, DinRequestError, NoAnswerError  # noqa: E402
-from din.replay.reader import RecordRange  # noqa: E402
-from din.replay.recorded import load_window  # noqa: E402
-from din.replay.report import render_report  # noqa: E402
-from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack  # noqa: E402
-from din.workload import load_digits_test  # noqa: E402
-from shared.credentials import issue_token, read_credentials  # noqa: E402
-from shared.naming import Topics  # noqa: E402
-from shared.topology import load_topology  # noqa: E402
+from din.client import DinClient, DinRequestError, NoAnswerError
+from din.replay.reader import RecordRange
+from din.replay.recorded import load_window
+from din.replay.report import render_report
+from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack
+from din.workload import load_digits_test
+from shared.credentials import issue_token, read_credentials
+from shared.naming import Topics
+from shared.topology import load_topology
 
 PHASES = (("steady", 14.0, 6, 0.0), ("burst", 10.0, 96, 0.004), ("steady", 14.0, 6, 0.0))
 KINDS = (  # (weight, model, sla, allow_degrade, labels, timeout_ms): tight large-model requests degrade under load
@@ -88,11 +84,8 @@ async def drive(hub_url: str, credentials: Path) -> None:
         await client.close()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("din-report.html"))
-    parser.add_argument("--screenshot", type=Path, help="also write a PNG of the report (needs chromium)")
-    args = parser.parse_args()
+def record_sample(out: Path, screenshot: Path | None = None) -> int:
+    """Record the three phases on a fresh local stack, write the report to ``out`` (and a PNG to ``screenshot``)."""
     os.environ.update({"DIN_TELEMETRY_SLA_WINDOW_S": "10", "DIN_TELEMETRY_ALERT_INTERVAL_S": "1"})
     topology = load_topology(DEFAULT_TOPOLOGY)
     scope = f"sample{uuid.uuid4().hex[:6]}"
@@ -108,10 +101,10 @@ def main() -> int:
             window = asyncio.run(load_window(
                 stack.kafka_bootstrap, RecordRange(since_ms=began, until_ms=ended), scope=scope, requests=False,
                 bases=(Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS, Topics.ALERTS)))
-    args.out.write_text(render_report(window, title="DIN recorded window: steady, burst, steady",
-                                      source="a local stack (bench/sample_recording.py)", scope=scope))
-    print(f"wrote {args.out}: {len(window.completions)} completions, {len(window.alerts)} alerts", flush=True)
-    if args.screenshot:
+    out.write_text(render_report(window, title="DIN recorded window: steady, burst, steady",
+                                      source="a local stack (din bench-sample-recording)", scope=scope))
+    print(f"wrote {out}: {len(window.completions)} completions, {len(window.alerts)} alerts", flush=True)
+    if screenshot:
         browser = shutil.which("chromium") or shutil.which("chromium-browser")
         if browser is None:
             print("chromium not found: apt-get install chromium", file=sys.stderr)
@@ -119,12 +112,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as profile:
             subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                             "--disable-component-update", "--disable-sync", "--no-first-run",
-                            f"--user-data-dir={profile}", f"--screenshot={args.screenshot.resolve()}",
-                            "--window-size=1400,2000", f"file://{args.out.resolve()}"],
+                            f"--user-data-dir={profile}", f"--screenshot={screenshot.resolve()}",
+                            "--window-size=1400,2000", f"file://{out.resolve()}"],
                            check=True, timeout=120, capture_output=True)
-        print(f"wrote {args.screenshot}", flush=True)
+        print(f"wrote {screenshot}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,14 +19,15 @@
 3. ``din`` (``--din``, needs Kafka and the model zoo): the full DIN path with
    ``DIN_SECURITY`` on and off, one stack after the other.
 
-Writes ``bench/results/security.json`` and ``bench/results/security.md``.
+Writes ``security.json`` and ``security.md`` to ``bench/results/`` (or ``--out``).
 
-    .venv/bin/python bench/security.py [--seconds 2] [--concurrency 16] [--din]
+    din bench-security [--seconds 2] [--concurrency 16] [--rounds 2] [--din]
+
+The responder is this module run as ``python -m bench.security URL KEYS_DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -44,13 +45,10 @@ import nats
 import numpy as np
 import uvloop
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from shared.contracts.inference import RequestHeaders  # noqa: E402
-from shared.envelope import DataKey, InvalidToken  # noqa: E402
-from shared.security import (  # noqa: E402
+from bench import RESULTS_DIR, write_results
+from shared.contracts.inference import RequestHeaders
+from shared.envelope import DataKey, InvalidToken
+from shared.security import (
     KeyAgent,
     KeyStore,
     PayloadSecurity,
@@ -62,7 +60,7 @@ from shared.security import (  # noqa: E402
     site_principal,
     tenant_principal,
 )
-from shared.topology import Topology  # noqa: E402
+from shared.topology import Topology
 
 SIZES = (1024, 16 * 1024, 256 * 1024)
 MODES = ("plain", "sealed", "sealed+signed")
@@ -74,7 +72,7 @@ TOPOLOGY = {
                                                            "capacity": 1024}]}],
     "tenants": [{"name": TENANT, "rate_per_s": 1_000_000, "burst": 1_000_000}],
 }
-OUT = REPO / "bench" / "results"
+RESPONDER_MODULE = "bench.security"
 TARGET_THROUGHPUT_COST = 0.10
 TARGET_ADDED_P50_US = 100.0
 
@@ -253,44 +251,43 @@ async def measure_raw(url: str, keys_dir: Path, *, seconds: float, concurrency: 
 def crypto_costs(keys_dir: Path) -> list[dict]:
     security = _security(keys_dir, site_principal(SITE), _dek(keys_dir))
     client = _security(keys_dir, tenant_principal(TENANT), _dek(keys_dir))
-    out = []
+    return [_crypto_row(security, client, size) for size in SIZES]
+
+
+def _best_us(fn, n: int) -> float:
+    """The best of three timings of ``n`` calls of ``fn``, in microseconds per call."""
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return best
+
+
+def _crypto_row(security: PayloadSecurity, client: PayloadSecurity, size: int) -> dict:
     reader = tenant_principal(TENANT)
     aad = request_binding(uuid.uuid4().hex, TENANT, MODEL, "_INBOX.x.y", None)
-    for size in SIZES:
-        payload = os.urandom(size)
-        n = 3000 if size <= 16 * 1024 else 400
-
-        def timed(fn) -> float:
-            best = float("inf")
-            for _ in range(3):
-                t = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                best = min(best, (time.perf_counter() - t) / n * 1e6)
-            return best
-
-        sealed = security.seal(payload, reader=reader, aad=aad)
-        headers = sealed.to_headers()
-        signed = security.sign_answer(sealed.body, dict(headers))
-        out.append({
-            "size": size,
-            "seal_us": round(timed(lambda: security.seal(payload, reader=reader, aad=aad)), 2),
-            "open_us": round(timed(lambda: client.open(sealed.body, headers, reader=reader, replay=False)), 2),
-            "sign_us": round(timed(lambda: security.sign_answer(sealed.body, dict(headers))), 2),
-            "verify_us": round(timed(lambda: client.verify_answer(sealed.body, signed)), 2),
-        })
-    return out
+    payload = os.urandom(size)
+    n = 3000 if size <= 16 * 1024 else 400
+    sealed = security.seal(payload, reader=reader, aad=aad)
+    headers = sealed.to_headers()
+    signed = security.sign_answer(sealed.body, dict(headers))
+    return {
+        "size": size,
+        "seal_us": round(_best_us(lambda: security.seal(payload, reader=reader, aad=aad), n), 2),
+        "open_us": round(_best_us(lambda: client.open(sealed.body, headers, reader=reader, replay=False), n), 2),
+        "sign_us": round(_best_us(lambda: security.sign_answer(sealed.body, dict(headers)), n), 2),
+        "verify_us": round(_best_us(lambda: client.verify_answer(sealed.body, signed), n), 2),
+    }
 
 
 # --------------------------------------------------------------------------- full DIN path
 
 
 def measure_din(din_dir: Path, seconds: float, concurrency: int) -> list[dict]:
-    from din.bench.inference_path import closed_loop
-    from din.client import DinClient
     from din.stack.launcher import DEFAULT_MODEL_REPO, PortPlan, Stack
     from din.workload import load_digits_test
-    from shared.credentials import issue_token, read_credentials
 
     row = load_digits_test(DEFAULT_MODEL_REPO)[0][:1]
     results = []
@@ -298,39 +295,43 @@ def measure_din(din_dir: Path, seconds: float, concurrency: int) -> list[dict]:
         stack = Stack(Topology.model_validate(TOPOLOGY), ports=PortPlan.free(0), din_dir=din_dir,
                       model_repo=DEFAULT_MODEL_REPO, write_state=False, security=security)
         with stack.start():
-            async def run() -> dict:
-                token = issue_token(TENANT, read_credentials(stack.credentials_file)[TENANT])
-                client = await DinClient.connect(stack.hub_url, TENANT, token,
-                                                 stack.tenant_keys(TENANT) if security else None)
-
-                async def send() -> None:
-                    await client.infer("digits-small", {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
-
-                one = await closed_loop("din", send, 1, seconds)
-                many = await closed_loop("din", send, concurrency, seconds)
-                await client.close()
-                return {"security": "on" if security else "off", "p50_ms": round(one.p50_ms, 3),
-                        "p99_ms": round(one.p99_ms, 3), "light_rps": round(one.throughput, 1),
-                        "loaded_rps": round(many.throughput, 1), "loaded_p50_ms": round(many.p50_ms, 3),
-                        "errors": one.errors + many.errors}
-
-            results.append(uvloop.run(run()))
+            results.append(uvloop.run(_measure_din_path(stack, security, row, seconds, concurrency)))
             print(f"  DIN security {results[-1]['security']}: {results[-1]}", flush=True)
     return results
+
+
+async def _measure_din_path(stack, security: bool, row: np.ndarray, seconds: float, concurrency: int) -> dict:
+    from bench.inference_path import closed_loop
+    from din.client import DinClient
+    from shared.credentials import issue_token, read_credentials
+
+    token = issue_token(TENANT, read_credentials(stack.credentials_file)[TENANT])
+    client = await DinClient.connect(stack.hub_url, TENANT, token, stack.tenant_keys(TENANT) if security else None)
+
+    async def send() -> None:
+        await client.infer("digits-small", {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
+
+    one = await closed_loop("din", send, 1, seconds)
+    many = await closed_loop("din", send, concurrency, seconds)
+    await client.close()
+    return {"security": "on" if security else "off", "p50_ms": round(one.p50_ms, 3),
+            "p99_ms": round(one.p99_ms, 3), "light_rps": round(one.throughput, 1),
+            "loaded_rps": round(many.throughput, 1), "loaded_p50_ms": round(many.p50_ms, 3),
+            "errors": one.errors + many.errors}
 
 
 # --------------------------------------------------------------------------- report
 
 
 def summarize(rows: list[Row]) -> list[dict]:
+    def mean(size: int, mode: str, field: str) -> float:
+        return statistics.fmean(getattr(r, field) for r in rows if r.size == size and r.mode == mode)
+
     summary = []
     for size in SIZES:
-        def mean(mode: str, field: str) -> float:
-            return statistics.fmean(getattr(r, field) for r in rows if r.size == size and r.mode == mode)
-
-        plain_p50, plain_rps = mean("plain", "p50_us"), mean("plain", "throughput_rps")
+        plain_p50, plain_rps = mean(size, "plain", "p50_us"), mean(size, "plain", "throughput_rps")
         for mode in MODES[1:]:
-            p50, rps = mean(mode, "p50_us"), mean(mode, "throughput_rps")
+            p50, rps = mean(size, mode, "p50_us"), mean(size, mode, "throughput_rps")
             summary.append({
                 "size": size,
                 "mode": mode,
@@ -399,19 +400,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="seconds of load per mode and size")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight under load")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per size, in alternating mode order")
-    parser.add_argument("--din", action="store_true", help="also the full DIN path, security on vs off")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--responder", nargs=2, metavar=("URL", "KEYS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.responder:
-        uvloop.run(respond(args.responder[0], Path(args.responder[1])))
-        return 0
+def run_security_bench(seconds: float = 2.0, concurrency: int = 16, rounds: int = 2, din: bool = False,
+                       out: Path = RESULTS_DIR) -> int:
+    """Measure raw request-reply in each mode and the crypto costs (and with ``din`` the full path); write results.
 
+    ``seconds`` of load per mode and size, ``concurrency`` requests in flight under load, ``rounds`` per size in
+    alternating mode order.
+    """
     from din.stack.launcher import PortPlan, Stack
 
     topology = Topology.model_validate(TOPOLOGY)
@@ -421,33 +416,30 @@ def main() -> int:
         (keys_dir / "bench.dek").write_text(os.urandom(32).hex())
         report: dict = {"environment": {
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "seconds": args.seconds, "concurrency": args.concurrency, "rounds": args.rounds,
+            "seconds": seconds, "concurrency": concurrency, "rounds": rounds,
         }}
         print("crypto costs in process ...", flush=True)
         report["crypto"] = crypto_costs(keys_dir)
         stack = Stack.brokers_only(topology, ports=PortPlan.free(0), din_dir=Path(tmp) / "din", kafka=False)
         with stack.start():
-            responder = subprocess.Popen([sys.executable, __file__, "--responder", stack.hub_url, str(keys_dir)],
-                                         stdout=subprocess.PIPE, text=True, cwd=REPO)
+            responder = subprocess.Popen([sys.executable, "-m", RESPONDER_MODULE, stack.hub_url, str(keys_dir)],
+                                         stdout=subprocess.PIPE, text=True)
             try:
                 responder.stdout.readline()
                 print("raw NATS request-reply ...", flush=True)
-                rows = uvloop.run(measure_raw(stack.hub_url, keys_dir, seconds=args.seconds,
-                                              concurrency=args.concurrency, rounds=args.rounds))
+                rows = uvloop.run(measure_raw(stack.hub_url, keys_dir, seconds=seconds,
+                                              concurrency=concurrency, rounds=rounds))
             finally:
                 responder.terminate()
                 responder.wait(timeout=10)
         report["summary"] = summarize(rows)
         report["raw"] = [asdict(r) for r in rows]
-        if args.din:
+        if din:
             print("full DIN path, security on then off ...", flush=True)
-            report["din"] = measure_din(Path(tmp) / "din", args.seconds, 32)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "security.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "security.md").write_text(markdown(report))
-    print(markdown(report))
+            report["din"] = measure_din(Path(tmp) / "din", seconds, 32)
+    write_results(out, "security", json.dumps(report, indent=2), markdown(report))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    uvloop.run(respond(sys.argv[1], Path(sys.argv[2])))

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from din.bench.cascade import run_cascade_bench
-from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, REPO_ROOT
-
-DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+from bench import RESULTS_DIR, number_list, write_results
+from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,18 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sends every held-out digit through a one-site stack as digits-small alone, digits-large "
         "alone and a cascade (Din-Cascade) at each threshold; writes cascade.json and cascade.md.",
     )
-    bench.add_argument("--thresholds", default="0.8,0.9,0.95", help="comma-separated confidence thresholds")
+    bench.add_argument("--thresholds", type=number_list(float), default="0.8,0.9,0.95",
+                       help="comma-separated confidence thresholds")
     bench.add_argument("--warm-up", type=int, default=100, help="requests per model before measuring")
-    bench.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    bench.add_argument("--out", type=Path, default=RESULTS_DIR)
     bench.set_defaults(handler=cmd_bench_cascade)
 
 
 def cmd_bench_cascade(args: argparse.Namespace) -> int:
-    thresholds = [float(v) for v in args.thresholds.split(",") if v.strip()]
-    report = run_cascade_bench(DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR, thresholds=thresholds, warm_up=args.warm_up)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cascade.json").write_text(report.to_json() + "\n")
-    (args.out / "cascade.md").write_text(report.to_markdown() + "\n")
-    print(report.to_markdown())
-    print(f"\nwrote {args.out / 'cascade.json'} and cascade.md")
+    from bench.cascade import run_cascade_bench
+
+    report = run_cascade_bench(DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR, thresholds=list(args.thresholds),
+                               warm_up=args.warm_up)
+    write_results(args.out, "cascade", report.to_json(), report.to_markdown())
     return 0

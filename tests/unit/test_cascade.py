@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from services.scheduler.cascade import (
+from bench.cascade_policy import (
     CascadePolicy,
     Confidence,
     calibrate,

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.inversion import fit_decoder, reconstruct
+from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
 from shared.privacy import Protection, protect, wire_bytes
+from zoo.inversion import fit_decoder, reconstruct
 
 RAW_POINT = "input"
 PROTECTIONS: tuple[tuple[str, float], ...] = (
@@ -74,12 +75,14 @@ def onnx_session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def model_config(repo: Path, model: str) -> ModelConfigV1:
+    """The config of ``model`` in the repository at ``repo``."""
+    return ModelConfigV1.read(Path(repo) / model / CONFIG_FILE)
+
+
 def latest_model_path(repo: Path, model: str) -> Path:
     """The newest version's ``model.onnx`` of ``model`` in the repository at ``repo``."""
-    import json
-
-    versions = json.loads((repo / model / "config.json").read_text())["versions"]
-    return repo / model / str(versions[-1]) / "model.onnx"
+    return Path(repo) / model / model_config(repo, model).versions[-1] / "model.onnx"
 
 
 def measure_leakage(
@@ -95,14 +98,11 @@ def measure_leakage(
     The first rows are the raw input (what "no split" ships) under each
     protection, for reference: an attacker who sees the input needs no decoder.
     """
-    import json
-
     from zoo.build import split_model_name
     from zoo.digits import load_digits_split
 
     repo = Path(repo)
-    config = json.loads((repo / model / "config.json").read_text())
-    points = list(config["split_points"] if points is None else points)
+    points = list(model_config(repo, model).split_points if points is None else points)
     split = load_digits_split()
     judge_session = onnx_session(latest_model_path(repo, judge))
     full_session = onnx_session(latest_model_path(repo, model))

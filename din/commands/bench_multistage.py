@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from din.stack.launcher import DEFAULT_MODEL_REPO, REPO_ROOT
-
-DEFAULT_OUT = REPO_ROOT / "bench" / "results"
-STEM = "multistage"
+from bench import RESULTS_DIR, write_results
+from din.stack.launcher import DEFAULT_MODEL_REPO
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,18 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "handoff. Builds the model zoo first when it is not current. Writes multistage.json and multistage.md.",
     )
     bench.add_argument("--repo", type=Path, default=DEFAULT_MODEL_REPO, help="model repository (default %(default)s)")
-    bench.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default %(default)s)")
+    bench.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default %(default)s)")
     bench.set_defaults(handler=cmd_bench_multistage)
 
 
 def cmd_bench_multistage(args: argparse.Namespace) -> int:
     """Run the offline measurements and write the results; returns the exit code."""
-    from din.bench.multistage import run_multistage
+    from bench.multistage import run_multistage
 
     report = run_multistage(args.repo)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{STEM}.json").write_text(report.to_json() + "\n")
-    (args.out / f"{STEM}.md").write_text(report.to_markdown() + "\n")
-    print(report.to_markdown())
-    print(f"\nwrote {args.out / (STEM + '.json')} and {STEM}.md")
+    write_results(args.out, "multistage", report.to_json(), report.to_markdown())
     return 0

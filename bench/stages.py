@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import uvloop
 
-from din.bench.cascade import CascadeMeasurement, measure_paths
+from bench.cascade import CascadeMeasurement, measure_paths
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
-from zoo.text import load_corpus
 from shared.credentials import issue_token, read_credentials
 from shared.topology import Topology
+from zoo.text import load_corpus
 
 HEADS = ["digits-large-head-hidden_1", "digits-large-head-hidden_2"]
 TAILS = ["digits-large-tail-hidden_1", "digits-large-tail-hidden_2", "digits-large"]
@@ -154,7 +154,8 @@ class StagesReport:
             "",
             "## Split inference (digits-large, held-out digits, one at a time)",
             "",
-            f"{env.get('split_items')} items (the cascade used the same ones). pii data may not leave factory: only the intermediate crosses to cloud.",
+            f"{env.get('split_items')} items (the cascade used the same ones). pii data may not leave factory: "
+            "only the intermediate crosses to cloud.",
             "",
             "| path | accuracy | p50 ms | p99 ms | mean ms | split points used |",
             "|---|---:|---:|---:|---:|---|",
@@ -168,7 +169,8 @@ class StagesReport:
             "## Prefill/decode: co-located against disaggregated (charlm)",
             "",
             f"{env.get('generation_requests')} requests per arrangement and load, Poisson arrivals at "
-            f"{env.get('rates_per_s')} per second, {env.get('long_fraction')} long prompts ({env.get('long_chars')} chars) "
+            f"{env.get('rates_per_s')} per second, {env.get('long_fraction')} long prompts "
+            f"({env.get('long_chars')} chars) "
             f"among short ones ({env.get('short_chars')} chars), {env.get('max_tokens')} tokens each. Both "
             "arrangements have two executors. SLO: TTFT <= "
             f"{env.get('slo_ttft_ms')} ms and TPOT <= {env.get('slo_tpot_ms')} ms.",
@@ -292,7 +294,8 @@ async def measure_generation(client: DinClient, arrangement: str, mix: list[tupl
         gap_all = [g for s in done for g in s.gaps]
         within = sum(1 for s in done if s.ttft <= slo[0] and s.tpot <= slo[1])
         rows.append(GenerationMeasurement(
-            arrangement=arrangement, rate_per_s=rate_per_s, prompts=label, requests=len(chosen), errors=len(chosen) - len(done),
+            arrangement=arrangement, rate_per_s=rate_per_s, prompts=label, requests=len(chosen),
+            errors=len(chosen) - len(done),
             ttft_p50=_percentile(ttft, 50), ttft_p99=_percentile(ttft, 99), tpot_p50=_percentile(tpot, 50),
             tpot_p99=_percentile(tpot, 99), gap_p99=_percentile(gap_all, 99),
             within_slo=round(within / max(1, len(chosen)), 4),
@@ -339,7 +342,8 @@ def run_stages_bench(model_repo: Path, din_dir: Path, *, items: int = 300, reque
     report.environment = {
         "python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count()),
         "mode": mode, "split_items": str(len(x)), "generation_requests": str(requests),
-        "rates_per_s": ", ".join(f"{r:g}" for r in rates_per_s), "long_fraction": f"{long_fraction:.0%}", "long_chars": str(long_chars),
+        "rates_per_s": ", ".join(f"{r:g}" for r in rates_per_s), "long_fraction": f"{long_fraction:.0%}",
+        "long_chars": str(long_chars),
         "short_chars": str(short_chars), "max_tokens": str(max_tokens), "slo_ttft_ms": f"{slo_ttft_ms:g}",
         "slo_tpot_ms": f"{slo_tpot_ms:g}", "seed": str(seed),
     }

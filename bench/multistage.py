@@ -7,7 +7,7 @@
   threshold fitted on it. Beside them: each model alone.
 * Split inference: digits-large cut at each split point, the intermediate
   under each protection: task accuracy, bytes on the wire, and what a
-  model-inversion attacker recovers (``din.bench.privacy``). Then the
+  model-inversion attacker recovers (``bench.privacy``). Then the
   split-point choice (``services.scheduler.split_point``) on measured part
   latencies for a few site/link scenarios.
 * charlm: losses from its config, the held-out loss recomputed through ONNX
@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from din.bench.privacy import RAW_POINT, LeakageRow, latest_model_path, measure_leakage, onnx_session
-from services.scheduler.cascade import (
+from bench.cascade_policy import (
     CascadeEvaluation,
     CascadePolicy,
     Confidence,
     cross_fit,
     evaluate_cascade,
 )
+from bench.privacy import RAW_POINT, LeakageRow, latest_model_path, measure_leakage, model_config, onnx_session
 from services.scheduler.split_point import (
     LinkEstimate,
     SplitCandidate,
@@ -339,9 +339,10 @@ def charlm_stats(repo: Path) -> dict[str, Any]:
     """charlm's figures: config losses, ONNX-recomputed held-out loss, samples, step latency, handoff check."""
     from zoo.text import decode, evaluate, generate, load_corpus, onnx_stepper, prefill
 
-    config = json.loads((repo / TEXT / "config.json").read_text())
+    config = model_config(repo, TEXT)
     path = latest_model_path(repo, TEXT)
-    hidden, vocab = int(config["hidden"]), config["vocab"]
+    hidden, vocab = config.hidden, config.vocab
+    loss = config.model_extra["loss"]
     stepper = onnx_stepper(onnx_session(path))
     corpus = load_corpus()
     heldout_onnx, _ = evaluate(stepper, corpus.heldout, hidden)
@@ -369,15 +370,15 @@ def charlm_stats(repo: Path) -> dict[str, Any]:
     return {
         "vocab_size": len(vocab),
         "hidden": hidden,
-        "parameter_count": config["parameter_count"],
-        "state_bytes": config["state_bytes_per_item"],
-        "train_loss": config["loss"]["train"],
-        "heldout_loss": config["loss"]["heldout"],
+        "parameter_count": config.parameter_count,
+        "state_bytes": config.state_bytes_per_item,
+        "train_loss": loss["train"],
+        "heldout_loss": loss["heldout"],
         "heldout_loss_onnx": round(heldout_onnx, 4),
-        "uniform_loss": config["loss"]["uniform"],
-        "heldout_accuracy": config["accuracy"][config["versions"][-1]],
-        "corpus": config["corpus"],
-        "training": config["training"],
+        "uniform_loss": loss["uniform"],
+        "heldout_accuracy": config.accuracy[config.versions[-1]],
+        "corpus": config.model_extra["corpus"],
+        "training": config.model_extra["training"],
         "step_ms": round(step_ms, 5),
         "prompt_chars": len(tokens),
         "prefill_ms": round(prefill_ms, 4),
@@ -396,7 +397,7 @@ def run_multistage(repo: Path) -> MultistageReport:
     repo = Path(repo)
     with threadpool_limits(limits=1):
         build_zoo(repo)
-        points = json.loads((repo / LARGE / "config.json").read_text())["split_points"]
+        points = model_config(repo, LARGE).split_points
         report = MultistageReport(
             environment={
                 "python": platform.python_version(),

@@ -1,0 +1,40 @@
+"""DIN's benchmarks: each compares alternatives side by side in one run and writes JSON plus a markdown table.
+
+Every benchmark is a module here run by a ``din bench...`` command (``din/commands/bench*.py``):
+
+* ``inference_path`` (``din bench``): DIN's path against a direct ONNX Runtime call and raw NATS;
+* ``cascade`` (``din bench-cascade``): a large-small cascade against each model alone, over a stack;
+* ``stages`` (``din bench-stages``): cascade, split inference and prefill/decode over a three-site stack;
+* ``multistage`` (``din bench-multistage``): the same figures offline, with ``privacy`` (inversion leakage
+  under each protection) and ``cascade_policy`` (threshold calibration and cross-fitted evaluation);
+* ``recording`` (``din bench-recording``): what recording to Kafka costs, and how fast replay reads;
+* ``security`` (``din bench-security``): payload security on against off;
+* ``sample_recording`` (``din bench-sample-recording``): a recorded window of mixed traffic, rendered by
+  ``din report`` (the README's screenshot).
+
+Results go to ``bench/results/`` unless a command is given ``--out``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def write_results(out: Path, stem: str, json_text: str, markdown: str) -> None:
+    """Write ``<out>/<stem>.json`` and ``<out>/<stem>.md``, print the table and where it went."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json_text.rstrip("\n") + "\n")
+    (out / f"{stem}.md").write_text(markdown.rstrip("\n") + "\n")
+    print(markdown)
+    print(f"\nwrote {out / (stem + '.json')} and {stem}.md")
+
+
+def number_list(kind: type[int] | type[float]):
+    """An argparse ``type`` that reads comma-separated numbers of ``kind`` into a tuple (blanks are skipped)."""
+
+    def parse(text: str) -> tuple:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+
+    return parse
