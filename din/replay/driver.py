@@ -123,6 +123,15 @@ def served_into(outcome: Outcome, served: ServedByV1, timings_ms: dict[str, floa
     outcome.split_point = served.split_point
 
 
+async def stream_into(outcome: Outcome, chunks: AsyncIterator[StreamChunkV1]) -> None:
+    """Read a generation's token stream to its end into ``outcome``: its chunks counted, served as the last says."""
+    outcome.chunks = 0
+    async for chunk in chunks:
+        outcome.chunks += 1
+        if chunk.done and chunk.served_by is not None:
+            served_into(outcome, chunk.served_by, chunk.timings_ms)
+
+
 class ReplayDriver:
     """Sends recorded requests to a running stack and collects one outcome each."""
 
@@ -233,7 +242,7 @@ class ReplayDriver:
         client = self._clients[meta.tenant]
         try:
             if meta.max_tokens is not None:
-                await self._stream(outcome, client.stream(meta.model, body, headers, wait_s))
+                await stream_into(outcome, client.stream(meta.model, body, headers, wait_s))
             else:
                 response = (await client.send(meta.model, body, headers, wait_s)).response
                 served_into(outcome, response.served_by, response.timings_ms)
@@ -251,11 +260,3 @@ class ReplayDriver:
             self._semaphore.release()
             bar.advance()
 
-    @staticmethod
-    async def _stream(outcome: Outcome, chunks: AsyncIterator[StreamChunkV1]) -> None:
-        """Consume a replayed generation's token stream to its end; the outcome counts its chunks."""
-        outcome.chunks = 0
-        async for chunk in chunks:
-            outcome.chunks += 1
-            if chunk.done and chunk.served_by is not None:
-                served_into(outcome, chunk.served_by, chunk.timings_ms)

@@ -7,7 +7,9 @@ import json
 import socket
 import time
 from collections import Counter
+from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import nats
 import pytest
@@ -18,15 +20,19 @@ from din.cli import build_parser
 from din.client import DinClient
 from din.commands.replay import run_replay
 from din.commands.report import run_report
+from din.replay.compare import Outcome
+from din.replay.driver import ReplayDriver, served_into, stream_into
 from din.replay.reader import RecordRange, ReplayError, TopicReader
-from din.replay.recorded import read_requests
+from din.replay.recorded import RecordedWindow, read_events, read_requests
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared import envelope
-from shared.contracts.inference import RequestHeaders, SlaClass
+from shared.contracts.inference import SlaClass
 from shared.contracts.job import JobV1
+from shared.contracts.telemetry import RecordedRequestV1
 from shared.credentials import issue_token, write_credentials
 from shared.naming import Subjects, Topics
 from shared.recording import request_record, write_replay_keys
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -142,11 +148,22 @@ def model_repo(zoo_dir) -> Path:
     return zoo_dir
 
 
+SMALL_EVERYWHERE = {site: ["digits-small"] for site in ("cloud", "factory", "branch")}
+EVERY_KIND = {
+    "cloud": ["digits-small", "digits-large", "digits-large-tail-hidden_1", "digits-large-tail-hidden_2",
+              "charlm-prefill", "charlm"],
+    "factory": ["digits-small", "digits-large-head-hidden_1", "digits-large-head-hidden_2"],
+    "branch": ["digits-small"],
+}
+"""Executors that serve every kind of request: plain, cascade (small and large), split (heads at factory, tails
+in the cloud) and generation (prefill and decode in the cloud)."""
+
+
 class InProcessStack:
     """Every DIN service in this event loop, on the session brokers, with every topic scoped to one test."""
 
     def __init__(self, nats_network, kafka_bootstrap: str, scope: str, topology_file: Path, model_repo: Path,
-                 credentials: Path, metrics_port: int) -> None:
+                 credentials: Path, metrics_port: int, models: dict[str, list[str]] | None = None) -> None:
         from services.admission.main import create_runtime as admission
         from services.admission.settings import AdmissionSettings
         from services.classifier.main import create_runtime as classifier
@@ -168,8 +185,8 @@ class InProcessStack:
             classifier(ClassifierSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
                                           **common)),
             *[executor(ExecutorSettings(nats_url=nats_network.url(site), site=site, id=f"{site}-1",
-                                        models=["digits-small"], model_repo=model_repo, **plaintext, **common))
-              for site in ("cloud", "factory", "branch")],
+                                        models=served, model_repo=model_repo, **plaintext, **common))
+              for site, served in (models or SMALL_EVERYWHERE).items()],
             admission(AdmissionSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
                                         credentials_file=credentials, **plaintext, **common)),
         ]
@@ -177,13 +194,12 @@ class InProcessStack:
     async def start(self, nc) -> None:
         for runtime in self.runtimes:
             await runtime.app.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        async def scheduler_sees_every_executor() -> bool:
             health = json.loads((await nc.request(Subjects.health("scheduler"), b"", timeout=5)).data)
-            if health["detail"].get("executors") == "3":
-                return
-            await asyncio.sleep(0.2)
-        raise AssertionError("the scheduler never saw three executors")
+            return health["detail"].get("executors") == str(len(self.runtimes) - 4)
+
+        await wait_for(scheduler_sees_every_executor, 30, "the scheduler sees every executor", interval=0.2)
 
     async def flush(self) -> None:
         for runtime in self.runtimes:
@@ -192,28 +208,6 @@ class InProcessStack:
     async def stop(self) -> None:
         for runtime in reversed(self.runtimes):
             await runtime.app.stop()
-
-
-class RequestTap:
-    """Records every request the way admission does (``request_record``), for as long as admission does not."""
-
-    def __init__(self) -> None:
-        self.records = []
-
-    async def on_request(self, msg) -> None:
-        tenant, model = Subjects.parse_infer(msg.subject)
-        headers = msg.headers or {}
-        received = time.time() * 1000.0
-        sla = SlaClass(headers.get(RequestHeaders.SLA_CLASS, "interactive"))
-        timeout = {SlaClass.REALTIME: 1000, SlaClass.INTERACTIVE: 5000, SlaClass.BATCH: 60000}[sla]
-        job = JobV1(
-            request_id=headers[RequestHeaders.REQUEST_ID], tenant=tenant, model=model, sla_class=sla,
-            deadline_ms=int(received) + timeout, reply_to="", received_ms=received,
-            content_type=headers.get(RequestHeaders.CONTENT_TYPE, "application/json"),
-            labels=[s for s in headers.get(RequestHeaders.LABELS, "").split(",") if s],
-            allow_degrade=headers.get(RequestHeaders.ALLOW_DEGRADE) == "true",
-        )
-        self.records.append(request_record(job, msg.data, headers))
 
 
 async def count_requests(kafka_bootstrap: str, scope: str) -> int:
@@ -225,83 +219,189 @@ async def count_requests(kafka_bootstrap: str, scope: str) -> int:
         return 0
 
 
-async def test_record_a_workload_replay_it_and_find_the_same_requests_and_mix(
-    nats_network, kafka_bootstrap, unique, test_topology, model_repo, tmp_path, capsys
-):
-    topology_file = tmp_path / "topology.yaml"
+async def recorded_requests(kafka_bootstrap: str, scope: str) -> dict[str, RecordedRequestV1]:
+    """Every request recorded under ``scope``, by request id."""
+    async with TopicReader(kafka_bootstrap) as reader:
+        window = await read_requests(reader, RecordRange(since_ms=0), scope=scope, keyring=None)
+    return {r.meta.request_id: r.meta for r in window.requests}
+
+
+async def completed_requests(stack: InProcessStack, kafka_bootstrap: str, scope: str, since_ms: float) -> int:
+    """How many requests have a completion on the Kafka log (after flushing every service's events)."""
+    await stack.flush()
+    window = RecordedWindow(rng=RecordRange(since_ms=since_ms), since_ms=since_ms, until_ms=time.time() * 1000 + 1)
+    async with TopicReader(kafka_bootstrap) as reader:
+        await read_events(reader, window, scope=scope, bases=(Topics.COMPLETIONS,))
+    return len({c.request_id for c in window.completions})
+
+
+@asynccontextmanager
+async def running_stack(nats_network, kafka_bootstrap: str, scope: str, topology: dict, model_repo: Path,
+                        tmp_path: Path, models: dict[str, list[str]] | None = None):
+    """Every service in process under ``topology``; yields (stack, topology file, credentials file, secrets, nc)."""
     import yaml
 
-    topology_file.write_text(yaml.safe_dump(test_topology.model_dump(mode="json")))
+    topology_file = tmp_path / "topology.yaml"
+    topology_file.write_text(yaml.safe_dump(topology))
     credentials = tmp_path / "credentials.json"
-    secrets = write_credentials(credentials, [t.name for t in test_topology.tenants])
+    secrets = write_credentials(credentials, [t["name"] for t in topology["tenants"]])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         metrics_port = s.getsockname()[1]
-    stack = InProcessStack(nats_network, kafka_bootstrap, unique, topology_file, model_repo, credentials, metrics_port)
+    stack = InProcessStack(nats_network, kafka_bootstrap, scope, topology_file, model_repo, credentials, metrics_port,
+                           models)
     nc = await nats.connect(nats_network.hub_url)
-    tap = RequestTap()
-    await nc.subscribe(Subjects.INFER_ALL, cb=tap.on_request)
-    await stack.start(nc)
-    clients = {}
     try:
-        began_ms = time.time() * 1000.0
-        x, y = load_digits_test(model_repo)
-        tenants = sorted(secrets)
-        clients = {t: await DinClient.connect(nats_network.hub_url, t, issue_token(t, secrets[t])) for t in tenants}
-        plan = mixed_plan(tenants, 120, len(x), seed=11)
-        recording = await run_workload(clients, plan, x, y, concurrency=12)
-        assert len(recording.outcomes) == 120
-        await asyncio.sleep(0.5)
-        await stack.flush()
-        if await count_requests(kafka_bootstrap, unique) == 0:  # admission does not record requests yet
-            await produce(kafka_bootstrap, Topics.scoped(Topics.REQUESTS, unique), tap.records)
-        ended_ms = time.time() * 1000.0
-        capsys.readouterr()
-
-        out = tmp_path / "replay.json"
-        common = ["--since", str(began_ms - 1000), "--kafka", kafka_bootstrap, "--topic-scope", unique,
-                  "--din-dir", str(tmp_path)]
-        args = build_parser().parse_args([
-            "replay", *common, "--nats", nats_network.hub_url, "--credentials", str(credentials),
-            "--speed", "2", "--model-repo", str(model_repo), "--json", str(out), "--no-progress",
-            "--until", str(ended_ms + 1)])
-        assert await run_replay(args) == 0
-        printed = capsys.readouterr().out
-        assert "read 120 recorded requests" in printed and "replayed 120 requests" in printed
-        result = json.loads(out.read_text())
-        assert result["requests"] == {"recorded": 120, "replayed": 120}
-        planned_mix = dict(Counter(p.tenant for p in plan))
-        assert result["tenant_mix"]["recorded"] == planned_mix
-        assert result["tenant_mix"]["replayed"] == planned_mix
-        recorded_errors = Counter(o.code for o in recording.outcomes if not o.ok)
-        assert result["errors"]["recorded"] == dict(recorded_errors)
-        assert sum(result["errors"]["replayed"].values()) == sum(recorded_errors.values())
-        placement = result["placement"]
-        assert placement["compared"] == sum(o.ok for o in recording.outcomes)
-        assert placement["same_model"] == placement["compared"]
-        assert result["latency_ms"]["all"]["recorded"]["p50"] is not None
-        assert result["latency_ms"]["all"]["replayed"]["p50"] is not None
-
-        what_if_out = tmp_path / "whatif.json"
-        args = build_parser().parse_args([
-            "replay", *common, "--what-if", "hub-only", "--topology", str(topology_file),
-            "--json", str(what_if_out), "--until", str(ended_ms + 1)])
-        assert await run_replay(args) == 0
-        assert "the live stack was not touched" in capsys.readouterr().out
-        report = json.loads(what_if_out.read_text())
-        assert report["baseline"]["decisions"] == report["whatif"]["decisions"] == 120
-        assert set(report["whatif"]["sites"]) <= {"cloud"}
-        assert report["recorded"]["decisions"] > 0
-
-        html_out = tmp_path / "report.html"
-        args = build_parser().parse_args(["report", *common, "--until", "now", "--out", str(html_out)])
-        assert await run_report(args) == 0
-        page = html_out.read_text()
-        assert page.count("<svg") == 5 and "Latency CDF" in page and "no data in this window" not in page.split(
-            "Rejects and SLA")[0]
-        assert "<script" not in page and "src=" not in page
+        await stack.start(nc)
+        yield SimpleNamespace(stack=stack, topology_file=topology_file, credentials=credentials, secrets=secrets,
+                              nc=nc)
     finally:
-        for client in clients.values():
-            await client.close()
         await nc.close()
         await stack.stop()
+
+
+async def test_record_a_workload_replay_it_and_find_the_same_requests_and_mix(
+    nats_network, kafka_bootstrap, unique, test_topology, model_repo, tmp_path, capsys
+):
+    async with running_stack(nats_network, kafka_bootstrap, unique, test_topology.model_dump(mode="json"),
+                             model_repo, tmp_path) as running:
+        stack, topology_file, credentials, secrets = (running.stack, running.topology_file, running.credentials,
+                                                      running.secrets)
+        began_ms = time.time() * 1000.0
+        clients = {}
+        try:
+            x, y = load_digits_test(model_repo)
+            tenants = sorted(secrets)
+            clients = {t: await DinClient.connect(nats_network.hub_url, t, issue_token(t, secrets[t])) for t in tenants}
+            plan = mixed_plan(tenants, 120, len(x), seed=11)
+            recording = await run_workload(clients, plan, x, y, concurrency=12)
+            assert len(recording.outcomes) == 120
+            served = sum(o.ok for o in recording.outcomes)
+
+            async def every_completion_recorded() -> bool:
+                return await completed_requests(stack, kafka_bootstrap, unique, began_ms) >= served
+
+            await wait_for(every_completion_recorded, 20, f"completions of the {served} served requests are logged")
+            assert await count_requests(kafka_bootstrap, unique) == 120, "admission records every admitted request"
+            ended_ms = time.time() * 1000.0
+            capsys.readouterr()
+
+            out = tmp_path / "replay.json"
+            common = ["--since", str(began_ms - 1000), "--kafka", kafka_bootstrap, "--topic-scope", unique,
+                      "--din-dir", str(tmp_path)]
+            args = build_parser().parse_args([
+                "replay", *common, "--nats", nats_network.hub_url, "--credentials", str(credentials),
+                "--speed", "2", "--model-repo", str(model_repo), "--json", str(out), "--no-progress",
+                "--until", str(ended_ms + 1)])
+            assert await run_replay(args) == 0
+            printed = capsys.readouterr().out
+            assert "read 120 recorded requests" in printed and "replayed 120 requests" in printed
+            result = json.loads(out.read_text())
+            assert result["requests"] == {"recorded": 120, "replayed": 120}
+            planned_mix = dict(Counter(p.tenant for p in plan))
+            assert result["tenant_mix"]["recorded"] == planned_mix
+            assert result["tenant_mix"]["replayed"] == planned_mix
+            recorded_errors = Counter(o.code for o in recording.outcomes if not o.ok)
+            assert result["errors"]["recorded"] == dict(recorded_errors)
+            assert sum(result["errors"]["replayed"].values()) == sum(recorded_errors.values())
+            placement = result["placement"]
+            assert placement["compared"] == sum(o.ok for o in recording.outcomes)
+            assert placement["same_model"] == placement["compared"]
+            assert result["latency_ms"]["all"]["recorded"]["p50"] is not None
+            assert result["latency_ms"]["all"]["replayed"]["p50"] is not None
+
+            what_if_out = tmp_path / "whatif.json"
+            args = build_parser().parse_args([
+                "replay", *common, "--what-if", "hub-only", "--topology", str(topology_file),
+                "--json", str(what_if_out), "--until", str(ended_ms + 1)])
+            assert await run_replay(args) == 0
+            assert "the live stack was not touched" in capsys.readouterr().out
+            report = json.loads(what_if_out.read_text())
+            assert report["baseline"]["decisions"] == report["whatif"]["decisions"] == 120
+            assert set(report["whatif"]["sites"]) <= {"cloud"}
+            assert report["recorded"]["decisions"] > 0
+
+            html_out = tmp_path / "report.html"
+            args = build_parser().parse_args(["report", *common, "--until", "now", "--out", str(html_out)])
+            assert await run_report(args) == 0
+            page = html_out.read_text()
+            assert page.count("<svg") == 5 and "Latency CDF" in page and "no data in this window" not in page.split(
+                "Rejects and SLA")[0]
+            assert "<script" not in page and "src=" not in page
+        finally:
+            for client in clients.values():
+                await client.close()
+
+
+
+KIND_REQUESTS = {
+    "single": dict(tenant="acme", model="digits-small", options=dict(
+        sla="realtime", labels=["pii"], allow_degrade=True, min_accuracy=0.5, version="2", timeout_ms=4000)),
+    "cascade by threshold": dict(tenant="globex", model="digits-large", options=dict(cascade=0.0, timeout_ms=8000)),
+    "cascade by rate": dict(tenant="globex", model="digits-large", options=dict(cascade_rate=1.0, sla="batch")),
+    "split with protection": dict(tenant="acme", model="digits-large", options=dict(
+        labels=["pii"], split="hidden_1", split_protection="quantize:4", timeout_ms=8000)),
+    "streamed generation": dict(tenant="globex", model="charlm", prompt="def ", options=dict(
+        max_tokens=6, timeout_ms=20000)),
+}
+"""One request of each kind, with options that change how it is served: a threshold of 0 never escalates (the
+small variant answers), a target rate of 1 always does, the split is forced at one point, the stream has 7 chunks."""
+
+
+async def send_kind(client: DinClient, kind: dict, x, request_id: str) -> Outcome:
+    """Send one request of ``kind`` and say how it was served, as the replay's outcomes do."""
+    outcome = Outcome(request_id, kind["tenant"], "", False)
+    options = dict(kind["options"], request_id=request_id)
+    if "prompt" in kind:
+        max_tokens = options.pop("max_tokens")
+        await stream_into(outcome, client.generate(kind["model"], kind["prompt"], max_tokens, **options))
+    else:
+        result = await client.infer(kind["model"], {"input": x[:1]}, **options)
+        served_into(outcome, result.served_by, result.response.timings_ms)
+    return outcome
+
+
+def served_as(outcome: Outcome) -> tuple:
+    return outcome.ok, outcome.model, outcome.escalated, outcome.split_point, outcome.chunks
+
+
+async def test_every_kind_of_request_replays_with_its_options_and_is_served_the_same_way(
+    nats_network, kafka_bootstrap, unique, test_topology, model_repo, tmp_path
+):
+    topology = test_topology.model_dump(mode="json")
+    for site in topology["sites"]:
+        site["executors"] = [{"id": f"{site['name']}-1", "models": EVERY_KIND[site["name"]]}]
+    async with running_stack(nats_network, kafka_bootstrap, unique, topology, model_repo, tmp_path,
+                             models=EVERY_KIND) as running:
+        x, _ = load_digits_test(model_repo)
+        tokens = {t: issue_token(t, secret) for t, secret in running.secrets.items()}
+        clients = {t: await DinClient.attach(running.nc, t, token) for t, token in tokens.items()}
+        try:
+            original = {name: await send_kind(clients[kind["tenant"]], kind, x, f"kind-{i}")
+                        for i, (name, kind) in enumerate(KIND_REQUESTS.items())}
+        finally:
+            for client in clients.values():
+                await client.close()
+        kept = original["cascade by threshold"]
+        assert kept.model == "digits-small" and not kept.escalated
+        assert original["cascade by rate"].escalated and original["cascade by rate"].model == "digits-large"
+        assert original["split with protection"].split_point == "hidden_1"
+        assert original["streamed generation"].chunks == 7
+        assert original["single"].split_point is None and original["single"].chunks is None
+
+        await running.stack.flush()
+        recorded = await recorded_requests(kafka_bootstrap, unique)
+        assert sorted(recorded) == sorted(f"kind-{i}" for i in range(len(KIND_REQUESTS)))
+        async with TopicReader(kafka_bootstrap) as reader:
+            window = await read_requests(reader, RecordRange(since_ms=0), scope=unique, keyring=None)
+        driver = ReplayDriver(running.nc, tokens, speed=0, progress=False, run_id="kinds")
+        replay = await driver.run(window.requests)
+
+        await running.stack.flush()
+        rerecorded = await recorded_requests(kafka_bootstrap, unique)
+        for i, name in enumerate(KIND_REQUESTS):
+            request_id = f"kind-{i}"
+            again = rerecorded[f"replay-kinds-{request_id}"]
+            assert again.serving_options() == recorded[request_id].serving_options(), name
+            assert abs(again.timeout_ms - recorded[request_id].timeout_ms) <= 1, f"{name}: the same budget, to the ms"
+            assert served_as(replay.outcomes[request_id]) == served_as(original[name]), name
