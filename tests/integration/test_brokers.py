@@ -1,10 +1,10 @@
-"""The real brokers DIN runs on: NATS hub and leaves route between sites, JetStream works at a leaf, Kafka keeps headers."""
+"""The real brokers DIN runs on: NATS hub and leaves route between sites, JetStream works at a leaf, Kafka keeps
+headers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import nats
 import pytest
@@ -14,6 +14,7 @@ from nats.js.api import RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
 from shared.naming import Subjects, Topics, work_stream
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,18 +26,18 @@ async def _deliver(publisher, subscriber, subject: str, payload: bytes, timeout_
     async def on_msg(msg) -> None:
         await box.put(msg)
 
+    async def delivered():
+        await publisher.publish(subject, payload, headers={"Din-Test": "1"})
+        await publisher.flush()
+        try:
+            return await asyncio.wait_for(box.get(), 0.2)
+        except TimeoutError:
+            return None
+
     sub = await subscriber.subscribe(subject, cb=on_msg)
     await subscriber.flush()
-    deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline:
-            await publisher.publish(subject, payload, headers={"Din-Test": "1"})
-            await publisher.flush()
-            try:
-                return await asyncio.wait_for(box.get(), 0.2)
-            except asyncio.TimeoutError:
-                continue
-        raise AssertionError(f"{subject} never reached the subscriber within {timeout_s}s")
+        return await wait_for(delivered, timeout_s, f"{subject} reaching the subscriber", interval=0.01)
     finally:
         await sub.unsubscribe()
 
@@ -91,15 +92,9 @@ async def test_work_queue_stream_on_a_leaf_domain(nats_network, unique):
 
         # Publish at the hub; the ack comes from the leaf's stream once its interest has crossed the link.
         hub_js = hub.jetstream()
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                ack = await hub_js.publish(subject, b"job-1", timeout=1)
-                break
-            except (NoRespondersError, NatsTimeout):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+        ack = await wait_for(lambda: hub_js.publish(subject, b"job-1", timeout=1), 5,
+                             "the leaf's stream acknowledging a publish at the hub", interval=0.1,
+                             retry_on=(NoRespondersError, NatsTimeout))
         assert ack.stream == stream
         if not nats_network.single:
             assert ack.domain == "factory"
@@ -108,11 +103,11 @@ async def test_work_queue_stream_on_a_leaf_domain(nats_network, unique):
         msgs = await consumer.fetch(1, timeout=5)
         assert [m.data for m in msgs] == [b"job-1"]
         await msgs[0].ack_sync()
-        # Work-queue retention: an acknowledged job leaves the stream.
-        deadline = time.monotonic() + 5
-        while (await leaf_js.stream_info(stream)).state.messages != 0:
-            assert time.monotonic() < deadline, "acked message stayed in the work queue"
-            await asyncio.sleep(0.05)
+
+        async def work_queue_empty() -> bool:
+            return (await leaf_js.stream_info(stream)).state.messages == 0
+
+        await wait_for(work_queue_empty, 5, "the acknowledged job leaving the work queue (work-queue retention)")
     finally:
         try:
             await leaf.jetstream().delete_stream(stream)

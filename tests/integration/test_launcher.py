@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from din.stack.launcher import PortPlan, Stack, port_roles, read_state
 from din.stack.processes import StackError, pid_alive, port_is_free
 from shared.credentials import read_credentials
 from shared.topology import load_topology
+from tests.support import wait_for_sync
 
 pytestmark = pytest.mark.integration
 
@@ -61,13 +61,10 @@ def group_members(pgid: int) -> list[int]:
 
 
 def assert_nothing_left(pids: list[int]) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        left = [p for p in pids if pid_alive(p) or group_members(p)]
-        if not left:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"processes left behind: {left}")
+    def left() -> list[int]:
+        return [p for p in pids if pid_alive(p) or group_members(p)]
+
+    wait_for_sync(lambda: not left(), 5, lambda: f"no process left behind (left: {left()})")
 
 
 def free_offset(topology) -> int:
