@@ -3,8 +3,8 @@ import json
 from services.classifier.policy import WorkloadPolicy, size_class
 from shared.catalog import ModelCatalog, ModelEntry
 from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1
 from shared.topology import TenantSpec
+from tests.support import make_job
 
 SIG = json.dumps([["input", "FP32", [64]]])
 CATALOG = ModelCatalog(
@@ -24,11 +24,8 @@ POLICY = WorkloadPolicy(TENANTS, CATALOG, ["pii", "sensitive"])
 
 
 def job(tenant="acme", model="digits-large", labels=(), allow_degrade=False, min_accuracy=None, version=None):
-    return JobV1(
-        request_id="r", tenant=tenant, model=model, model_version=version, sla_class=SlaClass.BATCH,
-        deadline_ms=1, reply_to="r", content_type="application/json", labels=list(labels),
-        allow_degrade=allow_degrade, min_accuracy=min_accuracy, received_ms=0.0,
-    )
+    return make_job(tenant=tenant, model=model, model_version=version, sla_class=SlaClass.BATCH, labels=list(labels),
+                    allow_degrade=allow_degrade, min_accuracy=min_accuracy)
 
 
 def test_sensitive_labels_confine_data_to_the_tenants_sites():
@@ -49,7 +46,8 @@ def test_candidates_follow_degradation_permission_and_accuracy_floor():
 
 def test_task_and_size_class():
     workload = POLICY.classify(job(), 20_000)
-    assert (workload.task, workload.size_class, workload.sla_class) == ("image-classification", "medium", SlaClass.BATCH)
+    assert (workload.task, workload.size_class, workload.sla_class) == (
+        "image-classification", "medium", SlaClass.BATCH)
     assert [size_class(n) for n in (0, 16383, 16384, 262144)] == ["small", "small", "medium", "large"]
 
 

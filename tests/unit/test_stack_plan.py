@@ -118,7 +118,8 @@ def test_service_environments(topology):
         "DIN_NATS_URL": "nats://factory:4222",
         "DIN_SITE": "factory",
         "DIN_EXECUTOR_ID": "factory-1",
-        "DIN_EXECUTOR_MODELS": "digits-small,digits-large-head-hidden_1,digits-large-head-hidden_2,charlm-prefill,charlm",
+        "DIN_EXECUTOR_MODELS": ",".join(
+            ["digits-small", "digits-large-head-hidden_1", "digits-large-head-hidden_2", "charlm-prefill", "charlm"]),
         "DIN_EXECUTOR_MODEL_REPO": "/models",
         "DIN_EXECUTOR_CAPACITY": "256",
         "DIN_EXECUTOR_PULL": "true",
@@ -135,7 +136,8 @@ def test_service_environments(topology):
 def test_service_environments_refuses_bad_input(topology):
     args = dict(kafka_bootstrap="k:1", topology_path="t", credentials_path="c")
     with pytest.raises(StackError, match="unknown scheduler mode 'random'"):
-        service_environments(topology, nats_urls=dict.fromkeys(["cloud", "factory", "branch"], "n"), mode="random", **args)
+        service_environments(topology, nats_urls=dict.fromkeys(["cloud", "factory", "branch"], "n"), mode="random",
+                             **args)
     with pytest.raises(StackError, match="no NATS URL for site 'branch'"):
         service_environments(topology, nats_urls={"cloud": "n", "factory": "n"}, **args)
 
