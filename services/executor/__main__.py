@@ -1,5 +1,5 @@
-from services.executor.main import create_runtime
+from services.executor.main import Executor
 from services.executor.settings import ExecutorSettings
 from shared.runtime import run_service
 
-run_service(create_runtime(ExecutorSettings()))
+run_service(Executor(ExecutorSettings()))

@@ -1,649 +1,410 @@
-"""An executor's front door: jobs in (assigned directly, or pulled from the site's queue), answers straight to the client.
+"""An executor's front door: jobs in (assigned, or pulled from the site's queue), answers straight to the client.
 
-Every job ends in exactly one of: a result to the client, an error to the
-client, or, when it is within ``deadline_margin_ms`` of its deadline, silence
-(the scheduler answers it). A completion event tells telemetry; it closes the
-job at the scheduler in the first two cases only, so in the third the
-scheduler's deadline watchdog still answers (also ending a token stream).
+Every job ends in one ``shared.lifecycle.Outcome``: a result or an error to the
+client, silence within ``deadline_margin_ms`` of its deadline (the scheduler's
+watchdog answers, also ending a token stream), its output handed on to the next
+stage, handed back to the scheduler (full, or a cascade's escalation), or NAK'd
+back to the site queue. The completion event closes the job at the scheduler
+only when the client was answered (``shared.lifecycle.completion_headers``).
 
 A multi-stage job's stage (see ``services.executor.stages``) that is not the last
-hands its output on, sealed to the next stage's site, and reports a completion
-with a ``Din-Stage-Done`` header (the job stays open). Generation streams its
-tokens as ``StreamChunkV1`` messages: the prefill stage sends the first, the
-decode stage (here, or at another executor) the rest and a last ``done`` chunk.
+hands its output on, sealed to the next stage's site. Generation streams its
+tokens as ``StreamChunkV1`` messages (``services.executor.generation``): the
+prefill stage sends the first, the decode stage (here, or at another executor)
+the rest and a last ``done`` chunk. A cascade's small variant whose answer is not
+confident enough goes back to the scheduler for the large variant.
 
-A cascade job's first stage (the small variant) whose answer is not confident
-enough is not answered here: it goes back to the scheduler for the large
-variant, whose executor answers; its completion event then says ``escalated``
-and carries no request-id header, so the scheduler keeps the job open.
-
-Jobs arrive sealed to this executor's site; the result is sealed to the tenant
-and signed with the site's key (unsealed, still signed, for a tenant the policy
-lets send in clear). A job that cannot be authenticated is dead-lettered and
-never answered.
+Jobs arrive sealed to this executor's site and answers leave sealed to the
+tenant and signed (``services.executor.sealing``); a job that cannot be
+authenticated is dead-lettered and never answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
+from dataclasses import dataclass
 
 import numpy as np
 from faststream.nats import NatsResponse
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
 
-from services.executor.batcher import BatchOutput, DynamicBatcher, ItemResult
+from services.executor import generation, pulling
+from services.executor.answers import AnswerWriter, now_ms
+from services.executor.batcher import DynamicBatcher, ItemResult
 from services.executor.repository import ModelRepository
+from services.executor.sealing import ExecutorSeals, UnreadableJob, protection
+from services.executor.serving import ServedModels, model_config
 from services.executor.settings import ExecutorSettings
+from services.executor.stages import STATE_CONTENT_TYPE, DecodeState, decode_state, encode_state, intermediate
+from shared import lifecycle
 from shared.cascade import EscalationCalibrator, answer_confidence
-from shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, ModelLoadedV1
-from services.executor.stages import (
-    STATE_CONTENT_TYPE,
-    DecodeState,
-    decode_state,
-    describe,
-    encode_state,
-    intermediate,
-    next_token,
-    prompt_tokens,
-)
-from shared.contracts.inference import (
-    STREAM_SEQ_HEADER,
-    TENSOR_CONTENT_TYPE,
-    InferResponseV1,
-    RequestHeaders,
-    ServedByV1,
-    StreamChunkV1,
-)
-from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
-from shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageKind
-from shared.envelope import InvalidToken, SealRefused
+from shared.contracts.events import HeartbeatV1, LoadModelV1, ModelLoadedV1
+from shared.contracts.inference import STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders, StreamChunkV1
+from shared.contracts.job import JobV1, StageKind
 from shared.errors import DinError, ErrorCode, error_reply
-from shared.naming import Subjects, work_stream
-from shared.runtime import ServiceRuntime
-from shared.security import (
-    ANSWER_FIELD,
-    ANSWER_PLAIN,
-    Opened,
-    PayloadSecurity,
-    PayloadProtection,
-    check_binding,
-    request_binding,
-    result_binding,
-    site_principal,
-    stage_binding,
-    tenant_principal,
-    without_envelope,
-)
-from shared.tensors import DYNAMIC_DIM, WIRE_DTYPES, decode_request, encode_outputs, validate_inputs
+from shared.lifecycle import Outcome
+from shared.naming import Subjects, Topics
+from shared.runtime import Service, control, endpoint, job_endpoint
+from shared.security import Opened, PayloadSecurity
+from shared.tensors import decode_request, validate_inputs
 
-PULL_ACK_WAIT_S = 3.0
-IN_PROGRESS_EVERY_S = 1.0
-PULL_MAX_DELIVER = 50
-PULL_WAIT_S = 1.0
-PULL_MORE_WAIT_S = 0.001
 DRAIN_NOTICE_S = 0.2
-MAX_ATTEMPTS = 3
-WARM_UP_RUNS = 20
-NO_WINDOW_ROLES = ("autoregressive", "prefill", "tail")
-"""Model roles that run without a batching window: token steps (continuous batching) and split tails, whose
-requests already waited for a window at their head."""
+DRAIN_WAIT_S = 10.0
+JOB_PUBLISHES = ("inferReply", "completed", "execute", "work", "schedule", Topics.DEAD_LETTER, Topics.SPANS)
+"""Where serving a job sends: the answer, error or stream chunks, its completion, a stage hand-off (assigned or
+queued), a hand-back or escalation, a dead letter, trace spans."""
 
 
-def now_ms() -> float:
-    return time.time() * 1000.0
+@dataclass
+class Run:
+    """One job being served here: the job, its plaintext body and headers, how it was opened (None with
+    security off), its work-queue message when pulled, and the model and version it runs on."""
+
+    job: JobV1
+    body: bytes
+    headers: dict[str, str]
+    opened: Opened | None
+    pulled: Msg | None
+    model: str
+    version: str = ""
+    retry_after_ms: float | None = None
 
 
-def stage_timings(job: JobV1, result: ItemResult | None) -> dict[str, float]:
-    """Where a job's time went, ms: each stage from the stamps it carries (``stage_<k>``: a multi-stage job's
-    earlier stages, from dispatch or hand-off to their hand-off on), then queue and compute here."""
-    stamps = job.stamps_ms
-    timings = {"total": now_ms() - job.received_ms}
-    if {"admitted", "classified", "scheduled"} <= stamps.keys():
-        timings.update(
-            admission=stamps["admitted"] - job.received_ms,
-            classify=stamps["classified"] - stamps["admitted"],
-            schedule=stamps["scheduled"] - stamps.get("escalated", stamps["classified"]),
+class Executor(Service):
+    """Runs jobs on the models it serves, batching concurrent ones, and answers each client directly."""
+
+    name = "executor"
+    publishes = ("heartbeat", *JOB_PUBLISHES)
+
+    def __init__(self, settings: ExecutorSettings) -> None:
+        super().__init__(settings, instance=settings.id)
+        self.repository = ModelRepository(settings.model_repo)
+        self.batcher = DynamicBatcher(
+            lambda model, inputs: self.models.run_batch(model, inputs),
+            capacity=settings.capacity,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            inline_below_ms=settings.inline_below_ms,
         )
-        if "escalated" in stamps:
-            timings["small_stage"] = stamps["escalated"] - stamps["classified"]
-        previous = stamps["scheduled"]
-        for stage in range(1, len(job.plan)):
-            handed = stamps.get(f"stage_{stage}")
-            if handed is not None:
-                timings[f"stage_{stage - 1}"] = handed - previous
-                previous = handed
-    if result is not None:
-        timings.update(queue=result.queue_ms, compute=result.compute_ms)
-    return timings
+        self.models = ServedModels(self.repository, self.batcher)
+        self.security = PayloadSecurity.from_settings(settings)
+        self.seals = ExecutorSeals(self.security, settings.site)
+        self.answers = AnswerWriter(settings.site, settings.id)
+        self.serving: set[asyncio.Task] = set()
+        self.draining = False
+        self.rng = np.random.default_rng()
+        self.calibrators: dict[str, EscalationCalibrator] = {}
+        self.runtime.on_start(self.start_keys)
+        self.runtime.on_start(self.start_models)
+        self.runtime.on_stop_accepting(self.announce_draining)
+        self.runtime.on_drain(self.drain)
 
+    def detail(self) -> dict[str, object]:
+        return {
+            "models": ",".join(f"{h.name}@{h.version}" for h in self.repository.loaded()),
+            "completed": self.batcher.stats().completed,
+            "inflight": len(self.serving),
+            **self.security.detail(),
+        }
 
-def warm_up(handle, runs: int = WARM_UP_RUNS) -> float:
-    """Run a one-item batch of zeros a few times; return the mean ms of the warm runs.
+    @job_endpoint("execute", lambda s: Subjects.execute(s.site, s.id), publishes=JOB_PUBLISHES)
+    async def on_execute(self, job: JobV1, msg: Msg) -> None:
+        run = self.accept(job, msg)
+        if run is not None:
+            self.start_serving(run)
 
-    The first heartbeats then carry a measured compute time, so the scheduler prices a new executor
-    fairly instead of on a guess, and the first real request does not pay the session's cold start.
-    """
-    inputs = {
-        spec.name: np.zeros([1 if dim == DYNAMIC_DIM else dim for dim in spec.shape], WIRE_DTYPES[spec.datatype])
-        for spec in handle.inputs
-    }
-    handle.run(inputs)
-    started = time.perf_counter()
-    for _ in range(runs):
-        handle.run(inputs)
-    return (time.perf_counter() - started) * 1000.0 / runs
+    @endpoint("probe", lambda s: Subjects.probe(s.site), queue=lambda s: f"probe-{s.site}", publishes=("probeReply",))
+    async def on_probe(self, msg: Msg) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, msg.data)
 
+    @control("control", lambda s: Subjects.control("executor", s.id), publishes=("controlReply", "heartbeat"))
+    async def on_control(self, command: LoadModelV1) -> ModelLoadedV1 | NatsResponse:
+        try:
+            handle = await asyncio.to_thread(self.repository.load, command.model, command.version)
+        except DinError as error:
+            body, headers = error_reply(error, None)
+            return NatsResponse(body, headers=headers)
+        self.log.info("now serving %s version %s", handle.name, handle.version)
+        await self.send_heartbeat()
+        return self.models.report(handle)
 
-def create_runtime(settings: ExecutorSettings) -> ServiceRuntime:
-    """Build one executor."""
-    runtime = ServiceRuntime("executor", settings, instance=settings.id)
-    repository = ModelRepository(settings.model_repo)
+    @control("rollCall", Subjects.ROLL_CALL, publishes=("heartbeat",))
+    async def on_roll_call(self) -> None:
+        await self.send_heartbeat()
 
-    def run_batch(model: str, inputs):
-        handle = repository.current(model)
-        return BatchOutput(handle.run(inputs), handle.version)
+    def accept(self, job: JobV1, msg: Msg) -> Run | None:
+        """The job in ``msg`` ready to serve; None (dead-lettered) when it is not one this executor may run."""
+        try:
+            body, opened = self.seals.open_job(job, msg.data, msg.headers)
+        except UnreadableJob as refused:
+            self.runtime.dead_letter(msg, refused.reason)
+            return None
+        return Run(job, body, msg.headers, opened, None, job.model_chosen or job.model)
 
-    batcher = DynamicBatcher(
-        run_batch,
-        capacity=settings.capacity,
-        max_queue_delay_ms=settings.max_queue_delay_ms,
-        inline_below_ms=settings.inline_below_ms,
-    )
-    serving: set[asyncio.Task] = set()
-    announced = {"draining": False}
-    warm_ms: dict[str, float] = {}
-    security = PayloadSecurity.from_settings(settings)
-    site_reader = site_principal(settings.site)
-    rng = np.random.default_rng()
-    calibrators: dict[str, EscalationCalibrator] = {}
-    runtime.detail = lambda: {
-        "models": ",".join(f"{h.name}@{h.version}" for h in repository.loaded()),
-        "completed": batcher.stats().completed,
-        "inflight": len(serving),
-        **security.detail(),
-    }
-
-    def protection(opened: Opened | None) -> PayloadProtection:
-        if opened is None:
-            return PayloadProtection.OFF
-        if opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN:
-            return PayloadProtection.CLIENT_PLAINTEXT
-        return PayloadProtection.ENCRYPTED if opened.confidential else PayloadProtection.INTEGRITY
-
-    def open_job(msg: Msg) -> tuple[JobV1, bytes, Opened | None] | None:
-        """The job in ``msg``, authenticated; None (dead-lettered) when it is not one."""
+    async def take_pulled(self, msg: Msg) -> None:
+        """A job pulled from the site queue: served, or termed when it is not a job (dead-lettered)."""
         try:
             job = JobV1.from_headers(msg.headers)
         except ValueError:
-            runtime.dead_letter(msg, "missing or invalid job header")
-            return None
-        if job.plan and not (0 <= job.stage < len(job.plan) and job.plan[job.stage].site == settings.site):
-            runtime.dead_letter(msg, f"stage {job.stage} of the job's plan is not for site {settings.site}")
-            return None
-        if not security.enabled:
-            return job, msg.data, None
-        if job.stage > 0:
-            reader = tenant_principal(job.tenant)
-            expected = stage_binding(job.request_id, job.tenant, job.stage, settings.site, job.reply_to, msg.headers)
-        else:
-            reader = site_reader
-            expected = request_binding(job.request_id, job.tenant, job.model, job.reply_to, msg.headers)
+            self.runtime.dead_letter(msg, "missing or invalid job header")
+            job = None
+        run = self.accept(job, msg) if job is not None else None
+        if run is None:
+            await pulling.settle(msg, lifecycle.settlement(None))
+            return
+        run.pulled = msg
+        self.start_serving(run)
+
+    def start_serving(self, run: Run) -> None:
+        task = asyncio.create_task(self.traced_serve(run))
+        self.serving.add(task)
+        task.add_done_callback(self.serving.discard)
+
+    async def traced_serve(self, run: Run) -> None:
+        """Serve ``run`` as one hop of its trace, keeping a pulled job claimed and settling it afterwards."""
+        job = run.job
+        plan_step = job.plan[job.stage] if job.plan else None
+        attributes = {"din.request_id": job.request_id, "din.executor": self.settings.id}
+        if plan_step is not None:
+            attributes.update({"din.stage": job.stage, "din.stage_kind": plan_step.kind.value})
+        claim = asyncio.create_task(pulling.keep_claimed(run.pulled)) if run.pulled is not None else None
+        outcome = Outcome.FAILED
         try:
-            opened = security.open(msg.data, msg.headers, reader=reader,
-                                   allow_integrity=security.agent.integrity_allowed(settings.site))
-            check_binding(opened.aad, expected)
-        except InvalidToken as refused:
-            security.refused(refused)
-            runtime.dead_letter(msg, f"unauthenticated ({refused.reason.value})")
-            return None
-        return job, opened.plaintext, opened
-
-    def answer(job: JobV1, result: bytes, opened: Opened | None, seq: int | None = None) -> tuple[bytes, dict[str, str]]:
-        """The result (or stream chunk ``seq``) as it goes to the client: sealed to the tenant (or plain) and signed
-        by this site."""
-        if opened is None:
-            return result, {}
-        if opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN:
-            return result, security.sign_answer(result, {})
-        try:
-            sealed = security.seal(result, reader=tenant_principal(job.tenant),
-                                   aad=result_binding(job.request_id, job.tenant, seq), confidential=opened.confidential)
-        except SealRefused as refused:
-            raise DinError(ErrorCode.INTERNAL, f"cannot seal the result: {refused.message}") from None
-        return sealed.body, security.sign_answer(sealed.body, sealed.to_headers())
-
-    def heartbeat() -> HeartbeatV1:
-        stats = batcher.stats()
-        return HeartbeatV1(
-            executor=settings.id,
-            site=settings.site,
-            models=[
-                ModelLoadedV1(
-                    name=h.name,
-                    version=h.version,
-                    max_batch_size=batcher.max_batch_size(h.name),
-                    compute_ms_per_item=stats.compute_ms_per_item.get(h.name, warm_ms.get(h.name, 0.2)),
-                    accuracy=h.accuracy,
-                )
-                for h in repository.loaded()
-            ],
-            capacity=settings.capacity,
-            capacity_by_class=stats.capacity_by_class,
-            queue_depth=stats.queue_depth,
-            inflight=stats.inflight,
-            recent_latency_ms=stats.recent_latency_ms,
-            draining=stats.draining or announced["draining"],
-            interval_s=settings.heartbeat_interval_s,
-            sent_ms=now_ms(),
-        )
-
-    async def send_heartbeat() -> None:
-        await runtime.nc.publish(
-            Subjects.heartbeat(settings.site, settings.id), heartbeat().model_dump_json().encode()
-        )
-
-    async def complete(job: JobV1, model: str, version: str, result: ItemResult | None, error: DinError | None,
-                       opened: Opened | None, *, handed_on: bool = False, output_bytes: int | None = None,
-                       extra_timings: dict[str, float] | None = None):
-        """Report the job closed here; ``handed_on``: a cascade's first stage that escalated, or a multi-stage
-        job's stage that sent its output on (the job stays open)."""
-        timings = {**stage_timings(job, result), **(extra_timings or {})}
-        stage = job.plan[job.stage] if job.plan else None
-        handed_to = job.plan[job.stage + 1].site if handed_on and stage is not None else None
-        event = CompletionV1(
-            request_id=job.request_id,
-            tenant=job.tenant,
-            site=settings.site,
-            executor=settings.id,
-            model=model,
-            model_version=version,
-            sla_class=job.sla_class,
-            ok=error is None,
-            error_code=error.code.value if error else None,
-            batch_size=result.batch_size if result else 0,
-            degraded=model != job.model and job.cascade_stage is None and not job.plan,
-            timings_ms={k: round(v, 3) for k, v in timings.items()},
-            at_ms=now_ms(),
-            protection=protection(opened).value,
-            stage=job.cascade_stage if stage is None else job.stage,
-            escalated=job.cascade_stage is not None and (handed_on or job.cascade_stage == 2),
-            stage_kind=stage.kind.value if stage is not None else None,
-            handed_on_to=handed_to,
-            output_bytes=output_bytes,
-        )
-        left_to_scheduler = error is not None and error.code == ErrorCode.DEADLINE_EXCEEDED
-        if handed_to is not None:
-            headers = {STAGE_DONE_HEADER: job.request_id}
-        else:
-            headers = None if handed_on or left_to_scheduler else {RequestHeaders.REQUEST_ID: job.request_id}
-        await runtime.nc.publish(Subjects.completed(settings.site), event.model_dump_json().encode(), headers=headers)
-
-    def served_by(job: JobV1, model: str, result: ItemResult) -> ServedByV1:
-        return ServedByV1(
-            site=settings.site,
-            executor=settings.id,
-            model=job.model if job.plan else model,
-            model_version=result.model_version or "",
-            degraded=model != job.model and job.cascade_stage is None and not job.plan,
-            batch_size=result.batch_size,
-            escalated=job.cascade_stage == 2,
-            split_point=job.split_chosen,
-            stages=[describe(stage) for stage in job.plan],
-        )
-
-    def response(job: JobV1, model: str, result: ItemResult, requested: list[str] | None) -> bytes:
-        timings = stage_timings(job, result)
-        served = served_by(job, model, result)
-        return InferResponseV1(
-            model_name=served.model,
-            model_version=served.model_version,
-            id=job.request_id,
-            outputs=encode_outputs(result.outputs, requested),
-            served_by=served,
-            timings_ms={k: round(v, 3) for k, v in timings.items()},
-        ).model_dump_json().encode()
-
-    async def serve(
-        job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None, opened: Opened | None = None
-    ) -> None:
-        """Run one job to its single outcome; ``pulled`` is its work-queue message when it came from one.
-
-        ``body`` is the plaintext; ``opened`` says how it travelled (None with security off).
-        """
-        model = job.model_chosen or job.model
-        cutoff = job.deadline_ms - settings.deadline_margin_ms
-        version = ""
-        stage = job.plan[job.stage] if job.plan else None
-        try:
-            handle = repository.handle(model, None if job.plan else job.model_version)
-            version = handle.version
-            if stage is not None and stage.kind == StageKind.DECODE:
-                await generate(job, decode_state(body, int(handle.config["hidden"]), len(handle.config["vocab"])),
-                               opened)
-                return
-            decoded = decode_request(body, headers, content_type=TENSOR_CONTENT_TYPE if job.stage else job.content_type)
-            if stage is not None and stage.kind == StageKind.PREFILL:
-                tokens = prompt_tokens(decoded.inputs, handle.config["vocab"])
-                job.prompt_tokens = tokens.shape[1]
-                inputs = {"tokens": tokens, "state": np.zeros((1, int(handle.config["hidden"])), np.float32)}
-            else:
-                validate_inputs(decoded.inputs, handle.inputs, batcher.max_batch_size(model))
-                inputs = decoded.inputs
-            if now_ms() >= cutoff:
-                raise DinError(ErrorCode.DEADLINE_EXCEEDED, "deadline reached before the job was queued")
-            result = await batcher.submit(model, inputs, sla_class=job.sla_class, deadline_ms=cutoff)
-            version = result.model_version or version
-            if now_ms() >= cutoff:
-                raise DinError(ErrorCode.DEADLINE_EXCEEDED, "computed too late for the deadline")
-            if stage is not None and stage.kind == StageKind.SPLIT_HEAD:
-                payload, payload_headers = intermediate(job, result.outputs, rng)
-                await complete(job, model, version, result, None, opened, handed_on=True, output_bytes=len(payload))
-                await forward(job, payload, payload_headers, opened)
-                return
-            if stage is not None and stage.kind == StageKind.PREFILL:
-                await prefilled(job, model, version, result, opened)
-                return
-            if job.cascade_stage == 1 and job.escalate_to and unsure(job, model, result):
-                await complete(job, model, version, result, None, opened, handed_on=True)
-                await escalate(job, body, headers, opened)
-                return
-            answer_body, answer_headers = answer(job, response(job, model, result, decoded.requested_outputs), opened)
-            await runtime.nc.publish(job.reply_to, answer_body, headers=answer_headers or None)
-            await complete(job, model, version, result, None, opened)
-        except DinError as error:
-            streamed = "first_token" in job.stamps_ms
-            if error.code == ErrorCode.OVERLOADED and pulled is not None and not streamed:
-                if opened is not None:
-                    security.replay.release(opened.nonce)
-                await pulled.nak(delay=(error.retry_after_ms or 10) / 1000.0)
-                pulled = None
-                return
-            if error.code == ErrorCode.OVERLOADED and job.attempt < MAX_ATTEMPTS and job.stage == 0 and not streamed:
-                await give_back(job, body, headers, opened)
-                return
-            if error.code != ErrorCode.DEADLINE_EXCEEDED:
-                body_out, err_headers = error_reply(error, job.request_id)
-                await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
-            await complete(job, model, version, None, error, opened)
-        except Exception as exc:
-            runtime.log.exception("job %s failed", job.request_id)
-            error = DinError(ErrorCode.INFERENCE_FAILED, f"inference failed: {exc.__class__.__name__}")
-            body_out, err_headers = error_reply(error, job.request_id)
-            await runtime.nc.publish(job.reply_to, body_out, headers=err_headers)
-            await complete(job, model, version, None, error, opened)
+            with self.runtime.tracing.hop(f"executor {plan_step.kind.value if plan_step else 'serve'}",
+                                          job.traceparent, **attributes) as (_, job.traceparent):
+                outcome = await self.serve(run)
         finally:
-            if pulled is not None:
-                await pulled.ack()
+            if claim is not None:
+                claim.cancel()
+            if run.pulled is not None:
+                await pulling.settle(run.pulled, lifecycle.settlement(outcome), run.retry_after_ms)
 
-    def unsure(job: JobV1, model: str, result: ItemResult) -> bool:
-        """Cascade, first stage: whether the small variant's answer is below the job's threshold, fixed or
+    async def serve(self, run: Run) -> Outcome:
+        """Run one job to its single outcome."""
+        try:
+            return await self.compute(run)
+        except DinError as error:
+            return await self.fail(run, error)
+        except Exception as exc:
+            self.log.exception("job %s failed", run.job.request_id)
+            return await self.fail(run, DinError(ErrorCode.INFERENCE_FAILED,
+                                                 f"inference failed: {exc.__class__.__name__}"))
+
+    async def compute(self, run: Run) -> Outcome:
+        """Run the job's model (or stage) and end it as its stage says: answered, handed on or escalated."""
+        job = run.job
+        plan_step = job.plan[job.stage] if job.plan else None
+        handle = self.repository.handle(run.model, None if job.plan else job.model_version)
+        run.version = handle.version
+        config = model_config(handle)
+        if plan_step is not None and plan_step.kind == StageKind.DECODE:
+            return await self.generate(run, decode_state(run.body, int(config.hidden), len(config.vocab)))
+        decoded = decode_request(run.body, run.headers,
+                                 content_type=TENSOR_CONTENT_TYPE if job.stage else job.content_type)
+        if plan_step is not None and plan_step.kind == StageKind.PREFILL:
+            inputs = generation.prefill_inputs(job, decoded.inputs, config)
+        else:
+            validate_inputs(decoded.inputs, handle.inputs, self.batcher.max_batch_size(run.model))
+            inputs = decoded.inputs
+        margin = self.settings.deadline_margin_ms
+        if lifecycle.past_cutoff(job.deadline_ms, now_ms(), margin):
+            raise DinError(ErrorCode.DEADLINE_EXCEEDED, "deadline reached before the job was queued")
+        result = await self.batcher.submit(run.model, inputs, sla_class=job.sla_class,
+                                           deadline_ms=lifecycle.cutoff_ms(job.deadline_ms, margin))
+        run.version = result.model_version or run.version
+        if lifecycle.past_cutoff(job.deadline_ms, now_ms(), margin):
+            raise DinError(ErrorCode.DEADLINE_EXCEEDED, "computed too late for the deadline")
+        if plan_step is not None and plan_step.kind == StageKind.SPLIT_HEAD:
+            return await self.split_head_done(run, result)
+        if plan_step is not None and plan_step.kind == StageKind.PREFILL:
+            return await self.prefilled(run, result)
+        if lifecycle.may_escalate(job) and self.unsure(job, run.model, result):
+            return await self.escalate(run, result)
+        return await self.answer(run, result, decoded.requested_outputs)
+
+    async def answer(self, run: Run, result: ItemResult, requested: list[str] | None) -> Outcome:
+        job = run.job
+        body, headers = self.seals.answer(job, self.answers.response(job, run.model, result, requested), run.opened)
+        await self.nc.publish(job.reply_to, body, headers=headers or None)
+        return await self.complete(run, Outcome.ANSWERED, result)
+
+    async def fail(self, run: Run, error: DinError) -> Outcome:
+        """End a job that failed with ``error`` as the lifecycle says: NAK'd, handed back, left or answered."""
+        job = run.job
+        outcome = lifecycle.outcome_of_error(error.code, pulled=run.pulled is not None,
+                                             streamed=lifecycle.has_streamed(job), attempt=job.attempt,
+                                             plan_stage=job.stage)
+        if outcome == Outcome.REQUEUED:
+            if run.opened is not None:
+                self.security.replay.release(run.opened.nonce)
+            run.retry_after_ms = error.retry_after_ms
+        elif outcome == Outcome.GIVEN_BACK:
+            lifecycle.give_back(job, self.settings.id)
+            await self.hand_back(run)
+        elif outcome == Outcome.FAILED:
+            body, headers = error_reply(error, job.request_id)
+            await self.nc.publish(job.reply_to, body, headers=headers)
+        if lifecycle.reports_completion(outcome):
+            await self.complete(run, outcome, error=error)
+        return outcome
+
+    async def complete(self, run: Run, outcome: Outcome, result: ItemResult | None = None,
+                       error: DinError | None = None, *, model: str | None = None, version: str | None = None,
+                       output_bytes: int | None = None, extra_timings: dict[str, float] | None = None) -> Outcome:
+        """Publish the completion event of ``run`` ending in ``outcome`` here; returns ``outcome``."""
+        job = run.job
+        event = self.answers.completion(
+            job, outcome, model=model or run.model, version=run.version if version is None else version,
+            result=result, error=error, protection=protection(run.opened), output_bytes=output_bytes,
+            extra_timings=extra_timings)
+        await self.nc.publish(Subjects.completed(self.settings.site), event.model_dump_json().encode(),
+                              headers=lifecycle.completion_headers(outcome, job.request_id))
+        return outcome
+
+    def unsure(self, job: JobV1, model: str, result: ItemResult) -> bool:
+        """Cascade, first step: whether the small variant's answer is below the job's threshold, fixed or
         calibrated on this executor's recent answers of ``model`` to escalate the job's target rate."""
         value = answer_confidence(result.outputs)
-        calibrator = calibrators.setdefault(model, EscalationCalibrator())
+        calibrator = self.calibrators.setdefault(model, EscalationCalibrator())
         threshold = job.cascade_threshold
         if threshold is None and job.cascade_target_rate is not None:
             threshold = calibrator.threshold(job.cascade_target_rate)
         calibrator.observe(value)
         return threshold is not None and value < threshold
 
-    async def send_chunk(job: JobV1, chunk: StreamChunkV1, opened: Opened | None) -> None:
-        body, chunk_headers = answer(job, chunk.model_dump_json(exclude_none=True).encode(), opened, seq=chunk.seq)
-        await runtime.nc.publish(job.reply_to, body, headers={**chunk_headers, RequestHeaders.REQUEST_ID: job.request_id,
-                                                              STREAM_SEQ_HEADER: str(chunk.seq)})
-
-    async def prefilled(job: JobV1, model: str, version: str, result: ItemResult, opened: Opened | None) -> None:
-        """The prompt is in: stream the first token, then decode here (co-located) or hand the state on."""
-        handle = repository.handle(model)
-        token = next_token(result.outputs["logits"])
-        await send_chunk(job, StreamChunkV1(id=job.request_id, seq=0, text=handle.config["vocab"][token],
-                                            token=token), opened)
-        job.stamps_ms["first_token"] = now_ms()
-        job.stamps_ms["prefill_compute"] = result.compute_ms
-        state = DecodeState(result.outputs["state_out"], token, 1)
-        payload = encode_state(state)
-        await complete(job, model, version, result, None, opened, handed_on=True, output_bytes=len(payload))
-        nxt = job.plan[job.stage + 1]
-        if nxt.site == settings.site and nxt.executor in (None, settings.id) and repository.has(nxt.model):
-            job.stage += 1
-            job.model_chosen = nxt.model
-            job.stamps_ms["decode_start"] = now_ms()
-            await generate(job, state, opened)
-            return
-        await forward(job, payload, {RequestHeaders.CONTENT_TYPE: STATE_CONTENT_TYPE}, opened)
-
-    async def generate(job: JobV1, state: DecodeState, opened: Opened | None) -> None:
-        """Decode: one token per step (steps of concurrent streams batch together), each streamed as it comes."""
-        model = job.plan[job.stage].model
-        vocab = repository.handle(model).config["vocab"]
-        job.stamps_ms.setdefault("decode_start", now_ms())
-        cutoff = job.deadline_ms - settings.deadline_margin_ms
-        result = None
-        last_ms = job.stamps_ms["first_token"]
-        for seq in range(state.made, job.max_tokens):
-            if now_ms() >= cutoff:
-                raise DinError(ErrorCode.DEADLINE_EXCEEDED, "the deadline came before the last token")
-            result = await batcher.submit(model, {"token": np.array([state.token], np.int64), "state": state.state},
-                                          sla_class=job.sla_class, deadline_ms=cutoff)
-            token = next_token(result.outputs["logits"])
-            state = DecodeState(result.outputs["state_out"], token, seq + 1)
-            await send_chunk(job, StreamChunkV1(id=job.request_id, seq=seq, text=vocab[token], token=token), opened)
-            last_ms = now_ms()
-        stamps = job.stamps_ms
-        timings = {
-            "ttft": stamps["first_token"] - job.received_ms,
-            "tpot": (last_ms - stamps["first_token"]) / max(1, job.max_tokens - 1),
-            "prefill": stamps.get("prefill_compute", 0.0),
-            "state_transfer": stamps["decode_start"] - stamps["first_token"],
-            "total": now_ms() - job.received_ms,
-        }
-        served = served_by(job, model, result) if result is not None else ServedByV1(
-            site=settings.site, executor=settings.id, model=job.model, model_version="", degraded=False, batch_size=1,
-            stages=[describe(stage) for stage in job.plan])
-        await send_chunk(job, StreamChunkV1(id=job.request_id, seq=job.max_tokens, text="", done=True,
-                                            finish_reason="length", served_by=served,
-                                            prompt_tokens=job.prompt_tokens, completion_tokens=job.max_tokens,
-                                            timings_ms={k: round(v, 3) for k, v in timings.items()}), opened)
-        await complete(job, model, served.model_version, result, None, opened,
-                       extra_timings={k: v for k, v in timings.items() if k != "total"})
-
-    async def forward(job: JobV1, payload: bytes, payload_headers: dict[str, str], opened: Opened | None) -> None:
-        """Send a stage's output to the next stage as the plan says, sealed to the tenant and bound to that stage's
-        site (a site holds only the keys of tenants it may serve, so no new site learns a key)."""
-        nxt = job.plan[job.stage + 1]
-        job.stage += 1
-        job.model_chosen, job.site_chosen, job.executor_chosen = nxt.model, nxt.site, nxt.executor
-        job.stamps_ms[f"stage_{job.stage}"] = now_ms()
-        body, sealed_headers = payload, {}
-        if opened is not None:
-            aad = stage_binding(job.request_id, job.tenant, job.stage, nxt.site, job.reply_to, payload_headers,
-                                plain_answer=opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN)
-            sensitive = bool(job.workload and job.workload.sensitive)
-            sealed = security.seal(payload, reader=tenant_principal(job.tenant), aad=aad,
-                                   confidential=sensitive or not security.agent.integrity_allowed(nxt.site))
-            body, sealed_headers = sealed.body, sealed.to_headers()
-        out = {**payload_headers, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
-        if nxt.executor is not None:
-            await runtime.nc.publish(Subjects.execute(nxt.site, nxt.executor), body, headers=out)
-        else:
-            await runtime.nc.jetstream().publish(Subjects.work(nxt.site, nxt.model), body, headers=out, timeout=2.0)
-
-    async def give_back(job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> None:
-        """Full: hand the job back to the scheduler to place elsewhere, instead of failing it."""
-        job.attempt += 1
-        job.avoid.append(settings.id)
-        await hand_back(job, body, headers, opened)
-
-    async def escalate(job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> None:
+    async def escalate(self, run: Run, result: ItemResult) -> Outcome:
         """Cascade: the small variant was not sure; hand the job back to be placed on the large variant."""
-        job.cascade_stage = 2
-        if job.workload is not None:
-            job.workload.candidates = [job.escalate_to]
-        job.model_chosen = job.site_chosen = job.executor_chosen = None
-        job.avoid = []
-        job.stamps_ms["escalated"] = now_ms()
-        await hand_back(job, body, headers, opened)
+        await self.complete(run, Outcome.ESCALATED, result)
+        lifecycle.escalate(run.job, now_ms())
+        await self.hand_back(run)
+        return Outcome.ESCALATED
 
-    async def hand_back(job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> None:
-        """Send ``job`` back to the scheduler with its original body, sealed again to the tenant."""
-        passthrough = {k: v for k, v in without_envelope(headers).items() if not k.startswith(JOB_HEADER_PREFIX)}
-        sealed_headers: dict[str, str] = {}
-        if opened is not None:
-            sealed = security.seal(body, reader=tenant_principal(job.tenant), aad=opened.aad,
-                                   confidential=opened.confidential)
-            body, sealed_headers = sealed.body, sealed.to_headers()
-        await runtime.nc.publish(Subjects.SCHEDULE, body, headers={**passthrough, **job.to_headers(), **sealed_headers})
+    async def hand_back(self, run: Run) -> None:
+        body, headers = self.seals.hand_back(run.job, run.body, run.headers, run.opened)
+        await self.nc.publish(Subjects.SCHEDULE, body, headers=headers)
 
-    async def keep_claimed(pulled: Msg) -> None:
-        """Tell JetStream a pulled job is still being worked on, so only a dead executor's job is redelivered
-        (after ``PULL_ACK_WAIT_S``) to another executor of the site."""
+    async def split_head_done(self, run: Run, result: ItemResult) -> Outcome:
+        payload, payload_headers = intermediate(run.job, result.outputs, self.rng)
+        await self.complete(run, Outcome.HANDED_ON, result, output_bytes=len(payload))
+        await self.hand_on(run, payload, payload_headers)
+        return Outcome.HANDED_ON
+
+    async def hand_on(self, run: Run, payload: bytes, payload_headers: dict[str, str]) -> None:
+        """Send a stage's output to the next stage as the plan says: to its executor, or to its site's queue."""
+        following = lifecycle.hand_on(run.job, now_ms())
+        body, headers = self.seals.hand_off(run.job, following, payload, payload_headers, run.opened)
+        if following.executor is not None:
+            await self.nc.publish(Subjects.execute(following.site, following.executor), body, headers=headers)
+        else:
+            await self.nc.jetstream().publish(Subjects.work(following.site, following.model), body, headers=headers,
+                                              timeout=2.0)
+
+    async def prefilled(self, run: Run, result: ItemResult) -> Outcome:
+        """The prompt is in: stream the first token, then decode here (co-located) or hand the state on."""
+        job = run.job
+        state = generation.prefill_state(result)
+        vocab = model_config(self.repository.handle(run.model)).vocab
+        await self.send_chunk(run, generation.token_chunk(job, 0, state.token, vocab))
+        job.stamps_ms[lifecycle.FIRST_TOKEN_STAMP] = now_ms()
+        job.stamps_ms["prefill_compute"] = result.compute_ms
+        payload = encode_state(state)
+        await self.complete(run, Outcome.HANDED_ON, result, output_bytes=len(payload))
+        following = job.plan[job.stage + 1]
+        if lifecycle.runs_here(following, self.settings.site, self.settings.id, self.repository.has(following.model)):
+            job.stage += 1
+            job.model_chosen = following.model
+            job.stamps_ms["decode_start"] = now_ms()
+            return await self.generate(run, state)
+        await self.hand_on(run, payload, {RequestHeaders.CONTENT_TYPE: STATE_CONTENT_TYPE})
+        return Outcome.HANDED_ON
+
+    async def generate(self, run: Run, state: DecodeState) -> Outcome:
+        """Decode: stream one token per step, then the closing chunk."""
+        job = run.job
+        model = job.plan[job.stage].model
+        vocab = model_config(self.repository.handle(model)).vocab
+        job.stamps_ms.setdefault("decode_start", now_ms())
+        cutoff = lifecycle.cutoff_ms(job.deadline_ms, self.settings.deadline_margin_ms)
+        result, last_token_ms = None, job.stamps_ms[lifecycle.FIRST_TOKEN_STAMP]
+        async for step in generation.decode_steps(self.batcher, model, job, state, cutoff):
+            await self.send_chunk(run, generation.token_chunk(job, step.seq, step.token, vocab))
+            result, last_token_ms = step.result, now_ms()
+        timings = generation.stream_timings(job, last_token_ms, now_ms())
+        served = self.answers.served_by(job, model, result) if result is not None \
+            else self.answers.served_without_steps(job)
+        await self.send_chunk(run, generation.last_chunk(job, served, timings))
+        return await self.complete(run, Outcome.ANSWERED, result, model=model, version=served.model_version,
+                                   extra_timings={k: v for k, v in timings.items() if k != "total"})
+
+    async def send_chunk(self, run: Run, chunk: StreamChunkV1) -> None:
+        job = run.job
+        body, headers = self.seals.answer(job, chunk.model_dump_json(exclude_none=True).encode(), run.opened,
+                                          seq=chunk.seq)
+        await self.nc.publish(job.reply_to, body, headers={**headers, RequestHeaders.REQUEST_ID: job.request_id,
+                                                           STREAM_SEQ_HEADER: str(chunk.seq)})
+
+    def heartbeat(self) -> HeartbeatV1:
+        stats = self.batcher.stats()
+        return HeartbeatV1(
+            executor=self.settings.id,
+            site=self.settings.site,
+            models=self.models.reports(stats.compute_ms_per_item),
+            capacity=self.settings.capacity,
+            capacity_by_class=stats.capacity_by_class,
+            queue_depth=stats.queue_depth,
+            inflight=stats.inflight,
+            recent_latency_ms=stats.recent_latency_ms,
+            draining=stats.draining or self.draining,
+            interval_s=self.settings.heartbeat_interval_s,
+            sent_ms=now_ms(),
+        )
+
+    async def send_heartbeat(self) -> None:
+        await self.nc.publish(Subjects.heartbeat(self.settings.site, self.settings.id),
+                              self.heartbeat().model_dump_json().encode())
+
+    async def heartbeats(self) -> None:
         while True:
-            await asyncio.sleep(IN_PROGRESS_EVERY_S)
-            with contextlib.suppress(Exception):
-                await pulled.in_progress()
+            await self.send_heartbeat()
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
 
-    async def traced_serve(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None,
-                           opened: Opened | None) -> None:
-        attributes = {"din.request_id": job.request_id, "din.executor": settings.id}
-        if job.plan:
-            attributes.update({"din.stage": job.stage, "din.stage_kind": job.plan[job.stage].kind.value})
-        claim = asyncio.create_task(keep_claimed(pulled)) if pulled is not None else None
-        try:
-            with runtime.tracing.hop(f"executor {job.plan[job.stage].kind.value if job.plan else 'serve'}",
-                                     job.traceparent, **attributes) as (_, job.traceparent):
-                await serve(job, body, headers, pulled, opened)
-        finally:
-            if claim is not None:
-                claim.cancel()
+    async def start_keys(self) -> None:
+        await self.security.start(self.nc, readers=lambda agent: [self.seals.site_reader],
+                                  timeout_s=self.settings.keys_wait_s)
 
-    def start_serving(job: JobV1, body: bytes, headers: dict[str, str], pulled: Msg | None = None,
-                      opened: Opened | None = None) -> None:
-        task = asyncio.create_task(traced_serve(job, body, headers, pulled, opened))
-        serving.add(task)
-        task.add_done_callback(serving.discard)
+    async def start_models(self) -> None:
+        """Load, configure and warm up every model to serve, then start batching, heartbeats and pulling."""
+        for model in self.settings.models:
+            handle = await asyncio.to_thread(self.repository.load, model)
+            self.models.configure(handle)
+            warm_ms = await asyncio.to_thread(self.models.warm, handle)
+            self.log.info("loaded %s version %s (%.3f ms per item warm)", handle.name, handle.version, warm_ms)
+        self.batcher.start()
+        self.runtime.spawn(self.heartbeats(), name="heartbeats")
+        if self.settings.pull:
+            await pulling.ensure_work_stream(self.nc, self.settings.site)
+            for model in self.settings.models:
+                self.runtime.spawn(self.pull(model), name=f"pull-{model}")
 
-    @runtime.hot_path(Subjects.execute(settings.site, settings.id))
-    async def on_job(msg: Msg) -> None:
-        opened_job = open_job(msg)
-        if opened_job is not None:
-            job, body, opened = opened_job
-            start_serving(job, body, msg.headers, opened=opened)
+    async def pull(self, model: str) -> None:
+        """Distributed mode: take jobs for ``model`` from the site's work queue while there is room."""
+        await pulling.pull_jobs(self.nc, self.settings.site, model,
+                                room=lambda: self.settings.capacity - len(self.serving),
+                                max_batch_size=lambda: self.batcher.max_batch_size(model), take=self.take_pulled)
 
-    @runtime.hot_path(Subjects.probe(settings.site), queue=f"probe-{settings.site}")
-    async def on_probe(msg: Msg) -> None:
-        if msg.reply:
-            await runtime.nc.publish(msg.reply, msg.data)
-
-    @runtime.broker.subscriber(Subjects.control("executor", settings.id))
-    async def on_control(command: LoadModelV1) -> ModelLoadedV1 | NatsResponse:
-        try:
-            handle = await asyncio.to_thread(repository.load, command.model, command.version)
-        except DinError as error:
-            body, headers = error_reply(error, None)
-            return NatsResponse(body, headers=headers)
-        runtime.log.info("now serving %s version %s", handle.name, handle.version)
-        await send_heartbeat()
-        return ModelLoadedV1(
-            name=handle.name,
-            version=handle.version,
-            max_batch_size=batcher.max_batch_size(handle.name),
-            compute_ms_per_item=batcher.stats().compute_ms_per_item.get(handle.name, warm_ms.get(handle.name, 0.2)),
-            accuracy=handle.accuracy,
-        )
-
-    @runtime.broker.subscriber(Subjects.ROLL_CALL)
-    async def on_roll_call() -> None:
-        await send_heartbeat()
-
-    async def heartbeats() -> None:
-        while True:
-            await send_heartbeat()
-            await asyncio.sleep(settings.heartbeat_interval_s)
-
-    async def pull(model: str) -> None:
-        """Distributed mode: take jobs for ``model`` from the site's work queue while there is room.
-
-        The pull subscription is unsubscribed explicitly on the way out: draining the connection would
-        otherwise wait forever on a ``next_msg``-style subscription's internal queue (nats-py).
-        """
-        js = runtime.nc.jetstream()
-        subscription = await js.pull_subscribe(
-            Subjects.work(settings.site, model),
-            durable=f"work-{model}",
-            stream=work_stream(settings.site),
-            config=ConsumerConfig(ack_wait=PULL_ACK_WAIT_S, max_deliver=PULL_MAX_DELIVER),
-        )
-        try:
-            while True:
-                room = settings.capacity - len(serving)
-                if room <= 0:
-                    await asyncio.sleep(0.001)
-                    continue
-                try:
-                    msgs = await subscription.fetch(1, timeout=PULL_WAIT_S)
-                except (NatsTimeout, asyncio.TimeoutError):
-                    continue
-                more = min(room, batcher.max_batch_size(model)) - 1
-                if more > 0:
-                    with contextlib.suppress(NatsTimeout, asyncio.TimeoutError):
-                        msgs += await subscription.fetch(more, timeout=PULL_MORE_WAIT_S)
-                for msg in msgs:
-                    opened_job = open_job(msg)
-                    if opened_job is None:
-                        await msg.term()
-                        continue
-                    job, body, opened = opened_job
-                    start_serving(job, body, msg.headers, pulled=msg, opened=opened)
-        finally:
-            await subscription.unsubscribe()
-
-    async def ensure_work_stream() -> None:
-        config = StreamConfig(
-            name=work_stream(settings.site),
-            subjects=[Subjects.work_all(settings.site)],
-            retention=RetentionPolicy.WORK_QUEUE,
-            max_age=600.0,
-        )
-        js = runtime.nc.jetstream()
-        with contextlib.suppress(Exception):
-            await js.add_stream(config)
-
-    @runtime.on_start
-    async def keys() -> None:
-        await security.start(runtime.nc, readers=lambda agent: [site_reader], timeout_s=settings.keys_wait_s)
-
-    @runtime.on_start
-    async def load_models() -> None:
-        for model in settings.models:
-            handle = await asyncio.to_thread(repository.load, model)
-            batcher.set_max_batch_size(model, int(handle.config.get("max_batch_size", 64)))
-            if handle.config.get("role") in NO_WINDOW_ROLES:
-                batcher.set_queue_delay(model, 0.0)
-            warm_ms[model] = await asyncio.to_thread(warm_up, handle)
-            runtime.log.info("loaded %s version %s (%.3f ms per item warm)", handle.name, handle.version,
-                             warm_ms[model])
-        batcher.start()
-        runtime.spawn(heartbeats(), name="heartbeats")
-        if settings.pull:
-            await ensure_work_stream()
-            for model in settings.models:
-                runtime.spawn(pull(model), name=f"pull-{model}")
-
-    @runtime.on_stop_accepting
-    async def announce_draining() -> None:
-        announced["draining"] = True
-        await runtime.stop_background()
-        await send_heartbeat()
+    async def announce_draining(self) -> None:
+        self.draining = True
+        await self.runtime.stop_background()
+        await self.send_heartbeat()
         await asyncio.sleep(DRAIN_NOTICE_S)
 
-    @runtime.on_drain
-    async def drain() -> None:
-        await batcher.drain()
-        if serving:
-            await asyncio.wait(serving, timeout=10.0)
-        await security.stop()
+    async def drain(self) -> None:
+        await self.batcher.drain()
+        if self.serving:
+            await asyncio.wait(self.serving, timeout=DRAIN_WAIT_S)
+        await self.security.stop()
 
-    return runtime
+
+def create_runtime(settings: ExecutorSettings):
+    """Build one executor (its runtime, for launchers that start runtimes)."""
+    return Executor(settings).runtime

@@ -99,7 +99,7 @@ def intermediate(job: JobV1, outputs: dict[str, np.ndarray], rng: np.random.Gene
     point = job.plan[job.stage].output
     if point not in outputs:
         raise DinError(ErrorCode.INTERNAL, f"the head produced no tensor {point!r}")
-    method, strength = parse_protection(job.protection) if job.protection else (Protection.NONE, 0.0)
+    method, strength = parse_protection(job.split_protection) if job.split_protection else (Protection.NONE, 0.0)
     return encode_binary(point, protect(outputs[point], method, strength, rng))
 
 

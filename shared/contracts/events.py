@@ -123,12 +123,20 @@ class CompletionV1(BaseModel):
     timings_ms: dict[str, float] = Field(description="Latency breakdown, ms.")
     at_ms: float = Field(description="Epoch ms of completion.")
     stage: int | None = Field(
-        default=None, description="Cascade jobs: 1 for the small variant's stage, 2 for the large one's; else None."
+        default=None,
+        description="Deprecated: read plan_stage or cascade_step. Multi-stage jobs: the plan stage index (as "
+        "plan_stage); cascade jobs: the cascade step (as cascade_step); else None.",
+    )
+    plan_stage: int | None = Field(
+        default=None, description="Multi-stage jobs: index in the job's plan of the stage that ran here; else None."
+    )
+    cascade_step: int | None = Field(
+        default=None, description="Cascade jobs: 1 for the small variant's step, 2 for the large one's; else None."
     )
     escalated: bool = Field(
         default=False,
-        description="Cascade jobs: on stage 1, True when the answer was not confident enough and the job went on "
-        "to stage 2 (the client was not answered by this stage); on stage 2, always True.",
+        description="Cascade jobs: on step 1, True when the answer was not confident enough and the job went on "
+        "to step 2 (the client was not answered by this step); on step 2, always True.",
     )
     stage_kind: str | None = Field(
         default=None, description="Multi-stage jobs: the kind of stage that ran here (split-head, prefill, ...)."

@@ -1,0 +1,129 @@
+"""What an executor seals and opens: jobs in, answers and stream chunks out, stage hand-offs and hand-backs.
+
+A job arrives sealed to this executor's site (a later stage of a multi-stage
+job: to its tenant, bound to this stage and site); the answer goes out sealed
+to the tenant and signed by the site (unsealed, still signed, for a tenant the
+policy lets send in clear). A stage's output is sealed to the tenant and bound
+to the next stage's site; a job handed back to the scheduler is sealed again
+to the tenant with its original binding. With security off everything passes
+in clear (``opened`` is None). No NATS here: callers publish what this returns.
+"""
+
+from __future__ import annotations
+
+from shared.contracts.inference import RequestHeaders
+from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
+from shared.contracts.job import JobV1, StageV1
+from shared.envelope import InvalidToken, SealRefused
+from shared.errors import DinError, ErrorCode
+from shared.security import (
+    ANSWER_FIELD,
+    ANSWER_PLAIN,
+    Opened,
+    PayloadProtection,
+    PayloadSecurity,
+    check_binding,
+    request_binding,
+    result_binding,
+    site_principal,
+    stage_binding,
+    tenant_principal,
+    without_envelope,
+)
+
+Message = tuple[bytes, dict[str, str]]
+"""A body and its headers, ready to publish."""
+
+
+class UnreadableJob(Exception):
+    """A message that is not a job this executor may run: dead-letter it, never answer it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def protection(opened: Opened | None) -> PayloadProtection:
+    """How the job travelled, as its completion event reports it."""
+    if opened is None:
+        return PayloadProtection.OFF
+    if opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN:
+        return PayloadProtection.CLIENT_PLAINTEXT
+    return PayloadProtection.ENCRYPTED if opened.confidential else PayloadProtection.INTEGRITY
+
+
+def _plain_answer(opened: Opened) -> bool:
+    return opened.aad.get(ANSWER_FIELD) == ANSWER_PLAIN
+
+
+class ExecutorSeals:
+    """The executor's side of payload security, for the executor at ``site``."""
+
+    def __init__(self, security: PayloadSecurity, site: str) -> None:
+        self.security = security
+        self.site = site
+        self.site_reader = site_principal(site)
+
+    def open_job(self, job: JobV1, body: bytes, headers: dict[str, str]) -> tuple[bytes, Opened | None]:
+        """The plaintext of ``job``'s body and how it was opened; ``UnreadableJob`` when it is not for this site
+        or cannot be authenticated."""
+        if job.plan and not (0 <= job.stage < len(job.plan) and job.plan[job.stage].site == self.site):
+            raise UnreadableJob(f"stage {job.stage} of the job's plan is not for site {self.site}")
+        security = self.security
+        if not security.enabled:
+            return body, None
+        if job.stage > 0:
+            reader = tenant_principal(job.tenant)
+            expected = stage_binding(job.request_id, job.tenant, job.stage, self.site, job.reply_to, headers)
+        else:
+            reader = self.site_reader
+            expected = request_binding(job.request_id, job.tenant, job.model, job.reply_to, headers)
+        try:
+            opened = security.open(body, headers, reader=reader,
+                                   allow_integrity=security.agent.integrity_allowed(self.site))
+            check_binding(opened.aad, expected)
+        except InvalidToken as refused:
+            security.refused(refused)
+            raise UnreadableJob(f"unauthenticated ({refused.reason.value})") from None
+        return opened.plaintext, opened
+
+    def answer(self, job: JobV1, result: bytes, opened: Opened | None, seq: int | None = None) -> Message:
+        """The result (or stream chunk ``seq``) as it goes to the client: sealed to the tenant (or plain) and
+        signed by this site."""
+        if opened is None:
+            return result, {}
+        if _plain_answer(opened):
+            return result, self.security.sign_answer(result, {})
+        try:
+            sealed = self.security.seal(result, reader=tenant_principal(job.tenant),
+                                        aad=result_binding(job.request_id, job.tenant, seq),
+                                        confidential=opened.confidential)
+        except SealRefused as refused:
+            raise DinError(ErrorCode.INTERNAL, f"cannot seal the result: {refused.message}") from None
+        return sealed.body, self.security.sign_answer(sealed.body, sealed.to_headers())
+
+    def hand_off(self, job: JobV1, following: StageV1, payload: bytes, payload_headers: dict[str, str],
+                 opened: Opened | None) -> Message:
+        """A stage's output for ``following`` (``job`` already moved to it), sealed to the tenant and bound to
+        that stage's site (a site holds only the keys of tenants it may serve, so no new site learns a key)."""
+        body, sealed_headers = payload, {}
+        if opened is not None:
+            aad = stage_binding(job.request_id, job.tenant, job.stage, following.site, job.reply_to, payload_headers,
+                                plain_answer=_plain_answer(opened))
+            sensitive = bool(job.workload and job.workload.sensitive)
+            sealed = self.security.seal(payload, reader=tenant_principal(job.tenant), aad=aad,
+                                        confidential=sensitive or not self.security.agent.integrity_allowed(
+                                            following.site))
+            body, sealed_headers = sealed.body, sealed.to_headers()
+        return body, {**payload_headers, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id,
+                      **sealed_headers}
+
+    def hand_back(self, job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> Message:
+        """``job`` with its original body for the scheduler, sealed again to the tenant."""
+        passthrough = {k: v for k, v in without_envelope(headers).items() if not k.startswith(JOB_HEADER_PREFIX)}
+        sealed_headers: dict[str, str] = {}
+        if opened is not None:
+            sealed = self.security.seal(body, reader=tenant_principal(job.tenant), aad=opened.aad,
+                                        confidential=opened.confidential)
+            body, sealed_headers = sealed.body, sealed.to_headers()
+        return body, {**passthrough, **job.to_headers(), **sealed_headers}
