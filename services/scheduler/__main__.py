@@ -1,5 +1,5 @@
-from services.scheduler.main import create_runtime
+from services.scheduler.main import Scheduler
 from services.scheduler.settings import SchedulerSettings
 from shared.runtime import run_service
 
-run_service(create_runtime(SchedulerSettings()))
+run_service(Scheduler(SchedulerSettings()))

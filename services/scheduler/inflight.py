@@ -35,6 +35,14 @@ class InflightJob:
     later: list[str] = field(default_factory=list)
     advanced: int = 0
 
+    @classmethod
+    def dispatched(cls, job: JobV1, body: bytes, passthrough: dict[str, str], aad: dict[str, str], executor: str,
+                   site: str) -> InflightJob:
+        """The entry of ``job`` just sent to ``executor`` at ``site`` (assigned in centralized mode, else queued):
+        counted on that executor and on each later stage's assigned executor."""
+        later = [stage.executor for stage in job.plan[1:] if stage.executor]
+        return cls(job, body, passthrough, job.executor_chosen, site, [executor, *later], aad, later)
+
 
 class InflightTable:
     """Open jobs by request id, by executor, and by deadline."""

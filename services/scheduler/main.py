@@ -5,6 +5,10 @@ to the chosen site: encrypted, or integrity-only where the crypto policy allows 
 on that site's link (never for sensitive data). Revoked sites get no work. A job
 that cannot be authenticated is dead-lettered, never answered: its reply subject
 may belong to a legitimate request it was copied from.
+
+A dispatched job stays in flight until a completion event closes it; the rules
+of when (and of what an executor's death or the deadline does to it) are in
+``shared.lifecycle``.
 """
 
 from __future__ import annotations
@@ -19,18 +23,21 @@ from nats.js.api import RetentionPolicy, StreamConfig
 
 from services.scheduler.inflight import InflightJob, InflightTable
 from services.scheduler.links import LinkTable
-from services.scheduler.placement import Placement, pick_executor
-from services.scheduler.plans import is_multi_stage, make_plan
+from services.scheduler.placement import Placement, assign
+from services.scheduler.plans import is_multi_stage, place_job
 from services.scheduler.registry import ExecutorRegistry
+from services.scheduler.reports import decision_record, pressure_report
 from services.scheduler.settings import SchedulerSettings, SchedulingMode
-from shared.contracts.events import HeartbeatV1, PressureV1, ProbeV1, SchedulingDecisionV1
-from shared.contracts.inference import RequestHeaders
+from shared import lifecycle
 from shared.catalog import ModelCatalog
-from shared.contracts.job import HEADER_PREFIX, STAGE_DONE_HEADER, JobV1
+from shared.contracts.events import HeartbeatV1, ProbeV1
+from shared.contracts.inference import RequestHeaders
+from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.envelope import InvalidToken, SealRefused
 from shared.errors import DinError, ErrorCode
+from shared.lifecycle import Redispatch
 from shared.naming import Subjects, Topics, work_stream
-from shared.runtime import ServiceRuntime
+from shared.runtime import Service, control, endpoint, job_endpoint
 from shared.security import (
     PayloadSecurity,
     check_binding,
@@ -43,306 +50,279 @@ from shared.security import (
 from shared.topology import load_topology
 
 ROLL_CALL_WAIT_S = 0.2
+ENQUEUE_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 1.0
+WORK_MAX_AGE_S = 600.0
+DISPATCH_PUBLISHES = ("execute", "work", "inferReply", Topics.SCHEDULING_DECISIONS)
+"""Where placing a job sends: to its executor or its site's queue, or its refusal to the client; and the decision."""
+REDISPATCH_REFUSALS = {
+    Redispatch.STREAM_INTERRUPTED: "the token stream was interrupted: its decode executor died",
+    Redispatch.NO_TIME_LEFT: "the executor died and no time is left",
+}
 
 
 def now_ms() -> float:
     return time.time() * 1000.0
 
 
-def create_runtime(settings: SchedulerSettings) -> ServiceRuntime:
-    """Build the scheduler service."""
-    runtime = ServiceRuntime("scheduler", settings)
-    topology = load_topology(settings.topology)
-    registry = ExecutorRegistry()
-    links = LinkTable(topology, home=settings.site)
-    inflight = InflightTable()
-    catalog = ModelCatalog.from_repository(settings.model_repo)
-    cost_limits = {t.name: t.max_cost_per_1k for t in topology.tenants}
-    counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
-              "multi_stage": 0, "streams_interrupted": 0}
-    enqueues: set[asyncio.Task] = set()
-    security = PayloadSecurity.from_settings(settings)
-    runtime.detail = lambda: {**counts, "mode": settings.mode.value, "executors": len(registry.live()),
-                              "inflight": len(inflight), **security.detail()}
+class Scheduler(Service):
+    """Places each job on the executor (or site queue) that answers it soonest under its constraints, and keeps
+    every dispatched job to exactly one answer."""
 
-    def usable(site: str) -> bool:
-        return not security.enabled or site_principal(site) not in security.agent.revoked
+    name = "scheduler"
+    publishes = (*DISPATCH_PUBLISHES, "probe", "pressure", "rollCall")
 
-    @runtime.on_start
-    async def keys() -> None:
-        await security.start(
-            runtime.nc,
-            readers=lambda agent: [
-                *(tenant_principal(t.name) for t in topology.tenants),
-                *(site_principal(s.name) for s in topology.sites if site_principal(s.name) not in agent.revoked),
-            ],
-            timeout_s=settings.keys_wait_s,
-        )
+    def __init__(self, settings: SchedulerSettings) -> None:
+        super().__init__(settings)
+        self.topology = load_topology(settings.topology)
+        self.registry = ExecutorRegistry()
+        self.links = LinkTable(self.topology, home=settings.site)
+        self.inflight = InflightTable()
+        self.catalog = ModelCatalog.from_repository(settings.model_repo)
+        self.cost_limits = {t.name: t.max_cost_per_1k for t in self.topology.tenants}
+        self.counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
+                       "multi_stage": 0, "streams_interrupted": 0}
+        self.enqueues: set[asyncio.Task] = set()
+        self.security = PayloadSecurity.from_settings(settings)
+        self.runtime.on_start(self.start_keys)
+        self.runtime.on_start(self.start_background)
+        self.runtime.on_drain(self.finish_enqueues)
 
-    def record(job: JobV1, placement: Placement | None, reason: str, alternatives=()) -> None:
-        runtime.events.emit(
+    @property
+    def centralized(self) -> bool:
+        return self.settings.mode == SchedulingMode.CENTRALIZED
+
+    def detail(self) -> dict[str, object]:
+        return {**self.counts, "mode": self.settings.mode.value, "executors": len(self.registry.live()),
+                "inflight": len(self.inflight), **self.security.detail()}
+
+    @job_endpoint("schedule", Subjects.SCHEDULE, queue="scheduler", span="scheduler place",
+                  publishes=(*DISPATCH_PUBLISHES, Topics.DEAD_LETTER, Topics.SPANS))
+    async def on_schedule(self, job: JobV1, msg: Msg) -> None:
+        passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
+        if not self.security.enabled:
+            await self.dispatch(job, msg.data, passthrough, {})
+            return
+        try:
+            opened = self.security.open_from(msg.data, msg.headers, reader=tenant_principal(job.tenant))
+            check_binding(opened.aad, request_binding(job.request_id, job.tenant, job.model, job.reply_to,
+                                                      passthrough))
+        except InvalidToken as refused:
+            self.security.refused(refused)
+            self.runtime.dead_letter(msg, f"unauthenticated ({refused.reason.value})")
+            return
+        await self.dispatch(job, opened.plaintext, passthrough, opened.aad)
+
+    @endpoint("completed", Subjects.COMPLETED_ALL)
+    async def on_completed(self, msg: Msg) -> None:
+        advanced = lifecycle.stage_done(msg.headers)
+        if advanced is not None:
+            entry = self.inflight.advance(advanced)
+            if entry is not None and entry.counted_on:
+                self.registry.note_completion(entry.counted_on.pop(0), entry.job.sla_class)
+            return
+        closed = lifecycle.closes_job(msg.headers)
+        entry = self.inflight.complete(closed) if closed else None
+        if entry is not None:
+            self.release(entry)
+
+    @control("heartbeat", Subjects.HEARTBEAT_ALL, publishes=DISPATCH_PUBLISHES)
+    async def on_heartbeat(self, heartbeat: HeartbeatV1) -> None:
+        if not self.usable(heartbeat.site):
+            if self.registry.get(heartbeat.executor) is not None:
+                self.log.warning("executor %s at revoked site %s: no more work", heartbeat.executor, heartbeat.site)
+                self.registry.forget(heartbeat.executor)
+                await self.redispatch_all(self.inflight.on_executor(heartbeat.executor))
+            return
+        if self.registry.observe(heartbeat, time.monotonic()):
+            self.log.info("discovered executor %s at %s serving %s", heartbeat.executor, heartbeat.site,
+                          ", ".join(m.name for m in heartbeat.models))
+
+    def usable(self, site: str) -> bool:
+        """Whether ``site`` may get work (its key is not revoked)."""
+        return not self.security.enabled or site_principal(site) not in self.security.agent.revoked
+
+    def record(self, job: JobV1, placement: Placement | None, reason: str) -> None:
+        self.runtime.events.emit(
             Topics.SCHEDULING_DECISIONS,
-            SchedulingDecisionV1(
-                request_id=job.request_id,
-                tenant=job.tenant,
-                mode=settings.mode.value,
-                sla_class=job.sla_class,
-                chosen_executor=placement.executor.id if placement and settings.mode == SchedulingMode.CENTRALIZED
-                else None,
-                chosen_site=placement.executor.site if placement else None,
-                chosen_model=placement.model if placement else None,
-                degraded=placement.degraded if placement else False,
-                predicted_ms=round(placement.predicted_ms, 3) if placement else None,
-                reason=reason,
-                alternatives=list(placement.alternatives if placement else alternatives),
-                attempt=job.attempt,
-                at_ms=now_ms(),
-                plan=job.plan,
-            ),
+            decision_record(job, placement, reason, mode=self.settings.mode.value, centralized=self.centralized,
+                            now_ms=now_ms()),
             key=job.tenant,
         )
 
-    def seal_for(site: str, job: JobV1, body: bytes, aad: dict[str, str]) -> tuple[bytes, dict[str, str]]:
-        if not security.enabled:
+    def place(self, job: JobV1) -> Placement:
+        """The job's (first stage's) placement among the live executors at usable sites."""
+        executors = [s for s in self.registry.live() if self.usable(s.site)]
+        multi_stage = is_multi_stage(job)
+        placement = place_job(job, self.catalog, executors, self.links, self.topology, now_ms(), self.cost_limits,
+                              queue_at_site=self.settings.mode == SchedulingMode.DISTRIBUTED)
+        self.counts["multi_stage"] += multi_stage
+        return placement
+
+    def seal_for(self, site: str, job: JobV1, body: bytes, aad: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        if not self.security.enabled:
             return body, {}
-        sealed = seal_to_site(security, body, site=site, aad=aad,
+        sealed = seal_to_site(self.security, body, site=site, aad=aad,
                               sensitive=job.workload is not None and job.workload.sensitive)
         return sealed.body, sealed.to_headers()
 
-    async def dispatch(job: JobV1, body: bytes, passthrough: dict[str, str], aad: dict[str, str]) -> None:
+    async def refuse(self, job: JobV1, error: DinError) -> None:
+        self.counts["refused"] += 1
+        self.record(job, None, error.code.value)
+        await self.runtime.answer_error(job.reply_to, error, job.request_id)
+
+    async def dispatch(self, job: JobV1, body: bytes, passthrough: dict[str, str], aad: dict[str, str]) -> None:
         """Place ``job`` and send it on, or answer it with the reason it cannot run.
 
         ``body`` is the plaintext and ``aad`` the metadata its seal binds (both unused with security off).
         """
         try:
-            placement = place(job)
+            placement = self.place(job)
+            wire, sealed_headers = self.seal_for(placement.executor.site, job, body, aad)
         except DinError as error:
-            counts["refused"] += 1
-            record(job, None, error.code.value)
-            await runtime.answer_error(job.reply_to, error, job.request_id)
+            await self.refuse(job, error)
             return
-        state = placement.executor
-        centralized = settings.mode == SchedulingMode.CENTRALIZED
-        try:
-            wire, sealed_headers = seal_for(state.site, job, body, aad)
         except SealRefused as error:
-            counts["refused"] += 1
-            record(job, None, ErrorCode.INTERNAL.value)
-            await runtime.answer_error(job.reply_to, DinError(ErrorCode.INTERNAL, str(error)), job.request_id)
+            await self.refuse(job, DinError(ErrorCode.INTERNAL, str(error)))
             return
-        job.model_chosen = placement.model
-        job.site_chosen = state.site
-        job.executor_chosen = state.id if centralized else None
-        job.stamps_ms["scheduled"] = now_ms()
+        executor = placement.executor
+        assign(job, placement, centralized=self.centralized, now_ms=now_ms())
         headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
-        later = [stage.executor for stage in job.plan[1:] if stage.executor]
-        inflight.add(InflightJob(job, body, passthrough, job.executor_chosen, state.site, [state.id, *later], aad,
-                                 later))
-        for executor in [state.id, *later]:
-            registry.note_dispatch(executor, job.sla_class)
-        counts["scheduled"] += 1
-        counts["degraded"] += placement.degraded
-        record(job, placement, placement.reason)
-        if centralized:
-            await runtime.nc.publish(Subjects.execute(state.site, state.id), wire, headers=headers)
+        entry = InflightJob.dispatched(job, body, passthrough, aad, executor.id, executor.site)
+        self.inflight.add(entry)
+        for counted in entry.counted_on:
+            self.registry.note_dispatch(counted, job.sla_class)
+        self.counts["scheduled"] += 1
+        self.counts["degraded"] += placement.degraded
+        self.record(job, placement, placement.reason)
+        if self.centralized:
+            await self.nc.publish(Subjects.execute(executor.site, executor.id), wire, headers=headers)
         else:
-            task = asyncio.create_task(enqueue(job, wire, headers))
-            enqueues.add(task)
-            task.add_done_callback(enqueues.discard)
+            task = asyncio.create_task(self.enqueue(job, wire, headers))
+            self.enqueues.add(task)
+            task.add_done_callback(self.enqueues.discard)
 
-    def place(job: JobV1) -> Placement:
-        """The job's (first stage's) placement; a multi-stage job gets its whole plan in ``job.plan``."""
-        executors = [s for s in registry.live() if usable(s.site)]
-        queue_at_site = settings.mode == SchedulingMode.DISTRIBUTED
-        if not is_multi_stage(job):
-            return pick_executor(job, executors, links, topology, now_ms(), cost_limits, queue_at_site=queue_at_site)
-
-        def place_stage(model: str, sites: list[str] | None) -> Placement:
-            workload = job.workload.model_copy(update={"candidates": [model], "allowed_sites": sites}) \
-                if job.workload else None
-            stage_job = job.model_copy(update={"model": model, "model_version": None, "workload": workload})
-            return pick_executor(stage_job, executors, links, topology, now_ms(), cost_limits,
-                                 queue_at_site=queue_at_site)
-
-        plan = make_plan(job, catalog, place_stage, links, topology, queue_at_site=queue_at_site)
-        job.plan, job.stage = plan.stages, 0
-        job.split_chosen = plan.split_point
-        counts["multi_stage"] += 1
-        plan.first.reason = plan.reason
-        return plan.first
-
-    async def enqueue(job: JobV1, body: bytes, headers: dict[str, str]) -> None:
+    async def enqueue(self, job: JobV1, body: bytes, headers: dict[str, str]) -> None:
+        """Distributed mode: put the job in its site's work queue, or answer it when the queue is unreachable."""
         try:
-            await runtime.nc.jetstream().publish(
-                Subjects.work(job.site_chosen, job.model_chosen), body, headers=headers, timeout=2.0
-            )
+            await self.nc.jetstream().publish(Subjects.work(job.site_chosen, job.model_chosen), body, headers=headers,
+                                              timeout=ENQUEUE_TIMEOUT_S)
         except Exception as exc:
-            if inflight.complete(job.request_id) is not None:
-                await runtime.answer_error(
+            if self.inflight.complete(job.request_id) is not None:
+                await self.runtime.answer_error(
                     job.reply_to,
                     DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"site {job.site_chosen} queue unreachable: {exc}",
                              retry_after_ms=500),
                     job.request_id,
                 )
 
-    @runtime.hot_path(Subjects.SCHEDULE, queue="scheduler")
-    async def on_schedule(msg: Msg) -> None:
-        try:
-            job = JobV1.from_headers(msg.headers)
-        except ValueError:
-            runtime.dead_letter(msg, "missing or invalid job header")
-            return
-        with runtime.tracing.hop("scheduler place", job.traceparent, **{"din.request_id": job.request_id}) as (
-                _, job.traceparent):
-            await schedule(job, msg)
-
-    async def schedule(job: JobV1, msg: Msg) -> None:
-        passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
-        if not security.enabled:
-            await dispatch(job, msg.data, passthrough, {})
-            return
-        try:
-            opened = security.open_from(msg.data, msg.headers, reader=tenant_principal(job.tenant))
-            check_binding(opened.aad, request_binding(job.request_id, job.tenant, job.model, job.reply_to, passthrough))
-        except InvalidToken as refused:
-            security.refused(refused)
-            runtime.dead_letter(msg, f"unauthenticated ({refused.reason.value})")
-            return
-        await dispatch(job, opened.plaintext, passthrough, opened.aad)
-
-    @runtime.hot_path(Subjects.COMPLETED_ALL)
-    async def on_completed(msg: Msg) -> None:
-        headers = msg.headers or {}
-        if STAGE_DONE_HEADER in headers:
-            entry = inflight.advance(headers[STAGE_DONE_HEADER])
-            if entry is not None and entry.counted_on:
-                registry.note_completion(entry.counted_on.pop(0), entry.job.sla_class)
-            return
-        request_id = headers.get(RequestHeaders.REQUEST_ID)
-        entry = inflight.complete(request_id) if request_id else None
-        if entry is not None:
-            release(entry)
-
-    @runtime.broker.subscriber(Subjects.HEARTBEAT_ALL)
-    async def on_heartbeat(heartbeat: HeartbeatV1) -> None:
-        if not usable(heartbeat.site):
-            if registry.get(heartbeat.executor) is not None:
-                runtime.log.warning("executor %s at revoked site %s: no more work", heartbeat.executor, heartbeat.site)
-                registry.forget(heartbeat.executor)
-                for entry in inflight.on_executor(heartbeat.executor):
-                    await redispatch(entry)
-            return
-        if registry.observe(heartbeat, time.monotonic()):
-            runtime.log.info("discovered executor %s at %s serving %s", heartbeat.executor, heartbeat.site,
-                             ", ".join(m.name for m in heartbeat.models))
-
-    async def watchdog() -> None:
-        interval = settings.watchdog_interval_ms / 1000.0
-        while True:
-            await asyncio.sleep(interval)
-            for dead in registry.expire(time.monotonic()):
-                runtime.log.warning("executor %s at %s missed its heartbeats: dropped", dead.id, dead.site)
-                for entry in inflight.on_executor(dead.id):
-                    await redispatch(entry)
-            for entry in inflight.due(now_ms(), settings.deadline_margin_ms):
-                release(entry)
-                counts["deadline_answers"] += 1
-                lost = entry.executor is not None and registry.get(entry.executor) is None
-                code = ErrorCode.EXECUTOR_LOST if lost else ErrorCode.DEADLINE_EXCEEDED
-                await runtime.answer_error(
-                    entry.job.reply_to,
-                    DinError(code, f"no answer from site {entry.site} before the deadline"),
-                    entry.job.request_id,
-                )
-
-    def release(entry: InflightJob) -> None:
+    def release(self, entry: InflightJob) -> None:
         """Take a closed job off the load estimates of the executors it still counted on."""
         for executor in entry.counted_on:
-            registry.note_completion(executor, entry.job.sla_class)
+            self.registry.note_completion(executor, entry.job.sla_class)
         entry.counted_on = []
 
-    async def redispatch(entry: InflightJob) -> None:
-        release(entry)
-        job = entry.job
-        if job.max_tokens is not None and entry.advanced:
-            counts["streams_interrupted"] += 1
-            await runtime.answer_error(
-                job.reply_to,
-                DinError(ErrorCode.EXECUTOR_LOST, "the token stream was interrupted: its decode executor died"),
-                job.request_id,
-            )
-            return
-        job.attempt += 1
-        job.executor_chosen = None
-        job.plan, job.stage, job.split_chosen = [], 0, None
-        if job.deadline_ms - now_ms() <= settings.deadline_margin_ms:
-            await runtime.answer_error(
-                job.reply_to, DinError(ErrorCode.EXECUTOR_LOST, "the executor died and no time is left"),
-                job.request_id,
-            )
-            return
-        counts["redispatched"] += 1
-        await dispatch(job, entry.body, entry.passthrough, entry.aad)
+    async def redispatch_all(self, entries: list[InflightJob]) -> None:
+        for entry in entries:
+            await self.redispatch(entry)
 
-    async def prober() -> None:
+    async def redispatch(self, entry: InflightJob) -> None:
+        """A lost executor's job: placed again, or answered when it cannot be (``lifecycle.may_redispatch``)."""
+        self.release(entry)
+        job = entry.job
+        verdict = lifecycle.may_redispatch(job, entry.advanced, now_ms(), self.settings.deadline_margin_ms)
+        if verdict != Redispatch.DISPATCH_AGAIN:
+            self.counts["streams_interrupted"] += verdict == Redispatch.STREAM_INTERRUPTED
+            await self.runtime.answer_error(job.reply_to, DinError(ErrorCode.EXECUTOR_LOST,
+                                                                   REDISPATCH_REFUSALS[verdict]), job.request_id)
+            return
+        lifecycle.reset_for_redispatch(job)
+        self.counts["redispatched"] += 1
+        await self.dispatch(job, entry.body, entry.passthrough, entry.aad)
+
+    async def answer_overdue(self) -> None:
+        """The watchdog's answer to every open job at its deadline margin."""
+        for entry in self.inflight.due(now_ms(), self.settings.deadline_margin_ms):
+            self.release(entry)
+            self.counts["deadline_answers"] += 1
+            alive = entry.executor is not None and self.registry.get(entry.executor) is not None
+            code = lifecycle.watchdog_error(entry.executor, alive)
+            await self.runtime.answer_error(
+                entry.job.reply_to, DinError(code, f"no answer from site {entry.site} before the deadline"),
+                entry.job.request_id,
+            )
+
+    async def watchdog(self) -> None:
+        """Drop executors that missed their heartbeats (their jobs dispatched again), answer overdue jobs."""
+        interval = self.settings.watchdog_interval_ms / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            for dead in self.registry.expire(time.monotonic()):
+                self.log.warning("executor %s at %s missed its heartbeats: dropped", dead.id, dead.site)
+                await self.redispatch_all(self.inflight.on_executor(dead.id))
+            await self.answer_overdue()
+
+    async def prober(self) -> None:
+        """Measure each remote site's link round trip with an echoed probe."""
         seq = 0
-        remote = [s.name for s in topology.sites if s.name != settings.site]
+        remote = [s.name for s in self.topology.sites if s.name != self.settings.site]
         while True:
             for site in remote:
                 seq += 1
-                links.sent(site)
-                probe = ProbeV1(from_site=settings.site, to_site=site, sent_ms=now_ms(), seq=seq)
+                self.links.sent(site)
+                probe = ProbeV1(from_site=self.settings.site, to_site=site, sent_ms=now_ms(), seq=seq)
                 started = time.perf_counter()
                 with contextlib.suppress(NatsTimeout, NoRespondersError):
-                    await runtime.nc.request(Subjects.probe(site), probe.model_dump_json().encode(), timeout=1.0)
-                    links.observe_rtt(site, (time.perf_counter() - started) * 1000.0)
-            await asyncio.sleep(settings.probe_interval_s)
+                    await self.nc.request(Subjects.probe(site), probe.model_dump_json().encode(),
+                                          timeout=PROBE_TIMEOUT_S)
+                    self.links.observe_rtt(site, (time.perf_counter() - started) * 1000.0)
+            await asyncio.sleep(self.settings.probe_interval_s)
 
-    async def pressure() -> None:
+    async def pressure(self) -> None:
+        """Tell admission the network's load, periodically."""
         while True:
-            await asyncio.sleep(settings.pressure_interval_s)
-            live = registry.live()
-            fastest = min(
-                (links.rtt_ms(s.site) + min(m.compute_ms_per_item for m in s.heartbeat.models) for s in live
-                 if s.heartbeat.models),
-                default=0.0,
-            )
-            report = PressureV1(
-                inflight=len(inflight),
-                capacity=sum(s.heartbeat.capacity for s in live),
-                fastest_ms=round(fastest, 3),
-                executors=len(live),
-                at_ms=now_ms(),
-            )
-            await runtime.nc.publish(Subjects.PRESSURE, report.model_dump_json().encode())
+            await asyncio.sleep(self.settings.pressure_interval_s)
+            report = pressure_report(self.registry.live(), self.links, len(self.inflight), now_ms())
+            await self.nc.publish(Subjects.PRESSURE, report.model_dump_json().encode())
 
-    @runtime.on_start
-    async def start_background() -> None:
-        if settings.mode == SchedulingMode.DISTRIBUTED:
-            await ensure_work_streams()
-        await runtime.nc.publish(Subjects.ROLL_CALL, b"")
+    async def start_keys(self) -> None:
+        topology = self.topology
+        await self.security.start(
+            self.nc,
+            readers=lambda agent: [
+                *(tenant_principal(t.name) for t in topology.tenants),
+                *(site_principal(s.name) for s in topology.sites if site_principal(s.name) not in agent.revoked),
+            ],
+            timeout_s=self.settings.keys_wait_s,
+        )
+
+    async def start_background(self) -> None:
+        if self.settings.mode == SchedulingMode.DISTRIBUTED:
+            await self.ensure_work_streams()
+        await self.nc.publish(Subjects.ROLL_CALL, b"")
         await asyncio.sleep(ROLL_CALL_WAIT_S)
-        for loop in (watchdog, prober, pressure):
-            runtime.spawn(loop(), name=loop.__name__)
+        for loop in (self.watchdog, self.prober, self.pressure):
+            self.runtime.spawn(loop(), name=loop.__name__)
 
-    async def ensure_work_streams() -> None:
-        for site in topology.sites:
-            js = runtime.nc.jetstream(domain=site.name)
+    async def ensure_work_streams(self) -> None:
+        for site in self.topology.sites:
             config = StreamConfig(
                 name=work_stream(site.name),
                 subjects=[Subjects.work_all(site.name)],
                 retention=RetentionPolicy.WORK_QUEUE,
-                max_age=600.0,
+                max_age=WORK_MAX_AGE_S,
             )
             try:
-                await js.add_stream(config)
+                await self.nc.jetstream(domain=site.name).add_stream(config)
             except Exception as exc:
-                runtime.log.warning("work stream of site %s not created yet: %s", site.name, exc)
+                self.log.warning("work stream of site %s not created yet: %s", site.name, exc)
 
-    @runtime.on_drain
-    async def finish_enqueues() -> None:
-        if enqueues:
-            await asyncio.wait(enqueues, timeout=2.0)
-        await security.stop()
+    async def finish_enqueues(self) -> None:
+        if self.enqueues:
+            await asyncio.wait(self.enqueues, timeout=2.0)
+        await self.security.stop()
 
-    return runtime
+
+def create_runtime(settings: SchedulerSettings):
+    """Build the scheduler service (its runtime, for launchers that start runtimes)."""
+    return Scheduler(settings).runtime

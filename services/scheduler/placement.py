@@ -131,3 +131,12 @@ def pick_executor(
         ErrorCode.DEADLINE_EXCEEDED,
         f"no executor can answer within the {budget_ms:.0f} ms left before the deadline",
     )
+
+
+def assign(job: JobV1, placement: Placement, *, centralized: bool, now_ms: float) -> None:
+    """Write ``placement`` into ``job``: its model and site, its executor in centralized mode (a site's queue
+    otherwise), and the time it was scheduled."""
+    job.model_chosen = placement.model
+    job.site_chosen = placement.executor.site
+    job.executor_chosen = placement.executor.id if centralized else None
+    job.stamps_ms["scheduled"] = now_ms

@@ -25,11 +25,12 @@ to the next stage as the plan says.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.scheduler.links import LinkTable
-from services.scheduler.placement import Placement
+from services.scheduler.placement import Placement, pick_executor
 from services.scheduler.registry import ExecutorState
 from services.scheduler.split_point import (
     LOCAL,
@@ -207,3 +208,34 @@ def make_plan(job: JobV1, catalog: ModelCatalog, place: Placer, links: LinkTable
     if job.max_tokens is not None:
         return plan_generation(job, catalog, place, queue_at_site=queue_at_site)
     return plan_split(job, catalog, place, links, topology, queue_at_site=queue_at_site)
+
+
+def stage_placer(job: JobV1, executors: list[ExecutorState], links: LinkTable, topology: Topology, now_ms: float,
+                 cost_limits: dict[str, float | None], *, queue_at_site: bool,
+                 rng: random.Random | None = None) -> Placer:
+    """Places each stage of ``job`` as ``pick_executor`` places a copy of the job for the stage's model (any
+    version) and sites."""
+
+    def place_stage(model: str, sites: list[str] | None) -> Placement:
+        workload = job.workload.model_copy(update={"candidates": [model], "allowed_sites": sites}) \
+            if job.workload else None
+        stage_job = job.model_copy(update={"model": model, "model_version": None, "workload": workload})
+        return pick_executor(stage_job, executors, links, topology, now_ms, cost_limits, queue_at_site=queue_at_site,
+                             rng=rng)
+
+    return place_stage
+
+
+def place_job(job: JobV1, catalog: ModelCatalog, executors: list[ExecutorState], links: LinkTable,
+              topology: Topology, now_ms: float, cost_limits: dict[str, float | None], *,
+              queue_at_site: bool) -> Placement:
+    """The job's (first stage's) placement; a multi-stage job gets its whole plan in ``job.plan`` (and its split
+    point in ``job.split_chosen``), or ``DinError`` when it cannot run."""
+    if not is_multi_stage(job):
+        return pick_executor(job, executors, links, topology, now_ms, cost_limits, queue_at_site=queue_at_site)
+    placer = stage_placer(job, executors, links, topology, now_ms, cost_limits, queue_at_site=queue_at_site)
+    plan = make_plan(job, catalog, placer, links, topology, queue_at_site=queue_at_site)
+    job.plan, job.stage = plan.stages, 0
+    job.split_chosen = plan.split_point
+    plan.first.reason = plan.reason
+    return plan.first

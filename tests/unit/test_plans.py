@@ -1,7 +1,7 @@
 """Multi-stage plans: where prefill/decode and split head/tail run, over the real zoo's catalog.
 
-Stages are placed the way the scheduler places them (``place()`` in services/scheduler/main.py): each stage is a copy
-of the job for the stage's model and sites, handed to ``pick_executor``.
+Stages are placed the way the scheduler places them (``stage_placer``): each stage is a copy of the job for the
+stage's model and sites, handed to ``pick_executor``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import random
 import pytest
 
 from services.scheduler.links import LinkTable
-from services.scheduler.placement import pick_executor
-from services.scheduler.plans import Plan, is_multi_stage, make_plan
+from services.scheduler.plans import Plan, is_multi_stage, make_plan, place_job, stage_placer
 from services.scheduler.registry import ExecutorState
 from services.scheduler.split_point import LOCAL, NO_SPLIT
 from shared.catalog import ModelCatalog
@@ -101,15 +100,10 @@ def links(factory: float = 1.0, branch: float = 1.0) -> LinkTable:
 
 def plan(j: JobV1, catalog: ModelCatalog, executors: list[ExecutorState], table: LinkTable | None = None, *,
          queue_at_site: bool = False) -> Plan:
-    """``make_plan`` with each stage placed as the scheduler's ``place()`` places it."""
+    """``make_plan`` with each stage placed as the scheduler places it (``stage_placer``)."""
     table = table or links()
-
-    def place_stage(model: str, sites: list[str] | None):
-        workload = j.workload.model_copy(update={"candidates": [model], "allowed_sites": sites})
-        stage_job = j.model_copy(update={"model": model, "model_version": None, "workload": workload})
-        return pick_executor(stage_job, executors, table, TOPOLOGY, NOW_MS, {}, queue_at_site=queue_at_site,
-                             rng=random.Random(0))
-
+    place_stage = stage_placer(j, executors, table, TOPOLOGY, NOW_MS, {}, queue_at_site=queue_at_site,
+                               rng=random.Random(0))
     return make_plan(j, catalog, place_stage, table, TOPOLOGY, queue_at_site=queue_at_site)
 
 
@@ -132,6 +126,19 @@ def test_which_jobs_need_a_plan():
     assert is_multi_stage(job(split="hidden_1"))
     assert not is_multi_stage(job(split="none"))
     assert not is_multi_stage(job())
+
+
+def test_place_job_gives_a_multi_stage_job_its_plan_and_a_plain_job_none(catalog):
+    executors = [executor("factory-1", "factory", ["charlm-prefill"]), executor("cloud-1", "cloud", ["charlm"]),
+                 executor("cloud-2", "cloud", [LARGE])]
+    streamed = job("charlm", max_tokens=8)
+    first = place_job(streamed, catalog, executors, links(), TOPOLOGY, NOW_MS, {}, queue_at_site=False)
+    assert [s.kind for s in streamed.plan] == [StageKind.PREFILL, StageKind.DECODE] and streamed.stage == 0
+    assert first.executor.id == "factory-1" and "disaggregated" in first.reason
+    whole = job()
+    assert place_job(whole, catalog, executors, links(), TOPOLOGY, NOW_MS, {}, queue_at_site=False).executor.id \
+        == "cloud-2"
+    assert whole.plan == [] and whole.split_chosen is None
 
 
 # --- generation: prefill then decode ---------------------------------------------------------------------------------
