@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -116,12 +117,13 @@ def test_split_points_are_relu_layer_outputs_in_graph_order(zoo_dir):
     assert hidden_1.min() >= 0.0 and hidden_2.min() >= 0.0
 
 
-def test_second_build_is_skipped_and_returns_the_same_configs(zoo_dir):
-    model_path = zoo_dir / "digits-large" / "1" / "model.onnx"
+def test_second_build_is_skipped_and_returns_the_same_configs(zoo_dir, tmp_path):
+    built = shutil.copytree(zoo_dir, tmp_path / "zoo")
+    model_path = built / "digits-large" / "1" / "model.onnx"
     before = _backdate(model_path)
-    configs = zoo.build_zoo(zoo_dir)
+    configs = zoo.build_zoo(built)
     assert model_path.stat().st_mtime_ns == before
-    assert configs == [ModelConfigV1.read(zoo_dir / name / "config.json") for name in zoo.model_names()]
+    assert configs == [ModelConfigV1.read(built / name / "config.json") for name in zoo.model_names()]
 
 
 @pytest.fixture
