@@ -7,9 +7,11 @@ format, not just that the module agrees with itself.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import hmac
 import json
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -393,6 +395,17 @@ def test_keyring_hands_out_the_sealing_and_opening_keys(ring: Keyring, clock: Fa
     with pytest.raises(SealRefused):
         ring.sealing_key("site-a", sender="site-b")
     _refused(Reason.REVOKED, ring.opening_key, "site-a", sealing.version + 1, sender="site-b")
+
+
+def test_seal_and_open_use_only_the_keyrings_public_methods() -> None:
+    tree = ast.parse(Path(envelope.__file__).read_text(encoding="utf-8"))
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    for name in ("seal", "open"):
+        private = sorted(
+            f"{node.value.id}.{node.attr}" for node in ast.walk(functions[name])
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_")
+        )
+        assert private == [], f"envelope.{name} reaches into {private}"
 
 
 def test_every_refusal_looks_the_same(ring: Keyring, clock: FakeClock) -> None:
