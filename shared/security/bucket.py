@@ -24,10 +24,12 @@ class EntryKeys:
 
     @staticmethod
     def public(principal: str) -> str:
+        """The entry holding ``principal``'s public identity."""
         return f"pub.{token(principal, what='principal')}"
 
     @staticmethod
     def dek(holder: str, reader: str, version: int) -> str:
+        """The entry holding ``version`` of ``reader``'s DEK, wrapped to ``holder``."""
         return f"dek.{token(holder, what='holder')}.{token(reader, what='reader')}.{int(version)}"
 
 

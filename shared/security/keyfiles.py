@@ -62,6 +62,7 @@ class PrincipalKeys:
 
     @property
     def principal(self) -> str:
+        """The principal these credentials belong to."""
         return self.identity.name
 
     @classmethod
