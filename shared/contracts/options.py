@@ -177,12 +177,12 @@ class ServingOptionsV1(BaseModel):
     )] = Field(
         default=None,
         description="Large-small cascade: the small variant answers, and an answer whose confidence (top class "
-        "probability) is below this threshold escalates to the large one. None: no cascade.")
+        "probability) is below this threshold escalates to the large one. Absent: no cascade.")
     cascade_target_rate: Annotated[float | None, WireOption(
         RequestHeaders.CASCADE, "cascade", _cascade_target_rate, _target_rate_text)] = Field(
         default=None,
         description="Large-small cascade by target ('rate:<fraction>' on the wire): escalate about this fraction of "
-        "requests, the least confident, calibrated on the small variant's recent answers at its executor. None: a "
+        "requests, the least confident, calibrated on the small variant's recent answers at its executor. Absent: a "
         "fixed threshold or no cascade.")
     max_tokens: Annotated[int | None, WireOption(RequestHeaders.MAX_TOKENS, "max_tokens", _max_tokens)] = Field(
         default=None,
