@@ -77,11 +77,13 @@ class Admission(Service):
 
     @control("pressure", Subjects.PRESSURE)
     async def on_pressure(self, pressure: PressureV1) -> None:
+        """Keep the scheduler's latest view of network load: the gate sheds on it."""
         self.gate.pressure = pressure
 
     @endpoint("infer", Subjects.INFER_ALL, queue="admission",
               publishes=("classify", "inferReply", Topics.ADMISSION_DECISIONS, Topics.REQUESTS))
     async def on_infer(self, msg: Msg) -> None:
+        """Admit one request (or answer and record its refusal), as one hop of its trace."""
         with self.runtime.tracing.hop("admission admit", (msg.headers or {}).get(RequestHeaders.TRACEPARENT),
                                       subject=msg.subject) as (span, traceparent):
             received_ms = time.time() * 1000.0
@@ -129,6 +131,7 @@ class Admission(Service):
                        len(admitted.unsealed.plaintext))
 
     def _unanswerable(self, msg: Msg) -> None:
+        """A request without a reply subject: nobody to answer, so only counted and recorded."""
         raw_tenant, raw_model = self._raw_target(msg)
         self.counts["unanswerable"] += 1
         self._decision(peek_request_id(msg.headers, msg.data) or "", raw_tenant, raw_model, None, False,
