@@ -164,11 +164,11 @@ class Network:
             await self.wait_ready("executor", executor_id, timeout_s=60.0)
         await self.wait_live_executors(len(declared))
 
-
     async def barrier(self, nc: nats.NATS, inbox: str, answers: list, headers: dict[str, str] | None = None) -> None:
         """Send one more good request (globex, digits-small, ``headers`` added) answered on ``inbox`` and wait for
-        its answer, then drop it from ``answers``: what the services still owed earlier requests on that inbox has
-        arrived by then. A causal barrier through the same hops, instead of a fixed sleep."""
+        its answer, then drop it from ``answers``. An answer still owed to an earlier request on that inbox, having
+        travelled the same hops, has had the time a whole later request needed: a barrier, instead of a fixed
+        sleep."""
         request_id = f"barrier-{uuid.uuid4().hex[:8]}"
         body = encode_request_json({"input": np.zeros((1, 64), dtype=np.float32)})
         await nc.publish(Subjects.infer("globex", "digits-small"), body, reply=inbox,
@@ -188,6 +188,7 @@ def reply_id(msg) -> str | None:
         return ErrorReplyV1.model_validate_json(msg.data).error.request_id
     return json.loads(msg.data).get("id")
 
+
 def _frozen(pid: int) -> bool:
     """True when process ``pid`` is stopped (SIGSTOP) rather than running."""
     try:
@@ -201,9 +202,6 @@ class KafkaEvents:
     """JSON events read from Kafka topics, as ``(topic, event)`` pairs."""
 
     found: list[tuple[str, dict]]
-
-    def on(self, topic: str) -> list[dict]:
-        return [event for t, event in self.found if t == topic]
 
 
 async def read_events(bootstrap: str, topics: list[str], keep: Callable[[dict], bool],
@@ -227,6 +225,7 @@ async def read_events(bootstrap: str, topics: list[str], keep: Callable[[dict], 
     finally:
         await consumer.stop()
     return events
+
 
 RAW_CLIENT_POLICY = CryptoPolicy(plaintext_ingress=[t["name"] for t in INFERENCE_TOPOLOGY["tenants"]])
 """The inference-path tests also send raw NATS requests and use clients without key files: let them in."""
