@@ -259,8 +259,7 @@ class TelemetryMetrics:
         sla = event.sla_class
         key = (event.tenant, event.model, event.site, sla.value)
         self.events.inc(("completion",))
-        cascade_step = event.stage
-        if cascade_step == 1 and event.escalated:
+        if event.cascade_step == 1 and event.escalated:
             return  # a cascade's first step handed the request on; its final completion counts it
         if event.handed_on_to is not None:
             handoff = (event.stage_kind or OTHER, event.site, event.handed_on_to)

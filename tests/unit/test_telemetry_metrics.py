@@ -92,6 +92,19 @@ def test_completions_feed_rate_latency_stages_and_batch_sizes():
     assert value(s, "din_telemetry_events_total", source="completion") == 6
 
 
+def test_a_cascade_counts_once_at_the_step_that_answered():
+    metrics = TelemetryMetrics(TARGETS, clock=Clock())
+    handed_on = completion(model="digits-small").model_copy(update={"cascade_step": 1, "escalated": True})
+    answered = completion(model="digits-large").model_copy(update={"cascade_step": 2, "escalated": True})
+    confident = completion(model="digits-small").model_copy(update={"cascade_step": 1, "escalated": False})
+    for event in (handed_on, answered, confident):
+        metrics.observe_completion(event)
+    s = scrape(metrics)
+    assert value(s, "din_requests_total", model="digits-small", outcome="ok") == 1
+    assert value(s, "din_requests_total", model="digits-large", outcome="ok") == 1
+    assert value(s, "din_telemetry_events_total", source="completion") == 3
+
+
 def test_token_latencies_are_defined_and_fed_when_present():
     metrics = TelemetryMetrics(TARGETS, clock=Clock())
     metrics.observe_completion(completion(total=900.0, ttft=120.0, tpot=15.0, sla="interactive"))
