@@ -7,15 +7,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash ops/setup.sh
 
 # The linter first (configuration in pyproject.toml): a finding fails the test command before any test runs.
-lint_paths=(
-  tests/support.py tests/conftest.py
-  tests/integration/network.py tests/integration/fake_service.py tests/integration/test_brokers.py
-  tests/integration/test_cascade.py tests/integration/test_distributed_mode.py
-  tests/integration/test_inference_path.py tests/integration/test_launcher.py tests/integration/test_multistage.py
-  tests/unit/test_classifier.py tests/unit/test_compose.py tests/unit/test_naming.py tests/unit/test_stack_plan.py
-  tests/unit/test_topology.py
+# Files in lint_pending still have findings to fix; they are skipped until then.
+lint_pending=(
+  din/commands/stack.py din/stack/launcher.py din/stack/processes.py services/executor/batcher.py
+  services/executor/pulling.py services/executor/settings.py services/scheduler/inflight.py
+  services/scheduler/main.py services/scheduler/placement.py services/scheduler/registry.py
+  services/scheduler/settings.py services/scheduler/split_point.py shared/eventlog.py shared/lifecycle.py
+  shared/tensors.py shared/topology.py
 )
-.venv/bin/ruff check "${lint_paths[@]}"
+.venv/bin/ruff check --extend-exclude "$(IFS=,; echo "${lint_pending[*]}")" services shared din tests bench zoo ops
 
 set +e
 .venv/bin/python -m pytest -q "$@"
