@@ -21,6 +21,9 @@ from shared.naming import Topics
 
 log = logging.getLogger(__name__)
 
+QueuedEvent = tuple[str, bytes | None, bytes | BaseModel, list[tuple[str, bytes]]]
+"""One event waiting to be produced: topic, key, value (encoded or a contract), headers."""
+
 EVENT_TYPE_HEADER = "din-event-type"
 
 
@@ -44,9 +47,7 @@ class EventLog:
         self._bootstrap = bootstrap
         self._client_id = client_id
         self._scope = topic_scope
-        self._queue: asyncio.Queue[tuple[str, bytes | None, bytes | BaseModel, list[tuple[str, bytes]]]] = asyncio.Queue(
-            maxsize=max_buffered
-        )
+        self._queue: asyncio.Queue[QueuedEvent] = asyncio.Queue(maxsize=max_buffered)
         self._linger_ms = linger_ms
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task | None = None
@@ -144,7 +145,7 @@ class EventLog:
             await asyncio.wait_for(self._queue.join(), timeout_s)
             if self._producer is not None:
                 await asyncio.wait_for(self._producer.flush(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("event log: %d events not flushed within %.1fs", self._queue.qsize(), timeout_s)
 
     async def stop(self) -> None:

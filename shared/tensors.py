@@ -321,7 +321,7 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @classmethod
-    def from_config(cls, entry: Mapping[str, Any]) -> "TensorSpec":
+    def from_config(cls, entry: Mapping[str, Any]) -> TensorSpec:
         """Build from a ``config.json`` entry ``{"name", "datatype", "shape"}``."""
         return cls(name=entry["name"], datatype=Datatype(entry["datatype"]), shape=tuple(entry["shape"]))
 

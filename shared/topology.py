@@ -117,7 +117,7 @@ class Topology(_Strict):
     security: SecuritySpec = Field(default_factory=SecuritySpec, description="Crypto policy per path type.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Topology":
+    def _consistent(self) -> Topology:
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError(f"site names repeat: {names}")

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from din.commands.models import build_models
 from din.stack.brokers import DEFAULT_KAFKA_LIBS, nats_server_binary, require_java, resolve_kafka_jars
 from din.stack.launcher import (
     DEFAULT_DIN_DIR,
@@ -27,7 +28,6 @@ from din.stack.launcher import (
     state_processes_alive,
     stop_from_state,
 )
-from din.commands.models import build_models
 from din.stack.processes import StackError, pid_alive
 from shared.topology import load_topology
 

@@ -18,8 +18,8 @@ environment; ``docker-compose.yml`` must match it, and a test compares them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePath
 
 import yaml
@@ -103,7 +103,7 @@ class PortPlan:
     kafka_controller: int = 9093
     telemetry_metrics: int = 9464
 
-    def offset(self, n: int) -> "PortPlan":
+    def offset(self, n: int) -> PortPlan:
         """The same plan with every port moved by ``n``."""
         if n == 0:
             return self
@@ -118,7 +118,7 @@ class PortPlan:
         return plan
 
     @classmethod
-    def free(cls, edge_sites: int = 4) -> "PortPlan":
+    def free(cls, edge_sites: int = 4) -> PortPlan:
         """A plan of ephemeral ports that are free right now (for tests and benchmarks)."""
         count = 6 + 2 * edge_sites
         socks = []
@@ -304,7 +304,9 @@ def nats_specs(topology: Topology, ports: PortPlan) -> list[NatsServerSpec]:
     return specs
 
 
-def port_roles(topology: Topology, ports: PortPlan, *, kafka: bool = True, telemetry: bool = True) -> list[tuple[int, str]]:
+def port_roles(
+    topology: Topology, ports: PortPlan, *, kafka: bool = True, telemetry: bool = True
+) -> list[tuple[int, str]]:
     """Every port the stack will listen on, with a human description of its role."""
     roles: list[tuple[int, str]] = []
     for spec in nats_specs(topology, ports):
@@ -379,7 +381,7 @@ async def _await_health(
                     if health.ready:
                         return
                     last = f"answered ready=false {health.detail or ''}".strip()
-                except (NoRespondersError, NatsTimeout, asyncio.TimeoutError):
+                except (TimeoutError, NoRespondersError, NatsTimeout):
                     pass
                 except ValueError as exc:
                     last = f"health answer is not a HealthV1: {str(exc).splitlines()[0]}"
@@ -603,7 +605,7 @@ class Stack:
 
     @classmethod
     def brokers_only(cls, topology: Topology, *, ports: PortPlan | None = None, din_dir: Path = DEFAULT_DIN_DIR,
-                     kafka: bool = True, write_state: bool = False, **kwargs) -> "Stack":
+                     kafka: bool = True, write_state: bool = False, **kwargs) -> Stack:
         """NATS hub, leaves and Kafka without services, on free ports unless ``ports`` is given."""
         edges = sum(1 for s in topology.sites if s.role == "edge")
         return cls(topology, ports=ports or PortPlan.free(edges), din_dir=din_dir, services=(), kafka=kafka,
@@ -691,7 +693,7 @@ class Stack:
         )
 
     def _new_run_dir(self) -> Path:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         runs = self.din_dir / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         for n in range(1000):
@@ -711,11 +713,11 @@ class Stack:
             target.write_text(yaml.safe_dump(self.topology.model_dump(mode="json"), sort_keys=False))
         return target
 
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         """Start brokers, then services; return when all are ready or raise ``StackError`` having stopped all."""
         self.preflight()
         self.run_dir = self._new_run_dir()
-        self._started_at = datetime.now(timezone.utc).isoformat()
+        self._started_at = datetime.now(UTC).isoformat()
         try:
             self._write_topology(self.run_dir)
             write_credentials(self.credentials_file, [t.name for t in self.topology.tenants])
@@ -789,7 +791,7 @@ class Stack:
                     return proc
             time.sleep(poll_s)
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         if self.run_dir is None:
             self.start()
         return self

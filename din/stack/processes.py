@@ -31,7 +31,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout_s: float, proc: "ManagedProcess | None" = None) -> None:
+def wait_for_port(port: int, timeout_s: float, proc: ManagedProcess | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
@@ -57,7 +57,7 @@ class ManagedProcess:
     cwd: Path | None = None
     popen: subprocess.Popen | None = None
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         try:
