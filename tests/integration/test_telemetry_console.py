@@ -13,9 +13,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1
 from shared.naming import Topics
 from shared.recording import request_record
+from tests.support import make_job
 
 pytestmark = pytest.mark.integration
 
@@ -36,9 +36,9 @@ async def test_documented_console_consumer_prints_recorded_request_headers(kafka
         pytest.skip("Kafka's jars are not in .din/kafka/libs (run `din setup`)")
     topic = Topics.scoped(Topics.REQUESTS, unique)
     now = time.time() * 1000.0
-    job = JobV1(request_id="req-console", tenant="acme", model="digits-small", sla_class=SlaClass.BATCH,
-                deadline_ms=int(now) + 60_000, reply_to="", content_type="application/vnd.din.tensor",
-                received_ms=now, labels=["pii"])
+    job = make_job(request_id="req-console", model="digits-small", sla_class=SlaClass.BATCH,
+                   deadline_ms=int(now) + 60_000, reply_to="", content_type="application/vnd.din.tensor",
+                   received_ms=now, labels=["pii"])
     key, value, headers = request_record(job, b"\x00" * 256, {"Din-Tensor-Name": "input",
                                                                "Din-Tensor-Shape": "1,64",
                                                                "Din-Tensor-Datatype": "FP32"})

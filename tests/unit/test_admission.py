@@ -10,20 +10,13 @@ from shared.contracts.events import PressureV1
 from shared.contracts.inference import RequestHeaders, SlaClass
 from shared.credentials import TenantVerifier, issue_token
 from shared.errors import DinError, ErrorCode
+from tests.support import ManualClock
 
 NOW = 1_700_000_000.0
 SECRET = "ab" * 32
 GOOD_BODY = json.dumps(
     {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [0.1, 0.2]}]}
 ).encode()
-
-
-class FakeClock:
-    def __init__(self, t: float = 0.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def catalog() -> ModelCatalog:
@@ -39,7 +32,7 @@ def catalog() -> ModelCatalog:
 def gate(rate=100.0, burst=2, clock=None) -> AdmissionGate:
     return AdmissionGate(
         TenantVerifier({"acme": SECRET}),
-        QuotaLedger({"acme": (rate, burst)}, clock=clock or FakeClock()),
+        QuotaLedger({"acme": (rate, burst)}, clock=clock or ManualClock(0.0)),
         catalog(),
         max_payload=4096,
         wall_clock=lambda: NOW,
@@ -111,13 +104,13 @@ def test_gate_refuses_unknown_tenant_model_version_and_bad_credentials():
 
 
 def test_token_bucket_limits_and_refills():
-    clock = FakeClock()
+    clock = ManualClock(0.0)
     g = gate(rate=10.0, burst=2, clock=clock)
     g.admit("acme", "digits-small", headers(), GOOD_BODY)
     g.admit("acme", "digits-small", headers(), GOOD_BODY)
     error = refused(ErrorCode.RATE_LIMITED, lambda: g.admit("acme", "digits-small", headers(), GOOD_BODY))
     assert error.retriable and error.retry_after_ms == 100
-    clock.t += 0.1
+    clock.advance(0.1)
     g.admit("acme", "digits-small", headers(), GOOD_BODY)
 
 
@@ -167,7 +160,7 @@ def test_a_cascade_needs_another_variant_and_no_pinned_version():
     refused(ErrorCode.BAD_REQUEST, lambda: gate().admit(
         "acme", "digits-small", headers(**{RequestHeaders.CASCADE: "0.9", RequestHeaders.MODEL_VERSION: "2"}),
         GOOD_BODY))
-    lonely = AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 2)}, clock=FakeClock()),
+    lonely = AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 2)}, clock=ManualClock(0.0)),
                            ModelCatalog([catalog().get("digits-large")]), max_payload=4096, wall_clock=lambda: NOW)
     error = refused(ErrorCode.BAD_REQUEST,
                     lambda: lonely.admit("acme", "digits-large", headers(**{RequestHeaders.CASCADE: "0.9"}), GOOD_BODY))
@@ -194,7 +187,7 @@ def staged_catalog(prefill_listed: bool = True) -> ModelCatalog:
 
 
 def staged_gate(prefill_listed: bool = True) -> AdmissionGate:
-    return AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 100)}, clock=FakeClock()),
+    return AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 100)}, clock=ManualClock(0.0)),
                          staged_catalog(prefill_listed), max_payload=4096, wall_clock=lambda: NOW)
 
 

@@ -34,6 +34,7 @@ from shared.envelope import (
     SiteIdentity,
 )
 from shared.errors import DinError, ErrorCode, error_reply
+from tests.support import T0, ManualClock
 
 # RFC 7748 section 6.1 (Alice) and RFC 8032 section 7.1 (TEST 1).
 X25519_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
@@ -43,7 +44,6 @@ ED25519_PUBLIC = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325
 
 DEK_BYTES = bytes(range(32))
 NONCE = bytes(range(100, 112))
-T0 = 1_700_000_000.0
 AAD = {"request_id": "req-1", "tenant": "acme", "model": "resnet50"}
 
 KAT_HEADERS = {
@@ -58,19 +58,6 @@ KAT_HEADERS = {
 }
 # Pinned so an accidental wire-format change shows up even if both sides change together.
 KAT_BODY_HEX = "52d5c8c3f181b1f0c151915be1b9972763a3721524d4ad249f"
-
-
-class FakeClock:
-    """Unix seconds that move only when the test says so."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FixedRandom:
@@ -102,12 +89,12 @@ def _canonical(obj: dict[str, str]) -> bytes:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def ring(clock: FakeClock) -> Keyring:
+def ring(clock: ManualClock) -> Keyring:
     """One ring shared by sender and reader (as after DEK distribution), keys for site-a and site-b."""
     kr = Keyring(grace_s=60, clock=clock)
     kr.rotate("site-a")
@@ -159,7 +146,7 @@ def test_public_identity_serializes_and_round_trips() -> None:
 
 
 def _kat_ring() -> Keyring:
-    kr = Keyring(clock=FakeClock(), random=FixedRandom(NONCE))
+    kr = Keyring(clock=ManualClock(), random=FixedRandom(NONCE))
     kr.install(DataKey("site-a", 1, DEK_BYTES))
     return kr
 
@@ -377,7 +364,7 @@ def test_revoked_sender_and_reader_are_refused(ring: Keyring) -> None:
     _refused(Reason.REVOKED, envelope.open, to_b, keyring=ring, expected_reader="site-a")
 
 
-def test_keyring_hands_out_the_sealing_and_opening_keys(ring: Keyring, clock: FakeClock) -> None:
+def test_keyring_hands_out_the_sealing_and_opening_keys(ring: Keyring, clock: ManualClock) -> None:
     sealing = ring.sealing_key("site-a", sender="site-b")
     assert sealing.version == ring.current_version("site-a")
     associated = b"headers"
@@ -408,7 +395,7 @@ def test_seal_and_open_use_only_the_keyrings_public_methods() -> None:
         assert private == [], f"envelope.{name} reaches into {private}"
 
 
-def test_every_refusal_looks_the_same(ring: Keyring, clock: FakeClock) -> None:
+def test_every_refusal_looks_the_same(ring: Keyring, clock: ManualClock) -> None:
     """Whatever check fails, the caller sees one code, one message, one reply."""
     signer = Identity.generate("site-a")
     guard = ReplayGuard(30, clock)
@@ -446,7 +433,7 @@ def test_every_refusal_looks_the_same(ring: Keyring, clock: FakeClock) -> None:
 # --------------------------------------------------------------------------- rotation
 
 
-def test_rotation_accepts_old_version_within_grace_only(ring: Keyring, clock: FakeClock) -> None:
+def test_rotation_accepts_old_version_within_grace_only(ring: Keyring, clock: ManualClock) -> None:
     old = _seal(ring)
     clock.advance(10)
     assert ring.rotate("site-a") == 2
@@ -472,14 +459,14 @@ def test_explicit_now_overrides_the_clock(ring: Keyring) -> None:
     _refused(Reason.RETIRED_KEY, envelope.open, old, keyring=ring, expected_reader="site-a", now=T0 + 61)
 
 
-def test_rotation_with_zero_grace_cuts_off_at_once(ring: Keyring, clock: FakeClock) -> None:
+def test_rotation_with_zero_grace_cuts_off_at_once(ring: Keyring, clock: ManualClock) -> None:
     old = _seal(ring)
     ring.rotate("site-a", grace_s=0)
     clock.advance(0.001)
     _refused(Reason.RETIRED_KEY, envelope.open, old, keyring=ring, expected_reader="site-a")
 
 
-def test_retire_stops_sealing_and_rotate_continues_numbering(ring: Keyring, clock: FakeClock) -> None:
+def test_retire_stops_sealing_and_rotate_continues_numbering(ring: Keyring, clock: ManualClock) -> None:
     ring.retire("site-a", 1, grace_s=5)
     assert ring.current_version("site-a") is None
     with pytest.raises(SealRefused):
@@ -487,7 +474,7 @@ def test_retire_stops_sealing_and_rotate_continues_numbering(ring: Keyring, cloc
     assert ring.rotate("site-a") == 2
 
 
-def test_install_distributed_keys(clock: FakeClock) -> None:
+def test_install_distributed_keys(clock: ManualClock) -> None:
     v1, v2 = DataKey("site-a", 1, bytes(32)), DataKey("site-a", 2, bytes([1]) * 32)
     reader = Keyring(grace_s=60, clock=clock)
     reader.install(v2)
@@ -516,7 +503,7 @@ def test_seal_without_a_key_is_refused_locally() -> None:
 # --------------------------------------------------------------------------- replay
 
 
-def test_replayed_message_is_refused(ring: Keyring, clock: FakeClock) -> None:
+def test_replayed_message_is_refused(ring: Keyring, clock: ManualClock) -> None:
     guard = ReplayGuard(30, clock)
     sealed = _seal(ring)
     opened = envelope.open(sealed, keyring=ring, expected_reader="site-a", replay_guard=guard)
@@ -526,7 +513,7 @@ def test_replayed_message_is_refused(ring: Keyring, clock: FakeClock) -> None:
     _refused(Reason.STALE, envelope.open, sealed, keyring=ring, expected_reader="site-a", replay_guard=guard)
 
 
-def test_forgeries_do_not_fill_the_replay_guard(ring: Keyring, clock: FakeClock) -> None:
+def test_forgeries_do_not_fill_the_replay_guard(ring: Keyring, clock: ManualClock) -> None:
     guard = ReplayGuard(30, clock)
     sealed = _seal(ring)
     _refused(Reason.BAD_TAG, envelope.open, Sealed(_flip(sealed.body, 0), sealed.headers),
@@ -536,7 +523,7 @@ def test_forgeries_do_not_fill_the_replay_guard(ring: Keyring, clock: FakeClock)
     assert opened == b"tensor bytes"
 
 
-def test_replay_guard_window(clock: FakeClock) -> None:
+def test_replay_guard_window(clock: ManualClock) -> None:
     guard = ReplayGuard(30, clock)
     guard.check("a", T0 - 30)
     guard.check("b", T0 + 30)
@@ -545,7 +532,7 @@ def test_replay_guard_window(clock: FakeClock) -> None:
     _refused(Reason.REPLAY, guard.check, "b", T0 + 30)
 
 
-def test_replay_guard_evicts_old_entries(clock: FakeClock) -> None:
+def test_replay_guard_evicts_old_entries(clock: ManualClock) -> None:
     guard = ReplayGuard(10, clock)
     for i in range(100):
         guard.check(f"n{i}", clock())
@@ -556,7 +543,7 @@ def test_replay_guard_evicts_old_entries(clock: FakeClock) -> None:
     _refused(Reason.STALE, guard.check, "n0", T0, now=T0 + 5)
 
 
-def test_replay_guard_memory_is_bounded_without_letting_replays_through(clock: FakeClock) -> None:
+def test_replay_guard_memory_is_bounded_without_letting_replays_through(clock: ManualClock) -> None:
     guard = ReplayGuard(60, clock, max_entries=3)
     for i in range(10):
         guard.check(f"n{i}", T0 + i / 10)
@@ -603,7 +590,7 @@ def test_path_policy() -> None:
 # --------------------------------------------------------------------------- DEK distribution
 
 
-def test_wrapped_dek_round_trip_and_use(clock: FakeClock) -> None:
+def test_wrapped_dek_round_trip_and_use(clock: ManualClock) -> None:
     keymanager = Identity.generate("keymanager")
     site = SiteIdentity.generate("site-a")
     km_ring = Keyring(clock=clock)

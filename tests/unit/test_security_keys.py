@@ -32,24 +32,12 @@ from shared.security import (
     unlock_key,
 )
 from shared.topology import Topology
+from tests.support import three_site_topology
 
-TOPOLOGY = Topology.model_validate({
-    "name": "keys",
-    "sites": [
-        {"name": "cloud", "role": "hub"},
-        {"name": "factory", "role": "edge"},
-        {"name": "branch", "role": "edge"},
-    ],
-    "links": [
-        {"between": ["cloud", "factory"], "path": "dedicated"},
-        {"between": ["cloud", "branch"], "path": "internet"},
-        {"between": ["factory", "branch"], "path": "vpn"},
-    ],
-    "tenants": [
-        {"name": "acme", "sensitive_sites": ["factory"]},
-        {"name": "initech", "sensitive_sites": ["branch"], "always_sensitive": True},
-    ],
-})
+TOPOLOGY = Topology.model_validate(three_site_topology("keys", {}, [
+    {"name": "acme", "sensitive_sites": ["factory"]},
+    {"name": "initech", "sensitive_sites": ["branch"], "always_sensitive": True},
+]))
 
 
 @pytest.fixture(scope="module")

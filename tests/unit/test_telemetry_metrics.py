@@ -16,22 +16,14 @@ from shared.contracts.events import (
     AdmissionDecisionV1,
     CompletionV1,
     HeartbeatV1,
-    ModelLoadedV1,
     SchedulingDecisionV1,
 )
 from shared.contracts.inference import SlaClass
 from shared.contracts.telemetry import SlaViolationV1
 from shared.naming import Topics
+from tests.support import ManualClock, make_heartbeat
 
 TARGETS = {SlaClass.REALTIME: 50.0, SlaClass.INTERACTIVE: 500.0, SlaClass.BATCH: 5000.0}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def completion(total=10.0, sla="realtime", ok=True, site="cloud", tenant="acme", model="digits-small",
@@ -43,13 +35,10 @@ def completion(total=10.0, sla="realtime", ok=True, site="cloud", tenant="acme",
     )
 
 
-def heartbeat(executor="cloud-1", site="cloud", inflight=2, queued=6, capacity=16) -> HeartbeatV1:
-    return HeartbeatV1(
-        executor=executor, site=site, models=[ModelLoadedV1(name="digits-small", version="1", max_batch_size=32,
-                                                            compute_ms_per_item=0.5)],
-        capacity=capacity, queue_depth={"realtime": queued}, inflight=inflight, recent_latency_ms=3.0,
-        interval_s=0.5, sent_ms=0.0,
-    )
+def heartbeat(inflight=2, queued=6, capacity=16) -> HeartbeatV1:
+    return make_heartbeat("cloud-1", "cloud", ["digits-small"], max_batch_size=32, compute_ms_per_item=0.5,
+                          capacity=capacity, queue_depth={"realtime": queued}, inflight=inflight,
+                          recent_latency_ms=3.0, sent_ms=0.0)
 
 
 def scrape(metrics: TelemetryMetrics) -> dict[str, list]:
@@ -67,7 +56,7 @@ def value(samples, name, **labels) -> float:
 
 
 def test_completions_feed_rate_latency_stages_and_batch_sizes():
-    metrics = TelemetryMetrics(TARGETS, clock=Clock())
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
     full = dict(admission=0.2, classify=0.1, schedule=0.3, queue=2.0, compute=1.0)
     for _ in range(3):
         metrics.observe_completion(completion(total=10.0, **full))
@@ -93,7 +82,7 @@ def test_completions_feed_rate_latency_stages_and_batch_sizes():
 
 
 def test_a_cascade_counts_once_at_the_step_that_answered():
-    metrics = TelemetryMetrics(TARGETS, clock=Clock())
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
     handed_on = completion(model="digits-small").model_copy(update={"cascade_step": 1, "escalated": True})
     answered = completion(model="digits-large").model_copy(update={"cascade_step": 2, "escalated": True})
     confident = completion(model="digits-small").model_copy(update={"cascade_step": 1, "escalated": False})
@@ -106,7 +95,7 @@ def test_a_cascade_counts_once_at_the_step_that_answered():
 
 
 def test_token_latencies_are_defined_and_fed_when_present():
-    metrics = TelemetryMetrics(TARGETS, clock=Clock())
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
     metrics.observe_completion(completion(total=900.0, ttft=120.0, tpot=15.0, sla="interactive"))
     s = scrape(metrics)
     assert value(s, "din_time_to_first_token_seconds_sum", sla_class="interactive") == pytest.approx(0.12)
@@ -114,7 +103,7 @@ def test_token_latencies_are_defined_and_fed_when_present():
 
 
 def test_rejects_by_refusing_service_and_reason_with_unknown_reasons_folded():
-    metrics = TelemetryMetrics(TARGETS, clock=Clock())
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
     for reason, admitted in (("ok", True), ("rate_limited", False), ("rate_limited", False), ("bogus!", False)):
         metrics.observe_admission(AdmissionDecisionV1(
             request_id="r", tenant="acme", model="digits-small", sla_class="batch" if admitted else None,
@@ -138,7 +127,7 @@ def test_rejects_by_refusing_service_and_reason_with_unknown_reasons_folded():
 
 
 def test_executor_gauges_from_heartbeats_and_liveness():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     metrics = TelemetryMetrics(TARGETS, clock=clock)
     metrics.observe_heartbeat(heartbeat(inflight=2, queued=6, capacity=16))
     s = scrape(metrics)
@@ -147,12 +136,12 @@ def test_executor_gauges_from_heartbeats_and_liveness():
     assert value(s, "din_executor_queue_depth", sla_class="realtime", **ids) == 6
     assert value(s, "din_executor_up", **ids) == 1
     assert value(s, "din_model_compute_seconds_per_item", model="digits-small", **ids) == pytest.approx(0.0005)
-    clock.now += 2.0  # four missed 0.5 s heartbeats
+    clock.advance(2.0)  # four missed 0.5 s heartbeats
     assert value(scrape(metrics), "din_executor_up", **ids) == 0
 
 
 def test_label_sets_past_the_cap_fold_into_other():
-    metrics = TelemetryMetrics(TARGETS, clock=Clock(), max_series=3)
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0), max_series=3)
     for i in range(10):
         metrics.observe_completion(completion(tenant=f"t{i}"))
     samples = scrape(metrics)["din_requests_total"]
@@ -161,7 +150,7 @@ def test_label_sets_past_the_cap_fold_into_other():
 
 
 def test_every_declared_metric_is_exported_once_fed():
-    metrics = TelemetryMetrics(TARGETS, clock=Clock())
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
     metrics.observe_completion(completion(total=5.0, ttft=1.0, tpot=1.0, degraded=True, admission=0.1,
                                           classify=0.1, schedule=0.1, queue=0.1, compute=0.1))
     metrics.observe_completion(completion(total=500.0))
@@ -212,7 +201,7 @@ def test_sla_watch_fires_once_then_resolves():
 
 
 def test_decision_feed_counts_decisions_of_its_scoped_topics_and_skips_garbage():
-    metrics = TelemetryMetrics(TARGETS, clock=Clock())
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
     settings = TelemetrySettings(nats_url="nats://x:4222", kafka_bootstrap="k:9092", site="cloud", topic_scope="run1")
     feed = DecisionFeed(metrics, settings, client_id="t")
     admissions, placements = Topics.scoped(Topics.ADMISSION_DECISIONS, "run1"), Topics.scoped(

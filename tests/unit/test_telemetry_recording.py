@@ -19,18 +19,15 @@ from shared.recording import (
     request_record,
     write_replay_keys,
 )
+from tests.support import make_job
 
 RECEIVED_MS = 1_700_000_000_123.456
 
 
-def make_job(**overrides) -> JobV1:
-    fields = dict(
-        request_id="req-1", tenant="acme", model="digits-small", sla_class=SlaClass.REALTIME,
-        deadline_ms=int(RECEIVED_MS) + 1000, reply_to="_INBOX.x", content_type="application/json",
-        received_ms=RECEIVED_MS,
-    )
-    fields.update(overrides)
-    return JobV1(**fields)
+def recorded_job(**overrides) -> JobV1:
+    """A realtime digits-small job received at ``RECEIVED_MS`` (not a whole millisecond); ``overrides`` win."""
+    return make_job(**({"request_id": "req-1", "model": "digits-small", "sla_class": SlaClass.REALTIME,
+                        "deadline_ms": int(RECEIVED_MS) + 1000, "received_ms": RECEIVED_MS} | overrides))
 
 
 def as_record(key, value, headers, offset=7):
@@ -39,7 +36,7 @@ def as_record(key, value, headers, offset=7):
 
 
 def test_json_request_round_trips_with_every_option():
-    job = make_job(labels=["pii", "eu"], allow_degrade=True, min_accuracy=0.9, model_version="2",
+    job = recorded_job(labels=["pii", "eu"], allow_degrade=True, min_accuracy=0.9, model_version="2",
                    sla_class=SlaClass.BATCH, deadline_ms=int(RECEIVED_MS) + 60_000)
     body = b'{"inputs":[{"name":"input","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
     key, value, headers = request_record(job, body, {"Content-Type": "application/json"})
@@ -61,7 +58,7 @@ def test_json_request_round_trips_with_every_option():
 
 
 def test_binary_request_keeps_its_tensor_headers_and_nothing_else():
-    job = make_job(content_type="application/vnd.din.tensor")
+    job = recorded_job(content_type="application/vnd.din.tensor")
     passthrough = {"Din-Tensor-Name": "input", "Din-Tensor-Shape": "1,64", "Din-Tensor-Datatype": "FP32",
                    "Content-Type": "application/vnd.din.tensor", "Din-Token": "secret-token"}
     key, value, headers = request_record(job, b"\x00" * 256, passthrough)
@@ -74,7 +71,7 @@ def test_binary_request_keeps_its_tensor_headers_and_nothing_else():
 
 
 def _good():
-    return request_record(make_job(), b"{}", {})
+    return request_record(recorded_job(), b"{}", {})
 
 
 @pytest.mark.parametrize(
@@ -99,7 +96,7 @@ def test_corrupt_records_are_refused_with_a_reason(mutate, message):
 
 def _sealed_record(keyring: envelope.Keyring, body: bytes):
     sealed = envelope.seal(body, reader="sre", aad={"request_id": "req-1"}, keyring=keyring, sender="admission")
-    return request_record(make_job(), sealed.body, sealed.to_headers())
+    return request_record(recorded_job(), sealed.body, sealed.to_headers())
 
 
 def test_sealed_request_opens_only_with_the_sre_key(tmp_path):

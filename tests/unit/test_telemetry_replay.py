@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from types import SimpleNamespace
 from xml.etree import ElementTree
@@ -20,14 +19,13 @@ from shared.contracts.events import (
     AlternativeV1,
     ClassificationV1,
     CompletionV1,
-    HeartbeatV1,
-    ModelLoadedV1,
     SchedulingDecisionV1,
 )
-from shared.contracts.job import JobV1, WorkloadClassV1
+from shared.contracts.job import WorkloadClassV1
 from shared.contracts.telemetry import SlaViolationV1
 from shared.recording import parse_request_record, request_record
 from shared.topology import Topology
+from tests.support import ManualClock, make_heartbeat, make_job
 
 T0 = 1_700_000_000_000.0
 
@@ -43,17 +41,10 @@ TOPOLOGY = Topology.model_validate({
 
 
 def recorded(i: int, tenant: str, sla: str = "realtime", at: float = 0.0):
-    job = JobV1(request_id=f"r{i}", tenant=tenant, model="small", sla_class=sla, deadline_ms=int(T0 + at) + 1000,
-                reply_to="", content_type="application/json", received_ms=T0 + at)
+    job = make_job(request_id=f"r{i}", tenant=tenant, model="small", sla_class=sla,
+                   deadline_ms=int(T0 + at) + 1000, reply_to="", received_ms=T0 + at)
     key, value, headers = request_record(job, b"{}", {})
     return parse_request_record(SimpleNamespace(key=key, value=value, headers=headers))
-
-
-def heartbeat(executor: str, site: str, at: float, per_item: float = 1.0) -> HeartbeatV1:
-    return HeartbeatV1(executor=executor, site=site, capacity=100, queue_depth={}, inflight=0,
-                       recent_latency_ms=1.0, interval_s=0.5, sent_ms=T0 + at,
-                       models=[ModelLoadedV1(name="small", version="1", max_batch_size=8,
-                                             compute_ms_per_item=per_item)])
 
 
 def completion(rid: str, tenant: str, site: str, total: float, at: float, ok: bool = True, sla: str = "realtime",
@@ -86,8 +77,9 @@ def window_of(n: int = 40) -> RecordedWindow:
                                                          at_ms=T0 + at))
         window.completions.append(completion(f"r{i}", tenant, "cloud", 2.0 + i, at + 5, ok=i != 3,
                                              degraded=i % 4 == 0))
-    window.heartbeats = [heartbeat("cloud-1", "cloud", t) for t in range(-500, 4000, 500)] + \
-                        [heartbeat("edge-1", "edge", t) for t in range(-500, 4000, 500)]
+    window.heartbeats = [make_heartbeat(executor, site, ["small"], sent_ms=T0 + t)
+                         for executor, site in (("cloud-1", "cloud"), ("edge-1", "edge"))
+                         for t in range(-500, 4000, 500)]
     window.alerts.append(SlaViolationV1(sla_class="realtime", firing=True, quantile=0.99, observed_ms=60.0,
                                         target_ms=50.0, window_s=60.0, samples=30, worst_site="cloud", at_ms=T0 + 2000))
     window.since_ms, window.until_ms = T0, T0 + n * 100.0 + 2000
@@ -197,19 +189,29 @@ def test_charts_handle_single_points_and_time_ticks_are_round():
     assert bucket_seconds(60_000) == 1 and bucket_seconds(3_600_000) == 60
 
 
-async def test_a_read_that_stops_making_progress_fails_with_a_clear_message():
+async def test_a_read_that_stops_making_progress_fails_with_a_clear_message(monkeypatch):
+    clock = ManualClock()
+    monkeypatch.setattr("din.replay.reader.time", SimpleNamespace(monotonic=clock, perf_counter=clock, time=clock))
+    polls = []
+
     class SilentConsumer:
+        """Never returns a record; each poll waits out its timeout on the reader's (manual) clock."""
+
         def assign(self, tps): ...
         def seek(self, tp, offset): ...
         def pause(self, tp): ...
         def unsubscribe(self): ...
+
         async def getmany(self, *tps, timeout_ms, max_records):
-            await asyncio.sleep(0.01)
+            polls.append(timeout_ms)
+            assert len(polls) < 1000, "the reader kept polling a silent broker"
+            clock.advance(timeout_ms / 1000)
             return {}
+
         async def position(self, tp):
             return 0
 
-    reader = TopicReader("kafka:9092", stall_timeout_s=0.2)
+    reader = TopicReader("kafka:9092", stall_timeout_s=30.0)
     reader._consumer = SilentConsumer()
     reader._topics = {"din.v1.admission.requests"}
 
@@ -221,3 +223,4 @@ async def test_a_read_that_stops_making_progress_fails_with_a_clear_message():
     with pytest.raises(ReplayError, match="stopped answering while reading din.v1.admission.requests"):
         async for _ in reader.read("din.v1.admission.requests", RecordRange()):
             pass
+    assert sum(polls) / 1000 > 30.0, "it gave up only after the stall timeout"
