@@ -65,11 +65,63 @@ class SiteSpec(_Strict):
         return value
 
 
+class LinkConditions(_Strict):
+    """What a link does to traffic, one way: delay, its jitter and a bandwidth cap.
+
+    ``din up`` applies them to each direction of a leaf's connection to the hub
+    (through Toxiproxy), so a request-reply across the link pays twice the latency.
+    """
+
+    latency_ms: float = Field(ge=0, description="One-way delay added to all data, milliseconds.")
+    jitter_ms: float = Field(default=0.0, ge=0, description="The delay varies by up to this much either way, ms.")
+    bandwidth_kb_s: int | None = Field(
+        default=None, ge=1, description="Most kilobytes per second each direction carries; None: no cap."
+    )
+
+    @model_validator(mode="after")
+    def _jitter_within_latency(self) -> LinkConditions:
+        if self.jitter_ms > self.latency_ms:
+            raise ValueError(f"jitter_ms {self.jitter_ms:g} exceeds latency_ms {self.latency_ms:g}")
+        return self
+
+
+DEFAULT_LINK_CONDITIONS: dict[PathType, LinkConditions] = {
+    PathType.DEDICATED: LinkConditions(latency_ms=2.0),
+    PathType.VPN: LinkConditions(latency_ms=10.0),
+    PathType.INTERNET: LinkConditions(latency_ms=40.0, jitter_ms=10.0),
+}
+"""Conditions of a link that names only its path type."""
+
+
 class LinkSpec(_Strict):
-    """A network link between two sites and the kind of path it takes."""
+    """A network link between two sites, the kind of path it takes and, optionally, its conditions.
+
+    Any of ``latency_ms``, ``jitter_ms`` and ``bandwidth_kb_s`` left out takes the
+    default of the path type (``DEFAULT_LINK_CONDITIONS``).
+    """
 
     between: tuple[str, str] = Field(description="The two sites it joins.")
     path: PathType = Field(description="dedicated, vpn or internet.")
+    latency_ms: float | None = Field(default=None, ge=0, description="One-way delay, ms; None: the path's default.")
+    jitter_ms: float | None = Field(default=None, ge=0, description="Delay jitter, ms; None: the path's default.")
+    bandwidth_kb_s: int | None = Field(
+        default=None, ge=1, description="Bandwidth cap per direction, KB/s; None: the path's default (no cap)."
+    )
+
+    @model_validator(mode="after")
+    def _valid_conditions(self) -> LinkSpec:
+        self.conditions()
+        return self
+
+    def conditions(self) -> LinkConditions:
+        """The link's conditions, with the path type's defaults for what it leaves out."""
+        base = DEFAULT_LINK_CONDITIONS[self.path]
+        given = {
+            "latency_ms": self.latency_ms,
+            "jitter_ms": self.jitter_ms,
+            "bandwidth_kb_s": self.bandwidth_kb_s,
+        }
+        return LinkConditions.model_validate(base.model_dump() | {k: v for k, v in given.items() if v is not None})
 
 
 class TenantSpec(_Strict):
@@ -152,12 +204,22 @@ class Topology(_Strict):
     def site(self, name: str) -> SiteSpec:
         return next(s for s in self.sites if s.name == name)
 
-    def path_between(self, a: str, b: str) -> PathType | None:
-        """Path type of the direct link between two sites, or None when there is none (same site)."""
+    def link_between(self, a: str, b: str) -> LinkSpec | None:
+        """The direct link between two sites, or None when there is none."""
         for link in self.links:
             if set(link.between) == {a, b}:
-                return link.path
+                return link
         return None
+
+    def path_between(self, a: str, b: str) -> PathType | None:
+        """Path type of the direct link between two sites, or None when there is none (same site)."""
+        link = self.link_between(a, b)
+        return link.path if link is not None else None
+
+    def hub_link(self, site: str) -> LinkSpec:
+        """The link an edge site's leaf server reaches the hub over; the internet when the topology names none."""
+        link = self.link_between(site, self.hub.name)
+        return link if link is not None else LinkSpec(between=(site, self.hub.name), path=PathType.INTERNET)
 
 
 def load_topology(path: Path) -> Topology:

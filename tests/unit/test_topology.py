@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.topology import PathType, TopologyError, load_topology
+from shared.topology import PathType, Topology, TopologyError, load_topology
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,3 +91,38 @@ def test_mistakes_give_one_line(tmp_path, case, data, expected):
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(TopologyError, match="not found: pass an existing file with --topology"):
         load_topology(tmp_path / "nope.yaml")
+
+
+def test_links_take_their_path_types_default_conditions():
+    topology = load_topology(REPO / "ops" / "topology" / "default.yaml")
+    dedicated = topology.hub_link("factory").conditions()
+    internet = topology.hub_link("branch").conditions()
+    assert (dedicated.latency_ms, dedicated.jitter_ms, dedicated.bandwidth_kb_s) == (2.0, 0.0, None)
+    assert (internet.latency_ms, internet.jitter_ms) == (40.0, 10.0)
+    assert topology.link_between("factory", "branch").conditions().latency_ms == 10.0
+
+
+def test_a_link_overrides_only_what_it_names():
+    data = _broken(lambda d: d["links"][0].update(latency_ms=25, bandwidth_kb_s=512))
+    conditions = Topology.model_validate(data).links[0].conditions()
+    assert (conditions.latency_ms, conditions.jitter_ms, conditions.bandwidth_kb_s) == (25.0, 0.0, 512)
+
+
+def test_an_edge_without_a_link_to_the_hub_is_reached_over_the_internet():
+    data = _broken(lambda d: d.update(links=[]))
+    assert Topology.model_validate(data).hub_link("factory").path is PathType.INTERNET
+
+
+@pytest.mark.parametrize(
+    ("link", "message"),
+    [
+        ({"latency_ms": 5, "jitter_ms": 6}, "jitter_ms 6 exceeds latency_ms 5"),
+        ({"latency_ms": -1}, "greater than or equal to 0"),
+        ({"bandwidth_kb_s": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_impossible_link_conditions_are_one_line(tmp_path, link, message):
+    path = _write(tmp_path, _broken(lambda d: d["links"][0].update(link)))
+    with pytest.raises(TopologyError, match=message) as err:
+        load_topology(path)
+    assert "\n" not in str(err.value) and "links.0" in str(err.value)
