@@ -20,8 +20,9 @@ import pytest
 
 from services.telemetry.main import create_runtime
 from services.telemetry.settings import TelemetrySettings
-from shared.contracts.events import CompletionV1, HeartbeatV1, ModelLoadedV1
+from shared.contracts.events import CompletionV1
 from shared.naming import Subjects
+from tests.support import make_heartbeat, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,13 +91,12 @@ async def test_every_dashboard_query_evaluates_against_scraped_telemetry(
     )
     nc = await nats.connect(nats_network.hub_url)
     try:
-        heartbeat = HeartbeatV1(
-            executor="cloud-1", site="cloud", capacity=8, queue_depth={"batch": 1}, inflight=1,
-            recent_latency_ms=2.0, interval_s=60.0, sent_ms=time.time() * 1000,
-            models=[ModelLoadedV1(name="digits-small", version="1", max_batch_size=8, compute_ms_per_item=0.3)])
-        deadline = time.monotonic() + 40
-        answered = False
-        while time.monotonic() < deadline:
+        heartbeat = make_heartbeat("cloud-1", "cloud", ["digits-small"], compute_ms_per_item=0.3, capacity=8,
+                                   queue_depth={"batch": 1}, inflight=1, recent_latency_ms=2.0, interval_s=60.0,
+                                   sent_ms=time.time() * 1000)
+
+        async def request_rate_scraped() -> bool:
+            """Send one more heartbeat and round of completions, then ask Prometheus for the request rate."""
             await nc.publish(Subjects.heartbeat("cloud", "cloud-1"), heartbeat.model_dump_json().encode())
             for i in range(20):
                 event = CompletionV1(
@@ -105,13 +105,12 @@ async def test_every_dashboard_query_evaluates_against_scraped_telemetry(
                     timings_ms={"admission": 0.1, "classify": 0.1, "schedule": 0.2, "queue": 1.0, "compute": 0.5,
                                 "total": 3.0 + i, "ttft": 1.0, "tpot": 0.2}, at_ms=time.time() * 1000)
                 await nc.publish(Subjects.completed("cloud"), event.model_dump_json().encode())
-            await asyncio.sleep(1.0)
             result = await asyncio.to_thread(query, prom_port, "sum(rate(din_requests_total[1m]))")
-            if result.get("status") == "success" and result["data"]["result"] and \
-                    float(result["data"]["result"][0]["value"][1]) > 0:
-                answered = True
-                break
-        assert answered, "Prometheus never scraped a request rate from telemetry"
+            rates = result["data"]["result"] if result.get("status") == "success" else []
+            return bool(rates) and float(rates[0]["value"][1]) > 0
+
+        await wait_for(request_rate_scraped, 40, "Prometheus scraping a request rate from telemetry", interval=1.0,
+                       retry_on=(OSError,))
 
         empty = []
         for title, expr in dashboard_queries():

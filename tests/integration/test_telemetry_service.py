@@ -16,9 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.telemetry.main import create_runtime
 from services.telemetry.settings import TelemetrySettings
-from shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, ModelLoadedV1
+from shared.contracts.events import AdmissionDecisionV1, CompletionV1
 from shared.contracts.telemetry import SlaViolationV1
 from shared.naming import Subjects, Topics
+from tests.support import make_heartbeat, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -66,13 +67,16 @@ async def read_topic(bootstrap: str, topic: str) -> list:
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         records = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        async def read_to_the_end() -> bool:
             pending = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
-            if not pending:
-                break
-            for batch in (await consumer.getmany(*pending, timeout_ms=300)).values():
-                records.extend(batch)
+            if pending:
+                for batch in (await consumer.getmany(*pending, timeout_ms=300)).values():
+                    records.extend(batch)
+            return not pending
+
+        await wait_for(read_to_the_end, 10, lambda: f"{topic} read to its end offsets {ends} ({len(records)} read)",
+                       interval=0.01)
         return records
     finally:
         await consumer.stop()
@@ -96,11 +100,9 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(nats_netw
             await alerts.put(SlaViolationV1.model_validate_json(msg.data))
 
         await nc.subscribe(Subjects.ALERTS, cb=on_alert)
-        heartbeat = HeartbeatV1(
-            executor="factory-1", site="factory", capacity=10, queue_depth={"realtime": 3}, inflight=2,
-            recent_latency_ms=4.0, interval_s=30.0, sent_ms=time.time() * 1000,
-            models=[ModelLoadedV1(name="digits-small", version="1", max_batch_size=8, compute_ms_per_item=0.4)],
-        )
+        heartbeat = make_heartbeat("factory-1", "factory", ["digits-small"], compute_ms_per_item=0.4, capacity=10,
+                                   queue_depth={"realtime": 3}, inflight=2, recent_latency_ms=4.0, interval_s=30.0,
+                                   sent_ms=time.time() * 1000)
         await nc.publish(Subjects.heartbeat("factory", "factory-1"), heartbeat.model_dump_json().encode())
         for i in range(12):
             event = CompletionV1(
@@ -125,15 +127,20 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(nats_netw
         assert alert.firing and alert.sla_class.value == "realtime" and alert.worst_site == "factory"
         assert alert.observed_ms > 5.0 and alert.samples == 12
 
-        deadline = time.monotonic() + 20
-        while True:
+        key = dict(tenant="acme", model="digits-small", site="factory", sla_class="realtime")
+        scraped: list[dict] = []
+
+        async def everything_sent_is_counted() -> bool:
             status, body = await http_get(port, "/metrics")
             assert status == 200
-            found = samples(body)
-            if total(found, "din_rejects_total", stage="admission") >= 3 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.3)
-        key = dict(tenant="acme", model="digits-small", site="factory", sla_class="realtime")
+            scraped[:] = [samples(body)]
+            return (total(scraped[0], "din_requests_total", **key) >= 12
+                    and total(scraped[0], "din_rejects_total", stage="admission") >= 3
+                    and total(scraped[0], "din_telemetry_invalid_events_total") >= 4)
+
+        await wait_for(everything_sent_is_counted, 20, "12 completions, 3 rejects and 4 invalid events on /metrics",
+                       interval=0.3)
+        found = scraped[0]
         assert total(found, "din_requests_total", outcome="ok", **key) == 12
         assert total(found, "din_request_duration_seconds_count", **key) == 12
         assert total(found, "din_rejects_total", stage="admission", reason="rate_limited", tenant="globex") == 2
