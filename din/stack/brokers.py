@@ -64,7 +64,8 @@ class NatsServerSpec:
             "}",
         ]
         if self.is_hub:
-            lines += ["leafnodes {", f"  listen: 127.0.0.1:{self.leaf_listen_port}", "}"]
+            # Leaves must reconnect to the URL they were given (a WAN link's proxy), never to an advertised one.
+            lines += ["leafnodes {", f"  listen: 127.0.0.1:{self.leaf_listen_port}", "  no_advertise: true", "}"]
         else:
             lines += [
                 "leafnodes {",

@@ -53,6 +53,7 @@ from din.stack.processes import (
     terminate_group,
     wait_for_port,
 )
+from din.stack.wan import ToxiproxyClient, ToxiproxySpec, WanLink, toxiproxy_binary, wan_links
 from shared.credentials import write_credentials
 from shared.naming import Subjects
 from shared.security import (
@@ -91,7 +92,8 @@ class PortPlan:
 
     Edge sites take ports in topology order: the ``i``-th edge site's NATS
     client port is ``leaf_clients[i]`` when given, else ``hub_client + 1 + i``;
-    monitor ports likewise from ``hub_monitor``.
+    monitor ports likewise from ``hub_monitor``, and the proxy of its WAN link
+    to the hub (``din up`` without ``--no-wan``) from ``leafnode``.
     """
 
     hub_client: int = 4222
@@ -102,6 +104,8 @@ class PortPlan:
     kafka: int = 9092
     kafka_controller: int = 9093
     telemetry_metrics: int = 9464
+    toxiproxy_api: int = 8474
+    wan_links: tuple[int, ...] = ()
 
     def offset(self, n: int) -> PortPlan:
         """The same plan with every port moved by ``n``."""
@@ -120,7 +124,7 @@ class PortPlan:
     @classmethod
     def free(cls, edge_sites: int = 4) -> PortPlan:
         """A plan of ephemeral ports that are free right now (for tests and benchmarks)."""
-        count = 6 + 2 * edge_sites
+        count = 7 + 3 * edge_sites
         socks = []
         try:
             for _ in range(count):
@@ -138,8 +142,10 @@ class PortPlan:
             kafka=ports[3],
             kafka_controller=ports[4],
             telemetry_metrics=ports[5],
-            leaf_clients=tuple(ports[6 : 6 + edge_sites]),
-            leaf_monitors=tuple(ports[6 + edge_sites :]),
+            toxiproxy_api=ports[6],
+            leaf_clients=tuple(ports[7 : 7 + edge_sites]),
+            leaf_monitors=tuple(ports[7 + edge_sites : 7 + 2 * edge_sites]),
+            wan_links=tuple(ports[7 + 2 * edge_sites :]),
         )
 
     def leaf_client(self, index: int) -> int:
@@ -147,6 +153,10 @@ class PortPlan:
 
     def leaf_monitor(self, index: int) -> int:
         return self._indexed(self.leaf_monitors, self.hub_monitor, index, "leaf monitor")
+
+    def wan_link(self, index: int) -> int:
+        """Port the proxy of the ``index``-th edge site's link to the hub listens on."""
+        return self._indexed(self.wan_links, self.leafnode, index, "WAN link")
 
     @staticmethod
     def _indexed(explicit: tuple[int, ...], base: int, index: int, what: str) -> int:
@@ -158,8 +168,8 @@ class PortPlan:
 
     def all_ports(self) -> list[int]:
         single = [self.hub_client, self.leafnode, self.hub_monitor, self.kafka, self.kafka_controller,
-                  self.telemetry_metrics]
-        return [*single, *self.leaf_clients, *self.leaf_monitors]
+                  self.telemetry_metrics, self.toxiproxy_api]
+        return [*single, *self.leaf_clients, *self.leaf_monitors, *self.wan_links]
 
 
 # --------------------------------------------------------------------------- plan of processes
@@ -293,19 +303,30 @@ def default_service_command(instance: ServiceInstance) -> list[str]:
     return [sys.executable, "-m", f"services.{instance.service}"]
 
 
-def nats_specs(topology: Topology, ports: PortPlan) -> list[NatsServerSpec]:
-    """The hub's nats-server and one leaf per edge site, in topology order."""
+def _edge_sites(topology: Topology) -> list[str]:
+    return [s.name for s in topology.sites if s.role == "edge"]
+
+
+def nats_specs(topology: Topology, ports: PortPlan, *, wan: bool = False) -> list[NatsServerSpec]:
+    """The hub's nats-server and one leaf per edge site, in topology order.
+
+    With ``wan`` each leaf dials the hub through its WAN link's proxy rather than directly.
+    """
     specs = [NatsServerSpec(topology.hub.name, ports.hub_client, ports.hub_monitor, leaf_listen_port=ports.leafnode)]
-    edges = [s for s in topology.sites if s.role == "edge"]
-    for i, site in enumerate(edges):
-        specs.append(
-            NatsServerSpec(site.name, ports.leaf_client(i), ports.leaf_monitor(i), hub_leaf_port=ports.leafnode)
-        )
+    for i, site in enumerate(_edge_sites(topology)):
+        hub_port = ports.wan_link(i) if wan else ports.leafnode
+        specs.append(NatsServerSpec(site, ports.leaf_client(i), ports.leaf_monitor(i), hub_leaf_port=hub_port))
     return specs
 
 
+def stack_wan_links(topology: Topology, ports: PortPlan) -> list[WanLink]:
+    """The proxied link of every edge site to the hub, with the topology's conditions."""
+    listen = [ports.wan_link(i) for i in range(len(_edge_sites(topology)))]
+    return wan_links(topology, listen, ports.leafnode)
+
+
 def port_roles(
-    topology: Topology, ports: PortPlan, *, kafka: bool = True, telemetry: bool = True
+    topology: Topology, ports: PortPlan, *, kafka: bool = True, telemetry: bool = True, wan: bool = False
 ) -> list[tuple[int, str]]:
     """Every port the stack will listen on, with a human description of its role."""
     roles: list[tuple[int, str]] = []
@@ -315,6 +336,10 @@ def port_roles(
         roles.append((spec.monitor_port, f"NATS monitor port of {kind} site {spec.site}"))
         if spec.is_hub:
             roles.append((ports.leafnode, f"NATS leafnode port of hub site {spec.site}"))
+    if wan:
+        roles.append((ports.toxiproxy_api, "toxiproxy API port"))
+        for link in stack_wan_links(topology, ports):
+            roles.append((link.listen_port, f"WAN link proxy from site {link.site} to the hub"))
     if kafka:
         roles.append((ports.kafka, "Kafka broker port"))
         roles.append((ports.kafka_controller, "Kafka controller port"))
@@ -543,6 +568,8 @@ class ProcessRow:
     address: str
     log: Path
     pid: int | None = None
+    restarts: int = 0
+    given_up: bool = False
 
 
 class Stack:
@@ -552,7 +579,10 @@ class Stack:
     ``services`` limits which service kinds run (None: all, ``()``: brokers only);
     ``service_command`` builds the argv of a service (tests pass a fake).
     A foreground ``din up`` sets ``supervisor_pid`` before ``start()`` so that
-    ``din down`` from another shell signals it rather than its children.
+    ``din down`` from another shell signals it rather than its children; it then
+    keeps the stack running with ``din.stack.supervision.Supervisor``, which calls
+    ``restart``. With ``wan`` every leaf reaches the hub through a Toxiproxy proxy
+    per link (``din.stack.wan``); without it, over plain loopback.
     """
 
     def __init__(
@@ -575,6 +605,7 @@ class Stack:
         external_kafka: str | None = None,
         security: bool = True,
         security_policy: CryptoPolicy | None = None,
+        wan: bool = False,
     ) -> None:
         if mode not in SCHEDULER_MODES:
             raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
@@ -595,7 +626,10 @@ class Stack:
         self.topic_scope = topic_scope
         self.security = security
         self.security_policy = security_policy
-        self.nats = nats_specs(topology, self.ports)
+        self.wan = wan
+        self.nats = nats_specs(topology, self.ports, wan=wan)
+        self.links = stack_wan_links(topology, self.ports) if wan else []
+        self.toxiproxy = ToxiproxySpec(self.ports.toxiproxy_api) if wan else None
         self.kafka = KafkaSpec(self.ports.kafka, self.ports.kafka_controller, libs=self.kafka_libs)
         self.supervisor_pid: int | None = None
         self.run_dir: Path | None = None
@@ -679,6 +713,8 @@ class Stack:
                     )
                 self.state_file.unlink(missing_ok=True)
         nats_server_binary()
+        if self.wan:
+            toxiproxy_binary()
         if self.kafka_enabled:
             require_java()
             if not (self.kafka_libs / ".complete").exists():
@@ -689,6 +725,7 @@ class Stack:
                 self.ports,
                 kafka=self.kafka_enabled,
                 telemetry=any(i.service == "telemetry" for i in self.instances),
+                wan=self.wan,
             )
         )
 
@@ -741,6 +778,9 @@ class Stack:
         if self.kafka_enabled:
             # The JVM is slowest: launch it first and let NATS start meanwhile.
             kafka_proc = self._track(self.kafka.process(self.run_dir).start(), hub_site, self.kafka_bootstrap)
+        if self.toxiproxy is not None:
+            proxy_proc = self._track(self.toxiproxy.process(self.run_dir).start(), hub_site, self.toxiproxy.api_url)
+            self._configure_links(proxy_proc)
         nats_procs = start_nats(self.nats, self.run_dir, timeout_s=self.broker_timeout_s)
         for spec, proc in zip(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs):
             extra = f" (leafnodes :{spec.leaf_listen_port})" if spec.is_hub else ""
@@ -748,6 +788,36 @@ class Stack:
         wait_nats_mesh(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs, self.broker_timeout_s)
         if kafka_proc is not None:
             wait_kafka_ready(self.kafka, kafka_proc, self.broker_timeout_s)
+
+    def _configure_links(self, proc: ManagedProcess) -> None:
+        """Once toxiproxy listens, create every link's proxy with the topology's conditions."""
+        wait_for_port(self.toxiproxy.api_port, self.broker_timeout_s, proc)
+        ToxiproxyClient(self.toxiproxy.api_url).populate(self.links)
+
+    def _row(self, proc: ManagedProcess) -> ProcessRow:
+        return next(r for r in self.rows if r.process == proc.name)
+
+    def restart(self, proc: ManagedProcess) -> None:
+        """Start ``proc`` again (after it exited) with the same command, environment and log; record the restart.
+
+        What is left of its process group is stopped first. A restarted toxiproxy
+        gets every link back with the topology's conditions (changes made with
+        ``din links`` since start-up are not kept).
+        """
+        if proc.pid is not None:
+            terminate_group(proc.pid, 1.0)
+        proc.start()
+        row = self._row(proc)
+        row.pid = proc.pid
+        row.restarts += 1
+        self._save_state()
+        if self.toxiproxy is not None and proc.name == "toxiproxy":
+            self._configure_links(proc)
+
+    def mark_given_up(self, proc: ManagedProcess) -> None:
+        """Record that the supervisor stopped restarting ``proc``."""
+        self._row(proc).given_up = True
+        self._save_state()
 
     def _start_services(self) -> None:
         if not self.instances:
@@ -813,7 +883,16 @@ class Stack:
             "topology": str(self.run_dir / "topology.yaml") if self.run_dir else None,
             "mode": self.mode,
             "supervisor": sup,
-            "urls": {"nats": self.nats_urls, "kafka": self.kafka_bootstrap if self.kafka_enabled else None},
+            "urls": {
+                "nats": self.nats_urls,
+                "kafka": self.kafka_bootstrap if self.kafka_enabled else None,
+                "toxiproxy": self.toxiproxy.api_url if self.toxiproxy is not None else None,
+            },
+            "links": [
+                {"site": link.site, "hub": link.hub, "path": link.path, "listen": link.proxy["listen"],
+                 "upstream": link.proxy["upstream"]}
+                for link in self.links
+            ],
             "ports": {f.name: getattr(self.ports, f.name) for f in fields(self.ports)},
             "processes": [
                 {
@@ -823,6 +902,8 @@ class Stack:
                     "start_time": _start_time(row.pid) if row.pid else None,
                     "address": row.address,
                     "log": str(row.log),
+                    "restarts": row.restarts,
+                    "given_up": row.given_up,
                 }
                 for row in self.rows
             ],
@@ -857,6 +938,7 @@ __all__ = [
     "read_state",
     "service_environments",
     "service_instances",
+    "stack_wan_links",
     "state_processes_alive",
     "stop_from_state",
     "wait_kafka_ready",

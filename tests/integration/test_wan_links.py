@@ -1,0 +1,113 @@
+"""WAN links over the real binaries: nats-server hub and leaves, each leaf reaching the hub through toxiproxy.
+
+A request-reply across a link pays at least twice its one-way latency; ``din links cut`` disconnects the leaf and
+stops messages across it; ``din links restore`` brings both back, still through the proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import nats
+import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from din.cli import main
+from din.stack.launcher import PortPlan, Stack
+from din.stack.wan import ToxiproxyClient
+from tests.support import wait_for
+
+pytestmark = pytest.mark.integration
+
+LATENCY_MS = 30
+
+
+def leafz(monitor_port: int) -> list[dict]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/leafz", timeout=2) as resp:
+        return json.loads(resp.read()).get("leafs") or []
+
+
+@pytest.fixture
+def wan_stack(test_topology, tmp_path):
+    stack = Stack(test_topology, ports=PortPlan.free(edge_sites=2), din_dir=tmp_path, services=(), kafka=False,
+                  wan=True)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def answered(nc, subject: str) -> float | None:
+    """Seconds one request-reply took, or None when nothing answered."""
+    begun = time.perf_counter()
+    try:
+        await nc.request(subject, b"ping", timeout=1.0)
+    except (NoRespondersError, NatsTimeout, TimeoutError):
+        return None
+    return time.perf_counter() - begun
+
+
+async def test_link_latency_cut_and_restore(wan_stack, capsys):
+    din_dir = ["--din-dir", str(wan_stack.din_dir)]
+    factory_link = next(link for link in wan_stack.links if link.site == "factory")
+    factory_monitor = next(spec.monitor_port for spec in wan_stack.nats if spec.site == "factory")
+
+    # The leaf dials the proxy, not the hub's leafnode port.
+    assert [leaf["port"] for leaf in leafz(factory_monitor)] == [factory_link.listen_port]
+    assert factory_link.upstream_port == wan_stack.ports.leafnode
+
+    assert main(["links", "set", "factory", "--latency", f"{LATENCY_MS}ms", "--jitter", "0ms", *din_dir]) == 0
+    assert main(["links", *din_dir]) == 0
+    table = capsys.readouterr().out
+    factory_row = next(line for line in table.splitlines() if line.startswith("factory"))
+    assert f"{LATENCY_MS} ms" in factory_row and "up" in factory_row.split()
+    assert "internet" in next(line for line in table.splitlines() if line.startswith("branch"))
+
+    hub = await nats.connect(wan_stack.hub_url)
+    edge = await nats.connect(wan_stack.nats_urls["factory"], max_reconnect_attempts=-1)
+    try:
+        async def echo(msg):
+            await msg.respond(msg.data)
+
+        await hub.subscribe("wan.echo", cb=echo)
+        await hub.flush()
+        await wait_for(lambda: answered(edge, "wan.echo"), 10, "the hub's responder reachable from the factory leaf")
+
+        rtts = [await answered(edge, "wan.echo") for _ in range(5)]
+        assert all(rtt is not None for rtt in rtts), rtts
+        assert min(rtts) >= 2 * LATENCY_MS / 1000, f"round trips {rtts} beat twice the {LATENCY_MS} ms latency"
+
+        assert main(["links", "cut", "factory", *din_dir]) == 0
+        await wait_for(lambda: not leafz(factory_monitor), 10, "the factory leaf disconnected from the hub")
+        assert await answered(edge, "wan.echo") is None
+        assert ToxiproxyClient(wan_stack.toxiproxy.api_url).proxy("factory")["enabled"] is False
+
+        assert main(["links", "restore", "factory", *din_dir]) == 0
+        await wait_for(lambda: answered(edge, "wan.echo"), 20, "messages flowing across the restored link")
+        assert [leaf["port"] for leaf in leafz(factory_monitor)] == [factory_link.listen_port]
+        rtt = await answered(edge, "wan.echo")
+        assert rtt is not None and rtt >= 2 * LATENCY_MS / 1000
+    finally:
+        await edge.close()
+        await hub.close()
+
+
+def test_links_refuse_an_unknown_site_and_impossible_conditions(wan_stack, capsys):
+    din_dir = ["--din-dir", str(wan_stack.din_dir)]
+    assert main(["links", "cut", "mars", *din_dir]) == 2
+    assert "no link 'mars': the running stack's links are branch, factory" in capsys.readouterr().err
+    assert main(["links", "set", "factory", "--latency", "5ms", "--jitter", "9ms", *din_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "jitter_ms 9 exceeds latency_ms 5" in err
+
+
+def test_plain_loopback_stack_has_no_links(test_topology, tmp_path, capsys):
+    stack = Stack(test_topology, ports=PortPlan.free(edge_sites=2), din_dir=tmp_path, services=(), kafka=False)
+    with stack:
+        assert not stack.links and stack.toxiproxy is None
+        assert main(["links", "--din-dir", str(tmp_path)]) == 2
+    assert "started with --no-wan" in capsys.readouterr().err
