@@ -14,7 +14,6 @@ of when (and of what an executor's death or the deadline does to it) are in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from nats.aio.msg import Msg
@@ -269,15 +268,24 @@ class Scheduler(Service):
         while True:
             for site in remote:
                 seq += 1
-                self.links.sent(site)
-                probe = ProbeV1(from_site=self.settings.site, to_site=site, sent_ms=now_ms(), seq=seq)
-                started = time.perf_counter()
-                with contextlib.suppress(NatsTimeout, NoRespondersError):
-                    await self.nc.request(Subjects.probe(site), probe.model_dump_json().encode(),
-                                          timeout=PROBE_TIMEOUT_S)
-                    self.links.observe_rtt(site, (time.perf_counter() - started) * 1000.0)
+                await self.probe_link(site, seq)
             await asyncio.sleep(self.settings.probe_interval_s)
 
+    async def probe_link(self, site: str, seq: int) -> None:
+        """One probe of ``site``'s link; its round trip is observed when it is echoed."""
+        self.links.sent(site)
+        probe = ProbeV1(from_site=self.settings.site, to_site=site, sent_ms=now_ms(), seq=seq)
+        started = time.perf_counter()
+        try:
+            await self.nc.request(Subjects.probe(site), probe.model_dump_json().encode(), timeout=PROBE_TIMEOUT_S)
+        except (NatsTimeout, NoRespondersError):
+            pass
+        else:
+            self.links.observe_rtt(site, (time.perf_counter() - started) * 1000.0)
+        if asyncio.current_task().cancelling():
+            # Python 3.11's wait_for (inside nats-py's request) loses a cancellation that arrives with the
+            # reply (often "no responders"); without this the prober outlives shutdown.
+            raise asyncio.CancelledError
     async def pressure(self) -> None:
         """Tell admission the network's load, periodically."""
         while True:
