@@ -16,8 +16,8 @@ has already gone to the client.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Mapping
 
 from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageV1

@@ -33,6 +33,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from shared.contracts.inference import SlaClass
@@ -153,7 +154,7 @@ class DynamicBatcher:
             raise ValueError("max_batch_size, capacity and concurrency must be at least 1")
         self._run = run_batch
         self._run_is_async = inspect.iscoroutinefunction(run_batch) or inspect.iscoroutinefunction(
-            getattr(run_batch, "__call__", None)
+            run_batch.__call__
         )
         self._default_max_batch = max_batch_size
         self._max_batch: dict[str, int] = {}

@@ -33,7 +33,7 @@ from services.executor.answers import AnswerWriter, now_ms
 from services.executor.batcher import DynamicBatcher, ItemResult
 from services.executor.repository import ModelRepository
 from services.executor.sealing import ExecutorSeals, UnreadableJob, protection
-from services.executor.serving import ServedModels, model_config
+from services.executor.serving import ServedModels
 from services.executor.settings import ExecutorSettings
 from services.executor.stages import STATE_CONTENT_TYPE, DecodeState, decode_state, encode_state, intermediate
 from shared import lifecycle
@@ -196,7 +196,7 @@ class Executor(Service):
         plan_step = job.plan[job.stage] if job.plan else None
         handle = self.repository.handle(run.model, None if job.plan else job.model_version)
         run.version = handle.version
-        config = model_config(handle)
+        config = handle.config
         if plan_step is not None and plan_step.kind == StageKind.DECODE:
             return await self.generate(run, decode_state(run.body, int(config.hidden), len(config.vocab)))
         decoded = decode_request(run.body, run.headers,
@@ -303,7 +303,7 @@ class Executor(Service):
         """The prompt is in: stream the first token, then decode here (co-located) or hand the state on."""
         job = run.job
         state = generation.prefill_state(result)
-        vocab = model_config(self.repository.handle(run.model)).vocab
+        vocab = self.repository.handle(run.model).config.vocab
         await self.send_chunk(run, generation.token_chunk(job, 0, state.token, vocab))
         job.stamps_ms[lifecycle.FIRST_TOKEN_STAMP] = now_ms()
         job.stamps_ms["prefill_compute"] = result.compute_ms
@@ -322,7 +322,7 @@ class Executor(Service):
         """Decode: stream one token per step, then the closing chunk."""
         job = run.job
         model = job.plan[job.stage].model
-        vocab = model_config(self.repository.handle(model)).vocab
+        vocab = self.repository.handle(model).config.vocab
         job.stamps_ms.setdefault("decode_start", now_ms())
         cutoff = lifecycle.cutoff_ms(job.deadline_ms, self.settings.deadline_margin_ms)
         result, last_token_ms = None, job.stamps_ms[lifecycle.FIRST_TOKEN_STAMP]

@@ -67,7 +67,7 @@ async def pull_jobs(nc: NatsClient, site: str, model: str, *, room: Callable[[],
                 continue
             try:
                 msgs = await subscription.fetch(1, timeout=PULL_WAIT_S)
-            except (NatsTimeout, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeout):
                 continue
             more = fetch_more(free, max_batch_size())
             if more > 0:

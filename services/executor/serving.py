@@ -11,9 +11,8 @@ import time
 import numpy as np
 
 from services.executor.batcher import BatchOutput, DynamicBatcher
-from services.executor.repository import ModelRepository
+from services.executor.repository import ModelHandle, ModelRepository
 from shared.contracts.events import ModelLoadedV1
-from shared.contracts.model_config import ModelConfigV1
 from shared.tensors import DYNAMIC_DIM, WIRE_DTYPES
 
 WARM_UP_RUNS = 20
@@ -23,13 +22,7 @@ NO_WINDOW_ROLES = ("autoregressive", "prefill", "tail")
 requests already waited for a window at their head."""
 
 
-def model_config(handle) -> ModelConfigV1:
-    """The handle's config, typed (the repository hands a ``ModelConfigV1``, or a dict before it does)."""
-    config = handle.config
-    return config if isinstance(config, ModelConfigV1) else ModelConfigV1.model_validate(config)
-
-
-def warm_up(handle, runs: int = WARM_UP_RUNS) -> float:
+def warm_up(handle: ModelHandle, runs: int = WARM_UP_RUNS) -> float:
     """Run a one-item batch of zeros a few times; return the mean ms of the warm runs.
 
     The first heartbeats then carry a measured compute time, so the scheduler prices a new executor
@@ -59,20 +52,20 @@ class ServedModels:
         handle = self.repository.current(model)
         return BatchOutput(handle.run(inputs), handle.version)
 
-    def configure(self, handle) -> None:
+    def configure(self, handle: ModelHandle) -> None:
         """Set ``handle``'s model's batching from its config: its largest batch, and no window for token steps
         and split tails."""
-        config = model_config(handle)
+        config = handle.config
         self.batcher.set_max_batch_size(handle.name, config.max_batch_size)
         if config.role in NO_WINDOW_ROLES:
             self.batcher.set_queue_delay(handle.name, 0.0)
 
-    def warm(self, handle) -> float:
+    def warm(self, handle: ModelHandle) -> float:
         """Warm ``handle`` up (blocking) and keep its measured ms per item until the batcher measures it."""
         self.warm_ms[handle.name] = warm_up(handle)
         return self.warm_ms[handle.name]
 
-    def report(self, handle, measured: dict[str, float] | None = None) -> ModelLoadedV1:
+    def report(self, handle: ModelHandle, measured: dict[str, float] | None = None) -> ModelLoadedV1:
         """What a heartbeat (or an operator's load command) says about ``handle``; ``measured``: the batcher's
         recent compute ms per item by model, when already at hand."""
         if measured is None:

@@ -1,10 +1,10 @@
 """Settings of an executor (``DIN_EXECUTOR_*``)."""
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
-from typing import Annotated
 
 from shared.naming import token
 from shared.security import SecuredServiceSettings

@@ -21,8 +21,8 @@ class InflightJob:
     ``body`` is the plaintext (held only in memory) and ``aad`` the metadata its seal binds,
     so a dispatch again seals it afresh; ``executor`` is the executor it was assigned to
     (None when it waits in a site queue); ``counted_on`` are the executors whose load
-    estimates it was added to, one per stage still to finish, in order. A multi-stage job also waits on ``later``: the executors
-    of its stages still to come, in order.
+    estimates it was added to, one per stage still to finish, in order. A multi-stage job also waits on
+    ``later``: the executors of its stages still to come, in order; ``advanced`` counts its stages handed on.
     """
 
     job: JobV1

@@ -17,7 +17,8 @@ import asyncio
 import time
 
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import RetentionPolicy, StreamConfig
 
 from services.scheduler.inflight import InflightJob, InflightTable

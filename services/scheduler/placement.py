@@ -2,8 +2,9 @@
 
 Predicted completion = network (round trip to the executor's site)
 + queueing (jobs ahead of this SLA class times compute per item, which the
-executor reports per model from its recent batches) + compute. Hard constraints: the data's allowed sites (sovereignty), the
-deadline, the tenant's cost limit, executor capacity. The requested model is
+executor reports per model from its recent batches) + compute. Hard constraints:
+the data's allowed sites (sovereignty), the deadline, the tenant's cost limit,
+executor capacity. The requested model is
 preferred; a listed smaller variant answers only when no executor of the
 requested one can meet the deadline or all are full (graceful degradation).
 Pure logic: usable offline for what-if analysis.
@@ -20,7 +21,6 @@ from shared.contracts.events import AlternativeV1
 from shared.contracts.job import JobV1
 from shared.errors import DinError, ErrorCode
 from shared.topology import Topology
-
 
 NEAR_TIE = 0.1
 NEAR_TIE_MS = 0.05

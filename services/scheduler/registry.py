@@ -44,7 +44,8 @@ class ExecutorState:
         return self.heartbeat.capacity_by_class.get(sla.value, self.heartbeat.capacity)
 
     def load(self) -> int:
-        return max(0, self.heartbeat.inflight + sum(self.heartbeat.queue_depth.values()) + sum(self.dispatched.values()))
+        queued = sum(self.heartbeat.queue_depth.values())
+        return max(0, self.heartbeat.inflight + queued + sum(self.dispatched.values()))
 
 
 class ExecutorRegistry:

@@ -21,18 +21,23 @@ class SchedulerSettings(SecuredServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="DIN_SCHEDULER_", extra="ignore", populate_by_name=True)
 
-    topology: Path = Field(validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (sites, links, tenants).")
+    topology: Path = Field(
+        validation_alias=AliasChoices("DIN_TOPOLOGY"), description="Topology file (sites, links, tenants)."
+    )
     model_repo: Path = Field(
         validation_alias=AliasChoices("DIN_MODEL_REPO"),
         description="Model repository whose configs name each model's parts (split heads and tails, prefill).",
     )
     mode: SchedulingMode = Field(
         default=SchedulingMode.CENTRALIZED,
-        description="centralized: assign each job to an executor; distributed: queue it at a site for its executors to pull.",
+        description="centralized: assign each job to an executor; distributed: queue it at a site for its "
+        "executors to pull.",
     )
     deadline_margin_ms: float = Field(
         default=5.0, description="Answer an unfinished job with an error this long before its deadline."
     )
-    watchdog_interval_ms: float = Field(default=5.0, description="How often open jobs and executor liveness are checked.")
+    watchdog_interval_ms: float = Field(
+        default=5.0, description="How often open jobs and executor liveness are checked."
+    )
     probe_interval_s: float = Field(default=1.0, description="How often each site's link is probed.")
     pressure_interval_s: float = Field(default=0.1, description="How often load is reported to admission.")

@@ -62,7 +62,7 @@ class LinkEstimate:
         return self.rtt_ms + (bytes_out + bytes_back) * 8.0 / (self.bandwidth_mbps * 1000.0)
 
     @classmethod
-    def from_links(cls, links: LinkTable, tail_site: str, bandwidth_mbps: float) -> "LinkEstimate":
+    def from_links(cls, links: LinkTable, tail_site: str, bandwidth_mbps: float) -> LinkEstimate:
         """The measured RTT (jitter and loss priced in) from ``links``' home site, which must be the data's site."""
         return cls(rtt_ms=links.rtt_ms(tail_site), bandwidth_mbps=bandwidth_mbps)
 
