@@ -18,13 +18,15 @@ from collections import Counter
 import nats
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from din.client import DinClient, DinRequestError
 from din.commands.keys import send_command
 from shared import envelope
 from shared.contracts.events import CompletionV1
 from shared.contracts.inference import RequestHeaders
+from shared.contracts.job import JobV1
 from shared.contracts.keys import KeyAction
 from shared.envelope import DataKey, Keyring
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
@@ -41,29 +43,24 @@ from shared.security import (
     tenant_principal,
 )
 from tests.integration.network import running_network
+from tests.support import make_job, three_site_topology, wait_for
 
 MODEL = "digits-small"
-SECURITY_TOPOLOGY = {
-    "name": "security-tests",
-    "sites": [
-        {"name": "cloud", "role": "hub", "cost_per_1k": 0.5, "executors": [{"id": "cloud-1", "models": [MODEL]}]},
-        {"name": "factory", "role": "edge", "cost_per_1k": 0.1,
-         "executors": [{"id": "factory-1", "models": [MODEL]}]},
-        {"name": "branch", "role": "edge", "cost_per_1k": 0.5, "executors": [{"id": "branch-1", "models": [MODEL]}]},
-    ],
-    "links": [
-        {"between": ["cloud", "factory"], "path": "dedicated"},
-        {"between": ["cloud", "branch"], "path": "internet"},
-        {"between": ["factory", "branch"], "path": "vpn"},
-    ],
-    "tenants": [
+SITE_COSTS = {"cloud": 0.5, "factory": 0.1, "branch": 0.5}
+"""Cost per 1k requests by site: only factory is cheap enough for ``frugal``."""
+_TOPOLOGY = three_site_topology(
+    "security-tests",
+    {site: [{"id": f"{site}-1", "models": [MODEL]}] for site in SITE_COSTS},
+    [
         {"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
         {"name": "globex", "rate_per_s": 5000, "burst": 5000},
         {"name": "initech", "sensitive_sites": ["branch"], "always_sensitive": True, "rate_per_s": 5000,
          "burst": 5000},
         {"name": "frugal", "max_cost_per_1k": 0.2, "rate_per_s": 5000, "burst": 5000},
     ],
-}
+)
+SECURITY_TOPOLOGY = {**_TOPOLOGY, "sites": [{**site, "cost_per_1k": SITE_COSTS[site["name"]]}
+                                            for site in _TOPOLOGY["sites"]]}
 STRICT_POLICY = CryptoPolicy(paths={"dedicated": "integrity"})
 RNG = np.random.default_rng(20261126)
 SECRET = RNG.uniform(0.0, 16.0, size=(1, 64)).astype(np.float32)
@@ -143,8 +140,11 @@ async def test_requests_are_served_signed_and_each_reports_its_protection(networ
             "frugal": [await c["frugal"].infer(MODEL, {"input": FRUGAL_INPUT}, binary=True) for _ in range(10)],
             "acme-pii": [await c["acme"].infer(MODEL, {"input": SECRET}, labels=["pii"]) for _ in range(10)],
         }
-    await asyncio.sleep(0.5)
+    request_ids = {r.response.id for served in results.values() for r in served}
+    await wait_for(lambda: request_ids <= {c.request_id for c in completions}, 10,
+                   lambda: f"a completion event for each of the 40 requests ({len(completions)} seen)")
     await nc.close()
+    completions = [c for c in completions if c.request_id in request_ids]
     for name, served in results.items():
         for result in served:
             assert result.signer == site_principal(result.served_by.site), name
@@ -160,6 +160,17 @@ async def test_requests_are_served_signed_and_each_reports_its_protection(networ
     assert sum(n for (tenant, _, level), n in protection.items() if tenant == "globex" and level == "encrypted") == 10
 
 
+def completed_ids(messages: list) -> set[str]:
+    """The request ids of the completion events among raw bus ``messages``."""
+    prefix = Subjects.COMPLETED_ALL.removesuffix("*")
+    ids = set()
+    for msg in messages:
+        if msg.subject.startswith(prefix):
+            with contextlib.suppress(ValueError):
+                ids.add(CompletionV1.model_validate_json(msg.data).request_id)
+    return ids
+
+
 def _completions_into(into: list):
     async def keep(msg) -> None:
         with contextlib.suppress(ValueError):
@@ -172,12 +183,17 @@ async def test_the_bus_carries_only_ciphertext_outside_integrity_only_links(netw
     needles = _needles(SECRET)
     frugal_needles = _needles(FRUGAL_INPUT)
     async with Sniffer(network.hub_url) as sniffer, clients(network, "globex", "initech", "acme", "frugal") as c:
+        results = []
         for i in range(6):
-            await c["globex"].infer(MODEL, {"input": FRUGAL_INPUT}, binary=i % 2 == 0)
-            await c["initech"].infer(MODEL, {"input": SECRET}, binary=i % 2 == 1)
-            await c["acme"].infer(MODEL, {"input": SECRET}, labels=["pii"], binary=True)
-            await c["frugal"].infer(MODEL, {"input": FRUGAL_INPUT}, binary=True)
-        await asyncio.sleep(0.3)
+            results.append(await c["globex"].infer(MODEL, {"input": FRUGAL_INPUT}, binary=i % 2 == 0))
+            results.append(await c["initech"].infer(MODEL, {"input": SECRET}, binary=i % 2 == 1))
+            results.append(await c["acme"].infer(MODEL, {"input": SECRET}, labels=["pii"], binary=True))
+            results.append(await c["frugal"].infer(MODEL, {"input": FRUGAL_INPUT}, binary=True))
+        request_ids = {r.response.id for r in results}
+        # A request's completion event is the last message its hops send: once the sniffer has all 24, it has
+        # seen every message those requests put on the bus.
+        await wait_for(lambda: request_ids <= completed_ids(sniffer.messages), 10,
+                       "the sniffer seeing the completion event of each of the 24 requests")
     seen_subjects = Counter(m.subject.split(".")[2] if m.subject.startswith("din.") else m.subject.split(".")[0]
                             for m in sniffer.messages)
     assert seen_subjects["infer"] >= 24 and seen_subjects["exec"] >= 24, seen_subjects
@@ -224,7 +240,7 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
 
     async with clients(network, "globex", "initech", "acme") as c:
         workers = [asyncio.create_task(legit(c[t], t)) for t in ("globex", "initech", "globex", "initech")]
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: served["globex"] and served["initech"], 10, "live traffic being served")
         globex = c["globex"]
 
         def sealed_request(client: DinClient, token: str, model: str = MODEL):
@@ -249,23 +265,32 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
         # Retired: globex's data key rotates with a 1 s grace; a request sealed under the old version after it.
         old_ring = Keyring()
         old_ring.install(globex.security.agent.keyring.current_key(tenant_principal("globex")))
-        result = await key_command(network, KeyAction.ROTATE, reader=tenant_principal("globex"), grace_s=1.0)
-        assert result.versions[tenant_principal("globex")] >= 2
-        await asyncio.sleep(1.5)
+        globex_principal = tenant_principal("globex")
+        result = await key_command(network, KeyAction.ROTATE, reader=globex_principal, grace_s=1.0)
+        assert result.versions[globex_principal] >= 2
+        retired_version = old_ring.current_version(globex_principal)
+        await wait_for(lambda: past_its_grace(globex, globex_principal, retired_version), 10,
+                       f"{globex_principal} v{retired_version} past its grace, as the keys bucket says")
         body, headers = globex.build({"input": SECRET}, timeout_ms=3000)
         reply = f"{attacker_inbox}.retired"
-        globex_principal = tenant_principal("globex")
         old = envelope.seal(body, reader=globex_principal, keyring=old_ring, sender=globex_principal,
                             aad=request_binding(headers[RequestHeaders.REQUEST_ID], "globex", MODEL, reply, headers))
         await attack("retired", subject, old.body, {**headers, **old.to_headers()})
 
         # Replays of a request and of a job captured on the bus, after their answers went out.
         seen = len(captured_requests)
-        while not any(m.reply.startswith(globex._inbox) for m in captured_requests[seen:]):
-            await asyncio.sleep(0.05)
-        request = next(m for m in captured_requests[seen:] if m.reply.startswith(globex._inbox))
-        job = captured_jobs[-1]
-        await asyncio.sleep(0.5)
+
+        def answered(reply: str) -> bool:
+            return any(m.subject == reply for m in captured_results)
+
+        request = await wait_for(
+            lambda: next((m for m in captured_requests[seen:] if m.reply.startswith(globex._inbox)
+                          and answered(m.reply)), None),
+            10, "a live globex request captured and answered")
+        job = await wait_for(
+            lambda: next((m for m in reversed(captured_jobs) if answered(JobV1.from_headers(m.headers).reply_to)),
+                         None),
+            10, "a live job to cloud-1 captured and answered")
         replay_watch: list = []
         await nc.subscribe(request.reply, cb=_into(replay_watch))
         await nc.publish(request.subject, request.data, reply=request.reply, headers=request.headers)
@@ -287,31 +312,58 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
                                                              envelope.SIGNATURE_HEADER: forged_sig})
         assert caught.value.error.code.value == "unauthenticated"
 
-        await asyncio.sleep(1.0)
+        tokens = ("tampered", "swapped", "unknown-key", "other-tenant", "unsealed", "retired")
+        await wait_for(lambda: {m.subject.rsplit(".", 1)[1] for m in answers} >= set(tokens), 10,
+                       lambda: f"an answer to each attack (got {sorted(m.subject for m in answers)})")
+        await wait_for(lambda: admission_refusals_grew(network, before["admission"]), 10,
+                       "admission refusing each kind of attack, the replayed request included")
+        await wait_for(lambda: executor_refusals_grew(network, before_exec), 10,
+                       "cloud-1 refusing the replayed and the forged job")
+        await wait_for(lambda: served["globex"] > 20 and served["initech"] > 20, 30,
+                       lambda: f"live traffic served throughout (served {dict(served)})")
         stop.set()
         await asyncio.gather(*workers)
     await nc.close()
 
     assert failures == [], failures[:5]
-    assert served["globex"] > 20 and served["initech"] > 20, served
     by_token = {m.subject.rsplit(".", 1)[1]: m for m in answers}
-    for token in ("tampered", "swapped", "unknown-key", "other-tenant", "unsealed", "retired"):
+    for token in tokens:
         msg = by_token[token]
         error = ErrorReplyV1.model_validate_json(msg.data).error
         assert (msg.headers[DIN_ERROR_HEADER], error.code.value, error.message) == (
             "unauthenticated", "unauthenticated", "message could not be authenticated"), token
     assert replay_watch == [], "a replay gets no answer (its reply subject is the original requester's)"
 
-    after = await detail(network, "admission")
-    for reason in ("bad_tag", "unknown_key", "wrong_reader", "malformed", "retired_key", "replay"):
-        assert refused_count(after, reason) > refused_count(before["admission"], reason), reason
-    after_exec = await detail(network, "executor", "cloud-1")
-    assert refused_count(after_exec, "replay") > refused_count(before_exec, "replay")
-    assert int(after_exec["auth_refused"]) >= int(before_exec["auth_refused"]) + 2
     for service in ("admission", "classifier", "scheduler", "keymanager", "telemetry"):
         assert (await network.health(service)).ready, service
     for executor in ("cloud-1", "factory-1", "branch-1"):
         assert (await network.health("executor", executor)).ready, executor
+
+
+def past_its_grace(client: DinClient, reader: str, version: int) -> bool:
+    """Whether ``client``'s keyring, fed by the keys bucket like every service's, no longer opens ``version``."""
+    try:
+        client.security.agent.keyring.opening_key(reader, version, sender=reader)
+    except envelope.InvalidToken:
+        return True
+    return False
+
+
+ATTACK_REASONS = ("bad_tag", "unknown_key", "wrong_reader", "malformed", "retired_key", "replay")
+"""What admission counts the attacks under: tampered, unknown key, other tenant's key, unsealed, retired, replay."""
+
+
+async def admission_refusals_grew(network, before: dict[str, str]) -> bool:
+    """Whether admission has counted at least one more refusal for each of ``ATTACK_REASONS`` since ``before``."""
+    now = await detail(network, "admission")
+    return all(refused_count(now, reason) > refused_count(before, reason) for reason in ATTACK_REASONS)
+
+
+async def executor_refusals_grew(network, before: dict[str, str]) -> bool:
+    """Whether cloud-1 has refused a replayed job and at least two messages in all since ``before``."""
+    now = await detail(network, "executor", "cloud-1")
+    return (refused_count(now, "replay") > refused_count(before, "replay")
+            and int(now["auth_refused"]) >= int(before["auth_refused"]) + 2)
 
 
 def _into(into: list):
@@ -322,25 +374,32 @@ def _into(into: list):
 
 
 async def test_kafka_holds_no_plaintext_payloads(network, kafka_bootstrap):
-    topics = [Topics.scoped(t, network.topic_scope) for t in Topics.ALL]
-    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
+    completions_topic = Topics.scoped(Topics.COMPLETIONS, network.topic_scope)
+    dead_letters_topic = Topics.scoped(Topics.DEAD_LETTER, network.topic_scope)
+    partitions = await scoped_partitions(kafka_bootstrap, network.topic_scope)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
-    records = []
+    records: list = []
     try:
-        deadline = time.monotonic() + 15
-        idle = 0
-        while time.monotonic() < deadline and idle < 4:
-            batch = await consumer.getmany(timeout_ms=500)
-            got = [r for rs in batch.values() for r in rs]
-            records += got
-            idle = 0 if got else idle + 1
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+
+        async def read_to_the_end() -> bool:
+            """Read what is there; done when every partition is read to its end and the earlier tests' completions
+            and the attacks' dead letters have been relayed."""
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+            ends = await consumer.end_offsets(partitions)
+            read_all = all([await consumer.position(tp) >= ends[tp] for tp in partitions])
+            by_topic = Counter(r.topic for r in records)
+            return read_all and by_topic[completions_topic] > 50 and by_topic[dead_letters_topic] > 0
+
+        await wait_for(read_to_the_end, 30, lambda: f"every scoped topic read to its end, with more than 50 "
+                       f"completions and a dead letter (read {dict(Counter(r.topic for r in records))})",
+                       interval=0.01)
     finally:
         await consumer.stop()
-    by_topic = Counter(r.topic for r in records)
-    dead = [r for r in records if r.topic == Topics.scoped(Topics.DEAD_LETTER, network.topic_scope)]
-    assert by_topic[Topics.scoped(Topics.COMPLETIONS, network.topic_scope)] > 50
-    assert dead, "the attacks left dead letters: their bodies must be ciphertext"
+    dead = [r for r in records if r.topic == dead_letters_topic]
     needles = _needles(SECRET)
     for record in records:
         raw = (record.value or b"") + b"".join(v for _, v in record.headers)
@@ -348,6 +407,18 @@ async def test_kafka_holds_no_plaintext_payloads(network, kafka_bootstrap):
     for record in dead:
         body = base64.b64decode(json.loads(record.value)["body_b64"])
         assert not any(n in body for n in needles), "a dead letter kept a payload in clear"
+
+
+async def scoped_partitions(bootstrap: str, scope: str) -> list[TopicPartition]:
+    """Every partition of the DIN topics under ``scope`` that exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        described = await admin.describe_topics(sorted({Topics.scoped(t, scope) for t in Topics.ALL} & existing))
+    finally:
+        await admin.close()
+    return [TopicPartition(topic["topic"], p["partition"]) for topic in described for p in topic["partitions"]]
 
 
 async def test_rotation_under_load_loses_no_request(network):
@@ -363,25 +434,38 @@ async def test_rotation_under_load_loses_no_request(network):
             except Exception as exc:  # noqa: BLE001 - every failure is a finding
                 failures.append((tenant, repr(exc)))
 
+    tenants = ("globex", "initech", "acme", "frugal")
+
+    async def each_tenant_served(more: int) -> None:
+        """Wait until every tenant has had ``more`` requests served; stop at the first failure."""
+        mark = Counter(served)
+
+        def served_more() -> bool:
+            assert failures == [], failures[:5]
+            return all(served[t] >= mark[t] + more for t in tenants)
+
+        await wait_for(served_more, 30, lambda: f"{more} more requests served for each tenant (served {dict(served)})")
+
+    def sealing_versions(c: dict[str, DinClient]) -> dict[str, int | None]:
+        return {tenant_principal(t): c[t].security.agent.keyring.current_version(tenant_principal(t)) for t in c}
+
     start = await key_command(network, KeyAction.STATUS)
-    async with clients(network, "globex", "initech", "acme", "frugal") as c:
-        workers = [asyncio.create_task(load(c[t], t, i)) for i, t in enumerate(["globex", "initech", "acme",
-                                                                                  "frugal"] * 2)]
+    async with clients(network, *tenants) as c:
+        workers = [asyncio.create_task(load(c[t], t, i)) for i, t in enumerate(tenants * 2)]
         for _ in range(3):
-            await asyncio.sleep(0.5)
+            await each_tenant_served(10)
             await key_command(network, KeyAction.ROTATE)
-        await asyncio.sleep(0.5)
+        end = await key_command(network, KeyAction.STATUS)
+        newest = {reader: end.versions[reader] for reader in sealing_versions(c)}
+        await wait_for(lambda: sealing_versions(c) == newest, 10,
+                       lambda: f"clients sealing with the newest versions {newest} (not {sealing_versions(c)})")
+        await each_tenant_served(10)
         stop.set()
         await asyncio.gather(*workers)
-        sealing = {t: c[t].security.agent.keyring.current_version(tenant_principal(t)) for t in c}
-    end = await key_command(network, KeyAction.STATUS)
     assert failures == [], failures[:5]
-    assert sum(served.values()) > 100 and all(served[t] > 10 for t in ("globex", "initech", "acme", "frugal")), served
     assert end.rotations >= start.rotations + 3 * len(start.versions)
     for reader, version in start.versions.items():
         assert end.versions[reader] == version + 3, reader
-    for tenant, version in sealing.items():
-        assert version == end.versions[tenant_principal(tenant)], "clients seal with the newest version"
 
 
 async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network):
@@ -402,17 +486,16 @@ async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network)
 
         result = await key_command(network, KeyAction.REVOKE, principal=site_principal("branch"))
         assert site_principal("branch") in result.revoked
-        await asyncio.sleep(1.5)
+        await wait_for(lambda: site_principal("branch") in globex.security.agent.revoked, 10,
+                       "globex's client learning that branch is revoked")
+        await network.wait_live_executors(2)
         with pytest.raises(DinRequestError) as refused:
             globex.open_answer("late", late.body, late_headers)
         assert refused.value.error.code.value == "unauthenticated"
 
-        from shared.contracts.inference import SlaClass
-        from shared.contracts.job import JobV1
-
-        job = JobV1(request_id="from-branch", tenant="globex", model=MODEL, sla_class=SlaClass.INTERACTIVE,
-                    deadline_ms=int(time.time() * 1000) + 3000, reply_to=job_reply,
-                    content_type="application/json", received_ms=time.time() * 1000)
+        now_ms = time.time() * 1000
+        job = make_job(request_id="from-branch", tenant="globex", model=MODEL, deadline_ms=int(now_ms) + 3000,
+                       reply_to=job_reply, received_ms=now_ms)
         hub = await nats.connect(network.hub_url)
         await hub.publish(Subjects.SCHEDULE, sealed.body, headers={**job.to_headers(), **sealed.to_headers()})
         await hub.flush()
@@ -426,8 +509,13 @@ async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network)
         for _ in range(30):
             sites[(await globex.infer(MODEL, {"input": SECRET})).served_by.site] += 1
         assert "branch" not in sites and sum(sites.values()) == 30, sites
-    await asyncio.sleep(0.3)
-    after = await detail(network, "scheduler")
+
+
+    async def give_back_refused() -> dict[str, str] | None:
+        now = await detail(network, "scheduler")
+        return now if refused_count(now, "revoked") > refused_count(before, "revoked") else None
+
+    after = await wait_for(give_back_refused, 10, "the scheduler refusing the give-back from revoked branch")
     assert refused_count(after, "revoked") == refused_count(before, "revoked") + 1
     assert site_principal("branch") in after["revoked"]
     await branch.stop()
