@@ -141,10 +141,10 @@ async def test_requests_are_served_signed_and_each_reports_its_protection(networ
             "acme-pii": [await c["acme"].infer(MODEL, {"input": SECRET}, labels=["pii"]) for _ in range(10)],
         }
     request_ids = {r.response.id for served in results.values() for r in served}
-    await wait_for(lambda: request_ids <= {c.request_id for c in completions}, 10,
+    await wait_for(lambda: request_ids <= {event.request_id for event in completions}, 10,
                    lambda: f"a completion event for each of the 40 requests ({len(completions)} seen)")
     await nc.close()
-    completions = [c for c in completions if c.request_id in request_ids]
+    completions = [event for event in completions if event.request_id in request_ids]
     for name, served in results.items():
         for result in served:
             assert result.signer == site_principal(result.served_by.site), name
@@ -509,7 +509,6 @@ async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network)
         for _ in range(30):
             sites[(await globex.infer(MODEL, {"input": SECRET})).served_by.site] += 1
         assert "branch" not in sites and sum(sites.values()) == 30, sites
-
 
     async def give_back_refused() -> dict[str, str] | None:
         now = await detail(network, "scheduler")
