@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -147,7 +148,7 @@ def test_a_stale_message_narrowing_is_refused():
 
 def test_a_missing_service_class_is_named(monkeypatch):
     module = types.ModuleType("fake_admission_main")
-    monkeypatch.setitem(__import__("sys").modules, "fake_admission_main", module)
+    monkeypatch.setitem(sys.modules, "fake_admission_main", module)
     monkeypatch.setitem(service_operations.SERVICE_CLASSES, "admission", "fake_admission_main:Admission")
     with pytest.raises(MissingServiceClass, match="service 'admission'"):
         service_class("admission")
