@@ -72,8 +72,8 @@ class LinkConditions(_Strict):
     (through Toxiproxy), so a request-reply across the link pays twice the latency.
     """
 
-    latency_ms: float = Field(ge=0, description="One-way delay added to all data, milliseconds.")
-    jitter_ms: float = Field(default=0.0, ge=0, description="The delay varies by up to this much either way, ms.")
+    latency_ms: int = Field(ge=0, description="One-way delay added to all data, milliseconds.")
+    jitter_ms: int = Field(default=0, ge=0, description="The delay varies by up to this much either way, ms.")
     bandwidth_kb_s: int | None = Field(
         default=None, ge=1, description="Most kilobytes per second each direction carries; None: no cap."
     )
@@ -81,14 +81,14 @@ class LinkConditions(_Strict):
     @model_validator(mode="after")
     def _jitter_within_latency(self) -> LinkConditions:
         if self.jitter_ms > self.latency_ms:
-            raise ValueError(f"jitter_ms {self.jitter_ms:g} exceeds latency_ms {self.latency_ms:g}")
+            raise ValueError(f"jitter_ms {self.jitter_ms} exceeds latency_ms {self.latency_ms}")
         return self
 
 
 DEFAULT_LINK_CONDITIONS: dict[PathType, LinkConditions] = {
-    PathType.DEDICATED: LinkConditions(latency_ms=2.0),
-    PathType.VPN: LinkConditions(latency_ms=10.0),
-    PathType.INTERNET: LinkConditions(latency_ms=40.0, jitter_ms=10.0),
+    PathType.DEDICATED: LinkConditions(latency_ms=2),
+    PathType.VPN: LinkConditions(latency_ms=10),
+    PathType.INTERNET: LinkConditions(latency_ms=40, jitter_ms=10),
 }
 """Conditions of a link that names only its path type."""
 
@@ -102,8 +102,8 @@ class LinkSpec(_Strict):
 
     between: tuple[str, str] = Field(description="The two sites it joins.")
     path: PathType = Field(description="dedicated, vpn or internet.")
-    latency_ms: float | None = Field(default=None, ge=0, description="One-way delay, ms; None: the path's default.")
-    jitter_ms: float | None = Field(default=None, ge=0, description="Delay jitter, ms; None: the path's default.")
+    latency_ms: int | None = Field(default=None, ge=0, description="One-way delay, ms; None: the path's default.")
+    jitter_ms: int | None = Field(default=None, ge=0, description="Delay jitter, ms; None: the path's default.")
     bandwidth_kb_s: int | None = Field(
         default=None, ge=1, description="Bandwidth cap per direction, KB/s; None: the path's default (no cap)."
     )

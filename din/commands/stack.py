@@ -7,12 +7,14 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from din.commands.links import links_table
 from din.commands.models import build_models
-from din.stack.brokers import DEFAULT_KAFKA_LIBS, nats_server_binary, require_java, resolve_kafka_jars
+from din.stack.brokers import DEFAULT_KAFKA_LIBS, REPO_ROOT, nats_server_binary, require_java, resolve_kafka_jars
 from din.stack.launcher import (
     DEFAULT_DIN_DIR,
     DEFAULT_MODEL_REPO,
@@ -29,11 +31,16 @@ from din.stack.launcher import (
     stop_from_state,
 )
 from din.stack.processes import StackError, pid_alive
+from din.stack.supervision import Supervisor
+from din.stack.wan import ToxiproxyClient, toxiproxy_binary
 from shared.topology import load_topology
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EXIT_NOT_RUNNING = 3
 EXIT_DEGRADED = 1
+SUPERVISING = "supervising"
+"""``din up`` prints a line starting with this once the stack is ready and supervised."""
+UP_LOG = "up.log"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,13 +57,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "up",
         parents=[common],
         help="start the whole network on this machine",
-        description="Start NATS (hub and one leaf per edge site), Kafka and every service, each its own "
-        "process; wait until all answer their health subject. In the foreground, Ctrl-C stops everything.",
+        description="Start NATS (hub and one leaf per edge site, each leaf reaching the hub over a WAN link "
+        "through Toxiproxy), Kafka and every service, each its own process; wait until all answer their health "
+        "subject, then supervise them: a process that exits is restarted with backoff. In the foreground, Ctrl-C "
+        "stops everything; with --detach a background supervisor keeps running until `din down`.",
     )
     up.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY, help="topology file (default: %(default)s)")
     up.add_argument("--mode", choices=SCHEDULER_MODES, default="centralized", help="scheduling mode")
     up.add_argument("--port-offset", type=int, default=0, help="add N to every port (run beside another stack)")
     up.add_argument("--detach", action="store_true", help="return once ready; stop later with `din down`")
+    up.add_argument("--no-wan", action="store_true", help="plain loopback links to the hub (no Toxiproxy)")
+    up.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
     up.add_argument(
         "--services",
         default="all",
@@ -66,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.set_defaults(handler=cmd_up)
 
     status = subparsers.add_parser(
-        "status", parents=[common], help="show what the running stack runs where",
+        "status", parents=[common], help="show what the running stack runs where, restarts and links",
         description="Exit code: 0 all processes running, 1 some stopped, 3 no stack.",
     )
     status.set_defaults(handler=cmd_status)
@@ -76,8 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     setup = subparsers.add_parser(
         "setup", help="fetch Kafka's jars and build the model zoo (idempotent)",
-        description="Check nats-server and Java, resolve Kafka's jars from Maven Central into .din/kafka/libs, "
-        "and build the model zoo into .din/models.",
+        description="Check nats-server, toxiproxy-server and Java, resolve Kafka's jars from Maven Central into "
+        ".din/kafka/libs, and build the model zoo into .din/models.",
     )
     setup.set_defaults(handler=cmd_setup)
 
@@ -115,6 +126,8 @@ def stop_signals_interrupt():
 
 def cmd_up(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
+    if args.detach:
+        return _up_detached(args)
     stack = Stack(
         topology,
         topology_file=args.topology,
@@ -123,30 +136,25 @@ def cmd_up(args: argparse.Namespace) -> int:
         mode=args.mode,
         services=parse_services(args.services),
         ready_timeout_s=args.ready_timeout,
+        wan=not args.no_wan,
     )
-    if not args.detach:
-        stack.supervisor_pid = os.getpid()
+    stack.supervisor_pid = os.getpid()
     begun = time.monotonic()
+    links = "WAN links" if stack.wan else "loopback links"
     with stop_signals_interrupt():
-        print(f"starting DIN ({topology.name}, {args.mode}) ...", flush=True)
-        detached = started = False
+        print(f"starting DIN ({topology.name}, {args.mode}, {links}) ...", flush=True)
+        started = False
         try:
             stack.start()
             started = True
             print(stack.describe())
             print(f"ready in {time.monotonic() - begun:.1f}s; run folder {shown_path(stack.run_dir)}", flush=True)
-            if args.detach:
-                print("detached: `din status` shows it, `din down` stops it", flush=True)
-                detached = True
-                return 0
-            print("press Ctrl-C to stop", flush=True)
-            dead = stack.watch()
-            code = dead.popen.returncode if dead.popen else None
-            print(
-                f"din: error: {dead.name} exited with code {code}; stopping the stack\n{dead.log_tail()}",
-                file=sys.stderr,
-            )
-            return 2
+            if args.background:
+                print(f"{SUPERVISING} in the background (pid {os.getpid()}): `din status` shows it, "
+                      "`din down` stops it", flush=True)
+            else:
+                print(f"{SUPERVISING}: a process that exits is restarted; press Ctrl-C to stop", flush=True)
+            Supervisor(stack, report=lambda line: print(line, file=sys.stderr, flush=True)).run()
         except KeyboardInterrupt:
             if not started:
                 raise
@@ -154,16 +162,79 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 0
         finally:
             # Also after a failed or interrupted start: stop() is idempotent and leaves nothing behind.
-            if not detached:
-                _stop_quietly(stack)
-                if started:
-                    print("stopped", flush=True)
+            _stop_quietly(stack)
+            if started:
+                print("stopped", flush=True)
+
+
+def _background_argv(args: argparse.Namespace) -> list[str]:
+    """The ``din up`` that runs and supervises the stack for ``din up --detach``."""
+    argv = [
+        sys.executable, "-m", "din.cli", "up", "--background",
+        "--topology", str(Path(args.topology).resolve()),
+        "--din-dir", str(Path(args.din_dir).resolve()),
+        "--mode", args.mode,
+        "--port-offset", str(args.port_offset),
+        "--services", args.services,
+        "--ready-timeout", str(args.ready_timeout),
+    ]
+    return [*argv, "--no-wan"] if args.no_wan else argv
+
+
+def _up_detached(args: argparse.Namespace) -> int:
+    """Start a background ``din up`` in its own session, echo its output until it supervises the ready stack.
+
+    Its output goes on into ``<din-dir>/up.log``. If it fails to start, its error
+    is shown and nothing is left running.
+    """
+    state = read_state(args.din_dir / STATE_FILE_NAME)
+    if state is not None and state_processes_alive(state):
+        raise StackError(f"a stack is already running from {state.get('run_dir')}: run `din down` first")
+    args.din_dir.mkdir(parents=True, exist_ok=True)
+    log_path = args.din_dir / UP_LOG
+    position = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(
+            _background_argv(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+    pending = ""
+    with stop_signals_interrupt():
+        try:
+            while True:
+                exited = child.poll() is not None
+                with open(log_path, "rb") as log:
+                    log.seek(position)
+                    chunk = log.read().decode(errors="replace")
+                position += len(chunk.encode())
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    print(line, file=sys.stderr if line.startswith("din: error") else sys.stdout, flush=True)
+                    if line.startswith(SUPERVISING):
+                        print(f"detached: output goes on in {shown_path(log_path)}", flush=True)
+                        return 0
+                if exited:
+                    if pending:
+                        print(pending, file=sys.stderr, flush=True)
+                    return child.returncode or 2
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGTERM)
+            child.wait(timeout=60)
+            raise
 
 
 def _stop_quietly(stack: Stack) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     stack.stop()
+
+
+def _process_state(entry: dict, alive_pids: set[int]) -> str:
+    if entry["pid"] in alive_pids:
+        return "running"
+    return "GAVE UP" if entry.get("given_up") else "STOPPED"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -174,14 +245,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_NOT_RUNNING
     alive_pids = {p["pid"] for p in state_processes_alive(state)}
     sup = state.get("supervisor")
-    how = f"foreground, supervised by pid {sup['pid']}" if sup else "detached"
+    how = f"supervised by pid {sup['pid']}" if sup else "unsupervised"
     print(f"run {shown_path(state['run_dir'])} ({state.get('mode')}, {how}), started {state.get('started_at')}")
     rows = [
-        [p["site"], p["name"], str(p["pid"]), "running" if p["pid"] in alive_pids else "STOPPED", p["address"],
-         shown_path(p["log"])]
+        [p["site"], p["name"], str(p["pid"]), _process_state(p, alive_pids), str(p.get("restarts", 0)),
+         p["address"], shown_path(p["log"])]
         for p in state.get("processes", [])
     ]
-    print(format_table(["SITE", "PROCESS", "PID", "STATE", "ADDRESS", "LOG"], rows))
+    print(format_table(["SITE", "PROCESS", "PID", "STATE", "RESTARTS", "ADDRESS", "LOG"], rows))
+    url = (state.get("urls") or {}).get("toxiproxy")
+    if url:
+        try:
+            print(links_table(state, ToxiproxyClient(url, timeout_s=2.0)))
+        except StackError as exc:
+            print(f"links: {exc}")
+    else:
+        print("links: plain loopback (started with --no-wan)")
     stopped = [r[1] for r in rows if r[3] != "running"]
     if sup and not pid_alive(sup["pid"]):
         stopped.append("supervisor")
@@ -208,6 +287,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_setup(args: argparse.Namespace) -> int:
     print(f"nats-server: {nats_server_binary()}")
+    print(f"toxiproxy-server: {toxiproxy_binary()}")
     print(f"java: {require_java()}")
     if not shutil.which("mvn") and not (DEFAULT_KAFKA_LIBS / ".complete").exists():
         raise StackError("Maven not found: install it (apt-get install maven) so set-up can fetch Kafka's jars")

@@ -13,17 +13,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import nats
 import pytest
 import yaml
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from din.cli import main
 from din.stack.launcher import PortPlan, Stack, port_roles, read_state
 from din.stack.processes import StackError, pid_alive, port_is_free
+from din.stack.supervision import RestartPolicy, Supervisor
+from shared.contracts.events import HealthV1
 from shared.credentials import read_credentials
 from shared.topology import load_topology
-from tests.support import wait_for_sync
+from tests.support import wait_for, wait_for_sync
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +77,7 @@ def free_offset(topology) -> int:
     """An offset that moves every default port of ``topology``'s stack onto free ports."""
     for _ in range(200):
         offset = random.randrange(20000, 40000)
-        if all(port_is_free(port) for port, _ in port_roles(topology, PortPlan().offset(offset))):
+        if all(port_is_free(port) for port, _ in port_roles(topology, PortPlan().offset(offset), wan=True)):
             return offset
     raise RuntimeError("no free port offset found")
 
@@ -248,7 +254,9 @@ def test_cli_foreground_up_then_status_and_down_from_another_shell(tmp_path, top
         state = read_state(din_dir / "stack.json")
         assert state["supervisor"]["pid"] == up.pid
         pids = [p["pid"] for p in state["processes"]]
-        assert len(pids) == 4
+        assert [p["name"] for p in state["processes"]] == [
+            "kafka", "toxiproxy", "nats-hub-cloud", "nats-leaf-factory", "nats-leaf-branch"
+        ]
 
         assert main(["status", "--din-dir", str(din_dir)]) == 0
         assert f"supervised by pid {up.pid}" in capsys.readouterr().out
@@ -265,24 +273,87 @@ def test_cli_foreground_up_then_status_and_down_from_another_shell(tmp_path, top
     assert not (din_dir / "stack.json").exists()
 
 
-def test_cli_detached_up_then_down(tmp_path, topology_file, test_topology, capsys):
+def test_cli_detached_up_is_supervised_restarts_a_killed_broker_and_down_stops_all(
+    tmp_path, topology_file, test_topology, capsys
+):
     offset = free_offset(test_topology)
     din_dir = tmp_path / "din"
     args = ["--din-dir", str(din_dir)]
     assert main(["up", "--detach", "--services", "none", "--topology", str(topology_file),
                  "--port-offset", str(offset), *args]) == 0
+    assert "detached" in capsys.readouterr().out
     state = read_state(din_dir / "stack.json")
     pids = [p["pid"] for p in state["processes"]]
+    supervisor = state["supervisor"]["pid"]
     try:
-        assert state["supervisor"] is None
+        assert supervisor != os.getpid() and pid_alive(supervisor), "a background supervisor outlives `din up`"
         assert all(pid_alive(p) for p in pids)
-        assert "detached" in capsys.readouterr().out
         assert main(["status", *args]) == 0
+        assert f"supervised by pid {supervisor}" in capsys.readouterr().out
+
+        leaf = next(p for p in state["processes"] if p["name"] == "nats-leaf-factory")
+        os.kill(leaf["pid"], signal.SIGKILL)
+
+        def restarted() -> dict | None:
+            entry = next(p for p in read_state(din_dir / "stack.json")["processes"] if p["name"] == leaf["name"])
+            return entry if entry["restarts"] == 1 and pid_alive(entry["pid"]) else None
+
+        again = wait_for_sync(restarted, 30, "the killed leaf server restarted by the background supervisor")
+        pids.append(again["pid"])
+        wait_for_sync(lambda: main(["status", *args]) == 0, 30, "din status: every process running again")
+        out = capsys.readouterr().out
+        row = next(line for line in out.splitlines() if " nats-leaf-factory " in f" {line} ")
+        assert row.split()[2:5] == [str(again["pid"]), "running", "1"], row
     finally:
         assert main(["down", *args]) == 0
-    assert_nothing_left(pids)
+    assert_nothing_left([*pids, supervisor])
     assert main(["down", *args]) == 0
     assert "no stack running" in capsys.readouterr().out
+
+
+async def test_supervisor_restarts_a_killed_service_which_answers_health_again(test_topology, tmp_path, capsys):
+    stack = Stack(
+        test_topology,
+        ports=PortPlan.free(edge_sites=2),
+        din_dir=tmp_path,
+        services=["scheduler", "classifier"],
+        kafka=False,
+        service_command=fake(),
+        ready_timeout_s=30,
+    )
+    stack.start()
+    stop = threading.Event()
+    supervisor = Supervisor(stack, RestartPolicy(first_delay_s=0.2), report=lambda line: None)
+    watcher = threading.Thread(target=supervisor.run, kwargs={"poll_s": 0.05, "until": stop})
+    watcher.start()
+    pids = [p.pid for p in stack.processes]
+    nc = await nats.connect(stack.hub_url)
+    try:
+        scheduler = next(p for p in stack.processes if p.name == "scheduler")
+        health = next(i for i in stack.instances if i.name == "scheduler").health_subject
+        killed = scheduler.pid
+        os.kill(killed, signal.SIGKILL)
+        await wait_for(lambda: scheduler.pid != killed and scheduler.alive(), 15, "the scheduler restarted")
+        pids.append(scheduler.pid)
+
+        async def answers() -> bool:
+            reply = await nc.request(health, b"{}", timeout=0.5)
+            return HealthV1.model_validate_json(reply.data).ready
+
+        await wait_for(answers, 15, "the restarted scheduler answering health", retry_on=(NoRespondersError,
+                                                                                           NatsTimeout))
+        assert main(["status", "--din-dir", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        row = next(line for line in out.splitlines() if line.split()[1:2] == ["scheduler"])
+        assert row.split()[2:5] == [str(scheduler.pid), "running", "1"], row
+        classifier = next(line for line in out.splitlines() if line.split()[1:2] == ["classifier"])
+        assert classifier.split()[4] == "0"
+    finally:
+        await nc.close()
+        stop.set()
+        watcher.join(timeout=10)
+        stack.stop()
+    assert_nothing_left(pids)
 
 
 def test_din_up_with_the_real_services_then_ctrl_c_leaves_nothing(tmp_path, topology_file, test_topology):
@@ -306,7 +377,7 @@ def test_din_up_with_the_real_services_then_ctrl_c_leaves_nothing(tmp_path, topo
         state = read_state(din_dir / "stack.json")
         names = {p["name"] for p in state["processes"]}
         executors = {f"executor-{e.id}" for s in test_topology.sites for e in s.executors}
-        assert names == {"kafka", "nats-hub-cloud", "nats-leaf-factory", "nats-leaf-branch", "admission",
+        assert names == {"kafka", "toxiproxy", "nats-hub-cloud", "nats-leaf-factory", "nats-leaf-branch", "admission",
                          "classifier", "scheduler", "telemetry", "keymanager"} | executors
         pids = [p["pid"] for p in state["processes"]]
         up.send_signal(signal.SIGINT)
