@@ -290,6 +290,10 @@ def test_cli_detached_up_is_supervised_restarts_a_killed_broker_and_down_stops_a
         assert all(pid_alive(p) for p in pids)
         assert main(["status", *args]) == 0
         assert f"supervised by pid {supervisor}" in capsys.readouterr().out
+        assert main(["up", "--detach", "--services", "none", "--topology", str(topology_file),
+                     "--port-offset", str(offset), *args]) == 2, "a second `din up` is refused"
+        assert "already running" in capsys.readouterr().err
+        assert read_state(din_dir / "stack.json") == state and all(pid_alive(p) for p in pids)
 
         leaf = next(p for p in state["processes"] if p["name"] == "nats-leaf-factory")
         os.kill(leaf["pid"], signal.SIGKILL)

@@ -154,8 +154,12 @@ def test_cli_has_stack_commands():
     parser = build_parser()
     args = parser.parse_args(["up", "--mode", "distributed", "--port-offset", "10", "--detach"])
     assert (args.mode, args.port_offset, args.detach, args.topology) == ("distributed", 10, True, DEFAULT_TOPOLOGY)
-    for command in ("status", "down", "setup"):
+    for command in ("status", "down", "setup", "links"):
         assert callable(parser.parse_args([command]).handler)
+    assert parser.parse_args(["up"]).no_wan is False and parser.parse_args(["up", "--no-wan"]).no_wan is True
+    change = parser.parse_args(["links", "--din-dir", "/x", "set", "factory", "--latency", "50ms", "--jitter", "5ms"])
+    assert (str(change.din_dir), change.site, change.latency, change.jitter) == ("/x", "factory", 50, 5)
+    assert [parser.parse_args(["links", action, "factory"]).site for action in ("cut", "restore")] == ["factory"] * 2
     with pytest.raises(SystemExit):
         parser.parse_args(["up", "--mode", "random"])
 
