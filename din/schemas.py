@@ -60,6 +60,7 @@ from shared.contracts import (
 from shared.contracts.inference import JSON_CONTENT_TYPE, STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders
 from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
 from shared.contracts.job import STAGE_DONE_HEADER
+from shared.contracts.options import request_header_docs
 from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ErrorCode
 from shared.eventlog import EVENT_TYPE_HEADER, event_type
 from shared.naming import API_VERSION, SERVICES
@@ -89,31 +90,6 @@ PARAMETERS = {
     "service": f"Service name: one of {', '.join(SERVICES)}.",
     "instance": "Instance id: the executor id for executors.",
     "entry": "Entry name: pub.<principal>, dek.<holder>.<reader>.<version>, revoked or policy.",
-}
-
-REQUEST_HEADER_DOCS = {
-    "TOKEN": "Tenant token din1.<tenant>.<expiry>.<signature>; required here or in parameters.token.",
-    "SLA_CLASS": "Service class: realtime, interactive (default) or batch.",
-    "TIMEOUT_MS": "Time the caller will wait, ms; the deadline is receipt time plus this.",
-    "DEADLINE_MS": "Absolute deadline, Unix epoch ms; wins over the timeout.",
-    "LABELS": "Comma-separated data labels; sensitive labels keep the request at the tenant's allowed sites.",
-    "ALLOW_DEGRADE": "true lets a smaller model variant answer when the asked one cannot in time.",
-    "MIN_ACCURACY": "Lowest held-out accuracy (0..1) of a variant allowed to answer.",
-    "MODEL_VERSION": "Model version to run; the newest when absent.",
-    "CASCADE": "Large-small cascade with this confidence threshold (e.g. 0.8): the smallest variant of the model's "
-    "task answers, and an answer whose top class probability is below the threshold escalates to the most "
-    "accurate one; served_by.escalated tells which. Or 'rate:<fraction>' (e.g. rate:0.2): escalate about that "
-    "fraction of requests, the least confident, calibrated on the small variant's recent answers.",
-    "MAX_TOKENS": "Generation (models with a prefill part, e.g. charlm): stream this many tokens (1..512) back as "
-    "StreamChunkV1 messages on the reply subject, the last with done=true; the input is the prompt as a UINT8 "
-    "tensor named 'prompt' holding UTF-8 text.",
-    "SPLIT": "Split inference (models with head/tail parts, e.g. digits-large): 'auto' lets the scheduler pick the "
-    "split point per request from link and load measurements; a split point name forces it; 'none' runs whole.",
-    "SPLIT_PROTECTION": "Split inference: protect the intermediate tensor before it leaves the data's site: "
-    "'none' (default), 'quantize:<bits 1..8>' or 'noise:<relative sigma>'.",
-    "REQUEST_ID": "Caller's request id (at most 128 printable characters); DIN assigns one when absent.",
-    "CONTENT_TYPE": f"{JSON_CONTENT_TYPE} (default) or {TENSOR_CONTENT_TYPE} for a binary tensor body.",
-    "TRACEPARENT": "W3C trace context, carried to every stage.",
 }
 
 
@@ -155,9 +131,6 @@ def _text(description: str, **extra) -> dict:
 def header_schemas() -> dict[str, dict]:
     """Header objects (request, tensor, job, stage, stream, completion, error, envelope and signature headers) and
     bodies that are not contract models, as component schemas."""
-    documented = {name for name in vars(RequestHeaders) if name.isupper()}
-    if documented != set(REQUEST_HEADER_DOCS):
-        raise ValueError(f"REQUEST_HEADER_DOCS must describe exactly RequestHeaders' names {sorted(documented)}")
     tensor = {
         TENSOR_NAME_HEADER: _text("Name of the tensor in the body."),
         TENSOR_SHAPE_HEADER: _text("Comma-separated dimensions, e.g. 1,64.", pattern=r"^(\d+(,\d+)*)?$"),
@@ -174,7 +147,7 @@ def header_schemas() -> dict[str, dict]:
     return {
         "RequestHeaders": _header_object(
             "Headers a client may set on a request; each has a parameters.<name> fallback in the JSON body.",
-            {getattr(RequestHeaders, name): _text(doc) for name, doc in REQUEST_HEADER_DOCS.items()},
+            {getattr(RequestHeaders, name): _text(doc) for name, doc in request_header_docs().items()},
         ),
         "TensorHeaders": _header_object(
             "Describe a binary tensor body.", tensor, (TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER, TENSOR_DATATYPE_HEADER)

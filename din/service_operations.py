@@ -5,7 +5,7 @@ A service's operations come from its class (``shared.runtime.Service``):
 * each declared endpoint (``Service.endpoints()``) receives on its channel, with its queue group, and sends
   on the channels its ``publishes`` names; the class attribute ``publishes`` adds what the service sends
   outside handlers (heartbeats, decision records), and an optional class attribute ``consumes`` what it
-  reads outside handlers (a JetStream pull consumer, Kafka consumers; ``PENDING_CONSUMES`` until declared);
+  reads outside handlers (a JetStream pull consumer, Kafka consumers: the class's ``consumes``);
 * the runtime adds what every service does without declaring it (``runtime_operations``): it answers its
   health subject (and its instance's, for ``INSTANCE_HEALTH`` services), emits trace spans, dead-letters
   a message on a job endpoint that carries no valid job, and sends a control endpoint's return value as
@@ -41,13 +41,6 @@ SERVICE_CLASSES = {
 }
 """Where each service's class lives, by service name (``shared.naming.SERVICES``)."""
 
-PENDING_CONSUMES = {
-    "executor": ("work",),
-    "telemetry": (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS),
-}
-"""Reads outside endpoints (a JetStream pull consumer, Kafka consumers) of service classes that do not declare a
-``consumes`` attribute yet. Temporary: an entry goes once its class declares ``consumes``; a class that declares
-it while an entry remains stops the render."""
 
 _PLACEHOLDER = re.compile(r"__(\w+?)__")
 
@@ -158,10 +151,6 @@ def runtime_operations(service: type[Service]) -> tuple[list[str], list[str]]:
 
 
 def _consumes(service: type[Service]) -> tuple[str, ...]:
-    if not any("consumes" in vars(klass) for klass in service.__mro__ if klass not in (Service, object)):
-        return PENDING_CONSUMES.get(service.name, ())
-    if service.name in PENDING_CONSUMES:
-        raise InvalidDeclaration(f"{service.__name__} declares consumes: remove its PENDING_CONSUMES entry")
     return tuple(service.consumes)
 
 

@@ -4,7 +4,7 @@ A service is a ``Service`` subclass whose handlers are methods declared with
 ``endpoint`` (a raw message on the request path), ``job_endpoint`` (a message
 carrying a ``JobV1``: decoded, dead-lettered when it is not one, and traced as
 one hop) or ``control`` (a typed FastStream subscriber of the control plane).
-Each declaration names its channel (the key of ``shared.channels.CHANNELS``),
+Each declaration names its channel (a key of ``shared.channels.CHANNELS``, e.g. ``keysBucket``),
 the subject, the queue group and the channels it publishes to, so the class is
 the service's map and the AsyncAPI document is generated from it.
 
@@ -300,12 +300,14 @@ class Service:
     """A service instance: its settings, its runtime, and the endpoints its class declares.
 
     Subclasses set ``name`` (and ``publishes``, the channels and topics it sends to outside any handler, e.g.
-    heartbeats or decision records), declare handlers with ``endpoint``/``job_endpoint``/``control`` and
+    heartbeats or decision records; ``consumes``, what it reads outside any handler, e.g. a JetStream pull
+    consumer or a Kafka consumer), declare handlers with ``endpoint``/``job_endpoint``/``control`` and
     override ``detail`` for their health answer.
     """
 
     name: ClassVar[str]
     publishes: ClassVar[tuple[str, ...]] = ()
+    consumes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: ServiceSettings, *, instance: str | None = None) -> None:
         self.settings = settings

@@ -46,6 +46,7 @@ class Telemetry(Service):
 
     name = "telemetry"
     publishes = ("alerts", Topics.ALERTS)
+    consumes = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS)
 
     def __init__(self, settings: TelemetrySettings) -> None:
         super().__init__(settings)

@@ -33,12 +33,6 @@ class Prober(Service):
     async def on_control(self, command) -> None: ...
 
 
-@pytest.fixture(autouse=True)
-def no_pending_consumes(monkeypatch):
-    """The fakes stand for services whose real classes may still be listed in PENDING_CONSUMES."""
-    monkeypatch.setattr(service_operations, "PENDING_CONSUMES", {})
-
-
 def by_key(found) -> dict:
     return {op.key: op for op in found}
 
@@ -79,17 +73,16 @@ def test_consumes_adds_kafka_receives():
     assert "telemetry_receive_topic_scheduler_decisions" in by_key(operations([Reader]))
 
 
-def test_pending_consumes_stand_in_until_the_class_declares_them(monkeypatch):
+def test_reads_outside_endpoints_come_from_consumes():
     class Puller(Service):
         name = "executor"
-
-    class Declared(Puller):
         consumes = ("work",)
 
-    monkeypatch.setattr(service_operations, "PENDING_CONSUMES", {"executor": ("work",)})
+    class Silent(Service):
+        name = "executor"
+
     assert "executor_receive_work" in by_key(operations([Puller]))
-    with pytest.raises(InvalidDeclaration, match="Declared declares consumes: remove its PENDING_CONSUMES entry"):
-        operations([Declared])
+    assert "executor_receive_work" not in by_key(operations([Silent]))
 
 
 def test_an_unknown_channel_is_refused_with_the_handler_named():
