@@ -75,6 +75,7 @@ class Executor(Service):
 
     name = "executor"
     publishes = ("heartbeat", *JOB_PUBLISHES)
+    consumes = ("work",)
 
     def __init__(self, settings: ExecutorSettings) -> None:
         super().__init__(settings, instance=settings.id)
