@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
+from nats.js.api import ConsumerConfig
 
 from shared.lifecycle import Settlement
 from shared.naming import Subjects, work_stream
+from shared.workqueue import work_stream_config
 
 PULL_ACK_WAIT_S = 3.0
 IN_PROGRESS_EVERY_S = 1.0
@@ -26,7 +27,6 @@ PULL_MAX_DELIVER = 50
 PULL_WAIT_S = 1.0
 PULL_MORE_WAIT_S = 0.001
 FULL_WAIT_S = 0.001
-WORK_MAX_AGE_S = 600.0
 
 
 def fetch_more(room: int, max_batch_size: int) -> int:
@@ -36,14 +36,8 @@ def fetch_more(room: int, max_batch_size: int) -> int:
 
 async def ensure_work_stream(nc: NatsClient, site: str) -> None:
     """Create the site's work-queue stream unless it exists (the scheduler creates it too)."""
-    config = StreamConfig(
-        name=work_stream(site),
-        subjects=[Subjects.work_all(site)],
-        retention=RetentionPolicy.WORK_QUEUE,
-        max_age=WORK_MAX_AGE_S,
-    )
     with contextlib.suppress(Exception):
-        await nc.jetstream().add_stream(config)
+        await nc.jetstream().add_stream(work_stream_config(site))
 
 
 async def pull_jobs(nc: NatsClient, site: str, model: str, *, room: Callable[[], int],

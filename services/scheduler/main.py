@@ -19,7 +19,6 @@ import time
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import RetentionPolicy, StreamConfig
 
 from services.scheduler.inflight import InflightJob, InflightTable
 from services.scheduler.links import LinkTable
@@ -36,7 +35,7 @@ from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.envelope import InvalidToken, SealRefused
 from shared.errors import DinError, ErrorCode
 from shared.lifecycle import Redispatch
-from shared.naming import Subjects, Topics, work_stream
+from shared.naming import Subjects, Topics
 from shared.runtime import Service, control, endpoint, job_endpoint
 from shared.security import (
     PayloadSecurity,
@@ -48,11 +47,11 @@ from shared.security import (
     without_envelope,
 )
 from shared.topology import load_topology
+from shared.workqueue import work_stream_config
 
 ROLL_CALL_WAIT_S = 0.2
 ENQUEUE_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 1.0
-WORK_MAX_AGE_S = 600.0
 DISPATCH_PUBLISHES = ("execute", "work", "inferReply", Topics.SCHEDULING_DECISIONS)
 """Where placing a job sends: to its executor or its site's queue, or its refusal to the client; and the decision."""
 REDISPATCH_REFUSALS = {
@@ -315,14 +314,8 @@ class Scheduler(Service):
 
     async def ensure_work_streams(self) -> None:
         for site in self.topology.sites:
-            config = StreamConfig(
-                name=work_stream(site.name),
-                subjects=[Subjects.work_all(site.name)],
-                retention=RetentionPolicy.WORK_QUEUE,
-                max_age=WORK_MAX_AGE_S,
-            )
             try:
-                await self.nc.jetstream(domain=site.name).add_stream(config)
+                await self.nc.jetstream(domain=site.name).add_stream(work_stream_config(site.name))
             except Exception as exc:
                 self.log.warning("work stream of site %s not created yet: %s", site.name, exc)
 

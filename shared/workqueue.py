@@ -1,0 +1,23 @@
+"""The JetStream work-queue stream of a site (distributed scheduling), defined once for its creators.
+
+Both the scheduler and the site's executors create it when missing, whoever starts first.
+"""
+
+from __future__ import annotations
+
+from nats.js.api import RetentionPolicy, StreamConfig
+
+from shared.naming import Subjects, work_stream
+
+WORK_MAX_AGE_S = 600.0
+"""A job older than this is past any deadline DIN accepts; the stream drops it."""
+
+
+def work_stream_config(site: str) -> StreamConfig:
+    """The stream ``DIN_WORK_<SITE>`` over every model's work subject at ``site``, one consumer per message."""
+    return StreamConfig(
+        name=work_stream(site),
+        subjects=[Subjects.work_all(site)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_age=WORK_MAX_AGE_S,
+    )
