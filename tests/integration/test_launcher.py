@@ -73,6 +73,17 @@ def assert_nothing_left(pids: list[int]) -> None:
     wait_for_sync(lambda: not left(), 5, lambda: f"no process left behind (left: {left()})")
 
 
+def stop_din_up(up: subprocess.Popen) -> None:
+    """Stop a foreground ``din up`` the way Ctrl-C would, so a failed test leaves no stack behind; kill it last."""
+    if up.poll() is None:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait(timeout=10)
+
+
 def free_offset(topology) -> int:
     """An offset that moves every default port of ``topology``'s stack onto free ports."""
     for _ in range(200):
@@ -266,9 +277,7 @@ def test_cli_foreground_up_then_status_and_down_from_another_shell(tmp_path, top
         rest = up.stdout.read()
         assert "stopped" in rest
     finally:
-        if up.poll() is None:
-            up.send_signal(signal.SIGTERM)
-            up.wait(timeout=30)
+        stop_din_up(up)
     assert_nothing_left(pids)
     assert not (din_dir / "stack.json").exists()
 
@@ -387,8 +396,6 @@ def test_din_up_with_the_real_services_then_ctrl_c_leaves_nothing(tmp_path, topo
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(timeout=30)
+        stop_din_up(up)
     assert_nothing_left(pids)
     assert not (din_dir / "stack.json").exists()
