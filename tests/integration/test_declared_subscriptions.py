@@ -10,8 +10,6 @@ service starts, not what it subscribes.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import yaml
 
@@ -19,17 +17,13 @@ from din.service_operations import service_class
 from shared.channels import INSTANCE_HEALTH
 from shared.credentials import write_credentials
 from shared.naming import SERVICES, Subjects
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
 INBOX_PREFIX = "_INBOX."
 CASES = [*SERVICES, "executor-pull", "scheduler-distributed"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

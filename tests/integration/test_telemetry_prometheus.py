@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -22,7 +21,7 @@ from services.telemetry.main import create_runtime
 from services.telemetry.settings import TelemetrySettings
 from shared.contracts.events import CompletionV1
 from shared.naming import Subjects
-from tests.support import make_heartbeat, wait_for
+from tests.support import free_port, make_heartbeat, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "din.json"
 PROMETHEUS_CONFIG = ROOT / "ops" / "prometheus" / "prometheus.yml"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def query(port: int, expr: str) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import nats
@@ -19,15 +18,10 @@ from services.telemetry.settings import TelemetrySettings
 from shared.contracts.events import AdmissionDecisionV1, CompletionV1
 from shared.contracts.telemetry import SlaViolationV1
 from shared.naming import Subjects, Topics
-from tests.support import make_heartbeat, wait_for
+from tests.support import free_port, make_heartbeat, wait_for
 
 pytestmark = pytest.mark.integration
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def http_get(port: int, path: str) -> tuple[int, bytes]:

@@ -20,21 +20,11 @@ from shared.security import (
     site_principal,
     tenant_principal,
 )
+from tests.support import ManualClock
 from tests.unit.test_security_keys import TOPOLOGY
 
-T0 = 1_700_000_000.0
 HUB, FACTORY, BRANCH = site_principal("cloud"), site_principal("factory"), site_principal("branch")
 ACME, INITECH = tenant_principal("acme"), tenant_principal("initech")
-
-
-class Clock:
-    """An injected clock the tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +35,8 @@ def keys_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 def build_authority(keys_dir, clock, **kw) -> KeyAuthority:
