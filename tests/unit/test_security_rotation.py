@@ -23,7 +23,8 @@ from shared.security import (
     sign_entry,
     site_principal,
 )
-from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH, T0
+from tests.support import T0
+from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH
 
 AAD = {"rid": "r1", "tenant": "acme"}
 
