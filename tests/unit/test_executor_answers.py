@@ -4,22 +4,17 @@ import pytest
 
 from services.executor.answers import AnswerWriter, latency_breakdown
 from services.executor.batcher import ItemResult
-from shared.contracts.inference import SlaClass
 from shared.contracts.job import JobV1, StageKind, StageV1
 from shared.errors import DinError, ErrorCode
 from shared.lifecycle import Outcome
 from shared.security import PayloadProtection
+from tests.support import NOW_MS, make_job
 
-NOW_MS = 1_000_000.0
 WRITER = AnswerWriter("edge", "e1")
 
 
 def job(**fields) -> JobV1:
-    values = dict(request_id="r1", tenant="acme", model="m", sla_class=SlaClass.INTERACTIVE,
-                  deadline_ms=int(NOW_MS) + 1000, reply_to="_INBOX.1", content_type="application/json",
-                  received_ms=NOW_MS - 10)
-    values.update(fields)
-    return JobV1(**values)
+    return make_job(**{"model": "m", "received_ms": NOW_MS - 10, **fields})
 
 
 def split_plan() -> list[StageV1]:

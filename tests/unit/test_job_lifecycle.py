@@ -27,17 +27,13 @@ from shared.lifecycle import (
     stage_done,
     watchdog_error,
 )
+from tests.support import NOW_MS, make_job
 
-NOW_MS = 1_000_000.0
 MARGIN_MS = 5.0
 
 
 def job(**fields) -> JobV1:
-    values = dict(request_id="r1", tenant="acme", model="m", sla_class=SlaClass.INTERACTIVE,
-                  deadline_ms=int(NOW_MS) + 1000, reply_to="_INBOX.1", content_type="application/json",
-                  received_ms=NOW_MS - 10)
-    values.update(fields)
-    return JobV1(**values)
+    return make_job(**{"model": "m", "received_ms": NOW_MS - 10, **fields})
 
 
 def two_stage_plan() -> list[StageV1]:
