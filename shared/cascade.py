@@ -2,7 +2,7 @@
 
 The executor measures it on the small model's answer to decide whether a
 cascade job goes on to the large model; the scheduler's offline cascade
-analysis (``services.scheduler.cascade``) calibrates thresholds with it.
+analysis (``bench.cascade_policy``) calibrates thresholds with it.
 Pure numpy.
 """
 
@@ -81,7 +81,7 @@ class EscalationCalibrator:
     """Turns a target escalation rate into a threshold from the confidences of recent first-stage answers.
 
     The threshold for rate ``r`` is the ``floor(r * n)``-th lowest of the last ``n`` confidences (as
-    ``services.scheduler.cascade.calibrate`` does offline), so about ``r`` of answers like the recent ones
+    ``bench.cascade_policy.calibrate`` does offline), so about ``r`` of answers like the recent ones
     escalate. With no history yet every answer escalates: accuracy first until there is data.
     """
 

@@ -15,7 +15,7 @@ Two kinds of plan:
   ``choose_split_point`` from the measured link round trip, each part's measured
   compute and the tail's queue (Neurosurgeon), honouring sovereignty: the raw
   input stays at its allowed sites, only an intermediate leaves, and, when the
-  tenant sets ``max_leakage``, only one whose measured leakage (``din.inversion``,
+  tenant sets ``max_leakage``, only one whose measured leakage (``zoo.inversion``,
   recorded per split point by the zoo) is within it. The choice may be
   ``local`` or ``no-split``: the job then runs whole, at the site chosen.
 

@@ -15,7 +15,7 @@ wins; ties go to the option that keeps more at the data's site.
 Constraints: the raw input may only reach the data's own site or an allowed
 site (sovereignty), so ``no-split`` needs an allowed tail site; an
 intermediate may be refused when its measured leakage (what a model-inversion
-attack recovers from it, see ``din.bench.privacy``) is above a limit (privacy).
+attack recovers from it, see ``bench.privacy``) is above a limit (privacy).
 Pure logic, for the scheduler and for offline what-if analysis.
 """
 
