@@ -1,4 +1,4 @@
-"""The live registry of executors, built from their heartbeats.
+"""The live registry of executors, built from their heartbeats, indexed for placement.
 
 An executor is usable from its first heartbeat and dropped once it has been
 silent for ``MISSED_BEATS`` heartbeat intervals. Between heartbeats the
@@ -6,16 +6,35 @@ scheduler counts what it dispatched itself, so two requests arriving in the
 same millisecond do not both see an empty queue, and counts what completed since,
 which may take the count below zero: those jobs were still in the heartbeat's
 snapshot.
+
+Placement never scans the fleet. The registry keeps one ``ExecutorPool`` per
+(model, version, site): the executors there that serve that version and are not
+draining, each pool ordered, per SLA class, by the executor's predicted queueing
+plus compute time for a new job of that class (``ExecutorState.queue_ms``; the
+link's round trip is the same for the whole pool, so this order is the order of
+predicted completion). A heartbeat moves an executor between pools only when its
+site, model set or draining flag changed; otherwise it re-sorts the executor
+within its pools, and only for the classes whose figure changed. Dispatches and
+completions re-sort the same way. Expiry pops a heap of deadlines, so a
+watchdog tick costs the executors that expire, not the fleet.
 """
 
 from __future__ import annotations
 
+import heapq
+import random
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from shared.contracts.events import HeartbeatV1
 from shared.contracts.inference import SlaClass
 
 MISSED_BEATS = 3
+CLASSES = tuple(SlaClass)
+"""SLA classes in the order executors serve them."""
+MIN_PER_ITEM_MS = 0.01
 
 
 @dataclass
@@ -36,8 +55,23 @@ class ExecutorState:
 
     def queued(self, sla: SlaClass) -> int:
         """Jobs ahead of a new ``sla`` job: its own class and every class served before it."""
-        ahead = [c for c in SlaClass][: list(SlaClass).index(sla) + 1]
-        return max(0, sum(self.heartbeat.queue_depth.get(c.value, 0) + self.dispatched[c] for c in ahead))
+        depth = self.heartbeat.queue_depth
+        ahead = 0
+        for c in CLASSES:
+            ahead += depth.get(c.value, 0) + self.dispatched[c]
+            if c == sla:
+                break
+        return max(0, ahead)
+
+    def per_item_ms(self, model: str) -> float:
+        """Compute per batch item of ``model`` as reported (floored at ``MIN_PER_ITEM_MS``)."""
+        loaded = next(m for m in self.heartbeat.models if m.name == model)
+        return max(loaded.compute_ms_per_item, MIN_PER_ITEM_MS)
+
+    def queue_ms(self, model: str, sla: SlaClass) -> float:
+        """Predicted wait plus compute of a new ``sla`` job of ``model`` here (completion minus the link)."""
+        per_item = self.per_item_ms(model)
+        return (self.queued(sla) + self.heartbeat.inflight) * per_item + per_item
 
     def capacity_for(self, sla: SlaClass) -> int:
         """Load at which the executor refuses ``sla`` jobs."""
@@ -48,34 +82,148 @@ class ExecutorState:
         return max(0, self.heartbeat.inflight + queued + sum(self.dispatched.values()))
 
 
-class ExecutorRegistry:
-    """Executors by id, with liveness by heartbeat age."""
+PoolKey = tuple[str, str, str]
+"""(model, version, site)."""
 
-    def __init__(self) -> None:
+
+class ExecutorPool:
+    """The executors at one site serving one model version, ordered per SLA class by ``queue_ms``.
+
+    Ties are broken by a random rank drawn when the executor joins, so equally good executors are not always
+    offered in the same (alphabetical) order.
+    """
+
+    def __init__(self, model: str, version: str, site: str) -> None:
+        self.model, self.version, self.site = model, version, site
+        self._members: list[ExecutorState] = []
+        self._position: dict[str, int] = {}
+        self._order: dict[SlaClass, list[tuple[float, float, str]]] = {c: [] for c in CLASSES}
+        self._keys: dict[str, tuple[float, dict[SlaClass, float]]] = {}
+        self._states: dict[str, ExecutorState] = {}
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, state: ExecutorState, rank: float) -> None:
+        self._position[state.id] = len(self._members)
+        self._members.append(state)
+        self._states[state.id] = state
+        keys = {c: state.queue_ms(self.model, c) for c in CLASSES}
+        self._keys[state.id] = (rank, keys)
+        for c in CLASSES:
+            insort(self._order[c], (keys[c], rank, state.id))
+
+    def remove(self, executor_id: str) -> None:
+        index = self._position.pop(executor_id)
+        last = self._members.pop()
+        if last.id != executor_id:
+            self._members[index] = last
+            self._position[last.id] = index
+        del self._states[executor_id]
+        rank, keys = self._keys.pop(executor_id)
+        for c in CLASSES:
+            self._discard(c, (keys[c], rank, executor_id))
+
+    def rekey(self, state: ExecutorState) -> None:
+        """Re-sort ``state`` after its load or compute changed (only the classes whose figure moved)."""
+        self._states[state.id] = state
+        self._members[self._position[state.id]] = state
+        rank, keys = self._keys[state.id]
+        for c in CLASSES:
+            new = state.queue_ms(self.model, c)
+            if new != keys[c]:
+                self._discard(c, (keys[c], rank, state.id))
+                insort(self._order[c], (new, rank, state.id))
+                keys[c] = new
+
+    def _discard(self, sla: SlaClass, entry: tuple[float, float, str]) -> None:
+        order = self._order[sla]
+        i = bisect_left(order, entry)
+        if i < len(order) and order[i] == entry:
+            del order[i]
+
+    def best(self, sla: SlaClass) -> Iterator[ExecutorState]:
+        """Executors from the lowest predicted queueing plus compute for ``sla`` up."""
+        states = self._states
+        return (states[executor_id] for _, _, executor_id in self._order[sla])
+
+    def floor_ms(self, sla: SlaClass) -> float:
+        """The lowest ``queue_ms`` for ``sla`` in the pool (a lower bound on any member's)."""
+        order = self._order[sla]
+        return order[0][0] if order else float("inf")
+
+    def sample(self, k: int, rng: random.Random) -> list[ExecutorState]:
+        """Up to ``k`` distinct members drawn uniformly."""
+        if len(self._members) <= k:
+            return list(self._members)
+        return rng.sample(self._members, k)
+
+
+class PoolSource(Protocol):
+    """What placement looks executors up in: the pools of one model (optionally one version)."""
+
+    def pools(self, model: str, version: str | None) -> list[ExecutorPool]: ...
+
+
+def _membership(heartbeat: HeartbeatV1) -> tuple[str, bool, frozenset[tuple[str, str]]]:
+    return heartbeat.site, heartbeat.draining, frozenset((m.name, m.version) for m in heartbeat.models)
+
+
+class ExecutorRegistry:
+    """Executors by id, with liveness by heartbeat age, and their pools by (model, version, site)."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
         self._executors: dict[str, ExecutorState] = {}
+        self._membership: dict[str, tuple[str, bool, frozenset[tuple[str, str]]]] = {}
+        self._pools: dict[str, dict[PoolKey, ExecutorPool]] = {}
+        self._deadlines: list[tuple[float, float, str]] = []
+        self._rng = rng or random.Random()
 
     def observe(self, heartbeat: HeartbeatV1, now: float) -> bool:
         """Record a heartbeat; return True when the executor is new."""
         state = self._executors.get(heartbeat.executor)
-        if state is None:
-            self._executors[heartbeat.executor] = ExecutorState(heartbeat=heartbeat, last_seen=now)
-            return True
-        state.heartbeat = heartbeat
-        state.last_seen = now
-        state.dispatched = {c: 0 for c in SlaClass}
-        return False
+        new = state is None
+        if new:
+            state = ExecutorState(heartbeat=heartbeat, last_seen=now)
+            self._executors[heartbeat.executor] = state
+        else:
+            state.heartbeat = heartbeat
+            state.last_seen = now
+            state.dispatched = {c: 0 for c in SlaClass}
+        heapq.heappush(self._deadlines, (now + MISSED_BEATS * heartbeat.interval_s, now, heartbeat.executor))
+        membership = _membership(heartbeat)
+        if self._membership.get(heartbeat.executor) == membership:
+            self._rekey(state)
+            return new
+        self._leave_pools(heartbeat.executor)
+        self._membership[heartbeat.executor] = membership
+        site, draining, models = membership
+        if not draining:
+            rank = self._rng.random()
+            for model, version in models:
+                self._pool(model, version, site).add(state, rank)
+        return new
 
     def expire(self, now: float) -> list[ExecutorState]:
         """Drop and return executors silent for ``MISSED_BEATS`` intervals."""
-        dead = [
-            s for s in self._executors.values() if now - s.last_seen > MISSED_BEATS * s.heartbeat.interval_s
-        ]
-        for state in dead:
-            del self._executors[state.id]
+        dead = []
+        while self._deadlines:
+            _, seen, executor_id = self._deadlines[0]
+            state = self._executors.get(executor_id)
+            if state is None or state.last_seen != seen:
+                heapq.heappop(self._deadlines)
+                continue
+            if not now - state.last_seen > MISSED_BEATS * state.heartbeat.interval_s:
+                break
+            heapq.heappop(self._deadlines)
+            dead.append(state)
+            self.forget(executor_id)
         return dead
 
     def forget(self, executor_id: str) -> None:
-        self._executors.pop(executor_id, None)
+        if self._executors.pop(executor_id, None) is not None:
+            self._leave_pools(executor_id)
+            self._membership.pop(executor_id, None)
 
     def live(self) -> list[ExecutorState]:
         return [s for s in self._executors.values() if not s.heartbeat.draining]
@@ -83,12 +231,84 @@ class ExecutorRegistry:
     def get(self, executor_id: str) -> ExecutorState | None:
         return self._executors.get(executor_id)
 
+    def __len__(self) -> int:
+        return len(self._executors)
+
     def note_dispatch(self, executor_id: str, sla: SlaClass) -> None:
         state = self._executors.get(executor_id)
         if state is not None:
             state.dispatched[sla] += 1
+            self._rekey(state)
 
     def note_completion(self, executor_id: str, sla: SlaClass) -> None:
         state = self._executors.get(executor_id)
         if state is not None:
             state.dispatched[sla] -= 1
+            self._rekey(state)
+
+    def pools(self, model: str, version: str | None = None) -> list[ExecutorPool]:
+        """Non-empty pools of ``model`` (of ``version`` only, when given), one per site and version."""
+        by_key = self._pools.get(model, {})
+        return [p for p in by_key.values() if p and (version is None or p.version == version)]
+
+    def view(self, site_ok: Callable[[str], bool]) -> RegistryView:
+        """The registry as placement should see it: only the pools at sites ``site_ok`` accepts."""
+        return RegistryView(self, site_ok)
+
+    def _pool(self, model: str, version: str, site: str) -> ExecutorPool:
+        by_key = self._pools.setdefault(model, {})
+        pool = by_key.get((model, version, site))
+        if pool is None:
+            pool = by_key[(model, version, site)] = ExecutorPool(model, version, site)
+        return pool
+
+    def _joined(self, executor_id: str) -> list[ExecutorPool]:
+        membership = self._membership.get(executor_id)
+        if membership is None or membership[1]:
+            return []
+        site, _, models = membership
+        return [self._pools[model][(model, version, site)] for model, version in models]
+
+    def _leave_pools(self, executor_id: str) -> None:
+        for pool in self._joined(executor_id):
+            pool.remove(executor_id)
+
+    def _rekey(self, state: ExecutorState) -> None:
+        for pool in self._joined(state.id):
+            pool.rekey(state)
+
+
+@dataclass
+class RegistryView:
+    """A registry restricted to sites that may get work (e.g. not revoked), for ``pick_executor``."""
+
+    registry: ExecutorRegistry
+    site_ok: Callable[[str], bool]
+
+    def pools(self, model: str, version: str | None = None) -> list[ExecutorPool]:
+        return [p for p in self.registry.pools(model, version) if self.site_ok(p.site)]
+
+
+class ListSource:
+    """Pools built on the fly from a plain list of executors (offline what-if, tests, callers holding a list).
+
+    Costs a pass over the list per model looked up; the live scheduler passes its registry (or a view) instead.
+    """
+
+    def __init__(self, executors: list[ExecutorState], rng: random.Random | None = None) -> None:
+        self._executors = executors
+        self._rng = rng or random.Random(0)
+        self._cache: dict[str, list[ExecutorPool]] = {}
+
+    def pools(self, model: str, version: str | None = None) -> list[ExecutorPool]:
+        if model not in self._cache:
+            pools: dict[PoolKey, ExecutorPool] = {}
+            for state in self._executors:
+                for m in state.heartbeat.models:
+                    if m.name == model:
+                        key = (model, m.version, state.site)
+                        if key not in pools:
+                            pools[key] = ExecutorPool(*key)
+                        pools[key].add(state, self._rng.random())
+            self._cache[model] = list(pools.values())
+        return [p for p in self._cache[model] if version is None or p.version == version]

@@ -29,6 +29,7 @@ def decision_record(job: JobV1, placement: Placement | None, reason: str, *, mod
         predicted_ms=round(placement.predicted_ms, 3) if placement else None,
         reason=reason,
         alternatives=list(placement.alternatives if placement else alternatives),
+        counts=placement.counts if placement else None,
         attempt=job.attempt,
         at_ms=now_ms,
         plan=job.plan,

@@ -85,6 +85,19 @@ class AlternativeV1(BaseModel):
     excluded_by: str | None = Field(default=None, description="Constraint that excluded it, if any.")
 
 
+class PlacementCountsV1(BaseModel):
+    """How much of the fleet one placement looked at, so a record stays small at any fleet size."""
+
+    candidates: int = Field(default=0, description="Live executors serving the job's candidate models.")
+    considered: int = Field(default=0, description="Executors whose prediction or refusal was evaluated one by one.")
+    feasible: int = Field(default=0, description="Considered executors that could take the job.")
+    excluded: dict[str, int] = Field(
+        default_factory=dict,
+        description="Refusals by reason (sovereignty, cost, capacity, gave_back, deadline); site-wide reasons "
+        "count every executor at the site.",
+    )
+
+
 class SchedulingDecisionV1(BaseModel):
     """Where the scheduler sent one request, why, and what else it considered."""
 
@@ -99,6 +112,9 @@ class SchedulingDecisionV1(BaseModel):
     predicted_ms: float | None = Field(description="Predicted completion time of the choice.")
     reason: str = Field(description="Why this choice, or the error code when refused.")
     alternatives: list[AlternativeV1] = Field(description="Placements considered.")
+    counts: PlacementCountsV1 | None = Field(
+        default=None, description="How many executors were candidates, considered, feasible and refused by reason."
+    )
     attempt: int = Field(description="1 for a first dispatch, more for a retry.")
     at_ms: float = Field(description="Epoch ms of the decision.")
     plan: list[StageV1] = Field(
