@@ -73,6 +73,9 @@ _RNG = random.Random()
 
 SITE_WIDE = ("sovereignty", "cost")
 
+Considered = tuple[ExecutorState, str, float | None, str | None]
+"""An executor looked at: (executor, model, predicted ms or None, reason it was refused or None)."""
+
 
 @dataclass
 class Placement:
@@ -119,7 +122,7 @@ class _Search:
     queue_at_site: bool
     rng: random.Random
     feasible: list[tuple[float, ExecutorState]] = field(default_factory=list)
-    considered: list[AlternativeV1] = field(default_factory=list)
+    considered: list[Considered] = field(default_factory=list)
     refusals: Counter = field(default_factory=Counter)
     seen: set[str] = field(default_factory=set)
     fastest: float = float("inf")
@@ -132,23 +135,22 @@ class _Search:
     def evaluate(self, state: ExecutorState, rtt: float) -> float | str:
         """The prediction of a feasible executor, or the reason it is refused (recorded either way)."""
         self.seen.add(state.id)
+        job = self.job
         predicted = None
-        if state.id in self.job.avoid:
+        if state.id in job.avoid:
             excluded = "gave_back"
-        elif not self.queue_at_site and state.load() >= state.capacity_for(self.job.sla_class):
+        elif not self.queue_at_site and state.load() >= state.capacity_for(job.sla_class):
             excluded = "capacity"
         else:
-            predicted = rtt + state.queue_ms(self.model, self.job.sla_class)
+            predicted = rtt + state.queue_ms(self.model, job.sla_class)
             excluded = "deadline" if predicted > self.budget_ms else None
-        self.considered.append(AlternativeV1(
-            executor=state.id, site=state.site, model=self.model,
-            predicted_ms=None if predicted is None else round(predicted, 3), excluded_by=excluded,
-        ))
+        self.considered.append((state, self.model, predicted, excluded))
         if excluded:
             self.refusals[excluded] += 1
             return excluded
         self.feasible.append((predicted, state))
-        self.fastest = min(self.fastest, predicted)
+        if predicted < self.fastest:
+            self.fastest = predicted
         return predicted
 
     def walk(self, pool: ExecutorPool, rtt: float) -> None:
@@ -189,11 +191,12 @@ def _search_model(job: JobV1, model: str, source: PoolSource, links: LinkTable, 
     allowed = set(workload.allowed_sites) if workload and workload.allowed_sites else None
     search = _Search(job, model, links, budget_ms, queue_at_site, rng)
     excluded_pools: list[tuple[str, ExecutorPool]] = []
-    visitable: list[tuple[float, float, ExecutorPool]] = []
+    visitable: list[tuple[float, float, ExecutorPool, int]] = []
     site_cost: dict[str, float] = {}
     population = 0
     for pool in source.pools(model, job.model_version):
-        population += len(pool)
+        size = len(pool)
+        population += size
         reason = None
         if allowed is not None and pool.site not in allowed:
             reason = "sovereignty"
@@ -203,22 +206,20 @@ def _search_model(job: JobV1, model: str, source: PoolSource, links: LinkTable, 
             if site_cost[pool.site] > cost_limit:
                 reason = "cost"
         if reason:
-            search.refusals[reason] += len(pool)
+            search.refusals[reason] += size
             excluded_pools.append((reason, pool))
             continue
         rtt = links.rtt_ms(pool.site)
-        visitable.append((rtt + pool.floor_ms(job.sla_class), rtt, pool))
+        visitable.append((rtt + pool.floor_ms(job.sla_class), rtt, pool, size))
     visitable.sort(key=lambda entry: entry[0])
 
     unvisited: list[tuple[float, ExecutorPool]] = []
-    for index, (bound, rtt, pool) in enumerate(visitable):
+    for index, (bound, rtt, pool, _) in enumerate(visitable):
         if bound > budget_ms:
-            search.refusals["deadline"] += sum(len(p) for _, _, p in visitable[index:])
-            for _, r, p in visitable[index:]:
-                unvisited.append((r, p))
-            break
-        if bound > search.band_ms or (len(search.considered) >= MAX_CONSIDERED and bound >= search.fastest):
-            unvisited.extend((r, p) for _, r, p in visitable[index:])
+            search.refusals["deadline"] += sum(size for *_, size in visitable[index:])
+        if bound > budget_ms or bound > search.band_ms or (
+                len(search.considered) >= MAX_CONSIDERED and bound >= search.fastest):
+            unvisited.extend((r, p) for _, r, p, _ in visitable[index:])
             break
         search.walk(pool, rtt)
     search.evaluated = len(search.seen)
@@ -240,16 +241,21 @@ def _fill_record(search: _Search, unvisited: list[tuple[float, ExecutorPool]],
                 break
             if state.id not in search.seen:
                 search.seen.add(state.id)
-                search.considered.append(AlternativeV1(executor=state.id, site=state.site, model=search.model,
-                                                       predicted_ms=None, excluded_by=reason))
+                search.considered.append((state, search.model, None, reason))
     search.refusals = refusals
 
 
-def _ranked(considered: list[AlternativeV1]) -> list[AlternativeV1]:
-    def rank(a: AlternativeV1) -> tuple:
-        return (a.excluded_by is not None, a.predicted_ms is None, a.predicted_ms or 0.0)
+def _ranked(considered: list[Considered]) -> list[AlternativeV1]:
+    """The ``MAX_ALTERNATIVES`` best considered: feasible by prediction, then refused (predicted ones first)."""
+    def rank(entry: Considered) -> tuple:
+        _, _, predicted, excluded = entry
+        return (excluded is not None, predicted is None, predicted or 0.0)
 
-    return sorted(considered, key=rank)[:MAX_ALTERNATIVES]
+    return [
+        AlternativeV1(executor=state.id, site=state.site, model=model,
+                      predicted_ms=None if predicted is None else round(predicted, 3), excluded_by=excluded)
+        for state, model, predicted, excluded in sorted(considered, key=rank)[:MAX_ALTERNATIVES]
+    ]
 
 
 def pick_executor(
@@ -276,7 +282,7 @@ def pick_executor(
     candidates = workload.candidates if workload else [job.model]
     cost_limit = cost_limits.get(job.tenant)
     budget_ms = job.deadline_ms - now_ms
-    considered: list[AlternativeV1] = []
+    considered: list[Considered] = []
     refusals: Counter = Counter()
     population = evaluated = 0
 

@@ -34,6 +34,7 @@ from shared.contracts.inference import SlaClass
 MISSED_BEATS = 3
 CLASSES = tuple(SlaClass)
 """SLA classes in the order executors serve them."""
+_CLASS_VALUES = tuple((c, c.value) for c in CLASSES)
 MIN_PER_ITEM_MS = 0.01
 
 
@@ -55,11 +56,11 @@ class ExecutorState:
 
     def queued(self, sla: SlaClass) -> int:
         """Jobs ahead of a new ``sla`` job: its own class and every class served before it."""
-        depth = self.heartbeat.queue_depth
+        depth, dispatched = self.heartbeat.queue_depth, self.dispatched
         ahead = 0
-        for c in CLASSES:
-            ahead += depth.get(c.value, 0) + self.dispatched[c]
-            if c == sla:
+        for c, value in _CLASS_VALUES:
+            ahead += depth.get(value, 0) + dispatched[c]
+            if c is sla:
                 break
         return max(0, ahead)
 
@@ -73,13 +74,23 @@ class ExecutorState:
         per_item = self.per_item_ms(model)
         return (self.queued(sla) + self.heartbeat.inflight) * per_item + per_item
 
+    def queue_ms_by_class(self, model: str) -> dict[SlaClass, float]:
+        """``queue_ms`` of ``model`` for every class at once (what a pool sorts by)."""
+        per_item = self.per_item_ms(model)
+        depth, dispatched, inflight = self.heartbeat.queue_depth, self.dispatched, self.heartbeat.inflight
+        keys, ahead = {}, 0
+        for c, value in _CLASS_VALUES:
+            ahead += depth.get(value, 0) + dispatched[c]
+            keys[c] = (max(0, ahead) + inflight) * per_item + per_item
+        return keys
+
     def capacity_for(self, sla: SlaClass) -> int:
         """Load at which the executor refuses ``sla`` jobs."""
         return self.heartbeat.capacity_by_class.get(sla.value, self.heartbeat.capacity)
 
     def load(self) -> int:
-        queued = sum(self.heartbeat.queue_depth.values())
-        return max(0, self.heartbeat.inflight + queued + sum(self.dispatched.values()))
+        heartbeat = self.heartbeat
+        return max(0, heartbeat.inflight + sum(heartbeat.queue_depth.values()) + sum(self.dispatched.values()))
 
 
 PoolKey = tuple[str, str, str]
@@ -108,7 +119,7 @@ class ExecutorPool:
         self._position[state.id] = len(self._members)
         self._members.append(state)
         self._states[state.id] = state
-        keys = {c: state.queue_ms(self.model, c) for c in CLASSES}
+        keys = state.queue_ms_by_class(self.model)
         self._keys[state.id] = (rank, keys)
         for c in CLASSES:
             insort(self._order[c], (keys[c], rank, state.id))
@@ -129,10 +140,10 @@ class ExecutorPool:
         self._states[state.id] = state
         self._members[self._position[state.id]] = state
         rank, keys = self._keys[state.id]
-        for c in CLASSES:
-            new = state.queue_ms(self.model, c)
-            if new != keys[c]:
-                self._discard(c, (keys[c], rank, state.id))
+        for c, new in state.queue_ms_by_class(self.model).items():
+            old = keys[c]
+            if new != old:
+                self._discard(c, (old, rank, state.id))
                 insort(self._order[c], (new, rank, state.id))
                 keys[c] = new
 
