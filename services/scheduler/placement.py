@@ -20,7 +20,9 @@ bounded number of executors in each:
   ``rtt + pool.floor_ms`` is a lower bound on every member's prediction. Pools are
   visited from the lowest bound up, and the search stops at the first pool whose
   bound exceeds the near-tie band of the best prediction found (nothing there can
-  win or tie), or the deadline (everything there, and after it, is too late).
+  win or tie), or the deadline (everything there, and after it, is too late; when
+  nothing else fits, those pools are walked as far as it takes to tell "too late"
+  from "full", so the refusal says the same as a scan would).
 * Within a pool the walk goes best first: executors that are full or that gave
   the job back are stepped over (at most ``SKIP_LIMIT``), the first feasible one
   is the pool's best, and the walk stops after ``PER_POOL`` feasible executors or
@@ -44,7 +46,8 @@ The decision keeps the ``MAX_ALTERNATIVES`` best placements considered (feasible
 first, then refused ones; the head of each site not visited fills free places)
 and counts: executors serving the candidate models, how many were evaluated, how
 many of those were feasible, and refusals by reason (site-wide refusals count
-every executor of the site's pool).
+every executor of the site's pool; ``outranked`` counts the executors of pools
+not visited because they could not beat the choice).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ MAX_ALTERNATIVES = 5
 _RNG = random.Random()
 
 SITE_WIDE = ("sovereignty", "cost")
+OUTRANKED = "outranked"
+"""Not a refusal: executors in pools not visited because none of them could beat the choice."""
 
 Considered = tuple[ExecutorState, str, float | None, str | None]
 """An executor looked at: (executor, model, predicted ms or None, reason it was refused or None)."""
@@ -214,14 +219,23 @@ def _search_model(job: JobV1, model: str, source: PoolSource, links: LinkTable, 
     visitable.sort(key=lambda entry: entry[0])
 
     unvisited: list[tuple[float, ExecutorPool]] = []
+    too_late: list[tuple[float, ExecutorPool, int]] = []
     for index, (bound, rtt, pool, _) in enumerate(visitable):
         if bound > budget_ms:
-            search.refusals["deadline"] += sum(size for *_, size in visitable[index:])
+            too_late = [(r, p, size) for _, r, p, size in visitable[index:]]
         if bound > budget_ms or bound > search.band_ms or (
                 len(search.considered) >= MAX_CONSIDERED and bound >= search.fastest):
             unvisited.extend((r, p) for _, r, p, _ in visitable[index:])
+            outranked = sum(size for *_, size in visitable[index:]) - sum(size for *_, size in too_late)
+            if outranked:
+                search.refusals[OUTRANKED] += outranked
             break
         search.walk(pool, rtt)
+    for rtt, pool, size in too_late:
+        if search.feasible:
+            search.refusals["deadline"] += size
+        else:
+            search.walk(pool, rtt)
     search.evaluated = len(search.seen)
     _fill_record(search, unvisited, excluded_pools)
     return search, population
@@ -304,7 +318,7 @@ def pick_executor(
 
     if population == 0:
         raise DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"no live executor serves {job.model}", retry_after_ms=1000)
-    reasons = set(refusals)
+    reasons = set(refusals) - {OUTRANKED}
     if reasons <= set(SITE_WIDE):
         raise DinError(
             ErrorCode.NO_ELIGIBLE_EXECUTOR,

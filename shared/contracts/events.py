@@ -93,8 +93,9 @@ class PlacementCountsV1(BaseModel):
     feasible: int = Field(default=0, description="Considered executors that could take the job.")
     excluded: dict[str, int] = Field(
         default_factory=dict,
-        description="Refusals by reason (sovereignty, cost, capacity, gave_back, deadline); site-wide reasons "
-        "count every executor at the site.",
+        description="Executors left out by reason (sovereignty, cost, capacity, gave_back, deadline; site-wide "
+        "reasons count every executor at the site), and 'outranked': executors at sites not looked at because "
+        "none of them could beat the choice.",
     )
 
 
