@@ -92,13 +92,23 @@ _NATS = (
         sends_only={service: ("errorReply",) for service in ("admission", "classifier", "scheduler")},
     ),
     Channel(
-        "classify", Subjects.CLASSIFY, "Admitted requests, on their way to the classifier.", JOB,
+        "admit", subject_pattern(Subjects.admit, "site", "tenant", "model"),
+        "A request handed on unopened by an admission at a site that may not open it (the tenant's data may not "
+        "be read there, or its labels are sensitive and the site is not among the tenant's sensitive sites) to "
+        "the admission of the nearest site that may; the reply subject is still the client's.",
+        ("inferRequest", "inferRequestTensor"),
     ),
     Channel(
-        "schedule", Subjects.SCHEDULE,
-        "Jobs to place: classified requests from the classifier, and jobs an executor hands back (it was full: "
-        "attempt counted and the executor avoided; or a cascade's small variant was not confident: cascade_stage "
-        "2, to be placed on the large variant), with the client's body sealed again to the tenant.",
+        "classify", subject_pattern(Subjects.classify, "site"),
+        "Admitted requests, on their way to the classifier of the same site's control plane.", JOB,
+    ),
+    Channel(
+        "schedule", subject_pattern(Subjects.schedule, "site"),
+        "Jobs for a site's scheduler: classified requests from its classifier, jobs another site's scheduler "
+        "forwards (forwarded_from set: placed at this site only), and jobs an executor hands back to the "
+        "scheduler that placed them (it was full: attempt counted and the executor avoided; or a cascade's small "
+        "variant was not confident: cascade_stage 2, to be placed on the large variant), with the client's body "
+        "sealed again to the tenant.",
         JOB,
     ),
     Channel(
@@ -116,12 +126,13 @@ _NATS = (
         STAGE_OR_JOB, sends_only={"scheduler": JOB, "executor": ("stageJob",)},
     ),
     Channel(
-        "pressure", Subjects.PRESSURE,
-        "The scheduler's periodic view of network load; admission sheds early on it.", ("pressure",),
+        "pressure", subject_pattern(Subjects.pressure, "site"),
+        "A site scheduler's periodic view of its load; the site's admission sheds early on it.", ("pressure",),
     ),
     Channel(
-        "rollCall", Subjects.ROLL_CALL,
-        "A starting scheduler asks every executor to send a heartbeat now.", ("healthRequest",),
+        "rollCall", subject_pattern(Subjects.roll_call, "site"),
+        "A starting scheduler asks the executors of a site it schedules for to send a heartbeat now.",
+        ("healthRequest",),
     ),
     Channel("alerts", Subjects.ALERTS, "SLA violation alerts as they start and resolve.", ("slaViolation",)),
     Channel(

@@ -30,6 +30,8 @@ class ErrorCode(StrEnum):
     EXECUTOR_LOST = "executor_lost"
     INFERENCE_FAILED = "inference_failed"
     INTERNAL = "internal"
+    UNAVAILABLE = "unavailable"
+    """A DIN service the request must pass through is not running at that site (or cannot be reached)."""
 
 
 _HTTP_LIKE = {
@@ -47,6 +49,7 @@ _HTTP_LIKE = {
     ErrorCode.EXECUTOR_LOST: 503,
     ErrorCode.INFERENCE_FAILED: 500,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
 }
 
 _RETRIABLE = {
@@ -54,6 +57,7 @@ _RETRIABLE = {
     ErrorCode.OVERLOADED,
     ErrorCode.NO_ELIGIBLE_EXECUTOR,
     ErrorCode.EXECUTOR_LOST,
+    ErrorCode.UNAVAILABLE,
 }
 
 

@@ -54,11 +54,53 @@ class Subjects:
             raise InvalidNameError(f"not an inference subject: {subject!r}")
         return token(parts[3], what="tenant"), token(parts[4], what="model")
 
-    CLASSIFY = _join("classify")
-    PRESSURE = _join("pressure")
-    ROLL_CALL = _join("rollcall")
     ALERTS = _join("alerts")
-    SCHEDULE = _join("schedule")
+
+    @staticmethod
+    def admit(site: str, tenant: str, model: str) -> str:
+        """A request handed, still sealed, to the admission of ``site``: one of the sites allowed to open it."""
+        return _join("admit", token(site, what="site"), token(tenant, what="tenant"), token(model, what="model"))
+
+    @staticmethod
+    def admit_all(site: str) -> str:
+        """Every request handed to the admission of ``site``."""
+        return _join("admit", token(site, what="site"), WILDCARD, WILDCARD)
+
+    @staticmethod
+    def parse_admit(subject: str) -> tuple[str, str]:
+        """Return ``(tenant, model)`` from a hand-over subject, or raise."""
+        parts = subject.split(".")
+        if len(parts) != 6 or ".".join(parts[:3]) != _join("admit"):
+            raise InvalidNameError(f"not a hand-over subject: {subject!r}")
+        return token(parts[4], what="tenant"), token(parts[5], what="model")
+
+    @staticmethod
+    def classify(site: str) -> str:
+        """Admitted requests on their way to the classifier of ``site``'s control plane."""
+        return _join("classify", token(site, what="site"))
+
+    @staticmethod
+    def schedule(site: str) -> str:
+        """Jobs for the scheduler of ``site``'s control plane: classified ones, hand-backs, jobs forwarded from
+        another site."""
+        return _join("schedule", token(site, what="site"))
+
+    @staticmethod
+    def pressure(site: str) -> str:
+        """The load report of ``site``'s scheduler, for the admission of the same site."""
+        return _join("pressure", token(site, what="site"))
+
+    @staticmethod
+    def roll_call(site: str) -> str:
+        """A starting scheduler asks ``site``'s executors to send a heartbeat now."""
+        return _join("rollcall", token(site, what="site"))
+
+    @staticmethod
+    def summary(site: str) -> str:
+        """A site scheduler's compact summary of its capacity and links, for the other sites' schedulers."""
+        return _join("summary", token(site, what="site"))
+
+    SUMMARY_ALL = _join("summary", WILDCARD)
 
     @staticmethod
     def execute(site: str, executor_id: str) -> str:
@@ -81,6 +123,11 @@ class Subjects:
         return _join("heartbeat", token(site, what="site"), token(executor_id, what="executor id"))
 
     HEARTBEAT_ALL = _join("heartbeat", WILDCARD, WILDCARD)
+
+    @staticmethod
+    def heartbeat_site(site: str) -> str:
+        """Every heartbeat of ``site``'s executors: what a site's own scheduler listens to."""
+        return _join("heartbeat", token(site, what="site"), WILDCARD)
 
     @staticmethod
     def probe(site: str) -> str:

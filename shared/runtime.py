@@ -46,6 +46,10 @@ SubjectOf = str | Callable[[Any], str]
 log = logging.getLogger(__name__)
 
 RAW, JOB, CONTROL = "raw", "job", "control"
+NO_RESPONDERS_STATUS = "503"
+UNDELIVERED_KEEP_S = 5.0
+"""How long a hand-on waits for NATS's no-responders status (it comes at once, or never)."""
+UNAVAILABLE_RETRY_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,10 @@ class ServiceRuntime:
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._background: list[asyncio.Task] = []
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._undelivered: dict[str, tuple[str, str | None, str, float]] = {}
+        self._undelivered_prefix = ""
+        self.undeliverable = 0
+        self._sequence = 0
 
         self.health_subjects = [Subjects.health(name)]
         if instance is not None:
@@ -219,6 +227,7 @@ class ServiceRuntime:
             events_sent=str(self.events.sent),
             events_dropped=str(self.events.dropped),
             dead_lettered=str(self.dead_lettered),
+            undeliverable=str(self.undeliverable),
         )
         return HealthV1(
             service=self.name,
@@ -233,6 +242,8 @@ class ServiceRuntime:
         await self.events.start()
 
     async def _open(self) -> None:
+        self._undelivered_prefix = self.nc.new_inbox()
+        self._subscriptions.append(await self.nc.subscribe(f"{self._undelivered_prefix}.*", cb=self._on_undelivered))
         for hook in self._start_hooks:
             await hook()
         for subject, queue, handler in self._hot:
@@ -288,6 +299,32 @@ class ServiceRuntime:
             key=self.name,
         )
 
+    async def hand_on(self, subject: str, body: bytes, headers: dict[str, str], *, reply_to: str,
+                      request_id: str | None, missing: str) -> None:
+        """Publish a job to the next service on its path; when nobody subscribes there (NATS answers a publish
+        with a reply subject and no interest with a 503 status), answer the client ``unavailable`` at once
+        instead of losing the request. ``missing`` names what is missing, for the client's message."""
+        now = time.monotonic()
+        while self._undelivered:
+            oldest = next(iter(self._undelivered))
+            if now - self._undelivered[oldest][3] < UNDELIVERED_KEEP_S:
+                break
+            del self._undelivered[oldest]
+        self._sequence += 1
+        handle = f"{self._undelivered_prefix}.{self._sequence}"
+        self._undelivered[handle] = (reply_to, request_id, missing, now)
+        await self.nc.publish(subject, body, reply=handle, headers=headers)
+
+    async def _on_undelivered(self, msg: Msg) -> None:
+        waiting = self._undelivered.pop(msg.subject, None)
+        if waiting is None or (msg.headers or {}).get("Status") != NO_RESPONDERS_STATUS:
+            return
+        reply_to, request_id, missing, _ = waiting
+        self.undeliverable += 1
+        self.log.warning("no %s to hand request %s to: answered unavailable", missing, request_id)
+        await self.answer_error(reply_to, DinError(ErrorCode.UNAVAILABLE, f"no {missing} is running: retry shortly",
+                                                   retry_after_ms=UNAVAILABLE_RETRY_MS), request_id)
+
     async def answer_error(self, reply_to: str, error: DinError, request_id: str | None) -> None:
         """Send ``error`` as the single answer to ``reply_to``."""
         if not reply_to:
@@ -311,7 +348,7 @@ class Service:
 
     def __init__(self, settings: ServiceSettings, *, instance: str | None = None) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(self.name, settings, instance=instance)
+        self.runtime = ServiceRuntime(self.name, settings, instance=instance or settings.instance)
         self.runtime.detail = self.detail
         for attribute, spec in self.endpoints().items():
             method = getattr(self, attribute)

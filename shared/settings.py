@@ -36,6 +36,12 @@ class ServiceSettings(BaseSettings):
         validation_alias=_plain("DIN_SITE"),
         description="Name of the site this process runs at.",
     )
+    instance: str | None = Field(
+        default=None,
+        validation_alias=_plain("DIN_INSTANCE"),
+        description="Instance id of a service that runs more than once in the network (a site's control plane, "
+        "a replica); it answers din.v1.health.<service>.<instance> too. Executors use their own id.",
+    )
     trace_sample_ratio: float = Field(
         default=0.0,
         ge=0.0,

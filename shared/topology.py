@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,6 +52,11 @@ class SiteSpec(_Strict):
     role: str = Field(description="'hub' for the one cloud/HQ site, 'edge' for leaf sites.")
     executors: list[ExecutorSpec] = Field(default_factory=list, description="Executors at the site.")
     cost_per_1k: float = Field(default=0.0, ge=0, description="Relative cost of 1,000 requests here.")
+    control_plane: bool = Field(
+        default=True,
+        description="With control_plane 'per-site': whether this site runs its own admission, classifier and "
+        "scheduler (a site without one is served by the hub's).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -159,6 +165,9 @@ class SecuritySpec(_Strict):
     )
 
 
+ControlPlane = Literal["per-site", "hub"]
+
+
 class Topology(_Strict):
     """A whole network: sites, links and tenants."""
 
@@ -167,6 +176,12 @@ class Topology(_Strict):
     links: list[LinkSpec] = Field(default_factory=list, description="Links between sites.")
     tenants: list[TenantSpec] = Field(min_length=1, description="Tenants allowed to send requests.")
     security: SecuritySpec = Field(default_factory=SecuritySpec, description="Crypto policy per path type.")
+    control_plane: ControlPlane = Field(
+        default="per-site",
+        description="'per-site': every site with control_plane true runs admission, classifier and scheduler on "
+        "its own NATS server and places locally first, forwarding to another site only what it cannot serve in "
+        "time (federated); 'hub': one control plane at the hub schedules every site (centralized).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Topology:
@@ -200,6 +215,48 @@ class Topology(_Strict):
     @property
     def hub(self) -> SiteSpec:
         return next(s for s in self.sites if s.role == "hub")
+
+    @property
+    def federated(self) -> bool:
+        """Whether sites run control planes of their own."""
+        return self.control_plane == "per-site"
+
+    def control_sites(self) -> list[str]:
+        """Sites that run a control plane (admission, classifier, scheduler), the hub first."""
+        if not self.federated:
+            return [self.hub.name]
+        sites = [s.name for s in self.sites if s.control_plane or s.role == "hub"]
+        return sorted(sites, key=lambda name: name != self.hub.name)
+
+    def control_site_for(self, site: str) -> str:
+        """The site whose control plane serves clients and executors at ``site``."""
+        return site if site in self.control_sites() else self.hub.name
+
+    def scheduled_sites(self, control_site: str) -> list[str]:
+        """The sites whose executors the scheduler at ``control_site`` places on directly: every site for the
+        hub's (it also places what a site forwards), its own site for another site's."""
+        if control_site == self.hub.name:
+            return [s.name for s in self.sites]
+        return [control_site]
+
+    def tenant(self, name: str) -> TenantSpec:
+        return next(t for t in self.tenants if t.name == name)
+
+    def may_open(self, site: str, tenant: str, sensitive: bool) -> bool:
+        """Whether a request of ``tenant`` may be opened at ``site``: its data is confined to its sensitive sites
+        when it is sensitive (or the tenant's always is)."""
+        spec = self.tenant(tenant)
+        if (sensitive or spec.always_sensitive) and spec.sensitive_sites:
+            return site in spec.sensitive_sites
+        return True
+
+    def bus_one_way_ms(self, a: str, b: str) -> float:
+        """The configured one-way latency of NATS traffic between two sites: leaf servers reach each other only
+        through the hub, so an edge-to-edge message pays both hub links (0 at the same site)."""
+        if a == b:
+            return 0.0
+        hub = self.hub.name
+        return sum(float(self.hub_link(s).conditions().latency_ms) for s in (a, b) if s != hub)
 
     def site(self, name: str) -> SiteSpec:
         return next(s for s in self.sites if s.name == name)

@@ -76,9 +76,12 @@ STATE_FILE_NAME = "stack.json"
 
 SCHEDULER_MODES = ("centralized", "distributed")
 # Start order: back ends before the front door, so stopping in reverse closes admission first.
-SINGLETON_SERVICES = ("keymanager", "telemetry", "scheduler", "classifier", "admission")
+SINGLETON_SERVICES = ("keymanager", "telemetry")
+"""Services that run once, at the hub."""
+CONTROL_SERVICES = ("scheduler", "classifier", "admission")
+"""Services that run at every site with a control plane (only at the hub with ``control_plane: hub``)."""
 EXECUTOR = "executor"
-SERVICE_KINDS = (*SINGLETON_SERVICES[:2], EXECUTOR, *SINGLETON_SERVICES[2:])
+SERVICE_KINDS = (*SINGLETON_SERVICES, EXECUTOR, *CONTROL_SERVICES)
 SECURED_SERVICES = ("keymanager", "admission", "scheduler", EXECUTOR)
 """Services that hold keys; ``DIN_SECURITY`` switches them all on or off together."""
 
@@ -179,9 +182,11 @@ class PortPlan:
 class ServiceInstance:
     """One service process the stack runs.
 
-    ``name`` is unique in the stack (``admission``, ``executor-cloud-1``) and
-    names its log; ``service`` is its kind (one of ``SERVICE_KINDS``);
-    ``instance`` is the executor id for executors, else None.
+    ``name`` is unique in the stack (``admission``, ``admission-factory``,
+    ``executor-cloud-1``) and names its log; ``service`` is its kind (one of
+    ``SERVICE_KINDS``); ``instance`` is the executor id for executors, the site
+    for a control-plane service, else None. The hub's control plane keeps the
+    plain service names.
     """
 
     name: str
@@ -215,12 +220,15 @@ def service_instances(topology: Topology, services: Iterable[str] | None = None)
     if unknown:
         raise StackError(f"unknown service {sorted(unknown)[0]!r}: choose from {', '.join(SERVICE_KINDS)}")
     hub = topology.hub.name
-    out = [ServiceInstance(name, name, hub) for name in SINGLETON_SERVICES[:2] if name in wanted]
+    out = [ServiceInstance(name, name, hub) for name in SINGLETON_SERVICES if name in wanted]
     if EXECUTOR in wanted:
         for site in topology.sites:
             for executor in site.executors:
                 out.append(ServiceInstance(f"executor-{executor.id}", EXECUTOR, site.name, executor.id))
-    out += [ServiceInstance(name, name, hub) for name in SINGLETON_SERVICES[2:] if name in wanted]
+    for name in CONTROL_SERVICES:
+        if name in wanted:
+            out += [ServiceInstance(name if site == hub else f"{name}-{site}", name, site, site)
+                    for site in topology.control_sites()]
     return out
 
 
@@ -246,8 +254,7 @@ def service_environments(
     ``nats_urls`` maps each site to the NATS URL its processes use; the hub
     site's URL serves the singleton services. ``keys_dir`` holds the key files
     (default: ``keys`` beside the credentials file): the key manager gets the key
-    store and master key, admission and the scheduler the hub site's key file,
-    each executor its site's. ``din up`` and ``docker-compose.yml`` both follow
+    store and master key, every other service its own site's key file. ``din up`` and ``docker-compose.yml`` both follow
     this function.
     """
     if mode not in SCHEDULER_MODES:
@@ -257,7 +264,6 @@ def service_environments(
         raise StackError(f"no NATS URL for site {missing[0]!r}")
     executors = {e.id: e for s in topology.sites for e in s.executors}
     keys = PurePath(keys_dir) if keys_dir is not None else PurePath(credentials_path).parent / "keys"
-    hub_keys = str(keys / key_file_name(site_principal(topology.hub.name)))
     policy = (security_policy or CryptoPolicy(**topology.security.model_dump())).model_dump_json()
     envs: dict[str, dict[str, str]] = {}
     for inst in service_instances(topology, services):
@@ -270,6 +276,9 @@ def service_environments(
         }
         if topic_scope:
             env["DIN_TOPIC_SCOPE"] = topic_scope
+        if inst.instance is not None and inst.service != EXECUTOR:
+            env["DIN_INSTANCE"] = inst.instance
+        site_keys = str(keys / key_file_name(site_principal(inst.site)))
         if inst.service in SECURED_SERVICES:
             env["DIN_SECURITY"] = "on" if security else "off"
         if inst.service == "keymanager":
@@ -278,10 +287,11 @@ def service_environments(
             env["DIN_KEYMANAGER_POLICY"] = policy
         elif inst.service == "admission":
             env["DIN_ADMISSION_CREDENTIALS_FILE"] = str(credentials_path)
-            env["DIN_ADMISSION_KEY_FILE"] = hub_keys
+            env["DIN_ADMISSION_KEY_FILE"] = site_keys
         elif inst.service == "scheduler":
             env["DIN_SCHEDULER_MODE"] = mode
-            env["DIN_SCHEDULER_KEY_FILE"] = hub_keys
+            env["DIN_SCHEDULER_KEY_FILE"] = site_keys
+            env["DIN_SCHEDULER_OWN_SITE_ONLY"] = str(topology.scheduled_sites(inst.site) == [inst.site]).lower()
         elif inst.service == "telemetry":
             env["DIN_TELEMETRY_METRICS_PORT"] = str(telemetry_metrics_port)
             env["DIN_TELEMETRY_METRICS_HOST"] = telemetry_metrics_host
@@ -291,7 +301,7 @@ def service_environments(
             env["DIN_EXECUTOR_MODELS"] = ",".join(spec.models)
             env["DIN_EXECUTOR_MODEL_REPO"] = str(model_repo)
             env["DIN_EXECUTOR_CAPACITY"] = str(spec.capacity)
-            env["DIN_EXECUTOR_KEY_FILE"] = str(keys / key_file_name(site_principal(inst.site)))
+            env["DIN_EXECUTOR_KEY_FILE"] = site_keys
             # Distributed scheduling hands work to each site's JetStream queue, which executors pull.
             env["DIN_EXECUTOR_PULL"] = "true" if mode == "distributed" else "false"
         envs[inst.name] = env
@@ -927,6 +937,7 @@ __all__ = [
     "ProcessRow",
     "SCHEDULER_MODES",
     "SERVICE_KINDS",
+    "CONTROL_SERVICES",
     "SINGLETON_SERVICES",
     "ServiceInstance",
     "Stack",

@@ -4,11 +4,19 @@ A request must come sealed by its tenant (or in clear from a tenant the crypto
 policy lets in); one that cannot be authenticated is answered ``unauthenticated``,
 except a replay, which is dropped: its reply subject is the original requester's,
 who gets its own answer.
+
+With a control plane at every site, each site's admission serves the clients of
+its own NATS server (NATS prefers the local member of the ``admission`` queue
+group) and hands the job to its own site's classifier. A request this site may
+not open (its tenant's data is confined to other sites, or its ``Din-Labels``
+mark it sensitive and this is not one of the tenant's sensitive sites) is handed
+on unopened to the admission of the nearest site that may (``din.v1.admit.*``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -28,7 +36,15 @@ from shared.errors import DinError, ErrorCode
 from shared.naming import InvalidNameError, Subjects, Topics
 from shared.recording import record_request
 from shared.runtime import Service, control, endpoint
-from shared.security import PayloadSecurity, seal_for_audit, tenant_principal
+from shared.security import (
+    PayloadSecurity,
+    audit_reader,
+    held_readers,
+    seal_for_audit,
+    site_principal,
+    tenant_principal,
+)
+from shared.sensitivity import header_labels, marks_sensitive
 from shared.topology import load_topology
 
 PASSTHROUGH_PREFIXES = ("Din-Tensor-", "Content-Type")
@@ -61,8 +77,9 @@ class Admission(Service):
             shed_factor=settings.shed_factor,
         )
         self.security = PayloadSecurity.from_settings(settings)
+        self.audit = audit_reader(self.topology, settings.site)
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)
-        self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0}
+        self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0, "handed_over": 0}
         self.runtime.on_start(self._start_keys)
         self.runtime.on_drain(self.security.stop)
 
@@ -70,19 +87,33 @@ class Admission(Service):
         return {**self.counts, **self.security.detail()}
 
     async def _start_keys(self) -> None:
+        held = held_readers(self.topology, self.settings.site)
         await self.security.start(
-            self.nc, readers=lambda agent: [tenant_principal(t.name) for t in self.topology.tenants],
+            self.nc, readers=lambda agent: [self.audit, *(tenant_principal(t.name) for t in self.topology.tenants
+                                                          if tenant_principal(t.name) in held)],
             timeout_s=self.settings.keys_wait_s,
         )
 
-    @control("pressure", Subjects.PRESSURE)
+    @control("pressure", lambda s: Subjects.pressure(s.site))
     async def on_pressure(self, pressure: PressureV1) -> None:
         """Keep the scheduler's latest view of network load: the gate sheds on it."""
         self.gate.pressure = pressure
 
     @endpoint("infer", Subjects.INFER_ALL, queue="admission",
-              publishes=("classify", "inferReply", Topics.ADMISSION_DECISIONS, Topics.REQUESTS))
+              publishes=("classify", "admit", "inferReply", Topics.ADMISSION_DECISIONS, Topics.REQUESTS))
     async def on_infer(self, msg: Msg) -> None:
+        """A client's request: handed on when this site may not open it, else admitted here."""
+        if msg.reply and await self._hand_over(msg):
+            return
+        await self._receive(msg, Subjects.parse_infer)
+
+    @endpoint("admit", lambda s: Subjects.admit_all(s.site), queue="admission",
+              publishes=("classify", "inferReply", Topics.ADMISSION_DECISIONS, Topics.REQUESTS))
+    async def on_admit(self, msg: Msg) -> None:
+        """A request another site's admission handed here to be opened (never handed on again)."""
+        await self._receive(msg, Subjects.parse_admit)
+
+    async def _receive(self, msg: Msg, parse: Callable[[str], tuple[str, str]]) -> None:
         """Admit one request (or answer and record its refusal), as one hop of its trace."""
         with self.runtime.tracing.hop("admission admit", (msg.headers or {}).get(RequestHeaders.TRACEPARENT),
                                       subject=msg.subject) as (span, traceparent):
@@ -90,17 +121,17 @@ class Admission(Service):
             if not msg.reply:
                 self._unanswerable(msg)
                 return
-            admitted = await self._admit(msg)
+            admitted = await self._admit(msg, parse)
             if admitted is None:
                 return
             job = self._job(admitted, msg.reply, traceparent, received_ms)
             await self._forward(job, admitted, msg)
             span.set_attributes({"din.request_id": job.request_id, "din.tenant": job.tenant, "din.model": job.model})
 
-    async def _admit(self, msg: Msg) -> Admitted | None:
+    async def _admit(self, msg: Msg, parse: Callable[[str], tuple[str, str]]) -> Admitted | None:
         """The request opened and through the gate; ``None`` once a refusal has been answered and recorded."""
         try:
-            tenant, model = Subjects.parse_infer(msg.subject)
+            tenant, model = parse(msg.subject)
             if not self.gate.knows(tenant):
                 raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
             unsealed = self.opener.unseal(tenant, model, msg.reply, msg.headers, msg.data)
@@ -110,6 +141,41 @@ class Admission(Service):
         except (DinError, InvalidNameError) as exc:
             await self._refuse(msg, exc if isinstance(exc, DinError) else DinError(ErrorCode.BAD_REQUEST, str(exc)))
         return None
+
+    def _hand_over_site(self, tenant: str, headers: dict[str, str] | None) -> str | None:
+        """The site whose admission must open this request instead of this one, or None to open it here."""
+        if not self.topology.federated or not self.gate.knows(tenant):
+            return None
+        labels = header_labels((headers or {}).get(RequestHeaders.LABELS))
+        sensitive = marks_sensitive(labels, self.settings.sensitive_labels)
+        here = self.settings.site
+        if self.topology.may_open(here, tenant, sensitive):
+            return None
+        revoked = self.security.agent.revoked if self.security.enabled else ()
+        allowed = [s for s in self.topology.control_sites()
+                   if self.topology.may_open(s, tenant, sensitive) and site_principal(s) not in revoked]
+        if not allowed:
+            raise DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR,
+                           f"tenant {tenant!r}'s sensitive data may be opened at no usable site with a control plane")
+        return min(allowed, key=lambda site: (self.topology.bus_one_way_ms(here, site), site))
+
+    async def _hand_over(self, msg: Msg) -> bool:
+        """Hand a request this site may not open to the nearest site that may; False when it stays here."""
+        try:
+            tenant, model = Subjects.parse_infer(msg.subject)
+            target = self._hand_over_site(tenant, msg.headers)
+        except InvalidNameError:
+            return False
+        except DinError as error:
+            await self._refuse(msg, error)
+            return True
+        if target is None:
+            return False
+        await self.nc.publish(Subjects.admit(target, tenant, model), msg.data, reply=msg.reply, headers=msg.headers)
+        self.counts["handed_over"] += 1
+        self._decision(peek_request_id(msg.headers, b"") or "", tenant, model, None, False, "handed_over",
+                       f"opened at site {target}, not here", len(msg.data))
+        return True
 
     def _job(self, admitted: Admitted, reply_to: str, traceparent: str | None, received_ms: float) -> JobV1:
         """The job of an admitted request: every option it asked for, and where its answer goes."""
@@ -124,7 +190,10 @@ class Admission(Service):
             admitted.unsealed, request_id=job.request_id, tenant=job.tenant, model=job.model, reply=msg.reply,
             passthrough=passthrough, body=msg.data,
         )
-        await self.nc.publish(Subjects.CLASSIFY, body, headers={**job.to_headers(), **passthrough, **envelope_headers})
+        await self.runtime.hand_on(Subjects.classify(self.settings.site), body,
+                                   {**job.to_headers(), **passthrough, **envelope_headers},
+                                   reply_to=job.reply_to, request_id=job.request_id,
+                                   missing=f"classifier at site {self.settings.site}")
         self.counts["admitted"] += 1
         self._keep(job, admitted.unsealed.plaintext, passthrough)
         self._decision(job.request_id, job.tenant, job.model, job.sla_class, True, "ok", "",
@@ -159,7 +228,8 @@ class Admission(Service):
 
     @staticmethod
     def _raw_target(msg: Msg) -> tuple[str, str]:
-        tenant, model = msg.subject.split(".")[3:5]
+        parts = msg.subject.split(".")
+        tenant, model = parts[4:6] if parts[2:3] == ["admit"] else parts[3:5]
         return tenant, model
 
     def _decision(self, request_id: str, tenant: str, model: str, sla_class: SlaClass | None, admitted: bool,
@@ -176,7 +246,8 @@ class Admission(Service):
     def _keep(self, job: JobV1, plaintext: bytes, passthrough: dict[str, str]) -> None:
         """Record the admitted request for replay; with security on, sealed for the audit reader only."""
         if self.security.enabled:
-            sealed = seal_for_audit(self.security, plaintext, request_id=job.request_id, tenant=job.tenant)
+            sealed = seal_for_audit(self.security, plaintext, request_id=job.request_id, tenant=job.tenant,
+                                    reader=self.audit)
             record_request(self.runtime.events, Topics.REQUESTS, job, sealed.body,
                            {**passthrough, **sealed.to_headers()})
         else:

@@ -6,6 +6,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.security import SecuredServiceSettings
+from shared.sensitivity import SENSITIVE_LABELS
 
 
 class AdmissionSettings(SecuredServiceSettings):
@@ -20,6 +21,11 @@ class AdmissionSettings(SecuredServiceSettings):
         validation_alias=AliasChoices("DIN_MODEL_REPO"), description="Model repository whose configs list the models."
     )
     credentials_file: Path = Field(description="JSON file with each tenant's token secret.")
+    sensitive_labels: list[str] = Field(
+        default=list(SENSITIVE_LABELS),
+        description="Request labels (Din-Labels header) that mark data as sensitive: such a request is opened only "
+        "at one of the tenant's sensitive sites, and handed there unopened from any other site.",
+    )
     max_payload_bytes: int = Field(default=4 * 1024 * 1024, description="Largest request body accepted.")
     shed_factor: float = Field(
         default=1.0, description="Shed new requests once network in-flight jobs exceed capacity times this."

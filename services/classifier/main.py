@@ -39,7 +39,7 @@ class Classifier(Service):
     def detail(self) -> dict[str, int]:
         return self.counts
 
-    @job_endpoint("classify", Subjects.CLASSIFY, queue="classifier", span="classifier classify",
+    @job_endpoint("classify", lambda s: Subjects.classify(s.site), queue="classifier", span="classifier classify",
                   publishes=("schedule", "inferReply"))
     async def on_classify(self, job: JobV1, msg: Msg) -> None:
         try:
@@ -55,7 +55,8 @@ class Classifier(Service):
         job.stamps_ms["classified"] = now_ms
         headers = {k: v for k, v in msg.headers.items() if not k.startswith(HEADER_PREFIX)}
         headers.update(job.to_headers())
-        await self.nc.publish(Subjects.SCHEDULE, msg.data, headers=headers)
+        await self.runtime.hand_on(Subjects.schedule(self.settings.site), msg.data, headers, reply_to=job.reply_to,
+                                   request_id=job.request_id, missing=f"scheduler at site {self.settings.site}")
         self.counts["classified"] += 1
         self.runtime.events.emit(
             Topics.CLASSIFICATIONS,

@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.sensitivity import SENSITIVE_LABELS
 from shared.settings import ServiceSettings
 
 
@@ -18,6 +19,6 @@ class ClassifierSettings(ServiceSettings):
         validation_alias=AliasChoices("DIN_MODEL_REPO"), description="Model repository whose configs list the models."
     )
     sensitive_labels: list[str] = Field(
-        default=["sensitive", "pii", "confidential", "restricted"],
+        default=list(SENSITIVE_LABELS),
         description="Request labels that mark data as sensitive.",
     )

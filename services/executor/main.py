@@ -129,7 +129,7 @@ class Executor(Service):
         await self.send_heartbeat()
         return self.models.report(handle)
 
-    @control("rollCall", Subjects.ROLL_CALL, publishes=("heartbeat",))
+    @control("rollCall", lambda s: Subjects.roll_call(s.site), publishes=("heartbeat",))
     async def on_roll_call(self) -> None:
         await self.send_heartbeat()
 
@@ -282,7 +282,9 @@ class Executor(Service):
 
     async def hand_back(self, run: Run) -> None:
         body, headers = self.seals.hand_back(run.job, run.body, run.headers, run.opened)
-        await self.nc.publish(Subjects.SCHEDULE, body, headers=headers)
+        scheduler_site = run.job.scheduler_site or self.settings.site
+        await self.runtime.hand_on(Subjects.schedule(scheduler_site), body, headers, reply_to=run.job.reply_to,
+                                   request_id=run.job.request_id, missing=f"scheduler at site {scheduler_site}")
 
     async def split_head_done(self, run: Run, result: ItemResult) -> Outcome:
         payload, payload_headers = intermediate(run.job, result.outputs, self.rng)

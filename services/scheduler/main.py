@@ -1,4 +1,4 @@
-"""Scheduler's front door: classified jobs on ``din.v1.schedule``, dispatched to an executor or a site queue.
+"""Scheduler's front door: classified jobs on ``din.v1.schedule.<site>``, dispatched to an executor or a site queue.
 
 Each job arrives sealed to its tenant; the scheduler opens it and seals it again
 to the chosen site: encrypted, or integrity-only where the crypto policy allows it
@@ -40,6 +40,7 @@ from shared.runtime import Service, control, endpoint, job_endpoint
 from shared.security import (
     PayloadSecurity,
     check_binding,
+    held_readers,
     request_binding,
     seal_to_site,
     site_principal,
@@ -64,23 +65,35 @@ def now_ms() -> float:
     return time.time() * 1000.0
 
 
+def heartbeats_heard(settings: SchedulerSettings) -> str:
+    """The heartbeats a scheduler listens to: its own site's when it schedules only that site (a control plane
+    per site), else every site's (the hub's scheduler of a network with one control plane)."""
+    return Subjects.heartbeat_site(settings.site) if settings.own_site_only is True else Subjects.HEARTBEAT_ALL
+
+
+def completions_heard(settings: SchedulerSettings) -> str:
+    """The completions a scheduler listens to: of the executors it places on (see ``heartbeats_heard``)."""
+    return Subjects.completed(settings.site) if settings.own_site_only is True else Subjects.COMPLETED_ALL
+
+
 class Scheduler(Service):
     """Places each job on the executor (or site queue) that answers it soonest under its constraints, and keeps
     every dispatched job to exactly one answer."""
 
     name = "scheduler"
-    publishes = (*DISPATCH_PUBLISHES, "probe", "pressure", "rollCall")
+    publishes = (*DISPATCH_PUBLISHES, "schedule", "probe", "pressure", "rollCall")
 
     def __init__(self, settings: SchedulerSettings) -> None:
         super().__init__(settings)
         self.topology = load_topology(settings.topology)
+        self.sites = self.topology.scheduled_sites(settings.site)
         self.registry = ExecutorRegistry()
         self.links = LinkTable(self.topology, home=settings.site)
         self.inflight = InflightTable()
         self.catalog = ModelCatalog.from_repository(settings.model_repo)
         self.cost_limits = {t.name: t.max_cost_per_1k for t in self.topology.tenants}
         self.counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
-                       "multi_stage": 0, "streams_interrupted": 0}
+                       "multi_stage": 0, "streams_interrupted": 0, "forwarded": 0}
         self.enqueues: set[asyncio.Task] = set()
         self.security = PayloadSecurity.from_settings(settings)
         self.runtime.on_start(self.start_keys)
@@ -95,7 +108,7 @@ class Scheduler(Service):
         return {**self.counts, "mode": self.settings.mode.value, "executors": len(self.registry.live()),
                 "inflight": len(self.inflight), **self.security.detail()}
 
-    @job_endpoint("schedule", Subjects.SCHEDULE, queue="scheduler", span="scheduler place",
+    @job_endpoint("schedule", lambda s: Subjects.schedule(s.site), queue="scheduler", span="scheduler place",
                   publishes=(*DISPATCH_PUBLISHES, Topics.DEAD_LETTER, Topics.SPANS))
     async def on_schedule(self, job: JobV1, msg: Msg) -> None:
         passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
@@ -112,7 +125,7 @@ class Scheduler(Service):
             return
         await self.dispatch(job, opened.plaintext, passthrough, opened.aad)
 
-    @endpoint("completed", Subjects.COMPLETED_ALL)
+    @endpoint("completed", completions_heard)
     async def on_completed(self, msg: Msg) -> None:
         advanced = lifecycle.stage_done(msg.headers)
         if advanced is not None:
@@ -125,8 +138,10 @@ class Scheduler(Service):
         if entry is not None:
             self.release(entry)
 
-    @control("heartbeat", Subjects.HEARTBEAT_ALL, publishes=DISPATCH_PUBLISHES)
+    @control("heartbeat", heartbeats_heard, publishes=DISPATCH_PUBLISHES)
     async def on_heartbeat(self, heartbeat: HeartbeatV1) -> None:
+        if heartbeat.site not in self.sites:
+            return
         if not self.usable(heartbeat.site):
             if self.registry.get(heartbeat.executor) is not None:
                 self.log.warning("executor %s at revoked site %s: no more work", heartbeat.executor, heartbeat.site)
@@ -177,15 +192,21 @@ class Scheduler(Service):
         """
         try:
             placement = self.place(job)
+            if placement.degraded and self.may_forward(job):
+                raise DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, "only a smaller variant here")
             wire, sealed_headers = self.seal_for(placement.executor.site, job, body, aad)
         except DinError as error:
-            await self.refuse(job, error)
+            if self.may_forward(job):
+                await self.forward(job, body, passthrough, aad, error)
+            else:
+                await self.refuse(job, error)
             return
         except SealRefused as error:
             await self.refuse(job, DinError(ErrorCode.INTERNAL, str(error)))
             return
         executor = placement.executor
         assign(job, placement, centralized=self.centralized, now_ms=now_ms())
+        job.scheduler_site = self.settings.site
         headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
         entry = InflightJob.dispatched(job, body, passthrough, aad, executor.id, executor.site)
         self.inflight.add(entry)
@@ -200,6 +221,27 @@ class Scheduler(Service):
             task = asyncio.create_task(self.enqueue(job, wire, headers))
             self.enqueues.add(task)
             task.add_done_callback(self.enqueues.discard)
+
+    def may_forward(self, job: JobV1) -> bool:
+        """Local first: a job this site's executors cannot serve in time goes to the hub's scheduler, which places
+        across every site (once: a forwarded job is never forwarded again)."""
+        return self.settings.site != self.topology.hub.name and job.forwarded_from is None
+
+    async def forward(self, job: JobV1, body: bytes, passthrough: dict[str, str], aad: dict[str, str],
+                      why: DinError) -> None:
+        """Send ``job`` to the hub's scheduler, sealed to its tenant again; the hub answers it from now on."""
+        hub = self.topology.hub.name
+        job.forwarded_from = self.settings.site
+        job.stamps_ms["forwarded"] = now_ms()
+        wire, sealed_headers = body, {}
+        if self.security.enabled:
+            sealed = self.security.seal(body, reader=tenant_principal(job.tenant), aad=aad, confidential=True)
+            wire, sealed_headers = sealed.body, sealed.to_headers()
+        self.counts["forwarded"] += 1
+        self.record(job, None, f"forwarded to {hub}: {why.message}")
+        await self.runtime.hand_on(Subjects.schedule(hub), wire, {**passthrough, **job.to_headers(), **sealed_headers},
+                                   reply_to=job.reply_to, request_id=job.request_id,
+                                   missing=f"scheduler at site {hub} reachable from site {self.settings.site}")
 
     async def enqueue(self, job: JobV1, body: bytes, headers: dict[str, str]) -> None:
         """Distributed mode: put the job in its site's work queue, or answer it when the queue is unreachable."""
@@ -291,15 +333,15 @@ class Scheduler(Service):
         while True:
             await asyncio.sleep(self.settings.pressure_interval_s)
             report = pressure_report(self.registry.live(), self.links, len(self.inflight), now_ms())
-            await self.nc.publish(Subjects.PRESSURE, report.model_dump_json().encode())
+            await self.nc.publish(Subjects.pressure(self.settings.site), report.model_dump_json().encode())
 
     async def start_keys(self) -> None:
-        topology = self.topology
+        held = held_readers(self.topology, self.settings.site)
         await self.security.start(
             self.nc,
             readers=lambda agent: [
-                *(tenant_principal(t.name) for t in topology.tenants),
-                *(site_principal(s.name) for s in topology.sites if site_principal(s.name) not in agent.revoked),
+                *(tenant_principal(t.name) for t in self.topology.tenants if tenant_principal(t.name) in held),
+                *(site_principal(s) for s in self.sites if site_principal(s) not in agent.revoked),
             ],
             timeout_s=self.settings.keys_wait_s,
         )
@@ -307,17 +349,18 @@ class Scheduler(Service):
     async def start_background(self) -> None:
         if self.settings.mode == SchedulingMode.DISTRIBUTED:
             await self.ensure_work_streams()
-        await self.nc.publish(Subjects.ROLL_CALL, b"")
+        for site in self.sites:
+            await self.nc.publish(Subjects.roll_call(site), b"")
         await asyncio.sleep(ROLL_CALL_WAIT_S)
         for loop in (self.watchdog, self.prober, self.pressure):
             self.runtime.spawn(loop(), name=loop.__name__)
 
     async def ensure_work_streams(self) -> None:
-        for site in self.topology.sites:
+        for site in self.sites:
             try:
-                await self.nc.jetstream(domain=site.name).add_stream(work_stream_config(site.name))
+                await self.nc.jetstream(domain=site).add_stream(work_stream_config(site))
             except Exception as exc:
-                self.log.warning("work stream of site %s not created yet: %s", site.name, exc)
+                self.log.warning("work stream of site %s not created yet: %s", site, exc)
 
     async def finish_enqueues(self) -> None:
         if self.enqueues:

@@ -163,6 +163,10 @@ class ExecutorPool:
         order = self._order[sla]
         return order[0][0] if order else float("inf")
 
+    def members(self) -> list[ExecutorState]:
+        """Every executor in the pool, in no particular order."""
+        return list(self._members)
+
     def sample(self, k: int, rng: random.Random) -> list[ExecutorState]:
         """Up to ``k`` distinct members drawn uniformly."""
         if len(self._members) <= k:
@@ -261,6 +265,10 @@ class ExecutorRegistry:
         """Non-empty pools of ``model`` (of ``version`` only, when given), one per site and version."""
         by_key = self._pools.get(model, {})
         return [p for p in by_key.values() if p and (version is None or p.version == version)]
+
+    def models(self) -> list[str]:
+        """Names of the models some live, not draining executor serves."""
+        return [model for model, by_key in self._pools.items() if any(by_key.values())]
 
     def view(self, site_ok: Callable[[str], bool]) -> RegistryView:
         """The registry as placement should see it: only the pools at sites ``site_ok`` accepts."""

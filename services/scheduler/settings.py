@@ -1,5 +1,7 @@
 """Settings of the scheduler service (``DIN_SCHEDULER_*``)."""
 
+from __future__ import annotations
+
 from enum import StrEnum
 from pathlib import Path
 
@@ -27,6 +29,11 @@ class SchedulerSettings(SecuredServiceSettings):
     model_repo: Path = Field(
         validation_alias=AliasChoices("DIN_MODEL_REPO"),
         description="Model repository whose configs name each model's parts (split heads and tails, prefill).",
+    )
+    own_site_only: bool = Field(
+        default=False,
+        description="Whether this scheduler places on its own site's executors only (a control plane per site): "
+        "it then hears only that site's heartbeats. The launcher sets it from the topology.",
     )
     mode: SchedulingMode = Field(
         default=SchedulingMode.CENTRALIZED,

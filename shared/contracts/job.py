@@ -112,6 +112,16 @@ class JobV1(ServingOptionsV1):
     workload: WorkloadClassV1 | None = Field(default=None, description="Set by the classifier.")
     model_chosen: str | None = Field(default=None, description="Variant the scheduler assigned.")
     site_chosen: str | None = Field(default=None, description="Site the scheduler assigned.")
+    scheduler_site: str | None = Field(
+        default=None,
+        description="Site whose scheduler placed the job and keeps it to one answer; an executor hands the job "
+        "back there. None: the hub's (networks with one control plane).",
+    )
+    forwarded_from: str | None = Field(
+        default=None,
+        description="Federated placement: the site whose scheduler forwarded the job here because it could not "
+        "serve it in time itself; a forwarded job is placed at the receiving site only, never forwarded again.",
+    )
     executor_chosen: str | None = Field(default=None, description="Executor assigned (centralized mode).")
     attempt: int = Field(default=1, description="1 for the first dispatch, more after a retry.")
     avoid: list[str] = Field(

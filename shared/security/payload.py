@@ -163,12 +163,13 @@ def seal_to_site(
 
 
 def seal_for_audit(security: PayloadSecurity, plaintext: bytes, *, request_id: str, tenant: str,
-                   kind: str = "request") -> Sealed:
-    """Seal a payload for the ``audit`` reader, e.g. the body of a request recorded to Kafka.
+                   kind: str = "request", reader: str = AUDIT) -> Sealed:
+    """Seal a payload for an audit reader, e.g. the body of a request recorded to Kafka.
 
     The record's value is ``Sealed.body`` and its headers ``Sealed.to_headers()`` (non-secret
-    metadata); the AAD binds ``rid``, ``tenant`` and ``kind``. The hub site holds the audit
-    DEK; whoever replays recordings opens them with the ``audit`` principal's key file
+    metadata); the AAD binds ``rid``, ``tenant`` and ``kind``. ``reader`` is the sealing site's audit DEK
+    (``principals.audit_reader``: ``audit`` at the hub, ``audit-<site>`` at another control-plane site);
+    the ``audit`` principal holds every one, so whoever replays recordings opens them all with its key file
     (``din keys export-audit`` writes them as a replay key file).
     """
-    return security.seal(plaintext, reader=AUDIT, aad={"rid": request_id, "tenant": tenant, "kind": kind})
+    return security.seal(plaintext, reader=reader, aad={"rid": request_id, "tenant": tenant, "kind": kind})

@@ -37,6 +37,12 @@ def serving_sites(topology: Topology, tenant: str) -> list[str]:
     return [s.name for s in topology.sites]
 
 
+def audit_reader(topology: Topology, site: str) -> str:
+    """The DEK an admission at ``site`` seals its request records with: ``audit`` at the hub, ``audit-<site>``
+    elsewhere, so a site can open only the records it wrote itself; the ``audit`` principal holds them all."""
+    return AUDIT if site == topology.hub.name else f"{AUDIT}-{site}"
+
+
 def principals_of(topology: Topology) -> list[str]:
     """Every principal of a network, key manager first."""
     return [
@@ -58,5 +64,14 @@ def key_holders(topology: Topology, revoked: Iterable[str] = ()) -> dict[str, fr
         sites = {site_principal(s) for s in serving_sites(topology, tenant.name)}
         readers[tenant_principal(tenant.name)] = {tenant_principal(tenant.name), hub, *sites}
     readers[AUDIT] = {AUDIT, hub}
+    for site in topology.control_sites():
+        if site != topology.hub.name:
+            readers[audit_reader(topology, site)] = {AUDIT, site_principal(site)}
     gone = set(revoked) - {KEYMANAGER}
     return {reader: frozenset((holders - gone) | {KEYMANAGER}) for reader, holders in readers.items()}
+
+
+def held_readers(topology: Topology, site: str, revoked: Iterable[str] = ()) -> frozenset[str]:
+    """The readers whose DEK the principal of ``site`` holds: what services at that site can open and seal for."""
+    me = site_principal(site)
+    return frozenset(reader for reader, holders in key_holders(topology, revoked).items() if me in holders)

@@ -17,7 +17,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer
 
 from din.client import DinClient
-from din.stack.launcher import PortPlan, Stack
+from din.stack.launcher import CONTROL_SERVICES, PortPlan, Stack
 from din.stack.processes import ManagedProcess
 from shared.contracts.events import HealthV1
 from shared.contracts.inference import RequestHeaders
@@ -102,6 +102,9 @@ class Network:
         return proc
 
     async def health(self, service: str, instance: str | None = None, timeout: float = 2.0) -> HealthV1:
+        """One instance's health; a control-plane service's at the hub unless ``instance`` names its site."""
+        if instance is None and service in CONTROL_SERVICES:
+            instance = self.topology.hub.name
         nc = await nats.connect(self.hub_url)
         try:
             reply = await nc.request(Subjects.health(service, instance), b"", timeout=timeout)

@@ -234,8 +234,8 @@ async def test_services_survive_garbage_and_keep_serving(network, digits):
     x, _ = digits
     nc = await nats.connect(network.hub_url)
     garbage = [b"", b"\x00\xff\x10", b"{", b'{"request_id": 1}', b"x" * 10000]
-    for subject in (Subjects.CLASSIFY, Subjects.SCHEDULE, Subjects.execute("cloud", "cloud-2"),
-                    Subjects.heartbeat("cloud", "ghost"), Subjects.PRESSURE, Subjects.completed("cloud"),
+    for subject in (Subjects.classify("cloud"), Subjects.schedule("cloud"), Subjects.execute("cloud", "cloud-2"),
+                    Subjects.heartbeat("cloud", "ghost"), Subjects.pressure("cloud"), Subjects.completed("cloud"),
                     Subjects.control("executor", "cloud-2"), "din.v1.infer.acme", "din.v1.infer.a.b"):
         for body in garbage:
             await nc.publish(subject, body, headers={"Din-Job-V1": "{broken"})

@@ -196,8 +196,10 @@ async def _records(network, topic: str, keep, want: int, what: str) -> list[dict
 
 
 async def _scheduling_decision(network, request_id: str) -> SchedulingDecisionV1:
-    found = await _records(network, Topics.SCHEDULING_DECISIONS, lambda d: d["request_id"] == request_id, want=1,
-                           what=f"the scheduling decision of {request_id}")
+    """The placement of the request (a site that forwarded it to the hub records that first)."""
+    found = await _records(network, Topics.SCHEDULING_DECISIONS,
+                           lambda d: d["request_id"] == request_id and not d["reason"].startswith("forwarded"),
+                           want=1, what=f"the scheduling decision of {request_id}")
     return SchedulingDecisionV1.model_validate(found[0])
 
 

@@ -497,7 +497,7 @@ async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network)
         job = make_job(request_id="from-branch", tenant="globex", model=MODEL, deadline_ms=int(now_ms) + 3000,
                        reply_to=job_reply, received_ms=now_ms)
         hub = await nats.connect(network.hub_url)
-        await hub.publish(Subjects.SCHEDULE, sealed.body, headers={**job.to_headers(), **sealed.to_headers()})
+        await hub.publish(Subjects.schedule("cloud"), sealed.body, headers={**job.to_headers(), **sealed.to_headers()})
         await hub.flush()
         await hub.close()
 

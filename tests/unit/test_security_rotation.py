@@ -46,10 +46,10 @@ def opens(agent: KeyAgent, sealed: envelope.Sealed, reader: str) -> bytes:
 def test_each_holder_gets_exactly_the_keys_it_needs(authority, agents):
     deliver(authority.publication(), agents)
     assert agents[HUB].ready_for([HUB, FACTORY, BRANCH, ACME, INITECH, AUDIT])
-    assert set(agents[FACTORY].versions()) == {FACTORY, ACME}
-    assert set(agents[BRANCH].versions()) == {BRANCH, ACME, INITECH}
+    assert set(agents[FACTORY].versions()) == {FACTORY, ACME, "audit-factory"}
+    assert set(agents[BRANCH].versions()) == {BRANCH, ACME, INITECH, "audit-branch"}
     assert set(agents[ACME].versions()) == {ACME}
-    assert set(agents[AUDIT].versions()) == {AUDIT}
+    assert set(agents[AUDIT].versions()) == {AUDIT, "audit-factory", "audit-branch"}
     assert agents[FACTORY].policy.integrity_only == {"factory"}
     assert agents[ACME].integrity_allowed("factory") and not agents[ACME].integrity_allowed("branch")
     assert set(agents[ACME].publics) >= {HUB, FACTORY, BRANCH, KEYMANAGER}
@@ -127,7 +127,7 @@ def test_revocation_refuses_the_site_and_rotates_what_it_held(authority, agents,
     deliver(authority.publication(), agents)
     before = seal(agents[BRANCH], ACME, b"result from branch")
     entries, held, gone = authority.revoke(BRANCH)
-    assert set(held) == {BRANCH, ACME, INITECH}
+    assert set(held) == {BRANCH, ACME, INITECH, "audit-branch"}
     assert EntryKeys.dek(BRANCH, ACME, 1) in gone
     deliver(entries, agents)
     assert BRANCH in agents[ACME].revoked

@@ -89,7 +89,7 @@ def test_an_unknown_channel_is_refused_with_the_handler_named():
     class Typo(Service):
         name = "classifier"
 
-        @endpoint("clasify", Subjects.CLASSIFY)
+        @endpoint("clasify", Subjects.classify("cloud"))
         async def on_classify(self, msg) -> None: ...
 
     with pytest.raises(InvalidDeclaration, match=r"Typo.on_classify: no channel 'clasify'"):

@@ -73,10 +73,20 @@ def test_service_processes_in_start_order(topology):
         ("executor-factory-1", "factory"),
         ("executor-branch-1", "branch"),
         ("scheduler", "cloud"),
+        ("scheduler-factory", "factory"),
+        ("scheduler-branch", "branch"),
         ("classifier", "cloud"),
+        ("classifier-factory", "factory"),
+        ("classifier-branch", "branch"),
         ("admission", "cloud"),
+        ("admission-factory", "factory"),
+        ("admission-branch", "branch"),
     ]
-    assert [i.name for i in service_instances(topology, ["admission"])] == ["admission"]
+    assert [i.name for i in service_instances(topology, ["admission"])] == [
+        "admission", "admission-factory", "admission-branch"]
+    assert service_instances(topology, ["admission"])[1].health_subject == "din.v1.health.admission.factory"
+    hub_only = topology.model_copy(update={"control_plane": "hub"})
+    assert [i.name for i in service_instances(hub_only, ["admission", "scheduler"])] == ["scheduler", "admission"]
     assert service_instances(topology, []) == []
     executor = service_instances(topology, ["executor"])[2]
     assert executor.health_subject == "din.v1.health.executor.factory-1"
@@ -98,16 +108,23 @@ def test_service_environments(topology):
     )
     common = {"DIN_KAFKA_BOOTSTRAP": "kafka:9092", "DIN_TOPOLOGY": "/run/topology.yaml", "DIN_MODEL_REPO": "/models"}
     hub = {**common, "DIN_NATS_URL": "nats://hub:4222", "DIN_SITE": "cloud"}
+    hub_control = {**hub, "DIN_INSTANCE": "cloud"}
     secured = {"DIN_SECURITY": "on"}
     hub_keys = "/run/keys/site-cloud.json"
-    assert envs["admission"] == {**hub, **secured, "DIN_ADMISSION_CREDENTIALS_FILE": "/run/credentials.json",
+    assert envs["admission"] == {**hub_control, **secured, "DIN_ADMISSION_CREDENTIALS_FILE": "/run/credentials.json",
                                  "DIN_ADMISSION_KEY_FILE": hub_keys}
-    assert envs["scheduler"] == {**hub, **secured, "DIN_SCHEDULER_MODE": "distributed",
-                                 "DIN_SCHEDULER_KEY_FILE": hub_keys}
+    assert envs["scheduler"] == {**hub_control, **secured, "DIN_SCHEDULER_MODE": "distributed",
+                                 "DIN_SCHEDULER_KEY_FILE": hub_keys, "DIN_SCHEDULER_OWN_SITE_ONLY": "false"}
+    assert envs["scheduler-factory"] == {**common, **secured, "DIN_NATS_URL": "nats://factory:4222",
+                                         "DIN_SITE": "factory", "DIN_INSTANCE": "factory",
+                                         "DIN_SCHEDULER_MODE": "distributed",
+                                         "DIN_SCHEDULER_KEY_FILE": "/run/keys/site-factory.json",
+                                         "DIN_SCHEDULER_OWN_SITE_ONLY": "true"}
+    assert envs["admission-branch"]["DIN_ADMISSION_KEY_FILE"] == "/run/keys/site-branch.json"
     assert envs["telemetry"] == {
         **hub, "DIN_TELEMETRY_METRICS_PORT": "9999", "DIN_TELEMETRY_METRICS_HOST": "127.0.0.1"
     }
-    assert envs["classifier"] == hub
+    assert envs["classifier"] == hub_control
     assert envs["keymanager"] == {
         **hub, **secured, "DIN_KEYMANAGER_KEYSTORE": "/run/keys/keystore.json",
         "DIN_KEYMANAGER_MASTER_KEY_FILE": "/run/keys/master.key",
