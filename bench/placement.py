@@ -266,7 +266,8 @@ def _heartbeat_costs(registry: ExecutorRegistry, beats: list[HeartbeatV1], topol
         started = time.perf_counter()
         registry.observe(hb, now=1.0)
         same.append(time.perf_counter() - started)
-    encoded = [hb.model_dump_json().encode() for hb in fresh]
+    others = [beats[rng.randrange(len(beats))] for _ in range(samples)]
+    encoded = [hb.model_copy(update={"inflight": rng.randrange(0, 4)}).model_dump_json().encode() for hb in others]
     decoded = []
     for raw in encoded:
         started = time.perf_counter()
