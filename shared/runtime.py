@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 RAW, JOB, CONTROL = "raw", "job", "control"
 NO_RESPONDERS_STATUS = "503"
-UNDELIVERED_KEEP_S = 5.0
-"""How long a hand-on waits for NATS's no-responders status (it comes at once, or never)."""
+UNTAKEN_CHECK_S = 0.05
+"""How often a service looks for handed-on jobs nobody acknowledged by their deadline."""
 UNAVAILABLE_RETRY_MS = 1000
 
 
@@ -144,6 +144,7 @@ class ServiceRuntime:
         self._undelivered: dict[str, tuple[str, str | None, str, float]] = {}
         self._undelivered_prefix = ""
         self.undeliverable = 0
+        self.untaken = 0
         self._sequence = 0
 
         self.health_subjects = [Subjects.health(name)]
@@ -162,20 +163,26 @@ class ServiceRuntime:
         return self.broker.connection
 
     def job_handler(self, handler: Callable[[JobV1, Msg], Awaitable[None]], span: str | None) -> Handler:
-        """``handler`` behind job decoding (dead-letter when the header is missing or invalid) and a trace hop."""
+        """``handler`` behind job decoding (dead-letter when the header is missing or invalid) and a trace hop;
+        the sender is told the job was taken once the handler has run (``hand_on``): its publications go out
+        in the same write as the acknowledgement."""
 
         async def on_message(msg: Msg) -> None:
             try:
                 job = JobV1.from_headers(msg.headers)
             except ValueError:
                 self.dead_letter(msg, "missing or invalid job header")
+                await self.acknowledge(msg, self.nc)
                 return
-            if span is None:
-                await handler(job, msg)
-                return
-            with self.tracing.hop(span, job.traceparent, **{"din.request_id": job.request_id}) as (
-                    _, job.traceparent):
-                await handler(job, msg)
+            try:
+                if span is None:
+                    await handler(job, msg)
+                    return
+                with self.tracing.hop(span, job.traceparent, **{"din.request_id": job.request_id}) as (
+                        _, job.traceparent):
+                    await handler(job, msg)
+            finally:
+                await self.acknowledge(msg, self.nc)
 
         return on_message
 
@@ -228,6 +235,7 @@ class ServiceRuntime:
             events_dropped=str(self.events.dropped),
             dead_lettered=str(self.dead_lettered),
             undeliverable=str(self.undeliverable),
+            untaken=str(self.untaken),
         )
         return HealthV1(
             service=self.name,
@@ -244,6 +252,7 @@ class ServiceRuntime:
     async def _open(self) -> None:
         self._undelivered_prefix = self.nc.new_inbox()
         self._subscriptions.append(await self.nc.subscribe(f"{self._undelivered_prefix}.*", cb=self._on_undelivered))
+        self.spawn(self._answer_untaken(), name="answer_untaken")
         for hook in self._start_hooks:
             await hook()
         for subject, queue, handler in self._hot:
@@ -299,20 +308,15 @@ class ServiceRuntime:
             key=self.name,
         )
 
-    async def hand_on(self, subject: str, body: bytes, headers: dict[str, str], *, reply_to: str,
-                      request_id: str | None, missing: str) -> None:
-        """Publish a job to the next service on its path; when nobody subscribes there (NATS answers a publish
-        with a reply subject and no interest with a 503 status), answer the client ``unavailable`` at once
-        instead of losing the request. ``missing`` names what is missing, for the client's message."""
-        now = time.monotonic()
-        while self._undelivered:
-            oldest = next(iter(self._undelivered))
-            if now - self._undelivered[oldest][3] < UNDELIVERED_KEEP_S:
-                break
-            del self._undelivered[oldest]
+    async def hand_on(self, subject: str, body: bytes, headers: dict[str, str], job: JobV1, missing: str) -> None:
+        """Publish ``job`` to the next service on its path, which acknowledges taking it (``job_endpoint``s do,
+        once their handler has run); until then this service still owns the job's answer. When nobody
+        subscribes there (NATS answers a publish with a reply subject and no interest with a 503 status) the
+        client is answered ``unavailable`` at once; when nobody acknowledges it by its deadline (the next service
+        died holding it), ``deadline_exceeded``. ``missing`` names the next service, for the client's message."""
         self._sequence += 1
         handle = f"{self._undelivered_prefix}.{self._sequence}"
-        self._undelivered[handle] = (reply_to, request_id, missing, now)
+        self._undelivered[handle] = (job.reply_to, job.request_id, missing, float(job.deadline_ms))
         await self.nc.publish(subject, body, reply=handle, headers=headers)
 
     async def _on_undelivered(self, msg: Msg) -> None:
@@ -324,6 +328,25 @@ class ServiceRuntime:
         self.log.warning("no %s to hand request %s to: answered unavailable", missing, request_id)
         await self.answer_error(reply_to, DinError(ErrorCode.UNAVAILABLE, f"no {missing} is running: retry shortly",
                                                    retry_after_ms=UNAVAILABLE_RETRY_MS), request_id)
+
+    async def _answer_untaken(self) -> None:
+        """Answer every handed-on job that nobody acknowledged by its deadline."""
+        while True:
+            await asyncio.sleep(UNTAKEN_CHECK_S)
+            now = time.time() * 1000.0
+            for handle in [h for h, (_, _, _, deadline) in self._undelivered.items() if deadline <= now]:
+                reply_to, request_id, missing, _ = self._undelivered.pop(handle)
+                self.untaken += 1
+                self.log.warning("no %s took request %s before its deadline", missing, request_id)
+                await self.answer_error(reply_to, DinError(ErrorCode.DEADLINE_EXCEEDED,
+                                                           f"the {missing} did not take the job before its deadline"),
+                                        request_id)
+
+    @staticmethod
+    async def acknowledge(msg: Msg, nc: NatsClient) -> None:
+        """Tell the sender of a handed-on job that it was taken (see ``hand_on``)."""
+        if msg.reply:
+            await nc.publish(msg.reply, b"")
 
     async def answer_error(self, reply_to: str, error: DinError, request_id: str | None) -> None:
         """Send ``error`` as the single answer to ``reply_to``."""

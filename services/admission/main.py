@@ -191,9 +191,8 @@ class Admission(Service):
             passthrough=passthrough, body=msg.data,
         )
         await self.runtime.hand_on(Subjects.classify(self.settings.site), body,
-                                   {**job.to_headers(), **passthrough, **envelope_headers},
-                                   reply_to=job.reply_to, request_id=job.request_id,
-                                   missing=f"classifier at site {self.settings.site}")
+                                   {**job.to_headers(), **passthrough, **envelope_headers}, job,
+                                   f"classifier at site {self.settings.site}")
         self.counts["admitted"] += 1
         self._keep(job, admitted.unsealed.plaintext, passthrough)
         self._decision(job.request_id, job.tenant, job.model, job.sla_class, True, "ok", "",

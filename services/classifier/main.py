@@ -55,8 +55,8 @@ class Classifier(Service):
         job.stamps_ms["classified"] = now_ms
         headers = {k: v for k, v in msg.headers.items() if not k.startswith(HEADER_PREFIX)}
         headers.update(job.to_headers())
-        await self.runtime.hand_on(Subjects.schedule(self.settings.site), msg.data, headers, reply_to=job.reply_to,
-                                   request_id=job.request_id, missing=f"scheduler at site {self.settings.site}")
+        await self.runtime.hand_on(Subjects.schedule(self.settings.site), msg.data, headers, job,
+                                   f"scheduler at site {self.settings.site}")
         self.counts["classified"] += 1
         self.runtime.events.emit(
             Topics.CLASSIFICATIONS,

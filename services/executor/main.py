@@ -283,8 +283,8 @@ class Executor(Service):
     async def hand_back(self, run: Run) -> None:
         body, headers = self.seals.hand_back(run.job, run.body, run.headers, run.opened)
         scheduler_site = run.job.scheduler_site or self.settings.site
-        await self.runtime.hand_on(Subjects.schedule(scheduler_site), body, headers, reply_to=run.job.reply_to,
-                                   request_id=run.job.request_id, missing=f"scheduler at site {scheduler_site}")
+        await self.runtime.hand_on(Subjects.schedule(scheduler_site), body, headers, run.job,
+                                   f"scheduler at site {scheduler_site}")
 
     async def split_head_done(self, run: Run, result: ItemResult) -> Outcome:
         payload, payload_headers = intermediate(run.job, result.outputs, self.rng)

@@ -93,7 +93,8 @@ class Scheduler(Service):
         self.catalog = ModelCatalog.from_repository(settings.model_repo)
         self.cost_limits = {t.name: t.max_cost_per_1k for t in self.topology.tenants}
         self.counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
-                       "multi_stage": 0, "streams_interrupted": 0, "forwarded": 0}
+                       "multi_stage": 0, "streams_interrupted": 0, "forwarded": 0,
+                       "expired_on_arrival": 0}
         self.enqueues: set[asyncio.Task] = set()
         self.security = PayloadSecurity.from_settings(settings)
         self.runtime.on_start(self.start_keys)
@@ -111,6 +112,11 @@ class Scheduler(Service):
     @job_endpoint("schedule", lambda s: Subjects.schedule(s.site), queue="scheduler", span="scheduler place",
                   publishes=(*DISPATCH_PUBLISHES, Topics.DEAD_LETTER, Topics.SPANS))
     async def on_schedule(self, job: JobV1, msg: Msg) -> None:
+        """Place a job; one that arrives past its cutoff is dropped (whoever handed it on answers it at its
+        deadline, having no acknowledgement in time)."""
+        if lifecycle.past_cutoff(job.deadline_ms, now_ms(), self.settings.deadline_margin_ms):
+            self.counts["expired_on_arrival"] += 1
+            return
         passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
         if not self.security.enabled:
             await self.dispatch(job, msg.data, passthrough, {})
@@ -240,8 +246,7 @@ class Scheduler(Service):
         self.counts["forwarded"] += 1
         self.record(job, None, f"forwarded to {hub}: {why.message}")
         await self.runtime.hand_on(Subjects.schedule(hub), wire, {**passthrough, **job.to_headers(), **sealed_headers},
-                                   reply_to=job.reply_to, request_id=job.request_id,
-                                   missing=f"scheduler at site {hub} reachable from site {self.settings.site}")
+                                   job, f"scheduler at site {hub} reachable from site {self.settings.site}")
 
     async def enqueue(self, job: JobV1, body: bytes, headers: dict[str, str]) -> None:
         """Distributed mode: put the job in its site's work queue, or answer it when the queue is unreachable."""

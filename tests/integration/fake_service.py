@@ -25,8 +25,8 @@ from shared.naming import Subjects  # noqa: E402
 
 async def serve(args: argparse.Namespace) -> None:
     env = os.environ
-    instance = env.get("DIN_EXECUTOR_ID") if args.service == "executor" else None
-    name = f"{args.service}-{instance}" if instance else args.service
+    instance = env.get("DIN_EXECUTOR_ID") if args.service == "executor" else env.get("DIN_INSTANCE")
+    name = f"{args.service}-{instance or args.service}"
     if args.dump_env:
         din_env = {k: v for k, v in env.items() if k.startswith("DIN_")}
         Path(args.dump_env, f"{name}.json").write_text(json.dumps(din_env))

@@ -237,7 +237,7 @@ RAW_CLIENT_POLICY = CryptoPolicy(plaintext_ingress=[t["name"] for t in INFERENCE
 @contextlib.contextmanager
 def running_network(
     kafka_bootstrap: str, model_repo: Path, din_dir: Path, mode: str,
-    security_policy: CryptoPolicy = RAW_CLIENT_POLICY, topology_spec: dict = INFERENCE_TOPOLOGY,
+    security_policy: CryptoPolicy = RAW_CLIENT_POLICY, topology_spec: dict = INFERENCE_TOPOLOGY, wan: bool = False,
 ) -> Iterator[Network]:
     """Start a topology (the inference-test one by default) with every service; stop it all afterwards."""
     topology = Topology.model_validate(topology_spec)
@@ -253,6 +253,7 @@ def running_network(
         topic_scope=scope,
         external_kafka=kafka_bootstrap,
         security_policy=security_policy,
+        wan=wan,
     )
     stack.start()
     try:

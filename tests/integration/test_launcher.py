@@ -117,15 +117,16 @@ def test_full_stack_with_fake_services_starts_reports_and_stops(test_topology, t
         assert names[:4] == ["kafka", "nats-hub-cloud", "nats-leaf-factory", "nats-leaf-branch"]
         assert names[4:] == [
             "keymanager", "telemetry", "executor-cloud-1", "executor-factory-1", "executor-branch-1",
-            "scheduler", "classifier", "admission",
+            "scheduler", "scheduler-factory", "scheduler-branch", "classifier", "classifier-factory",
+            "classifier-branch", "admission", "admission-factory", "admission-branch",
         ]
         assert all(p.alive() for p in stack.processes)
 
         # Each service saw exactly the environment service_environments() planned for it.
         planned = stack.environments()
-        for name, env in planned.items():
-            seen = json.loads((envs_dir / f"{name}.json").read_text())
-            assert seen == env, name
+        for inst in stack.instances:
+            seen = json.loads((envs_dir / f"{inst.service}-{inst.instance or inst.service}.json").read_text())
+            assert seen == planned[inst.name], inst.name
         assert planned["executor-factory-1"]["DIN_NATS_URL"] == stack.nats_urls["factory"]
         assert planned["executor-cloud-1"]["DIN_NATS_URL"] == stack.hub_url
         assert planned["admission"]["DIN_NATS_URL"] == stack.hub_url
@@ -167,7 +168,7 @@ def test_crashing_service_fails_start_with_its_log_and_stops_everything(test_top
     assert message.splitlines()[0] == "scheduler exited with code 3 during start-up"
     assert "boom, cannot load model repository" in message
     assert str(stack.run_dir / "logs" / "scheduler.log") in message
-    assert len(stack.processes) == 3 + 5
+    assert len(stack.processes) == 3 + 7  # NATS, key manager, three executors, a scheduler per site
     assert_nothing_left([p.pid for p in stack.processes])
     assert not (tmp_path / "stack.json").exists()
 
@@ -182,7 +183,8 @@ def test_service_that_never_becomes_ready_times_out(test_topology, tmp_path):
         service_command=fake("--not-ready"),
         ready_timeout_s=2,
     )
-    with pytest.raises(StackError, match=r"^classifier not ready within 2s \(answered ready=false\)"):
+    not_ready = r"^classifier(-factory|-branch)? not ready within 2s \(answered ready=false\)"
+    with pytest.raises(StackError, match=not_ready):
         stack.start()
     assert_nothing_left([p.pid for p in stack.processes])
 
@@ -390,8 +392,10 @@ def test_din_up_with_the_real_services_then_ctrl_c_leaves_nothing(tmp_path, topo
         state = read_state(din_dir / "stack.json")
         names = {p["name"] for p in state["processes"]}
         executors = {f"executor-{e.id}" for s in test_topology.sites for e in s.executors}
-        assert names == {"kafka", "toxiproxy", "nats-hub-cloud", "nats-leaf-factory", "nats-leaf-branch", "admission",
-                         "classifier", "scheduler", "telemetry", "keymanager"} | executors
+        control = {f"{service}{suffix}" for service in ("admission", "classifier", "scheduler")
+                   for suffix in ("", "-factory", "-branch")}
+        assert names == {"kafka", "toxiproxy", "nats-hub-cloud", "nats-leaf-factory", "nats-leaf-branch", "telemetry",
+                         "keymanager"} | control | executors
         pids = [p["pid"] for p in state["processes"]]
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0

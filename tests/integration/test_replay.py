@@ -241,7 +241,8 @@ async def running_stack(nats_network, kafka_bootstrap: str, scope: str, topology
     import yaml
 
     topology_file = tmp_path / "topology.yaml"
-    topology_file.write_text(yaml.safe_dump(topology))
+    # One control plane, at the hub: every service runs in this process on the hub's server.
+    topology_file.write_text(yaml.safe_dump({**topology, "control_plane": "hub"}))
     credentials = tmp_path / "credentials.json"
     secrets = write_credentials(credentials, [t["name"] for t in topology["tenants"]])
     with socket.socket() as s:
