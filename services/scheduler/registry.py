@@ -124,6 +124,20 @@ class ExecutorPool:
         for c in CLASSES:
             insort(self._order[c], (keys[c], rank, state.id))
 
+    def add_all(self, states: list[ExecutorState], rng: random.Random) -> None:
+        """Add many executors at once (one sort per class instead of one insertion per executor)."""
+        for state in states:
+            rank = rng.random()
+            self._position[state.id] = len(self._members)
+            self._members.append(state)
+            self._states[state.id] = state
+            keys = state.queue_ms_by_class(self.model)
+            self._keys[state.id] = (rank, keys)
+            for c in CLASSES:
+                self._order[c].append((keys[c], rank, state.id))
+        for order in self._order.values():
+            order.sort()
+
     def remove(self, executor_id: str) -> None:
         index = self._position.pop(executor_id)
         last = self._members.pop()
@@ -321,13 +335,15 @@ class ListSource:
 
     def pools(self, model: str, version: str | None = None) -> list[ExecutorPool]:
         if model not in self._cache:
-            pools: dict[PoolKey, ExecutorPool] = {}
+            members: dict[PoolKey, dict[str, ExecutorState]] = {}
             for state in self._executors:
                 for m in state.heartbeat.models:
                     if m.name == model:
-                        key = (model, m.version, state.site)
-                        if key not in pools:
-                            pools[key] = ExecutorPool(*key)
-                        pools[key].add(state, self._rng.random())
-            self._cache[model] = list(pools.values())
+                        members.setdefault((model, m.version, state.site), {})[state.id] = state
+            pools = []
+            for key, states in members.items():
+                pool = ExecutorPool(*key)
+                pool.add_all(list(states.values()), self._rng)
+                pools.append(pool)
+            self._cache[model] = pools
         return [p for p in self._cache[model] if version is None or p.version == version]
