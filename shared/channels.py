@@ -130,6 +130,12 @@ _NATS = (
         "A site scheduler's periodic view of its load; the site's admission sheds early on it.", ("pressure",),
     ),
     Channel(
+        "summary", subject_pattern(Subjects.summary, "site"),
+        "A site scheduler's periodic summary (per model: executors, free slots, queue, best prediction, cost; its "
+        "links as measured from there), for the other sites' schedulers to decide where to forward what they "
+        "cannot serve in time.", ("siteSummary",),
+    ),
+    Channel(
         "rollCall", subject_pattern(Subjects.roll_call, "site"),
         "A starting scheduler asks the executors of a site it schedules for to send a heartbeat now.",
         ("healthRequest",),

@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--split-protection", help=option_help("split_protection"))
     infer.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                        help=f"(with --prompt, default {DEFAULT_MAX_TOKENS}) " + option_help("max_tokens"))
+    infer.add_argument("--site", help="connect to this site's own NATS server (default: the hub's), as a client "
+                       "at that site would")
     infer.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
     infer.set_defaults(handler=cmd_infer)
 
@@ -148,7 +150,7 @@ async def stream_text(chunks: AsyncIterable[StreamChunkV1], out: TextIO) -> Stre
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    url, token, keys = running_tenant(args.din_dir, args.tenant)
+    url, token, keys = running_tenant(args.din_dir, args.tenant, args.site)
     if args.prompt is not None:
         return asyncio.run(_generate(url, token, keys, args))
     x, y = load_digits_test(DEFAULT_MODEL_REPO)

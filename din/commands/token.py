@@ -27,10 +27,14 @@ def running_credentials(din_dir: Path) -> tuple[dict, dict[str, str]]:
     return state, read_credentials(Path(state["run_dir"]) / "credentials.json")
 
 
-def running_tenant(din_dir: Path, tenant: str) -> tuple[str, str, PrincipalKeys | None]:
-    """Hub URL, a fresh token and the key material of ``tenant`` in the running stack."""
+def running_tenant(din_dir: Path, tenant: str, site: str | None = None) -> tuple[str, str, PrincipalKeys | None]:
+    """The NATS URL of ``site`` (the hub's when None), a fresh token and the key material of ``tenant`` in the
+    running stack."""
     state, secrets = running_credentials(din_dir)
-    url = state["urls"]["nats"][next(iter(state["urls"]["nats"]))]
+    urls = state["urls"]["nats"]
+    if site is not None and site not in urls:
+        raise StackError(f"site {site!r} is not in this network: {', '.join(urls)}")
+    url = urls[site] if site is not None else urls[next(iter(urls))]
     keys_path = key_file(Path(state["run_dir"]) / "keys", tenant_principal(tenant))
     keys = PrincipalKeys.load(keys_path) if keys_path.exists() else None
     token = issue_token(tenant, secrets[tenant]) if tenant in secrets else ""

@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from services.scheduler.federation import LinkHealth, RemoteSites, SiteDecision, choose_site, summarize
 from services.scheduler.inflight import InflightJob, InflightTable
 from services.scheduler.links import LinkTable
 from services.scheduler.placement import Placement, assign
@@ -30,6 +31,7 @@ from services.scheduler.settings import SchedulerSettings, SchedulingMode
 from shared import lifecycle
 from shared.catalog import ModelCatalog
 from shared.contracts.events import HeartbeatV1, ProbeV1
+from shared.contracts.federation import SiteSummaryV1
 from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.envelope import InvalidToken, SealRefused
@@ -81,14 +83,17 @@ class Scheduler(Service):
     every dispatched job to exactly one answer."""
 
     name = "scheduler"
-    publishes = (*DISPATCH_PUBLISHES, "schedule", "probe", "pressure", "rollCall")
+    publishes = (*DISPATCH_PUBLISHES, "schedule", "probe", "pressure", "rollCall", "summary")
 
     def __init__(self, settings: SchedulerSettings) -> None:
         super().__init__(settings)
         self.topology = load_topology(settings.topology)
         self.sites = self.topology.scheduled_sites(settings.site)
+        self.topology_sites = {site.name for site in self.topology.sites}
         self.registry = ExecutorRegistry()
         self.links = LinkTable(self.topology, home=settings.site)
+        self.health = LinkHealth(self.links)
+        self.remote = RemoteSites(settings.site)
         self.inflight = InflightTable()
         self.catalog = ModelCatalog.from_repository(settings.model_repo)
         self.cost_limits = {t.name: t.max_cost_per_1k for t in self.topology.tenants}
@@ -172,7 +177,7 @@ class Scheduler(Service):
 
     def place(self, job: JobV1) -> Placement:
         """The job's (first stage's) placement among the live executors at usable sites."""
-        executors = [s for s in self.registry.live() if self.usable(s.site)]
+        executors = self.registry.view(self.usable)
         multi_stage = is_multi_stage(job)
         placement = place_job(job, self.catalog, executors, self.links, self.topology, now_ms(), self.cost_limits,
                               queue_at_site=self.settings.mode == SchedulingMode.DISTRIBUTED)
@@ -197,15 +202,12 @@ class Scheduler(Service):
         ``body`` is the plaintext and ``aad`` the metadata its seal binds (both unused with security off).
         """
         try:
-            placement = self.place(job)
-            if placement.degraded and self.may_forward(job):
-                raise DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, "only a smaller variant here")
+            placement = await self.place_or_forward(job, body, passthrough, aad)
+            if placement is None:
+                return
             wire, sealed_headers = self.seal_for(placement.executor.site, job, body, aad)
         except DinError as error:
-            if self.may_forward(job):
-                await self.forward(job, body, passthrough, aad, error)
-            else:
-                await self.refuse(job, error)
+            await self.refuse(job, error)
             return
         except SealRefused as error:
             await self.refuse(job, DinError(ErrorCode.INTERNAL, str(error)))
@@ -228,15 +230,37 @@ class Scheduler(Service):
             self.enqueues.add(task)
             task.add_done_callback(self.enqueues.discard)
 
-    def may_forward(self, job: JobV1) -> bool:
-        """Local first: a job this site's executors cannot serve in time goes to the hub's scheduler, which places
-        across every site (once: a forwarded job is never forwarded again)."""
-        return self.settings.site != self.topology.hub.name and job.forwarded_from is None
-
-    async def forward(self, job: JobV1, body: bytes, passthrough: dict[str, str], aad: dict[str, str],
-                      why: DinError) -> None:
-        """Send ``job`` to the hub's scheduler, sealed to its tenant again; the hub answers it from now on."""
+    async def place_or_forward(self, job: JobV1, body: bytes, passthrough: dict[str, str],
+                               aad: dict[str, str]) -> Placement | None:
+        """Local first (``federation.choose_site``): the local placement, or None once the job went to another
+        site's scheduler; raises the refusal. The hub's scheduler, which places across every site, never
+        forwards. What no summary shows a site for (a multi-stage plan across sites, a site not heard from yet)
+        goes to the hub's, which refuses it if nothing can serve it."""
+        try:
+            local, local_error = self.place(job), None
+        except DinError as error:
+            local, local_error = None, error
+        if self.settings.site == self.topology.hub.name or not self.topology.federated:
+            if local is None:
+                raise local_error
+            return local
+        choice = choose_site(job, local, self.remote, self.health, self.topology, now_ms(), local_error=local_error)
+        if choice.decision == SiteDecision.LOCAL:
+            return local
         hub = self.topology.hub.name
+        if choice.decision == SiteDecision.FORWARD:
+            await self.forward(job, choice.site, body, passthrough, aad, choice.reason)
+            return None
+        error = choice.error()
+        if job.forwarded_from is None and error.code != ErrorCode.UNAVAILABLE:
+            await self.forward(job, hub, body, passthrough, aad, f"forwarded to {hub}: {error.message}")
+            return None
+        raise error
+
+    async def forward(self, job: JobV1, site: str, body: bytes, passthrough: dict[str, str], aad: dict[str, str],
+                      reason: str) -> None:
+        """Send ``job`` to ``site``'s scheduler, sealed to its tenant again; that scheduler answers it from now on
+        (placing it at its own executors only)."""
         job.forwarded_from = self.settings.site
         job.stamps_ms["forwarded"] = now_ms()
         wire, sealed_headers = body, {}
@@ -244,9 +268,9 @@ class Scheduler(Service):
             sealed = self.security.seal(body, reader=tenant_principal(job.tenant), aad=aad, confidential=True)
             wire, sealed_headers = sealed.body, sealed.to_headers()
         self.counts["forwarded"] += 1
-        self.record(job, None, f"forwarded to {hub}: {why.message}")
-        await self.runtime.hand_on(Subjects.schedule(hub), wire, {**passthrough, **job.to_headers(), **sealed_headers},
-                                   job, f"scheduler at site {hub} reachable from site {self.settings.site}")
+        self.record(job, None, reason)
+        await self.runtime.hand_on(Subjects.schedule(site), wire, {**passthrough, **job.to_headers(), **sealed_headers},
+                                   job, f"scheduler at site {site} reachable from site {self.settings.site}")
 
     async def enqueue(self, job: JobV1, body: bytes, headers: dict[str, str]) -> None:
         """Distributed mode: put the job in its site's work queue, or answer it when the queue is unreachable."""
@@ -307,6 +331,7 @@ class Scheduler(Service):
                 self.log.warning("executor %s at %s missed its heartbeats: dropped", dead.id, dead.site)
                 await self.redispatch_all(self.inflight.on_executor(dead.id))
             await self.answer_overdue()
+            self.remote.expire(now_ms())
 
     async def prober(self) -> None:
         """Measure each remote site's link round trip with an echoed probe."""
@@ -321,6 +346,7 @@ class Scheduler(Service):
     async def probe_link(self, site: str, seq: int) -> None:
         """One probe of ``site``'s link; its round trip is observed when it is echoed."""
         self.links.sent(site)
+        self.health.probed(site, now_ms())
         probe = ProbeV1(from_site=self.settings.site, to_site=site, sent_ms=now_ms(), seq=seq)
         started = time.perf_counter()
         try:
@@ -329,6 +355,7 @@ class Scheduler(Service):
             pass
         else:
             self.links.observe_rtt(site, (time.perf_counter() - started) * 1000.0)
+            self.health.answered(site, now_ms())
         if asyncio.current_task().cancelling():
             # Python 3.11's wait_for (inside nats-py's request) loses a cancellation that arrives with the
             # reply (often "no responders"); without this the prober outlives shutdown.
@@ -339,6 +366,20 @@ class Scheduler(Service):
             await asyncio.sleep(self.settings.pressure_interval_s)
             report = pressure_report(self.registry.live(), self.links, len(self.inflight), now_ms())
             await self.nc.publish(Subjects.pressure(self.settings.site), report.model_dump_json().encode())
+
+    async def summaries(self) -> None:
+        """Tell the other sites' schedulers what this site can take, periodically (a control plane per site)."""
+        while True:
+            await asyncio.sleep(self.settings.summary_interval_s)
+            summary = summarize(self.registry, self.health, self.settings.site, instance=self.runtime.instance,
+                                topology=self.topology, now_ms=now_ms(), interval_s=self.settings.summary_interval_s)
+            await self.nc.publish(Subjects.summary(self.settings.site), summary.model_dump_json().encode())
+
+    @control("summary", Subjects.SUMMARY_ALL)
+    async def on_summary(self, summary: SiteSummaryV1) -> None:
+        """Keep the latest word from every other site's scheduler."""
+        if summary.site != self.settings.site and summary.site in self.topology_sites:
+            self.remote.observe(summary, now_ms())
 
     async def start_keys(self) -> None:
         held = held_readers(self.topology, self.settings.site)
@@ -357,7 +398,10 @@ class Scheduler(Service):
         for site in self.sites:
             await self.nc.publish(Subjects.roll_call(site), b"")
         await asyncio.sleep(ROLL_CALL_WAIT_S)
-        for loop in (self.watchdog, self.prober, self.pressure):
+        loops = [self.watchdog, self.prober, self.pressure]
+        if self.topology.federated:
+            loops.append(self.summaries)
+        for loop in loops:
             self.runtime.spawn(loop(), name=loop.__name__)
 
     async def ensure_work_streams(self) -> None:

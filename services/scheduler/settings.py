@@ -48,3 +48,6 @@ class SchedulerSettings(SecuredServiceSettings):
     )
     probe_interval_s: float = Field(default=1.0, description="How often each site's link is probed.")
     pressure_interval_s: float = Field(default=0.1, description="How often load is reported to admission.")
+    summary_interval_s: float = Field(
+        default=0.5, gt=0, description="How often a site's scheduler publishes its summary to the other sites."
+    )
