@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 from pathlib import Path
 
-from din.client import DinClient
+from din.client import DinClient, DinRequestError
 from din.commands.report import REPORT_TOPICS
 from din.replay.reader import RecordRange
 from din.replay.recorded import load_window
 from din.replay.report import render_report
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, SCHEDULER_MODES, PortPlan, Stack
+from din.stack.wan import ToxiproxyClient
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared.credentials import issue_token, read_credentials
 from shared.security import PrincipalKeys
@@ -34,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
     demo.add_argument("--port-offset", type=int, default=0, help="add N to every port")
     demo.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
+    demo.add_argument("--no-wan", action="store_true", help="plain loopback links instead of Toxiproxy WAN links")
     demo.set_defaults(handler=cmd_demo)
 
 
@@ -45,6 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ports=PortPlan().offset(args.port_offset),
         din_dir=args.din_dir,
         mode=args.mode,
+        wan=not args.no_wan,
     )
     print(f"Starting DIN '{topology.name}' ({args.mode} scheduling): {len(topology.sites)} sites, "
           f"{sum(len(s.executors) for s in topology.sites)} executors ...", flush=True)
@@ -58,6 +62,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(report.table())
         print("\nMulti-stage requests:\n")
         print(asyncio.run(_multi_stage(stack.hub_url, credentials, keys)))
+        if stack.toxiproxy is not None and "factory" in stack.nats_urls:
+            print("\nSites (clients at the factory's own NATS server, links through Toxiproxy):\n")
+            print(asyncio.run(_sites(stack, credentials, keys["acme"])))
         html = stack.run_dir / "report.html"
         asyncio.run(_write_report(stack.kafka_bootstrap, started_ms - 1000.0, html))
         print(f"\nEvery decision, completion and (sealed) request is in Kafka at {stack.kafka_bootstrap}; "
@@ -95,6 +102,35 @@ async def _multi_stage(hub_url: str, credentials: dict[str, str], keys: dict[str
     async with await DinClient.connect(hub_url, "initech", issue_token("initech", credentials["initech"]),
                                        keys["initech"]) as client:
         lines.append(await _stream_line(client, "initech", "import "))
+    return "\n".join(lines)
+
+
+async def _sites(stack: Stack, credentials: dict[str, str], keys: PrincipalKeys, count: int = 50) -> str:
+    """Edge-local requests from the factory, then the same with the factory's link to the hub cut."""
+    x, _ = load_digits_test(DEFAULT_MODEL_REPO)
+    links = ToxiproxyClient(stack.toxiproxy.api_url)
+    lines = []
+    async with await DinClient.connect(stack.nats_urls["factory"], "acme", issue_token("acme", credentials["acme"]),
+                                       keys) as client:
+        for state in ("link up", "link to the hub cut"):
+            if state != "link up":
+                links.set_enabled("factory", False)
+            times, sites, errors = [], {}, {}
+            try:
+                for i in range(count):
+                    started = time.perf_counter()
+                    try:
+                        result = await client.infer("digits-small", {"input": x[i : i + 1]}, labels=["pii"])
+                    except DinRequestError as error:
+                        errors[error.error.code.value] = errors.get(error.error.code.value, 0) + 1
+                        continue
+                    times.append((time.perf_counter() - started) * 1000.0)
+                    sites[result.served_by.site] = sites.get(result.served_by.site, 0) + 1
+            finally:
+                links.set_enabled("factory", True)
+            median = f"p50 {statistics.median(times):.1f} ms" if times else "none answered"
+            lines.append(f"  acme pii digits-small from the factory, {state}: {len(times)}/{count} ok, served at "
+                         f"{sites}, {median}{f', errors {errors}' if errors else ''}")
     return "\n".join(lines)
 
 

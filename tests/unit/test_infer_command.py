@@ -177,7 +177,8 @@ def run_generation(monkeypatch, client: FakeClient, *argv: str) -> int:
     async def connect(url, tenant, token, keys):
         return client
 
-    monkeypatch.setattr("din.commands.infer.running_tenant", lambda din_dir, tenant, site=None: ("nats://x", "tok", None))
+    monkeypatch.setattr("din.commands.infer.running_tenant",
+                        lambda din_dir, tenant, site=None: ("nats://x", "tok", None))
     monkeypatch.setattr("din.commands.infer.DinClient.connect", connect)
     return cmd_infer(parse("--tenant", "acme", *argv))
 
