@@ -9,6 +9,9 @@ Every benchmark is a module here run by a ``din bench...`` command (``din/comman
   under each protection) and ``cascade_policy`` (threshold calibration and cross-fitted evaluation);
 * ``recording`` (``din bench-recording``): what recording to Kafka costs, and how fast replay reads;
 * ``security`` (``din bench-security``): payload security on against off;
+* ``placement`` (``din bench-placement``): placement and heartbeat cost at 100 to 100,000 executors, in process;
+* ``sites`` (``din bench-sites``): a control plane per site against one at the hub over WAN links, a partition
+  and control-plane kills;
 * ``sample_recording`` (``din bench-sample-recording``): a recorded window of mixed traffic, rendered by
   ``din report`` (the README's screenshot).
 
