@@ -57,6 +57,12 @@ class SiteSpec(_Strict):
         description="With control_plane 'per-site': whether this site runs its own admission, classifier and "
         "scheduler (a site without one is served by the hub's).",
     )
+    replicas: int = Field(
+        default=1, ge=1, le=8,
+        description="Instances of each control-plane service at this site (queue groups share the work; a "
+        "tenant's quota is split evenly among the site's admissions; one instance dying leaves the others "
+        "serving).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -238,6 +244,10 @@ class Topology(_Strict):
         if control_site == self.hub.name:
             return [s.name for s in self.sites]
         return [control_site]
+
+    def replicas_at(self, site: str) -> int:
+        """Instances of each control-plane service at ``site`` (0 when it runs none)."""
+        return self.site(site).replicas if site in self.control_sites() else 0
 
     def tenant(self, name: str) -> TenantSpec:
         return next(t for t in self.tenants if t.name == name)

@@ -213,6 +213,17 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def replica_instance(site: str, n: int) -> str:
+    """The instance id of replica ``n`` (from 1) of a control-plane service at ``site``: the site, then site-2..."""
+    return site if n == 1 else f"{site}-{n}"
+
+
+def control_process_name(service: str, site: str, hub: str, n: int) -> str:
+    """``scheduler`` (the hub's first), ``scheduler-factory``, ``scheduler-factory-2``..."""
+    base = service if site == hub else f"{service}-{site}"
+    return base if n == 1 else f"{base}-{n}"
+
+
 def service_instances(topology: Topology, services: Iterable[str] | None = None) -> list[ServiceInstance]:
     """Service processes of ``topology`` in start order, limited to the kinds in ``services`` (None: all)."""
     wanted = set(SERVICE_KINDS if services is None else services)
@@ -227,8 +238,8 @@ def service_instances(topology: Topology, services: Iterable[str] | None = None)
                 out.append(ServiceInstance(f"executor-{executor.id}", EXECUTOR, site.name, executor.id))
     for name in CONTROL_SERVICES:
         if name in wanted:
-            out += [ServiceInstance(name if site == hub else f"{name}-{site}", name, site, site)
-                    for site in topology.control_sites()]
+            out += [ServiceInstance(control_process_name(name, site, hub, n), name, site, replica_instance(site, n))
+                    for site in topology.control_sites() for n in range(1, topology.replicas_at(site) + 1)]
     return out
 
 

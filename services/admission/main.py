@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from services.admission.gate import AdmissionGate
 from services.admission.ingress import RequestOpener, Unsealed
 from services.admission.intake import Intake, admitted_job, peek_request_id
-from services.admission.quota import QuotaLedger
+from services.admission.quota import QuotaLedger, quota_shares
 from services.admission.settings import AdmissionSettings
 from shared.catalog import ModelCatalog
 from shared.contracts.events import AdmissionDecisionV1, PressureV1
@@ -71,7 +71,7 @@ class Admission(Service):
         self.topology = load_topology(settings.topology)
         self.gate = AdmissionGate(
             TenantVerifier(read_credentials(settings.credentials_file)),
-            QuotaLedger({t.name: (t.rate_per_s, t.burst) for t in self.topology.tenants}),
+            QuotaLedger(quota_shares(self.topology, settings.site)),
             ModelCatalog.from_repository(settings.model_repo),
             max_payload=settings.max_payload_bytes,
             shed_factor=settings.shed_factor,

@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shared.topology import Topology
+
 
 @dataclass
 class TokenBucket:
@@ -24,6 +26,13 @@ class TokenBucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
+
+
+def quota_shares(topology: Topology, site: str) -> dict[str, tuple[float, int]]:
+    """Each tenant's (rate, burst) at one admission instance of ``site``: the tenant's quota split evenly among
+    the site's instances (the queue group spreads requests evenly), so the site as a whole grants the quota."""
+    instances = max(1, topology.replicas_at(site))
+    return {t.name: (t.rate_per_s / instances, max(1, round(t.burst / instances))) for t in topology.tenants}
 
 
 class QuotaLedger:

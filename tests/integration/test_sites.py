@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 
 import pytest
 
@@ -33,9 +34,12 @@ SITES_TOPOLOGY = three_site_topology(
     [
         {"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
         {"name": "globex", "rate_per_s": 5000, "burst": 5000},
+        {"name": "tiny", "rate_per_s": 2, "burst": 10},
     ],
 )
-PLAIN_CLIENTS = CryptoPolicy(plaintext_ingress=["acme", "globex"])
+SITES_TOPOLOGY["sites"][2]["replicas"] = 2
+"""Branch runs two instances of each control-plane service."""
+PLAIN_CLIENTS = CryptoPolicy(plaintext_ingress=["acme", "globex", "tiny"])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def links(network) -> ToxiproxyClient:
 
 def at(network, site: str) -> Load:
     """A counting load from ``site``'s own NATS server."""
-    return Load(network.stack.nats_urls[site], {t: network.token(t) for t in ("acme", "globex")})
+    return Load(network.stack.nats_urls[site], {t: network.token(t) for t in ("acme", "globex", "tiny")})
 
 
 async def scheduled(network, site: str) -> int:
@@ -150,3 +154,37 @@ async def test_killing_a_site_control_process_loses_no_request(network, service)
     assert outcome["unanswered"] <= lost_in_buffer and outcome["duplicated"] == 0, outcome
     assert set(outcome) <= {"ok", "unavailable", "deadline_exceeded", "unanswered", "duplicated"}, outcome
     assert after == {"ok": 5, "unanswered": 0, "duplicated": 0}
+
+
+async def test_two_admissions_at_a_site_grant_the_tenants_quota_once(network):
+    """Branch runs two admissions; a tenant's burst of 10 at 2/s is the site's, not each instance's."""
+    load = at(network, "branch")
+    async with load:
+        started = time.monotonic()
+        await load.send("tiny", "digits-small", 60, every_s=0.005)
+        elapsed = time.monotonic() - started
+        outcome = await load.settle()
+    assert outcome["unanswered"] == 0 and outcome["duplicated"] == 0, outcome
+    assert outcome.get("rate_limited", 0) + outcome.get("ok", 0) == 60, outcome
+    granted_at_most = 10 + 2 * elapsed + 2
+    assert outcome.get("ok", 0) <= granted_at_most, outcome
+    details = [await network.health("admission", instance) for instance in ("branch", "branch-2")]
+    assert all(int(d.detail["admitted"]) > 0 for d in details), "the queue group did not use both admissions"
+
+
+async def test_a_replica_dying_leaves_its_peer_serving(network):
+    """kill -9 one of branch's two schedulers under load: its peer in the queue group takes the work."""
+    load = at(network, "branch")
+    async with load:
+        sender = asyncio.create_task(load.send("globex", "digits-small", 80, every_s=0.025))
+        await asyncio.sleep(0.5)
+        victim = network.process("scheduler-branch")
+        old_pid = victim.pid
+        victim.popen.send_signal(signal.SIGKILL)
+        await sender
+        outcome = await load.settle()
+        await wait_for(lambda: victim.pid != old_pid and victim.alive(), 30, "scheduler-branch restarted")
+        await network.wait_ready("scheduler", "branch", timeout_s=30.0)
+    assert outcome["unanswered"] == 0 and outcome["duplicated"] == 0, outcome
+    assert outcome.get("unavailable", 0) == 0, "the surviving scheduler should have taken every job"
+    assert set(outcome) <= {"ok", "deadline_exceeded", "unanswered", "duplicated"}, outcome

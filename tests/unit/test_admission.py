@@ -4,13 +4,14 @@ import pytest
 
 from services.admission.gate import AdmissionGate
 from services.admission.intake import DEFAULT_TIMEOUT_MS, peek_request_id, read_intake
-from services.admission.quota import QuotaLedger
+from services.admission.quota import QuotaLedger, quota_shares
 from shared.catalog import ModelCatalog, ModelEntry
 from shared.contracts.events import PressureV1
 from shared.contracts.inference import RequestHeaders, SlaClass
 from shared.credentials import TenantVerifier, issue_token
 from shared.errors import DinError, ErrorCode
-from tests.support import ManualClock
+from shared.topology import Topology
+from tests.support import ManualClock, three_site_topology
 
 NOW = 1_700_000_000.0
 SECRET = "ab" * 32
@@ -289,3 +290,11 @@ def test_gate_admits_only_split_points_the_catalog_lists():
                     lambda: g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "auto"}), GOOD_BODY))
     assert "no split points" in error.message
     assert g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "none"}), GOOD_BODY).options.split == "none"
+
+
+def test_a_sites_admissions_share_each_tenants_quota():
+    spec = three_site_topology("quota", {}, [{"name": "t", "rate_per_s": 10, "burst": 5}])
+    spec["sites"][1]["replicas"] = 2
+    topology = Topology.model_validate(spec)
+    assert quota_shares(topology, "factory") == {"t": (5.0, 2)}
+    assert quota_shares(topology, "cloud") == {"t": (10.0, 5)}

@@ -17,7 +17,7 @@ from din.stack.launcher import (
     service_instances,
 )
 from shared.settings import ServiceSettings
-from shared.topology import load_topology
+from shared.topology import Topology, load_topology
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,12 @@ def test_each_service_settings_accept_the_launcher_environment(topology, monkeyp
             assert str(settings.mode) == mode
         if kind == "executor":
             assert settings.pull is (mode == "distributed")
+
+
+def test_replicas_run_several_instances_of_each_control_service(topology):
+    spec = topology.model_dump(mode="json")
+    spec["sites"][1]["replicas"] = 2
+    replicated = Topology.model_validate(spec)
+    schedulers = [(i.name, i.instance) for i in service_instances(replicated, ["scheduler"])]
+    assert schedulers == [("scheduler", "cloud"), ("scheduler-factory", "factory"),
+                          ("scheduler-factory-2", "factory-2"), ("scheduler-branch", "branch")]
