@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from services.admission.gate import AdmissionGate
 from services.admission.ingress import RequestOpener, Unsealed
 from services.admission.intake import Intake, admitted_job, peek_request_id
+from services.admission.nonces import SharedNonces
 from services.admission.quota import QuotaLedger, quota_shares
 from services.admission.settings import AdmissionSettings
 from shared.catalog import ModelCatalog
@@ -31,7 +32,7 @@ from shared.contracts.events import AdmissionDecisionV1, PressureV1
 from shared.contracts.inference import RequestHeaders, SlaClass
 from shared.contracts.job import JobV1
 from shared.credentials import TenantVerifier, read_credentials
-from shared.envelope import InvalidToken, Reason
+from shared.envelope import H_NONCE, InvalidToken, Reason
 from shared.errors import DinError, ErrorCode
 from shared.naming import InvalidNameError, Subjects, Topics
 from shared.recording import record_request
@@ -80,6 +81,8 @@ class Admission(Service):
         self.audit = audit_reader(self.topology, settings.site)
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)
         self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0, "handed_over": 0}
+        replicated = self.topology.replicas_at(settings.site) > 1 and self.security.enabled
+        self.nonces = SharedNonces(settings.site, settings.replay_window_s) if replicated else None
         self.runtime.on_start(self._start_keys)
         self.runtime.on_drain(self.security.stop)
 
@@ -87,6 +90,8 @@ class Admission(Service):
         return {**self.counts, **self.security.detail()}
 
     async def _start_keys(self) -> None:
+        if self.nonces is not None:
+            await self.nonces.start(self.nc)
         held = held_readers(self.topology, self.settings.site)
         await self.security.start(
             self.nc, readers=lambda agent: [self.audit, *(tenant_principal(t.name) for t in self.topology.tenants
@@ -135,6 +140,7 @@ class Admission(Service):
             if not self.gate.knows(tenant):
                 raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
             unsealed = self.opener.unseal(tenant, model, msg.reply, msg.headers, msg.data)
+            await self._claim(unsealed)
             return Admitted(tenant, model, unsealed, self.gate.admit(tenant, model, msg.headers, unsealed.plaintext))
         except InvalidToken as refused:
             await self._refuse_envelope(msg, refused)
@@ -176,6 +182,12 @@ class Admission(Service):
         self._decision(peek_request_id(msg.headers, b"") or "", tenant, model, None, False, "handed_over",
                        f"opened at site {target}, not here", len(msg.data))
         return True
+
+    async def _claim(self, unsealed: Unsealed) -> None:
+        """With several admissions at this site, a nonce is accepted once by all of them."""
+        nonce = unsealed.envelope.get(H_NONCE)
+        if self.nonces is not None and nonce is not None and not await self.nonces.claim(nonce):
+            raise InvalidToken(Reason.REPLAY)
 
     def _job(self, admitted: Admitted, reply_to: str, traceparent: str | None, received_ms: float) -> JobV1:
         """The job of an admitted request: every option it asked for, and where its answer goes."""

@@ -12,12 +12,17 @@ import asyncio
 import signal
 import threading
 import time
+import uuid
 
+import nats
+import numpy as np
 import pytest
 
 from bench.tally import Load, Tally
+from din.client import DinClient
 from din.stack.supervision import RestartPolicy, Supervisor
 from din.stack.wan import ToxiproxyClient
+from shared.naming import Subjects
 from shared.security import CryptoPolicy
 from tests.integration.network import running_network
 from tests.support import three_site_topology, wait_for
@@ -188,3 +193,36 @@ async def test_a_replica_dying_leaves_its_peer_serving(network):
     assert outcome["unanswered"] == 0 and outcome["duplicated"] == 0, outcome
     assert outcome.get("unavailable", 0) == 0, "the surviving scheduler should have taken every job"
     assert set(outcome) <= {"ok", "deadline_exceeded", "unanswered", "duplicated"}, outcome
+
+
+async def test_a_replay_to_another_admission_of_the_site_is_refused(network):
+    """A captured sealed request published again and again at branch (two admissions) is answered once: the
+    site's admissions claim each nonce in the site's JetStream bucket, not only in their own memory."""
+    client = await DinClient.connect(network.stack.nats_urls["branch"], "globex", network.token("globex"),
+                                     network.keys("globex"))
+    nc = await nats.connect(network.stack.nats_urls["branch"])
+    inbox = f"_INBOX.replay.{uuid.uuid4().hex}"
+    answers: dict[str, int] = {}
+
+    async def answered(msg) -> None:
+        answers[msg.subject] = answers.get(msg.subject, 0) + 1
+
+    try:
+        await nc.subscribe(f"{inbox}.*", cb=answered)
+        subject = Subjects.infer("globex", "digits-small")
+        body, headers = client.seal("digits-small", *client.build({"input": np.zeros((1, 64), np.float32)},
+                                                                  timeout_ms=3000), f"{inbox}.captured")
+        for _ in range(20):
+            await nc.publish(subject, body, reply=f"{inbox}.captured", headers=headers)
+            await asyncio.sleep(0.01)
+        barrier = client.seal("digits-small", *client.build({"input": np.zeros((1, 64), np.float32)},
+                                                            timeout_ms=3000), f"{inbox}.barrier")
+        await nc.publish(subject, barrier[0], reply=f"{inbox}.barrier", headers=barrier[1])
+        await wait_for(lambda: f"{inbox}.barrier" in answers, 10, "the answer to a fresh request after the replays")
+    finally:
+        await nc.close()
+        await client.close()
+    assert answers[f"{inbox}.captured"] == 1, answers
+    refused = [int((await network.health("admission", i)).detail.get("auth_refused_replay", 0))
+               for i in ("branch", "branch-2")]
+    assert sum(refused) >= 19 and min(refused) > 0, f"both admissions should have seen replays: {refused}"
