@@ -30,7 +30,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.tally import Load
+from bench.tally import Load, Tally
 from din.stack.launcher import PortPlan, Stack
 from din.stack.supervision import RestartPolicy, Supervisor
 from din.stack.wan import ToxiproxyClient
@@ -168,7 +168,7 @@ async def _edge_latency(stack: Stack, arrangement: str, requests: int) -> Latenc
         for _ in range(20):
             await load.request("globex", "digits-small")
             await load.settle(5.0)
-        load.tally.__init__()
+        load.tally = Tally()
         for _ in range(requests):
             await load.request("globex", "digits-small")
             await load.settle(5.0)

@@ -36,6 +36,16 @@ def _join(*parts: str) -> str:
     return ".".join((PREFIX, *parts))
 
 
+def _tenant_and_model(subject: str, kind: str, what: str, *, site: bool = False) -> tuple[str, str]:
+    """``(tenant, model)``, the last two tokens of ``din.v1.<kind>[.<site>].<tenant>.<model>``, or raise."""
+    parts = subject.split(".")
+    if len(parts) != 5 + site or ".".join(parts[:3]) != _join(kind):
+        raise InvalidNameError(f"not {what}: {subject!r}")
+    if site:
+        token(parts[3], what="site")
+    return token(parts[-2], what="tenant"), token(parts[-1], what="model")
+
+
 class Subjects:
     """NATS subjects. Each method validates its tokens."""
 
@@ -49,10 +59,7 @@ class Subjects:
     @staticmethod
     def parse_infer(subject: str) -> tuple[str, str]:
         """Return ``(tenant, model)`` from a request subject, or raise."""
-        parts = subject.split(".")
-        if len(parts) != 5 or ".".join(parts[:3]) != _join("infer"):
-            raise InvalidNameError(f"not an inference subject: {subject!r}")
-        return token(parts[3], what="tenant"), token(parts[4], what="model")
+        return _tenant_and_model(subject, "infer", "an inference subject")
 
     ALERTS = _join("alerts")
 
@@ -69,10 +76,7 @@ class Subjects:
     @staticmethod
     def parse_admit(subject: str) -> tuple[str, str]:
         """Return ``(tenant, model)`` from a hand-over subject, or raise."""
-        parts = subject.split(".")
-        if len(parts) != 6 or ".".join(parts[:3]) != _join("admit"):
-            raise InvalidNameError(f"not a hand-over subject: {subject!r}")
-        return token(parts[4], what="tenant"), token(parts[5], what="model")
+        return _tenant_and_model(subject, "admit", "a hand-over subject", site=True)
 
     @staticmethod
     def classify(site: str) -> str:

@@ -115,12 +115,17 @@ class ExecutorPool:
     def __len__(self) -> int:
         return len(self._members)
 
-    def add(self, state: ExecutorState, rank: float) -> None:
+    def _enter(self, state: ExecutorState, rank: float) -> dict[SlaClass, float]:
+        """Make ``state`` a member; its queue keys per class, for the caller to place in the orders."""
         self._position[state.id] = len(self._members)
         self._members.append(state)
         self._states[state.id] = state
         keys = state.queue_ms_by_class(self.model)
         self._keys[state.id] = (rank, keys)
+        return keys
+
+    def add(self, state: ExecutorState, rank: float) -> None:
+        keys = self._enter(state, rank)
         for c in CLASSES:
             insort(self._order[c], (keys[c], rank, state.id))
 
@@ -128,11 +133,7 @@ class ExecutorPool:
         """Add many executors at once (one sort per class instead of one insertion per executor)."""
         for state in states:
             rank = rng.random()
-            self._position[state.id] = len(self._members)
-            self._members.append(state)
-            self._states[state.id] = state
-            keys = state.queue_ms_by_class(self.model)
-            self._keys[state.id] = (rank, keys)
+            keys = self._enter(state, rank)
             for c in CLASSES:
                 self._order[c].append((keys[c], rank, state.id))
         for order in self._order.values():

@@ -31,7 +31,7 @@ def site_of(principal: str) -> str | None:
 
 def serving_sites(topology: Topology, tenant: str) -> list[str]:
     """Sites that may run ``tenant``'s requests: its sensitive sites if all its data is sensitive, else every site."""
-    spec = next(t for t in topology.tenants if t.name == tenant)
+    spec = topology.tenant(tenant)
     if spec.always_sensitive and spec.sensitive_sites:
         return list(spec.sensitive_sites)
     return [s.name for s in topology.sites]

@@ -72,6 +72,20 @@ def at(network, site: str) -> Load:
     return Load(network.stack.nats_urls[site], {t: network.token(t) for t in ("acme", "globex", "tiny")})
 
 
+async def kill_under_load(network, load: Load, process: str, instance: str) -> dict[str, int]:
+    """kill -9 ``process`` while ``load`` sends 80 requests at 40/s; the outcome, once the process is back."""
+    sender = asyncio.create_task(load.send("globex", "digits-small", 80, every_s=0.025))
+    await asyncio.sleep(0.5)
+    victim = network.process(process)
+    old_pid = victim.pid
+    victim.popen.send_signal(signal.SIGKILL)
+    await sender
+    outcome = await load.settle()
+    await wait_for(lambda: victim.pid != old_pid and victim.alive(), 30, f"{process} restarted")
+    await network.wait_ready(process.split("-")[0], instance, timeout_s=30.0)
+    return outcome
+
+
 async def scheduled(network, site: str) -> int:
     return int((await network.health("scheduler", site)).detail["scheduled"])
 
@@ -143,15 +157,7 @@ async def test_killing_a_site_control_process_loses_no_request(network, service)
     rate, and the test says how many."""
     load = at(network, "factory")
     async with load:
-        sender = asyncio.create_task(load.send("globex", "digits-small", 80, every_s=0.025))
-        await asyncio.sleep(0.5)
-        victim = network.process(service)
-        old_pid = victim.pid
-        victim.popen.send_signal(signal.SIGKILL)
-        await sender
-        outcome = await load.settle()
-        await wait_for(lambda: victim.pid != old_pid and victim.alive(), 30, f"{service} restarted")
-        await network.wait_ready(service.split("-")[0], "factory", timeout_s=30.0)
+        outcome = await kill_under_load(network, load, service, "factory")
         load.tally = Tally()
         await load.send("globex", "digits-small", 5)
         after = await load.settle()
@@ -181,15 +187,7 @@ async def test_a_replica_dying_leaves_its_peer_serving(network):
     """kill -9 one of branch's two schedulers under load: its peer in the queue group takes the work."""
     load = at(network, "branch")
     async with load:
-        sender = asyncio.create_task(load.send("globex", "digits-small", 80, every_s=0.025))
-        await asyncio.sleep(0.5)
-        victim = network.process("scheduler-branch")
-        old_pid = victim.pid
-        victim.popen.send_signal(signal.SIGKILL)
-        await sender
-        outcome = await load.settle()
-        await wait_for(lambda: victim.pid != old_pid and victim.alive(), 30, "scheduler-branch restarted")
-        await network.wait_ready("scheduler", "branch", timeout_s=30.0)
+        outcome = await kill_under_load(network, load, "scheduler-branch", "branch")
     assert outcome["unanswered"] == 0 and outcome["duplicated"] == 0, outcome
     assert outcome.get("unavailable", 0) == 0, "the surviving scheduler should have taken every job"
     assert set(outcome) <= {"ok", "deadline_exceeded", "unanswered", "duplicated"}, outcome
