@@ -165,7 +165,8 @@ class ServiceRuntime:
     def job_handler(self, handler: Callable[[JobV1, Msg], Awaitable[None]], span: str | None) -> Handler:
         """``handler`` behind job decoding (dead-letter when the header is missing or invalid) and a trace hop;
         the sender is told the job was taken once the handler has run (``hand_on``): its publications go out
-        in the same write as the acknowledgement."""
+        in the same write as the acknowledgement. A handler that fails answers the job's client ``internal``
+        (the sender, acknowledged, no longer owns the answer)."""
 
         async def on_message(msg: Msg) -> None:
             try:
@@ -181,6 +182,10 @@ class ServiceRuntime:
                 with self.tracing.hop(span, job.traceparent, **{"din.request_id": job.request_id}) as (
                         _, job.traceparent):
                     await handler(job, msg)
+            except Exception:
+                self.handler_errors += 1
+                self.log.exception("unhandled error on %s for request %s", msg.subject, job.request_id)
+                await self.answer_error(job.reply_to, DinError(ErrorCode.INTERNAL, "internal error"), job.request_id)
             finally:
                 await self.acknowledge(msg, self.nc)
 
