@@ -294,8 +294,14 @@ async def test_a_dead_tail_executor_is_replaced_within_the_deadline(network, dig
             assert int(result.outputs["label"][0]) == int(whole_model(x[i : i + 1])[0])
             assert "cloud-tail-1" not in result.served_by.stages[1] and result.served_by.executor != "cloud-tail-1"
         if network.stack.mode == "centralized":
+            ids = {result.response.id for result in results}
+            placed = await _records(network, Topics.SCHEDULING_DECISIONS,
+                                    lambda d: d["request_id"] in ids and len(d.get("plan") or []) == 2,
+                                    want=len(ids), what="the placements of the ten split requests")
+            on_frozen = any(d["plan"][1].get("executor") == "cloud-tail-1" for d in placed)
             health = await network.health("scheduler")
-            assert int(health.detail["redispatched"]) >= 1
+            # Load spreading decides whether any tail landed on the frozen executor; those that did were re-planned.
+            assert int(health.detail["redispatched"]) >= 1 or not on_frozen
     finally:
         network.kill("executor-cloud-tail-1", signal.SIGKILL)
 
