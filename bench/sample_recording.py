@@ -100,7 +100,8 @@ def record_sample(out: Path, screenshot: Path | None = None) -> int:
             ended = time.time() * 1000.0
             window = asyncio.run(load_window(
                 stack.kafka_bootstrap, RecordRange(since_ms=began, until_ms=ended), scope=scope, requests=False,
-                bases=(Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS, Topics.ALERTS)))
+                bases=(Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS, Topics.ALERTS),
+                client_kwargs=stack.kafka_access.client_kwargs("report")))
     out.write_text(render_report(window, title="DIN recorded window: steady, burst, steady",
                                       source="a local stack (din bench-sample-recording)", scope=scope))
     print(f"wrote {out}: {len(window.completions)} completions, {len(window.alerts)} alerts", flush=True)

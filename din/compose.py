@@ -126,7 +126,7 @@ def nats_config(topology: Topology, site: str) -> str:
 
 def kafka_environment() -> dict[str, str]:
     """``din up``'s Kafka properties as the apache/kafka image's ``KAFKA_*`` variables, with container listeners."""
-    spec = KafkaSpec(PORTS.kafka, PORTS.kafka_controller)
+    spec = KafkaSpec(PORTS.kafka, PORTS.kafka_controller, insecure=True)
     props = dict(line.split("=", 1) for line in spec.properties(Path(KAFKA_DATA_DIR)).splitlines() if line)
     props.update(
         {

@@ -4,17 +4,27 @@ Recording must never slow or break the request path: ``emit`` only puts the
 event on a bounded in-memory queue, and a background task hands events to an
 idempotent aiokafka producer (``acks=all``). When Kafka is unreachable the
 queue absorbs a burst; past its bound events are counted as dropped, never
-blocking a request.
+blocking a request. On a secure broker the log connects with the process's
+Kafka login (``client_kwargs``, see ``shared.bus.kafka``); an event the broker
+refuses (a topic this user may not write, a failed login) is counted in
+``refused`` and logged once per topic, never raised.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+)
 from pydantic import BaseModel
 
 from shared.naming import Topics
@@ -25,6 +35,9 @@ QueuedEvent = tuple[str, bytes | None, bytes | BaseModel, list[tuple[str, bytes]
 """One event waiting to be produced: topic, key, value (encoded or a contract), headers."""
 
 EVENT_TYPE_HEADER = "din-event-type"
+REFUSALS = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError, SaslAuthenticationFailed,
+            AuthenticationFailedError)
+"""What the broker answers a client it does not let in or let write."""
 
 
 def event_type(model: BaseModel) -> str:
@@ -43,8 +56,10 @@ class EventLog:
         topic_scope: str | None = None,
         max_buffered: int = 50_000,
         linger_ms: int = 5,
+        client_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._client_kwargs = dict(client_kwargs or {})
         self._client_id = client_id
         self._scope = topic_scope
         self._queue: asyncio.Queue[QueuedEvent] = asyncio.Queue(maxsize=max_buffered)
@@ -54,6 +69,8 @@ class EventLog:
         self.sent = 0
         self.dropped = 0
         self.failed = 0
+        self.refused = 0
+        self._refused_topics: set[str] = set()
 
     def topic(self, base: str) -> str:
         """The concrete topic for ``base``, with this log's scope applied."""
@@ -61,19 +78,6 @@ class EventLog:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._pump(), name=f"eventlog-{self._client_id}")
-
-    async def ensure_topics(self, bases: tuple[str, ...] = Topics.ALL, partitions: int = 3) -> None:
-        """Create the topics this log writes, so the first event does not wait for auto-creation."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, client_id=f"{self._client_id}-admin")
-        await admin.start()
-        try:
-            new = [NewTopic(self.topic(b), num_partitions=partitions, replication_factor=1) for b in bases]
-            try:
-                await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
-        finally:
-            await admin.close()
 
     def emit(self, base_topic: str, event: BaseModel, key: str | None = None) -> None:
         """Queue ``event`` for ``base_topic``; never blocks, never raises.
@@ -107,13 +111,19 @@ class EventLog:
                 enable_idempotence=True,
                 acks="all",
                 linger_ms=self._linger_ms,
+                **self._client_kwargs,
             )
             try:
                 await producer.start()
                 return producer
             except KafkaError as exc:
                 await producer.stop()
-                log.warning("event log: Kafka at %s unreachable (%s); retrying", self._bootstrap, exc)
+                if isinstance(exc, REFUSALS):
+                    self.refused += 1
+                    log.warning("event log: Kafka at %s refused %s (%s); retrying", self._bootstrap,
+                                self._client_kwargs.get("sasl_plain_username", "an anonymous client"), exc)
+                else:
+                    log.warning("event log: Kafka at %s unreachable (%s); retrying", self._bootstrap, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -126,15 +136,28 @@ class EventLog:
                 value = value.model_dump_json().encode()
             try:
                 future = await self._producer.send(topic, value, key=key, headers=headers)
-                future.add_done_callback(self._count)
+                future.add_done_callback(lambda done, topic=topic: self._count(done, topic))
+            except REFUSALS as exc:
+                self._refuse(topic, exc)
             except KafkaError as exc:
                 self.failed += 1
                 log.warning("event log: could not send to %s: %s", topic, exc)
             finally:
                 self._queue.task_done()
 
-    def _count(self, future: asyncio.Future) -> None:
-        if future.cancelled() or future.exception() is not None:
+    def _refuse(self, topic: str, exc: BaseException) -> None:
+        self.refused += 1
+        if topic not in self._refused_topics:
+            self._refused_topics.add(topic)
+            log.warning("event log: Kafka refused writing to %s (%s); further refusals there are only counted",
+                        topic, type(exc).__name__)
+
+    def _count(self, future: asyncio.Future, topic: str) -> None:
+        if future.cancelled():
+            self.failed += 1
+        elif isinstance(future.exception(), REFUSALS):
+            self._refuse(topic, future.exception())
+        elif future.exception() is not None:
             self.failed += 1
         else:
             self.sent += 1

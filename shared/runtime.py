@@ -33,6 +33,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from shared import __version__
+from shared.bus.kafka import kafka_client_kwargs
 from shared.contracts.events import DeadLetterV1, HealthV1
 from shared.contracts.job import JobV1
 from shared.errors import DinError, ErrorCode, error_reply
@@ -121,7 +122,8 @@ class ServiceRuntime:
             specification=AsyncAPI(title=f"din-{name}", version=__version__),
         )
         self.events = EventLog(
-            settings.kafka_bootstrap, client_id=f"din-{name}-{self.instance}", topic_scope=settings.topic_scope
+            settings.kafka_bootstrap, client_id=f"din-{name}-{self.instance}", topic_scope=settings.topic_scope,
+            client_kwargs=kafka_client_kwargs(settings),
         )
         self.tracing = Tracing(
             name,

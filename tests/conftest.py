@@ -3,8 +3,10 @@
 * ``nats_network``: a real nats-server hub (site ``cloud``) with one leaf per
   edge site (``factory``, ``branch``), JetStream on each with the site name as
   its domain. With ``DIN_NATS_URL`` set, that one server stands for every site.
-* ``kafka_bootstrap``: a real Kafka (KRaft) on free ports, started only when a
-  test asks for it. With ``DIN_KAFKA_BOOTSTRAP`` set, that broker is used.
+* ``kafka_access``: a real, secure Kafka (KRaft, SASL/SCRAM over TLS, DIN's ACLs)
+  on free ports, started only when a test asks for it; ``kafka_bootstrap`` is its
+  address, ``kafka_operator`` the operator user's client arguments. With
+  ``DIN_KAFKA_BOOTSTRAP`` set, that (insecure) broker is used.
 * With ``DIN_TESTCONTAINERS=1`` and a reachable Docker engine, both come from
   testcontainers instead (a single NATS server with JetStream).
 * ``unique``: ``t`` + 8 hex characters, for a test's own subjects and topics.
@@ -15,6 +17,7 @@ Tests under ``tests/integration/`` are marked ``integration`` automatically.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.bus.kafka import KafkaAccess
 from shared.topology import Topology
 from tests.support import three_site_topology
 
@@ -113,31 +117,77 @@ def nats_network(test_topology, tmp_path_factory):
         stack.stop()
 
 
+@dataclass(frozen=True)
+class SessionKafka:
+    """The session's Kafka: how to reach it, and its log (None when it is not started here)."""
+
+    access: KafkaAccess
+    log: Path | None = None
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory):
-    """Bootstrap address of a real Kafka, started on first use and kept for the session."""
+def session_kafka(tmp_path_factory):
+    """A real Kafka, started on first use and kept for the session: secure (SCRAM over TLS, DIN's ACLs applied),
+    its CA and users in a session bus folder."""
     external = os.environ.get("DIN_KAFKA_BOOTSTRAP")
     if external:
-        yield external
+        yield SessionKafka(KafkaAccess(external))
         return
     if _use_testcontainers():
         from testcontainers.community.kafka import KafkaContainer
 
         with KafkaContainer().with_kraft() as container:
-            yield container.get_bootstrap_server()
+            yield SessionKafka(KafkaAccess(container.get_bootstrap_server()))
         return
     from din.stack.brokers import KafkaSpec
     from din.stack.launcher import PortPlan, check_ports, wait_kafka_ready
+    from shared.bus.kafka import apply_acls
 
     plan = PortPlan.free(edge_sites=0)
-    spec = KafkaSpec(plan.kafka, plan.kafka_controller)
+    spec = KafkaSpec(plan.kafka, plan.kafka_controller, bus_dir=tmp_path_factory.mktemp("bus"))
     check_ports([(spec.port, "Kafka broker port"), (spec.controller_port, "Kafka controller port")])
     proc = spec.process(tmp_path_factory.mktemp("kafka")).start()
     try:
         wait_kafka_ready(spec, proc, timeout_s=90)
-        yield spec.bootstrap
+        asyncio.run(apply_acls(spec.bootstrap, spec.bus_dir))
+        yield SessionKafka(spec.access(), proc.log_path)
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_access(session_kafka) -> KafkaAccess:
+    """The session's Kafka; ``.client_kwargs(user)`` and ``.settings(user)`` log in as one of DIN's users."""
+    return session_kafka.access
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_access) -> str:
+    """Bootstrap address of the session's Kafka (``kafka_access``)."""
+    return kafka_access.bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka_operator(kafka_access) -> dict:
+    """aiokafka keyword arguments of the ``operator`` Kafka user: what tests create, read and check topics with."""
+    return kafka_access.client_kwargs("operator")
+
+
+@pytest.fixture(scope="session")
+def recorded_topics(kafka_access):
+    """``await recorded_topics(scope)`` creates every recorded topic under ``scope`` as the operator, as ``din up``
+    does for its run (services may not create topics)."""
+    from services.telemetry.settings import TelemetrySettings
+    from services.telemetry.topics import ensure_topics, topic_plan
+
+    plan = topic_plan(TelemetrySettings(nats_url="nats://unused:4222", kafka_bootstrap=kafka_access.bootstrap,
+                                        site="cloud"))
+
+    async def create(scope: str | None) -> None:
+        await ensure_topics(kafka_access.bootstrap, plan, scope=scope, client_id="din-tests-operator",
+                            client_kwargs=kafka_access.client_kwargs("operator"))
+
+    return create
 
 
 @pytest.fixture

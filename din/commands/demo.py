@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from din.client import DinClient, DinRequestError
+from din.commands.report import KAFKA_USER as REPORT_USER
 from din.commands.report import REPORT_TOPICS
 from din.replay.reader import RecordRange
 from din.replay.recorded import load_window
@@ -66,18 +67,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print("\nSites (clients at the factory's own NATS server, links through Toxiproxy):\n")
             print(asyncio.run(_sites(stack, credentials, keys["acme"])))
         html = stack.run_dir / "report.html"
-        asyncio.run(_write_report(stack.kafka_bootstrap, started_ms - 1000.0, html))
+        asyncio.run(_write_report(stack.kafka_bootstrap, started_ms - 1000.0, html,
+                                  stack.kafka_access.client_kwargs(REPORT_USER)))
         print(f"\nEvery decision, completion and (sealed) request is in Kafka at {stack.kafka_bootstrap}; "
               f"the recorded window as a self-contained HTML report: {html}; logs under {stack.run_dir}.")
     print("Stack stopped.")
     return 0
 
 
-async def _write_report(bootstrap: str, since_ms: float, out: Path) -> None:
-    """Render the demo's recorded window (what `din report` does for any window)."""
+async def _write_report(bootstrap: str, since_ms: float, out: Path, client_kwargs: dict) -> None:
+    """Render the demo's recorded window (what `din report` does for any window, as its Kafka user)."""
     await asyncio.sleep(REPORT_SETTLE_S)
     window = await load_window(bootstrap, RecordRange(since_ms=since_ms, until_ms=None, offsets=None),
-                               requests=False, bases=REPORT_TOPICS)
+                               requests=False, bases=REPORT_TOPICS, client_kwargs=client_kwargs)
     out.write_text(render_report(window, title="DIN demo", source=bootstrap, scope=None))
 
 

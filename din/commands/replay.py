@@ -25,6 +25,7 @@ from shared.recording import load_replay_keys
 from shared.security import PrincipalKeys, key_file, tenant_principal
 
 EXIT_ERROR = 2
+KAFKA_USER = "replay"
 REPLAY_TOPICS = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS)
 WHAT_IF_TOPICS = (Topics.CLASSIFICATIONS, Topics.SCHEDULING_DECISIONS, Topics.HEARTBEATS)
 
@@ -97,7 +98,7 @@ async def run_replay(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     bases = WHAT_IF_TOPICS if args.what_if else REPLAY_TOPICS
     window = await load_window(endpoints.kafka, rng, scope=args.topic_scope, keyring=keyring, limit=args.limit,
-                               bases=bases)
+                               bases=bases, client_kwargs=endpoints.kafka_kwargs(KAFKA_USER))
     read_s = time.perf_counter() - began
     records = sum(s.records for s in window.stats)
     print(f"read {len(window.requests)} recorded requests ({rng.describe()}) and {records - len(window.requests)} "

@@ -14,6 +14,7 @@ from din.replay.report import render_report
 from shared.naming import Topics
 
 EXIT_ERROR = 2
+KAFKA_USER = "report"
 REPORT_TOPICS = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS, Topics.ALERTS)
 
 
@@ -47,7 +48,7 @@ async def run_report(args: argparse.Namespace) -> int:
     endpoints = resolve_endpoints(args)
     rng = record_range(args)
     window = await load_window(endpoints.kafka, rng, scope=args.topic_scope, requests=bool(rng.offsets),
-                               bases=REPORT_TOPICS)
+                               bases=REPORT_TOPICS, client_kwargs=endpoints.kafka_kwargs(KAFKA_USER))
     page = render_report(window, title=args.title, source=endpoints.kafka, scope=args.topic_scope)
     args.out.write_text(page)
     print(f"wrote {args.out} ({len(page) / 1024:.0f} KiB): {len(window.completions)} completions, "

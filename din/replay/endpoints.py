@@ -1,4 +1,8 @@
-"""Where the recorded data and the running stack are: explicit options first, else the stack ``din up`` started."""
+"""Where the recorded data and the running stack are: explicit options first, else the stack ``din up`` started.
+
+Kafka is read with the command's own Kafka user (``replay``, ``report``), whose password and DIN's CA are in the
+bus folder (``--bus-dir``, default the running stack's); a stack started ``--insecure`` has none.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 from din.replay.reader import RecordRange, ReplayError, parse_offsets, parse_time
 from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state
+from shared.bus.kafka import KafkaAccess
 from shared.topology import Topology, TopologyError, load_topology
 
 DEFAULT_SINCE = "15m"
@@ -21,6 +26,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offsets", help="offset range of the requests topic: START-END for every partition, or "
                                           "P:START-END[,P:START-END]; END exclusive and optional")
     parser.add_argument("--kafka", help="Kafka bootstrap servers (default: the running stack's)")
+    parser.add_argument("--bus-dir", type=Path, help="bus folder with DIN's CA and the Kafka users' passwords "
+                                                     "(default: the running stack's; none for an --insecure stack)")
     parser.add_argument("--topic-scope", help="topic scope the stack recorded under (DIN_TOPIC_SCOPE), if any")
     parser.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR,
                         help="folder holding stack.json of the running stack (default: %(default)s)")
@@ -45,6 +52,11 @@ class Endpoints:
     nats: str | None
     credentials: Path | None
     topology: Path | None
+    kafka_bus_dir: Path | None = None
+
+    def kafka_kwargs(self, user: str) -> dict:
+        """aiokafka keyword arguments reading as ``user`` (empty against an insecure Kafka)."""
+        return KafkaAccess(self.kafka, self.kafka_bus_dir).client_kwargs(user)
 
     def load_topology(self, override: Path | None = None) -> Topology:
         path = override or self.topology
@@ -78,4 +90,7 @@ def resolve_endpoints(args: argparse.Namespace) -> Endpoints:
     if credentials is None and state.get("run_dir"):
         candidate = Path(state["run_dir"]) / "credentials.json"
         credentials = candidate if candidate.exists() else None
-    return Endpoints(kafka=kafka, nats=nats_url, credentials=credentials, topology=topology)
+    bus_dir = getattr(args, "bus_dir", None)
+    if bus_dir is None and not getattr(args, "kafka", None) and state.get("kafka_bus_dir"):
+        bus_dir = Path(state["kafka_bus_dir"])
+    return Endpoints(kafka=kafka, nats=nats_url, credentials=credentials, topology=topology, kafka_bus_dir=bus_dir)

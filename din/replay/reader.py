@@ -3,8 +3,9 @@
 ``TopicReader.read`` resolves the range to per-partition offsets, reads each
 partition from its first to its last offset in the range and yields batches
 of records. Every failure an SRE can meet becomes one ``ReplayError`` line:
-Kafka unreachable (after retrying), a topic that does not exist, a range with
-no records, Kafka going away in the middle of a read (after waiting for it).
+Kafka unreachable (after retrying), Kafka refusing the login, a topic that does
+not exist (or that the login may not read), a range with no records, Kafka going
+away in the middle of a read (after waiting for it).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+
+from shared.eventlog import REFUSALS
 
 CONNECT_ATTEMPTS = 5
 CONNECT_DELAY_S = 1.0
@@ -127,8 +131,10 @@ class TopicReader:
         connect_attempts: int = CONNECT_ATTEMPTS,
         connect_delay_s: float = CONNECT_DELAY_S,
         stall_timeout_s: float = STALL_TIMEOUT_S,
+        client_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self._client_kwargs = dict(client_kwargs or {})
         self._client_id = client_id
         self._attempts = connect_attempts
         self._delay = connect_delay_s
@@ -157,9 +163,10 @@ class TopicReader:
                 max_partition_fetch_bytes=16 * 1024 * 1024,
                 request_timeout_ms=10_000,
                 connections_max_idle_ms=60_000,
+                **self._client_kwargs,
             )
             admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=f"{self._client_id}-admin",
-                                        request_timeout_ms=10_000)
+                                        request_timeout_ms=10_000, **self._client_kwargs)
             try:
                 await consumer.start()
                 await admin.start()
@@ -171,12 +178,25 @@ class TopicReader:
                 for client in (consumer, admin):
                     with contextlib.suppress(Exception):
                         await (client.stop() if client is consumer else client.close())
+                if isinstance(exc, REFUSALS):
+                    raise ReplayError(f"Kafka at {self.bootstrap} refused {self._who()} ({exc}): check the "
+                                      "stack's key folder (--bus-dir) and its Kafka users") from None
                 if attempt + 1 < self._attempts:
                     await asyncio.sleep(self._delay * (attempt + 1))
+        if self._client_kwargs:
+            # aiokafka reports a refused login as a failed bootstrap, like an absent broker.
+            raise ReplayError(
+                f"Kafka at {self.bootstrap} is unreachable or refused {self._who()} after {self._attempts} attempts "
+                f"({last}): is the stack running (`din status`), or pass --kafka; are its users in --bus-dir"
+            )
         raise ReplayError(
             f"Kafka at {self.bootstrap} is unreachable after {self._attempts} attempts ({last}): "
             "is the stack running (`din status`), or pass --kafka"
         )
+
+    def _who(self) -> str:
+        user = self._client_kwargs.get("sasl_plain_username")
+        return f"user {user}" if user else "a client without credentials"
 
     async def close(self) -> None:
         if self._consumer is not None:
@@ -246,7 +266,8 @@ class TopicReader:
         if topic not in self._topics:
             din = sorted(t for t in self._topics if t.startswith("din."))
             hint = f"; DIN topics there: {', '.join(din[:8])}{' ...' if len(din) > 8 else ''}" if din else ""
-            raise ReplayError(f"topic {topic} does not exist on {self.bootstrap}{hint}")
+            raise ReplayError(f"topic {topic} does not exist on {self.bootstrap}, or {self._who()} may not read "
+                              f"it{hint}")
         bounds = await self._bounds(topic, rng)
         wanted = {tp: (lo, hi) for tp, (lo, hi) in bounds.items() if hi > lo}
         if stats is not None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -182,13 +184,15 @@ def _target(window: RecordedWindow, base: str) -> list:
 async def load_window(
     bootstrap: str, rng: RecordRange, *, scope: str | None = None, keyring: envelope.Keyring | None = None,
     requests: bool = True, limit: int | None = None, bases: tuple[str, ...] = tuple(EVENT_TOPICS),
+    client_kwargs: Mapping[str, Any] | None = None,
 ) -> RecordedWindow:
-    """Requests of ``rng`` (when ``requests``) and the events about them, from the Kafka at ``bootstrap``.
+    """Requests of ``rng`` (when ``requests``) and the events about them, from the Kafka at ``bootstrap``
+    (``client_kwargs``: the reader's login).
 
     Without ``requests`` (a report over a time range), the events of ``rng``'s
     time span are read directly.
     """
-    async with TopicReader(bootstrap) as reader:
+    async with TopicReader(bootstrap, client_kwargs=client_kwargs) as reader:
         if requests:
             window = await read_requests(reader, rng, scope=scope, keyring=keyring, limit=limit)
             return await read_events(reader, window, scope=scope, bases=bases)

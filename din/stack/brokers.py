@@ -12,10 +12,14 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from din.stack.processes import ManagedProcess, StackError, wait_for_port
+from shared.bus.files import write_secret
+from shared.bus.kafka import BROKER_USER, MECHANISM, KafkaAccess, KafkaUsers, ensure_kafka_users
+from shared.bus.tls import BusCA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_POM = REPO_ROOT / "ops" / "kafka" / "pom.xml"
@@ -122,41 +126,92 @@ def resolve_kafka_jars(libs: Path = DEFAULT_KAFKA_LIBS, quiet: bool = True) -> P
 
 @dataclass
 class KafkaSpec:
-    """A single Kafka broker in KRaft mode (broker and controller in one process)."""
+    """A single Kafka broker in KRaft mode (broker and controller in one process).
+
+    Secure unless ``insecure``: clients reach ``SASL_SSL`` with SCRAM-SHA-512 users (``shared.bus.kafka``) created
+    when the storage is formatted, the broker presents the certificate DIN's CA issues it for ``cert_hosts``, and
+    KRaft's ``StandardAuthorizer`` refuses whatever the ACLs do not grant. KRaft controller listeners cannot use
+    SCRAM (its credentials live in the metadata the controller serves), so the controller listener is SASL_SSL
+    with PLAIN, its one user (the broker's super user) configured in JAAS. ``bus_dir`` holds the CA and users.
+    ``insecure`` keeps the plaintext listeners without authentication.
+    """
 
     port: int
     controller_port: int
     libs: Path = DEFAULT_KAFKA_LIBS
     heap_mb: int = 512
+    bus_dir: Path | None = None
+    insecure: bool = False
+    cert_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def properties(self, data_dir: Path) -> str:
-        return "\n".join(
-            [
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
-                "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                f"log.dirs={data_dir}",
-                "num.partitions=3",
-                "offsets.topic.replication.factor=1",
-                "offsets.topic.num.partitions=3",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "group.initial.rebalance.delay.ms=0",
-                "auto.create.topics.enable=true",
-                "log.retention.hours=168",
-                "log.segment.bytes=67108864",
-                "",
-            ]
-        )
+    @property
+    def listener(self) -> str:
+        return "PLAINTEXT" if self.insecure else "SASL_SSL"
+
+    def access(self) -> KafkaAccess:
+        """How DIN reaches this broker."""
+        return KafkaAccess(self.bootstrap, None if self.insecure else self._bus_dir())
+
+    def _bus_dir(self) -> Path:
+        if self.bus_dir is None:
+            raise StackError("a secure Kafka needs the bus folder (bus_dir) holding its CA and users")
+        return Path(self.bus_dir)
+
+    def properties(self, data_dir: Path, security: Mapping[str, str] | None = None) -> str:
+        """``server.properties``; ``security`` (``security_properties``) for a secure broker."""
+        controller = "PLAINTEXT" if self.insecure else "SASL_SSL"
+        lines = [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+            f"listeners={self.listener}://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners={self.listener}://127.0.0.1:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            f"inter.broker.listener.name={self.listener}",
+            f"listener.security.protocol.map={self.listener}:{self.listener},CONTROLLER:{controller}",
+            f"log.dirs={data_dir}",
+            "num.partitions=3",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=3",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            f"auto.create.topics.enable={'true' if self.insecure else 'false'}",
+            "log.retention.hours=168",
+            "log.segment.bytes=67108864",
+        ]
+        lines += [f"{key}={value}" for key, value in (security or {}).items()]
+        return "\n".join(lines) + "\n"
+
+    def security_properties(self, users: KafkaUsers, *, keystore: Path, truststore: Path) -> dict[str, str]:
+        """SASL_SSL listeners, SCRAM for clients and inter-broker, PLAIN for the controller, the authorizer."""
+        secret = users.password(BROKER_USER)
+        scram = (f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{BROKER_USER}" '
+                 f'password="{secret}";')
+        plain = (f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{BROKER_USER}" '
+                 f'password="{secret}" user_{BROKER_USER}="{secret}";')
+        return {
+            "sasl.enabled.mechanisms": MECHANISM,
+            "sasl.mechanism.inter.broker.protocol": MECHANISM,
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": MECHANISM,
+            f"listener.name.sasl_ssl.{MECHANISM.lower()}.sasl.jaas.config": scram,
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": plain,
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(truststore),
+            "ssl.client.auth": "none",
+            "ssl.enabled.protocols": "TLSv1.3,TLSv1.2",
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": f"User:{BROKER_USER}",
+        }
 
     def process(self, run_dir: Path) -> ManagedProcess:
         java = require_java()
@@ -165,13 +220,25 @@ class KafkaSpec:
         kafka_dir = run_dir / "kafka"
         kafka_dir.mkdir(parents=True, exist_ok=True)
         props = kafka_dir / "server.properties"
-        props.write_text(self.properties(kafka_dir / "data"))
+        format_args: list[str] = []
+        if self.insecure:
+            props.write_text(self.properties(kafka_dir / "data"))
+        else:
+            bus_dir = self._bus_dir()
+            users = ensure_kafka_users(bus_dir)
+            ca = BusCA.load_or_create(bus_dir)
+            cert = ca.server_cert("kafka", self.cert_hosts)
+            keystore = kafka_dir / "keystore.pem"
+            write_secret(keystore, cert.key.read_text() + cert.cert.read_text())
+            security = self.security_properties(users, keystore=keystore, truststore=ca.cert_path)
+            write_secret(props, self.properties(kafka_dir / "data", security))
+            format_args = users.scram_arguments()
         classpath = f"{self.libs}/*"
         jvm = [java, f"-Xmx{self.heap_mb}m", f"-Xms{self.heap_mb // 2}m", "-XX:+UseG1GC",
                f"-Dlog4j.configuration=file:{KAFKA_LOG4J}", "-cp", classpath]
         if not (kafka_dir / "data" / "meta.properties").exists():
             fmt = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+                [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props), *format_args],
                 capture_output=True,
                 text=True,
             )

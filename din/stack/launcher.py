@@ -54,6 +54,9 @@ from din.stack.processes import (
     wait_for_port,
 )
 from din.stack.wan import ToxiproxyClient, ToxiproxySpec, WanLink, toxiproxy_binary, wan_links
+from services.telemetry.settings import TelemetrySettings
+from services.telemetry.topics import ensure_topics, topic_plan
+from shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
 from shared.credentials import write_credentials
 from shared.naming import Subjects
 from shared.security import (
@@ -259,14 +262,16 @@ def service_environments(
     keys_dir: str | Path | None = None,
     security: bool = True,
     security_policy: CryptoPolicy | None = None,
+    kafka_bus_dir: str | Path | None = None,
 ) -> dict[str, dict[str, str]]:
     """Environment of every service process, keyed by process name (see ``service_instances``).
 
     ``nats_urls`` maps each site to the NATS URL its processes use; the hub
     site's URL serves the singleton services. ``keys_dir`` holds the key files
     (default: ``keys`` beside the credentials file): the key manager gets the key
-    store and master key, every other service its own site's key file. ``din up`` and ``docker-compose.yml`` both follow
-    this function.
+    store and master key, every other service its own site's key file. ``kafka_bus_dir``: the bus folder of a
+    secure Kafka (its CA and users); each service then logs in as its own Kafka user (its kind). ``din up`` and
+    ``docker-compose.yml`` both follow this function.
     """
     if mode not in SCHEDULER_MODES:
         raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
@@ -276,6 +281,7 @@ def service_environments(
     executors = {e.id: e for s in topology.sites for e in s.executors}
     keys = PurePath(keys_dir) if keys_dir is not None else PurePath(credentials_path).parent / "keys"
     policy = (security_policy or CryptoPolicy(**topology.security.model_dump())).model_dump_json()
+    kafka = KafkaAccess(kafka_bootstrap, Path(kafka_bus_dir) if kafka_bus_dir is not None else None)
     envs: dict[str, dict[str, str]] = {}
     for inst in service_instances(topology, services):
         env = {
@@ -285,6 +291,7 @@ def service_environments(
             "DIN_TOPOLOGY": str(topology_path),
             "DIN_MODEL_REPO": str(model_repo),
         }
+        env.update(kafka.environment(inst.service))
         if topic_scope:
             env["DIN_TOPIC_SCOPE"] = topic_scope
         if inst.instance is not None and inst.service != EXECUTOR:
@@ -451,10 +458,10 @@ async def _await_health(
                 pass
 
 
-async def _kafka_answers(bootstrap: str) -> bool:
+async def _kafka_answers(bootstrap: str, client_kwargs: Mapping) -> bool:
     from aiokafka.client import AIOKafkaClient
 
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=3000, **client_kwargs)
     try:
         await client.bootstrap()
         return bool(client.cluster.brokers())
@@ -465,16 +472,33 @@ async def _kafka_answers(bootstrap: str) -> bool:
 
 
 def wait_kafka_ready(spec: KafkaSpec, proc: ManagedProcess, timeout_s: float) -> None:
-    """Wait until the broker listens and answers a metadata request."""
+    """Wait until the broker listens and answers a metadata request (as the operator, on a secure broker)."""
     deadline = time.monotonic() + timeout_s
     wait_for_port(spec.port, timeout_s, proc)
+    kwargs = spec.access().client_kwargs(OPERATOR)
     while time.monotonic() < deadline:
         if not proc.alive():
             raise StackError(f"kafka exited during start-up\n{proc.log_tail()}")
-        if _run_async(_kafka_answers(spec.bootstrap)):
+        if _run_async(_kafka_answers(spec.bootstrap, kwargs)):
             return
         time.sleep(0.2)
     raise StackError(f"kafka did not answer metadata requests within {timeout_s:.0f}s\n{proc.log_tail()}")
+
+
+def prepare_kafka(access: KafkaAccess, plan: list, *, topic_scope: str | None, acls: bool) -> None:
+    """Ready a Kafka for a run: DIN's ACLs (``acls``: this stack runs the broker and it is secure), then every
+    recorded topic of ``plan`` under the run's ``topic_scope``, created by the operator (services may not)."""
+
+    async def prepare() -> None:
+        if acls:
+            await apply_acls(access.bootstrap, access.bus_dir)
+        await ensure_topics(access.bootstrap, plan, scope=topic_scope, client_id="din-operator",
+                            client_kwargs=access.client_kwargs(OPERATOR))
+
+    try:
+        _run_async(prepare())
+    except Exception as exc:  # noqa: BLE001 - every failure here stops the start with its reason
+        raise StackError(f"could not prepare Kafka at {access.bootstrap} (ACLs, topics): {exc}") from exc
 
 
 def _http_json(url: str) -> tuple[int, dict]:
@@ -627,6 +651,8 @@ class Stack:
         security: bool = True,
         security_policy: CryptoPolicy | None = None,
         wan: bool = False,
+        insecure: bool = False,
+        bus_dir: Path | None = None,
     ) -> None:
         if mode not in SCHEDULER_MODES:
             raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
@@ -637,7 +663,9 @@ class Stack:
         self.mode = mode
         self.instances = service_instances(topology, services)
         self.kafka_enabled = kafka and external_kafka is None
-        self.external_kafka = external_kafka
+        self.external_kafka = KafkaAccess(external_kafka) if isinstance(external_kafka, str) else external_kafka
+        self.insecure = insecure
+        self._bus_dir = Path(bus_dir) if bus_dir is not None else None
         self.service_command = service_command
         self.model_repo = Path(model_repo)
         self.kafka_libs = Path(kafka_libs)
@@ -651,7 +679,7 @@ class Stack:
         self.nats = nats_specs(topology, self.ports, wan=wan)
         self.links = stack_wan_links(topology, self.ports) if wan else []
         self.toxiproxy = ToxiproxySpec(self.ports.toxiproxy_api) if wan else None
-        self.kafka = KafkaSpec(self.ports.kafka, self.ports.kafka_controller, libs=self.kafka_libs)
+        self.kafka = KafkaSpec(self.ports.kafka, self.ports.kafka_controller, libs=self.kafka_libs, insecure=insecure)
         self.supervisor_pid: int | None = None
         self.run_dir: Path | None = None
         self.processes: list[ManagedProcess] = []
@@ -679,7 +707,24 @@ class Stack:
 
     @property
     def kafka_bootstrap(self) -> str:
-        return self.external_kafka or self.kafka.bootstrap
+        return self.external_kafka.bootstrap if self.external_kafka is not None else self.kafka.bootstrap
+
+    @property
+    def kafka_access(self) -> KafkaAccess:
+        """The Kafka this stack records to and how to log in to it (an external one's own, else this run's)."""
+        if self.external_kafka is not None:
+            return self.external_kafka
+        return KafkaAccess(self.kafka.bootstrap, None if self.insecure else self.bus_dir)
+
+    @property
+    def bus_dir(self) -> Path:
+        """The run's bus credentials (CA, server certificates, NATS and Kafka users): the one given, else an
+        external secure Kafka's (one CA for the whole bus), else ``keys/bus``."""
+        if self._bus_dir is not None:
+            return self._bus_dir
+        if self.external_kafka is not None and self.external_kafka.bus_dir is not None:
+            return Path(self.external_kafka.bus_dir)
+        return self.keys_dir / "bus"
 
     @property
     def credentials_file(self) -> Path:
@@ -719,6 +764,7 @@ class Stack:
             keys_dir=self.keys_dir,
             security=self.security,
             security_policy=self.security_policy,
+            kafka_bus_dir=self.kafka_access.bus_dir,
         )
 
     # -- lifecycle
@@ -798,6 +844,7 @@ class Stack:
         kafka_proc = None
         if self.kafka_enabled:
             # The JVM is slowest: launch it first and let NATS start meanwhile.
+            self.kafka.bus_dir = self.bus_dir
             kafka_proc = self._track(self.kafka.process(self.run_dir).start(), hub_site, self.kafka_bootstrap)
         if self.toxiproxy is not None:
             proxy_proc = self._track(self.toxiproxy.process(self.run_dir).start(), hub_site, self.toxiproxy.api_url)
@@ -809,6 +856,14 @@ class Stack:
         wait_nats_mesh(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs, self.broker_timeout_s)
         if kafka_proc is not None:
             wait_kafka_ready(self.kafka, kafka_proc, self.broker_timeout_s)
+        if kafka_proc is not None or self.external_kafka is not None:
+            prepare_kafka(self.kafka_access, topic_plan(self._telemetry_settings()), topic_scope=self.topic_scope,
+                          acls=kafka_proc is not None and self.kafka_access.secure)
+
+    def _telemetry_settings(self) -> TelemetrySettings:
+        """Telemetry's settings as this stack gives them (the recorded topics' partitions and retention)."""
+        return TelemetrySettings(nats_url=self.hub_url, kafka_bootstrap=self.kafka_bootstrap,
+                                 site=self.topology.hub.name)
 
     def _configure_links(self, proc: ManagedProcess) -> None:
         """Once toxiproxy listens, create every link's proxy with the topology's conditions."""
@@ -909,6 +964,7 @@ class Stack:
                 "kafka": self.kafka_bootstrap if self.kafka_enabled else None,
                 "toxiproxy": self.toxiproxy.api_url if self.toxiproxy is not None else None,
             },
+            "kafka_bus_dir": str(self.bus_dir) if self.kafka_enabled and not self.insecure else None,
             "links": [
                 {"site": link.site, "hub": link.hub, "path": link.path, "listen": link.proxy["listen"],
                  "upstream": link.proxy["upstream"]}
@@ -963,6 +1019,7 @@ __all__ = [
     "stack_wan_links",
     "state_processes_alive",
     "stop_from_state",
+    "prepare_kafka",
     "wait_kafka_ready",
     "wait_nats_mesh",
 ]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.topics import scoped
+from shared.bus.kafka import kafka_client_kwargs
 from shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
 from shared.naming import Topics
 
@@ -73,6 +74,7 @@ class DecisionFeed:
                 client_id=self.client_id,
                 auto_offset_reset=self.settings.decisions_from,
                 enable_auto_commit=True,
+                **kafka_client_kwargs(self.settings),
             )
             try:
                 await consumer.start()

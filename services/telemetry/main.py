@@ -26,7 +26,8 @@ from services.telemetry.decisions import DecisionFeed
 from services.telemetry.httpd import MetricsServer
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.settings import TelemetrySettings
-from services.telemetry.topics import ensure_topics, topic_plan
+from services.telemetry.topics import ensure_topics, missing_topics, scoped, topic_plan
+from shared.bus.kafka import READS, WRITES, kafka_client_kwargs
 from shared.contracts.events import CompletionV1, HeartbeatV1
 from shared.contracts.telemetry import SlaViolationV1
 from shared.eventlog import event_type
@@ -113,15 +114,29 @@ class Telemetry(Service):
             return None
 
     async def prepare_topics(self) -> None:
-        """Create (or re-configure) the recorded topics; retry until Kafka answers, serving NATS meanwhile."""
+        """Make sure the recorded topics exist; retry until Kafka answers, serving NATS meanwhile.
+
+        On a secure broker the operator created them (``din up``) and telemetry, which may not, waits for the ones
+        it reads and writes; on an insecure one it creates (or re-configures) them itself.
+        """
         plan = topic_plan(self.settings)
+        kwargs = kafka_client_kwargs(self.settings)
+        client_id = f"din-telemetry-{self.runtime.instance}-admin"
         while not self.topics_ready:
             try:
-                await asyncio.wait_for(
-                    ensure_topics(self.settings.kafka_bootstrap, plan, scope=self.settings.topic_scope,
-                                  client_id=f"din-telemetry-{self.runtime.instance}-admin"),
-                    TOPICS_TIMEOUT_S,
-                )
+                if kwargs:
+                    own = [scoped(base, self.settings.topic_scope) for base in (*READS[self.name], *WRITES[self.name])]
+                    missing = await asyncio.wait_for(
+                        missing_topics(self.settings.kafka_bootstrap, own, client_id=client_id, client_kwargs=kwargs),
+                        TOPICS_TIMEOUT_S)
+                    if missing:
+                        raise LookupError(f"topics {', '.join(missing)} not created yet (the operator creates them)")
+                else:
+                    await asyncio.wait_for(
+                        ensure_topics(self.settings.kafka_bootstrap, plan, scope=self.settings.topic_scope,
+                                      client_id=client_id),
+                        TOPICS_TIMEOUT_S,
+                    )
                 self.topics_ready = True
             except Exception as exc:  # Kafka not up yet: keep serving NATS, retry
                 self.log.warning("could not prepare Kafka topics yet (%s); retrying", exc)

@@ -3,13 +3,17 @@
 ``topic_plan`` is the single table of what is kept where (docs/telemetry.md
 prints the same table). ``ensure_topics`` creates missing topics with their
 partitions and retention and re-applies the retention of existing ones, so
-what the docs promise is what the broker does.
+what the docs promise is what the broker does. On a secure broker only the
+``operator`` Kafka user may do that (``din up`` does, at start); services
+then wait for the topics instead (``missing_topics``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -55,14 +59,19 @@ def topic_plan(settings: TelemetrySettings) -> list[TopicSpec]:
     ]
 
 
+class TopicsError(RuntimeError):
+    """The broker refused to create or configure a recorded topic."""
+
+
 def scoped(base: str, scope: str | None) -> str:
     """The concrete topic name of ``base`` under an optional run/test scope."""
     return Topics.scoped(base, scope) if scope else base
 
 
-async def ensure_topics(bootstrap: str, plan: list[TopicSpec], *, scope: str | None, client_id: str) -> None:
-    """Create missing topics of ``plan`` and (re)apply every topic's retention."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id)
+async def ensure_topics(bootstrap: str, plan: list[TopicSpec], *, scope: str | None, client_id: str,
+                        client_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Create missing topics of ``plan`` and (re)apply every topic's retention (``client_kwargs``: the login)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id, **(client_kwargs or {}))
     await admin.start()
     try:
         new = [
@@ -74,9 +83,9 @@ async def ensure_topics(bootstrap: str, plan: list[TopicSpec], *, scope: str | N
         existing = {name for name, code, *_ in response.topic_errors if code == TOPIC_ALREADY_EXISTS}
         failed = [(name, code) for name, code, *_ in response.topic_errors if code not in (0, TOPIC_ALREADY_EXISTS)]
         if failed:
-            log.warning("could not create topics: %s", failed)
+            raise TopicsError(f"could not create topics: {failed}")
         if existing:
-            await admin.alter_configs(
+            responses = await admin.alter_configs(
                 [
                     ConfigResource(ConfigResourceType.TOPIC, scoped(t.base, scope),
                                    configs={"retention.ms": str(t.retention_ms)})
@@ -84,5 +93,20 @@ async def ensure_topics(bootstrap: str, plan: list[TopicSpec], *, scope: str | N
                     if scoped(t.base, scope) in existing
                 ]
             )
+            refused = [(name, code) for r in responses for code, _, _, name in r.resources if code]
+            if refused:
+                raise TopicsError(f"could not set the retention of topics: {refused}")
     finally:
         await admin.close()
+
+
+async def missing_topics(bootstrap: str, names: Iterable[str], *, client_id: str,
+                         client_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+    """Which of ``names`` the broker does not show this login (absent, or not visible to it)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id, **(client_kwargs or {}))
+    await admin.start()
+    try:
+        present = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    return [name for name in names if name not in present]

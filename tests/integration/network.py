@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from din.client import DinClient
 from din.stack.launcher import CONTROL_SERVICES, PortPlan, Stack
 from din.stack.processes import ManagedProcess
+from shared.bus.kafka import OPERATOR, KafkaAccess
 from shared.contracts.events import HealthV1
 from shared.contracts.inference import RequestHeaders
 from shared.credentials import issue_token, read_credentials
@@ -207,11 +208,12 @@ class KafkaEvents:
     found: list[tuple[str, dict]]
 
 
-async def read_events(bootstrap: str, topics: list[str], keep: Callable[[dict], bool],
+async def read_events(kafka: KafkaAccess, topics: list[str], keep: Callable[[dict], bool],
                       enough: Callable[[KafkaEvents], bool], what: str, timeout_s: float = 20.0) -> KafkaEvents:
-    """Read ``topics`` from the start, keeping the events ``keep`` accepts, until ``enough`` holds; a bounded wait
-    that fails naming ``what``."""
-    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    """Read ``topics`` from the start (as the operator), keeping the events ``keep`` accepts, until ``enough``
+    holds; a bounded wait that fails naming ``what``."""
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest",
+                                **kafka.client_kwargs(OPERATOR))
     await consumer.start()
     events = KafkaEvents([])
 
@@ -236,7 +238,7 @@ RAW_CLIENT_POLICY = CryptoPolicy(plaintext_ingress=[t["name"] for t in INFERENCE
 
 @contextlib.contextmanager
 def running_network(
-    kafka_bootstrap: str, model_repo: Path, din_dir: Path, mode: str,
+    kafka: KafkaAccess, model_repo: Path, din_dir: Path, mode: str,
     security_policy: CryptoPolicy = RAW_CLIENT_POLICY, topology_spec: dict = INFERENCE_TOPOLOGY, wan: bool = False,
 ) -> Iterator[Network]:
     """Start a topology (the inference-test one by default) with every service; stop it all afterwards."""
@@ -251,7 +253,7 @@ def running_network(
         model_repo=model_repo,
         write_state=False,
         topic_scope=scope,
-        external_kafka=kafka_bootstrap,
+        external_kafka=kafka,
         security_policy=security_policy,
         wan=wan,
     )

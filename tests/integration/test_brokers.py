@@ -117,11 +117,19 @@ async def test_work_queue_stream_on_a_leaf_domain(nats_network, unique):
         await leaf.close()
 
 
-async def test_kafka_event_round_trip_with_headers(kafka_bootstrap, unique):
+async def test_kafka_event_round_trip_with_headers(kafka_bootstrap, kafka_operator, unique):
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     topic = Topics.scoped(Topics.SMOKE, unique)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap, **kafka_operator)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all",
+                                **kafka_operator)
     await producer.start()
     try:
         meta = await asyncio.wait_for(
@@ -138,7 +146,8 @@ async def test_kafka_event_round_trip_with_headers(kafka_bootstrap, unique):
         await producer.stop()
 
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+        **kafka_operator,
     )
     await consumer.start()
     try:

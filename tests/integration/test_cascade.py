@@ -25,8 +25,8 @@ from tests.support import wait_for
 
 
 @pytest.fixture(scope="module", params=["centralized", "distributed"])
-def network(request, kafka_bootstrap, zoo_dir, tmp_path_factory):
-    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), request.param) as net:
+def network(request, kafka_access, zoo_dir, tmp_path_factory):
+    with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), request.param) as net:
         yield net
 
 

@@ -14,8 +14,8 @@ from tests.integration.network import running_network
 
 
 @pytest.fixture(scope="module")
-def network(kafka_bootstrap, zoo_dir, tmp_path_factory):
-    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), "distributed") as net:
+def network(kafka_access, zoo_dir, tmp_path_factory):
+    with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), "distributed") as net:
         yield net
 
 

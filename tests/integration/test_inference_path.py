@@ -29,8 +29,8 @@ from tests.support import wait_for
 
 
 @pytest.fixture(scope="module")
-def stack(kafka_bootstrap, zoo_dir, tmp_path_factory):
-    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), "centralized") as net:
+def stack(kafka_access, zoo_dir, tmp_path_factory):
+    with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), "centralized") as net:
         yield net
 
 
@@ -204,7 +204,7 @@ async def test_model_version_swap_under_load_fails_no_request(network, digits):
     assert versions["1"] > 0 and versions["2"] > 0
 
 
-async def test_every_decision_lands_in_kafka_with_its_reason(network, digits, kafka_bootstrap):
+async def test_every_decision_lands_in_kafka_with_its_reason(network, digits, kafka_access):
     x, _ = digits
     async with network.client("globex") as client:
         result = await client.infer("digits-small", {"input": x[:1]}, request_id="kafka-probe-1")
@@ -215,7 +215,7 @@ async def test_every_decision_lands_in_kafka_with_its_reason(network, digits, ka
     wanted = {(admission, "kafka-probe-1"), (admission, "kafka-probe-2"), (scheduling, "kafka-probe-1"),
               (completions, "kafka-probe-1")}
     events = await read_events(
-        kafka_bootstrap, [admission, scheduling, completions],
+        kafka_access, [admission, scheduling, completions],
         keep=lambda event: event.get("request_id") in ("kafka-probe-1", "kafka-probe-2"),
         enough=lambda read: wanted <= {(topic, event["request_id"]) for topic, event in read.found},
         what="the admission, scheduling and completion events of both probes",
@@ -316,14 +316,14 @@ async def test_sigterm_drains_in_flight_work(network, digits):
         assert caught.value.error.code.value == "no_eligible_executor"
 
 
-async def test_one_request_can_be_followed_across_every_hop(network, digits, kafka_bootstrap):
+async def test_one_request_can_be_followed_across_every_hop(network, digits, kafka_access):
     """A sampled traceparent from the client: admission, classifier, scheduler and executor spans share its trace."""
     x, _ = digits
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     async with network.client("globex") as client:
         result = await client.infer("digits-small", {"input": x[:1]}, traceparent=f"00-{trace_id}-00f067aa0ba902b7-01")
     read = await read_events(
-        kafka_bootstrap, [Topics.scoped(Topics.SPANS, network.topic_scope)],
+        kafka_access, [Topics.scoped(Topics.SPANS, network.topic_scope)],
         keep=lambda span: span["trace_id"] == trace_id,
         enough=lambda read: len({span["service"] for _, span in read.found}) >= 4,
         what=f"spans of trace {trace_id} from four services",

@@ -65,8 +65,8 @@ MULTISTAGE_TOPOLOGY = {
 
 
 @pytest.fixture(scope="module", params=["centralized", "distributed"])
-def stack(request, kafka_bootstrap, zoo_dir, tmp_path_factory):
-    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), request.param,
+def stack(request, kafka_access, zoo_dir, tmp_path_factory):
+    with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), request.param,
                          security_policy=CryptoPolicy(), topology_spec=MULTISTAGE_TOPOLOGY) as net:
         yield net
 
@@ -190,7 +190,7 @@ async def test_plan_and_every_hop_are_recorded(network, digits):
 
 
 async def _records(network, topic: str, keep, want: int, what: str) -> list[dict]:
-    read = await read_events(network.stack.kafka_bootstrap, [Topics.scoped(topic, network.topic_scope)], keep,
+    read = await read_events(network.stack.kafka_access, [Topics.scoped(topic, network.topic_scope)], keep,
                              enough=lambda read: len(read.found) >= want, what=what)
     return [event for _, event in read.found]
 

@@ -26,6 +26,7 @@ from din.replay.reader import RecordRange, ReplayError, TopicReader
 from din.replay.recorded import RecordedWindow, read_events, read_requests
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared import envelope
+from shared.bus.kafka import OPERATOR, KafkaAccess
 from shared.contracts.inference import SlaClass
 from shared.contracts.job import JobV1
 from shared.contracts.telemetry import RecordedRequestV1
@@ -39,8 +40,13 @@ pytestmark = pytest.mark.integration
 RATE_RECORDS = 20_000
 
 
-async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+def replay_reader(kafka: KafkaAccess, **options) -> TopicReader:
+    """A reader logged in as ``din replay``'s Kafka user."""
+    return TopicReader(kafka.bootstrap, client_kwargs=kafka.client_kwargs("replay"), **options)
+
+
+async def create_topic(kafka: KafkaAccess, topic: str, partitions: int = 3) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, **kafka.client_kwargs(OPERATOR))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
@@ -55,9 +61,10 @@ def job(i: int, tenant: str = "acme", received_ms: float | None = None) -> JobV1
                     deadline_ms=int(received) + 1000, reply_to="", received_ms=received)
 
 
-async def produce(bootstrap: str, topic: str, records) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5,
-                                max_batch_size=256 * 1024)
+async def produce(kafka: KafkaAccess, topic: str, records) -> None:
+    """Write ``records`` as admission does (the only user that may write the requests topic)."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True, acks="all", linger_ms=5,
+                                max_batch_size=256 * 1024, **kafka.client_kwargs("admission"))
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key, headers=headers) for key, value, headers in records]
@@ -66,15 +73,15 @@ async def produce(bootstrap: str, topic: str, records) -> None:
         await producer.stop()
 
 
-async def test_missing_topic_empty_range_and_unreachable_kafka_are_clear_errors(kafka_bootstrap, unique):
-    async with TopicReader(kafka_bootstrap) as reader:
+async def test_missing_topic_empty_range_and_unreachable_kafka_are_clear_errors(kafka_access, unique):
+    async with replay_reader(kafka_access) as reader:
         with pytest.raises(ReplayError, match=f"topic {Topics.REQUESTS}.{unique} does not exist"):
             await read_requests(reader, RecordRange(since_ms=0), scope=unique, keyring=None)
     topic = Topics.scoped(Topics.REQUESTS, unique)
-    await create_topic(kafka_bootstrap, topic)
+    await create_topic(kafka_access, topic)
     now = time.time() * 1000.0
-    await produce(kafka_bootstrap, topic, [request_record(job(i, received_ms=now), b"{}", {}) for i in range(5)])
-    async with TopicReader(kafka_bootstrap) as reader:
+    await produce(kafka_access, topic, [request_record(job(i, received_ms=now), b"{}", {}) for i in range(5)])
+    async with replay_reader(kafka_access) as reader:
         with pytest.raises(ReplayError, match="no records in .* on topic"):
             await read_requests(reader, RecordRange(since_ms=now + 3_600_000), scope=unique, keyring=None)
         with pytest.raises(ReplayError, match="no records in offsets"):
@@ -92,9 +99,9 @@ async def test_missing_topic_empty_range_and_unreachable_kafka_are_clear_errors(
             await TopicReader(dead, connect_attempts=2, connect_delay_s=0.1).connect()
 
 
-async def test_corrupt_and_undecryptable_records_are_skipped_counted_and_reported(kafka_bootstrap, unique, tmp_path):
+async def test_corrupt_and_undecryptable_records_are_skipped_counted_and_reported(kafka_access, unique, tmp_path):
     topic = Topics.scoped(Topics.REQUESTS, unique)
-    await create_topic(kafka_bootstrap, topic, partitions=1)
+    await create_topic(kafka_access, topic, partitions=1)
     sre, stranger = envelope.Keyring(), envelope.Keyring()
     sre.rotate("sre")
     stranger.rotate("sre")
@@ -104,11 +111,11 @@ async def test_corrupt_and_undecryptable_records_are_skipped_counted_and_reporte
     for keyring, i in ((sre, 100), (stranger, 101)):
         sealed = envelope.seal(b'{"secret":1}', reader="sre", aad={"r": str(i)}, keyring=keyring, sender="admission")
         records.append(request_record(job(i), sealed.body, sealed.to_headers()))
-    await produce(kafka_bootstrap, topic, records)
+    await produce(kafka_access, topic, records)
     key_file = tmp_path / "sre.json"
     write_replay_keys(key_file, [sre.current_key("sre")])
 
-    async with TopicReader(kafka_bootstrap) as reader:
+    async with replay_reader(kafka_access) as reader:
         window = await read_requests(reader, RecordRange(since_ms=0), scope=unique, keyring=None)
         assert len(window.requests) == 22 and window.sealed == 2 and window.metadata_only
         assert window.corrupt[topic] == 2
@@ -123,16 +130,16 @@ async def test_corrupt_and_undecryptable_records_are_skipped_counted_and_reporte
         assert any("could not be decrypted" in line for line in window.skipped_summary())
 
 
-async def test_replay_reads_and_decodes_every_record_of_a_large_range(kafka_bootstrap, unique):
+async def test_replay_reads_and_decodes_every_record_of_a_large_range(kafka_access, unique):
     """Correctness at volume; the read rate itself is a benchmark figure (bench/recording.py), not asserted."""
     topic = Topics.scoped(Topics.REQUESTS, unique)
-    await create_topic(kafka_bootstrap, topic)
+    await create_topic(kafka_access, topic)
     body = b'{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[' + b"0.5," * 63 + b"0.5]}]}"
     now = time.time() * 1000.0
     tenants = ("acme", "globex")
-    await produce(kafka_bootstrap, topic, [
+    await produce(kafka_access, topic, [
         request_record(job(i, tenants[i % 2], now + i * 0.1), body, {}) for i in range(RATE_RECORDS)])
-    async with TopicReader(kafka_bootstrap) as reader:
+    async with replay_reader(kafka_access) as reader:
         window = await read_requests(reader, RecordRange(since_ms=now - 1000), scope=unique, keyring=None)
     assert len(window.requests) == RATE_RECORDS
     assert Counter(r.meta.tenant for r in window.requests) == {"acme": RATE_RECORDS // 2, "globex": RATE_RECORDS // 2}
@@ -161,7 +168,7 @@ in the cloud) and generation (prefill and decode in the cloud)."""
 class InProcessStack:
     """Every DIN service in this event loop, on the session brokers, with every topic scoped to one test."""
 
-    def __init__(self, nats_network, kafka_bootstrap: str, scope: str, topology_file: Path, model_repo: Path,
+    def __init__(self, nats_network, kafka: KafkaAccess, scope: str, topology_file: Path, model_repo: Path,
                  credentials: Path, metrics_port: int, models: dict[str, list[str]] | None = None) -> None:
         from services.admission.main import create_runtime as admission
         from services.admission.settings import AdmissionSettings
@@ -175,19 +182,22 @@ class InProcessStack:
         from services.telemetry.settings import TelemetrySettings
 
         hub = nats_network.hub_url
-        common = dict(kafka_bootstrap=kafka_bootstrap, topic_scope=scope)
+
+        def common(service: str) -> dict:
+            return dict(topic_scope=scope, **kafka.settings(service))
+
         plaintext = dict(security=False)
         self.runtimes = [
-            telemetry(TelemetrySettings(nats_url=hub, site="cloud", metrics_port=metrics_port, **common)),
+            telemetry(TelemetrySettings(nats_url=hub, site="cloud", metrics_port=metrics_port, **common("telemetry"))),
             scheduler(SchedulerSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
-                                        **plaintext, **common)),
+                                        **plaintext, **common("scheduler"))),
             classifier(ClassifierSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
-                                          **common)),
+                                          **common("classifier"))),
             *[executor(ExecutorSettings(nats_url=nats_network.url(site), site=site, id=f"{site}-1",
-                                        models=served, model_repo=model_repo, **plaintext, **common))
+                                        models=served, model_repo=model_repo, **plaintext, **common("executor")))
               for site, served in (models or SMALL_EVERYWHERE).items()],
             admission(AdmissionSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
-                                        credentials_file=credentials, **plaintext, **common)),
+                                        credentials_file=credentials, **plaintext, **common("admission"))),
         ]
 
     async def start(self, nc) -> None:
@@ -209,34 +219,34 @@ class InProcessStack:
             await runtime.app.stop()
 
 
-async def count_requests(kafka_bootstrap: str, scope: str) -> int:
+async def count_requests(kafka_access: KafkaAccess, scope: str) -> int:
     try:
-        async with TopicReader(kafka_bootstrap) as reader:
+        async with replay_reader(kafka_access) as reader:
             window = await read_requests(reader, RecordRange(since_ms=0), scope=scope, keyring=None)
             return len(window.requests)
     except ReplayError:
         return 0
 
 
-async def recorded_requests(kafka_bootstrap: str, scope: str) -> dict[str, RecordedRequestV1]:
+async def recorded_requests(kafka_access: KafkaAccess, scope: str) -> dict[str, RecordedRequestV1]:
     """Every request recorded under ``scope``, by request id."""
-    async with TopicReader(kafka_bootstrap) as reader:
+    async with replay_reader(kafka_access) as reader:
         window = await read_requests(reader, RecordRange(since_ms=0), scope=scope, keyring=None)
     return {r.meta.request_id: r.meta for r in window.requests}
 
 
-async def completed_requests(stack: InProcessStack, kafka_bootstrap: str, scope: str, since_ms: float) -> int:
+async def completed_requests(stack: InProcessStack, kafka_access: KafkaAccess, scope: str, since_ms: float) -> int:
     """How many requests have a completion on the Kafka log (after flushing every service's events)."""
     await stack.flush()
     window = RecordedWindow(rng=RecordRange(since_ms=since_ms), since_ms=since_ms, until_ms=time.time() * 1000 + 1)
-    async with TopicReader(kafka_bootstrap) as reader:
+    async with replay_reader(kafka_access) as reader:
         await read_events(reader, window, scope=scope, bases=(Topics.COMPLETIONS,))
     return len({c.request_id for c in window.completions})
 
 
 @asynccontextmanager
-async def running_stack(nats_network, kafka_bootstrap: str, scope: str, topology: dict, model_repo: Path,
-                        tmp_path: Path, models: dict[str, list[str]] | None = None):
+async def running_stack(nats_network, kafka_access: KafkaAccess, scope: str, topology: dict, model_repo: Path,
+                        tmp_path: Path, recorded_topics, models: dict[str, list[str]] | None = None):
     """Every service in process under ``topology``; yields (stack, topology file, credentials file, secrets, nc)."""
     import yaml
 
@@ -248,7 +258,8 @@ async def running_stack(nats_network, kafka_bootstrap: str, scope: str, topology
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         metrics_port = s.getsockname()[1]
-    stack = InProcessStack(nats_network, kafka_bootstrap, scope, topology_file, model_repo, credentials, metrics_port,
+    await recorded_topics(scope)
+    stack = InProcessStack(nats_network, kafka_access, scope, topology_file, model_repo, credentials, metrics_port,
                            models)
     nc = await nats.connect(nats_network.hub_url)
     try:
@@ -261,10 +272,10 @@ async def running_stack(nats_network, kafka_bootstrap: str, scope: str, topology
 
 
 async def test_record_a_workload_replay_it_and_find_the_same_requests_and_mix(
-    nats_network, kafka_bootstrap, unique, test_topology, model_repo, tmp_path, capsys
+    nats_network, kafka_access, recorded_topics, unique, test_topology, model_repo, tmp_path, capsys
 ):
-    async with running_stack(nats_network, kafka_bootstrap, unique, test_topology.model_dump(mode="json"),
-                             model_repo, tmp_path) as running:
+    async with running_stack(nats_network, kafka_access, unique, test_topology.model_dump(mode="json"),
+                             model_repo, tmp_path, recorded_topics) as running:
         stack, topology_file, credentials, secrets = (running.stack, running.topology_file, running.credentials,
                                                       running.secrets)
         began_ms = time.time() * 1000.0
@@ -279,15 +290,16 @@ async def test_record_a_workload_replay_it_and_find_the_same_requests_and_mix(
             served = sum(o.ok for o in recording.outcomes)
 
             async def every_completion_recorded() -> bool:
-                return await completed_requests(stack, kafka_bootstrap, unique, began_ms) >= served
+                return await completed_requests(stack, kafka_access, unique, began_ms) >= served
 
             await wait_for(every_completion_recorded, 20, f"completions of the {served} served requests are logged")
-            assert await count_requests(kafka_bootstrap, unique) == 120, "admission records every admitted request"
+            assert await count_requests(kafka_access, unique) == 120, "admission records every admitted request"
             ended_ms = time.time() * 1000.0
             capsys.readouterr()
 
             out = tmp_path / "replay.json"
-            common = ["--since", str(began_ms - 1000), "--kafka", kafka_bootstrap, "--topic-scope", unique,
+            common = ["--since", str(began_ms - 1000), "--kafka", kafka_access.bootstrap, "--topic-scope", unique,
+                      *(["--bus-dir", str(kafka_access.bus_dir)] if kafka_access.secure else []),
                       "--din-dir", str(tmp_path)]
             args = build_parser().parse_args([
                 "replay", *common, "--nats", nats_network.hub_url, "--credentials", str(credentials),
@@ -365,12 +377,12 @@ def served_as(outcome: Outcome) -> tuple:
 
 
 async def test_every_kind_of_request_replays_with_its_options_and_is_served_the_same_way(
-    nats_network, kafka_bootstrap, unique, test_topology, model_repo, tmp_path
+    nats_network, kafka_access, recorded_topics, unique, test_topology, model_repo, tmp_path
 ):
     topology = test_topology.model_dump(mode="json")
     for site in topology["sites"]:
         site["executors"] = [{"id": f"{site['name']}-1", "models": EVERY_KIND[site["name"]]}]
-    async with running_stack(nats_network, kafka_bootstrap, unique, topology, model_repo, tmp_path,
+    async with running_stack(nats_network, kafka_access, unique, topology, model_repo, tmp_path, recorded_topics,
                              models=EVERY_KIND) as running:
         x, _ = load_digits_test(model_repo)
         tokens = {t: issue_token(t, secret) for t, secret in running.secrets.items()}
@@ -389,15 +401,15 @@ async def test_every_kind_of_request_replays_with_its_options_and_is_served_the_
         assert original["single"].split_point is None and original["single"].chunks is None
 
         await running.stack.flush()
-        recorded = await recorded_requests(kafka_bootstrap, unique)
+        recorded = await recorded_requests(kafka_access, unique)
         assert sorted(recorded) == sorted(f"kind-{i}" for i in range(len(KIND_REQUESTS)))
-        async with TopicReader(kafka_bootstrap) as reader:
+        async with replay_reader(kafka_access) as reader:
             window = await read_requests(reader, RecordRange(since_ms=0), scope=unique, keyring=None)
         driver = ReplayDriver(running.nc, tokens, speed=0, progress=False, run_id="kinds")
         replay = await driver.run(window.requests)
 
         await running.stack.flush()
-        rerecorded = await recorded_requests(kafka_bootstrap, unique)
+        rerecorded = await recorded_requests(kafka_access, unique)
         for i, name in enumerate(KIND_REQUESTS):
             request_id = f"kind-{i}"
             again = rerecorded[f"replay-kinds-{request_id}"]

@@ -69,8 +69,8 @@ FRUGAL_INPUT = RNG.uniform(0.0, 16.0, size=(1, 64)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def network(kafka_bootstrap, zoo_dir, tmp_path_factory):
-    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), "centralized",
+def network(kafka_access, zoo_dir, tmp_path_factory):
+    with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), "centralized",
                          security_policy=STRICT_POLICY, topology_spec=SECURITY_TOPOLOGY) as net:
         yield net
 
@@ -373,11 +373,11 @@ def _into(into: list):
     return keep
 
 
-async def test_kafka_holds_no_plaintext_payloads(network, kafka_bootstrap):
+async def test_kafka_holds_no_plaintext_payloads(network, kafka_bootstrap, kafka_operator):
     completions_topic = Topics.scoped(Topics.COMPLETIONS, network.topic_scope)
     dead_letters_topic = Topics.scoped(Topics.DEAD_LETTER, network.topic_scope)
-    partitions = await scoped_partitions(kafka_bootstrap, network.topic_scope)
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+    partitions = await scoped_partitions(kafka_bootstrap, network.topic_scope, kafka_operator)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False, **kafka_operator)
     await consumer.start()
     records: list = []
     try:
@@ -409,9 +409,9 @@ async def test_kafka_holds_no_plaintext_payloads(network, kafka_bootstrap):
         assert not any(n in body for n in needles), "a dead letter kept a payload in clear"
 
 
-async def scoped_partitions(bootstrap: str, scope: str) -> list[TopicPartition]:
+async def scoped_partitions(bootstrap: str, scope: str, client_kwargs: dict) -> list[TopicPartition]:
     """Every partition of the DIN topics under ``scope`` that exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

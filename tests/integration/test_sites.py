@@ -48,8 +48,8 @@ PLAIN_CLIENTS = CryptoPolicy(plaintext_ingress=["acme", "globex", "tiny"])
 
 
 @pytest.fixture(scope="module")
-def network(kafka_bootstrap, zoo_dir, tmp_path_factory):
-    with running_network(kafka_bootstrap, zoo_dir, tmp_path_factory.mktemp("din"), "centralized",
+def network(kafka_access, zoo_dir, tmp_path_factory):
+    with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), "centralized",
                          security_policy=PLAIN_CLIENTS, topology_spec=SITES_TOPOLOGY, wan=True) as net:
         stop = threading.Event()
         supervisor = Supervisor(net.stack, RestartPolicy(first_delay_s=0.2), report=lambda line: None)

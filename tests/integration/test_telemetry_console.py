@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from shared.bus.kafka import KAFKA_DIR, OPERATOR, KafkaUsers
 from shared.contracts.inference import SlaClass
 from shared.naming import Topics
 from shared.recording import request_record
@@ -31,7 +33,7 @@ def documented_command() -> list[str]:
     return shlex.split(block.group(1).replace("\\\n", " "))
 
 
-async def test_documented_console_consumer_prints_recorded_request_headers(kafka_bootstrap, unique):
+async def test_documented_console_consumer_prints_recorded_request_headers(kafka_access, kafka_operator, unique):
     if not shutil.which("java") or not (LIBS / ".complete").exists():
         pytest.skip("Kafka's jars are not in .din/kafka/libs (run `din setup`)")
     topic = Topics.scoped(Topics.REQUESTS, unique)
@@ -42,7 +44,15 @@ async def test_documented_console_consumer_prints_recorded_request_headers(kafka
     key, value, headers = request_record(job, b"\x00" * 256, {"Din-Tensor-Name": "input",
                                                                "Din-Tensor-Shape": "1,64",
                                                                "Din-Tensor-Datatype": "FP32"})
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all")
+    kafka_bootstrap = kafka_access.bootstrap
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap, **kafka_operator)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all",
+                                **kafka_access.client_kwargs("admission"))
     await producer.start()
     try:
         await producer.send_and_wait(topic, value, key=key, headers=headers)
@@ -52,6 +62,12 @@ async def test_documented_console_consumer_prints_recorded_request_headers(kafka
     argv = documented_command()
     argv[argv.index("--bootstrap-server") + 1] = kafka_bootstrap
     argv[argv.index("--topic") + 1] = topic
+    if kafka_access.secure:
+        config = str(KafkaUsers(kafka_access.bus_dir / KAFKA_DIR).properties_file(OPERATOR))
+        if "--consumer.config" in argv:
+            argv[argv.index("--consumer.config") + 1] = config
+        else:
+            argv += ["--consumer.config", config]
     proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -46,15 +46,15 @@ def total(found, name, **labels) -> float:
     return sum(s.value for s in found.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-async def read_topic(bootstrap: str, topic: str) -> list:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def read_topic(bootstrap: str, topic: str, client_kwargs: dict) -> list:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
     await admin.start()
     try:
         (described,) = await admin.describe_topics([topic])
     finally:
         await admin.close()
     tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **client_kwargs)
     await consumer.start()
     try:
         consumer.assign(tps)
@@ -76,10 +76,14 @@ async def read_topic(bootstrap: str, topic: str) -> list:
         await consumer.stop()
 
 
-async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(nats_network, kafka_bootstrap, unique):
+async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
+    nats_network, kafka_access, kafka_operator, recorded_topics, unique
+):
+    kafka_bootstrap = kafka_access.bootstrap
     port = free_port()
+    await recorded_topics(unique)
     settings = TelemetrySettings(
-        nats_url=nats_network.hub_url, kafka_bootstrap=kafka_bootstrap, site="cloud", topic_scope=unique,
+        nats_url=nats_network.hub_url, site="cloud", topic_scope=unique, **kafka_access.settings("telemetry"),
         metrics_port=port, sla_target_realtime_ms=5.0, sla_min_samples=5, sla_window_s=30.0, alert_interval_s=0.2,
         decisions_from="earliest",
     )
@@ -87,7 +91,7 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(nats_netw
     await runtime.app.start()
     nc = await nats.connect(nats_network.hub_url)
     alerts: asyncio.Queue = asyncio.Queue()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, **kafka_access.client_kwargs("admission"))
     await producer.start()
     try:
         async def on_alert(msg) -> None:
@@ -150,17 +154,17 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(nats_netw
         assert health["ready"] is True, "garbage did not take telemetry down"
 
         await runtime.events.flush()
-        completions = await read_topic(kafka_bootstrap, Topics.scoped(Topics.COMPLETIONS, unique))
+        completions = await read_topic(kafka_bootstrap, Topics.scoped(Topics.COMPLETIONS, unique), kafka_operator)
         assert len(completions) == 12, "only valid completions are relayed"
         assert all(dict(r.headers)["din-event-type"] == b"din.v1.CompletionV1" and r.key == b"factory"
                    for r in completions)
-        dead = await read_topic(kafka_bootstrap, Topics.scoped(Topics.DEAD_LETTER, unique))
+        dead = await read_topic(kafka_bootstrap, Topics.scoped(Topics.DEAD_LETTER, unique), kafka_operator)
         assert len(dead) == 3
-        recorded_alerts = await read_topic(kafka_bootstrap, Topics.scoped(Topics.ALERTS, unique))
+        recorded_alerts = await read_topic(kafka_bootstrap, Topics.scoped(Topics.ALERTS, unique), kafka_operator)
         assert [SlaViolationV1.model_validate_json(r.value).firing for r in recorded_alerts][:1] == [True]
         assert recorded_alerts[0].key == b"realtime"
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap, **kafka_operator)
         await admin.start()
         try:
             (response,) = await admin.describe_configs(
