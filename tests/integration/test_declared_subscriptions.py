@@ -27,15 +27,12 @@ CASES = [*SERVICES, "executor-pull", "scheduler-distributed"]
 
 
 @pytest.fixture
-def settings_of(nats_network, kafka_bootstrap, test_topology, zoo_dir, tmp_path, unique):
+def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_path, unique):
     """Settings for one service (or a mode of one), every one on the hub site with security off."""
     topology = tmp_path / "topology.yaml"
     topology.write_text(yaml.safe_dump(test_topology.model_dump(mode="json")))
     credentials = tmp_path / "credentials.json"
     write_credentials(credentials, [t.name for t in test_topology.tenants])
-    common = dict(nats_url=nats_network.hub_url, site=test_topology.hub.name, kafka_bootstrap=kafka_bootstrap,
-                  topic_scope=unique)
-
     def build(case: str):
         from services.admission.settings import AdmissionSettings
         from services.classifier.settings import ClassifierSettings
@@ -44,6 +41,8 @@ def settings_of(nats_network, kafka_bootstrap, test_topology, zoo_dir, tmp_path,
         from services.scheduler.settings import SchedulerSettings
         from services.telemetry.settings import TelemetrySettings
 
+        common = dict(nats_url=nats_network.hub_url, site=test_topology.hub.name, topic_scope=unique,
+                      **kafka_access.settings(case.split("-")[0]))
         executor = dict(id=f"{unique}-1", models=["digits-small"], model_repo=zoo_dir, security=False)
         scheduler = dict(topology=topology, model_repo=zoo_dir, security=False)
         factories = {

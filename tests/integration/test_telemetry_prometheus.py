@@ -65,11 +65,12 @@ def test_shipped_prometheus_config_is_valid(prometheus_bin):
 
 
 async def test_every_dashboard_query_evaluates_against_scraped_telemetry(
-    prometheus_bin, nats_network, kafka_bootstrap, unique, tmp_path
+    prometheus_bin, nats_network, kafka_access, recorded_topics, unique, tmp_path
 ):
     metrics_port, prom_port = free_port(), free_port()
+    await recorded_topics(unique)
     runtime = create_runtime(TelemetrySettings(
-        nats_url=nats_network.hub_url, kafka_bootstrap=kafka_bootstrap, site="cloud", topic_scope=unique,
+        nats_url=nats_network.hub_url, site="cloud", topic_scope=unique, **kafka_access.settings("telemetry"),
         metrics_port=metrics_port, alert_interval_s=0.5))
     await runtime.app.start()
     config = tmp_path / "prometheus.yml"
