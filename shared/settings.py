@@ -54,6 +54,28 @@ class ServiceSettings(BaseSettings):
         validation_alias=_plain("DIN_OTLP_ENDPOINT"),
         description="OTLP/HTTP traces endpoint of a collector; traces are exported there when set.",
     )
+    nats_creds_file: str | None = Field(
+        default=None,
+        validation_alias=_plain("DIN_NATS_CREDS"),
+        description="NATS credentials file (user JWT and nkey seed) this process connects with; unset only "
+        "against an --insecure stack.",
+    )
+    bus_ca_file: str | None = Field(
+        default=None,
+        validation_alias=_plain("DIN_BUS_CA_FILE"),
+        description="DIN's CA certificate (ca.pem): brokers reached over TLS (tls:// NATS URLs, Kafka) are "
+        "verified against it.",
+    )
+    kafka_user: str | None = Field(
+        default=None,
+        validation_alias=_plain("DIN_KAFKA_USER"),
+        description="Kafka SCRAM user of this process; unset only against an --insecure stack.",
+    )
+    kafka_password_file: str | None = Field(
+        default=None,
+        validation_alias=_plain("DIN_KAFKA_PASSWORD_FILE"),
+        description="File holding the Kafka SCRAM user's password.",
+    )
     topic_scope: str | None = Field(
         default=None,
         validation_alias=_plain("DIN_TOPIC_SCOPE"),

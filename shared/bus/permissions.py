@@ -1,0 +1,213 @@
+"""Who may publish and subscribe to what on NATS: least privilege per party, generated from the topology.
+
+One function per kind of party returns its ``Permissions``; ``network_users``
+lists every user a topology needs. ``docs/security.md``'s access table is
+generated from ``access_table``; ``tests/unit/test_bus_permissions.py`` checks
+that every subject a service declares (``din.service_operations``) is allowed
+to it, and that nothing a party must not touch is.
+
+Inboxes carry their owner so that permissions can confine them: a tenant's
+client uses the inbox prefix ``_INBOX.<tenant>.<site>`` (``tenant_inbox``), a
+service instance ``_DIN_INBOX.<site>.<user>`` (``service_inbox``). A tenant may
+subscribe only under its own prefix; a site's leaf connection only receives
+replies for its own site's inboxes. Replies to a message a party received
+(acknowledgements, health and control answers) go through NATS's response
+permission (``resp``), not a standing grant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared.naming import Subjects, token, work_stream
+from shared.security.keyfiles import KEYS_BUCKET
+from shared.topology import Topology
+
+ANY = "*"
+REST = ">"
+_PLACEHOLDER = "ANYTOKEN"
+TENANT_INBOX_ROOT = "_INBOX"
+SERVICE_INBOX_ROOT = "_DIN_INBOX"
+OPERATOR_USER = "operator"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects a NATS user may publish to and subscribe to (allow lists) and how many replies it may send to each
+    message it receives (0: none)."""
+
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    responses: int = 0
+    inbox_prefix: str | None = None
+
+    def __add__(self, other: Permissions) -> Permissions:
+        return Permissions(_unique(self.publish + other.publish), _unique(self.subscribe + other.subscribe),
+                           max(self.responses, other.responses), self.inbox_prefix or other.inbox_prefix)
+
+
+@dataclass(frozen=True)
+class BusUser:
+    """One NATS user of a network: its name (the credentials file's), what it is and its permissions."""
+
+    name: str
+    kind: str
+    site: str | None
+    permissions: Permissions = field(default_factory=Permissions)
+
+
+def _unique(items: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def pattern(build: Callable[..., str], *parts: str) -> str:
+    """The subject ``build`` makes, with ``ANY`` parts as ``*`` (e.g. ``pattern(Subjects.execute, site, ANY)``)."""
+    subject = build(*(_PLACEHOLDER if part == ANY else part for part in parts))
+    return ".".join(ANY if t == _PLACEHOLDER else t for t in subject.split("."))
+
+
+def tenant_inbox(tenant: str, site: str) -> str:
+    """The inbox prefix of ``tenant``'s clients connected at ``site``."""
+    return f"{TENANT_INBOX_ROOT}.{token(tenant, what='tenant')}.{token(site, what='site')}"
+
+
+def service_inbox(site: str, user: str) -> str:
+    """The inbox prefix of service user ``user`` at ``site``."""
+    return f"{SERVICE_INBOX_ROOT}.{token(site, what='site')}.{token(user, what='user')}"
+
+
+ANY_TENANT_INBOX = f"{TENANT_INBOX_ROOT}.{REST}"
+ANY_SERVICE_INBOX = f"{SERVICE_INBOX_ROOT}.{REST}"
+
+
+def _js_api(domain: str | None, *suffixes: str) -> tuple[str, ...]:
+    prefix = f"$JS.{domain}.API" if domain else "$JS.API"
+    return tuple(f"{prefix}.{suffix}" for suffix in suffixes)
+
+
+def _stream_reader(stream: str) -> tuple[str, ...]:
+    return ("INFO", f"STREAM.INFO.{stream}", f"CONSUMER.CREATE.{stream}", f"CONSUMER.CREATE.{stream}.{REST}",
+            f"CONSUMER.DELETE.{stream}.{REST}", f"DIRECT.GET.{stream}", f"DIRECT.GET.{stream}.{REST}",
+            f"STREAM.MSG.GET.{stream}")
+
+
+def _stream_owner(stream: str) -> tuple[str, ...]:
+    return (*_stream_reader(stream), f"STREAM.CREATE.{stream}", f"STREAM.UPDATE.{stream}",
+            f"CONSUMER.INFO.{stream}.{REST}", f"CONSUMER.DURABLE.CREATE.{stream}.{REST}",
+            f"CONSUMER.MSG.NEXT.{stream}.{REST}")
+
+
+def key_bucket_reader(topology: Topology) -> Permissions:
+    """Watching the ``DIN_KEYS`` bucket at the hub (every secured service's key agent): read-only."""
+    return Permissions(_js_api(topology.hub.name, *_stream_reader(f"KV_{KEYS_BUCKET}"))
+                       + (f"$JS.FC.KV_{KEYS_BUCKET}.{REST}",))
+
+
+def _service(user: str, site: str, service: str, instance: str | None) -> Permissions:
+    subscribe = [Subjects.health(service), f"{service_inbox(site, user)}.{REST}"]
+    if instance is not None:
+        subscribe.append(Subjects.health(service, instance))
+    return Permissions(subscribe=tuple(subscribe), responses=1, inbox_prefix=service_inbox(site, user))
+
+
+def admission(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
+    """A site's admission: hears its site's requests and hand-overs, hands on to its classifier or another
+    site's admission, claims nonces in its site's bucket, answers clients with errors."""
+    nonces = f"KV_DIN_NONCES_{site.upper().replace('-', '_')}"
+    return _service(user, site, "admission", instance) + key_bucket_reader(topology) + Permissions(
+        publish=(pattern(Subjects.admit, ANY, ANY, ANY), Subjects.classify(site), ANY_TENANT_INBOX,
+                 *_js_api(site, *_stream_owner(nonces)), f"$KV.{nonces[3:]}.{REST}"),
+        subscribe=(Subjects.INFER_ALL, Subjects.admit_all(site), Subjects.pressure(site)),
+    )
+
+
+def classifier(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
+    """A site's classifier: its site's admitted requests in, its site's scheduler out."""
+    return _service(user, site, "classifier", instance) + Permissions(
+        publish=(Subjects.schedule(site), ANY_TENANT_INBOX), subscribe=(Subjects.classify(site),))
+
+
+def scheduler(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
+    """A site's scheduler: the executors, completions and work queues of the sites it places on (every site for
+    the hub's), every site's summaries; forwards to any site's scheduler."""
+    placed = topology.scheduled_sites(site)
+    publish = [pattern(Subjects.schedule, ANY), Subjects.pressure(site), Subjects.summary(site),
+               pattern(Subjects.probe, ANY), ANY_TENANT_INBOX]
+    subscribe = [Subjects.schedule(site), Subjects.SUMMARY_ALL]
+    for other in placed:
+        publish += [pattern(Subjects.execute, other, ANY), pattern(Subjects.work, other, ANY),
+                    Subjects.roll_call(other), *_js_api(other, *_stream_owner(work_stream(other)))]
+        subscribe += [Subjects.heartbeat_site(other), Subjects.completed(other)]
+    return _service(user, site, "scheduler", instance) + key_bucket_reader(topology) + Permissions(
+        tuple(publish), tuple(subscribe))
+
+
+def executor(topology: Topology, site: str, executor_id: str) -> Permissions:
+    """One executor: its own job subject, control and heartbeat; its site's work queue, probes and roll calls;
+    hands a job's next stage to any executor or work queue and a job back to any scheduler."""
+    user = f"executor-{executor_id}"
+    stream = work_stream(site)
+    return _service(user, site, "executor", executor_id) + key_bucket_reader(topology) + Permissions(
+        publish=(Subjects.heartbeat(site, executor_id), Subjects.completed(site), pattern(Subjects.execute, ANY, ANY),
+                 pattern(Subjects.work, ANY, ANY), pattern(Subjects.schedule, ANY), ANY_TENANT_INBOX,
+                 *_js_api(None, *_stream_owner(stream)), f"$JS.ACK.{stream}.{REST}"),
+        subscribe=(Subjects.execute(site, executor_id), Subjects.control("executor", executor_id),
+                   Subjects.probe(site), Subjects.roll_call(site)),
+    )
+
+
+def telemetry(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
+    """Telemetry: hears every heartbeat and completion, raises alerts."""
+    return _service(user, site, "telemetry", instance) + Permissions(
+        publish=(Subjects.ALERTS,), subscribe=(Subjects.HEARTBEAT_ALL, Subjects.COMPLETED_ALL))
+
+
+def keymanager(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
+    """The key manager: the only writer of the ``DIN_KEYS`` bucket; hears the operator's key commands."""
+    stream = f"KV_{KEYS_BUCKET}"
+    return _service(user, site, "keymanager", instance) + Permissions(
+        publish=(*_js_api(None, *_stream_owner(stream)), *_js_api(site, *_stream_owner(stream)),
+                 f"$KV.{KEYS_BUCKET}.{REST}", f"$JS.FC.{stream}.{REST}"),
+        subscribe=(Subjects.control("keymanager", instance or "keymanager"), Subjects.control("keymanager", site)),
+    )
+
+
+def tenant(name: str) -> Permissions:
+    """A tenant's clients: publish its own requests, hear its own inboxes; nothing else."""
+    return Permissions(publish=(pattern(Subjects.infer, name, ANY),),
+                       subscribe=(f"{TENANT_INBOX_ROOT}.{token(name, what='tenant')}.{REST}",))
+
+
+def operator() -> Permissions:
+    """The operator (``din`` commands, tests' harness): everything, in its own account's terms."""
+    return Permissions(publish=(REST,), subscribe=(REST,), responses=1)
+
+
+def leaf(topology: Topology, site: str) -> tuple[Permissions, Permissions]:
+    """``(out, in)`` of ``site``'s leaf connection to the hub: what may leave the site for the rest of the
+    network, and what the network may deliver into the site. A site's leaf cannot speak for another site
+    (heartbeats, summaries, completions of its own site only) nor receive what is addressed to another site
+    (jobs, work, hand-overs, replies to other sites' inboxes)."""
+    out = [Subjects.heartbeat_site(site), Subjects.completed(site), Subjects.summary(site),
+           pattern(Subjects.schedule, ANY), pattern(Subjects.admit, ANY, ANY, ANY), pattern(Subjects.probe, ANY),
+           pattern(Subjects.execute, ANY, ANY), pattern(Subjects.work, ANY, ANY), ANY_TENANT_INBOX,
+           ANY_SERVICE_INBOX, *key_bucket_reader(topology).publish]
+    into = [pattern(Subjects.execute, site, ANY), pattern(Subjects.work, site, ANY), Subjects.schedule(site),
+            Subjects.admit_all(site), Subjects.SUMMARY_ALL, Subjects.probe(site), Subjects.roll_call(site),
+            pattern(Subjects.control, "executor", ANY), pattern(Subjects.health, ANY),
+            pattern(Subjects.health, ANY, ANY),
+            f"{TENANT_INBOX_ROOT}.{ANY}.{site}.{REST}", f"{SERVICE_INBOX_ROOT}.{site}.{REST}", f"$JS.{site}.API.{REST}"]
+    if site not in topology.control_sites():
+        out.append(Subjects.INFER_ALL)
+        into += [Subjects.pressure(site)]
+    return Permissions(tuple(out)), Permissions(tuple(into))
+
+
+SERVICE_RULES = {
+    "admission": admission,
+    "classifier": classifier,
+    "scheduler": scheduler,
+    "telemetry": telemetry,
+    "keymanager": keymanager,
+}
