@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import numpy as np
@@ -140,10 +141,14 @@ class DinClient:
 
     @classmethod
     async def connect(
-        cls, url: str, tenant: str, token: str, keys: PrincipalKeys | None = None, *, keys_timeout_s: float = 30.0
+        cls, url: str, tenant: str, token: str, keys: PrincipalKeys | None = None, *, keys_timeout_s: float = 30.0,
+        options: Mapping[str, Any] | None = None,
     ) -> DinClient:
-        """Connect as ``tenant``; with ``keys``, wait until the tenant's data key has been distributed."""
-        nc = await nats.connect(url, name=f"din-client-{tenant}")
+        """Connect as ``tenant``; with ``keys``, wait until the tenant's data key has been distributed.
+
+        ``options`` are nats-py connect options: on a closed bus the tenant's credentials, its inbox prefix and
+        TLS (``shared.bus.connect.nats_options`` with the tenant's creds file and the site it connects at)."""
+        nc = await nats.connect(url, name=f"din-client-{tenant}", **(options or {}))
         try:
             security = None
             if keys is not None:

@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 
 from shared import __version__
 from shared.bus.kafka import kafka_client_kwargs
+from shared.bus.connect import broker_options
 from shared.contracts.events import DeadLetterV1, HealthV1
 from shared.contracts.job import JobV1
 from shared.errors import DinError, ErrorCode, error_reply
@@ -115,6 +116,7 @@ class ServiceRuntime:
             name=f"din-{name}-{self.instance}",
             logger=None,
             max_reconnect_attempts=-1,
+            **broker_options(settings),
         )
         self.app = FastStream(
             self.broker,

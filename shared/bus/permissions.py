@@ -30,6 +30,7 @@ _PLACEHOLDER = "ANYTOKEN"
 TENANT_INBOX_ROOT = "_INBOX"
 SERVICE_INBOX_ROOT = "_DIN_INBOX"
 OPERATOR_USER = "operator"
+TENANT_USER_PREFIX = "tenant-"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,13 @@ class Permissions:
     subscribe: tuple[str, ...] = ()
     responses: int = 0
     inbox_prefix: str | None = None
+
+    def claims(self) -> dict:
+        """The permission part of a user JWT's ``nats`` claims."""
+        out: dict = {"pub": {"allow": list(self.publish)}, "sub": {"allow": list(self.subscribe)}}
+        if self.responses:
+            out["resp"] = {"max": self.responses, "ttl": 0}
+        return out
 
     def __add__(self, other: Permissions) -> Permissions:
         return Permissions(_unique(self.publish + other.publish), _unique(self.subscribe + other.subscribe),
@@ -77,6 +85,18 @@ def service_inbox(site: str, user: str) -> str:
     return f"{SERVICE_INBOX_ROOT}.{token(site, what='site')}.{token(user, what='user')}"
 
 
+def inbox_for(user: str, site: str) -> str:
+    """The inbox prefix NATS user ``user`` connects with at ``site``: its tenant's (``tenant-<name>``) or its own."""
+    if user.startswith(TENANT_USER_PREFIX):
+        return tenant_inbox(user.removeprefix(TENANT_USER_PREFIX), site)
+    return service_inbox(site, user)
+
+
+def tenant_user(tenant_name: str) -> str:
+    """The NATS user of ``tenant_name``'s clients."""
+    return f"{TENANT_USER_PREFIX}{token(tenant_name, what='tenant')}"
+
+
 ANY_TENANT_INBOX = f"{TENANT_INBOX_ROOT}.{REST}"
 ANY_SERVICE_INBOX = f"{SERVICE_INBOX_ROOT}.{REST}"
 
@@ -88,20 +108,22 @@ def _js_api(domain: str | None, *suffixes: str) -> tuple[str, ...]:
 
 def _stream_reader(stream: str) -> tuple[str, ...]:
     return ("INFO", f"STREAM.INFO.{stream}", f"CONSUMER.CREATE.{stream}", f"CONSUMER.CREATE.{stream}.{REST}",
-            f"CONSUMER.DELETE.{stream}.{REST}", f"DIRECT.GET.{stream}", f"DIRECT.GET.{stream}.{REST}",
-            f"STREAM.MSG.GET.{stream}")
+            f"CONSUMER.DELETE.{stream}.{REST}", f"CONSUMER.INFO.{stream}.{REST}", f"DIRECT.GET.{stream}",
+            f"DIRECT.GET.{stream}.{REST}", f"STREAM.MSG.GET.{stream}")
 
 
 def _stream_owner(stream: str) -> tuple[str, ...]:
     return (*_stream_reader(stream), f"STREAM.CREATE.{stream}", f"STREAM.UPDATE.{stream}",
-            f"CONSUMER.INFO.{stream}.{REST}", f"CONSUMER.DURABLE.CREATE.{stream}.{REST}",
+            f"CONSUMER.DURABLE.CREATE.{stream}.{REST}",
             f"CONSUMER.MSG.NEXT.{stream}.{REST}")
 
 
 def key_bucket_reader(topology: Topology) -> Permissions:
-    """Watching the ``DIN_KEYS`` bucket at the hub (every secured service's key agent): read-only."""
-    return Permissions(_js_api(topology.hub.name, *_stream_reader(f"KV_{KEYS_BUCKET}"))
-                       + (f"$JS.FC.KV_{KEYS_BUCKET}.{REST}",))
+    """Watching the ``DIN_KEYS`` bucket at the hub (every secured service's key agent): read-only, addressed to
+    the hub's JetStream domain (or, at the hub, to its own JetStream)."""
+    stream = f"KV_{KEYS_BUCKET}"
+    return Permissions(_js_api(topology.hub.name, *_stream_reader(stream)) + _js_api(None, *_stream_reader(stream))
+                       + (f"$JS.FC.{stream}.{REST}",))
 
 
 def _service(user: str, site: str, service: str, instance: str | None) -> Permissions:
@@ -132,13 +154,18 @@ def scheduler(topology: Topology, site: str, user: str, instance: str | None) ->
     """A site's scheduler: the executors, completions and work queues of the sites it places on (every site for
     the hub's), every site's summaries; forwards to any site's scheduler."""
     placed = topology.scheduled_sites(site)
+    every = len(placed) > 1 and set(placed) == {s.name for s in topology.sites}
     publish = [pattern(Subjects.schedule, ANY), Subjects.pressure(site), Subjects.summary(site),
                pattern(Subjects.probe, ANY), ANY_TENANT_INBOX]
     subscribe = [Subjects.schedule(site), Subjects.SUMMARY_ALL]
-    for other in placed:
+    for other in [ANY] if every else placed:
         publish += [pattern(Subjects.execute, other, ANY), pattern(Subjects.work, other, ANY),
-                    Subjects.roll_call(other), *_js_api(other, *_stream_owner(work_stream(other)))]
-        subscribe += [Subjects.heartbeat_site(other), Subjects.completed(other)]
+                    pattern(Subjects.roll_call, other)]
+        subscribe += [pattern(Subjects.heartbeat, other, ANY), pattern(Subjects.completed, other)]
+    for other in placed:
+        stream = work_stream(other)
+        publish += _js_api(other, "INFO", f"STREAM.INFO.{stream}", f"STREAM.CREATE.{stream}",
+                           f"STREAM.UPDATE.{stream}")
     return _service(user, site, "scheduler", instance) + key_bucket_reader(topology) + Permissions(
         tuple(publish), tuple(subscribe))
 
@@ -173,10 +200,12 @@ def keymanager(topology: Topology, site: str, user: str, instance: str | None) -
     )
 
 
-def tenant(name: str) -> Permissions:
-    """A tenant's clients: publish its own requests, hear its own inboxes; nothing else."""
-    return Permissions(publish=(pattern(Subjects.infer, name, ANY),),
-                       subscribe=(f"{TENANT_INBOX_ROOT}.{token(name, what='tenant')}.{REST}",))
+def tenant(topology: Topology, name: str) -> Permissions:
+    """A tenant's clients: publish its own requests, hear its own inboxes, read the key bucket (public identities
+    and data keys wrapped to their holders); nothing else."""
+    return key_bucket_reader(topology) + Permissions(
+        publish=(pattern(Subjects.infer, name, ANY),),
+        subscribe=(f"{TENANT_INBOX_ROOT}.{token(name, what='tenant')}.{REST}",))
 
 
 def operator() -> Permissions:
@@ -184,9 +213,9 @@ def operator() -> Permissions:
     return Permissions(publish=(REST,), subscribe=(REST,), responses=1)
 
 
-def leaf(topology: Topology, site: str) -> tuple[Permissions, Permissions]:
-    """``(out, in)`` of ``site``'s leaf connection to the hub: what may leave the site for the rest of the
-    network, and what the network may deliver into the site. A site's leaf cannot speak for another site
+def leaf(topology: Topology, site: str) -> Permissions:
+    """``site``'s leaf connection to the hub: ``publish`` is what may leave the site for the rest of the network,
+    ``subscribe`` what the network may deliver into the site (NATS applies a leaf user's permissions so). A site's leaf cannot speak for another site
     (heartbeats, summaries, completions of its own site only) nor receive what is addressed to another site
     (jobs, work, hand-overs, replies to other sites' inboxes)."""
     out = [Subjects.heartbeat_site(site), Subjects.completed(site), Subjects.summary(site),
@@ -201,7 +230,7 @@ def leaf(topology: Topology, site: str) -> tuple[Permissions, Permissions]:
     if site not in topology.control_sites():
         out.append(Subjects.INFER_ALL)
         into += [Subjects.pressure(site)]
-    return Permissions(tuple(out)), Permissions(tuple(into))
+    return Permissions(tuple(out), tuple(into))
 
 
 SERVICE_RULES = {

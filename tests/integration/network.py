@@ -20,6 +20,7 @@ from din.client import DinClient
 from din.stack.launcher import CONTROL_SERVICES, PortPlan, Stack
 from din.stack.processes import ManagedProcess
 from shared.bus.kafka import OPERATOR, KafkaAccess
+from shared.bus.permissions import tenant_user
 from shared.contracts.events import HealthV1
 from shared.contracts.inference import RequestHeaders
 from shared.credentials import issue_token, read_credentials
@@ -70,7 +71,8 @@ class Network:
 
     @contextlib.asynccontextmanager
     async def client(self, tenant: str):
-        client = await DinClient.connect(self.hub_url, tenant, self.token(tenant), self.keys(tenant))
+        client = await DinClient.connect(self.hub_url, tenant, self.token(tenant), self.keys(tenant),
+                                         options=self.stack.nats_options(user=tenant_user(tenant)))
         try:
             yield client
         finally:
@@ -92,6 +94,8 @@ class Network:
         env = dict(self.stack.environments()[f"executor-{like}"])
         env.update(DIN_EXECUTOR_ID=executor_id, DIN_SITE=site, DIN_NATS_URL=self.stack.nats_urls[site],
                    PYTHONUNBUFFERED="1")
+        if self.stack.bus is not None:
+            env["DIN_NATS_CREDS"] = str(self.stack.bus.issue_executor(executor_id, site))
         proc = ManagedProcess(
             name=f"executor-{executor_id}",
             argv=[sys.executable, "-m", "services.executor"],
@@ -106,7 +110,7 @@ class Network:
         """One instance's health; a control-plane service's at the hub unless ``instance`` names its site."""
         if instance is None and service in CONTROL_SERVICES:
             instance = self.topology.hub.name
-        nc = await nats.connect(self.hub_url)
+        nc = await nats.connect(self.hub_url, **self.stack.nats_options())
         try:
             reply = await nc.request(Subjects.health(service, instance), b"", timeout=timeout)
             return HealthV1.model_validate_json(reply.data)
