@@ -33,8 +33,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from shared import __version__
-from shared.bus.kafka import kafka_client_kwargs
 from shared.bus.connect import broker_options
+from shared.bus.kafka import kafka_client_kwargs
 from shared.contracts.events import DeadLetterV1, HealthV1
 from shared.contracts.job import JobV1
 from shared.errors import DinError, ErrorCode, error_reply

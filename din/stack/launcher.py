@@ -45,6 +45,7 @@ from din.stack.brokers import (
     require_java,
     start_nats,
 )
+from din.stack.bus import BusCredentials
 from din.stack.processes import (
     ManagedProcess,
     StackError,
@@ -56,7 +57,6 @@ from din.stack.processes import (
 from din.stack.wan import ToxiproxyClient, ToxiproxySpec, WanLink, toxiproxy_binary, wan_links
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.topics import ensure_topics, topic_plan
-from din.stack.bus import BusCredentials
 from shared.bus.connect import nats_options
 from shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
 from shared.bus.nats_auth import NATS_DIR
@@ -277,8 +277,8 @@ def service_environments(
     (default: ``keys`` beside the credentials file): the key manager gets the key
     store and master key, every other service its own site's key file. ``kafka_bus_dir``: the bus folder of a
     secure Kafka (its CA and users); each service then logs in as its own Kafka user (its kind). ``bus_dir``: the
-    bus folder of closed NATS servers; each instance then connects as its own NATS user (its process name). ``din up`` and
-    ``docker-compose.yml`` both follow this function.
+    bus folder of closed NATS servers; each instance then connects as its own NATS user (its process name).
+    ``din up`` and ``docker-compose.yml`` both follow this function.
     """
     if mode not in SCHEDULER_MODES:
         raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")

@@ -215,9 +215,9 @@ def operator() -> Permissions:
 
 def leaf(topology: Topology, site: str) -> Permissions:
     """``site``'s leaf connection to the hub: ``publish`` is what may leave the site for the rest of the network,
-    ``subscribe`` what the network may deliver into the site (NATS applies a leaf user's permissions so). A site's leaf cannot speak for another site
-    (heartbeats, summaries, completions of its own site only) nor receive what is addressed to another site
-    (jobs, work, hand-overs, replies to other sites' inboxes)."""
+    ``subscribe`` what the network may deliver into the site (NATS applies a leaf user's permissions so). A
+    site's leaf cannot speak for another site (heartbeats, summaries, completions of its own site only) nor
+    receive what is addressed to another site (jobs, work, hand-overs, replies to other sites' inboxes)."""
     out = [Subjects.heartbeat_site(site), Subjects.completed(site), Subjects.summary(site),
            pattern(Subjects.schedule, ANY), pattern(Subjects.admit, ANY, ANY, ANY), pattern(Subjects.probe, ANY),
            pattern(Subjects.execute, ANY, ANY), pattern(Subjects.work, ANY, ANY), ANY_TENANT_INBOX,
