@@ -17,6 +17,7 @@ from din.replay.report import render_report
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, SCHEDULER_MODES, PortPlan, Stack
 from din.stack.wan import ToxiproxyClient
 from din.workload import load_digits_test, mixed_plan, run_workload
+from shared.bus.permissions import tenant_user
 from shared.credentials import issue_token, read_credentials
 from shared.security import PrincipalKeys
 from shared.topology import load_topology
@@ -58,11 +59,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         credentials = read_credentials(stack.credentials_file)
         keys = {tenant: stack.tenant_keys(tenant) for tenant in credentials}
         started_ms = time.time() * 1000.0
-        report = asyncio.run(_drive(stack.hub_url, credentials, keys, args.requests, args.concurrency))
+        report = asyncio.run(_drive(stack, credentials, keys, args.requests, args.concurrency))
         print("\nSummary (latency is client-observed, end to end):\n")
         print(report.table())
         print("\nMulti-stage requests:\n")
-        print(asyncio.run(_multi_stage(stack.hub_url, credentials, keys)))
+        print(asyncio.run(_multi_stage(stack, credentials, keys)))
         if stack.toxiproxy is not None and "factory" in stack.nats_urls:
             print("\nSites (clients at the factory's own NATS server, links through Toxiproxy):\n")
             print(asyncio.run(_sites(stack, credentials, keys["acme"])))
@@ -83,14 +84,21 @@ async def _write_report(bootstrap: str, since_ms: float, out: Path, client_kwarg
     out.write_text(render_report(window, title="DIN demo", source=bootstrap, scope=None))
 
 
-async def _multi_stage(hub_url: str, credentials: dict[str, str], keys: dict[str, PrincipalKeys],
+async def _client(stack: Stack, tenant: str, credentials: dict[str, str], keys: PrincipalKeys | None,
+                  site: str | None = None) -> DinClient:
+    """A client of ``tenant`` at ``site`` (default: the hub), logged in as the tenant's NATS user."""
+    site = site or stack.topology.hub.name
+    return await DinClient.connect(stack.nats_urls[site], tenant, issue_token(tenant, credentials[tenant]), keys,
+                                   options=stack.nats_options(site, tenant_user(tenant)))
+
+
+async def _multi_stage(stack: Stack, credentials: dict[str, str], keys: dict[str, PrincipalKeys],
                        splits: int = 40) -> str:
     """A few split requests whose raw input must stay at factory, and streamed generations, co-located at factory
     for acme's sensitive data and disaggregated from branch to cloud for initech's."""
     x, y = load_digits_test(DEFAULT_MODEL_REPO)
     lines = []
-    async with await DinClient.connect(hub_url, "acme", issue_token("acme", credentials["acme"]),
-                                       keys["acme"]) as client:
+    async with await _client(stack, "acme", credentials, keys["acme"]) as client:
         points: dict[str, int] = {}
         correct = 0
         for i in range(splits):
@@ -101,8 +109,7 @@ async def _multi_stage(hub_url: str, credentials: dict[str, str], keys: dict[str
         lines.append(f"  split inference (acme, pii, auto, quantize:4): {correct}/{splits} correct; split points "
                      f"{points}; stages {' -> '.join(result.served_by.stages)}")
         lines.append(await _stream_line(client, "acme", "def ", labels=["pii"]))
-    async with await DinClient.connect(hub_url, "initech", issue_token("initech", credentials["initech"]),
-                                       keys["initech"]) as client:
+    async with await _client(stack, "initech", credentials, keys["initech"]) as client:
         lines.append(await _stream_line(client, "initech", "import "))
     return "\n".join(lines)
 
@@ -112,8 +119,7 @@ async def _sites(stack: Stack, credentials: dict[str, str], keys: PrincipalKeys,
     x, _ = load_digits_test(DEFAULT_MODEL_REPO)
     links = ToxiproxyClient(stack.toxiproxy.api_url)
     lines = []
-    async with await DinClient.connect(stack.nats_urls["factory"], "acme", issue_token("acme", credentials["acme"]),
-                                       keys) as client:
+    async with await _client(stack, "acme", credentials, keys, "factory") as client:
         for state in ("link up", "link to the hub cut"):
             if state != "link up":
                 links.set_enabled("factory", False)
@@ -144,11 +150,11 @@ async def _stream_line(client: DinClient, tenant: str, prompt: str, **options) -
             f"{last.timings_ms['tpot']:.2f} ms, stages {' -> '.join(last.served_by.stages)}")
 
 
-async def _drive(hub_url: str, credentials: dict[str, str], keys: dict[str, PrincipalKeys], count: int,
+async def _drive(stack: Stack, credentials: dict[str, str], keys: dict[str, PrincipalKeys], count: int,
                  concurrency: int):
     x, y = load_digits_test(DEFAULT_MODEL_REPO)
     tenants = sorted(credentials)
-    clients = {t: await DinClient.connect(hub_url, t, issue_token(t, credentials[t]), keys[t]) for t in tenants}
+    clients = {t: await _client(stack, t, credentials, keys[t]) for t in tenants}
     try:
         plan = mixed_plan(tenants, count, len(x))
         print(f"\nSending {count} requests as {', '.join(tenants)} ({concurrency} in flight) ...", flush=True)

@@ -150,15 +150,17 @@ async def stream_text(chunks: AsyncIterable[StreamChunkV1], out: TextIO) -> Stre
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    url, token, keys = running_tenant(args.din_dir, args.tenant, args.site)
+    url, token, keys, options = running_tenant(args.din_dir, args.tenant, args.site)
     if args.prompt is not None:
-        return asyncio.run(_generate(url, token, keys, args))
+        return asyncio.run(_generate(url, token, keys, options, args))
     x, y = load_digits_test(DEFAULT_MODEL_REPO)
-    return asyncio.run(_infer(url, token, keys, args, x[args.sample : args.sample + 1], int(y[args.sample])))
+    return asyncio.run(_infer(url, token, keys, options, args, x[args.sample : args.sample + 1],
+                              int(y[args.sample])))
 
 
-async def _infer(url: str, token: str, keys, args: argparse.Namespace, row: np.ndarray, truth: int) -> int:
-    async with await DinClient.connect(url, args.tenant, token, keys) as client:
+async def _infer(url: str, token: str, keys, options: dict, args: argparse.Namespace, row: np.ndarray,
+                 truth: int) -> int:
+    async with await DinClient.connect(url, args.tenant, token, keys, options=options) as client:
         try:
             result = await client.infer(pick_model(args), {"input": row}, **request_options(args))
         except (DinRequestError, NoAnswerError) as exc:
@@ -167,8 +169,8 @@ async def _infer(url: str, token: str, keys, args: argparse.Namespace, row: np.n
     return 0
 
 
-async def _generate(url: str, token: str, keys, args: argparse.Namespace) -> int:
-    async with await DinClient.connect(url, args.tenant, token, keys) as client:
+async def _generate(url: str, token: str, keys, options: dict, args: argparse.Namespace) -> int:
+    async with await DinClient.connect(url, args.tenant, token, keys, options=options) as client:
         chunks = client.generate(pick_model(args), args.prompt, args.max_tokens, **request_options(args))
         try:
             last = await stream_text(chunks, sys.stdout)

@@ -12,8 +12,18 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_TOPOLOGY, STATE_FILE_NAME, format_table, read_state
+from din.stack.bus import BusCredentials
+from din.stack.launcher import (
+    DEFAULT_DIN_DIR,
+    DEFAULT_TOPOLOGY,
+    STATE_FILE_NAME,
+    format_table,
+    read_state,
+    service_instances,
+    state_nats,
+)
 from din.stack.processes import StackError
+from shared.bus.tls import DEFAULT_HOSTS
 from shared.contracts.keys import KeyAction, KeyCommandResultV1
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from shared.naming import Subjects
@@ -43,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init = actions.add_parser("init", help="write a master key, a key store and one key file per principal")
     init.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
     init.add_argument("--out", type=Path, required=True, help="folder for the key files (created, mode 0600 files)")
+    init.add_argument("--host", action="append", default=[],
+                      help="a name or address the brokers' certificates also cover (repeat; e.g. a compose host)")
     init.set_defaults(handler=cmd_init)
 
     show = actions.add_parser("show", help="list the principals of a key store and their public keys")
@@ -68,19 +80,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=cmd_export_audit)
 
 
-def _running(din_dir: Path) -> tuple[Path, str]:
-    """Key folder and hub NATS URL of the running stack."""
+def _running(din_dir: Path) -> tuple[Path, str, dict]:
+    """Key folder, hub NATS URL and the operator's connect options of the running stack."""
     state = read_state(din_dir / STATE_FILE_NAME)
     if state is None:
         raise StackError(f"no stack is running from {din_dir}: start one with `din up`")
     hub = load_topology(Path(state["topology"])).hub.name
-    return Path(state["run_dir"]) / "keys", state["urls"]["nats"][hub]
+    url, options = state_nats(state, hub)
+    return Path(state["run_dir"]) / "keys", url, options
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
     store = init_keys(args.out, topology)
+    hosts = {site.name: (*DEFAULT_HOSTS, *args.host) for site in topology.sites}
+    instances = [(i.service, i.site, i.name, i.instance) for i in service_instances(topology)]
+    bus = BusCredentials.provision(args.out / "bus", topology, instances, hosts=hosts)
     print(f"wrote keys of {len(store.publics)} principals to {args.out}: give each service only its own key file")
+    print(f"wrote the bus credentials to {bus.root}: CA, server certificates, NATS users, Kafka users")
     return 0
 
 
@@ -97,12 +114,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-async def send_command(url: str, operator: PrincipalKeys, action: KeyAction, **fields) -> KeyCommandResultV1:
+async def send_command(url: str, operator: PrincipalKeys, action: KeyAction, options: dict | None = None,
+                       **fields) -> KeyCommandResultV1:
     """Sign and send one command to the key manager; raise ``StackError`` with its answer on failure."""
     import nats
 
     body, headers = sign_key_command(operator, new_key_command(action, **fields))
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1)
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1, **(options or {}))
     try:
         reply = await nc.request(Subjects.control("keymanager", KEYMANAGER), body, headers=headers,
                                  timeout=COMMAND_TIMEOUT_S)
@@ -115,14 +133,14 @@ async def send_command(url: str, operator: PrincipalKeys, action: KeyAction, **f
 
 
 def cmd_command(args: argparse.Namespace) -> int:
-    keys_dir, url = _running(args.din_dir)
+    keys_dir, url, options = _running(args.din_dir)
     operator = PrincipalKeys.load(key_file(keys_dir, OPERATOR))
     fields = {}
     if args.keys_command == "rotate":
         fields = {"reader": args.reader, "grace_s": args.grace}
     elif args.keys_command == "revoke":
         fields = {"principal": args.principal}
-    result = asyncio.run(send_command(url, operator, KeyAction(args.keys_command), **fields))
+    result = asyncio.run(send_command(url, operator, KeyAction(args.keys_command), options, **fields))
     if result.message:
         print(result.message)
     print(format_table(["READER", "VERSION"], [[r, str(v)] for r, v in sorted(result.versions.items())]))
@@ -130,11 +148,11 @@ def cmd_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def audit_keys(url: str, audit: PrincipalKeys):
+async def audit_keys(url: str, audit: PrincipalKeys, options: dict | None = None):
     """Every audit data key version the key manager distributes now."""
     import nats
 
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1)
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1, **(options or {}))
     agent = KeyAgent(audit)
     try:
         await agent.watch(nc, ready=lambda a: a.ready_for([AUDIT]), timeout_s=COMMAND_TIMEOUT_S)
@@ -145,8 +163,8 @@ async def audit_keys(url: str, audit: PrincipalKeys):
 
 
 def cmd_export_audit(args: argparse.Namespace) -> int:
-    keys_dir, url = _running(args.din_dir)
-    deks = asyncio.run(audit_keys(url, PrincipalKeys.load(key_file(keys_dir, AUDIT))))
+    keys_dir, url, options = _running(args.din_dir)
+    deks = asyncio.run(audit_keys(url, PrincipalKeys.load(key_file(keys_dir, AUDIT)), options))
     write_replay_keys(args.out, deks)
     print(f"wrote {len(deks)} audit data key versions to {args.out} (keep it secret: it opens recorded payloads)")
     return 0

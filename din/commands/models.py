@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nats
 
-from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, STATE_FILE_NAME, read_state, shown_path
+from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, STATE_FILE_NAME, read_state, shown_path, state_nats
 from din.stack.processes import StackError
 from shared.catalog import ModelCatalog
 from shared.contracts.events import LoadModelV1, ModelLoadedV1
@@ -75,14 +75,14 @@ def cmd_load(args: argparse.Namespace) -> int:
     state = read_state(args.din_dir / STATE_FILE_NAME)
     if state is None:
         raise StackError("no stack is running: start one with `din up`")
-    url = next(iter(state["urls"]["nats"].values()))
-    loaded = asyncio.run(_load(url, args.executor, LoadModelV1(model=args.model, version=args.version)))
+    url, options = state_nats(state)
+    loaded = asyncio.run(_load(url, options, args.executor, LoadModelV1(model=args.model, version=args.version)))
     print(f"{args.executor} now serves {loaded.name} version {loaded.version}")
     return 0
 
 
-async def _load(url: str, executor: str, command: LoadModelV1) -> ModelLoadedV1:
-    nc = await nats.connect(url)
+async def _load(url: str, options: dict, executor: str, command: LoadModelV1) -> ModelLoadedV1:
+    nc = await nats.connect(url, **options)
     try:
         reply = await nc.request(Subjects.control("executor", executor), command.model_dump_json().encode(),
                                  timeout=30)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -19,6 +20,7 @@ from din.replay.reader import ReplayError, quiet_kafka_client
 from din.replay.recorded import load_window
 from din.replay.whatif import POLICIES, what_if
 from din.stack.launcher import DEFAULT_MODEL_REPO
+from shared.bus.permissions import OPERATOR_USER, tenant_user
 from shared.credentials import issue_token, read_credentials
 from shared.naming import Topics
 from shared.recording import load_replay_keys
@@ -70,7 +72,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
-async def tenant_clients(url: str, keys_dir: Path, tokens: dict[str, str]) -> dict[str, DinClient]:
+async def tenant_clients(url: str, keys_dir: Path, tokens: dict[str, str],
+                         options: Callable[[str], dict] = lambda user: {}) -> dict[str, DinClient]:
     """Clients that seal like the tenants themselves, for every tenant whose key file the stack holds.
 
     Tenants without one are replayed as plain NATS requests, which admission accepts only for tenants
@@ -80,7 +83,8 @@ async def tenant_clients(url: str, keys_dir: Path, tokens: dict[str, str]) -> di
     for tenant, token in tokens.items():
         path = key_file(keys_dir, tenant_principal(tenant))
         if path.exists():
-            clients[tenant] = await DinClient.connect(url, tenant, token, PrincipalKeys.load(path))
+            clients[tenant] = await DinClient.connect(url, tenant, token, PrincipalKeys.load(path),
+                                                      options=options(tenant_user(tenant)))
     return clients
 
 
@@ -136,12 +140,13 @@ async def run_replay(args: argparse.Namespace) -> int:
     tokens = {tenant: issue_token(tenant, secret, ttl_s=ttl) for tenant, secret in secrets.items()}
     try:
         nc = await nats.connect(endpoints.nats, connect_timeout=3, max_reconnect_attempts=3, allow_reconnect=True,
-                                name="din-replay")
+                                name="din-replay", **endpoints.nats_options(OPERATOR_USER))
     except Exception as exc:  # noqa: BLE001 - every connection failure is one line
         raise ReplayError(
             f"cannot reach NATS at {endpoints.nats} ({exc.__class__.__name__}): is the stack running?"
         ) from None
-    clients = await tenant_clients(endpoints.nats, endpoints.credentials.parent / "keys", tokens)
+    clients = await tenant_clients(endpoints.nats, endpoints.credentials.parent / "keys", tokens,
+                                   endpoints.nats_options)
     try:
         driver = ReplayDriver(nc, tokens, speed=args.speed, concurrency=args.concurrency, model_repo=args.model_repo,
                               progress=not args.no_progress, clients=clients)

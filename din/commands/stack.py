@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated service kinds to run ({', '.join(SERVICE_KINDS)}), 'all', or 'none' for brokers only",
     )
     up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds each service has to become ready")
+    up.add_argument("--insecure", action="store_true",
+                    help="debugging only: brokers without authentication or TLS (anyone who reaches a port may "
+                    "read and write everything)")
     up.set_defaults(handler=cmd_up)
 
     status = subparsers.add_parser(
@@ -137,6 +140,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         services=parse_services(args.services),
         ready_timeout_s=args.ready_timeout,
         wan=not args.no_wan,
+        insecure=args.insecure,
     )
     stack.supervisor_pid = os.getpid()
     begun = time.monotonic()
@@ -178,7 +182,8 @@ def _background_argv(args: argparse.Namespace) -> list[str]:
         "--services", args.services,
         "--ready-timeout", str(args.ready_timeout),
     ]
-    return [*argv, "--no-wan"] if args.no_wan else argv
+    flags = [flag for flag, on in (("--no-wan", args.no_wan), ("--insecure", args.insecure)) if on]
+    return [*argv, *flags]
 
 
 def _up_detached(args: argparse.Namespace) -> int:

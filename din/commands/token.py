@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state
+from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state, state_nats
 from din.stack.processes import StackError
+from shared.bus.permissions import tenant_user
 from shared.credentials import issue_token, read_credentials
 from shared.security import PrincipalKeys, key_file, tenant_principal
 
@@ -27,18 +28,16 @@ def running_credentials(din_dir: Path) -> tuple[dict, dict[str, str]]:
     return state, read_credentials(Path(state["run_dir"]) / "credentials.json")
 
 
-def running_tenant(din_dir: Path, tenant: str, site: str | None = None) -> tuple[str, str, PrincipalKeys | None]:
-    """The NATS URL of ``site`` (the hub's when None), a fresh token and the key material of ``tenant`` in the
-    running stack."""
+def running_tenant(din_dir: Path, tenant: str, site: str | None = None
+                   ) -> tuple[str, str, PrincipalKeys | None, dict]:
+    """The NATS URL of ``site`` (the hub's when None), a fresh token, the key material of ``tenant`` in the
+    running stack and the connect options of its NATS user there."""
     state, secrets = running_credentials(din_dir)
-    urls = state["urls"]["nats"]
-    if site is not None and site not in urls:
-        raise StackError(f"site {site!r} is not in this network: {', '.join(urls)}")
-    url = urls[site] if site is not None else urls[next(iter(urls))]
+    url, options = state_nats(state, site, tenant_user(tenant))
     keys_path = key_file(Path(state["run_dir"]) / "keys", tenant_principal(tenant))
     keys = PrincipalKeys.load(keys_path) if keys_path.exists() else None
     token = issue_token(tenant, secrets[tenant]) if tenant in secrets else ""
-    return url, token, keys
+    return url, token, keys, options
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from din.replay.reader import RecordRange, ReplayError, parse_offsets, parse_time
 from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state
+from shared.bus.connect import nats_options
 from shared.bus.kafka import KafkaAccess
+from shared.bus.nats_auth import NATS_DIR, NatsAuthority
+from shared.bus.tls import CA_CERT
 from shared.topology import Topology, TopologyError, load_topology
 
 DEFAULT_SINCE = "15m"
@@ -57,6 +60,15 @@ class Endpoints:
     def kafka_kwargs(self, user: str) -> dict:
         """aiokafka keyword arguments reading as ``user`` (empty against an insecure Kafka)."""
         return KafkaAccess(self.kafka, self.kafka_bus_dir).client_kwargs(user)
+
+    def nats_options(self, user: str) -> dict:
+        """nats-py connect options of NATS user ``user`` at the hub (empty against an insecure stack); the bus
+        folder holds the NATS users beside the Kafka ones."""
+        if self.kafka_bus_dir is None or self.nats is None:
+            return {}
+        hub = self.load_topology().hub.name
+        return nats_options(self.nats, hub, NatsAuthority(self.kafka_bus_dir / NATS_DIR).creds_path(user),
+                            self.kafka_bus_dir / CA_CERT)
 
     def load_topology(self, override: Path | None = None) -> Topology:
         path = override or self.topology

@@ -582,6 +582,22 @@ def read_state(state_file: Path) -> dict | None:
         raise StackError(f"state file {state_file} is unreadable: delete it after checking no stack runs") from None
 
 
+def state_nats(state: dict, site: str | None = None, user: str = OPERATOR_USER) -> tuple[str, dict]:
+    """The NATS URL of ``site`` (default: the hub's, the first) in a running stack's ``state`` and the connect
+    options of NATS user ``user`` there (none when the stack runs ``--insecure``)."""
+    urls = state["urls"]["nats"]
+    if site is not None and site not in urls:
+        raise StackError(f"site {site!r} is not in this network: {', '.join(urls)}")
+    site = site or next(iter(urls))
+    bus_dir = state.get("bus_dir")
+    if not bus_dir:
+        return urls[site], {}
+    creds = Path(bus_dir) / NATS_DIR / "users" / f"{user}.creds"
+    if not creds.exists():
+        raise StackError(f"no NATS credentials for {user!r} in {bus_dir}")
+    return urls[site], nats_options(urls[site], site, creds, Path(bus_dir) / CA_CERT)
+
+
 def state_processes_alive(state: dict) -> list[dict]:
     """Entries of ``state['processes']`` (and the supervisor) whose process still runs."""
     alive = [p for p in state.get("processes", []) if _same_process(p["pid"], p.get("start_time"))]
@@ -1051,6 +1067,7 @@ __all__ = [
     "service_instances",
     "stack_wan_links",
     "state_processes_alive",
+    "state_nats",
     "stop_from_state",
     "prepare_kafka",
     "wait_kafka_ready",

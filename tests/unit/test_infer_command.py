@@ -174,11 +174,11 @@ class FakeClient:
 
 
 def run_generation(monkeypatch, client: FakeClient, *argv: str) -> int:
-    async def connect(url, tenant, token, keys):
+    async def connect(url, tenant, token, keys, options=None):
         return client
 
     monkeypatch.setattr("din.commands.infer.running_tenant",
-                        lambda din_dir, tenant, site=None: ("nats://x", "tok", None))
+                        lambda din_dir, tenant, site=None: ("nats://x", "tok", None, {}))
     monkeypatch.setattr("din.commands.infer.DinClient.connect", connect)
     return cmd_infer(parse("--tenant", "acme", *argv))
 
