@@ -655,7 +655,9 @@ class Stack:
     ``din down`` from another shell signals it rather than its children; it then
     keeps the stack running with ``din.stack.supervision.Supervisor``, which calls
     ``restart``. With ``wan`` every leaf reaches the hub through a Toxiproxy proxy
-    per link (``din.stack.wan``); without it, over plain loopback.
+    per link (``din.stack.wan``); without it, over plain loopback. The bus is closed (``din.stack.bus``: every
+    connection authenticated, leaf links over TLS, Kafka SASL_SSL with ACLs) unless ``insecure``; with
+    ``client_tls`` client connections run TLS too (as under compose, where they leave the machine).
     """
 
     def __init__(
@@ -681,6 +683,7 @@ class Stack:
         wan: bool = False,
         insecure: bool = False,
         bus_dir: Path | None = None,
+        client_tls: bool = False,
     ) -> None:
         if mode not in SCHEDULER_MODES:
             raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
@@ -693,6 +696,7 @@ class Stack:
         self.kafka_enabled = kafka and external_kafka is None
         self.external_kafka = KafkaAccess(external_kafka) if isinstance(external_kafka, str) else external_kafka
         self.insecure = insecure
+        self.client_tls = client_tls and not insecure
         self._bus_dir = Path(bus_dir) if bus_dir is not None else None
         self.service_command = service_command
         self.model_repo = Path(model_repo)
@@ -871,7 +875,7 @@ class Stack:
         self.bus = BusCredentials.provision(
             self.bus_dir, self.topology, [(i.service, i.site, i.name, i.instance) for i in self.instances])
         for spec in self.nats:
-            spec.security = self.bus.nats_security(spec.site)
+            spec.security = self.bus.nats_security(spec.site, client_tls=self.client_tls)
 
     def nats_options(self, site: str | None = None, user: str = OPERATOR_USER) -> dict:
         """nats-py ``connect`` options for NATS user ``user`` at ``site`` (default: the hub) of this run."""
