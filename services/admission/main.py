@@ -27,6 +27,7 @@ from services.admission.intake import Intake, admitted_job, peek_request_id
 from services.admission.nonces import SharedNonces
 from services.admission.quota import QuotaLedger, quota_shares
 from services.admission.settings import AdmissionSettings
+from shared.bus.permissions import is_tenant_reply
 from shared.catalog import ModelCatalog
 from shared.contracts.events import AdmissionDecisionV1, PressureV1
 from shared.contracts.inference import RequestHeaders, SlaClass
@@ -80,7 +81,7 @@ class Admission(Service):
         self.security = PayloadSecurity.from_settings(settings)
         self.audit = audit_reader(self.topology, settings.site)
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)
-        self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0, "handed_over": 0}
+        self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0, "handed_over": 0, "foreign_reply": 0}
         replicated = self.topology.replicas_at(settings.site) > 1 and self.security.enabled
         self.nonces = SharedNonces(settings.site, settings.replay_window_s) if replicated else None
         self.runtime.on_start(self._start_keys)
@@ -125,6 +126,8 @@ class Admission(Service):
             received_ms = time.time() * 1000.0
             if not msg.reply:
                 self._unanswerable(msg)
+                return
+            if self.settings.nats_creds_file is not None and not self._own_reply(msg, parse):
                 return
             admitted = await self._admit(msg, parse)
             if admitted is None:
@@ -216,6 +219,23 @@ class Admission(Service):
         self.counts["unanswerable"] += 1
         self._decision(peek_request_id(msg.headers, msg.data) or "", raw_tenant, raw_model, None, False,
                        "no_reply_subject", "request sent without a reply subject", len(msg.data))
+
+    def _own_reply(self, msg: Msg, parse: Callable[[str], tuple[str, str]]) -> bool:
+        """Whether the reply subject is the sending tenant's own inbox; a request naming anyone else's (another
+        tenant's, a service's acknowledgement handle) is not answered there: only counted and recorded."""
+        try:
+            tenant, _ = parse(msg.subject)
+        except InvalidNameError:
+            return True
+        if is_tenant_reply(tenant, msg.reply):
+            return True
+        raw_tenant, raw_model = self._raw_target(msg)
+        self.counts["foreign_reply"] += 1
+        self.runtime.log.warning("request on %s names a reply subject outside the tenant's inboxes: dropped",
+                                 msg.subject)
+        self._decision(peek_request_id(msg.headers, msg.data) or "", raw_tenant, raw_model, None, False,
+                       "foreign_reply_subject", "reply subject outside the tenant's own inboxes", len(msg.data))
+        return False
 
     async def _refuse_envelope(self, msg: Msg, refused: InvalidToken) -> None:
         """An envelope that does not open: answered (unless it is a replay or stale), counted and recorded."""

@@ -92,6 +92,16 @@ def inbox_for(user: str, site: str) -> str:
     return service_inbox(site, user)
 
 
+def is_tenant_reply(tenant_name: str, reply: str) -> bool:
+    """Whether ``reply`` lies in ``tenant_name``'s own inboxes (or the operator's, whose raw requests test and
+    debug the network): on a closed bus a request whose reply subject is anyone else's (another tenant's inbox,
+    a service's acknowledgement handle) is not answered there."""
+    if reply.startswith(f"{TENANT_INBOX_ROOT}.{tenant_name}."):
+        return True
+    parts = reply.split(".")
+    return len(parts) > 3 and parts[0] == SERVICE_INBOX_ROOT and parts[2] == OPERATOR_USER
+
+
 def tenant_user(tenant_name: str) -> str:
     """The NATS user of ``tenant_name``'s clients."""
     return f"{TENANT_USER_PREFIX}{token(tenant_name, what='tenant')}"
