@@ -116,6 +116,7 @@ class ServiceRuntime:
             name=f"din-{name}-{self.instance}",
             logger=None,
             max_reconnect_attempts=-1,
+            error_cb=self._on_bus_error,
             **broker_options(settings),
         )
         self.app = FastStream(
@@ -149,6 +150,7 @@ class ServiceRuntime:
         self._undelivered_prefix = ""
         self.undeliverable = 0
         self.untaken = 0
+        self.permission_denials = 0
         self._sequence = 0
 
         self.health_subjects = [Subjects.health(name)]
@@ -160,6 +162,15 @@ class ServiceRuntime:
         self.app.on_startup(self._start)
         self.app.after_startup(self._open)
         self.app.on_shutdown(self._close)
+
+    async def _on_bus_error(self, error: Exception) -> None:
+        """The server refused something this instance did (a permission it lacks) or the connection failed:
+        counted and logged, never fatal."""
+        if "permissions violation" in str(error).lower():
+            self.permission_denials += 1
+            self.log.warning("NATS refused: %s", error)
+        else:
+            self.log.warning("NATS connection error: %s", error)
 
     @property
     def nc(self) -> NatsClient:
@@ -245,6 +256,7 @@ class ServiceRuntime:
             dead_lettered=str(self.dead_lettered),
             undeliverable=str(self.undeliverable),
             untaken=str(self.untaken),
+            permission_denials=str(self.permission_denials),
         )
         return HealthV1(
             service=self.name,
