@@ -60,6 +60,11 @@ class NatsNetwork:
     single: bool = False
     domains: dict[str, str | None] = field(default_factory=dict)
     bus: BusCredentials | None = None
+    logs: Path | None = None
+
+    def server_log(self, site: str) -> str:
+        """What ``site``'s nats-server has logged so far (empty for an external server)."""
+        return (self.logs / f"nats-{site}.log").read_text() if self.logs is not None else ""
 
     def options(self, site: str | None = None, user: str = OPERATOR_USER) -> dict:
         """nats-py connect options of NATS user ``user`` at ``site`` (default: the hub; user: the operator)."""
@@ -150,7 +155,8 @@ def nats_network(test_topology, tmp_path_factory):
     stack = Stack.brokers_only(test_topology, kafka=False, din_dir=tmp_path_factory.mktemp("nats"))
     stack.start()
     try:
-        yield NatsNetwork(hub, stack.nats_urls, domains={site: site for site in sites}, bus=stack.bus)
+        yield NatsNetwork(hub, stack.nats_urls, domains={site: site for site in sites}, bus=stack.bus,
+                          logs=stack.run_dir / "logs")
     finally:
         stack.stop()
 
