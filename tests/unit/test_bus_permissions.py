@@ -142,3 +142,9 @@ def test_answers_go_only_into_the_senders_inboxes():
     for reply in ("_INBOX.globex.cloud.abc.1", "_INBOX.acmex.cloud.1", "_DIN_INBOX.cloud.scheduler.abc.1",
                   "din.v1.schedule.cloud", "_INBOX.abc"):
         assert not is_tenant_reply("acme", reply), reply
+
+
+def test_the_access_table_in_the_docs_is_current():
+    from din.access import ACCESS_DOC, drifted
+
+    assert not drifted(), f"{ACCESS_DOC} drifted from the rules: run `din access`"
