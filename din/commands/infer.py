@@ -1,4 +1,5 @@
-"""``din infer``: send one request to the running stack as a tenant and print the answer.
+"""``din infer``: send one request to the running stack (or one named by ``--nats-url`` and ``--keys-dir``, such as
+a docker compose stack) as a tenant and print the answer.
 
 Without ``--prompt`` it classifies a held-out digit (optionally split across sites with ``--split``);
 with ``--prompt`` it streams generated text to stdout as it arrives, then one JSON line summing up the stream.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterable
 from pathlib import Path
@@ -17,8 +19,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from din.client import DinClient, DinRequestError, NoAnswerError
+from din.commands.target import add_stack_arguments
 from din.commands.token import running_tenant
-from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
+from din.stack.launcher import DEFAULT_MODEL_REPO
 from din.workload import load_digits_test
 from shared.contracts.inference import InferResponseV1, SlaClass, StreamChunkV1
 from shared.contracts.options import RequestOptionsV1
@@ -63,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help=f"(with --prompt, default {DEFAULT_MAX_TOKENS}) " + option_help("max_tokens"))
     infer.add_argument("--site", help="connect to this site's own NATS server (default: the hub's), as a client "
                        "at that site would")
-    infer.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
+    infer.add_argument("--model-repo", type=Path, default=Path(os.environ.get("DIN_MODEL_REPO") or DEFAULT_MODEL_REPO),
+                       help="where the held-out digits are (default $DIN_MODEL_REPO, else %(default)s)")
+    add_stack_arguments(infer)
     infer.set_defaults(handler=cmd_infer)
 
 
@@ -150,10 +155,10 @@ async def stream_text(chunks: AsyncIterable[StreamChunkV1], out: TextIO) -> Stre
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    url, token, keys, options = running_tenant(args.din_dir, args.tenant, args.site)
+    url, token, keys, options = running_tenant(args, args.tenant, args.site)
     if args.prompt is not None:
         return asyncio.run(_generate(url, token, keys, options, args))
-    x, y = load_digits_test(DEFAULT_MODEL_REPO)
+    x, y = load_digits_test(args.model_repo)
     return asyncio.run(_infer(url, token, keys, options, args, x[args.sample : args.sample + 1],
                               int(y[args.sample])))
 

@@ -12,15 +12,12 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from din.commands.target import add_stack_arguments, keys_dir_of, nats_of, stack_state
 from din.stack.bus import BusCredentials
 from din.stack.launcher import (
-    DEFAULT_DIN_DIR,
     DEFAULT_TOPOLOGY,
-    STATE_FILE_NAME,
     format_table,
-    read_state,
     service_instances,
-    state_nats,
 )
 from din.stack.processes import StackError
 from shared.bus.tls import DEFAULT_HOSTS
@@ -58,15 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.set_defaults(handler=cmd_init)
 
     show = actions.add_parser("show", help="list the principals of a key store and their public keys")
-    show.add_argument("--keys-dir", type=Path, help="key folder (default: the running stack's)")
-    show.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
+    add_stack_arguments(show, nats=False)
     show.set_defaults(handler=cmd_show)
 
     for name, text in (("status", "current data key versions and revocations"),
                        ("rotate", "rotate data keys now (two-phase; old versions stay accepted for the grace)"),
                        ("revoke", "revoke a principal: refuse it and rotate every key it held")):
         action = actions.add_parser(name, help=text)
-        action.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
+        add_stack_arguments(action)
         if name == "rotate":
             action.add_argument("--reader", help="the one reader to rotate, e.g. tenant-acme (default: all)")
             action.add_argument("--grace", type=float, help="seconds old versions stay accepted")
@@ -76,18 +72,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = actions.add_parser("export-audit", help="write the audit data keys as a replay key file")
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR)
+    add_stack_arguments(export)
     export.set_defaults(handler=cmd_export_audit)
 
 
-def _running(din_dir: Path) -> tuple[Path, str, dict]:
-    """Key folder, hub NATS URL and the operator's connect options of the running stack."""
-    state = read_state(din_dir / STATE_FILE_NAME)
-    if state is None:
-        raise StackError(f"no stack is running from {din_dir}: start one with `din up`")
+def _running(args: argparse.Namespace) -> tuple[Path, str, dict]:
+    """Key folder, hub NATS URL and the operator's connect options of the running stack (or of the one
+    ``--nats-url`` and ``--keys-dir`` name: ``din.commands.target``)."""
+    state = stack_state(args)
     hub = load_topology(Path(state["topology"])).hub.name
-    url, options = state_nats(state, hub)
-    return Path(state["run_dir"]) / "keys", url, options
+    url, options = nats_of(state, hub)
+    return keys_dir_of(state), url, options
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -102,7 +97,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    keys_dir = args.keys_dir or _running(args.din_dir)[0]
+    keys_dir = keys_dir_of(stack_state(args))
     try:
         store = KeyStore.load(keys_dir / KEYSTORE_FILE)
     except ValueError as exc:
@@ -133,7 +128,7 @@ async def send_command(url: str, operator: PrincipalKeys, action: KeyAction, opt
 
 
 def cmd_command(args: argparse.Namespace) -> int:
-    keys_dir, url, options = _running(args.din_dir)
+    keys_dir, url, options = _running(args)
     operator = PrincipalKeys.load(key_file(keys_dir, OPERATOR))
     fields = {}
     if args.keys_command == "rotate":
@@ -163,7 +158,7 @@ async def audit_keys(url: str, audit: PrincipalKeys, options: dict | None = None
 
 
 def cmd_export_audit(args: argparse.Namespace) -> int:
-    keys_dir, url, options = _running(args.din_dir)
+    keys_dir, url, options = _running(args)
     deks = asyncio.run(audit_keys(url, PrincipalKeys.load(key_file(keys_dir, AUDIT)), options))
     write_replay_keys(args.out, deks)
     print(f"wrote {len(deks)} audit data key versions to {args.out} (keep it secret: it opens recorded payloads)")

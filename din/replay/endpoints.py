@@ -1,7 +1,9 @@
 """Where the recorded data and the running stack are: explicit options first, else the stack ``din up`` started.
 
 Kafka is read with the command's own Kafka user (``replay``, ``report``), whose password and DIN's CA are in the
-bus folder (``--bus-dir``, default the running stack's); a stack started ``--insecure`` has none.
+bus folder (``--bus-dir``, default the running stack's); a stack started ``--insecure`` has none. A stack ``din up``
+did not start (docker compose) is named with ``--kafka`` and ``--keys-dir`` (``din.commands.target``): its bus
+folder, credentials and topology then come from that key folder.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from din.commands.target import add_keys_dir_argument, env_kafka, env_nats_url, given_state
 from din.replay.reader import RecordRange, ReplayError, parse_offsets, parse_time
 from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state
 from shared.bus.connect import nats_options
@@ -28,9 +31,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", help="end of the time range, exclusive, same forms as --since (default: now)")
     parser.add_argument("--offsets", help="offset range of the requests topic: START-END for every partition, or "
                                           "P:START-END[,P:START-END]; END exclusive and optional")
-    parser.add_argument("--kafka", help="Kafka bootstrap servers (default: the running stack's)")
+    parser.add_argument("--kafka", default=env_kafka(),
+                        help="Kafka bootstrap servers (default $DIN_STACK_KAFKA, else the running stack's)")
     parser.add_argument("--bus-dir", type=Path, help="bus folder with DIN's CA and the Kafka users' passwords "
                                                      "(default: the running stack's; none for an --insecure stack)")
+    add_keys_dir_argument(parser)
     parser.add_argument("--topic-scope", help="topic scope the stack recorded under (DIN_TOPIC_SCOPE), if any")
     parser.add_argument("--din-dir", type=Path, default=DEFAULT_DIN_DIR,
                         help="folder holding stack.json of the running stack (default: %(default)s)")
@@ -81,12 +86,20 @@ class Endpoints:
 
 
 def resolve_endpoints(args: argparse.Namespace) -> Endpoints:
-    """Options, falling back to the running stack's state file."""
-    state = read_state(Path(args.din_dir) / STATE_FILE_NAME) or {}
+    """Options, falling back to the key folder's (``--keys-dir``) or the running stack's state file."""
+    keys_dir = getattr(args, "keys_dir", None)
+    if keys_dir is not None:
+        try:
+            state = given_state(keys_dir, nats_url=getattr(args, "nats", None) or env_nats_url(),
+                                kafka=getattr(args, "kafka", None))
+        except Exception as exc:  # noqa: BLE001 - StackError or a bad topology: one line for the user
+            raise ReplayError(str(exc)) from None
+    else:
+        state = read_state(Path(args.din_dir) / STATE_FILE_NAME) or {}
     urls = state.get("urls") or {}
     kafka = getattr(args, "kafka", None) or urls.get("kafka")
     if not kafka:
-        raise ReplayError("no Kafka address: start the stack (`din up`) or pass --kafka HOST:PORT")
+        raise ReplayError("no Kafka address: start the stack (`din up`) or pass --kafka HOST:PORT (and --keys-dir)")
     topology = getattr(args, "topology", None) or (Path(state["topology"]) if state.get("topology") else None)
     nats_url = getattr(args, "nats", None)
     if nats_url is None and urls.get("nats"):
@@ -103,6 +116,6 @@ def resolve_endpoints(args: argparse.Namespace) -> Endpoints:
         candidate = Path(state["run_dir"]) / "credentials.json"
         credentials = candidate if candidate.exists() else None
     bus_dir = getattr(args, "bus_dir", None)
-    if bus_dir is None and not getattr(args, "kafka", None) and state.get("kafka_bus_dir"):
+    if bus_dir is None and (keys_dir is not None or not getattr(args, "kafka", None)) and state.get("kafka_bus_dir"):
         bus_dir = Path(state["kafka_bus_dir"])
     return Endpoints(kafka=kafka, nats=nats_url, credentials=credentials, topology=topology, kafka_bus_dir=bus_dir)

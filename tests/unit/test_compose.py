@@ -1,17 +1,31 @@
-"""docker-compose.yml runs what `din up` runs: the same processes, environments, ports and NATS mesh."""
+"""docker-compose.yml runs what `din up` runs: the same processes, environments, ports and closed NATS mesh and
+Kafka; published ports on loopback, every secret made by the init step, every DIN service health-checked."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import AliasChoices
 
-from din.compose import drifted
-from din.stack.brokers import REPO_ROOT
+from din.cli import build_parser
+from din.compose import (
+    GRAFANA_PASSWORD,
+    INIT_DIR,
+    init_compose,
+    init_volumes,
+    nats_bus_volume,
+    probe_permissions,
+)
+from din.compose import drifted as compose_drifted
+from din.probe import PROBE_USER, connect_options
+from din.stack.brokers import REPO_ROOT, nats_server_binary
 from din.stack.launcher import DEFAULT_TOPOLOGY, SERVICE_KINDS, service_environments, service_instances
 from services.admission.settings import AdmissionSettings
 from services.classifier.settings import ClassifierSettings
@@ -19,7 +33,10 @@ from services.executor.settings import ExecutorSettings
 from services.keymanager.settings import KeyManagerSettings
 from services.scheduler.settings import SchedulerSettings
 from services.telemetry.settings import TelemetrySettings
+from shared.bus.kafka import BROKER_USER, USERS
+from shared.bus.permissions import service_inbox
 from shared.credentials import read_credentials
+from shared.naming import Subjects
 from shared.topology import load_topology
 
 SETTINGS = {
@@ -31,6 +48,9 @@ SETTINGS = {
     "telemetry": TelemetrySettings,
 }
 APP_DIR = "/app"
+BIND = "${DIN_BIND_ADDRESS:-127.0.0.1}"
+RUN = "/run/din"
+ONE_SHOT = ("keys-init", "kafka-init")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +61,23 @@ def topology():
 @pytest.fixture(scope="module")
 def services() -> dict[str, dict]:
     return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+
+
+@pytest.fixture(scope="module")
+def init_out(tmp_path_factory) -> tuple[Path, Path]:
+    """(run dir, init dir): what the keys-init container writes, here without handing files to other users."""
+    root = tmp_path_factory.mktemp("compose-init")
+    init_compose(DEFAULT_TOPOLOGY, run_dir=root / "run", init_dir=root / "init", chown=False)
+    return root / "run", root / "init"
+
+
+def in_init(init_out, container_path: str) -> Path:
+    """Where a path of DIN's containers (under /run/din) or of the init's volume mounts lies in ``init_out``."""
+    run, init = init_out
+    if container_path.startswith(f"{INIT_DIR}/"):
+        return init / container_path.removeprefix(f"{INIT_DIR}/")
+    assert container_path.startswith(f"{RUN}/"), container_path
+    return run / container_path.removeprefix(f"{RUN}/")
 
 
 def _nats_conf(service: dict) -> tuple[str, str]:
@@ -62,33 +99,35 @@ def nats_servers(services) -> dict[str, dict]:
         site, conf = _nats_conf(service)
         servers[site] = {
             "host": host,
+            "service": service,
             "conf": conf,
             "client_port": int(re.search(r"^listen: [\d.]+:(\d+)$", conf, re.M).group(1)),
             "leaf_listen": re.search(r"^\s+listen: [\d.]+:(\d+)$", conf, re.M),
-            "remote": re.search(r'url: "nats-leaf://([\w-]+):(\d+)"', conf),
+            "remote": re.search(r'url: "(\w[\w-]*)://([\w-]+):(\d+)"', conf),
         }
     return servers
 
 
 @pytest.fixture(scope="module")
 def expected_envs(topology, services, nats_servers) -> dict[str, dict[str, str]]:
-    kafka_env = services["kafka"]["environment"]
-    bootstrap = kafka_env["KAFKA_ADVERTISED_LISTENERS"].removeprefix("PLAINTEXT://")
-    credentials = services["admission"]["volumes"][0].split(":")[1]
+    bootstrap = services["kafka-init"]["depends_on"] and "kafka:9092"
     return service_environments(
         topology,
-        nats_urls={site: f"nats://{s['host']}:{s['client_port']}" for site, s in nats_servers.items()},
+        nats_urls={site: f"tls://{s['host']}:{s['client_port']}" for site, s in nats_servers.items()},
         kafka_bootstrap=bootstrap,
         topology_path=f"{APP_DIR}/{DEFAULT_TOPOLOGY.relative_to(REPO_ROOT).as_posix()}",
-        credentials_path=credentials,
+        credentials_path=f"{RUN}/credentials.json",
         model_repo=f"{APP_DIR}/.din/models",
         telemetry_metrics_port=9464,
         telemetry_metrics_host="0.0.0.0",
+        keys_dir=f"{RUN}/keys",
+        kafka_bus_dir=f"{RUN}/keys/bus",
+        bus_dir=f"{RUN}/keys/bus",
     )
 
 
 def test_compose_matches_a_fresh_render():
-    assert drifted() == [], "docker-compose.yml or its configs drifted: run `din compose` and commit the result"
+    assert compose_drifted() == [], "docker-compose.yml or its configs drifted: run `din compose` and commit them"
 
 
 def test_every_service_instance_runs(topology, services):
@@ -100,10 +139,23 @@ def test_every_service_instance_runs(topology, services):
         assert "build" in service and (REPO_ROOT / service["build"]["dockerfile"]).is_file()
 
 
-def test_environments_are_those_of_din_up(topology, services, expected_envs):
+def test_environments_are_those_of_din_up_on_a_closed_bus(topology, services, expected_envs):
     assert set(expected_envs) == {i.name for i in service_instances(topology)}
     for name, env in expected_envs.items():
         assert services[name]["environment"] == env, name
+        assert env["DIN_NATS_URL"].startswith("tls://"), name
+        assert env["DIN_NATS_CREDS"].endswith(f"/users/{name}.creds"), name
+        assert env["DIN_KAFKA_USER"] and env["DIN_KAFKA_PASSWORD_FILE"] and env["DIN_BUS_CA_FILE"], name
+
+
+def test_every_file_a_din_service_names_is_made_by_the_init(topology, services, init_out):
+    for inst in service_instances(topology):
+        env = services[inst.name]["environment"]
+        named = [v for k, v in env.items() if k.endswith(("_FILE", "_CREDS", "_KEYSTORE"))]
+        assert len(named) >= 3, (inst.name, named)
+        for path in named:
+            assert in_init(init_out, path).is_file(), (inst.name, path)
+    assert set(read_credentials(in_init(init_out, f"{RUN}/credentials.json"))) == {t.name for t in topology.tenants}
 
 
 def _known_variables(settings_cls) -> set[str]:
@@ -142,11 +194,67 @@ def test_every_variable_is_read_by_a_settings_class(topology, services, monkeypa
         assert _settings_from(settings_cls, env, monkeypatch).site == inst.site
 
 
-def test_published_ports(topology, services, nats_servers):
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${NAME:-default}`` substitution."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), text)
+
+
+def test_published_ports_bind_loopback_unless_the_operator_sets_an_address(topology, services, nats_servers):
+    published = {}
+    for name, service in services.items():
+        for entry in service.get("ports", []):
+            assert isinstance(entry, str) and entry.startswith(f"{BIND}:"), (name, entry)
+            address, host_port, container_port = _interpolate(entry, {}).rsplit(":", 2)
+            assert address == "127.0.0.1", (name, entry)
+            assert _interpolate(entry, {"DIN_BIND_ADDRESS": "10.0.0.5"}).startswith("10.0.0.5:")
+            published[name] = int(container_port)
     hub = nats_servers[topology.hub.name]
-    assert f"{hub['client_port']}:{hub['client_port']}" in services[hub["host"]]["ports"]
-    port = services["telemetry"]["environment"]["DIN_TELEMETRY_METRICS_PORT"]
-    assert f"{port}:{port}" in services["telemetry"]["ports"]
+    port = int(services["telemetry"]["environment"]["DIN_TELEMETRY_METRICS_PORT"])
+    assert published == {hub["host"]: hub["client_port"], "telemetry": port, "prometheus": 9090, "grafana": 3000}
+
+
+def test_nats_configs_include_the_trust_file_relative_to_the_config(nats_servers, services):
+    for site, server in nats_servers.items():
+        mounts = dict(v.split(":")[:2] for v in server["service"]["volumes"])
+        config_target = mounts[f"./ops/compose/nats/{site}.conf"]
+        includes = re.findall(r'^include "([^"]+)"$', server["conf"], re.M)
+        assert includes and includes[0] == "bus/trust.conf", site
+        for include in includes:
+            assert not include.startswith("/"), f"{site}: nats-server resolves includes relative to the config"
+            resolved = (Path(config_target).parent / include).as_posix()
+            assert Path(resolved).parent.as_posix() == mounts[nats_bus_volume(site)], (site, resolved)
+        assert f"{nats_bus_volume(site)}:{mounts[nats_bus_volume(site)]}:ro" in server["service"]["volumes"]
+
+
+def test_nats_uses_tls_for_clients_and_leafnodes_and_monitors_on_loopback(topology, nats_servers):
+    for site, server in nats_servers.items():
+        conf = server["conf"]
+        top_level = re.search(r"^tls \{\n(.*?)\n\}", conf, re.M | re.S)
+        assert top_level and "cert_file" in top_level.group(1) and "key_file" in top_level.group(1), site
+        assert re.search(r"^http: 127\.0\.0\.1:\d+$", conf, re.M), f"{site}: monitoring must stay in its container"
+        assert "nats-leaf://" not in conf and "authorization" not in conf and "no_auth_user" not in conf
+        if site == topology.hub.name:
+            leaf = conf[conf.index("leafnodes {"):]
+            assert "no_advertise: true" in leaf and "cert_file" in leaf.split("tls {", 1)[1], site
+        else:
+            assert server["remote"].group(1) == "tls", site
+            assert 'credentials: "/etc/nats/bus/leaf.creds"' in conf and 'ca_file: "/etc/nats/bus/ca.pem"' in conf
+            assert "account: $DIN_ACCOUNT" in conf, f"{site}: the leaf binds the deployment's DIN account"
+
+
+def test_nats_configs_load_with_the_files_the_init_writes(topology, nats_servers, init_out, tmp_path):
+    _, init = init_out
+    for site, server in nats_servers.items():
+        folder = tmp_path / site
+        (folder / "bus").mkdir(parents=True)
+        for item in (init / nats_bus_volume(site)).iterdir():
+            (folder / "bus" / item.name).write_bytes(item.read_bytes())
+        conf = server["conf"].replace("/etc/nats/bus", str(folder / "bus")).replace(
+            "/data/jetstream", str(folder / "js"))
+        (folder / "nats.conf").write_text(conf)
+        done = subprocess.run([nats_server_binary(), "-t", "-c", str(folder / "nats.conf")], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, f"{site}: {done.stdout}{done.stderr}"
 
 
 def test_leaves_dial_the_hub_leafnode_port(topology, nats_servers):
@@ -158,8 +266,59 @@ def test_leaves_dial_the_hub_leafnode_port(topology, nats_servers):
         assert f'domain: "{site.name}"' in server["conf"]
         if site.role == "edge":
             assert server["remote"], f"leaf {site.name} has no remote"
-            assert server["remote"].group(1) == hub["host"]
-            assert server["remote"].group(2) == hub["leaf_listen"].group(1)
+            assert server["remote"].group(2) == hub["host"]
+            assert server["remote"].group(3) == hub["leaf_listen"].group(1)
+
+
+def test_server_certificates_cover_their_compose_host_names(topology, init_out):
+    from cryptography import x509
+
+    _, init = init_out
+    for site in topology.sites:
+        cert = x509.load_pem_x509_certificate((init / nats_bus_volume(site.name) / "server.pem").read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = set(names.get_values_for_type(x509.DNSName))
+        assert f"nats-{site.name}" in dns, site.name
+        others = {f"nats-{s.name}" for s in topology.sites if s.name != site.name}
+        assert not others & dns, f"{site.name}'s certificate speaks for another server"
+    keystore = (init / "kafka-bus" / "keystore.pem").read_bytes()
+    cert = x509.load_pem_x509_certificate(keystore[keystore.index(b"-----BEGIN CERTIFICATE"):])
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "kafka" in names.get_values_for_type(x509.DNSName)
+
+
+def test_kafka_has_no_plaintext_listener_and_runs_the_authorizer(services, init_out):
+    _, init = init_out
+    kafka = services["kafka"]
+    assert "PLAINTEXT" not in yaml.safe_dump(kafka)
+    props = dict(line.split("=", 1) for line in (init / "kafka-bus" / "server.properties").read_text().splitlines())
+    protocols = dict(item.split(":") for item in props["listener.security.protocol.map"].split(","))
+    assert set(protocols.values()) == {"SASL_SSL"}
+    for listener in props["listeners"].split(","):
+        name, address = listener.split("://")
+        assert protocols[name] == "SASL_SSL"
+        if name == "CONTROLLER":
+            assert address.startswith("127.0.0.1:"), "the controller listener stays in the container"
+    assert props["advertised.listeners"] == "SASL_SSL://kafka:9092"
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    assert props["auto.create.topics.enable"] == "false"
+    assert props["ssl.keystore.location"].startswith("/etc/kafka/din/")
+    assert f"kafka-bus:{props['ssl.keystore.location'].rsplit('/', 1)[0]}:ro" in kafka["volumes"]
+    args = (init / "kafka-bus" / "format.args").read_text().splitlines()
+    assert args.count("--add-scram") == len(USERS) + 1
+    assert any(f"name={BROKER_USER}," in a for a in args)
+    script = (REPO_ROOT / "ops" / "compose" / "kafka" / "start.sh").read_text()
+    assert "format.args" in script and "kafka-storage.sh format" in script and "exec " in script
+    assert "--command-config" in kafka["healthcheck"]["test"][-1]
+
+
+def test_kafka_init_prepares_acls_and_topics_before_any_din_service(topology, services):
+    init = services["kafka-init"]
+    assert init["command"][:3] == ["din", "compose", "prepare-kafka"]
+    assert init["depends_on"]["kafka"] == {"condition": "service_healthy"}
+    for inst in service_instances(topology):
+        assert services[inst.name]["depends_on"]["kafka-init"] == {"condition": "service_completed_successfully"}
 
 
 def test_services_wait_for_their_site_nats(topology, services, nats_servers):
@@ -169,10 +328,109 @@ def test_services_wait_for_their_site_nats(topology, services, nats_servers):
         assert "healthcheck" in services[nats_servers[inst.site]["host"]]
 
 
-def test_mounted_credentials_cover_every_tenant(topology, services):
-    source, target = services["admission"]["volumes"][0].split(":")[:2]
-    assert target == services["admission"]["environment"]["DIN_ADMISSION_CREDENTIALS_FILE"]
-    assert set(read_credentials(REPO_ROOT / source)) == {t.name for t in topology.tenants}
+def test_every_din_service_has_a_healthcheck_on_its_health_subject(topology, services, init_out):
+    for inst in service_instances(topology):
+        test = services[inst.name]["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "python", "-m", "din.probe"], inst.name
+        assert test[-1] == inst.health_subject, inst.name
+        creds = test[test.index("--creds") + 1]
+        assert creds.endswith(f"/{PROBE_USER}.creds") and in_init(init_out, creds).is_file()
+    for name, service in services.items():
+        if name not in ONE_SHOT and "tools" not in service.get("profiles", []):
+            assert "healthcheck" in service, f"{name}: `docker compose up --wait` could not wait for it"
+
+
+def test_the_probe_may_only_ask_health_subjects(topology):
+    perms = probe_permissions()
+    assert set(perms.publish) == {"din.v1.health.*", "din.v1.health.*.*"}
+    assert perms.responses == 0
+    for site in topology.sites:
+        inbox = connect_options("tls://x:1", site.name, "creds", None)["inbox_prefix"]
+        assert inbox == service_inbox(site.name, PROBE_USER)
+        assert all(s.startswith("_DIN_INBOX.*.health-probe.") for s in perms.subscribe)
+    assert Subjects.health("admission", "factory").startswith("din.v1.health.")
+
+
+def test_grafana_requires_the_generated_password(services, init_out):
+    grafana = services["grafana"]
+    env = grafana["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    secret = env["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    mount = next(v for v in grafana["volumes"] if v.startswith("grafana-secrets:"))
+    assert mount.endswith(":ro") and secret.startswith(mount.split(":")[1] + "/")
+    _, init = init_out
+    password = init / "grafana-secrets" / GRAFANA_PASSWORD
+    assert len(password.read_text().strip()) >= 24 and stat.S_IMODE(password.stat().st_mode) == 0o600
+
+
+def test_init_hands_each_container_only_its_own_volume(topology, services):
+    init = services["keys-init"]
+    assert init["user"] == "0" and init["command"][:3] == ["din", "compose", "init"]
+    mounted = {v.split(":")[0]: v.split(":")[1] for v in init["volumes"]}
+    assert mounted["din-keys"] == RUN
+    for volume in init_volumes(topology):
+        assert mounted[volume] == f"{INIT_DIR}/{volume}"
+    for name, service in services.items():
+        if name in ONE_SHOT or name == "keys-init":
+            continue
+        volumes = [v.split(":")[0] for v in service.get("volumes", [])]
+        if service.get("image", "").startswith(("nats:", "apache/kafka", "grafana/", "prom/")):
+            assert "din-keys" not in volumes, f"{name} must not see DIN's keys"
+
+
+def test_init_is_idempotent_and_writes_secrets_0600(tmp_path):
+    run, init = tmp_path / "run", tmp_path / "init"
+    init_compose(DEFAULT_TOPOLOGY, run_dir=run, init_dir=init, chown=False)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    init_compose(DEFAULT_TOPOLOGY, run_dir=run, init_dir=init, chown=False)
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert before.keys() == after.keys()
+    changed = [p for p in before if before[p] != after[p] and p.name != "credentials.json"]
+    assert not changed, f"a second init changed {changed}"
+    for path in init.rglob("*"):
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+SECRET_PATTERNS = {
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----\s*\n[A-Za-z0-9+/=]{16}"),
+    "NATS seed": re.compile(r"\bS[UAO][A-Z2-7]{56}\b"),
+    "NATS creds": re.compile(r"-----BEGIN (?:USER NKEY SEED|NATS USER JWT)-----\s*\n\S{20}"),
+    "hex secret": re.compile(r'"[0-9a-f]{64}"'),
+    "JWT": re.compile(r"\beyJ[A-Za-z0-9_-]{20,}\.eyJ[A-Za-z0-9_-]{20,}\."),
+    "password": re.compile(r"(?i)(?:password|passwd|secret)\s*[=:]\s*[\"']?[A-Za-z0-9+/_-]{12,}"),
+}
+
+
+def _committed(paths: list[str]) -> list[Path]:
+    done = subprocess.run(["git", "ls-files", "--", *paths], cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip("not a git checkout")
+    return [REPO_ROOT / p for p in done.stdout.split()]
+
+
+def test_no_secret_in_any_committed_compose_or_ops_file():
+    files = _committed(["docker-compose.yml", "Dockerfile", "ops", "README.md", "docs"])
+    assert files
+    assert not (REPO_ROOT / "ops" / "compose" / "credentials.example.json").exists(), "demo secrets are back"
+    for path in files:
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        for what, rx in SECRET_PATTERNS.items():
+            match = rx.search(text)
+            assert not match, f"{path.relative_to(REPO_ROOT)} holds a {what}: {match.group(0)[:40]}..."
+
+
+def test_the_secret_scan_finds_what_the_init_writes(init_out):
+    run, init = init_out
+    found = {what for path in [*run.rglob("*"), *init.rglob("*")] if path.is_file()
+             for what, rx in SECRET_PATTERNS.items() if rx.search(path.read_text())}
+    assert {"private key", "NATS seed", "NATS creds", "hex secret", "password"} <= found
 
 
 def test_image_holds_the_paths_the_environment_names(services):
@@ -183,6 +441,7 @@ def test_image_holds_the_paths_the_environment_names(services):
     assert (REPO_ROOT / topology_rel).is_file()
     assert f"COPY {Path(topology_rel).parent.as_posix()} " in dockerfile
     assert "build_zoo" in dockerfile and env["DIN_MODEL_REPO"] in dockerfile
+    assert "--uid 10001" in dockerfile, "keys-init hands DIN's volume to uid 10001"
 
 
 def test_telemetry_metrics_reachable_from_other_containers(services, monkeypatch):
@@ -195,12 +454,74 @@ def test_telemetry_metrics_reachable_from_other_containers(services, monkeypatch
 
 
 def test_key_files_are_made_once_and_mounted_read_only_into_every_din_service(topology, services):
-    init = services["keys-init"]
-    assert "din keys init" in init["command"][-1] and "/run/din/keys" in init["command"][-1]
     for inst in service_instances(topology):
         service = services[inst.name]
-        assert "din-keys:/run/din/keys:ro" in service["volumes"], inst.name
+        assert f"din-keys:{RUN}:ro" in service["volumes"], inst.name
         assert service["depends_on"]["keys-init"] == {"condition": "service_completed_successfully"}
         for name, value in service["environment"].items():
             if name.endswith("KEY_FILE") or name.endswith("KEYSTORE"):
-                assert value.startswith("/run/din/keys/"), (inst.name, name)
+                assert value.startswith(f"{RUN}/keys/"), (inst.name, name)
+
+
+# --------------------------------------------------------------------------- operator commands
+
+
+def test_operator_commands_take_the_stack_url_and_key_folder(init_out, capsys):
+    run, _ = init_out
+    keys = str(run / "keys")
+    parser = build_parser()
+    for argv in (["token", "--tenant", "acme"], ["infer", "--tenant", "acme"], ["keys", "status"],
+                 ["keys", "rotate"], ["keys", "export-audit", "--out", "x"]):
+        args = parser.parse_args([*argv, "--keys-dir", keys] + ([] if argv[0] == "token" else
+                                                              ["--nats-url", "tls://127.0.0.1:4222"]))
+        assert args.keys_dir == Path(keys), argv
+    for argv in (["report"], ["replay"]):
+        args = parser.parse_args([*argv, "--kafka", "kafka:9092", "--keys-dir", keys])
+        assert args.keys_dir == Path(keys)
+
+    args = parser.parse_args(["token", "--tenant", "acme", "--keys-dir", keys])
+    assert args.handler(args) == 0
+    assert capsys.readouterr().out.startswith("din1.acme.")
+
+
+def test_infer_connects_as_the_tenant_over_tls_with_the_given_folder(init_out):
+    from din.commands.token import running_tenant
+
+    run, _ = init_out
+    args = build_parser().parse_args(["infer", "--tenant", "acme", "--nats-url", "tls://127.0.0.1:4222",
+                                      "--keys-dir", str(run / "keys"), "--din-dir", "/nonexistent"])
+    url, token, keys, options = running_tenant(args, args.tenant, args.site)
+    assert url == "tls://127.0.0.1:4222" and token.startswith("din1.acme.") and keys is not None
+    assert options["user_credentials"].endswith("tenant-acme.creds") and "tls" in options
+    assert options["inbox_prefix"].startswith("_INBOX.acme.cloud")
+
+
+def test_report_reads_kafka_with_the_given_folder(init_out):
+    from din.replay.endpoints import resolve_endpoints
+
+    run, _ = init_out
+    args = build_parser().parse_args(["report", "--kafka", "kafka:9092", "--keys-dir", str(run / "keys"),
+                                      "--din-dir", "/nonexistent"])
+    endpoints = resolve_endpoints(args)
+    assert endpoints.kafka == "kafka:9092" and endpoints.kafka_bus_dir == run / "keys" / "bus"
+    assert endpoints.kafka_kwargs("report")["sasl_plain_username"] == "report"
+    assert endpoints.credentials == run / "credentials.json"
+
+
+def test_nats_url_without_a_key_folder_is_refused():
+    from din.commands.target import stack_state
+    from din.stack.processes import StackError
+
+    with pytest.raises(StackError, match="--keys-dir"):
+        stack_state(argparse.Namespace(nats_url="tls://127.0.0.1:4222", keys_dir=None, din_dir=Path("/x")))
+
+
+def test_the_cli_service_names_the_stack_for_operator_commands(topology, services):
+    from din.commands.target import KAFKA_ENV, KEYS_DIR_ENV, NATS_URL_ENV
+
+    cli = services["cli"]
+    assert cli["profiles"] == ["tools"] and cli["entrypoint"] == ["din"]
+    env = cli["environment"]
+    assert env[NATS_URL_ENV] == services["admission"]["environment"]["DIN_NATS_URL"]
+    assert env[KAFKA_ENV] == services["admission"]["environment"]["DIN_KAFKA_BOOTSTRAP"]
+    assert env[KEYS_DIR_ENV] == f"{RUN}/keys" and f"din-keys:{RUN}:ro" in cli["volumes"]
