@@ -27,6 +27,7 @@ The responder is this module run as ``python -m bench.bus URL [CREDS CA]``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -225,8 +226,14 @@ async def _din_path(stack, row: np.ndarray, seconds: float, concurrency: int, ro
     client = await DinClient.connect(stack.hub_url, "bench", token, stack.tenant_keys("bench"),
                                      options=stack.nats_options(HUB, tenant_user("bench")))
 
+    seen: collections.Counter = collections.Counter()
+
     async def send() -> None:
-        await client.infer("digits-small", {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
+        try:
+            await client.infer("digits-small", {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
+        except Exception as exc:
+            seen[getattr(getattr(exc, "error", None), "code", type(exc).__name__)] += 1
+            raise
 
     ones, manys = [], []
     for _ in range(rounds):
@@ -235,7 +242,7 @@ async def _din_path(stack, row: np.ndarray, seconds: float, concurrency: int, ro
     await client.close()
     return {"p50_ms": statistics.median(r.p50_ms for r in ones), "p99_ms": statistics.median(r.p99_ms for r in ones),
             "loaded_rps": statistics.median(r.throughput for r in manys),
-            "errors": sum(r.errors for r in ones + manys)}
+            "errors": sum(r.errors for r in ones + manys), "error_kinds": {str(k): n for k, n in seen.most_common(3)}}
 
 
 # --------------------------------------------------------------------------- report

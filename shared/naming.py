@@ -146,6 +146,18 @@ class Subjects:
     COMPLETED_ALL = _join("events", "completed", WILDCARD)
 
     @staticmethod
+    def per_site(subject: str, sites: list[str] | tuple[str, ...]) -> list[str]:
+        """``subject`` once per site when its site token is a wildcard (every site's heartbeats, completions,
+        summaries), else ``[subject]``. A closed bus lets each site's leaf carry only its own site's subjects,
+        and NATS forwards a leaf's messages only to interest its permissions cover, so a subscriber of every
+        site subscribes site by site."""
+        parts = subject.split(".")
+        for family, index in _SITE_TOKEN.items():
+            if subject.startswith(family + ".") and len(parts) > index and parts[index] == WILDCARD and sites:
+                return [".".join([*parts[:index], token(site, what="site"), *parts[index + 1:]]) for site in sites]
+        return [subject]
+
+    @staticmethod
     def control(service: str, instance: str) -> str:
         """Operator commands to one instance, e.g. loading a new model version on an executor."""
         return _join("control", token(service, what="service"), token(instance, what="instance"))
@@ -157,6 +169,10 @@ class Subjects:
         if instance is not None:
             parts.append(token(instance, what="instance"))
         return _join(*parts)
+
+
+_SITE_TOKEN = {_join("heartbeat"): 3, _join("events", "completed"): 4, _join("summary"): 3}
+"""Subject families whose site token a subscriber of every site expands (``Subjects.per_site``)."""
 
 
 def work_stream(site: str) -> str:

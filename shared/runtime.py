@@ -396,13 +396,13 @@ class Service:
         self.runtime.detail = self.detail
         for attribute, spec in self.endpoints().items():
             method = getattr(self, attribute)
-            subject, queue = spec.resolve(settings)
-            if spec.kind == CONTROL:
-                self.runtime.broker.subscriber(subject, queue=queue or "", include_in_schema=False)(method)
-            elif spec.kind == JOB:
-                self.runtime.hot_path(subject, queue)(self.runtime.job_handler(method, spec.span))
-            else:
-                self.runtime.hot_path(subject, queue)(method)
+            declared, queue = spec.resolve(settings)
+            handler = self.runtime.job_handler(method, spec.span) if spec.kind == JOB else method
+            for subject in Subjects.per_site(declared, self._sites()):
+                if spec.kind == CONTROL:
+                    self.runtime.broker.subscriber(subject, queue=queue or "", include_in_schema=False)(method)
+                else:
+                    self.runtime.hot_path(subject, queue)(handler)
 
     @classmethod
     def endpoints(cls) -> dict[str, Endpoint]:
@@ -418,7 +418,12 @@ class Service:
     def subscriptions(self) -> list[tuple[str, str | None]]:
         """Every (subject, queue group) this instance subscribes to, health included."""
         health = [(subject, None) for subject in self.runtime.health_subjects]
-        return health + [spec.resolve(self.settings) for spec in self.endpoints().values()]
+        declared = [spec.resolve(self.settings) for spec in self.endpoints().values()]
+        return health + [(subject, queue) for pattern, queue in declared
+                         for subject in Subjects.per_site(pattern, self._sites())]
+
+    def _sites(self) -> list[str]:
+        return [site for site in (self.settings.bus_sites or "").split(",") if site]
 
     def detail(self) -> dict[str, Any]:
         """Service-specific fields of the health answer."""

@@ -66,6 +66,12 @@ class ServiceSettings(BaseSettings):
         description="DIN's CA certificate (ca.pem): brokers reached over TLS (tls:// NATS URLs, Kafka) are "
         "verified against it.",
     )
+    bus_sites: str | None = Field(
+        default=None,
+        validation_alias=_plain("DIN_BUS_SITES"),
+        description="Comma-separated sites of the network: a subscriber of every site's heartbeats, completions "
+        "or summaries subscribes site by site, as a closed bus's leaf connections require. Set by the launcher.",
+    )
     kafka_user: str | None = Field(
         default=None,
         validation_alias=_plain("DIN_KAFKA_USER"),

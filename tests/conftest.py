@@ -89,7 +89,8 @@ class NatsNetwork:
         user = user or (f"executor-{instance}" if service == "executor" else f"{service}-{site}")
         permissions = service_permissions(self.bus.topology, service, site, user, instance)
         return {"nats_creds_file": str(self.bus.nats.ensure(user, permissions)),
-                "bus_ca_file": str(self.bus.ca.cert_path)}
+                "bus_ca_file": str(self.bus.ca.cert_path),
+                "bus_sites": ",".join(s.name for s in self.bus.topology.sites)}
 
     def tenant_options(self, tenant: str, site: str | None = None) -> dict:
         """Connect options of ``tenant``'s clients at ``site`` (credentials issued now for a new tenant)."""

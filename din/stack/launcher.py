@@ -302,6 +302,7 @@ def service_environments(
         if bus_dir is not None:
             env["DIN_NATS_CREDS"] = str(PurePath(bus_dir) / NATS_DIR / "users" / f"{inst.name}.creds")
             env["DIN_BUS_CA_FILE"] = str(PurePath(bus_dir) / CA_CERT)
+            env["DIN_BUS_SITES"] = ",".join(s.name for s in topology.sites)
         if topic_scope:
             env["DIN_TOPIC_SCOPE"] = topic_scope
         if inst.instance is not None and inst.service != EXECUTOR:

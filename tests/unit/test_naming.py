@@ -48,3 +48,15 @@ def test_every_topic_is_versioned_and_unknown_bases_are_refused():
     assert len(set(Topics.ALL)) == len(Topics.ALL)
     with pytest.raises(InvalidNameError):
         Topics.scoped("din.v1.nope", "x")
+
+
+def test_a_subscriber_of_every_site_subscribes_site_by_site():
+    sites = ["cloud", "factory"]
+    assert Subjects.per_site(Subjects.HEARTBEAT_ALL, sites) == ["din.v1.heartbeat.cloud.*",
+                                                               "din.v1.heartbeat.factory.*"]
+    assert Subjects.per_site(Subjects.COMPLETED_ALL, sites) == ["din.v1.events.completed.cloud",
+                                                               "din.v1.events.completed.factory"]
+    assert Subjects.per_site(Subjects.SUMMARY_ALL, sites) == ["din.v1.summary.cloud", "din.v1.summary.factory"]
+    assert Subjects.per_site(Subjects.heartbeat_site("cloud"), sites) == ["din.v1.heartbeat.cloud.*"]
+    assert Subjects.per_site(Subjects.INFER_ALL, sites) == [Subjects.INFER_ALL]
+    assert Subjects.per_site(Subjects.HEARTBEAT_ALL, []) == [Subjects.HEARTBEAT_ALL]
