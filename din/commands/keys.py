@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
     init.add_argument("--out", type=Path, required=True, help="folder for the key files (created, mode 0600 files)")
     init.add_argument("--host", action="append", default=[],
-                      help="a name or address the brokers' certificates also cover (repeat; e.g. a compose host)")
+                      help="SITE=NAME: a name or address that site's NATS certificate also covers (repeat)")
     init.set_defaults(handler=cmd_init)
 
     show = actions.add_parser("show", help="list the principals of a key store and their public keys")
@@ -88,12 +88,24 @@ def _running(args: argparse.Namespace) -> tuple[Path, str, dict]:
 def cmd_init(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
     store = init_keys(args.out, topology)
-    hosts = {site.name: (*DEFAULT_HOSTS, *args.host) for site in topology.sites}
+    hosts = server_hosts(topology, args.host)
     instances = [(i.service, i.site, i.name, i.instance) for i in service_instances(topology)]
     bus = BusCredentials.provision(args.out / "bus", topology, instances, hosts=hosts)
     print(f"wrote keys of {len(store.publics)} principals to {args.out}: give each service only its own key file")
     print(f"wrote the bus credentials to {bus.root}: CA, server certificates, NATS users, Kafka users")
     return 0
+
+
+def server_hosts(topology, given: list[str]) -> dict[str, tuple[str, ...]]:
+    """The names each site's NATS certificate covers: loopback, plus ``SITE=NAME`` for that site's server only
+    (a leaf's key must not pass for the hub's)."""
+    hosts = {site.name: list(DEFAULT_HOSTS) for site in topology.sites}
+    for item in given:
+        site, sep, name = item.partition("=")
+        if not sep or site not in hosts or not name:
+            raise StackError(f"--host {item!r}: use SITE=NAME with SITE one of {', '.join(hosts)}")
+        hosts[site].append(name)
+    return {site: tuple(names) for site, names in hosts.items()}
 
 
 def cmd_show(args: argparse.Namespace) -> int:
