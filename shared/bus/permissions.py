@@ -109,6 +109,9 @@ def tenant_user(tenant_name: str) -> str:
 
 ANY_TENANT_INBOX = f"{TENANT_INBOX_ROOT}.{REST}"
 ANY_SERVICE_INBOX = f"{SERVICE_INBOX_ROOT}.{REST}"
+# The operator's inboxes at any site: raw requests of `din` commands and test harnesses are answered there
+# (``is_tenant_reply``), so whoever answers a client may publish into them.
+OPERATOR_INBOXES = f"{SERVICE_INBOX_ROOT}.{ANY}.{OPERATOR_USER}.{REST}"
 
 
 def _js_api(domain: str | None, *suffixes: str) -> tuple[str, ...]:
@@ -148,8 +151,9 @@ def admission(topology: Topology, site: str, user: str, instance: str | None) ->
     site's admission, claims nonces in its site's bucket, answers clients with errors."""
     nonces = f"KV_DIN_NONCES_{site.upper().replace('-', '_')}"
     return _service(user, site, "admission", instance) + key_bucket_reader(topology) + Permissions(
-        publish=(pattern(Subjects.admit, ANY, ANY, ANY), Subjects.classify(site), ANY_TENANT_INBOX,
-                 *_js_api(site, *_stream_owner(nonces)), f"$KV.{nonces[3:]}.{REST}"),
+        publish=(pattern(Subjects.admit, ANY, ANY, ANY), Subjects.classify(site), ANY_TENANT_INBOX, OPERATOR_INBOXES,
+                 *_js_api(site, *_stream_owner(nonces)), *_js_api(None, *_stream_owner(nonces)),
+                 f"$KV.{nonces[3:]}.{REST}"),
         subscribe=(Subjects.INFER_ALL, Subjects.admit_all(site), Subjects.pressure(site)),
     )
 
@@ -157,7 +161,7 @@ def admission(topology: Topology, site: str, user: str, instance: str | None) ->
 def classifier(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
     """A site's classifier: its site's admitted requests in, its site's scheduler out."""
     return _service(user, site, "classifier", instance) + Permissions(
-        publish=(Subjects.schedule(site), ANY_TENANT_INBOX), subscribe=(Subjects.classify(site),))
+        publish=(Subjects.schedule(site), ANY_TENANT_INBOX, OPERATOR_INBOXES), subscribe=(Subjects.classify(site),))
 
 
 def scheduler(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
@@ -166,7 +170,7 @@ def scheduler(topology: Topology, site: str, user: str, instance: str | None) ->
     placed = topology.scheduled_sites(site)
     every = len(placed) > 1 and set(placed) == {s.name for s in topology.sites}
     publish = [pattern(Subjects.schedule, ANY), Subjects.pressure(site), Subjects.summary(site),
-               pattern(Subjects.probe, ANY), ANY_TENANT_INBOX]
+               pattern(Subjects.probe, ANY), ANY_TENANT_INBOX, OPERATOR_INBOXES]
     subscribe = [Subjects.schedule(site), Subjects.SUMMARY_ALL]
     for other in [ANY] if every else placed:
         publish += [pattern(Subjects.execute, other, ANY), pattern(Subjects.work, other, ANY),
@@ -174,8 +178,9 @@ def scheduler(topology: Topology, site: str, user: str, instance: str | None) ->
         subscribe += [pattern(Subjects.heartbeat, other, ANY), pattern(Subjects.completed, other)]
     for other in placed:
         stream = work_stream(other)
-        publish += _js_api(other, "INFO", f"STREAM.INFO.{stream}", f"STREAM.CREATE.{stream}",
-                           f"STREAM.UPDATE.{stream}")
+        calls = ("INFO", f"STREAM.INFO.{stream}", f"STREAM.CREATE.{stream}", f"STREAM.UPDATE.{stream}")
+        # A server checks a call addressed to its own domain as the plain API (its own site's stream).
+        publish += _js_api(other, *calls) + (_js_api(None, *calls) if other == site else ())
     return _service(user, site, "scheduler", instance) + key_bucket_reader(topology) + Permissions(
         tuple(publish), tuple(subscribe))
 
@@ -188,6 +193,7 @@ def executor(topology: Topology, site: str, executor_id: str) -> Permissions:
     return _service(user, site, "executor", executor_id) + key_bucket_reader(topology) + Permissions(
         publish=(Subjects.heartbeat(site, executor_id), Subjects.completed(site), pattern(Subjects.execute, ANY, ANY),
                  pattern(Subjects.work, ANY, ANY), pattern(Subjects.schedule, ANY), ANY_TENANT_INBOX,
+                 OPERATOR_INBOXES,
                  *_js_api(None, *_stream_owner(stream)), f"$JS.ACK.{stream}.{REST}"),
         subscribe=(Subjects.execute(site, executor_id), Subjects.control("executor", executor_id),
                    Subjects.probe(site), Subjects.roll_call(site)),
@@ -228,7 +234,10 @@ def leaf(topology: Topology, site: str) -> Permissions:
     ``subscribe`` what the network may deliver into the site (NATS applies a leaf user's permissions so). A
     site's leaf cannot speak for another site (heartbeats, summaries, completions of its own site only) nor
     receive what is addressed to another site (jobs, work, hand-overs, replies to other sites' inboxes)."""
-    out = [Subjects.heartbeat_site(site), Subjects.completed(site), Subjects.summary(site),
+    # Heartbeats as ``heartbeat.<site>.>``, not ``.*``: the hub's interest in ``heartbeat.*.*`` (schedulers,
+    # telemetry) crosses the leaf only if it reverse-matches an allowed subject, and nats-server's reverse match
+    # does not match a ``*`` against a ``*`` (it does against ``>``); the heartbeats of other sites stay out.
+    out = [f"{Subjects.heartbeat_site(site).removesuffix(ANY)}{REST}", Subjects.completed(site), Subjects.summary(site),
            pattern(Subjects.schedule, ANY), pattern(Subjects.admit, ANY, ANY, ANY), pattern(Subjects.probe, ANY),
            pattern(Subjects.execute, ANY, ANY), pattern(Subjects.work, ANY, ANY), ANY_TENANT_INBOX,
            ANY_SERVICE_INBOX, *key_bucket_reader(topology).publish]
