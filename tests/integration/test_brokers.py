@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 
-import nats
 import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
+from shared.bus.permissions import service_inbox
 from shared.naming import Subjects, Topics, work_stream
 from tests.support import wait_for
 
@@ -44,10 +44,11 @@ async def _deliver(publisher, subscriber, subject: str, payload: bytes, timeout_
 
 @pytest.mark.parametrize(("pub_site", "sub_site"), [("factory", "cloud"), ("cloud", "factory"), ("factory", "branch")])
 async def test_message_crosses_between_sites(nats_network, unique, pub_site, sub_site):
-    publisher = await nats.connect(nats_network.url(pub_site))
-    subscriber = await nats.connect(nats_network.url(sub_site))
+    publisher = await nats_network.connect(pub_site)
+    subscriber = await nats_network.connect(sub_site)
     try:
-        subject = Subjects.probe(unique)
+        # A subject addressed to the subscriber's site: the leaf links let only those into a site.
+        subject = f"{service_inbox(sub_site, unique)}.probe"
         payload = json.dumps({"from": pub_site, "to": sub_site}).encode()
         msg = await _deliver(publisher, subscriber, subject, payload)
         assert msg.data == payload
@@ -60,8 +61,8 @@ async def test_message_crosses_between_sites(nats_network, unique, pub_site, sub
 async def test_leaf_servers_are_distinct_from_the_hub(nats_network):
     if nats_network.single:
         pytest.skip("one external server stands for every site")
-    hub = await nats.connect(nats_network.hub_url)
-    leaf = await nats.connect(nats_network.url("factory"))
+    hub = await nats_network.connect()
+    leaf = await nats_network.connect("factory")
     try:
         assert hub._server_info["server_name"] == "din-cloud"
         assert leaf._server_info["server_name"] == "din-factory"
@@ -72,14 +73,15 @@ async def test_leaf_servers_are_distinct_from_the_hub(nats_network):
 
 async def test_work_queue_stream_on_a_leaf_domain(nats_network, unique):
     """Create the stream in the factory leaf's domain from the hub, publish at the hub, consume at the leaf."""
-    hub = await nats.connect(nats_network.hub_url)
-    leaf = await nats.connect(nats_network.url("factory"))
+    hub = await nats_network.connect()
+    leaf = await nats_network.connect("factory")
+    # The factory's work subjects (only those enter its leaf), under a model name private to this test.
     stream = work_stream(unique)
-    subject = Subjects.work(unique, "digits-small")
+    subject = Subjects.work("factory", unique)
     hub_js_factory = hub.jetstream(domain=nats_network.domain("factory"))
     try:
         info = await hub_js_factory.add_stream(
-            StreamConfig(name=stream, subjects=[Subjects.work_all(unique)], retention=RetentionPolicy.WORK_QUEUE)
+            StreamConfig(name=stream, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE)
         )
         assert info.config.name == stream
 

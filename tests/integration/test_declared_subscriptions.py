@@ -3,7 +3,7 @@
 The AsyncAPI document (``din schemas``) is generated from ``Service.endpoints()``; this checks that the
 declaration is what the service really listens to: the nats-py client's subscriptions after start-up
 (``nc._subs``: FastStream subscribers and hot-path subscriptions share the connection) against
-``service.subscriptions()``. Reply inboxes (``_INBOX.``: request/response, JetStream pull and watch
+``service.subscriptions()``. Reply inboxes (``_INBOX.``, ``_DIN_INBOX.``: request/response, JetStream pull and watch
 deliveries) are the client's own, not declarations, and are left out. Security is off: keys change what a
 service starts, not what it subscribes.
 """
@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from din.service_operations import service_class
+from shared.bus.permissions import SERVICE_INBOX_ROOT, TENANT_INBOX_ROOT
 from shared.channels import INSTANCE_HEALTH
 from shared.credentials import write_credentials
 from shared.naming import SERVICES, Subjects
@@ -21,7 +22,7 @@ from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
-INBOX_PREFIX = "_INBOX."
+INBOX_PREFIXES = (f"{TENANT_INBOX_ROOT}.", f"{SERVICE_INBOX_ROOT}.")
 CASES = [*SERVICES, "executor-pull", "scheduler-distributed"]
 
 
@@ -41,9 +42,12 @@ def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_path, un
         from services.scheduler.settings import SchedulerSettings
         from services.telemetry.settings import TelemetrySettings
 
-        common = dict(nats_url=nats_network.hub_url, site=test_topology.hub.name, topic_scope=unique,
-                      **kafka_access.settings(case.split("-")[0]))
-        executor = dict(id=f"{unique}-1", models=["digits-small"], model_repo=zoo_dir, security=False)
+        name, site, executor_id = case.split("-")[0], test_topology.hub.name, f"{unique}-1"
+        # Each logs in to NATS as its own user (the session Kafka's CA is the bus_ca_file: NATS clients are plain).
+        login = nats_network.service_login(name, site, instance=executor_id if name == "executor" else None)
+        common = dict(nats_url=nats_network.hub_url, site=site, topic_scope=unique,
+                      **(login | kafka_access.settings(name)))
+        executor = dict(id=executor_id, models=["digits-small"], model_repo=zoo_dir, security=False)
         scheduler = dict(topology=topology, model_repo=zoo_dir, security=False)
         factories = {
             "admission": lambda: AdmissionSettings(topology=topology, model_repo=zoo_dir,
@@ -66,7 +70,7 @@ def live_subscriptions(service) -> list[tuple[str, str | None]]:
     return sorted(
         (sub.subject, sub.queue or None)
         for sub in service.nc._subs.values()
-        if not sub.subject.startswith(INBOX_PREFIX)
+        if not sub.subject.startswith(INBOX_PREFIXES)
     )
 
 

@@ -86,7 +86,7 @@ async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits)
         ("binary-bad-shape", "acme", "digits-small", binary_body[:-4],
          {**auth, **binary_headers}, "bad_tensor"),
     ]
-    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0, **network.stack.nats_options())
     answers: list = []
     inbox = nc.new_inbox()
 
@@ -167,7 +167,7 @@ async def test_large_model_saturated_degrades_only_requests_that_allow_it(networ
 
 async def test_model_version_swap_under_load_fails_no_request(network, digits):
     x, _ = digits
-    nc = await nats.connect(network.hub_url)
+    nc = await nats.connect(network.hub_url, **network.stack.nats_options())
     versions = Counter()
     failures = []
     stop = asyncio.Event()
@@ -232,7 +232,7 @@ async def test_every_decision_lands_in_kafka_with_its_reason(network, digits, ka
 
 async def test_services_survive_garbage_and_keep_serving(network, digits):
     x, _ = digits
-    nc = await nats.connect(network.hub_url)
+    nc = await nats.connect(network.hub_url, **network.stack.nats_options())
     garbage = [b"", b"\x00\xff\x10", b"{", b'{"request_id": 1}', b"x" * 10000]
     for subject in (Subjects.classify("cloud"), Subjects.schedule("cloud"), Subjects.execute("cloud", "cloud-2"),
                     Subjects.heartbeat("cloud", "ghost"), Subjects.pressure("cloud"), Subjects.completed("cloud"),

@@ -14,7 +14,6 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import nats
 import pytest
 
 from services.telemetry.main import create_runtime
@@ -70,7 +69,9 @@ async def test_every_dashboard_query_evaluates_against_scraped_telemetry(
     metrics_port, prom_port = free_port(), free_port()
     await recorded_topics(unique)
     runtime = create_runtime(TelemetrySettings(
-        nats_url=nats_network.hub_url, site="cloud", topic_scope=unique, **kafka_access.settings("telemetry"),
+        nats_url=nats_network.hub_url, site="cloud", topic_scope=unique,
+        # the session Kafka has its own CA (bus_ca_file); the session NATS takes plain client connections
+        **(nats_network.service_login("telemetry", "cloud") | kafka_access.settings("telemetry")),
         metrics_port=metrics_port, alert_interval_s=0.5))
     await runtime.app.start()
     config = tmp_path / "prometheus.yml"
@@ -84,7 +85,7 @@ async def test_every_dashboard_query_evaluates_against_scraped_telemetry(
          f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    nc = await nats.connect(nats_network.hub_url)
+    nc = await nats_network.connect()
     try:
         heartbeat = make_heartbeat("cloud-1", "cloud", ["digits-small"], compute_ms_per_item=0.3, capacity=8,
                                    queue_depth={"batch": 1}, inflight=1, recent_latency_ms=2.0, interval_s=60.0,

@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 
-import nats
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -83,13 +82,15 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
     port = free_port()
     await recorded_topics(unique)
     settings = TelemetrySettings(
-        nats_url=nats_network.hub_url, site="cloud", topic_scope=unique, **kafka_access.settings("telemetry"),
+        nats_url=nats_network.hub_url, site="cloud", topic_scope=unique,
+        # the session Kafka has its own CA (bus_ca_file); the session NATS takes plain client connections
+        **(nats_network.service_login("telemetry", "cloud") | kafka_access.settings("telemetry")),
         metrics_port=port, sla_target_realtime_ms=5.0, sla_min_samples=5, sla_window_s=30.0, alert_interval_s=0.2,
         decisions_from="earliest",
     )
     runtime = create_runtime(settings)
     await runtime.app.start()
-    nc = await nats.connect(nats_network.hub_url)
+    nc = await nats_network.connect()
     alerts: asyncio.Queue = asyncio.Queue()
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, **kafka_access.client_kwargs("admission"))
     await producer.start()
