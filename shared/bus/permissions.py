@@ -240,6 +240,9 @@ def leaf(topology: Topology, site: str) -> Permissions:
     out = [f"{Subjects.heartbeat_site(site).removesuffix(ANY)}{REST}", Subjects.completed(site), Subjects.summary(site),
            pattern(Subjects.schedule, ANY), pattern(Subjects.admit, ANY, ANY, ANY), pattern(Subjects.probe, ANY),
            pattern(Subjects.execute, ANY, ANY), pattern(Subjects.work, ANY, ANY), ANY_TENANT_INBOX,
+           # Requests leave every site: a site without a control plane is served by the hub's, and a site whose
+           # admissions are all down is served by another site's (the queue group spans the leaves).
+           Subjects.INFER_ALL,
            ANY_SERVICE_INBOX, *key_bucket_reader(topology).publish]
     into = [pattern(Subjects.execute, site, ANY), pattern(Subjects.work, site, ANY), Subjects.schedule(site),
             Subjects.admit_all(site), Subjects.SUMMARY_ALL, Subjects.probe(site), Subjects.roll_call(site),
@@ -247,7 +250,6 @@ def leaf(topology: Topology, site: str) -> Permissions:
             pattern(Subjects.health, ANY, ANY),
             f"{TENANT_INBOX_ROOT}.{ANY}.{site}.{REST}", f"{SERVICE_INBOX_ROOT}.{site}.{REST}", f"$JS.{site}.API.{REST}"]
     if site not in topology.control_sites():
-        out.append(Subjects.INFER_ALL)
         into += [Subjects.pressure(site)]
     return Permissions(tuple(out), tuple(into))
 
