@@ -47,17 +47,21 @@ class Tally:
 
 
 class Load:
-    """Requests from the NATS server at ``url``, answered on one inbox and counted in ``tally``."""
+    """Requests from the NATS server at ``url``, answered on one inbox and counted in ``tally``.
 
-    def __init__(self, url: str, tokens: dict[str, str]) -> None:
+    ``options``: nats-py connect options; on a closed bus the operator's at that site (raw requests of any
+    tenant are answered into the operator's inboxes, its ``inbox_prefix``)."""
+
+    def __init__(self, url: str, tokens: dict[str, str], options: dict | None = None) -> None:
         self.url = url
         self.tokens = tokens
+        self.options = options or {}
         self.tally = Tally()
-        self.inbox = f"_INBOX.tally.{uuid.uuid4().hex}"
+        self.inbox = f"{self.options.get('inbox_prefix', '_INBOX')}.tally{uuid.uuid4().hex}"
         self.nc: nats.NATS | None = None
 
     async def __aenter__(self) -> Load:
-        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1)
+        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1, **self.options)
         await self.nc.subscribe(f"{self.inbox}.*", cb=self._answer)
         return self
 

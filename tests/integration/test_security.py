@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from din.client import DinClient, DinRequestError
 from din.commands.keys import send_command
 from shared import envelope
+from shared.bus.permissions import tenant_user
 from shared.contracts.events import CompletionV1
 from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import JobV1
@@ -77,7 +78,8 @@ def network(kafka_access, zoo_dir, tmp_path_factory):
 
 @contextlib.asynccontextmanager
 async def clients(network, *tenants: str):
-    opened = {t: await DinClient.connect(network.hub_url, t, network.token(t), network.keys(t)) for t in tenants}
+    opened = {t: await DinClient.connect(network.hub_url, t, network.token(t), network.keys(t),
+                                         options=network.stack.nats_options(user=tenant_user(t))) for t in tenants}
     try:
         yield opened
     finally:
@@ -90,7 +92,7 @@ def operator(network) -> PrincipalKeys:
 
 
 async def key_command(network, action: KeyAction, **fields):
-    return await send_command(network.hub_url, operator(network), action, **fields)
+    return await send_command(network.hub_url, operator(network), action, network.stack.nats_options(), **fields)
 
 
 async def detail(network, service: str, instance: str | None = None) -> dict[str, str]:
@@ -104,13 +106,13 @@ def refused_count(detail_: dict[str, str], reason: str) -> int:
 class Sniffer:
     """Every message crossing the hub (and, through its interest, every leaf), kept raw."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, url: str, options: dict) -> None:
+        self.url, self.options = url, options
         self.messages: list = []
         self.nc = None
 
     async def __aenter__(self) -> Sniffer:
-        self.nc = await nats.connect(self.url)
+        self.nc = await nats.connect(self.url, **self.options)  # the operator: may hear everything
 
         async def keep(msg) -> None:
             self.messages.append(msg)
@@ -131,7 +133,7 @@ def _needles(array: np.ndarray) -> list[bytes]:
 
 async def test_requests_are_served_signed_and_each_reports_its_protection(network):
     completions: list[CompletionV1] = []
-    nc = await nats.connect(network.hub_url)
+    nc = await nats.connect(network.hub_url, **network.stack.nats_options())
     await nc.subscribe(Subjects.COMPLETED_ALL, cb=_completions_into(completions))
     async with clients(network, "globex", "initech", "frugal", "acme") as c:
         results = {
@@ -182,7 +184,8 @@ def _completions_into(into: list):
 async def test_the_bus_carries_only_ciphertext_outside_integrity_only_links(network):
     needles = _needles(SECRET)
     frugal_needles = _needles(FRUGAL_INPUT)
-    async with Sniffer(network.hub_url) as sniffer, clients(network, "globex", "initech", "acme", "frugal") as c:
+    async with Sniffer(network.hub_url, network.stack.nats_options()) as sniffer, \
+            clients(network, "globex", "initech", "acme", "frugal") as c:
         results = []
         for i in range(6):
             results.append(await c["globex"].infer(MODEL, {"input": FRUGAL_INPUT}, binary=i % 2 == 0))
@@ -217,7 +220,7 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
     failures: list = []
     served = Counter()
     stop = asyncio.Event()
-    nc = await nats.connect(network.hub_url)
+    nc = await nats.connect(network.hub_url, **network.stack.nats_options())
     captured_requests: list = []
     captured_jobs: list = []
     captured_results: list = []
@@ -470,7 +473,7 @@ async def test_rotation_under_load_loses_no_request(network):
 
 async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network):
     branch = PayloadSecurity(KeyAgent(PrincipalKeys.load(key_file(network.stack.keys_dir, site_principal("branch")))))
-    nc = await nats.connect(network.stack.nats_urls["branch"])
+    nc = await nats.connect(network.stack.nats_urls["branch"], **network.stack.nats_options("branch"))
     await branch.start(nc, readers=lambda a: [site_principal("branch"), tenant_principal("globex")])
     before = await detail(network, "scheduler")
     async with clients(network, "globex", "initech") as c:
@@ -496,7 +499,7 @@ async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network)
         now_ms = time.time() * 1000
         job = make_job(request_id="from-branch", tenant="globex", model=MODEL, deadline_ms=int(now_ms) + 3000,
                        reply_to=job_reply, received_ms=now_ms)
-        hub = await nats.connect(network.hub_url)
+        hub = await nats.connect(network.hub_url, **network.stack.nats_options())
         await hub.publish(Subjects.schedule("cloud"), sealed.body, headers={**job.to_headers(), **sealed.to_headers()})
         await hub.flush()
         await hub.close()

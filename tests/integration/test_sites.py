@@ -22,6 +22,7 @@ from bench.tally import Load, Tally
 from din.client import DinClient
 from din.stack.supervision import RestartPolicy, Supervisor
 from din.stack.wan import ToxiproxyClient
+from shared.bus.permissions import tenant_inbox, tenant_user
 from shared.naming import Subjects
 from shared.security import CryptoPolicy
 from tests.integration.network import running_network
@@ -69,7 +70,8 @@ def links(network) -> ToxiproxyClient:
 
 def at(network, site: str) -> Load:
     """A counting load from ``site``'s own NATS server."""
-    return Load(network.stack.nats_urls[site], {t: network.token(t) for t in ("acme", "globex", "tiny")})
+    return Load(network.stack.nats_urls[site], {t: network.token(t) for t in ("acme", "globex", "tiny")},
+                network.stack.nats_options(site))
 
 
 async def kill_under_load(network, load: Load, process: str, instance: str) -> dict[str, int]:
@@ -197,9 +199,10 @@ async def test_a_replay_to_another_admission_of_the_site_is_refused(network):
     """A captured sealed request published again and again at branch (two admissions) is answered once: the
     site's admissions claim each nonce in the site's JetStream bucket, not only in their own memory."""
     client = await DinClient.connect(network.stack.nats_urls["branch"], "globex", network.token("globex"),
-                                     network.keys("globex"))
-    nc = await nats.connect(network.stack.nats_urls["branch"])
-    inbox = f"_INBOX.replay.{uuid.uuid4().hex}"
+                                     network.keys("globex"),
+                                     options=network.stack.nats_options("branch", tenant_user("globex")))
+    nc = await nats.connect(network.stack.nats_urls["branch"], **network.stack.nats_options("branch"))
+    inbox = f"{tenant_inbox('globex', 'branch')}.replay{uuid.uuid4().hex[:12]}"  # the captured reply subject
     answers: dict[str, int] = {}
 
     async def answered(msg) -> None:
