@@ -48,7 +48,7 @@ async def test_threshold_zero_never_escalates_and_above_one_always_does(network,
 
 async def test_completion_events_record_both_stages_of_an_escalated_request(network, digits):
     x, _ = digits
-    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0, **network.stack.nats_options())
     events: list = []
 
     async def collect(msg):
@@ -78,7 +78,7 @@ async def test_completion_events_record_both_stages_of_an_escalated_request(netw
 async def test_a_realistic_threshold_escalates_some_answers_each_once_and_keeps_accuracy(network, digits):
     x, y = digits
     count = 150
-    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0, **network.stack.nats_options())
     answers: list = []
     inbox = nc.new_inbox()
 
@@ -143,7 +143,7 @@ async def test_cascade_in_json_parameters_works_without_headers(network, digits)
     x, _ = digits
     body = json.loads(encode_request_json({"input": x[:1]}))
     body["parameters"] = {"cascade": 1.5, "token": network.token("globex")}
-    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0, **network.stack.nats_options())
     try:
         msg = await nc.request("din.v1.infer.globex.digits-small", json.dumps(body).encode(), timeout=5)
     finally:

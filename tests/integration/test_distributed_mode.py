@@ -9,6 +9,7 @@ import pytest
 
 from din.client import DinClient
 from din.workload import load_digits_test, mixed_plan, run_workload
+from shared.bus.permissions import tenant_user
 from shared.naming import work_stream
 from tests.integration.network import running_network
 
@@ -22,7 +23,8 @@ def network(kafka_access, zoo_dir, tmp_path_factory):
 async def test_a_mixed_workload_is_served_from_site_work_queues(network, zoo_dir):
     x, y = load_digits_test(zoo_dir)
     tenants = ["acme", "globex", "initech"]
-    clients = {t: await DinClient.connect(network.hub_url, t, network.token(t)) for t in tenants}
+    clients = {t: await DinClient.connect(network.hub_url, t, network.token(t),
+                                         options=network.stack.nats_options(user=tenant_user(t))) for t in tenants}
     try:
         report = await run_workload(clients, mixed_plan(tenants, 400, len(x)), x, y, concurrency=32)
     finally:
@@ -47,7 +49,7 @@ async def test_a_mixed_workload_is_served_from_site_work_queues(network, zoo_dir
 async def test_work_really_went_through_each_sites_jetstream_queue(network):
     """Every site's work-queue stream exists in that site's JetStream domain and has been drained."""
     for site in ("cloud", "factory", "branch"):
-        nc = await nats.connect(network.stack.nats_urls[site])
+        nc = await nats.connect(network.stack.nats_urls[site], **network.stack.nats_options(site))
         try:
             info = await nc.jetstream(domain=site).stream_info(work_stream(site))
         finally:
