@@ -152,7 +152,7 @@ async def test_unsplittable_points_and_bad_options_are_refused_clearly(network, 
 
 async def test_plan_and_every_hop_are_recorded(network, digits):
     x, _ = digits
-    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0, **network.stack.nats_options())
     completions: list[tuple[CompletionV1, dict]] = []
 
     async def collect(msg):
@@ -243,7 +243,7 @@ async def test_bad_prompts_and_token_counts_get_one_clear_error(network):
 
 async def test_forged_or_corrupted_stage_input_is_refused_and_the_executor_keeps_serving(network, digits):
     x, _ = digits
-    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0)
+    nc = await nats.connect(network.hub_url, max_reconnect_attempts=0, **network.stack.nats_options())
     inbox = nc.new_inbox()
     answers = await nc.subscribe(inbox)
     job = JobV1(request_id="forged", tenant="acme", model="digits-large", sla_class="interactive",
