@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,18 @@ import nats  # noqa: E402
 
 from shared.contracts.events import HealthV1  # noqa: E402
 from shared.naming import Subjects  # noqa: E402
+
+
+def login(env) -> dict:
+    """The service's own NATS user, as the real one logs in (none on an --insecure stack). Built here rather
+    than with ``shared.bus.connect``, whose imports would slow the fake's start-up past short ready timeouts;
+    the fake only answers, so it needs no inbox prefix."""
+    options: dict = {}
+    if env.get("DIN_NATS_CREDS"):
+        options["user_credentials"] = env["DIN_NATS_CREDS"]
+    if env.get("DIN_BUS_CA_FILE") and env["DIN_NATS_URL"].startswith("tls://"):
+        options["tls"] = ssl.create_default_context(cafile=env["DIN_BUS_CA_FILE"])
+    return options
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -35,7 +48,7 @@ async def serve(args: argparse.Namespace) -> None:
         print(f"child pid {child.pid}", flush=True)
         if args.dump_env:
             Path(args.dump_env, f"{name}.child").write_text(str(child.pid))
-    nc = await nats.connect(env["DIN_NATS_URL"])
+    nc = await nats.connect(env["DIN_NATS_URL"], **login(env))
     health = HealthV1(
         service=args.service,
         instance=instance or args.service,

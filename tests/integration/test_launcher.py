@@ -342,7 +342,7 @@ async def test_supervisor_restarts_a_killed_service_which_answers_health_again(t
     watcher = threading.Thread(target=supervisor.run, kwargs={"poll_s": 0.05, "until": stop})
     watcher.start()
     pids = [p.pid for p in stack.processes]
-    nc = await nats.connect(stack.hub_url)
+    nc = await nats.connect(stack.hub_url, **stack.nats_options())
     try:
         scheduler = next(p for p in stack.processes if p.name == "scheduler")
         health = next(i for i in stack.instances if i.name == "scheduler").health_subject
