@@ -18,11 +18,13 @@ from nats.errors import TimeoutError as NatsTimeout
 from din.cli import main
 from din.stack.launcher import PortPlan, Stack
 from din.stack.wan import ToxiproxyClient
+from shared.naming import Subjects
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
 LATENCY_MS = 30
+ECHO = Subjects.probe("cloud")
 
 
 def leafz(monitor_port: int) -> list[dict]:
@@ -67,29 +69,31 @@ async def test_link_latency_cut_and_restore(wan_stack, capsys):
     assert f"{LATENCY_MS} ms" in factory_row and "up" in factory_row.split()
     assert "internet" in next(line for line in table.splitlines() if line.startswith("branch"))
 
-    hub = await nats.connect(wan_stack.hub_url)
-    edge = await nats.connect(wan_stack.nats_urls["factory"], max_reconnect_attempts=-1)
+    hub = await nats.connect(wan_stack.hub_url, **wan_stack.nats_options())
+    edge = await nats.connect(wan_stack.nats_urls["factory"], max_reconnect_attempts=-1,
+                              **wan_stack.nats_options("factory"))
     try:
         async def echo(msg):
             await msg.respond(msg.data)
 
-        await hub.subscribe("wan.echo", cb=echo)
+        # The hub's probe subject (the factory's leaf lets it out, and the answer in): no service answers it here.
+        await hub.subscribe(ECHO, cb=echo)
         await hub.flush()
-        await wait_for(lambda: answered(edge, "wan.echo"), 10, "the hub's responder reachable from the factory leaf")
+        await wait_for(lambda: answered(edge, ECHO), 10, "the hub's responder reachable from the factory leaf")
 
-        rtts = [await answered(edge, "wan.echo") for _ in range(5)]
+        rtts = [await answered(edge, ECHO) for _ in range(5)]
         assert all(rtt is not None for rtt in rtts), rtts
         assert min(rtts) >= 2 * LATENCY_MS / 1000, f"round trips {rtts} beat twice the {LATENCY_MS} ms latency"
 
         assert main(["links", "cut", "factory", *din_dir]) == 0
         await wait_for(lambda: not leafz(factory_monitor), 10, "the factory leaf disconnected from the hub")
-        assert await answered(edge, "wan.echo") is None
+        assert await answered(edge, ECHO) is None
         assert ToxiproxyClient(wan_stack.toxiproxy.api_url).proxy("factory")["enabled"] is False
 
         assert main(["links", "restore", "factory", *din_dir]) == 0
-        await wait_for(lambda: answered(edge, "wan.echo"), 20, "messages flowing across the restored link")
+        await wait_for(lambda: answered(edge, ECHO), 20, "messages flowing across the restored link")
         assert [leaf["port"] for leaf in leafz(factory_monitor)] == [factory_link.listen_port]
-        rtt = await answered(edge, "wan.echo")
+        rtt = await answered(edge, ECHO)
         assert rtt is not None and rtt >= 2 * LATENCY_MS / 1000
     finally:
         await edge.close()
