@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-import nats
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -27,6 +26,7 @@ from din.replay.recorded import RecordedWindow, read_events, read_requests
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared import envelope
 from shared.bus.kafka import OPERATOR, KafkaAccess
+from shared.bus.nats_auth import NATS_DIR
 from shared.contracts.inference import SlaClass
 from shared.contracts.job import JobV1
 from shared.contracts.telemetry import RecordedRequestV1
@@ -183,8 +183,10 @@ class InProcessStack:
 
         hub = nats_network.hub_url
 
-        def common(service: str) -> dict:
-            return dict(topic_scope=scope, **kafka.settings(service))
+        def common(service: str, site: str = "cloud", instance: str | None = None) -> dict:
+            # its own NATS user; the session Kafka's CA is its bus_ca_file (the session NATS takes plain clients)
+            login = nats_network.service_login(service, site, instance=instance)
+            return dict(topic_scope=scope, **(login | kafka.settings(service)))
 
         plaintext = dict(security=False)
         self.runtimes = [
@@ -194,7 +196,8 @@ class InProcessStack:
             classifier(ClassifierSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
                                           **common("classifier"))),
             *[executor(ExecutorSettings(nats_url=nats_network.url(site), site=site, id=f"{site}-1",
-                                        models=served, model_repo=model_repo, **plaintext, **common("executor")))
+                                        models=served, model_repo=model_repo, **plaintext,
+                                        **common("executor", site, f"{site}-1")))
               for site, served in (models or SMALL_EVERYWHERE).items()],
             admission(AdmissionSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
                                         credentials_file=credentials, **plaintext, **common("admission"))),
@@ -217,6 +220,20 @@ class InProcessStack:
     async def stop(self) -> None:
         for runtime in reversed(self.runtimes):
             await runtime.app.stop()
+
+
+def deployment_bus(tmp_path: Path, kafka: KafkaAccess, nats_network) -> Path:
+    """One bus folder, as a deployment has: the session Kafka's CA and users beside the session NATS's users
+    (the session's brokers keep theirs apart); what ``din replay --bus-dir`` reads."""
+    root = tmp_path / "bus"
+    if not root.exists():
+        root.mkdir()
+        for entry in kafka.bus_dir.iterdir():
+            if entry.name != NATS_DIR:
+                (root / entry.name).symlink_to(entry)
+        if nats_network.bus is not None:
+            (root / NATS_DIR).symlink_to(nats_network.bus.nats.root)
+    return root
 
 
 async def count_requests(kafka_access: KafkaAccess, scope: str) -> int:
@@ -261,7 +278,7 @@ async def running_stack(nats_network, kafka_access: KafkaAccess, scope: str, top
     await recorded_topics(scope)
     stack = InProcessStack(nats_network, kafka_access, scope, topology_file, model_repo, credentials, metrics_port,
                            models)
-    nc = await nats.connect(nats_network.hub_url)
+    nc = await nats_network.connect()
     try:
         await stack.start(nc)
         yield SimpleNamespace(stack=stack, topology_file=topology_file, credentials=credentials, secrets=secrets,
@@ -283,7 +300,8 @@ async def test_record_a_workload_replay_it_and_find_the_same_requests_and_mix(
         try:
             x, y = load_digits_test(model_repo)
             tenants = sorted(secrets)
-            clients = {t: await DinClient.connect(nats_network.hub_url, t, issue_token(t, secrets[t])) for t in tenants}
+            clients = {t: await DinClient.connect(nats_network.hub_url, t, issue_token(t, secrets[t]),
+                                                  options=nats_network.tenant_options(t)) for t in tenants}
             plan = mixed_plan(tenants, 120, len(x), seed=11)
             recording = await run_workload(clients, plan, x, y, concurrency=12)
             assert len(recording.outcomes) == 120
@@ -299,10 +317,13 @@ async def test_record_a_workload_replay_it_and_find_the_same_requests_and_mix(
 
             out = tmp_path / "replay.json"
             common = ["--since", str(began_ms - 1000), "--kafka", kafka_access.bootstrap, "--topic-scope", unique,
-                      *(["--bus-dir", str(kafka_access.bus_dir)] if kafka_access.secure else []),
+                      *(["--bus-dir", str(deployment_bus(tmp_path, kafka_access, nats_network))]
+                        if kafka_access.secure else []),
                       "--din-dir", str(tmp_path)]
             args = build_parser().parse_args([
+                # the topology names the hub, whose inboxes the replay's NATS users answer on
                 "replay", *common, "--nats", nats_network.hub_url, "--credentials", str(credentials),
+                "--topology", str(topology_file),
                 "--speed", "2", "--model-repo", str(model_repo), "--json", str(out), "--no-progress",
                 "--until", str(ended_ms + 1)])
             assert await run_replay(args) == 0
