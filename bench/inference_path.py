@@ -32,6 +32,7 @@ from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
 from services.executor.repository import ModelRepository
+from shared.bus.permissions import tenant_user
 from shared.credentials import issue_token, read_credentials
 from shared.tensors import decode_response, encode_binary
 from shared.topology import Topology
@@ -177,9 +178,9 @@ from services.executor.repository import ModelRepository
 from shared.contracts.inference import InferResponseV1, ServedByV1
 from shared.tensors import decode_binary, encode_outputs
 
-async def main(url, repo, subject):
+async def main(url, repo, subject, creds=None):
     handle = ModelRepository(repo).load("digits-small")
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **({"user_credentials": creds} if creds else {}))
 
     async def on_request(msg):
         name, array = decode_binary(msg.data, msg.headers)
@@ -193,18 +194,23 @@ async def main(url, repo, subject):
     print("ready", flush=True)
     await asyncio.Event().wait()
 
-uvloop.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+uvloop.run(main(*sys.argv[1:]))
 """
 
 
 async def measure_raw(url: str, model_repo: Path, row: np.ndarray, levels: list[int], seconds: float,
-                      light_count: int) -> list[Measurement]:
+                      light_count: int, options: dict | None = None) -> list[Measurement]:
+    """Raw request-reply to a responder process; ``options``: the connect options of both ends (on a closed bus
+    the operator's, whose credentials the responder gets too)."""
+    options = options or {}
+    creds = [options["user_credentials"]] if "user_credentials" in options else []
     responder = subprocess.Popen(
-        [sys.executable, "-c", RESPONDER, url, str(model_repo), RAW_SUBJECT], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", RESPONDER, url, str(model_repo), RAW_SUBJECT, *creds], stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         responder.stdout.readline()
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **options)
         body, headers = encode_binary("input", row)
 
         async def send() -> None:
@@ -238,7 +244,8 @@ async def measure_din(stack: Stack, row: np.ndarray, levels: list[int], seconds:
                       light_count: int, path: str) -> list[Measurement]:
     secret = read_credentials(stack.credentials_file)["bench"]
     keys = stack.tenant_keys("bench") if stack.security else None
-    client = await DinClient.connect(stack.hub_url, "bench", issue_token("bench", secret), keys)
+    client = await DinClient.connect(stack.hub_url, "bench", issue_token("bench", secret), keys,
+                                     options=stack.nats_options(user=tenant_user("bench")))
 
     async def send() -> None:
         await client.infer(MODEL, {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
@@ -270,7 +277,7 @@ def run_bench(model_repo: Path, din_dir: Path, *, levels: list[int], seconds: fl
         with stack.start():
             if security:
                 report.measurements += uvloop.run(
-                    measure_raw(stack.hub_url, model_repo, row, levels, seconds, light_count)
+                    measure_raw(stack.hub_url, model_repo, row, levels, seconds, light_count, stack.nats_options())
                 )
             report.measurements += uvloop.run(measure_din(stack, row, levels, seconds, light_count, path))
     return report

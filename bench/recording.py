@@ -39,6 +39,10 @@ from din.replay.reader import RecordRange, TopicReader
 from din.replay.recorded import read_requests
 from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack
 from din.workload import load_digits_test
+from services.telemetry.settings import TelemetrySettings
+from services.telemetry.topics import ensure_topics, topic_plan
+from shared.bus.kafka import OPERATOR, KafkaAccess
+from shared.bus.permissions import tenant_user
 from shared.contracts.inference import SlaClass
 from shared.contracts.job import JobV1
 from shared.credentials import issue_token, read_credentials
@@ -53,6 +57,9 @@ BODY_ITEMS = 64
 RATE_STEPS = (2_000, 5_000, 10_000, 20_000, 40_000, 60_000)
 TOP_UP = 20_000
 REPLAY_RECORDS = 50_000
+RECORDER = "admission"
+"""The Kafka user the benchmark records as: admission, the requests topic's writer."""
+READER = "replay"
 
 
 def sample_record(i: int, tenant: str = "acme") -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
@@ -103,11 +110,13 @@ def hot_path_cost() -> dict[str, float]:
 # --------------------------------------------------------------------------- 2. inference path peak
 
 
-async def closed_loop(hub_url: str, credentials: Path, seconds: float, concurrency: int) -> dict[str, float]:
-    secrets = read_credentials(credentials)
+async def closed_loop(stack: Stack, seconds: float, concurrency: int) -> dict[str, float]:
+    secrets = read_credentials(stack.credentials_file)
     tenants = sorted(secrets)[:2]
     x, _ = load_digits_test(DEFAULT_MODEL_REPO)
-    clients = [await DinClient.connect(hub_url, t, issue_token(t, secrets[t])) for t in tenants]
+    clients = [await DinClient.connect(stack.hub_url, t, issue_token(t, secrets[t]),
+                                       stack.tenant_keys(t) if stack.security else None,
+                                       options=stack.nats_options(user=tenant_user(t))) for t in tenants]
     latencies: list[float] = []
     errors: dict[str, int] = {}
     stop_at = time.monotonic() + seconds
@@ -142,13 +151,24 @@ async def closed_loop(hub_url: str, credentials: Path, seconds: float, concurren
             "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2)}
 
 
-def _recorder_process(bootstrap: str, topic_scope: str, rate: float, seconds: float, out) -> None:
-    out.put(asyncio.run(offer(bootstrap, topic_scope, rate, seconds)))
+def create_request_topic(access: KafkaAccess, scope: str) -> None:
+    """The requests topic under ``scope``, created by the operator as ``din up`` creates its run's (services may
+    not create topics)."""
+    plan = topic_plan(TelemetrySettings(nats_url="nats://unused:4222", kafka_bootstrap=access.bootstrap,
+                                        site="cloud"))
+    asyncio.run(ensure_topics(access.bootstrap, [t for t in plan if t.base == Topics.REQUESTS], scope=scope,
+                              client_id="bench-operator", client_kwargs=access.client_kwargs(OPERATOR)))
 
 
-async def offer(bootstrap: str, scope: str | None, rate: float | None, seconds: float) -> dict[str, float]:
-    """Offer request records to an ``EventLog`` at ``rate``/s (None: as fast as it takes them) for ``seconds``."""
-    log = EventLog(bootstrap, client_id=f"bench-{uuid.uuid4().hex[:6]}", topic_scope=scope)
+def _recorder_process(access: KafkaAccess, topic_scope: str, rate: float, seconds: float, out) -> None:
+    out.put(asyncio.run(offer(access, topic_scope, rate, seconds)))
+
+
+async def offer(access: KafkaAccess, scope: str | None, rate: float | None, seconds: float) -> dict[str, float]:
+    """Offer request records to an ``EventLog`` at ``rate``/s (None: as fast as it takes them) for ``seconds``,
+    logged in as admission (the requests topic's writer); the topic exists (``create_request_topic``)."""
+    log = EventLog(access.bootstrap, client_id=f"bench-{uuid.uuid4().hex[:6]}", topic_scope=scope,
+                   client_kwargs=access.client_kwargs(RECORDER))
     await log.start()
     records = [sample_record(i, ("acme", "globex")[i % 2]) for i in range(1000)]
     while log._producer is None:  # connected: measure recording, not connection set-up
@@ -180,11 +200,17 @@ async def offer(bootstrap: str, scope: str | None, rate: float | None, seconds: 
     return result
 
 
-def recording_steps(bootstrap: str, seconds: float) -> dict[str, object]:
+def _fresh_scope(access: KafkaAccess) -> str:
+    scope = f"bench{uuid.uuid4().hex[:6]}"
+    create_request_topic(access, scope)
+    return scope
+
+
+def recording_steps(access: KafkaAccess, seconds: float) -> dict[str, object]:
     steps = []
     sustained = 0.0
     for rate in RATE_STEPS:
-        step = asyncio.run(offer(bootstrap, f"bench{uuid.uuid4().hex[:6]}", rate, seconds))
+        step = asyncio.run(offer(access, _fresh_scope(access), rate, seconds))
         step["target_per_s"] = rate
         steps.append(step)
         kept_up = step["dropped"] == 0 and step["failed"] == 0 and step["flush_lag_s"] <= 1.0
@@ -193,7 +219,7 @@ def recording_steps(bootstrap: str, seconds: float) -> dict[str, object]:
         if not kept_up:
             break
         sustained = step["offered_per_s"]
-    unbounded = asyncio.run(offer(bootstrap, f"bench{uuid.uuid4().hex[:6]}", None, seconds))
+    unbounded = asyncio.run(offer(access, _fresh_scope(access), None, seconds))
     print(f"  queue kept full: acked {unbounded['acked_while_offering_per_s']:,.0f}/s while offering", flush=True)
     return {"steps": steps, "sustained_per_s": sustained, "unbounded": unbounded}
 
@@ -201,13 +227,16 @@ def recording_steps(bootstrap: str, seconds: float) -> dict[str, object]:
 # --------------------------------------------------------------------------- 4. replay read
 
 
-async def replay_read(bootstrap: str) -> dict[str, float]:
+def replay_read(access: KafkaAccess) -> dict[str, float]:
+    return asyncio.run(_replay_read(access, _fresh_scope(access)))
+
+
+async def _replay_read(access: KafkaAccess, scope: str) -> dict[str, float]:
     from aiokafka import AIOKafkaProducer
 
-    scope = f"bench{uuid.uuid4().hex[:6]}"
     topic = Topics.scoped(Topics.REQUESTS, scope)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=20,
-                                max_batch_size=512 * 1024)
+    producer = AIOKafkaProducer(bootstrap_servers=access.bootstrap, enable_idempotence=True, acks="all",
+                                linger_ms=20, max_batch_size=512 * 1024, **access.client_kwargs(RECORDER))
     await producer.start()
     records = [sample_record(i, ("acme", "globex", "initech")[i % 3]) for i in range(1000)]
     began = time.monotonic()
@@ -216,7 +245,7 @@ async def replay_read(bootstrap: str) -> dict[str, float]:
     await asyncio.gather(*futures)
     await producer.stop()
     write_s = time.monotonic() - began
-    async with TopicReader(bootstrap) as reader:
+    async with TopicReader(access.bootstrap, client_kwargs=access.client_kwargs(READER)) as reader:
         began = time.perf_counter()
         window = await read_requests(reader, RecordRange(since_ms=0), scope=scope, keyring=None)
         read_s = time.perf_counter() - began
@@ -293,26 +322,28 @@ def run_recording_bench(seconds: float = 6.0, concurrency: int = 64, out: Path =
                       write_state=False, topic_scope=scope)
         print("2. starting a whole stack (NATS hub + leaves, Kafka, every service) ...", flush=True)
         with stack.start():
-            alone = asyncio.run(closed_loop(stack.hub_url, stack.credentials_file, seconds, concurrency))
+            alone = asyncio.run(closed_loop(stack, seconds, concurrency))
+            access = stack.kafka_access
+            create_request_topic(access, f"{scope}rec")
             print(f"  inference alone: {alone}", flush=True)
             peak = max(alone["requests_per_s"], published_peak() or 0.0)
             queue: multiprocessing.Queue = multiprocessing.Queue()
             recorder = multiprocessing.Process(
                 target=_recorder_process,
-                args=(stack.kafka_bootstrap, f"{scope}rec", peak, seconds + 4.0, queue))
+                args=(access, f"{scope}rec", peak, seconds + 4.0, queue))
             recorder.start()
             time.sleep(1.0)
-            loaded = asyncio.run(closed_loop(stack.hub_url, stack.credentials_file, seconds, concurrency))
+            loaded = asyncio.run(closed_loop(stack, seconds, concurrency))
             recorder.join(120)
             loaded["recording"] = queue.get(timeout=5)
             print(f"  inference while recording: {loaded}", flush=True)
-            admission_records = asyncio.run(_count(stack.kafka_bootstrap, scope))
+            admission_records = asyncio.run(_count(access, scope))
             results["inference"] = {"concurrency": concurrency, "alone": alone, "with_recording": loaded,
                                     "admission_records": admission_records}
             print("3. recording rate through EventLog (idempotent, acks=all) ...", flush=True)
-            results["recording"] = recording_steps(stack.kafka_bootstrap, seconds / 2)
+            results["recording"] = recording_steps(access, seconds / 2)
             print("4. replay read and decode ...", flush=True)
-            results["replay_read"] = asyncio.run(replay_read(stack.kafka_bootstrap))
+            results["replay_read"] = replay_read(access)
             print(f"  {results['replay_read']}", flush=True)
     results["inference"]["published_peak_per_s"] = published_peak()
     results["inference"]["peak_per_s"] = round(max(peak, 1.0), 1)
@@ -322,10 +353,11 @@ def run_recording_bench(seconds: float = 6.0, concurrency: int = 64, out: Path =
     return 0 if ok else 1
 
 
-async def _count(bootstrap: str, scope: str) -> str:
+async def _count(access: KafkaAccess, scope: str) -> str:
     try:
-        async with TopicReader(bootstrap) as reader:
+        async with TopicReader(access.bootstrap, client_kwargs=access.client_kwargs(READER)) as reader:
             window = await read_requests(reader, RecordRange(since_ms=0), scope=scope, keyring=None)
             return f"yes ({len(window.requests)} recorded)"
-    except Exception:  # noqa: BLE001 - no topic or no records: admission does not record yet
-        return "no (admission does not record requests yet; the separate recorder stands in for it)"
+    except Exception as exc:  # noqa: BLE001 - no topic or no records: admission does not record yet
+        return (f"no (admission does not record requests yet; the separate recorder stands in for it: "
+                f"{exc.__class__.__name__}: {exc})")
