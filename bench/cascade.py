@@ -22,6 +22,7 @@ import uvloop
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
+from shared.bus.permissions import tenant_user
 from shared.credentials import issue_token, read_credentials
 from shared.topology import Topology
 
@@ -118,7 +119,8 @@ async def measure_paths(client: DinClient, x: np.ndarray, y: np.ndarray, thresho
 async def measure_all(stack: Stack, x: np.ndarray, y: np.ndarray, thresholds: list[float],
                       warm_up: int) -> list[CascadeMeasurement]:
     token = issue_token("bench", read_credentials(stack.credentials_file)["bench"])
-    client = await DinClient.connect(stack.hub_url, "bench", token, stack.tenant_keys("bench"))
+    client = await DinClient.connect(stack.hub_url, "bench", token, stack.tenant_keys("bench"),
+                                     options=stack.nats_options(user=tenant_user("bench")))
     try:
         return await measure_paths(client, x, y, thresholds, warm_up)
     finally:

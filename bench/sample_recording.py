@@ -29,6 +29,7 @@ from din.replay.recorded import load_window
 from din.replay.report import render_report
 from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack
 from din.workload import load_digits_test
+from shared.bus.permissions import tenant_user
 from shared.credentials import issue_token, read_credentials
 from shared.naming import Topics
 from shared.topology import load_topology
@@ -72,10 +73,12 @@ async def run_phase(clients: dict[str, DinClient], x, rng: random.Random, name: 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
 
 
-async def drive(hub_url: str, credentials: Path) -> None:
-    secrets = read_credentials(credentials)
+async def drive(stack: Stack) -> None:
+    secrets = read_credentials(stack.credentials_file)
     x, _ = load_digits_test(DEFAULT_MODEL_REPO)
-    clients = {t: await DinClient.connect(hub_url, t, issue_token(t, s)) for t, s in secrets.items()}
+    clients = {t: await DinClient.connect(stack.hub_url, t, issue_token(t, s),
+                                          options=stack.nats_options(user=tenant_user(t)))
+               for t, s in secrets.items()}
     rng = random.Random(5)
     for name, seconds, concurrency, pause in PHASES:
         print(f"  phase {name}: {seconds:.0f}s, {concurrency} in flight", flush=True)
@@ -95,7 +98,7 @@ def record_sample(out: Path, screenshot: Path | None = None) -> int:
         print("starting a whole stack ...", flush=True)
         with stack.start():
             began = time.time() * 1000.0
-            asyncio.run(drive(stack.hub_url, stack.credentials_file))
+            asyncio.run(drive(stack))
             time.sleep(12.0)  # let the last alert resolve and every event reach Kafka
             ended = time.time() * 1000.0
             window = asyncio.run(load_window(

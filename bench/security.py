@@ -93,10 +93,10 @@ def _dek(keys_dir: Path) -> DataKey:
 # --------------------------------------------------------------------------- responder process
 
 
-async def respond(url: str, keys_dir: Path) -> None:
+async def respond(url: str, keys_dir: Path, creds: str | None = None) -> None:
     security = _security(keys_dir, site_principal(SITE), _dek(keys_dir))
     reader = tenant_principal(TENANT)
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **({"user_credentials": creds} if creds else {}))
 
     async def plain(msg) -> None:
         await nc.publish(msg.reply, msg.data)
@@ -225,8 +225,9 @@ async def loaded(client: Client, mode: str, payload: bytes, concurrency: int, se
     return len(latencies) / seconds, len(latencies), _pct(latencies, 50), errors
 
 
-async def measure_raw(url: str, keys_dir: Path, *, seconds: float, concurrency: int, rounds: int) -> list[Row]:
-    nc = await nats.connect(url)
+async def measure_raw(url: str, keys_dir: Path, *, seconds: float, concurrency: int, rounds: int,
+                      options: dict | None = None) -> list[Row]:
+    nc = await nats.connect(url, **(options or {}))
     client = Client(nc, _security(keys_dir, tenant_principal(TENANT), _dek(keys_dir)))
     await client.start()
     rows = []
@@ -303,10 +304,12 @@ def measure_din(din_dir: Path, seconds: float, concurrency: int) -> list[dict]:
 async def _measure_din_path(stack, security: bool, row: np.ndarray, seconds: float, concurrency: int) -> dict:
     from bench.inference_path import closed_loop
     from din.client import DinClient
+    from shared.bus.permissions import tenant_user
     from shared.credentials import issue_token, read_credentials
 
     token = issue_token(TENANT, read_credentials(stack.credentials_file)[TENANT])
-    client = await DinClient.connect(stack.hub_url, TENANT, token, stack.tenant_keys(TENANT) if security else None)
+    client = await DinClient.connect(stack.hub_url, TENANT, token, stack.tenant_keys(TENANT) if security else None,
+                                     options=stack.nats_options(user=tenant_user(TENANT)))
 
     async def send() -> None:
         await client.infer("digits-small", {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
@@ -422,13 +425,16 @@ def run_security_bench(seconds: float = 2.0, concurrency: int = 16, rounds: int 
         report["crypto"] = crypto_costs(keys_dir)
         stack = Stack.brokers_only(topology, ports=PortPlan.free(0), din_dir=Path(tmp) / "din", kafka=False)
         with stack.start():
-            responder = subprocess.Popen([sys.executable, "-m", RESPONDER_MODULE, stack.hub_url, str(keys_dir)],
-                                         stdout=subprocess.PIPE, text=True)
+            # both ends of the raw path log in as the operator (the closed bus's default)
+            options = stack.nats_options()
+            creds = [options["user_credentials"]] if "user_credentials" in options else []
+            responder = subprocess.Popen([sys.executable, "-m", RESPONDER_MODULE, stack.hub_url, str(keys_dir),
+                                          *creds], stdout=subprocess.PIPE, text=True)
             try:
                 responder.stdout.readline()
                 print("raw NATS request-reply ...", flush=True)
                 rows = uvloop.run(measure_raw(stack.hub_url, keys_dir, seconds=seconds,
-                                              concurrency=concurrency, rounds=rounds))
+                                              concurrency=concurrency, rounds=rounds, options=options))
             finally:
                 responder.terminate()
                 responder.wait(timeout=10)
@@ -442,4 +448,4 @@ def run_security_bench(seconds: float = 2.0, concurrency: int = 16, rounds: int 
 
 
 if __name__ == "__main__":
-    uvloop.run(respond(sys.argv[1], Path(sys.argv[2])))
+    uvloop.run(respond(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:]))

@@ -150,10 +150,10 @@ def _tokens(stack: Stack) -> dict[str, str]:
     return {tenant: issue_token(tenant, secrets[tenant], ttl_s=3600) for tenant in TENANTS}
 
 
-async def _health(url: str, service: str, instance: str) -> HealthV1 | None:
+async def _health(url: str, service: str, instance: str, options: dict) -> HealthV1 | None:
     import nats
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **options)
     try:
         reply = await nc.request(Subjects.health(service, instance), b"", timeout=0.5)
         return HealthV1.model_validate_json(reply.data)
@@ -164,7 +164,7 @@ async def _health(url: str, service: str, instance: str) -> HealthV1 | None:
 
 
 async def _edge_latency(stack: Stack, arrangement: str, requests: int) -> LatencyRow:
-    async with Load(stack.nats_urls["factory"], _tokens(stack)) as load:
+    async with Load(stack.nats_urls["factory"], _tokens(stack), stack.nats_options("factory")) as load:
         for _ in range(20):
             await load.request("globex", "digits-small")
             await load.settle(5.0)
@@ -181,7 +181,7 @@ async def _edge_latency(stack: Stack, arrangement: str, requests: int) -> Latenc
 
 async def _partition(stack: Stack, seconds: float) -> list[FaultRow]:
     links = ToxiproxyClient(stack.toxiproxy.api_url)
-    async with Load(stack.nats_urls["factory"], _tokens(stack)) as load:
+    async with Load(stack.nats_urls["factory"], _tokens(stack), stack.nats_options("factory")) as load:
         links.set_enabled("factory", False)
         local, remote = [], []
         try:
@@ -200,7 +200,7 @@ async def _partition(stack: Stack, seconds: float) -> list[FaultRow]:
 async def _kill(stack: Stack, name: str, requests: int) -> FaultRow:
     proc = next(p for p in stack.processes if p.name == name)
     service = name.split("-")[0]
-    async with Load(stack.nats_urls["factory"], _tokens(stack)) as load:
+    async with Load(stack.nats_urls["factory"], _tokens(stack), stack.nats_options("factory")) as load:
         sender = asyncio.create_task(load.send("globex", "digits-small", requests, every_s=0.025))
         await asyncio.sleep(1.0)
         old = proc.pid
@@ -208,7 +208,7 @@ async def _kill(stack: Stack, name: str, requests: int) -> FaultRow:
         os.kill(old, signal.SIGKILL)
         recovered = None
         while recovered is None and time.monotonic() - killed < 60:
-            health = await _health(stack.nats_urls["factory"], service, "factory")
+            health = await _health(stack.nats_urls["factory"], service, "factory", stack.nats_options("factory"))
             if proc.pid != old and health is not None and health.ready:
                 recovered = time.monotonic() - killed
             await asyncio.sleep(0.05)

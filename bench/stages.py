@@ -40,6 +40,7 @@ from bench.cascade import CascadeMeasurement, measure_paths
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
+from shared.bus.permissions import tenant_user
 from shared.credentials import issue_token, read_credentials
 from shared.topology import Topology
 from zoo.text import load_corpus
@@ -211,7 +212,8 @@ def _fmt(value: float | None) -> str:
 
 async def _client(stack: Stack, tenant: str) -> DinClient:
     token = issue_token(tenant, read_credentials(stack.credentials_file)[tenant])
-    return await DinClient.connect(stack.hub_url, tenant, token, stack.tenant_keys(tenant))
+    return await DinClient.connect(stack.hub_url, tenant, token, stack.tenant_keys(tenant),
+                                   options=stack.nats_options(user=tenant_user(tenant)))
 
 
 async def measure_split(client: DinClient, x: np.ndarray, y: np.ndarray, warm_up: int) -> list[SplitMeasurement]:
