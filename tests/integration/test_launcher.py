@@ -181,9 +181,9 @@ def test_service_that_never_becomes_ready_times_out(test_topology, tmp_path):
         services=["classifier"],
         kafka=False,
         service_command=fake("--not-ready"),
-        ready_timeout_s=2,
+        ready_timeout_s=8,
     )
-    not_ready = r"^classifier(-factory|-branch)? not ready within 2s \(answered ready=false\)"
+    not_ready = r"^classifier(-factory|-branch)? not ready within 8s \(answered ready=false\)"
     with pytest.raises(StackError, match=not_ready):
         stack.start()
     assert_nothing_left([p.pid for p in stack.processes])
