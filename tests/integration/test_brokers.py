@@ -9,11 +9,12 @@ import json
 import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import RetentionPolicy, StreamConfig
+from nats.js.api import RetentionPolicy
 from nats.js.errors import NotFoundError
 
 from shared.bus.permissions import service_inbox
-from shared.naming import Subjects, Topics, work_stream
+from shared.naming import Subjects, Topics
+from shared.workqueue import work_stream_config
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -72,21 +73,26 @@ async def test_leaf_servers_are_distinct_from_the_hub(nats_network):
 
 
 async def test_work_queue_stream_on_a_leaf_domain(nats_network, unique):
-    """Create the stream in the factory leaf's domain from the hub, publish at the hub, consume at the leaf."""
+    """Create the factory's work-queue stream in its leaf's domain from the hub, publish at the hub, consume at
+    the leaf (the leaf lets only the factory's own work subjects in, so the stream is the factory's own, as
+    schedulers create it; a test's job goes under a model name private to it)."""
     hub = await nats_network.connect()
     leaf = await nats_network.connect("factory")
-    # The factory's work subjects (only those enter its leaf), under a model name private to this test.
-    stream = work_stream(unique)
+    config = work_stream_config("factory")
+    stream = config.name
     subject = Subjects.work("factory", unique)
     hub_js_factory = hub.jetstream(domain=nats_network.domain("factory"))
+    leaf_js = leaf.jetstream()
     try:
-        info = await hub_js_factory.add_stream(
-            StreamConfig(name=stream, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE)
-        )
+        await leaf_js.stream_info(stream)
+        existed = True  # an earlier test's scheduler or pull executor created it: it stays
+    except NotFoundError:
+        existed = False
+    try:
+        info = await hub_js_factory.add_stream(config)
         assert info.config.name == stream
 
         # The stream's own domain serves its API at the leaf; the hub's domain does not hold it.
-        leaf_js = leaf.jetstream()
         assert (await leaf_js.stream_info(stream)).config.retention == RetentionPolicy.WORK_QUEUE
         if not nats_network.single:
             with pytest.raises(NotFoundError):
@@ -106,13 +112,20 @@ async def test_work_queue_stream_on_a_leaf_domain(nats_network, unique):
         assert [m.data for m in msgs] == [b"job-1"]
         await msgs[0].ack_sync()
 
-        async def work_queue_empty() -> bool:
-            return (await leaf_js.stream_info(stream)).state.messages == 0
+        async def job_gone() -> bool:
+            try:
+                await leaf_js.get_last_msg(stream, subject)
+            except NotFoundError:
+                return True
+            return False
 
-        await wait_for(work_queue_empty, 5, "the acknowledged job leaving the work queue (work-queue retention)")
+        await wait_for(job_gone, 5, "the acknowledged job leaving the work queue (work-queue retention)")
     finally:
         try:
-            await leaf.jetstream().delete_stream(stream)
+            if existed:
+                await leaf_js.delete_consumer(stream, f"w{unique}")
+            else:
+                await leaf_js.delete_stream(stream)
         except Exception:  # noqa: BLE001 - the assertion above is what matters
             pass
         await hub.close()
