@@ -54,6 +54,8 @@ SUBJECT = Subjects.schedule(HUB)
 """A subject an edge site's leaf may send to the hub (these networks run no DIN service)."""
 MODES = ("open", "closed", "closed+tls")
 PAYLOAD = 1024
+DIN_CONCURRENCY = 4
+"""Requests in flight on the DIN path: the edge executor's capacity (more is shed as overloaded)."""
 BENCH_USER = "bench-client"
 RESPONDER_USER = "bench-responder"
 TOPOLOGY = {
@@ -230,15 +232,17 @@ async def _din_path(stack, row: np.ndarray, seconds: float, concurrency: int, ro
 
     async def send() -> None:
         try:
-            await client.infer("digits-small", {"input": row}, sla="realtime", binary=True, timeout_ms=5000)
+            await client.infer("digits-small", {"input": row}, sla="interactive", binary=True, timeout_ms=5000)
         except Exception as exc:
             seen[getattr(getattr(exc, "error", None), "code", type(exc).__name__)] += 1
             raise
 
+    for _ in range(50):
+        await send()
     ones, manys = [], []
     for _ in range(rounds):
         ones.append(await closed_loop("din", send, 1, seconds))
-        manys.append(await closed_loop("din", send, concurrency, seconds))
+        manys.append(await closed_loop("din", send, DIN_CONCURRENCY, seconds))
     await client.close()
     return {"p50_ms": statistics.median(r.p50_ms for r in ones), "p99_ms": statistics.median(r.p99_ms for r in ones),
             "loaded_rps": statistics.median(r.throughput for r in manys),
@@ -268,12 +272,17 @@ def markdown(report: dict) -> str:
     if report.get("din"):
         lines += ["", "## The DIN inference path", "",
                   "Client at the hub, `digits-small` served at the edge (requests cross the leaf link), security "
-                  "(payload envelopes) on in both; one stack after the other.", "",
-                  "| bus | p50 ms | p99 ms | added p50 ms | req/s loaded | throughput vs open |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  f"(payload envelopes) on in both, {DIN_CONCURRENCY} in flight under load; one stack after the "
+                  "other. Requests shed as `overloaded` count as errors (column).", "",
+                  "| bus | p50 ms | p99 ms | added p50 ms | req/s loaded | throughput vs open | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for mode, row in report["din"].items():
             lines.append(f"| {mode} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {row['added_p50_ms']:+.3f} | "
-                         f"{row['loaded_rps']:.0f} | {row['throughput_ratio']:.2f}x |")
+                         f"{row['loaded_rps']:.0f} | {row['throughput_ratio']:.2f}x | {row['errors']} |")
+        if any(row["errors"] > row["loaded_rps"] * report["seconds"] for row in report["din"].values()):
+            lines += ["", "**Not a measurement of the bus**: in this run admission shed most requests of this path "
+                      "(`overloaded`) in both modes, so the rows compare shedding, not the bus; the raw table above "
+                      "is the bus's cost."]
     return "\n".join(lines) + "\n"
 
 
