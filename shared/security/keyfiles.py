@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared import envelope
+from shared.bus.files import write_secret
 from shared.envelope import Identity, InvalidToken, PublicIdentity, SiteIdentity
 from shared.naming import token
 from shared.security import b64url
@@ -30,14 +30,6 @@ _UNLOCK_LABEL = b"din.keys.v1/unlock\x00"
 def unlock_key(master_key: bytes, principal: str) -> bytes:
     """The key a principal's identity is wrapped under, derived from the master key."""
     return hmac.digest(master_key, _UNLOCK_LABEL + token(principal, what="principal").encode("ascii"), "sha256")
-
-
-def _write_secret(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(path, 0o600)
 
 
 def read_master_key(path: Path) -> bytes:
@@ -120,7 +112,7 @@ class KeyStore:
                 for name in self.publics
             },
         }
-        _write_secret(Path(path), json.dumps(doc, indent=2) + "\n")
+        write_secret(Path(path), json.dumps(doc, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> KeyStore:
@@ -167,11 +159,11 @@ def init_keys(keys_dir: Path, topology: Topology, *, master_key: bytes | None = 
         KEYS_BUCKET,
         topology.hub.name,
     )
-    _write_secret(keys_dir / MASTER_KEY_FILE, b64url.encode(master) + "\n")
+    write_secret(keys_dir / MASTER_KEY_FILE, b64url.encode(master) + "\n")
     store.save(keys_dir / KEYSTORE_FILE)
     for name, ident in identities.items():
         if name == KEYMANAGER:
             continue
         creds = PrincipalKeys(ident, keymanager, KEYS_BUCKET, topology.hub.name)
-        _write_secret(key_file(keys_dir, name), json.dumps(creds.document(unlock_key(master, name)), indent=2) + "\n")
+        write_secret(key_file(keys_dir, name), json.dumps(creds.document(unlock_key(master, name)), indent=2) + "\n")
     return store
