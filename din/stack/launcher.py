@@ -59,7 +59,7 @@ from services.telemetry.settings import TelemetrySettings
 from services.telemetry.topics import ensure_topics, topic_plan
 from shared.bus.connect import nats_options
 from shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
-from shared.bus.nats_auth import NATS_DIR
+from shared.bus.nats_auth import NATS_DIR, NatsAuthority
 from shared.bus.permissions import OPERATOR_USER
 from shared.bus.tls import CA_CERT
 from shared.credentials import write_credentials
@@ -593,7 +593,7 @@ def state_nats(state: dict, site: str | None = None, user: str = OPERATOR_USER) 
     bus_dir = state.get("bus_dir")
     if not bus_dir:
         return urls[site], {}
-    creds = Path(bus_dir) / NATS_DIR / "users" / f"{user}.creds"
+    creds = NatsAuthority(Path(bus_dir) / NATS_DIR).creds_path(user)
     if not creds.exists():
         raise StackError(f"no NATS credentials for {user!r} in {bus_dir}")
     return urls[site], nats_options(urls[site], site, creds, Path(bus_dir) / CA_CERT)
