@@ -33,6 +33,7 @@ import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from shared.bus.connect import nats_servers
 from shared.contracts.inference import (
     JSON_CONTENT_TYPE,
     STREAM_SEQ_HEADER,
@@ -148,7 +149,7 @@ class DinClient:
 
         ``options`` are nats-py connect options: on a closed bus the tenant's credentials, its inbox prefix and
         TLS (``shared.bus.connect.nats_options`` with the tenant's creds file and the site it connects at)."""
-        nc = await nats.connect(url, name=f"din-client-{tenant}", **(options or {}))
+        nc = await nats.connect(nats_servers(url), name=f"din-client-{tenant}", **(options or {}))
         try:
             security = None
             if keys is not None:

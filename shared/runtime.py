@@ -33,7 +33,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from shared import __version__
-from shared.bus.connect import broker_options
+from shared.bus.connect import broker_options, nats_servers
 from shared.bus.kafka import kafka_client_kwargs
 from shared.contracts.events import DeadLetterV1, HealthV1
 from shared.contracts.job import JobV1
@@ -112,7 +112,7 @@ class ServiceRuntime:
         self.instance = instance or name
         self.log = logging.getLogger(f"din.{name}")
         self.broker = NatsBroker(
-            settings.nats_url,
+            nats_servers(settings.nats_url),
             name=f"din-{name}-{self.instance}",
             logger=None,
             max_reconnect_attempts=-1,

@@ -82,11 +82,21 @@ class ServiceSettings(BaseSettings):
         validation_alias=_plain("DIN_KAFKA_PASSWORD_FILE"),
         description="File holding the Kafka SCRAM user's password.",
     )
+    jetstream_replicas: dict[str, int] = Field(
+        default_factory=dict,
+        validation_alias=_plain("DIN_JETSTREAM_REPLICAS"),
+        description="Replicas of the streams and buckets a process creates, per JetStream domain (a site), as "
+        'JSON (\'{"cloud": 3}\' for a clustered hub); a domain not named gets 1. Set by the launcher.',
+    )
     topic_scope: str | None = Field(
         default=None,
         validation_alias=_plain("DIN_TOPIC_SCOPE"),
         description="Optional suffix for every Kafka topic, isolating one run or test.",
     )
+
+    def replicas_in(self, domain: str) -> int:
+        """Replicas of a stream or bucket this process creates in JetStream domain ``domain``."""
+        return self.jetstream_replicas.get(domain, 1)
 
     @field_validator("site")
     @classmethod

@@ -63,6 +63,12 @@ class SiteSpec(_Strict):
         "tenant's quota is split evenly among the site's admissions; one instance dying leaves the others "
         "serving).",
     )
+    servers: int = Field(
+        default=1, ge=1, le=7,
+        description="The hub only: how many nats-servers it runs as one cluster (routes between them, JetStream "
+        "clustered in the hub's domain, its streams and buckets replicated min(3, servers) times). 1, or 3 and "
+        "more: JetStream's RAFT groups need a majority, so two servers would stop when either fails.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -75,6 +81,20 @@ class SiteSpec(_Strict):
         if value not in ("hub", "edge"):
             raise ValueError("role must be 'hub' or 'edge'")
         return value
+
+    @model_validator(mode="after")
+    def _cluster_size(self) -> SiteSpec:
+        if self.servers == 2:
+            raise ValueError("servers must be 1 or at least 3: a 2-server JetStream cluster loses its quorum when "
+                             "either server fails")
+        if self.servers > 1 and self.role != "hub":
+            raise ValueError(f"site {self.name!r}: only the hub runs as a cluster (servers > 1)")
+        return self
+
+    @property
+    def jetstream_replicas(self) -> int:
+        """Replicas of each stream and bucket in this site's JetStream domain: min(3, servers)."""
+        return min(3, self.servers)
 
 
 class LinkConditions(_Strict):
@@ -248,6 +268,10 @@ class Topology(_Strict):
     def replicas_at(self, site: str) -> int:
         """Instances of each control-plane service at ``site`` (0 when it runs none)."""
         return self.site(site).replicas if site in self.control_sites() else 0
+
+    def stream_replicas(self) -> dict[str, int]:
+        """Replicas per JetStream domain (a site) whose streams are replicated (empty: every domain has 1)."""
+        return {s.name: s.jetstream_replicas for s in self.sites if s.jetstream_replicas > 1}
 
     def tenant(self, name: str) -> TenantSpec:
         return next(t for t in self.tenants if t.name == name)

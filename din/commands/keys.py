@@ -20,6 +20,7 @@ from din.stack.launcher import (
     service_instances,
 )
 from din.stack.processes import StackError
+from shared.bus.connect import nats_servers
 from shared.bus.tls import DEFAULT_HOSTS
 from shared.contracts.keys import KeyAction, KeyCommandResultV1
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
@@ -127,7 +128,7 @@ async def send_command(url: str, operator: PrincipalKeys, action: KeyAction, opt
     import nats
 
     body, headers = sign_key_command(operator, new_key_command(action, **fields))
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1, **(options or {}))
+    nc = await nats.connect(nats_servers(url), connect_timeout=5, max_reconnect_attempts=1, **(options or {}))
     try:
         reply = await nc.request(Subjects.control("keymanager", KEYMANAGER), body, headers=headers,
                                  timeout=COMMAND_TIMEOUT_S)
@@ -159,7 +160,7 @@ async def audit_keys(url: str, audit: PrincipalKeys, options: dict | None = None
     """Every audit data key version the key manager distributes now."""
     import nats
 
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1, **(options or {}))
+    nc = await nats.connect(nats_servers(url), connect_timeout=5, max_reconnect_attempts=1, **(options or {}))
     agent = KeyAgent(audit)
     try:
         await agent.watch(nc, ready=lambda a: a.ready_for([AUDIT]), timeout_s=COMMAND_TIMEOUT_S)

@@ -11,6 +11,7 @@ import nats
 
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, STATE_FILE_NAME, read_state, shown_path, state_nats
 from din.stack.processes import StackError
+from shared.bus.connect import nats_servers
 from shared.catalog import ModelCatalog
 from shared.contracts.events import LoadModelV1, ModelLoadedV1
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
@@ -82,7 +83,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 async def _load(url: str, options: dict, executor: str, command: LoadModelV1) -> ModelLoadedV1:
-    nc = await nats.connect(url, **options)
+    nc = await nats.connect(nats_servers(url), **options)
     try:
         reply = await nc.request(Subjects.control("executor", executor), command.model_dump_json().encode(),
                                  timeout=30)

@@ -20,6 +20,7 @@ from din.replay.reader import ReplayError, quiet_kafka_client
 from din.replay.recorded import load_window
 from din.replay.whatif import POLICIES, what_if
 from din.stack.launcher import DEFAULT_MODEL_REPO
+from shared.bus.connect import nats_servers
 from shared.bus.permissions import OPERATOR_USER, tenant_user
 from shared.credentials import issue_token, read_credentials
 from shared.naming import Topics
@@ -139,8 +140,8 @@ async def run_replay(args: argparse.Namespace) -> int:
     ttl = max(3600.0, span_s / max(args.speed, 1e-3) + 600.0) if args.speed > 0 else 3600.0
     tokens = {tenant: issue_token(tenant, secret, ttl_s=ttl) for tenant, secret in secrets.items()}
     try:
-        nc = await nats.connect(endpoints.nats, connect_timeout=3, max_reconnect_attempts=3, allow_reconnect=True,
-                                name="din-replay", **endpoints.nats_options(OPERATOR_USER))
+        nc = await nats.connect(nats_servers(endpoints.nats), connect_timeout=3, max_reconnect_attempts=3,
+                                allow_reconnect=True, name="din-replay", **endpoints.nats_options(OPERATOR_USER))
     except Exception as exc:  # noqa: BLE001 - every connection failure is one line
         raise ReplayError(
             f"cannot reach NATS at {endpoints.nats} ({exc.__class__.__name__}): is the stack running?"

@@ -42,9 +42,10 @@ class NatsSecurity:
     """How one nats-server is closed: whom it trusts, the certificate it presents, how a leaf logs in to the hub.
 
     ``trust_include`` is the operator/accounts file (``NatsAuthority.trust_file``), written relative to the
-    config; ``cert``/``key`` the server's own certificate (the hub's leafnode port, and the client port with
-    ``client_tls``); ``ca_file`` what a leaf verifies the hub against; ``leaf_creds`` and ``account`` the leaf's
-    user at the hub and the local account its connection binds.
+    config; ``cert``/``key`` the server's own certificate (the hub's leafnode port, its cluster routes, and the
+    client port with ``client_tls``); ``ca_file`` what a leaf verifies the hub against and what a clustered hub's
+    servers verify each other's routes against; ``leaf_creds`` and ``account`` the leaf's user at the hub and the
+    local account its connection binds.
     """
 
     trust_include: str
@@ -58,11 +59,16 @@ class NatsSecurity:
 
 @dataclass
 class NatsServerSpec:
-    """One nats-server: the hub, or a site's leaf that connects to it.
+    """One nats-server: a hub server, or a site's leaf that connects to the hub.
 
     With ``security`` (the default of ``din up``) every connection authenticates with a user JWT signed by
     DIN's account and leaf connections run TLS verified against DIN's CA; without it the server is open
     (``--insecure``).
+
+    A clustered hub is several of these with the same ``site``: server ``index`` (from 1) listens for routes on
+    ``cluster_port`` and dials the others' ``route_ports``; routes run TLS with both ends verified against DIN's
+    CA (the insecure stack's routes are plain), and JetStream is clustered in the hub's domain. A leaf then
+    lists every hub server: ``hub_leaf_port`` first, ``other_hub_leaf_ports`` after it.
     """
 
     site: str
@@ -71,10 +77,25 @@ class NatsServerSpec:
     leaf_listen_port: int | None = None
     hub_leaf_port: int | None = None
     security: NatsSecurity | None = None
+    index: int = 1
+    cluster_port: int | None = None
+    route_ports: tuple[int, ...] = ()
+    other_hub_leaf_ports: tuple[int, ...] = ()
 
     @property
     def is_hub(self) -> bool:
         return self.hub_leaf_port is None
+
+    @property
+    def name(self) -> str:
+        """The server's name: ``din-<site>``, ``din-<site>-2`` for a clustered hub's second server..."""
+        return f"din-{self.site}" if self.index == 1 else f"din-{self.site}-{self.index}"
+
+    @property
+    def process_name(self) -> str:
+        """``nats-hub-<site>[-<index>]`` or ``nats-leaf-<site>``."""
+        base = f"nats-{'hub' if self.is_hub else 'leaf'}-{self.site}"
+        return base if self.index == 1 else f"{base}-{self.index}"
 
     @property
     def url(self) -> str:
@@ -86,7 +107,7 @@ class NatsServerSpec:
         relative to the including file)."""
         sec = self.security
         lines = [
-            f'server_name: "din-{self.site}"',
+            f'server_name: "{self.name}"',
             f"listen: 127.0.0.1:{self.client_port}",
             f"http: 127.0.0.1:{self.monitor_port}",
             "max_payload: 8MB",
@@ -110,13 +131,15 @@ class NatsServerSpec:
                 lines += ["  tls {", f'    cert_file: "{sec.cert}"', f'    key_file: "{sec.key}"', "    timeout: 5",
                           "  }"]
             lines.append("}")
+            if self.cluster_port is not None:
+                lines += self._cluster_block()
         elif sec is None:
-            lines += ["leafnodes {", f'  remotes: [ {{ url: "nats-leaf://127.0.0.1:{self.hub_leaf_port}" }} ]', "}"]
+            lines += ["leafnodes {", f"  remotes: [ {{ {self._remote_urls('nats-leaf')} }} ]", "}"]
         else:
             lines += [
                 "leafnodes {",
                 "  remotes: [ {",
-                f'    url: "tls://127.0.0.1:{self.hub_leaf_port}"',
+                f"    {self._remote_urls('tls')}",
                 f'    credentials: "{sec.leaf_creds}"',
                 f'    account: "{sec.account}"',
                 f'    tls {{ ca_file: "{sec.ca_file}", timeout: 5 }}',
@@ -125,15 +148,39 @@ class NatsServerSpec:
             ]
         return "\n".join(lines) + "\n"
 
+    @property
+    def leaf_remote_ports(self) -> tuple[int, ...]:
+        """The hub leafnode ports (or their WAN proxies) a leaf dials, its first hub server's first."""
+        return (self.hub_leaf_port, *self.other_hub_leaf_ports) if self.hub_leaf_port is not None else ()
+
+    def _remote_urls(self, scheme: str) -> str:
+        """A leaf remote's ``url`` (one hub server) or ``urls`` (each server of a clustered hub)."""
+        urls = [f'"{scheme}://127.0.0.1:{port}"' for port in self.leaf_remote_ports]
+        return f"url: {urls[0]}" if len(urls) == 1 else f"urls: [{', '.join(urls)}]"
+
+    def _cluster_block(self) -> list[str]:
+        """Routes to the hub's other servers, on loopback. Cluster URLs are not advertised: clients and leaves
+        keep to the URLs they were given (leaves: their WAN links' proxies)."""
+        sec = self.security
+        routes = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in self.route_ports)
+        lines = ["cluster {", f'  name: "din-{self.site}"', f"  listen: 127.0.0.1:{self.cluster_port}",
+                 "  no_advertise: true", f"  routes: [{routes}]"]
+        if sec is not None:
+            lines += ["  tls {", f'    cert_file: "{sec.cert}"', f'    key_file: "{sec.key}"',
+                      f'    ca_file: "{sec.ca_file}"', "    verify: true", "    timeout: 5", "  }"]
+        lines.append("}")
+        return lines
+
     def process(self, run_dir: Path) -> ManagedProcess:
-        conf_dir = run_dir / "nats" / self.site
+        folder = self.site if self.index == 1 else f"{self.site}-{self.index}"
+        conf_dir = run_dir / "nats" / folder
         conf_dir.mkdir(parents=True, exist_ok=True)
         conf = conf_dir / "nats.conf"
         conf.write_text(self.config(conf_dir / "jetstream", conf_dir))
         return ManagedProcess(
-            name=f"nats-{'hub' if self.is_hub else 'leaf'}-{self.site}",
+            name=self.process_name,
             argv=[nats_server_binary(), "-c", str(conf)],
-            log_path=run_dir / "logs" / f"nats-{self.site}.log",
+            log_path=run_dir / "logs" / f"nats-{folder}.log",
         )
 
 

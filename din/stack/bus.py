@@ -23,9 +23,9 @@ from shared.topology import Topology
 EXECUTOR = "executor"
 
 
-def nats_server_name(site: str) -> str:
-    """The certificate name of ``site``'s NATS server."""
-    return f"nats-{site}"
+def nats_server_name(site: str, index: int = 1) -> str:
+    """The certificate name of ``site``'s NATS server (``index``: which server of a clustered hub, from 1)."""
+    return f"nats-{site}" if index == 1 else f"nats-{site}-{index}"
 
 
 def leaf_user(site: str) -> str:
@@ -59,12 +59,14 @@ class BusCredentials:
     def provision(cls, root: Path, topology: Topology, services: Iterable[tuple[str, str, str, str | None]] = (),
                   *, hosts: dict[str, tuple[str, ...]] | None = None) -> BusCredentials:
         """Create or refresh everything ``topology`` needs under ``root``: the CA, a certificate per NATS server
-        (for ``hosts[site]``, default loopback), the NATS authority, the operator, each site's leaf, each tenant,
-        and each of ``services`` (``(service, site, user, instance)``); the Kafka users."""
+        (each server of a clustered hub its own; for ``hosts[site]``, default loopback), the NATS authority, the
+        operator, each site's leaf, each tenant, and each of ``services`` (``(service, site, user, instance)``);
+        the Kafka users."""
         bus = cls(Path(root), topology)
         ca = BusCA.load_or_create(bus.root)
         for site in topology.sites:
-            ca.server_cert(nats_server_name(site.name), (hosts or {}).get(site.name, DEFAULT_HOSTS))
+            for index in range(1, site.servers + 1):
+                ca.server_cert(nats_server_name(site.name, index), (hosts or {}).get(site.name, DEFAULT_HOSTS))
         authority = NatsAuthority.load_or_create(bus.nats.root)
         authority.ensure(OPERATOR_USER, rules.operator())
         for site in topology.sites:
@@ -89,9 +91,10 @@ class BusCredentials:
         user = f"executor-{executor_id}"
         return self.nats.ensure(user, service_permissions(self.topology, EXECUTOR, site, user, executor_id))
 
-    def nats_security(self, site: str, *, client_tls: bool = False) -> NatsSecurity:
-        """How ``site``'s nats-server is closed (a leaf logs in to the hub as ``leaf-<site>``)."""
-        cert = self.ca.server_cert(nats_server_name(site))
+    def nats_security(self, site: str, *, client_tls: bool = False, index: int = 1) -> NatsSecurity:
+        """How ``site``'s nats-server (server ``index`` of a clustered hub) is closed (a leaf logs in to the hub
+        as ``leaf-<site>``)."""
+        cert = self.ca.server_cert(nats_server_name(site, index))
         is_hub = site == self.topology.hub.name
         return NatsSecurity(
             trust_include=str(self.nats.trust_file), cert=str(cert.cert), key=str(cert.key),

@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
 
@@ -57,7 +57,7 @@ from din.stack.processes import (
 from din.stack.wan import ToxiproxyClient, ToxiproxySpec, WanLink, toxiproxy_binary, wan_links
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.topics import ensure_topics, topic_plan
-from shared.bus.connect import nats_options
+from shared.bus.connect import nats_options, nats_servers
 from shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
 from shared.bus.nats_auth import NATS_DIR, NatsAuthority
 from shared.bus.permissions import OPERATOR_USER
@@ -105,6 +105,14 @@ class PortPlan:
     client port is ``leaf_clients[i]`` when given, else ``hub_client + 1 + i``;
     monitor ports likewise from ``hub_monitor``, and the proxy of its WAN link
     to the hub (``din up`` without ``--no-wan``) from ``leafnode``.
+
+    A clustered hub (``servers`` > 1 at the hub site) also takes, for its server
+    ``k`` (from 1), a route port ``hub_routes[k-1]`` (else ``6222 + k - 1``); its
+    servers after the first take their client, monitor and leafnode ports from
+    ``hub_clients``/``hub_monitors``/``hub_leafnodes`` (index ``k-2``; else the
+    first server's plus ``100 * (k-1)``), and edge site ``i``'s proxy to server
+    ``k`` listens on ``hub_wan_links[(k-2) * edges + i]`` (else that server's
+    leafnode port ``+ 1 + i``).
     """
 
     hub_client: int = 4222
@@ -117,6 +125,11 @@ class PortPlan:
     telemetry_metrics: int = 9464
     toxiproxy_api: int = 8474
     wan_links: tuple[int, ...] = ()
+    hub_routes: tuple[int, ...] = ()
+    hub_clients: tuple[int, ...] = ()
+    hub_monitors: tuple[int, ...] = ()
+    hub_leafnodes: tuple[int, ...] = ()
+    hub_wan_links: tuple[int, ...] = ()
 
     def offset(self, n: int) -> PortPlan:
         """The same plan with every port moved by ``n``."""
@@ -133,9 +146,12 @@ class PortPlan:
         return plan
 
     @classmethod
-    def free(cls, edge_sites: int = 4) -> PortPlan:
-        """A plan of ephemeral ports that are free right now (for tests and benchmarks)."""
-        count = 7 + 3 * edge_sites
+    def free(cls, edge_sites: int = 4, hub_servers: int = 1) -> PortPlan:
+        """A plan of ephemeral ports that are free right now (for tests and benchmarks), for ``hub_servers``
+        hub servers."""
+        extra = hub_servers - 1
+        cluster = (hub_servers + 3 * extra + extra * edge_sites) if hub_servers > 1 else 0
+        count = 7 + 3 * edge_sites + cluster
         socks = []
         try:
             for _ in range(count):
@@ -156,8 +172,18 @@ class PortPlan:
             toxiproxy_api=ports[6],
             leaf_clients=tuple(ports[7 : 7 + edge_sites]),
             leaf_monitors=tuple(ports[7 + edge_sites : 7 + 2 * edge_sites]),
-            wan_links=tuple(ports[7 + 2 * edge_sites :]),
+            wan_links=tuple(ports[7 + 2 * edge_sites : 7 + 3 * edge_sites]),
+            **cls._cluster_ports(ports[7 + 3 * edge_sites :], hub_servers, edge_sites),
         )
+
+    @staticmethod
+    def _cluster_ports(ports: list[int], hub_servers: int, edge_sites: int) -> dict[str, tuple[int, ...]]:
+        if hub_servers == 1:
+            return {}
+        extra = hub_servers - 1
+        cuts = [0, hub_servers, hub_servers + extra, hub_servers + 2 * extra, hub_servers + 3 * extra, len(ports)]
+        names = ("hub_routes", "hub_clients", "hub_monitors", "hub_leafnodes", "hub_wan_links")
+        return {name: tuple(ports[a:b]) for name, a, b in zip(names, cuts[:-1], cuts[1:], strict=True)}
 
     def leaf_client(self, index: int) -> int:
         return self._indexed(self.leaf_clients, self.hub_client, index, "leaf client")
@@ -168,6 +194,34 @@ class PortPlan:
     def wan_link(self, index: int) -> int:
         """Port the proxy of the ``index``-th edge site's link to the hub listens on."""
         return self._indexed(self.wan_links, self.leafnode, index, "WAN link")
+
+    def hub_route(self, server: int) -> int:
+        """Route port of hub server ``server`` (from 1)."""
+        return self._listed(self.hub_routes, server - 1, 6222 + server - 1, "hub route")
+
+    def hub_server_ports(self, server: int) -> tuple[int, int, int]:
+        """Client, monitor and leafnode port of hub server ``server`` (from 1)."""
+        if server == 1:
+            return self.hub_client, self.hub_monitor, self.leafnode
+        step = 100 * (server - 1)
+        return (self._listed(self.hub_clients, server - 2, self.hub_client + step, "hub client"),
+                self._listed(self.hub_monitors, server - 2, self.hub_monitor + step, "hub monitor"),
+                self._listed(self.hub_leafnodes, server - 2, self.leafnode + step, "hub leafnode"))
+
+    def hub_wan_link(self, server: int, index: int, edges: int) -> int:
+        """Port the proxy of the ``index``-th (of ``edges``) edge site's link to hub server ``server`` listens on."""
+        if server == 1:
+            return self.wan_link(index)
+        leafnode = self.hub_server_ports(server)[2]
+        return self._listed(self.hub_wan_links, (server - 2) * edges + index, leafnode + 1 + index, "hub WAN link")
+
+    @staticmethod
+    def _listed(explicit: tuple[int, ...], index: int, default: int, what: str) -> int:
+        if not explicit:
+            return default
+        if index >= len(explicit):
+            raise StackError(f"port plan has {len(explicit)} {what} ports but the topology's hub needs more")
+        return explicit[index]
 
     @staticmethod
     def _indexed(explicit: tuple[int, ...], base: int, index: int, what: str) -> int:
@@ -180,7 +234,8 @@ class PortPlan:
     def all_ports(self) -> list[int]:
         single = [self.hub_client, self.leafnode, self.hub_monitor, self.kafka, self.kafka_controller,
                   self.telemetry_metrics, self.toxiproxy_api]
-        return [*single, *self.leaf_clients, *self.leaf_monitors, *self.wan_links]
+        return [*single, *self.leaf_clients, *self.leaf_monitors, *self.wan_links, *self.hub_routes,
+                *self.hub_clients, *self.hub_monitors, *self.hub_leafnodes, *self.hub_wan_links]
 
 
 # --------------------------------------------------------------------------- plan of processes
@@ -272,8 +327,11 @@ def service_environments(
 ) -> dict[str, dict[str, str]]:
     """Environment of every service process, keyed by process name (see ``service_instances``).
 
-    ``nats_urls`` maps each site to the NATS URL its processes use; the hub
-    site's URL serves the singleton services. ``keys_dir`` holds the key files
+    ``nats_urls`` maps each site to the NATS URL its processes use (a clustered
+    hub's: every server's, comma-separated, see ``shared.bus.connect.nats_servers``);
+    the hub site's URL serves the singleton services. A topology whose hub is a
+    cluster gives every service ``DIN_JETSTREAM_REPLICAS`` (the replicas of what it
+    creates per JetStream domain). ``keys_dir`` holds the key files
     (default: ``keys`` beside the credentials file): the key manager gets the key
     store and master key, every other service its own site's key file. ``kafka_bus_dir``: the bus folder of a
     secure Kafka (its CA and users); each service then logs in as its own Kafka user (its kind). ``bus_dir``: the
@@ -307,6 +365,8 @@ def service_environments(
             env["DIN_TOPIC_SCOPE"] = topic_scope
         if inst.instance is not None and inst.service != EXECUTOR:
             env["DIN_INSTANCE"] = inst.instance
+        if topology.stream_replicas():
+            env["DIN_JETSTREAM_REPLICAS"] = json.dumps(topology.stream_replicas())
         site_keys = str(keys / key_file_name(site_principal(inst.site)))
         if inst.service in SECURED_SERVICES:
             env["DIN_SECURITY"] = "on" if security else "off"
@@ -347,21 +407,40 @@ def _edge_sites(topology: Topology) -> list[str]:
 
 
 def nats_specs(topology: Topology, ports: PortPlan, *, wan: bool = False) -> list[NatsServerSpec]:
-    """The hub's nats-server and one leaf per edge site, in topology order.
+    """The hub's nats-servers (one, or a cluster of the hub site's ``servers``) and one leaf per edge site, in
+    topology order.
 
-    With ``wan`` each leaf dials the hub through its WAN link's proxy rather than directly.
+    A clustered hub's servers route to each other on loopback; each leaf lists every hub server's leafnode
+    port, and with ``wan`` dials each through its own proxy of the site's WAN link rather than directly.
     """
-    specs = [NatsServerSpec(topology.hub.name, ports.hub_client, ports.hub_monitor, leaf_listen_port=ports.leafnode)]
-    for i, site in enumerate(_edge_sites(topology)):
-        hub_port = ports.wan_link(i) if wan else ports.leafnode
-        specs.append(NatsServerSpec(site, ports.leaf_client(i), ports.leaf_monitor(i), hub_leaf_port=hub_port))
+    hub = topology.hub
+    count = hub.servers
+    routes = [ports.hub_route(k) for k in range(1, count + 1)] if count > 1 else []
+    specs = []
+    for k in range(1, count + 1):
+        client, monitor, leafnode = ports.hub_server_ports(k)
+        specs.append(NatsServerSpec(
+            hub.name, client, monitor, leaf_listen_port=leafnode, index=k,
+            cluster_port=routes[k - 1] if routes else None,
+            route_ports=tuple(p for j, p in enumerate(routes, start=1) if j != k)))
+    edges = _edge_sites(topology)
+    for i, site in enumerate(edges):
+        hub_ports = [ports.hub_wan_link(k, i, len(edges)) if wan else ports.hub_server_ports(k)[2]
+                     for k in range(1, count + 1)]
+        specs.append(NatsServerSpec(site, ports.leaf_client(i), ports.leaf_monitor(i), hub_leaf_port=hub_ports[0],
+                                    other_hub_leaf_ports=tuple(hub_ports[1:])))
     return specs
 
 
 def stack_wan_links(topology: Topology, ports: PortPlan) -> list[WanLink]:
-    """The proxied link of every edge site to the hub, with the topology's conditions."""
-    listen = [ports.wan_link(i) for i in range(len(_edge_sites(topology)))]
-    return wan_links(topology, listen, ports.leafnode)
+    """The proxied link of every edge site to the hub, with the topology's conditions: one proxy per (edge
+    site, hub server), the first server's named after the site (``WanLink.name``)."""
+    edges = len(_edge_sites(topology))
+    out = []
+    for k in range(1, topology.hub.servers + 1):
+        listen = [ports.hub_wan_link(k, i, edges) for i in range(edges)]
+        out += [replace(link, server=k) for link in wan_links(topology, listen, ports.hub_server_ports(k)[2])]
+    return out
 
 
 def port_roles(
@@ -371,14 +450,18 @@ def port_roles(
     roles: list[tuple[int, str]] = []
     for spec in nats_specs(topology, ports):
         kind = "hub" if spec.is_hub else "leaf"
-        roles.append((spec.client_port, f"NATS client port of {kind} site {spec.site}"))
-        roles.append((spec.monitor_port, f"NATS monitor port of {kind} site {spec.site}"))
+        server = f" server {spec.name}" if topology.hub.servers > 1 and spec.is_hub else ""
+        roles.append((spec.client_port, f"NATS client port of {kind} site {spec.site}{server}"))
+        roles.append((spec.monitor_port, f"NATS monitor port of {kind} site {spec.site}{server}"))
         if spec.is_hub:
-            roles.append((ports.leafnode, f"NATS leafnode port of hub site {spec.site}"))
+            roles.append((spec.leaf_listen_port, f"NATS leafnode port of hub site {spec.site}{server}"))
+        if spec.cluster_port is not None:
+            roles.append((spec.cluster_port, f"NATS route port of hub site {spec.site}{server}"))
     if wan:
         roles.append((ports.toxiproxy_api, "toxiproxy API port"))
         for link in stack_wan_links(topology, ports):
-            roles.append((link.listen_port, f"WAN link proxy from site {link.site} to the hub"))
+            to = f"hub server {link.server}" if topology.hub.servers > 1 else "the hub"
+            roles.append((link.listen_port, f"WAN link proxy from site {link.site} to {to}"))
     if kafka:
         roles.append((ports.kafka, "Kafka broker port"))
         roles.append((ports.kafka_controller, "Kafka controller port"))
@@ -430,7 +513,8 @@ async def _await_health(
     connections = {}
     try:
         for url in {url for _, _, url in pending}:
-            connections[url] = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3, **options(url))
+            connections[url] = await nats.connect(nats_servers(url), connect_timeout=5, max_reconnect_attempts=3,
+                                                  **options(url))
 
         async def one(inst: ServiceInstance, proc: ManagedProcess, url: str) -> None:
             deadline = time.monotonic() + timeout_s
@@ -525,14 +609,16 @@ def _http_json(url: str) -> tuple[int, dict]:
 
 
 def wait_nats_mesh(specs: list[NatsServerSpec], procs: list[ManagedProcess], timeout_s: float) -> None:
-    """Wait until every server's JetStream is healthy and every leaf is connected to the hub."""
+    """Wait until every server's JetStream is healthy, a clustered hub's servers are routed to each other and
+    every leaf is connected to the hub (to one of its servers)."""
     deadline = time.monotonic() + timeout_s
-    by_site = dict(zip((s.site for s in specs), procs))
-    hub = next(s for s in specs if s.is_hub)
-    leaves = len(specs) - 1
+    by_site = dict(zip((s.name for s in specs), procs))
+    hubs = [s for s in specs if s.is_hub]
+    hub = hubs[0]
+    leaves = len(specs) - len(hubs)
     for spec in specs:
         while True:
-            proc = by_site[spec.site]
+            proc = by_site[spec.name]
             if not proc.alive():
                 raise StackError(f"{proc.name} exited during start-up\n{proc.log_tail()}")
             status, _ = _http_json(f"http://127.0.0.1:{spec.monitor_port}/healthz")
@@ -542,14 +628,16 @@ def wait_nats_mesh(specs: list[NatsServerSpec], procs: list[ManagedProcess], tim
                 raise StackError(f"{proc.name} not healthy within {timeout_s:.0f}s\n{proc.log_tail()}")
             time.sleep(0.1)
     while True:
-        _, leafz = _http_json(f"http://127.0.0.1:{hub.monitor_port}/leafz")
-        if len(leafz.get("leafs") or []) >= leaves:
+        joined = sum(len(_http_json(f"http://127.0.0.1:{s.monitor_port}/leafz")[1].get("leafs") or []) for s in hubs)
+        routed = all(_http_json(f"http://127.0.0.1:{s.monitor_port}/routez")[1].get("num_routes", 0)
+                     >= len(s.route_ports) for s in hubs)
+        if joined >= leaves and routed:
             return
         if time.monotonic() > deadline:
-            proc = by_site[hub.site]
+            proc = by_site[hub.name]
             raise StackError(
-                f"only {len(leafz.get('leafs') or [])} of {leaves} leaf servers joined the hub within "
-                f"{timeout_s:.0f}s\n{proc.log_tail()}"
+                f"only {joined} of {leaves} leaf servers joined the hub within {timeout_s:.0f}s"
+                f"{'' if routed else ' (its servers are not all routed to each other)'}\n{proc.log_tail()}"
             )
         time.sleep(0.1)
 
@@ -732,8 +820,12 @@ class Stack:
 
     @property
     def nats_urls(self) -> dict[str, str]:
-        """NATS URL of each site's server."""
-        return {spec.site: spec.url for spec in self.nats}
+        """NATS URL of each site's server; a clustered hub's lists every server's, comma-separated
+        (``shared.bus.connect.nats_servers`` splits it)."""
+        urls: dict[str, list[str]] = {}
+        for spec in self.nats:
+            urls.setdefault(spec.site, []).append(spec.url)
+        return {site: ",".join(each) for site, each in urls.items()}
 
     @property
     def hub_url(self) -> str:
@@ -876,7 +968,7 @@ class Stack:
         self.bus = BusCredentials.provision(
             self.bus_dir, self.topology, [(i.service, i.site, i.name, i.instance) for i in self.instances])
         for spec in self.nats:
-            spec.security = self.bus.nats_security(spec.site, client_tls=self.client_tls)
+            spec.security = self.bus.nats_security(spec.site, client_tls=self.client_tls, index=spec.index)
 
     def nats_options(self, site: str | None = None, user: str = OPERATOR_USER) -> dict:
         """nats-py ``connect`` options for NATS user ``user`` at ``site`` (default: the hub) of this run."""
@@ -904,6 +996,8 @@ class Stack:
         nats_procs = start_nats(self.nats, self.run_dir, timeout_s=self.broker_timeout_s)
         for spec, proc in zip(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs):
             extra = f" (leafnodes :{spec.leaf_listen_port})" if spec.is_hub else ""
+            if spec.cluster_port is not None:
+                extra = f" ({spec.name}: leafnodes :{spec.leaf_listen_port}, routes :{spec.cluster_port})"
             self._track(proc, spec.site, f"{spec.url}{extra} monitor http://127.0.0.1:{spec.monitor_port}")
         wait_nats_mesh(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs, self.broker_timeout_s)
         if kafka_proc is not None:
@@ -1022,7 +1116,7 @@ class Stack:
             "links": [
                 {"site": link.site, "hub": link.hub, "path": link.path, "listen": link.proxy["listen"],
                  "upstream": link.proxy["upstream"]}
-                for link in self.links
+                for link in self.links if link.server == 1
             ],
             "ports": {f.name: getattr(self.ports, f.name) for f in fields(self.ports)},
             "processes": [

@@ -49,7 +49,7 @@ def toxiproxy_binary() -> str:
 
 @dataclass(frozen=True)
 class WanLink:
-    """The proxy an edge site's leaf server reaches the hub through."""
+    """The proxy an edge site's leaf server reaches the hub (server ``server`` of a clustered hub) through."""
 
     site: str
     hub: str
@@ -57,12 +57,18 @@ class WanLink:
     listen_port: int
     upstream_port: int
     conditions: LinkConditions
+    server: int = 1
+
+    @property
+    def name(self) -> str:
+        """The proxy's name: the site, ``<site>.<server>`` for a clustered hub's later servers (``link_proxies``)."""
+        return self.site if self.server == 1 else f"{self.site}.{self.server}"
 
     @property
     def proxy(self) -> dict[str, Any]:
         """The proxy as Toxiproxy's API takes it."""
         return {
-            "name": self.site,
+            "name": self.name,
             "listen": f"127.0.0.1:{self.listen_port}",
             "upstream": f"127.0.0.1:{self.upstream_port}",
             "enabled": True,
@@ -152,9 +158,19 @@ class ToxiproxyClient:
         """Create every link's proxy (replacing any of the same name) and give it the link's conditions."""
         self._call("POST", "/populate", [link.proxy for link in links])
         for link in links:
-            self.set_conditions(link.site, link.conditions)
+            self._set_proxy_conditions(link.name, link.conditions)
+
+    def link_proxies(self, name: str) -> list[str]:
+        """The proxies of link ``name``: the site's own, and ``<site>.<n>`` to each further hub server."""
+        self.proxy(name)
+        return [p for p in self.proxies() if p == name or p.startswith(f"{name}.")]
 
     def set_conditions(self, name: str, conditions: LinkConditions) -> None:
+        """Give every proxy of link ``name`` ``conditions``."""
+        for proxy in self.link_proxies(name):
+            self._set_proxy_conditions(proxy, conditions)
+
+    def _set_proxy_conditions(self, name: str, conditions: LinkConditions) -> None:
         """Make proxy ``name``'s toxics match ``conditions``: update those it keeps, add new, remove the rest."""
         current = {t["name"] for t in self.proxy(name).get("toxics") or []}
         wanted = toxics_for(conditions)
@@ -171,9 +187,10 @@ class ToxiproxyClient:
         return conditions_of(self.proxy(name).get("toxics") or [])
 
     def set_enabled(self, name: str, enabled: bool) -> None:
-        """Restore (``True``) or cut (``False``) a link; cutting closes its connections and its listener."""
-        self.proxy(name)
-        self._call("PATCH", f"/proxies/{name}", {"enabled": enabled})
+        """Restore (``True``) or cut (``False``) a link (each of its proxies); cutting closes its connections and
+        its listeners."""
+        for proxy in self.link_proxies(name):
+            self._call("PATCH", f"/proxies/{proxy}", {"enabled": enabled})
 
 
 @dataclass

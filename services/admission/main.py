@@ -83,7 +83,8 @@ class Admission(Service):
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)
         self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0, "handed_over": 0, "foreign_reply": 0}
         replicated = self.topology.replicas_at(settings.site) > 1 and self.security.enabled
-        self.nonces = SharedNonces(settings.site, settings.replay_window_s) if replicated else None
+        self.nonces = (SharedNonces(settings.site, settings.replay_window_s, settings.replicas_in(settings.site))
+                       if replicated else None)
         self.runtime.on_start(self._start_keys)
         self.runtime.on_drain(self.security.stop)
 

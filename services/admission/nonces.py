@@ -24,15 +24,16 @@ def nonce_bucket(site: str) -> str:
 class SharedNonces:
     """Claims request nonces for every admission at one site."""
 
-    def __init__(self, site: str, window_s: float) -> None:
+    def __init__(self, site: str, window_s: float, replicas: int = 1) -> None:
         self.site = site
         self.window_s = window_s
+        self.replicas = replicas
         self._kv = None
 
     async def start(self, nc: NatsClient) -> None:
         js = nc.jetstream(domain=self.site)
         config = KeyValueConfig(bucket=nonce_bucket(self.site), ttl=self.window_s * 2, history=1,
-                                storage=StorageType.MEMORY)
+                                storage=StorageType.MEMORY, replicas=self.replicas)
         try:
             self._kv = await js.create_key_value(config)
         except Exception:

@@ -385,7 +385,7 @@ class Executor(Service):
         self.batcher.start()
         self.runtime.spawn(self.heartbeats(), name="heartbeats")
         if self.settings.pull:
-            await pulling.ensure_work_stream(self.nc, self.settings.site)
+            await pulling.ensure_work_stream(self.nc, self.settings.site, self.settings.replicas_in(self.settings.site))
             for model in self.settings.models:
                 self.runtime.spawn(self.pull(model), name=f"pull-{model}")
 

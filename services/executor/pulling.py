@@ -34,10 +34,10 @@ def fetch_more(room: int, max_batch_size: int) -> int:
     return min(room, max_batch_size) - 1
 
 
-async def ensure_work_stream(nc: NatsClient, site: str) -> None:
+async def ensure_work_stream(nc: NatsClient, site: str, replicas: int = 1) -> None:
     """Create the site's work-queue stream unless it exists (the scheduler creates it too)."""
     with contextlib.suppress(Exception):
-        await nc.jetstream().add_stream(work_stream_config(site))
+        await nc.jetstream().add_stream(work_stream_config(site, replicas))
 
 
 async def pull_jobs(nc: NatsClient, site: str, model: str, *, room: Callable[[], int],

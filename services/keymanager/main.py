@@ -85,7 +85,7 @@ class KeyManager(Service):
         if not self.settings.security:
             return
         issuer, store = load_issuer(self.settings, self.topology)
-        bucket = await open_keys_bucket(self.nc, store)
+        bucket = await open_keys_bucket(self.nc, store, self.settings.replicas_in(store.kv_domain))
         authority = KeyAuthority(
             issuer, store.publics, self.topology, self.settings.policy,
             grace_s=self.settings.grace_s, revoke_grace_s=self.settings.revoke_grace_s,
@@ -152,14 +152,14 @@ def load_issuer(settings: KeyManagerSettings, topology: Topology) -> tuple[Ident
     return store.identity(KEYMANAGER, master), store
 
 
-async def open_keys_bucket(nc: NatsClient, store: KeyStore) -> KeyValue:
-    """The keys bucket at the hub's JetStream, created on first start."""
+async def open_keys_bucket(nc: NatsClient, store: KeyStore, replicas: int = 1) -> KeyValue:
+    """The keys bucket at the hub's JetStream, created on first start (``replicas`` times in a clustered hub)."""
     js = nc.jetstream(domain=store.kv_domain)
     try:
         return await js.key_value(store.bucket)
     except Exception:  # noqa: BLE001 - first start: create it
         return await js.create_key_value(
-            KeyValueConfig(bucket=store.bucket, history=1, storage=StorageType.FILE,
+            KeyValueConfig(bucket=store.bucket, history=1, storage=StorageType.FILE, replicas=replicas,
                            description="DIN public identities, wrapped data keys, revocations, crypto policy")
         )
 

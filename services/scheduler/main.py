@@ -407,7 +407,8 @@ class Scheduler(Service):
     async def ensure_work_streams(self) -> None:
         for site in self.sites:
             try:
-                await self.nc.jetstream(domain=site).add_stream(work_stream_config(site))
+                await self.nc.jetstream(domain=site).add_stream(
+                    work_stream_config(site, self.settings.replicas_in(site)))
             except Exception as exc:
                 self.log.warning("work stream of site %s not created yet: %s", site, exc)
 

@@ -2,7 +2,8 @@
 
 ``nats_options`` gives nats-py's ``connect`` keyword arguments, ``broker_options``
 FastStream's ``NatsBroker``'s. A process without credentials connects as before
-(an ``--insecure`` stack).
+(an ``--insecure`` stack). A NATS URL may list several servers, comma-separated
+(a clustered hub); ``nats_servers`` gives them as the list both clients take.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from typing import Any
 from shared.bus.nats_auth import creds_user
 from shared.bus.permissions import inbox_for
 from shared.bus.tls import client_context
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs of ``url`` (``nats://a:4222,nats://b:4322``: every server of a clustered hub)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 def nats_options(url: str, site: str, creds_file: str | Path | None, ca_file: str | Path | None = None) -> dict:
