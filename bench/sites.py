@@ -13,11 +13,16 @@ Three stacks of the same topology (hub ``cloud``; ``factory`` behind a dedicated
   unanswered, duplicated.
 * **Kill -9 under load** (stack a, supervised as ``din up`` supervises): each factory control-plane process in
   turn; the counts over the load and the time until the process answers health again.
+* **Hub message rate against executors** (stacks a and b): ``SIMULATED`` extra executors at the factory (the
+  operator publishes their heartbeats every ``SIM_INTERVAL_S``, serving a model nobody asks for), and the hub
+  NATS server's messages in plus out per second from its monitoring endpoint (``/varz``) over a window. Goal:
+  with a control plane per site, independent of the executors at the factory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +30,7 @@ import signal
 import statistics
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +40,7 @@ from bench.tally import Load, Tally
 from din.stack.launcher import PortPlan, Stack
 from din.stack.supervision import RestartPolicy, Supervisor
 from din.stack.wan import ToxiproxyClient
-from shared.contracts.events import HealthV1
+from shared.contracts.events import HealthV1, HeartbeatV1, ModelLoadedV1
 from shared.credentials import issue_token, read_credentials
 from shared.naming import Subjects
 from shared.topology import Topology
@@ -57,6 +63,10 @@ SITES_TOPOLOGY = {
     "tenants": [{"name": "globex", "rate_per_s": 5000, "burst": 5000}],
 }
 KILLED = ("scheduler-factory", "classifier-factory", "admission-factory")
+SIMULATED = (0, 100, 1000)
+SIM_INTERVAL_S = 0.5
+SIM_MODEL = "bench-simulated"
+RATE_WINDOW_S = 4.0
 
 
 @dataclass
@@ -84,22 +94,40 @@ class FaultRow:
 
 
 @dataclass
+class HubRateRow:
+    """The hub NATS server's traffic with ``executors`` extra (simulated) executors at the factory."""
+
+    arrangement: str
+    executors: int
+    heartbeats_per_s: float
+    hub_msgs_per_s: float
+    hub_kb_per_s: float
+
+
+@dataclass
 class SitesReport:
     """Everything ``din bench-sites`` measured in one run."""
 
     latency: list[LatencyRow] = field(default_factory=list)
     faults: list[FaultRow] = field(default_factory=list)
+    hub_rate: list[HubRateRow] = field(default_factory=list)
     partition_s: float = 0.0
     machine: dict[str, str] = field(default_factory=dict)
 
     def ratios(self) -> dict[str, float]:
         by = {row.arrangement: row for row in self.latency}
         local, hub, loopback = by["per-site, WAN"], by["hub control plane, WAN"], by["per-site, loopback"]
-        return {
+        ratios = {
             "per_site_minus_loopback_p50_ms": round(local.p50_ms - loopback.p50_ms, 3),
             "hub_routed_over_per_site_p50": round(hub.p50_ms / local.p50_ms, 2),
             "hub_routed_minus_per_site_p50_ms": round(hub.p50_ms - local.p50_ms, 3),
         }
+        for arrangement, key in (("per-site, WAN", "per_site"), ("hub control plane, WAN", "hub_control_plane")):
+            rows = sorted((r for r in self.hub_rate if r.arrangement == arrangement), key=lambda r: r.executors)
+            if len(rows) > 1 and rows[0].hub_msgs_per_s > 0:
+                ratios[f"{key}_hub_rate_most_over_fewest_executors"] = round(
+                    rows[-1].hub_msgs_per_s / rows[0].hub_msgs_per_s, 2)
+        return ratios
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "ratios": self.ratios()}, indent=2, sort_keys=True)
@@ -130,6 +158,18 @@ class SitesReport:
             *(f"| {r.fault} | {r.traffic} | {r.sent} | "
               f"{', '.join(f'{k} {v}' for k, v in sorted(r.outcome.items()))} | "
               f"{'' if r.recovery_s is None else f'{r.recovery_s:.2f}'} |" for r in self.faults),
+            "",
+            f"## The hub's message rate against executors at the factory (simulated, heartbeat every "
+            f"{SIM_INTERVAL_S:g} s; hub NATS server in + out over {RATE_WINDOW_S:g} s)",
+            "",
+            "| arrangement | extra executors | their heartbeats/s | hub msgs/s | hub KB/s |",
+            "|---|---:|---:|---:|---:|",
+            *(f"| {r.arrangement} | {r.executors} | {r.heartbeats_per_s:.0f} | {r.hub_msgs_per_s:.0f} | "
+              f"{r.hub_kb_per_s:.1f} |" for r in self.hub_rate),
+            "",
+            "Hub rate with the most executors over the fewest: per-site "
+            f"{ratios.get('per_site_hub_rate_most_over_fewest_executors', float('nan')):.2f}x, hub control plane "
+            f"{ratios.get('hub_control_plane_hub_rate_most_over_fewest_executors', float('nan')):.2f}x.",
         ]
         return "\n".join(lines)
 
@@ -177,6 +217,54 @@ async def _edge_latency(stack: Stack, arrangement: str, requests: int) -> Latenc
     return LatencyRow(arrangement, requests, outcome.get("ok", 0), load.tally.sites.get("factory", 0),
                       round(statistics.median(times), 3), round(_percentile(times, 0.99), 3),
                       round(statistics.fmean(times), 3))
+
+
+def _hub_traffic(stack: Stack) -> tuple[int, int]:
+    """The hub NATS server's messages and bytes in plus out so far (its ``/varz``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.hub_monitor}/varz", timeout=5) as answer:
+        varz = json.load(answer)
+    return varz["in_msgs"] + varz["out_msgs"], varz["in_bytes"] + varz["out_bytes"]
+
+
+async def _simulate_executors(nc, count: int, stop: asyncio.Event) -> None:
+    """Heartbeats of ``count`` made-up executors at the factory, each every ``SIM_INTERVAL_S``."""
+    beats = [HeartbeatV1(executor=f"sim-{i}", site="factory", capacity=8, queue_depth={}, inflight=0,
+                         recent_latency_ms=1.0, interval_s=SIM_INTERVAL_S, sent_ms=0.0,
+                         models=[ModelLoadedV1(name=SIM_MODEL, version="1", max_batch_size=8,
+                                               compute_ms_per_item=1.0)]) for i in range(count)]
+    while not stop.is_set():
+        for beat in beats:
+            beat.sent_ms = time.time() * 1000.0
+            await nc.publish(Subjects.heartbeat("factory", beat.executor), beat.model_dump_json().encode())
+        await nc.flush()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SIM_INTERVAL_S):
+                await stop.wait()
+
+
+async def _hub_rate(stack: Stack, arrangement: str, executors: int) -> HubRateRow:
+    import nats
+
+    nc = await nats.connect(stack.nats_urls["factory"], **stack.nats_options("factory"))
+    stop = asyncio.Event()
+    simulator = asyncio.create_task(_simulate_executors(nc, executors, stop))
+    try:
+        await asyncio.sleep(3 * SIM_INTERVAL_S)
+        msgs, size = _hub_traffic(stack)
+        started = time.monotonic()
+        await asyncio.sleep(RATE_WINDOW_S)
+        msgs_after, size_after = _hub_traffic(stack)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        await simulator
+        await nc.close()
+    return HubRateRow(arrangement, executors, round(executors / SIM_INTERVAL_S, 1),
+                      round((msgs_after - msgs) / elapsed, 1), round((size_after - size) / elapsed / 1024, 2))
+
+
+async def _hub_rates(stack: Stack, arrangement: str) -> list[HubRateRow]:
+    return [await _hub_rate(stack, arrangement, count) for count in SIMULATED]
 
 
 async def _partition(stack: Stack, seconds: float) -> list[FaultRow]:
@@ -229,8 +317,11 @@ def run_sites_bench(model_repo: Path, din_dir: Path, *, requests: int = 300, par
                                        ("per-site, loopback", per_site, False)):
         with _stack(topology, din_dir / arrangement.split(",")[0].replace(" ", "-"), model_repo, wan=wan) as stack:
             report.latency.append(uvloop.run(_edge_latency(stack, arrangement, requests)))
+            if wan:
+                report.hub_rate += uvloop.run(_hub_rates(stack, arrangement))
     with _stack(per_site, din_dir / "per-site-wan", model_repo, wan=True) as stack:
         report.latency.insert(0, uvloop.run(_edge_latency(stack, "per-site, WAN", requests)))
+        report.hub_rate += uvloop.run(_hub_rates(stack, "per-site, WAN"))
         report.faults += uvloop.run(_partition(stack, partition_s))
         stop = threading.Event()
         supervisor = Supervisor(stack, RestartPolicy(first_delay_s=0.2), report=lambda line: None)

@@ -136,6 +136,12 @@ _NATS = (
         "cannot serve in time.", ("siteSummary",),
     ),
     Channel(
+        "roster", subject_pattern(Subjects.roster, "site"),
+        "A site scheduler's periodic sample of its executors (the latest heartbeats of a few with the most room per "
+        "model) and the executors it lost, for the hub's scheduler, which places plans across sites without "
+        "hearing every executor's heartbeat.", ("siteRoster",),
+    ),
+    Channel(
         "rollCall", subject_pattern(Subjects.roll_call, "site"),
         "A starting scheduler asks the executors of a site it schedules for to send a heartbeat now.",
         ("healthRequest",),

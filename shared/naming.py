@@ -107,6 +107,14 @@ class Subjects:
     SUMMARY_ALL = _join("summary", WILDCARD)
 
     @staticmethod
+    def roster(site: str) -> str:
+        """A site scheduler's sample of its executors (a few per model) and lost executors, for the hub's
+        scheduler."""
+        return _join("roster", token(site, what="site"))
+
+    ROSTER_ALL = _join("roster", WILDCARD)
+
+    @staticmethod
     def execute(site: str, executor_id: str) -> str:
         """Direct assignment of a job to one executor (centralized scheduling)."""
         return _join("exec", token(site, what="site"), token(executor_id, what="executor id"))
@@ -171,7 +179,7 @@ class Subjects:
         return _join(*parts)
 
 
-_SITE_TOKEN = {_join("heartbeat"): 3, _join("events", "completed"): 4, _join("summary"): 3}
+_SITE_TOKEN = {_join("heartbeat"): 3, _join("events", "completed"): 4, _join("summary"): 3, _join("roster"): 3}
 """Subject families whose site token a subscriber of every site expands (``Subjects.per_site``)."""
 
 

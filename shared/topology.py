@@ -97,17 +97,30 @@ class SiteSpec(_Strict):
         return min(3, self.servers)
 
 
+MAX_LOSS_PERCENT = 50.0
+"""Beyond this a TCP connection makes next to no progress: cut the link instead (``din links cut``)."""
+TCP_RTO_MIN_MS = 200
+"""Linux's floor on the retransmission timeout's variation term (``TCP_RTO_MIN``)."""
+
+
 class LinkConditions(_Strict):
-    """What a link does to traffic, one way: delay, its jitter and a bandwidth cap.
+    """What a link does to traffic, one way: delay, its jitter, a bandwidth cap and packet loss.
 
     ``din up`` applies them to each direction of a leaf's connection to the hub
     (through Toxiproxy), so a request-reply across the link pays twice the latency.
+    The leaf connection is TCP, so a lost segment is never lost data: it is
+    retransmitted, and the stream behind it stalls (``din.stack.wan``): one round
+    trip (fast retransmit) when more data follows, else the retransmission timeout.
     """
 
     latency_ms: int = Field(ge=0, description="One-way delay added to all data, milliseconds.")
     jitter_ms: int = Field(default=0, ge=0, description="The delay varies by up to this much either way, ms.")
     bandwidth_kb_s: int | None = Field(
         default=None, ge=1, description="Most kilobytes per second each direction carries; None: no cap."
+    )
+    loss_percent: float = Field(
+        default=0.0, ge=0, le=MAX_LOSS_PERCENT,
+        description="Share of TCP segments lost each way, percent; each is retransmitted, stalling the stream.",
     )
 
     @model_validator(mode="after")
@@ -116,20 +129,33 @@ class LinkConditions(_Strict):
             raise ValueError(f"jitter_ms {self.jitter_ms} exceeds latency_ms {self.latency_ms}")
         return self
 
+    @property
+    def round_trip_ms(self) -> int:
+        """A round trip across the link: twice the one-way delay."""
+        return 2 * self.latency_ms
+
+    @property
+    def retransmit_timeout_ms(self) -> int:
+        """TCP's retransmission timeout on this link as Linux computes it: the smoothed round trip plus
+        max(4 x its variation, 200 ms), the variation taken as the jitter of both directions."""
+        return self.round_trip_ms + max(4 * 2 * self.jitter_ms, TCP_RTO_MIN_MS)
+
 
 DEFAULT_LINK_CONDITIONS: dict[PathType, LinkConditions] = {
     PathType.DEDICATED: LinkConditions(latency_ms=2),
     PathType.VPN: LinkConditions(latency_ms=10),
-    PathType.INTERNET: LinkConditions(latency_ms=40, jitter_ms=10),
+    PathType.INTERNET: LinkConditions(latency_ms=40, jitter_ms=10, loss_percent=0.1),
 }
-"""Conditions of a link that names only its path type."""
+"""Conditions of a link that names only its path type. Only the internet loses packets by default: 0.1 % is
+the loss of a healthy public path at busy hours, enough that its tail (p99.9) shows retransmission stalls; a
+dedicated line or a provider's VPN loses next to nothing."""
 
 
 class LinkSpec(_Strict):
     """A network link between two sites, the kind of path it takes and, optionally, its conditions.
 
-    Any of ``latency_ms``, ``jitter_ms`` and ``bandwidth_kb_s`` left out takes the
-    default of the path type (``DEFAULT_LINK_CONDITIONS``).
+    Any of ``latency_ms``, ``jitter_ms``, ``bandwidth_kb_s`` and ``loss_percent`` left
+    out takes the default of the path type (``DEFAULT_LINK_CONDITIONS``).
     """
 
     between: tuple[str, str] = Field(description="The two sites it joins.")
@@ -138,6 +164,10 @@ class LinkSpec(_Strict):
     jitter_ms: int | None = Field(default=None, ge=0, description="Delay jitter, ms; None: the path's default.")
     bandwidth_kb_s: int | None = Field(
         default=None, ge=1, description="Bandwidth cap per direction, KB/s; None: the path's default (no cap)."
+    )
+    loss_percent: float | None = Field(
+        default=None, ge=0, le=MAX_LOSS_PERCENT,
+        description="Share of segments lost each way, percent; None: the path's default.",
     )
 
     @model_validator(mode="after")
@@ -152,6 +182,7 @@ class LinkSpec(_Strict):
             "latency_ms": self.latency_ms,
             "jitter_ms": self.jitter_ms,
             "bandwidth_kb_s": self.bandwidth_kb_s,
+            "loss_percent": self.loss_percent,
         }
         return LinkConditions.model_validate(base.model_dump() | {k: v for k, v in given.items() if v is not None})
 
@@ -264,6 +295,11 @@ class Topology(_Strict):
         if control_site == self.hub.name:
             return [s.name for s in self.sites]
         return [control_site]
+
+    def hears_rosters(self, control_site: str) -> bool:
+        """Whether the scheduler and telemetry at ``control_site`` see other sites' executors only through their
+        schedulers' rosters and summaries, never their heartbeats: the hub's, with a control plane per site."""
+        return self.federated and control_site == self.hub.name
 
     def replicas_at(self, site: str) -> int:
         """Instances of each control-plane service at ``site`` (0 when it runs none)."""

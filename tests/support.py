@@ -109,6 +109,24 @@ def wait_for_sync(
     raise _failure(what, timeout, None)
 
 
+def subject_covers(allow: str, subject: str) -> bool:
+    """NATS semantics: whether ``allow`` (a permission or a subscription) covers ``subject`` (itself possibly a
+    wildcard subscription)."""
+    a, s = allow.split("."), subject.split(".")
+    for i, part in enumerate(a):
+        if part == ">":
+            return len(s) > i
+        if i >= len(s):
+            return False
+        if part == "*":
+            if s[i] == ">":
+                return False
+            continue
+        if part != s[i]:
+            return False
+    return len(a) == len(s)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

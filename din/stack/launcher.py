@@ -381,9 +381,12 @@ def service_environments(
             env["DIN_SCHEDULER_MODE"] = mode
             env["DIN_SCHEDULER_KEY_FILE"] = site_keys
             env["DIN_SCHEDULER_OWN_SITE_ONLY"] = str(topology.scheduled_sites(inst.site) == [inst.site]).lower()
+            env["DIN_SCHEDULER_ROSTERS"] = str(topology.hears_rosters(inst.site)).lower()
         elif inst.service == "telemetry":
             env["DIN_TELEMETRY_METRICS_PORT"] = str(telemetry_metrics_port)
             env["DIN_TELEMETRY_METRICS_HOST"] = telemetry_metrics_host
+            if topology.hears_rosters(inst.site):
+                env["DIN_TELEMETRY_HEARTBEAT_SITE"] = inst.site
         elif inst.service == EXECUTOR:
             spec = executors[inst.instance]
             env["DIN_EXECUTOR_ID"] = spec.id

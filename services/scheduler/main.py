@@ -27,11 +27,12 @@ from services.scheduler.placement import Placement, assign
 from services.scheduler.plans import is_multi_stage, place_job
 from services.scheduler.registry import ExecutorRegistry
 from services.scheduler.reports import decision_record, pressure_report
+from services.scheduler.rosters import MISSED_ROSTERS, HubRosters, LostExecutors, roster
 from services.scheduler.settings import SchedulerSettings, SchedulingMode
 from shared import lifecycle
 from shared.catalog import ModelCatalog
 from shared.contracts.events import HeartbeatV1, ProbeV1
-from shared.contracts.federation import SiteSummaryV1
+from shared.contracts.federation import SiteRosterV1, SiteSummaryV1
 from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.envelope import InvalidToken, SealRefused
@@ -53,6 +54,8 @@ from shared.topology import load_topology
 from shared.workqueue import work_stream_config
 
 ROLL_CALL_WAIT_S = 0.2
+NEWS_GAP_S = 0.02
+"""After an executor appears, the summary and roster wait this long (for others starting with it), then go out."""
 ENQUEUE_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 1.0
 DISPATCH_PUBLISHES = ("execute", "work", "inferReply", Topics.SCHEDULING_DECISIONS)
@@ -68,9 +71,17 @@ def now_ms() -> float:
 
 
 def heartbeats_heard(settings: SchedulerSettings) -> str:
-    """The heartbeats a scheduler listens to: its own site's when it schedules only that site (a control plane
-    per site), else every site's (the hub's scheduler of a network with one control plane)."""
-    return Subjects.heartbeat_site(settings.site) if settings.own_site_only is True else Subjects.HEARTBEAT_ALL
+    """The heartbeats a scheduler listens to: its own site's when it schedules only that site or learns the
+    others' executors from rosters (a control plane per site), else every site's (the hub's scheduler of a
+    network with one control plane)."""
+    own = settings.own_site_only is True or settings.rosters is True
+    return Subjects.heartbeat_site(settings.site) if own else Subjects.HEARTBEAT_ALL
+
+
+def rosters_heard(settings: SchedulerSettings) -> str:
+    """Every site's rosters for the hub's scheduler of a control plane per site; a site's scheduler hears only
+    its own site's (its replicas', ignored), so no roster crosses into a site."""
+    return Subjects.ROSTER_ALL if settings.rosters is True else Subjects.roster(settings.site)
 
 
 def completions_heard(settings: SchedulerSettings) -> str:
@@ -83,7 +94,7 @@ class Scheduler(Service):
     every dispatched job to exactly one answer."""
 
     name = "scheduler"
-    publishes = (*DISPATCH_PUBLISHES, "schedule", "probe", "pressure", "rollCall", "summary")
+    publishes = (*DISPATCH_PUBLISHES, "schedule", "probe", "pressure", "rollCall", "summary", "roster")
 
     def __init__(self, settings: SchedulerSettings) -> None:
         super().__init__(settings)
@@ -94,13 +105,16 @@ class Scheduler(Service):
         self.links = LinkTable(self.topology, home=settings.site)
         self.health = LinkHealth(self.links)
         self.remote = RemoteSites(settings.site)
+        self.hub_rosters = HubRosters(settings.site)
+        self.lost = LostExecutors(keep_ms=MISSED_ROSTERS * settings.summary_interval_s * 1000.0)
         self.inflight = InflightTable()
         self.catalog = ModelCatalog.from_repository(settings.model_repo)
         self.cost_limits = {t.name: t.max_cost_per_1k for t in self.topology.tenants}
         self.counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
                        "multi_stage": 0, "streams_interrupted": 0, "forwarded": 0,
-                       "expired_on_arrival": 0}
+                       "expired_on_arrival": 0, "out_of_view": 0}
         self.enqueues: set[asyncio.Task] = set()
+        self.news = asyncio.Event()
         self.security = PayloadSecurity.from_settings(settings)
         self.runtime.on_start(self.start_keys)
         self.runtime.on_start(self.start_background)
@@ -157,11 +171,13 @@ class Scheduler(Service):
             if self.registry.get(heartbeat.executor) is not None:
                 self.log.warning("executor %s at revoked site %s: no more work", heartbeat.executor, heartbeat.site)
                 self.registry.forget(heartbeat.executor)
+                self.lost.note(heartbeat.executor, now_ms())
                 await self.redispatch_all(self.inflight.on_executor(heartbeat.executor))
             return
         if self.registry.observe(heartbeat, time.monotonic()):
             self.log.info("discovered executor %s at %s serving %s", heartbeat.executor, heartbeat.site,
                           ", ".join(m.name for m in heartbeat.models))
+            self.news.set()
 
     def usable(self, site: str) -> bool:
         """Whether ``site`` may get work (its key is not revoked)."""
@@ -310,6 +326,16 @@ class Scheduler(Service):
         self.counts["redispatched"] += 1
         await self.dispatch(job, entry.body, entry.passthrough, entry.aad)
 
+    async def on_expired(self, executor_id: str, site: str) -> None:
+        """An executor no longer heard of: dead, its jobs dispatched again; or, for an executor the hub knows only
+        from its site's rosters, out of view while those rosters still arrive (its site lists it when it dies)."""
+        if self.settings.rosters and not self.hub_rosters.expired_is_dead(site, now_ms()):
+            self.counts["out_of_view"] += 1
+            return
+        self.log.warning("executor %s at %s missed its heartbeats: dropped", executor_id, site)
+        self.lost.note(executor_id, now_ms())
+        await self.redispatch_all(self.inflight.on_executor(executor_id))
+
     async def answer_overdue(self) -> None:
         """The watchdog's answer to every open job at its deadline margin."""
         for entry in self.inflight.due(now_ms(), self.settings.deadline_margin_ms):
@@ -328,8 +354,7 @@ class Scheduler(Service):
         while True:
             await asyncio.sleep(interval)
             for dead in self.registry.expire(time.monotonic()):
-                self.log.warning("executor %s at %s missed its heartbeats: dropped", dead.id, dead.site)
-                await self.redispatch_all(self.inflight.on_executor(dead.id))
+                await self.on_expired(dead.id, dead.site)
             await self.answer_overdue()
             self.remote.expire(now_ms())
 
@@ -368,18 +393,46 @@ class Scheduler(Service):
             await self.nc.publish(Subjects.pressure(self.settings.site), report.model_dump_json().encode())
 
     async def summaries(self) -> None:
-        """Tell the other sites' schedulers what this site can take, periodically (a control plane per site)."""
+        """Tell the other sites' schedulers what this site can take (a control plane per site): every interval,
+        and soon after an executor appears, so that new capacity (a restarted site, a started executor) is in
+        view elsewhere before the next interval."""
         while True:
-            await asyncio.sleep(self.settings.summary_interval_s)
+            try:
+                async with asyncio.timeout(self.settings.summary_interval_s):
+                    await self.news.wait()
+                await asyncio.sleep(NEWS_GAP_S)
+            except TimeoutError:
+                pass
+            self.news.clear()
             summary = summarize(self.registry, self.health, self.settings.site, instance=self.runtime.instance,
                                 topology=self.topology, now_ms=now_ms(), interval_s=self.settings.summary_interval_s)
             await self.nc.publish(Subjects.summary(self.settings.site), summary.model_dump_json().encode())
+            if self.settings.site != self.topology.hub.name:
+                sample = roster(self.registry, self.lost, site=self.settings.site, instance=self.runtime.instance,
+                                now_ms=now_ms(), interval_s=self.settings.summary_interval_s)
+                await self.nc.publish(Subjects.roster(self.settings.site), sample.model_dump_json().encode())
 
     @control("summary", Subjects.SUMMARY_ALL)
     async def on_summary(self, summary: SiteSummaryV1) -> None:
         """Keep the latest word from every other site's scheduler."""
         if summary.site != self.settings.site and summary.site in self.topology_sites:
             self.remote.observe(summary, now_ms())
+
+    @control("roster", rosters_heard)
+    async def on_roster(self, sample: SiteRosterV1) -> None:
+        """The hub's scheduler: another site's executors with room come into view; the ones it lost are dead."""
+        if not self.settings.rosters or not self.hub_rosters.accepts(sample, self.topology_sites):
+            return
+        self.hub_rosters.observe(sample, now_ms())
+        if not self.usable(sample.site):
+            return
+        held = {hb.executor: (state.heartbeat if (state := self.registry.get(hb.executor)) else None)
+                for hb in sample.executors}
+        for heartbeat in self.hub_rosters.news(sample, held):
+            self.registry.observe(heartbeat, time.monotonic())
+        for executor_id in sample.lost:
+            self.registry.forget(executor_id)
+            await self.redispatch_all(self.inflight.on_executor(executor_id))
 
     async def start_keys(self) -> None:
         held = held_readers(self.topology, self.settings.site)

@@ -35,6 +35,12 @@ class SchedulerSettings(SecuredServiceSettings):
         description="Whether this scheduler places on its own site's executors only (a control plane per site): "
         "it then hears only that site's heartbeats. The launcher sets it from the topology.",
     )
+    rosters: bool = Field(
+        default=False,
+        description="Whether this scheduler learns other sites' executors from their schedulers' rosters (a few "
+        "per model, and the lost ones) instead of every executor's heartbeat: the hub's scheduler with a control "
+        "plane per site. The launcher sets it from the topology.",
+    )
     mode: SchedulingMode = Field(
         default=SchedulingMode.CENTRALIZED,
         description="centralized: assign each job to an executor; distributed: queue it at a site for its "

@@ -2,7 +2,10 @@
 
 * Completions and heartbeats arrive on NATS: each is decoded once, counted into
   the metrics and relayed unchanged to its Kafka topic. A message that is not a
-  valid event is dead-lettered, not relayed.
+  valid event is dead-lettered, not relayed. With a control plane per site only
+  the hub's executors' heartbeats come to telemetry (at the hub): every site's
+  scheduler summary does, for per-site capacity gauges, so the hub's message
+  rate does not grow with the executors at other sites.
 * Admission and scheduling decisions are already in Kafka (their services
   write them); ``DecisionFeed`` reads them for the reject and placement metrics.
 * ``/metrics`` is served over HTTP on ``metrics_host:metrics_port``.
@@ -29,6 +32,7 @@ from services.telemetry.settings import TelemetrySettings
 from services.telemetry.topics import ensure_topics, missing_topics, scoped, topic_plan
 from shared.bus.kafka import READS, WRITES, kafka_client_kwargs
 from shared.contracts.events import CompletionV1, HeartbeatV1
+from shared.contracts.federation import SiteSummaryV1
 from shared.contracts.telemetry import SlaViolationV1
 from shared.eventlog import event_type
 from shared.naming import Subjects, Topics
@@ -40,6 +44,12 @@ KAFKA_RETRY_S = 2.0
 TOPICS_TIMEOUT_S = 10.0
 
 Event = TypeVar("Event", bound=BaseModel)
+
+
+def heartbeats_heard(settings: TelemetrySettings) -> str:
+    """Every site's heartbeats, or only ``settings.heartbeat_site``'s (a control plane per site)."""
+    site = settings.heartbeat_site
+    return Subjects.HEARTBEAT_ALL if site is None else Subjects.heartbeat_site(site)
 
 
 class Telemetry(Service):
@@ -61,7 +71,7 @@ class Telemetry(Service):
         )
         self.server = MetricsServer(self.metrics.exposition, settings.metrics_host, settings.metrics_port)
         self.decisions = DecisionFeed(self.metrics, settings, client_id=f"din-telemetry-{self.runtime.instance}")
-        self.counts = {"completions": 0, "heartbeats": 0, "invalid": 0, "alerts": 0}
+        self.counts = {"completions": 0, "heartbeats": 0, "summaries": 0, "invalid": 0, "alerts": 0}
         self.topics_ready = False
         self.runtime.on_start(self.start)
         self.runtime.on_drain(self.server.stop)
@@ -93,7 +103,7 @@ class Telemetry(Service):
             self.metrics.observe_completion(event)
             self.runtime.events.emit_encoded(Topics.COMPLETIONS, COMPLETION_TYPE, msg.data, key=event.site)
 
-    @endpoint("heartbeat", Subjects.HEARTBEAT_ALL, queue="telemetry",
+    @endpoint("heartbeat", heartbeats_heard, queue="telemetry",
               publishes=(Topics.HEARTBEATS, Topics.DEAD_LETTER))
     async def on_heartbeat(self, msg: Msg) -> None:
         """An executor's heartbeat: kept for the utilisation gauges, and relayed to the heartbeats topic."""
@@ -102,6 +112,15 @@ class Telemetry(Service):
             self.counts["heartbeats"] += 1
             self.metrics.observe_heartbeat(heartbeat)
             self.runtime.events.emit_encoded(Topics.HEARTBEATS, HEARTBEAT_TYPE, msg.data, key=heartbeat.executor)
+
+    @endpoint("summary", Subjects.SUMMARY_ALL, queue="telemetry", publishes=(Topics.DEAD_LETTER,))
+    async def on_summary(self, msg: Msg) -> None:
+        """A site scheduler's summary: kept for the per-site capacity gauges (every site's, also where telemetry
+        does not hear the executors' heartbeats)."""
+        summary = self._decode(msg, SiteSummaryV1, "summary")
+        if summary is not None:
+            self.counts["summaries"] += 1
+            self.metrics.observe_summary(summary)
 
     def _decode(self, msg: Msg, model: type[Event], source: str) -> Event | None:
         """The event ``msg`` carries, or None after counting it invalid and dead-lettering it."""

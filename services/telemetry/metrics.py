@@ -24,6 +24,7 @@ from prometheus_client.utils import floatToGoString
 
 from services.telemetry.alerts import SlaWatch
 from shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, SchedulingDecisionV1
+from shared.contracts.federation import SiteSummaryV1
 from shared.contracts.inference import SlaClass
 from shared.errors import ErrorCode
 
@@ -53,6 +54,8 @@ OTHER = "_other"
 UNKNOWN = "unknown"
 EXECUTOR_STALE_INTERVALS = 3
 EXECUTOR_FORGET_S = 300.0
+SITES_KEPT = 256
+"""Most sites whose summaries are kept for the per-site gauges (a flood of made-up site names stops there)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("din_executor_capacity", "gauge", ("executor", "site"), "Jobs the executor holds before it sheds."),
     MetricSpec("din_model_compute_seconds_per_item", "gauge", ("executor", "site", "model"),
                "Recent compute time per batch item the executor reports for each model."),
+    MetricSpec("din_site_executors", "gauge", ("site", "model"),
+               "Live executors at the site serving the model, from its scheduler's latest summary."),
+    MetricSpec("din_site_free_slots", "gauge", ("site", "model", "sla_class"),
+               "Jobs of the class the site's executors of the model could still take, from its latest summary."),
+    MetricSpec("din_site_queue_depth", "gauge", ("site", "model"),
+               "Jobs queued or in flight at the site's executors of the model, from its latest summary."),
     MetricSpec("din_sla_latency_seconds", "gauge", ("sla_class", "quantile"),
                "End-to-end latency quantiles (0.5, 0.95, 0.99) per SLA class over the sliding SLA window."),
     MetricSpec("din_sla_window_requests", "gauge", ("sla_class",), "Completions per SLA class in the sliding window."),
@@ -108,7 +117,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("din_sla_violation_active", "gauge", ("sla_class",), "1 while the class's SLA violation alert fires."),
     MetricSpec("din_sla_violations_total", "counter", ("sla_class",), "SLA violation alerts raised."),
     MetricSpec("din_telemetry_events_total", "counter", ("source",),
-               "Events telemetry consumed, by source (completion, heartbeat, admission, scheduling)."),
+               "Events telemetry consumed, by source (completion, heartbeat, summary, admission, scheduling)."),
     MetricSpec("din_telemetry_invalid_events_total", "counter", ("source",),
                "Events telemetry could not decode, by source; they were dead-lettered or skipped."),
     MetricSpec("din_telemetry_recorded_events_total", "counter", (), "Events telemetry wrote to Kafka."),
@@ -249,6 +258,7 @@ class TelemetryMetrics:
             self.events, self.invalid_events,
         )
         self._executors: dict[str, _Executor] = {}
+        self._sites: dict[str, tuple[SiteSummaryV1, float]] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self.collect))
 
@@ -304,6 +314,12 @@ class TelemetryMetrics:
         self.events.inc(("heartbeat",))
         self._executors[heartbeat.executor] = _Executor(heartbeat, self.clock())
 
+    def observe_summary(self, summary: SiteSummaryV1) -> None:
+        """Keep a site's latest summary for the per-site gauges."""
+        self.events.inc(("summary",))
+        if summary.site in self._sites or len(self._sites) < SITES_KEPT:
+            self._sites[summary.site] = (summary, self.clock())
+
     def observe_admission(self, decision: AdmissionDecisionV1) -> None:
         """Count an admission decision, and the refusal's reason."""
         self.events.inc(("admission",))
@@ -337,6 +353,7 @@ class TelemetryMetrics:
         for family in self._families:
             yield family.collect()
         yield from self._executor_gauges()
+        yield from self._site_gauges()
         yield from self._sla_gauges()
         sent, dropped = self._recorded()
         specs = {m.name: m for m in METRICS}
@@ -379,6 +396,22 @@ class TelemetryMetrics:
             for model in hb.models:
                 per_item.add_metric([*ids, model.name], model.compute_ms_per_item / 1000.0)
         return up, util, inflight, depth, capacity, per_item
+
+    def _site_gauges(self) -> Iterable[Metric]:
+        specs = {m.name: m for m in METRICS}
+        executors, free, depth = (GaugeMetricFamily(name, specs[name].help, labels=specs[name].labels)
+                                  for name in ("din_site_executors", "din_site_free_slots", "din_site_queue_depth"))
+        now = self.clock()
+        for site, (summary, seen_s) in list(self._sites.items()):
+            if now - seen_s > EXECUTOR_STALE_INTERVALS * summary.interval_s:
+                del self._sites[site]
+                continue
+            for model in summary.models:
+                executors.add_metric([site, model.model], model.executors)
+                depth.add_metric([site, model.model], model.queue_depth)
+                for sla, slots in model.free_slots.items():
+                    free.add_metric([site, model.model, sla], slots)
+        return executors, free, depth
 
     def _sla_gauges(self) -> Iterable[Metric]:
         specs = {m.name: m for m in METRICS}

@@ -22,6 +22,13 @@ class TelemetrySettings(ServiceSettings):
         description="Address the /metrics endpoint binds; 0.0.0.0 lets a containerised Prometheus scrape it.",
     )
 
+    heartbeat_site: str | None = Field(
+        default=None,
+        description="The one site whose executors' heartbeats telemetry hears (unset: every site's). With a control "
+        "plane per site the launcher sets the hub's: other sites' executors are seen through their schedulers' "
+        "summaries (the din_site_* gauges), so no per-executor message crosses into the hub.",
+    )
+
     sla_target_realtime_ms: float = Field(
         default=DEFAULT_SLA_TARGETS_MS[SlaClass.REALTIME], gt=0, description="Latency target of realtime, ms."
     )

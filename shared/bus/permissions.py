@@ -166,16 +166,23 @@ def classifier(topology: Topology, site: str, user: str, instance: str | None) -
 
 def scheduler(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
     """A site's scheduler: the executors, completions and work queues of the sites it places on (every site for
-    the hub's), every site's summaries; forwards to any site's scheduler."""
+    the hub's), every site's summaries; forwards to any site's scheduler. With a control plane per site the hub's
+    hears only its own site's heartbeats and every other site's roster; a site's sends its roster."""
     placed = topology.scheduled_sites(site)
     every = len(placed) > 1 and set(placed) == {s.name for s in topology.sites}
+    rosters = topology.hears_rosters(site)
     publish = [pattern(Subjects.schedule, ANY), Subjects.pressure(site), Subjects.summary(site),
-               pattern(Subjects.probe, ANY), ANY_TENANT_INBOX, OPERATOR_INBOXES]
-    subscribe = [Subjects.schedule(site), Subjects.SUMMARY_ALL]
+               Subjects.roster(site), pattern(Subjects.probe, ANY), ANY_TENANT_INBOX, OPERATOR_INBOXES]
+    subscribe = [Subjects.schedule(site), Subjects.SUMMARY_ALL,
+                 Subjects.ROSTER_ALL if rosters else Subjects.roster(site)]
     for other in [ANY] if every else placed:
         publish += [pattern(Subjects.execute, other, ANY), pattern(Subjects.work, other, ANY),
                     pattern(Subjects.roll_call, other)]
-        subscribe += [pattern(Subjects.heartbeat, other, ANY), pattern(Subjects.completed, other)]
+        subscribe += [pattern(Subjects.completed, other)]
+        if not rosters:
+            subscribe += [pattern(Subjects.heartbeat, other, ANY)]
+    if rosters:
+        subscribe += [pattern(Subjects.heartbeat, site, ANY)]
     for other in placed:
         stream = work_stream(other)
         calls = ("INFO", f"STREAM.INFO.{stream}", f"STREAM.CREATE.{stream}", f"STREAM.UPDATE.{stream}")
@@ -201,9 +208,11 @@ def executor(topology: Topology, site: str, executor_id: str) -> Permissions:
 
 
 def telemetry(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
-    """Telemetry: hears every heartbeat and completion, raises alerts."""
+    """Telemetry: hears every completion and every site's summary, the heartbeats of its own site's executors
+    with a control plane per site (of every site's with one control plane), raises alerts."""
+    heartbeats = pattern(Subjects.heartbeat, site, ANY) if topology.hears_rosters(site) else Subjects.HEARTBEAT_ALL
     return _service(user, site, "telemetry", instance) + Permissions(
-        publish=(Subjects.ALERTS,), subscribe=(Subjects.HEARTBEAT_ALL, Subjects.COMPLETED_ALL))
+        publish=(Subjects.ALERTS,), subscribe=(heartbeats, Subjects.COMPLETED_ALL, Subjects.SUMMARY_ALL))
 
 
 def keymanager(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
@@ -238,6 +247,7 @@ def leaf(topology: Topology, site: str) -> Permissions:
     # telemetry) crosses the leaf only if it reverse-matches an allowed subject, and nats-server's reverse match
     # does not match a ``*`` against a ``*`` (it does against ``>``); the heartbeats of other sites stay out.
     out = [f"{Subjects.heartbeat_site(site).removesuffix(ANY)}{REST}", Subjects.completed(site), Subjects.summary(site),
+           Subjects.roster(site),
            pattern(Subjects.schedule, ANY), pattern(Subjects.admit, ANY, ANY, ANY), pattern(Subjects.probe, ANY),
            pattern(Subjects.execute, ANY, ANY), pattern(Subjects.work, ANY, ANY), ANY_TENANT_INBOX,
            # Requests leave every site: a site without a control plane is served by the hub's, and a site whose

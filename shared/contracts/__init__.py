@@ -14,7 +14,7 @@ from shared.contracts.events import (
     ProbeV1,
     SchedulingDecisionV1,
 )
-from shared.contracts.federation import LinkSummaryV1, ModelSummaryV1, SiteSummaryV1
+from shared.contracts.federation import LinkSummaryV1, ModelSummaryV1, SiteRosterV1, SiteSummaryV1
 from shared.contracts.inference import (
     Datatype,
     InferRequestV1,
@@ -50,6 +50,7 @@ __all__ = [
     "LoadModelV1",
     "ModelLoadedV1",
     "PressureV1",
+    "SiteRosterV1",
     "SiteSummaryV1",
     "ModelSummaryV1",
     "LinkSummaryV1",
@@ -83,6 +84,7 @@ MESSAGE_MODELS = {
     "din.v1.probe": ProbeV1,
     "din.v1.pressure": PressureV1,
     "din.v1.site_summary": SiteSummaryV1,
+    "din.v1.site_roster": SiteRosterV1,
     "din.v1.dead_letter": DeadLetterV1,
     "din.v1.load_model": LoadModelV1,
     "din.v1.recorded_request": RecordedRequestV1,

@@ -1,13 +1,16 @@
 """What site schedulers tell each other for federated placement: one compact summary per site.
 
-Per-executor heartbeats stay inside their site; through the hub travels only
+Per-executor heartbeats stay inside their site; through the hub travel only
 ``SiteSummaryV1``, whose size depends on the number of models and sites, never on
-the number of executors.
+the number of executors, and, for the hub's scheduler alone, ``SiteRosterV1``, a
+bounded sample of each site's executors (a few per model).
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
+
+from shared.contracts.events import HeartbeatV1
 
 
 class ModelSummaryV1(BaseModel):
@@ -51,3 +54,23 @@ class SiteSummaryV1(BaseModel):
     def model_summary(self, model: str) -> ModelSummaryV1 | None:
         """The summary of ``model``, or None when the site does not serve it."""
         return next((m for m in self.models if m.model == model), None)
+
+
+class SiteRosterV1(BaseModel):
+    """A site scheduler's periodic sample of its executors for the hub's scheduler, which places plans that cross
+    sites on named executors: the latest heartbeat of the few executors with the most room per model (never the
+    whole fleet), and the executors the site's scheduler lost lately. The site's scheduler owns its executors'
+    liveness; the hub's treats an executor missing from the sample as unknown, not dead."""
+
+    site: str = Field(description="Site whose executors these are.")
+    instance: str = Field(description="Scheduler instance that sent it.")
+    sent_ms: float = Field(description="Epoch ms when sent.")
+    interval_s: float = Field(description="Seconds until the next roster; missing three means the site is stale.")
+    executors: list[HeartbeatV1] = Field(
+        description="Latest heartbeats of the executors with the most room, at most a few per model."
+    )
+    lost: list[str] = Field(
+        default_factory=list,
+        description="Executors the site's scheduler dropped lately (missed heartbeats or revoked): their jobs must "
+        "be dispatched again.",
+    )

@@ -9,9 +9,11 @@ links up and every process running as it found them.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 
 import nats
@@ -26,7 +28,7 @@ from shared.bus.permissions import tenant_inbox, tenant_user
 from shared.naming import Subjects
 from shared.security import CryptoPolicy
 from tests.integration.network import running_network
-from tests.support import three_site_topology, wait_for
+from tests.support import subject_covers, three_site_topology, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -102,6 +104,30 @@ async def test_a_request_its_own_site_can_serve_never_leaves_the_site(network):
     assert load.tally.sites == {"factory": 20}
     assert await scheduled(network, "factory") - factory_before == 20
     assert await scheduled(network, "cloud") == hub_before, "the hub's scheduler placed an edge-local request"
+
+
+def hub_subscriptions(network) -> list[str]:
+    """Every subject some client or route has interest in at the hub's NATS server (its monitoring endpoint)."""
+    url = f"http://127.0.0.1:{network.stack.ports.hub_monitor}/subsz?subs=1&limit=100000"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        listed = json.load(answer).get("subscriptions_list") or []
+    return [entry["subject"] for entry in listed]
+
+
+async def test_edge_executors_heartbeats_never_reach_the_hub_which_knows_them_from_rosters(network):
+    """The hub's NATS server carries no per-executor message of another site: nothing at the hub subscribes to a
+    subject an edge executor's heartbeat would match, yet the hub's scheduler knows every edge executor (from
+    its site's roster) and places what crosses sites on them."""
+    edge_beats = [Subjects.heartbeat(site, f"{site}-1") for site in ("factory", "branch")]
+    subscribed = hub_subscriptions(network)
+    assert any(subject_covers(s, Subjects.heartbeat("cloud", "cloud-1")) for s in subscribed), "the hub's own"
+    interest = [s for s in subscribed if any(subject_covers(s, beat) for beat in edge_beats)]
+    assert interest == [], f"the hub hears edge heartbeats through {interest}"
+
+    async def hub_knows_all() -> bool:
+        return int((await network.health("scheduler", "cloud")).detail["executors"]) == 3
+
+    await wait_for(hub_knows_all, 10, "the hub's scheduler knows factory-1 and branch-1 from rosters")
 
 
 async def test_what_the_site_cannot_serve_goes_to_the_hub_once(network):

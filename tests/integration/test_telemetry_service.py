@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.telemetry.main import create_runtime
 from services.telemetry.settings import TelemetrySettings
 from shared.contracts.events import AdmissionDecisionV1, CompletionV1
+from shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
 from shared.contracts.telemetry import SlaViolationV1
 from shared.naming import Subjects, Topics
 from tests.support import free_port, make_heartbeat, wait_for
@@ -86,7 +87,7 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
         # the session Kafka has its own CA (bus_ca_file); the session NATS takes plain client connections
         **(nats_network.service_login("telemetry", "cloud") | kafka_access.settings("telemetry")),
         metrics_port=port, sla_target_realtime_ms=5.0, sla_min_samples=5, sla_window_s=30.0, alert_interval_s=0.2,
-        decisions_from="earliest",
+        decisions_from="earliest", heartbeat_site="cloud",
     )
     runtime = create_runtime(settings)
     await runtime.app.start()
@@ -99,10 +100,16 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
             await alerts.put(SlaViolationV1.model_validate_json(msg.data))
 
         await nc.subscribe(Subjects.ALERTS, cb=on_alert)
-        heartbeat = make_heartbeat("factory-1", "factory", ["digits-small"], compute_ms_per_item=0.4, capacity=10,
+        heartbeat = make_heartbeat("cloud-1", "cloud", ["digits-small"], compute_ms_per_item=0.4, capacity=10,
                                    queue_depth={"realtime": 3}, inflight=2, recent_latency_ms=4.0, interval_s=30.0,
                                    sent_ms=time.time() * 1000)
-        await nc.publish(Subjects.heartbeat("factory", "factory-1"), heartbeat.model_dump_json().encode())
+        await nc.publish(Subjects.heartbeat("cloud", "cloud-1"), heartbeat.model_dump_json().encode())
+        summary = SiteSummaryV1(site="factory", instance="factory", sent_ms=time.time() * 1000, interval_s=30.0,
+                                models=[ModelSummaryV1(model="digits-small", versions=["1"], executors=2,
+                                                       free_slots={"realtime": 5}, queue_depth=3,
+                                                       compute_ms_per_item=0.4, best_ms={"realtime": 1.0},
+                                                       cost_per_1k=0.1)])
+        await nc.publish(Subjects.summary("factory"), summary.model_dump_json().encode())
         for i in range(12):
             event = CompletionV1(
                 request_id=f"r{i}", tenant="acme", site="factory", executor="factory-1", model="digits-small",
@@ -114,6 +121,7 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
         await nc.publish(Subjects.completed("cloud"), b"\xff\x00 not json")
         await nc.publish(Subjects.completed("cloud"), b'{"request_id": 1}')
         await nc.publish(Subjects.heartbeat("cloud", "x"), b"[]")
+        await nc.publish(Subjects.summary("branch"), b"{}")
         await nc.flush()
         decisions = Topics.scoped(Topics.ADMISSION_DECISIONS, unique)
         await producer.send_and_wait(decisions, b"garbage")
@@ -135,19 +143,22 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
             scraped[:] = [samples(body)]
             return (total(scraped[0], "din_requests_total", **key) >= 12
                     and total(scraped[0], "din_rejects_total", stage="admission") >= 3
-                    and total(scraped[0], "din_telemetry_invalid_events_total") >= 4)
+                    and total(scraped[0], "din_telemetry_invalid_events_total") >= 5)
 
-        await wait_for(everything_sent_is_counted, 20, "12 completions, 3 rejects and 4 invalid events on /metrics",
+        await wait_for(everything_sent_is_counted, 20, "12 completions, 3 rejects and 5 invalid events on /metrics",
                        interval=0.3)
         found = scraped[0]
         assert total(found, "din_requests_total", outcome="ok", **key) == 12
         assert total(found, "din_request_duration_seconds_count", **key) == 12
         assert total(found, "din_rejects_total", stage="admission", reason="rate_limited", tenant="globex") == 2
         assert total(found, "din_rejects_total", stage="admission", reason="unauthenticated") == 1
-        assert total(found, "din_executor_utilization_ratio", executor="factory-1") == pytest.approx(0.5)
+        assert total(found, "din_executor_utilization_ratio", executor="cloud-1") == pytest.approx(0.5)
+        assert total(found, "din_site_executors", site="factory", model="digits-small") == 2
+        assert total(found, "din_site_free_slots", site="factory", sla_class="realtime") == 5
         assert total(found, "din_sla_violation_active", sla_class="realtime") == 1
         assert total(found, "din_telemetry_invalid_events_total", source="completion") == 2
         assert total(found, "din_telemetry_invalid_events_total", source="heartbeat") == 1
+        assert total(found, "din_telemetry_invalid_events_total", source="summary") == 1
         assert total(found, "din_telemetry_invalid_events_total", source="admission") == 1
         assert (await http_get(port, "/nope"))[0] == 404
 
@@ -160,7 +171,7 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
         assert all(dict(r.headers)["din-event-type"] == b"din.v1.CompletionV1" and r.key == b"factory"
                    for r in completions)
         dead = await read_topic(kafka_bootstrap, Topics.scoped(Topics.DEAD_LETTER, unique), kafka_operator)
-        assert len(dead) == 3
+        assert len(dead) == 4, "every invalid NATS message is dead-lettered"
         recorded_alerts = await read_topic(kafka_bootstrap, Topics.scoped(Topics.ALERTS, unique), kafka_operator)
         assert [SlaViolationV1.model_validate_json(r.value).firing for r in recorded_alerts][:1] == [True]
         assert recorded_alerts[0].key == b"realtime"

@@ -14,29 +14,13 @@ from shared.bus.permissions import Permissions, is_tenant_reply
 from shared.channels import CHANNELS
 from shared.topology import Topology
 from tests.integration.network import INFERENCE_TOPOLOGY
+from tests.support import subject_covers
 
 TOPOLOGY = Topology.model_validate(INFERENCE_TOPOLOGY)
 
 
-def covers(allow: str, subject: str) -> bool:
-    """NATS semantics: whether permission ``allow`` covers ``subject`` (itself possibly a wildcard subscription)."""
-    a, s = allow.split("."), subject.split(".")
-    for i, token in enumerate(a):
-        if token == ">":
-            return len(s) > i
-        if i >= len(s):
-            return False
-        if token == "*":
-            if s[i] == ">":
-                return False
-            continue
-        if token != s[i]:
-            return False
-    return len(a) == len(s)
-
-
 def allowed(patterns: tuple[str, ...], subject: str) -> bool:
-    return any(covers(p, subject) for p in patterns)
+    return any(subject_covers(p, subject) for p in patterns)
 
 
 def instances():
@@ -48,7 +32,9 @@ def instances():
 
 def _settings(inst) -> SimpleNamespace:
     return SimpleNamespace(site=inst.site, id=inst.instance, instance=inst.instance, executor_id=inst.instance,
-                           own_site_only=TOPOLOGY.scheduled_sites(inst.site) == [inst.site])
+                           own_site_only=TOPOLOGY.scheduled_sites(inst.site) == [inst.site],
+                           rosters=TOPOLOGY.hears_rosters(inst.site),
+                           heartbeat_site=inst.site if TOPOLOGY.hears_rosters(inst.site) else None)
 
 
 def _concrete(address: str, inst) -> str:

@@ -114,15 +114,17 @@ def test_service_environments(topology):
     assert envs["admission"] == {**hub_control, **secured, "DIN_ADMISSION_CREDENTIALS_FILE": "/run/credentials.json",
                                  "DIN_ADMISSION_KEY_FILE": hub_keys}
     assert envs["scheduler"] == {**hub_control, **secured, "DIN_SCHEDULER_MODE": "distributed",
-                                 "DIN_SCHEDULER_KEY_FILE": hub_keys, "DIN_SCHEDULER_OWN_SITE_ONLY": "false"}
+                                 "DIN_SCHEDULER_KEY_FILE": hub_keys, "DIN_SCHEDULER_OWN_SITE_ONLY": "false",
+                                 "DIN_SCHEDULER_ROSTERS": "true"}
     assert envs["scheduler-factory"] == {**common, **secured, "DIN_NATS_URL": "nats://factory:4222",
                                          "DIN_SITE": "factory", "DIN_INSTANCE": "factory",
                                          "DIN_SCHEDULER_MODE": "distributed",
                                          "DIN_SCHEDULER_KEY_FILE": "/run/keys/site-factory.json",
-                                         "DIN_SCHEDULER_OWN_SITE_ONLY": "true"}
+                                         "DIN_SCHEDULER_OWN_SITE_ONLY": "true", "DIN_SCHEDULER_ROSTERS": "false"}
     assert envs["admission-branch"]["DIN_ADMISSION_KEY_FILE"] == "/run/keys/site-branch.json"
     assert envs["telemetry"] == {
-        **hub, "DIN_TELEMETRY_METRICS_PORT": "9999", "DIN_TELEMETRY_METRICS_HOST": "127.0.0.1"
+        **hub, "DIN_TELEMETRY_METRICS_PORT": "9999", "DIN_TELEMETRY_METRICS_HOST": "127.0.0.1",
+        "DIN_TELEMETRY_HEARTBEAT_SITE": "cloud",
     }
     assert envs["classifier"] == hub_control
     assert envs["keymanager"] == {
