@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-command set-up from a fresh clone: .venv, the project and its test dependencies, Toxiproxy (built with
-# go install into .din/bin), Kafka's jars (from Maven Central) and the model zoo. Idempotent: a second run only checks.
+# One-command set-up from a fresh clone: .venv, the project and its test dependencies, Toxiproxy (built from
+# ops/toxiproxy into .din/bin), Kafka's jars (from Maven Central) and the model zoo. Idempotent: a second run only
+# checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,22 +31,24 @@ else
   say "python dependencies up to date"
 fi
 
-# Toxiproxy gives `din up` real WAN links. Pinned; keep in step with TOXIPROXY_VERSION in din/stack/wan.py.
-# From v2.6 the module's server command lives at cmd/server, so the binary is renamed after go install.
+# Toxiproxy gives `din up` real WAN links: ops/toxiproxy is its server (the Go module github.com/Shopify/toxiproxy/v2,
+# pinned in ops/toxiproxy/go.mod; keep in step with TOXIPROXY_VERSION in din/stack/wan.py) with DIN's loss toxic.
+# The marker names the release and a hash of the module's sources, so a changed toxic is rebuilt.
 TOXIPROXY_VERSION=v2.12.0
 toxiproxy=.din/bin/toxiproxy-server
-if [ -x "$toxiproxy" ] && [ "$(cat "$toxiproxy.version" 2>/dev/null || true)" = "$TOXIPROXY_VERSION" ]; then
-  say "toxiproxy-server $TOXIPROXY_VERSION present"
+toxiproxy_src=$(cd ops/toxiproxy && cat go.mod go.sum $(ls *.go | grep -v _test.go) | sha256sum | cut -c1-12)
+toxiproxy_build="$TOXIPROXY_VERSION+din-loss.$toxiproxy_src"
+if [ -x "$toxiproxy" ] && [ "$(cat "$toxiproxy.version" 2>/dev/null || true)" = "$toxiproxy_build" ]; then
+  say "toxiproxy-server $toxiproxy_build present"
 else
-  command -v go >/dev/null || fail "go not found: install Go 1.22 or newer (apt-get install golang-go) to build Toxiproxy"
-  say "building toxiproxy-server $TOXIPROXY_VERSION with go install"
+  command -v go >/dev/null || fail "go not found: install Go 1.23 or newer (apt-get install golang-go) to build Toxiproxy"
+  say "building toxiproxy-server $toxiproxy_build (ops/toxiproxy) with go build"
   mkdir -p .din/bin
-  gobin=$(mktemp -d)
-  GOBIN="$gobin" go install "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION" \
-    || { rm -rf "$gobin"; fail "go install of Toxiproxy $TOXIPROXY_VERSION failed (see above): check access to the Go module proxy"; }
-  mv "$gobin/server" "$toxiproxy"
-  rm -rf "$gobin"
-  echo "$TOXIPROXY_VERSION" > "$toxiproxy.version"
+  (cd ops/toxiproxy && go build -trimpath -o "../../$toxiproxy.new" \
+      -ldflags "-X github.com/Shopify/toxiproxy/v2.Version=$toxiproxy_build" .) \
+    || { rm -f "$toxiproxy.new"; fail "building Toxiproxy $TOXIPROXY_VERSION failed (see above): check access to the Go module proxy"; }
+  mv "$toxiproxy.new" "$toxiproxy"
+  echo "$toxiproxy_build" > "$toxiproxy.version"
 fi
 
 .venv/bin/din setup

@@ -9,6 +9,9 @@ bash ops/setup.sh
 # The linter first (configuration in pyproject.toml): a finding fails the test command before any test runs.
 .venv/bin/ruff check services shared din tests bench zoo ops
 
+# The loss toxic's Go tests: offline, from the module cache set-up filled (a few seconds).
+(cd ops/toxiproxy && GOPROXY=off GOFLAGS=-mod=readonly go test -count=1 ./)
+
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

@@ -2,13 +2,21 @@
 
 Each edge site's leaf server dials the hub's leafnode port through its own
 proxy (named after the site), whose toxics delay each direction by the link's
-latency ± jitter and cap its bandwidth (``shared.topology.LinkConditions``).
+latency ± jitter, cap its bandwidth and lose its packets
+(``shared.topology.LinkConditions``).
+
+Loss is the ``loss`` toxic of DIN's own Toxiproxy server (``ops/toxiproxy``):
+Toxiproxy proxies TCP, where a lost segment is retransmitted, not lost. Each
+1460-byte segment is lost with the link's probability; the stream stalls at it
+(head-of-line blocking) for one round trip when more data follows it (fast
+retransmit) or for the retransmission timeout when it was the last sent (Linux:
+round trip + max(4 x variation, 200 ms)), doubling for each lost retransmission.
 Cutting a link disables its proxy: the leaf connection closes and cannot
 reconnect until the link is restored. The hub must not advertise its leafnode
 URLs, or leaves would reconnect around the proxy (``NatsServerSpec``).
 
-``toxiproxy-server`` is the Go module ``github.com/Shopify/toxiproxy/v2`` at
-``TOXIPROXY_VERSION``, built by ``ops/setup.sh`` with ``go install`` into ``.din/bin``.
+``toxiproxy-server`` is ``ops/toxiproxy``: the Go module ``github.com/Shopify/toxiproxy/v2``
+at ``TOXIPROXY_VERSION`` with the loss toxic, built by ``ops/setup.sh`` into ``.din/bin``.
 Toxiproxy itself is the record of each link's current conditions: ``din links``
 reads them back from its HTTP API.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,6 +41,9 @@ TOXIPROXY_VERSION = "v2.12.0"
 
 DEFAULT_TOXIPROXY = REPO_ROOT / ".din" / "bin" / "toxiproxy-server"
 STREAMS = ("upstream", "downstream")
+LOOPBACK = "127.0.0.1"
+LOSS_TOXIC = "loss"
+"""The toxic type ``ops/toxiproxy`` registers; a stock ``toxiproxy-server`` refuses it."""
 
 
 def toxiproxy_binary() -> str:
@@ -43,7 +55,7 @@ def toxiproxy_binary() -> str:
         return found
     raise StackError(
         f"toxiproxy-server not found in {DEFAULT_TOXIPROXY.parent}: run `bash ops/setup.sh` (it builds Toxiproxy "
-        f"{TOXIPROXY_VERSION} with go install), or pass --no-wan for plain loopback links"
+        f"{TOXIPROXY_VERSION} with the loss toxic from ops/toxiproxy), or pass --no-wan for plain loopback links"
     )
 
 
@@ -58,6 +70,8 @@ class WanLink:
     upstream_port: int
     conditions: LinkConditions
     server: int = 1
+    listen_host: str = LOOPBACK
+    upstream_host: str = LOOPBACK
 
     @property
     def name(self) -> str:
@@ -69,8 +83,8 @@ class WanLink:
         """The proxy as Toxiproxy's API takes it."""
         return {
             "name": self.name,
-            "listen": f"127.0.0.1:{self.listen_port}",
-            "upstream": f"127.0.0.1:{self.upstream_port}",
+            "listen": f"{self.listen_host}:{self.listen_port}",
+            "upstream": f"{self.upstream_host}:{self.upstream_port}",
             "enabled": True,
         }
 
@@ -97,6 +111,11 @@ def toxics_for(conditions: LinkConditions) -> dict[str, dict[str, Any]]:
             }
         if conditions.bandwidth_kb_s is not None:
             toxics[f"bandwidth_{stream}"] = {"type": "bandwidth", "attributes": {"rate": conditions.bandwidth_kb_s}}
+        if conditions.loss_percent:
+            toxics[f"loss_{stream}"] = {"type": LOSS_TOXIC, "attributes": {
+                "percent": conditions.loss_percent, "rtt": conditions.round_trip_ms,
+                "rto": conditions.retransmit_timeout_ms,
+            }}
     for name, toxic in toxics.items():
         toxic.update(name=name, stream=name.rsplit("_", 1)[1], toxicity=1.0)
     return toxics
@@ -107,10 +126,12 @@ def conditions_of(toxics: list[dict[str, Any]]) -> LinkConditions:
     by_name = {t["name"]: t for t in toxics}
     latency = by_name.get("latency_upstream", {}).get("attributes", {})
     bandwidth = by_name.get("bandwidth_upstream", {}).get("attributes", {})
+    loss = by_name.get("loss_upstream", {}).get("attributes", {})
     return LinkConditions(
         latency_ms=int(latency.get("latency", 0)),
         jitter_ms=int(latency.get("jitter", 0)),
         bandwidth_kb_s=bandwidth.get("rate"),
+        loss_percent=float(loss.get("percent", 0.0)),
     )
 
 
@@ -131,6 +152,11 @@ class ToxiproxyClient:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace").strip()
+            if "invalid toxic type" in detail and LOSS_TOXIC in json.dumps(body):
+                raise StackError(
+                    f"toxiproxy at {self.api_url} has no {LOSS_TOXIC!r} toxic: it is not DIN's build; run `bash "
+                    f"ops/setup.sh` (it builds ops/toxiproxy into {DEFAULT_TOXIPROXY.parent})"
+                ) from None
             raise StackError(f"toxiproxy refused {method} {path}: HTTP {exc.code} {detail}") from None
         except OSError as exc:
             raise StackError(
@@ -141,6 +167,17 @@ class ToxiproxyClient:
     def version(self) -> str:
         """The server's version; raises ``StackError`` while it does not answer."""
         return str(self._call("GET", "/version"))
+
+    def wait_ready(self, timeout_s: float) -> str:
+        """Wait until the server answers (a container just started); its version, or the last ``StackError``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.version()
+            except StackError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def proxies(self) -> dict[str, dict[str, Any]]:
         """Every proxy with its toxics, by name."""

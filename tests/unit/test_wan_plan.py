@@ -6,10 +6,10 @@ import argparse
 
 import pytest
 
-from din.commands.links import parse_bandwidth, parse_duration_ms
+from din.commands.links import describe, parse_bandwidth, parse_duration_ms, parse_loss, topology_links
 from din.stack.launcher import DEFAULT_TOPOLOGY, PortPlan, check_ports, nats_specs, port_roles, stack_wan_links
 from din.stack.wan import conditions_of, toxics_for
-from shared.topology import LinkConditions, load_topology
+from shared.topology import LinkConditions, LinkSpec, load_topology
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,37 @@ def test_toxics_delay_and_cap_both_directions_and_read_back():
     assert conditions_of([]) == LinkConditions(latency_ms=0)
 
 
+def test_loss_is_a_retransmission_stall_each_way_with_linux_timers():
+    conditions = LinkConditions(latency_ms=40, jitter_ms=10, loss_percent=0.5)
+    toxics = toxics_for(conditions)
+    assert toxics["loss_upstream"] == {
+        "name": "loss_upstream", "type": "loss", "stream": "upstream", "toxicity": 1.0,
+        "attributes": {"percent": 0.5, "rtt": 80, "rto": 280},
+    }
+    assert toxics["loss_downstream"]["attributes"] == toxics["loss_upstream"]["attributes"]
+    assert conditions_of(list(toxics.values())) == conditions
+    # A jittery link's RTO grows past the 200 ms floor with its variation.
+    assert LinkConditions(latency_ms=100, jitter_ms=40, loss_percent=1).retransmit_timeout_ms == 200 + 320
+    assert "loss" not in {t["type"] for t in toxics_for(LinkConditions(latency_ms=40)).values()}
+
+
+def test_only_the_internet_loses_packets_by_default(topology):
+    assert topology.hub_link("branch").conditions().loss_percent == 0.1
+    assert topology.hub_link("factory").conditions().loss_percent == 0
+    assert LinkSpec(between=("a", "b"), path="internet", loss_percent=2).conditions().loss_percent == 2
+    with pytest.raises(ValueError, match="less than or equal to 50"):
+        LinkConditions(latency_ms=1, loss_percent=60)
+
+
+def test_topology_links_for_a_proxy_elsewhere(topology):
+    links = {link.site: link for link in topology_links(topology, listen_host="0.0.0.0", hub_host="nats-cloud")}
+    assert links["branch"].proxy == {
+        "name": "branch", "listen": "0.0.0.0:7424", "upstream": "nats-cloud:7422", "enabled": True
+    }
+    assert links["branch"].conditions == topology.hub_link("branch").conditions()
+    assert "0.1 % loss (retransmitted after 80 ms or 280 ms)" in describe(links["branch"].conditions)
+
+
 @pytest.mark.parametrize(("text", "ms"), [("50ms", 50), ("50", 50), ("0.05s", 50), ("1s", 1000), (" 2 ms ", 2)])
 def test_durations(text, ms):
     assert parse_duration_ms(text) == ms
@@ -74,6 +105,18 @@ def test_durations(text, ms):
 def test_bad_durations_say_how_to_write_one(text):
     with pytest.raises(argparse.ArgumentTypeError, match="write e.g. 50ms"):
         parse_duration_ms(text)
+
+
+@pytest.mark.parametrize(("text", "percent"), [("0.5", 0.5), ("0.5%", 0.5), ("0", 0.0), (" 2 % ", 2.0)])
+def test_loss_is_a_percent(text, percent):
+    assert parse_loss(text) == percent
+
+
+@pytest.mark.parametrize(("text", "says"), [("lots", "write a percent"), ("75", "between 0 and 50"),
+                                            ("-1", "between 0 and 50")])
+def test_bad_loss_says_why(text, says):
+    with pytest.raises(argparse.ArgumentTypeError, match=says):
+        parse_loss(text)
 
 
 def test_bandwidth_is_kilobytes_per_second_or_none():
