@@ -1,7 +1,9 @@
 """WAN links over the real binaries: nats-server hub and leaves, each leaf reaching the hub through toxiproxy.
 
 A request-reply across a link pays at least twice its one-way latency; ``din links cut`` disconnects the leaf and
-stops messages across it; ``din links restore`` brings both back, still through the proxy.
+stops messages across it; ``din links restore`` brings both back, still through the proxy. A lossy link (DIN's
+``loss`` toxic) stalls the stream at each lost segment until its retransmission, but every request is answered,
+byte for byte.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from din.cli import main
 from din.stack.launcher import PortPlan, Stack
-from din.stack.wan import ToxiproxyClient
+from din.stack.wan import ToxiproxyClient, toxics_for
 from shared.naming import Subjects
 from tests.support import wait_for
 
@@ -115,3 +117,54 @@ def test_plain_loopback_stack_has_no_links(test_topology, tmp_path, capsys):
         assert not stack.links and stack.toxiproxy is None
         assert main(["links", "--din-dir", str(tmp_path)]) == 2
     assert "started with --no-wan" in capsys.readouterr().err
+
+
+def loss_toxics(client: ToxiproxyClient, site: str) -> dict[str, dict]:
+    return {t["name"]: t for t in client.proxy(site).get("toxics") or [] if t["type"] == "loss"}
+
+
+async def test_lossy_link_stalls_but_answers_every_request(wan_stack, test_topology, capsys):
+    din_dir = ["--din-dir", str(wan_stack.din_dir)]
+    client = ToxiproxyClient(wan_stack.toxiproxy.api_url)
+
+    # The internet link loses 0.1 % each way by default: the toxic carries the topology's figures and timers.
+    internet = test_topology.hub_link("branch").conditions()
+    assert internet.loss_percent > 0
+    assert loss_toxics(client, "branch") == {
+        name: toxic for name, toxic in toxics_for(internet).items() if name.startswith("loss_")
+    }
+    assert {t["attributes"]["rto"] for t in loss_toxics(client, "branch").values()} == {internet.retransmit_timeout_ms}
+    assert loss_toxics(client, "factory") == {}
+
+    assert main(["links", "set", "factory", "--loss", "10%", *din_dir]) == 0
+    assert "10 % loss" in capsys.readouterr().out
+    factory = loss_toxics(client, "factory")
+    assert set(factory) == {"loss_upstream", "loss_downstream"}
+    assert {t["attributes"]["percent"] for t in factory.values()} == {10.0}
+    assert client.conditions("factory").latency_ms == test_topology.hub_link("factory").conditions().latency_ms
+    assert main(["links", *din_dir]) == 0
+    assert "10 %" in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("factory"))
+
+    hub = await nats.connect(wan_stack.hub_url, **wan_stack.nats_options())
+    edge = await nats.connect(wan_stack.nats_urls["factory"], max_reconnect_attempts=-1,
+                              **wan_stack.nats_options("factory"))
+    try:
+        async def echo(msg):
+            await msg.respond(msg.data[::-1])
+
+        await hub.subscribe(ECHO, cb=echo)
+        await hub.flush()
+        await wait_for(lambda: answered(edge, ECHO), 10, "the hub's responder reachable from the factory leaf")
+        # Several segments each way (8 KB), one request at a time: each crosses the lossy link twice.
+        sent, correct = 40, 0
+        for i in range(sent):
+            payload = f"{i:04d}".encode() * 2048
+            reply = await edge.request(ECHO, payload, timeout=10)
+            correct += reply.data == payload[::-1]
+        assert correct == sent
+    finally:
+        await edge.close()
+        await hub.close()
+
+    assert main(["links", "set", "factory", "--loss", "0", *din_dir]) == 0
+    assert loss_toxics(client, "factory") == {}
