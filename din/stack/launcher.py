@@ -51,6 +51,7 @@ from din.stack.processes import (
     StackError,
     pid_alive,
     port_is_free,
+    stop_all,
     terminate_group,
     wait_for_port,
 )
@@ -808,6 +809,8 @@ class Stack:
         self.bus: BusCredentials | None = None
         self.run_dir: Path | None = None
         self.processes: list[ManagedProcess] = []
+        self.broker_processes = 0
+        """How many of ``processes`` (the first ones) are brokers."""
         self.rows: list[ProcessRow] = []
         self._started_at: str | None = None
 
@@ -1008,6 +1011,7 @@ class Stack:
         if kafka_proc is not None or self.external_kafka is not None:
             prepare_kafka(self.kafka_access, topic_plan(self._telemetry_settings()), topic_scope=self.topic_scope,
                           acls=kafka_proc is not None and self.kafka_access.secure)
+        self.broker_processes = len(self.processes)
 
     def _telemetry_settings(self) -> TelemetrySettings:
         """Telemetry's settings as this stack gives them (the recorded topics' partitions and retention)."""
@@ -1067,8 +1071,11 @@ class Stack:
         _run_async(_await_health(pending, self.ready_timeout_s, lambda url: self.nats_options(sites[url])))
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop every process in reverse start order (SIGTERM, then SIGKILL) and remove the state file."""
-        for proc in reversed(self.processes):
+        """Stop the services together (SIGTERM: each drains its own work; SIGKILL after ``timeout_s``), then the
+        brokers in reverse start order, and remove the state file."""
+        brokers = self.processes[:self.broker_processes]
+        stop_all(list(reversed(self.processes[self.broker_processes:])), timeout_s)
+        for proc in reversed(brokers):
             try:
                 proc.stop(timeout_s)
             except Exception:  # noqa: BLE001 - keep stopping the others

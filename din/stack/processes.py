@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -126,6 +127,24 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+
+
+def stop_all(procs: list[ManagedProcess], timeout_s: float = 10.0) -> None:
+    """Stop ``procs`` together: SIGTERM every process group at once, wait up to ``timeout_s`` in all for them to
+    exit (each drains its own work meanwhile), then SIGKILL what is left."""
+    running = [p for p in procs if p.alive()]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in running:
+        _wait_gone(proc.popen.pid, max(0.0, deadline - time.monotonic()))
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        _wait_gone(proc.popen.pid, 2.0)
+        with contextlib.suppress(Exception):
+            proc.popen.wait(timeout=1)
 
 
 def terminate_group(pid: int, timeout_s: float = 10.0) -> None:
