@@ -62,6 +62,7 @@ async def test_documented_console_consumer_prints_recorded_request_headers(kafka
     argv = documented_command()
     argv[argv.index("--bootstrap-server") + 1] = kafka_bootstrap
     argv[argv.index("--topic") + 1] = topic
+    argv[argv.index("--max-messages") + 1] = "1"
     if kafka_access.secure:
         config = str(KafkaUsers(kafka_access.bus_dir / KAFKA_DIR).properties_file(OPERATOR))
         if "--consumer.config" in argv:
