@@ -28,12 +28,13 @@ CASES = [*SERVICES, "executor-pull", "scheduler-distributed"]
 
 
 @pytest.fixture
-def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_path, unique):
+async def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_path, unique, recorded_topics):
     """Settings for one service (or a mode of one), every one on the hub site with security off."""
     topology = tmp_path / "topology.yaml"
     topology.write_text(yaml.safe_dump(test_topology.model_dump(mode="json")))
     credentials = tmp_path / "credentials.json"
     write_credentials(credentials, [t.name for t in test_topology.tenants])
+    await recorded_topics(unique)
     def build(case: str):
         from services.admission.settings import AdmissionSettings
         from services.classifier.settings import ClassifierSettings
@@ -57,7 +58,9 @@ def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_path, un
             "scheduler-distributed": lambda: SchedulerSettings(**scheduler, mode="distributed", **common),
             "executor": lambda: ExecutorSettings(**executor, **common),
             "executor-pull": lambda: ExecutorSettings(**executor, pull=True, **common),
-            "telemetry": lambda: TelemetrySettings(metrics_port=free_port(), metrics_host="127.0.0.1", **common),
+            "telemetry": lambda: TelemetrySettings(metrics_port=free_port(), metrics_host="127.0.0.1",
+                                                   heartbeat_site=site if test_topology.hears_rosters(site) else None,
+                                                   **common),
             "keymanager": lambda: KeyManagerSettings(topology=topology, security=False, **common),
         }
         return factories[case]()
