@@ -2,10 +2,13 @@
 
 ``render_compose`` builds, from the default topology, the committed files (none holds a secret):
 
-* ``docker-compose.yml``: a NATS hub and one leaf per edge site, Kafka in KRaft mode (the ``apache/kafka``
-  image), every DIN service and executor (``service_instances``) with exactly the environment
-  ``service_environments`` gives it for the containers' addresses and paths, Prometheus, Grafana, the one-shot
-  ``keys-init`` and ``kafka-init`` steps and a ``cli`` tool service (profile ``tools``) for operator commands;
+* ``docker-compose.yml``: a NATS hub and one leaf per edge site, each leaf dialing the hub through its WAN
+  link's proxy in the ``toxiproxy`` service (DIN's server with the loss toxic, built from ``ops/toxiproxy``)
+  whose conditions the one-shot ``links-init`` step (``din links apply``) sets from the topology, as ``din up``
+  does; Kafka in KRaft mode (the ``apache/kafka`` image), every DIN service and executor (``service_instances``)
+  with exactly the environment ``service_environments`` gives it for the containers' addresses and paths,
+  Prometheus, Grafana, the one-shot ``keys-init`` and ``kafka-init`` steps and a ``cli`` tool service (profile
+  ``tools``) for operator commands;
 * ``ops/compose/nats/<site>.conf``: each site's nats-server config, the one ``din up`` writes
   (``NatsServerSpec.config`` with ``NatsSecurity``) with container addresses and paths: it includes the
   deployment's trust file relative to the config (``bus/trust.conf``), runs TLS on client and leafnode
@@ -34,6 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from din.commands.links import topology_links
 from din.generated import drifted_files, stale_files, write_files
 from din.probe import PROBE_USER
 from din.stack.brokers import REPO_ROOT, KafkaSpec, NatsSecurity, NatsServerSpec
@@ -45,6 +49,7 @@ from din.stack.launcher import (
     service_environments,
     service_instances,
 )
+from din.stack.wan import TOXIPROXY_VERSION, WanLink
 from shared.bus.files import write_secret
 from shared.bus.kafka import BROKER_USER, KafkaAccess, KafkaLogin, KafkaUsers
 from shared.bus.nats_auth import NATS_DIR
@@ -65,6 +70,8 @@ NATS_IMAGE = "nats:2.11-alpine"
 KAFKA_IMAGE = "apache/kafka:3.9.1"
 PROMETHEUS_IMAGE = "prom/prometheus:v3.5.0"
 GRAFANA_IMAGE = "grafana/grafana:11.6.0"
+TOXIPROXY_IMAGE = f"din-toxiproxy:{TOXIPROXY_VERSION}-loss"
+"""DIN's Toxiproxy server, built from ``ops/toxiproxy`` (the official image has no loss toxic)."""
 
 BIND_ADDRESS = "${DIN_BIND_ADDRESS:-127.0.0.1}"
 """Host address every published port binds: loopback unless the operator sets ``DIN_BIND_ADDRESS``."""
@@ -91,6 +98,12 @@ INIT_DIR = PurePosixPath("/run/din-init")
 """Where ``keys-init`` mounts the other containers' volumes (``<INIT_DIR>/<volume>``)."""
 KEYS_INIT = "keys-init"
 KAFKA_INIT = "kafka-init"
+LINKS_INIT = "links-init"
+WAN_PROXY_HOST = "toxiproxy"
+"""The WAN links' proxy service; the hub's certificate names it too, since leaves dial the hub through it."""
+TOXIPROXY_DIR = "ops/toxiproxy"
+TOXIPROXY_UID = 10200
+"""The user DIN's Toxiproxy image runs as (``ops/toxiproxy/Dockerfile``)."""
 CLI = "cli"
 KEYS_VOLUME = "din-keys"
 NATS_ETC = PurePosixPath("/etc/nats")
@@ -147,6 +160,17 @@ def kafka_bootstrap() -> str:
     return f"{KAFKA_HOST}:{PORTS.kafka}"
 
 
+def compose_wan_links(topology: Topology) -> list[WanLink]:
+    """Each edge site's link as the ``toxiproxy`` service runs it: ``din up``'s ports, listening on all of the
+    container's interfaces, to the hub's leafnode port."""
+    return topology_links(topology, listen_host="0.0.0.0", hub_host=nats_host(topology.hub.name))
+
+
+def toxiproxy_api_url() -> str:
+    """The ``toxiproxy`` service's API inside the compose network (not published: it has no authentication)."""
+    return f"http://{WAN_PROXY_HOST}:{PORTS.toxiproxy_api}"
+
+
 def published(port: int) -> str:
     """A published port, on ``DIN_BIND_ADDRESS`` (default loopback)."""
     return f"{BIND_ADDRESS}:{port}:{port}"
@@ -176,9 +200,10 @@ def nats_config(topology: Topology, site: str) -> str:
     """``din up``'s closed nats-server config of ``site`` with the container's paths: client and leafnode ports
     on all interfaces with TLS, monitoring on the container's loopback only, leaves dialing the hub's host. The
     deployment's parts (trust, the DIN account a leaf binds) are files ``keys-init`` writes, included relative to
-    the config."""
+    the config. A leaf dials the hub through its WAN link's proxy (``compose_wan_links``)."""
     hub = topology.hub.name
     is_hub = site == hub
+    leaf_host, leaf_port = nats_host(hub), PORTS.leafnode
     security = NatsSecurity(
         trust_include=str(NATS_BUS / "trust.conf"), cert=str(NATS_BUS / "server.pem"),
         key=str(NATS_BUS / "server-key.pem"), ca_file=str(NATS_BUS / CA_CERT),
@@ -189,12 +214,14 @@ def nats_config(topology: Topology, site: str) -> str:
         spec = NatsServerSpec(site, PORTS.hub_client, PORTS.hub_monitor, leaf_listen_port=PORTS.leafnode,
                               security=security)
     else:
-        spec = NatsServerSpec(site, PORTS.hub_client, PORTS.hub_monitor, hub_leaf_port=PORTS.leafnode,
+        leaf_host = WAN_PROXY_HOST
+        leaf_port = next(link.listen_port for link in compose_wan_links(topology) if link.site == site)
+        spec = NatsServerSpec(site, PORTS.hub_client, PORTS.hub_monitor, hub_leaf_port=leaf_port,
                               security=security)
     text = (
         spec.config(Path(NATS_DATA_DIR), Path(NATS_ETC))
         .replace(f"listen: {LOOPBACK}:", "listen: 0.0.0.0:")
-        .replace(f"tls://{LOOPBACK}:", f"tls://{nats_host(hub)}:")
+        .replace(f"tls://{LOOPBACK}:{leaf_port}", f"tls://{leaf_host}:{leaf_port}")
         # A variable, defined in the included account file: quoted it would be the literal string.
         .replace(f'account: "${NATS_ACCOUNT_VARIABLE}"', f"account: ${NATS_ACCOUNT_VARIABLE}")
     )
@@ -333,6 +360,29 @@ def _kafka_init_service() -> dict:
     }
 
 
+def _toxiproxy_service(topology: Topology) -> dict:
+    """The WAN links' proxy: one proxy per edge site (made by ``links-init``), API and listeners unpublished."""
+    return {
+        "image": TOXIPROXY_IMAGE,
+        "build": {"context": f"./{TOXIPROXY_DIR}", "dockerfile": "Dockerfile"},
+        "user": f"{TOXIPROXY_UID}:{TOXIPROXY_UID}",
+        "command": ["-host", "0.0.0.0", "-port", str(PORTS.toxiproxy_api)],
+        "depends_on": {nats_host(topology.hub.name): {"condition": "service_healthy"}},
+        "healthcheck": _wget_health(PORTS.toxiproxy_api, "/version"),
+    }
+
+
+def _links_init_service(topology: Topology) -> dict:
+    """One-shot, once toxiproxy answers: every edge site's proxy with the topology's link conditions, through
+    ``din links apply`` (the code ``din up`` and ``din links set`` use)."""
+    return {
+        **_din_image(),
+        "command": ["din", "links", "apply", "--toxiproxy", toxiproxy_api_url(), "--topology",
+                    str(CONTAINER_TOPOLOGY), "--listen-host", "0.0.0.0", "--hub-host", nats_host(topology.hub.name)],
+        "depends_on": {WAN_PROXY_HOST: {"condition": "service_healthy"}},
+    }
+
+
 def _cli_service(topology: Topology) -> dict:
     """``docker compose run --rm cli <din command>``: operator commands inside the network, with the key folder."""
     from din.commands.target import KAFKA_ENV, KEYS_DIR_ENV, NATS_URL_ENV
@@ -373,8 +423,11 @@ def compose_document(topology: Topology) -> dict:
         }
         if site.name == hub:
             services[host]["ports"] = [published(PORTS.hub_client)]
+            services[WAN_PROXY_HOST] = _toxiproxy_service(topology)
+            services[LINKS_INIT] = _links_init_service(topology)
         else:
             services[host]["depends_on"][nats_host(hub)] = {"condition": "service_healthy"}
+            services[host]["depends_on"][LINKS_INIT] = {"condition": "service_completed_successfully"}
         volumes[nats_bus_volume(site.name)] = {}
         volumes[host] = {}
     services[KAFKA_HOST] = {
@@ -498,6 +551,7 @@ def init_compose(topology_path: Path, *, run_dir: Path = Path(CONTAINER_RUN), in
     write_credentials(credentials, [t.name for t in topology.tenants], existing)
     shutil.copyfile(topology_path, run_dir / "topology.yaml")
     hosts = {site.name: (nats_host(site.name), *DEFAULT_HOSTS) for site in topology.sites}
+    hosts[topology.hub.name] = (nats_host(topology.hub.name), WAN_PROXY_HOST, *DEFAULT_HOSTS)
     instances = [(i.service, i.site, i.name, i.instance) for i in service_instances(topology)]
     bus = BusCredentials.provision(keys / "bus", topology, instances, hosts=hosts)
     bus.nats.ensure(PROBE_USER, probe_permissions())

@@ -18,6 +18,8 @@ from din.cli import build_parser
 from din.compose import (
     GRAFANA_PASSWORD,
     INIT_DIR,
+    TOXIPROXY_DIR,
+    WAN_PROXY_HOST,
     init_compose,
     init_volumes,
     nats_bus_volume,
@@ -27,6 +29,7 @@ from din.compose import drifted as compose_drifted
 from din.probe import PROBE_USER, connect_options
 from din.stack.brokers import REPO_ROOT, nats_server_binary
 from din.stack.launcher import DEFAULT_TOPOLOGY, SERVICE_KINDS, service_environments, service_instances
+from din.stack.wan import TOXIPROXY_VERSION, toxics_for
 from services.admission.settings import AdmissionSettings
 from services.classifier.settings import ClassifierSettings
 from services.executor.settings import ExecutorSettings
@@ -50,7 +53,7 @@ SETTINGS = {
 APP_DIR = "/app"
 BIND = "${DIN_BIND_ADDRESS:-127.0.0.1}"
 RUN = "/run/din"
-ONE_SHOT = ("keys-init", "kafka-init")
+ONE_SHOT = ("keys-init", "kafka-init", "links-init")
 
 
 @pytest.fixture(scope="module")
@@ -257,17 +260,62 @@ def test_nats_configs_load_with_the_files_the_init_writes(topology, nats_servers
         assert done.returncode == 0, f"{site}: {done.stdout}{done.stderr}"
 
 
-def test_leaves_dial_the_hub_leafnode_port(topology, nats_servers):
+def test_leaves_dial_the_hub_through_their_wan_link_proxy(topology, nats_servers, services):
     assert set(nats_servers) == {s.name for s in topology.sites}
     hub = nats_servers[topology.hub.name]
     assert hub["leaf_listen"] and not hub["remote"]
+    assert "no_advertise: true" in hub["conf"], "leaves would reconnect around their proxy"
+    ports = set()
     for site in topology.sites:
         server = nats_servers[site.name]
         assert f'domain: "{site.name}"' in server["conf"]
         if site.role == "edge":
             assert server["remote"], f"leaf {site.name} has no remote"
-            assert server["remote"].group(2) == hub["host"]
-            assert server["remote"].group(3) == hub["leaf_listen"].group(1)
+            assert server["remote"].group(2) == WAN_PROXY_HOST, f"leaf {site.name} dials around the WAN proxy"
+            ports.add(int(server["remote"].group(3)))
+            assert server["service"]["depends_on"]["links-init"] == {"condition": "service_completed_successfully"}
+    assert len(ports) == len(topology.sites) - 1, "each edge site has its own link"
+
+
+def _links_apply(services) -> argparse.Namespace:
+    """The links-init step's command line as `din` parses it."""
+    command = services["links-init"]["command"]
+    assert command[:3] == ["din", "links", "apply"]
+    return build_parser().parse_args(command[1:])
+
+
+def test_links_init_gives_every_leafs_proxy_the_topologys_conditions(topology, services, nats_servers):
+    from din.commands.links import cmd_links_apply, topology_links
+
+    args = _links_apply(services)
+    assert args.handler is cmd_links_apply and args.toxiproxy == f"http://{WAN_PROXY_HOST}:8474"
+    assert args.topology.as_posix() == f"{APP_DIR}/{DEFAULT_TOPOLOGY.relative_to(REPO_ROOT).as_posix()}"
+    links = {link.site: link for link in topology_links(load_topology(DEFAULT_TOPOLOGY), listen_host=args.listen_host,
+                                                         hub_host=args.hub_host)}
+    hub = nats_servers[topology.hub.name]
+    assert set(links) == {s.name for s in topology.sites if s.role == "edge"}
+    for site, link in links.items():
+        dialed = nats_servers[site]["remote"]
+        assert link.proxy["listen"] == f"0.0.0.0:{dialed.group(3)}", f"{site}'s leaf dials a port nothing serves"
+        assert link.proxy["upstream"] == f"{hub['host']}:{hub['leaf_listen'].group(1)}"
+        assert link.conditions == topology.hub_link(site).conditions()
+    assert any(t["type"] == "loss" for t in toxics_for(links["branch"].conditions).values())
+    assert services["links-init"]["depends_on"] == {WAN_PROXY_HOST: {"condition": "service_healthy"}}
+
+
+def test_the_wan_proxy_is_dins_toxiproxy_with_the_loss_toxic_unpublished(services):
+    proxy = services[WAN_PROXY_HOST]
+    assert proxy["build"] == {"context": f"./{TOXIPROXY_DIR}", "dockerfile": "Dockerfile"}
+    assert not proxy["image"].startswith(("ghcr.io/shopify", "shopify/")), "the official image has no loss toxic"
+    assert "ports" not in proxy, "the Toxiproxy API has no authentication: never published"
+    assert proxy["command"] == ["-host", "0.0.0.0", "-port", "8474"] and proxy["user"] != "0"
+    assert proxy["healthcheck"]["test"][-1] == "http://127.0.0.1:8474/version"
+    folder = REPO_ROOT / TOXIPROXY_DIR
+    dockerfile = (folder / "Dockerfile").read_text()
+    assert "COPY go.mod go.sum ./" in dockerfile and "COPY *.go ./" in dockerfile
+    assert f"Version={TOXIPROXY_VERSION}+din-loss" in dockerfile
+    assert f"github.com/Shopify/toxiproxy/v2 {TOXIPROXY_VERSION}" in (folder / "go.mod").read_text()
+    assert 'toxics.Register("loss"' in (folder / "loss.go").read_text()
 
 
 def test_server_certificates_cover_their_compose_host_names(topology, init_out):
@@ -281,6 +329,7 @@ def test_server_certificates_cover_their_compose_host_names(topology, init_out):
         assert f"nats-{site.name}" in dns, site.name
         others = {f"nats-{s.name}" for s in topology.sites if s.name != site.name}
         assert not others & dns, f"{site.name}'s certificate speaks for another server"
+        assert (WAN_PROXY_HOST in dns) == (site.name == topology.hub.name), "leaves verify the hub as the proxy"
     keystore = (init / "kafka-bus" / "keystore.pem").read_bytes()
     cert = x509.load_pem_x509_certificate(keystore[keystore.index(b"-----BEGIN CERTIFICATE"):])
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
