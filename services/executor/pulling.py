@@ -14,8 +14,10 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig
+from nats.js.errors import ServiceUnavailableError
 
 from shared.lifecycle import Settlement
 from shared.naming import Subjects, work_stream
@@ -27,6 +29,9 @@ PULL_MAX_DELIVER = 50
 PULL_WAIT_S = 1.0
 PULL_MORE_WAIT_S = 0.001
 FULL_WAIT_S = 0.001
+LEADERLESS_WAIT_S = 0.2
+"""How long to wait before pulling again while the consumer has no leader (a clustered hub lost a server)."""
+LEADERLESS = (ServiceUnavailableError, NoRespondersError)
 
 
 def fetch_more(room: int, max_batch_size: int) -> int:
@@ -44,7 +49,8 @@ async def pull_jobs(nc: NatsClient, site: str, model: str, *, room: Callable[[],
                     max_batch_size: Callable[[], int], take: Callable[[Msg], Awaitable[None]]) -> None:
     """Take ``model``'s jobs from ``site``'s queue and hand each to ``take`` while ``room()`` is positive.
 
-    The pull subscription is unsubscribed explicitly on the way out: draining the connection would otherwise
+    While the consumer has no leader (its JetStream server died and the others elect a new one) it keeps
+    asking. The pull subscription is unsubscribed explicitly on the way out: draining the connection would otherwise
     wait forever on a ``next_msg``-style subscription's internal queue (nats-py).
     """
     subscription = await nc.jetstream().pull_subscribe(
@@ -63,9 +69,12 @@ async def pull_jobs(nc: NatsClient, site: str, model: str, *, room: Callable[[],
                 msgs = await subscription.fetch(1, timeout=PULL_WAIT_S)
             except (TimeoutError, NatsTimeout):
                 continue
+            except LEADERLESS:
+                await asyncio.sleep(LEADERLESS_WAIT_S)
+                continue
             more = fetch_more(free, max_batch_size())
             if more > 0:
-                with contextlib.suppress(NatsTimeout, asyncio.TimeoutError):
+                with contextlib.suppress(NatsTimeout, asyncio.TimeoutError, *LEADERLESS):
                     msgs += await subscription.fetch(more, timeout=PULL_MORE_WAIT_S)
             for msg in msgs:
                 await take(msg)

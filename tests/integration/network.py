@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from din.client import DinClient
 from din.stack.launcher import CONTROL_SERVICES, PortPlan, Stack
 from din.stack.processes import ManagedProcess
+from shared.bus.connect import nats_servers
 from shared.bus.kafka import OPERATOR, KafkaAccess
 from shared.bus.permissions import tenant_user
 from shared.contracts.events import HealthV1
@@ -110,7 +111,7 @@ class Network:
         """One instance's health; a control-plane service's at the hub unless ``instance`` names its site."""
         if instance is None and service in CONTROL_SERVICES:
             instance = self.topology.hub.name
-        nc = await nats.connect(self.hub_url, **self.stack.nats_options())
+        nc = await nats.connect(nats_servers(self.hub_url), **self.stack.nats_options())
         try:
             reply = await nc.request(Subjects.health(service, instance), b"", timeout=timeout)
             return HealthV1.model_validate_json(reply.data)
@@ -251,7 +252,7 @@ def running_network(
     edges = sum(1 for s in topology.sites if s.role == "edge")
     stack = Stack(
         topology,
-        ports=PortPlan.free(edges),
+        ports=PortPlan.free(edges, hub_servers=topology.hub.servers),
         din_dir=din_dir,
         mode=mode,
         model_repo=model_repo,
