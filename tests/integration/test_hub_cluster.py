@@ -265,8 +265,9 @@ def assert_nothing_lost_outside_the_window(loads: list[Load]) -> None:
 
 
 async def test_the_cluster_is_formed_and_the_hubs_streams_are_replicated(network):
-    """Three routed hub servers, the factory's leaf joined to one of them, ``DIN_WORK_CLOUD`` and ``DIN_KEYS``
-    with three replicas in the hub's domain, services spread over the servers."""
+    """Three routed hub servers, each a row of ``din status``, the factory's leaf joined to one of them,
+    ``DIN_WORK_CLOUD`` and ``DIN_KEYS`` with three replicas in the hub's domain, services spread over the
+    servers."""
     specs = hub_servers(network)
     assert [s.name for s in specs] == ["din-cloud", "din-cloud-2", "din-cloud-3"]
     assert all(monitor(s, "routez")["num_routes"] >= 2 for s in specs)
@@ -275,6 +276,10 @@ async def test_the_cluster_is_formed_and_the_hubs_streams_are_replicated(network
     assert meta["cluster_size"] == 3 and meta["leader"] in {s.name for s in specs}
     for spec in specs:
         assert not monitor(spec, "varz").get("connect_urls"), "a hub server advertises cluster URLs to clients"
+    shown = {p["name"]: p["address"] for p in network.stack.state()["processes"]}  # what `din status` lists
+    for spec in specs:
+        row = f"{spec.name}: leafnodes :{spec.leaf_listen_port}, routes :{spec.cluster_port}"
+        assert row in shown[spec.process_name]
     nc = await hub_connection(network)
     try:
         js = nc.jetstream(domain="cloud")
