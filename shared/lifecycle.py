@@ -1,17 +1,21 @@
 """How a job ends: the rules the executor and the scheduler share, without NATS.
 
 At an executor every job it takes ends in one ``Outcome``: a result or an error
-to the client, silence within the deadline margin (the scheduler's watchdog
-answers), its output handed on to the next stage of its plan, handed back to
-the scheduler because the executor is full, escalated by a cascade, or (pulled
-from a site queue) NAK'd so the queue offers it again. Its completion event
-closes the job at the scheduler (``Din-Request-Id``) only when the client was
-answered; a hand-off carries ``Din-Stage-Done`` instead and keeps the job open.
+to the client (``deadline_exceeded`` too: an executor that took a job answers
+it, so the job's answer does not depend on the scheduler that placed it being
+alive), its output handed on to the next stage of its plan, handed back to the
+scheduler because the executor is full, escalated by a cascade, or (pulled from
+a site queue) NAK'd so the queue offers it again. Its completion event closes
+the job at the scheduler (``Din-Request-Id``) only when the client was answered;
+a hand-off carries ``Din-Stage-Done`` instead and keeps the job open.
 
 At the scheduler a job stays in flight until a completion closes it or the
-watchdog answers it at its deadline margin. An executor's death dispatches its
-open jobs again while time remains, except a token stream whose first token
-has already gone to the client.
+watchdog answers it, at ``watchdog_at_ms``: after the deadline, later than the
+executor gives up (its cutoff, the deadline minus its margin) by at least the
+completion's way back, so the watchdog speaks only for a job no executor
+holds any more (lost on the way, or its executor dead with no time left). An
+executor's death dispatches its open jobs again while time remains, except a
+token stream whose first token has already gone to the client.
 """
 
 from __future__ import annotations
@@ -37,8 +41,6 @@ class Outcome(StrEnum):
     """The result went to the client."""
     FAILED = "failed"
     """An error went to the client."""
-    LEFT_TO_WATCHDOG = "left-to-watchdog"
-    """Within the deadline margin: not answered here, the scheduler's watchdog answers."""
     HANDED_ON = "handed-on"
     """A multi-stage job's stage sent its output to the next stage (the job stays open)."""
     ESCALATED = "escalated"
@@ -76,9 +78,17 @@ def cutoff_ms(deadline_ms: float, margin_ms: float) -> float:
     return deadline_ms - margin_ms
 
 
+def watchdog_at_ms(deadline_ms: float, transit_ms: float) -> float:
+    """When the scheduler's watchdog answers a job still open: at its deadline plus ``transit_ms``, the time a
+    completion takes from the job's site to the scheduler. The executor gives up its margin before the
+    deadline and answers, so its completion arrives first and the two never both answer."""
+    return deadline_ms + transit_ms
+
+
 def past_cutoff(deadline_ms: float, now_ms: float, margin_ms: float) -> bool:
-    """Whether a job is within ``margin_ms`` of its deadline: the executor gives up on it silently, the
-    scheduler's watchdog answers it, and a lost executor's job is not dispatched again."""
+    """Whether a job is within ``margin_ms`` of its deadline: the executor gives up on it (answering
+    ``deadline_exceeded``), a scheduler drops it on arrival, and a lost executor's job is not dispatched
+    again."""
     return now_ms >= cutoff_ms(deadline_ms, margin_ms)
 
 
@@ -91,16 +101,14 @@ def outcome_of_error(code: ErrorCode, *, pulled: bool, streamed: bool, attempt: 
     """How a job that failed with ``code`` at an executor ends.
 
     A full executor (``OVERLOADED``) NAKs a pulled job, or hands a first-stage job back while it has attempts
-    left, unless a token has streamed; ``DEADLINE_EXCEEDED`` is left to the scheduler's watchdog; anything
-    else is answered as an error.
+    left, unless a token has streamed; anything else, ``DEADLINE_EXCEEDED`` included, is answered as an error
+    (the executor holds the job, so it answers it).
     """
     if code == ErrorCode.OVERLOADED and not streamed:
         if pulled:
             return Outcome.REQUEUED
         if attempt < MAX_ATTEMPTS and plan_stage == 0:
             return Outcome.GIVEN_BACK
-    if code == ErrorCode.DEADLINE_EXCEEDED:
-        return Outcome.LEFT_TO_WATCHDOG
     return Outcome.FAILED
 
 
@@ -118,13 +126,13 @@ def reports_completion(outcome: Outcome) -> bool:
 
 def completion_headers(outcome: Outcome, request_id: str) -> dict[str, str] | None:
     """Headers of the completion event: ``Din-Request-Id`` closes the job at the scheduler (the client was
-    answered), ``Din-Stage-Done`` marks a stage hand-off (the job stays open); an escalation and a give-up
-    at the deadline carry none, so the scheduler keeps the job (the large variant, or its watchdog, answers)."""
+    answered), ``Din-Stage-Done`` marks a stage hand-off (the job stays open); an escalation carries none, so
+    the scheduler keeps the job (the large variant answers)."""
     if outcome in (Outcome.ANSWERED, Outcome.FAILED):
         return {RequestHeaders.REQUEST_ID: request_id}
     if outcome == Outcome.HANDED_ON:
         return {STAGE_DONE_HEADER: request_id}
-    if outcome in (Outcome.ESCALATED, Outcome.LEFT_TO_WATCHDOG):
+    if outcome == Outcome.ESCALATED:
         return None
     raise ValueError(f"a job {outcome.value} reports no completion")
 
@@ -197,7 +205,7 @@ def reset_for_redispatch(job: JobV1) -> None:
 
 
 def watchdog_error(assigned_executor: str | None, executor_alive: bool) -> ErrorCode:
-    """The code the watchdog answers an open job with at its deadline margin: ``EXECUTOR_LOST`` when the
+    """The code the watchdog answers an open job with (``watchdog_at_ms``): ``EXECUTOR_LOST`` when the
     executor it was assigned to has gone, else ``DEADLINE_EXCEEDED``."""
     if assigned_executor is not None and not executor_alive:
         return ErrorCode.EXECUTOR_LOST

@@ -1,8 +1,9 @@
 """An executor's front door: jobs in (assigned, or pulled from the site's queue), answers straight to the client.
 
 Every job ends in one ``shared.lifecycle.Outcome``: a result or an error to the
-client, silence within ``deadline_margin_ms`` of its deadline (the scheduler's
-watchdog answers, also ending a token stream), its output handed on to the next
+client (``deadline_exceeded`` within ``deadline_margin_ms`` of its deadline, also
+ending a token stream: a job this executor took is answered here, whatever
+became of the scheduler that placed it), its output handed on to the next
 stage, handed back to the scheduler (full, or a cascade's escalation), or NAK'd
 back to the site queue. The completion event closes the job at the scheduler
 only when the client was answered (``shared.lifecycle.completion_headers``).

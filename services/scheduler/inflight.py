@@ -1,8 +1,8 @@
 """Jobs the scheduler dispatched and has not yet seen complete: the basis of "exactly one answer".
 
 When an executor dies its jobs are dispatched again if time remains; a job
-still open just before its deadline is answered with an error by the
-scheduler. Pure logic, no NATS.
+still open at its watchdog time (``shared.lifecycle.watchdog_at_ms``) is
+answered with an error by the scheduler. Pure logic, no NATS.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import heapq
 from dataclasses import dataclass, field
 
 from shared.contracts.job import JobV1
-from shared.lifecycle import past_cutoff
 
 
 @dataclass
@@ -45,19 +44,20 @@ class InflightJob:
 
 
 class InflightTable:
-    """Open jobs by request id, by executor, and by deadline."""
+    """Open jobs by request id, by executor, and by watchdog time."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, InflightJob] = {}
-        self._deadlines: list[tuple[int, str]] = []
+        self._deadlines: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def add(self, entry: InflightJob) -> None:
+    def add(self, entry: InflightJob, due_ms: float | None = None) -> None:
+        """Keep ``entry`` open; the watchdog takes it at ``due_ms`` (default: its deadline)."""
         request_id = entry.job.request_id
         if request_id not in self._jobs:
-            heapq.heappush(self._deadlines, (entry.job.deadline_ms, request_id))
+            heapq.heappush(self._deadlines, (entry.job.deadline_ms if due_ms is None else due_ms, request_id))
         self._jobs[request_id] = entry
 
     def complete(self, request_id: str) -> InflightJob | None:
@@ -82,10 +82,10 @@ class InflightTable:
         """Open jobs queued at ``site`` (distributed mode), left in the table."""
         return [e for e in self._jobs.values() if e.site == site]
 
-    def due(self, now_ms: float, margin_ms: float) -> list[InflightJob]:
-        """Remove and return open jobs whose deadline is less than ``margin_ms`` away."""
+    def due(self, now_ms: float) -> list[InflightJob]:
+        """Remove and return open jobs whose watchdog time has come."""
         expired = []
-        while self._deadlines and past_cutoff(self._deadlines[0][0], now_ms, margin_ms):
+        while self._deadlines and self._deadlines[0][0] <= now_ms:
             _, request_id = heapq.heappop(self._deadlines)
             entry = self._jobs.pop(request_id, None)
             if entry is not None:

@@ -179,6 +179,10 @@ class Scheduler(Service):
                           ", ".join(m.name for m in heartbeat.models))
             self.news.set()
 
+    def transit_ms(self, site: str) -> float:
+        """How long a completion takes from ``site`` to this scheduler: half the link's round trip."""
+        return 0.0 if site == self.settings.site else self.links.rtt_ms(site) / 2.0
+
     def usable(self, site: str) -> bool:
         """Whether ``site`` may get work (its key is not revoked)."""
         return not self.security.enabled or site_principal(site) not in self.security.agent.revoked
@@ -233,7 +237,7 @@ class Scheduler(Service):
         job.scheduler_site = self.settings.site
         headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
         entry = InflightJob.dispatched(job, body, passthrough, aad, executor.id, executor.site)
-        self.inflight.add(entry)
+        self.inflight.add(entry, lifecycle.watchdog_at_ms(job.deadline_ms, self.transit_ms(executor.site)))
         for counted in entry.counted_on:
             self.registry.note_dispatch(counted, job.sla_class)
         self.counts["scheduled"] += 1
@@ -337,8 +341,8 @@ class Scheduler(Service):
         await self.redispatch_all(self.inflight.on_executor(executor_id))
 
     async def answer_overdue(self) -> None:
-        """The watchdog's answer to every open job at its deadline margin."""
-        for entry in self.inflight.due(now_ms(), self.settings.deadline_margin_ms):
+        """The watchdog's answer to every open job no executor answered (``lifecycle.watchdog_at_ms``)."""
+        for entry in self.inflight.due(now_ms()):
             self.release(entry)
             self.counts["deadline_answers"] += 1
             alive = entry.executor is not None and self.registry.get(entry.executor) is not None

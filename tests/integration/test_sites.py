@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -193,6 +194,36 @@ async def test_killing_a_site_control_process_loses_no_request(network, service)
     assert outcome["unanswered"] <= lost_in_buffer and outcome["duplicated"] == 0, outcome
     assert set(outcome) <= {"ok", "unavailable", "deadline_exceeded", "unanswered", "duplicated"}, outcome
     assert after == {"ok": 5, "unanswered": 0, "duplicated": 0}
+
+
+async def test_an_executor_answers_the_jobs_it_holds_when_the_scheduler_that_placed_them_dies(network):
+    """The watchdog does not have to survive its scheduler: an executor answers every job it took, also at the
+    deadline. Jobs wait at the factory's frozen executor (SIGSTOP, shorter than the heartbeats it may miss)
+    past their deadline; the factory's scheduler that placed them is killed; the executor, resumed, answers
+    each once with ``deadline_exceeded``."""
+    executor = network.process("executor-factory-1")
+    scheduler = network.process("scheduler-factory")
+    before = await scheduled(network, "factory")
+    load = at(network, "factory")
+    async with load:
+        os.kill(executor.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            await load.send("globex", "digits-small", 10, every_s=0.01, timeout_ms=400)
+
+            async def placed() -> bool:
+                return await scheduled(network, "factory") - before >= 10
+
+            await wait_for(placed, 5, "the factory's scheduler placed the 10 jobs")
+            old = scheduler.pid
+            network.kill("scheduler-factory")
+            await asyncio.sleep(max(0.0, 0.7 - (time.monotonic() - frozen)))
+        finally:
+            os.kill(executor.pid, signal.SIGCONT)
+        outcome = await load.settle()
+    assert outcome == {"deadline_exceeded": 10, "unanswered": 0, "duplicated": 0}
+    await wait_for(lambda: scheduler.pid != old and scheduler.alive(), 30, "scheduler-factory restarted")
+    await network.wait_ready("scheduler", "factory", timeout_s=30.0)
 
 
 async def test_two_admissions_at_a_site_grant_the_tenants_quota_once(network):

@@ -12,6 +12,7 @@ from shared.lifecycle import (
     Settlement,
     closes_job,
     completion_headers,
+    cutoff_ms,
     escalate,
     give_back,
     hand_on,
@@ -25,6 +26,7 @@ from shared.lifecycle import (
     runs_here,
     settlement,
     stage_done,
+    watchdog_at_ms,
     watchdog_error,
 )
 from tests.support import NOW_MS, make_job
@@ -52,8 +54,8 @@ def two_stage_plan() -> list[StageV1]:
         (ErrorCode.OVERLOADED, False, False, MAX_ATTEMPTS, 0, Outcome.FAILED),
         (ErrorCode.OVERLOADED, False, False, 1, 1, Outcome.FAILED),
         (ErrorCode.OVERLOADED, False, True, 1, 0, Outcome.FAILED),
-        (ErrorCode.DEADLINE_EXCEEDED, False, False, 1, 0, Outcome.LEFT_TO_WATCHDOG),
-        (ErrorCode.DEADLINE_EXCEEDED, True, True, 1, 1, Outcome.LEFT_TO_WATCHDOG),
+        (ErrorCode.DEADLINE_EXCEEDED, False, False, 1, 0, Outcome.FAILED),
+        (ErrorCode.DEADLINE_EXCEEDED, True, True, 1, 1, Outcome.FAILED),
         (ErrorCode.BAD_REQUEST, True, False, 1, 0, Outcome.FAILED),
         (ErrorCode.INFERENCE_FAILED, False, False, 1, 0, Outcome.FAILED),
     ],
@@ -69,7 +71,6 @@ def test_outcome_of_error(code, pulled, streamed, attempt, plan_stage, outcome):
         (Outcome.FAILED, {RequestHeaders.REQUEST_ID: "r1"}, True),
         (Outcome.HANDED_ON, {STAGE_DONE_HEADER: "r1"}, True),
         (Outcome.ESCALATED, None, True),
-        (Outcome.LEFT_TO_WATCHDOG, None, True),
         (Outcome.GIVEN_BACK, None, False),
         (Outcome.REQUEUED, None, False),
     ],
@@ -86,7 +87,7 @@ def test_completion_event_of_each_outcome(outcome, headers, reported):
 @pytest.mark.parametrize(
     ("outcome", "closed", "advanced"),
     [(Outcome.ANSWERED, "r1", None), (Outcome.FAILED, "r1", None), (Outcome.HANDED_ON, None, "r1"),
-     (Outcome.ESCALATED, None, None), (Outcome.LEFT_TO_WATCHDOG, None, None)],
+     (Outcome.ESCALATED, None, None)],
 )
 def test_scheduler_reads_what_the_executor_reports(outcome, closed, advanced):
     headers = completion_headers(outcome, "r1")
@@ -106,7 +107,7 @@ def test_what_does_not_close_a_job(headers, closed):
 @pytest.mark.parametrize(
     ("outcome", "expected"),
     [(None, Settlement.TERM), (Outcome.REQUEUED, Settlement.NAK), (Outcome.ANSWERED, Settlement.ACK),
-     (Outcome.FAILED, Settlement.ACK), (Outcome.LEFT_TO_WATCHDOG, Settlement.ACK),
+     (Outcome.FAILED, Settlement.ACK),
      (Outcome.HANDED_ON, Settlement.ACK), (Outcome.ESCALATED, Settlement.ACK)],
 )
 def test_pulled_message_settlement(outcome, expected):
@@ -204,3 +205,10 @@ def test_has_streamed():
     assert not has_streamed(streaming)
     streaming.stamps_ms["first_token"] = NOW_MS
     assert has_streamed(streaming)
+
+
+def test_the_watchdog_speaks_after_the_executor_had_its_say():
+    deadline, margin, transit = 1_000.0, 5.0, 20.0
+    executor_gives_up = cutoff_ms(deadline, margin)
+    assert watchdog_at_ms(deadline, transit) - transit > executor_gives_up
+    assert watchdog_at_ms(deadline, 0.0) == deadline

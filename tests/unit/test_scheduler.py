@@ -186,12 +186,13 @@ def test_inflight_table_by_executor_and_deadline():
     for i, (executor, deadline) in enumerate([("a", 100), ("b", 50), ("a", 300)]):
         j = job("m")
         j.request_id, j.deadline_ms = f"r{i}", deadline
-        table.add(InflightJob(j, b"", {}, executor, "cloud", [executor]))
-    assert [e.job.request_id for e in table.due(now_ms=40, margin_ms=10)] == ["r1"]
+        table.add(InflightJob(j, b"", {}, executor, "cloud", [executor]), due_ms=deadline + 5)
+    assert table.due(now_ms=50) == [], "not before the deadline plus the completion's way back"
+    assert [e.job.request_id for e in table.due(now_ms=55)] == ["r1"]
     assert table.complete("r0") is not None
     assert [e.job.request_id for e in table.on_executor("a")] == ["r2"]
     assert len(table) == 0
-    assert table.due(now_ms=10_000, margin_ms=0) == []
+    assert table.due(now_ms=10_000) == []
 
 
 def test_a_site_queue_absorbs_work_beyond_an_executors_capacity():
