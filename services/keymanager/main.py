@@ -3,23 +3,49 @@
 At start it unwraps its own identity from the key store with the master key,
 creates the bucket at the hub's JetStream, recovers the DEK versions it wrapped to
 itself there, gives every reader without one a first version and publishes
-everything (``KeyAuthority.publication``). Then it rotates every DEK on schedule,
-deletes versions whose grace has passed, and answers signed operator commands
-(rotate, revoke, status) on ``din.v1.control.keymanager.keymanager``.
+everything (``KeyAuthority.publication``). It keeps a mirror of the bucket in
+every other site's JetStream domain (``mirrors``: created before it reports ready,
+looked at on schedule, recreated when missing). Then it rotates every DEK on
+schedule, deletes versions whose grace has passed, and answers signed operator
+commands (rotate, revoke, status) on ``din.v1.control.keymanager.keymanager``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    ExternalStream,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+    StreamConsumerSource,
+    StreamInfo,
+    StreamSource,
+)
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from services.keymanager.authority import KeyAuthority
 from services.keymanager.commands import command_result, run_command
 from services.keymanager.distribution import KeyDistribution
+from services.keymanager.mirrors import (
+    MirrorAction,
+    MirrorLedger,
+    MirrorSeen,
+    MirrorSpec,
+    MirrorState,
+    judge,
+    mirror_specs,
+)
 from services.keymanager.settings import KeyManagerSettings
 from shared.contracts.keys import KeyAction
 from shared.envelope import Identity, InvalidToken, ReplayGuard
@@ -40,6 +66,11 @@ from shared.topology import Topology, load_topology
 
 EXPIRY_INTERVAL_S = 1.0
 RECOVERY_TIMEOUT_S = 30.0
+KEYS_HISTORY = 1
+MIRROR_CALL_TIMEOUT_S = 2.0
+MIRROR_HEARTBEAT_S = 1.0
+MIRROR_START_WAIT_S = 5.0
+"""How long start-up waits for new mirrors to catch up before the key manager reports ready anyway."""
 KEYS_BUCKET_CHANNEL = "keysBucket"
 """The channel of the ``DIN_KEYS`` JetStream key-value bucket (public identities, wrapped DEKs, revocations,
 policy), which the key manager alone writes."""
@@ -61,6 +92,8 @@ class KeyManager(Service):
         self.topology = load_topology(settings.topology)
         self.guard = ReplayGuard(settings.command_window_s)
         self.keys: KeyDistribution | None = None
+        self.mirrors = MirrorLedger()
+        self.mirror_specs: list[MirrorSpec] = []
         self.counts = {"commands": 0, "commands_refused": 0}
         self.runtime.on_start(self.start_keys)
 
@@ -77,6 +110,7 @@ class KeyManager(Service):
                 rotations=auth.rotations,
                 revoked=",".join(sorted(auth.revoked)),
                 versions=",".join(f"{r}:{v}" for r, v in auth.versions().items()),
+                **self.mirrors.detail(),
             )
         return out
 
@@ -99,8 +133,20 @@ class KeyManager(Service):
             len(authority.publics), len(authority.readers()), len(created),
             ", ".join(sorted(authority.revoked)) or "none",
         )
+        self.mirror_specs = mirror_specs(self.topology, store.bucket)
+        await self.start_mirrors()
         self.runtime.spawn(self.scheduled_rotation(), name="rotation")
         self.runtime.spawn(self.expiry(), name="expiry")
+        self.runtime.spawn(self.mirror_upkeep(), name="mirrors")
+
+    async def start_mirrors(self) -> None:
+        """Give every reachable site its mirror, and give new ones a few seconds to catch up."""
+        await self.keep_mirrors()
+        deadline = time.monotonic() + MIRROR_START_WAIT_S
+        catching_up = (MirrorState.CREATED, MirrorState.REPLACED, MirrorState.SYNCING)
+        while any(s in catching_up for s in self.mirrors.states.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            await self.keep_mirrors()
 
     async def scheduled_rotation(self) -> None:
         """Rotate every reader's DEK each ``rotate_interval_s``."""
@@ -113,6 +159,41 @@ class KeyManager(Service):
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
             await self.keys.expire()
+
+    async def mirror_upkeep(self) -> None:
+        """Look at every site's mirror each ``mirror_check_interval_s``."""
+        while True:
+            await asyncio.sleep(self.settings.mirror_check_interval_s)
+            await self.keep_mirrors()
+
+    async def keep_mirrors(self) -> None:
+        """Look at every site's mirror at once; create missing ones, replace foreign ones, record what was seen."""
+        states = await asyncio.gather(*(self.keep_mirror(spec) for spec in self.mirror_specs))
+        for spec, state in zip(self.mirror_specs, states, strict=True):
+            before = self.mirrors.states.get(spec.site)
+            self.mirrors.record(spec.site, state)
+            if state != before:
+                self.log.info("keys mirror at %s: %s", spec.site, state.value)
+
+    async def keep_mirror(self, spec: MirrorSpec) -> MirrorState:
+        """One site's mirror: look, then create or replace it (and its consumer at the hub) when ``judge`` says so."""
+        site = self.nc.jetstream(domain=spec.site, timeout=MIRROR_CALL_TIMEOUT_S)
+        hub = self.nc.jetstream(domain=self.topology.hub.name, timeout=MIRROR_CALL_TIMEOUT_S)
+        seen = await look_at_mirror(site, hub, spec)
+        state, action = judge(spec, seen)
+        if action is MirrorAction.KEEP:
+            return state
+        try:
+            if seen.exists:
+                await site.delete_stream(spec.stream)
+            with contextlib.suppress(NotFoundError):
+                await hub.delete_consumer(spec.stream, spec.consumer)
+            await hub.add_consumer(spec.stream, mirror_consumer_config(spec))
+            await site.add_stream(mirror_config(spec, self.settings.replicas_in(spec.site)))
+        except Exception as exc:  # noqa: BLE001 - reported in the health detail, tried again next look
+            self.log.warning("keys mirror at %s: %s failed (%s)", spec.site, action.value, exc)
+            return MirrorState.FAILED
+        return state
 
     @endpoint("control", control_subject, publishes=("controlReply", KEYS_BUCKET_CHANNEL, Topics.DEAD_LETTER))
     async def on_control(self, msg: Msg) -> None:
@@ -142,6 +223,7 @@ class KeyManager(Service):
         await self.nc.publish(msg.reply, command_result(command, keys.authority, message).model_dump_json().encode())
 
 
+
 def load_issuer(settings: KeyManagerSettings, topology: Topology) -> tuple[Identity, KeyStore]:
     """The key manager's own identity, unwrapped from the key store with the master key, and the store."""
     master = read_master_key(settings.master_key_file)
@@ -159,15 +241,71 @@ async def open_keys_bucket(nc: NatsClient, store: KeyStore, replicas: int = 1) -
         return await js.key_value(store.bucket)
     except Exception:  # noqa: BLE001 - first start: create it
         return await js.create_key_value(
-            KeyValueConfig(bucket=store.bucket, history=1, storage=StorageType.FILE, replicas=replicas,
+            KeyValueConfig(bucket=store.bucket, history=KEYS_HISTORY, storage=StorageType.FILE, replicas=replicas,
                            description="DIN public identities, wrapped data keys, revocations, crypto policy")
         )
+
+
+def mirror_consumer_config(spec: MirrorSpec) -> ConsumerConfig:
+    """The durable consumer of the hub's keys stream that feeds ``spec``'s site: every entry from the start, on
+    the site's own subject, acknowledged by the mirror's flow control; the site's server resets it after a cut."""
+    return ConsumerConfig(
+        name=spec.consumer, durable_name=spec.consumer, deliver_subject=spec.deliver_subject,
+        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.FLOW_CONTROL, idle_heartbeat=MIRROR_HEARTBEAT_S,
+        description=f"feeds the keys mirror at {spec.site}",
+    )
+
+
+def mirror_config(spec: MirrorSpec, replicas: int = 1) -> StreamConfig:
+    """A site's mirror: a stream named like the hub's keys stream, fed by the site's consumer there across the
+    leaf, read like a key-value bucket (one value per key, as the origin keeps)."""
+    return StreamConfig(
+        name=spec.stream,
+        description="DIN keys bucket mirrored from the hub (written only there, by the key manager)",
+        mirror=StreamSource(name=spec.stream, external=ExternalStream(api=spec.origin_api),
+                            consumer=StreamConsumerSource(name=spec.consumer, deliver_subject=spec.deliver_subject)),
+        max_msgs_per_subject=KEYS_HISTORY, discard=DiscardPolicy.NEW, allow_rollup_hdrs=True, deny_delete=True,
+        allow_direct=True, storage=StorageType.FILE, num_replicas=replicas,
+    )
+
+
+async def look_at_mirror(site, hub, spec: MirrorSpec) -> MirrorSeen:
+    """Ask ``spec``'s site's JetStream about its mirror, and the hub's about the site's consumer."""
+    try:
+        info = await site.stream_info(spec.stream)
+    except NotFoundError:
+        return MirrorSeen(reachable=True)
+    except Exception:  # noqa: BLE001 - no answer from that site's JetStream: cut off or down
+        return MirrorSeen(reachable=False)
+    try:
+        await hub.consumer_info(spec.stream, spec.consumer)
+        consumer = True
+    except NotFoundError:
+        consumer = False
+    except Exception:  # noqa: BLE001 - the hub did not say: leave the mirror be
+        consumer = None
+    return mirror_seen(info, consumer)
+
+
+def mirror_seen(info: StreamInfo, consumer: bool | None = True) -> MirrorSeen:
+    """What a site's stream info (and whether the hub holds the site's consumer) says about it as a mirror."""
+    source = info.config.mirror
+    external = source.external if source else None
+    feed = source.consumer if source else None
+    state = info.mirror
+    active = state.active if state is not None else None
+    return MirrorSeen(
+        reachable=True, exists=True, source=source.name if source else None,
+        origin_api=external.api if external else None, consumer_name=feed.name if feed else None,
+        deliver_subject=feed.deliver_subject if feed else None, lag=(state.lag or 0) if state is not None else 0,
+        idle_s=None if active is None or active < 0 else active / 1e9, consumer=consumer,
+    )
 
 
 async def read_own_keys(nc: NatsClient, issuer: Identity, store: KeyStore) -> KeyAgent:
     """What the bucket holds, read as the key manager's own agent (the DEKs it wrapped to itself)."""
     own = KeyAgent(PrincipalKeys(issuer, issuer.public, store.bucket, store.kv_domain))
-    await own.watch(nc, timeout_s=RECOVERY_TIMEOUT_S)
+    await own.watch(nc, timeout_s=RECOVERY_TIMEOUT_S, site_first=False)
     await own.stop()
     return own
 

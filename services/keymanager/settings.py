@@ -43,6 +43,10 @@ class KeyManagerSettings(ServiceSettings):
         default=5.0, ge=0, description="Grace of the DEKs a revoked principal held, rotated at its revocation."
     )
     command_window_s: float = Field(default=60.0, gt=0, description="Operator commands older than this are refused.")
+    mirror_check_interval_s: float = Field(
+        default=5.0, gt=0,
+        description="Seconds between looks at every site's mirror of the keys bucket (a missing one is recreated).",
+    )
 
     @model_validator(mode="after")
     def _key_files_when_secured(self) -> "KeyManagerSettings":

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.naming import Subjects, token, work_stream
+from shared.security.bucket import KeysMirror, keys_stream
 from shared.security.keyfiles import KEYS_BUCKET
 from shared.topology import Topology
 
@@ -132,11 +133,24 @@ def _stream_owner(stream: str) -> tuple[str, ...]:
 
 
 def key_bucket_reader(topology: Topology) -> Permissions:
-    """Watching the ``DIN_KEYS`` bucket at the hub (every secured service's key agent): read-only, addressed to
-    the hub's JetStream domain (or, at the hub, to its own JetStream)."""
-    stream = f"KV_{KEYS_BUCKET}"
+    """Watching the ``DIN_KEYS`` bucket (every secured service's key agent): read-only, addressed to the JetStream
+    of the server the agent is connected to (its site's mirror of the bucket, or the bucket itself at the hub), or
+    to the hub's domain while its site has no mirror yet."""
+    stream = keys_stream(KEYS_BUCKET)
     return Permissions(_js_api(topology.hub.name, *_stream_reader(stream)) + _js_api(None, *_stream_reader(stream))
                        + (f"$JS.FC.{stream}.{REST}",))
+
+
+def key_mirror_feed(topology: Topology, site: str) -> Permissions:
+    """What ``site``'s server needs across its leaf to keep its mirror of the ``DIN_KEYS`` bucket: out, resetting
+    and acknowledging (flow control) the hub's durable consumer kept for that site; in, the answer
+    (``$JSC.R.<id>``, the server's own reply subject) and that consumer's messages, on the site's own subject."""
+    stream = keys_stream(KEYS_BUCKET)
+    consumer = KeysMirror.consumer(site)
+    return Permissions(
+        publish=(*_js_api(topology.hub.name, f"CONSUMER.RESET.{stream}.{consumer}"),
+                 f"$JS.FC.{stream}.{consumer}.{REST}"),
+        subscribe=(f"$JSC.R.{REST}", KeysMirror.deliver_subject(site, stream)))
 
 
 def _service(user: str, site: str, service: str, instance: str | None) -> Permissions:
@@ -216,11 +230,15 @@ def telemetry(topology: Topology, site: str, user: str, instance: str | None) ->
 
 
 def keymanager(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
-    """The key manager: the only writer of the ``DIN_KEYS`` bucket; hears the operator's key commands."""
-    stream = f"KV_{KEYS_BUCKET}"
+    """The key manager: the only writer of the ``DIN_KEYS`` bucket and the keeper of every other site's mirror of
+    it (looks at, creates and replaces that one stream in each site's domain); hears the operator's key commands."""
+    stream = keys_stream(KEYS_BUCKET)
+    mirrors = [call for other in topology.sites if other.name != topology.hub.name
+               for call in _js_api(other.name, f"STREAM.INFO.{stream}", f"STREAM.CREATE.{stream}",
+                                   f"STREAM.DELETE.{stream}")]
     return _service(user, site, "keymanager", instance) + Permissions(
         publish=(*_js_api(None, *_stream_owner(stream)), *_js_api(site, *_stream_owner(stream)),
-                 f"$KV.{KEYS_BUCKET}.{REST}", f"$JS.FC.{stream}.{REST}"),
+                 f"$KV.{KEYS_BUCKET}.{REST}", f"$JS.FC.{stream}.{REST}", *mirrors),
         subscribe=(Subjects.control("keymanager", instance or "keymanager"), Subjects.control("keymanager", site)),
     )
 
@@ -261,7 +279,7 @@ def leaf(topology: Topology, site: str) -> Permissions:
             f"{TENANT_INBOX_ROOT}.{ANY}.{site}.{REST}", f"{SERVICE_INBOX_ROOT}.{site}.{REST}", f"$JS.{site}.API.{REST}"]
     if site not in topology.control_sites():
         into += [Subjects.pressure(site)]
-    return Permissions(tuple(out), tuple(into))
+    return Permissions(tuple(out), tuple(into)) + key_mirror_feed(topology, site)
 
 
 SERVICE_RULES = {

@@ -1,4 +1,11 @@
-"""The key agent: one principal's view of the ``DIN_KEYS`` bucket, fed by a JetStream watch."""
+"""The key agent: one principal's view of the ``DIN_KEYS`` bucket, fed by a JetStream watch.
+
+An agent reads the bucket where its own server keeps it: at the hub the bucket itself, at any other site that
+site's mirror of it (kept by the key manager), so a process started while its site is cut off from the hub still
+gets its keys. While a site has no mirror yet, the agent reads the hub's bucket across the leaf, and moves to the
+mirror once there is one. Either way every entry must verify under the key manager's key and be no older than what
+the agent holds.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +26,10 @@ log = logging.getLogger(__name__)
 
 AGENT_GRACE_S = 24 * 3600.0
 """A keyring's default grace; the key manager's ``not_after`` normally retires old versions much sooner."""
+SITE_SOURCE = "site"
+HUB_SOURCE = "hub"
+SITE_LOOK_S = 2.0
+"""How often an agent reading the hub's bucket looks for its site's mirror (created after the agent started)."""
 
 
 @dataclass
@@ -52,7 +63,9 @@ class KeyAgent:
         self._changed: asyncio.Condition | None = None
         self._watcher = None
         self._task: asyncio.Task | None = None
+        self._mover: asyncio.Task | None = None
         self._initial = False
+        self.source: str | None = None
 
     # -- pure logic
 
@@ -139,28 +152,23 @@ class KeyAgent:
     # -- NATS
 
     async def watch(
-        self, nc, *, ready: Callable[[KeyAgent], bool] | None = None, timeout_s: float = 60.0
+        self, nc, *, ready: Callable[[KeyAgent], bool] | None = None, timeout_s: float = 60.0,
+        site_first: bool = True,
     ) -> None:
         """Watch the bucket and return once its current content is applied and ``ready(self)`` holds.
 
-        Raises ``TimeoutError`` with a one-line message when either does not happen in ``timeout_s``.
+        With ``site_first`` (the default) the bucket is read from the JetStream of the server ``nc`` is connected
+        to when it holds one (its site's mirror), else from the hub's domain; without, from the hub's only (the
+        key manager recovering what it wrote). ``source`` says which: ``site`` or ``hub``. Raises
+        ``TimeoutError`` with a one-line message when either does not happen in ``timeout_s``. An agent that
+        starts on the hub's bucket with ``site_first`` moves to its site's mirror when one appears.
         """
         self._changed = asyncio.Condition()
         deadline = time.monotonic() + timeout_s
-        js = nc.jetstream(domain=self.keys.kv_domain)
-        while True:
-            try:
-                bucket = await js.key_value(self.keys.bucket)
-                break
-            except Exception as exc:  # noqa: BLE001 - no bucket or no JetStream yet: retry until the deadline
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"keys bucket {self.keys.bucket} not reachable within {timeout_s:.0f}s"
-                        f" ({exc.__class__.__name__}): is the key manager running?"
-                    ) from None
-                await asyncio.sleep(0.2)
-        self._watcher = await bucket.watchall()
-        self._task = asyncio.create_task(self._follow(), name=f"keys-{self.principal}")
+        self.source, bucket = await self._open_bucket(nc, site_first, deadline, timeout_s)
+        await self._follow_bucket(bucket)
+        if site_first and self.source == HUB_SOURCE and self.keys.kv_domain is not None:
+            self._mover = asyncio.create_task(self._move_to_site(nc), name=f"keys-{self.principal}-site")
         try:
             await asyncio.wait_for(self._wait(lambda: self._initial and (ready is None or ready(self))),
                                    max(0.1, deadline - time.monotonic()))
@@ -168,6 +176,24 @@ class KeyAgent:
             raise TimeoutError(
                 f"{self.principal}: keys not distributed within {timeout_s:.0f}s: is the key manager running?"
             ) from None
+
+    async def _open_bucket(self, nc, site_first: bool, deadline: float, timeout_s: float):
+        """The first place holding the bucket, site before hub, retried until ``deadline``."""
+        places = [(SITE_SOURCE, None)] if site_first and self.keys.kv_domain is not None else []
+        places.append((HUB_SOURCE, self.keys.kv_domain))
+        while True:
+            failures = []
+            for source, domain in places:
+                try:
+                    return source, await nc.jetstream(domain=domain).key_value(self.keys.bucket)
+                except Exception as exc:  # noqa: BLE001 - no bucket (mirror) or no JetStream there: next place
+                    failures.append(f"{source}: {exc.__class__.__name__}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"keys bucket {self.keys.bucket} not reachable within {timeout_s:.0f}s"
+                    f" ({', '.join(failures)}): is the key manager running?"
+                )
+            await asyncio.sleep(0.2)
 
     async def _wait(self, predicate: Callable[[], bool]) -> None:
         async with self._changed:
@@ -177,8 +203,34 @@ class KeyAgent:
         """Wait until ``predicate(self)`` holds (e.g. a new version arrived); raise ``TimeoutError`` otherwise."""
         await asyncio.wait_for(self._wait(lambda: predicate(self)), timeout_s)
 
-    async def _follow(self) -> None:
-        async for entry in self._watcher:
+    async def _follow_bucket(self, bucket) -> None:
+        """Watch ``bucket`` from now on (stopping the watch of another), keeping everything already applied."""
+        watcher = await bucket.watchall()
+        old_watcher, old_task = self._watcher, self._task
+        self._watcher = watcher
+        self._task = asyncio.create_task(self._follow(watcher), name=f"keys-{self.principal}")
+        if old_watcher is not None:
+            with contextlib.suppress(Exception):
+                await old_watcher.stop()
+        if old_task is not None:
+            old_task.cancel()
+            await asyncio.gather(old_task, return_exceptions=True)
+
+    async def _move_to_site(self, nc) -> None:
+        """Look for the site's mirror every ``SITE_LOOK_S``; once there, watch it instead of the hub's bucket."""
+        while True:
+            await asyncio.sleep(SITE_LOOK_S)
+            try:
+                bucket = await nc.jetstream().key_value(self.keys.bucket)
+            except Exception:  # noqa: BLE001 - no mirror yet
+                continue
+            await self._follow_bucket(bucket)
+            self.source = SITE_SOURCE
+            log.info("%s: keys now read from this site's mirror", self.principal)
+            return
+
+    async def _follow(self, watcher) -> None:
+        async for entry in watcher:
             if entry is not None:
                 try:
                     self.apply(entry.key, entry.value or b"", deleted=entry.operation in ("DEL", "PURGE"))
@@ -192,10 +244,13 @@ class KeyAgent:
 
     async def stop(self) -> None:
         """Stop watching; the keys already installed stay usable."""
+        if self._mover is not None:
+            self._mover.cancel()
+            await asyncio.gather(self._mover, return_exceptions=True)
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._watcher = self._task = None
+        self._watcher = self._task = self._mover = None

@@ -2,6 +2,10 @@
 
 A value is ``{"body": <canonical JSON text>, "sig": <Ed25519 over body and key name>}``; each body carries
 ``issued_ms`` so an older value cannot replace a newer one.
+
+The bucket lives in the hub's JetStream domain; every other site's domain holds a mirror of it (``KeysMirror``),
+a stream of the same name fed from the hub, so a process started at a site while its link to the hub is cut still
+reads its keys there. A mirror carries the key manager's signed values unchanged: it cannot forge an entry.
 """
 
 from __future__ import annotations
@@ -31,6 +35,32 @@ class EntryKeys:
     def dek(holder: str, reader: str, version: int) -> str:
         """The entry holding ``version`` of ``reader``'s DEK, wrapped to ``holder``."""
         return f"dek.{token(holder, what='holder')}.{token(reader, what='reader')}.{int(version)}"
+
+
+def keys_stream(bucket: str) -> str:
+    """The JetStream stream behind key-value bucket ``bucket`` (nats.py's and the server's ``KV_`` convention)."""
+    return f"KV_{bucket}"
+
+
+class KeysMirror:
+    """How a site's mirror of the keys bucket is fed: through the hub's JetStream API, from a durable consumer of
+    the hub's stream kept for that site, whose messages the hub delivers on a subject only that site's leaf lets in.
+    """
+
+    @staticmethod
+    def origin_api(hub: str) -> str:
+        """The hub's JetStream API prefix, as a site's server reaches it over its leaf."""
+        return f"$JS.{token(hub, what='hub')}.API"
+
+    @staticmethod
+    def consumer(site: str) -> str:
+        """The durable consumer of the hub's keys stream that feeds ``site``'s mirror."""
+        return f"MIRROR_{token(site, what='site')}"
+
+    @staticmethod
+    def deliver_subject(site: str, stream: str) -> str:
+        """The subject the hub delivers ``site``'s mirror messages of ``stream`` on."""
+        return f"$JS.M.{token(site, what='site')}.{token(stream, what='stream')}"
 
 
 def _canonical(body: Mapping[str, object]) -> str:

@@ -146,6 +146,7 @@ class PayloadSecurity:
             out["key_versions"] = ",".join(f"{r}:{v}" for r, v in self.agent.versions().items())
             out["revoked"] = ",".join(sorted(self.agent.revoked))
             out["key_entries_refused"] = str(self.agent.refused)
+            out["key_source"] = self.agent.source or ""
         return out
 
 
