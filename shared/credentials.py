@@ -56,7 +56,7 @@ class TenantVerifier:
             raise InvalidCredential()
         body = ".".join(parts[:3])
         expected = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, parts[3]):
+        if not hmac.compare_digest(expected.encode(), parts[3].encode(errors="replace")):
             raise InvalidCredential()
         try:
             expiry = int(parts[2])

@@ -36,7 +36,9 @@ from shared import __version__
 from shared.bus.connect import broker_options, nats_servers
 from shared.bus.kafka import kafka_client_kwargs
 from shared.contracts.events import DeadLetterV1, HealthV1
+from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import JobV1
+from shared.contracts.options import parse_request_id
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.eventlog import EventLog
 from shared.naming import Subjects, Topics
@@ -101,6 +103,15 @@ def control(channel: str, subject: SubjectOf, *, queue: SubjectOf | None = None,
             publishes: tuple[str, ...] = ()) -> Callable:
     """Declare a typed FastStream subscriber (its argument a contract model, its return the reply)."""
     return _declare(Endpoint(channel, subject, queue, tuple(publishes), CONTROL))
+
+
+def _echoed_request_id(headers: dict[str, str] | None) -> str | None:
+    """The request id a failed raw request named, when it is one (the client can match the error), else None."""
+    raw = (headers or {}).get(RequestHeaders.REQUEST_ID)
+    try:
+        return None if raw is None else parse_request_id(raw)
+    except DinError:
+        return None
 
 
 class ServiceRuntime:
@@ -307,7 +318,8 @@ class ServiceRuntime:
                 self.handler_errors += 1
                 self.log.exception("unhandled error on %s", msg.subject)
                 if msg.reply:
-                    body, headers = error_reply(DinError(ErrorCode.INTERNAL, "internal error"), None)
+                    body, headers = error_reply(DinError(ErrorCode.INTERNAL, "internal error"),
+                                                _echoed_request_id(msg.headers))
                     await self.nc.publish(msg.reply, body, headers=headers)
 
         return guarded

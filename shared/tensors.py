@@ -34,6 +34,8 @@ TENSOR_SHAPE_HEADER = "Din-Tensor-Shape"
 TENSOR_DATATYPE_HEADER = "Din-Tensor-Datatype"
 
 DYNAMIC_DIM = -1
+MAX_RANK = 32
+"""Most dimensions a tensor may have (numpy's own limit is 64; no served model comes close)."""
 
 WIRE_DTYPES: dict[Datatype, np.dtype] = {
     Datatype.FP32: np.dtype("<f4"),
@@ -78,6 +80,8 @@ def datatype_of(array: np.ndarray) -> Datatype:
 
 
 def _check_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
+    if len(shape) > MAX_RANK:
+        raise _bad_tensor(f"tensor {name!r}: shape has {len(shape)} dimensions, at most {MAX_RANK} are supported")
     if any(dim < 0 for dim in shape):
         raise _bad_tensor(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
     return tuple(shape)

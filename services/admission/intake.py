@@ -22,6 +22,7 @@ from shared.contracts.inference import (
 )
 from shared.contracts.job import JobV1
 from shared.contracts.options import (
+    MAX_TIMEOUT_MS,
     RequestOptionsV1,
     check_options,
     check_timeout,
@@ -101,6 +102,9 @@ def _deadline_ms(asked: RequestOptionsV1, now_ms: float) -> int:
     """The absolute deadline: the one asked for, else receipt plus the timeout (or the SLA class's default)."""
     if asked.deadline_ms is not None:
         deadline_ms = asked.deadline_ms
+        if deadline_ms - now_ms > MAX_TIMEOUT_MS:
+            raise DinError(ErrorCode.BAD_REQUEST,
+                           f"deadline_ms must be at most {MAX_TIMEOUT_MS} ms after the request arrives")
     else:
         timeout_ms = asked.timeout_ms if asked.timeout_ms is not None else DEFAULT_TIMEOUT_MS[asked.sla_class]
         check_timeout(timeout_ms)

@@ -28,6 +28,8 @@ from shared.errors import DinError, ErrorCode
 from shared.privacy import parse_protection
 
 MAX_TIMEOUT_MS = 600_000
+MAX_LABELS = 16
+MAX_LABEL = 64
 MAX_TOKENS_LIMIT = 512
 MAX_REQUEST_ID = 128
 MAX_SPLIT_NAME = 64
@@ -64,10 +66,14 @@ def _labels(raw: object) -> list[str]:
     if not raw:
         return []
     if isinstance(raw, str):
-        return [label for label in (s.strip() for s in raw.split(",")) if label]
-    if not isinstance(raw, (list, tuple)):
+        labels = [label for label in (s.strip() for s in raw.split(",")) if label]
+    elif isinstance(raw, (list, tuple)) and all(isinstance(label, str) for label in raw):
+        labels = [label for label in raw if label]
+    else:
         raise _bad("labels must be a comma-separated string or a list of strings")
-    return [label for label in raw if label]
+    if len(labels) > MAX_LABELS or any(len(label) > MAX_LABEL or not label.isprintable() for label in labels):
+        raise _bad(f"at most {MAX_LABELS} labels, each at most {MAX_LABEL} printable characters")
+    return labels
 
 
 def _accuracy(raw: object) -> float:
@@ -215,7 +221,8 @@ class RequestOptionsV1(ServingOptionsV1):
         default=None, description=f"Time the caller will wait, ms (1..{MAX_TIMEOUT_MS}); the deadline is receipt time "
         "plus this. Default by SLA class.")
     deadline_ms: Annotated[int | None, WireOption(RequestHeaders.DEADLINE_MS, "deadline_ms", _whole_ms)] = Field(
-        default=None, description="Absolute deadline, Unix epoch ms; wins over the timeout.")
+        default=None, description=f"Absolute deadline, Unix epoch ms, at most {MAX_TIMEOUT_MS} ms after receipt; "
+        "wins over the timeout.")
     request_id: Annotated[str | None, WireOption(RequestHeaders.REQUEST_ID, None, parse_request_id)] = Field(
         default=None, description=f"Caller's request id (at most {MAX_REQUEST_ID} printable characters; the JSON "
         "body's id otherwise); DIN assigns one when absent.")

@@ -85,6 +85,17 @@ async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits)
         ("bad-sla", "acme", "digits-small", good, {**auth, RequestHeaders.SLA_CLASS: "gold"}, "bad_request"),
         ("binary-bad-shape", "acme", "digits-small", binary_body[:-4],
          {**auth, **binary_headers}, "bad_tensor"),
+        ("non-ascii-token", "acme", "digits-small", good, {RequestHeaders.TOKEN: token + "\u00e9"},
+         "unauthenticated"),
+        ("far-deadline", "acme", "digits-small", good, {**auth, RequestHeaders.DEADLINE_MS: "1" + "0" * 30},
+         "bad_request"),
+        ("rank-100", "acme", "digits-small",
+         b'{"inputs": [{"name": "input", "shape": [' + b",".join([b"1"] * 100) + b'], "datatype": "FP32", '
+         b'"data": [0.0]}]}', auth, "bad_tensor"),
+        ("control-label", "acme", "digits-small", good, {**auth, RequestHeaders.LABELS: "pii,\u0007"}, "bad_request"),
+        ("number-labels", "acme", "digits-small",
+         b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [' +
+         b",".join([b"0.0"] * 64) + b']}], "parameters": {"labels": [5]}}', auth, "bad_request"),
     ]
     nc = await nats.connect(network.hub_url, max_reconnect_attempts=0, **network.stack.nats_options())
     answers: list = []

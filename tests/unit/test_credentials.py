@@ -41,3 +41,10 @@ def test_credentials_file_keeps_existing_secrets_and_is_private(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="credentials file"):
         read_credentials(path)
+
+
+def test_a_token_with_non_ascii_characters_is_refused_not_a_crash():
+    verifier = TenantVerifier({"acme": "00" * 32})
+    token = issue_token("acme", "00" * 32)
+    with pytest.raises(InvalidCredential):
+        verifier.verify("acme", token[:-1] + "\u00e9")

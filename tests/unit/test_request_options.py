@@ -24,6 +24,7 @@ from shared.contracts.options import (
     request_header_names,
     wire_options,
 )
+from shared.errors import DinError, ErrorCode
 from shared.recording import parse_request_record, request_record
 
 NOW_MS = 1_700_000_000_000.0
@@ -176,3 +177,26 @@ def test_the_old_job_name_of_split_protection_is_still_accepted_and_readable():
     assert decoded.split_protection == "noise:0.1"
     assert "protection" not in json.loads(job.to_headers()["Din-Job-V1"])
     assert JobV1.model_json_schema()["properties"]["protection"]["deprecated"] is True
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({RequestHeaders.DEADLINE_MS: str(int(NOW_MS) + 600_001)}, "deadline_ms must be at most"),
+        ({RequestHeaders.DEADLINE_MS: "1" + "0" * 30}, "deadline_ms must be at most"),
+        ({RequestHeaders.LABELS: "pii,\u0007"}, "printable"),
+        ({RequestHeaders.LABELS: ",".join(f"l{i}" for i in range(17))}, "at most 16 labels"),
+        ({RequestHeaders.LABELS: "x" * 65}, "at most 64 printable"),
+    ],
+)
+def test_absurd_deadlines_and_labels_are_bad_requests(headers, message):
+    with pytest.raises(DinError) as refused:
+        intake_of(headers)
+    assert refused.value.code == ErrorCode.BAD_REQUEST and message in refused.value.message
+
+
+def test_labels_from_json_parameters_must_be_strings():
+    body = json.dumps({**json.loads(BODY), "parameters": {"labels": [5]}}).encode()
+    with pytest.raises(DinError) as refused:
+        intake_of({}, body)
+    assert refused.value.code == ErrorCode.BAD_REQUEST

@@ -296,3 +296,10 @@ def test_unsupported_numpy_dtype_is_refused():
     with pytest.raises(DinError) as excinfo:
         encode_binary("x", np.zeros(2, np.float16))
     assert _code(excinfo) is ErrorCode.BAD_TENSOR
+
+
+def test_a_tensor_of_too_many_dimensions_is_a_bad_tensor_not_a_crash():
+    tensor = TensorV1(name="input", shape=[1] * 100, datatype=Datatype.FP32, data=[0.0])
+    with pytest.raises(DinError) as refused:
+        tensor_to_array(tensor)
+    assert refused.value.code == ErrorCode.BAD_TENSOR
