@@ -270,7 +270,8 @@ def mirror_config(spec: MirrorSpec, replicas: int = 1) -> StreamConfig:
 
 
 async def look_at_mirror(site, hub, spec: MirrorSpec) -> MirrorSeen:
-    """Ask ``spec``'s site's JetStream about its mirror, and the hub's about the site's consumer."""
+    """Ask ``spec``'s site's JetStream about its mirror, and the hub's about the site's consumer (False when it
+    is gone or no longer delivers to the site's subject as the key manager made it)."""
     try:
         info = await site.stream_info(spec.stream)
     except NotFoundError:
@@ -278,8 +279,8 @@ async def look_at_mirror(site, hub, spec: MirrorSpec) -> MirrorSeen:
     except Exception:  # noqa: BLE001 - no answer from that site's JetStream: cut off or down
         return MirrorSeen(reachable=False)
     try:
-        await hub.consumer_info(spec.stream, spec.consumer)
-        consumer = True
+        feed = (await hub.consumer_info(spec.stream, spec.consumer)).config
+        consumer = (feed.deliver_subject, feed.ack_policy) == (spec.deliver_subject, AckPolicy.FLOW_CONTROL)
     except NotFoundError:
         consumer = False
     except Exception:  # noqa: BLE001 - the hub did not say: leave the mirror be

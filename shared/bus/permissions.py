@@ -135,10 +135,11 @@ def _stream_owner(stream: str) -> tuple[str, ...]:
 def key_bucket_reader(topology: Topology) -> Permissions:
     """Watching the ``DIN_KEYS`` bucket (every secured service's key agent): read-only, addressed to the JetStream
     of the server the agent is connected to (its site's mirror of the bucket, or the bucket itself at the hub), or
-    to the hub's domain while its site has no mirror yet."""
+    to the hub's domain while its site has no mirror yet. No consumer deletes: a watch never deletes its own (it
+    lapses), and the durable consumers feeding the site mirrors are the key manager's."""
     stream = keys_stream(KEYS_BUCKET)
-    return Permissions(_js_api(topology.hub.name, *_stream_reader(stream)) + _js_api(None, *_stream_reader(stream))
-                       + (f"$JS.FC.{stream}.{REST}",))
+    calls = tuple(call for call in _stream_reader(stream) if not call.startswith("CONSUMER.DELETE."))
+    return Permissions(_js_api(topology.hub.name, *calls) + _js_api(None, *calls) + (f"$JS.FC.{stream}.{REST}",))
 
 
 def key_mirror_feed(topology: Topology, site: str) -> Permissions:

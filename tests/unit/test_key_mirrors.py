@@ -4,14 +4,16 @@ who may create mirrors and what a leaf lets through for one, and where an agent 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from types import SimpleNamespace
 
 import pytest
-from nats.js.api import StreamInfo
-from nats.js.errors import BucketNotFoundError
+from nats.js.api import ConsumerConfig, StreamInfo
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from din.stack.bus import service_permissions
 from din.stack.launcher import service_instances
-from services.keymanager.main import mirror_config, mirror_consumer_config, mirror_seen
+from services.keymanager.main import look_at_mirror, mirror_config, mirror_consumer_config, mirror_seen
 from services.keymanager.mirrors import (
     STALLED_AFTER_S,
     MirrorAction,
@@ -88,6 +90,35 @@ def test_the_mirror_the_key_manager_creates_is_judged_its_own_once_it_hears_the_
     assert judge(FACTORY, mirror_seen(answered)) == (MirrorState.SYNCED, MirrorAction.KEEP)
 
 
+class _SiteAndHub:
+    """Answers a look at the factory's mirror: the mirror the key manager makes, and a consumer at the hub."""
+
+    def __init__(self, consumer: ConsumerConfig | None) -> None:
+        self.consumer = consumer
+
+    async def stream_info(self, stream: str) -> StreamInfo:
+        return StreamInfo.from_response({
+            "config": mirror_config(FACTORY).as_dict(), "state": {"messages": 1, "bytes": 1, "first_seq": 1,
+                                                                  "last_seq": 1, "consumer_count": 0},
+            "mirror": {"name": stream, "lag": 0, "active": 1_000_000}})
+
+    async def consumer_info(self, stream: str, consumer: str):
+        if self.consumer is None:
+            raise NotFoundError
+        return SimpleNamespace(config=self.consumer)
+
+
+@pytest.mark.parametrize(("consumer", "action"), [
+    (mirror_consumer_config(FACTORY), MirrorAction.KEEP),
+    (None, MirrorAction.REPLACE),
+    (dataclasses.replace(mirror_consumer_config(FACTORY), deliver_subject="_INBOX.acme.factory.x"),
+     MirrorAction.REPLACE),
+], ids=["as-made", "gone", "redirected"])
+async def test_a_mirror_whose_consumer_at_the_hub_is_gone_or_redirected_is_replaced(consumer, action):
+    answers = _SiteAndHub(consumer)
+    assert judge(FACTORY, await look_at_mirror(answers, answers, FACTORY))[1] is action
+
+
 def test_the_ledger_reports_each_sites_state_and_counts_repairs():
     ledger = MirrorLedger()
     for site, state in [("factory", MirrorState.CREATED), ("branch", MirrorState.UNREACHABLE),
@@ -97,12 +128,17 @@ def test_the_ledger_reports_each_sites_state_and_counts_repairs():
                                "mirrors_replaced": 0, "mirror_failures": 0}
 
 
-def test_only_the_key_manager_creates_or_removes_site_mirrors():
+def test_only_the_key_manager_creates_or_removes_site_mirrors_and_their_consumers():
     for inst in service_instances(TOPOLOGY):
         perms = service_permissions(TOPOLOGY, inst.service, inst.site, inst.name, inst.instance)
         for call in ("STREAM.CREATE.KV_DIN_KEYS", "STREAM.DELETE.KV_DIN_KEYS"):
             assert allowed(perms.publish, f"$JS.factory.API.{call}") == (inst.service == "keymanager"), inst.name
+    for reader in (rules.tenant(TOPOLOGY, "acme"), rules.leaf(TOPOLOGY, "factory"),
+                   rules.executor(TOPOLOGY, "factory", "factory-1")):
+        assert not allowed(reader.publish, "$JS.cloud.API.CONSUMER.DELETE.KV_DIN_KEYS.MIRROR_factory")
+        assert not allowed(reader.publish, "$JS.API.CONSUMER.DELETE.KV_DIN_KEYS.MIRROR_factory")
     keeper = rules.keymanager(TOPOLOGY, "cloud", "keymanager", None)
+    assert allowed(keeper.publish, "$JS.cloud.API.CONSUMER.DELETE.KV_DIN_KEYS.MIRROR_factory")
     for subject in ("$JS.factory.API.STREAM.CREATE.OTHER", "$JS.factory.API.STREAM.PURGE.KV_DIN_KEYS",
                     "$JS.factory.API.STREAM.DELETE.KV_DIN_NONCES_FACTORY", "$KV.DIN_KEYS_X.pub.x"):
         assert not allowed(keeper.publish, subject), subject
