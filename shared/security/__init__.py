@@ -48,7 +48,9 @@ The key-value bucket ``DIN_KEYS`` (JetStream at the hub site), every value signe
     ``policy``                           the per-path crypto policy, resolved per site
     A value is ``{"body": <canonical JSON text>, "sig": <Ed25519 over body and key name>}``;
     each body carries ``issued_ms`` so an older value cannot replace a newer one.
-    Holders watch the bucket (``KeyAgent``) and install DEKs as they appear.
+    Holders watch the bucket (``KeyAgent``) and install DEKs as they appear. Every other site's
+    JetStream holds a mirror of it (``KeysMirror``, kept by the key manager); an agent reads its
+    own server's copy first, so a site cut off from the hub still hands its processes their keys.
 
 Rotation is two-phase: a new version is published *pending* (every holder can open
 it), activated ``activation_delay_s`` later (holders seal with it), and the old
