@@ -7,11 +7,13 @@ sealed clients only). Each test leaves the links up and the declared processes r
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import nats
 import numpy as np
 import pytest
+from nats.js.api import KeyValueConfig
 from nats.js.errors import KeyNotFoundError
 
 from din.client import DinClient, DinRequestError
@@ -22,9 +24,10 @@ from services.keymanager.mirrors import STALLED_AFTER_S
 from shared.bus.permissions import tenant_user
 from shared.contracts.events import HealthV1
 from shared.contracts.keys import KeyAction
+from shared.envelope import Identity
 from shared.naming import Subjects
-from shared.security import OPERATOR, CryptoPolicy, PrincipalKeys, site_principal
-from shared.security.bucket import EntryKeys
+from shared.security import KEYMANAGER, OPERATOR, CryptoPolicy, KeyAgent, PrincipalKeys, site_principal
+from shared.security.bucket import EntryKeys, sign_entry
 from shared.security.keyfiles import KEYS_BUCKET, key_file
 from tests.integration.network import REPO_ROOT, running_network
 from tests.support import three_site_topology, wait_for
@@ -213,6 +216,40 @@ async def test_a_deleted_mirror_is_recreated_and_reported(network):
 
     await wait_for(rotated, 90.0, f"factory-1 sealing with {FACTORY} version {version}", interval=0.5,
                    retry_on=(Exception,))
+
+
+async def test_a_forged_bucket_at_a_site_gives_no_keys_and_is_replaced_by_the_mirror(network):
+    """Someone with the factory's JetStream puts a bucket of its own where the mirror was, its entries signed by
+    another key. An agent started there refuses every entry and gets no keys; the key manager (paused while the
+    forgery is planted and read, so the test sees the forgery) replaces it with the mirror again."""
+    before = int((await synced_mirrors(network))["mirrors_replaced"])
+    network.kill("keymanager", signal.SIGSTOP)
+    try:
+        nc = await nats.connect(network.stack.nats_urls["factory"], **network.stack.nats_options("factory"))
+        try:
+            js = nc.jetstream()
+            await js.delete_stream(f"KV_{KEYS_BUCKET}")
+            forged = await js.create_key_value(KeyValueConfig(bucket=KEYS_BUCKET, history=1))
+            forger = Identity.generate(KEYMANAGER)
+            for key, body in ((EntryKeys.POLICY, {"integrity_only": [], "plaintext_ingress": [TENANT]}),
+                              (EntryKeys.public(FACTORY), {"identity": forger.public.to_dict()})):
+                await forged.put(key, sign_entry(forger, key, {**body, "issued_ms": 2**62}))
+            agent = KeyAgent(network.keys(TENANT))
+            with pytest.raises(TimeoutError):
+                await agent.watch(nc, ready=lambda a: a.policy is not None, timeout_s=3.0)
+            await agent.stop()
+        finally:
+            await nc.close()
+    finally:
+        network.kill("keymanager", signal.SIGCONT)
+    assert agent.source == "site" and agent.refused == 2 and agent.applied == 0
+
+    async def replaced() -> bool:
+        return int((await key_manager(network))["mirrors_replaced"]) > before
+
+    await wait_for(replaced, 30.0, "the key manager replacing the forged bucket", interval=0.2, retry_on=(Exception,))
+    await synced_mirrors(network)
+    assert await mirror_last_seq(network, "factory") == await mirror_last_seq(network, "cloud")
 
 
 async def _ready(network, site: str, service: str, instance: str) -> HealthV1 | None:
