@@ -14,6 +14,9 @@ from pathlib import Path
 
 from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
 
+INTERNAL_ROLES = frozenset({"head", "tail", "prefill"})
+"""Roles of models that are parts of another model."""
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -33,6 +36,13 @@ class ModelEntry:
     input_bytes: int | None = None
     intermediate_bytes: int | None = None
     leakage: float | None = None
+
+    @property
+    def internal(self) -> bool:
+        """Whether the model is a part of another (a split head or tail, a prefill graph): DIN runs it inside a
+        job of the whole model, a tenant never calls it directly (its raw activations are the intermediates
+        split inference protects)."""
+        return self.role in INTERNAL_ROLES
 
     def has_version(self, version: str | None) -> bool:
         return version is None or version in self.versions

@@ -22,6 +22,8 @@ class ErrorCode(StrEnum):
     UNAUTHENTICATED = "unauthenticated"
     UNKNOWN_TENANT = "unknown_tenant"
     UNKNOWN_MODEL = "unknown_model"
+    FORBIDDEN = "forbidden"
+    """The tenant may not call this model (the topology's ``models`` for it, or an internal part of a model)."""
     PAYLOAD_TOO_LARGE = "payload_too_large"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     RATE_LIMITED = "rate_limited"
@@ -41,6 +43,7 @@ _HTTP_LIKE = {
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.UNKNOWN_TENANT: 401,
     ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.FORBIDDEN: 403,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.RATE_LIMITED: 429,

@@ -198,6 +198,15 @@ class TenantSpec(_Strict):
     )
     always_sensitive: bool = Field(default=False, description="Treat every request as sensitive.")
     max_cost_per_1k: float | None = Field(default=None, description="Most it may pay per 1,000 requests.")
+    models: list[str] | None = Field(
+        default=None, description="The models the tenant may call (and cascade or degrade to); None: every model a "
+        "tenant may call. Internal parts (split heads and tails, prefill graphs) are never callable.",
+    )
+    queries_per_day: int | None = Field(
+        default=None, ge=1,
+        description="Most requests per model a day at each site (a slow token bucket beside the rate limit): "
+        "extracting a model by querying it takes that many days per budget; None: no such budget.",
+    )
     max_leakage: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="Split inference: the most of the input's variance an inversion attack may recover from an "

@@ -28,6 +28,7 @@ class AdmissionGate:
         max_payload: int,
         shed_factor: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
+        models: dict[str, frozenset[str]] | None = None,
     ) -> None:
         self._verifier = verifier
         self._quota = quota
@@ -35,6 +36,8 @@ class AdmissionGate:
         self._max_payload = max_payload
         self._shed_factor = shed_factor
         self._clock = wall_clock
+        self._models = models or {}
+        """Per tenant, the models it may call, where the topology limits them."""
         self.pressure: PressureV1 | None = None
 
     def knows(self, tenant: str) -> bool:
@@ -55,13 +58,14 @@ class AdmissionGate:
         entry = self._catalog.get(model)
         if entry is None:
             raise DinError(ErrorCode.UNKNOWN_MODEL, f"model {model!r} is not served by this network")
+        self._check_access(tenant, entry)
         if not entry.has_version(asked.model_version):
             raise DinError(
                 ErrorCode.UNKNOWN_MODEL,
                 f"model {model!r} has no version {asked.model_version!r}; versions: {', '.join(entry.versions)}",
             )
         cascade = asked.cascade_threshold is not None or asked.cascade_target_rate is not None
-        if cascade and len(self._catalog.variants(model)) < 2:
+        if cascade and len([v for v in self._catalog.variants(model) if self._may_call(tenant, v)]) < 2:
             raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} has no other variant of its task to cascade with")
         self._check_stages(entry, asked)
         wait_s = self._quota.admit(tenant)
@@ -71,8 +75,23 @@ class AdmissionGate:
                 f"tenant {tenant!r} is over its request rate",
                 retry_after_ms=max(1, int(wait_s * 1000)),
             )
+        wait_s = self._quota.admit_model(tenant, model)
+        if wait_s > 0:
+            raise DinError(ErrorCode.RATE_LIMITED, f"tenant {tenant!r} used its daily queries of model {model!r}",
+                           retry_after_ms=max(1, int(wait_s * 1000)))
         self._check_load(intake, now_ms)
         return intake
+
+    def _may_call(self, tenant: str, entry: ModelEntry) -> bool:
+        allowed = self._models.get(tenant)
+        return not entry.internal and (allowed is None or entry.name in allowed)
+
+    def _check_access(self, tenant: str, entry: ModelEntry) -> None:
+        if entry.internal:
+            raise DinError(ErrorCode.FORBIDDEN, f"model {entry.name!r} is an internal part of another model, not "
+                                                "served to tenants")
+        if not self._may_call(tenant, entry):
+            raise DinError(ErrorCode.FORBIDDEN, f"tenant {tenant!r} may not call model {entry.name!r}")
 
     def _check_stages(self, entry: ModelEntry, asked: RequestOptionsV1) -> None:
         model = entry.name

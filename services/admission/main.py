@@ -25,7 +25,7 @@ from services.admission.gate import AdmissionGate
 from services.admission.ingress import RequestOpener, Unsealed
 from services.admission.intake import Intake, admitted_job, peek_request_id
 from services.admission.nonces import SharedNonces
-from services.admission.quota import QuotaLedger, quota_shares
+from services.admission.quota import QuotaLedger, daily_budgets, quota_shares
 from services.admission.settings import AdmissionSettings
 from shared.bus.permissions import is_tenant_reply
 from shared.catalog import ModelCatalog
@@ -73,10 +73,11 @@ class Admission(Service):
         self.topology = load_topology(settings.topology)
         self.gate = AdmissionGate(
             TenantVerifier(read_credentials(settings.credentials_file)),
-            QuotaLedger(quota_shares(self.topology, settings.site)),
+            QuotaLedger(quota_shares(self.topology, settings.site), daily=daily_budgets(self.topology, settings.site)),
             ModelCatalog.from_repository(settings.model_repo),
             max_payload=settings.max_payload_bytes,
             shed_factor=settings.shed_factor,
+            models={t.name: frozenset(t.models) for t in self.topology.tenants if t.models is not None},
         )
         self.security = PayloadSecurity.from_settings(settings)
         self.audit = audit_reader(self.topology, settings.site)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.catalog import ModelCatalog
+from shared.catalog import ModelCatalog, ModelEntry
 from shared.contracts.job import JobV1, WorkloadClassV1
 from shared.topology import TenantSpec
 
@@ -34,7 +34,8 @@ class WorkloadPolicy:
         elif job.model_version is None and job.allow_degrade:
             floor = job.min_accuracy
             candidates = [
-                v.name for v in variants if v.name == job.model or floor is None or (v.accuracy or 0.0) >= floor
+                v.name for v in variants
+                if v.name == job.model or ((floor is None or (v.accuracy or 0.0) >= floor) and self.may_call(tenant, v))
             ]
         else:
             candidates = [job.model]
@@ -48,6 +49,11 @@ class WorkloadPolicy:
             candidates=candidates,
         )
 
+    @staticmethod
+    def may_call(tenant: TenantSpec, entry: ModelEntry) -> bool:
+        """Whether the tenant may be served by ``entry`` (degraded to it, or cascaded to it)."""
+        return not entry.internal and (tenant.models is None or entry.name in tenant.models)
+
     def cascade_stages(self, job: JobV1) -> tuple[str, str] | None:
         """For a cascade job, its (small, large) variants: the least and the most accurate of the model's task.
 
@@ -55,7 +61,8 @@ class WorkloadPolicy:
         """
         if job.cascade_threshold is None and job.cascade_target_rate is None:
             return None
-        variants = self._catalog.variants(job.model)
+        tenant = self._tenants[job.tenant]
+        variants = [v for v in self._catalog.variants(job.model) if self.may_call(tenant, v)]
         if len(variants) < 2:
             return None
         by_accuracy = sorted(variants, key=lambda v: v.accuracy or 0.0)

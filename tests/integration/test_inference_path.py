@@ -93,6 +93,7 @@ async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits)
          b'{"inputs": [{"name": "input", "shape": [' + b",".join([b"1"] * 100) + b'], "datatype": "FP32", '
          b'"data": [0.0]}]}', auth, "bad_tensor"),
         ("control-label", "acme", "digits-small", good, {**auth, RequestHeaders.LABELS: "pii,\u0007"}, "bad_request"),
+        ("internal-part", "acme", "digits-large-head-hidden_1", good, auth, "forbidden"),
         ("number-labels", "acme", "digits-small",
          b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [' +
          b",".join([b"0.0"] * 64) + b']}], "parameters": {"labels": [5]}}', auth, "bad_request"),

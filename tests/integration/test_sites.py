@@ -43,7 +43,7 @@ SITES_TOPOLOGY = three_site_topology(
     [
         {"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
         {"name": "globex", "rate_per_s": 5000, "burst": 5000},
-        {"name": "tiny", "rate_per_s": 2, "burst": 10},
+        {"name": "tiny", "rate_per_s": 2, "burst": 10, "models": ["digits-small"]},
     ],
 )
 SITES_TOPOLOGY["sites"][2]["replicas"] = 2
@@ -240,6 +240,15 @@ async def test_two_admissions_at_a_site_grant_the_tenants_quota_once(network):
     assert outcome.get("ok", 0) <= granted_at_most, outcome
     details = [await network.health("admission", instance) for instance in ("branch", "branch-2")]
     assert all(int(d.detail["admitted"]) > 0 for d in details), "the queue group did not use both admissions"
+
+
+async def test_a_tenant_gets_only_the_models_the_topology_gives_it_and_never_a_models_internal_parts(network):
+    load = at(network, "factory")
+    async with load:
+        await load.send("tiny", "digits-large", 3, every_s=0.0)
+        await load.send("globex", "digits-large-head-hidden_1", 3, every_s=0.0)
+        outcome = await load.settle()
+    assert outcome == {"forbidden": 6, "unanswered": 0, "duplicated": 0}
 
 
 async def test_a_replica_dying_leaves_its_peer_serving(network):

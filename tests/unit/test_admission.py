@@ -4,7 +4,7 @@ import pytest
 
 from services.admission.gate import AdmissionGate
 from services.admission.intake import DEFAULT_TIMEOUT_MS, peek_request_id, read_intake
-from services.admission.quota import QuotaLedger, quota_shares
+from services.admission.quota import QuotaLedger, daily_budgets, quota_shares
 from shared.catalog import ModelCatalog, ModelEntry
 from shared.contracts.events import PressureV1
 from shared.contracts.inference import RequestHeaders, SlaClass
@@ -298,3 +298,46 @@ def test_a_sites_admissions_share_each_tenants_quota():
     topology = Topology.model_validate(spec)
     assert quota_shares(topology, "factory") == {"t": (5.0, 2)}
     assert quota_shares(topology, "cloud") == {"t": (10.0, 5)}
+
+
+def test_internal_parts_are_never_served_to_tenants():
+    parted = AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 100)},
+                                                                       clock=ManualClock(0.0)),
+                           staged_catalog(), max_payload=4096, wall_clock=lambda: NOW)
+    for part in ("digits-large-head-hidden_1", "digits-large-tail-hidden_1", "charlm-prefill"):
+        error = refused(ErrorCode.FORBIDDEN, lambda part=part: parted.admit("acme", part, headers(), GOOD_BODY))
+        assert "internal part" in error.message and error.to_model().status == 403 and not error.retriable
+    parted.admit("acme", "digits-large", headers(), GOOD_BODY)
+
+
+def test_the_topology_says_which_models_a_tenant_may_call():
+    limited = AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 100)},
+                                                                        clock=ManualClock(0.0)),
+                            catalog(), max_payload=4096, wall_clock=lambda: NOW,
+                            models={"acme": frozenset({"digits-small"})})
+    limited.admit("acme", "digits-small", headers(), GOOD_BODY)
+    refused(ErrorCode.FORBIDDEN, lambda: limited.admit("acme", "digits-large", headers(), GOOD_BODY))
+    refused(ErrorCode.BAD_REQUEST, lambda: limited.admit("acme", "digits-small",
+                                                         headers(**{RequestHeaders.CASCADE: "0.8"}), GOOD_BODY))
+
+
+def test_a_daily_query_budget_per_model_refuses_with_the_wait_until_the_next_query():
+    clock = ManualClock(0.0)
+    budgeted = AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 100)}, clock=clock,
+                                                                         daily={"acme": 2}),
+                             catalog(), max_payload=4096, wall_clock=lambda: NOW)
+    for _ in range(2):
+        budgeted.admit("acme", "digits-small", headers(), GOOD_BODY)
+    budgeted.admit("acme", "digits-large", headers(), GOOD_BODY)
+    error = refused(ErrorCode.RATE_LIMITED, lambda: budgeted.admit("acme", "digits-small", headers(), GOOD_BODY))
+    assert error.retry_after_ms == pytest.approx(86_400_000 / 2, rel=0.01)
+    clock.advance(86_400 / 2)
+    budgeted.admit("acme", "digits-small", headers(), GOOD_BODY)
+
+
+def test_daily_budgets_are_split_among_a_sites_admissions():
+    spec = three_site_topology("budgets", {}, [{"name": "acme", "queries_per_day": 1000}, {"name": "globex"}])
+    spec["sites"][1]["replicas"] = 2
+    topology = Topology.model_validate(spec)
+    assert daily_budgets(topology, "cloud") == {"acme": 1000}
+    assert daily_budgets(topology, topology.sites[1].name) == {"acme": 500}

@@ -58,3 +58,11 @@ def test_a_cascade_runs_the_least_accurate_variant_first_and_escalates_to_the_mo
         assert POLICY.classify(cascade, 10).candidates == ["digits-tiny"]
     assert POLICY.cascade_stages(job()) is None
     assert POLICY.cascade_stages(job(model="other").model_copy(update={"cascade_threshold": 0.8})) is None
+
+
+def test_a_tenant_limited_to_some_models_is_never_degraded_or_cascaded_to_others():
+    limited = WorkloadPolicy([TenantSpec(name="acme", models=["digits-large", "digits-tiny"])], CATALOG, ["pii"])
+    degraded = limited.classify(job(allow_degrade=True), 10)
+    assert degraded.candidates == ["digits-large", "digits-tiny"]
+    cascade = make_job(tenant="acme", model="digits-large", sla_class=SlaClass.BATCH, cascade_threshold=0.8)
+    assert limited.cascade_stages(cascade) == ("digits-tiny", "digits-large")
