@@ -24,6 +24,7 @@ import pytest
 from din.client import DinClient
 from din.commands.keys import send_command
 from din.stack.brokers import NatsServerSpec
+from din.stack.wan import ToxiproxyClient
 from shared.bus.connect import nats_servers
 from shared.bus.permissions import tenant_user
 from shared.contracts.inference import RequestHeaders
@@ -302,6 +303,25 @@ async def test_the_cluster_is_formed_and_the_hubs_streams_are_replicated(network
     finally:
         await nc.close()
     assert sum(len(service_connections(s)) for s in specs) >= 5
+
+
+async def test_cutting_the_factory_link_cuts_it_to_every_hub_server(network):
+    """The factory's link has a proxy to each hub server, all with the link's conditions; cutting the link
+    leaves the leaf no way to any hub server (it cannot reconnect around the cut), restoring it lets it back."""
+    links = ToxiproxyClient(network.stack.toxiproxy.api_url)
+    assert links.link_proxies("factory") == ["factory", "factory.2", "factory.3"]
+    assert {links.conditions(name).latency_ms for name in links.link_proxies("factory")} == {2}
+
+    def joined() -> int:
+        return sum(len(monitor(s, "leafz").get("leafs") or []) for s in hub_servers(network))
+
+    links.set_enabled("factory", False)
+    try:
+        await wait_for(lambda: joined() == 0, 15.0, "the factory's leaf to lose the hub", retry_on=(OSError,))
+        assert all(not proxy["enabled"] for name, proxy in links.proxies().items() if name.startswith("factory"))
+    finally:
+        links.set_enabled("factory", True)
+    await wait_for(lambda: joined() == 1, 30.0, "the factory's leaf to rejoin the hub", retry_on=(OSError,))
 
 
 FAILOVER = """

@@ -70,7 +70,7 @@ def test_default_cluster_ports_step_by_a_hundred():
     assert roles["NATS route port of hub site cloud server din-cloud-2"] == 6223
     assert roles["NATS leafnode port of hub site cloud server din-cloud-2"] == 7522
     assert roles["WAN link proxy from site branch to hub server 3"] == 7624
-    check_ports(list((p, r) for r, p in roles.items()))
+    assert len(roles) == len(set(roles.values()))
 
 
 def test_each_hub_server_routes_to_the_others_with_verified_tls(tmp_path):
