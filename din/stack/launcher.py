@@ -819,8 +819,9 @@ class Stack:
                      kafka: bool = True, write_state: bool = False, **kwargs) -> Stack:
         """NATS hub, leaves and Kafka without services, on free ports unless ``ports`` is given."""
         edges = sum(1 for s in topology.sites if s.role == "edge")
-        return cls(topology, ports=ports or PortPlan.free(edges), din_dir=din_dir, services=(), kafka=kafka,
-                   write_state=write_state, **kwargs)
+        ports = ports or PortPlan.free(edges, hub_servers=topology.hub.servers)
+        return cls(topology, ports=ports, din_dir=din_dir, services=(), kafka=kafka, write_state=write_state,
+                   **kwargs)
 
     # -- addresses
 
