@@ -221,7 +221,9 @@ class DinClient:
         """Encode a request body and headers, unsealed (binary form takes exactly one input).
 
         The options are those of ``RequestOptionsV1`` (``BUILD_OPTIONS`` maps these keywords to its fields);
-        ``version`` is the model version, ``deadline_ms`` an absolute deadline (epoch ms) instead of a timeout.
+        ``version`` is the model version, ``deadline_ms`` an absolute deadline (epoch ms); with ``timeout_ms``
+        alone the deadline is sent too (now plus the timeout), so the time a request waits before admission
+        counts against it (end to end).
 
         ``cascade``: a confidence threshold; the model's smallest variant answers and escalates its answers
         less confident than this to the most accurate variant (``served_by.escalated`` says which answered);
@@ -229,6 +231,8 @@ class DinClient:
         ``split``: 'auto', a split point or 'none' (split inference; ``served_by.split_point`` says where it was
         cut), with ``split_protection`` such as 'quantize:4'. ``max_tokens``: generation (use ``generate``).
         """
+        if deadline_ms is None and timeout_ms is not None:
+            deadline_ms = int(time.time() * 1000) + int(timeout_ms)
         options = RequestOptionsV1(
             token=self._token,
             sla_class=SlaClass(sla),

@@ -25,7 +25,7 @@ from enum import StrEnum
 
 from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageV1
-from shared.errors import ErrorCode
+from shared.errors import DinError, ErrorCode
 
 MAX_ATTEMPTS = 3
 """Dispatches a job may have before a full executor fails it instead of handing it back."""
@@ -76,6 +76,18 @@ class Redispatch(StrEnum):
 def cutoff_ms(deadline_ms: float, margin_ms: float) -> float:
     """The last moment work on a job is worth doing: ``margin_ms`` before its deadline."""
     return deadline_ms - margin_ms
+
+
+DEADLINE_MARGIN_MS = 5.0
+"""How long before a job's deadline work on it stops being worth starting (services' default margin)."""
+
+
+def expired_on_arrival(job: JobV1, now_ms: float, margin_ms: float = DEADLINE_MARGIN_MS) -> DinError | None:
+    """The answer to a job that reached a stage past its cutoff, or None when there is time to work on it. The
+    stage answers it itself (and does no work): having taken the job, it owns its answer."""
+    if not past_cutoff(job.deadline_ms, now_ms, margin_ms):
+        return None
+    return DinError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it could be served")
 
 
 def watchdog_at_ms(deadline_ms: float, transit_ms: float) -> float:

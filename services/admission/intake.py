@@ -99,12 +99,17 @@ def _body_request_id(request: InferRequestV1 | None) -> str | None:
 
 
 def _deadline_ms(asked: RequestOptionsV1, now_ms: float) -> int:
-    """The absolute deadline: the one asked for, else receipt plus the timeout (or the SLA class's default)."""
+    """The absolute deadline: the one asked for (the client's clock: time spent before admission counts) and
+    receipt plus the timeout, whichever comes first (a client clock running ahead gains nothing); receipt plus
+    the timeout (or the SLA class's default) when no deadline was asked for."""
     if asked.deadline_ms is not None:
         deadline_ms = asked.deadline_ms
         if deadline_ms - now_ms > MAX_TIMEOUT_MS:
             raise DinError(ErrorCode.BAD_REQUEST,
                            f"deadline_ms must be at most {MAX_TIMEOUT_MS} ms after the request arrives")
+        if asked.timeout_ms is not None:
+            check_timeout(asked.timeout_ms)
+            deadline_ms = min(deadline_ms, int(now_ms) + asked.timeout_ms)
     else:
         timeout_ms = asked.timeout_ms if asked.timeout_ms is not None else DEFAULT_TIMEOUT_MS[asked.sla_class]
         check_timeout(timeout_ms)

@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 
 from services.classifier.policy import WorkloadPolicy
 from services.classifier.settings import ClassifierSettings
+from shared import lifecycle
 from shared.catalog import ModelCatalog
 from shared.contracts.events import ClassificationV1
 from shared.contracts.job import HEADER_PREFIX, JobV1
@@ -34,7 +35,7 @@ class Classifier(Service):
         self.policy = WorkloadPolicy(
             topology.tenants, ModelCatalog.from_repository(settings.model_repo), settings.sensitive_labels
         )
-        self.counts = {"classified": 0}
+        self.counts = {"classified": 0, "expired_on_arrival": 0}
 
     def detail(self) -> dict[str, int]:
         return self.counts
@@ -42,6 +43,11 @@ class Classifier(Service):
     @job_endpoint("classify", lambda s: Subjects.classify(s.site), queue="classifier", span="classifier classify",
                   publishes=("schedule", "inferReply"))
     async def on_classify(self, job: JobV1, msg: Msg) -> None:
+        expired = lifecycle.expired_on_arrival(job, time.time() * 1000.0)
+        if expired is not None:
+            self.counts["expired_on_arrival"] += 1
+            await self.runtime.answer_error(job.reply_to, expired, job.request_id)
+            return
         try:
             job.workload = self.policy.classify(job, payload_size(msg.data, msg.headers))
             stages = self.policy.cascade_stages(job)

@@ -6,6 +6,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from shared.lifecycle import DEADLINE_MARGIN_MS
 from shared.naming import token
 from shared.security import SecuredServiceSettings
 
@@ -25,7 +26,8 @@ class ExecutorSettings(SecuredServiceSettings):
     )
     heartbeat_interval_s: float = Field(default=0.5, gt=0, description="Seconds between heartbeats.")
     deadline_margin_ms: float = Field(
-        default=5.0, description="Jobs this close to their deadline are left to the scheduler to answer."
+        default=DEADLINE_MARGIN_MS,
+        description="A job this close to its deadline is answered deadline_exceeded instead of being run."
     )
     pull: bool = Field(default=False, description="Pull work from the site's JetStream queue (distributed mode).")
 

@@ -131,10 +131,11 @@ class Scheduler(Service):
     @job_endpoint("schedule", lambda s: Subjects.schedule(s.site), queue="scheduler", span="scheduler place",
                   publishes=(*DISPATCH_PUBLISHES, Topics.DEAD_LETTER, Topics.SPANS))
     async def on_schedule(self, job: JobV1, msg: Msg) -> None:
-        """Place a job; one that arrives past its cutoff is dropped (whoever handed it on answers it at its
-        deadline, having no acknowledgement in time)."""
-        if lifecycle.past_cutoff(job.deadline_ms, now_ms(), self.settings.deadline_margin_ms):
+        """Place a job; one that arrives past its cutoff is answered ``deadline_exceeded`` and not placed."""
+        expired = lifecycle.expired_on_arrival(job, now_ms(), self.settings.deadline_margin_ms)
+        if expired is not None:
             self.counts["expired_on_arrival"] += 1
+            await self.runtime.answer_error(job.reply_to, expired, job.request_id)
             return
         passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
         if not self.security.enabled:

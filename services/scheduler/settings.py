@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.lifecycle import DEADLINE_MARGIN_MS
 from shared.security import SecuredServiceSettings
 
 
@@ -47,7 +48,9 @@ class SchedulerSettings(SecuredServiceSettings):
         "executors to pull.",
     )
     deadline_margin_ms: float = Field(
-        default=5.0, description="Answer an unfinished job with an error this long before its deadline."
+        default=DEADLINE_MARGIN_MS,
+        description="A job arriving this close to its deadline is answered deadline_exceeded instead of placed, "
+        "and an executor's death this close to it is not dispatched again."
     )
     watchdog_interval_ms: float = Field(
         default=5.0, description="How often open jobs and executor liveness are checked."

@@ -222,7 +222,8 @@ class RequestOptionsV1(ServingOptionsV1):
         "plus this. Default by SLA class.")
     deadline_ms: Annotated[int | None, WireOption(RequestHeaders.DEADLINE_MS, "deadline_ms", _whole_ms)] = Field(
         default=None, description=f"Absolute deadline, Unix epoch ms, at most {MAX_TIMEOUT_MS} ms after receipt; "
-        "wins over the timeout.")
+        "with a timeout as well, the earlier of the two counts (DinClient sends both: time queued before "
+        "admission counts, and a client clock running ahead gains nothing).")
     request_id: Annotated[str | None, WireOption(RequestHeaders.REQUEST_ID, None, parse_request_id)] = Field(
         default=None, description=f"Caller's request id (at most {MAX_REQUEST_ID} printable characters; the JSON "
         "body's id otherwise); DIN assigns one when absent.")

@@ -28,8 +28,8 @@ from din.stack.wan import ToxiproxyClient
 from shared.bus.permissions import tenant_inbox, tenant_user
 from shared.naming import Subjects
 from shared.security import CryptoPolicy
-from tests.integration.network import running_network
-from tests.support import subject_covers, three_site_topology, wait_for
+from tests.integration.network import decode_json, running_network
+from tests.support import make_job, subject_covers, three_site_topology, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -224,6 +224,32 @@ async def test_an_executor_answers_the_jobs_it_holds_when_the_scheduler_that_pla
     assert outcome == {"deadline_exceeded": 10, "unanswered": 0, "duplicated": 0}
     await wait_for(lambda: scheduler.pid != old and scheduler.alive(), 30, "scheduler-factory restarted")
     await network.wait_ready("scheduler", "factory", timeout_s=30.0)
+
+
+async def test_a_job_reaching_a_stage_past_its_deadline_is_answered_there_not_dropped(network):
+    """The classifier and the scheduler each answer a job that reaches them past its cutoff (they acknowledge
+    taking it, so nobody else would) with ``deadline_exceeded``, once, and do no work on it."""
+    nc = await nats.connect(network.stack.nats_urls["factory"], **network.stack.nats_options("factory"))
+    inbox = nc.new_inbox()
+    answers: list = []
+
+    async def collect(msg) -> None:
+        answers.append(msg)
+
+    await nc.subscribe(f"{inbox}.*", cb=collect)
+    past = int(time.time() * 1000) - 10
+    try:
+        for subject, rid in ((Subjects.classify("factory"), "late-classify"),
+                             (Subjects.schedule("factory"), "late-schedule")):
+            job = make_job(request_id=rid, tenant="globex", model="digits-small", deadline_ms=past,
+                           reply_to=f"{inbox}.{rid}", received_ms=past - 1000)
+            await nc.request(subject, b"{}", headers=job.to_headers(), timeout=5)
+        await wait_for(lambda: len(answers) >= 2, 5, "both late jobs answered")
+        await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    codes = sorted((msg.subject.rsplit(".", 1)[1], decode_json(msg.data)["error"]["code"]) for msg in answers)
+    assert codes == [("late-classify", "deadline_exceeded"), ("late-schedule", "deadline_exceeded")]
 
 
 async def test_two_admissions_at_a_site_grant_the_tenants_quota_once(network):

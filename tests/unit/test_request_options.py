@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -108,6 +109,11 @@ def offline_client() -> DinClient:
     return DinClient(SimpleNamespace(new_inbox=lambda: "_INBOX.test"), "acme", "t-client")
 
 
+def intake_now(headers: dict[str, str]) -> Intake:
+    """The intake of a request the client built just now (its deadline is on the wall clock)."""
+    return read_intake(headers, BODY, time.time() * 1000.0, 1 << 20)
+
+
 def test_the_client_builder_covers_every_option_but_the_token():
     keywords = set(inspect.signature(DinClient.build).parameters) - {"self", "inputs", "binary"}
     assert keywords == set(BUILD_OPTIONS)
@@ -119,7 +125,7 @@ def test_the_client_asks_for_exactly_the_options_given(kind):
     field_to_keyword = {field: keyword for keyword, field in BUILD_OPTIONS.items()}
     keywords = {field_to_keyword[name]: value for name, value in kind.items() if name != "token"}
     _, headers = offline_client().build({"input": [[0.1, 0.2]]}, **keywords)
-    intake = intake_of(headers)
+    intake = intake_of(headers) if "deadline_ms" in kind else intake_now(headers)
     assert_asked(intake.options, kind | {"token": "t-client"},
                  fields=[f for f in RequestOptionsV1.model_fields if f not in ("deadline_ms", "request_id")])
 
@@ -151,7 +157,7 @@ def test_each_din_infer_flag_sets_its_option(field):
     options = request_options(args) | ({"max_tokens": args.max_tokens} if args.prompt is not None else {})
     options.pop("binary")
     _, headers = offline_client().build({"input": [[0.1, 0.2]]}, **options)
-    assert getattr(intake_of(headers).options, field) == expected
+    assert getattr(intake_now(headers).options, field) == expected
 
 
 def test_every_request_header_is_an_option_or_documented_transport():
@@ -200,3 +206,15 @@ def test_labels_from_json_parameters_must_be_strings():
     with pytest.raises(DinError) as refused:
         intake_of({}, body)
     assert refused.value.code == ErrorCode.BAD_REQUEST
+
+
+def test_the_client_sends_an_absolute_deadline_and_the_earlier_of_deadline_and_timeout_counts():
+    before = time.time() * 1000.0
+    _, headers = offline_client().build({"input": [[0.1, 0.2]]}, timeout_ms=800)
+    sent = int(headers[RequestHeaders.DEADLINE_MS])
+    assert int(before) + 800 <= sent <= time.time() * 1000.0 + 800
+    queued = read_intake(headers, BODY, sent - 300, 1 << 20)
+    assert queued.deadline_ms == sent, "time spent before admission counts against the request"
+    ahead = read_intake({RequestHeaders.TIMEOUT_MS: "800", RequestHeaders.DEADLINE_MS: str(int(NOW_MS) + 5000)},
+                        BODY, NOW_MS, 1 << 20)
+    assert ahead.deadline_ms == int(NOW_MS) + 800, "a client clock running ahead gains nothing"
