@@ -1,11 +1,13 @@
 """How a job ends: the rules the executor and the scheduler share, without NATS.
 
 At an executor every job it takes ends in one ``Outcome``: a result or an error
-to the client (``deadline_exceeded`` too: an executor that took a job answers
-it, so the job's answer does not depend on the scheduler that placed it being
-alive), its output handed on to the next stage of its plan, handed back to the
-scheduler because the executor is full, escalated by a cascade, or (pulled from
-a site queue) NAK'd so the queue offers it again. Its completion event closes
+to the client (``deadline_exceeded`` too, when it gives up at its cutoff, before
+the deadline: the job's answer does not depend on the scheduler that placed it
+being alive), silence for a job it reaches only after the deadline itself (the
+scheduler's watchdog has answered it or will), its output handed on to the next
+stage of its plan, handed back to the scheduler because the executor is full,
+escalated by a cascade, or (pulled from a site queue) NAK'd so the queue offers
+it again. Its completion event closes
 the job at the scheduler (``Din-Request-Id``) only when the client was answered;
 a hand-off carries ``Din-Stage-Done`` instead and keeps the job open.
 
@@ -13,7 +15,11 @@ At the scheduler a job stays in flight until a completion closes it or the
 watchdog answers it, at ``watchdog_at_ms``: after the deadline, later than the
 executor gives up (its cutoff, the deadline minus its margin) by at least the
 completion's way back, so the watchdog speaks only for a job no executor
-holds any more (lost on the way, or its executor dead with no time left). An
+answered: lost on the way, its executor dead with no time left, or reached by
+its executor only after the deadline (a paused or swamped executor, a job
+pulled late from a site queue), which therefore stays silent. One party
+answers in each case; a job is unanswered only when its executor is late and
+the scheduler that placed it is dead. An
 executor's death dispatches its open jobs again while time remains, except a
 token stream whose first token has already gone to the client.
 """
@@ -37,6 +43,8 @@ FIRST_TOKEN_STAMP = "first_token"
 class Outcome(StrEnum):
     """How one job ended at one executor."""
 
+    LEFT_TO_WATCHDOG = "left-to-watchdog"
+    """Reached after the deadline itself: not answered here, the scheduler's watchdog answers."""
     ANSWERED = "answered"
     """The result went to the client."""
     FAILED = "failed"
@@ -109,18 +117,22 @@ def has_streamed(job: JobV1) -> bool:
     return FIRST_TOKEN_STAMP in job.stamps_ms
 
 
-def outcome_of_error(code: ErrorCode, *, pulled: bool, streamed: bool, attempt: int, plan_stage: int) -> Outcome:
+def outcome_of_error(code: ErrorCode, *, pulled: bool, streamed: bool, attempt: int, plan_stage: int,
+                     past_deadline: bool = False) -> Outcome:
     """How a job that failed with ``code`` at an executor ends.
 
     A full executor (``OVERLOADED``) NAKs a pulled job, or hands a first-stage job back while it has attempts
-    left, unless a token has streamed; anything else, ``DEADLINE_EXCEEDED`` included, is answered as an error
-    (the executor holds the job, so it answers it).
+    left, unless a token has streamed; ``DEADLINE_EXCEEDED`` is answered when the executor gives up before the
+    deadline and left to the scheduler's watchdog once the deadline itself has passed (``past_deadline``), so
+    the two never both answer; anything else is answered as an error.
     """
     if code == ErrorCode.OVERLOADED and not streamed:
         if pulled:
             return Outcome.REQUEUED
         if attempt < MAX_ATTEMPTS and plan_stage == 0:
             return Outcome.GIVEN_BACK
+    if code == ErrorCode.DEADLINE_EXCEEDED and past_deadline:
+        return Outcome.LEFT_TO_WATCHDOG
     return Outcome.FAILED
 
 
@@ -138,13 +150,13 @@ def reports_completion(outcome: Outcome) -> bool:
 
 def completion_headers(outcome: Outcome, request_id: str) -> dict[str, str] | None:
     """Headers of the completion event: ``Din-Request-Id`` closes the job at the scheduler (the client was
-    answered), ``Din-Stage-Done`` marks a stage hand-off (the job stays open); an escalation carries none, so
-    the scheduler keeps the job (the large variant answers)."""
+    answered), ``Din-Stage-Done`` marks a stage hand-off (the job stays open); an escalation and a job left to
+    the watchdog carry none, so the scheduler keeps the job (the large variant, or its watchdog, answers)."""
     if outcome in (Outcome.ANSWERED, Outcome.FAILED):
         return {RequestHeaders.REQUEST_ID: request_id}
     if outcome == Outcome.HANDED_ON:
         return {STAGE_DONE_HEADER: request_id}
-    if outcome == Outcome.ESCALATED:
+    if outcome in (Outcome.ESCALATED, Outcome.LEFT_TO_WATCHDOG):
         return None
     raise ValueError(f"a job {outcome.value} reports no completion")
 

@@ -2,8 +2,9 @@
 
 Every job ends in one ``shared.lifecycle.Outcome``: a result or an error to the
 client (``deadline_exceeded`` within ``deadline_margin_ms`` of its deadline, also
-ending a token stream: a job this executor took is answered here, whatever
-became of the scheduler that placed it), its output handed on to the next
+ending a token stream: answered here, whatever became of the scheduler that
+placed it; a job reached only after the deadline is left to the scheduler's
+watchdog, which has answered it), its output handed on to the next
 stage, handed back to the scheduler (full, or a cascade's escalation), or NAK'd
 back to the site queue. The completion event closes the job at the scheduler
 only when the client was answered (``shared.lifecycle.completion_headers``).
@@ -26,7 +27,6 @@ import asyncio
 from dataclasses import dataclass
 
 import numpy as np
-from faststream.nats import NatsResponse
 from nats.aio.msg import Msg
 
 from services.executor import generation, pulling
@@ -39,14 +39,15 @@ from services.executor.settings import ExecutorSettings
 from services.executor.stages import STATE_CONTENT_TYPE, DecodeState, decode_state, encode_state, intermediate
 from shared import lifecycle
 from shared.cascade import EscalationCalibrator, answer_confidence
-from shared.contracts.events import HeartbeatV1, LoadModelV1, ModelLoadedV1
+from shared.contracts.events import HeartbeatV1, LoadModelV1
 from shared.contracts.inference import STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders, StreamChunkV1
 from shared.contracts.job import JobV1, StageKind
+from shared.envelope import InvalidToken
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.lifecycle import Outcome
 from shared.naming import Subjects, Topics
 from shared.runtime import Service, control, endpoint, job_endpoint
-from shared.security import Opened, PayloadSecurity
+from shared.security import ControlRefused, ControlSigner, ControlVerifier, Opened, PayloadSecurity
 from shared.tensors import decode_request, validate_inputs
 
 DRAIN_NOTICE_S = 0.2
@@ -90,6 +91,8 @@ class Executor(Service):
         self.models = ServedModels(self.repository, self.batcher)
         self.security = PayloadSecurity.from_settings(settings)
         self.seals = ExecutorSeals(self.security, settings.site)
+        self.signer = ControlSigner.of(self.security.agent)
+        self.verifier = ControlVerifier(self.security.agent)
         self.answers = AnswerWriter(settings.site, settings.id)
         self.serving: set[asyncio.Task] = set()
         self.draining = False
@@ -106,6 +109,7 @@ class Executor(Service):
             "completed": self.batcher.stats().completed,
             "inflight": len(self.serving),
             **self.security.detail(),
+            **self.verifier.detail(),
         }
 
     @job_endpoint("execute", lambda s: Subjects.execute(s.site, s.id), publishes=JOB_PUBLISHES)
@@ -116,19 +120,38 @@ class Executor(Service):
 
     @endpoint("probe", lambda s: Subjects.probe(s.site), queue=lambda s: f"probe-{s.site}", publishes=("probeReply",))
     async def on_probe(self, msg: Msg) -> None:
-        if msg.reply:
-            await self.nc.publish(msg.reply, msg.data)
+        """Echo a link probe signed by a site's scheduler, signed by this site."""
+        if not msg.reply:
+            return
+        try:
+            self.verifier.open("probe", msg.subject, msg.data, msg.headers)
+        except ControlRefused:
+            return
+        await self.nc.publish(msg.reply, msg.data, headers=self.signer.headers(msg.reply, msg.data))
 
-    @control("control", lambda s: Subjects.control("executor", s.id), publishes=("controlReply", "heartbeat"))
-    async def on_control(self, command: LoadModelV1) -> ModelLoadedV1 | NatsResponse:
+    @endpoint("control", lambda s: Subjects.control("executor", s.id), publishes=("controlReply", "heartbeat"))
+    async def on_control(self, msg: Msg) -> None:
+        """Serve another model version, on the operator's signed command; anything else is answered
+        ``unauthenticated`` and counted."""
+        try:
+            command = self.verifier.open("control", msg.subject, msg.data, msg.headers, LoadModelV1)
+        except ControlRefused:
+            body, headers = error_reply(InvalidToken(), None)
+            await self.reply(msg, body, headers)
+            return
         try:
             handle = await asyncio.to_thread(self.repository.load, command.model, command.version)
         except DinError as error:
             body, headers = error_reply(error, None)
-            return NatsResponse(body, headers=headers)
+            await self.reply(msg, body, headers)
+            return
         self.log.info("now serving %s version %s", handle.name, handle.version)
         await self.send_heartbeat()
-        return self.models.report(handle)
+        await self.reply(msg, self.models.report(handle).model_dump_json().encode(), None)
+
+    async def reply(self, msg: Msg, body: bytes, headers: dict[str, str] | None) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, body, headers=headers)
 
     @control("rollCall", lambda s: Subjects.roll_call(s.site), publishes=("heartbeat",))
     async def on_roll_call(self) -> None:
@@ -235,7 +258,7 @@ class Executor(Service):
         job = run.job
         outcome = lifecycle.outcome_of_error(error.code, pulled=run.pulled is not None,
                                              streamed=lifecycle.has_streamed(job), attempt=job.attempt,
-                                             plan_stage=job.stage)
+                                             plan_stage=job.stage, past_deadline=now_ms() >= job.deadline_ms)
         if outcome == Outcome.REQUEUED:
             if run.opened is not None:
                 self.security.replay.release(run.opened.nonce)
@@ -259,8 +282,10 @@ class Executor(Service):
             job, outcome, model=model or run.model, version=run.version if version is None else version,
             result=result, error=error, protection=protection(run.opened), output_bytes=output_bytes,
             extra_timings=extra_timings)
-        await self.nc.publish(Subjects.completed(self.settings.site), event.model_dump_json().encode(),
-                              headers=lifecycle.completion_headers(outcome, job.request_id))
+        subject, body = Subjects.completed(self.settings.site), event.model_dump_json().encode()
+        await self.nc.publish(subject, body,
+                              headers=self.signer.headers(subject, body,
+                                                          lifecycle.completion_headers(outcome, job.request_id)))
         return outcome
 
     def unsure(self, job: JobV1, model: str, result: ItemResult) -> bool:
@@ -364,8 +389,9 @@ class Executor(Service):
         )
 
     async def send_heartbeat(self) -> None:
-        await self.nc.publish(Subjects.heartbeat(self.settings.site, self.settings.id),
-                              self.heartbeat().model_dump_json().encode())
+        subject = Subjects.heartbeat(self.settings.site, self.settings.id)
+        body = self.heartbeat().model_dump_json().encode()
+        await self.nc.publish(subject, body, headers=self.signer.headers(subject, body))
 
     async def heartbeats(self) -> None:
         while True:

@@ -196,34 +196,50 @@ async def test_killing_a_site_control_process_loses_no_request(network, service)
     assert after == {"ok": 5, "unanswered": 0, "duplicated": 0}
 
 
-async def test_an_executor_answers_the_jobs_it_holds_when_the_scheduler_that_placed_them_dies(network):
-    """The watchdog does not have to survive its scheduler: an executor answers every job it took, also at the
-    deadline. Jobs wait at the factory's frozen executor (SIGSTOP, shorter than the heartbeats it may miss)
-    past their deadline; the factory's scheduler that placed them is killed; the executor, resumed, answers
-    each once with ``deadline_exceeded``."""
+async def held_at_a_frozen_executor(network, load: Load, timeout_ms: int, thaw_after_s: float,
+                                    kill_scheduler: bool) -> dict[str, int]:
+    """10 jobs placed on the factory's executor while it is frozen (SIGSTOP, shorter than the heartbeats it may
+    miss), optionally the factory's scheduler killed meanwhile, the executor thawed ``thaw_after_s`` after the
+    freeze: their outcome, once a request sent after the thaw was answered (the executor has caught up, so a
+    second answer from it would have arrived)."""
     executor = network.process("executor-factory-1")
-    scheduler = network.process("scheduler-factory")
     before = await scheduled(network, "factory")
-    load = at(network, "factory")
     async with load:
         os.kill(executor.pid, signal.SIGSTOP)
         frozen = time.monotonic()
         try:
-            await load.send("globex", "digits-small", 10, every_s=0.01, timeout_ms=400)
+            held = await load.send("globex", "digits-small", 10, every_s=0.01, timeout_ms=timeout_ms)
 
             async def placed() -> bool:
                 return await scheduled(network, "factory") - before >= 10
 
             await wait_for(placed, 5, "the factory's scheduler placed the 10 jobs")
-            old = scheduler.pid
-            network.kill("scheduler-factory")
-            await asyncio.sleep(max(0.0, 0.7 - (time.monotonic() - frozen)))
+            if kill_scheduler:
+                network.kill("scheduler-factory")
+            await asyncio.sleep(max(0.0, thaw_after_s - (time.monotonic() - frozen)))
         finally:
             os.kill(executor.pid, signal.SIGCONT)
-        outcome = await load.settle()
-    assert outcome == {"deadline_exceeded": 10, "unanswered": 0, "duplicated": 0}
+        await load.settle()
+        await load.send("globex", "digits-small", 1)
+        await load.settle()
+        return load.tally.outcome(held)
+
+
+async def test_the_jobs_an_executor_holds_are_answered_when_the_scheduler_that_placed_them_dies(network):
+    """The executor owns the jobs it holds: with their scheduler killed, every one is still answered once."""
+    scheduler = network.process("scheduler-factory")
+    old = scheduler.pid
+    outcome = await held_at_a_frozen_executor(network, at(network, "factory"), 3000, 0.3, kill_scheduler=True)
+    assert outcome == {"ok": 10, "unanswered": 0, "duplicated": 0}
     await wait_for(lambda: scheduler.pid != old and scheduler.alive(), 30, "scheduler-factory restarted")
     await network.wait_ready("scheduler", "factory", timeout_s=30.0)
+
+
+async def test_a_paused_executor_past_the_deadline_leaves_the_one_answer_to_the_watchdog(network):
+    """Jobs held by a paused executor until after their deadline: the scheduler's watchdog answers each, the
+    executor, resumed, stays silent (it reached them after the deadline), so each gets exactly one answer."""
+    outcome = await held_at_a_frozen_executor(network, at(network, "factory"), 300, 0.8, kill_scheduler=False)
+    assert outcome == {"deadline_exceeded": 10, "unanswered": 0, "duplicated": 0}
 
 
 async def test_a_job_reaching_a_stage_past_its_deadline_is_answered_there_not_dropped(network):

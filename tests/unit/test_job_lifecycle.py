@@ -64,6 +64,14 @@ def test_outcome_of_error(code, pulled, streamed, attempt, plan_stage, outcome):
     assert outcome_of_error(code, pulled=pulled, streamed=streamed, attempt=attempt, plan_stage=plan_stage) == outcome
 
 
+@pytest.mark.parametrize("pulled", [False, True])
+def test_a_job_reached_after_its_deadline_is_the_watchdogs_to_answer(pulled):
+    late = outcome_of_error(ErrorCode.DEADLINE_EXCEEDED, pulled=pulled, streamed=False, attempt=1, plan_stage=0,
+                            past_deadline=True)
+    assert late == Outcome.LEFT_TO_WATCHDOG and completion_headers(late, "r1") is None
+    assert settlement(late) == Settlement.ACK
+
+
 @pytest.mark.parametrize(
     ("outcome", "headers", "reported"),
     [
