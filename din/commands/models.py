@@ -1,4 +1,7 @@
-"""``din models``: build the model zoo, list it, and serve a new version on a running executor."""
+"""``din models``: build the model zoo, list it, and serve a new version on a running executor.
+
+A load command is signed by the operator principal (the stack's ``operator`` key file): an executor refuses one
+that is not (``shared.security.control``)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import nats
 
+from din.commands.target import keys_dir_of
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, STATE_FILE_NAME, read_state, shown_path, state_nats
 from din.stack.processes import StackError
 from shared.bus.connect import nats_servers
@@ -16,6 +20,7 @@ from shared.catalog import ModelCatalog
 from shared.contracts.events import LoadModelV1, ModelLoadedV1
 from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from shared.naming import Subjects
+from shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file
 from zoo.build import build_zoo
 
 
@@ -77,16 +82,21 @@ def cmd_load(args: argparse.Namespace) -> int:
     if state is None:
         raise StackError("no stack is running: start one with `din up`")
     url, options = state_nats(state)
-    loaded = asyncio.run(_load(url, options, args.executor, LoadModelV1(model=args.model, version=args.version)))
+    operator = key_file(keys_dir_of(state), OPERATOR)
+    signer = ControlSigner(PrincipalKeys.load(operator).identity if operator.exists() else None)
+    loaded = asyncio.run(load_model(url, options, args.executor, LoadModelV1(model=args.model, version=args.version),
+                                    signer))
     print(f"{args.executor} now serves {loaded.name} version {loaded.version}")
     return 0
 
 
-async def _load(url: str, options: dict, executor: str, command: LoadModelV1) -> ModelLoadedV1:
+async def load_model(url: str, options: dict, executor: str, command: LoadModelV1,
+                     signer: ControlSigner) -> ModelLoadedV1:
+    """Send ``command``, signed by ``signer`` (the operator's), to ``executor``; its answer, or ``StackError``."""
     nc = await nats.connect(nats_servers(url), **options)
+    subject, body = Subjects.control("executor", executor), command.model_dump_json().encode()
     try:
-        reply = await nc.request(Subjects.control("executor", executor), command.model_dump_json().encode(),
-                                 timeout=30)
+        reply = await nc.request(subject, body, headers=signer.headers(subject, body), timeout=30)
     except nats.errors.NoRespondersError:
         raise StackError(f"no executor {executor!r} is running") from None
     finally:

@@ -91,7 +91,7 @@ CONTROL_SERVICES = ("scheduler", "classifier", "admission")
 """Services that run at every site with a control plane (only at the hub with ``control_plane: hub``)."""
 EXECUTOR = "executor"
 SERVICE_KINDS = (*SINGLETON_SERVICES, EXECUTOR, *CONTROL_SERVICES)
-SECURED_SERVICES = ("keymanager", "admission", "scheduler", EXECUTOR)
+SECURED_SERVICES = ("keymanager", "telemetry", "admission", "scheduler", EXECUTOR)
 """Services that hold keys; ``DIN_SECURITY`` switches them all on or off together."""
 
 
@@ -386,6 +386,7 @@ def service_environments(
         elif inst.service == "telemetry":
             env["DIN_TELEMETRY_METRICS_PORT"] = str(telemetry_metrics_port)
             env["DIN_TELEMETRY_METRICS_HOST"] = telemetry_metrics_host
+            env["DIN_TELEMETRY_KEY_FILE"] = site_keys
             if topology.hears_rosters(inst.site):
                 env["DIN_TELEMETRY_HEARTBEAT_SITE"] = inst.site
         elif inst.service == EXECUTOR:

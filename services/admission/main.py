@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from faststream.nats.annotations import NatsMessage
 from nats.aio.msg import Msg
 
 from services.admission.gate import AdmissionGate
@@ -39,6 +40,8 @@ from shared.naming import InvalidNameError, Subjects, Topics
 from shared.recording import record_request
 from shared.runtime import Service, control, endpoint
 from shared.security import (
+    ControlRefused,
+    ControlVerifier,
     PayloadSecurity,
     audit_reader,
     held_readers,
@@ -80,6 +83,7 @@ class Admission(Service):
             models={t.name: frozenset(t.models) for t in self.topology.tenants if t.models is not None},
         )
         self.security = PayloadSecurity.from_settings(settings)
+        self.verifier = ControlVerifier(self.security.agent)
         self.audit = audit_reader(self.topology, settings.site)
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)
         self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0, "handed_over": 0, "foreign_reply": 0}
@@ -90,7 +94,7 @@ class Admission(Service):
         self.runtime.on_drain(self.security.stop)
 
     def detail(self) -> dict[str, object]:
-        return {**self.counts, **self.security.detail()}
+        return {**self.counts, **self.security.detail(), **self.verifier.detail()}
 
     async def _start_keys(self) -> None:
         if self.nonces is not None:
@@ -103,9 +107,12 @@ class Admission(Service):
         )
 
     @control("pressure", lambda s: Subjects.pressure(s.site))
-    async def on_pressure(self, pressure: PressureV1) -> None:
-        """Keep the scheduler's latest view of network load: the gate sheds on it."""
-        self.gate.pressure = pressure
+    async def on_pressure(self, message: NatsMessage) -> None:
+        """Keep the scheduler's latest view of network load, signed by this site: the gate sheds on it."""
+        try:
+            self.gate.pressure = self.verifier.open_message("pressure", message.raw_message, PressureV1)
+        except ControlRefused:
+            return
 
     @endpoint("infer", Subjects.INFER_ALL, queue="admission",
               publishes=("classify", "admit", "inferReply", Topics.ADMISSION_DECISIONS, Topics.REQUESTS))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from faststream.nats.annotations import NatsMessage
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -41,6 +42,9 @@ from shared.lifecycle import Redispatch
 from shared.naming import Subjects, Topics
 from shared.runtime import Service, control, endpoint, job_endpoint
 from shared.security import (
+    ControlRefused,
+    ControlSigner,
+    ControlVerifier,
     PayloadSecurity,
     check_binding,
     held_readers,
@@ -48,6 +52,7 @@ from shared.security import (
     seal_to_site,
     site_principal,
     tenant_principal,
+    verify_reply,
     without_envelope,
 )
 from shared.topology import load_topology
@@ -116,6 +121,8 @@ class Scheduler(Service):
         self.enqueues: set[asyncio.Task] = set()
         self.news = asyncio.Event()
         self.security = PayloadSecurity.from_settings(settings)
+        self.signer = ControlSigner.of(self.security.agent)
+        self.verifier = ControlVerifier(self.security.agent)
         self.runtime.on_start(self.start_keys)
         self.runtime.on_start(self.start_background)
         self.runtime.on_drain(self.finish_enqueues)
@@ -126,7 +133,7 @@ class Scheduler(Service):
 
     def detail(self) -> dict[str, object]:
         return {**self.counts, "mode": self.settings.mode.value, "executors": len(self.registry.live()),
-                "inflight": len(self.inflight), **self.security.detail()}
+                "inflight": len(self.inflight), **self.security.detail(), **self.verifier.detail()}
 
     @job_endpoint("schedule", lambda s: Subjects.schedule(s.site), queue="scheduler", span="scheduler place",
                   publishes=(*DISPATCH_PUBLISHES, Topics.DEAD_LETTER, Topics.SPANS))
@@ -153,6 +160,11 @@ class Scheduler(Service):
 
     @endpoint("completed", completions_heard)
     async def on_completed(self, msg: Msg) -> None:
+        """A job's completion, signed by its executor's site: closes the job (or advances its plan)."""
+        try:
+            self.verifier.open("completed", msg.subject, msg.data, msg.headers)
+        except ControlRefused:
+            return
         advanced = lifecycle.stage_done(msg.headers)
         if advanced is not None:
             entry = self.inflight.advance(advanced)
@@ -165,7 +177,12 @@ class Scheduler(Service):
             self.release(entry)
 
     @control("heartbeat", heartbeats_heard, publishes=DISPATCH_PUBLISHES)
-    async def on_heartbeat(self, heartbeat: HeartbeatV1) -> None:
+    async def on_heartbeat(self, message: NatsMessage) -> None:
+        """An executor's heartbeat, signed by its site: it comes into view, or stays there."""
+        try:
+            heartbeat = self.verifier.open_message("heartbeat", message.raw_message, HeartbeatV1)
+        except ControlRefused:
+            return
         if heartbeat.site not in self.sites:
             return
         if not self.usable(heartbeat.site):
@@ -380,10 +397,14 @@ class Scheduler(Service):
         probe = ProbeV1(from_site=self.settings.site, to_site=site, sent_ms=now_ms(), seq=seq)
         started = time.perf_counter()
         try:
-            await self.nc.request(Subjects.probe(site), probe.model_dump_json().encode(), timeout=PROBE_TIMEOUT_S)
+            subject, body = Subjects.probe(site), probe.model_dump_json().encode()
+            echo = await self.nc.request(subject, body, headers=self.signer.headers(subject, body),
+                                         timeout=PROBE_TIMEOUT_S)
         except (NatsTimeout, NoRespondersError):
             pass
         else:
+            if not verify_reply(self.verifier, site_principal(site), echo.subject, echo.data, echo.headers):
+                return
             self.links.observe_rtt(site, (time.perf_counter() - started) * 1000.0)
             self.health.answered(site, now_ms())
         if asyncio.current_task().cancelling():
@@ -395,7 +416,7 @@ class Scheduler(Service):
         while True:
             await asyncio.sleep(self.settings.pressure_interval_s)
             report = pressure_report(self.registry.live(), self.links, len(self.inflight), now_ms())
-            await self.nc.publish(Subjects.pressure(self.settings.site), report.model_dump_json().encode())
+            await self.publish_signed(Subjects.pressure(self.settings.site), report.model_dump_json().encode())
 
     async def summaries(self) -> None:
         """Tell the other sites' schedulers what this site can take (a control plane per site): every interval,
@@ -411,21 +432,34 @@ class Scheduler(Service):
             self.news.clear()
             summary = summarize(self.registry, self.health, self.settings.site, instance=self.runtime.instance,
                                 topology=self.topology, now_ms=now_ms(), interval_s=self.settings.summary_interval_s)
-            await self.nc.publish(Subjects.summary(self.settings.site), summary.model_dump_json().encode())
+            await self.publish_signed(Subjects.summary(self.settings.site), summary.model_dump_json().encode())
             if self.settings.site != self.topology.hub.name:
                 sample = roster(self.registry, self.lost, site=self.settings.site, instance=self.runtime.instance,
                                 now_ms=now_ms(), interval_s=self.settings.summary_interval_s)
-                await self.nc.publish(Subjects.roster(self.settings.site), sample.model_dump_json().encode())
+                await self.publish_signed(Subjects.roster(self.settings.site), sample.model_dump_json().encode())
+
+    async def publish_signed(self, subject: str, body: bytes) -> None:
+        """Publish a control message signed by this site."""
+        await self.nc.publish(subject, body, headers=self.signer.headers(subject, body))
 
     @control("summary", Subjects.SUMMARY_ALL)
-    async def on_summary(self, summary: SiteSummaryV1) -> None:
-        """Keep the latest word from every other site's scheduler."""
+    async def on_summary(self, message: NatsMessage) -> None:
+        """Keep the latest word from every other site's scheduler, signed by that site."""
+        try:
+            summary = self.verifier.open_message("summary", message.raw_message, SiteSummaryV1)
+        except ControlRefused:
+            return
         if summary.site != self.settings.site and summary.site in self.topology_sites:
             self.remote.observe(summary, now_ms())
 
     @control("roster", rosters_heard)
-    async def on_roster(self, sample: SiteRosterV1) -> None:
-        """The hub's scheduler: another site's executors with room come into view; the ones it lost are dead."""
+    async def on_roster(self, message: NatsMessage) -> None:
+        """The hub's scheduler: another site's executors with room come into view; the ones it lost are dead.
+        Signed by that site."""
+        try:
+            sample = self.verifier.open_message("roster", message.raw_message, SiteRosterV1)
+        except ControlRefused:
+            return
         if not self.settings.rosters or not self.hub_rosters.accepts(sample, self.topology_sites):
             return
         self.hub_rosters.observe(sample, now_ms())

@@ -22,7 +22,7 @@ import time
 from typing import TypeVar
 
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from services.telemetry.alerts import describe
 from services.telemetry.decisions import DecisionFeed
@@ -37,6 +37,7 @@ from shared.contracts.telemetry import SlaViolationV1
 from shared.eventlog import event_type
 from shared.naming import Subjects, Topics
 from shared.runtime import Service, endpoint
+from shared.security import ControlRefused, ControlVerifier, PayloadSecurity, Refusal
 
 COMPLETION_TYPE = f"din.v1.{CompletionV1.__name__}"
 HEARTBEAT_TYPE = f"din.v1.{HeartbeatV1.__name__}"
@@ -73,7 +74,11 @@ class Telemetry(Service):
         self.decisions = DecisionFeed(self.metrics, settings, client_id=f"din-telemetry-{self.runtime.instance}")
         self.counts = {"completions": 0, "heartbeats": 0, "summaries": 0, "invalid": 0, "alerts": 0}
         self.topics_ready = False
+        self.security = PayloadSecurity.from_settings(settings)
+        self.verifier = ControlVerifier(self.security.agent)
+        self.runtime.on_start(self.start_keys)
         self.runtime.on_start(self.start)
+        self.runtime.on_drain(self.security.stop)
         self.runtime.on_drain(self.server.stop)
 
     def detail(self) -> dict[str, object]:
@@ -81,7 +86,12 @@ class Telemetry(Service):
             **self.counts, "decisions": self.decisions.decisions,
             "invalid": self.counts["invalid"] + self.decisions.invalid,
             "metrics": self.server.url, "decision_consumer": self.decisions.consumer_state,
+            **self.verifier.detail(),
         }
+
+    async def start_keys(self) -> None:
+        """Follow the keys bucket for the public identities and revocations the signature checks need."""
+        await self.security.start(self.nc, timeout_s=self.settings.keys_wait_s)
 
     async def start(self) -> None:
         """Create the topics before the first relayed event would auto-create them with broker defaults, serve
@@ -97,7 +107,7 @@ class Telemetry(Service):
               publishes=(Topics.COMPLETIONS, Topics.DEAD_LETTER))
     async def on_completed(self, msg: Msg) -> None:
         """A job's completion: counted, and relayed to the completions topic."""
-        event = self._decode(msg, CompletionV1, "completion")
+        event = self._decode(msg, "completed", CompletionV1, "completion")
         if event is not None:
             self.counts["completions"] += 1
             self.metrics.observe_completion(event)
@@ -107,7 +117,7 @@ class Telemetry(Service):
               publishes=(Topics.HEARTBEATS, Topics.DEAD_LETTER))
     async def on_heartbeat(self, msg: Msg) -> None:
         """An executor's heartbeat: kept for the utilisation gauges, and relayed to the heartbeats topic."""
-        heartbeat = self._decode(msg, HeartbeatV1, "heartbeat")
+        heartbeat = self._decode(msg, "heartbeat", HeartbeatV1, "heartbeat")
         if heartbeat is not None:
             self.counts["heartbeats"] += 1
             self.metrics.observe_heartbeat(heartbeat)
@@ -117,19 +127,21 @@ class Telemetry(Service):
     async def on_summary(self, msg: Msg) -> None:
         """A site scheduler's summary: kept for the per-site capacity gauges (every site's, also where telemetry
         does not hear the executors' heartbeats)."""
-        summary = self._decode(msg, SiteSummaryV1, "summary")
+        summary = self._decode(msg, "summary", SiteSummaryV1, "summary")
         if summary is not None:
             self.counts["summaries"] += 1
             self.metrics.observe_summary(summary)
 
-    def _decode(self, msg: Msg, model: type[Event], source: str) -> Event | None:
-        """The event ``msg`` carries, or None after counting it invalid and dead-lettering it."""
+    def _decode(self, msg: Msg, channel: str, model: type[Event], source: str) -> Event | None:
+        """The event ``msg`` carries once its signature, signer and claims check out; else None: an event that
+        does not decode is counted invalid and dead-lettered, any other refusal counted by the verifier."""
         try:
-            return model.model_validate_json(msg.data)
-        except ValidationError:
-            self.counts["invalid"] += 1
-            self.metrics.invalid(source)
-            self.runtime.dead_letter(msg, f"not a {model.__name__}")
+            return self.verifier.open_message(channel, msg, model)
+        except ControlRefused as refused:
+            if refused.reason == Refusal.MALFORMED:
+                self.counts["invalid"] += 1
+                self.metrics.invalid(source)
+                self.runtime.dead_letter(msg, f"not a {model.__name__}")
             return None
 
     async def prepare_topics(self) -> None:

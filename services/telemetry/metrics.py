@@ -56,6 +56,10 @@ EXECUTOR_STALE_INTERVALS = 3
 EXECUTOR_FORGET_S = 300.0
 SITES_KEPT = 256
 """Most sites whose summaries are kept for the per-site gauges (a flood of made-up site names stops there)."""
+LABEL_BUDGETS = {"tenant": 64, "model": 128, "site": 32, "executor": 512}
+"""Most distinct values of each name label telemetry keeps series for; later new values count under ``_other`` (or,
+for a gauge of one executor or site, are not shown) and in ``din_telemetry_folded_labels_total``, so a flood of
+made-up names cannot grow ``/metrics`` or telemetry's memory without bound."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "Events telemetry consumed, by source (completion, heartbeat, summary, admission, scheduling)."),
     MetricSpec("din_telemetry_invalid_events_total", "counter", ("source",),
                "Events telemetry could not decode, by source; they were dead-lettered or skipped."),
+    MetricSpec("din_telemetry_folded_labels_total", "counter", ("label",),
+               "Events naming a tenant, model, site or executor past telemetry's budget of distinct values for that "
+               "label (LABEL_BUDGETS): counted under _other, or not shown in the per-executor and per-site gauges."),
     MetricSpec("din_telemetry_recorded_events_total", "counter", (), "Events telemetry wrote to Kafka."),
     MetricSpec("din_telemetry_dropped_events_total", "counter", (),
                "Events telemetry could not buffer for Kafka (Kafka unreachable for long)."),
@@ -151,6 +158,32 @@ class _Family:
         if key in self.series or len(self.series) < self.max_series:
             return key
         return tuple(OTHER for _ in key)
+
+
+class _LabelBudget:
+    """The distinct values of each name label telemetry keeps series for (``LABEL_BUDGETS``); the rest fold."""
+
+    __slots__ = ("budgets", "kept", "folded")
+
+    def __init__(self, budgets: Mapping[str, int], folded: _Counter) -> None:
+        self.budgets = dict(budgets)
+        self.kept: dict[str, set[str]] = {label: set() for label in budgets}
+        self.folded = folded
+
+    def admits(self, label: str, value: str) -> bool:
+        """True when ``value`` has (or now gets) its own series; else it is counted as folded."""
+        kept = self.kept[label]
+        if value in kept:
+            return True
+        if len(kept) < self.budgets[label]:
+            kept.add(value)
+            return True
+        self.folded.inc((label,))
+        return False
+
+    def __call__(self, label: str, value: str) -> str:
+        """``value``, or ``_other`` past the label's budget."""
+        return value if self.admits(label, value) else OTHER
 
 
 class _Counter(_Family):
@@ -223,6 +256,7 @@ class TelemetryMetrics:
         sla_quantile: float = 0.99,
         sla_min_samples: int = 20,
         max_series: int = 5000,
+        label_budgets: Mapping[str, int] = LABEL_BUDGETS,
         clock: Callable[[], float] = time.monotonic,
         recorded: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
@@ -252,10 +286,12 @@ class TelemetryMetrics:
         self.scheduling = counter("din_scheduling_decisions_total")
         self.events = counter("din_telemetry_events_total")
         self.invalid_events = counter("din_telemetry_invalid_events_total")
+        self.folded = counter("din_telemetry_folded_labels_total")
+        self.labels = _LabelBudget(label_budgets, self.folded)
         self._families = (
             self.requests, self.duration, self.phase_duration, self.ttft, self.tpot, self.batch, self.degraded,
             self.target_misses, self.handoffs, self.handoff_bytes, self.admission, self.rejects, self.scheduling,
-            self.events, self.invalid_events,
+            self.events, self.invalid_events, self.folded,
         )
         self._executors: dict[str, _Executor] = {}
         self._sites: dict[str, tuple[SiteSummaryV1, float]] = {}
@@ -267,25 +303,27 @@ class TelemetryMetrics:
     def observe_completion(self, event: CompletionV1) -> None:
         """Count one completed (or failed) job."""
         sla = event.sla_class
-        key = (event.tenant, event.model, event.site, sla.value)
+        labels = self.labels
+        tenant, model, site = labels("tenant", event.tenant), labels("model", event.model), labels("site", event.site)
+        key = (tenant, model, site, sla.value)
         self.events.inc(("completion",))
         if event.cascade_step == 1 and event.escalated:
             return  # a cascade's first step handed the request on; its final completion counts it
         if event.handed_on_to is not None:
-            handoff = (event.stage_kind or OTHER, event.site, event.handed_on_to)
+            handoff = (event.stage_kind or OTHER, site, labels("site", event.handed_on_to))
             self.handoffs.inc(handoff)
             self.handoff_bytes.inc(handoff, event.output_bytes or 0)
             return
         if not event.ok:
             self.requests.inc((*key, "error"))
-            self._reject(FAILED_AT_EXECUTOR, event.error_code, event.tenant, event.model, sla.value)
+            self._reject(FAILED_AT_EXECUTOR, event.error_code, tenant, model, sla.value)
             return
         self.requests.inc((*key, "ok"))
         timings = event.timings_ms
         total = timings.get("total")
         if total is not None:
             self.duration.observe(key, total / 1000.0)
-            self.sla.observe(sla, event.site, total, self.clock())
+            self.sla.observe(sla, site, total, self.clock())
             if total > self.sla.targets_ms.get(sla, float("inf")):
                 self.target_misses.inc(key)
         known = 0.0
@@ -305,29 +343,35 @@ class TelemetryMetrics:
         tpot = timings.get("tpot")
         if tpot is not None:
             self.tpot.observe(key, tpot / 1000.0)
-        self.batch.observe((event.model, event.site), event.batch_size)
+        self.batch.observe((model, site), event.batch_size)
         if event.degraded:
             self.degraded.inc(key)
 
     def observe_heartbeat(self, heartbeat: HeartbeatV1) -> None:
         """Keep an executor's latest heartbeat for the utilisation gauges."""
         self.events.inc(("heartbeat",))
-        self._executors[heartbeat.executor] = _Executor(heartbeat, self.clock())
+        if self.labels.admits("executor", heartbeat.executor) and self.labels.admits("site", heartbeat.site):
+            self._executors[heartbeat.executor] = _Executor(heartbeat, self.clock())
+            for model in heartbeat.models:
+                self.labels.admits("model", model.name)
 
     def observe_summary(self, summary: SiteSummaryV1) -> None:
         """Keep a site's latest summary for the per-site gauges."""
         self.events.inc(("summary",))
-        if summary.site in self._sites or len(self._sites) < SITES_KEPT:
+        if (summary.site in self._sites or len(self._sites) < SITES_KEPT) and self.labels.admits("site", summary.site):
             self._sites[summary.site] = (summary, self.clock())
+            for model in summary.models:
+                self.labels.admits("model", model.model)
 
     def observe_admission(self, decision: AdmissionDecisionV1) -> None:
         """Count an admission decision, and the refusal's reason."""
         self.events.inc(("admission",))
         sla = decision.sla_class.value if decision.sla_class else UNKNOWN
         outcome = "admitted" if decision.admitted else "refused"
-        self.admission.inc((decision.tenant, decision.model, sla, outcome))
+        tenant, model = self.labels("tenant", decision.tenant), self.labels("model", decision.model)
+        self.admission.inc((tenant, model, sla, outcome))
         if not decision.admitted:
-            self._reject(REFUSED_BY_ADMISSION, decision.reason, decision.tenant, decision.model, sla)
+            self._reject(REFUSED_BY_ADMISSION, decision.reason, tenant, model, sla)
 
     def observe_scheduling(self, decision: SchedulingDecisionV1) -> None:
         """Count a placement or a refusal by the scheduler."""
@@ -335,10 +379,12 @@ class TelemetryMetrics:
         sla = decision.sla_class.value
         if decision.chosen_site is None:
             self.scheduling.inc((sla, "none", "none", "refused"))
-            self._reject(REFUSED_BY_SCHEDULER, decision.reason, decision.tenant, decision.chosen_model or UNKNOWN, sla)
+            self._reject(REFUSED_BY_SCHEDULER, decision.reason, self.labels("tenant", decision.tenant),
+                         self.labels("model", decision.chosen_model or UNKNOWN), sla)
             return
         outcome = "degraded" if decision.degraded else "placed"
-        self.scheduling.inc((sla, decision.chosen_site, decision.chosen_model or UNKNOWN, outcome))
+        self.scheduling.inc((sla, self.labels("site", decision.chosen_site),
+                             self.labels("model", decision.chosen_model or UNKNOWN), outcome))
 
     def _reject(self, refused_by: str, code: str | None, tenant: str, model: str, sla: str) -> None:
         self.rejects.inc((refused_by, _reason(code), tenant, model, sla))
@@ -394,7 +440,8 @@ class TelemetryMetrics:
             for sla in SlaClass:
                 depth.add_metric([*ids, sla.value], hb.queue_depth.get(sla.value, 0))
             for model in hb.models:
-                per_item.add_metric([*ids, model.name], model.compute_ms_per_item / 1000.0)
+                if model.name in self.labels.kept["model"]:
+                    per_item.add_metric([*ids, model.name], model.compute_ms_per_item / 1000.0)
         return up, util, inflight, depth, capacity, per_item
 
     def _site_gauges(self) -> Iterable[Metric]:
@@ -407,6 +454,8 @@ class TelemetryMetrics:
                 del self._sites[site]
                 continue
             for model in summary.models:
+                if model.model not in self.labels.kept["model"]:
+                    continue
                 executors.add_metric([site, model.model], model.executors)
                 depth.add_metric([site, model.model], model.queue_depth)
                 for sla, slots in model.free_slots.items():

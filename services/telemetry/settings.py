@@ -1,18 +1,24 @@
 """Settings of the telemetry service (``DIN_TELEMETRY_*``)."""
 
-from pydantic import Field
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.contracts.inference import SlaClass
-from shared.settings import ServiceSettings
+from shared.security import SecuredServiceSettings
 
 HOUR_MS = 3_600_000
 DEFAULT_SLA_TARGETS_MS = {SlaClass.REALTIME: 50.0, SlaClass.INTERACTIVE: 500.0, SlaClass.BATCH: 5000.0}
 """Default latency target of each SLA class's p99, ms (the settings below override them)."""
 
 
-class TelemetrySettings(ServiceSettings):
-    """Where telemetry serves its metrics, the SLA targets it alerts on, and how its Kafka topics are kept."""
+class TelemetrySettings(SecuredServiceSettings):
+    """Where telemetry serves its metrics, the SLA targets it alerts on, and how its Kafka topics are kept.
+
+    Its key file (the hub site's) lets it check the signatures on the heartbeats, summaries and completions it
+    hears; it seals and opens nothing. Unlike the services that seal, security follows the key file when
+    ``DIN_SECURITY`` is not set (the launcher always sets it)."""
 
     model_config = SettingsConfigDict(env_prefix="DIN_TELEMETRY_", extra="ignore", populate_by_name=True)
 
@@ -20,6 +26,13 @@ class TelemetrySettings(ServiceSettings):
     metrics_host: str = Field(
         default="127.0.0.1",
         description="Address the /metrics endpoint binds; 0.0.0.0 lets a containerised Prometheus scrape it.",
+    )
+
+    security: bool | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DIN_SECURITY"),
+        description="on: control messages must be signed (needs the key file); off: accepted unsigned; "
+        "unset: on exactly when a key file is given.",
     )
 
     heartbeat_site: str | None = Field(
@@ -68,3 +81,9 @@ class TelemetrySettings(ServiceSettings):
             SlaClass.INTERACTIVE: self.sla_target_interactive_ms,
             SlaClass.BATCH: self.sla_target_batch_ms,
         }
+
+    @model_validator(mode="after")
+    def _security_follows_key_file(self) -> TelemetrySettings:
+        if self.security is None:
+            self.security = self.key_file is not None
+        return self

@@ -224,9 +224,10 @@ def executor(topology: Topology, site: str, executor_id: str) -> Permissions:
 
 def telemetry(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
     """Telemetry: hears every completion and every site's summary, the heartbeats of its own site's executors
-    with a control plane per site (of every site's with one control plane), raises alerts."""
+    with a control plane per site (of every site's with one control plane), raises alerts; reads the key bucket
+    for the public identities that check those messages' signatures."""
     heartbeats = pattern(Subjects.heartbeat, site, ANY) if topology.hears_rosters(site) else Subjects.HEARTBEAT_ALL
-    return _service(user, site, "telemetry", instance) + Permissions(
+    return _service(user, site, "telemetry", instance) + key_bucket_reader(topology) + Permissions(
         publish=(Subjects.ALERTS,), subscribe=(heartbeats, Subjects.COMPLETED_ALL, Subjects.SUMMARY_ALL))
 
 

@@ -13,6 +13,8 @@ every name from ``shared.security``; the modules hold one concern each:
 ``headers``     the envelope and signature headers on a message
 ``payload``     ``PayloadSecurity``: seal, open, sign and verify as one process
 ``commands``    operator key commands, signed and verified
+``control``     control messages (heartbeats, pressure, summaries, rosters, completions, probes, load
+                commands) signed by their sender, and who may sign which (``CONTROL_RULES``)
 ``settings``    ``SecuredServiceSettings``, the settings of every service that seals
 
 Principals
@@ -89,6 +91,16 @@ from shared.security.bindings import (
 )
 from shared.security.bucket import EntryKeys, read_entry, sign_entry
 from shared.security.commands import new_key_command, sign_key_command, verify_key_command
+from shared.security.control import (
+    CONTROL_RULES,
+    ControlRefused,
+    ControlSigner,
+    ControlVerifier,
+    Refusal,
+    claims_refusal,
+    may_sign,
+    verify_reply,
+)
 from shared.security.headers import ENVELOPE_PREFIX, SIGNER_HEADER, is_sealed, payload_size, without_envelope
 from shared.security.keyfiles import (
     KEY_FILE_FORMAT,
@@ -129,6 +141,10 @@ __all__ = [
     "ANSWER_PLAIN",
     "AUDIT",
     "BOUND_HEADER_PREFIXES",
+    "CONTROL_RULES",
+    "ControlRefused",
+    "ControlSigner",
+    "ControlVerifier",
     "CryptoPolicy",
     "DekState",
     "ENVELOPE_PREFIX",
@@ -148,11 +164,13 @@ __all__ = [
     "PayloadProtection",
     "PayloadSecurity",
     "PrincipalKeys",
+    "Refusal",
     "SIGNER_HEADER",
     "SITE_PREFIX",
     "SecuredServiceSettings",
     "TENANT_PREFIX",
     "check_binding",
+    "claims_refusal",
     "init_keys",
     "is_sealed",
     "key_file",
@@ -160,6 +178,7 @@ __all__ = [
     "audit_reader",
     "held_readers",
     "key_holders",
+    "may_sign",
     "new_key_command",
     "payload_size",
     "principals_of",
@@ -177,6 +196,7 @@ __all__ = [
     "stage_binding",
     "tenant_principal",
     "unlock_key",
+    "verify_reply",
     "verify_key_command",
     "without_envelope",
 ]

@@ -23,6 +23,7 @@ from shared.contracts.events import LoadModelV1, ModelLoadedV1
 from shared.contracts.inference import RequestHeaders
 from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ErrorReplyV1
 from shared.naming import Subjects, Topics
+from shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file
 from shared.tensors import encode_binary, encode_request_json
 from tests.integration.network import read_events, running_network
 from tests.support import wait_for
@@ -180,6 +181,7 @@ async def test_large_model_saturated_degrades_only_requests_that_allow_it(networ
 async def test_model_version_swap_under_load_fails_no_request(network, digits):
     x, _ = digits
     nc = await nats.connect(network.hub_url, **network.stack.nats_options())
+    operator = ControlSigner(PrincipalKeys.load(key_file(network.stack.keys_dir, OPERATOR)).identity)
     versions = Counter()
     failures = []
     stop = asyncio.Event()
@@ -204,9 +206,9 @@ async def test_model_version_swap_under_load_fails_no_request(network, digits):
     async with network.client("globex") as client:
         workers = [asyncio.create_task(load(client)) for _ in range(8)]
         for version in ("1", "2", "1", "2"):
-            reply = await nc.request(Subjects.control("executor", "cloud-2"),
-                                     LoadModelV1(model="digits-small", version=version).model_dump_json().encode(),
-                                     timeout=10)
+            subject = Subjects.control("executor", "cloud-2")
+            body = LoadModelV1(model="digits-small", version=version).model_dump_json().encode()
+            reply = await nc.request(subject, body, headers=operator.headers(subject, body), timeout=10)
             assert ModelLoadedV1.model_validate_json(reply.data).version == version
             await served_more(version, 5)
         stop.set()

@@ -123,8 +123,8 @@ def test_service_environments(topology):
                                          "DIN_SCHEDULER_OWN_SITE_ONLY": "true", "DIN_SCHEDULER_ROSTERS": "false"}
     assert envs["admission-branch"]["DIN_ADMISSION_KEY_FILE"] == "/run/keys/site-branch.json"
     assert envs["telemetry"] == {
-        **hub, "DIN_TELEMETRY_METRICS_PORT": "9999", "DIN_TELEMETRY_METRICS_HOST": "127.0.0.1",
-        "DIN_TELEMETRY_HEARTBEAT_SITE": "cloud",
+        **hub, **secured, "DIN_TELEMETRY_METRICS_PORT": "9999", "DIN_TELEMETRY_METRICS_HOST": "127.0.0.1",
+        "DIN_TELEMETRY_KEY_FILE": "/run/keys/site-cloud.json", "DIN_TELEMETRY_HEARTBEAT_SITE": "cloud",
     }
     assert envs["classifier"] == hub_control
     assert envs["keymanager"] == {
