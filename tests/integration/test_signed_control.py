@@ -206,3 +206,11 @@ async def test_thousands_of_fake_completions_leave_metrics_bounded(network, bus,
     await wait_for(folded, 20, "telemetry folding the tenants past its budget")
     _, after = await http_get(port, "/metrics")
     assert len(after) < len(page) + 1_000_000, (len(page), len(after))
+
+
+async def test_legitimate_control_traffic_is_never_refused(network):
+    """Probes from every site's scheduler reach each executor signed, and nothing any service sent was refused
+    by an executor no attack was aimed at."""
+    for executor in ("cloud-1", "factory-1", "branch-1"):
+        detail = (await network.health("executor", executor)).detail
+        assert detail["control_refused"] == "0", (executor, detail)
