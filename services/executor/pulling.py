@@ -23,8 +23,11 @@ from shared.lifecycle import Settlement
 from shared.naming import Subjects, work_stream
 from shared.workqueue import work_stream_config
 
-PULL_ACK_WAIT_S = 3.0
-IN_PROGRESS_EVERY_S = 1.0
+PULL_ACK_WAIT_S = 0.6
+"""A pulled job unclaimed this long is offered to another executor: short against deadlines (a realtime job's
+default is 1 s), so a dead executor's jobs are served elsewhere in time."""
+IN_PROGRESS_EVERY_S = 0.2
+"""How often a job being served is claimed again (well within ``PULL_ACK_WAIT_S``)."""
 PULL_MAX_DELIVER = 50
 PULL_WAIT_S = 1.0
 PULL_MORE_WAIT_S = 0.001

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from collections import Counter
 
 import nats
 import pytest
 
+from bench.tally import Load
 from din.client import DinClient
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared.bus.permissions import tenant_user
@@ -56,3 +60,37 @@ async def test_work_really_went_through_each_sites_jetstream_queue(network):
             await nc.close()
         assert info.state.messages == 0
         assert info.state.last_seq > 0, f"no job was ever queued at {site}"
+
+
+async def deliveries(network) -> tuple[int, int]:
+    """The hub site's digits-small consumer: deliveries made (offers again included) and the last job delivered."""
+    nc = await nats.connect(network.hub_url, **network.stack.nats_options())
+    try:
+        info = await nc.jetstream(domain="cloud").consumer_info(work_stream("cloud"), "work-digits-small")
+    finally:
+        await nc.close()
+    return info.delivered.consumer_seq, info.delivered.stream_seq
+
+
+async def test_a_dead_executors_pulled_jobs_are_served_by_another_before_their_deadline(network):
+    """Jobs a frozen, then killed, executor had pulled are offered again once their short claim lapses and
+    served by the site's other executor before their 2 s deadline (the claim used to last 3 s)."""
+    network.start_executor("cloud-9", "cloud", like="cloud-2")
+    await network.wait_ready("executor", "cloud-9", timeout_s=60.0)
+    offers, last_job = await deliveries(network)
+    victim = network.process("executor-cloud-2")
+    load = Load(network.hub_url, {"globex": network.token("globex")}, network.stack.nats_options())
+    try:
+        async with load:
+            os.kill(victim.pid, signal.SIGSTOP)
+            try:
+                await load.send("globex", "digits-small", 20, every_s=0.0, timeout_ms=2000)
+                await asyncio.sleep(0.3)
+            finally:
+                network.kill("executor-cloud-2")
+            outcome = await load.settle()
+        assert outcome == {"ok": 20, "unanswered": 0, "duplicated": 0}
+        offers_after, last_job_after = await deliveries(network)
+        assert offers_after - offers > last_job_after - last_job, "no job offered twice: the killed executor held none"
+    finally:
+        await network.restore()
