@@ -43,6 +43,7 @@ from din.stack.wan import ToxiproxyClient
 from shared.contracts.events import HealthV1, HeartbeatV1, ModelLoadedV1
 from shared.credentials import issue_token, read_credentials
 from shared.naming import Subjects
+from shared.security import ControlSigner, PrincipalKeys, key_file, site_principal
 from shared.topology import Topology
 
 TENANTS = ("globex",)
@@ -226,8 +227,9 @@ def _hub_traffic(stack: Stack) -> tuple[int, int]:
     return varz["in_msgs"] + varz["out_msgs"], varz["in_bytes"] + varz["out_bytes"]
 
 
-async def _simulate_executors(nc, count: int, stop: asyncio.Event) -> None:
-    """Heartbeats of ``count`` made-up executors at the factory, each every ``SIM_INTERVAL_S``."""
+async def _simulate_executors(nc, count: int, stop: asyncio.Event, signer: ControlSigner) -> None:
+    """Heartbeats of ``count`` made-up executors at the factory, each every ``SIM_INTERVAL_S``, signed with the
+    factory's key (as its executors sign theirs)."""
     beats = [HeartbeatV1(executor=f"sim-{i}", site="factory", capacity=8, queue_depth={}, inflight=0,
                          recent_latency_ms=1.0, interval_s=SIM_INTERVAL_S, sent_ms=0.0,
                          models=[ModelLoadedV1(name=SIM_MODEL, version="1", max_batch_size=8,
@@ -235,7 +237,8 @@ async def _simulate_executors(nc, count: int, stop: asyncio.Event) -> None:
     while not stop.is_set():
         for beat in beats:
             beat.sent_ms = time.time() * 1000.0
-            await nc.publish(Subjects.heartbeat("factory", beat.executor), beat.model_dump_json().encode())
+            subject, body = Subjects.heartbeat("factory", beat.executor), beat.model_dump_json().encode()
+            await nc.publish(subject, body, headers=signer.headers(subject, body))
         await nc.flush()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SIM_INTERVAL_S):
@@ -247,7 +250,9 @@ async def _hub_rate(stack: Stack, arrangement: str, executors: int) -> HubRateRo
 
     nc = await nats.connect(stack.nats_urls["factory"], **stack.nats_options("factory"))
     stop = asyncio.Event()
-    simulator = asyncio.create_task(_simulate_executors(nc, executors, stop))
+    keys = key_file(stack.keys_dir, site_principal("factory"))
+    signer = ControlSigner(PrincipalKeys.load(keys).identity if stack.security else None)
+    simulator = asyncio.create_task(_simulate_executors(nc, executors, stop, signer))
     try:
         await asyncio.sleep(3 * SIM_INTERVAL_S)
         msgs, size = _hub_traffic(stack)
