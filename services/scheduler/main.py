@@ -42,10 +42,12 @@ from shared.lifecycle import Redispatch
 from shared.naming import Subjects, Topics
 from shared.runtime import Service, control, endpoint, job_endpoint
 from shared.security import (
+    CONTROL_RULES,
     ControlRefused,
     ControlSigner,
     ControlVerifier,
     PayloadSecurity,
+    Refusal,
     check_binding,
     held_readers,
     request_binding,
@@ -181,21 +183,28 @@ class Scheduler(Service):
         """An executor's heartbeat, signed by its site: it comes into view, or stays there."""
         try:
             heartbeat = self.verifier.open_message("heartbeat", message.raw_message, HeartbeatV1)
-        except ControlRefused:
+        except ControlRefused as refused:
+            claimed = CONTROL_RULES["heartbeat"].parse(message.raw_message.subject)
+            if refused.reason == Refusal.REVOKED and claimed and refused.signer == site_principal(claimed["site"]):
+                await self.stop_using(claimed["executor"], claimed["site"])
             return
         if heartbeat.site not in self.sites:
             return
         if not self.usable(heartbeat.site):
-            if self.registry.get(heartbeat.executor) is not None:
-                self.log.warning("executor %s at revoked site %s: no more work", heartbeat.executor, heartbeat.site)
-                self.registry.forget(heartbeat.executor)
-                self.lost.note(heartbeat.executor, now_ms())
-                await self.redispatch_all(self.inflight.on_executor(heartbeat.executor))
+            await self.stop_using(heartbeat.executor, heartbeat.site)
             return
         if self.registry.observe(heartbeat, time.monotonic()):
             self.log.info("discovered executor %s at %s serving %s", heartbeat.executor, heartbeat.site,
                           ", ".join(m.name for m in heartbeat.models))
             self.news.set()
+
+    async def stop_using(self, executor: str, site: str) -> None:
+        """An executor at a revoked site spoke: it gets no more work, and its jobs are placed again."""
+        if self.registry.get(executor) is not None:
+            self.log.warning("executor %s at revoked site %s: no more work", executor, site)
+            self.registry.forget(executor)
+            self.lost.note(executor, now_ms())
+            await self.redispatch_all(self.inflight.on_executor(executor))
 
     def transit_ms(self, site: str) -> float:
         """How long a completion takes from ``site`` to this scheduler: half the link's round trip."""

@@ -86,11 +86,13 @@ class Refusal(StrEnum):
 
 
 class ControlRefused(Exception):
-    """A control message that is dropped, with the reason it is counted under."""
+    """A control message that is dropped, with the reason it is counted under (and, when it was signed by a
+    revoked principal, that principal: a scheduler stops using a revoked site's executors at their next word)."""
 
-    def __init__(self, reason: Refusal) -> None:
+    def __init__(self, reason: Refusal, signer: str | None = None) -> None:
         super().__init__(reason.value)
         self.reason = reason
+        self.signer = signer
 
 
 Message = TypeVar("Message", bound=BaseModel)
@@ -260,7 +262,7 @@ class ControlVerifier:
         except InvalidToken:
             raise ControlRefused(Refusal.BAD_SIGNATURE) from None
         if signer in self.agent.revoked:
-            raise ControlRefused(Refusal.REVOKED)
+            raise ControlRefused(Refusal.REVOKED, signer)
         try:
             self.replay.check(nonce, sent_ms / 1000.0)
         except InvalidToken as refused:
