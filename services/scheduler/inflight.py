@@ -60,6 +60,10 @@ class InflightTable:
             heapq.heappush(self._deadlines, (entry.job.deadline_ms if due_ms is None else due_ms, request_id))
         self._jobs[request_id] = entry
 
+    def holds(self, request_id: str) -> bool:
+        """Whether the job is still open here."""
+        return request_id in self._jobs
+
     def complete(self, request_id: str) -> InflightJob | None:
         return self._jobs.pop(request_id, None)
 

@@ -64,6 +64,8 @@ ROLL_CALL_WAIT_S = 0.2
 NEWS_GAP_S = 0.02
 """After an executor appears, the summary and roster wait this long (for others starting with it), then go out."""
 ENQUEUE_TIMEOUT_S = 2.0
+ENQUEUE_RETRY_S = 0.2
+MSG_ID_HEADER = "Nats-Msg-Id"
 PROBE_TIMEOUT_S = 1.0
 DISPATCH_PUBLISHES = ("execute", "work", "inferReply", Topics.SCHEDULING_DECISIONS)
 """Where placing a job sends: to its executor or its site's queue, or its refusal to the client; and the decision."""
@@ -320,18 +322,29 @@ class Scheduler(Service):
                                    job, f"scheduler at site {site} reachable from site {self.settings.site}")
 
     async def enqueue(self, job: JobV1, body: bytes, headers: dict[str, str]) -> None:
-        """Distributed mode: put the job in its site's work queue, or answer it when the queue is unreachable."""
-        try:
-            await self.nc.jetstream().publish(Subjects.work(job.site_chosen, job.model_chosen), body, headers=headers,
-                                              timeout=ENQUEUE_TIMEOUT_S)
-        except Exception as exc:
-            if self.inflight.complete(job.request_id) is not None:
-                await self.runtime.answer_error(
-                    job.reply_to,
-                    DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"site {job.site_chosen} queue unreachable: {exc}",
-                             retry_after_ms=500),
-                    job.request_id,
-                )
+        """Distributed mode: put the job in its site's work queue, asking again while the queue cannot take it
+        (a clustered stream electing a leader) and time remains; answer it when the queue stays unreachable.
+        The message id (request and attempt) lets the stream drop a copy whose first acknowledgement was lost."""
+        headers = {**headers, MSG_ID_HEADER: f"{job.request_id}.{job.attempt}"}
+        while True:
+            try:
+                await self.nc.jetstream().publish(Subjects.work(job.site_chosen, job.model_chosen), body,
+                                                  headers=headers, timeout=ENQUEUE_TIMEOUT_S)
+                return
+            except Exception as exc:
+                time_left_ms = lifecycle.cutoff_ms(job.deadline_ms, self.settings.deadline_margin_ms) - now_ms()
+                if time_left_ms > ENQUEUE_RETRY_S * 1000.0 and self.inflight.holds(job.request_id):
+                    await asyncio.sleep(ENQUEUE_RETRY_S)
+                    continue
+                unreachable = exc
+                break
+        if self.inflight.complete(job.request_id) is not None:
+            await self.runtime.answer_error(
+                job.reply_to,
+                DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"site {job.site_chosen} queue unreachable: {unreachable}",
+                         retry_after_ms=500),
+                job.request_id,
+            )
 
     def release(self, entry: InflightJob) -> None:
         """Take a closed job off the load estimates of the executors it still counted on."""
