@@ -56,10 +56,11 @@ EXECUTOR_STALE_INTERVALS = 3
 EXECUTOR_FORGET_S = 300.0
 SITES_KEPT = 256
 """Most sites whose summaries are kept for the per-site gauges (a flood of made-up site names stops there)."""
-LABEL_BUDGETS = {"tenant": 64, "model": 128, "site": 32, "executor": 512}
-"""Most distinct values of each name label telemetry keeps series for; later new values count under ``_other`` (or,
-for a gauge of one executor or site, are not shown) and in ``din_telemetry_folded_labels_total``, so a flood of
-made-up names cannot grow ``/metrics`` or telemetry's memory without bound."""
+LABEL_BUDGETS = {"tenant": 64, "model": 128, "site": 32, "executor": 512, "route": 64}
+"""Most distinct values of each name label telemetry keeps series for, and (``route``) of the tenant, model and site
+combinations a completion's series are kept under; later new ones count under ``_other`` (or, for a gauge of one
+executor or site, are not shown) and in ``din_telemetry_folded_labels_total``, so a flood of made-up names cannot
+grow ``/metrics`` or telemetry's memory without bound."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,8 @@ class TelemetryMetrics:
         sla = event.sla_class
         labels = self.labels
         tenant, model, site = labels("tenant", event.tenant), labels("model", event.model), labels("site", event.site)
+        if not labels.admits("route", f"{tenant}/{model}/{site}"):
+            tenant = model = site = OTHER
         key = (tenant, model, site, sla.value)
         self.events.inc(("completion",))
         if event.cascade_step == 1 and event.escalated:

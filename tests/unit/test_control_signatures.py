@@ -196,7 +196,7 @@ def test_each_signed_message_carries_its_own_nonce(clock):
 
 
 def test_telemetry_keeps_series_for_a_bounded_number_of_names():
-    budgets = {"tenant": 4, "model": 4, "site": 3, "executor": 5}
+    budgets = {"tenant": 4, "model": 4, "site": 3, "executor": 5, "route": 6}
     metrics = TelemetryMetrics({SlaClass.BATCH: 5000.0}, label_budgets=budgets)
     small = len(metrics.exposition())
     for i in range(3000):
