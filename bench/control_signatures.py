@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -90,7 +91,8 @@ def measure(messages: int) -> dict:
     signer = ControlSigner(identity)
     results = {name: _measure_case(signer, agent, *case, messages) for name, case in _cases().items()}
     return {"messages": messages, "rounds": ROUNDS, "python": platform.python_version(),
-            "machine": platform.machine(), "results": results}
+            "machine": platform.machine(), "cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 1),
+            "results": results}
 
 
 def markdown(report: dict) -> str:
@@ -98,7 +100,8 @@ def markdown(report: dict) -> str:
         "# Signed control messages: cost per message",
         "",
         f"In-process, {report['messages']} messages per round, median of {report['rounds']} rounds "
-        f"(Python {report['python']}, {report['machine']}). `unsigned` is what a receiver pays with security off "
+        f"(Python {report['python']}, {report['machine']}, {report['cpus']} CPUs at load {report['load_1m']}: "
+        "absolute figures rise with the load, the ratio less). `unsigned` is what a receiver pays with security off "
         "(decode and claims); `sign` the sender's cost; `verify` the receiver's with signatures on (signature, "
         "signer rule, replay guard, decode, claims).",
         "",

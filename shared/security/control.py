@@ -10,7 +10,8 @@ its ``Din-*`` headers and its body (``Din-Ctl-*`` headers). The receiver checks,
    pressure, summaries, rosters and completions; a link probe only from a site's scheduler, about itself; a load
    command only from the operator (or the key manager);
 3. it is fresh: sent no more than ``MAX_SKEW_S`` before or after the receiver's clock, and its nonce not seen before
-   (``shared.envelope.ReplayGuard``; a replay within the window is refused, an older one is stale);
+   (``shared.envelope.ReplayGuard``, one per signer, so that one site's flood cannot push out another's nonces; a
+   replay within the window is refused, an older one is stale);
 4. what the body claims fits the subject and stays in range (``claims_refusal``): a heartbeat names the executor and
    site of its subject and an ``interval_s`` within ``MIN_INTERVAL_S``..``MAX_INTERVAL_S``; pressure figures are
    bounded; a summary, roster or completion names its subject's site.
@@ -241,7 +242,8 @@ class ControlVerifier:
         self.agent = agent
         self.skew_s = skew_s
         self.clock = clock
-        self.replay = ReplayGuard(skew_s, clock, max_entries=max_entries)
+        self.max_entries = max_entries
+        self.replays: dict[str, ReplayGuard] = {}
         self.refusals: Counter[str] = Counter()
 
     def authenticate(self, subject: str, body: bytes, headers: Mapping[str, str] | None) -> str:
@@ -264,11 +266,18 @@ class ControlVerifier:
         if signer in self.agent.revoked:
             raise ControlRefused(Refusal.REVOKED, signer)
         try:
-            self.replay.check(nonce, sent_ms / 1000.0)
+            self._replay(signer).check(nonce, sent_ms / 1000.0)
         except InvalidToken as refused:
             raise ControlRefused(Refusal.REPLAY if refused.reason == envelope.Reason.REPLAY else Refusal.STALE) \
                 from None
         return signer
+
+    def _replay(self, signer: str) -> ReplayGuard:
+        """The replay guard of one (known) signer."""
+        guard = self.replays.get(signer)
+        if guard is None:
+            guard = self.replays[signer] = ReplayGuard(self.skew_s, self.clock, max_entries=self.max_entries)
+        return guard
 
     def signer(self, channel: str, subject: str, body: bytes, headers: Mapping[str, str] | None) -> str:
         """``authenticate``, and the signer may send ``channel`` messages on ``subject`` (``CONTROL_RULES``)."""

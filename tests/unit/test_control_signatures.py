@@ -130,6 +130,22 @@ def test_stale_and_future_messages_are_refused_within_the_skew_accepted(verifier
         subject, body)) is None
 
 
+def test_one_site_s_flood_cannot_push_out_another_site_s_messages(clock):
+    agent = SimpleNamespace(publics={n: i.public for n, i in IDS.items()}, revoked=frozenset())
+    small = ControlVerifier(agent, clock=clock, max_entries=10)
+    ahead = Clock()
+    ahead.now = clock.now + MAX_SKEW_S - 1
+    flood = ControlSigner(IDS["site-factory"], clock=ahead)
+    subject, body = Subjects.heartbeat("factory", "f-1"), beat_body("f-1", "factory")
+    for _ in range(50):
+        refusal(small, "heartbeat", subject, body, flood.headers(subject, body))
+    assert refusal(small, "heartbeat", subject, body, signer("site-factory", clock).headers(subject, body)) \
+        == Refusal.STALE, "the flood spoils only the flooding site's own messages"
+    cloud_subject = Subjects.heartbeat("cloud", "cloud-1")
+    cloud = signer("site-cloud", clock).headers(cloud_subject, beat_body())
+    assert small.open("heartbeat", cloud_subject, beat_body(), cloud).executor == "cloud-1"
+
+
 def test_claims_must_fit_the_subject_and_stay_in_range(verifier, clock):
     cloud = signer("site-cloud", clock)
 
