@@ -61,8 +61,9 @@ from shared.topology import load_topology
 from shared.workqueue import work_stream_config
 
 ROLL_CALL_WAIT_S = 0.2
-NEWS_GAP_S = 0.02
-"""After an executor appears, the summary and roster wait this long (for others starting with it), then go out."""
+NEWS_GAP_S = 0.1
+"""After an executor appears, the summary and roster wait this long (for others starting with it), then go out:
+at most ten a second while executors come and go, whatever their number."""
 ENQUEUE_TIMEOUT_S = 2.0
 ENQUEUE_RETRY_S = 0.2
 MSG_ID_HEADER = "Nats-Msg-Id"
