@@ -187,6 +187,7 @@ def compose_environments(topology: Topology) -> dict[str, dict[str, str]]:
         model_repo=CONTAINER_MODEL_REPO,
         telemetry_metrics_port=PORTS.telemetry_metrics,
         telemetry_metrics_host="0.0.0.0",
+        gateway_http_host="0.0.0.0",
         keys_dir=CONTAINER_KEYS,
         kafka_bus_dir=CONTAINER_BUS,
         bus_dir=CONTAINER_BUS,
@@ -322,6 +323,8 @@ def _din_service(inst: ServiceInstance, env: dict[str, str]) -> dict:
     }
     if inst.service == "telemetry":
         service["ports"] = [published(int(env["DIN_TELEMETRY_METRICS_PORT"]))]
+    if inst.service == "gateway":
+        service["ports"] = [published(int(env["DIN_GATEWAY_HTTP_PORT"]))]
     return service
 
 

@@ -38,6 +38,7 @@ SERVICE_CLASSES = {
     "executor": "services.executor.main:Executor",
     "keymanager": "services.keymanager.main:KeyManager",
     "telemetry": "services.telemetry.main:Telemetry",
+    "gateway": "services.gateway.main:Gateway",
 }
 """Where each service's class lives, by service name (``shared.naming.SERVICES``)."""
 

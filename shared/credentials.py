@@ -37,6 +37,14 @@ def issue_token(tenant: str, secret: str, ttl_s: float = 3600.0, now: float | No
     return f"{body}.{mac}"
 
 
+def token_tenant(presented: str | None) -> str | None:
+    """The tenant a token names (unverified: admission checks it), or None when it is not shaped like a token."""
+    parts = (presented or "").split(".")
+    if len(parts) != 4 or parts[0] != TOKEN_VERSION or not parts[1]:
+        return None
+    return parts[1]
+
+
 class TenantVerifier:
     """Verifies tokens against the tenants' secrets."""
 

@@ -16,7 +16,7 @@ PREFIX = f"din.{API_VERSION}"
 TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 WILDCARD = "*"
 
-SERVICES = ("admission", "classifier", "scheduler", "executor", "telemetry", "keymanager")
+SERVICES = ("admission", "classifier", "scheduler", "executor", "telemetry", "keymanager", "gateway")
 
 
 class InvalidNameError(ValueError):

@@ -40,20 +40,24 @@ MAX_RANK = 32
 WIRE_DTYPES: dict[Datatype, np.dtype] = {
     Datatype.FP32: np.dtype("<f4"),
     Datatype.FP64: np.dtype("<f8"),
+    Datatype.FP16: np.dtype("<f2"),
     Datatype.INT64: np.dtype("<i8"),
     Datatype.INT32: np.dtype("<i4"),
+    Datatype.INT16: np.dtype("<i2"),
+    Datatype.INT8: np.dtype("i1"),
+    Datatype.UINT64: np.dtype("<u8"),
+    Datatype.UINT32: np.dtype("<u4"),
+    Datatype.UINT16: np.dtype("<u2"),
     Datatype.UINT8: np.dtype("u1"),
     Datatype.BOOL: np.dtype("?"),
 }
 
-_FLOAT_TYPES = {Datatype.FP32, Datatype.FP64}
-_INT_TYPES = {Datatype.INT64, Datatype.INT32, Datatype.UINT8}
+_FLOAT_TYPES = {Datatype.FP32, Datatype.FP64, Datatype.FP16}
+_INT_TYPES = {Datatype.INT64, Datatype.INT32, Datatype.INT16, Datatype.INT8, Datatype.UINT64, Datatype.UINT32,
+              Datatype.UINT16, Datatype.UINT8}
 _JSON_KINDS_ACCEPTED: dict[Datatype, str] = {
-    Datatype.FP32: "iuf",
-    Datatype.FP64: "iuf",
-    Datatype.INT64: "iu",
-    Datatype.INT32: "iu",
-    Datatype.UINT8: "iu",
+    **{datatype: "iuf" for datatype in _FLOAT_TYPES},
+    **{datatype: "iu" for datatype in _INT_TYPES},
     Datatype.BOOL: "b",
 }
 

@@ -90,7 +90,9 @@ SINGLETON_SERVICES = ("keymanager", "telemetry")
 CONTROL_SERVICES = ("scheduler", "classifier", "admission")
 """Services that run at every site with a control plane (only at the hub with ``control_plane: hub``)."""
 EXECUTOR = "executor"
-SERVICE_KINDS = (*SINGLETON_SERVICES, EXECUTOR, *CONTROL_SERVICES)
+GATEWAY = "gateway"
+"""The HTTP gateway: one at every site with a control plane, started after its admission."""
+SERVICE_KINDS = (*SINGLETON_SERVICES, EXECUTOR, *CONTROL_SERVICES, GATEWAY)
 SECURED_SERVICES = ("keymanager", "telemetry", "admission", "scheduler", EXECUTOR)
 """Services that hold keys; ``DIN_SECURITY`` switches them all on or off together."""
 
@@ -131,6 +133,10 @@ class PortPlan:
     hub_monitors: tuple[int, ...] = ()
     hub_leafnodes: tuple[int, ...] = ()
     hub_wan_links: tuple[int, ...] = ()
+    gateway: int = 8000
+    gateways: tuple[int, ...] = ()
+    """HTTP port of the gateway at the ``i``-th site with a control plane (topology order): ``gateways[i]`` when
+    given, else ``gateway + i``."""
 
     def offset(self, n: int) -> PortPlan:
         """The same plan with every port moved by ``n``."""
@@ -152,7 +158,7 @@ class PortPlan:
         hub servers."""
         extra = hub_servers - 1
         cluster = (hub_servers + 3 * extra + extra * edge_sites) if hub_servers > 1 else 0
-        count = 7 + 3 * edge_sites + cluster
+        count = 7 + 3 * edge_sites + cluster + 1 + edge_sites
         socks = []
         try:
             for _ in range(count):
@@ -174,7 +180,9 @@ class PortPlan:
             leaf_clients=tuple(ports[7 : 7 + edge_sites]),
             leaf_monitors=tuple(ports[7 + edge_sites : 7 + 2 * edge_sites]),
             wan_links=tuple(ports[7 + 2 * edge_sites : 7 + 3 * edge_sites]),
-            **cls._cluster_ports(ports[7 + 3 * edge_sites :], hub_servers, edge_sites),
+            **cls._cluster_ports(ports[7 + 3 * edge_sites : count - 1 - edge_sites], hub_servers, edge_sites),
+            gateway=ports[count - 1 - edge_sites],
+            gateways=tuple(ports[count - 1 - edge_sites :]),
         )
 
     @staticmethod
@@ -232,11 +240,16 @@ class PortPlan:
             raise StackError(f"port plan has {len(explicit)} {what} ports but the topology needs more edge sites")
         return explicit[index]
 
+    def gateway_port(self, index: int) -> int:
+        """HTTP port of the gateway at the ``index``-th site with a control plane."""
+        return self.gateways[index] if index < len(self.gateways) else self.gateway + index
+
     def all_ports(self) -> list[int]:
         single = [self.hub_client, self.leafnode, self.hub_monitor, self.kafka, self.kafka_controller,
                   self.telemetry_metrics, self.toxiproxy_api]
         return [*single, *self.leaf_clients, *self.leaf_monitors, *self.wan_links, *self.hub_routes,
-                *self.hub_clients, *self.hub_monitors, *self.hub_leafnodes, *self.hub_wan_links]
+                *self.hub_clients, *self.hub_monitors, *self.hub_leafnodes, *self.hub_wan_links,
+                *(self.gateways or (self.gateway,))]
 
 
 # --------------------------------------------------------------------------- plan of processes
@@ -304,7 +317,15 @@ def service_instances(topology: Topology, services: Iterable[str] | None = None)
         if name in wanted:
             out += [ServiceInstance(control_process_name(name, site, hub, n), name, site, replica_instance(site, n))
                     for site in topology.control_sites() for n in range(1, topology.replicas_at(site) + 1)]
+    if GATEWAY in wanted:
+        out += [ServiceInstance(control_process_name(GATEWAY, site, hub, 1), GATEWAY, site, site)
+                for site in topology.control_sites()]
     return out
+
+
+def gateway_ports(topology: Topology, ports: PortPlan) -> dict[str, int]:
+    """The gateway's HTTP port at each site with a control plane."""
+    return {site: ports.gateway_port(i) for i, site in enumerate(topology.control_sites())}
 
 
 def service_environments(
@@ -325,6 +346,8 @@ def service_environments(
     security_policy: CryptoPolicy | None = None,
     kafka_bus_dir: str | Path | None = None,
     bus_dir: str | Path | None = None,
+    gateway_http_ports: Mapping[str, int] | None = None,
+    gateway_http_host: str = "127.0.0.1",
 ) -> dict[str, dict[str, str]]:
     """Environment of every service process, keyed by process name (see ``service_instances``).
 
@@ -337,6 +360,7 @@ def service_environments(
     store and master key, every other service its own site's key file. ``kafka_bus_dir``: the bus folder of a
     secure Kafka (its CA and users); each service then logs in as its own Kafka user (its kind). ``bus_dir``: the
     bus folder of closed NATS servers; each instance then connects as its own NATS user (its process name).
+    ``gateway_http_ports``: each control site's gateway HTTP port (default: the default port plan's).
     ``din up`` and ``docker-compose.yml`` both follow this function.
     """
     if mode not in SCHEDULER_MODES:
@@ -348,6 +372,7 @@ def service_environments(
     keys = PurePath(keys_dir) if keys_dir is not None else PurePath(credentials_path).parent / "keys"
     policy = (security_policy or CryptoPolicy(**topology.security.model_dump())).model_dump_json()
     kafka = KafkaAccess(kafka_bootstrap, Path(kafka_bus_dir) if kafka_bus_dir is not None else None)
+    http_ports = gateway_http_ports or gateway_ports(topology, PortPlan())
     envs: dict[str, dict[str, str]] = {}
     for inst in service_instances(topology, services):
         env = {
@@ -389,6 +414,9 @@ def service_environments(
             env["DIN_TELEMETRY_KEY_FILE"] = site_keys
             if topology.hears_rosters(inst.site):
                 env["DIN_TELEMETRY_HEARTBEAT_SITE"] = inst.site
+        elif inst.service == GATEWAY:
+            env["DIN_GATEWAY_HTTP_PORT"] = str(http_ports[inst.site])
+            env["DIN_GATEWAY_HTTP_HOST"] = gateway_http_host
         elif inst.service == EXECUTOR:
             spec = executors[inst.instance]
             env["DIN_EXECUTOR_ID"] = spec.id
@@ -449,7 +477,8 @@ def stack_wan_links(topology: Topology, ports: PortPlan) -> list[WanLink]:
 
 
 def port_roles(
-    topology: Topology, ports: PortPlan, *, kafka: bool = True, telemetry: bool = True, wan: bool = False
+    topology: Topology, ports: PortPlan, *, kafka: bool = True, telemetry: bool = True, wan: bool = False,
+    gateway: bool = True,
 ) -> list[tuple[int, str]]:
     """Every port the stack will listen on, with a human description of its role."""
     roles: list[tuple[int, str]] = []
@@ -472,6 +501,8 @@ def port_roles(
         roles.append((ports.kafka_controller, "Kafka controller port"))
     if telemetry:
         roles.append((ports.telemetry_metrics, "telemetry metrics port"))
+    if gateway:
+        roles += [(port, f"gateway HTTP port of site {site}") for site, port in gateway_ports(topology, ports).items()]
     return roles
 
 
@@ -900,6 +931,7 @@ class Stack:
             security_policy=self.security_policy,
             kafka_bus_dir=self.kafka_access.bus_dir,
             bus_dir=None if self.bus is None else self.bus.root,
+            gateway_http_ports=gateway_ports(self.topology, self.ports),
         )
 
     # -- lifecycle
@@ -928,6 +960,7 @@ class Stack:
                 kafka=self.kafka_enabled,
                 telemetry=any(i.service == "telemetry" for i in self.instances),
                 wan=self.wan,
+                gateway=any(i.service == GATEWAY for i in self.instances),
             )
         )
 
@@ -1067,6 +1100,8 @@ class Stack:
             address = env["DIN_NATS_URL"]
             if inst.service == "telemetry":
                 address += f" metrics http://127.0.0.1:{self.ports.telemetry_metrics}/metrics"
+            if inst.service == GATEWAY:
+                address += f" http http://127.0.0.1:{env['DIN_GATEWAY_HTTP_PORT']}/v2"
             self._track(proc, inst.site, address)
             pending.append((inst, proc, env["DIN_NATS_URL"]))
         sites = {url: site for site, url in self.nats_urls.items()}

@@ -18,10 +18,10 @@ from shared.contracts.inference import (
     TENSOR_CONTENT_TYPE,
     InferRequestV1,
     RequestHeaders,
-    SlaClass,
 )
 from shared.contracts.job import JobV1
 from shared.contracts.options import (
+    DEFAULT_TIMEOUT_MS,
     MAX_TIMEOUT_MS,
     RequestOptionsV1,
     check_options,
@@ -31,8 +31,6 @@ from shared.contracts.options import (
     read_options,
 )
 from shared.errors import DinError, ErrorCode
-
-DEFAULT_TIMEOUT_MS = {SlaClass.REALTIME: 1_000, SlaClass.INTERACTIVE: 5_000, SlaClass.BATCH: 60_000}
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,8 @@ def read_intake(headers: dict[str, str] | None, body: bytes, now_ms: float, max_
     content_type = headers.get(RequestHeaders.CONTENT_TYPE, JSON_CONTENT_TYPE).split(";")[0].strip()
     request = _body(content_type, body)
     params = (request.parameters if request else None) or {}
+    if request is not None and request.model_version is not None and "model_version" not in params:
+        params = {**params, "model_version": request.model_version}
     asked = read_options(lookup_in(headers, params), RequestOptionsV1)
     check_options(asked)
     resolved = asked.model_copy(update={

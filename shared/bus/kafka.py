@@ -86,6 +86,7 @@ WRITES: dict[str, tuple[str, ...]] = {
     "executor": (Topics.DEAD_LETTER, Topics.SPANS),
     "telemetry": (Topics.COMPLETIONS, Topics.HEARTBEATS, Topics.ALERTS, Topics.DEAD_LETTER, Topics.SPANS),
     "keymanager": (Topics.DEAD_LETTER, Topics.SPANS),
+    "gateway": (Topics.SPANS,),
     OPERATOR: (Topics.SMOKE,),
 }
 """The base topics each user produces to: what each service's declarations say it sends (trace spans from every

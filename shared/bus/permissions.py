@@ -86,6 +86,21 @@ def service_inbox(site: str, user: str) -> str:
     return f"{SERVICE_INBOX_ROOT}.{token(site, what='site')}.{token(user, what='user')}"
 
 
+GATEWAY_INBOX_TOKEN = "gateway"
+
+
+def gateway_reply(tenant_name: str, site: str, request: str) -> str:
+    """The reply subject of one request the gateway at ``site`` sends for ``tenant_name``: inside that tenant's
+    own inboxes (so admission answers it, ``is_tenant_reply``, and no other tenant's request can name it), under
+    a token no nats-py inbox uses (a client's inbox ends in a 22-character id)."""
+    return f"{tenant_inbox(tenant_name, site)}.{GATEWAY_INBOX_TOKEN}.{token(request, what='request')}"
+
+
+def gateway_replies(site: str) -> str:
+    """Every reply subject of the gateway at ``site``, of any tenant."""
+    return f"{TENANT_INBOX_ROOT}.{ANY}.{token(site, what='site')}.{GATEWAY_INBOX_TOKEN}.{ANY}"
+
+
 def inbox_for(user: str, site: str) -> str:
     """The inbox prefix NATS user ``user`` connects with at ``site``: its tenant's (``tenant-<name>``) or its own."""
     if user.startswith(TENANT_USER_PREFIX):
@@ -245,6 +260,13 @@ def keymanager(topology: Topology, site: str, user: str, instance: str | None) -
     )
 
 
+def gateway(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
+    """A site's HTTP gateway: publishes requests as any tenant (admission checks each one's token) and hears
+    only its own replies, in each tenant's inbox at its site (``gateway_reply``); nothing else."""
+    return _service(user, site, "gateway", instance) + Permissions(
+        publish=(pattern(Subjects.infer, ANY, ANY),), subscribe=(gateway_replies(site),))
+
+
 def tenant(topology: Topology, name: str) -> Permissions:
     """A tenant's clients: publish its own requests, hear its own inboxes, read the key bucket (public identities
     and data keys wrapped to their holders); nothing else."""
@@ -290,4 +312,5 @@ SERVICE_RULES = {
     "scheduler": scheduler,
     "telemetry": telemetry,
     "keymanager": keymanager,
+    "gateway": gateway,
 }

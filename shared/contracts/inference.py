@@ -15,12 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Datatype(StrEnum):
-    """Tensor element types of the Open Inference Protocol that DIN serves."""
+    """Tensor element types of the Open Inference Protocol that DIN serves (every fixed-size one ONNX Runtime
+    takes; not BYTES, BF16)."""
 
     FP32 = "FP32"
     FP64 = "FP64"
+    FP16 = "FP16"
     INT64 = "INT64"
     INT32 = "INT32"
+    INT16 = "INT16"
+    INT8 = "INT8"
+    UINT64 = "UINT64"
+    UINT32 = "UINT32"
+    UINT16 = "UINT16"
     UINT8 = "UINT8"
     BOOL = "BOOL"
 
@@ -41,13 +48,25 @@ class TensorV1(BaseModel):
     name: str = Field(description="Tensor name, as in the model's config.")
     shape: list[int] = Field(description="Dimensions; the first is the batch dimension.")
     datatype: Datatype = Field(description="Element type.")
-    data: list[Any] = Field(description="Elements in row-major order, flattened.")
+    data: list[Any] = Field(
+        default_factory=list,
+        description="Elements in row-major order, flattened (or nested). Absent only where the Open Inference "
+        "Protocol's binary tensor extension carries them after the JSON (HTTP gateway).",
+    )
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="Per-tensor parameters of the Open Inference Protocol (e.g. binary_data_size, binary_data); "
+        "accepted, and read only by the HTTP gateway's binary extension.",
+    )
 
 
 class RequestedOutputV1(BaseModel):
     """An output the caller wants back."""
 
     name: str = Field(description="Output tensor name.")
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="Per-output parameters of the Open Inference Protocol (e.g. binary_data)."
+    )
 
 
 class InferRequestV1(BaseModel):
@@ -56,6 +75,17 @@ class InferRequestV1(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(default=None, description="Caller's request id; DIN assigns one when absent.")
+    model_name: str | None = Field(
+        default=None,
+        description="Model the body is meant for (KServe's client sends it). The request subject names the model "
+        "that serves it (this field is not checked over NATS); the HTTP gateway refuses a name other than its "
+        "URL's (bad_request).",
+    )
+    model_version: str | None = Field(
+        default=None,
+        description="Model version the body is meant for; where the model_version option is not set otherwise, "
+        "it asks for that version.",
+    )
     inputs: list[TensorV1] = Field(min_length=1, description="Input tensors.")
     outputs: list[RequestedOutputV1] | None = Field(
         default=None, description="Outputs to return; all when absent."

@@ -28,6 +28,8 @@ from shared.errors import DinError, ErrorCode
 from shared.privacy import parse_protection
 
 MAX_TIMEOUT_MS = 600_000
+DEFAULT_TIMEOUT_MS = {SlaClass.REALTIME: 1_000, SlaClass.INTERACTIVE: 5_000, SlaClass.BATCH: 60_000}
+"""A request's timeout when it asks for none, by SLA class (admission's deadline, the gateway's wait)."""
 MAX_LABELS = 16
 MAX_LABEL = 64
 MAX_TOKENS_LIMIT = 512

@@ -33,6 +33,7 @@ from din.stack.wan import TOXIPROXY_VERSION, toxics_for
 from services.admission.settings import AdmissionSettings
 from services.classifier.settings import ClassifierSettings
 from services.executor.settings import ExecutorSettings
+from services.gateway.settings import GatewaySettings
 from services.keymanager.settings import KeyManagerSettings
 from services.scheduler.settings import SchedulerSettings
 from services.telemetry.settings import TelemetrySettings
@@ -49,6 +50,7 @@ SETTINGS = {
     "keymanager": KeyManagerSettings,
     "scheduler": SchedulerSettings,
     "telemetry": TelemetrySettings,
+    "gateway": GatewaySettings,
 }
 APP_DIR = "/app"
 BIND = "${DIN_BIND_ADDRESS:-127.0.0.1}"
@@ -123,6 +125,7 @@ def expected_envs(topology, services, nats_servers) -> dict[str, dict[str, str]]
         model_repo=f"{APP_DIR}/.din/models",
         telemetry_metrics_port=9464,
         telemetry_metrics_host="0.0.0.0",
+        gateway_http_host="0.0.0.0",
         keys_dir=f"{RUN}/keys",
         kafka_bus_dir=f"{RUN}/keys/bus",
         bus_dir=f"{RUN}/keys/bus",
@@ -213,7 +216,10 @@ def test_published_ports_bind_loopback_unless_the_operator_sets_an_address(topol
             published[name] = int(container_port)
     hub = nats_servers[topology.hub.name]
     port = int(services["telemetry"]["environment"]["DIN_TELEMETRY_METRICS_PORT"])
-    assert published == {hub["host"]: hub["client_port"], "telemetry": port, "prometheus": 9090, "grafana": 3000}
+    gateways = {inst.name: int(services[inst.name]["environment"]["DIN_GATEWAY_HTTP_PORT"])
+                for inst in service_instances(topology) if inst.service == "gateway"}
+    assert published == {hub["host"]: hub["client_port"], "telemetry": port, "prometheus": 9090, "grafana": 3000,
+                         **gateways}
 
 
 def test_nats_configs_include_the_trust_file_relative_to_the_config(nats_servers, services):

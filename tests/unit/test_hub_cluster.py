@@ -57,7 +57,7 @@ def test_replicas_follow_the_hub_cluster():
 def test_free_plan_gives_every_hub_server_its_own_ports():
     topology = clustered()
     roles = port_roles(topology, PortPlan.free(edge_sites=2, hub_servers=3), kafka=False, telemetry=False,
-                       wan=True)
+                       wan=True, gateway=False)
     # 3 hub servers x (client, monitor, leafnode, route) + 2 leaves x (client, monitor) + toxiproxy + 2 x 3 proxies
     assert len(roles) == len({port for port, _ in roles}) == 12 + 4 + 1 + 6
     check_ports(roles)

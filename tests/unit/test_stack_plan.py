@@ -48,7 +48,7 @@ def test_offset_out_of_range_is_refused():
 def test_free_plan_has_distinct_ports(topology):
     plan = PortPlan.free(edge_sites=2)
     ports = [port for port, _ in port_roles(topology, plan)]
-    assert len(ports) == len(set(ports)) == 10
+    assert len(ports) == len(set(ports)) == 13
     check_ports(port_roles(topology, plan))
 
 
@@ -81,6 +81,9 @@ def test_service_processes_in_start_order(topology):
         ("admission", "cloud"),
         ("admission-factory", "factory"),
         ("admission-branch", "branch"),
+        ("gateway", "cloud"),
+        ("gateway-factory", "factory"),
+        ("gateway-branch", "branch"),
     ]
     assert [i.name for i in service_instances(topology, ["admission"])] == [
         "admission", "admission-factory", "admission-branch"]
@@ -90,8 +93,8 @@ def test_service_processes_in_start_order(topology):
     assert service_instances(topology, []) == []
     executor = service_instances(topology, ["executor"])[2]
     assert executor.health_subject == "din.v1.health.executor.factory-1"
-    with pytest.raises(StackError, match="unknown service 'gateway'"):
-        service_instances(topology, ["gateway"])
+    with pytest.raises(StackError, match="unknown service 'gatekeeper'"):
+        service_instances(topology, ["gatekeeper"])
 
 
 def test_service_environments(topology):
@@ -165,8 +168,8 @@ def test_parse_services():
     assert parse_services("all") is None
     assert parse_services("none") == []
     assert parse_services("executor, admission") == ["executor", "admission"]
-    with pytest.raises(StackError, match="unknown service 'gateway' in --services"):
-        parse_services("executor,gateway")
+    with pytest.raises(StackError, match="unknown service 'gatekeeper' in --services"):
+        parse_services("executor,gatekeeper")
 
 
 def test_cli_has_stack_commands():

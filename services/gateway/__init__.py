@@ -1,0 +1,1 @@
+"""The HTTP gateway: Open Inference Protocol (KServe v2 / Triton REST) and OpenAI-style completions over DIN."""
