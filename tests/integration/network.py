@@ -17,7 +17,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer
 
 from din.client import DinClient
-from din.stack.launcher import CONTROL_SERVICES, PortPlan, Stack
+from din.stack.launcher import CONTROL_SERVICES, GATEWAY, SERVICE_KINDS, PortPlan, Stack
 from din.stack.processes import ManagedProcess
 from shared.bus.connect import nats_servers
 from shared.bus.kafka import OPERATOR, KafkaAccess
@@ -245,8 +245,10 @@ RAW_CLIENT_POLICY = CryptoPolicy(plaintext_ingress=[t["name"] for t in INFERENCE
 def running_network(
     kafka: KafkaAccess, model_repo: Path, din_dir: Path, mode: str,
     security_policy: CryptoPolicy = RAW_CLIENT_POLICY, topology_spec: dict = INFERENCE_TOPOLOGY, wan: bool = False,
+    gateway: bool = False,
 ) -> Iterator[Network]:
-    """Start a topology (the inference-test one by default) with every service; stop it all afterwards."""
+    """Start a topology (the inference-test one by default) with every service (the HTTP gateways only with
+    ``gateway``: only their own tests pay for them); stop it all afterwards."""
     topology = Topology.model_validate(topology_spec)
     scope = f"it{uuid.uuid4().hex[:8]}"
     edges = sum(1 for s in topology.sites if s.role == "edge")
@@ -261,6 +263,7 @@ def running_network(
         external_kafka=kafka,
         security_policy=security_policy,
         wan=wan,
+        services=None if gateway else [kind for kind in SERVICE_KINDS if kind != GATEWAY],
     )
     stack.start()
     try:

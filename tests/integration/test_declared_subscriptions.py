@@ -39,6 +39,7 @@ async def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_pa
         from services.admission.settings import AdmissionSettings
         from services.classifier.settings import ClassifierSettings
         from services.executor.settings import ExecutorSettings
+        from services.gateway.settings import GatewaySettings
         from services.keymanager.settings import KeyManagerSettings
         from services.scheduler.settings import SchedulerSettings
         from services.telemetry.settings import TelemetrySettings
@@ -62,6 +63,7 @@ async def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_pa
                                                    heartbeat_site=site if test_topology.hears_rosters(site) else None,
                                                    **common),
             "keymanager": lambda: KeyManagerSettings(topology=topology, security=False, **common),
+            "gateway": lambda: GatewaySettings(model_repo=zoo_dir, http_port=free_port(), **common),
         }
         return factories[case]()
 

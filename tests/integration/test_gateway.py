@@ -46,7 +46,7 @@ GATEWAY_TOPOLOGY = {
 def network(kafka_access, zoo_dir, tmp_path_factory):
     with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), "centralized",
                          security_policy=CryptoPolicy(plaintext_ingress=["acme"]),
-                         topology_spec=GATEWAY_TOPOLOGY) as net:
+                         topology_spec=GATEWAY_TOPOLOGY, gateway=True) as net:
         yield net
 
 
