@@ -55,6 +55,7 @@ class TensorV1(BaseModel):
     )
     parameters: dict[str, Any] | None = Field(
         default=None,
+        exclude_if=lambda value: value is None,
         description="Per-tensor parameters of the Open Inference Protocol (e.g. binary_data_size, binary_data); "
         "accepted, and read only by the HTTP gateway's binary extension.",
     )
@@ -65,7 +66,8 @@ class RequestedOutputV1(BaseModel):
 
     name: str = Field(description="Output tensor name.")
     parameters: dict[str, Any] | None = Field(
-        default=None, description="Per-output parameters of the Open Inference Protocol (e.g. binary_data)."
+        default=None, exclude_if=lambda value: value is None,
+        description="Per-output parameters of the Open Inference Protocol (e.g. binary_data).",
     )
 
 
