@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 from faststream.nats.annotations import NatsMessage
 from nats.aio.msg import Msg
@@ -325,8 +326,9 @@ class Scheduler(Service):
     async def enqueue(self, job: JobV1, body: bytes, headers: dict[str, str]) -> None:
         """Distributed mode: put the job in its site's work queue, asking again while the queue cannot take it
         (a clustered stream electing a leader) and time remains; answer it when the queue stays unreachable.
-        The message id (request and attempt) lets the stream drop a copy whose first acknowledgement was lost."""
-        headers = {**headers, MSG_ID_HEADER: f"{job.request_id}.{job.attempt}"}
+        One message id for this enqueue and its retries lets the stream drop a copy whose acknowledgement was lost
+        (and only that: the same request enqueued again, escalated, replayed or dispatched anew, is a new one)."""
+        headers = {**headers, MSG_ID_HEADER: f"{job.request_id}.{uuid.uuid4().hex}"}
         while True:
             try:
                 await self.nc.jetstream().publish(Subjects.work(job.site_chosen, job.model_chosen), body,
