@@ -324,7 +324,7 @@ def _din_service(inst: ServiceInstance, env: dict[str, str]) -> dict:
     if inst.service == "telemetry":
         service["ports"] = [published(int(env["DIN_TELEMETRY_METRICS_PORT"]))]
     if inst.service == "gateway":
-        service["ports"] = [published(int(env["DIN_GATEWAY_HTTP_PORT"]))]
+        service["ports"] = [published(int(env["DIN_GATEWAY_HTTP_PORT"])), published(int(env["DIN_GATEWAY_GRPC_PORT"]))]
     return service
 
 

@@ -137,6 +137,9 @@ class PortPlan:
     gateways: tuple[int, ...] = ()
     """HTTP port of the gateway at the ``i``-th site with a control plane (topology order): ``gateways[i]`` when
     given, else ``gateway + i``."""
+    gateway_grpc: int = 8100
+    gateways_grpc: tuple[int, ...] = ()
+    """gRPC port of the gateway at the ``i``-th site with a control plane, likewise."""
 
     def offset(self, n: int) -> PortPlan:
         """The same plan with every port moved by ``n``."""
@@ -158,7 +161,8 @@ class PortPlan:
         hub servers."""
         extra = hub_servers - 1
         cluster = (hub_servers + 3 * extra + extra * edge_sites) if hub_servers > 1 else 0
-        count = 7 + 3 * edge_sites + cluster + 1 + edge_sites
+        doors = 1 + edge_sites
+        count = 7 + 3 * edge_sites + cluster + 2 * doors
         socks = []
         try:
             for _ in range(count):
@@ -180,9 +184,11 @@ class PortPlan:
             leaf_clients=tuple(ports[7 : 7 + edge_sites]),
             leaf_monitors=tuple(ports[7 + edge_sites : 7 + 2 * edge_sites]),
             wan_links=tuple(ports[7 + 2 * edge_sites : 7 + 3 * edge_sites]),
-            **cls._cluster_ports(ports[7 + 3 * edge_sites : count - 1 - edge_sites], hub_servers, edge_sites),
-            gateway=ports[count - 1 - edge_sites],
-            gateways=tuple(ports[count - 1 - edge_sites :]),
+            **cls._cluster_ports(ports[7 + 3 * edge_sites : count - 2 * doors], hub_servers, edge_sites),
+            gateway=ports[count - 2 * doors],
+            gateways=tuple(ports[count - 2 * doors : count - doors]),
+            gateway_grpc=ports[count - doors],
+            gateways_grpc=tuple(ports[count - doors :]),
         )
 
     @staticmethod
@@ -244,12 +250,16 @@ class PortPlan:
         """HTTP port of the gateway at the ``index``-th site with a control plane."""
         return self.gateways[index] if index < len(self.gateways) else self.gateway + index
 
+    def gateway_grpc_port(self, index: int) -> int:
+        """gRPC port of the gateway at the ``index``-th site with a control plane."""
+        return self.gateways_grpc[index] if index < len(self.gateways_grpc) else self.gateway_grpc + index
+
     def all_ports(self) -> list[int]:
         single = [self.hub_client, self.leafnode, self.hub_monitor, self.kafka, self.kafka_controller,
                   self.telemetry_metrics, self.toxiproxy_api]
         return [*single, *self.leaf_clients, *self.leaf_monitors, *self.wan_links, *self.hub_routes,
                 *self.hub_clients, *self.hub_monitors, *self.hub_leafnodes, *self.hub_wan_links,
-                *(self.gateways or (self.gateway,))]
+                *(self.gateways or (self.gateway,)), *(self.gateways_grpc or (self.gateway_grpc,))]
 
 
 # --------------------------------------------------------------------------- plan of processes
@@ -323,9 +333,10 @@ def service_instances(topology: Topology, services: Iterable[str] | None = None)
     return out
 
 
-def gateway_ports(topology: Topology, ports: PortPlan) -> dict[str, int]:
-    """The gateway's HTTP port at each site with a control plane."""
-    return {site: ports.gateway_port(i) for i, site in enumerate(topology.control_sites())}
+def gateway_ports(topology: Topology, ports: PortPlan) -> dict[str, tuple[int, int]]:
+    """The gateway's HTTP and gRPC ports at each site with a control plane."""
+    return {site: (ports.gateway_port(i), ports.gateway_grpc_port(i))
+            for i, site in enumerate(topology.control_sites())}
 
 
 def service_environments(
@@ -346,7 +357,7 @@ def service_environments(
     security_policy: CryptoPolicy | None = None,
     kafka_bus_dir: str | Path | None = None,
     bus_dir: str | Path | None = None,
-    gateway_http_ports: Mapping[str, int] | None = None,
+    gateway_http_ports: Mapping[str, tuple[int, int]] | None = None,
     gateway_http_host: str = "127.0.0.1",
 ) -> dict[str, dict[str, str]]:
     """Environment of every service process, keyed by process name (see ``service_instances``).
@@ -360,7 +371,7 @@ def service_environments(
     store and master key, every other service its own site's key file. ``kafka_bus_dir``: the bus folder of a
     secure Kafka (its CA and users); each service then logs in as its own Kafka user (its kind). ``bus_dir``: the
     bus folder of closed NATS servers; each instance then connects as its own NATS user (its process name).
-    ``gateway_http_ports``: each control site's gateway HTTP port (default: the default port plan's).
+    ``gateway_http_ports``: each control site's gateway HTTP and gRPC ports (default: the default port plan's).
     ``din up`` and ``docker-compose.yml`` both follow this function.
     """
     if mode not in SCHEDULER_MODES:
@@ -415,7 +426,8 @@ def service_environments(
             if topology.hears_rosters(inst.site):
                 env["DIN_TELEMETRY_HEARTBEAT_SITE"] = inst.site
         elif inst.service == GATEWAY:
-            env["DIN_GATEWAY_HTTP_PORT"] = str(http_ports[inst.site])
+            env["DIN_GATEWAY_HTTP_PORT"] = str(http_ports[inst.site][0])
+            env["DIN_GATEWAY_GRPC_PORT"] = str(http_ports[inst.site][1])
             env["DIN_GATEWAY_HTTP_HOST"] = gateway_http_host
         elif inst.service == EXECUTOR:
             spec = executors[inst.instance]
@@ -502,7 +514,8 @@ def port_roles(
     if telemetry:
         roles.append((ports.telemetry_metrics, "telemetry metrics port"))
     if gateway:
-        roles += [(port, f"gateway HTTP port of site {site}") for site, port in gateway_ports(topology, ports).items()]
+        for site, (http, grpc) in gateway_ports(topology, ports).items():
+            roles += [(http, f"gateway HTTP port of site {site}"), (grpc, f"gateway gRPC port of site {site}")]
     return roles
 
 
@@ -1101,7 +1114,8 @@ class Stack:
             if inst.service == "telemetry":
                 address += f" metrics http://127.0.0.1:{self.ports.telemetry_metrics}/metrics"
             if inst.service == GATEWAY:
-                address += f" http http://127.0.0.1:{env['DIN_GATEWAY_HTTP_PORT']}/v2"
+                address += (f" http http://127.0.0.1:{env['DIN_GATEWAY_HTTP_PORT']}/v2"
+                            f" grpc 127.0.0.1:{env['DIN_GATEWAY_GRPC_PORT']}")
             self._track(proc, inst.site, address)
             pending.append((inst, proc, env["DIN_NATS_URL"]))
         sites = {url: site for site, url in self.nats_urls.items()}

@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
+import grpc
+import numpy as np
 from aiohttp import web
 from nats.aio.msg import Msg
+from tritonclient.grpc.service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 
 from services.gateway.completions import (
     SSE_DONE,
@@ -29,8 +32,10 @@ from services.gateway.completions import (
     stream_event,
     whole_completion,
 )
+from services.gateway.grpc_api import InferenceServicer
 from services.gateway.oip import (
     HEADER_LENGTH,
+    OipRequest,
     http_error,
     http_response,
     model_metadata,
@@ -42,7 +47,7 @@ from services.gateway.oip import (
 from services.gateway.settings import GatewaySettings
 from shared.bus.permissions import gateway_replies, gateway_reply
 from shared.catalog import ModelCatalog, ModelEntry
-from shared.contracts.gateway import ServerMetadataV1
+from shared.contracts.gateway import ModelMetadataV1, ServerMetadataV1
 from shared.contracts.inference import STREAM_SEQ_HEADER, InferResponseV1, StreamChunkV1
 from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
 from shared.contracts.options import RequestOptionsV1, option_headers
@@ -53,7 +58,7 @@ from shared.tensors import decode_response, encode_request_json
 
 VERSION = "0.1.0"
 NO_RESPONDERS = "503"
-EXTENSIONS = ["binary_tensor_data"]
+SERVER = ServerMetadataV1(name="din", version=VERSION, extensions=["binary_tensor_data"])
 
 
 class NoAnswer(Exception):
@@ -74,6 +79,7 @@ class Gateway(Service):
         self.counts = {"requests": 0, "answered": 0, "errors": 0, "deadline": 0}
         self._waiting: dict[str, asyncio.Queue] = {}
         self._runner: web.AppRunner | None = None
+        self._grpc: grpc.aio.Server | None = None
         self.runtime.on_start(self._start_http)
         self.runtime.on_drain(self._stop_http)
 
@@ -106,8 +112,19 @@ class Gateway(Service):
         except OSError as exc:
             raise OSError(f"gateway port {self.settings.http_host}:{self.settings.http_port} unavailable: "
                           f"{exc.strerror}") from exc
+        if self.settings.grpc_port is not None:
+            self._grpc = grpc.aio.server()
+            add_GRPCInferenceServiceServicer_to_server(InferenceServicer(
+                ready=lambda: self.nc.is_connected, model=self.model, metadata=self.metadata, server=SERVER,
+                infer=self.infer), self._grpc)
+            address = f"{self.settings.http_host}:{self.settings.grpc_port}"
+            if self._grpc.add_insecure_port(address) == 0:
+                raise OSError(f"gateway gRPC port {address} unavailable")
+            await self._grpc.start()
 
     async def _stop_http(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -119,7 +136,7 @@ class Gateway(Service):
     # ------------------------------------------------------------------ OIP metadata and health
 
     async def on_server_metadata(self, request: web.Request) -> web.Response:
-        return _json(ServerMetadataV1(name="din", version=VERSION, extensions=EXTENSIONS).model_dump_json())
+        return _json(SERVER.model_dump_json())
 
     async def on_live(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -128,8 +145,11 @@ class Gateway(Service):
         return web.Response(status=200 if self.nc.is_connected else 503)
 
     def _model(self, request: web.Request) -> ModelEntry:
-        """The model the URL names (and its version, when it names one); tenants never see internal parts."""
-        name, version = request.match_info["model"], request.match_info.get("version")
+        """The model the URL names (and its version, when it names one)."""
+        return self.model(request.match_info["model"], request.match_info.get("version"))
+
+    def model(self, name: str, version: str | None) -> ModelEntry:
+        """The model ``name`` (with ``version``, when given); tenants never see internal parts."""
         entry = self.catalog.get(name)
         if entry is None or entry.internal:
             raise DinError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} is not served by this network")
@@ -143,7 +163,10 @@ class Gateway(Service):
             entry = self._model(request)
         except DinError as error:
             return _error(error)
-        return _json(model_metadata(entry, self.configs[entry.name]).model_dump_json())
+        return _json(self.metadata(entry).model_dump_json())
+
+    def metadata(self, entry: ModelEntry) -> ModelMetadataV1:
+        return model_metadata(entry, self.configs[entry.name])
 
     async def on_model_ready(self, request: web.Request) -> web.Response:
         try:
@@ -162,18 +185,7 @@ class Gateway(Service):
             entry = self._model(request)
             oip = read_infer_body(await request.read(), request.headers.get(HEADER_LENGTH), entry.name)
             request_id = oip.request.id
-            version = request.match_info.get("version")
-            params = dict(oip.request.parameters or {})
-            if version is not None or oip.request.model_version is not None:
-                params.setdefault("model_version", version or oip.request.model_version)
-            tenant, options = request_options(request.headers, params, time.time() * 1000.0, request_id)
-            request_id = options.request_id
-            body, headers = nats_request(oip, options)
-            msg = await self._ask(tenant, entry.name, body, headers, options)
-            if msg.headers and DIN_ERROR_HEADER in msg.headers:
-                raise DinError(**_din_error(msg.data))
-            arrays, response = decode_response(msg.data, msg.headers)
-            response = response or InferResponseV1.model_validate_json(msg.data)
+            response, arrays = await self.infer(entry.name, request.match_info.get("version"), oip, request.headers)
         except DinError as error:
             return self._failed(error, request_id)
         except web.HTTPRequestEntityTooLarge:
@@ -182,6 +194,20 @@ class Gateway(Service):
         self.counts["answered"] += 1
         body, headers = http_response(response, arrays, oip.binary_outputs([o.name for o in response.outputs]))
         return web.Response(body=body, headers=headers)
+
+    async def infer(self, model: str, version: str | None, oip: OipRequest, headers: Mapping[str, str]
+                    ) -> tuple[InferResponseV1, dict[str, np.ndarray]]:
+        """Send one decoded inference to admission and return DIN's answer; ``DinError`` when it is an error."""
+        params = dict(oip.request.parameters or {})
+        if version is not None or oip.request.model_version is not None:
+            params.setdefault("model_version", version or oip.request.model_version)
+        tenant, options = request_options(headers, params, time.time() * 1000.0, oip.request.id)
+        body, nats_headers = nats_request(oip, options)
+        msg = await self._ask(tenant, model, body, nats_headers, options)
+        if msg.headers and DIN_ERROR_HEADER in msg.headers:
+            raise DinError(**_din_error(msg.data))
+        arrays, response = decode_response(msg.data, msg.headers)
+        return response or InferResponseV1.model_validate_json(msg.data), arrays
 
     def _failed(self, error: DinError, request_id: str | None) -> web.Response:
         self.counts["errors"] += 1

@@ -17,7 +17,10 @@ class GatewaySettings(ServiceSettings):
         validation_alias=AliasChoices("DIN_MODEL_REPO"), description="Model repository whose configs list the models."
     )
     http_port: int = Field(description="TCP port of the HTTP API (OIP v2 and /v1/completions).")
-    http_host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on.")
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP and gRPC APIs listen on.")
+    grpc_port: int | None = Field(
+        default=None, description="TCP port of the OIP v2 gRPC API (inference.GRPCInferenceService); off when unset."
+    )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024,
         description="Largest HTTP request body read (admission applies its own payload limit after that).",

@@ -1,5 +1,5 @@
 """The HTTP gateway over a real stack, with the clients people have: tritonclient (JSON and binary), a KServe-style
-body, and the OpenAI client (whole and streamed completions).
+body, tritonclient over gRPC, and the OpenAI client (whole and streamed completions).
 
 One module-scoped stack: one site, one executor serving digits-small and charlm (with its prefill part). Tenant
 ``acme`` may send in clear (the gateway holds no keys); ``sealed`` may not, so the gateway's requests for it are
@@ -17,6 +17,7 @@ import onnxruntime as ort
 import openai
 import pytest
 import requests
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
@@ -200,3 +201,23 @@ async def test_nothing_answers_by_the_deadline_is_504(base_url, auth, network, d
 
     await wait_for(admission_answers, 10.0, "admission answering again after SIGCONT")
     assert requests.get(f"http://{base_url}/v2/health/ready").status_code == 200
+
+
+def test_tritonclient_grpc(network, auth, digits, local_labels):
+    """The same over gRPC (inference.GRPCInferenceService): metadata, readiness, inference, a refusal."""
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{network.stack.ports.gateway_grpc_port(0)}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits-small")
+    assert not client.is_model_ready("charlm-prefill")
+    metadata = client.get_model_metadata("digits-small", as_json=True)
+    assert metadata["versions"] == ["1", "2"] and metadata["inputs"][0]["shape"] == ["-1", "64"]
+    pixels = digits[0][:4].astype(np.float32)
+    tensor = triton_grpc.InferInput("input", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels)
+    headers = {"authorization": auth["Authorization"]}
+    result = client.infer("digits-small", [tensor], headers=headers, request_id="g-1")
+    np.testing.assert_array_equal(result.as_numpy("label"), local_labels(pixels))
+    assert result.get_response().id == "g-1" and result.as_numpy("probabilities").shape == (4, 10)
+    with pytest.raises(InferenceServerException) as excinfo:
+        client.infer("digits-small", [tensor], headers={"authorization": "Bearer nope"})
+    assert excinfo.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert excinfo.value.message().startswith("unauthenticated")

@@ -216,7 +216,7 @@ def test_published_ports_bind_loopback_unless_the_operator_sets_an_address(topol
             published[name] = int(container_port)
     hub = nats_servers[topology.hub.name]
     port = int(services["telemetry"]["environment"]["DIN_TELEMETRY_METRICS_PORT"])
-    gateways = {inst.name: int(services[inst.name]["environment"]["DIN_GATEWAY_HTTP_PORT"])
+    gateways = {inst.name: int(services[inst.name]["environment"]["DIN_GATEWAY_GRPC_PORT"])
                 for inst in service_instances(topology) if inst.service == "gateway"}
     assert published == {hub["host"]: hub["client_port"], "telemetry": port, "prometheus": 9090, "grafana": 3000,
                          **gateways}

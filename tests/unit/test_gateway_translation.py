@@ -156,3 +156,30 @@ def test_completions_refuse_what_they_cannot_serve_and_join_the_stream():
     last = json.loads(stream_event(chunks[-1], "charlm", 1).removeprefix(b"data: "))
     assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 2
     assert "usage" not in json.loads(stream_event(chunks[0], "charlm", 1).removeprefix(b"data: "))
+
+
+def test_grpc_requests_decode_from_raw_or_typed_contents_and_answer_raw():
+    from tritonclient.grpc import service_pb2 as pb
+
+    from services.gateway.grpc_api import decode_infer, encode_infer
+
+    raw = pb.ModelInferRequest(model_name="m", id="g")
+    raw.inputs.add(name="a", datatype="FP16", shape=[1, 2])
+    raw.raw_input_contents.append(np.array([[1.5, 2.0]], np.float16).tobytes())
+    raw.parameters["sla_class"].string_param = "realtime"
+    oip = decode_infer(raw)
+    assert oip.inputs["a"].dtype == np.float16 and oip.request.parameters == {"sla_class": "realtime"}
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="b", datatype="INT32", shape=[3]).contents.int_contents.extend([1, 2, 3])
+    typed.outputs.add(name="l")
+    oip = decode_infer(typed)
+    assert oip.inputs["b"].tolist() == [1, 2, 3] and [o.name for o in oip.request.outputs] == ["l"]
+    short = pb.ModelInferRequest(model_name="m")
+    short.inputs.add(name="c", datatype="FP32", shape=[2]).contents.fp32_contents.extend([1.0])
+    with pytest.raises(DinError) as excinfo:
+        decode_infer(short)
+    assert excinfo.value.code is ErrorCode.BAD_TENSOR
+    response = _response()
+    answer = encode_infer(response, tensors_to_arrays(response.outputs))
+    assert [o.name for o in answer.outputs] == ["p", "l"]
+    np.testing.assert_array_equal(np.frombuffer(answer.raw_output_contents[1], np.int64), [1])

@@ -48,7 +48,7 @@ def test_offset_out_of_range_is_refused():
 def test_free_plan_has_distinct_ports(topology):
     plan = PortPlan.free(edge_sites=2)
     ports = [port for port, _ in port_roles(topology, plan)]
-    assert len(ports) == len(set(ports)) == 13
+    assert len(ports) == len(set(ports)) == 16
     check_ports(port_roles(topology, plan))
 
 

@@ -27,7 +27,7 @@ def test_default_wan_ports_follow_the_leafnode_port(topology):
 
 def test_free_plan_has_distinct_wan_ports(topology):
     roles = port_roles(topology, PortPlan.free(edge_sites=2), wan=True)
-    assert len(roles) == len({port for port, _ in roles}) == 16
+    assert len(roles) == len({port for port, _ in roles}) == 19
     check_ports(roles)
 
 
