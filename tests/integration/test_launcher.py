@@ -118,7 +118,8 @@ def test_full_stack_with_fake_services_starts_reports_and_stops(test_topology, t
         assert names[4:] == [
             "keymanager", "telemetry", "executor-cloud-1", "executor-factory-1", "executor-branch-1",
             "scheduler", "scheduler-factory", "scheduler-branch", "classifier", "classifier-factory",
-            "classifier-branch", "admission", "admission-factory", "admission-branch",
+            "classifier-branch", "admission", "admission-factory", "admission-branch", "gateway", "gateway-factory",
+            "gateway-branch",
         ]
         assert all(p.alive() for p in stack.processes)
 
