@@ -79,15 +79,17 @@ class NatsNetwork:
 
         return await nats.connect(self.url(site or self.hub_site), **self.options(site, user), **kwargs)
 
-    def service_login(self, service: str, site: str, user: str | None = None, instance: str | None = None) -> dict:
+    def service_login(self, service: str, site: str, user: str | None = None, instance: str | None = None,
+                      topology: Topology | None = None) -> dict:
         """Settings fields (``nats_creds_file``, ``bus_ca_file``) of an in-process service instance, its
-        credentials issued now with the permissions ``din up`` would give it."""
+        credentials issued now with the permissions ``din up`` would give it under ``topology`` (default: the
+        session's)."""
         if self.bus is None:
             return {}
         from din.stack.bus import service_permissions
 
         user = user or (f"executor-{instance}" if service == "executor" else f"{service}-{site}")
-        permissions = service_permissions(self.bus.topology, service, site, user, instance)
+        permissions = service_permissions(topology or self.bus.topology, service, site, user, instance)
         return {"nats_creds_file": str(self.bus.nats.ensure(user, permissions)),
                 "bus_ca_file": str(self.bus.ca.cert_path),
                 "bus_sites": ",".join(s.name for s in self.bus.topology.sites)}

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -33,6 +34,7 @@ from shared.contracts.telemetry import RecordedRequestV1
 from shared.credentials import issue_token, write_credentials
 from shared.naming import Subjects, Topics
 from shared.recording import request_record, write_replay_keys
+from shared.topology import Topology
 from tests.support import make_job, wait_for
 
 pytestmark = pytest.mark.integration
@@ -183,9 +185,12 @@ class InProcessStack:
 
         hub = nats_network.hub_url
 
+        deployed = Topology.model_validate(yaml.safe_load(topology_file.read_text()))
+
         def common(service: str, site: str = "cloud", instance: str | None = None) -> dict:
-            # its own NATS user; the session Kafka's CA is its bus_ca_file (the session NATS takes plain clients)
-            login = nats_network.service_login(service, site, instance=instance)
+            # its own NATS user, with the permissions of this stack's topology (one control plane, at the hub);
+            # the session Kafka's CA is its bus_ca_file (the session NATS takes plain client connections)
+            login = nats_network.service_login(service, site, instance=instance, topology=deployed)
             return dict(topic_scope=scope, **(login | kafka.settings(service)))
 
         plaintext = dict(security=False)
