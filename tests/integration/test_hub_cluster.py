@@ -200,6 +200,10 @@ async def kill_under_load(network: Network, choose) -> tuple[list[Load], dict]:
         victim = next(s for s in hub_servers(network) if s.name == choose(roles))
         for load in loads:
             load.phase = "window"
+            # In flight at the kill (sent, not yet answered): their fate is the dead server's, like the window's.
+            for rid, phase in list(load.sent.items()):
+                if phase == "before" and rid not in load.answers:
+                    load.sent[rid] = "window"
         killed_at = time.monotonic()
         network.kill(victim.process_name)
         survivors = [s for s in hub_servers(network) if s is not victim]
