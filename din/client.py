@@ -56,6 +56,7 @@ from shared.security import (
     site_of,
     tenant_principal,
 )
+from shared.streaming import InOrder
 from shared.tensors import encode_binary, encode_request_json, tensors_to_arrays
 
 CLIENT_GRACE_S = 0.5
@@ -360,22 +361,18 @@ class DinClient:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[token] = queue
         ends_at = time.monotonic() + wait_s
-        early: dict[int, StreamChunkV1] = {}
-        expected = 0
+        order = InOrder()
         try:
             await self._nc.publish(Subjects.infer(self.tenant, model), body, reply=reply, headers=headers)
             while True:
                 try:
                     msg = await asyncio.wait_for(queue.get(), max(0.0, ends_at - time.monotonic()))
                 except TimeoutError:
-                    raise NoAnswerError(f"the stream stopped after {expected} chunks and no end came") from None
+                    raise NoAnswerError(f"the stream stopped after {order.expected} chunks and no end came") from None
                 if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
                     raise NoRespondersError("no admission service is listening: is the DIN stack running?")
                 chunk = self.open_chunk(request_id, msg.data, msg.headers)
-                early[chunk.seq] = chunk
-                while expected in early:
-                    ready = early.pop(expected)
-                    expected += 1
+                for ready in order.add(chunk.seq, chunk):
                     yield ready
                     if ready.done:
                         return

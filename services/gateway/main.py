@@ -54,6 +54,7 @@ from shared.contracts.options import RequestOptionsV1, option_headers
 from shared.errors import DIN_ERROR_HEADER, DinError, ErrorCode, ErrorReplyV1
 from shared.naming import InvalidNameError, Subjects
 from shared.runtime import Service
+from shared.streaming import InOrder
 from shared.tensors import decode_response, encode_request_json
 
 VERSION = "0.1.0"
@@ -299,8 +300,7 @@ class Gateway(Service):
     async def _chunks(self, tenant: str, model: str, body: bytes, headers: dict[str, str],
                       options: RequestOptionsV1) -> AsyncIterator[StreamChunkV1]:
         """The stream's chunks in order until the one with ``done``; an error reply raises ``DinError``."""
-        early: dict[int, StreamChunkV1] = {}
-        expected = 0
+        order = InOrder()
         replies = self._replies(tenant, model, body, headers, options)
         try:
             async for msg in replies:
@@ -308,10 +308,7 @@ class Gateway(Service):
                     raise DinError(**_din_error(msg.data))
                 chunk = StreamChunkV1.model_validate_json(msg.data)
                 seq = (msg.headers or {}).get(STREAM_SEQ_HEADER)
-                early[int(seq) if seq and seq.isdigit() else chunk.seq] = chunk
-                while expected in early:
-                    ready = early.pop(expected)
-                    expected += 1
+                for ready in order.add(int(seq) if seq and seq.isdigit() else chunk.seq, chunk):
                     yield ready
                     if ready.done:
                         return
