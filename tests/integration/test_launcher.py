@@ -373,7 +373,7 @@ async def test_supervisor_restarts_a_killed_service_which_answers_health_again(t
 
 
 def test_din_up_with_the_real_services_then_ctrl_c_leaves_nothing(tmp_path, topology_file, test_topology):
-    """The six real services and every executor answer health; one SIGINT stops brokers and services alike."""
+    """The seven real services and every executor answer health; one SIGINT stops brokers and services alike."""
     offset = free_offset(test_topology)
     din_dir = tmp_path / "din"
     up = subprocess.Popen(
@@ -393,7 +393,7 @@ def test_din_up_with_the_real_services_then_ctrl_c_leaves_nothing(tmp_path, topo
         state = read_state(din_dir / "stack.json")
         names = {p["name"] for p in state["processes"]}
         executors = {f"executor-{e.id}" for s in test_topology.sites for e in s.executors}
-        control = {f"{service}{suffix}" for service in ("admission", "classifier", "scheduler")
+        control = {f"{service}{suffix}" for service in ("admission", "classifier", "scheduler", "gateway")
                    for suffix in ("", "-factory", "-branch")}
         assert names == {"kafka", "toxiproxy", "nats-hub-cloud", "nats-leaf-factory", "nats-leaf-branch", "telemetry",
                          "keymanager"} | control | executors
