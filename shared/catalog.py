@@ -9,10 +9,13 @@ the head and tail of each split point, and the prefill part of a generator.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
+
+log = logging.getLogger(__name__)
 
 INTERNAL_ROLES = frozenset({"head", "tail", "prefill"})
 """Roles of models that are parts of another model."""
@@ -72,14 +75,28 @@ class ModelEntry:
 class ModelCatalog:
     """Models by name."""
 
-    def __init__(self, entries: list[ModelEntry]) -> None:
+    def __init__(self, entries: list[ModelEntry], skipped: list[str] | None = None) -> None:
         self._entries = {e.name: e for e in entries}
+        self.skipped = list(skipped or [])
+        """The configs left out because they were not valid, each with why (file first)."""
 
     @classmethod
     def from_repository(cls, root: Path) -> ModelCatalog:
-        """Read ``<root>/<model>/config.json`` for every model folder; ``ValueError`` naming a file that is invalid."""
-        paths = sorted(Path(root).glob(f"*/{CONFIG_FILE}"))
-        return cls([ModelEntry.from_config(ModelConfigV1.read(path)) for path in paths])
+        """Read ``<root>/<model>/config.json`` for every model folder. A config that is not valid, or names
+        another model than its folder, is left out with one warning naming the file (``skipped``): one bad
+        model never stops the services that read the catalog."""
+        entries, skipped = [], []
+        for path in sorted(Path(root).glob(f"*/{CONFIG_FILE}")):
+            try:
+                config = ModelConfigV1.read(path)
+                if config.name != path.parent.name:
+                    raise ValueError(f"{path}: names model {config.name!r}, not its folder {path.parent.name!r}")
+            except ValueError as exc:
+                log.warning("model config left out: %s", exc)
+                skipped.append(str(exc))
+                continue
+            entries.append(ModelEntry.from_config(config))
+        return cls(entries, skipped)
 
     def get(self, name: str) -> ModelEntry | None:
         return self._entries.get(name)

@@ -73,7 +73,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in catalog.names():
         entry = catalog.get(name)
         versions = ",".join(entry.versions)
-        print(f"{name:16} task={entry.task:22} versions={versions:6} best accuracy={entry.accuracy:.3f}")
+        accuracy = "unknown" if entry.accuracy is None else f"{entry.accuracy:.3f}"
+        print(f"{name:16} task={entry.task:22} versions={versions:6} best accuracy={accuracy}")
+    for reason in catalog.skipped:
+        print(f"left out: {reason}")
     return 0
 
 

@@ -183,8 +183,8 @@ def test_a_config_missing_a_required_key_is_refused_naming_the_file(small_copy):
         ModelRepository(root).load("digits-small")
     assert excinfo.value.code is ErrorCode.INTERNAL
     assert str(config_path) in excinfo.value.message and "inputs" in excinfo.value.message
-    with pytest.raises(ValueError, match="inputs"):
-        ModelCatalog.from_repository(root)
+    left_out = ModelCatalog.from_repository(root)
+    assert "digits-small" not in left_out.names() and "inputs" in left_out.skipped[0]
 
 
 def test_a_config_that_is_not_json_is_refused_naming_the_file(small_copy):
@@ -196,8 +196,8 @@ def test_a_config_that_is_not_json_is_refused_naming_the_file(small_copy):
         with pytest.raises(DinError) as excinfo:
             read("digits-small")
         assert excinfo.value.code is ErrorCode.INTERNAL and str(config_path) in excinfo.value.message
-    with pytest.raises(ValueError, match=str(config_path)):
-        ModelCatalog.from_repository(root)
+    left_out = ModelCatalog.from_repository(root)
+    assert "digits-small" not in left_out.names() and str(config_path) in left_out.skipped[0]
 
 
 def test_a_missing_config_is_an_unknown_model(small_copy):
@@ -206,3 +206,22 @@ def test_a_missing_config_is_an_unknown_model(small_copy):
     with pytest.raises(DinError) as excinfo:
         ModelRepository(root).config("digits-small")
     assert excinfo.value.code is ErrorCode.UNKNOWN_MODEL
+
+
+def test_a_bad_model_config_is_left_out_naming_its_file_and_the_rest_is_served(tmp_path):
+    import json
+
+    from shared.catalog import ModelCatalog
+
+    good = {"name": "good", "versions": ["1"], "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 2]}],
+            "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]}
+    for folder, text in (("good", json.dumps(good)), ("nameless", json.dumps({k: v for k, v in good.items()
+                                                                               if k != "name"})),
+                         ("garbled", "{not json"), ("renamed", json.dumps({**good, "name": "other"}))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(text)
+    catalog = ModelCatalog.from_repository(tmp_path)
+    assert catalog.names() == ["good"]
+    assert len(catalog.skipped) == 3
+    assert all(str(tmp_path) in reason for reason in catalog.skipped)
+    assert any("not its folder 'renamed'" in reason for reason in catalog.skipped)
