@@ -4,7 +4,9 @@ Recording must never slow or break the request path: ``emit`` only puts the
 event on a bounded in-memory queue, and a background task hands events to an
 idempotent aiokafka producer (``acks=all``). When Kafka is unreachable the
 queue absorbs a burst; past its bound events are counted as dropped, never
-blocking a request. On a secure broker the log connects with the process's
+blocking a request. Each record's Kafka timestamp is the time it was emitted,
+not the time it was finally sent, so a time window over an outage still finds
+what happened during it. On a secure broker the log connects with the process's
 Kafka login (``client_kwargs``, see ``shared.bus.kafka``); an event the broker
 refuses (a topic this user may not write, a failed login) is counted in
 ``refused`` and logged once per topic, never raised.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,8 +34,8 @@ from shared.naming import Topics
 
 log = logging.getLogger(__name__)
 
-QueuedEvent = tuple[str, bytes | None, bytes | BaseModel, list[tuple[str, bytes]]]
-"""One event waiting to be produced: topic, key, value (encoded or a contract), headers."""
+QueuedEvent = tuple[str, bytes | None, bytes | BaseModel, list[tuple[str, bytes]], int]
+"""One event waiting to be produced: topic, key, value (encoded or a contract), headers, epoch ms it was emitted."""
 
 EVENT_TYPE_HEADER = "din-event-type"
 REFUSALS = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError, SaslAuthenticationFailed,
@@ -98,7 +101,7 @@ class EventLog:
 
     def _put(self, item: tuple) -> None:
         try:
-            self._queue.put_nowait(item)
+            self._queue.put_nowait((*item, int(time.time() * 1000)))
         except asyncio.QueueFull:
             self.dropped += 1
 
@@ -130,12 +133,12 @@ class EventLog:
     async def _pump(self) -> None:
         self._producer = await self._connect()
         while True:
-            topic, key, value, headers = await self._queue.get()
+            topic, key, value, headers, emitted_ms = await self._queue.get()
             if isinstance(value, BaseModel):
                 headers = [(EVENT_TYPE_HEADER, event_type(value).encode())]
                 value = value.model_dump_json().encode()
             try:
-                future = await self._producer.send(topic, value, key=key, headers=headers)
+                future = await self._producer.send(topic, value, key=key, headers=headers, timestamp_ms=emitted_ms)
                 future.add_done_callback(lambda done, topic=topic: self._count(done, topic))
             except REFUSALS as exc:
                 self._refuse(topic, exc)

@@ -172,3 +172,43 @@ async def test_kafka_event_round_trip_with_headers(kafka_bootstrap, kafka_operat
     assert record.key == b"req-1"
     assert record.value == b'{"ok": true}'
     assert dict(record.headers) == {"din-type": b"din.v1.smoke", "din-run": unique.encode()}
+
+
+async def test_an_event_kept_while_kafka_was_out_of_reach_keeps_the_time_it_happened(kafka_bootstrap, kafka_operator,
+                                                                                    unique):
+    """The event log's records carry the time they were emitted as their Kafka timestamp, not the time they were
+    finally sent: here the log starts (as when Kafka comes back) a while after the event was emitted."""
+    import time
+
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from shared.contracts.events import ProbeV1
+    from shared.eventlog import EventLog
+
+    topic = Topics.scoped(Topics.SMOKE, unique)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap, **kafka_operator)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    log = EventLog(kafka_bootstrap, client_id=f"din-test-{unique}", topic_scope=unique, client_kwargs=kafka_operator)
+    before_ms = int(time.time() * 1000)
+    log.emit(Topics.SMOKE, ProbeV1(from_site="cloud", to_site="factory", sent_ms=before_ms, seq=1), key="k")
+    after_ms = int(time.time() * 1000)
+    await asyncio.sleep(0.5)
+    started_ms = int(time.time() * 1000)
+    await log.start()
+    try:
+        await log.flush()
+    finally:
+        await log.stop()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, **kafka_operator)
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), timeout=30)
+    finally:
+        await consumer.stop()
+    assert before_ms <= record.timestamp <= after_ms < started_ms
