@@ -73,6 +73,11 @@ class TelemetrySettings(SecuredServiceSettings):
     retention_heartbeats_h: float = Field(default=24.0, gt=0, description="Retention of heartbeats, hours.")
     retention_alerts_h: float = Field(default=720.0, gt=0, description="Retention of SLA alerts, hours.")
     retention_dead_letter_h: float = Field(default=336.0, gt=0, description="Retention of dead letters, hours.")
+    retention_partition_mb: int = Field(
+        default=4096, ge=1,
+        description="Most each partition of every recorded topic keeps, MiB (Kafka's retention.bytes); the oldest "
+        "records go when either this or the topic's time is reached.",
+    )
 
     def sla_targets_ms(self) -> dict[SlaClass, float]:
         """Each SLA class's latency target, ms."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -35,6 +35,12 @@ class TopicSpec:
     writer: str
     retention_ms: int
     partitions: int
+    retention_bytes: int = -1
+    """Most each partition keeps, bytes (-1: no size bound)."""
+
+    def configs(self) -> dict[str, str]:
+        """The topic's retention as Kafka configs."""
+        return {"retention.ms": str(self.retention_ms), "retention.bytes": str(self.retention_bytes)}
 
 
 def topic_plan(settings: TelemetrySettings) -> list[TopicSpec]:
@@ -45,7 +51,8 @@ def topic_plan(settings: TelemetrySettings) -> list[TopicSpec]:
         return int(h * HOUR_MS)
 
     events = hours(settings.retention_events_h)
-    return [
+    size = settings.retention_partition_mb * 1024 * 1024
+    return [replace(spec, retention_bytes=size) for spec in [
         TopicSpec(Topics.REQUESTS, "tenant", "admission", hours(settings.retention_requests_h), p),
         TopicSpec(Topics.ADMISSION_DECISIONS, "tenant", "admission", events, p),
         TopicSpec(Topics.CLASSIFICATIONS, "tenant", "classifier", events, p),
@@ -56,7 +63,7 @@ def topic_plan(settings: TelemetrySettings) -> list[TopicSpec]:
         TopicSpec(Topics.ALERTS, "SLA class", "telemetry", hours(settings.retention_alerts_h), p),
         TopicSpec(Topics.DEAD_LETTER, "service", "any service", hours(settings.retention_dead_letter_h), p),
         TopicSpec(Topics.SPANS, "trace id", "every service (sampled spans)", events, p),
-    ]
+    ]]
 
 
 class TopicsError(RuntimeError):
@@ -76,7 +83,7 @@ async def ensure_topics(bootstrap: str, plan: list[TopicSpec], *, scope: str | N
     try:
         new = [
             NewTopic(scoped(t.base, scope), num_partitions=t.partitions, replication_factor=1,
-                     topic_configs={"retention.ms": str(t.retention_ms)})
+                     topic_configs=t.configs())
             for t in plan
         ]
         response = await admin.create_topics(new)
@@ -88,7 +95,7 @@ async def ensure_topics(bootstrap: str, plan: list[TopicSpec], *, scope: str | N
             responses = await admin.alter_configs(
                 [
                     ConfigResource(ConfigResourceType.TOPIC, scoped(t.base, scope),
-                                   configs={"retention.ms": str(t.retention_ms)})
+                                   configs=t.configs())
                     for t in plan
                     if scoped(t.base, scope) in existing
                 ]

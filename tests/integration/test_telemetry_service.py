@@ -181,9 +181,10 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
         try:
             (response,) = await admin.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, Topics.scoped(Topics.REQUESTS, unique),
-                                configs={"retention.ms": None})])
+                                configs={"retention.ms": None, "retention.bytes": None})])
             configs = {name: value for name, value, *_ in response.resources[0][4]}
             assert configs["retention.ms"] == str(72 * 3_600_000)
+            assert configs["retention.bytes"] == str(4096 * 1024 * 1024), "bounded by size as well as time"
             described = await admin.describe_topics([Topics.scoped(Topics.REQUESTS, unique)])
             assert len(described[0]["partitions"]) == 3
         finally:
