@@ -339,15 +339,14 @@ class Scheduler(Service):
                 if time_left_ms > ENQUEUE_RETRY_S * 1000.0 and self.inflight.holds(job.request_id):
                     await asyncio.sleep(ENQUEUE_RETRY_S)
                     continue
-                unreachable = exc
-                break
-        if self.inflight.complete(job.request_id) is not None:
-            await self.runtime.answer_error(
-                job.reply_to,
-                DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"site {job.site_chosen} queue unreachable: {unreachable}",
-                         retry_after_ms=500),
-                job.request_id,
-            )
+                if self.inflight.complete(job.request_id) is not None:
+                    await self.runtime.answer_error(
+                        job.reply_to,
+                        DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"site {job.site_chosen} queue unreachable: {exc}",
+                                 retry_after_ms=500),
+                        job.request_id,
+                    )
+                return
 
     def release(self, entry: InflightJob) -> None:
         """Take a closed job off the load estimates of the executors it still counted on."""
@@ -481,18 +480,18 @@ class Scheduler(Service):
     async def on_roster(self, message: NatsMessage) -> None:
         """The hub's scheduler: another site's executors with room come into view; the ones it lost are dead.
         Signed by that site."""
+        if not self.settings.rosters:
+            return
         try:
             sample = self.verifier.open_message("roster", message.raw_message, SiteRosterV1)
         except ControlRefused:
             return
-        if not self.settings.rosters or not self.hub_rosters.accepts(sample, self.topology_sites):
+        if not self.hub_rosters.accepts(sample, self.topology_sites):
             return
         self.hub_rosters.observe(sample, now_ms())
         if not self.usable(sample.site):
             return
-        held = {hb.executor: (state.heartbeat if (state := self.registry.get(hb.executor)) else None)
-                for hb in sample.executors}
-        for heartbeat in self.hub_rosters.news(sample, held):
+        for heartbeat in self.hub_rosters.news(sample, self.registry.heartbeat_of):
             self.registry.observe(heartbeat, time.monotonic())
         for executor_id in sample.lost:
             self.registry.forget(executor_id)

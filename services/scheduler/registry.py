@@ -261,6 +261,11 @@ class ExecutorRegistry:
     def get(self, executor_id: str) -> ExecutorState | None:
         return self._executors.get(executor_id)
 
+    def heartbeat_of(self, executor_id: str) -> HeartbeatV1 | None:
+        """The latest heartbeat held of ``executor_id``, or None."""
+        state = self._executors.get(executor_id)
+        return None if state is None else state.heartbeat
+
     def __len__(self) -> int:
         return len(self._executors)
 

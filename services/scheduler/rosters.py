@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 
 from services.scheduler.registry import CLASSES, ExecutorRegistry
 from shared.contracts.events import HeartbeatV1
@@ -89,13 +90,16 @@ class HubRosters:
         return received is not None and now_ms - received[0] <= MISSED_ROSTERS * received[1] * 1000.0
 
     @staticmethod
-    def news(roster: SiteRosterV1, held: dict[str, HeartbeatV1 | None]) -> list[HeartbeatV1]:
-        """The roster's heartbeats newer than the ones held (``held`` by executor id; None: not held), of its own
+    def news(roster: SiteRosterV1, held: Callable[[str], HeartbeatV1 | None]) -> list[HeartbeatV1]:
+        """The roster's heartbeats newer than the ones held (``held(executor id)``; None: not held), of its own
         site only: a heartbeat relayed again changes nothing, so the hub's count of what it dispatched since
         survives until the executor's next heartbeat."""
-        return [hb for hb in roster.executors
-                if hb.site == roster.site and (held.get(hb.executor) is None
-                                               or hb.sent_ms > held[hb.executor].sent_ms)]
+        news = []
+        for hb in roster.executors:
+            known = held(hb.executor)
+            if hb.site == roster.site and (known is None or hb.sent_ms > known.sent_ms):
+                news.append(hb)
+        return news
 
     def expired_is_dead(self, site: str, now_ms: float) -> bool:
         """Whether an executor of ``site`` that the hub stopped hearing about is dead (its jobs dispatched again):

@@ -132,17 +132,37 @@ async def test_work_queue_stream_on_a_leaf_domain(nats_network, unique):
         await leaf.close()
 
 
-async def test_kafka_event_round_trip_with_headers(kafka_bootstrap, kafka_operator, unique):
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+async def smoke_topic(bootstrap: str, login: dict, unique: str) -> str:
+    """A one-partition smoke topic of this test's own."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     topic = Topics.scoped(Topics.SMOKE, unique)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap, **kafka_operator)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **login)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
     finally:
         await admin.close()
+    return topic
+
+
+async def first_record(bootstrap: str, login: dict, topic: str):
+    """The first record of ``topic``."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, **login)
+    await consumer.start()
+    try:
+        return await asyncio.wait_for(consumer.getone(), timeout=30)
+    finally:
+        await consumer.stop()
+
+
+async def test_kafka_event_round_trip_with_headers(kafka_bootstrap, kafka_operator, unique):
+    from aiokafka import AIOKafkaProducer
+
+    topic = await smoke_topic(kafka_bootstrap, kafka_operator, unique)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all",
                                 **kafka_operator)
     await producer.start()
@@ -160,15 +180,7 @@ async def test_kafka_event_round_trip_with_headers(kafka_bootstrap, kafka_operat
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-        **kafka_operator,
-    )
-    await consumer.start()
-    try:
-        record = await asyncio.wait_for(consumer.getone(), timeout=30)
-    finally:
-        await consumer.stop()
+    record = await first_record(kafka_bootstrap, kafka_operator, topic)
     assert record.key == b"req-1"
     assert record.value == b'{"ok": true}'
     assert dict(record.headers) == {"din-type": b"din.v1.smoke", "din-run": unique.encode()}
@@ -180,19 +192,10 @@ async def test_an_event_kept_while_kafka_was_out_of_reach_keeps_the_time_it_happ
     finally sent: here the log starts (as when Kafka comes back) a while after the event was emitted."""
     import time
 
-    from aiokafka import AIOKafkaConsumer
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
     from shared.contracts.events import ProbeV1
     from shared.eventlog import EventLog
 
-    topic = Topics.scoped(Topics.SMOKE, unique)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap, **kafka_operator)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    topic = await smoke_topic(kafka_bootstrap, kafka_operator, unique)
     log = EventLog(kafka_bootstrap, client_id=f"din-test-{unique}", topic_scope=unique, client_kwargs=kafka_operator)
     before_ms = int(time.time() * 1000)
     log.emit(Topics.SMOKE, ProbeV1(from_site="cloud", to_site="factory", sent_ms=before_ms, seq=1), key="k")
@@ -204,11 +207,5 @@ async def test_an_event_kept_while_kafka_was_out_of_reach_keeps_the_time_it_happ
         await log.flush()
     finally:
         await log.stop()
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, **kafka_operator)
-    await consumer.start()
-    try:
-        record = await asyncio.wait_for(consumer.getone(), timeout=30)
-    finally:
-        await consumer.stop()
+    record = await first_record(kafka_bootstrap, kafka_operator, topic)
     assert before_ms <= record.timestamp <= after_ms < started_ms

@@ -69,7 +69,7 @@ def test_only_newer_heartbeats_of_the_rosters_own_site_are_news():
     new = make_heartbeat("factory-1", "factory", ["digits-small"], sent_ms=NOW_MS + 500)
     unknown = make_heartbeat("factory-2", "factory", ["digits-small"])
     foreign = make_heartbeat("branch-1", "branch", ["digits-small"])
-    held = {"factory-1": old, "factory-2": None, "branch-1": None}
+    held = {"factory-1": old}.get
     assert HubRosters.news(roster_of("factory", old, unknown, foreign), held) == [unknown]
     assert HubRosters.news(roster_of("factory", new), held) == [new]
 
