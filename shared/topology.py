@@ -193,6 +193,12 @@ class TenantSpec(_Strict):
     name: str = Field(description="Tenant name, a subject token.")
     rate_per_s: float = Field(default=500.0, gt=0, description="Token-bucket refill rate, requests/s.")
     burst: int = Field(default=1000, ge=1, description="Token-bucket size.")
+    weight: float = Field(
+        default=1.0, gt=0, le=1000,
+        description="Share of contended capacity: when the network is overloaded, each tenant with demand gets "
+        "capacity in proportion to its weight (weighted max-min fairness at admission, deficit round robin at the "
+        "executors' queues); a tenant asking for less than its share gets all it asks for.",
+    )
     sensitive_sites: list[str] | None = Field(
         default=None, description="Sites allowed for its sensitive data; None means any site."
     )
