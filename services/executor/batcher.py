@@ -22,6 +22,20 @@ Isolation between SLA classes:
   thread costs more than the computation.
 * Each class may fill only its share of the queue (batch half of it by
   default), so a batch flood leaves room for realtime and interactive work.
+
+Isolation between tenants, inside each SLA class (``shared.fairness``):
+
+* Each class's items are ordered by weighted fair queuing over tenants
+  (``tenant_weights``, the topology's ``TenantSpec.weight``), with one clock
+  per class shared by all lanes: among ready lanes of the same best class, the
+  one whose next item has the smallest finish tag goes first, and inside a
+  batch a class's slots go to its tenants in tag order. A tenant flooding the
+  queue gets its weighted share; another tenant's item waits for at most
+  about two items of each busy tenant (the rest of the round and the next),
+  so once its lane is ready it runs in the next batch.
+* When the queue is full, an item of a tenant holding less than its share of
+  its lane and class pushes out the newest item of the tenant holding most
+  (which fails ``OVERLOADED``) instead of being refused.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import numpy as np
 
 from shared.contracts.inference import SlaClass
 from shared.errors import DinError, ErrorCode
+from shared.fairness import FairClock, FairQueue
 
 CLASS_PRIORITY: tuple[SlaClass, ...] = (SlaClass.REALTIME, SlaClass.INTERACTIVE, SlaClass.BATCH)
 DEFAULT_CLASS_WEIGHTS: dict[SlaClass, int] = {SlaClass.REALTIME: 8, SlaClass.INTERACTIVE: 4, SlaClass.BATCH: 1}
@@ -100,6 +115,7 @@ class _Item:
     inputs: dict[str, np.ndarray]
     rows: int
     sla_class: SlaClass
+    tenant: str
     deadline_ms: float | None
     enqueued: float
     future: asyncio.Future
@@ -111,9 +127,7 @@ class _Lane:
 
     key: tuple
     model: str
-    queues: dict[SlaClass, deque[_Item]] = field(
-        default_factory=lambda: {sla: deque() for sla in CLASS_PRIORITY}
-    )
+    queues: dict[SlaClass, FairQueue[_Item]]
     credits: dict[SlaClass, float] = field(default_factory=lambda: {sla: 0.0 for sla in CLASS_PRIORITY})
     rows: int = 0
 
@@ -124,7 +138,12 @@ class _Lane:
         return next(rank for rank, sla in enumerate(CLASS_PRIORITY) if self.queues[sla])
 
     def oldest(self) -> float:
-        return min(queue[0].enqueued for queue in self.queues.values() if queue)
+        return min(queue.oldest().enqueued for queue in self.queues.values() if queue)
+
+    def order(self) -> tuple[int, float]:
+        """Where this lane stands among ready lanes: its best class, then that class's next fair finish tag."""
+        rank = self.best_class_rank()
+        return rank, self.queues[CLASS_PRIORITY[rank]].head_tag()
 
 
 class DynamicBatcher:
@@ -148,6 +167,7 @@ class DynamicBatcher:
         inline_below_ms: float = 0.0,
         class_weights: Mapping[SlaClass, int] | None = None,
         queue_shares: Mapping[SlaClass, float] | None = None,
+        tenant_weights: Mapping[str, float] | None = None,
         now_ms: Callable[[], float] | None = None,
     ):
         if max_batch_size < 1 or capacity < 1 or concurrency < 1:
@@ -169,6 +189,7 @@ class DynamicBatcher:
         shares = dict(queue_shares or DEFAULT_QUEUE_SHARES)
         self._class_limit = {sla: max(1, int(capacity * shares.get(sla, 1.0))) for sla in CLASS_PRIORITY}
         self._now_ms = now_ms or (lambda: time.time() * 1000.0)
+        self._clocks = {sla: FairClock(tenant_weights) for sla in CLASS_PRIORITY}
 
         self._lanes: dict[tuple, _Lane] = {}
         self._depth: Counter[SlaClass] = Counter()
@@ -225,9 +246,10 @@ class DynamicBatcher:
         *,
         sla_class: SlaClass | str = SlaClass.INTERACTIVE,
         deadline_ms: float | None = None,
+        tenant: str = "",
     ) -> ItemResult:
         """Queue one item and wait for its result; see ``submit_nowait`` for the refusals."""
-        return await self.submit_nowait(model, inputs, sla_class=sla_class, deadline_ms=deadline_ms)
+        return await self.submit_nowait(model, inputs, sla_class=sla_class, deadline_ms=deadline_ms, tenant=tenant)
 
     def submit_nowait(
         self,
@@ -236,14 +258,17 @@ class DynamicBatcher:
         *,
         sla_class: SlaClass | str = SlaClass.INTERACTIVE,
         deadline_ms: float | None = None,
+        tenant: str = "",
     ) -> asyncio.Future[ItemResult]:
-        """Queue one item and return the future of its result.
+        """Queue one item of ``tenant`` and return the future of its result.
 
         Raises ``OVERLOADED`` (with ``retry_after_ms``) when draining or when
-        the item's class has used its share of the queue, ``DEADLINE_EXCEEDED``
+        the item's class has used its share of the queue and no tenant of its
+        lane and class holds more than its share to make room, ``DEADLINE_EXCEEDED``
         when ``deadline_ms`` (epoch ms) has already passed, and ``BAD_TENSOR``
         when the inputs have no common batch dimension. The future fails with
         ``DEADLINE_EXCEEDED`` if the deadline passes before compute starts,
+        with ``OVERLOADED`` if it was pushed out for a tenant below its share,
         and with ``INFERENCE_FAILED`` if the batch it ran in failed.
         """
         sla = SlaClass(sla_class)
@@ -254,8 +279,9 @@ class DynamicBatcher:
             self._expired += 1
             raise DinError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued")
         rows, signature = _describe(inputs)
+        key = (model, signature)
         limit = self._class_limit[sla]
-        if self._queued >= limit:
+        if self._queued >= limit and not self._push_out(key, sla, tenant, rows):
             self._rejected += 1
             raise DinError(
                 ErrorCode.OVERLOADED,
@@ -269,20 +295,35 @@ class DynamicBatcher:
             inputs=dict(inputs),
             rows=rows,
             sla_class=sla,
+            tenant=tenant,
             deadline_ms=deadline_ms,
             enqueued=time.perf_counter(),
             future=loop.create_future(),
         )
-        key = (model, signature)
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(key, model)
-        lane.queues[sla].append(item)
+            lane = self._lanes[key] = _Lane(key, model, {sla: FairQueue(self._clocks[sla]) for sla in CLASS_PRIORITY})
+        lane.queues[sla].push(tenant, item, rows)
         lane.rows += rows
         self._queued += 1
         self._depth[sla] += 1
         self._wakeup.set()
         return item.future
+
+    def _push_out(self, key: tuple, sla: SlaClass, tenant: str, rows: int) -> bool:
+        """Make room for an item of ``tenant`` by failing the newest item of the tenant holding most of its lane
+        and class, if that tenant holds more than its share; True when room was made."""
+        lane = self._lanes.get(key)
+        victim = lane.queues[sla].evict_for(tenant, rows) if lane is not None else None
+        if victim is None:
+            return False
+        self._left(lane, victim)
+        self._rejected += 1
+        if not victim.future.done():
+            victim.future.set_exception(DinError(
+                ErrorCode.OVERLOADED, f"queue full: pushed out for a tenant below its share of {sla.value} work",
+                retry_after_ms=self._retry_after_ms()))
+        return True
 
     def stats(self) -> BatcherStats:
         """Current queue depths, inflight count and recent performance."""
@@ -358,7 +399,7 @@ class DynamicBatcher:
             if ready_at > now:
                 next_ready = ready_at if next_ready is None else min(next_ready, ready_at)
                 continue
-            key = (lane.best_class_rank(), lane.oldest())
+            key = lane.order()
             if best_key is None or key < best_key:
                 best, best_key = lane, key
         return best, next_ready
@@ -369,7 +410,7 @@ class DynamicBatcher:
         ready_at = lane.oldest() + self._model_delay_s.get(lane.model, self._delay_s)
         realtime = lane.queues[SlaClass.REALTIME]
         if realtime:
-            ready_at = min(ready_at, realtime[0].enqueued + self._realtime_delay_s)
+            ready_at = min(ready_at, realtime.oldest().enqueued + self._realtime_delay_s)
         return ready_at
 
     def _take_batch(self, lane: _Lane) -> list[_Item]:
@@ -388,7 +429,7 @@ class DynamicBatcher:
             for sla in present:
                 lane.credits[sla] += self._weights[sla]
             chosen = max(present, key=lambda sla: lane.credits[sla])
-            head = lane.queues[chosen][0]
+            head = lane.queues[chosen].peek()
             if taken and rows + head.rows > max_rows:
                 for sla in present:
                     lane.credits[sla] -= self._weights[sla]
@@ -406,11 +447,11 @@ class DynamicBatcher:
     def _drop_stale_heads(self, lane: _Lane, sla: SlaClass, now_ms: float) -> None:
         queue = lane.queues[sla]
         while queue:
-            head = queue[0]
+            head = queue.peek()
             if head.future.done():
-                self._dequeue(lane, sla)
+                self._left(lane, queue.drop())
             elif head.deadline_ms is not None and head.deadline_ms <= now_ms:
-                self._dequeue(lane, sla)
+                self._left(lane, queue.drop())
                 self._expired += 1
                 head.future.set_exception(
                     DinError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed while the request was queued")
@@ -419,10 +460,13 @@ class DynamicBatcher:
                 return
 
     def _dequeue(self, lane: _Lane, sla: SlaClass) -> _Item:
-        item = lane.queues[sla].popleft()
+        return self._left(lane, lane.queues[sla].pop())
+
+    def _left(self, lane: _Lane, item: _Item) -> _Item:
+        """Account for ``item`` having left ``lane``'s queues."""
         lane.rows -= item.rows
         self._queued -= 1
-        self._depth[sla] -= 1
+        self._depth[item.sla_class] -= 1
         return item
 
     def _launch(self, model: str, items: list[_Item]) -> None:
@@ -489,7 +533,7 @@ class DynamicBatcher:
         for lane in list(self._lanes.values()):
             for sla in CLASS_PRIORITY:
                 while lane.queues[sla]:
-                    self._fail([self._dequeue(lane, sla)], error)
+                    self._fail([self._left(lane, lane.queues[sla].drop())], error)
         self._lanes.clear()
 
     def _runs_inline(self, model: str) -> bool:

@@ -57,7 +57,7 @@ async def decode_steps(batcher: DynamicBatcher, model: str, job: JobV1, state: D
         if now_ms() >= cutoff_ms:
             raise DinError(ErrorCode.DEADLINE_EXCEEDED, "the deadline came before the last token")
         result = await batcher.submit(model, {"token": np.array([state.token], np.int64), "state": state.state},
-                                      sla_class=job.sla_class, deadline_ms=cutoff_ms)
+                                      sla_class=job.sla_class, tenant=job.tenant, deadline_ms=cutoff_ms)
         token = next_token(result.outputs["logits"])
         state = DecodeState(result.outputs["state_out"], token, seq + 1)
         yield DecodeStep(seq, token, state, result)

@@ -87,6 +87,7 @@ class Executor(Service):
             capacity=settings.capacity,
             max_queue_delay_ms=settings.max_queue_delay_ms,
             inline_below_ms=settings.inline_below_ms,
+            tenant_weights=settings.tenant_weights(),
         )
         self.models = ServedModels(self.repository, self.batcher)
         self.security = PayloadSecurity.from_settings(settings)
@@ -234,7 +235,7 @@ class Executor(Service):
         margin = self.settings.deadline_margin_ms
         if lifecycle.past_cutoff(job.deadline_ms, now_ms(), margin):
             raise DinError(ErrorCode.DEADLINE_EXCEEDED, "deadline reached before the job was queued")
-        result = await self.batcher.submit(run.model, inputs, sla_class=job.sla_class,
+        result = await self.batcher.submit(run.model, inputs, sla_class=job.sla_class, tenant=job.tenant,
                                            deadline_ms=lifecycle.cutoff_ms(job.deadline_ms, margin))
         run.version = result.model_version or run.version
         if lifecycle.past_cutoff(job.deadline_ms, now_ms(), margin):

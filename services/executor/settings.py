@@ -3,12 +3,13 @@
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.lifecycle import DEADLINE_MARGIN_MS
 from shared.naming import token
 from shared.security import SecuredServiceSettings
+from shared.topology import load_topology
 
 
 class ExecutorSettings(SecuredServiceSettings):
@@ -30,6 +31,11 @@ class ExecutorSettings(SecuredServiceSettings):
         description="A job this close to its deadline is answered deadline_exceeded instead of being run."
     )
     pull: bool = Field(default=False, description="Pull work from the site's JetStream queue (distributed mode).")
+    topology: Path | None = Field(
+        default=None, validation_alias=AliasChoices("DIN_TOPOLOGY"),
+        description="Topology file, read for the tenants' weights (their shares of the batcher's queue); without "
+        "one every tenant weighs 1.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -42,3 +48,9 @@ class ExecutorSettings(SecuredServiceSettings):
         if isinstance(value, str):
             return [token(part.strip(), what="model") for part in value.split(",") if part.strip()]
         return value
+
+    def tenant_weights(self) -> dict[str, float]:
+        """Each tenant's ``TenantSpec.weight`` from the topology; empty without a topology."""
+        if self.topology is None:
+            return {}
+        return {tenant.name: tenant.weight for tenant in load_topology(self.topology).tenants}

@@ -317,3 +317,88 @@ async def test_tiny_batches_run_on_the_event_loop_once_measured_fast():
         await slow.submit("m", {"x": np.ones((1, 2), np.float32)}, sla_class="realtime")
     await slow.drain()
     assert not any(threads)
+
+
+async def test_a_tenant_flooding_the_queue_does_not_hold_back_another_tenants_items():
+    runner = GatedRunner()
+    batcher = DynamicBatcher(runner.run, max_batch_size=8, capacity=200)
+    first = await hold_first_batch(batcher, runner)
+    flood = [batcher.submit_nowait("m", item(i), tenant="globex") for i in range(1, 61)]
+    light = [batcher.submit_nowait("m", item(i), tenant="acme") for i in (101, 102, 103)]
+    runner.gate.set()
+    await asyncio.gather(first, *flood, *light)
+
+    first_after_gate = runner.batches[1][1]
+    assert [i for i in first_after_gate if i > 100] == [101, 102, 103], "acme's items in arrival order, at once"
+    assert len(first_after_gate) == 8
+    await batcher.drain()
+
+
+async def test_fairness_holds_across_lanes_of_different_models():
+    """Without a batching window every lane is ready at once, so the order is the fair order alone."""
+    runner = GatedRunner()
+    batcher = DynamicBatcher(runner.run, max_batch_size=8, max_queue_delay_ms=0.0, capacity=200)
+    first = await hold_first_batch(batcher, runner)
+    flood = [batcher.submit_nowait("bulk", item(i), tenant="globex") for i in range(1, 61)]
+    light = batcher.submit_nowait("fast", item(101), tenant="acme")
+    runner.gate.set()
+    await asyncio.gather(first, *flood, light)
+
+    served = [model for model, _ in runner.batches[1:]]
+    assert served.index("fast") <= 1, f"acme's lane waited behind globex's: {served}"
+    await batcher.drain()
+
+
+async def test_tenants_share_a_flooded_class_by_weight():
+    runner = GatedRunner()
+    batcher = DynamicBatcher(runner.run, max_batch_size=8, capacity=200, tenant_weights={"acme": 3.0})
+    first = await hold_first_batch(batcher, runner)
+    futures = [batcher.submit_nowait("m", item(i), tenant="globex") for i in range(1, 41)]
+    futures += [batcher.submit_nowait("m", item(i), tenant="acme") for i in range(101, 141)]
+    runner.gate.set()
+    await asyncio.gather(first, *futures)
+
+    first_four = [i for _, ids in runner.batches[1:5] for i in ids]
+    assert sum(i > 100 for i in first_four) == 24 and sum(i < 100 for i in first_four) == 8
+    await batcher.drain()
+
+
+async def test_sla_classes_still_go_first_whatever_the_tenant():
+    runner = GatedRunner()
+    batcher = DynamicBatcher(runner.run, max_batch_size=8, capacity=200)
+    first = await hold_first_batch(batcher, runner)
+    background = [batcher.submit_nowait("m", item(i), sla_class=SlaClass.BATCH, tenant="acme")
+                  for i in range(1, 11)]
+    realtime = [batcher.submit_nowait("m", item(i), sla_class=SlaClass.REALTIME, tenant="globex")
+                for i in range(101, 121)]
+    runner.gate.set()
+    await asyncio.gather(first, *background, *realtime)
+
+    first_after_gate = runner.batches[1][1]
+    assert first_after_gate[:7] == list(range(101, 108)) and sum(i < 100 for i in first_after_gate) == 1
+    await batcher.drain()
+
+
+async def test_a_full_queue_pushes_out_the_flooding_tenants_newest_item_for_a_tenant_below_its_share():
+    runner = GatedRunner()
+    batcher = DynamicBatcher(runner.run, max_batch_size=8, capacity=10)
+    first = await hold_first_batch(batcher, runner)
+    flood = [batcher.submit_nowait("m", item(i), tenant="globex") for i in range(1, 9)]
+    with pytest.raises(DinError) as excinfo:
+        batcher.submit_nowait("m", item(9), tenant="globex")
+    assert excinfo.value.code is ErrorCode.OVERLOADED
+
+    light = [batcher.submit_nowait("m", item(i), tenant="acme") for i in (101, 102, 103, 104)]
+    with pytest.raises(DinError) as excinfo:
+        batcher.submit_nowait("m", item(105), tenant="acme")
+    assert excinfo.value.code is ErrorCode.OVERLOADED, "acme holds half the queue: no more room to take"
+    pushed_out = [f for f in flood if f.done()]
+    assert len(pushed_out) == 4 and flood[4:] == pushed_out
+    for future in pushed_out:
+        assert future.exception().code is ErrorCode.OVERLOADED and future.exception().retry_after_ms > 0
+    assert batcher.stats().queue_depth["interactive"] == 8 and batcher.stats().rejected == 6
+
+    runner.gate.set()
+    await asyncio.gather(first, *flood[:4], *light)
+    assert sorted(i for _, ids in runner.batches[1:] for i in ids) == [1, 2, 3, 4, 101, 102, 103, 104]
+    await batcher.drain()
