@@ -22,6 +22,21 @@ answers in each case; a job is unanswered only when its executor is late and
 the scheduler that placed it is dead. An
 executor's death dispatches its open jobs again while time remains, except a
 token stream whose first token has already gone to the client.
+
+Ownership of an answer moves only at defined points, so a paused, re-dispatched
+or reconnected executor cannot answer twice. An executor holds a job under a
+lease: its heartbeats (an assigned job: its scheduler counts it lost after
+``loss_timeout_s``) or its claims on a pulled message (the queue offers it again
+after the ack wait). It answers, or hands on, only while the lease cannot have
+lapsed: its event loop never stalled longer than ``stall_limit_s`` (half the
+lease's slack) and its connection never dropped since the job may have reached it
+(``exposed_ms``). Otherwise the job is ``FENCED``: nothing goes to the client, and
+its completion (``Din-Fenced``, with the ``dispatch_key``) hands it back to the
+scheduler, which takes it only if it still names that executor and dispatch
+(``takes_back``); a pulled one is left unsettled for the queue to offer again.
+The scheduler decides losses and fires the watchdog only once it has handled
+everything the bus had sent it (it is not behind on its own input) and did not
+lose its own connection meanwhile.
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 
 from shared.contracts.inference import RequestHeaders
-from shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageV1
+from shared.contracts.job import FENCED_HEADER, STAGE_DONE_HEADER, JobV1, StageV1
 from shared.errors import DinError, ErrorCode
 
 MAX_ATTEMPTS = 3
@@ -38,6 +53,13 @@ MAX_ATTEMPTS = 3
 
 FIRST_TOKEN_STAMP = "first_token"
 """``JobV1.stamps_ms`` key set when a generation's first token went to the client."""
+
+MISSED_BEATS = 3
+"""Heartbeat intervals an executor may stay silent before its scheduler counts it lost."""
+
+EXPOSURE_SLACK_MS = 100.0
+"""How much earlier than its dispatch stamp a job is taken to have possibly reached its executor: the clocks of
+the scheduler that stamped it and of the executor may differ by this much."""
 
 
 class Outcome(StrEnum):
@@ -57,6 +79,9 @@ class Outcome(StrEnum):
     """The executor was full: back to the scheduler to be placed elsewhere."""
     REQUEUED = "requeued"
     """Pulled from a site queue and NAK'd because full: the queue offers it again."""
+    FENCED = "fenced"
+    """The executor's lease on the job may have lapsed (it stalled, or its connection dropped): not answered
+    here, handed back to the scheduler (or, pulled, left for the queue to offer again)."""
 
 
 class Settlement(StrEnum):
@@ -68,6 +93,9 @@ class Settlement(StrEnum):
     """Not taken: offer it again after a delay."""
     TERM = "term"
     """Not a job this executor can read: never offer it again."""
+    LEAVE = "leave"
+    """Fenced: neither acked nor NAK'd (a NAK could end another executor's claim on it); its claim lapses and
+    the queue offers it again."""
 
 
 class Redispatch(StrEnum):
@@ -79,6 +107,79 @@ class Redispatch(StrEnum):
     """A token stream already under way: answer ``EXECUTOR_LOST`` (tokens cannot be taken back)."""
     NO_TIME_LEFT = "no-time-left"
     """Within the deadline margin: answer ``EXECUTOR_LOST``."""
+
+
+class FenceReason(StrEnum):
+    """Why an executor may no longer answer a job it holds."""
+
+    STALLED = "stalled"
+    """Its event loop stalled longer than the lease allows (paused, swamped): it may have been counted lost."""
+    RECONNECTED = "reconnected"
+    """Its connection dropped: what it publishes now would be buffered and sent late, after others answered."""
+
+
+def loss_timeout_s(heartbeat_interval_s: float) -> float:
+    """How long a scheduler hears nothing from an executor before it counts it lost and takes its jobs back."""
+    return MISSED_BEATS * heartbeat_interval_s
+
+
+def stall_limit_s(renew_every_s: float, lapse_s: float) -> float:
+    """The longest stall after which an executor may still answer a job held under a lease renewed every
+    ``renew_every_s`` that lapses after ``lapse_s`` without renewal: half the slack, the other half left for the
+    renewal's way to whoever counts it (heartbeats: the scheduler; claims: the work queue)."""
+    return (lapse_s - renew_every_s) / 2.0
+
+
+def dispatched_ms(job: JobV1) -> float:
+    """When the job was last sent on to an executor (epoch ms): its stage's hand-off, else its placement, else
+    its admission."""
+    stamps = job.stamps_ms
+    if job.stage and f"stage_{job.stage}" in stamps:
+        return stamps[f"stage_{job.stage}"]
+    return stamps.get("scheduled", job.received_ms)
+
+
+def exposed_ms(job: JobV1, now_ms: float, *, pulled: bool, pull_wait_ms: float) -> float:
+    """The earliest moment (epoch ms) the job may have been this executor's: from its dispatch (less the clock
+    slack) on; a pulled job no earlier than the longest a pull waits for its messages before ``now_ms``."""
+    exposed = dispatched_ms(job) - EXPOSURE_SLACK_MS
+    if pulled:
+        exposed = max(exposed, now_ms - pull_wait_ms - EXPOSURE_SLACK_MS)
+    return min(exposed, now_ms)
+
+
+def fence(*, exposed_s: float, now_s: float, last_tick_s: float, last_stall_end_s: float | None,
+          limit_s: float, connected: bool, reconnected: bool) -> FenceReason | None:
+    """Why an executor must not answer (or hand on) a job that may have been its own since ``exposed_s`` (all
+    monotonic seconds), or None: its connection is down or dropped since (``reconnected``), or its event loop,
+    last seen running at ``last_tick_s``, is stalled now or had a stall longer than ``limit_s`` ending at
+    ``last_stall_end_s`` after the job reached it."""
+    if not connected or reconnected:
+        return FenceReason.RECONNECTED
+    if now_s - last_tick_s > limit_s or (last_stall_end_s is not None and last_stall_end_s > exposed_s):
+        return FenceReason.STALLED
+    return None
+
+
+def dispatch_key(job: JobV1, stage: int | None = None) -> str:
+    """Which dispatch of a request a job is: its attempt, cascade step and plan stage (``stage``, default the
+    job's own; the scheduler passes the stages it saw handed on). The same request placed again is another."""
+    return f"{job.attempt}.{job.cascade_stage or 0}.{job.stage if stage is None else stage}"
+
+
+def fenced_job(headers: Mapping[str, str] | None) -> tuple[str, str] | None:
+    """The request id and dispatch key a completion event hands back as fenced, if any."""
+    value = (headers or {}).get(FENCED_HEADER)
+    if not value or ";" not in value:
+        return None
+    request_id, key = value.split(";", 1)
+    return (request_id, key) if request_id else None
+
+
+def takes_back(held_by: str | None, held_key: str, sender: str, key: str) -> bool:
+    """Whether the scheduler takes back a job its executor ``sender`` fenced as dispatch ``key``: only while its
+    open entry still names that executor and dispatch (not once it was dispatched again, elsewhere or there)."""
+    return held_by is not None and held_by == sender and held_key == key
 
 
 def cutoff_ms(deadline_ms: float, margin_ms: float) -> float:
@@ -148,14 +249,17 @@ def reports_completion(outcome: Outcome) -> bool:
     return outcome not in (Outcome.GIVEN_BACK, Outcome.REQUEUED)
 
 
-def completion_headers(outcome: Outcome, request_id: str) -> dict[str, str] | None:
+def completion_headers(outcome: Outcome, request_id: str, dispatch: str = "") -> dict[str, str] | None:
     """Headers of the completion event: ``Din-Request-Id`` closes the job at the scheduler (the client was
-    answered), ``Din-Stage-Done`` marks a stage hand-off (the job stays open); an escalation and a job left to
-    the watchdog carry none, so the scheduler keeps the job (the large variant, or its watchdog, answers)."""
+    answered), ``Din-Stage-Done`` marks a stage hand-off (the job stays open), ``Din-Fenced`` hands a fenced job
+    (its ``dispatch`` key) back; an escalation and a job left to the watchdog carry none, so the scheduler keeps
+    the job (the large variant, or its watchdog, answers)."""
     if outcome in (Outcome.ANSWERED, Outcome.FAILED):
         return {RequestHeaders.REQUEST_ID: request_id}
     if outcome == Outcome.HANDED_ON:
         return {STAGE_DONE_HEADER: request_id}
+    if outcome == Outcome.FENCED:
+        return {FENCED_HEADER: f"{request_id};{dispatch}"}
     if outcome in (Outcome.ESCALATED, Outcome.LEFT_TO_WATCHDOG):
         return None
     raise ValueError(f"a job {outcome.value} reports no completion")
@@ -165,6 +269,8 @@ def settlement(outcome: Outcome | None) -> Settlement:
     """What to tell the work queue about a pulled message; ``outcome`` None: it was not a readable job."""
     if outcome is None:
         return Settlement.TERM
+    if outcome == Outcome.FENCED:
+        return Settlement.LEAVE
     return Settlement.NAK if outcome == Outcome.REQUEUED else Settlement.ACK
 
 

@@ -188,6 +188,11 @@ class ServiceRuntime:
         """The underlying nats-py connection (valid once the app has started)."""
         return self.broker.connection
 
+    def pending_on(self, subjects: set[str]) -> int:
+        """Messages received on ``subjects`` (any subscription of this connection, FastStream's too) and not yet
+        taken by their handler. nats-py lists its subscriptions only in a private table."""
+        return sum(sub.pending_msgs for sub in self.nc._subs.values() if sub.subject in subjects)
+
     def job_handler(self, handler: Callable[[JobV1, Msg], Awaitable[None]], span: str | None) -> Handler:
         """``handler`` behind job decoding (dead-letter when the header is missing or invalid) and a trace hop;
         the sender is told the job was taken once the handler has run (``hand_on``): its publications go out

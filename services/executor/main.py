@@ -24,6 +24,7 @@ authenticated is dead-lettered and never answered.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ from nats.aio.msg import Msg
 from services.executor import generation, pulling
 from services.executor.answers import AnswerWriter, now_ms
 from services.executor.batcher import DynamicBatcher, ItemResult
+from services.executor.fencing import TICK_S, Continuity
 from services.executor.repository import ModelRepository
 from services.executor.sealing import ExecutorSeals, UnreadableJob, protection
 from services.executor.serving import ServedModels
@@ -44,7 +46,7 @@ from shared.contracts.inference import STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, R
 from shared.contracts.job import JobV1, StageKind
 from shared.envelope import InvalidToken
 from shared.errors import DinError, ErrorCode, error_reply
-from shared.lifecycle import Outcome
+from shared.lifecycle import FenceReason, Outcome, Settlement
 from shared.naming import Subjects, Topics
 from shared.runtime import Service, control, endpoint, job_endpoint
 from shared.security import ControlRefused, ControlSigner, ControlVerifier, Opened, PayloadSecurity
@@ -70,6 +72,17 @@ class Run:
     model: str
     version: str = ""
     retry_after_ms: float | None = None
+    exposed_s: float = 0.0
+    limit_s: float = 0.0
+    reconnects: int = 0
+
+
+class Fenced(Exception):
+    """The executor may no longer answer or hand on the job it holds (``shared.lifecycle.fence``)."""
+
+    def __init__(self, reason: FenceReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
 
 
 class Executor(Service):
@@ -99,6 +112,12 @@ class Executor(Service):
         self.draining = False
         self.rng = np.random.default_rng()
         self.calibrators: dict[str, EscalationCalibrator] = {}
+        interval = settings.heartbeat_interval_s
+        self.assigned_limit_s = lifecycle.stall_limit_s(interval, lifecycle.loss_timeout_s(interval))
+        self.pulled_limit_s = lifecycle.stall_limit_s(pulling.IN_PROGRESS_EVERY_S, pulling.PULL_ACK_WAIT_S)
+        self.continuity = Continuity((self.assigned_limit_s, self.pulled_limit_s), time.monotonic())
+        self.ticker: asyncio.Task | None = None
+        self.runtime.on_start(self.start_continuity)
         self.runtime.on_start(self.start_keys)
         self.runtime.on_start(self.start_models)
         self.runtime.on_stop_accepting(self.announce_draining)
@@ -109,6 +128,7 @@ class Executor(Service):
             "models": ",".join(f"{h.name}@{h.version}" for h in self.repository.loaded()),
             "completed": self.batcher.stats().completed,
             "inflight": len(self.serving),
+            **self.continuity.detail(),
             **self.security.detail(),
             **self.verifier.detail(),
         }
@@ -182,6 +202,7 @@ class Executor(Service):
         self.start_serving(run)
 
     def start_serving(self, run: Run) -> None:
+        self.hold(run)
         task = asyncio.create_task(self.traced_serve(run))
         self.serving.add(task)
         task.add_done_callback(self.serving.discard)
@@ -202,13 +223,46 @@ class Executor(Service):
         finally:
             if claim is not None:
                 claim.cancel()
-            if run.pulled is not None:
-                await pulling.settle(run.pulled, lifecycle.settlement(outcome), run.retry_after_ms)
+            how = lifecycle.settlement(outcome)
+            if run.pulled is not None and how != Settlement.LEAVE:
+                await pulling.settle(run.pulled, how, run.retry_after_ms)
+
+    def hold(self, run: Run) -> None:
+        """Note since when ``run``'s job may have been this executor's, under which lease, on which connection."""
+        pulled = run.pulled is not None
+        wall, now_s = now_ms(), time.monotonic()
+        exposed = lifecycle.exposed_ms(run.job, wall, pulled=pulled, pull_wait_ms=pulling.PULL_WAIT_S * 1000.0)
+        run.exposed_s = now_s - (wall - exposed) / 1000.0
+        run.limit_s = self.pulled_limit_s if pulled else self.assigned_limit_s
+        run.reconnects = self.nc.stats["reconnects"]
+
+    def fence_reason(self, run: Run) -> FenceReason | None:
+        """Why this executor may no longer answer or hand on ``run`` (counted), or None."""
+        return self.continuity.fence(exposed_s=run.exposed_s, now_s=time.monotonic(), limit_s=run.limit_s,
+                                     connected=self.nc.is_connected,
+                                     reconnected=self.nc.stats["reconnects"] != run.reconnects)
+
+    def guard(self, run: Run) -> None:
+        """Raise ``Fenced`` unless this executor may still answer or hand on ``run``."""
+        reason = self.fence_reason(run)
+        if reason is not None:
+            raise Fenced(reason)
+
+    async def fenced(self, run: Run, reason: FenceReason) -> Outcome:
+        """Hand a fenced job back unanswered: its completion tells the scheduler; a pulled one is left unsettled
+        (its nonce released, so this executor can take it again when the queue offers it)."""
+        self.log.warning("job %s fenced (%s): not answered here", run.job.request_id, reason.value)
+        if run.pulled is not None and run.opened is not None:
+            self.security.replay.release(run.opened.nonce)
+        return await self.complete(run, Outcome.FENCED,
+                                   error=DinError(ErrorCode.EXECUTOR_LOST, f"executor fenced: {reason.value}"))
 
     async def serve(self, run: Run) -> Outcome:
         """Run one job to its single outcome."""
         try:
             return await self.compute(run)
+        except Fenced as fenced:
+            return await self.fenced(run, fenced.reason)
         except DinError as error:
             return await self.fail(run, error)
         except Exception as exc:
@@ -250,6 +304,7 @@ class Executor(Service):
 
     async def answer(self, run: Run, result: ItemResult, requested: list[str] | None) -> Outcome:
         job = run.job
+        self.guard(run)
         body, headers = self.seals.answer(job, self.answers.response(job, run.model, result, requested), run.opened)
         await self.nc.publish(job.reply_to, body, headers=headers or None)
         return await self.complete(run, Outcome.ANSWERED, result)
@@ -260,6 +315,9 @@ class Executor(Service):
         outcome = lifecycle.outcome_of_error(error.code, pulled=run.pulled is not None,
                                              streamed=lifecycle.has_streamed(job), attempt=job.attempt,
                                              plan_stage=job.stage, past_deadline=now_ms() >= job.deadline_ms)
+        reason = self.fence_reason(run) if outcome != Outcome.LEFT_TO_WATCHDOG else None
+        if reason is not None:
+            return await self.fenced(run, reason)
         if outcome == Outcome.REQUEUED:
             if run.opened is not None:
                 self.security.replay.release(run.opened.nonce)
@@ -285,8 +343,8 @@ class Executor(Service):
             extra_timings=extra_timings)
         subject, body = Subjects.completed(self.settings.site), event.model_dump_json().encode()
         await self.nc.publish(subject, body,
-                              headers=self.signer.headers(subject, body,
-                                                          lifecycle.completion_headers(outcome, job.request_id)))
+                              headers=self.signer.headers(subject, body, lifecycle.completion_headers(
+                                  outcome, job.request_id, lifecycle.dispatch_key(job))))
         return outcome
 
     def unsure(self, job: JobV1, model: str, result: ItemResult) -> bool:
@@ -302,6 +360,7 @@ class Executor(Service):
 
     async def escalate(self, run: Run, result: ItemResult) -> Outcome:
         """Cascade: the small variant was not sure; hand the job back to be placed on the large variant."""
+        self.guard(run)
         await self.complete(run, Outcome.ESCALATED, result)
         lifecycle.escalate(run.job, now_ms())
         await self.hand_back(run)
@@ -314,6 +373,7 @@ class Executor(Service):
                                    f"scheduler at site {scheduler_site}")
 
     async def split_head_done(self, run: Run, result: ItemResult) -> Outcome:
+        self.guard(run)
         payload, payload_headers = intermediate(run.job, result.outputs, self.rng)
         await self.complete(run, Outcome.HANDED_ON, result, output_bytes=len(payload))
         await self.hand_on(run, payload, payload_headers)
@@ -338,6 +398,7 @@ class Executor(Service):
         job.stamps_ms[lifecycle.FIRST_TOKEN_STAMP] = now_ms()
         job.stamps_ms["prefill_compute"] = result.compute_ms
         payload = encode_state(state)
+        self.guard(run)
         await self.complete(run, Outcome.HANDED_ON, result, output_bytes=len(payload))
         following = job.plan[job.stage + 1]
         if lifecycle.runs_here(following, self.settings.site, self.settings.id, self.repository.has(following.model)):
@@ -368,6 +429,7 @@ class Executor(Service):
 
     async def send_chunk(self, run: Run, chunk: StreamChunkV1) -> None:
         job = run.job
+        self.guard(run)
         body, headers = self.seals.answer(job, chunk.model_dump_json(exclude_none=True).encode(), run.opened,
                                           seq=chunk.seq)
         await self.nc.publish(job.reply_to, body, headers={**headers, RequestHeaders.REQUEST_ID: job.request_id,
@@ -398,6 +460,15 @@ class Executor(Service):
         while True:
             await self.send_heartbeat()
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def start_continuity(self) -> None:
+        self.ticker = asyncio.create_task(self.watch_continuity(), name="continuity")
+
+    async def watch_continuity(self) -> None:
+        """Beat the continuity ticker for the life of the executor (through its drain)."""
+        while True:
+            self.continuity.tick(time.monotonic())
+            await asyncio.sleep(TICK_S)
 
     async def start_keys(self) -> None:
         await self.security.start(self.nc, readers=lambda agent: [self.seals.site_reader],
@@ -433,6 +504,8 @@ class Executor(Service):
         await self.batcher.drain()
         if self.serving:
             await asyncio.wait(self.serving, timeout=DRAIN_WAIT_S)
+        if self.ticker is not None:
+            self.ticker.cancel()
         await self.security.stop()
 
 

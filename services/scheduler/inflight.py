@@ -48,23 +48,31 @@ class InflightTable:
 
     def __init__(self) -> None:
         self._jobs: dict[str, InflightJob] = {}
+        self._due: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._jobs)
 
     def add(self, entry: InflightJob, due_ms: float | None = None) -> None:
-        """Keep ``entry`` open; the watchdog takes it at ``due_ms`` (default: its deadline)."""
+        """Keep ``entry`` open; the watchdog takes it at ``due_ms`` (default: its deadline), the due time of its
+        latest dispatch."""
         request_id = entry.job.request_id
-        if request_id not in self._jobs:
-            heapq.heappush(self._deadlines, (entry.job.deadline_ms if due_ms is None else due_ms, request_id))
+        due = entry.job.deadline_ms if due_ms is None else due_ms
+        heapq.heappush(self._deadlines, (due, request_id))
+        self._due[request_id] = due
         self._jobs[request_id] = entry
 
     def holds(self, request_id: str) -> bool:
         """Whether the job is still open here."""
         return request_id in self._jobs
 
+    def get(self, request_id: str) -> InflightJob | None:
+        """The open entry of ``request_id``, left in the table."""
+        return self._jobs.get(request_id)
+
     def complete(self, request_id: str) -> InflightJob | None:
+        self._due.pop(request_id, None)
         return self._jobs.pop(request_id, None)
 
     def advance(self, request_id: str) -> InflightJob | None:
@@ -79,19 +87,26 @@ class InflightTable:
         """Remove and return the open jobs assigned to ``executor_id`` (for any stage still to run)."""
         lost = [e for e in self._jobs.values() if e.executor == executor_id or executor_id in e.later]
         for entry in lost:
-            del self._jobs[entry.job.request_id]
+            self.complete(entry.job.request_id)
         return lost
 
     def on_site(self, site: str) -> list[InflightJob]:
         """Open jobs queued at ``site`` (distributed mode), left in the table."""
         return [e for e in self._jobs.values() if e.site == site]
 
+    def overdue(self, now_ms: float) -> bool:
+        """Whether some open job's watchdog time has come (``due`` would return it)."""
+        while self._deadlines:
+            due, request_id = self._deadlines[0]
+            if self._due.get(request_id) == due:
+                return due <= now_ms
+            heapq.heappop(self._deadlines)
+        return False
+
     def due(self, now_ms: float) -> list[InflightJob]:
         """Remove and return open jobs whose watchdog time has come."""
         expired = []
-        while self._deadlines and self._deadlines[0][0] <= now_ms:
+        while self.overdue(now_ms):
             _, request_id = heapq.heappop(self._deadlines)
-            entry = self._jobs.pop(request_id, None)
-            if entry is not None:
-                expired.append(entry)
+            expired.append(self.complete(request_id))
         return expired

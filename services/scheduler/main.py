@@ -7,8 +7,9 @@ that cannot be authenticated is dead-lettered, never answered: its reply subject
 may belong to a legitimate request it was copied from.
 
 A dispatched job stays in flight until a completion event closes it; the rules
-of when (and of what an executor's death or the deadline does to it) are in
-``shared.lifecycle``.
+of when (and of what an executor's death, a fenced executor or the deadline does
+to it) are in ``shared.lifecycle``. The watchdog declares losses and answers
+overdue jobs only once the scheduler is caught up on its own input.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ ENQUEUE_TIMEOUT_S = 2.0
 ENQUEUE_RETRY_S = 0.2
 MSG_ID_HEADER = "Nats-Msg-Id"
 PROBE_TIMEOUT_S = 1.0
+CATCH_UP_S = 0.5
+"""Longest the watchdog waits, per tick, to be caught up on its input (else it tries again next tick)."""
+CATCH_UP_POLL_S = 0.001
+DEAF_AFTER_S = 0.5
+"""A stall of the scheduler's own loop this long means it could not hear executors meanwhile: it pardons them."""
 DISPATCH_PUBLISHES = ("execute", "work", "inferReply", Topics.SCHEDULING_DECISIONS)
 """Where placing a job sends: to its executor or its site's queue, or its refusal to the client; and the decision."""
 REDISPATCH_REFUSALS = {
@@ -123,7 +129,8 @@ class Scheduler(Service):
         self.cost_limits = {t.name: t.max_cost_per_1k for t in self.topology.tenants}
         self.counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
                        "multi_stage": 0, "streams_interrupted": 0, "forwarded": 0,
-                       "expired_on_arrival": 0, "out_of_view": 0}
+                       "expired_on_arrival": 0, "out_of_view": 0, "taken_back": 0, "pardons": 0,
+                       "watchdog_deferred": 0}
         self.enqueues: set[asyncio.Task] = set()
         self.news = asyncio.Event()
         self.security = PayloadSecurity.from_settings(settings)
@@ -166,10 +173,15 @@ class Scheduler(Service):
 
     @endpoint("completed", completions_heard)
     async def on_completed(self, msg: Msg) -> None:
-        """A job's completion, signed by its executor's site: closes the job (or advances its plan)."""
+        """A job's completion, signed by its executor's site: closes the job (or advances its plan, or takes a
+        fenced job back)."""
         try:
-            self.verifier.open("completed", msg.subject, msg.data, msg.headers)
+            event = self.verifier.open("completed", msg.subject, msg.data, msg.headers)
         except ControlRefused:
+            return
+        fenced = lifecycle.fenced_job(msg.headers)
+        if fenced is not None:
+            await self.take_back(*fenced, sender=event.executor)
             return
         advanced = lifecycle.stage_done(msg.headers)
         if advanced is not None:
@@ -181,6 +193,16 @@ class Scheduler(Service):
         entry = self.inflight.complete(closed) if closed else None
         if entry is not None:
             self.release(entry)
+
+    async def take_back(self, request_id: str, key: str, sender: str) -> None:
+        """An executor fenced a job (``lifecycle.takes_back``): dispatched again, or answered, if it still held it."""
+        entry = self.inflight.get(request_id)
+        if entry is None or not lifecycle.takes_back(entry.executor, lifecycle.dispatch_key(entry.job, entry.advanced),
+                                                     sender, key):
+            return
+        self.inflight.complete(request_id)
+        self.counts["taken_back"] += 1
+        await self.redispatch(entry)
 
     @control("heartbeat", heartbeats_heard, publishes=DISPATCH_PUBLISHES)
     async def on_heartbeat(self, message: NatsMessage) -> None:
@@ -382,9 +404,9 @@ class Scheduler(Service):
         self.lost.note(executor_id, now_ms())
         await self.redispatch_all(self.inflight.on_executor(executor_id))
 
-    async def answer_overdue(self) -> None:
+    async def answer_overdue(self, now: float) -> None:
         """The watchdog's answer to every open job no executor answered (``lifecycle.watchdog_at_ms``)."""
-        for entry in self.inflight.due(now_ms()):
+        for entry in self.inflight.due(now):
             self.release(entry)
             self.counts["deadline_answers"] += 1
             alive = entry.executor is not None and self.registry.get(entry.executor) is not None
@@ -395,14 +417,47 @@ class Scheduler(Service):
             )
 
     async def watchdog(self) -> None:
-        """Drop executors that missed their heartbeats (their jobs dispatched again), answer overdue jobs."""
+        """Drop executors that missed their heartbeats (their jobs dispatched again), answer overdue jobs: as of
+        the tick's start, once caught up on what the bus had sent by then (``caught_up``); after the scheduler
+        was deaf (its connection dropped, its own loop stalled) every executor is pardoned instead."""
         interval = self.settings.watchdog_interval_ms / 1000.0
+        reconnects = self.nc.stats["reconnects"]
         while True:
+            slept = time.monotonic()
             await asyncio.sleep(interval)
-            for dead in self.registry.expire(time.monotonic()):
-                await self.on_expired(dead.id, dead.site)
-            await self.answer_overdue()
+            now_s, now = time.monotonic(), now_ms()
+            deaf = self.nc.stats["reconnects"] != reconnects or now_s - slept - interval > DEAF_AFTER_S
+            reconnects = self.nc.stats["reconnects"]
+            if deaf:
+                self.counts["pardons"] += 1
+                self.registry.pardon(now_s)
+            elif self.registry.overdue(now_s) or self.inflight.overdue(now):
+                if await self.caught_up():
+                    for dead in self.registry.expire(now_s):
+                        await self.on_expired(dead.id, dead.site)
+                    await self.answer_overdue(now)
+                else:
+                    self.counts["watchdog_deferred"] += 1
             self.remote.expire(now_ms())
+
+    async def caught_up(self) -> bool:
+        """Whether every heartbeat and completion the bus had sent this scheduler by now has reached its handler
+        (a ping's round trip puts what came before the pong in the subscriptions' buffers, which then drain):
+        it is not behind on its own input. False while disconnected or still behind after ``CATCH_UP_S``."""
+        if not self.nc.is_connected:
+            return False
+        started = time.monotonic()
+        try:
+            await self.nc.flush(timeout=CATCH_UP_S)
+        except Exception:
+            return False
+        subjects = {subject for pattern in (heartbeats_heard(self.settings), completions_heard(self.settings))
+                    for subject in Subjects.per_site(pattern, self._sites())}
+        while self.runtime.pending_on(subjects):
+            if time.monotonic() - started > CATCH_UP_S:
+                return False
+            await asyncio.sleep(CATCH_UP_POLL_S)
+        return True
 
     async def prober(self) -> None:
         """Measure each remote site's link round trip with an echoed probe."""

@@ -1,7 +1,9 @@
 """The live registry of executors, built from their heartbeats, indexed for placement.
 
 An executor is usable from its first heartbeat and dropped once it has been
-silent for ``MISSED_BEATS`` heartbeat intervals. Between heartbeats the
+silent for ``shared.lifecycle.loss_timeout_s`` (``MISSED_BEATS`` of its heartbeat
+intervals) while the scheduler was listening: after the scheduler itself was
+deaf (its connection dropped, its loop stalled) every executor is pardoned. Between heartbeats the
 scheduler counts what it dispatched itself, so two requests arriving in the
 same millisecond do not both see an empty queue, and counts what completed since,
 which may take the count below zero: those jobs were still in the heartbeat's
@@ -30,8 +32,8 @@ from typing import Protocol
 
 from shared.contracts.events import HeartbeatV1
 from shared.contracts.inference import SlaClass
+from shared.lifecycle import loss_timeout_s
 
-MISSED_BEATS = 3
 CLASSES = tuple(SlaClass)
 """SLA classes in the order executors serve them."""
 _CLASS_VALUES = tuple((c, c.value) for c in CLASSES)
@@ -220,7 +222,7 @@ class ExecutorRegistry:
             state.heartbeat = heartbeat
             state.last_seen = now
             state.dispatched = {c: 0 for c in SlaClass}
-        heapq.heappush(self._deadlines, (now + MISSED_BEATS * heartbeat.interval_s, now, heartbeat.executor))
+        heapq.heappush(self._deadlines, (now + loss_timeout_s(heartbeat.interval_s), now, heartbeat.executor))
         membership = _membership(heartbeat)
         if self._membership.get(heartbeat.executor) == membership:
             self._rekey(state)
@@ -235,20 +237,30 @@ class ExecutorRegistry:
         return new
 
     def expire(self, now: float) -> list[ExecutorState]:
-        """Drop and return executors silent for ``MISSED_BEATS`` intervals."""
+        """Drop and return executors silent for their loss timeout."""
         dead = []
+        while self.overdue(now):
+            _, _, executor_id = heapq.heappop(self._deadlines)
+            dead.append(self._executors[executor_id])
+            self.forget(executor_id)
+        return dead
+
+    def overdue(self, now: float) -> bool:
+        """Whether some executor has been silent for its loss timeout (``expire`` would drop it)."""
         while self._deadlines:
             _, seen, executor_id = self._deadlines[0]
             state = self._executors.get(executor_id)
             if state is None or state.last_seen != seen:
                 heapq.heappop(self._deadlines)
                 continue
-            if not now - state.last_seen > MISSED_BEATS * state.heartbeat.interval_s:
-                break
-            heapq.heappop(self._deadlines)
-            dead.append(state)
-            self.forget(executor_id)
-        return dead
+            return now - state.last_seen > loss_timeout_s(state.heartbeat.interval_s)
+        return False
+
+    def pardon(self, now: float) -> None:
+        """Count every executor as heard from at ``now``: the scheduler could not hear them until then."""
+        for state in self._executors.values():
+            state.last_seen = now
+            heapq.heappush(self._deadlines, (now + loss_timeout_s(state.heartbeat.interval_s), now, state.id))
 
     def forget(self, executor_id: str) -> None:
         if self._executors.pop(executor_id, None) is not None:

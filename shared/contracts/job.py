@@ -18,6 +18,9 @@ from shared.contracts.options import ServingOptionsV1
 HEADER_PREFIX = "Din-Job-"
 STAGE_DONE_HEADER = "Din-Stage-Done"
 """On a completion event of a stage that handed its output on: the request id (the job stays open)."""
+FENCED_HEADER = "Din-Fenced"
+"""On a completion event of a job its executor may no longer answer (it stalled or lost its connection while
+holding it): ``<request id>;<dispatch>`` (``shared.lifecycle.dispatch_key``), the job handed back unanswered."""
 
 
 DEPRECATED_PROTECTION = "protection"

@@ -97,3 +97,33 @@ async def test_a_dead_executors_pulled_jobs_are_served_by_another_before_their_d
         assert (await consumer(network)).num_ack_pending == 0
     finally:
         await network.restore()
+
+
+async def test_an_executor_paused_past_its_claims_answers_none_of_the_jobs_offered_again(network):
+    """Jobs a frozen executor had pulled are offered again once their claim lapses and served by the site's other
+    executor; thawed, it reads them and fences them (its loop stalled past its claims) instead of answering a
+    second time. Long deadlines, so that time is no excuse."""
+    network.start_executor("cloud-9", "cloud", like="cloud-2")
+    await network.wait_ready("executor", "cloud-9", timeout_s=60.0)
+    victim = network.process("executor-cloud-2")
+    load = Load(network.hub_url, {"globex": network.token("globex")}, network.stack.nats_options())
+    try:
+        async with load:
+            os.kill(victim.pid, signal.SIGSTOP)
+            try:
+                for _ in range(10):
+                    await load.send("globex", "digits-small", 10, every_s=0.0, timeout_ms=30000)
+                    await asyncio.sleep(0.3)
+                    held = (await consumer(network)).num_ack_pending
+                    if held:
+                        break
+                await load.settle()
+            finally:
+                os.kill(victim.pid, signal.SIGCONT)
+            await load.send("globex", "digits-small", 20, every_s=0.01, timeout_ms=30000)
+            outcome = await load.settle()
+        assert held, "the frozen executor never held a job"
+        assert outcome == {"ok": len(load.tally.sent), "unanswered": 0, "duplicated": 0}
+        assert int((await network.health("executor", "cloud-2")).detail["answers_fenced"]) > 0
+    finally:
+        await network.restore()

@@ -219,3 +219,43 @@ def test_the_watchdog_speaks_after_the_executor_had_its_say():
     deadline, margin, transit = 1_000.0, 5.0, 20.0
     executor_gives_up = cutoff_ms(deadline, margin)
     assert watchdog_at_ms(deadline, transit) - transit > executor_gives_up
+
+
+def test_leases_derive_from_the_heartbeat_interval_and_the_claims():
+    from shared.lifecycle import loss_timeout_s, stall_limit_s
+
+    assert loss_timeout_s(0.5) == 1.5
+    assert stall_limit_s(0.5, loss_timeout_s(0.5)) == pytest.approx(0.5)
+    assert stall_limit_s(0.2, 0.6) == pytest.approx(0.2)
+
+
+def test_a_job_is_exposed_from_its_dispatch_less_the_clock_slack():
+    from shared.lifecycle import EXPOSURE_SLACK_MS, exposed_ms
+
+    placed = job(stamps_ms={"scheduled": NOW_MS})
+    assert exposed_ms(placed, NOW_MS + 50, pulled=False, pull_wait_ms=1000) == NOW_MS - EXPOSURE_SLACK_MS
+    handed = job(stamps_ms={"scheduled": NOW_MS, "stage_1": NOW_MS + 20}, plan=two_stage_plan(), stage=1)
+    assert exposed_ms(handed, NOW_MS + 50, pulled=False, pull_wait_ms=1000) == NOW_MS + 20 - EXPOSURE_SLACK_MS
+    queued_long_ago = job(stamps_ms={"scheduled": NOW_MS})
+    assert exposed_ms(queued_long_ago, NOW_MS + 5000, pulled=True, pull_wait_ms=1000) == \
+        NOW_MS + 4000 - EXPOSURE_SLACK_MS
+
+
+def test_a_fenced_job_goes_back_to_the_scheduler_only_while_it_still_holds_that_dispatch():
+    from shared.lifecycle import dispatch_key, fenced_job, takes_back
+
+    held = job(attempt=1)
+    headers = completion_headers(Outcome.FENCED, "r1", dispatch_key(held))
+    assert closes_job(headers) is None and stage_done(headers) is None
+    request_id, key = fenced_job(headers)
+    assert request_id == "r1" and takes_back("e1", dispatch_key(held, 0), "e1", key)
+    assert not takes_back("e2", dispatch_key(held, 0), "e1", key), "dispatched again elsewhere"
+    reset_for_redispatch(held)
+    assert not takes_back("e1", dispatch_key(held, 0), "e1", key), "dispatched again to the same executor"
+    assert not takes_back(None, dispatch_key(held, 0), "e1", key), "waiting in a site queue"
+    assert fenced_job({}) is None and fenced_job({"Din-Fenced": "r1"}) is None
+
+
+def test_a_fenced_pulled_job_is_left_for_the_queue():
+    assert settlement(Outcome.FENCED) == Settlement.LEAVE
+    assert reports_completion(Outcome.FENCED)

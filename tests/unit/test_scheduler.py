@@ -276,3 +276,24 @@ def test_inflight_distributed_stages_wait_in_site_queues():
     table.add(staged("r1", None, []))
     assert table.advance("r1").executor is None
     assert [e.job.request_id for e in table.on_site("factory")] == ["r1"]
+
+
+def test_registry_pardons_every_executor_after_the_scheduler_was_deaf():
+    reg = ExecutorRegistry()
+    reg.observe(beat("a", "cloud", ["m"]), now=0.0)
+    assert reg.overdue(now=2.0)
+    reg.pardon(now=2.0)
+    assert not reg.overdue(now=3.0) and reg.expire(now=3.0) == []
+    assert [s.id for s in reg.expire(now=3.6)] == ["a"]
+
+
+def test_inflight_watchdog_takes_a_job_at_its_latest_dispatchs_due_time():
+    table = InflightTable()
+    j = job("m")
+    j.request_id, j.deadline_ms = "r0", 100
+    table.add(InflightJob(j, b"", {}, "a", "cloud", ["a"]), due_ms=105)
+    table.add(InflightJob(j, b"", {}, "b", "factory", ["b"]), due_ms=140)
+    assert not table.overdue(now_ms=120) and table.due(now_ms=120) == []
+    assert table.get("r0").executor == "b"
+    assert [e.executor for e in table.due(now_ms=140)] == ["b"]
+    assert not table.overdue(now_ms=10_000)
