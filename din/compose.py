@@ -62,6 +62,7 @@ COMPOSE_FILE = "docker-compose.yml"
 NATS_CONF_DIR = "ops/compose/nats"
 KAFKA_START_SCRIPT = "ops/compose/kafka/start.sh"
 PROMETHEUS_CONFIG = "ops/prometheus/prometheus.yml"
+PROMETHEUS_RULES = "ops/prometheus/rules"
 GRAFANA_PROVISIONING = "ops/grafana/provisioning"
 GRAFANA_DASHBOARDS = "ops/grafana/dashboards"
 
@@ -457,7 +458,8 @@ def compose_document(topology: Topology) -> dict:
         services[inst.name] = _din_service(inst, envs[inst.name])
     services["prometheus"] = {
         "image": PROMETHEUS_IMAGE,
-        "volumes": [f"./{PROMETHEUS_CONFIG}:/etc/prometheus/prometheus.yml:ro"],
+        "volumes": [f"./{PROMETHEUS_CONFIG}:/etc/prometheus/prometheus.yml:ro",
+                    f"./{PROMETHEUS_RULES}:/etc/prometheus/rules:ro"],
         "ports": [published(9090)],
         "depends_on": {"telemetry": {"condition": "service_healthy"}},
         "healthcheck": _wget_health(9090, "/-/ready"),

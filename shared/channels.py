@@ -155,7 +155,8 @@ _NATS = (
         "completed", subject_pattern(Subjects.completed, "site"),
         "Completion events of jobs finished at a site. The headers tell the scheduler what became of the job "
         "(see CompletionHeaders): closed (Din-Request-Id), one stage of several done and handed on "
-        "(Din-Stage-Done), or still open (neither).",
+        "(Din-Stage-Done), or still open (neither). The site's own JetStream domain keeps them in "
+        "DIN_COMPLETIONS_<SITE> until telemetry has relayed them to Kafka.",
         ("completion",),
     ),
     Channel(

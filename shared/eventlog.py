@@ -10,6 +10,10 @@ what happened during it. On a secure broker the log connects with the process's
 Kafka login (``client_kwargs``, see ``shared.bus.kafka``); an event the broker
 refuses (a topic this user may not write, a failed login) is counted in
 ``refused`` and logged once per topic, never raised.
+
+A caller that must know a record is in Kafka before it lets go of its source
+(telemetry acknowledging a completion in JetStream) uses ``produce`` instead:
+it waits for the producer and returns the record's acknowledgement to await.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class EventLog:
         self._queue: asyncio.Queue[QueuedEvent] = asyncio.Queue(maxsize=max_buffered)
         self._linger_ms = linger_ms
         self._producer: AIOKafkaProducer | None = None
+        self._connected = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.sent = 0
         self.dropped = 0
@@ -98,6 +103,18 @@ class EventLog:
     def emit_record(self, base_topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
         """Queue a record whose headers the caller built (they include ``din-event-type``), e.g. a recorded request."""
         self._put((self.topic(base_topic), key, value, headers))
+
+    async def produce(self, base_topic: str, type_name: str, value: bytes, *, key: str | None,
+                      timestamp_ms: int) -> asyncio.Future:
+        """Hand one encoded event to Kafka now (waiting for the producer to connect) and return the future of its
+        acknowledgement; awaiting it raises when Kafka did not take the record. ``timestamp_ms`` is when the
+        event happened."""
+        await self._connected.wait()
+        topic = self.topic(base_topic)
+        future = await self._producer.send(topic, value, key=key.encode() if key else None,
+                                           headers=[(EVENT_TYPE_HEADER, type_name.encode())], timestamp_ms=timestamp_ms)
+        future.add_done_callback(lambda done: self._count(done, topic))
+        return future
 
     def _put(self, item: tuple) -> None:
         try:
@@ -132,6 +149,7 @@ class EventLog:
 
     async def _pump(self) -> None:
         self._producer = await self._connect()
+        self._connected.set()
         while True:
             topic, key, value, headers, emitted_ms = await self._queue.get()
             if isinstance(value, BaseModel):
@@ -183,3 +201,4 @@ class EventLog:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+            self._connected.clear()

@@ -188,6 +188,11 @@ def work_stream(site: str) -> str:
     return f"DIN_WORK_{token(site, what='site').upper().replace('-', '_')}"
 
 
+def completions_stream(site: str) -> str:
+    """JetStream stream name capturing a site's completion events in its own domain (telemetry relays it)."""
+    return f"DIN_COMPLETIONS_{token(site, what='site').upper().replace('-', '_')}"
+
+
 class Topics:
     """Kafka topics, named ``din.v1.<area>.<kind>`` like Seldon's ``TopicNamer``."""
 

@@ -63,6 +63,7 @@ from shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
 from shared.bus.nats_auth import NATS_DIR, NatsAuthority
 from shared.bus.permissions import OPERATOR_USER
 from shared.bus.tls import CA_CERT
+from shared.completionstream import MIB, completions_stream_config
 from shared.credentials import write_credentials
 from shared.naming import Subjects
 from shared.security import (
@@ -647,6 +648,28 @@ def prepare_kafka(access: KafkaAccess, plan: list, *, topic_scope: str | None, a
         raise StackError(f"could not prepare Kafka at {access.bootstrap} (ACLs, topics): {exc}") from exc
 
 
+def prepare_completion_streams(url: str, options: dict, topology: Topology, settings: TelemetrySettings) -> None:
+    """Create every site's completion stream in its own JetStream domain (``shared.completionstream``, the limits
+    telemetry's ``settings`` give it), so completions are kept from the first one on, also before telemetry runs."""
+
+    async def prepare() -> None:
+        import nats
+
+        nc = await nats.connect(servers=nats_servers(url), **options)
+        try:
+            for site in topology.sites:
+                await nc.jetstream(domain=site.name, timeout=5.0).add_stream(completions_stream_config(
+                    site.name, max_age_s=settings.relay_max_age_h * 3600.0, max_bytes=settings.relay_max_mb * MIB,
+                    replicas=site.jetstream_replicas))
+        finally:
+            await nc.close()
+
+    try:
+        _run_async(prepare())
+    except Exception as exc:  # noqa: BLE001 - every failure here stops the start with its reason
+        raise StackError(f"could not create the completion streams: {exc}") from exc
+
+
 def _http_json(url: str) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(url, timeout=1.0) as resp:
@@ -1054,6 +1077,7 @@ class Stack:
                 extra = f" ({spec.name}: leafnodes :{spec.leaf_listen_port}, routes :{spec.cluster_port})"
             self._track(proc, spec.site, f"{spec.url}{extra} monitor http://127.0.0.1:{spec.monitor_port}")
         wait_nats_mesh(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs, self.broker_timeout_s)
+        prepare_completion_streams(self.hub_url, self.nats_options(), self.topology, self._telemetry_settings())
         if kafka_proc is not None:
             wait_kafka_ready(self.kafka, kafka_proc, self.broker_timeout_s)
         if kafka_proc is not None or self.external_kafka is not None:

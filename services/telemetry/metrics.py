@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from services.telemetry.alerts import SlaWatch
+from services.telemetry.relay import RelayLedger
 from shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, SchedulingDecisionV1
 from shared.contracts.federation import SiteSummaryV1
 from shared.contracts.inference import SlaClass
@@ -128,6 +129,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("din_telemetry_folded_labels_total", "counter", ("label",),
                "Events naming a tenant, model, site or executor past telemetry's budget of distinct values for that "
                "label (LABEL_BUDGETS): counted under _other, or not shown in the per-executor and per-site gauges."),
+    MetricSpec("din_completions_relayed_total", "counter", ("site",),
+               "Completions relayed from the site's completion stream to Kafka (acknowledged by Kafka first)."),
+    MetricSpec("din_completion_relay_pending", "gauge", ("site",),
+               "Completions in the site's completion stream not yet relayed to Kafka, at the last look."),
+    MetricSpec("din_completion_relay_oldest_seconds", "gauge", ("site",),
+               "Age of the site's oldest completion not yet relayed to Kafka (0 when none waits)."),
+    MetricSpec("din_completion_relay_lagging", "gauge", ("site",),
+               "1 while the site's oldest unrelayed completion is older than DIN_TELEMETRY_RELAY_LAG_ALERT_S, or "
+               "its completion stream does not answer."),
     MetricSpec("din_telemetry_recorded_events_total", "counter", (), "Events telemetry wrote to Kafka."),
     MetricSpec("din_telemetry_dropped_events_total", "counter", (),
                "Events telemetry could not buffer for Kafka (Kafka unreachable for long)."),
@@ -260,8 +270,10 @@ class TelemetryMetrics:
         label_budgets: Mapping[str, int] = LABEL_BUDGETS,
         clock: Callable[[], float] = time.monotonic,
         recorded: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        relay: RelayLedger | None = None,
     ) -> None:
         self.clock = clock
+        self.relay = relay if relay is not None else RelayLedger([], 0.0)
         self.sla = SlaWatch(sla_targets_ms, window_s=sla_window_s, quantile=sla_quantile, min_samples=sla_min_samples)
         self._recorded = recorded
         specs = {m.name: m for m in METRICS}
@@ -404,6 +416,7 @@ class TelemetryMetrics:
         yield from self._executor_gauges()
         yield from self._site_gauges()
         yield from self._sla_gauges()
+        yield from self._relay_gauges()
         sent, dropped = self._recorded()
         specs = {m.name: m for m in METRICS}
         recorded = CounterMetricFamily("din_telemetry_recorded_events_total",
@@ -489,6 +502,20 @@ class TelemetryMetrics:
             active.add_metric([sla.value], 1.0 if self.sla.firing[sla] else 0.0)
             fired.add_metric([sla.value], self.sla.fired[sla])
         return quantiles, samples, target, active, fired
+
+    def _relay_gauges(self) -> Iterable[Metric]:
+        specs = {m.name: m for m in METRICS}
+        relayed = CounterMetricFamily("din_completions_relayed_total", specs["din_completions_relayed_total"].help,
+                                      labels=("site",))
+        pending, oldest, lagging = (GaugeMetricFamily(name, specs[name].help, labels=("site",)) for name in (
+            "din_completion_relay_pending", "din_completion_relay_oldest_seconds", "din_completion_relay_lagging"))
+        behind = set(self.relay.lagging())
+        for site, relay in self.relay.sites.items():
+            relayed.add_metric([site], relay.relayed)
+            pending.add_metric([site], relay.pending)
+            oldest.add_metric([site], relay.oldest_s or 0.0)
+            lagging.add_metric([site], 1.0 if site in behind else 0.0)
+        return relayed, pending, oldest, lagging
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric."""

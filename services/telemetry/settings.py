@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.contracts.inference import SlaClass
 from shared.security import SecuredServiceSettings
+from shared.topology import load_topology
 
 HOUR_MS = 3_600_000
 DEFAULT_SLA_TARGETS_MS = {SlaClass.REALTIME: 50.0, SlaClass.INTERACTIVE: 500.0, SlaClass.BATCH: 5000.0}
@@ -78,6 +81,39 @@ class TelemetrySettings(SecuredServiceSettings):
         description="Most each partition of every recorded topic keeps, MiB (Kafka's retention.bytes); the oldest "
         "records go when either this or the topic's time is reached.",
     )
+
+    topology: Path | None = Field(
+        default=None, validation_alias=AliasChoices("DIN_TOPOLOGY"),
+        description="Topology file: the sites whose completion streams telemetry relays (unset: DIN_BUS_SITES, "
+        "else its own site).",
+    )
+    relay_from: str = Field(
+        default="earliest",
+        pattern="^(latest|earliest)$",
+        description="Where a new relay consumer starts in a site's completion stream: earliest (everything it "
+        "still holds) or latest. An existing consumer always resumes where it stopped.",
+    )
+    relay_max_age_h: float = Field(
+        default=24.0, gt=0, description="Longest a site's completion stream keeps a completion telemetry has not "
+        "relayed (nor any other), hours: how long an outage of telemetry or Kafka may last without a loss.",
+    )
+    relay_max_mb: int = Field(
+        default=1024, ge=1, description="Most each site's completion stream holds, MiB; past it the oldest go first.",
+    )
+    relay_batch: int = Field(default=256, ge=1, le=4096, description="Completions relayed per pull.")
+    relay_lag_alert_s: float = Field(
+        default=30.0, gt=0, description="A site whose oldest unrelayed completion is older than this is lagging "
+        "(health, din_completion_relay_lagging, the DinCompletionRelayLagging alert).",
+    )
+    relay_check_interval_s: float = Field(
+        default=2.0, gt=0, description="How often each site's relay backlog is looked at.",
+    )
+
+    def relay_sites(self) -> list[str]:
+        """The sites whose completion streams telemetry relays."""
+        if self.topology is not None:
+            return [site.name for site in load_topology(self.topology).sites]
+        return [site for site in (self.bus_sites or "").split(",") if site] or [self.site]
 
     def sla_targets_ms(self) -> dict[SlaClass, float]:
         """Each SLA class's latency target, ms."""

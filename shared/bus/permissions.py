@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.naming import Subjects, token, work_stream
+from shared.naming import Subjects, completions_stream, token, work_stream
 from shared.security.bucket import KeysMirror, keys_stream
 from shared.security.keyfiles import KEYS_BUCKET
 from shared.topology import Topology
@@ -237,13 +237,26 @@ def executor(topology: Topology, site: str, executor_id: str) -> Permissions:
     )
 
 
+def completion_relay(topology: Topology, site: str) -> tuple[str, ...]:
+    """What relaying every site's completion stream takes, from ``site``: keeping the stream and its relay
+    consumers in that site's JetStream domain (the plain API too for ``site``'s own), pulling and acknowledging."""
+    calls: list[str] = []
+    for other in topology.sites:
+        stream = completions_stream(other.name)
+        owner = _stream_owner(stream)
+        calls += [*_js_api(other.name, *owner), *(_js_api(None, *owner) if other.name == site else ()),
+                  f"$JS.ACK.{stream}.{REST}"]
+    return tuple(calls)
+
+
 def telemetry(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
-    """Telemetry: hears every completion and every site's summary, the heartbeats of its own site's executors
-    with a control plane per site (of every site's with one control plane), raises alerts; reads the key bucket
-    for the public identities that check those messages' signatures."""
+    """Telemetry: relays every site's completion stream (``completion_relay``), hears every site's summary and
+    the heartbeats of its own site's executors with a control plane per site (of every site's with one control
+    plane), raises alerts; reads the key bucket for the public identities that check those messages'
+    signatures."""
     heartbeats = pattern(Subjects.heartbeat, site, ANY) if topology.hears_rosters(site) else Subjects.HEARTBEAT_ALL
     return _service(user, site, "telemetry", instance) + key_bucket_reader(topology) + Permissions(
-        publish=(Subjects.ALERTS,), subscribe=(heartbeats, Subjects.COMPLETED_ALL, Subjects.SUMMARY_ALL))
+        publish=(Subjects.ALERTS, *completion_relay(topology, site)), subscribe=(heartbeats, Subjects.SUMMARY_ALL))
 
 
 def keymanager(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
@@ -300,7 +313,8 @@ def leaf(topology: Topology, site: str) -> Permissions:
             Subjects.admit_all(site), Subjects.SUMMARY_ALL, Subjects.probe(site), Subjects.roll_call(site),
             pattern(Subjects.control, "executor", ANY), pattern(Subjects.health, ANY),
             pattern(Subjects.health, ANY, ANY),
-            f"{TENANT_INBOX_ROOT}.{ANY}.{site}.{REST}", f"{SERVICE_INBOX_ROOT}.{site}.{REST}", f"$JS.{site}.API.{REST}"]
+            f"{TENANT_INBOX_ROOT}.{ANY}.{site}.{REST}", f"{SERVICE_INBOX_ROOT}.{site}.{REST}", f"$JS.{site}.API.{REST}",
+            f"$JS.ACK.{completions_stream(site)}.{REST}"]
     if site not in topology.control_sites():
         into += [Subjects.pressure(site)]
     return Permissions(tuple(out), tuple(into)) + key_mirror_feed(topology, site)

@@ -87,11 +87,12 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
         # the session Kafka has its own CA (bus_ca_file); the session NATS takes plain client connections
         **(nats_network.service_login("telemetry", "cloud") | kafka_access.settings("telemetry")),
         metrics_port=port, sla_target_realtime_ms=5.0, sla_min_samples=5, sla_window_s=30.0, alert_interval_s=0.2,
-        decisions_from="earliest", heartbeat_site="cloud",
+        decisions_from="earliest", heartbeat_site="cloud", relay_from="latest",
     )
     runtime = create_runtime(settings)
     await runtime.app.start()
     nc = await nats_network.connect()
+    factory = await nats_network.connect("factory")
     alerts: asyncio.Queue = asyncio.Queue()
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, **kafka_access.client_kwargs("admission"))
     await producer.start()
@@ -116,13 +117,14 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
                 model_version="1", sla_class="realtime", ok=True, batch_size=2, degraded=False,
                 timings_ms={"queue": 1.0, "compute": 0.5, "total": 20.0 + i}, at_ms=time.time() * 1000,
             )
-            await nc.publish(Subjects.completed("factory"), event.model_dump_json().encode())
+            await factory.publish(Subjects.completed("factory"), event.model_dump_json().encode())
         # garbage on every subject telemetry consumes, and on its Kafka input
         await nc.publish(Subjects.completed("cloud"), b"\xff\x00 not json")
         await nc.publish(Subjects.completed("cloud"), b'{"request_id": 1}')
         await nc.publish(Subjects.heartbeat("cloud", "x"), b"[]")
         await nc.publish(Subjects.summary("branch"), b"{}")
         await nc.flush()
+        await factory.flush()
         decisions = Topics.scoped(Topics.ADMISSION_DECISIONS, unique)
         await producer.send_and_wait(decisions, b"garbage")
         for reason in ("rate_limited", "rate_limited", "unauthenticated"):
@@ -191,5 +193,6 @@ async def test_telemetry_relays_aggregates_alerts_and_survives_garbage(
             await admin.close()
     finally:
         await producer.stop()
+        await factory.close()
         await nc.close()
         await runtime.app.stop()
