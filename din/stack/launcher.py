@@ -648,19 +648,31 @@ def prepare_kafka(access: KafkaAccess, plan: list, *, topic_scope: str | None, a
         raise StackError(f"could not prepare Kafka at {access.bootstrap} (ACLs, topics): {exc}") from exc
 
 
-def prepare_completion_streams(url: str, options: dict, topology: Topology, settings: TelemetrySettings) -> None:
+def prepare_completion_streams(url: str, options: dict, topology: Topology, settings: TelemetrySettings,
+                               timeout_s: float) -> None:
     """Create every site's completion stream in its own JetStream domain (``shared.completionstream``, the limits
-    telemetry's ``settings`` give it), so completions are kept from the first one on, also before telemetry runs."""
+    telemetry's ``settings`` give it), so completions are kept from the first one on, also before telemetry runs.
+    A domain whose JetStream is not answering yet (just started, or reached over a WAN link) is asked again until
+    ``timeout_s``."""
 
     async def prepare() -> None:
         import nats
 
         nc = await nats.connect(servers=nats_servers(url), **options)
+        deadline = time.monotonic() + timeout_s
         try:
             for site in topology.sites:
-                await nc.jetstream(domain=site.name, timeout=5.0).add_stream(completions_stream_config(
-                    site.name, max_age_s=settings.relay_max_age_h * 3600.0, max_bytes=settings.relay_max_mb * MIB,
-                    replicas=site.jetstream_replicas))
+                config = completions_stream_config(site.name, max_age_s=settings.relay_max_age_h * 3600.0,
+                                                   max_bytes=settings.relay_max_mb * MIB,
+                                                   replicas=site.jetstream_replicas)
+                while True:
+                    try:
+                        await nc.jetstream(domain=site.name, timeout=2.0).add_stream(config)
+                        break
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
         finally:
             await nc.close()
 
@@ -1077,7 +1089,8 @@ class Stack:
                 extra = f" ({spec.name}: leafnodes :{spec.leaf_listen_port}, routes :{spec.cluster_port})"
             self._track(proc, spec.site, f"{spec.url}{extra} monitor http://127.0.0.1:{spec.monitor_port}")
         wait_nats_mesh(sorted(self.nats, key=lambda s: not s.is_hub), nats_procs, self.broker_timeout_s)
-        prepare_completion_streams(self.hub_url, self.nats_options(), self.topology, self._telemetry_settings())
+        prepare_completion_streams(self.hub_url, self.nats_options(), self.topology, self._telemetry_settings(),
+                                   self.broker_timeout_s)
         if kafka_proc is not None:
             wait_kafka_ready(self.kafka, kafka_proc, self.broker_timeout_s)
         if kafka_proc is not None or self.external_kafka is not None:
