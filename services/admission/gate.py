@@ -7,13 +7,11 @@ from collections.abc import Callable
 
 from services.admission.intake import Intake, read_intake
 from services.admission.quota import QuotaLedger
+from services.admission.shedding import LoadShedder
 from shared.catalog import ModelCatalog, ModelEntry
-from shared.contracts.events import PressureV1
 from shared.contracts.options import SPLIT_AUTO, SPLIT_NONE, RequestOptionsV1
 from shared.credentials import InvalidCredential, TenantVerifier
 from shared.errors import DinError, ErrorCode
-
-PRESSURE_STALE_MS = 2_000
 
 
 class AdmissionGate:
@@ -26,7 +24,7 @@ class AdmissionGate:
         catalog: ModelCatalog,
         *,
         max_payload: int,
-        shed_factor: float = 1.0,
+        shedder: LoadShedder | None = None,
         wall_clock: Callable[[], float] = time.time,
         models: dict[str, frozenset[str]] | None = None,
     ) -> None:
@@ -34,11 +32,10 @@ class AdmissionGate:
         self._quota = quota
         self._catalog = catalog
         self._max_payload = max_payload
-        self._shed_factor = shed_factor
         self._clock = wall_clock
         self._models = models or {}
         """Per tenant, the models it may call, where the topology limits them."""
-        self.pressure: PressureV1 | None = None
+        self.shedder = shedder or LoadShedder({})
 
     def knows(self, tenant: str) -> bool:
         """True when ``tenant`` is a tenant of this network."""
@@ -79,7 +76,7 @@ class AdmissionGate:
         if wait_s > 0:
             raise DinError(ErrorCode.RATE_LIMITED, f"tenant {tenant!r} used its daily queries of model {model!r}",
                            retry_after_ms=max(1, int(wait_s * 1000)))
-        self._check_load(intake, now_ms)
+        self.shedder.check_deadline(now_ms, intake.deadline_ms)
         return intake
 
     def _may_call(self, tenant: str, entry: ModelEntry) -> bool:
@@ -108,18 +105,3 @@ class AdmissionGate:
             known = ", ".join(points) or "none"
             raise DinError(ErrorCode.BAD_REQUEST, f"model {model!r} cannot be cut at {asked.split!r}: its graph's "
                                                   f"split points are {known} (or use 'auto')")
-
-    def _check_load(self, intake: Intake, now_ms: float) -> None:
-        pressure = self.pressure
-        if pressure is None or now_ms - pressure.at_ms > PRESSURE_STALE_MS:
-            return
-        if pressure.capacity and pressure.inflight >= pressure.capacity * self._shed_factor:
-            backlog = pressure.inflight - pressure.capacity * self._shed_factor + 1
-            retry = max(5, int(backlog * max(pressure.fastest_ms, 1.0) / max(pressure.executors, 1)))
-            raise DinError(ErrorCode.OVERLOADED, "the network is past capacity", retry_after_ms=retry)
-        if intake.deadline_ms - now_ms < pressure.fastest_ms:
-            raise DinError(
-                ErrorCode.DEADLINE_EXCEEDED,
-                f"the deadline leaves {intake.deadline_ms - now_ms:.0f} ms; the fastest executor needs "
-                f"{pressure.fastest_ms:.0f} ms",
-            )

@@ -28,6 +28,7 @@ from services.admission.intake import Intake, admitted_job, peek_request_id
 from services.admission.nonces import SharedNonces
 from services.admission.quota import QuotaLedger, daily_budgets, quota_shares
 from services.admission.settings import AdmissionSettings
+from services.admission.shedding import LoadShedder
 from shared.bus.permissions import is_tenant_reply
 from shared.catalog import ModelCatalog
 from shared.contracts.events import AdmissionDecisionV1, PressureV1
@@ -79,7 +80,8 @@ class Admission(Service):
             QuotaLedger(quota_shares(self.topology, settings.site), daily=daily_budgets(self.topology, settings.site)),
             ModelCatalog.from_repository(settings.model_repo),
             max_payload=settings.max_payload_bytes,
-            shed_factor=settings.shed_factor,
+            shedder=LoadShedder({t.name: t.weight for t in self.topology.tenants}, target_ms=settings.shed_target_ms,
+                                instances=self.topology.replicas_at(settings.site), shed_factor=settings.shed_factor),
             models={t.name: frozenset(t.models) for t in self.topology.tenants if t.models is not None},
         )
         self.security = PayloadSecurity.from_settings(settings)
@@ -88,13 +90,14 @@ class Admission(Service):
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)
         self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0, "handed_over": 0, "foreign_reply": 0}
         replicated = self.topology.replicas_at(settings.site) > 1 and self.security.enabled
+        self.request_inputs = {Subjects.INFER_ALL, Subjects.admit_all(settings.site)}
         self.nonces = (SharedNonces(settings.site, settings.replay_window_s, settings.replicas_in(settings.site))
                        if replicated else None)
         self.runtime.on_start(self._start_keys)
         self.runtime.on_drain(self.security.stop)
 
     def detail(self) -> dict[str, object]:
-        return {**self.counts, **self.security.detail(), **self.verifier.detail()}
+        return {**self.counts, **self.gate.shedder.detail(), **self.security.detail(), **self.verifier.detail()}
 
     async def _start_keys(self) -> None:
         if self.nonces is not None:
@@ -110,7 +113,7 @@ class Admission(Service):
     async def on_pressure(self, message: NatsMessage) -> None:
         """Keep the scheduler's latest view of network load, signed by this site: the gate sheds on it."""
         try:
-            self.gate.pressure = self.verifier.open_message("pressure", message.raw_message, PressureV1)
+            self.gate.shedder.observe(self.verifier.open_message("pressure", message.raw_message, PressureV1))
         except ControlRefused:
             return
 
@@ -151,6 +154,7 @@ class Admission(Service):
             tenant, model = parse(msg.subject)
             if not self.gate.knows(tenant):
                 raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
+            self.gate.shedder.check_share(tenant, time.time() * 1000.0, self.runtime.pending_on(self.request_inputs))
             unsealed = self.opener.unseal(tenant, model, msg.reply, msg.headers, msg.data)
             await self._claim(unsealed)
             return Admitted(tenant, model, unsealed, self.gate.admit(tenant, model, msg.headers, unsealed.plaintext))

@@ -28,5 +28,11 @@ class AdmissionSettings(SecuredServiceSettings):
     )
     max_payload_bytes: int = Field(default=4 * 1024 * 1024, description="Largest request body accepted.")
     shed_factor: float = Field(
-        default=1.0, description="Shed new requests once network in-flight jobs exceed capacity times this."
+        default=1.0, description="Before any job has completed: shed new requests once in-flight jobs exceed the "
+        "executors' capacity times this."
+    )
+    shed_target_ms: float = Field(
+        default=150.0, gt=0,
+        description="Queueing the path may build before admission sheds: past it (requests take this much longer "
+        "than the fastest answer), each tenant is admitted at its weighted fair share of the completion rate.",
     )

@@ -29,7 +29,7 @@ from services.scheduler.links import LinkTable
 from services.scheduler.placement import Placement, assign
 from services.scheduler.plans import is_multi_stage, place_job
 from services.scheduler.registry import ExecutorRegistry
-from services.scheduler.reports import decision_record, pressure_report
+from services.scheduler.reports import ServiceMeter, decision_record, pressure_report
 from services.scheduler.rosters import MISSED_ROSTERS, HubRosters, LostExecutors, roster
 from services.scheduler.settings import SchedulerSettings, SchedulingMode
 from shared import lifecycle
@@ -125,6 +125,7 @@ class Scheduler(Service):
         self.hub_rosters = HubRosters(settings.site)
         self.lost = LostExecutors(keep_ms=MISSED_ROSTERS * settings.summary_interval_s * 1000.0)
         self.inflight = InflightTable()
+        self.meter = ServiceMeter()
         self.catalog = ModelCatalog.from_repository(settings.model_repo)
         self.cost_limits = {t.name: t.max_cost_per_1k for t in self.topology.tenants}
         self.counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
@@ -192,6 +193,7 @@ class Scheduler(Service):
         closed = lifecycle.closes_job(msg.headers)
         entry = self.inflight.complete(closed) if closed else None
         if entry is not None:
+            self.meter.note(now_ms(), event.timings_ms)
             self.release(entry)
 
     async def take_back(self, request_id: str, key: str, sender: str) -> None:
@@ -494,7 +496,9 @@ class Scheduler(Service):
         """Tell admission the network's load, periodically."""
         while True:
             await asyncio.sleep(self.settings.pressure_interval_s)
-            report = pressure_report(self.registry.live(), self.links, len(self.inflight), now_ms())
+            report = pressure_report(self.registry.live(), self.links, len(self.inflight), now_ms(),
+                                     queued=self.runtime.pending_on({Subjects.schedule(self.settings.site)}),
+                                     meter=self.meter)
             await self.publish_signed(Subjects.pressure(self.settings.site), report.model_dump_json().encode())
 
     async def summaries(self) -> None:

@@ -192,6 +192,13 @@ class PressureV1(BaseModel):
     fastest_ms: float = Field(description="Lowest predicted completion time over live executors, ms.")
     executors: int = Field(description="Live executors.")
     at_ms: float = Field(description="Epoch ms when sent.")
+    queued: int = Field(default=0, description="Jobs received by the scheduler and not yet placed (its own input "
+                        "buffer).")
+    completed_per_s: float = Field(default=0.0, description="Jobs completed per second over the last second: the "
+                                   "rate the path is serving at.")
+    waited_ms: float = Field(default=0.0, description="Mean time the jobs completed over the last second spent "
+                             "before their compute (admission, classification, placement, the executor's queue), "
+                             "ms; 0 when none completed.")
 
 
 class DeadLetterV1(BaseModel):

@@ -171,8 +171,9 @@ def _heartbeat_ok(beat: HeartbeatV1, site: str, executor: str | None = None) -> 
 
 
 def _pressure_ok(report: PressureV1) -> bool:
-    counts = (report.inflight, report.capacity, report.executors)
-    return all(0 <= n <= MAX_PRESSURE_COUNT for n in counts) and 0.0 <= report.fastest_ms <= MAX_PRESSURE_MS
+    counts = (report.inflight, report.capacity, report.executors, report.queued, report.completed_per_s)
+    times = (report.fastest_ms, report.waited_ms)
+    return all(0 <= n <= MAX_PRESSURE_COUNT for n in counts) and all(0.0 <= t <= MAX_PRESSURE_MS for t in times)
 
 
 def claims_refusal(channel: str, tokens: Mapping[str, str], message: BaseModel, signer: str | None) -> Refusal | None:

@@ -117,13 +117,13 @@ def test_token_bucket_limits_and_refills():
 
 def test_shedding_and_hopeless_deadlines_use_the_schedulers_pressure():
     g = gate(burst=100)
-    g.pressure = PressureV1(inflight=10, capacity=10, fastest_ms=2.0, executors=2, at_ms=NOW * 1000)
+    g.shedder.pressure = PressureV1(inflight=10, capacity=10, fastest_ms=2.0, executors=2, at_ms=NOW * 1000)
     error = refused(ErrorCode.OVERLOADED, lambda: g.admit("acme", "digits-small", headers(), GOOD_BODY))
     assert error.retriable and error.retry_after_ms >= 5
-    g.pressure = PressureV1(inflight=0, capacity=10, fastest_ms=50.0, executors=2, at_ms=NOW * 1000)
+    g.shedder.pressure = PressureV1(inflight=0, capacity=10, fastest_ms=50.0, executors=2, at_ms=NOW * 1000)
     refused(ErrorCode.DEADLINE_EXCEEDED,
             lambda: g.admit("acme", "digits-small", headers(**{RequestHeaders.TIMEOUT_MS: "20"}), GOOD_BODY))
-    g.pressure = PressureV1(inflight=99, capacity=1, fastest_ms=1.0, executors=1, at_ms=NOW * 1000 - 10_000)
+    g.shedder.pressure = PressureV1(inflight=99, capacity=1, fastest_ms=1.0, executors=1, at_ms=NOW * 1000 - 10_000)
     g.admit("acme", "digits-small", headers(), GOOD_BODY)
 
 
