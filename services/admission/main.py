@@ -136,17 +136,21 @@ class Admission(Service):
         with self.runtime.tracing.hop("admission admit", (msg.headers or {}).get(RequestHeaders.TRACEPARENT),
                                       subject=msg.subject) as (span, traceparent):
             received_ms = time.time() * 1000.0
-            if not msg.reply:
-                self._unanswerable(msg)
-                return
-            if self.settings.nats_creds_file is not None and not self._own_reply(msg, parse):
-                return
-            admitted = await self._admit(msg, parse)
-            if admitted is None:
-                return
-            job = self._job(admitted, msg.reply, traceparent, received_ms)
-            await self._forward(job, admitted, msg)
-            span.set_attributes({"din.request_id": job.request_id, "din.tenant": job.tenant, "din.model": job.model})
+            try:
+                if not msg.reply:
+                    self._unanswerable(msg)
+                    return
+                if self.settings.nats_creds_file is not None and not self._own_reply(msg, parse):
+                    return
+                admitted = await self._admit(msg, parse)
+                if admitted is None:
+                    return
+                job = self._job(admitted, msg.reply, traceparent, received_ms)
+                await self._forward(job, admitted, msg)
+                span.set_attributes({"din.request_id": job.request_id, "din.tenant": job.tenant,
+                                     "din.model": job.model})
+            finally:
+                self.gate.shedder.handled(time.time() * 1000.0 - received_ms)
 
     async def _admit(self, msg: Msg, parse: Callable[[str], tuple[str, str]]) -> Admitted | None:
         """The request opened and through the gate; ``None`` once a refusal has been answered and recorded."""

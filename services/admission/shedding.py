@@ -28,6 +28,9 @@ PRESSURE_STALE_MS = 10_000.0
 BACKLOG_PER_EXECUTOR = 8
 """Jobs in flight or queued per live executor below which waiting is not congestion (a key rotation or a slow
 link makes jobs wait too, and refusing then would not shorten any queue)."""
+OWN_BACKLOG_MS = 500.0
+"""Admission's own input counts as congested past this much work (or the target, if longer): a burst of a few
+hundred requests into an idle admission drains well within it, a flood it cannot keep up with does not."""
 RATE_WINDOW_MS = 100.0
 RATE_SMOOTHING = 0.3
 
@@ -82,6 +85,7 @@ class LoadShedder:
         self.level = float("inf")
         self.path_congested = False
         self.congested = False
+        self.handling_ms = 1.0
 
     def observe(self, pressure: PressureV1) -> None:
         """The scheduler's latest report."""
@@ -130,10 +134,14 @@ class LoadShedder:
         placing = pressure.queued * 1000.0 / pressure.completed_per_s if pressure.completed_per_s > 0 else 0.0
         return max(pressure.waited_ms, placing)
 
+    def handled(self, took_ms: float) -> None:
+        """Admission took ``took_ms`` over one request (admitted or refused): the cost its input is drained at."""
+        self.handling_ms = (1 - RATE_SMOOTHING) * self.handling_ms + RATE_SMOOTHING * took_ms
+
     def own_wait_ms(self, pending: int) -> float:
-        """How long the ``pending`` requests in admission's own input take at the rate it handles them."""
-        handled = sum(self._rates.demand.values())
-        return pending * 1000.0 / handled if handled > 0 else 0.0
+        """How long the ``pending`` requests in admission's own input take at what each one costs it (a burst
+        into an idle admission is not congestion; a flood it cannot keep up with is)."""
+        return pending * self.handling_ms
 
     def retry_after_ms(self, behind_ms: float) -> int:
         """When a refused request might be taken: once the excess has drained to the target, at least a window."""
@@ -148,7 +156,7 @@ class LoadShedder:
         rates.arrived[tenant] = rates.arrived.get(tenant, 0) + 1
         pressure = self._current(now_ms)
         own = self.own_wait_ms(pending)
-        self.congested = self.path_congested or own > self.target_ms
+        self.congested = self.path_congested or own > max(self.target_ms, OWN_BACKLOG_MS)
         if self.congested:
             allowed = self.allowance(tenant)
             if rates.admitted.get(tenant, 0) >= max(1.0, allowed * RATE_WINDOW_MS / 1000.0):

@@ -129,12 +129,15 @@ def test_the_schedulers_meter_reads_the_rate_and_the_wait_before_compute():
 
 def test_a_backlog_in_admissions_own_input_counts_as_congestion():
     shedder = LoadShedder({"acme": 1.0, "globex": 1.0})
-    shedder.observe(report(at_ms=T0 + 10_000, waited_ms=5.0))
+    shedder.observe(report(at_ms=T0 + 2_000, waited_ms=5.0))
+    assert outcome(shedder, "globex", T0, pending=100) == "ok"
+    shedder.handled(2.0)
+    assert shedder.own_wait_ms(100) == pytest.approx(130.0)
     outcomes = Counter()
     for i in range(3_000):
         now = T0 + i
-        outcomes[("globex", outcome(shedder, "globex", now, pending=400))] += 1
+        outcomes[("globex", outcome(shedder, "globex", now, pending=800))] += 1
         if i % 20 == 0:
-            outcomes[("acme", outcome(shedder, "acme", now, pending=400))] += 1
+            outcomes[("acme", outcome(shedder, "acme", now, pending=800))] += 1
     assert outcomes[("globex", "overloaded")] > 0
     assert outcomes[("acme", "overloaded")] == 0
