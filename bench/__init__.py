@@ -12,6 +12,8 @@ Every benchmark is a module here run by a ``din bench...`` command (``din/comman
 * ``placement`` (``din bench-placement``): placement and heartbeat cost at 100 to 100,000 executors, in process;
 * ``sites`` (``din bench-sites``): a control plane per site against one at the hub over WAN links, a partition
   and control-plane kills;
+* ``overload`` (``din bench-overload``): goodput from 0.5x to 4x capacity, and a light tenant's latency while
+  another floods;
 * ``gateway`` (``din bench-gateway``): the HTTP gateway (OIP v2 JSON and binary) against the raw NATS path;
 * ``sample_recording`` (``din bench-sample-recording``): a recorded window of mixed traffic, rendered by
   ``din report`` (the README's screenshot).
