@@ -33,6 +33,6 @@ class AdmissionSettings(SecuredServiceSettings):
     )
     shed_target_ms: float = Field(
         default=150.0, gt=0,
-        description="Queueing the path may build before admission sheds: past it (requests take this much longer "
-        "than the fastest answer), each tenant is admitted at its weighted fair share of the completion rate.",
+        description="Queueing the path may build before admission sheds: past it (jobs wait this long before "
+        "their compute), each tenant is admitted at its weighted fair share of the completion rate.",
     )

@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from shared.contracts.events import PressureV1
 from shared.errors import DinError, ErrorCode
 
-PRESSURE_LATE_MS = 500.0
-"""A report older than this (five intervals) means the scheduler is too busy to report (or gone): the path counts
-as congested by the report's age, and its last figures are shared out."""
-PRESSURE_STALE_MS = 10_000.0
-"""A report older than this is forgotten: the scheduler has been gone long enough that its figures say nothing."""
+REPORT_LATE_MS = 500.0
+"""A report that reaches admission more than this after it was sent (five intervals) has waited behind a
+backlog (in the scheduler's output or admission's input): the path counts as congested. A scheduler that stops
+reporting altogether (killed, paused) does not: its last report, delivered on time, goes stale instead."""
+PRESSURE_STALE_MS = 2_000.0
+"""A report older than this is ignored: the scheduler is gone or restarting, and requests admitted meanwhile wait
+for it within their deadlines (hand-on retries) rather than being refused on figures that no longer hold."""
 BACKLOG_PER_EXECUTOR = 8
 """Jobs in flight or queued per live executor below which waiting is not congestion (a key rotation or a slow
 link makes jobs wait too, and refusing then would not shorten any queue)."""
@@ -86,9 +88,11 @@ class LoadShedder:
         self.path_congested = False
         self.congested = False
         self.handling_ms = 1.0
+        self.report_delay_ms = 0.0
 
-    def observe(self, pressure: PressureV1) -> None:
-        """The scheduler's latest report."""
+    def observe(self, pressure: PressureV1, received_ms: float | None = None) -> None:
+        """The scheduler's latest report, received at ``received_ms`` (epoch ms; None: on time)."""
+        self.report_delay_ms = 0.0 if received_ms is None else received_ms - pressure.at_ms
         self.pressure = pressure
 
     def _roll(self, now_ms: float) -> None:
@@ -114,10 +118,10 @@ class LoadShedder:
 
     def _refresh(self, now_ms: float) -> None:
         pressure = self._current(now_ms)
-        late = pressure is not None and now_ms - pressure.at_ms > PRESSURE_LATE_MS
-        self.path_congested = pressure is not None and (late or (
-            self.excess_ms(pressure) > self.target_ms
-            and pressure.inflight + pressure.queued >= BACKLOG_PER_EXECUTOR * max(1, pressure.executors)))
+        self.path_congested = pressure is not None and (
+            self.report_delay_ms > REPORT_LATE_MS
+            or self.excess_ms(pressure) > self.target_ms
+            and pressure.inflight + pressure.queued >= BACKLOG_PER_EXECUTOR * max(1, pressure.executors))
         capacity = (pressure.completed_per_s / self.instances if pressure is not None and pressure.completed_per_s
                     else sum(self._rates.demand.values()) / 2)
         self.shares, self.level = fair_shares(self._rates.demand, self.weights, capacity)
