@@ -113,8 +113,7 @@ class Admission(Service):
     async def on_pressure(self, message: NatsMessage) -> None:
         """Keep the scheduler's latest view of network load, signed by this site: the gate sheds on it."""
         try:
-            self.gate.shedder.observe(self.verifier.open_message("pressure", message.raw_message, PressureV1),
-                                      time.time() * 1000.0)
+            self.gate.shedder.observe(self.verifier.open_message("pressure", message.raw_message, PressureV1))
         except ControlRefused:
             return
 

@@ -20,14 +20,10 @@ from dataclasses import dataclass, field
 from shared.contracts.events import PressureV1
 from shared.errors import DinError, ErrorCode
 
-REPORT_LATE_MS = 500.0
-"""A report that reaches admission more than this after it was sent (five intervals) has waited behind a
-backlog (in the scheduler's output or admission's input): the path counts as congested. A scheduler that stops
-reporting altogether (killed, paused) does not: its last report, delivered on time, goes stale instead."""
 PRESSURE_STALE_MS = 2_000.0
 """A report older than this is ignored: the scheduler is gone or restarting, and requests admitted meanwhile wait
 for it within their deadlines (hand-on retries) rather than being refused on figures that no longer hold."""
-BACKLOG_PER_EXECUTOR = 8
+BACKLOG_PER_EXECUTOR = 32
 """Jobs in flight or queued per live executor below which waiting is not congestion (a key rotation or a slow
 link makes jobs wait too, and refusing then would not shorten any queue)."""
 OWN_BACKLOG_MS = 500.0
@@ -88,11 +84,9 @@ class LoadShedder:
         self.path_congested = False
         self.congested = False
         self.handling_ms = 1.0
-        self.report_delay_ms = 0.0
 
-    def observe(self, pressure: PressureV1, received_ms: float | None = None) -> None:
-        """The scheduler's latest report, received at ``received_ms`` (epoch ms; None: on time)."""
-        self.report_delay_ms = 0.0 if received_ms is None else received_ms - pressure.at_ms
+    def observe(self, pressure: PressureV1) -> None:
+        """The scheduler's latest report."""
         self.pressure = pressure
 
     def _roll(self, now_ms: float) -> None:
@@ -119,9 +113,8 @@ class LoadShedder:
     def _refresh(self, now_ms: float) -> None:
         pressure = self._current(now_ms)
         self.path_congested = pressure is not None and (
-            self.report_delay_ms > REPORT_LATE_MS
-            or self.excess_ms(pressure) > self.target_ms
-            and pressure.inflight + pressure.queued >= BACKLOG_PER_EXECUTOR * max(1, pressure.executors))
+            self.excess_ms(pressure) > self.target_ms
+            and pressure.inflight + pressure.queued > BACKLOG_PER_EXECUTOR * max(1, pressure.executors))
         capacity = (pressure.completed_per_s / self.instances if pressure is not None and pressure.completed_per_s
                     else sum(self._rates.demand.values()) / 2)
         self.shares, self.level = fair_shares(self._rates.demand, self.weights, capacity)

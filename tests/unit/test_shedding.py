@@ -12,7 +12,7 @@ T0 = 1_700_000_000_000.0
 
 
 def report(*, at_ms=T0, waited_ms=0.0, rate=400.0, queued=0, fastest_ms=5.0) -> PressureV1:
-    return PressureV1(inflight=100, capacity=1024, fastest_ms=fastest_ms, executors=4, at_ms=at_ms, queued=queued,
+    return PressureV1(inflight=300, capacity=1024, fastest_ms=fastest_ms, executors=4, at_ms=at_ms, queued=queued,
                       completed_per_s=rate, waited_ms=waited_ms)
 
 
@@ -93,16 +93,6 @@ def test_a_stale_report_sheds_nothing():
     shedder = LoadShedder({})
     shedder.observe(report(at_ms=T0 - 10_000, waited_ms=5_000.0))
     assert all(outcome(shedder, "acme", T0 + i) == "ok" for i in range(500))
-
-
-def test_a_report_delivered_late_means_a_backlog_but_silence_does_not():
-    shedder = LoadShedder({"acme": 1.0})
-    shedder.observe(report(at_ms=T0 - 1_000, waited_ms=1.0, rate=100.0), received_ms=T0)
-    busy = Counter(outcome(shedder, "acme", T0 + i * 0.2) for i in range(2_000))
-    assert busy["overloaded"] > 0 and busy["ok"] > 0
-    quiet = LoadShedder({"acme": 1.0})
-    quiet.observe(report(at_ms=T0, waited_ms=1.0, rate=100.0), received_ms=T0 + 2)
-    assert all(outcome(quiet, "acme", T0 + i) == "ok" for i in range(1_900))
 
 
 def test_before_any_completion_the_executors_capacity_bounds_in_flight_jobs():
