@@ -237,9 +237,10 @@ class Executor(Service):
         run.reconnects = self.nc.stats["reconnects"]
 
     def fence_reason(self, run: Run) -> FenceReason | None:
-        """Why this executor may no longer answer or hand on ``run`` (counted), or None."""
+        """Why this executor may no longer answer or hand on ``run`` (counted), or None. A draining connection
+        (SIGTERM) still delivers what is published before it closes, so it counts as connected."""
         return self.continuity.fence(exposed_s=run.exposed_s, now_s=time.monotonic(), limit_s=run.limit_s,
-                                     connected=self.nc.is_connected,
+                                     connected=self.nc.is_connected or self.nc.is_draining,
                                      reconnected=self.nc.stats["reconnects"] != run.reconnects)
 
     def guard(self, run: Run) -> None:
