@@ -54,14 +54,17 @@ class InflightTable:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def add(self, entry: InflightJob, due_ms: float | None = None) -> None:
+    def add(self, entry: InflightJob, due_ms: float | None = None) -> InflightJob | None:
         """Keep ``entry`` open; the watchdog takes it at ``due_ms`` (default: its deadline), the due time of its
-        latest dispatch."""
+        latest dispatch. Returns the entry it replaces (the same request dispatched before: escalated or given
+        back), if any."""
         request_id = entry.job.request_id
         due = entry.job.deadline_ms if due_ms is None else due_ms
         heapq.heappush(self._deadlines, (due, request_id))
         self._due[request_id] = due
+        replaced = self._jobs.get(request_id)
         self._jobs[request_id] = entry
+        return replaced
 
     def holds(self, request_id: str) -> bool:
         """Whether the job is still open here."""

@@ -28,13 +28,13 @@ from services.scheduler.inflight import InflightJob, InflightTable
 from services.scheduler.links import LinkTable
 from services.scheduler.placement import Placement, assign
 from services.scheduler.plans import is_multi_stage, place_job
-from services.scheduler.registry import ExecutorRegistry
+from services.scheduler.registry import ExecutorRegistry, finished_by
 from services.scheduler.reports import ServiceMeter, decision_record, pressure_report
 from services.scheduler.rosters import MISSED_ROSTERS, HubRosters, LostExecutors, roster
 from services.scheduler.settings import SchedulerSettings, SchedulingMode
 from shared import lifecycle
 from shared.catalog import ModelCatalog
-from shared.contracts.events import HeartbeatV1, ProbeV1
+from shared.contracts.events import CompletionV1, HeartbeatV1, ProbeV1
 from shared.contracts.federation import SiteRosterV1, SiteSummaryV1
 from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import HEADER_PREFIX, JobV1
@@ -188,13 +188,14 @@ class Scheduler(Service):
         if advanced is not None:
             entry = self.inflight.advance(advanced)
             if entry is not None and entry.counted_on:
-                self.registry.note_completion(entry.counted_on.pop(0), entry.job.sla_class)
+                executor = entry.counted_on.pop(0)
+                self.registry.note_completion(executor, entry.job.sla_class, finished_by(event, executor))
             return
         closed = lifecycle.closes_job(msg.headers)
         entry = self.inflight.complete(closed) if closed else None
         if entry is not None:
             self.meter.note(now_ms(), event.timings_ms)
-            self.release(entry)
+            self.release(entry, event)
 
     async def take_back(self, request_id: str, key: str, sender: str) -> None:
         """An executor fenced a job (``lifecycle.takes_back``): dispatched again, or answered, if it still held it."""
@@ -292,7 +293,9 @@ class Scheduler(Service):
         job.scheduler_site = self.settings.site
         headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
         entry = InflightJob.dispatched(job, body, passthrough, aad, executor.id, executor.site)
-        self.inflight.add(entry, lifecycle.watchdog_at_ms(job.deadline_ms, self.transit_ms(executor.site)))
+        replaced = self.inflight.add(entry, lifecycle.watchdog_at_ms(job.deadline_ms, self.transit_ms(executor.site)))
+        if replaced is not None:
+            self.release(replaced)
         for counted in entry.counted_on:
             self.registry.note_dispatch(counted, job.sla_class)
         self.counts["scheduled"] += 1
@@ -372,10 +375,11 @@ class Scheduler(Service):
                     )
                 return
 
-    def release(self, entry: InflightJob) -> None:
-        """Take a closed job off the load estimates of the executors it still counted on."""
+    def release(self, entry: InflightJob, event: CompletionV1 | None = None) -> None:
+        """Take a closed job off the load estimates of the executors it still counted on (``event``: its
+        completion, which says when its executor held it)."""
         for executor in entry.counted_on:
-            self.registry.note_completion(executor, entry.job.sla_class)
+            self.registry.note_completion(executor, entry.job.sla_class, event and finished_by(event, executor))
         entry.counted_on = []
 
     async def redispatch_all(self, entries: list[InflightJob]) -> None:

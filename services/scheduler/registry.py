@@ -7,7 +7,11 @@ deaf (its connection dropped, its loop stalled) every executor is pardoned. Betw
 scheduler counts what it dispatched itself, so two requests arriving in the
 same millisecond do not both see an empty queue, and counts what completed since,
 which may take the count below zero: those jobs were still in the heartbeat's
-snapshot.
+snapshot. A heartbeat is handled after completions its executor sent later (they
+travel on other subscriptions): a completion already counted whose job the
+snapshot still holds (queued by its executor before the snapshot, done after it,
+both on the executor's clock) is taken off the new count again, so a stale
+snapshot does not make an idle executor look full until its next heartbeat.
 
 Placement never scans the fleet. The registry keeps one ``ExecutorPool`` per
 (model, version, site): the executors there that serve that version and are not
@@ -26,11 +30,12 @@ from __future__ import annotations
 import heapq
 import random
 from bisect import bisect_left, insort
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared.contracts.events import HeartbeatV1
+from shared.contracts.events import CompletionV1, HeartbeatV1
 from shared.contracts.inference import SlaClass
 from shared.lifecycle import loss_timeout_s
 
@@ -38,6 +43,27 @@ CLASSES = tuple(SlaClass)
 """SLA classes in the order executors serve them."""
 _CLASS_VALUES = tuple((c, c.value) for c in CLASSES)
 MIN_PER_ITEM_MS = 0.01
+
+RECENT_COMPLETIONS = 256
+"""Completions kept per executor to correct a heartbeat handled after them (``ExecutorState.observe``)."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A job its executor finished: queued at ``queued_ms``, done at ``done_ms`` (the executor's clock)."""
+
+    sla: SlaClass
+    queued_ms: float
+    done_ms: float
+
+
+def finished_by(event: CompletionV1, executor_id: str) -> Finished | None:
+    """When ``event``'s job was in its executor's queue, if ``executor_id`` sent it (a plan's other executors
+    are not timed by it)."""
+    if event.executor != executor_id:
+        return None
+    queued = event.timings_ms.get("queue", 0.0) + event.timings_ms.get("compute", 0.0)
+    return Finished(event.sla_class, event.at_ms - queued, event.at_ms)
 
 
 @dataclass
@@ -47,6 +73,7 @@ class ExecutorState:
     heartbeat: HeartbeatV1
     last_seen: float
     dispatched: dict[SlaClass, int] = field(default_factory=lambda: {c: 0 for c in SlaClass})
+    finished: deque[Finished] = field(default_factory=lambda: deque(maxlen=RECENT_COMPLETIONS))
 
     @property
     def id(self) -> str:
@@ -85,6 +112,18 @@ class ExecutorState:
             ahead += depth.get(value, 0) + dispatched[c]
             keys[c] = (max(0, ahead) + inflight) * per_item + per_item
         return keys
+
+    def observe(self, heartbeat: HeartbeatV1, now: float) -> None:
+        """Take ``heartbeat``'s snapshot; what was dispatched since is in it, except completions counted already
+        whose job it still holds."""
+        self.heartbeat, self.last_seen = heartbeat, now
+        self.dispatched = {c: 0 for c in SlaClass}
+        snapshot = heartbeat.sent_ms
+        while self.finished and self.finished[0].done_ms <= snapshot:
+            self.finished.popleft()
+        for job in self.finished:
+            if job.queued_ms <= snapshot:
+                self.dispatched[job.sla] -= 1
 
     def capacity_for(self, sla: SlaClass) -> int:
         """Load at which the executor refuses ``sla`` jobs."""
@@ -219,9 +258,7 @@ class ExecutorRegistry:
             state = ExecutorState(heartbeat=heartbeat, last_seen=now)
             self._executors[heartbeat.executor] = state
         else:
-            state.heartbeat = heartbeat
-            state.last_seen = now
-            state.dispatched = {c: 0 for c in SlaClass}
+            state.observe(heartbeat, now)
         heapq.heappush(self._deadlines, (now + loss_timeout_s(heartbeat.interval_s), now, heartbeat.executor))
         membership = _membership(heartbeat)
         if self._membership.get(heartbeat.executor) == membership:
@@ -287,10 +324,14 @@ class ExecutorRegistry:
             state.dispatched[sla] += 1
             self._rekey(state)
 
-    def note_completion(self, executor_id: str, sla: SlaClass) -> None:
+    def note_completion(self, executor_id: str, sla: SlaClass, finished: Finished | None = None) -> None:
+        """A job counted on ``executor_id`` is off it; ``finished`` says when it was there, when its own
+        completion says so (not for the other executors of a plan)."""
         state = self._executors.get(executor_id)
         if state is not None:
             state.dispatched[sla] -= 1
+            if finished is not None:
+                state.finished.append(finished)
             self._rekey(state)
 
     def pools(self, model: str, version: str | None = None) -> list[ExecutorPool]:

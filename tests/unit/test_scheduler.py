@@ -3,8 +3,8 @@ import pytest
 from services.scheduler.inflight import InflightJob, InflightTable
 from services.scheduler.links import SAME_SITE_RTT_MS, LinkTable
 from services.scheduler.placement import pick_executor
-from services.scheduler.registry import ExecutorRegistry
-from shared.contracts.events import HeartbeatV1, ModelLoadedV1
+from services.scheduler.registry import ExecutorRegistry, Finished, finished_by
+from shared.contracts.events import CompletionV1, HeartbeatV1, ModelLoadedV1
 from shared.contracts.inference import SlaClass
 from shared.contracts.job import JobV1, WorkloadClassV1
 from shared.errors import DinError, ErrorCode
@@ -225,6 +225,35 @@ def test_completions_after_a_heartbeat_release_what_its_snapshot_counted():
     assert reg.get("a").load() == 0
     assert place(job("m"), reg).executor.id == "a"
 
+
+
+def test_a_heartbeat_handled_after_a_completion_it_predates_does_not_count_that_job_again():
+    reg = registry(beat("a", "cloud", ["m"], capacity=1))
+    reg.note_dispatch("a", SlaClass.INTERACTIVE)
+    done = Finished(SlaClass.INTERACTIVE, queued_ms=NOW_MS - 5, done_ms=NOW_MS + 20)
+    reg.note_completion("a", SlaClass.INTERACTIVE, done)
+    stale = beat("a", "cloud", ["m"], queue={"interactive": 1}, capacity=1)
+    reg.observe(stale, now=0.1)
+    assert reg.get("a").load() == 0
+    assert place(job("m"), reg).executor.id == "a"
+    later = stale.model_copy(update={"queue_depth": {}, "sent_ms": NOW_MS + 30})
+    reg.observe(later, now=0.2)
+    assert reg.get("a").load() == 0 and not reg.get("a").finished
+
+
+def test_a_completion_queued_after_the_snapshot_is_not_taken_off_it():
+    reg = registry(beat("a", "cloud", ["m"], capacity=2))
+    reg.note_completion("a", SlaClass.INTERACTIVE, Finished(SlaClass.INTERACTIVE, NOW_MS + 1, NOW_MS + 2))
+    reg.observe(beat("a", "cloud", ["m"], queue={"interactive": 1}, capacity=2), now=0.1)
+    assert reg.get("a").load() == 1
+
+
+def test_finished_by_times_a_completion_only_for_the_executor_that_sent_it():
+    event = CompletionV1(request_id="r", tenant="acme", site="cloud", executor="a", model="m", model_version="1",
+                         sla_class=SlaClass.BATCH, ok=True, batch_size=1, degraded=False,
+                         timings_ms={"queue": 3.0, "compute": 2.0, "total": 9.0}, at_ms=NOW_MS)
+    assert finished_by(event, "a") == Finished(SlaClass.BATCH, NOW_MS - 5.0, NOW_MS)
+    assert finished_by(event, "b") is None
 
 def staged(request_id, executor, later, deadline=10_000):
     j = job("m")
