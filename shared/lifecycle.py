@@ -191,9 +191,27 @@ DEADLINE_MARGIN_MS = 5.0
 """How long before a job's deadline work on it stops being worth starting (services' default margin)."""
 
 
+UNTAKEN_GRACE_MS = 250.0
+"""How long past a handed-on job's deadline its sender still waits for the acknowledgement before it answers the
+job itself: the acknowledgement of a job taken just before the deadline is on its way back."""
+
+
+def untaken_answer_at_ms(deadline_ms: float) -> float:
+    """When the sender of a handed-on job nobody acknowledged answers it ``deadline_exceeded``."""
+    return deadline_ms + UNTAKEN_GRACE_MS
+
+
+def left_to_sender(job: JobV1, now_ms: float) -> bool:
+    """Whether a job handed on with an acknowledgement awaited reached its stage at or past its deadline: the
+    stage neither answers nor acknowledges it, and its sender, still its owner, answers it at
+    ``untaken_answer_at_ms``. (An acknowledgement sent this late could reach the sender after it answered.)"""
+    return now_ms >= job.deadline_ms
+
+
 def expired_on_arrival(job: JobV1, now_ms: float, margin_ms: float = DEADLINE_MARGIN_MS) -> DinError | None:
-    """The answer to a job that reached a stage past its cutoff, or None when there is time to work on it. The
-    stage answers it itself (and does no work): having taken the job, it owns its answer."""
+    """The answer to a job that reached a stage past its cutoff (but before its deadline, ``left_to_sender``),
+    or None when there is time to work on it. The stage answers it itself (and does no work): having taken the
+    job, it owns its answer."""
     if not past_cutoff(job.deadline_ms, now_ms, margin_ms):
         return None
     return DinError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it could be served")

@@ -32,7 +32,7 @@ from faststream.specification import AsyncAPI
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from shared import __version__
+from shared import __version__, lifecycle
 from shared.bus.connect import broker_options, nats_servers
 from shared.bus.kafka import kafka_client_kwargs
 from shared.contracts.events import DeadLetterV1, HealthV1
@@ -161,6 +161,7 @@ class ServiceRuntime:
         self._undelivered_prefix = ""
         self.undeliverable = 0
         self.untaken = 0
+        self.left_to_sender = 0
         self.permission_denials = 0
         self._sequence = 0
 
@@ -196,7 +197,8 @@ class ServiceRuntime:
     def job_handler(self, handler: Callable[[JobV1, Msg], Awaitable[None]], span: str | None) -> Handler:
         """``handler`` behind job decoding (dead-letter when the header is missing or invalid) and a trace hop;
         the sender is told the job was taken once the handler has run (``hand_on``): its publications go out
-        in the same write as the acknowledgement. A handler that fails answers the job's client ``internal``
+        in the same write as the acknowledgement. A job that arrives at or past its deadline from a sender
+        awaiting the acknowledgement is neither handled nor acknowledged (``lifecycle.left_to_sender``). A handler that fails answers the job's client ``internal``
         (the sender, acknowledged, no longer owns the answer)."""
 
         async def on_message(msg: Msg) -> None:
@@ -205,6 +207,9 @@ class ServiceRuntime:
             except ValueError:
                 self.dead_letter(msg, "missing or invalid job header")
                 await self.acknowledge(msg, self.nc)
+                return
+            if msg.reply and lifecycle.left_to_sender(job, time.time() * 1000.0):
+                self.left_to_sender += 1
                 return
             try:
                 if span is None:
@@ -272,6 +277,7 @@ class ServiceRuntime:
             dead_lettered=str(self.dead_lettered),
             undeliverable=str(self.undeliverable),
             untaken=str(self.untaken),
+            left_to_sender=str(self.left_to_sender),
             permission_denials=str(self.permission_denials),
         )
         return HealthV1(
@@ -316,9 +322,15 @@ class ServiceRuntime:
         await self.events.stop()
 
     def _guard(self, handler: Handler) -> Handler:
+        """``handler`` answering ``internal`` when it fails, and yielding to the event loop after each message:
+        nats-py hands a subscription's backlog to its callback without suspending, so an endpoint behind on its
+        input would otherwise starve every other subscription (heartbeats, completions, pressure, health) and
+        timer of its service, which then looks dead or idle to the rest of the network."""
+
         async def guarded(msg: Msg) -> None:
             try:
                 await handler(msg)
+                await asyncio.sleep(0)
             except Exception:
                 self.handler_errors += 1
                 self.log.exception("unhandled error on %s", msg.subject)
@@ -354,7 +366,8 @@ class ServiceRuntime:
         died holding it), ``deadline_exceeded``. ``missing`` names the next service, for the client's message."""
         self._sequence += 1
         handle = f"{self._undelivered_prefix}.{self._sequence}"
-        self._undelivered[handle] = (job.reply_to, job.request_id, missing, float(job.deadline_ms))
+        self._undelivered[handle] = (job.reply_to, job.request_id, missing,
+                                     lifecycle.untaken_answer_at_ms(float(job.deadline_ms)))
         await self.nc.publish(subject, body, reply=handle, headers=headers)
 
     async def _on_undelivered(self, msg: Msg) -> None:
@@ -368,11 +381,14 @@ class ServiceRuntime:
                                                    retry_after_ms=UNAVAILABLE_RETRY_MS), request_id)
 
     async def _answer_untaken(self) -> None:
-        """Answer every handed-on job that nobody acknowledged by its deadline."""
+        """Answer every handed-on job nobody acknowledged by ``lifecycle.untaken_answer_at_ms``, once the
+        acknowledgements that reached this service were read."""
         while True:
             await asyncio.sleep(UNTAKEN_CHECK_S)
+            if self.pending_on({f"{self._undelivered_prefix}.*"}):
+                continue
             now = time.time() * 1000.0
-            for handle in [h for h, (_, _, _, deadline) in self._undelivered.items() if deadline <= now]:
+            for handle in [h for h, (_, _, _, due) in self._undelivered.items() if due <= now]:
                 reply_to, request_id, missing, _ = self._undelivered.pop(handle)
                 self.untaken += 1
                 self.log.warning("no %s took request %s before its deadline", missing, request_id)

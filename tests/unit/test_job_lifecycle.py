@@ -14,8 +14,10 @@ from shared.lifecycle import (
     completion_headers,
     cutoff_ms,
     escalate,
+    expired_on_arrival,
     give_back,
     hand_on,
+    left_to_sender,
     has_streamed,
     may_escalate,
     may_redispatch,
@@ -26,6 +28,7 @@ from shared.lifecycle import (
     runs_here,
     settlement,
     stage_done,
+    untaken_answer_at_ms,
     watchdog_at_ms,
     watchdog_error,
 )
@@ -259,3 +262,12 @@ def test_a_fenced_job_goes_back_to_the_scheduler_only_while_it_still_holds_that_
 def test_a_fenced_pulled_job_is_left_for_the_queue():
     assert settlement(Outcome.FENCED) == Settlement.LEAVE
     assert reports_completion(Outcome.FENCED)
+
+
+def test_a_stage_reached_past_the_deadline_leaves_the_answer_to_the_sender_that_still_owns_it():
+    late = job(deadline_ms=NOW_MS)
+    assert left_to_sender(late, NOW_MS) and left_to_sender(late, NOW_MS + 1)
+    assert not left_to_sender(late, NOW_MS - 1)
+    assert expired_on_arrival(late, NOW_MS - 1, MARGIN_MS).code == ErrorCode.DEADLINE_EXCEEDED
+    assert expired_on_arrival(late, NOW_MS - 10, MARGIN_MS) is None
+    assert untaken_answer_at_ms(NOW_MS) > NOW_MS, "the sender waits for an acknowledgement sent just in time"
