@@ -80,10 +80,11 @@ class Load:
         self.tally.answers.setdefault(rid, []).append(code)
 
     async def request(self, tenant: str, model: str, *, timeout_ms: int = 3000, labels: str | None = None) -> str:
-        """Send one request; its id."""
+        """Send one request with its timeout and, as ``DinClient`` does, the absolute deadline; its id."""
         rid = uuid.uuid4().hex[:12]
         headers = {RequestHeaders.TOKEN: self.tokens[tenant], RequestHeaders.REQUEST_ID: rid,
-                   RequestHeaders.TIMEOUT_MS: str(timeout_ms)}
+                   RequestHeaders.TIMEOUT_MS: str(timeout_ms),
+                   RequestHeaders.DEADLINE_MS: str(int(time.time() * 1000.0) + timeout_ms)}
         if labels:
             headers[RequestHeaders.LABELS] = labels
         self.tally.sent.append(rid)

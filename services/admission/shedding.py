@@ -5,7 +5,7 @@ ones waited before their compute (in admission, classifier and scheduler and in 
 job *waits*, so slow models and long generations do not look like congestion) and how many jobs wait in its own
 input. The path is *congested* when jobs wait longer than ``target_ms``, or when the scheduler's queue alone would
 take longer than that to place. While congested, each tenant with demand may be admitted at its weighted max-min
-fair share of the completion rate (a tenant asking for less than its share gets all it asks for); requests
+fair share of ``DRAIN`` times the completion rate (a tenant asking for less than its share gets all it asks for); requests
 beyond a tenant's share are refused ``overloaded`` with a ``retry_after_ms``, and a request whose deadline
 is nearer than the wait plus the fastest answer is refused at once rather than admitted to fail. Uncongested,
 nothing is shed, so the queue oscillates around ``target_ms`` under overload (and a tenant is always let at
@@ -30,6 +30,10 @@ OWN_BACKLOG_MS = 500.0
 """Admission's own input counts as congested past this much work (or the target, if longer): a burst of a few
 hundred requests into an idle admission drains well within it, a flood it cannot keep up with does not."""
 RATE_WINDOW_MS = 100.0
+DRAIN = 0.8
+"""While congested, tenants share this fraction of the completion rate: admitting at the full rate would keep
+the queue that built up before shedding began standing (every request waiting it out); at 0.8 it drains at a
+fifth of the rate, and the executors stay busy on what is queued."""
 RATE_SMOOTHING = 0.3
 
 
@@ -115,8 +119,8 @@ class LoadShedder:
         self.path_congested = pressure is not None and (
             self.excess_ms(pressure) > self.target_ms
             and pressure.inflight + pressure.queued > BACKLOG_PER_EXECUTOR * max(1, pressure.executors))
-        capacity = (pressure.completed_per_s / self.instances if pressure is not None and pressure.completed_per_s
-                    else sum(self._rates.demand.values()) / 2)
+        capacity = (DRAIN * pressure.completed_per_s / self.instances
+                    if pressure is not None and pressure.completed_per_s else sum(self._rates.demand.values()) / 2)
         self.shares, self.level = fair_shares(self._rates.demand, self.weights, capacity)
 
     def allowance(self, tenant: str) -> float:
