@@ -198,8 +198,9 @@ class ServiceRuntime:
         """``handler`` behind job decoding (dead-letter when the header is missing or invalid) and a trace hop;
         the sender is told the job was taken once the handler has run (``hand_on``): its publications go out
         in the same write as the acknowledgement. A job that arrives at or past its deadline from a sender
-        awaiting the acknowledgement is neither handled nor acknowledged (``lifecycle.left_to_sender``). A handler that fails answers the job's client ``internal``
-        (the sender, acknowledged, no longer owns the answer)."""
+        awaiting the acknowledgement is neither handled nor acknowledged (``lifecycle.left_to_sender``). A
+        handler that fails answers the job's client ``internal`` (the sender, acknowledged, no longer owns the
+        answer)."""
 
         async def on_message(msg: Msg) -> None:
             try:

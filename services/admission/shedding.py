@@ -1,15 +1,15 @@
 """Shedding on the path's real capacity, shared fairly between tenants. Pure: no NATS.
 
-The site's scheduler reports (``PressureV1``, every 0.1 s) the rate jobs complete at, how long the completed
-ones waited before their compute (in admission, classifier and scheduler and in the executors' queues; what a
-job *waits*, so slow models and long generations do not look like congestion) and how many jobs wait in its own
-input. The path is *congested* when jobs wait longer than ``target_ms``, or when the scheduler's queue alone would
-take longer than that to place. While congested, each tenant with demand may be admitted at its weighted max-min
-fair share of ``DRAIN`` times the completion rate (a tenant asking for less than its share gets all it asks for); requests
-beyond a tenant's share are refused ``overloaded`` with a ``retry_after_ms``, and a request whose deadline
+The site's scheduler reports (``PressureV1``, every 0.1 s) the rate jobs complete at, how long the completed ones
+waited before their compute (in admission, classifier and scheduler and in the executors' queues; what a job
+*waits*, so slow models and long generations do not look like congestion) and how many jobs wait in its own input.
+The path is *congested* when jobs wait longer than ``target_ms``, or when the scheduler's queue alone would take
+longer than that to place. While congested, each tenant with demand may be admitted at its weighted max-min fair
+share of ``DRAIN`` times the completion rate (a tenant asking for less than its share gets all it asks for);
+requests beyond a tenant's share are refused ``overloaded`` with a ``retry_after_ms``, and a request whose deadline
 is nearer than the wait plus the fastest answer is refused at once rather than admitted to fail. Uncongested,
-nothing is shed, so the queue oscillates around ``target_ms`` under overload (and a tenant is always let at
-least one request per 0.1 s): enough work to keep executors batching, never an unbounded buffer.
+nothing is shed, so the queue oscillates around ``target_ms`` under overload (and a tenant is always let at least
+one request per 0.1 s): enough work to keep executors batching, never an unbounded buffer.
 """
 
 from __future__ import annotations
