@@ -157,7 +157,7 @@ class ServiceRuntime:
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._background: list[asyncio.Task] = []
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
-        self._undelivered: dict[str, tuple[str, str | None, str, float]] = {}
+        self._undelivered: dict[str, tuple[str, str | None, str, float, bool]] = {}
         self._undelivered_prefix = ""
         self.undeliverable = 0
         self.untaken = 0
@@ -359,23 +359,26 @@ class ServiceRuntime:
             key=self.name,
         )
 
-    async def hand_on(self, subject: str, body: bytes, headers: dict[str, str], job: JobV1, missing: str) -> None:
+    async def hand_on(self, subject: str, body: bytes, headers: dict[str, str], job: JobV1, missing: str, *,
+                      owns_answer: bool = True) -> None:
         """Publish ``job`` to the next service on its path, which acknowledges taking it (``job_endpoint``s do,
         once their handler has run); until then this service still owns the job's answer. When nobody
         subscribes there (NATS answers a publish with a reply subject and no interest with a 503 status) the
         client is answered ``unavailable`` at once; when nobody acknowledges it by its deadline (the next service
-        died holding it), ``deadline_exceeded``. ``missing`` names the next service, for the client's message."""
+        died holding it), ``deadline_exceeded``. ``missing`` names the next service, for the client's message.
+        ``owns_answer`` False: the receiver owns the answer even untaken (a scheduler's watchdog holds every job
+        handed back to it), so only the 503 is answered here."""
         self._sequence += 1
         handle = f"{self._undelivered_prefix}.{self._sequence}"
         self._undelivered[handle] = (job.reply_to, job.request_id, missing,
-                                     lifecycle.untaken_answer_at_ms(float(job.deadline_ms)))
+                                     lifecycle.untaken_answer_at_ms(float(job.deadline_ms)), owns_answer)
         await self.nc.publish(subject, body, reply=handle, headers=headers)
 
     async def _on_undelivered(self, msg: Msg) -> None:
         waiting = self._undelivered.pop(msg.subject, None)
         if waiting is None or (msg.headers or {}).get("Status") != NO_RESPONDERS_STATUS:
             return
-        reply_to, request_id, missing, _ = waiting
+        reply_to, request_id, missing, _, _ = waiting
         self.undeliverable += 1
         self.log.warning("no %s to hand request %s to: answered unavailable", missing, request_id)
         await self.answer_error(reply_to, DinError(ErrorCode.UNAVAILABLE, f"no {missing} is running: retry shortly",
@@ -389,8 +392,10 @@ class ServiceRuntime:
             if self.pending_on({f"{self._undelivered_prefix}.*"}):
                 continue
             now = time.time() * 1000.0
-            for handle in [h for h, (_, _, _, due) in self._undelivered.items() if due <= now]:
-                reply_to, request_id, missing, _ = self._undelivered.pop(handle)
+            for handle in [h for h, (_, _, _, due, _) in self._undelivered.items() if due <= now]:
+                reply_to, request_id, missing, _, owns_answer = self._undelivered.pop(handle)
+                if not owns_answer:
+                    continue
                 self.untaken += 1
                 self.log.warning("no %s took request %s before its deadline", missing, request_id)
                 await self.answer_error(reply_to, DinError(ErrorCode.DEADLINE_EXCEEDED,

@@ -368,10 +368,12 @@ class Executor(Service):
         return Outcome.ESCALATED
 
     async def hand_back(self, run: Run) -> None:
+        """Give the job back to the scheduler that placed it (escalated or full here); that scheduler's watchdog
+        answers it if it is not placed again, so this executor answers only a scheduler that is not running."""
         body, headers = self.seals.hand_back(run.job, run.body, run.headers, run.opened)
         scheduler_site = run.job.scheduler_site or self.settings.site
         await self.runtime.hand_on(Subjects.schedule(scheduler_site), body, headers, run.job,
-                                   f"scheduler at site {scheduler_site}")
+                                   f"scheduler at site {scheduler_site}", owns_answer=False)
 
     async def split_head_done(self, run: Run, result: ItemResult) -> Outcome:
         self.guard(run)

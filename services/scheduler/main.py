@@ -152,10 +152,14 @@ class Scheduler(Service):
     @job_endpoint("schedule", lambda s: Subjects.schedule(s.site), queue="scheduler", span="scheduler place",
                   publishes=(*DISPATCH_PUBLISHES, Topics.DEAD_LETTER, Topics.SPANS))
     async def on_schedule(self, job: JobV1, msg: Msg) -> None:
-        """Place a job; one that arrives past its cutoff is answered ``deadline_exceeded`` and not placed."""
+        """Place a job; one that arrives past its cutoff is answered ``deadline_exceeded`` and not placed (a job
+        handed back to this scheduler is closed then, so its watchdog does not answer it too)."""
         expired = lifecycle.expired_on_arrival(job, now_ms(), self.settings.deadline_margin_ms)
         if expired is not None:
             self.counts["expired_on_arrival"] += 1
+            handed_back = self.inflight.complete(job.request_id)
+            if handed_back is not None:
+                self.release(handed_back)
             await self.runtime.answer_error(job.reply_to, expired, job.request_id)
             return
         passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
@@ -411,12 +415,13 @@ class Scheduler(Service):
         await self.redispatch_all(self.inflight.on_executor(executor_id))
 
     async def answer_overdue(self, now: float) -> None:
-        """The watchdog's answer to every open job no executor answered (``lifecycle.watchdog_at_ms``)."""
+        """The watchdog's answer to every open job no executor answered (``lifecycle.watchdog_at_ms``); an
+        executor that is draining (leaving) counts as lost."""
         for entry in self.inflight.due(now):
             self.release(entry)
             self.counts["deadline_answers"] += 1
-            alive = entry.executor is not None and self.registry.get(entry.executor) is not None
-            code = lifecycle.watchdog_error(entry.executor, alive)
+            state = self.registry.get(entry.executor) if entry.executor is not None else None
+            code = lifecycle.watchdog_error(entry.executor, state is not None and not state.heartbeat.draining)
             await self.runtime.answer_error(
                 entry.job.reply_to, DinError(code, f"no answer from site {entry.site} before the deadline"),
                 entry.job.request_id,

@@ -26,6 +26,7 @@ from din.client import DinClient
 from din.stack.supervision import RestartPolicy, Supervisor
 from din.stack.wan import ToxiproxyClient
 from shared.bus.permissions import tenant_inbox, tenant_user
+from shared.contracts.job import JobV1
 from shared.naming import Subjects
 from shared.security import CryptoPolicy
 from tests.integration.network import decode_json, running_network
@@ -242,9 +243,10 @@ async def test_a_paused_executor_past_the_deadline_leaves_the_one_answer_to_the_
     assert outcome == {"deadline_exceeded": 10, "unanswered": 0, "duplicated": 0}
 
 
-async def test_a_job_reaching_a_stage_past_its_deadline_is_answered_there_not_dropped(network):
-    """The classifier and the scheduler each answer a job that reaches them past its cutoff (they acknowledge
-    taking it, so nobody else would) with ``deadline_exceeded``, once, and do no work on it."""
+async def test_a_job_reaching_a_stage_past_its_deadline_is_answered_once_by_its_owner(network):
+    """The classifier and the scheduler each answer a job that reaches them past its deadline with
+    ``deadline_exceeded``, once, and do no work on it, when no sender awaits their acknowledgement; when one does,
+    they neither answer nor acknowledge it (``lifecycle.left_to_sender``): the sender, still its owner, answers."""
     nc = await nats.connect(network.stack.nats_urls["factory"], **network.stack.nats_options("factory"))
     inbox = nc.new_inbox()
     answers: list = []
@@ -254,18 +256,25 @@ async def test_a_job_reaching_a_stage_past_its_deadline_is_answered_there_not_dr
 
     await nc.subscribe(f"{inbox}.*", cb=collect)
     past = int(time.time() * 1000) - 10
+    stages = ((Subjects.classify("factory"), "classify"), (Subjects.schedule("factory"), "schedule"))
+
+    def late(rid: str) -> JobV1:
+        return make_job(request_id=rid, tenant="globex", model="digits-small", deadline_ms=past,
+                        reply_to=f"{inbox}.{rid}", received_ms=past - 1000)
+
     try:
-        for subject, rid in ((Subjects.classify("factory"), "late-classify"),
-                             (Subjects.schedule("factory"), "late-schedule")):
-            job = make_job(request_id=rid, tenant="globex", model="digits-small", deadline_ms=past,
-                           reply_to=f"{inbox}.{rid}", received_ms=past - 1000)
-            await nc.request(subject, b"{}", headers=job.to_headers(), timeout=5)
-        await wait_for(lambda: len(answers) >= 2, 5, "both late jobs answered")
+        for subject, stage in stages:
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(subject, b"{}", headers=late(f"awaited-{stage}").to_headers(), timeout=0.5)
+            await nc.publish(subject, b"{}", headers=late(f"late-{stage}").to_headers())
+        await wait_for(lambda: len(answers) >= 2, 5, "both unawaited late jobs answered")
         await asyncio.sleep(0.2)
     finally:
         await nc.close()
     codes = sorted((msg.subject.rsplit(".", 1)[1], decode_json(msg.data)["error"]["code"]) for msg in answers)
     assert codes == [("late-classify", "deadline_exceeded"), ("late-schedule", "deadline_exceeded")]
+    for service in ("classifier", "scheduler"):
+        assert int((await network.health(service, "factory")).detail["left_to_sender"]) >= 1
 
 
 async def test_two_admissions_at_a_site_grant_the_tenants_quota_once(network):
