@@ -57,6 +57,17 @@ UNAVAILABLE_RETRY_MS = 1000
 
 
 @dataclass(frozen=True)
+class _HandedOn:
+    """A job handed on and not yet acknowledged: whom to answer, and when (``due_ms``) if ``owns_answer``."""
+
+    reply_to: str
+    request_id: str | None
+    missing: str
+    due_ms: float
+    owns_answer: bool
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """One subscription a service declares: the channel it serves, where, and what handling it publishes to.
 
@@ -157,7 +168,7 @@ class ServiceRuntime:
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._background: list[asyncio.Task] = []
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
-        self._undelivered: dict[str, tuple[str, str | None, str, float, bool]] = {}
+        self._undelivered: dict[str, _HandedOn] = {}
         self._undelivered_prefix = ""
         self.undeliverable = 0
         self.untaken = 0
@@ -370,19 +381,19 @@ class ServiceRuntime:
         handed back to it), so only the 503 is answered here."""
         self._sequence += 1
         handle = f"{self._undelivered_prefix}.{self._sequence}"
-        self._undelivered[handle] = (job.reply_to, job.request_id, missing,
-                                     lifecycle.untaken_answer_at_ms(float(job.deadline_ms)), owns_answer)
+        self._undelivered[handle] = _HandedOn(job.reply_to, job.request_id, missing,
+                                              lifecycle.untaken_answer_at_ms(float(job.deadline_ms)), owns_answer)
         await self.nc.publish(subject, body, reply=handle, headers=headers)
 
     async def _on_undelivered(self, msg: Msg) -> None:
         waiting = self._undelivered.pop(msg.subject, None)
         if waiting is None or (msg.headers or {}).get("Status") != NO_RESPONDERS_STATUS:
             return
-        reply_to, request_id, missing, _, _ = waiting
         self.undeliverable += 1
-        self.log.warning("no %s to hand request %s to: answered unavailable", missing, request_id)
-        await self.answer_error(reply_to, DinError(ErrorCode.UNAVAILABLE, f"no {missing} is running: retry shortly",
-                                                   retry_after_ms=UNAVAILABLE_RETRY_MS), request_id)
+        self.log.warning("no %s to hand request %s to: answered unavailable", waiting.missing, waiting.request_id)
+        await self.answer_error(waiting.reply_to, DinError(ErrorCode.UNAVAILABLE,
+                                                           f"no {waiting.missing} is running: retry shortly",
+                                                           retry_after_ms=UNAVAILABLE_RETRY_MS), waiting.request_id)
 
     async def _answer_untaken(self) -> None:
         """Answer every handed-on job nobody acknowledged by ``lifecycle.untaken_answer_at_ms``, once the
@@ -392,15 +403,15 @@ class ServiceRuntime:
             if self.pending_on({f"{self._undelivered_prefix}.*"}):
                 continue
             now = time.time() * 1000.0
-            for handle in [h for h, (_, _, _, due, _) in self._undelivered.items() if due <= now]:
-                reply_to, request_id, missing, _, owns_answer = self._undelivered.pop(handle)
-                if not owns_answer:
+            for handle in [h for h, waiting in self._undelivered.items() if waiting.due_ms <= now]:
+                waiting = self._undelivered.pop(handle)
+                if not waiting.owns_answer:
                     continue
                 self.untaken += 1
-                self.log.warning("no %s took request %s before its deadline", missing, request_id)
-                await self.answer_error(reply_to, DinError(ErrorCode.DEADLINE_EXCEEDED,
-                                                           f"the {missing} did not take the job before its deadline"),
-                                        request_id)
+                self.log.warning("no %s took request %s before its deadline", waiting.missing, waiting.request_id)
+                await self.answer_error(waiting.reply_to, DinError(
+                    ErrorCode.DEADLINE_EXCEEDED, f"the {waiting.missing} did not take the job before its deadline"),
+                    waiting.request_id)
 
     @staticmethod
     async def acknowledge(msg: Msg, nc: NatsClient) -> None:
