@@ -334,6 +334,16 @@ def service_instances(topology: Topology, services: Iterable[str] | None = None)
     return out
 
 
+def executors_in_view(topology: Topology, instances: Iterable[ServiceInstance]) -> dict[str, int]:
+    """How many executors each scheduler instance must count before the stack is ready: the ones the stack runs
+    at the sites it places on. A scheduler that answers ready has opened its subscriptions but not yet heard the
+    fleet; a request sent then would be refused ``no_eligible_executor``."""
+    instances = list(instances)
+    executors = [i for i in instances if i.service == EXECUTOR]
+    return {i.name: sum(1 for e in executors if e.site in topology.scheduled_sites(i.site))
+            for i in instances if i.service == "scheduler"}
+
+
 def gateway_ports(topology: Topology, ports: PortPlan) -> dict[str, tuple[int, int]]:
     """The gateway's HTTP and gRPC ports at each site with a control plane."""
     return {site: (ports.gateway_port(i), ports.gateway_grpc_port(i))
@@ -551,9 +561,11 @@ def _run_async(coro):
 async def _await_health(
     pending: list[tuple[ServiceInstance, ManagedProcess, str]], timeout_s: float,
     options: Callable[[str], dict] = lambda url: {},
+    executors_wanted: Mapping[str, int] | None = None,
 ) -> None:
-    """Ask each instance's health subject until it answers ready; raise on exit or timeout. ``options`` gives
-    the connect options for a server URL (the operator's credentials on a closed bus)."""
+    """Ask each instance's health subject until it answers ready (and, for an instance ``executors_wanted`` names,
+    counts at least that many live executors); raise on exit or timeout. ``options`` gives the connect options
+    for a server URL (the operator's credentials on a closed bus)."""
     import nats
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
@@ -578,9 +590,12 @@ async def _await_health(
                 try:
                     reply = await connections[url].request(inst.health_subject, b"{}", timeout=1.0)
                     health = HealthV1.model_validate_json(reply.data)
-                    if health.ready:
+                    wanted = (executors_wanted or {}).get(inst.name, 0)
+                    counted = int(health.detail.get("executors", 0))
+                    if health.ready and counted >= wanted:
                         return
-                    last = f"answered ready=false {health.detail or ''}".strip()
+                    last = (f"ready, counting {counted} of its {wanted} executors" if health.ready
+                            else f"answered ready=false {health.detail or ''}".strip())
                 except (TimeoutError, NoRespondersError, NatsTimeout):
                     pass
                 except ValueError as exc:
@@ -1156,7 +1171,8 @@ class Stack:
             self._track(proc, inst.site, address)
             pending.append((inst, proc, env["DIN_NATS_URL"]))
         sites = {url: site for site, url in self.nats_urls.items()}
-        _run_async(_await_health(pending, self.ready_timeout_s, lambda url: self.nats_options(sites[url])))
+        _run_async(_await_health(pending, self.ready_timeout_s, lambda url: self.nats_options(sites[url]),
+                                 executors_in_view(self.topology, self.instances)))
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the services together (SIGTERM: each drains its own work; SIGKILL after ``timeout_s``), then the
@@ -1257,6 +1273,7 @@ __all__ = [
     "StackError",
     "check_ports",
     "default_service_command",
+    "executors_in_view",
     "nats_specs",
     "port_roles",
     "read_state",

@@ -17,7 +17,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer
 
 from din.client import DinClient
-from din.stack.launcher import CONTROL_SERVICES, GATEWAY, SERVICE_KINDS, PortPlan, Stack
+from din.stack.launcher import CONTROL_SERVICES, GATEWAY, SERVICE_KINDS, PortPlan, Stack, executors_in_view
 from din.stack.processes import ManagedProcess
 from shared.bus.connect import nats_servers
 from shared.bus.kafka import OPERATOR, KafkaAccess
@@ -171,7 +171,23 @@ class Network:
             return
         for executor_id, _ in (declared[p.name] for p in restarted):
             await self.wait_ready("executor", executor_id, timeout_s=60.0)
-        await self.wait_live_executors(len(declared))
+        await self.wait_fleet_in_view()
+
+    async def wait_fleet_in_view(self, timeout_s: float = 30.0) -> None:
+        """Wait until every scheduler counts exactly the declared executors of the sites it places on (a site's
+        scheduler hears its own executors before the hub's hears them in that site's roster)."""
+        wanted = executors_in_view(self.topology, self.stack.instances)
+        schedulers = {i.name: i for i in self.stack.instances if i.service == "scheduler"}
+        seen: dict[str, int] = {}
+
+        async def counted() -> bool:
+            for name in wanted:
+                inst = schedulers[name]
+                seen[name] = int((await self.health("scheduler", inst.instance)).detail["executors"])
+            return all(seen[name] == want for name, want in wanted.items())
+
+        await wait_for(counted, timeout_s, lambda: f"schedulers counting {wanted} live executors (last saw {seen})",
+                       interval=0.1, retry_on=(Exception,))
 
     async def barrier(self, nc: nats.NATS, inbox: str, answers: list, headers: dict[str, str] | None = None) -> None:
         """Send one more good request (globex, digits-small, ``headers`` added) answered on ``inbox`` and wait for
