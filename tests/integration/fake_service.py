@@ -23,6 +23,9 @@ import nats  # noqa: E402
 from shared.contracts.events import HealthV1  # noqa: E402
 from shared.naming import Subjects  # noqa: E402
 
+FLEET_IN_VIEW = 1_000_000
+"""The executors a fake scheduler says it counts: it stands for one that has heard its whole fleet."""
+
 
 def login(env) -> dict:
     """The service's own NATS user, as the real one logs in (none on an --insecure stack). Built here rather
@@ -55,6 +58,7 @@ async def serve(args: argparse.Namespace) -> None:
         version="0.0.0-fake",
         site=env["DIN_SITE"],
         ready=not args.not_ready,
+        detail={"executors": str(FLEET_IN_VIEW)} if args.service == "scheduler" else {},
     )
 
     async def on_health(msg) -> None:
