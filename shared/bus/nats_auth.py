@@ -98,10 +98,11 @@ def user_claims(name: str, user_pub: str, account_pub: str, permissions: Permiss
 
 
 def read_creds(path: Path | str) -> tuple[str, str]:
-    """``(user JWT, seed)`` of a creds file."""
-    blocks = [line.strip() for line in Path(path).read_text().splitlines() if line.strip() and "---" not in line
-              and not line.startswith("*") and " " not in line.strip()]
-    if len(blocks) < 2:
+    """``(user JWT, seed)`` of a creds file: the line after each ``-----BEGIN ...-----`` marker (a JWT is
+    base64url, so it may itself hold a run of dashes)."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    blocks = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("---") and "BEGIN" in line]
+    if len(blocks) < 2 or not all(blocks[:2]):
         raise ValueError(f"{path} is not a NATS credentials file")
     return blocks[0], blocks[1]
 

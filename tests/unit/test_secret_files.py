@@ -1,7 +1,10 @@
 import os
 import threading
 
+import pytest
+
 from shared.bus.files import write_secret
+from shared.bus.nats_auth import creds_text, read_creds
 
 
 def test_a_secret_file_is_private_and_leaves_no_temporary_file(tmp_path):
@@ -34,3 +37,19 @@ def test_a_reader_never_sees_a_rewritten_secret_truncated(tmp_path):
         stop.set()
         reader.join()
     assert seen <= versions
+
+
+def test_a_creds_file_whose_jwt_holds_a_run_of_dashes_still_reads(tmp_path):
+    """A JWT is base64url: about one in 500 holds ``---``, which once made the file unreadable."""
+    token = "eyJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJuYW1lIjoiZXhlY3V0b3ItY2xvdWQtMiJ9---x.c2ln-_"
+    seed = b"SUAIBDPBAUTWCWBKIO6XHQNINK5FWJW4OHLXC3HQ2KFE4PEJUA44CNHTC4"
+    path = tmp_path / "u.creds"
+    write_secret(path, creds_text(token, seed))
+    assert read_creds(path) == (token, seed.decode())
+
+
+def test_a_file_without_both_blocks_is_not_creds(tmp_path):
+    path = tmp_path / "u.creds"
+    path.write_text("-----BEGIN NATS USER JWT-----\nabc\n------END NATS USER JWT------\n")
+    with pytest.raises(ValueError, match="not a NATS credentials file"):
+        read_creds(path)
