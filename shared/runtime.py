@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 RAW, JOB, CONTROL = "raw", "job", "control"
 NO_RESPONDERS_STATUS = "503"
 UNTAKEN_CHECK_S = 0.05
+HOT_PATH_SLICE_S = 0.002
+"""How long a hot-path subscription may work through its backlog before it yields to the event loop."""
 """How often a service looks for handed-on jobs nobody acknowledged by their deadline."""
 UNAVAILABLE_RETRY_MS = 1000
 
@@ -334,15 +336,21 @@ class ServiceRuntime:
         await self.events.stop()
 
     def _guard(self, handler: Handler) -> Handler:
-        """``handler`` answering ``internal`` when it fails, and yielding to the event loop after each message:
-        nats-py hands a subscription's backlog to its callback without suspending, so an endpoint behind on its
-        input would otherwise starve every other subscription (heartbeats, completions, pressure, health) and
-        timer of its service, which then looks dead or idle to the rest of the network."""
+        """``handler`` answering ``internal`` when it fails, and yielding to the event loop once it has run for
+        ``HOT_PATH_SLICE_S``: nats-py hands a subscription's backlog to its callback without suspending, so an
+        endpoint behind on its input would otherwise starve every other subscription (heartbeats, completions,
+        pressure, health) and timer of its service, which then looks dead or idle to the rest of the network.
+        Yielding after every message instead would make nats-py write each answer to the socket on its own;
+        a slice's answers leave in one write."""
+        since = time.monotonic()
 
         async def guarded(msg: Msg) -> None:
+            nonlocal since
             try:
                 await handler(msg)
-                await asyncio.sleep(0)
+                if time.monotonic() - since >= HOT_PATH_SLICE_S:
+                    await asyncio.sleep(0)
+                    since = time.monotonic()
             except Exception:
                 self.handler_errors += 1
                 self.log.exception("unhandled error on %s", msg.subject)

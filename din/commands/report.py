@@ -52,7 +52,7 @@ async def run_report(args: argparse.Namespace) -> int:
     page = render_report(window, title=args.title, source=endpoints.kafka, scope=args.topic_scope)
     args.out.write_text(page)
     print(f"wrote {args.out} ({len(page) / 1024:.0f} KiB): {len(window.completions)} completions, "
-          f"{len(window.admissions)} admission and {len(window.schedulings)} scheduling decisions, "
+          f"{sum(d.count for d in window.admissions)} admission and {len(window.schedulings)} scheduling decisions, "
           f"{len(window.alerts)} alerts")
     for line in window.skipped_summary():
         print(f"  {line}")

@@ -92,7 +92,7 @@ def rejects(window: RecordedWindow) -> Counter:
     found: Counter = Counter()
     for d in window.admissions:
         if not d.admitted:
-            found[("admission", d.reason, d.at_ms)] += 1
+            found[("admission", d.reason, d.at_ms)] += d.count
     for d in window.schedulings:
         if d.chosen_site is None:
             found[("scheduler", d.reason, d.at_ms)] += 1
@@ -201,8 +201,7 @@ def render_report(window: RecordedWindow, *, title: str = "DIN recorded window",
 
     completions = len(window.completions)
     ok = sum(c.ok for c in window.completions)
-    admitted = sum(d.admitted for d in window.admissions)
-    refused = len(window.admissions) - admitted
+    refused = sum(d.count for d in window.admissions if not d.admitted)
     alerts = [a for a in window.alerts if a.firing]
     degraded = sum(c.degraded for c in window.completions if c.ok)
     span_s = max((end - start) / 1000.0, 1e-9)

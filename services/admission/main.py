@@ -15,6 +15,7 @@ on unopened to the admission of the nearest site that may (``din.v1.admit.*``).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from services.admission.ingress import RequestOpener, Unsealed
 from services.admission.intake import Intake, admitted_job, peek_request_id
 from services.admission.nonces import SharedNonces
 from services.admission.quota import QuotaLedger, daily_budgets, quota_shares
+from services.admission.refusals import RefusalTally
 from services.admission.settings import AdmissionSettings
 from services.admission.shedding import LoadShedder
 from shared.bus.permissions import is_tenant_reply
@@ -55,6 +57,7 @@ from shared.topology import load_topology
 
 PASSTHROUGH_PREFIXES = ("Din-Tensor-", "Content-Type")
 SILENT_REASONS = (Reason.REPLAY, Reason.STALE)
+SHED_RECORD_EVERY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Admission(Service):
     """Authenticates, validates and rate-limits every request, records it, and sends it on to the classifier."""
 
     name = "admission"
+    publishes = (Topics.ADMISSION_DECISIONS,)
 
     def __init__(self, settings: AdmissionSettings) -> None:
         super().__init__(settings)
@@ -88,13 +92,17 @@ class Admission(Service):
         self.verifier = ControlVerifier(self.security.agent)
         self.audit = audit_reader(self.topology, settings.site)
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)
-        self.counts = {"admitted": 0, "refused": 0, "unanswerable": 0, "handed_over": 0, "foreign_reply": 0}
+        self.counts = {"admitted": 0, "refused": 0, "shed": 0, "unanswerable": 0, "handed_over": 0,
+                       "foreign_reply": 0}
+        self.refusals = RefusalTally()
         replicated = self.topology.replicas_at(settings.site) > 1 and self.security.enabled
         self.request_inputs = {Subjects.INFER_ALL, Subjects.admit_all(settings.site)}
         self.nonces = (SharedNonces(settings.site, settings.replay_window_s, settings.replicas_in(settings.site))
                        if replicated else None)
         self.runtime.on_start(self._start_keys)
+        self.runtime.on_start(self._start_refusals)
         self.runtime.on_drain(self.security.stop)
+        self.runtime.on_drain(self._record_refusals)
 
     def detail(self) -> dict[str, object]:
         return {**self.counts, **self.gate.shedder.detail(), **self.security.detail(), **self.verifier.detail()}
@@ -108,6 +116,19 @@ class Admission(Service):
                                                           if tenant_principal(t.name) in held)],
             timeout_s=self.settings.keys_wait_s,
         )
+
+    async def _start_refusals(self) -> None:
+        self.runtime.spawn(self._record_refusals_every(SHED_RECORD_EVERY_S), name="record_refusals")
+
+    async def _record_refusals_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._record_refusals(force=False)
+
+    async def _record_refusals(self, force: bool = True) -> None:
+        """Record the shed requests of every closed window (of every window at shutdown)."""
+        for decision in self.refusals.due(time.time() * 1000.0, force=force):
+            self.runtime.events.emit(Topics.ADMISSION_DECISIONS, decision, key=decision.tenant)
 
     @control("pressure", lambda s: Subjects.pressure(s.site))
     async def on_pressure(self, message: NatsMessage) -> None:
@@ -132,11 +153,14 @@ class Admission(Service):
         await self._receive(msg, Subjects.parse_admit)
 
     async def _receive(self, msg: Msg, parse: Callable[[str], tuple[str, str]]) -> None:
-        """Admit one request (or answer and record its refusal), as one hop of its trace."""
-        with self.runtime.tracing.hop("admission admit", (msg.headers or {}).get(RequestHeaders.TRACEPARENT),
-                                      subject=msg.subject) as (span, traceparent):
-            received_ms = time.time() * 1000.0
-            try:
+        """Admit one request (or answer and record its refusal), as one hop of its trace; shed it first if the
+        path is congested and its tenant past its share."""
+        received_ms = time.time() * 1000.0
+        try:
+            if await self._shed(msg, parse, received_ms):
+                return
+            with self.runtime.tracing.hop("admission admit", (msg.headers or {}).get(RequestHeaders.TRACEPARENT),
+                                          subject=msg.subject) as (span, traceparent):
                 if not msg.reply:
                     self._unanswerable(msg)
                     return
@@ -149,8 +173,34 @@ class Admission(Service):
                 await self._forward(job, admitted, msg)
                 span.set_attributes({"din.request_id": job.request_id, "din.tenant": job.tenant,
                                      "din.model": job.model})
-            finally:
-                self.gate.shedder.handled(time.time() * 1000.0 - received_ms)
+        finally:
+            self.gate.shedder.handled(time.time() * 1000.0 - received_ms)
+
+    async def _shed(self, msg: Msg, parse: Callable[[str], tuple[str, str]], now_ms: float) -> bool:
+        """The first, cheap check of a request, before it is traced, opened or read: while the path or this
+        admission's input is congested, a tenant past its fair share is answered ``overloaded`` at once and only
+        counted (``RefusalTally``), so shedding costs far less than serving. A request this cannot judge (no
+        reply subject or someone else's, a bad subject, an unknown tenant) goes the whole way and is refused
+        there for its own reason. False when the request goes on."""
+        if not msg.reply:
+            return False
+        try:
+            tenant, model = parse(msg.subject)
+        except InvalidNameError:
+            return False
+        if not self.gate.knows(tenant) or (self.settings.nats_creds_file is not None
+                                           and not is_tenant_reply(tenant, msg.reply)):
+            return False
+        try:
+            self.gate.shedder.check_share(tenant, now_ms, self.runtime.pending_on(self.request_inputs))
+        except DinError as error:
+            request_id = (msg.headers or {}).get(RequestHeaders.REQUEST_ID)
+            self.counts["refused"] += 1
+            self.counts["shed"] += 1
+            await self.runtime.answer_error(msg.reply, error, request_id)
+            self.refusals.add(tenant, model, error, request_id or "", len(msg.data), now_ms)
+            return True
+        return False
 
     async def _admit(self, msg: Msg, parse: Callable[[str], tuple[str, str]]) -> Admitted | None:
         """The request opened and through the gate; ``None`` once a refusal has been answered and recorded."""
@@ -158,7 +208,6 @@ class Admission(Service):
             tenant, model = parse(msg.subject)
             if not self.gate.knows(tenant):
                 raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
-            self.gate.shedder.check_share(tenant, time.time() * 1000.0, self.runtime.pending_on(self.request_inputs))
             unsealed = self.opener.unseal(tenant, model, msg.reply, msg.headers, msg.data)
             await self._claim(unsealed)
             return Admitted(tenant, model, unsealed, self.gate.admit(tenant, model, msg.headers, unsealed.plaintext))

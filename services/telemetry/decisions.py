@@ -27,6 +27,8 @@ log = logging.getLogger("din.telemetry")
 RECONNECT_S = 2.0
 POLL_MS = 500
 MAX_RECORDS = 2000
+FETCH_MIN_BYTES = 64 * 1024
+FETCH_MAX_WAIT_MS = 250
 
 DECISION_TOPICS: dict[str, tuple[type[BaseModel], str]] = {
     Topics.ADMISSION_DECISIONS: (AdmissionDecisionV1, "admission"),
@@ -74,6 +76,8 @@ class DecisionFeed:
                 client_id=self.client_id,
                 auto_offset_reset=self.settings.decisions_from,
                 enable_auto_commit=True,
+                fetch_min_bytes=FETCH_MIN_BYTES,
+                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                 **kafka_client_kwargs(self.settings),
             )
             try:

@@ -379,14 +379,15 @@ class TelemetryMetrics:
                 self.labels.admits("model", model.model)
 
     def observe_admission(self, decision: AdmissionDecisionV1) -> None:
-        """Count an admission decision, and the refusal's reason."""
+        """Count an admission decision (every request a record of shed requests stands for), and the refusal's
+        reason."""
         self.events.inc(("admission",))
         sla = decision.sla_class.value if decision.sla_class else UNKNOWN
         outcome = "admitted" if decision.admitted else "refused"
         tenant, model = self.labels("tenant", decision.tenant), self.labels("model", decision.model)
-        self.admission.inc((tenant, model, sla, outcome))
+        self.admission.inc((tenant, model, sla, outcome), decision.count)
         if not decision.admitted:
-            self._reject(REFUSED_BY_ADMISSION, decision.reason, tenant, model, sla)
+            self._reject(REFUSED_BY_ADMISSION, decision.reason, tenant, model, sla, decision.count)
 
     def observe_scheduling(self, decision: SchedulingDecisionV1) -> None:
         """Count a placement or a refusal by the scheduler."""
@@ -401,8 +402,9 @@ class TelemetryMetrics:
         self.scheduling.inc((sla, self.labels("site", decision.chosen_site),
                              self.labels("model", decision.chosen_model or UNKNOWN), outcome))
 
-    def _reject(self, refused_by: str, code: str | None, tenant: str, model: str, sla: str) -> None:
-        self.rejects.inc((refused_by, _reason(code), tenant, model, sla))
+    def _reject(self, refused_by: str, code: str | None, tenant: str, model: str, sla: str,
+                count: int = 1) -> None:
+        self.rejects.inc((refused_by, _reason(code), tenant, model, sla), count)
 
     def invalid(self, source: str) -> None:
         """Count an event that could not be decoded."""

@@ -62,8 +62,11 @@ class AdmissionDecisionV1(BaseModel):
     admitted: bool = Field(description="True when the request went on to classification.")
     reason: str = Field(description="Error code when refused, 'ok' when admitted.")
     detail: str = Field(default="", description="Human-readable explanation.")
-    input_bytes: int = Field(description="Size of the body.")
-    at_ms: float = Field(description="Epoch ms of the decision.")
+    input_bytes: int = Field(description="Size of the body (of every request it stands for).")
+    at_ms: float = Field(description="Epoch ms of the decision (of the last request it stands for).")
+    count: int = Field(default=1, ge=1, description="How many requests the record stands for: 1, except for "
+                       "requests shed under overload, recorded together (one record per tenant, model and reason "
+                       "each second, ``request_id`` the first of them), so refusing costs far less than serving.")
 
 
 class ClassificationV1(BaseModel):

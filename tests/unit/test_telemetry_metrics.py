@@ -149,6 +149,16 @@ def test_label_sets_past_the_cap_fold_into_other():
     assert value({"x": samples}, "x", tenant=OTHER) == 7
 
 
+def test_a_record_of_shed_requests_counts_every_request_it_stands_for():
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
+    metrics.observe_admission(AdmissionDecisionV1(request_id="r", tenant="acme", model="digits-small",
+                                                  admitted=False, reason="overloaded", input_bytes=90, at_ms=0.0,
+                                                  count=9))
+    s = scrape(metrics)
+    assert value(s, "din_admission_requests_total", outcome="refused", sla_class="unknown") == 9
+    assert value(s, "din_rejects_total", stage="admission", reason="overloaded") == 9
+
+
 def test_every_declared_metric_is_exported_once_fed():
     metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
     metrics.observe_completion(completion(total=5.0, ttft=1.0, tpot=1.0, degraded=True, admission=0.1,
