@@ -6,8 +6,10 @@ unanswered, duplicated):
 
 * **Capacity**: a closed loop keeping ``WINDOW`` requests outstanding; ok answers per second.
 * **Goodput curve**: open-loop load at 0.5x to 4x that capacity, ``seconds`` each; goodput is ok answers
-  within the deadline per second, as a fraction of capacity. Refusals are counted with whether they carry a
-  ``retry_after_ms``. Goal (issue 14): at 3x, goodput >= 90% of capacity, 0 unanswered, 0 duplicated.
+  within the deadline per second, as a fraction of capacity, and at 3x as a fraction of the curve's peak
+  goodput (the closed loop's queue makes it shed, so it measures less than the stack sustains open-loop).
+  Refusals are counted with whether they carry a ``retry_after_ms``. Goal (issue 14): at 3x, goodput >= 90%
+  of capacity, 0 unanswered, 0 duplicated.
 * **Isolation**: acme at a light rate alone, then the same acme load while globex floods at its quota; acme's
   p50/p99 and their ratio. Goal: p99 rises by at most 25%.
 """
@@ -102,6 +104,8 @@ class OverloadReport:
         out = {}
         if three:
             out["goodput_at_3x_of_capacity"] = three.goodput_of_capacity
+            peak = max(p.goodput_per_s for p in self.curve)
+            out["goodput_at_3x_of_peak"] = round(three.goodput_per_s / peak, 3) if peak else 0.0
         if alone and flooded and alone.p99_ms:
             out["acme_p99_flooded_over_alone"] = round(flooded.p99_ms / alone.p99_ms, 3)
             out["acme_p50_flooded_over_alone"] = round(flooded.p50_ms / max(alone.p50_ms, 1e-9), 3)

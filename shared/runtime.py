@@ -41,6 +41,7 @@ from shared.contracts.job import JobV1
 from shared.contracts.options import parse_request_id
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.eventlog import EventLog
+from shared.fair_input import FairInput
 from shared.naming import Subjects, Topics
 from shared.settings import ServiceSettings
 from shared.tracing import Tracing
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 RAW, JOB, CONTROL = "raw", "job", "control"
 NO_RESPONDERS_STATUS = "503"
 UNTAKEN_CHECK_S = 0.05
+FAIR_DRAIN_S = 10.0
+"""At shutdown, how long the messages left in a fair input may take to be handled."""
 HOT_PATH_SLICE_S = 0.002
 """How long a hot-path subscription may work through its backlog before it yields to the event loop."""
 """How often a service looks for handed-on jobs nobody acknowledged by their deadline."""
@@ -74,7 +77,8 @@ class Endpoint:
     """One subscription a service declares: the channel it serves, where, and what handling it publishes to.
 
     ``subject`` and ``queue`` are strings or functions of the service's settings (e.g. an executor's own
-    subject); ``publishes`` names channels (keys of ``shared.channels.CHANNELS``) and Kafka topics.
+    subject); ``publishes`` names channels (keys of ``shared.channels.CHANNELS``) and Kafka topics. With
+    ``fair_by`` (a message's tenant), the backlog waits in a ``shared.fair_input.FairInput``, not one FIFO.
     """
 
     channel: str
@@ -83,6 +87,7 @@ class Endpoint:
     publishes: tuple[str, ...] = ()
     kind: str = RAW
     span: str | None = None
+    fair_by: Callable[[Msg], str] | None = None
 
     def resolve(self, settings: Any) -> tuple[str, str | None]:
         """The concrete subject and queue group under ``settings``."""
@@ -100,16 +105,19 @@ def _declare(spec: Endpoint) -> Callable:
 
 
 def endpoint(channel: str, subject: SubjectOf, *, queue: SubjectOf | None = None,
-             publishes: tuple[str, ...] = ()) -> Callable:
-    """Declare ``async def on_<channel>(self, msg: Msg)``: a request-path handler of raw messages."""
-    return _declare(Endpoint(channel, subject, queue, tuple(publishes), RAW))
+             publishes: tuple[str, ...] = (), fair_by: Callable[[Msg], str] | None = None) -> Callable:
+    """Declare ``async def on_<channel>(self, msg: Msg)``: a request-path handler of raw messages (its
+    backlog shared fairly between tenants with ``fair_by``)."""
+    return _declare(Endpoint(channel, subject, queue, tuple(publishes), RAW, fair_by=fair_by))
 
 
 def job_endpoint(channel: str, subject: SubjectOf, *, queue: SubjectOf | None = None,
-                 publishes: tuple[str, ...] = (), span: str | None = None) -> Callable:
+                 publishes: tuple[str, ...] = (), span: str | None = None,
+                 fair_by: Callable[[Msg], str] | None = None) -> Callable:
     """Declare ``async def on_<channel>(self, job: JobV1, msg: Msg)``: the job header is decoded first (a
-    message without a valid one is dead-lettered) and, with ``span``, the call is one hop of the job's trace."""
-    return _declare(Endpoint(channel, subject, queue, tuple(publishes), JOB, span))
+    message without a valid one is dead-lettered) and, with ``span``, the call is one hop of the job's trace;
+    with ``fair_by``, its backlog is shared fairly between tenants."""
+    return _declare(Endpoint(channel, subject, queue, tuple(publishes), JOB, span, fair_by))
 
 
 def control(channel: str, subject: SubjectOf, *, queue: SubjectOf | None = None,
@@ -164,7 +172,10 @@ class ServiceRuntime:
         self.handler_errors = 0
         self.dead_lettered = 0
         self.detail: Callable[[], dict[str, str]] = dict
-        self._hot: list[tuple[str, str | None, Handler]] = []
+        self._hot: list[tuple[str, str | None, Handler, Callable[[Msg], str] | None]] = []
+        self._fair: list[FairInput] = []
+        self.fair_weights: dict[str, float] = {}
+        """Tenants' weights in the fair inputs (the topology's ``TenantSpec.weight``; set by the service)."""
         self._subscriptions = []
         self._start_hooks: list[Callable[[], Awaitable[None]]] = []
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
@@ -205,7 +216,8 @@ class ServiceRuntime:
     def pending_on(self, subjects: set[str]) -> int:
         """Messages received on ``subjects`` (any subscription of this connection, FastStream's too) and not yet
         taken by their handler. nats-py lists its subscriptions only in a private table."""
-        return sum(sub.pending_msgs for sub in self.nc._subs.values() if sub.subject in subjects)
+        return (sum(sub.pending_msgs for sub in self.nc._subs.values() if sub.subject in subjects)
+                + sum(len(fair) for fair in self._fair if fair.subject in subjects))
 
     def job_handler(self, handler: Callable[[JobV1, Msg], Awaitable[None]], span: str | None) -> Handler:
         """``handler`` behind job decoding (dead-letter when the header is missing or invalid) and a trace hop;
@@ -241,11 +253,13 @@ class ServiceRuntime:
 
         return on_message
 
-    def hot_path(self, subject: str, queue: str | None = None) -> Callable[[Handler], Handler]:
-        """Register ``handler`` as a plain nats-py subscription opened after start-up."""
+    def hot_path(self, subject: str, queue: str | None = None,
+                 fair_by: Callable[[Msg], str] | None = None) -> Callable[[Handler], Handler]:
+        """Register ``handler`` as a plain nats-py subscription opened after start-up (its backlog in a
+        ``FairInput`` by ``fair_by``'s tenant, when given)."""
 
         def register(handler: Handler) -> Handler:
-            self._hot.append((subject, queue, handler))
+            self._hot.append((subject, queue, handler, fair_by))
             return handler
 
         return register
@@ -291,6 +305,7 @@ class ServiceRuntime:
             dead_lettered=str(self.dead_lettered),
             undeliverable=str(self.undeliverable),
             untaken=str(self.untaken),
+            fair_dropped=str(sum(fair.dropped for fair in self._fair)),
             left_to_sender=str(self.left_to_sender),
             permission_denials=str(self.permission_denials),
         )
@@ -312,10 +327,14 @@ class ServiceRuntime:
         self.spawn(self._answer_untaken(), name="answer_untaken")
         for hook in self._start_hooks:
             await hook()
-        for subject, queue, handler in self._hot:
-            sub = await self.nc.subscribe(
-                subject, queue=queue or "", cb=self._guard(handler), pending_msgs_limit=200_000
-            )
+        for subject, queue, handler, fair_by in self._hot:
+            callback = self._guard(handler)
+            if fair_by is not None:
+                fair = FairInput(subject, callback, fair_by, self.fair_weights)
+                self._fair.append(fair)
+                self.spawn(fair.run(), name=f"fair input {subject}")
+                callback = fair.put
+            sub = await self.nc.subscribe(subject, queue=queue or "", cb=callback, pending_msgs_limit=200_000)
             self._subscriptions.append(sub)
         self.ready = True
         self.log.info("%s %s ready at site %s", self.name, self.instance, self.settings.site)
@@ -329,6 +348,9 @@ class ServiceRuntime:
                 await sub.drain()
             except Exception as exc:  # a closed connection must not stop the rest of shutdown
                 self.log.warning("drain of %s failed: %s", sub.subject, exc)
+        for fair in self._fair:
+            if not await fair.drained(FAIR_DRAIN_S):
+                self.log.warning("%d messages of %s not handled at shutdown", len(fair), fair.subject)
         for hook in self._drain_hooks:
             await hook()
         await self.stop_background()
@@ -460,7 +482,7 @@ class Service:
                 if spec.kind == CONTROL:
                     self.runtime.broker.subscriber(subject, queue=queue or "", include_in_schema=False)(method)
                 else:
-                    self.runtime.hot_path(subject, queue)(handler)
+                    self.runtime.hot_path(subject, queue, spec.fair_by)(handler)
 
     @classmethod
     def endpoints(cls) -> dict[str, Endpoint]:

@@ -324,6 +324,10 @@ class Topology(_Strict):
         """Replicas per JetStream domain (a site) whose streams are replicated (empty: every domain has 1)."""
         return {s.name: s.jetstream_replicas for s in self.sites if s.jetstream_replicas > 1}
 
+    def tenant_weights(self) -> dict[str, float]:
+        """Each tenant's ``TenantSpec.weight``: its share of contended capacity."""
+        return {tenant.name: tenant.weight for tenant in self.tenants}
+
     def tenant(self, name: str) -> TenantSpec:
         return next(t for t in self.tenants if t.name == name)
 

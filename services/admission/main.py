@@ -39,6 +39,7 @@ from shared.contracts.job import JobV1
 from shared.credentials import TenantVerifier, read_credentials
 from shared.envelope import H_NONCE, InvalidToken, Reason
 from shared.errors import DinError, ErrorCode
+from shared.fair_input import request_tenant
 from shared.naming import InvalidNameError, Subjects, Topics
 from shared.recording import record_request
 from shared.runtime import Service, control, endpoint
@@ -84,10 +85,11 @@ class Admission(Service):
             QuotaLedger(quota_shares(self.topology, settings.site), daily=daily_budgets(self.topology, settings.site)),
             ModelCatalog.from_repository(settings.model_repo),
             max_payload=settings.max_payload_bytes,
-            shedder=LoadShedder({t.name: t.weight for t in self.topology.tenants}, target_ms=settings.shed_target_ms,
+            shedder=LoadShedder(self.topology.tenant_weights(), target_ms=settings.shed_target_ms,
                                 instances=self.topology.replicas_at(settings.site), shed_factor=settings.shed_factor),
             models={t.name: frozenset(t.models) for t in self.topology.tenants if t.models is not None},
         )
+        self.runtime.fair_weights.update(self.topology.tenant_weights())
         self.security = PayloadSecurity.from_settings(settings)
         self.verifier = ControlVerifier(self.security.agent)
         self.audit = audit_reader(self.topology, settings.site)
@@ -138,7 +140,7 @@ class Admission(Service):
         except ControlRefused:
             return
 
-    @endpoint("infer", Subjects.INFER_ALL, queue="admission",
+    @endpoint("infer", Subjects.INFER_ALL, queue="admission", fair_by=request_tenant,
               publishes=("classify", "admit", "inferReply", Topics.ADMISSION_DECISIONS, Topics.REQUESTS))
     async def on_infer(self, msg: Msg) -> None:
         """A client's request: handed on when this site may not open it, else admitted here."""
@@ -146,7 +148,7 @@ class Admission(Service):
             return
         await self._receive(msg, Subjects.parse_infer)
 
-    @endpoint("admit", lambda s: Subjects.admit_all(s.site), queue="admission",
+    @endpoint("admit", lambda s: Subjects.admit_all(s.site), queue="admission", fair_by=request_tenant,
               publishes=("classify", "inferReply", Topics.ADMISSION_DECISIONS, Topics.REQUESTS))
     async def on_admit(self, msg: Msg) -> None:
         """A request another site's admission handed here to be opened (never handed on again)."""

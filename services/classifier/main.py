@@ -17,6 +17,7 @@ from shared.catalog import ModelCatalog
 from shared.contracts.events import ClassificationV1
 from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.errors import DinError, ErrorCode
+from shared.fair_input import job_tenant
 from shared.naming import Subjects, Topics
 from shared.runtime import Service, job_endpoint
 from shared.security import payload_size
@@ -32,6 +33,7 @@ class Classifier(Service):
     def __init__(self, settings: ClassifierSettings) -> None:
         super().__init__(settings)
         topology = load_topology(settings.topology)
+        self.runtime.fair_weights.update(topology.tenant_weights())
         self.policy = WorkloadPolicy(
             topology.tenants, ModelCatalog.from_repository(settings.model_repo), settings.sensitive_labels
         )
@@ -41,6 +43,7 @@ class Classifier(Service):
         return self.counts
 
     @job_endpoint("classify", lambda s: Subjects.classify(s.site), queue="classifier", span="classifier classify",
+                  fair_by=job_tenant,
                   publishes=("schedule", "inferReply"))
     async def on_classify(self, job: JobV1, msg: Msg) -> None:
         expired = lifecycle.expired_on_arrival(job, time.time() * 1000.0)

@@ -53,4 +53,4 @@ class ExecutorSettings(SecuredServiceSettings):
         """Each tenant's ``TenantSpec.weight`` from the topology; empty without a topology."""
         if self.topology is None:
             return {}
-        return {tenant.name: tenant.weight for tenant in load_topology(self.topology).tenants}
+        return load_topology(self.topology).tenant_weights()

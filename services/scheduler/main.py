@@ -40,6 +40,7 @@ from shared.contracts.inference import RequestHeaders
 from shared.contracts.job import HEADER_PREFIX, JobV1
 from shared.envelope import InvalidToken, SealRefused
 from shared.errors import DinError, ErrorCode
+from shared.fair_input import job_tenant
 from shared.lifecycle import Redispatch
 from shared.naming import Subjects, Topics
 from shared.runtime import Service, control, endpoint, job_endpoint
@@ -116,6 +117,7 @@ class Scheduler(Service):
     def __init__(self, settings: SchedulerSettings) -> None:
         super().__init__(settings)
         self.topology = load_topology(settings.topology)
+        self.runtime.fair_weights.update(self.topology.tenant_weights())
         self.sites = self.topology.scheduled_sites(settings.site)
         self.topology_sites = {site.name for site in self.topology.sites}
         self.registry = ExecutorRegistry()
@@ -150,6 +152,7 @@ class Scheduler(Service):
                 "inflight": len(self.inflight), **self.security.detail(), **self.verifier.detail()}
 
     @job_endpoint("schedule", lambda s: Subjects.schedule(s.site), queue="scheduler", span="scheduler place",
+                  fair_by=job_tenant,
                   publishes=(*DISPATCH_PUBLISHES, Topics.DEAD_LETTER, Topics.SPANS))
     async def on_schedule(self, job: JobV1, msg: Msg) -> None:
         """Place a job; one that arrives past its cutoff is answered ``deadline_exceeded`` and not placed (a job
