@@ -25,8 +25,9 @@ from shared.fairness import FairClock, FairQueue
 
 UNKNOWN = ""
 MAX_QUEUED = 200_000
-"""Messages a fair input holds at most (the bound the subscription's own buffer had); past it the newest message
-of the tenant holding most is dropped, as a NATS slow consumer would drop it."""
+MAX_QUEUED_BYTES = 128 * 1024 * 1024
+"""Messages and payload bytes a fair input holds at most (the bounds the subscription's own buffer had); past
+either, the newest message of the tenant holding most is dropped, as a NATS slow consumer would drop it."""
 
 _JOB_TENANT = re.compile(r'"tenant":("(?:[^"\\]|\\.){0,200}")')
 
@@ -57,12 +58,15 @@ class FairInput:
     """Messages of one subscription, waiting by tenant; ``run`` serves them to ``handler`` in fair order."""
 
     def __init__(self, subject: str, handler: Callable[[Msg], Awaitable[None]], tenant_of: Callable[[Msg], str],
-                 weights: Mapping[str, float] | None = None, max_queued: int = MAX_QUEUED) -> None:
+                 weights: Mapping[str, float] | None = None, max_queued: int = MAX_QUEUED,
+                 max_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.subject = subject
         self.handler = handler
         self.tenant_of = tenant_of
         self.queue: FairQueue[Msg] = FairQueue(FairClock(weights or {}))
         self.max_queued = max_queued
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.dropped = 0
         self._waiting = asyncio.Event()
         self._idle = asyncio.Event()
@@ -74,11 +78,14 @@ class FairInput:
     async def put(self, msg: Msg) -> None:
         """Queue ``msg`` under its tenant (the subscription's callback: it never waits)."""
         tenant = self.tenant_of(msg)
-        if len(self.queue) >= self.max_queued:
+        while self.queue and (len(self.queue) >= self.max_queued or self.bytes + len(msg.data) > self.max_bytes):
             self.dropped += 1
-            if self.queue.evict_for(tenant) is None:
+            evicted = self.queue.evict_for(tenant)
+            if evicted is None:
                 return
+            self.bytes -= len(evicted.data)
         self.queue.push(tenant, msg)
+        self.bytes += len(msg.data)
         self._idle.clear()
         self._waiting.set()
 
@@ -90,7 +97,9 @@ class FairInput:
                 self._idle.set()
                 await self._waiting.wait()
                 continue
-            await self.handler(self.queue.pop())
+            msg = self.queue.pop()
+            self.bytes -= len(msg.data)
+            await self.handler(msg)
 
     async def drained(self, timeout_s: float) -> bool:
         """Wait until every queued message has been handled (at shutdown); False on timeout."""

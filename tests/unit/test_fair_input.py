@@ -6,8 +6,8 @@ from shared.contracts.job import JobV1
 from shared.fair_input import UNKNOWN, FairInput, job_tenant, request_tenant
 
 
-def msg(subject: str, headers: dict[str, str] | None = None) -> Msg:
-    return Msg(_client=None, subject=subject, headers=headers)
+def msg(subject: str, headers: dict[str, str] | None = None, data: bytes = b"") -> Msg:
+    return Msg(_client=None, subject=subject, headers=headers, data=data)
 
 
 def test_a_request_and_a_job_name_their_tenant():
@@ -51,3 +51,12 @@ async def test_a_full_input_drops_the_heaviest_tenants_newest_message():
     await fair.put(msg("din.v1.infer.acme.a"))
     assert len(fair) == 3 and fair.dropped == 1
     assert fair.queue.queued("acme") == 1
+
+
+async def test_a_full_input_by_bytes_makes_room_from_the_heaviest_tenant():
+    fair = FairInput("s", lambda m: asyncio.sleep(0), request_tenant, max_bytes=300)
+    for i in range(3):
+        await fair.put(msg(f"din.v1.infer.globex.m{i}", data=b"x" * 100))
+    await fair.put(msg("din.v1.infer.acme.a", data=b"y" * 100))
+    assert fair.bytes == 300 and fair.dropped == 1
+    assert fair.queue.queued("acme") == 1 and fair.queue.queued("globex") == 2
