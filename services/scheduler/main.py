@@ -160,9 +160,7 @@ class Scheduler(Service):
         expired = lifecycle.expired_on_arrival(job, now_ms(), self.settings.deadline_margin_ms)
         if expired is not None:
             self.counts["expired_on_arrival"] += 1
-            handed_back = self.inflight.complete(job.request_id)
-            if handed_back is not None:
-                self.release(handed_back)
+            self.close(job.request_id)
             await self.runtime.answer_error(job.reply_to, expired, job.request_id)
             return
         passthrough = {k: v for k, v in without_envelope(msg.headers).items() if not k.startswith(HEADER_PREFIX)}
@@ -199,10 +197,8 @@ class Scheduler(Service):
                 self.registry.note_completion(executor, entry.job.sla_class, finished_by(event, executor))
             return
         closed = lifecycle.closes_job(msg.headers)
-        entry = self.inflight.complete(closed) if closed else None
-        if entry is not None:
+        if closed and self.close(closed, event) is not None:
             self.meter.note(now_ms(), event.timings_ms)
-            self.release(entry, event)
 
     async def take_back(self, request_id: str, key: str, sender: str) -> None:
         """An executor fenced a job (``lifecycle.takes_back``): dispatched again, or answered, if it still held it."""
@@ -373,7 +369,7 @@ class Scheduler(Service):
                 if time_left_ms > ENQUEUE_RETRY_S * 1000.0 and self.inflight.holds(job.request_id):
                     await asyncio.sleep(ENQUEUE_RETRY_S)
                     continue
-                if self.inflight.complete(job.request_id) is not None:
+                if self.close(job.request_id) is not None:
                     await self.runtime.answer_error(
                         job.reply_to,
                         DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"site {job.site_chosen} queue unreachable: {exc}",
@@ -381,6 +377,14 @@ class Scheduler(Service):
                         job.request_id,
                     )
                 return
+
+    def close(self, request_id: str, event: CompletionV1 | None = None) -> InflightJob | None:
+        """Close a job's entry and take it off the executors' load (``release``); the entry, or None when none
+        was open."""
+        entry = self.inflight.complete(request_id)
+        if entry is not None:
+            self.release(entry, event)
+        return entry
 
     def release(self, entry: InflightJob, event: CompletionV1 | None = None) -> None:
         """Take a closed job off the load estimates of the executors it still counted on (``event``: its
