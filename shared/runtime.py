@@ -53,11 +53,11 @@ log = logging.getLogger(__name__)
 RAW, JOB, CONTROL = "raw", "job", "control"
 NO_RESPONDERS_STATUS = "503"
 UNTAKEN_CHECK_S = 0.05
+"""How often a service looks for handed-on jobs nobody acknowledged by their deadline."""
 FAIR_DRAIN_S = 10.0
 """At shutdown, how long the messages left in a fair input may take to be handled."""
 HOT_PATH_SLICE_S = 0.002
 """How long a hot-path subscription may work through its backlog before it yields to the event loop."""
-"""How often a service looks for handed-on jobs nobody acknowledged by their deadline."""
 UNAVAILABLE_RETRY_MS = 1000
 
 
