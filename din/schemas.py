@@ -62,10 +62,11 @@ from shared.contracts import (
 from shared.contracts.inference import JSON_CONTENT_TYPE, STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders
 from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
 from shared.contracts.job import STAGE_DONE_HEADER
+from shared.contracts.micro import MICRO_MODELS, MicroInfoV1, MicroPingV1, MicroStatsV1
 from shared.contracts.options import request_header_docs
 from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ErrorCode
 from shared.eventlog import EVENT_TYPE_HEADER, event_type
-from shared.naming import API_VERSION, SERVICES
+from shared.naming import API_VERSION, MICRO_VERBS, SERVICES
 from shared.recording import RECORD_HEADERS
 from shared.runtime import Service
 from shared.security import SIGNER_HEADER
@@ -92,6 +93,9 @@ PARAMETERS = {
     "service": f"Service name: one of {', '.join(SERVICES)}.",
     "instance": "Instance id: the executor id for executors.",
     "entry": "Entry name: pub.<principal>, dek.<holder>.<reader>.<version>, revoked or policy.",
+    "verb": f"NATS micro verb: one of {', '.join(MICRO_VERBS)}.",
+    "name": "NATS micro service name: din-<service>.",
+    "id": "NATS micro instance id, from an instance's PING or INFO answer.",
 }
 
 
@@ -341,6 +345,11 @@ def messages() -> dict[str, dict]:
         "healthRequest": {"summary": "Ask for health.", "contentType": JSON_CONTENT_TYPE,
                           "payload": _ref("HealthRequest")},
         "health": json_message(HealthV1, "An instance's health."),
+        "microRequest": {"summary": "Ask for micro discovery (any body; nats sends none).",
+                         "contentType": JSON_CONTENT_TYPE, "payload": _ref("HealthRequest")},
+        "microPing": json_message(MicroPingV1, "The instance's NATS micro identity."),
+        "microInfo": json_message(MicroInfoV1, "The instance and its subscriptions."),
+        "microStats": json_message(MicroStatsV1, "Its subscriptions' counts."),
         "keysEntry": {"summary": "An identity, wrapped data key, revocation list or policy.",
                       "contentType": JSON_CONTENT_TYPE, "payload": _ref("KeysEntry")},
         "admissionDecision": event(AdmissionDecisionV1, "Admission's verdict.", "Tenant."),
@@ -416,7 +425,8 @@ def asyncapi_document(services: list[type[Service]] | None = None) -> dict:
     table = all_channels()
     found = operations(services)
     _, defs = models_json_schema(
-        [(model, "validation") for model in (*MESSAGE_MODELS.values(), ModelLoadedV1)], ref_template=COMPONENT_REF
+        [(model, "validation") for model in (*MESSAGE_MODELS.values(), ModelLoadedV1, *MICRO_MODELS)],
+        ref_template=COMPONENT_REF
     )
     schemas = {**defs["$defs"], **header_schemas()}
     actors = sorted({op.party for op in found})

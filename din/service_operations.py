@@ -7,9 +7,9 @@ A service's operations come from its class (``shared.runtime.Service``):
   outside handlers (heartbeats, decision records), and an optional class attribute ``consumes`` what it
   reads outside handlers (a JetStream pull consumer, Kafka consumers: the class's ``consumes``);
 * the runtime adds what every service does without declaring it (``runtime_operations``): it answers its
-  health subject (and its instance's, for ``INSTANCE_HEALTH`` services), emits trace spans, dead-letters
-  a message on a job endpoint that carries no valid job, and sends a control endpoint's return value as
-  the reply;
+  health subject (and its instance's, for ``INSTANCE_HEALTH`` services) and NATS micro discovery, emits
+  trace spans, dead-letters a message on a job endpoint that carries no valid job, and sends a control
+  endpoint's return value as the reply;
 * whoever sends on a request channel (``Channel.reply``) receives the reply.
 
 The parties that are not services (client, operator) come from ``shared.channels.PARTIES``. Every
@@ -140,8 +140,9 @@ def _lookup(name: str, where: str) -> Channel:
 
 def runtime_operations(service: type[Service]) -> tuple[list[str], list[str]]:
     """What every runtime does for ``service`` without a declaration: (channels received on, channels sent to)."""
-    receives = ["health", *(["healthInstance"] if service.name in INSTANCE_HEALTH else [])]
-    sends = ["healthReply", Topics.SPANS]
+    receives = ["health", *(["healthInstance"] if service.name in INSTANCE_HEALTH else []),
+                "microAll", "microKind", "microInstance"]
+    sends = ["healthReply", "microReply", Topics.SPANS]
     for spec in service.endpoints().values():
         if spec.kind == JOB:
             sends.append(Topics.DEAD_LETTER)

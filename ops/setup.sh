@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up from a fresh clone: .venv, the project and its test dependencies, Toxiproxy (built from
-# ops/toxiproxy into .din/bin), Kafka's jars (from Maven Central) and the model zoo. Idempotent: a second run only
+# ops/toxiproxy into .din/bin), the nats CLI (into .din/bin), Kafka's jars (from Maven Central) and the model zoo. Idempotent: a second run only
 # checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,6 +49,22 @@ else
     || { rm -f "$toxiproxy.new"; fail "building Toxiproxy $TOXIPROXY_VERSION failed (see above): check access to the Go module proxy"; }
   mv "$toxiproxy.new" "$toxiproxy"
   echo "$toxiproxy_build" > "$toxiproxy.version"
+fi
+
+# The nats CLI (the Go module github.com/nats-io/natscli/nats) for operators and the tests that use it as a third
+# party would: `nats micro ls`, `nats server report` (see docs/operations.md). Keep in step with NATS_CLI_VERSION in
+# din/commands/nats_env.py.
+NATS_CLI_VERSION=v0.5.0
+nats_cli=.din/bin/nats
+if [ -x "$nats_cli" ] && [ "$(cat "$nats_cli.version" 2>/dev/null || true)" = "$NATS_CLI_VERSION" ]; then
+  say "nats CLI $NATS_CLI_VERSION present"
+else
+  command -v go >/dev/null || fail "go not found: install Go 1.23 or newer (apt-get install golang-go) to build the nats CLI"
+  say "building the nats CLI $NATS_CLI_VERSION with go install"
+  mkdir -p .din/bin
+  GOBIN="$PWD/.din/bin" go install "github.com/nats-io/natscli/nats@$NATS_CLI_VERSION" \
+    || fail "building the nats CLI $NATS_CLI_VERSION failed (see above): check access to the Go module proxy"
+  echo "$NATS_CLI_VERSION" > "$nats_cli.version"
 fi
 
 .venv/bin/din setup

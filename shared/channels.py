@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from shared.naming import API_VERSION, Subjects, Topics, work_stream
+from shared.naming import API_VERSION, MICRO_PREFIX, Subjects, Topics, work_stream
 from shared.security import KEYS_BUCKET
 
 CLIENT = "client"
@@ -187,6 +187,23 @@ _NATS = (
     ),
     Channel("healthReply", None, "The asker's reply subject: the instance's health.", ("health",)),
     Channel(
+        "microAll", f"{MICRO_PREFIX}.{{verb}}",
+        "NATS micro discovery (verb PING, INFO or STATS), answered by every instance of every service: what "
+        "`nats micro ls|info|stats` ask.", ("microRequest",), reply="microReply",
+    ),
+    Channel(
+        "microKind", f"{MICRO_PREFIX}.{{verb}}.{{name}}",
+        "NATS micro discovery of one service (name din-<service>), answered by each of its instances.",
+        ("microRequest",), reply="microReply",
+    ),
+    Channel(
+        "microInstance", f"{MICRO_PREFIX}.{{verb}}.{{name}}.{{id}}",
+        "NATS micro discovery of one instance (its id, from a PING or INFO answer).",
+        ("microRequest",), reply="microReply",
+    ),
+    Channel("microReply", None, "The asker's reply subject: the instance's micro ping, info or stats.",
+            ("microPing", "microInfo", "microStats")),
+    Channel(
         "keysBucket", f"$KV.{KEYS_BUCKET}.{{entry}}",
         f"The JetStream key-value bucket {KEYS_BUCKET} at the hub (its subjects): public identities "
         "(pub.<principal>), data keys wrapped to each holder (dek.<holder>.<reader>.<version>), revoked "
@@ -236,7 +253,7 @@ PARTIES = (
     Party(CLIENT, sends=("infer",)),
     Party(
         OPERATOR,
-        sends=("control", "health", "healthInstance"),
+        sends=("control", "health", "healthInstance", "microAll", "microKind", "microInstance"),
         receives=("alerts", Topics.REQUESTS, Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS,
                   Topics.COMPLETIONS, Topics.ALERTS),
     ),

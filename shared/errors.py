@@ -8,6 +8,8 @@ result without parsing the body.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
@@ -112,9 +114,16 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 DIN_ERROR_HEADER = "Din-Error"
 
 
+error_observer: ContextVar[Callable[[ErrorV1], None] | None] = ContextVar("din_error_observer", default=None)
+"""Told of every error ``error_reply`` encodes in this context (a subscription's counter: ``shared.micro``)."""
+
+
 def error_reply(error: DinError, request_id: str | None) -> tuple[bytes, dict[str, str]]:
     """Encode ``error`` as a reply body and headers."""
     model = error.to_model(request_id)
+    observer = error_observer.get()
+    if observer is not None:
+        observer(model)
     body = ErrorReplyV1(error=model).model_dump_json(exclude_none=True).encode()
     headers = {
         ERROR_HEADER: model.message[:200],

@@ -179,6 +179,29 @@ class Subjects:
         return _join(*parts)
 
 
+    @staticmethod
+    def micro(verb: str, service: str | None = None, instance_id: str | None = None) -> str:
+        """The NATS micro protocol's discovery subject (``$SRV.<verb>[.din-<service>[.<id>]]``, outside DIN's own
+        ``din.v1`` prefix, where every micro client looks): every service, one kind, or one instance."""
+        if verb not in MICRO_VERBS:
+            raise InvalidNameError(f"invalid micro verb {verb!r}: one of {', '.join(MICRO_VERBS)}")
+        parts = [MICRO_PREFIX, verb]
+        if service is not None:
+            parts.append(micro_name(service))
+        if instance_id is not None:
+            parts.append(token(instance_id, what="instance id"))
+        return ".".join(parts)
+
+
+MICRO_PREFIX = "$SRV"
+MICRO_VERBS = ("PING", "INFO", "STATS")
+
+
+def micro_name(service: str) -> str:
+    """The NATS micro service name of DIN service ``service`` (``din-admission``, ...)."""
+    return f"din-{token(service, what='service')}"
+
+
 _SITE_TOKEN = {_join("heartbeat"): 3, _join("events", "completed"): 4, _join("summary"): 3, _join("roster"): 3}
 """Subject families whose site token a subscriber of every site expands (``Subjects.per_site``)."""
 

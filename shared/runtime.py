@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import uvloop
-from faststream import FastStream
+from faststream import BaseMiddleware, FastStream
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 from nats.aio.client import Client as NatsClient
@@ -42,6 +43,7 @@ from shared.contracts.options import parse_request_id
 from shared.errors import DinError, ErrorCode, error_reply
 from shared.eventlog import EventLog
 from shared.fair_input import FairInput
+from shared.micro import EndpointCounter, MicroDiscovery
 from shared.naming import Subjects, Topics
 from shared.settings import ServiceSettings
 from shared.tracing import Tracing
@@ -50,7 +52,7 @@ Handler = Callable[[Msg], Awaitable[None]]
 SubjectOf = str | Callable[[Any], str]
 log = logging.getLogger(__name__)
 
-RAW, JOB, CONTROL = "raw", "job", "control"
+RAW, JOB, CONTROL, HEALTH = "raw", "job", "control", "health"
 NO_RESPONDERS_STATUS = "503"
 UNTAKEN_CHECK_S = 0.05
 """How often a service looks for handed-on jobs nobody acknowledged by their deadline."""
@@ -138,17 +140,21 @@ def _echoed_request_id(headers: dict[str, str] | None) -> str | None:
 class ServiceRuntime:
     """Broker, app, event log and health subject of one service instance."""
 
-    def __init__(self, name: str, settings: ServiceSettings, *, instance: str | None = None) -> None:
+    def __init__(self, name: str, settings: ServiceSettings, *, instance: str | None = None,
+                 description: str = "") -> None:
         self.name = name
         self.settings = settings
         self.instance = instance or name
         self.log = logging.getLogger(f"din.{name}")
+        self.micro = MicroDiscovery(name, self.instance, settings.site, description or f"DIN {name}")
+        """This instance's NATS micro identity and its subscriptions' counters (``$SRV.PING|INFO|STATS``)."""
         self.broker = NatsBroker(
             nats_servers(settings.nats_url),
             name=f"din-{name}-{self.instance}",
             logger=None,
             max_reconnect_attempts=-1,
             error_cb=self._on_bus_error,
+            middlewares=[self._counting_middleware()],
             **broker_options(settings),
         )
         self.app = FastStream(
@@ -172,7 +178,7 @@ class ServiceRuntime:
         self.handler_errors = 0
         self.dead_lettered = 0
         self.detail: Callable[[], dict[str, str]] = dict
-        self._hot: list[tuple[str, str | None, Handler, Callable[[Msg], str] | None]] = []
+        self._hot: list[tuple[str, str | None, Handler, Callable[[Msg], str] | None, EndpointCounter]] = []
         self._fair: list[FairInput] = []
         self.fair_weights: dict[str, float] = {}
         """Tenants' weights in the fair inputs (the topology's ``TenantSpec.weight``; set by the service)."""
@@ -194,10 +200,36 @@ class ServiceRuntime:
             self.health_subjects.append(Subjects.health(name, instance))
         for subject in self.health_subjects:
             self.broker.subscriber(subject, include_in_schema=False)(self._health)
+            self.micro.add("health", subject, None, HEALTH)
 
         self.app.on_startup(self._start)
         self.app.after_startup(self._open)
         self.app.on_shutdown(self._close)
+
+    def _counting_middleware(self) -> type[BaseMiddleware]:
+        """A FastStream middleware counting each control and health message on its subscription's counter."""
+        micro = self.micro
+
+        class Counting(BaseMiddleware):
+            async def consume_scope(self, call_next, msg):
+                counter = micro.counter_for(msg.raw_message.subject, (CONTROL, HEALTH))
+                if counter is None:
+                    return await call_next(msg)
+                result = None
+
+                async def handle(_: Msg) -> None:
+                    nonlocal result
+                    result = await call_next(msg)
+
+                await counter.counted(handle)(msg.raw_message)
+                return result
+
+        return Counting
+
+    def control_endpoint(self, channel: str, subject: str, queue: str | None, handler: Callable) -> None:
+        """Subscribe ``handler`` (a typed FastStream subscriber) to ``subject``, counted as endpoint ``channel``."""
+        self.broker.subscriber(subject, queue=queue or "", include_in_schema=False)(handler)
+        self.micro.add(channel, subject, queue, CONTROL)
 
     async def _on_bus_error(self, error: Exception) -> None:
         """The server refused something this instance did (a permission it lacks) or the connection failed:
@@ -253,13 +285,13 @@ class ServiceRuntime:
 
         return on_message
 
-    def hot_path(self, subject: str, queue: str | None = None,
-                 fair_by: Callable[[Msg], str] | None = None) -> Callable[[Handler], Handler]:
+    def hot_path(self, subject: str, queue: str | None = None, fair_by: Callable[[Msg], str] | None = None, *,
+                 channel: str = "hot", kind: str = RAW) -> Callable[[Handler], Handler]:
         """Register ``handler`` as a plain nats-py subscription opened after start-up (its backlog in a
-        ``FairInput`` by ``fair_by``'s tenant, when given)."""
+        ``FairInput`` by ``fair_by``'s tenant, when given), counted as micro endpoint ``channel``."""
 
         def register(handler: Handler) -> Handler:
-            self._hot.append((subject, queue, handler, fair_by))
+            self._hot.append((subject, queue, handler, fair_by, self.micro.add(channel, subject, queue, kind)))
             return handler
 
         return register
@@ -327,8 +359,9 @@ class ServiceRuntime:
         self.spawn(self._answer_untaken(), name="answer_untaken")
         for hook in self._start_hooks:
             await hook()
-        for subject, queue, handler, fair_by in self._hot:
-            callback = self._guard(handler)
+        self._subscriptions += await self.micro.open(self.nc)
+        for subject, queue, handler, fair_by, counter in self._hot:
+            callback = self._guard(counter.counted(handler))
             if fair_by is not None:
                 fair = FairInput(subject, callback, fair_by, self.fair_weights)
                 self._fair.append(fair)
@@ -457,6 +490,11 @@ class ServiceRuntime:
         await self.nc.publish(reply_to, body, headers=headers)
 
 
+def _summary(cls: type) -> str:
+    """The first paragraph of ``cls``'s docstring, on one line."""
+    return " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+
+
 class Service:
     """A service instance: its settings, its runtime, and the endpoints its class declares.
 
@@ -472,7 +510,8 @@ class Service:
 
     def __init__(self, settings: ServiceSettings, *, instance: str | None = None) -> None:
         self.settings = settings
-        self.runtime = ServiceRuntime(self.name, settings, instance=instance or settings.instance)
+        self.runtime = ServiceRuntime(self.name, settings, instance=instance or settings.instance,
+                                      description=_summary(type(self)))
         self.runtime.detail = self.detail
         for attribute, spec in self.endpoints().items():
             method = getattr(self, attribute)
@@ -480,9 +519,9 @@ class Service:
             handler = self.runtime.job_handler(method, spec.span) if spec.kind == JOB else method
             for subject in Subjects.per_site(declared, self._sites()):
                 if spec.kind == CONTROL:
-                    self.runtime.broker.subscriber(subject, queue=queue or "", include_in_schema=False)(method)
+                    self.runtime.control_endpoint(spec.channel, subject, queue, method)
                 else:
-                    self.runtime.hot_path(subject, queue, spec.fair_by)(handler)
+                    self.runtime.hot_path(subject, queue, spec.fair_by, channel=spec.channel, kind=spec.kind)(handler)
 
     @classmethod
     def endpoints(cls) -> dict[str, Endpoint]:
@@ -496,8 +535,8 @@ class Service:
         return found
 
     def subscriptions(self) -> list[tuple[str, str | None]]:
-        """Every (subject, queue group) this instance subscribes to, health included."""
-        health = [(subject, None) for subject in self.runtime.health_subjects]
+        """Every (subject, queue group) this instance subscribes to, health and NATS micro discovery included."""
+        health = [(subject, None) for subject in self.runtime.health_subjects + self.runtime.micro.subjects()]
         declared = [spec.resolve(self.settings) for spec in self.endpoints().values()]
         return health + [(subject, queue) for pattern, queue in declared
                          for subject in Subjects.per_site(pattern, self._sites())]

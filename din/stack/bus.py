@@ -15,7 +15,7 @@ from pathlib import Path
 from din.stack.brokers import NatsSecurity
 from shared.bus import permissions as rules
 from shared.bus.kafka import ensure_kafka_users
-from shared.bus.nats_auth import NATS_DIR, NatsAuthority
+from shared.bus.nats_auth import NATS_DIR, SYSTEM_ACCOUNT, SYSTEM_USER, NatsAuthority
 from shared.bus.permissions import OPERATOR_USER, Permissions, tenant_user
 from shared.bus.tls import DEFAULT_HOSTS, BusCA
 from shared.topology import Topology
@@ -60,8 +60,8 @@ class BusCredentials:
                   *, hosts: dict[str, tuple[str, ...]] | None = None) -> BusCredentials:
         """Create or refresh everything ``topology`` needs under ``root``: the CA, a certificate per NATS server
         (each server of a clustered hub its own; for ``hosts[site]``, default loopback), the NATS authority, the
-        operator, each site's leaf, each tenant, and each of ``services`` (``(service, site, user, instance)``);
-        the Kafka users."""
+        operator (and its system-account user, for ``nats server`` commands), each site's leaf, each tenant, and
+        each of ``services`` (``(service, site, user, instance)``); the Kafka users."""
         bus = cls(Path(root), topology)
         ca = BusCA.load_or_create(bus.root)
         for site in topology.sites:
@@ -69,6 +69,7 @@ class BusCredentials:
                 ca.server_cert(nats_server_name(site.name, index), (hosts or {}).get(site.name, DEFAULT_HOSTS))
         authority = NatsAuthority.load_or_create(bus.nats.root)
         authority.ensure(OPERATOR_USER, rules.operator())
+        authority.ensure(SYSTEM_USER, rules.operator(), SYSTEM_ACCOUNT)
         for site in topology.sites:
             if site.role != "hub":
                 authority.ensure(leaf_user(site.name), rules.leaf(topology, site.name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,20 @@ from pathlib import Path
 
 class StackError(RuntimeError):
     """A stack that could not start or stop; the message says what to do."""
+
+
+LOCAL_BIN = Path(__file__).resolve().parents[2] / ".din" / "bin"
+"""Where ``ops/setup.sh`` puts the tools it builds (Toxiproxy, the nats CLI)."""
+
+
+def local_tool(name: str, how: str) -> str:
+    """Path of tool ``name``: ``LOCAL_BIN`` first, then ``PATH``; else ``StackError`` saying ``how`` to get it."""
+    if (LOCAL_BIN / name).exists():
+        return str(LOCAL_BIN / name)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise StackError(f"{name} not found in {LOCAL_BIN}: {how}")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

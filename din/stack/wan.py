@@ -24,7 +24,6 @@ reads them back from its HTTP API.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -32,14 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from din.stack.brokers import REPO_ROOT
-from din.stack.processes import ManagedProcess, StackError
+from din.stack.processes import LOCAL_BIN, ManagedProcess, StackError, local_tool
 from shared.topology import LinkConditions, Topology
 
 TOXIPROXY_VERSION = "v2.12.0"
 """Pinned Toxiproxy release; ``ops/setup.sh`` installs this one."""
 
-DEFAULT_TOXIPROXY = REPO_ROOT / ".din" / "bin" / "toxiproxy-server"
+DEFAULT_TOXIPROXY = LOCAL_BIN / "toxiproxy-server"
 STREAMS = ("upstream", "downstream")
 LOOPBACK = "127.0.0.1"
 LOSS_TOXIC = "loss"
@@ -48,15 +46,8 @@ LOSS_TOXIC = "loss"
 
 def toxiproxy_binary() -> str:
     """Path of ``toxiproxy-server``: ``.din/bin`` first, then ``PATH``."""
-    if DEFAULT_TOXIPROXY.exists():
-        return str(DEFAULT_TOXIPROXY)
-    found = shutil.which("toxiproxy-server")
-    if found:
-        return found
-    raise StackError(
-        f"toxiproxy-server not found in {DEFAULT_TOXIPROXY.parent}: run `bash ops/setup.sh` (it builds Toxiproxy "
-        f"{TOXIPROXY_VERSION} with the loss toxic from ops/toxiproxy), or pass --no-wan for plain loopback links"
-    )
+    return local_tool(DEFAULT_TOXIPROXY.name, f"run `bash ops/setup.sh` (it builds Toxiproxy {TOXIPROXY_VERSION} with "
+                      "the loss toxic from ops/toxiproxy), or pass --no-wan for plain loopback links")
 
 
 @dataclass(frozen=True)

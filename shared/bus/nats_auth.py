@@ -29,6 +29,8 @@ from shared.bus.permissions import Permissions
 NATS_DIR = "nats"
 DIN_ACCOUNT = "DIN"
 SYSTEM_ACCOUNT = "SYS"
+SYSTEM_USER = "system"
+"""The operator's user in the system account: ``nats server report|list|info`` (``users/system.creds``)."""
 _JWT_HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 _UNLIMITED = -1
 
@@ -162,21 +164,24 @@ class NatsAuthority:
         """Where user ``user``'s credentials file is (``users/<user>.creds``)."""
         return self.root / "users" / f"{user}.creds"
 
-    def issue(self, user: str, permissions: Permissions) -> Path:
-        """Write (or rewrite, with these permissions) the credentials of ``user``; return its path."""
+    def issue(self, user: str, permissions: Permissions, account_name: str = DIN_ACCOUNT) -> Path:
+        """Write (or rewrite, with these permissions) the credentials of ``user`` in account ``account_name``;
+        return its path."""
         seed = new_seed(nkeys.PREFIX_BYTE_USER)
-        account = self._account_seed()
+        account = self._account_seed(account_name)
         token = encode_jwt(user_claims(user, public_key(seed), public_key(account), permissions), account)
         path = self.creds_path(user)
         write_secret(path, creds_text(token, seed))
         return path
 
-    def ensure(self, user: str, permissions: Permissions) -> Path:
-        """``user``'s credentials with exactly ``permissions``: kept when they already say so, else reissued."""
+    def ensure(self, user: str, permissions: Permissions, account_name: str = DIN_ACCOUNT) -> Path:
+        """``user``'s credentials in ``account_name`` with exactly ``permissions``: kept when they already say so,
+        else reissued."""
         path = self.creds_path(user)
-        if path.exists() and user_permissions(path) == permissions.claims():
+        if (path.exists() and user_permissions(path) == permissions.claims()
+                and decode_jwt(read_creds(path)[0])["iss"] == self.account_public_key(account_name)):
             return path
-        return self.issue(user, permissions)
+        return self.issue(user, permissions, account_name)
 
     def server_config(self) -> str:
         """The trust section of every server's config: the operator, the system account, both accounts preloaded."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.naming import Subjects, completions_stream, token, work_stream
+from shared.naming import MICRO_PREFIX, Subjects, completions_stream, micro_name, token, work_stream
 from shared.security.bucket import KeysMirror, keys_stream
 from shared.security.keyfiles import KEYS_BUCKET
 from shared.topology import Topology
@@ -169,8 +169,15 @@ def key_mirror_feed(topology: Topology, site: str) -> Permissions:
         subscribe=(f"$JSC.R.{REST}", KeysMirror.deliver_subject(site, stream)))
 
 
+def micro_discovery(service: str) -> tuple[str, ...]:
+    """The NATS micro discovery subjects an instance of ``service`` answers (``shared.micro``): each verb for every
+    service, for its kind and for one instance of it. Only the operator may ask (``$SRV`` is not a tenant's)."""
+    return (f"{MICRO_PREFIX}.{ANY}", f"{MICRO_PREFIX}.{ANY}.{micro_name(service)}",
+            f"{MICRO_PREFIX}.{ANY}.{micro_name(service)}.{ANY}")
+
+
 def _service(user: str, site: str, service: str, instance: str | None) -> Permissions:
-    subscribe = [Subjects.health(service), f"{service_inbox(site, user)}.{REST}"]
+    subscribe = [Subjects.health(service), *micro_discovery(service), f"{service_inbox(site, user)}.{REST}"]
     if instance is not None:
         subscribe.append(Subjects.health(service, instance))
     return Permissions(subscribe=tuple(subscribe), responses=1, inbox_prefix=service_inbox(site, user))
@@ -312,7 +319,7 @@ def leaf(topology: Topology, site: str) -> Permissions:
     into = [pattern(Subjects.execute, site, ANY), pattern(Subjects.work, site, ANY), Subjects.schedule(site),
             Subjects.admit_all(site), Subjects.SUMMARY_ALL, Subjects.probe(site), Subjects.roll_call(site),
             pattern(Subjects.control, "executor", ANY), pattern(Subjects.health, ANY),
-            pattern(Subjects.health, ANY, ANY),
+            pattern(Subjects.health, ANY, ANY), f"{MICRO_PREFIX}.{REST}",
             f"{TENANT_INBOX_ROOT}.{ANY}.{site}.{REST}", f"{SERVICE_INBOX_ROOT}.{site}.{REST}", f"$JS.{site}.API.{REST}",
             f"$JS.ACK.{completions_stream(site)}.{REST}"]
     if site not in topology.control_sites():

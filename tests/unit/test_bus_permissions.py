@@ -12,6 +12,8 @@ from din.stack.launcher import service_instances
 from shared.bus import permissions as rules
 from shared.bus.permissions import Permissions, is_tenant_reply
 from shared.channels import CHANNELS
+from shared.micro import MicroDiscovery
+from shared.naming import Subjects
 from shared.topology import Topology
 from tests.integration.network import INFERENCE_TOPOLOGY
 from tests.support import subject_covers
@@ -68,6 +70,24 @@ def test_every_declared_nats_send_is_allowed(inst, perms: Permissions):
             continue
         assert allowed(perms.publish, subject), f"{inst.name} may not publish {subject} ({name})"
     assert perms.responses >= 1, "replies and acknowledgements go through the response permission"
+
+
+@pytest.mark.parametrize(("inst", "perms"), list(instances()))
+def test_every_instance_may_answer_nats_micro_discovery(inst, perms: Permissions):
+    micro = MicroDiscovery(inst.service, inst.instance or inst.name, inst.site, "")
+    for subject in micro.subjects():
+        assert allowed(perms.subscribe, subject), f"{inst.name} may not subscribe {subject}"
+    assert not allowed(perms.subscribe, Subjects.micro("PING", "other-service"))
+
+
+def test_discovery_is_the_operators_only_and_reaches_into_every_site():
+    for party in (rules.tenant(TOPOLOGY, "acme"), rules.gateway(TOPOLOGY, "cloud", "gateway-cloud", "cloud")):
+        assert not allowed(party.publish, Subjects.micro("PING"))
+        assert not allowed(party.subscribe, Subjects.micro("INFO", "admission"))
+    assert allowed(rules.operator().publish, Subjects.micro("STATS", "executor", "x"))
+    leaf = rules.leaf(TOPOLOGY, "factory")
+    assert allowed(leaf.subscribe, Subjects.micro("PING")), "the hub's operator must reach a site's services"
+    assert not allowed(leaf.publish, Subjects.micro("PING")), "a site may not query the rest of the network"
 
 
 def test_a_tenant_reaches_only_its_own_requests_and_inboxes():

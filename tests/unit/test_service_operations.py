@@ -46,7 +46,8 @@ def test_operations_follow_the_declarations_and_the_runtime():
     for sent in ("inferReply", "completed", "heartbeat", "probe", "topic_executor_completions"):
         assert f"executor_send_{sent}" in ops, sent
     for implied in ("receive_health", "receive_healthInstance", "send_healthReply", "send_topic_telemetry_spans",
-                    "send_topic_deadletter", "send_controlReply"):
+                    "send_topic_deadletter", "send_controlReply", "receive_microAll", "receive_microKind",
+                    "receive_microInstance", "send_microReply"):
         assert f"executor_{implied}" in ops, implied
     assert ops["executor_send_controlReply"].messages == ("modelLoaded", "controlError")
     assert ops["executor_send_probe"].reply is CHANNELS["probeReply"]
@@ -60,7 +61,9 @@ def test_only_declared_channels_appear():
 
     ops = by_key(operations([Quiet]))
     mine = {key for key in ops if key.startswith("telemetry_")}
-    assert mine == {"telemetry_receive_health", "telemetry_send_healthReply", "telemetry_send_topic_telemetry_spans"}
+    assert mine == {"telemetry_receive_health", "telemetry_send_healthReply", "telemetry_send_topic_telemetry_spans",
+                    "telemetry_receive_microAll", "telemetry_receive_microKind", "telemetry_receive_microInstance",
+                    "telemetry_send_microReply"}
     parties = {op.party for op in ops.values()}
     assert parties == {"telemetry", *(party.name for party in PARTIES)}
 

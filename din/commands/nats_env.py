@@ -1,0 +1,58 @@
+"""``din nats-env``: the environment the ``nats`` CLI needs to reach the running stack as the operator.
+
+``eval "$(din nats-env)"`` sets ``NATS_URL``, ``NATS_CREDS`` and ``NATS_CA`` (read by the ``nats`` CLI for
+``--server``, ``--creds`` and ``--tlsca``), so ``nats micro ls`` lists every service and ``nats sub`` sees the bus;
+``--system`` logs in as the system account's user instead, for ``nats server list|report|info``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from din.commands.target import add_stack_arguments, nats_of, stack_state
+from din.stack.processes import StackError, local_tool
+from shared.bus.nats_auth import SYSTEM_USER
+from shared.bus.permissions import OPERATOR_USER
+from shared.bus.tls import CA_CERT
+
+NATS_CLI_VERSION = "v0.5.0"
+"""The ``nats`` CLI ``ops/setup.sh`` builds (``github.com/nats-io/natscli/nats``) into ``.din/bin``."""
+
+
+def nats_cli() -> str:
+    """Path of the ``nats`` CLI: ``.din/bin`` first, then ``PATH``."""
+    return local_tool("nats", f"run `bash ops/setup.sh` (it builds natscli {NATS_CLI_VERSION}), or "
+                      f"`go install github.com/nats-io/natscli/nats@{NATS_CLI_VERSION}`")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    env = subparsers.add_parser("nats-env", help="print the NATS_URL/NATS_CREDS/NATS_CA exports the nats CLI "
+                                                 "needs to reach the running stack (eval \"$(din nats-env)\")")
+    env.add_argument("--site", help="connect to this site's server (default: the hub's)")
+    env.add_argument("--system", action="store_true",
+                     help="as the system account's user, for `nats server list|report|info`")
+    add_stack_arguments(env)
+    env.set_defaults(handler=cmd_nats_env)
+
+
+def nats_env(state: dict, site: str | None = None, *, system: bool = False) -> dict[str, str]:
+    """The ``nats`` CLI's environment for the operator (or the system user, ``system``) at ``site``."""
+    url, options = nats_of(state, site, SYSTEM_USER if system else OPERATOR_USER)
+    env = {"NATS_URL": url}
+    if "user_credentials" in options:
+        env["NATS_CREDS"] = options["user_credentials"]
+    elif system:
+        raise StackError("this stack runs --insecure: it has no system account (its servers' monitoring port "
+                         "answers instead)")
+    bus_dir = state.get("bus_dir")
+    if bus_dir and url.startswith("tls://"):
+        env["NATS_CA"] = f"{bus_dir}/{CA_CERT}"
+    return env
+
+
+def cmd_nats_env(args: argparse.Namespace) -> int:
+    state = stack_state(args, args.site)
+    for name, value in nats_env(state, args.site, system=args.system).items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
