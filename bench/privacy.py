@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
+from shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1
 from shared.privacy import Protection, protect, wire_bytes
 from zoo.inversion import fit_decoder, reconstruct
 
@@ -82,7 +82,7 @@ def model_config(repo: Path, model: str) -> ModelConfigV1:
 
 def latest_model_path(repo: Path, model: str) -> Path:
     """The newest version's ``model.onnx`` of ``model`` in the repository at ``repo``."""
-    return Path(repo) / model / model_config(repo, model).versions[-1] / "model.onnx"
+    return Path(repo) / model / model_config(repo, model).versions[-1] / MODEL_FILE
 
 
 def measure_leakage(

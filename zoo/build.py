@@ -38,6 +38,7 @@ import numpy as np
 from shared.contracts.model_config import (
     CONFIG_FILE,
     DEFAULT_MAX_BATCH_SIZE,
+    MODEL_FILE,
     LeakageV1,
     ModelConfigV1,
     TensorConfigV1,
@@ -87,7 +88,6 @@ MAX_BATCH_SIZE = DEFAULT_MAX_BATCH_SIZE
 DATA_DIR = "_data"
 TEST_SPLIT_FILE = "digits_test.npz"
 STAMP_FILE = "_stamp.json"
-MODEL_FILE = "model.onnx"
 LEAKAGE_ATTACK = (
     "ridge inversion decoder fitted on the train split, scored on the held-out split; intermediate unprotected"
 )

@@ -34,7 +34,7 @@ from services.executor import generation, pulling
 from services.executor.answers import AnswerWriter, now_ms
 from services.executor.batcher import DynamicBatcher, ItemResult
 from services.executor.fencing import TICK_S, Continuity
-from services.executor.repository import ModelRepository
+from services.executor.repository import ModelHandle, ModelRepository
 from services.executor.sealing import ExecutorSeals, UnreadableJob, protection
 from services.executor.serving import ServedModels
 from services.executor.settings import ExecutorSettings
@@ -117,6 +117,8 @@ class Executor(Service):
         self.pulled_limit_s = lifecycle.stall_limit_s(pulling.IN_PROGRESS_EVERY_S, pulling.PULL_ACK_WAIT_S)
         self.continuity = Continuity((self.assigned_limit_s, self.pulled_limit_s), time.monotonic())
         self.ticker: asyncio.Task | None = None
+        self._pulled: set[str] = set()
+        self._pulling = False
         self.runtime.on_start(self.start_continuity)
         self.runtime.on_start(self.start_keys)
         self.runtime.on_start(self.start_models)
@@ -161,12 +163,12 @@ class Executor(Service):
             await self.reply(msg, body, headers)
             return
         try:
-            handle = await asyncio.to_thread(self.repository.load, command.model, command.version)
+            handle = await self.serve_model(command.model, command.version)
         except DinError as error:
+            self.log.error("not serving %s: %s", command.model, error.message)
             body, headers = error_reply(error, None)
             await self.reply(msg, body, headers)
             return
-        self.log.info("now serving %s version %s", handle.name, handle.version)
         await self.send_heartbeat()
         await self.reply(msg, self.models.report(handle).model_dump_json().encode(), None)
 
@@ -478,18 +480,40 @@ class Executor(Service):
                                   timeout_s=self.settings.keys_wait_s)
 
     async def start_models(self) -> None:
-        """Load, configure and warm up every model to serve, then start batching, heartbeats and pulling."""
+        """Load, configure and warm up every model to serve, then start batching, heartbeats and pulling. A model
+        that cannot be served (unknown, invalid config, corrupt graph, config not matching the graph) is left out
+        with one error line naming it: the executor serves the others."""
         for model in self.settings.models:
-            handle = await asyncio.to_thread(self.repository.load, model)
-            self.models.configure(handle)
-            warm_ms = await asyncio.to_thread(self.models.warm, handle)
-            self.log.info("loaded %s version %s (%.3f ms per item warm)", handle.name, handle.version, warm_ms)
+            try:
+                await self.serve_model(model)
+            except DinError as error:
+                self.log.error("not serving %s: %s", model, error.message)
         self.batcher.start()
         self.runtime.spawn(self.heartbeats(), name="heartbeats")
         if self.settings.pull:
             await pulling.ensure_work_stream(self.nc, self.settings.site, self.settings.replicas_in(self.settings.site))
-            for model in self.settings.models:
-                self.runtime.spawn(self.pull(model), name=f"pull-{model}")
+            self._pulling = True
+            for handle in self.repository.loaded():
+                self.start_pulling(handle.name)
+
+    async def serve_model(self, model: str, version: str | None = None) -> ModelHandle:
+        """Open ``model`` at ``version`` (the newest when None), set its batching and warm it up, then make it the
+        one served (batches holding the previous version finish on it); a model new here starts being pulled in
+        distributed mode. ``DinError`` when it cannot be served."""
+        handle = await asyncio.to_thread(self.repository.open, model, version)
+        self.models.configure(handle)
+        warm_ms = await asyncio.to_thread(self.models.warm, handle)
+        self.repository.install(handle)
+        self.log.info("serving %s version %s (%.3f ms per item warm)", handle.name, handle.version, warm_ms)
+        if self._pulling:
+            self.start_pulling(handle.name)
+        return handle
+
+    def start_pulling(self, model: str) -> None:
+        """Distributed mode: take ``model``'s jobs from the site's work queue from now on (once per model)."""
+        if model not in self._pulled:
+            self._pulled.add(model)
+            self.runtime.spawn(self.pull(model), name=f"pull-{model}")
 
     async def pull(self, model: str) -> None:
         """Distributed mode: take jobs for ``model`` from the site's work queue while there is room."""

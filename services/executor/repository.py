@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1, TensorConfigV1
+from shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1, TensorConfigV1
 from shared.errors import DinError, ErrorCode
+from shared.model_graph import GraphError, interface, mismatches, open_session
 from shared.naming import TOKEN_PATTERN
 from shared.tensors import TensorSpec
-
-MODEL_FILE = "model.onnx"
 
 
 def _tensor_spec(tensor: TensorConfigV1) -> TensorSpec:
@@ -33,16 +32,6 @@ def _tensor_spec(tensor: TensorConfigV1) -> TensorSpec:
 
 def _version_order(version: str) -> tuple[int, int, str]:
     return (0, int(version), "") if version.isdigit() else (1, 0, version)
-
-
-def session_options() -> onnxruntime.SessionOptions:
-    """One thread, sequential execution: the executor scales by processes, not by threads per session."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return options
 
 
 class ModelHandle:
@@ -135,18 +124,24 @@ class ModelRepository:
             raise DinError(
                 ErrorCode.UNKNOWN_MODEL, f"model {name!r} version {version!r} has no {MODEL_FILE}"
             )
-        session = onnxruntime.InferenceSession(
-            str(path), session_options(), providers=["CPUExecutionProvider"]
-        )
-        handle = ModelHandle(name, version, config, session)
-        self._check_signature(handle, session)
-        return handle
+        try:
+            session = open_session(path)
+            problems = mismatches(config, interface(session, path))
+        except GraphError as exc:
+            raise DinError(ErrorCode.INTERNAL, f"model {name!r} version {version!r} cannot be served: {exc}") from None
+        if problems:
+            raise DinError(ErrorCode.INTERNAL, f"config of model {name!r} ({self._model_dir(name) / CONFIG_FILE}) "
+                           f"does not describe version {version!r}'s graph: {'; '.join(problems)}")
+        return ModelHandle(name, version, config, session)
 
     def load(self, name: str, version: str | None = None) -> ModelHandle:
         """Open ``name`` at ``version`` and make it current; the previous handle keeps working for its holders."""
-        handle = self.open(name, version)
+        return self.install(self.open(name, version))
+
+    def install(self, handle: ModelHandle) -> ModelHandle:
+        """Make ``handle`` (from ``open``) its model's current one."""
         with self._lock:
-            self._current[name] = handle
+            self._current[handle.name] = handle
         return handle
 
     def current(self, name: str) -> ModelHandle:
@@ -186,16 +181,3 @@ class ModelRepository:
         if not isinstance(name, str) or not TOKEN_PATTERN.match(name):
             raise DinError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}")
         return self.root / name
-
-    @staticmethod
-    def _check_signature(handle: ModelHandle, session: onnxruntime.InferenceSession) -> None:
-        session_inputs = {node.name for node in session.get_inputs()}
-        session_outputs = {node.name for node in session.get_outputs()}
-        declared_inputs = {spec.name for spec in handle.inputs}
-        if declared_inputs != session_inputs or not set(handle.output_names) <= session_outputs:
-            raise DinError(
-                ErrorCode.INTERNAL,
-                f"config of {handle.name!r} v{handle.version} declares inputs {sorted(declared_inputs)} and "
-                f"outputs {handle.output_names}; the ONNX graph has {sorted(session_inputs)} and "
-                f"{sorted(session_outputs)}",
-            )

@@ -49,7 +49,6 @@ from shared.bus.permissions import gateway_replies, gateway_reply
 from shared.catalog import ModelCatalog, ModelEntry
 from shared.contracts.gateway import ModelMetadataV1, ServerMetadataV1
 from shared.contracts.inference import STREAM_SEQ_HEADER, InferResponseV1, StreamChunkV1
-from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
 from shared.contracts.options import RequestOptionsV1, option_headers
 from shared.errors import DIN_ERROR_HEADER, DinError, ErrorCode, ErrorReplyV1
 from shared.naming import InvalidNameError, Subjects
@@ -75,8 +74,6 @@ class Gateway(Service):
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings)
         self.catalog = ModelCatalog.from_repository(settings.model_repo)
-        self.configs = {name: ModelConfigV1.read(settings.model_repo / name / CONFIG_FILE)
-                        for name in self.catalog.names()}
         self.counts = {"requests": 0, "answered": 0, "errors": 0, "deadline": 0}
         self._waiting: dict[str, asyncio.Queue] = {}
         self._runner: web.AppRunner | None = None
@@ -161,13 +158,16 @@ class Gateway(Service):
 
     async def on_model_metadata(self, request: web.Request) -> web.Response:
         try:
-            entry = self._model(request)
+            metadata = self.metadata(self._model(request))
         except DinError as error:
             return _error(error)
-        return _json(self.metadata(entry).model_dump_json())
+        return _json(metadata.model_dump_json())
 
     def metadata(self, entry: ModelEntry) -> ModelMetadataV1:
-        return model_metadata(entry, self.configs[entry.name])
+        config = self.catalog.config(entry.name)
+        if config is None:
+            raise DinError(ErrorCode.UNKNOWN_MODEL, f"model {entry.name!r} is not served by this network")
+        return model_metadata(entry, config)
 
     async def on_model_ready(self, request: web.Request) -> web.Response:
         try:

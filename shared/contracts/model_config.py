@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.contracts.inference import Datatype
 
 CONFIG_FILE = "config.json"
+MODEL_FILE = "model.onnx"
+"""A model repository's layout: ``<repo>/<model>/CONFIG_FILE`` and ``<repo>/<model>/<version>/MODEL_FILE``."""
 DEFAULT_MAX_BATCH_SIZE = 64
 
 
