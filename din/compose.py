@@ -42,7 +42,6 @@ from din.generated import drifted_files, stale_files, write_files
 from din.probe import PROBE_USER
 from din.stack.brokers import REPO_ROOT, KafkaSpec, NatsSecurity, NatsServerSpec
 from din.stack.launcher import (
-    DEFAULT_MODEL_REPO,
     DEFAULT_TOPOLOGY,
     PortPlan,
     ServiceInstance,
@@ -88,7 +87,8 @@ GRAFANA_UID = 472
 
 APP_DIR = PurePosixPath("/app")
 CONTAINER_TOPOLOGY = APP_DIR / DEFAULT_TOPOLOGY.relative_to(REPO_ROOT).as_posix()
-CONTAINER_MODEL_REPO = APP_DIR / DEFAULT_MODEL_REPO.relative_to(REPO_ROOT).as_posix()
+CONTAINER_MODEL_REPO = APP_DIR / ".din" / "models"
+"""Where the image holds the model zoo its build trains (the checkout's default repository, whatever ``$DIN_DIR``)."""
 CONTAINER_RUN = PurePosixPath("/run/din")
 """The ``din-keys`` volume in DIN's containers: laid out like a ``din up`` run (``keys/``, ``credentials.json``,
 ``topology.yaml``), so operator commands take its ``keys`` folder as ``--keys-dir``."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up from a fresh clone: .venv, the project and its test dependencies, Toxiproxy (built from
-# ops/toxiproxy into .din/bin), the nats CLI (into .din/bin), Kafka's jars (from Maven Central) and the model zoo. Idempotent: a second run only
-# checks.
+# ops/toxiproxy into .din/bin), the nats CLI (into .din/bin), promtool (Debian's prometheus package), Kafka's jars
+# (from Maven Central) and the model zoo. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -52,7 +52,7 @@ else
 fi
 
 # The nats CLI (the Go module github.com/nats-io/natscli/nats) for operators and the tests that use it as a third
-# party would: `nats micro ls`, `nats server report` (see docs/operations.md). Keep in step with NATS_CLI_VERSION in
+# party would: `nats micro ls`, `nats server report` (README, "Looking at the bus"). Keep in step with NATS_CLI_VERSION in
 # din/commands/nats_env.py.
 NATS_CLI_VERSION=v0.5.0
 nats_cli=.din/bin/nats
@@ -65,6 +65,19 @@ else
   GOBIN="$PWD/.din/bin" go install "github.com/nats-io/natscli/nats@$NATS_CLI_VERSION" \
     || fail "building the nats CLI $NATS_CLI_VERSION failed (see above): check access to the Go module proxy"
   echo "$NATS_CLI_VERSION" > "$nats_cli.version"
+fi
+
+# Debian's prometheus package ships promtool and prometheus, with which the tests check DIN's metrics, rules and
+# dashboard (they are skipped without them). Installed only as root where apt-get is; a failure is a warning.
+if command -v promtool >/dev/null; then
+  say "promtool $(promtool --version 2>&1 | head -1 | cut -d' ' -f3) present"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  say "installing Debian's prometheus package (promtool, prometheus) with apt-get"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }; then
+    say "warning: installing prometheus failed (see above): the Prometheus tests will be skipped"
+  fi
+else
+  say "warning: promtool not found (apt-get install prometheus as root): the Prometheus tests will be skipped"
 fi
 
 .venv/bin/din setup

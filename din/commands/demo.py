@@ -14,7 +14,15 @@ from din.commands.report import REPORT_TOPICS
 from din.replay.reader import RecordRange
 from din.replay.recorded import load_window
 from din.replay.report import render_report
-from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, SCHEDULER_MODES, PortPlan, Stack
+from din.stack.launcher import (
+    DEFAULT_DIN_DIR,
+    DEFAULT_MODEL_REPO,
+    DEFAULT_TOPOLOGY,
+    SCHEDULER_MODES,
+    PortPlan,
+    Stack,
+    kept_data_dir,
+)
 from din.stack.wan import ToxiproxyClient
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared.bus.permissions import tenant_user
@@ -51,6 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         din_dir=args.din_dir,
         mode=args.mode,
         wan=not args.no_wan,
+        data_dir=kept_data_dir(args.din_dir),
     )
     print(f"Starting DIN '{topology.name}' ({args.mode} scheduling): {len(topology.sites)} sites, "
           f"{sum(len(s.executors) for s in topology.sites)} executors ...", flush=True)

@@ -16,12 +16,14 @@ from din.client import DinClient
 from din.replay.compare import Comparison, recorded_outcomes
 from din.replay.driver import ReplayDriver
 from din.replay.endpoints import add_source_arguments, record_range, resolve_endpoints
+from din.replay.outcomes import replay_request_id
 from din.replay.reader import ReplayError, quiet_kafka_client
 from din.replay.recorded import load_window
 from din.replay.whatif import POLICIES, what_if
 from din.stack.launcher import DEFAULT_MODEL_REPO
 from shared.bus.connect import nats_servers
 from shared.bus.permissions import OPERATOR_USER, tenant_user
+from shared.catalog import ModelCatalog
 from shared.credentials import issue_token, read_credentials
 from shared.naming import Topics
 from shared.recording import load_replay_keys
@@ -30,7 +32,9 @@ from shared.security import PrincipalKeys, key_file, tenant_principal
 EXIT_ERROR = 2
 KAFKA_USER = "replay"
 REPLAY_TOPICS = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS)
-WHAT_IF_TOPICS = (Topics.CLASSIFICATIONS, Topics.SCHEDULING_DECISIONS, Topics.HEARTBEATS)
+WHAT_IF_TOPICS = (Topics.CLASSIFICATIONS, Topics.SCHEDULING_DECISIONS, Topics.HEARTBEATS, Topics.COMPLETIONS)
+"""What the what-if rebuilds the live scheduler's facts from: the workload classes, its decisions (the link round
+trips it priced, who decided, the mode), the executors' heartbeats and the completions it heard."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "recorded pace times --speed, then compares request counts and tenant mix, latency, errors, and where "
         "and by which model each was served. Sealed payloads need --key-file; without it the replay uses the "
         "metadata only (zero inputs of the recorded shape) and says so. With --what-if POLICY nothing is sent: "
-        "the scheduler's logic runs offline on the recorded traffic and telemetry instead.",
+        "the scheduler's logic runs offline on the recorded traffic and telemetry instead: each request placed by the "
+        "scheduler that placed it live, with the link round trips and load it decided on, so the live policy "
+        "reproduces the live placement (the report says how many of them) and another policy shows what changes.",
     )
     add_source_arguments(replay)
     replay.add_argument("--speed", type=float, default=1.0,
@@ -54,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument("--nats", help="NATS URL of the stack to replay against (default: the running stack's hub)")
     replay.add_argument("--credentials", type=Path, help="tenants' credentials file (default: the running stack's)")
     replay.add_argument("--model-repo", type=Path, default=DEFAULT_MODEL_REPO,
-                        help="model repository, for input shapes of metadata-only replays (default: %(default)s)")
+                        help="model repository, for input shapes of metadata-only replays and the parts of "
+                             "multi-stage jobs a what-if plans (default: %(default)s)")
     replay.add_argument("--what-if", choices=POLICIES, metavar="POLICY",
                         help=f"run the scheduler offline under POLICY instead of replaying ({', '.join(POLICIES)})")
     replay.add_argument("--topology", type=Path, help="the recorded topology (default: the running stack's)")
@@ -114,7 +121,8 @@ async def run_replay(args: argparse.Namespace) -> int:
     if args.what_if is not None:
         recorded = endpoints.load_topology()
         alternative = endpoints.load_topology(args.what_if_topology) if args.what_if_topology else None
-        report = what_if(window, recorded, args.what_if, alternative)
+        catalog = ModelCatalog.from_repository(args.model_repo) if args.model_repo.is_dir() else None
+        report = what_if(window, recorded, args.what_if, alternative, catalog=catalog)
         print(f"\nwhat-if {args.what_if} on {report.topology_name} (offline; the live stack was not touched)\n")
         print(report.text())
         _write_json(args.json, report.as_dict())
@@ -169,7 +177,7 @@ async def run_replay(args: argparse.Namespace) -> int:
         notes.append(f"... and {len(result.unsendable) - 5} more not sent")
     comparison = Comparison(recorded_outcomes(window), result.outcomes, notes)
     print(f"\nreplayed {len(result.outcomes)} requests in {result.wall_s:.1f}s ({result.rate:,.0f} req/s); "
-          f"replay ids start with replay-{result.run_id}-\n")
+          f"replay ids start with {replay_request_id(result.run_id, '')}\n")
     print(comparison.text())
     _write_json(args.json, {"run_id": result.run_id, **comparison.as_dict()})
     return 0

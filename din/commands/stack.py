@@ -14,7 +14,14 @@ from pathlib import Path
 
 from din.commands.links import links_table
 from din.commands.models import build_models
-from din.stack.brokers import DEFAULT_KAFKA_LIBS, REPO_ROOT, nats_server_binary, require_java, resolve_kafka_jars
+from din.stack.brokers import (
+    DEFAULT_KAFKA_LIBS,
+    REPO_ROOT,
+    KafkaStore,
+    nats_server_binary,
+    require_java,
+    resolve_kafka_jars,
+)
 from din.stack.launcher import (
     DEFAULT_DIN_DIR,
     DEFAULT_MODEL_REPO,
@@ -24,7 +31,9 @@ from din.stack.launcher import (
     STATE_FILE_NAME,
     PortPlan,
     Stack,
+    forget_data,
     format_table,
+    kept_data_dir,
     read_state,
     shown_path,
     state_processes_alive,
@@ -74,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated service kinds to run ({', '.join(SERVICE_KINDS)}), 'all', or 'none' for brokers only",
     )
     up.add_argument("--ready-timeout", type=float, default=60.0, help="seconds each service has to become ready")
+    up.add_argument("--fresh", action="store_true",
+                    help="delete the Kafka data kept from earlier runs (<din-dir>/data) and start empty")
     up.add_argument("--insecure", action="store_true",
                     help="debugging only: brokers without authentication or TLS (anyone who reaches a port may "
                     "read and write everything)")
@@ -131,6 +142,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
     if args.detach:
         return _up_detached(args)
+    if args.fresh and (forgotten := forget_data(args.din_dir)) is not None:
+        print(f"deleted the data kept in {shown_path(forgotten)}", flush=True)
     stack = Stack(
         topology,
         topology_file=args.topology,
@@ -141,6 +154,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ready_timeout_s=args.ready_timeout,
         wan=not args.no_wan,
         insecure=args.insecure,
+        data_dir=kept_data_dir(args.din_dir),
     )
     stack.supervisor_pid = os.getpid()
     begun = time.monotonic()
@@ -182,7 +196,8 @@ def _background_argv(args: argparse.Namespace) -> list[str]:
         "--services", args.services,
         "--ready-timeout", str(args.ready_timeout),
     ]
-    flags = [flag for flag, on in (("--no-wan", args.no_wan), ("--insecure", args.insecure)) if on]
+    flags = [flag for flag, on in (("--no-wan", args.no_wan), ("--insecure", args.insecure), ("--fresh", args.fresh))
+             if on]
     return [*argv, *flags]
 
 
@@ -266,6 +281,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"links: {exc}")
     else:
         print("links: plain loopback (started with --no-wan)")
+    if state.get("kafka_data"):
+        print(kept_data_line(Path(state["kafka_data"])))
     stopped = [r[1] for r in rows if r[3] != "running"]
     if sup and not pid_alive(sup["pid"]):
         stopped.append("supervisor")
@@ -287,7 +304,15 @@ def cmd_down(args: argparse.Namespace) -> int:
     if left:
         raise StackError(f"could not stop {', '.join(p['name'] for p in left)} (pids {[p['pid'] for p in left]})")
     print(f"stopped {len(stopped)} processes of run {shown_path(state['run_dir'])}")
+    if state.get("kafka_data"):
+        print(f"{kept_data_line(Path(state['kafka_data']))}; the next `din up` starts with it")
     return 0
+
+
+def kept_data_line(root: Path) -> str:
+    """What ``din status`` and ``din down`` say of the Kafka data kept across runs."""
+    size = KafkaStore(root).size_bytes()
+    return f"kafka data: kept in {shown_path(root)} ({size / 1e6:.1f} MB; `din up --fresh` starts empty)"
 
 
 def cmd_setup(args: argparse.Namespace) -> int:

@@ -13,59 +13,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from din.replay.outcomes import NO_OUTCOME, Outcome, final_outcomes
 from din.replay.recorded import RecordedWindow
 
-NO_OUTCOME = "no_outcome_recorded"
-
-
-@dataclass
-class Outcome:
-    """How one request ended; for a replayed one also how it was served (cascade escalation, split point, the
-    number of chunks of a token stream)."""
-
-    request_id: str
-    tenant: str
-    sla_class: str
-    ok: bool
-    code: str = "ok"
-    latency_ms: float | None = None
-    client_ms: float | None = None
-    site: str | None = None
-    model: str | None = None
-    degraded: bool = False
-    escalated: bool = False
-    split_point: str | None = None
-    chunks: int | None = None
+__all__ = ["NO_OUTCOME", "Comparison", "Outcome", "recorded_outcomes"]
 
 
 def recorded_outcomes(window: RecordedWindow) -> dict[str, Outcome]:
-    """The recorded outcome of each request of the window, keyed by request id.
-
-    The last completion of a request wins (a retried job completes once more);
-    without one, a scheduler refusal, then an admission refusal; otherwise
-    ``no_outcome_recorded``.
-    """
-    wanted = {r.meta.request_id: r for r in window.requests}
-    outcomes: dict[str, Outcome] = {}
-    for rid, rec in wanted.items():
-        outcomes[rid] = Outcome(rid, rec.meta.tenant, rec.meta.sla_class.value, False, NO_OUTCOME)
-    for decision in sorted(window.admissions, key=lambda d: d.at_ms):
-        if decision.request_id in outcomes and not decision.admitted:
-            outcomes[decision.request_id].code = decision.reason
-    for decision in sorted(window.schedulings, key=lambda d: d.at_ms):
-        if decision.request_id in outcomes and decision.chosen_site is None:
-            outcomes[decision.request_id].code = decision.reason
-    for completion in sorted(window.completions, key=lambda c: c.at_ms):
-        outcome = outcomes.get(completion.request_id)
-        if outcome is None:
-            continue
-        outcome.ok = completion.ok
-        outcome.code = "ok" if completion.ok else (completion.error_code or "error")
-        outcome.latency_ms = completion.timings_ms.get("total")
-        outcome.site = completion.site
-        outcome.model = completion.model
-        outcome.degraded = completion.degraded
-    return outcomes
+    """The recorded outcome of each request of the window, keyed by request id: its final completion (a stage
+    that handed the request on is not one), else its refusal, else ``no_outcome_recorded``
+    (``outcomes.final_outcomes``)."""
+    wanted = {r.meta.request_id: (r.meta.tenant, r.meta.sla_class.value) for r in window.requests}
+    return final_outcomes(window.admissions, window.schedulings, window.completions, requests=wanted)
 
 
 def _values(outcomes: dict[str, Outcome], attr: str, sla: str) -> list[float]:

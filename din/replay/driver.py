@@ -4,8 +4,10 @@ Each recorded request is sent again as its tenant (with a fresh token from the
 stack's credentials), to the same model, with every option it asked for (the
 serving options of ``RecordedRequestV1``: SLA class, labels, degradation,
 accuracy floor, version, cascade, max tokens, split and split protection), the
-same time budget, and a new request id ``replay-<run>-<original id>`` so the
-replay's own recordings never mix with the original's. A generation request's
+same time budget, and a new request id ``replay-<run>-<original id>``
+(``outcomes.replay_request_id``) so the replay's own recordings never mix with
+the original's: every record the replayed request leaves carries that id, which
+``din report`` reads to show replayed traffic apart from live traffic. A generation request's
 token stream is read to its last chunk. Sends are open-loop:
 request *i* leaves at ``(received_i - received_0) / speed`` after the start,
 whether or not earlier ones were answered, with at most ``concurrency`` in
@@ -32,7 +34,7 @@ from nats.errors import NoRespondersError as NatsNoResponders
 from nats.errors import TimeoutError as NatsTimeout
 
 from din.client import DinClient, DinRequestError, NoAnswerError, NoRespondersError
-from din.replay.compare import Outcome
+from din.replay.outcomes import Outcome, replay_request_id
 from din.replay.progress import ProgressBar
 from din.replay.reader import ReplayError
 from shared.contracts.inference import TENSOR_CONTENT_TYPE, RequestHeaders, ServedByV1, StreamChunkV1
@@ -43,7 +45,6 @@ from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_SHAPE_HEADER, WIRE_DTY
 
 ANSWER_GRACE_S = 1.0
 LATE_AFTER_S = 0.05
-MAX_REQUEST_ID = 128
 
 
 @dataclass
@@ -173,7 +174,7 @@ class ReplayDriver:
         if token is None:
             result.unsendable[meta.request_id] = f"no credentials for tenant {meta.tenant}"
             return None
-        request_id = f"replay-{self.run_id}-{meta.request_id}"[:MAX_REQUEST_ID]
+        request_id = replay_request_id(self.run_id, meta.request_id)
         headers = replay_headers(recorded, token, request_id)
         body = recorded.body
         if recorded.sealed:

@@ -8,6 +8,7 @@ are resolved from Maven Central by ``ops/kafka/pom.xml`` into
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from din.stack.processes import ManagedProcess, StackError, wait_for_port
 from shared.bus.files import write_secret
-from shared.bus.kafka import BROKER_USER, MECHANISM, KafkaAccess, KafkaUsers, ensure_kafka_users
+from shared.bus.kafka import BROKER_USER, KAFKA_DIR, MECHANISM, USERS, KafkaAccess, KafkaUsers, ensure_kafka_users
 from shared.bus.tls import BusCA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -218,6 +219,74 @@ def resolve_kafka_jars(libs: Path = DEFAULT_KAFKA_LIBS, quiet: bool = True) -> P
     return libs
 
 
+@dataclass(frozen=True)
+class KafkaStore:
+    """A Kafka's durable state, kept across runs so ``din replay`` and ``din report`` see the traffic of earlier ones.
+
+    ``root`` (``din up`` keeps ``<din-dir>/data/kafka``) holds ``log/`` (the broker's ``log.dirs``: topics,
+    offsets, the KRaft metadata with its ACLs and SCRAM credentials), ``users/`` (the SCRAM users' passwords,
+    which must outlive a run since the metadata holds their salted hashes) and ``din.json`` (how the log was
+    formatted: secure or not). Everything else of a run (the CA, the broker's certificate, NATS, keys) is new
+    each run. ``din up --fresh`` deletes it.
+    """
+
+    root: Path
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def users_dir(self) -> Path:
+        return self.root / "users"
+
+    @property
+    def marker(self) -> Path:
+        return self.root / "din.json"
+
+    @property
+    def formatted(self) -> bool:
+        """Whether the log holds a formatted cluster (a run used it before)."""
+        return (self.log_dir / "meta.properties").exists()
+
+    def check(self, secure: bool) -> None:
+        """Refuse a log formatted for the other security mode (an insecure one has no SCRAM users)."""
+        if not self.formatted:
+            return
+        try:
+            kept = bool(json.loads(self.marker.read_text())["secure"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise StackError(f"the Kafka data kept in {self.root} has no readable {self.marker.name}: "
+                             "run `din up --fresh` to start with empty Kafka data") from None
+        if kept != secure:
+            raise StackError(f"the Kafka data kept in {self.root} was written by a "
+                             f"{'secure' if kept else 'an insecure'} stack: start the same way, or run "
+                             "`din up --fresh` to start with empty Kafka data")
+
+    def restore_users(self, bus_dir: Path) -> None:
+        """Copy the kept passwords into the run's ``bus_dir`` so its Kafka users are those the log knows."""
+        target = KafkaUsers(Path(bus_dir) / KAFKA_DIR)
+        for kept in sorted(self.users_dir.glob("*.password")) if self.users_dir.exists() else ():
+            write_secret(target.root / kept.name, kept.read_text())
+
+    def unknown_users(self, users: KafkaUsers) -> list[str]:
+        """The users the kept log has no SCRAM credential for (added to DIN after it was formatted)."""
+        if not self.formatted:
+            return []
+        return [user for user in (BROKER_USER, *USERS) if not (self.users_dir / f"{user}.password").exists()]
+
+    def keep(self, users: KafkaUsers, secure: bool) -> None:
+        """Record the mode and every user's password once the log is formatted or the users are added to it."""
+        self.users_dir.mkdir(parents=True, exist_ok=True)
+        for user in (BROKER_USER, *USERS) if secure else ():
+            write_secret(self.users_dir / f"{user}.password", users.password(user) + "\n")
+        self.marker.write_text(json.dumps({"secure": secure}) + "\n")
+
+    def size_bytes(self) -> int:
+        """Bytes the kept log takes on disk."""
+        return sum(f.stat().st_size for f in self.log_dir.rglob("*") if f.is_file()) if self.log_dir.exists() else 0
+
+
 @dataclass
 class KafkaSpec:
     """A single Kafka broker in KRaft mode (broker and controller in one process).
@@ -237,6 +306,10 @@ class KafkaSpec:
     bus_dir: Path | None = None
     insecure: bool = False
     cert_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+    store: KafkaStore | None = None
+    """Where the log is kept across runs; None: in the run folder, gone with it."""
+    pending_users: tuple[str, ...] = ()
+    """Users the kept log lacks (set by ``process``): ``add_pending_users`` creates them once the broker answers."""
 
     @property
     def bootstrap(self) -> str:
@@ -313,24 +386,31 @@ class KafkaSpec:
             raise StackError(f"Kafka jars not found in {self.libs}: run `bash ops/setup.sh` first")
         kafka_dir = run_dir / "kafka"
         kafka_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = kafka_dir / "data" if self.store is None else self.store.log_dir
+        if self.store is not None:
+            self.store.check(secure=not self.insecure)
         props = kafka_dir / "server.properties"
         format_args: list[str] = []
+        users: KafkaUsers | None = None
         if self.insecure:
-            props.write_text(self.properties(kafka_dir / "data"))
+            props.write_text(self.properties(data_dir))
         else:
             bus_dir = self._bus_dir()
+            if self.store is not None:
+                self.store.restore_users(bus_dir)
             users = ensure_kafka_users(bus_dir)
             ca = BusCA.load_or_create(bus_dir)
             cert = ca.server_cert("kafka", self.cert_hosts)
             keystore = kafka_dir / "keystore.pem"
             write_secret(keystore, cert.key.read_text() + cert.cert.read_text())
             security = self.security_properties(users, keystore=keystore, truststore=ca.cert_path)
-            write_secret(props, self.properties(kafka_dir / "data", security))
+            write_secret(props, self.properties(data_dir, security))
             format_args = users.scram_arguments()
         classpath = f"{self.libs}/*"
         jvm = [java, f"-Xmx{self.heap_mb}m", f"-Xms{self.heap_mb // 2}m", "-XX:+UseG1GC",
                f"-Dlog4j.configuration=file:{KAFKA_LOG4J}", "-cp", classpath]
-        if not (kafka_dir / "data" / "meta.properties").exists():
+        self.pending_users = ()
+        if not (data_dir / "meta.properties").exists():
             fmt = subprocess.run(
                 [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props), *format_args],
                 capture_output=True,
@@ -338,9 +418,34 @@ class KafkaSpec:
             )
             if fmt.returncode != 0:
                 raise StackError(f"Kafka storage format failed:\n{fmt.stdout[-2000:]}{fmt.stderr[-2000:]}")
+            if self.store is not None:
+                self.store.keep(users, secure=not self.insecure)
+        elif self.store is not None and users is not None:
+            self.pending_users = tuple(self.store.unknown_users(users))
         return ManagedProcess(
             name="kafka", argv=[*jvm, "kafka.Kafka", str(props)], log_path=run_dir / "logs" / "kafka.log"
         )
+
+
+    def add_pending_users(self) -> None:
+        """Give the users a kept log lacks their SCRAM credential (Kafka's ``ConfigCommand``, as the broker's super
+        user), then keep their passwords with the log."""
+        if not self.pending_users or self.store is None:
+            return
+        users = KafkaUsers(self._bus_dir() / KAFKA_DIR)
+        for user in self.pending_users:
+            done = subprocess.run(
+                [require_java(), "-cp", f"{self.libs}/*", f"-Dlog4j.configuration=file:{KAFKA_LOG4J}",
+                 "kafka.admin.ConfigCommand", "--bootstrap-server", self.bootstrap,
+                 "--command-config", str(users.properties_file(BROKER_USER)), "--alter", "--entity-type", "users",
+                 "--entity-name", user, "--add-config", f"{MECHANISM}=[password={users.password(user)}]"],
+                capture_output=True, text=True,
+            )
+            if done.returncode != 0:
+                raise StackError(f"could not add Kafka user {user} to the kept Kafka data in {self.store.root}:\n"
+                                 f"{(done.stdout + done.stderr)[-2000:]}")
+        self.store.keep(users, secure=True)
+        self.pending_users = ()
 
 
 def start_nats(specs: list[NatsServerSpec], run_dir: Path, timeout_s: float = 15.0) -> list[ManagedProcess]:

@@ -40,6 +40,7 @@ from din.stack.brokers import (
     DEFAULT_KAFKA_LIBS,
     REPO_ROOT,
     KafkaSpec,
+    KafkaStore,
     NatsServerSpec,
     nats_server_binary,
     require_java,
@@ -79,14 +80,18 @@ from shared.security import (
 )
 from shared.topology import Topology
 
-DEFAULT_DIN_DIR = REPO_ROOT / ".din"
-DEFAULT_MODEL_REPO = REPO_ROOT / ".din" / "models"
+DIN_DIR_ENV = "DIN_DIR"
+DEFAULT_DIN_DIR = Path(os.environ.get(DIN_DIR_ENV) or REPO_ROOT / ".din")
+"""Where ``din`` keeps its runs, ``stack.json``, the kept data and the model zoo: ``.din`` in the checkout, or
+``$DIN_DIR``."""
+DEFAULT_MODEL_REPO = DEFAULT_DIN_DIR / "models"
 DEFAULT_TOPOLOGY = REPO_ROOT / "ops" / "topology" / "default.yaml"
 STATE_FILE_NAME = "stack.json"
 
 SCHEDULER_MODES = ("centralized", "distributed")
 # Start order: back ends before the front door, so stopping in reverse closes admission first.
-SINGLETON_SERVICES = ("keymanager", "telemetry")
+TELEMETRY = "telemetry"
+SINGLETON_SERVICES = ("keymanager", TELEMETRY)
 """Services that run once, at the hub."""
 CONTROL_SERVICES = ("scheduler", "classifier", "admission")
 """Services that run at every site with a control plane (only at the hub with ``control_plane: hub``)."""
@@ -833,6 +838,28 @@ class ProcessRow:
     given_up: bool = False
 
 
+DATA_DIR_NAME = "data"
+"""The folder under the din dir holding what ``din up`` keeps across runs (the Kafka log)."""
+
+
+def kept_data_dir(din_dir: Path) -> Path:
+    """Where ``din up`` and ``din demo`` keep the network's data across runs."""
+    return Path(din_dir) / DATA_DIR_NAME
+
+
+def forget_data(din_dir: Path) -> Path | None:
+    """Delete the data kept under ``din_dir`` (``din up --fresh``); refused while a stack runs from it. Returns the
+    folder deleted, None when nothing was kept."""
+    state = read_state(Path(din_dir) / STATE_FILE_NAME)
+    if state is not None and state_processes_alive(state):
+        raise StackError(f"a stack is running from {state.get('run_dir')}: run `din down` before `din up --fresh`")
+    target = kept_data_dir(din_dir)
+    if not target.exists():
+        return None
+    shutil.rmtree(target)
+    return target
+
+
 class Stack:
     """A DIN network on this machine: brokers, then services, each its own OS process.
 
@@ -872,6 +899,7 @@ class Stack:
         insecure: bool = False,
         bus_dir: Path | None = None,
         client_tls: bool = False,
+        data_dir: Path | None = None,
     ) -> None:
         if mode not in SCHEDULER_MODES:
             raise StackError(f"unknown scheduler mode {mode!r}: use {' or '.join(SCHEDULER_MODES)}")
@@ -899,7 +927,10 @@ class Stack:
         self.nats = nats_specs(topology, self.ports, wan=wan)
         self.links = stack_wan_links(topology, self.ports) if wan else []
         self.toxiproxy = ToxiproxySpec(self.ports.toxiproxy_api) if wan else None
-        self.kafka = KafkaSpec(self.ports.kafka, self.ports.kafka_controller, libs=self.kafka_libs, insecure=insecure)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        """The network's data kept across runs (``kafka/``: ``KafkaStore``); None keeps it in the run folder."""
+        self.kafka = KafkaSpec(self.ports.kafka, self.ports.kafka_controller, libs=self.kafka_libs, insecure=insecure,
+                               store=None if self.data_dir is None else KafkaStore(self.data_dir / "kafka"))
         self.supervisor_pid: int | None = None
         self.bus: BusCredentials | None = None
         self.run_dir: Path | None = None
@@ -1016,6 +1047,8 @@ class Stack:
             require_java()
             if not (self.kafka_libs / ".complete").exists():
                 raise StackError(f"Kafka jars not found in {self.kafka_libs}: run `bash ops/setup.sh` first")
+            if self.kafka.store is not None:
+                self.kafka.store.check(secure=not self.insecure)
         check_ports(
             port_roles(
                 self.topology,
@@ -1108,6 +1141,7 @@ class Stack:
                                    self.broker_timeout_s)
         if kafka_proc is not None:
             wait_kafka_ready(self.kafka, kafka_proc, self.broker_timeout_s)
+            self.kafka.add_pending_users()
         if kafka_proc is not None or self.external_kafka is not None:
             prepare_kafka(self.kafka_access, topic_plan(self._telemetry_settings()), topic_scope=self.topic_scope,
                           acls=kafka_proc is not None and self.kafka_access.secure)
@@ -1175,10 +1209,14 @@ class Stack:
                                  executors_in_view(self.topology, self.instances)))
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the services together (SIGTERM: each drains its own work; SIGKILL after ``timeout_s``), then the
-        brokers in reverse start order, and remove the state file."""
+        """Stop the services together (SIGTERM: each drains its own work; SIGKILL after ``timeout_s``), telemetry
+        last (it relays the completions the others left in the sites' streams to Kafka before the run's JetStream
+        is gone), then the brokers in reverse start order, and remove the state file."""
         brokers = self.processes[:self.broker_processes]
-        stop_all(list(reversed(self.processes[self.broker_processes:])), timeout_s)
+        services = list(reversed(self.processes[self.broker_processes:]))
+        relays = {i.name for i in self.instances if i.service == TELEMETRY}
+        stop_all([p for p in services if p.name not in relays], timeout_s)
+        stop_all([p for p in services if p.name in relays], timeout_s)
         for proc in reversed(brokers):
             try:
                 proc.stop(timeout_s)
@@ -1226,6 +1264,7 @@ class Stack:
                 "toxiproxy": self.toxiproxy.api_url if self.toxiproxy is not None else None,
             },
             "kafka_bus_dir": str(self.bus_dir) if self.kafka_enabled and not self.insecure else None,
+            "kafka_data": str(self.kafka.store.root) if self.kafka_enabled and self.kafka.store else None,
             "bus_dir": str(self.bus.root) if self.bus is not None else None,
             "links": [
                 {"site": link.site, "hub": link.hub, "path": link.path, "listen": link.proxy["listen"],

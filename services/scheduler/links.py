@@ -63,6 +63,10 @@ class LinkTable:
             return UNMEASURED_RTT_MS
         return (link.rtt_ms + 2 * link.jitter_ms) / max(0.05, 1.0 - link.loss)
 
+    def priced_rtts(self) -> dict[str, float]:
+        """``rtt_ms`` of every site, rounded to the µs: what placement priced each link at just now."""
+        return {site: round(self.rtt_ms(site), 3) for site in self._links}
+
     def path(self, a: str, b: str) -> PathType | None:
         return self._topology.path_between(a, b)
 

@@ -246,11 +246,12 @@ class Scheduler(Service):
         """Whether ``site`` may get work (its key is not revoked)."""
         return not self.security.enabled or site_principal(site) not in self.security.agent.revoked
 
-    def record(self, job: JobV1, placement: Placement | None, reason: str) -> None:
+    def record(self, job: JobV1, placement: Placement | None, reason: str, forwarded_to: str | None = None) -> None:
         self.runtime.events.emit(
             Topics.SCHEDULING_DECISIONS,
             decision_record(job, placement, reason, mode=self.settings.mode.value, centralized=self.centralized,
-                            now_ms=now_ms()),
+                            now_ms=now_ms(), scheduler_site=self.settings.site, links=self.links,
+                            forwarded_to=forwarded_to),
             key=job.tenant,
         )
 
@@ -349,7 +350,7 @@ class Scheduler(Service):
             sealed = self.security.seal(body, reader=tenant_principal(job.tenant), aad=aad, confidential=True)
             wire, sealed_headers = sealed.body, sealed.to_headers()
         self.counts["forwarded"] += 1
-        self.record(job, None, reason)
+        self.record(job, None, reason, forwarded_to=site)
         await self.runtime.hand_on(Subjects.schedule(site), wire, {**passthrough, **job.to_headers(), **sealed_headers},
                                    job, f"scheduler at site {site} reachable from site {self.settings.site}")
 

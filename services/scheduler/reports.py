@@ -16,8 +16,11 @@ from shared.contracts.job import JobV1
 
 
 def decision_record(job: JobV1, placement: Placement | None, reason: str, *, mode: str, centralized: bool,
-                    now_ms: float, alternatives: Iterable[AlternativeV1] = ()) -> SchedulingDecisionV1:
-    """Where ``job`` went and why, or (``placement`` None) the reason it was refused."""
+                    now_ms: float, alternatives: Iterable[AlternativeV1] = (), scheduler_site: str | None = None,
+                    links: LinkTable | None = None, forwarded_to: str | None = None) -> SchedulingDecisionV1:
+    """Where ``job`` went and why, or (``placement`` None) the reason it was refused or the site it was forwarded
+    to; with the facts the scheduler at ``scheduler_site`` decided on (the round trips ``links`` priced), so an
+    offline what-if can decide as it did."""
     return SchedulingDecisionV1(
         request_id=job.request_id,
         tenant=job.tenant,
@@ -34,6 +37,9 @@ def decision_record(job: JobV1, placement: Placement | None, reason: str, *, mod
         attempt=job.attempt,
         at_ms=now_ms,
         plan=job.plan,
+        scheduler_site=scheduler_site,
+        link_rtt_ms=links.priced_rtts() if links is not None else {},
+        forwarded_to=forwarded_to,
     )
 
 

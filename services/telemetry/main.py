@@ -60,6 +60,8 @@ KAFKA_RETRY_S = 2.0
 TOPICS_TIMEOUT_S = 10.0
 RELAY_CALL_TIMEOUT_S = 2.0
 RELAY_PULL_WAIT_S = 1.0
+RELAY_DRAIN_S = 5.0
+"""How long a stopping telemetry goes on relaying the completions still waiting in the sites' streams."""
 RELAY_RETRY_S = 1.0
 RELAY_CLAIM_EVERY_S = RELAY_ACK_WAIT_S / 3
 
@@ -86,6 +88,7 @@ class Telemetry(Service):
         self.relay_consumer = relay_durable(settings.topic_scope)
         self.relay_tasks: list[asyncio.Task] = []
         self.relaying = True
+        self.draining = False
         self.metrics = TelemetryMetrics(
             settings.sla_targets_ms(),
             sla_window_s=settings.sla_window_s,
@@ -175,6 +178,8 @@ class Telemetry(Service):
                 try:
                     msgs = await subscription.fetch(self.settings.relay_batch, timeout=RELAY_PULL_WAIT_S)
                 except (TimeoutError, NatsTimeout):
+                    if self.draining:
+                        break
                     continue
                 except Exception as exc:  # leaderless consumer, reconnecting connection: the messages wait
                     self.log.debug("relay of %s: %s", site, exc)
@@ -230,10 +235,16 @@ class Telemetry(Service):
         await acknowledged
 
     async def stop_relays(self) -> None:
-        """Let each relay finish the batch it holds (its acknowledgements included), then stop pulling."""
+        """Relay what each site's stream still holds until a pull finds nothing (at most ``RELAY_DRAIN_S``: what
+        is left then waits in the stream for the next telemetry), then let each relay finish the batch it holds
+        (its acknowledgements included) and stop pulling."""
+        self.draining = True
+        pending = set(self.relay_tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=RELAY_DRAIN_S)
         self.relaying = False
-        if self.relay_tasks:
-            await asyncio.wait(self.relay_tasks, timeout=RELAY_PULL_WAIT_S + TOPICS_TIMEOUT_S)
+        if pending:
+            await asyncio.wait(pending, timeout=RELAY_PULL_WAIT_S + TOPICS_TIMEOUT_S)
 
     async def watch_relays(self) -> None:
         """Every ``relay_check_interval_s``, look at every site's relay backlog."""

@@ -19,10 +19,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.utils import floatToGoString
 
-from services.telemetry.alerts import SlaWatch
+from services.telemetry.alerts import REPORTED_QUANTILES, SlaWatch
 from services.telemetry.relay import RelayLedger
 from shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, SchedulingDecisionV1
 from shared.contracts.federation import SiteSummaryV1
@@ -66,7 +72,9 @@ grow ``/metrics`` or telemetry's memory without bound."""
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One exported metric: its full name as scraped (counters end in ``_total``), type, labels and help."""
+    """One exported metric: its full name as scraped (counters end in ``_total``), type (``counter``, ``gauge``,
+    ``histogram`` or ``summary``), labels (without the ``le`` of a histogram's buckets or the ``quantile`` of a
+    summary's quantiles) and help."""
 
     name: str
     kind: str
@@ -116,8 +124,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "Jobs of the class the site's executors of the model could still take, from its latest summary."),
     MetricSpec("din_site_queue_depth", "gauge", ("site", "model"),
                "Jobs queued or in flight at the site's executors of the model, from its latest summary."),
-    MetricSpec("din_sla_latency_seconds", "gauge", ("sla_class", "quantile"),
-               "End-to-end latency quantiles (0.5, 0.95, 0.99) per SLA class over the sliding SLA window."),
+    MetricSpec("din_sla_latency_seconds", "summary", ("sla_class",),
+               "End-to-end latency per SLA class: quantiles 0.5, 0.95 and 0.99 over the sliding SLA window, count "
+               "and sum of every completion since telemetry started."),
     MetricSpec("din_sla_window_requests", "gauge", ("sla_class",), "Completions per SLA class in the sliding window."),
     MetricSpec("din_sla_target_seconds", "gauge", ("sla_class",), "Latency target of the SLA class's quantile."),
     MetricSpec("din_sla_violation_active", "gauge", ("sla_class",), "1 while the class's SLA violation alert fires."),
@@ -143,15 +152,17 @@ METRICS: tuple[MetricSpec, ...] = (
                "Events telemetry could not buffer for Kafka (Kafka unreachable for long)."),
 )
 METRIC_NAMES = tuple(m.name for m in METRICS)
+SERIES_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+"""The series a histogram or summary adds to its own name."""
 
 
 def exported_series_names() -> set[str]:
-    """Every series name a scrape can contain, including ``_bucket``/``_sum``/``_count`` of histograms."""
+    """Every series name a scrape can contain, including ``_bucket``/``_sum``/``_count`` of histograms and
+    ``_sum``/``_count`` of summaries."""
     names = set()
     for spec in METRICS:
         names.add(spec.name)
-        if spec.kind == "histogram":
-            names.update({f"{spec.name}_bucket", f"{spec.name}_sum", f"{spec.name}_count"})
+        names.update(f"{spec.name}{suffix}" for suffix in SERIES_SUFFIXES.get(spec.kind, ()))
     return names
 
 
@@ -275,6 +286,7 @@ class TelemetryMetrics:
         self.clock = clock
         self.relay = relay if relay is not None else RelayLedger([], 0.0)
         self.sla = SlaWatch(sla_targets_ms, window_s=sla_window_s, quantile=sla_quantile, min_samples=sla_min_samples)
+        self._sla_seen = {sla: [0, 0.0] for sla in SlaClass}
         self._recorded = recorded
         specs = {m.name: m for m in METRICS}
 
@@ -339,6 +351,9 @@ class TelemetryMetrics:
         if total is not None:
             self.duration.observe(key, total / 1000.0)
             self.sla.observe(sla, site, total, self.clock())
+            seen = self._sla_seen[sla]
+            seen[0] += 1
+            seen[1] += total / 1000.0
             if total > self.sla.targets_ms.get(sla, float("inf")):
                 self.target_misses.inc(key)
         known = 0.0
@@ -417,7 +432,7 @@ class TelemetryMetrics:
             yield family.collect()
         yield from self._executor_gauges()
         yield from self._site_gauges()
-        yield from self._sla_gauges()
+        yield from self._sla_families()
         yield from self._relay_gauges()
         sent, dropped = self._recorded()
         specs = {m.name: m for m in METRICS}
@@ -480,10 +495,10 @@ class TelemetryMetrics:
                     free.add_metric([site, model.model, sla], slots)
         return executors, free, depth
 
-    def _sla_gauges(self) -> Iterable[Metric]:
+    def _sla_families(self) -> Iterable[Metric]:
         specs = {m.name: m for m in METRICS}
-        quantiles = GaugeMetricFamily("din_sla_latency_seconds", specs["din_sla_latency_seconds"].help,
-                                      labels=("sla_class", "quantile"))
+        latency = SummaryMetricFamily("din_sla_latency_seconds", specs["din_sla_latency_seconds"].help,
+                                      labels=("sla_class",))
         samples = GaugeMetricFamily("din_sla_window_requests", specs["din_sla_window_requests"].help,
                                     labels=("sla_class",))
         target = GaugeMetricFamily("din_sla_target_seconds", specs["din_sla_target_seconds"].help,
@@ -496,14 +511,17 @@ class TelemetryMetrics:
         for sla in SlaClass:
             window = self.sla.latency(sla, now)
             samples.add_metric([sla.value], window.samples)
-            for q, value in (("0.5", window.p50_ms), ("0.95", window.p95_ms), ("0.99", window.p99_ms)):
+            for q, value in zip(REPORTED_QUANTILES, (window.p50_ms, window.p95_ms, window.p99_ms), strict=True):
                 if value is not None:
-                    quantiles.add_metric([sla.value, q], value / 1000.0)
+                    latency.add_sample(latency.name, {"sla_class": sla.value, "quantile": floatToGoString(q)},
+                                       value / 1000.0)
+            count, total = self._sla_seen[sla]
+            latency.add_metric([sla.value], count, total)
             if sla in self.sla.targets_ms:
                 target.add_metric([sla.value], self.sla.targets_ms[sla] / 1000.0)
             active.add_metric([sla.value], 1.0 if self.sla.firing[sla] else 0.0)
             fired.add_metric([sla.value], self.sla.fired[sla])
-        return quantiles, samples, target, active, fired
+        return latency, samples, target, active, fired
 
     def _relay_gauges(self) -> Iterable[Metric]:
         specs = {m.name: m for m in METRICS}

@@ -124,6 +124,23 @@ class SchedulingDecisionV1(BaseModel):
     plan: list[StageV1] = Field(
         default_factory=list, description="Multi-stage jobs: every stage with the site and executor placed on."
     )
+    scheduler_site: str | None = Field(
+        default=None,
+        description="Site of the scheduler that decided (whose executors and link measurements it used); None "
+        "from schedulers that predate it.",
+    )
+    link_rtt_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="The link round trip the scheduler priced to each site of the topology when it decided, ms "
+        "(its probes' mean round trip with jitter and loss priced in; 0.1 for its own site): the network part of "
+        "every prediction in alternatives, so an offline what-if can price the links as the scheduler did. Empty "
+        "from schedulers that predate it.",
+    )
+    forwarded_to: str | None = Field(
+        default=None,
+        description="Set when the job was not placed here but handed to that site's scheduler (local first: this "
+        "one could not serve it in time), whose own decision follows; None otherwise.",
+    )
 
 
 class CompletionV1(BaseModel):

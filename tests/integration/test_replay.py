@@ -22,8 +22,10 @@ from din.commands.replay import run_replay
 from din.commands.report import run_report
 from din.replay.compare import Outcome
 from din.replay.driver import ReplayDriver, served_into, stream_into
+from din.replay.outcomes import final_outcomes, replay_request_id
 from din.replay.reader import RecordRange, ReplayError, TopicReader
 from din.replay.recorded import RecordedWindow, read_events, read_requests
+from din.replay.whatif import placing_decisions
 from din.workload import load_digits_test, mixed_plan, run_workload
 from shared import envelope
 from shared.bus.kafka import OPERATOR, KafkaAccess
@@ -35,6 +37,7 @@ from shared.credentials import issue_token, write_credentials
 from shared.naming import Subjects, Topics
 from shared.recording import request_record, write_replay_keys
 from shared.topology import Topology
+from tests.integration.network import running_network
 from tests.support import make_job, wait_for
 
 pytestmark = pytest.mark.integration
@@ -398,6 +401,14 @@ async def send_kind(client: DinClient, kind: dict, x, request_id: str) -> Outcom
     return outcome
 
 
+def every_kind_topology(test_topology) -> dict:
+    """The test topology with one executor per site serving every model ``EVERY_KIND`` puts there."""
+    topology = test_topology.model_dump(mode="json")
+    for site in topology["sites"]:
+        site["executors"] = [{"id": f"{site['name']}-1", "models": EVERY_KIND[site["name"]]}]
+    return topology
+
+
 def served_as(outcome: Outcome) -> tuple:
     return outcome.ok, outcome.model, outcome.escalated, outcome.split_point, outcome.chunks
 
@@ -405,11 +416,8 @@ def served_as(outcome: Outcome) -> tuple:
 async def test_every_kind_of_request_replays_with_its_options_and_is_served_the_same_way(
     nats_network, kafka_access, recorded_topics, unique, test_topology, model_repo, tmp_path
 ):
-    topology = test_topology.model_dump(mode="json")
-    for site in topology["sites"]:
-        site["executors"] = [{"id": f"{site['name']}-1", "models": EVERY_KIND[site["name"]]}]
-    async with running_stack(nats_network, kafka_access, unique, topology, model_repo, tmp_path, recorded_topics,
-                             models=EVERY_KIND) as running:
+    async with running_stack(nats_network, kafka_access, unique, every_kind_topology(test_topology), model_repo,
+                             tmp_path, recorded_topics, models=EVERY_KIND) as running:
         x, _ = load_digits_test(model_repo)
         tokens = {t: issue_token(t, secret) for t, secret in running.secrets.items()}
         clients = {t: await DinClient.attach(running.nc, t, token) for t, token in tokens.items()}
@@ -442,3 +450,167 @@ async def test_every_kind_of_request_replays_with_its_options_and_is_served_the_
             assert again.serving_options() == recorded[request_id].serving_options(), name
             assert abs(again.timeout_ms - recorded[request_id].timeout_ms) <= 1, f"{name}: the same budget, to the ms"
             assert served_as(replay.outcomes[request_id]) == served_as(original[name]), name
+
+
+# --------------------------------------------------------------------------- what-if and report on live runs
+
+
+def kafka_source(kafka: KafkaAccess, scope: str, since_ms: float, until_ms: float | None = None) -> list[str]:
+    """The options naming the recording for ``din replay`` and ``din report``: this Kafka (read as their own
+    users), ``scope``'s topics, the time range."""
+    return ["--kafka", kafka.bootstrap, "--topic-scope", scope, "--since", str(since_ms),
+            "--until", str(until_ms) if until_ms is not None else "now",
+            *(["--bus-dir", str(kafka.bus_dir)] if kafka.secure else [])]
+
+
+async def recorded_until_done(kafka: KafkaAccess, scope: str, since_ms: float, ids: set[str],
+                              timeout_s: float = 30.0) -> RecordedWindow:
+    """The events recorded since ``since_ms`` once every request of ``ids`` has its placing decision and its final
+    outcome on the log (decisions come straight from each site's scheduler, completions through telemetry)."""
+    seen: dict[str, int] = {}
+
+    async def complete() -> RecordedWindow | None:
+        window = RecordedWindow(rng=RecordRange(since_ms=since_ms), since_ms=since_ms,
+                                until_ms=time.time() * 1000.0 + 1)
+        async with replay_reader(kafka) as reader:
+            await read_events(reader, window, scope=scope, bases=(Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS))
+        decided = ids & set(placing_decisions(window))
+        ended = {rid for rid, o in final_outcomes([], window.schedulings, window.completions).items()
+                 if rid in ids and o.stage is not None}
+        seen.update(decided=len(decided), ended=len(ended))
+        return window if len(decided) == len(ended) == len(ids) else None
+
+    return await wait_for(complete, timeout_s, lambda: f"every one of {len(ids)} requests decided and ended on the "
+                          f"log (saw {seen})", interval=0.5)
+
+
+@pytest.fixture(scope="module")
+def wan_network(kafka_access, zoo_dir, tmp_path_factory):
+    """The inference-test topology, a control plane per site, each leaf behind its Toxiproxy link: factory over a
+    dedicated line, branch over the internet (the topology's figures: tens of ms each way, jitter, loss)."""
+    with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), "centralized", wan=True) as net:
+        yield net
+
+
+WAN_MIX = (("globex", {}), ("globex", {}), ("acme", {"labels": ["pii"]}), ("initech", {}))
+"""Open traffic (placed by the hub's scheduler: the hub is nearest), acme's sensitive requests (opened and placed
+at factory) and initech's (always sensitive: branch)."""
+
+
+async def test_what_if_under_the_live_policy_reproduces_the_live_placement_over_wan_links(
+    wan_network, kafka_access, digits, zoo_dir, tmp_path
+):
+    """The issue's case: a control plane per site over WAN links. Branch's scheduler places initech's requests on
+    its own executor (its own site: 0.1 ms), the hub's prices branch's link at what its probes measure; the what-if
+    must take each decision from the scheduler that made it, at the links it priced, and so place every request
+    where it was placed live (it priced the branch round trip at 0.0 ms and moved the hub's traffic to branch)."""
+    net = wan_network
+    await net.wait_fleet_in_view()
+    x, _ = digits
+    began_ms = time.time() * 1000.0
+    live: dict[str, str] = {}
+    async with net.client("globex") as globex, net.client("acme") as acme, net.client("initech") as initech:
+        clients = {"globex": globex, "acme": acme, "initech": initech}
+        for i in range(80):
+            tenant, options = WAN_MIX[i % len(WAN_MIX)]
+            rid = f"wan-{i}"
+            result = await clients[tenant].infer("digits-small", {"input": x[i : i + 1]}, request_id=rid, **options)
+            live[rid] = result.served_by.site
+    ended_ms = time.time() * 1000.0
+    assert Counter(live.values()) == {"cloud": 40, "factory": 20, "branch": 20}, "sovereignty and the WAN links"
+    window = await recorded_until_done(kafka_access, net.topic_scope, began_ms - 1000, set(live))
+    deciders = Counter(placing_decisions(window)[rid].scheduler_site for rid in live)
+    assert deciders == {"cloud": 40, "factory": 20, "branch": 20}, "each site's scheduler placed its own requests"
+
+    out = tmp_path / "whatif.json"
+    topology = net.stack.run_dir / "topology.yaml"
+    args = build_parser().parse_args([
+        "replay", "--what-if", "latency", *kafka_source(kafka_access, net.topic_scope, began_ms - 1000, ended_ms + 1),
+        "--topology", str(topology), "--model-repo", str(zoo_dir), "--json", str(out), "--din-dir", str(tmp_path)])
+    assert await run_replay(args) == 0
+    report = json.loads(out.read_text())
+    live_sites = dict(Counter(live.values()))
+    assert report["recorded"]["sites"] == live_sites
+    assert report["baseline"]["sites"] == live_sites, \
+        f"the live policy, offline, places as the live scheduler did (links {report['link_rtt_ms_by_scheduler']})"
+    reproduced = report["reproduced"]
+    assert reproduced["compared"] == 80 and reproduced["same_placement"] == 80, reproduced
+    internet = net.topology.hub_link("branch").conditions()
+    assert report["link_rtt_ms"]["branch"] >= 2 * (internet.latency_ms - internet.jitter_ms), \
+        "the hub priced branch's round trip at least at what the link's latency allows, not 0"
+    assert report["links_recorded"] and not any("predate" in note for note in report["notes"])
+
+
+async def test_report_after_live_traffic_and_a_replay_shows_them_apart_with_the_right_counts(
+    nats_network, kafka_access, recorded_topics, unique, test_topology, model_repo, tmp_path
+):
+    async with running_stack(nats_network, kafka_access, unique, test_topology.model_dump(mode="json"),
+                             model_repo, tmp_path, recorded_topics) as running:
+        x, _ = load_digits_test(model_repo)
+        tokens = {t: issue_token(t, secret) for t, secret in running.secrets.items()}
+        began_ms = time.time() * 1000.0
+        clients = {t: await DinClient.attach(running.nc, t, token) for t, token in tokens.items()}
+        try:
+            for i in range(12):
+                tenant = ("acme", "globex")[i % 2]
+                await clients[tenant].infer("digits-small", {"input": x[i : i + 1]}, request_id=f"live-{i}")
+        finally:
+            for client in clients.values():
+                await client.close()
+        await running.stack.flush()
+        async with replay_reader(kafka_access) as reader:
+            window = await read_requests(reader, RecordRange(since_ms=began_ms - 1000), scope=unique, keyring=None)
+        assert len(window.requests) == 12
+        replay = await ReplayDriver(running.nc, tokens, speed=0, progress=False, run_id="again").run(window.requests)
+        assert sum(o.ok for o in replay.outcomes.values()) == 12
+        await running.stack.flush()
+        ids = {f"live-{i}" for i in range(12)} | {replay_request_id("again", f"live-{i}") for i in range(12)}
+        await recorded_until_done(kafka_access, unique, began_ms - 1000, ids)
+
+        out, counts = tmp_path / "report.html", tmp_path / "report.json"
+        args = build_parser().parse_args(["report", *kafka_source(kafka_access, unique, began_ms - 1000),
+                                          "--out", str(out), "--json", str(counts), "--din-dir", str(tmp_path)])
+        assert await run_report(args) == 0
+        summary = json.loads(counts.read_text())
+        assert (summary["live"]["requests"], summary["live"]["answered"]) == (12, 12)
+        assert list(summary["replayed"]) == ["again"]
+        assert (summary["replayed"]["again"]["requests"], summary["replayed"]["again"]["answered"]) == (12, 12)
+        assert summary["replayed_requests"] == 12 and summary["completion_records"] == 24
+        page = out.read_text()
+        assert "12</b><span>live requests" in page and "12</b><span>replayed requests (1 run), apart" in page
+
+
+async def test_report_counts_a_multi_stage_request_once_and_its_stage_hand_offs_apart(
+    nats_network, kafka_access, recorded_topics, unique, test_topology, model_repo, tmp_path
+):
+    async with running_stack(nats_network, kafka_access, unique, every_kind_topology(test_topology), model_repo,
+                             tmp_path, recorded_topics, models=EVERY_KIND) as running:
+        x, _ = load_digits_test(model_repo)
+        tokens = {t: issue_token(t, secret) for t, secret in running.secrets.items()}
+        began_ms = time.time() * 1000.0
+        kinds = {name: KIND_REQUESTS[name] for name in ("split with protection", "cascade by rate", "single")}
+        clients = {t: await DinClient.attach(running.nc, t, token) for t, token in tokens.items()}
+        try:
+            served = {name: await send_kind(clients[kind["tenant"]], kind, x, f"multi-{i}")
+                      for i, (name, kind) in enumerate(kinds.items())}
+        finally:
+            for client in clients.values():
+                await client.close()
+        assert served["split with protection"].split_point == "hidden_1" and served["cascade by rate"].escalated
+        await running.stack.flush()
+        window = await recorded_until_done(kafka_access, unique, began_ms - 1000, {f"multi-{i}" for i in range(3)})
+        # The relay delivers at least once: under load a completion may be recorded twice, never a different one.
+        stages = {(c.request_id, c.model, c.plan_stage, c.cascade_step) for c in window.completions}
+        assert len(stages) == 5, "the split's head and the cascade's first step completed as well"
+
+        counts = tmp_path / "report.json"
+        args = build_parser().parse_args(["report", *kafka_source(kafka_access, unique, began_ms - 1000),
+                                          "--out", str(tmp_path / "report.html"), "--json", str(counts),
+                                          "--din-dir", str(tmp_path)])
+        assert await run_report(args) == 0
+        summary = json.loads(counts.read_text())
+        live = summary["live"]
+        assert (live["requests"], live["answered"]) == (3, 3), "each request once, by its final outcome"
+        assert live["stage_hand_offs"] == {"split-head": 1, "cascade step 1": 1}
+        assert live["models"] == {"digits-large-tail-hidden_1": 1, "digits-large": 1, "digits-small": 1}
+        assert summary["completion_records"] == len(window.completions) and summary["replayed"] == {}
