@@ -42,12 +42,11 @@ from pathlib import Path
 import nats
 import numpy as np
 import uvloop
-
-from bench import RESULTS_DIR, write_results
-from shared.bus.connect import nats_options
-from shared.bus.permissions import Permissions, service_inbox
-from shared.naming import Subjects
-from shared.topology import Topology
+from din.bench import RESULTS_DIR, write_results
+from din.shared.bus.connect import nats_options
+from din.shared.bus.permissions import Permissions, service_inbox
+from din.shared.naming import Subjects
+from din.shared.topology import Topology
 
 HUB, EDGE = "cloud", "factory"
 SUBJECT = Subjects.schedule(HUB)
@@ -104,7 +103,7 @@ class Network:
 
     def start(self) -> Network:
         self.stack.start()
-        argv = [sys.executable, "-m", "bench.bus", self.stack.nats_urls[HUB]]
+        argv = [sys.executable, "-m", "din.bench.bus", self.stack.nats_urls[HUB]]
         if self.stack.bus is not None:
             bus = self.stack.bus
             client = Permissions(publish=(SUBJECT,), subscribe=(f"{service_inbox(EDGE, BENCH_USER)}.>",),
@@ -219,10 +218,11 @@ def measure_din(din_dir: Path, seconds: float, concurrency: int, rounds: int) ->
 
 
 async def _din_path(stack, row: np.ndarray, seconds: float, concurrency: int, rounds: int) -> dict:
-    from bench.inference_path import closed_loop
+    from din.bench.inference_path import closed_loop
+    from din.shared.bus.permissions import tenant_user
+    from din.shared.credentials import issue_token, read_credentials
+
     from din.client import DinClient
-    from shared.bus.permissions import tenant_user
-    from shared.credentials import issue_token, read_credentials
 
     token = issue_token("bench", read_credentials(stack.credentials_file)["bench"])
     client = await DinClient.connect(stack.hub_url, "bench", token, stack.tenant_keys("bench"),

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import uvloop
+from din.shared.bus.permissions import tenant_user
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.topology import Topology
 
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
-from shared.bus.permissions import tenant_user
-from shared.credentials import issue_token, read_credentials
-from shared.topology import Topology
 
 SMALL, LARGE = "digits-small", "digits-large"
 CASCADE_TOPOLOGY = {

@@ -22,9 +22,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from shared.cascade import Confidence, confidence
-from shared.errors import DinError, ErrorCode
+from din.shared.cascade import Confidence, confidence
+from din.shared.errors import DinError, ErrorCode
 
 __all__ = [
     "CascadeEvaluation", "CascadePolicy", "Confidence", "calibrate", "confidence", "cross_fit", "evaluate_cascade",

@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from shared.contracts.events import CompletionV1
-from shared.contracts.inference import SlaClass
-from shared.envelope import Identity
-from shared.naming import Subjects
-from shared.security import ControlSigner, ControlVerifier
+from din.shared.contracts.events import CompletionV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.envelope import Identity
+from din.shared.naming import Subjects
+from din.shared.security import ControlSigner, ControlVerifier
+
 from tests.support import make_heartbeat
 
 ROUNDS = 5

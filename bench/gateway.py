@@ -25,8 +25,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import uvloop
-
-from bench import RESULTS_DIR, write_results
+from din.bench import RESULTS_DIR, write_results
 
 TENANT = "bench"
 MODEL = "digits-small"
@@ -48,9 +47,10 @@ def _binary_body(row: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 async def _measure(stack, row: np.ndarray, requests: int, rounds: int) -> dict:
+    from din.shared.bus.permissions import tenant_user
+    from din.shared.credentials import issue_token, read_credentials
+
     from din.client import DinClient
-    from shared.bus.permissions import tenant_user
-    from shared.credentials import issue_token, read_credentials
 
     token = issue_token(TENANT, read_credentials(stack.credentials_file)[TENANT])
     client = await DinClient.connect(stack.hub_url, TENANT, token, None,
@@ -118,10 +118,11 @@ def markdown(report: dict) -> str:
 
 def run_gateway_bench(requests: int = 300, rounds: int = 3, out: Path = RESULTS_DIR) -> int:
     """Start the stack, measure the three ways, write the results; returns the exit code."""
+    from din.shared.security import CryptoPolicy
+    from din.shared.topology import Topology
+
     from din.stack.launcher import DEFAULT_MODEL_REPO, PortPlan, Stack
     from din.workload import load_digits_test
-    from shared.security import CryptoPolicy
-    from shared.topology import Topology
 
     row = load_digits_test(DEFAULT_MODEL_REPO)[0][:1].astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="din-bench-gateway-") as tmp:

@@ -27,15 +27,15 @@ from pathlib import Path
 import nats
 import numpy as np
 import uvloop
+from din.services.executor.repository import ModelRepository
+from din.shared.bus.permissions import tenant_user
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.tensors import decode_response, encode_binary
+from din.shared.topology import Topology
 
 from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
-from services.executor.repository import ModelRepository
-from shared.bus.permissions import tenant_user
-from shared.credentials import issue_token, read_credentials
-from shared.tensors import decode_response, encode_binary
-from shared.topology import Topology
 
 MODEL = "digits-small"
 RAW_SUBJECT = "bench.raw.infer"
@@ -174,9 +174,9 @@ RESPONDER = """
 import asyncio, sys
 import nats
 import uvloop
-from services.executor.repository import ModelRepository
-from shared.contracts.inference import InferResponseV1, ServedByV1
-from shared.tensors import decode_binary, encode_outputs
+from din.services.executor.repository import ModelRepository
+from din.shared.contracts.inference import InferResponseV1, ServedByV1
+from din.shared.tensors import decode_binary, encode_outputs
 
 async def main(url, repo, subject, creds=None):
     handle = ModelRepository(repo).load("digits-small")

@@ -28,22 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bench.cascade_policy import (
+from din.bench.cascade_policy import (
     CascadeEvaluation,
     CascadePolicy,
     Confidence,
     cross_fit,
     evaluate_cascade,
 )
-from bench.privacy import RAW_POINT, LeakageRow, latest_model_path, measure_leakage, model_config, onnx_session
-from services.scheduler.split_point import (
+from din.bench.privacy import RAW_POINT, LeakageRow, latest_model_path, measure_leakage, model_config, onnx_session
+from din.services.scheduler.split_point import (
     LinkEstimate,
     SplitCandidate,
     SplitContext,
     choose_split_point,
 )
-from shared.errors import DinError
+from din.shared.errors import DinError
 
 SMALL = "digits-small"
 LARGE = "digits-large"
@@ -200,7 +199,7 @@ def _cascade_row(evaluation: CascadeEvaluation, kind: str) -> dict[str, Any]:
 
 def cascade_table(repo: Path) -> list[dict[str, Any]]:
     """Each model alone, fixed-threshold sweeps and 2-fold calibrated target-rate policies."""
-    from zoo.build import load_test_split
+    from din.zoo.build import load_test_split
 
     x_test, y_test = load_test_split(repo)
     (small,) = onnx_session(latest_model_path(repo, SMALL)).run(["probabilities"], {"input": x_test})
@@ -233,7 +232,7 @@ def _per_item_ms(session, feeds: dict[str, np.ndarray], runs: int = TIMING_RUNS)
 
 def part_latencies(repo: Path, points: list[str]) -> dict[str, float]:
     """Median per-item latency (ms, batch 1) of the whole model and of each head and tail."""
-    from zoo.build import load_test_split, split_model_name
+    from din.zoo.build import load_test_split, split_model_name
 
     x_test, _ = load_test_split(repo)
     row = x_test[:1]
@@ -337,7 +336,7 @@ def split_choices(rows: list[LeakageRow], latencies: dict[str, float], points: l
 
 def charlm_stats(repo: Path) -> dict[str, Any]:
     """charlm's figures: config losses, ONNX-recomputed held-out loss, samples, step latency, handoff check."""
-    from zoo.text import decode, evaluate, generate, load_corpus, onnx_stepper, prefill
+    from din.zoo.text import decode, evaluate, generate, load_corpus, onnx_stepper, prefill
 
     config = model_config(repo, TEXT)
     path = latest_model_path(repo, TEXT)
@@ -389,9 +388,8 @@ def charlm_stats(repo: Path) -> dict[str, Any]:
 
 def run_multistage(repo: Path) -> MultistageReport:
     """Build the zoo in ``repo`` if it is not current, then measure every table."""
+    from din.zoo.build import build_zoo
     from threadpoolctl import threadpool_limits
-
-    from zoo.build import build_zoo
 
     begun = time.perf_counter()
     repo = Path(repo)

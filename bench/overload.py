@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import uvloop
+from din.bench.sites import _percentile
+from din.bench.tally import Load, Tally
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from din.shared.topology import Topology
 
-from bench.sites import _percentile
-from bench.tally import Load, Tally
 from din.stack.launcher import PortPlan, Stack
-from shared.credentials import issue_token, read_credentials
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
-from shared.topology import Topology
 
 TENANTS = ("acme", "globex")
 DEADLINE_MS = 2_000

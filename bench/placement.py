@@ -32,15 +32,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from services.scheduler.links import LinkTable
-from services.scheduler.placement import NEAR_TIE, NEAR_TIE_MS, Placement, pick_executor, spread
-from services.scheduler.registry import ExecutorRegistry, ExecutorState
-from services.scheduler.reports import decision_record
-from shared.contracts.events import AlternativeV1, HeartbeatV1, ModelLoadedV1
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1, WorkloadClassV1
-from shared.errors import DinError, ErrorCode
-from shared.topology import Topology
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.placement import NEAR_TIE, NEAR_TIE_MS, Placement, pick_executor, spread
+from din.services.scheduler.registry import ExecutorRegistry, ExecutorState
+from din.services.scheduler.reports import decision_record
+from din.shared.contracts.events import AlternativeV1, HeartbeatV1, ModelLoadedV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1, WorkloadClassV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.topology import Topology
 
 MODELS = ("digits-large", "digits-small", "charlm")
 NOW_MS = 1_000_000.0

@@ -26,10 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1
-from shared.privacy import Protection, protect, wire_bytes
-from zoo.inversion import fit_decoder, reconstruct
+from din.shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1
+from din.shared.privacy import Protection, protect, wire_bytes
+from din.zoo.inversion import fit_decoder, reconstruct
 
 RAW_POINT = "input"
 PROTECTIONS: tuple[tuple[str, float], ...] = (
@@ -98,8 +97,8 @@ def measure_leakage(
     The first rows are the raw input (what "no split" ships) under each
     protection, for reference: an attacker who sees the input needs no decoder.
     """
-    from zoo.build import split_model_name
-    from zoo.digits import load_digits_split
+    from din.zoo.build import split_model_name
+    from din.zoo.digits import load_digits_split
 
     repo = Path(repo)
     points = list(model_config(repo, model).split_points if points is None else points)

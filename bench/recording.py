@@ -32,25 +32,25 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from din.bench import RESULTS_DIR, write_results
+from din.services.telemetry.settings import TelemetrySettings
+from din.services.telemetry.topics import ensure_topics, topic_plan
+from din.shared.bus.kafka import OPERATOR, KafkaAccess
+from din.shared.bus.permissions import tenant_user
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.eventlog import EventLog
+from din.shared.naming import Topics
+from din.shared.recording import request_record
+from din.shared.tensors import encode_binary
+from din.shared.topology import load_topology
 
-from bench import RESULTS_DIR, write_results
 from din.client import DinClient, DinRequestError, NoAnswerError
 from din.replay.reader import RecordRange, TopicReader
 from din.replay.recorded import read_requests
 from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack
 from din.workload import load_digits_test
-from services.telemetry.settings import TelemetrySettings
-from services.telemetry.topics import ensure_topics, topic_plan
-from shared.bus.kafka import OPERATOR, KafkaAccess
-from shared.bus.permissions import tenant_user
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1
-from shared.credentials import issue_token, read_credentials
-from shared.eventlog import EventLog
-from shared.naming import Topics
-from shared.recording import request_record
-from shared.tensors import encode_binary
-from shared.topology import load_topology
 
 INFERENCE_RESULTS = RESULTS_DIR / "inference_path.json"
 BODY_ITEMS = 64

@@ -23,16 +23,17 @@ import time
 import uuid
 from pathlib import Path
 
+from din.shared.bus.permissions import tenant_user
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.naming import Topics
+from din.shared.topology import load_topology
+
 from din.client import DinClient, DinRequestError, NoAnswerError
 from din.replay.reader import RecordRange
 from din.replay.recorded import load_window
 from din.replay.report import render_report
 from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack
 from din.workload import load_digits_test
-from shared.bus.permissions import tenant_user
-from shared.credentials import issue_token, read_credentials
-from shared.naming import Topics
-from shared.topology import load_topology
 
 PHASES = (("steady", 14.0, 6, 0.0), ("burst", 10.0, 96, 0.004), ("steady", 14.0, 6, 0.0))
 KINDS = (  # (weight, model, sla, allow_degrade, labels, timeout_ms): tight large-model requests degrade under load

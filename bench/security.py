@@ -44,11 +44,10 @@ from pathlib import Path
 import nats
 import numpy as np
 import uvloop
-
-from bench import RESULTS_DIR, write_results
-from shared.contracts.inference import RequestHeaders
-from shared.envelope import DataKey, InvalidToken
-from shared.security import (
+from din.bench import RESULTS_DIR, write_results
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.envelope import DataKey, InvalidToken
+from din.shared.security import (
     KeyAgent,
     KeyStore,
     PayloadSecurity,
@@ -60,7 +59,7 @@ from shared.security import (
     site_principal,
     tenant_principal,
 )
-from shared.topology import Topology
+from din.shared.topology import Topology
 
 SIZES = (1024, 16 * 1024, 256 * 1024)
 MODES = ("plain", "sealed", "sealed+signed")
@@ -72,7 +71,7 @@ TOPOLOGY = {
                                                            "capacity": 1024}]}],
     "tenants": [{"name": TENANT, "rate_per_s": 1_000_000, "burst": 1_000_000}],
 }
-RESPONDER_MODULE = "bench.security"
+RESPONDER_MODULE = "din.bench.security"
 TARGET_THROUGHPUT_COST = 0.10
 TARGET_ADDED_P50_US = 100.0
 
@@ -302,10 +301,11 @@ def measure_din(din_dir: Path, seconds: float, concurrency: int) -> list[dict]:
 
 
 async def _measure_din_path(stack, security: bool, row: np.ndarray, seconds: float, concurrency: int) -> dict:
-    from bench.inference_path import closed_loop
+    from din.bench.inference_path import closed_loop
+    from din.shared.bus.permissions import tenant_user
+    from din.shared.credentials import issue_token, read_credentials
+
     from din.client import DinClient
-    from shared.bus.permissions import tenant_user
-    from shared.credentials import issue_token, read_credentials
 
     token = issue_token(TENANT, read_credentials(stack.credentials_file)[TENANT])
     client = await DinClient.connect(stack.hub_url, TENANT, token, stack.tenant_keys(TENANT) if security else None,

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 
 import nats
 import numpy as np
-
-from shared.contracts.inference import RequestHeaders
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
-from shared.naming import Subjects
-from shared.tensors import encode_request_json
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from din.shared.naming import Subjects
+from din.shared.tensors import encode_request_json
 
 BODY = encode_request_json({"input": np.zeros((1, 64), dtype=np.float32)})
 

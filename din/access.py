@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from din.shared.bus import permissions as rules
+from din.shared.bus.kafka import access_rows
+from din.shared.bus.permissions import OPERATOR_USER, Permissions, tenant_user
+from din.shared.topology import Topology, load_topology
 from din.stack.bus import leaf_user, service_permissions
 from din.stack.launcher import DEFAULT_TOPOLOGY, REPO_ROOT, service_instances
-from shared.bus import permissions as rules
-from shared.bus.kafka import access_rows
-from shared.bus.permissions import OPERATOR_USER, Permissions, tenant_user
-from shared.topology import Topology, load_topology
 
 ACCESS_DOC = REPO_ROOT / "docs" / "access.md"
 

@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
+    from din.shared.naming import InvalidNameError
+    from din.shared.topology import TopologyError
     from din.stack.processes import StackError
-    from shared.naming import InvalidNameError
-    from shared.topology import TopologyError
 
     return StackError, TopologyError, InvalidNameError, ValidationError
 

@@ -33,8 +33,8 @@ import numpy as np
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from shared.bus.connect import nats_servers
-from shared.contracts.inference import (
+from din.shared.bus.connect import nats_servers
+from din.shared.contracts.inference import (
     JSON_CONTENT_TYPE,
     STREAM_SEQ_HEADER,
     InferResponseV1,
@@ -42,11 +42,11 @@ from shared.contracts.inference import (
     SlaClass,
     StreamChunkV1,
 )
-from shared.contracts.options import RequestOptionsV1, option_headers
-from shared.envelope import InvalidToken
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
-from shared.naming import Subjects
-from shared.security import (
+from din.shared.contracts.options import RequestOptionsV1, option_headers
+from din.shared.envelope import InvalidToken
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
+from din.shared.naming import Subjects
+from din.shared.security import (
     KeyAgent,
     PayloadSecurity,
     PrincipalKeys,
@@ -56,8 +56,8 @@ from shared.security import (
     site_of,
     tenant_principal,
 )
-from shared.streaming import InOrder
-from shared.tensors import encode_binary, encode_request_json, tensors_to_arrays
+from din.shared.streaming import InOrder
+from din.shared.tensors import encode_binary, encode_request_json, tensors_to_arrays
 
 CLIENT_GRACE_S = 0.5
 BUILD_OPTIONS = {

@@ -40,6 +40,13 @@ import yaml
 from din.commands.links import topology_links
 from din.generated import drifted_files, stale_files, write_files
 from din.probe import PROBE_USER
+from din.shared.bus.files import write_secret
+from din.shared.bus.kafka import BROKER_USER, KafkaAccess, KafkaLogin, KafkaUsers
+from din.shared.bus.nats_auth import NATS_DIR
+from din.shared.bus.permissions import ANY, REST, SERVICE_INBOX_ROOT, Permissions, pattern
+from din.shared.bus.tls import CA_CERT, DEFAULT_HOSTS
+from din.shared.naming import Subjects
+from din.shared.topology import Topology, load_topology
 from din.stack.brokers import REPO_ROOT, KafkaSpec, NatsSecurity, NatsServerSpec
 from din.stack.launcher import (
     DEFAULT_TOPOLOGY,
@@ -49,13 +56,6 @@ from din.stack.launcher import (
     service_instances,
 )
 from din.stack.wan import TOXIPROXY_VERSION, WanLink
-from shared.bus.files import write_secret
-from shared.bus.kafka import BROKER_USER, KafkaAccess, KafkaLogin, KafkaUsers
-from shared.bus.nats_auth import NATS_DIR
-from shared.bus.permissions import ANY, REST, SERVICE_INBOX_ROOT, Permissions, pattern
-from shared.bus.tls import CA_CERT, DEFAULT_HOSTS
-from shared.naming import Subjects
-from shared.topology import Topology, load_topology
 
 COMPOSE_FILE = "docker-compose.yml"
 NATS_CONF_DIR = "ops/compose/nats"
@@ -311,7 +311,7 @@ def _din_image() -> dict:
 def _din_service(inst: ServiceInstance, env: dict[str, str]) -> dict:
     service: dict = {
         **_din_image(),
-        "command": ["python", "-m", f"services.{inst.service}"],
+        "command": ["python", "-m", f"din.services.{inst.service}"],
         "environment": env,
         "depends_on": {
             nats_host(inst.site): {"condition": "service_healthy"},
@@ -540,9 +540,9 @@ def init_compose(topology_path: Path, *, run_dir: Path = Path(CONTAINER_RUN), in
     ``credentials.json``, a copy of the topology and the ``health-probe`` NATS user. Each other container gets
     only its own share, in its own volume under ``init_dir``, owned by the user it runs as (``chown``).
     """
+    from din.shared.credentials import read_credentials, write_credentials
+    from din.shared.security import MASTER_KEY_FILE, init_keys
     from din.stack.bus import BusCredentials, nats_server_name
-    from shared.credentials import read_credentials, write_credentials
-    from shared.security import MASTER_KEY_FILE, init_keys
 
     topology = load_topology(topology_path)
     run_dir, init_dir = Path(run_dir), Path(init_dir)
@@ -609,10 +609,10 @@ def prepare_compose_kafka(topology_path: Path, *, bus_dir: Path = Path(CONTAINER
                           bootstrap: str | None = None, timeout_s: float = 120.0) -> None:
     """DIN's ACLs and every recorded topic, created as ``din up`` creates them (``prepare_kafka``), retried until
     the broker takes them or ``timeout_s`` passes."""
+    from din.services.telemetry.settings import TelemetrySettings
+    from din.services.telemetry.topics import topic_plan
     from din.stack.launcher import prepare_kafka
     from din.stack.processes import StackError
-    from services.telemetry.settings import TelemetrySettings
-    from services.telemetry.topics import topic_plan
 
     topology = load_topology(topology_path)
     access = KafkaAccess(bootstrap or kafka_bootstrap(), Path(bus_dir))

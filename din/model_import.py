@@ -18,9 +18,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1
-from shared.model_graph import GraphError, derive_config, mismatches, read_graph
-from shared.naming import InvalidNameError, token
+from din.shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1
+from din.shared.model_graph import GraphError, derive_config, mismatches, read_graph
+from din.shared.naming import InvalidNameError, token
 
 
 class ModelImportError(ValueError):

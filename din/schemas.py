@@ -30,10 +30,10 @@ from pydantic.json_schema import models_json_schema
 
 from din.generated import drifted_files, stale_files, write_files
 from din.service_operations import Operation, operations
-from services.executor.stages import STATE_CONTENT_TYPE
-from shared import envelope
-from shared.channels import Channel, all_channels, subject_pattern
-from shared.contracts import (
+from din.services.executor.stages import STATE_CONTENT_TYPE
+from din.shared import envelope
+from din.shared.channels import Channel, all_channels, subject_pattern
+from din.shared.contracts import (
     MESSAGE_MODELS,
     AdmissionDecisionV1,
     ClassificationV1,
@@ -59,19 +59,19 @@ from shared.contracts import (
     SpanV1,
     StreamChunkV1,
 )
-from shared.contracts.inference import JSON_CONTENT_TYPE, STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders
-from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
-from shared.contracts.job import STAGE_DONE_HEADER
-from shared.contracts.micro import MICRO_MODELS, MicroInfoV1, MicroPingV1, MicroStatsV1
-from shared.contracts.model_config import ModelConfigV1
-from shared.contracts.options import request_header_docs
-from shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ErrorCode
-from shared.eventlog import EVENT_TYPE_HEADER, event_type
-from shared.naming import API_VERSION, MICRO_VERBS, SERVICES
-from shared.recording import RECORD_HEADERS
-from shared.runtime import Service
-from shared.security import SIGNER_HEADER
-from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
+from din.shared.contracts.inference import JSON_CONTENT_TYPE, STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders
+from din.shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
+from din.shared.contracts.job import STAGE_DONE_HEADER
+from din.shared.contracts.micro import MICRO_MODELS, MicroInfoV1, MicroPingV1, MicroStatsV1
+from din.shared.contracts.model_config import ModelConfigV1
+from din.shared.contracts.options import request_header_docs
+from din.shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ERROR_HEADER, ErrorCode
+from din.shared.eventlog import EVENT_TYPE_HEADER, event_type
+from din.shared.naming import API_VERSION, MICRO_VERBS, SERVICES
+from din.shared.recording import RECORD_HEADERS
+from din.shared.runtime import Service
+from din.shared.security import SIGNER_HEADER
+from din.shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
 
 __all__ = ["ASYNCAPI_FILE", "DEFAULT_OUT_DIR", "JSON_DIR", "asyncapi_document", "drifted", "render_schemas",
            "subject_pattern", "write_schemas"]

@@ -25,20 +25,20 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from shared.channels import INSTANCE_HEALTH, PARTIES, Channel, all_channels, channel
-from shared.naming import SERVICES, Topics
-from shared.runtime import CONTROL, JOB, Endpoint, Service
+from din.shared.channels import INSTANCE_HEALTH, PARTIES, Channel, all_channels, channel
+from din.shared.naming import SERVICES, Topics
+from din.shared.runtime import CONTROL, JOB, Endpoint, Service
 
 SEND, RECEIVE = "send", "receive"
 
 SERVICE_CLASSES = {
-    "admission": "services.admission.main:Admission",
-    "classifier": "services.classifier.main:Classifier",
-    "scheduler": "services.scheduler.main:Scheduler",
-    "executor": "services.executor.main:Executor",
-    "keymanager": "services.keymanager.main:KeyManager",
-    "telemetry": "services.telemetry.main:Telemetry",
-    "gateway": "services.gateway.main:Gateway",
+    "admission": "din.services.admission.main:Admission",
+    "classifier": "din.services.classifier.main:Classifier",
+    "scheduler": "din.services.scheduler.main:Scheduler",
+    "executor": "din.services.executor.main:Executor",
+    "keymanager": "din.services.keymanager.main:KeyManager",
+    "telemetry": "din.services.telemetry.main:Telemetry",
+    "gateway": "din.services.gateway.main:Gateway",
 }
 """Where each service's class lives, by service name (``shared.naming.SERVICES``)."""
 
@@ -210,11 +210,11 @@ def _check_narrowing(operations: list[Operation], parties: set[str]) -> None:
         for action, narrowed in ((SEND, ch.sends_only), (RECEIVE, ch.receives_only)):
             for party, messages in narrowed.items():
                 if party in parties and (party, action, ch.key) not in acting:
-                    raise InvalidDeclaration(f"shared.channels: {ch.key} narrows what {party} {action}s, but "
+                    raise InvalidDeclaration(f"din.shared.channels: {ch.key} narrows what {party} {action}s, but "
                                              f"{party} does not {action} on {ch.key}")
                 unknown = set(messages) - set(ch.messages)
                 if unknown:
-                    raise InvalidDeclaration(f"shared.channels: {ch.key} narrows {party} to messages "
+                    raise InvalidDeclaration(f"din.shared.channels: {ch.key} narrows {party} to messages "
                                              f"{sorted(unknown)} it does not carry")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from din.client import DinClient, DinRequestError, NoAnswerError
-from shared.contracts.inference import SlaClass
+from din.shared.contracts.inference import SlaClass
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-
-from shared.errors import DinError, ErrorCode
+from din.shared.errors import DinError, ErrorCode
 
 
 class Confidence(StrEnum):

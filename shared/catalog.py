@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
+from din.shared.contracts.model_config import CONFIG_FILE, ModelConfigV1
 
 log = logging.getLogger(__name__)
 

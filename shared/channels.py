@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from shared.naming import API_VERSION, MICRO_PREFIX, Subjects, Topics, work_stream
-from shared.security import KEYS_BUCKET
+from din.shared.naming import API_VERSION, MICRO_PREFIX, Subjects, Topics, work_stream
+from din.shared.security import KEYS_BUCKET
 
 CLIENT = "client"
 OPERATOR = "operator"

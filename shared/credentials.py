@@ -16,7 +16,7 @@ import secrets
 import time
 from pathlib import Path
 
-from shared.naming import token as subject_token
+from din.shared.naming import token as subject_token
 
 TOKEN_VERSION = "din1"
 

@@ -32,9 +32,8 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     TopicAuthorizationFailedError,
 )
+from din.shared.naming import Topics
 from pydantic import BaseModel
-
-from shared.naming import Topics
 
 log = logging.getLogger(__name__)
 

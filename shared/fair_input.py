@@ -18,10 +18,9 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 
+from din.shared.contracts.job import HEADER_PREFIX
+from din.shared.fairness import FairClock, FairQueue
 from nats.aio.msg import Msg
-
-from shared.contracts.job import HEADER_PREFIX
-from shared.fairness import FairClock, FairQueue
 
 UNKNOWN = ""
 MAX_QUEUED = 200_000

@@ -44,9 +44,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
-from shared.contracts.inference import RequestHeaders
-from shared.contracts.job import FENCED_HEADER, STAGE_DONE_HEADER, JobV1, StageV1
-from shared.errors import DinError, ErrorCode
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.contracts.job import FENCED_HEADER, STAGE_DONE_HEADER, JobV1, StageV1
+from din.shared.errors import DinError, ErrorCode
 
 MAX_ATTEMPTS = 3
 """Dispatches a job may have before a full executor fails it instead of handing it back."""

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-
-from shared.contracts.inference import Datatype
-from shared.contracts.model_config import DEFAULT_MAX_BATCH_SIZE, ModelConfigV1, TensorConfigV1
-from shared.tensors import WIRE_DTYPES
+from din.shared.contracts.inference import Datatype
+from din.shared.contracts.model_config import DEFAULT_MAX_BATCH_SIZE, ModelConfigV1, TensorConfigV1
+from din.shared.tensors import WIRE_DTYPES
 
 ORT_TYPES: dict[str, Datatype] = {
     "tensor(float)": Datatype.FP32, "tensor(double)": Datatype.FP64, "tensor(float16)": Datatype.FP16,

@@ -22,8 +22,7 @@ import math
 from enum import StrEnum
 
 import numpy as np
-
-from shared.errors import DinError, ErrorCode
+from din.shared.errors import DinError, ErrorCode
 
 FLOAT_BYTES = 4
 QUANTIZE_HEADER_BYTES = 2 * FLOAT_BYTES

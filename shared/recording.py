@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from din.shared import envelope
+from din.shared.contracts.job import JobV1
+from din.shared.contracts.options import ServingOptionsV1, lookup_in, option_headers, read_options, wire_options
+from din.shared.contracts.telemetry import RecordedRequestV1
+from din.shared.errors import DinError
+from din.shared.eventlog import EVENT_TYPE_HEADER
 from pydantic import ValidationError
-
-from shared import envelope
-from shared.contracts.job import JobV1
-from shared.contracts.options import ServingOptionsV1, lookup_in, option_headers, read_options, wire_options
-from shared.contracts.telemetry import RecordedRequestV1
-from shared.errors import DinError
-from shared.eventlog import EVENT_TYPE_HEADER
 
 REQUEST_EVENT_TYPE = f"din.v1.{RecordedRequestV1.__name__}"
 

@@ -27,26 +27,25 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import uvloop
+from din.shared import __version__, lifecycle
+from din.shared.bus.connect import broker_options, nats_servers
+from din.shared.bus.kafka import kafka_client_kwargs
+from din.shared.contracts.events import DeadLetterV1, HealthV1
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.contracts.job import JobV1
+from din.shared.contracts.options import parse_request_id
+from din.shared.errors import DinError, ErrorCode, error_reply
+from din.shared.eventlog import EventLog
+from din.shared.fair_input import FairInput
+from din.shared.micro import EndpointCounter, MicroDiscovery
+from din.shared.naming import Subjects, Topics
+from din.shared.settings import ServiceSettings
+from din.shared.tracing import Tracing
 from faststream import BaseMiddleware, FastStream
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-
-from shared import __version__, lifecycle
-from shared.bus.connect import broker_options, nats_servers
-from shared.bus.kafka import kafka_client_kwargs
-from shared.contracts.events import DeadLetterV1, HealthV1
-from shared.contracts.inference import RequestHeaders
-from shared.contracts.job import JobV1
-from shared.contracts.options import parse_request_id
-from shared.errors import DinError, ErrorCode, error_reply
-from shared.eventlog import EventLog
-from shared.fair_input import FairInput
-from shared.micro import EndpointCounter, MicroDiscovery
-from shared.naming import Subjects, Topics
-from shared.settings import ServiceSettings
-from shared.tracing import Tracing
 
 Handler = Callable[[Msg], Awaitable[None]]
 SubjectOf = str | Callable[[Any], str]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.contracts.inference import StreamChunkV1
+from din.shared.contracts.inference import StreamChunkV1
 
 
 class InOrder:

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from din.shared.contracts.inference import Datatype, InferRequestV1, InferResponseV1, TensorV1
+from din.shared.errors import DinError, ErrorCode
 from pydantic import ValidationError
-
-from shared.contracts.inference import Datatype, InferRequestV1, InferResponseV1, TensorV1
-from shared.errors import DinError, ErrorCode
 
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_TENSOR = "application/vnd.din.tensor"

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from din.shared.naming import token
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from shared.naming import token
 
 
 class TopologyError(ValueError):

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from din.shared.bus.connect import nats_options
+from din.shared.bus.kafka import KafkaAccess
+from din.shared.bus.permissions import OPERATOR_USER, tenant_user
+from din.shared.topology import Topology
 
 from din.stack.bus import BusCredentials
-from shared.bus.connect import nats_options
-from shared.bus.kafka import KafkaAccess
-from shared.bus.permissions import OPERATOR_USER, tenant_user
-from shared.topology import Topology
 from tests.support import three_site_topology
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
@@ -98,7 +98,7 @@ class NatsNetwork:
         """Connect options of ``tenant``'s clients at ``site`` (credentials issued now for a new tenant)."""
         if self.bus is None:
             return {}
-        from shared.bus import permissions
+        from din.shared.bus import permissions
 
         self.bus.nats.ensure(tenant_user(tenant), permissions.tenant(self.bus.topology, tenant))
         return self.options(site, tenant_user(tenant))
@@ -186,9 +186,10 @@ def session_kafka(tmp_path_factory):
         with KafkaContainer().with_kraft() as container:
             yield SessionKafka(KafkaAccess(container.get_bootstrap_server()))
         return
+    from din.shared.bus.kafka import apply_acls
+
     from din.stack.brokers import KafkaSpec
     from din.stack.launcher import PortPlan, check_ports, wait_kafka_ready
-    from shared.bus.kafka import apply_acls
 
     plan = PortPlan.free(edge_sites=0)
     spec = KafkaSpec(plan.kafka, plan.kafka_controller, bus_dir=tmp_path_factory.mktemp("bus"))
@@ -224,8 +225,8 @@ def kafka_operator(kafka_access) -> dict:
 def recorded_topics(kafka_access):
     """``await recorded_topics(scope)`` creates every recorded topic under ``scope`` as the operator, as ``din up``
     does for its run (services may not create topics)."""
-    from services.telemetry.settings import TelemetrySettings
-    from services.telemetry.topics import ensure_topics, topic_plan
+    from din.services.telemetry.settings import TelemetrySettings
+    from din.services.telemetry.topics import ensure_topics, topic_plan
 
     plan = topic_plan(TelemetrySettings(nats_url="nats://unused:4222", kafka_bootstrap=kafka_access.bootstrap,
                                         site="cloud"))
@@ -247,8 +248,9 @@ def unique() -> str:
 def zoo_dir() -> Path:
     """The model zoo (real models trained on scikit-learn's digits) that set-up built in the default model
     repository; built there first only when it is missing or older than the recipes."""
+    from din.zoo.build import build_zoo
+
     from din.stack.launcher import DEFAULT_MODEL_REPO
-    from zoo.build import build_zoo
 
     build_zoo(DEFAULT_MODEL_REPO)
     return DEFAULT_MODEL_REPO

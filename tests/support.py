@@ -15,9 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from shared.contracts.events import HeartbeatV1, ModelLoadedV1
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1
+from din.shared.contracts.events import HeartbeatV1, ModelLoadedV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1
 
 T = TypeVar("T")
 Description = str | Callable[[], str]

@@ -34,8 +34,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-
-from shared.contracts.model_config import (
+from din.shared.contracts.model_config import (
     CONFIG_FILE,
     DEFAULT_MAX_BATCH_SIZE,
     MODEL_FILE,
@@ -43,7 +42,7 @@ from shared.contracts.model_config import (
     ModelConfigV1,
     TensorConfigV1,
 )
-from zoo.digits import (
+from din.zoo.digits import (
     FAMILY,
     INPUT_BYTES_PER_ITEM,
     INPUT_NAME,
@@ -61,7 +60,7 @@ from zoo.digits import (
     parameter_count,
     to_onnx,
 )
-from zoo.text import (
+from din.zoo.text import (
     LOGITS_OUTPUT,
     PROMPT_INPUT,
     STATE_INPUT,
@@ -74,7 +73,7 @@ from zoo.text import (
     to_onnx_prefill,
     train_charlm,
 )
-from zoo.text import to_onnx as text_to_onnx
+from din.zoo.text import to_onnx as text_to_onnx
 
 ZOO_FORMAT = 3
 TEXT_TASK = "text-generation"
@@ -276,7 +275,7 @@ def _is_built(out_dir: Path, digest: str) -> bool:
 
 def _build_split_models(out_dir: Path, split: DigitsSplit) -> list[ModelConfigV1]:
     """Cut every model with split points into a head and a tail at each point; their configs, head first."""
-    from zoo.split import split_model
+    from din.zoo.split import split_model
 
     configs = []
     for source, point, versions in _split_sources():
@@ -318,7 +317,7 @@ def _build_split_models(out_dir: Path, split: DigitsSplit) -> list[ModelConfigV1
 
 def _head_leakage(head: Path, point: str, split: DigitsSplit) -> float:
     """What an inversion attack recovers of the input from the head's unprotected output (``zoo.inversion``)."""
-    from zoo.inversion import recovered_variance
+    from din.zoo.inversion import recovered_variance
 
     session = _ort_session(head.read_bytes())
     (train_mid,) = session.run([point], {INPUT_NAME: split.x_train})

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from shared.contracts.model_config import TensorConfigV1
+from din.shared.contracts.model_config import TensorConfigV1
 
 TASK = "image-classification"
 FAMILY = "digits"

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import onnx
 import onnx.utils
-
-from shared.errors import DinError, ErrorCode
+from din.shared.errors import DinError, ErrorCode
 
 
 @dataclass(frozen=True)

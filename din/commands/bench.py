@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR, number_list, write_results
+from din.bench import RESULTS_DIR, number_list, write_results
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.inference_path import run_bench
+    from din.bench.inference_path import run_bench
 
     report = run_bench(DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR, levels=list(args.concurrency), seconds=args.seconds,
                        light_count=args.light_requests, mode=args.mode)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR, number_list, write_results
+from din.bench import RESULTS_DIR, number_list, write_results
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 
 
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_cascade(args: argparse.Namespace) -> int:
-    from bench.cascade import run_cascade_bench
+    from din.bench.cascade import run_cascade_bench
 
     report = run_cascade_bench(DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR, thresholds=list(args.thresholds),
                                warm_up=args.warm_up)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR
+from din.bench import RESULTS_DIR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_bench_gateway(args: argparse.Namespace) -> int:
     """Run the gateway benchmark; returns the exit code."""
-    from bench.gateway import run_gateway_bench
+    from din.bench.gateway import run_gateway_bench
 
     return run_gateway_bench(requests=args.requests, rounds=args.rounds, out=args.out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR, write_results
+from din.bench import RESULTS_DIR, write_results
 from din.stack.launcher import DEFAULT_MODEL_REPO
 
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_bench_multistage(args: argparse.Namespace) -> int:
     """Run the offline measurements and write the results; returns the exit code."""
-    from bench.multistage import run_multistage
+    from din.bench.multistage import run_multistage
 
     report = run_multistage(args.repo)
     write_results(args.out, "multistage", report.to_json(), report.to_markdown())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR, write_results
+from din.bench import RESULTS_DIR, write_results
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 
 
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_overload(args: argparse.Namespace) -> int:
-    from bench.overload import run_overload_bench
+    from din.bench.overload import run_overload_bench
 
     report = run_overload_bench(DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR / "bench-overload", seconds=args.seconds)
     write_results(args.out, "overload", report.to_json(), report.to_markdown())

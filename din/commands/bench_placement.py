@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR, number_list, write_results
+from din.bench import RESULTS_DIR, number_list, write_results
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_placement(args: argparse.Namespace) -> int:
-    from bench.placement import run_placement_bench
+    from din.bench.placement import run_placement_bench
 
     report = run_placement_bench(args.sizes, sites=args.sites, jobs=args.jobs)
     write_results(args.out, "placement", report.to_json(), report.to_markdown())

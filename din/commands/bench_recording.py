@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR
+from din.bench import RESULTS_DIR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_bench_recording(args: argparse.Namespace) -> int:
     """Run the recording benchmark; returns its exit code."""
-    from bench.recording import run_recording_bench
+    from din.bench.recording import run_recording_bench
 
     return run_recording_bench(seconds=args.seconds, concurrency=args.concurrency, out=args.out)

@@ -22,6 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_bench_sample_recording(args: argparse.Namespace) -> int:
     """Record the sample window and write the report; returns the exit code."""
-    from bench.sample_recording import record_sample
+    from din.bench.sample_recording import record_sample
 
     return record_sample(args.out, args.screenshot)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR
+from din.bench import RESULTS_DIR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_bench_security(args: argparse.Namespace) -> int:
     """Run the security benchmark; returns the exit code."""
-    from bench.security import run_security_bench
+    from din.bench.security import run_security_bench
 
     return run_security_bench(seconds=args.seconds, concurrency=args.concurrency, rounds=args.rounds, din=args.din,
                               out=args.out)

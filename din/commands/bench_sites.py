@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR, write_results
+from din.bench import RESULTS_DIR, write_results
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_sites(args: argparse.Namespace) -> int:
-    from bench.sites import run_sites_bench
+    from din.bench.sites import run_sites_bench
 
     report = run_sites_bench(DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR / "bench-sites", requests=args.requests,
                              partition_s=args.partition_s, kill_requests=args.kill_requests)

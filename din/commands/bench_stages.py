@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import RESULTS_DIR, number_list, write_results
+from din.bench import RESULTS_DIR, number_list, write_results
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO
 
 
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_stages(args: argparse.Namespace) -> int:
-    from bench.stages import run_stages_bench
+    from din.bench.stages import run_stages_bench
 
     report = run_stages_bench(
         DEFAULT_MODEL_REPO, DEFAULT_DIN_DIR, items=args.items, requests=args.requests, rates_per_s=args.rates,

@@ -14,6 +14,10 @@ from din.commands.report import REPORT_TOPICS
 from din.replay.reader import RecordRange
 from din.replay.recorded import load_window
 from din.replay.report import render_report
+from din.shared.bus.permissions import tenant_user
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.security import PrincipalKeys
+from din.shared.topology import load_topology
 from din.stack.launcher import (
     DEFAULT_DIN_DIR,
     DEFAULT_MODEL_REPO,
@@ -25,10 +29,6 @@ from din.stack.launcher import (
 )
 from din.stack.wan import ToxiproxyClient
 from din.workload import load_digits_test, mixed_plan, run_workload
-from shared.bus.permissions import tenant_user
-from shared.credentials import issue_token, read_credentials
-from shared.security import PrincipalKeys
-from shared.topology import load_topology
 
 REPORT_SETTLE_S = 1.0
 

@@ -21,10 +21,10 @@ import numpy as np
 from din.client import DinClient, DinRequestError, NoAnswerError
 from din.commands.target import add_stack_arguments
 from din.commands.token import running_tenant
+from din.shared.contracts.inference import InferResponseV1, SlaClass, StreamChunkV1
+from din.shared.contracts.options import RequestOptionsV1
 from din.stack.launcher import DEFAULT_MODEL_REPO
 from din.workload import load_digits_test
-from shared.contracts.inference import InferResponseV1, SlaClass, StreamChunkV1
-from shared.contracts.options import RequestOptionsV1
 
 DIGITS_MODEL = "digits-small"
 TEXT_MODEL = "charlm"

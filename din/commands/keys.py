@@ -13,20 +13,13 @@ import asyncio
 from pathlib import Path
 
 from din.commands.target import add_stack_arguments, keys_dir_of, nats_of, stack_state
-from din.stack.bus import BusCredentials
-from din.stack.launcher import (
-    DEFAULT_TOPOLOGY,
-    format_table,
-    service_instances,
-)
-from din.stack.processes import StackError
-from shared.bus.connect import nats_servers
-from shared.bus.tls import DEFAULT_HOSTS
-from shared.contracts.keys import KeyAction, KeyCommandResultV1
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
-from shared.naming import Subjects
-from shared.recording import write_replay_keys
-from shared.security import (
+from din.shared.bus.connect import nats_servers
+from din.shared.bus.tls import DEFAULT_HOSTS
+from din.shared.contracts.keys import KeyAction, KeyCommandResultV1
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from din.shared.naming import Subjects
+from din.shared.recording import write_replay_keys
+from din.shared.security import (
     AUDIT,
     KEYMANAGER,
     KEYSTORE_FILE,
@@ -39,7 +32,14 @@ from shared.security import (
     new_key_command,
     sign_key_command,
 )
-from shared.topology import load_topology
+from din.shared.topology import load_topology
+from din.stack.bus import BusCredentials
+from din.stack.launcher import (
+    DEFAULT_TOPOLOGY,
+    format_table,
+    service_instances,
+)
+from din.stack.processes import StackError
 
 COMMAND_TIMEOUT_S = 30.0
 

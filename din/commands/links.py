@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from din.shared.topology import MAX_LOSS_PERCENT, LinkConditions, Topology, load_topology
 from din.stack.launcher import (
     DEFAULT_DIN_DIR,
     DEFAULT_TOPOLOGY,
@@ -20,7 +21,6 @@ from din.stack.launcher import (
 )
 from din.stack.processes import StackError
 from din.stack.wan import LOOPBACK, ToxiproxyClient, WanLink, conditions_of
-from shared.topology import MAX_LOSS_PERCENT, LinkConditions, Topology, load_topology
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$")
 NO_CAP = ("none", "unlimited", "off")

@@ -14,15 +14,15 @@ import nats
 
 from din.commands.target import keys_dir_of
 from din.model_import import ModelImportError, add_model
+from din.shared.bus.connect import nats_servers
+from din.shared.catalog import REFRESH_S, ModelCatalog
+from din.shared.contracts.events import LoadModelV1, ModelLoadedV1
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from din.shared.naming import Subjects
+from din.shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, STATE_FILE_NAME, read_state, shown_path, state_nats
 from din.stack.processes import StackError
-from shared.bus.connect import nats_servers
-from shared.catalog import REFRESH_S, ModelCatalog
-from shared.contracts.events import LoadModelV1, ModelLoadedV1
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
-from shared.naming import Subjects
-from shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file
-from zoo.build import build_zoo
+from din.zoo.build import build_zoo
 
 LOAD_TIMEOUT_S = 30.0
 """How long a load command waits for the executor (opening and warming a large graph takes a while)."""

@@ -14,10 +14,10 @@ import argparse
 import shlex
 
 from din.commands.target import add_stack_arguments, nats_of, stack_state
+from din.shared.bus.nats_auth import SYSTEM_USER
+from din.shared.bus.permissions import OPERATOR_USER, tenant_inbox, tenant_user
+from din.shared.bus.tls import CA_CERT
 from din.stack.processes import StackError, local_tool
-from shared.bus.nats_auth import SYSTEM_USER
-from shared.bus.permissions import OPERATOR_USER, tenant_inbox, tenant_user
-from shared.bus.tls import CA_CERT
 
 NATS_CLI_VERSION = "v0.5.0"
 """The ``nats`` CLI ``ops/setup.sh`` builds (``github.com/nats-io/natscli/nats``) into ``.din/bin``."""

@@ -20,14 +20,14 @@ from din.replay.outcomes import replay_request_id
 from din.replay.reader import ReplayError, quiet_kafka_client
 from din.replay.recorded import load_window
 from din.replay.whatif import POLICIES, what_if
+from din.shared.bus.connect import nats_servers
+from din.shared.bus.permissions import OPERATOR_USER, tenant_user
+from din.shared.catalog import ModelCatalog
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.naming import Topics
+from din.shared.recording import load_replay_keys
+from din.shared.security import PrincipalKeys, key_file, tenant_principal
 from din.stack.launcher import DEFAULT_MODEL_REPO
-from shared.bus.connect import nats_servers
-from shared.bus.permissions import OPERATOR_USER, tenant_user
-from shared.catalog import ModelCatalog
-from shared.credentials import issue_token, read_credentials
-from shared.naming import Topics
-from shared.recording import load_replay_keys
-from shared.security import PrincipalKeys, key_file, tenant_principal
 
 EXIT_ERROR = 2
 KAFKA_USER = "replay"

@@ -12,7 +12,7 @@ from din.replay.endpoints import add_source_arguments, record_range, resolve_end
 from din.replay.reader import ReplayError, quiet_kafka_client
 from din.replay.recorded import load_window
 from din.replay.report import render_report, window_traffic
-from shared.naming import Topics
+from din.shared.naming import Topics
 
 EXIT_ERROR = 2
 KAFKA_USER = "report"

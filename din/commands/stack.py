@@ -14,6 +14,7 @@ from pathlib import Path
 
 from din.commands.links import links_table
 from din.commands.models import build_models
+from din.shared.topology import load_topology
 from din.stack.brokers import (
     DEFAULT_KAFKA_LIBS,
     REPO_ROOT,
@@ -42,7 +43,6 @@ from din.stack.launcher import (
 from din.stack.processes import StackError, pid_alive
 from din.stack.supervision import Supervisor
 from din.stack.wan import ToxiproxyClient, toxiproxy_binary
-from shared.topology import load_topology
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EXIT_NOT_RUNNING = 3

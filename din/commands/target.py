@@ -15,11 +15,11 @@ import argparse
 import os
 from pathlib import Path
 
+from din.shared.bus.permissions import OPERATOR_USER
+from din.shared.bus.tls import CA_CERT
+from din.shared.topology import load_topology
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_TOPOLOGY, STATE_FILE_NAME, read_state, state_nats
 from din.stack.processes import StackError
-from shared.bus.permissions import OPERATOR_USER
-from shared.bus.tls import CA_CERT
-from shared.topology import load_topology
 
 NATS_URL_ENV = "DIN_STACK_NATS_URL"
 KEYS_DIR_ENV = "DIN_STACK_KEYS_DIR"

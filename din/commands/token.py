@@ -7,10 +7,10 @@ import argparse
 from pathlib import Path
 
 from din.commands.target import add_stack_arguments, credentials_of, keys_dir_of, nats_of, stack_state
+from din.shared.bus.permissions import tenant_user
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.security import PrincipalKeys, key_file, tenant_principal
 from din.stack.processes import StackError
-from shared.bus.permissions import tenant_user
-from shared.credentials import issue_token, read_credentials
-from shared.security import PrincipalKeys, key_file, tenant_principal
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -37,11 +37,11 @@ from din.client import DinClient, DinRequestError, NoAnswerError, NoRespondersEr
 from din.replay.outcomes import Outcome, replay_request_id
 from din.replay.progress import ProgressBar
 from din.replay.reader import ReplayError
-from shared.contracts.inference import TENSOR_CONTENT_TYPE, RequestHeaders, ServedByV1, StreamChunkV1
-from shared.contracts.options import option_headers
-from shared.naming import Subjects
-from shared.recording import RecordedRequest
-from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_SHAPE_HEADER, WIRE_DTYPES, encode_binary, parse_datatype
+from din.shared.contracts.inference import TENSOR_CONTENT_TYPE, RequestHeaders, ServedByV1, StreamChunkV1
+from din.shared.contracts.options import option_headers
+from din.shared.naming import Subjects
+from din.shared.recording import RecordedRequest
+from din.shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_SHAPE_HEADER, WIRE_DTYPES, encode_binary, parse_datatype
 
 ANSWER_GRACE_S = 1.0
 LATE_AFTER_S = 0.05

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from din.commands.target import add_keys_dir_argument, env_kafka, env_nats_url, given_state
 from din.replay.reader import RecordRange, ReplayError, parse_offsets, parse_time
+from din.shared.bus.connect import nats_options
+from din.shared.bus.kafka import KafkaAccess
+from din.shared.bus.nats_auth import NATS_DIR, NatsAuthority
+from din.shared.bus.tls import CA_CERT
+from din.shared.topology import Topology, TopologyError, load_topology
 from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state
-from shared.bus.connect import nats_options
-from shared.bus.kafka import KafkaAccess
-from shared.bus.nats_auth import NATS_DIR, NatsAuthority
-from shared.bus.tls import CA_CERT
-from shared.topology import Topology, TopologyError, load_topology
 
 DEFAULT_SINCE = "15m"
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from shared.contracts.events import AdmissionDecisionV1, CompletionV1, SchedulingDecisionV1
-from shared.contracts.options import MAX_REQUEST_ID
+from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, SchedulingDecisionV1
+from din.shared.contracts.options import MAX_REQUEST_ID
 
 NO_OUTCOME = "no_outcome_recorded"
 REPLAY_ID_PREFIX = "replay-"

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from shared.eventlog import REFUSALS
+from din.shared.eventlog import REFUSALS
 
 CONNECT_ATTEMPTS = 5
 CONNECT_DELAY_S = 1.0

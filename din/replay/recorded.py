@@ -19,17 +19,17 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from din.replay.reader import ReadStats, RecordRange, ReplayError, TopicReader
-from shared import envelope
-from shared.contracts.events import (
+from din.shared import envelope
+from din.shared.contracts.events import (
     AdmissionDecisionV1,
     ClassificationV1,
     CompletionV1,
     HeartbeatV1,
     SchedulingDecisionV1,
 )
-from shared.contracts.telemetry import SlaViolationV1
-from shared.naming import Topics
-from shared.recording import CorruptRecord, RecordedRequest, open_recorded, parse_request_record
+from din.shared.contracts.telemetry import SlaViolationV1
+from din.shared.naming import Topics
+from din.shared.recording import CorruptRecord, RecordedRequest, open_recorded, parse_request_record
 
 OUTCOME_SLACK_MS = 2_000.0
 HEARTBEAT_LEAD_MS = 5_000.0

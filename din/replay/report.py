@@ -32,8 +32,8 @@ import numpy as np
 from din.replay.outcomes import Outcome, final_outcomes, stage_name
 from din.replay.recorded import RecordedWindow
 from din.replay.svg import bar_chart, line_chart
-from services.telemetry.settings import DEFAULT_SLA_TARGETS_MS
-from shared.contracts.inference import SlaClass
+from din.services.telemetry.settings import DEFAULT_SLA_TARGETS_MS
+from din.shared.contracts.inference import SlaClass
 
 CDF_POINTS = 400
 TARGET_BUCKETS = 60

@@ -65,18 +65,18 @@ import numpy as np
 from din.replay.outcomes import is_forward
 from din.replay.reader import ReplayError
 from din.replay.recorded import RecordedWindow
-from services.scheduler.inflight import InflightJob
-from services.scheduler.links import SAME_SITE_RTT_MS, UNMEASURED_RTT_MS, LinkTable
-from services.scheduler.placement import Placement, assign, pick_executor
-from services.scheduler.plans import is_multi_stage, place_job
-from services.scheduler.registry import ExecutorRegistry, ExecutorState, Finished, RegistryView, finished_by
-from services.scheduler.settings import SchedulingMode
-from shared.catalog import ModelCatalog
-from shared.contracts.events import CompletionV1, HeartbeatV1, ModelLoadedV1, SchedulingDecisionV1
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1
-from shared.errors import DinError
-from shared.topology import Topology
+from din.services.scheduler.inflight import InflightJob
+from din.services.scheduler.links import SAME_SITE_RTT_MS, UNMEASURED_RTT_MS, LinkTable
+from din.services.scheduler.placement import Placement, assign, pick_executor
+from din.services.scheduler.plans import is_multi_stage, place_job
+from din.services.scheduler.registry import ExecutorRegistry, ExecutorState, Finished, RegistryView, finished_by
+from din.services.scheduler.settings import SchedulingMode
+from din.shared.catalog import ModelCatalog
+from din.shared.contracts.events import CompletionV1, HeartbeatV1, ModelLoadedV1, SchedulingDecisionV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1
+from din.shared.errors import DinError
+from din.shared.topology import Topology
 
 DEFAULT_PER_ITEM_MS = 0.2
 ASSUMED_INTERVAL_S = 3600.0

@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from din.shared.bus.files import write_secret
+from din.shared.bus.kafka import BROKER_USER, KAFKA_DIR, MECHANISM, USERS, KafkaAccess, KafkaUsers, ensure_kafka_users
+from din.shared.bus.tls import BusCA
+
 from din.stack.processes import ManagedProcess, StackError, wait_for_port
-from shared.bus.files import write_secret
-from shared.bus.kafka import BROKER_USER, KAFKA_DIR, MECHANISM, USERS, KafkaAccess, KafkaUsers, ensure_kafka_users
-from shared.bus.tls import BusCA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_POM = REPO_ROOT / "ops" / "kafka" / "pom.xml"

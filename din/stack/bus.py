@@ -12,13 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from din.shared.bus import permissions as rules
+from din.shared.bus.kafka import ensure_kafka_users
+from din.shared.bus.nats_auth import NATS_DIR, SYSTEM_ACCOUNT, SYSTEM_USER, NatsAuthority
+from din.shared.bus.permissions import OPERATOR_USER, Permissions, tenant_user
+from din.shared.bus.tls import DEFAULT_HOSTS, BusCA
+from din.shared.topology import Topology
+
 from din.stack.brokers import NatsSecurity
-from shared.bus import permissions as rules
-from shared.bus.kafka import ensure_kafka_users
-from shared.bus.nats_auth import NATS_DIR, SYSTEM_ACCOUNT, SYSTEM_USER, NatsAuthority
-from shared.bus.permissions import OPERATOR_USER, Permissions, tenant_user
-from shared.bus.tls import DEFAULT_HOSTS, BusCA
-from shared.topology import Topology
 
 EXECUTOR = "executor"
 

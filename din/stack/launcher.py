@@ -35,6 +35,28 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePath
 
 import yaml
+from din.services.telemetry.settings import TelemetrySettings
+from din.services.telemetry.topics import ensure_topics, topic_plan
+from din.shared.bus.connect import nats_options, nats_servers
+from din.shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
+from din.shared.bus.nats_auth import NATS_DIR, NatsAuthority
+from din.shared.bus.permissions import OPERATOR_USER
+from din.shared.bus.tls import CA_CERT
+from din.shared.completionstream import MIB, completions_stream_config
+from din.shared.credentials import write_credentials
+from din.shared.naming import Subjects
+from din.shared.security import (
+    KEYSTORE_FILE,
+    MASTER_KEY_FILE,
+    CryptoPolicy,
+    PrincipalKeys,
+    init_keys,
+    key_file,
+    key_file_name,
+    site_principal,
+    tenant_principal,
+)
+from din.shared.topology import Topology
 
 from din.stack.brokers import (
     DEFAULT_KAFKA_LIBS,
@@ -57,28 +79,6 @@ from din.stack.processes import (
     wait_for_port,
 )
 from din.stack.wan import ToxiproxyClient, ToxiproxySpec, WanLink, toxiproxy_binary, wan_links
-from services.telemetry.settings import TelemetrySettings
-from services.telemetry.topics import ensure_topics, topic_plan
-from shared.bus.connect import nats_options, nats_servers
-from shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
-from shared.bus.nats_auth import NATS_DIR, NatsAuthority
-from shared.bus.permissions import OPERATOR_USER
-from shared.bus.tls import CA_CERT
-from shared.completionstream import MIB, completions_stream_config
-from shared.credentials import write_credentials
-from shared.naming import Subjects
-from shared.security import (
-    KEYSTORE_FILE,
-    MASTER_KEY_FILE,
-    CryptoPolicy,
-    PrincipalKeys,
-    init_keys,
-    key_file,
-    key_file_name,
-    site_principal,
-    tenant_principal,
-)
-from shared.topology import Topology
 
 DIN_DIR_ENV = "DIN_DIR"
 DEFAULT_DIN_DIR = Path(os.environ.get(DIN_DIR_ENV) or REPO_ROOT / ".din")
@@ -459,8 +459,8 @@ def service_environments(
 
 
 def default_service_command(instance: ServiceInstance) -> list[str]:
-    """``python -m services.<kind>``, run from the repository root."""
-    return [sys.executable, "-m", f"services.{instance.service}"]
+    """``python -m din.services.<kind>``, run from the repository root."""
+    return [sys.executable, "-m", f"din.services.{instance.service}"]
 
 
 def _edge_sites(topology: Topology) -> list[str]:
@@ -572,10 +572,9 @@ async def _await_health(
     counts at least that many live executors); raise on exit or timeout. ``options`` gives the connect options
     for a server URL (the operator's credentials on a closed bus)."""
     import nats
+    from din.shared.contracts.events import HealthV1
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
-
-    from shared.contracts.events import HealthV1
 
     connections = {}
     try:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from din.shared.topology import LinkConditions, Topology
+
 from din.stack.processes import LOCAL_BIN, ManagedProcess, StackError, local_tool
-from shared.topology import LinkConditions, Topology
 
 TOXIPROXY_VERSION = "v2.12.0"
 """Pinned Toxiproxy release; ``ops/setup.sh`` installs this one."""

@@ -1,5 +1,5 @@
-from services.admission.main import Admission
-from services.admission.settings import AdmissionSettings
-from shared.runtime import run_service
+from din.services.admission.main import Admission
+from din.services.admission.settings import AdmissionSettings
+from din.shared.runtime import run_service
 
 run_service(Admission(AdmissionSettings()))

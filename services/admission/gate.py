@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from services.admission.intake import Intake, read_intake
-from services.admission.quota import QuotaLedger
-from services.admission.shedding import LoadShedder
-from shared.catalog import ModelCatalog, ModelEntry
-from shared.contracts.options import SPLIT_AUTO, SPLIT_NONE, RequestOptionsV1
-from shared.credentials import InvalidCredential, TenantVerifier
-from shared.errors import DinError, ErrorCode
+from din.services.admission.intake import Intake, read_intake
+from din.services.admission.quota import QuotaLedger
+from din.services.admission.shedding import LoadShedder
+from din.shared.catalog import ModelCatalog, ModelEntry
+from din.shared.contracts.options import SPLIT_AUTO, SPLIT_NONE, RequestOptionsV1
+from din.shared.credentials import InvalidCredential, TenantVerifier
+from din.shared.errors import DinError, ErrorCode
 
 
 class AdmissionGate:

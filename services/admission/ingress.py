@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.contracts.inference import RequestHeaders
-from shared.envelope import InvalidToken, Reason
-from shared.errors import DinError, ErrorCode
-from shared.security import (
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.envelope import InvalidToken, Reason
+from din.shared.errors import DinError, ErrorCode
+from din.shared.security import (
     ANSWER_FIELD,
     ANSWER_PLAIN,
     ENVELOPE_PREFIX,

@@ -11,16 +11,14 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
-from shared.contracts.inference import (
+from din.shared.contracts.inference import (
     JSON_CONTENT_TYPE,
     TENSOR_CONTENT_TYPE,
     InferRequestV1,
     RequestHeaders,
 )
-from shared.contracts.job import JobV1
-from shared.contracts.options import (
+from din.shared.contracts.job import JobV1
+from din.shared.contracts.options import (
     DEFAULT_TIMEOUT_MS,
     MAX_TIMEOUT_MS,
     RequestOptionsV1,
@@ -30,7 +28,8 @@ from shared.contracts.options import (
     parse_request_id,
     read_options,
 )
-from shared.errors import DinError, ErrorCode
+from din.shared.errors import DinError, ErrorCode
+from pydantic import ValidationError
 
 
 @dataclass(frozen=True)

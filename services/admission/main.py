@@ -20,30 +20,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from faststream.nats.annotations import NatsMessage
-from nats.aio.msg import Msg
-
-from services.admission.gate import AdmissionGate
-from services.admission.ingress import RequestOpener, Unsealed
-from services.admission.intake import Intake, admitted_job, peek_request_id
-from services.admission.nonces import SharedNonces
-from services.admission.quota import QuotaLedger, daily_budgets, quota_shares
-from services.admission.refusals import RefusalTally
-from services.admission.settings import AdmissionSettings
-from services.admission.shedding import LoadShedder
-from shared.bus.permissions import is_tenant_reply
-from shared.catalog import ModelCatalog
-from shared.contracts.events import AdmissionDecisionV1, PressureV1
-from shared.contracts.inference import RequestHeaders, SlaClass
-from shared.contracts.job import JobV1
-from shared.credentials import TenantVerifier, read_credentials
-from shared.envelope import H_NONCE, InvalidToken, Reason
-from shared.errors import DinError, ErrorCode
-from shared.fair_input import request_tenant
-from shared.naming import InvalidNameError, Subjects, Topics
-from shared.recording import record_request
-from shared.runtime import Service, control, endpoint
-from shared.security import (
+from din.services.admission.gate import AdmissionGate
+from din.services.admission.ingress import RequestOpener, Unsealed
+from din.services.admission.intake import Intake, admitted_job, peek_request_id
+from din.services.admission.nonces import SharedNonces
+from din.services.admission.quota import QuotaLedger, daily_budgets, quota_shares
+from din.services.admission.refusals import RefusalTally
+from din.services.admission.settings import AdmissionSettings
+from din.services.admission.shedding import LoadShedder
+from din.shared.bus.permissions import is_tenant_reply
+from din.shared.catalog import ModelCatalog
+from din.shared.contracts.events import AdmissionDecisionV1, PressureV1
+from din.shared.contracts.inference import RequestHeaders, SlaClass
+from din.shared.contracts.job import JobV1
+from din.shared.credentials import TenantVerifier, read_credentials
+from din.shared.envelope import H_NONCE, InvalidToken, Reason
+from din.shared.errors import DinError, ErrorCode
+from din.shared.fair_input import request_tenant
+from din.shared.naming import InvalidNameError, Subjects, Topics
+from din.shared.recording import record_request
+from din.shared.runtime import Service, control, endpoint
+from din.shared.security import (
     ControlRefused,
     ControlVerifier,
     PayloadSecurity,
@@ -53,8 +50,10 @@ from shared.security import (
     site_principal,
     tenant_principal,
 )
-from shared.sensitivity import header_labels, marks_sensitive
-from shared.topology import load_topology
+from din.shared.sensitivity import header_labels, marks_sensitive
+from din.shared.topology import load_topology
+from faststream.nats.annotations import NatsMessage
+from nats.aio.msg import Msg
 
 PASSTHROUGH_PREFIXES = ("Din-Tensor-", "Content-Type")
 SILENT_REASONS = (Reason.REPLAY, Reason.STALE)

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.topology import Topology
+from din.shared.topology import Topology
 
 
 @dataclass

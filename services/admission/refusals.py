@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.contracts.events import AdmissionDecisionV1
-from shared.errors import DinError
+from din.shared.contracts.events import AdmissionDecisionV1
+from din.shared.errors import DinError
 
 WINDOW_MS = 1_000.0
 

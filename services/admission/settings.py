@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
+from din.shared.security import SecuredServiceSettings
+from din.shared.sensitivity import SENSITIVE_LABELS
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
-
-from shared.security import SecuredServiceSettings
-from shared.sensitivity import SENSITIVE_LABELS
 
 
 class AdmissionSettings(SecuredServiceSettings):

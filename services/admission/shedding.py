@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.contracts.events import PressureV1
-from shared.errors import DinError, ErrorCode
+from din.shared.contracts.events import PressureV1
+from din.shared.errors import DinError, ErrorCode
 
 PRESSURE_STALE_MS = 2_000.0
 """A report older than this is ignored: the scheduler is gone or restarting, and requests admitted meanwhile wait

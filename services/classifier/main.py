@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import time
 
+from din.services.classifier.policy import WorkloadPolicy
+from din.services.classifier.settings import ClassifierSettings
+from din.shared import lifecycle
+from din.shared.catalog import ModelCatalog
+from din.shared.contracts.events import ClassificationV1
+from din.shared.contracts.job import HEADER_PREFIX, JobV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.fair_input import job_tenant
+from din.shared.naming import Subjects, Topics
+from din.shared.runtime import Service, job_endpoint
+from din.shared.security import payload_size
+from din.shared.topology import load_topology
 from nats.aio.msg import Msg
-
-from services.classifier.policy import WorkloadPolicy
-from services.classifier.settings import ClassifierSettings
-from shared import lifecycle
-from shared.catalog import ModelCatalog
-from shared.contracts.events import ClassificationV1
-from shared.contracts.job import HEADER_PREFIX, JobV1
-from shared.errors import DinError, ErrorCode
-from shared.fair_input import job_tenant
-from shared.naming import Subjects, Topics
-from shared.runtime import Service, job_endpoint
-from shared.security import payload_size
-from shared.topology import load_topology
 
 
 class Classifier(Service):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shared.catalog import ModelCatalog, ModelEntry
-from shared.contracts.job import JobV1, WorkloadClassV1
-from shared.topology import TenantSpec
+from din.shared.catalog import ModelCatalog, ModelEntry
+from din.shared.contracts.job import JobV1, WorkloadClassV1
+from din.shared.topology import TenantSpec
 
 SIZE_CLASSES = ((16 * 1024, "small"), (256 * 1024, "medium"))
 

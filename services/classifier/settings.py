@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
+from din.shared.sensitivity import SENSITIVE_LABELS
+from din.shared.settings import ServiceSettings
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
-
-from shared.sensitivity import SENSITIVE_LABELS
-from shared.settings import ServiceSettings
 
 
 class ClassifierSettings(ServiceSettings):

@@ -1,5 +1,5 @@
-from services.executor.main import Executor
-from services.executor.settings import ExecutorSettings
-from shared.runtime import run_service
+from din.services.executor.main import Executor
+from din.services.executor.settings import ExecutorSettings
+from din.shared.runtime import run_service
 
 run_service(Executor(ExecutorSettings()))

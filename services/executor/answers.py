@@ -8,15 +8,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from services.executor.batcher import ItemResult
-from services.executor.stages import describe
-from shared.contracts.events import CompletionV1
-from shared.contracts.inference import InferResponseV1, ServedByV1
-from shared.contracts.job import JobV1
-from shared.errors import DinError
-from shared.lifecycle import Outcome
-from shared.security import PayloadProtection
-from shared.tensors import encode_outputs
+from din.services.executor.batcher import ItemResult
+from din.services.executor.stages import describe
+from din.shared.contracts.events import CompletionV1
+from din.shared.contracts.inference import InferResponseV1, ServedByV1
+from din.shared.contracts.job import JobV1
+from din.shared.errors import DinError
+from din.shared.lifecycle import Outcome
+from din.shared.security import PayloadProtection
+from din.shared.tensors import encode_outputs
 
 HANDED_ON = (Outcome.HANDED_ON, Outcome.ESCALATED)
 """Outcomes that sent the job on instead of answering it."""

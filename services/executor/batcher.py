@@ -49,10 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from shared.contracts.inference import SlaClass
-from shared.errors import DinError, ErrorCode
-from shared.fairness import FairClock, FairQueue
+from din.shared.contracts.inference import SlaClass
+from din.shared.errors import DinError, ErrorCode
+from din.shared.fairness import FairClock, FairQueue
 
 CLASS_PRIORITY: tuple[SlaClass, ...] = (SlaClass.REALTIME, SlaClass.INTERACTIVE, SlaClass.BATCH)
 DEFAULT_CLASS_WEIGHTS: dict[SlaClass, int] = {SlaClass.REALTIME: 8, SlaClass.INTERACTIVE: 4, SlaClass.BATCH: 1}

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from shared import lifecycle
-from shared.lifecycle import FenceReason
+from din.shared import lifecycle
+from din.shared.lifecycle import FenceReason
 
 TICK_S = 0.02
 """How often the event loop proves it is running (well under the shortest stall limit)."""

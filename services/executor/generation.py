@@ -12,15 +12,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
-
-from services.executor.answers import now_ms, rounded
-from services.executor.batcher import DynamicBatcher, ItemResult
-from services.executor.stages import DecodeState, next_token, prompt_tokens
-from shared.contracts.inference import ServedByV1, StreamChunkV1
-from shared.contracts.job import JobV1
-from shared.contracts.model_config import ModelConfigV1
-from shared.errors import DinError, ErrorCode
-from shared.lifecycle import FIRST_TOKEN_STAMP
+from din.services.executor.answers import now_ms, rounded
+from din.services.executor.batcher import DynamicBatcher, ItemResult
+from din.services.executor.stages import DecodeState, next_token, prompt_tokens
+from din.shared.contracts.inference import ServedByV1, StreamChunkV1
+from din.shared.contracts.job import JobV1
+from din.shared.contracts.model_config import ModelConfigV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.lifecycle import FIRST_TOKEN_STAMP
 
 
 @dataclass(frozen=True)

@@ -28,29 +28,28 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from din.services.executor import generation, pulling
+from din.services.executor.answers import AnswerWriter, now_ms
+from din.services.executor.batcher import DynamicBatcher, ItemResult
+from din.services.executor.fencing import TICK_S, Continuity
+from din.services.executor.repository import ModelHandle, ModelRepository
+from din.services.executor.sealing import ExecutorSeals, UnreadableJob, protection
+from din.services.executor.serving import ServedModels
+from din.services.executor.settings import ExecutorSettings
+from din.services.executor.stages import STATE_CONTENT_TYPE, DecodeState, decode_state, encode_state, intermediate
+from din.shared import lifecycle
+from din.shared.cascade import EscalationCalibrator, answer_confidence
+from din.shared.contracts.events import HeartbeatV1, LoadModelV1
+from din.shared.contracts.inference import STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders, StreamChunkV1
+from din.shared.contracts.job import JobV1, StageKind
+from din.shared.envelope import InvalidToken
+from din.shared.errors import DinError, ErrorCode, error_reply
+from din.shared.lifecycle import FenceReason, Outcome, Settlement
+from din.shared.naming import Subjects, Topics
+from din.shared.runtime import Service, control, endpoint, job_endpoint
+from din.shared.security import ControlRefused, ControlSigner, ControlVerifier, Opened, PayloadSecurity
+from din.shared.tensors import decode_request, validate_inputs
 from nats.aio.msg import Msg
-
-from services.executor import generation, pulling
-from services.executor.answers import AnswerWriter, now_ms
-from services.executor.batcher import DynamicBatcher, ItemResult
-from services.executor.fencing import TICK_S, Continuity
-from services.executor.repository import ModelHandle, ModelRepository
-from services.executor.sealing import ExecutorSeals, UnreadableJob, protection
-from services.executor.serving import ServedModels
-from services.executor.settings import ExecutorSettings
-from services.executor.stages import STATE_CONTENT_TYPE, DecodeState, decode_state, encode_state, intermediate
-from shared import lifecycle
-from shared.cascade import EscalationCalibrator, answer_confidence
-from shared.contracts.events import HeartbeatV1, LoadModelV1
-from shared.contracts.inference import STREAM_SEQ_HEADER, TENSOR_CONTENT_TYPE, RequestHeaders, StreamChunkV1
-from shared.contracts.job import JobV1, StageKind
-from shared.envelope import InvalidToken
-from shared.errors import DinError, ErrorCode, error_reply
-from shared.lifecycle import FenceReason, Outcome, Settlement
-from shared.naming import Subjects, Topics
-from shared.runtime import Service, control, endpoint, job_endpoint
-from shared.security import ControlRefused, ControlSigner, ControlVerifier, Opened, PayloadSecurity
-from shared.tensors import decode_request, validate_inputs
 
 DRAIN_NOTICE_S = 0.2
 DRAIN_WAIT_S = 10.0

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-
-from shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1, TensorConfigV1
-from shared.errors import DinError, ErrorCode
-from shared.model_graph import GraphError, interface, mismatches, open_session
-from shared.naming import TOKEN_PATTERN
-from shared.tensors import TensorSpec
+from din.shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1, TensorConfigV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.model_graph import GraphError, interface, mismatches, open_session
+from din.shared.naming import TOKEN_PATTERN
+from din.shared.tensors import TensorSpec
 
 
 def _tensor_spec(tensor: TensorConfigV1) -> TensorSpec:

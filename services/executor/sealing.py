@@ -11,12 +11,12 @@ in clear (``opened`` is None). No NATS here: callers publish what this returns.
 
 from __future__ import annotations
 
-from shared.contracts.inference import RequestHeaders
-from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
-from shared.contracts.job import JobV1, StageV1
-from shared.envelope import InvalidToken, SealRefused
-from shared.errors import DinError, ErrorCode
-from shared.security import (
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
+from din.shared.contracts.job import JobV1, StageV1
+from din.shared.envelope import InvalidToken, SealRefused
+from din.shared.errors import DinError, ErrorCode
+from din.shared.security import (
     ANSWER_FIELD,
     ANSWER_PLAIN,
     Opened,

@@ -9,11 +9,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from services.executor.batcher import BatchOutput, DynamicBatcher
-from services.executor.repository import ModelHandle, ModelRepository
-from shared.contracts.events import ModelLoadedV1
-from shared.tensors import DYNAMIC_DIM, WIRE_DTYPES
+from din.services.executor.batcher import BatchOutput, DynamicBatcher
+from din.services.executor.repository import ModelHandle, ModelRepository
+from din.shared.contracts.events import ModelLoadedV1
+from din.shared.tensors import DYNAMIC_DIM, WIRE_DTYPES
 
 WARM_UP_RUNS = 20
 UNMEASURED_MS_PER_ITEM = 0.2

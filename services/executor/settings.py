@@ -3,13 +3,12 @@
 from pathlib import Path
 from typing import Annotated
 
+from din.shared.lifecycle import DEADLINE_MARGIN_MS
+from din.shared.naming import token
+from din.shared.security import SecuredServiceSettings
+from din.shared.topology import load_topology
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
-
-from shared.lifecycle import DEADLINE_MARGIN_MS
-from shared.naming import token
-from shared.security import SecuredServiceSettings
-from shared.topology import load_topology
 
 
 class ExecutorSettings(SecuredServiceSettings):

@@ -18,11 +18,10 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.contracts.job import JobV1, StageV1
-from shared.errors import DinError, ErrorCode
-from shared.privacy import Protection, parse_protection, protect
-from shared.tensors import encode_binary
+from din.shared.contracts.job import JobV1, StageV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.privacy import Protection, parse_protection, protect
+from din.shared.tensors import encode_binary
 
 STATE_CONTENT_TYPE = "application/vnd.din.state+npz"
 PROMPT_INPUT = "prompt"

@@ -1,5 +1,5 @@
-from services.gateway.main import Gateway
-from services.gateway.settings import GatewaySettings
-from shared.runtime import run_service
+from din.services.gateway.main import Gateway
+from din.services.gateway.settings import GatewaySettings
+from din.shared.runtime import run_service
 
 run_service(Gateway(GatewaySettings()))

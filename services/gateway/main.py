@@ -21,10 +21,7 @@ from collections.abc import AsyncIterator, Mapping
 import grpc
 import numpy as np
 from aiohttp import web
-from nats.aio.msg import Msg
-from tritonclient.grpc.service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
-
-from services.gateway.completions import (
+from din.services.gateway.completions import (
     SSE_DONE,
     error_event,
     prompt_inputs,
@@ -32,8 +29,8 @@ from services.gateway.completions import (
     stream_event,
     whole_completion,
 )
-from services.gateway.grpc_api import InferenceServicer
-from services.gateway.oip import (
+from din.services.gateway.grpc_api import InferenceServicer
+from din.services.gateway.oip import (
     HEADER_LENGTH,
     OipRequest,
     http_error,
@@ -44,17 +41,19 @@ from services.gateway.oip import (
     request_options,
     wait_s,
 )
-from services.gateway.settings import GatewaySettings
-from shared.bus.permissions import gateway_replies, gateway_reply
-from shared.catalog import ModelCatalog, ModelEntry
-from shared.contracts.gateway import ModelMetadataV1, ServerMetadataV1
-from shared.contracts.inference import STREAM_SEQ_HEADER, InferResponseV1, StreamChunkV1
-from shared.contracts.options import RequestOptionsV1, option_headers
-from shared.errors import DIN_ERROR_HEADER, DinError, ErrorCode, ErrorReplyV1
-from shared.naming import InvalidNameError, Subjects
-from shared.runtime import Service
-from shared.streaming import InOrder
-from shared.tensors import decode_response, encode_request_json
+from din.services.gateway.settings import GatewaySettings
+from din.shared.bus.permissions import gateway_replies, gateway_reply
+from din.shared.catalog import ModelCatalog, ModelEntry
+from din.shared.contracts.gateway import ModelMetadataV1, ServerMetadataV1
+from din.shared.contracts.inference import STREAM_SEQ_HEADER, InferResponseV1, StreamChunkV1
+from din.shared.contracts.options import RequestOptionsV1, option_headers
+from din.shared.errors import DIN_ERROR_HEADER, DinError, ErrorCode, ErrorReplyV1
+from din.shared.naming import InvalidNameError, Subjects
+from din.shared.runtime import Service
+from din.shared.streaming import InOrder
+from din.shared.tensors import decode_response, encode_request_json
+from nats.aio.msg import Msg
+from tritonclient.grpc.service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 
 VERSION = "0.1.0"
 NO_RESPONDERS = "503"

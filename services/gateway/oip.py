@@ -19,10 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.catalog import ModelEntry
-from shared.contracts.gateway import HttpErrorV1, ModelMetadataV1, TensorMetadataV1
-from shared.contracts.inference import (
+from din.shared.catalog import ModelEntry
+from din.shared.contracts.gateway import HttpErrorV1, ModelMetadataV1, TensorMetadataV1
+from din.shared.contracts.inference import (
     JSON_CONTENT_TYPE,
     Datatype,
     InferRequestV1,
@@ -30,17 +29,17 @@ from shared.contracts.inference import (
     RequestHeaders,
     TensorV1,
 )
-from shared.contracts.model_config import ModelConfigV1
-from shared.contracts.options import (
+from din.shared.contracts.model_config import ModelConfigV1
+from din.shared.contracts.options import (
     DEFAULT_TIMEOUT_MS,
     RequestOptionsV1,
     lookup_in,
     option_headers,
     read_options,
 )
-from shared.credentials import token_tenant
-from shared.errors import DinError, ErrorCode
-from shared.tensors import WIRE_DTYPES, encode_binary, encode_request_json, parse_request_json, tensor_to_array
+from din.shared.credentials import token_tenant
+from din.shared.errors import DinError, ErrorCode
+from din.shared.tensors import WIRE_DTYPES, encode_binary, encode_request_json, parse_request_json, tensor_to_array
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_SIZE = "binary_data_size"

@@ -1,5 +1,5 @@
-from services.keymanager.main import KeyManager
-from services.keymanager.settings import KeyManagerSettings
-from shared.runtime import run_service
+from din.services.keymanager.main import KeyManager
+from din.services.keymanager.settings import KeyManagerSettings
+from din.shared.runtime import run_service
 
 run_service(KeyManager(KeyManagerSettings()))

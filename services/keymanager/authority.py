@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from shared import envelope
-from shared.envelope import DataKey, Identity, PublicIdentity
-from shared.security import (
+from din.shared import envelope
+from din.shared.envelope import DataKey, Identity, PublicIdentity
+from din.shared.security import (
     KEYMANAGER,
     CryptoPolicy,
     EntryKeys,
@@ -22,7 +22,7 @@ from shared.security import (
     key_holders,
     sign_entry,
 )
-from shared.topology import Topology
+from din.shared.topology import Topology
 
 Entry = tuple[str, bytes]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from services.keymanager.authority import KeyAuthority
-from services.keymanager.distribution import KeyDistribution
-from shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
-from shared.errors import DinError, ErrorCode
+from din.services.keymanager.authority import KeyAuthority
+from din.services.keymanager.distribution import KeyDistribution
+from din.shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
+from din.shared.errors import DinError, ErrorCode
 
 
 async def run_command(command: KeyCommandV1, keys: KeyDistribution, *, revoke_grace_s: float) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from services.keymanager.authority import Entry, KeyAuthority
+from din.services.keymanager.authority import Entry, KeyAuthority
 
 
 class Bucket(Protocol):

@@ -16,6 +16,35 @@ import asyncio
 import contextlib
 import time
 
+from din.services.keymanager.authority import KeyAuthority
+from din.services.keymanager.commands import command_result, run_command
+from din.services.keymanager.distribution import KeyDistribution
+from din.services.keymanager.mirrors import (
+    MirrorAction,
+    MirrorLedger,
+    MirrorSeen,
+    MirrorSpec,
+    MirrorState,
+    judge,
+    mirror_specs,
+)
+from din.services.keymanager.settings import KeyManagerSettings
+from din.shared.contracts.keys import KeyAction
+from din.shared.envelope import Identity, InvalidToken, ReplayGuard
+from din.shared.errors import DinError, ErrorCode
+from din.shared.naming import Subjects, Topics
+from din.shared.runtime import Service, endpoint
+from din.shared.security import (
+    KEYMANAGER,
+    OPERATOR,
+    KeyAgent,
+    KeyStore,
+    PrincipalKeys,
+    principals_of,
+    read_master_key,
+    verify_key_command,
+)
+from din.shared.topology import Topology, load_topology
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import (
@@ -33,36 +62,6 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
-
-from services.keymanager.authority import KeyAuthority
-from services.keymanager.commands import command_result, run_command
-from services.keymanager.distribution import KeyDistribution
-from services.keymanager.mirrors import (
-    MirrorAction,
-    MirrorLedger,
-    MirrorSeen,
-    MirrorSpec,
-    MirrorState,
-    judge,
-    mirror_specs,
-)
-from services.keymanager.settings import KeyManagerSettings
-from shared.contracts.keys import KeyAction
-from shared.envelope import Identity, InvalidToken, ReplayGuard
-from shared.errors import DinError, ErrorCode
-from shared.naming import Subjects, Topics
-from shared.runtime import Service, endpoint
-from shared.security import (
-    KEYMANAGER,
-    OPERATOR,
-    KeyAgent,
-    KeyStore,
-    PrincipalKeys,
-    principals_of,
-    read_master_key,
-    verify_key_command,
-)
-from shared.topology import Topology, load_topology
 
 EXPIRY_INTERVAL_S = 1.0
 RECOVERY_TIMEOUT_S = 30.0

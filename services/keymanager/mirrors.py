@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from shared.security.bucket import KeysMirror, keys_stream
-from shared.topology import Topology
+from din.shared.security.bucket import KeysMirror, keys_stream
+from din.shared.topology import Topology
 
 STALLED_AFTER_S = 10.0
 """A mirror that has heard nothing from the hub for this long (the server's own health interval) is stalled."""

@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
+from din.shared.security import CryptoPolicy
+from din.shared.settings import ServiceSettings
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
-
-from shared.security import CryptoPolicy
-from shared.settings import ServiceSettings
 
 
 class KeyManagerSettings(ServiceSettings):

@@ -1,5 +1,5 @@
-from services.scheduler.main import Scheduler
-from services.scheduler.settings import SchedulerSettings
-from shared.runtime import run_service
+from din.services.scheduler.main import Scheduler
+from din.services.scheduler.settings import SchedulerSettings
+from din.shared.runtime import run_service
 
 run_service(Scheduler(SchedulerSettings()))

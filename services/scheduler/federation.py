@@ -40,13 +40,13 @@ import statistics
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from services.scheduler.links import LinkTable
-from services.scheduler.placement import Placement
-from services.scheduler.registry import CLASSES, ExecutorRegistry, ExecutorState
-from shared.contracts.federation import LinkSummaryV1, ModelSummaryV1, SiteSummaryV1
-from shared.contracts.job import JobV1
-from shared.errors import DinError, ErrorCode
-from shared.topology import Topology
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.placement import Placement
+from din.services.scheduler.registry import CLASSES, ExecutorRegistry, ExecutorState
+from din.shared.contracts.federation import LinkSummaryV1, ModelSummaryV1, SiteSummaryV1
+from din.shared.contracts.job import JobV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.topology import Topology
 
 MISSED_SUMMARIES = 3
 DOWN_AFTER_MS = 3_000.0

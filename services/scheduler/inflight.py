@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from shared.contracts.job import JobV1
+from din.shared.contracts.job import JobV1
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.topology import PathType, Topology
+from din.shared.topology import PathType, Topology
 
 SAME_SITE_RTT_MS = 0.1
 UNMEASURED_RTT_MS = 5.0

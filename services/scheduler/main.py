@@ -18,33 +18,28 @@ import asyncio
 import time
 import uuid
 
-from faststream.nats.annotations import NatsMessage
-from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
-
-from services.scheduler.federation import LinkHealth, RemoteSites, SiteDecision, choose_site, summarize
-from services.scheduler.inflight import InflightJob, InflightTable
-from services.scheduler.links import LinkTable
-from services.scheduler.placement import Placement, assign
-from services.scheduler.plans import is_multi_stage, place_job
-from services.scheduler.registry import ExecutorRegistry, finished_by
-from services.scheduler.reports import ServiceMeter, decision_record, pressure_report
-from services.scheduler.rosters import MISSED_ROSTERS, HubRosters, LostExecutors, roster
-from services.scheduler.settings import SchedulerSettings, SchedulingMode
-from shared import lifecycle
-from shared.catalog import ModelCatalog
-from shared.contracts.events import CompletionV1, HeartbeatV1, ProbeV1
-from shared.contracts.federation import SiteRosterV1, SiteSummaryV1
-from shared.contracts.inference import RequestHeaders
-from shared.contracts.job import HEADER_PREFIX, JobV1
-from shared.envelope import InvalidToken, SealRefused
-from shared.errors import DinError, ErrorCode
-from shared.fair_input import job_tenant
-from shared.lifecycle import Redispatch
-from shared.naming import Subjects, Topics
-from shared.runtime import Service, control, endpoint, job_endpoint
-from shared.security import (
+from din.services.scheduler.federation import LinkHealth, RemoteSites, SiteDecision, choose_site, summarize
+from din.services.scheduler.inflight import InflightJob, InflightTable
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.placement import Placement, assign
+from din.services.scheduler.plans import is_multi_stage, place_job
+from din.services.scheduler.registry import ExecutorRegistry, finished_by
+from din.services.scheduler.reports import ServiceMeter, decision_record, pressure_report
+from din.services.scheduler.rosters import MISSED_ROSTERS, HubRosters, LostExecutors, roster
+from din.services.scheduler.settings import SchedulerSettings, SchedulingMode
+from din.shared import lifecycle
+from din.shared.catalog import ModelCatalog
+from din.shared.contracts.events import CompletionV1, HeartbeatV1, ProbeV1
+from din.shared.contracts.federation import SiteRosterV1, SiteSummaryV1
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.contracts.job import HEADER_PREFIX, JobV1
+from din.shared.envelope import InvalidToken, SealRefused
+from din.shared.errors import DinError, ErrorCode
+from din.shared.fair_input import job_tenant
+from din.shared.lifecycle import Redispatch
+from din.shared.naming import Subjects, Topics
+from din.shared.runtime import Service, control, endpoint, job_endpoint
+from din.shared.security import (
     CONTROL_RULES,
     ControlRefused,
     ControlSigner,
@@ -60,8 +55,12 @@ from shared.security import (
     verify_reply,
     without_envelope,
 )
-from shared.topology import load_topology
-from shared.workqueue import work_stream_config
+from din.shared.topology import load_topology
+from din.shared.workqueue import work_stream_config
+from faststream.nats.annotations import NatsMessage
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 ROLL_CALL_WAIT_S = 0.2
 NEWS_GAP_S = 0.1

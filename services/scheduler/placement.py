@@ -57,12 +57,12 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from services.scheduler.links import LinkTable
-from services.scheduler.registry import ExecutorPool, ExecutorState, ListSource, PoolSource
-from shared.contracts.events import AlternativeV1, PlacementCountsV1
-from shared.contracts.job import JobV1
-from shared.errors import DinError, ErrorCode
-from shared.topology import Topology
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.registry import ExecutorPool, ExecutorState, ListSource, PoolSource
+from din.shared.contracts.events import AlternativeV1, PlacementCountsV1
+from din.shared.contracts.job import JobV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.topology import Topology
 
 NEAR_TIE = 0.1
 NEAR_TIE_MS = 0.05

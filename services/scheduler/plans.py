@@ -29,10 +29,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.scheduler.links import LinkTable
-from services.scheduler.placement import Placement, pick_executor
-from services.scheduler.registry import ExecutorState
-from services.scheduler.split_point import (
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.placement import Placement, pick_executor
+from din.services.scheduler.registry import ExecutorState
+from din.services.scheduler.split_point import (
     LOCAL,
     NO_SPLIT,
     LinkEstimate,
@@ -40,11 +40,11 @@ from services.scheduler.split_point import (
     SplitContext,
     choose_split_point,
 )
-from shared.catalog import ModelCatalog
-from shared.contracts.job import JobV1, StageKind, StageV1
-from shared.errors import DinError, ErrorCode
-from shared.security import serving_sites
-from shared.topology import PathType, Topology
+from din.shared.catalog import ModelCatalog
+from din.shared.contracts.job import JobV1, StageKind, StageV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.security import serving_sites
+from din.shared.topology import PathType, Topology
 
 SPLIT_AUTO = "auto"
 SPLIT_NONE = "none"

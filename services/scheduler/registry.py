@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared.contracts.events import CompletionV1, HeartbeatV1
-from shared.contracts.inference import SlaClass
-from shared.lifecycle import loss_timeout_s
+from din.shared.contracts.events import CompletionV1, HeartbeatV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.lifecycle import loss_timeout_s
 
 CLASSES = tuple(SlaClass)
 """SLA classes in the order executors serve them."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from services.scheduler.links import LinkTable
-from services.scheduler.placement import Placement
-from services.scheduler.registry import ExecutorState
-from shared.contracts.events import AlternativeV1, PressureV1, SchedulingDecisionV1
-from shared.contracts.job import JobV1
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.placement import Placement
+from din.services.scheduler.registry import ExecutorState
+from din.shared.contracts.events import AlternativeV1, PressureV1, SchedulingDecisionV1
+from din.shared.contracts.job import JobV1
 
 
 def decision_record(job: JobV1, placement: Placement | None, reason: str, *, mode: str, centralized: bool,

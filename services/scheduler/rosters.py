@@ -23,9 +23,9 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 
-from services.scheduler.registry import CLASSES, ExecutorRegistry
-from shared.contracts.events import HeartbeatV1
-from shared.contracts.federation import SiteRosterV1
+from din.services.scheduler.registry import CLASSES, ExecutorRegistry
+from din.shared.contracts.events import HeartbeatV1
+from din.shared.contracts.federation import SiteRosterV1
 
 PER_MODEL = 4
 """Executors a roster carries per (model, version) pool and SLA class: the ones with the most room."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
+from din.shared.lifecycle import DEADLINE_MARGIN_MS
+from din.shared.security import SecuredServiceSettings
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
-
-from shared.lifecycle import DEADLINE_MARGIN_MS
-from shared.security import SecuredServiceSettings
 
 
 class SchedulingMode(StrEnum):

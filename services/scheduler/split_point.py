@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from services.scheduler.links import LinkTable
-from shared.errors import DinError, ErrorCode
+from din.services.scheduler.links import LinkTable
+from din.shared.errors import DinError, ErrorCode
 
 LOCAL = "local"
 NO_SPLIT = "no-split"

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.telemetry.window import SlidingQuantiles
-from shared.contracts.inference import SlaClass
-from shared.contracts.telemetry import SlaViolationV1
+from din.services.telemetry.window import SlidingQuantiles
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.telemetry import SlaViolationV1
 
 REPORTED_QUANTILES = (0.5, 0.95, 0.99)
 

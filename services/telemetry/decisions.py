@@ -13,14 +13,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer
+from din.services.telemetry.metrics import TelemetryMetrics
+from din.services.telemetry.settings import TelemetrySettings
+from din.services.telemetry.topics import scoped
+from din.shared.bus.kafka import kafka_client_kwargs
+from din.shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
+from din.shared.naming import Topics
 from pydantic import BaseModel, ValidationError
-
-from services.telemetry.metrics import TelemetryMetrics
-from services.telemetry.settings import TelemetrySettings
-from services.telemetry.topics import scoped
-from shared.bus.kafka import kafka_client_kwargs
-from shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
-from shared.naming import Topics
 
 log = logging.getLogger("din.telemetry")
 

@@ -26,33 +26,32 @@ import contextlib
 import time
 from typing import TypeVar
 
-from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import BadRequestError
-from pydantic import BaseModel
-
-from services.telemetry.alerts import describe
-from services.telemetry.decisions import DecisionFeed
-from services.telemetry.httpd import MetricsServer
-from services.telemetry.metrics import TelemetryMetrics
-from services.telemetry.relay import RelayLedger, RelayState
-from services.telemetry.settings import TelemetrySettings
-from services.telemetry.topics import ensure_topics, missing_topics, scoped, topic_plan
-from shared.bus.kafka import READS, WRITES, kafka_client_kwargs
-from shared.completionstream import (
+from din.services.telemetry.alerts import describe
+from din.services.telemetry.decisions import DecisionFeed
+from din.services.telemetry.httpd import MetricsServer
+from din.services.telemetry.metrics import TelemetryMetrics
+from din.services.telemetry.relay import RelayLedger, RelayState
+from din.services.telemetry.settings import TelemetrySettings
+from din.services.telemetry.topics import ensure_topics, missing_topics, scoped, topic_plan
+from din.shared.bus.kafka import READS, WRITES, kafka_client_kwargs
+from din.shared.completionstream import (
     MIB,
     RELAY_ACK_WAIT_S,
     completions_stream_config,
     relay_consumer_config,
     relay_durable,
 )
-from shared.contracts.events import CompletionV1, HeartbeatV1
-from shared.contracts.federation import SiteSummaryV1
-from shared.contracts.telemetry import SlaViolationV1
-from shared.eventlog import event_type
-from shared.naming import Subjects, Topics, completions_stream
-from shared.runtime import Service, endpoint
-from shared.security import ControlRefused, ControlVerifier, PayloadSecurity, Refusal
+from din.shared.contracts.events import CompletionV1, HeartbeatV1
+from din.shared.contracts.federation import SiteSummaryV1
+from din.shared.contracts.telemetry import SlaViolationV1
+from din.shared.eventlog import event_type
+from din.shared.naming import Subjects, Topics, completions_stream
+from din.shared.runtime import Service, endpoint
+from din.shared.security import ControlRefused, ControlVerifier, PayloadSecurity, Refusal
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import BadRequestError
+from pydantic import BaseModel
 
 COMPLETION_TYPE = f"din.v1.{CompletionV1.__name__}"
 HEARTBEAT_TYPE = f"din.v1.{HeartbeatV1.__name__}"

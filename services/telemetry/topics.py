@@ -17,9 +17,8 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
-from services.telemetry.settings import HOUR_MS, TelemetrySettings
-from shared.naming import Topics
+from din.services.telemetry.settings import HOUR_MS, TelemetrySettings
+from din.shared.naming import Topics
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shared.bus.nats_auth import creds_user
-from shared.bus.permissions import inbox_for
-from shared.bus.tls import client_context
+from din.shared.bus.nats_auth import creds_user
+from din.shared.bus.permissions import inbox_for
+from din.shared.bus.tls import client_context
 
 
 def nats_servers(url: str) -> list[str]:

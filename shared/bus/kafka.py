@@ -27,9 +27,9 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from shared.bus.files import write_secret
-from shared.bus.tls import CA_CERT, client_context
-from shared.naming import SERVICES, Topics
+from din.shared.bus.files import write_secret
+from din.shared.bus.tls import CA_CERT, client_context
+from din.shared.naming import SERVICES, Topics
 
 MECHANISM = "SCRAM-SHA-512"
 KAFKA_DIR = "kafka"

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nkeys
-
-from shared.bus.files import write_secret
-from shared.bus.permissions import Permissions
+from din.shared.bus.files import write_secret
+from din.shared.bus.permissions import Permissions
 
 NATS_DIR = "nats"
 DIN_ACCOUNT = "DIN"

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.naming import MICRO_PREFIX, Subjects, completions_stream, micro_name, token, work_stream
-from shared.security.bucket import KeysMirror, keys_stream
-from shared.security.keyfiles import KEYS_BUCKET
-from shared.topology import Topology
+from din.shared.naming import MICRO_PREFIX, Subjects, completions_stream, micro_name, token, work_stream
+from din.shared.security.bucket import KeysMirror, keys_stream
+from din.shared.security.keyfiles import KEYS_BUCKET
+from din.shared.topology import Topology
 
 ANY = "*"
 REST = ">"

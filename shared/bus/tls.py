@@ -18,8 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from shared.bus.files import write_secret
+from din.shared.bus.files import write_secret
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"

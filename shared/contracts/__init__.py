@@ -1,6 +1,6 @@
 """Versioned message contracts. A breaking change adds a ``V2`` model beside the ``V1`` one."""
 
-from shared.contracts.events import (
+from din.shared.contracts.events import (
     AdmissionDecisionV1,
     AlternativeV1,
     ClassificationV1,
@@ -14,8 +14,8 @@ from shared.contracts.events import (
     ProbeV1,
     SchedulingDecisionV1,
 )
-from shared.contracts.federation import LinkSummaryV1, ModelSummaryV1, SiteRosterV1, SiteSummaryV1
-from shared.contracts.inference import (
+from din.shared.contracts.federation import LinkSummaryV1, ModelSummaryV1, SiteRosterV1, SiteSummaryV1
+from din.shared.contracts.inference import (
     Datatype,
     InferRequestV1,
     InferResponseV1,
@@ -25,10 +25,10 @@ from shared.contracts.inference import (
     StreamChunkV1,
     TensorV1,
 )
-from shared.contracts.job import JobV1, StageKind, StageV1, WorkloadClassV1
-from shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
-from shared.contracts.telemetry import RecordedRequestV1, SlaViolationV1, SpanV1
-from shared.errors import ErrorReplyV1, ErrorV1
+from din.shared.contracts.job import JobV1, StageKind, StageV1, WorkloadClassV1
+from din.shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
+from din.shared.contracts.telemetry import RecordedRequestV1, SlaViolationV1, SpanV1
+from din.shared.errors import ErrorReplyV1, ErrorV1
 
 __all__ = [
     "AdmissionDecisionV1",

@@ -6,10 +6,9 @@ replay them; heartbeats and health travel on NATS.
 
 from __future__ import annotations
 
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import StageV1, WorkloadClassV1
 from pydantic import BaseModel, Field
-
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import StageV1, WorkloadClassV1
 
 
 class ModelLoadedV1(BaseModel):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from din.shared.contracts.inference import Datatype
 from pydantic import BaseModel, ConfigDict, Field
-
-from shared.contracts.inference import Datatype
 
 
 class ServerMetadataV1(BaseModel):

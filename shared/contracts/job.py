@@ -10,10 +10,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.options import ServingOptionsV1
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from shared.contracts.inference import SlaClass
-from shared.contracts.options import ServingOptionsV1
 
 HEADER_PREFIX = "Din-Job-"
 STAGE_DONE_HEADER = "Din-Stage-Done"

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from din.shared.contracts.inference import Datatype
 from pydantic import BaseModel, ConfigDict, Field
-
-from shared.contracts.inference import Datatype
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"

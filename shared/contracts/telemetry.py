@@ -8,10 +8,9 @@ is that metadata. ``shared.recording`` writes and reads it.
 
 from __future__ import annotations
 
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.options import ServingOptionsV1
 from pydantic import BaseModel, Field
-
-from shared.contracts.inference import SlaClass
-from shared.contracts.options import ServingOptionsV1
 
 
 class RecordedRequestV1(ServingOptionsV1):

@@ -79,8 +79,8 @@ Hops (wire headers: ``Din-Env-*`` from ``shared.envelope``; ``Din-Signer`` and `
     NATS clients); admission seals them at once and the executor answers unsealed.
 """
 
-from shared.security.agent import AGENT_GRACE_S, DekState, KeyAgent
-from shared.security.bindings import (
+from din.shared.security.agent import AGENT_GRACE_S, DekState, KeyAgent
+from din.shared.security.bindings import (
     ANSWER_FIELD,
     ANSWER_PLAIN,
     BOUND_HEADER_PREFIXES,
@@ -89,9 +89,9 @@ from shared.security.bindings import (
     result_binding,
     stage_binding,
 )
-from shared.security.bucket import EntryKeys, read_entry, sign_entry
-from shared.security.commands import new_key_command, sign_key_command, verify_key_command
-from shared.security.control import (
+from din.shared.security.bucket import EntryKeys, read_entry, sign_entry
+from din.shared.security.commands import new_key_command, sign_key_command, verify_key_command
+from din.shared.security.control import (
     CONTROL_RULES,
     ControlRefused,
     ControlSigner,
@@ -101,8 +101,8 @@ from shared.security.control import (
     may_sign,
     verify_reply,
 )
-from shared.security.headers import ENVELOPE_PREFIX, SIGNER_HEADER, is_sealed, payload_size, without_envelope
-from shared.security.keyfiles import (
+from din.shared.security.headers import ENVELOPE_PREFIX, SIGNER_HEADER, is_sealed, payload_size, without_envelope
+from din.shared.security.keyfiles import (
     KEY_FILE_FORMAT,
     KEYS_BUCKET,
     KEYSTORE_FILE,
@@ -116,9 +116,9 @@ from shared.security.keyfiles import (
     read_master_key,
     unlock_key,
 )
-from shared.security.payload import Opened, PayloadSecurity, seal_for_audit, seal_to_site
-from shared.security.policy import LOCAL_PATH, CryptoPolicy, Level, PayloadProtection
-from shared.security.principals import (
+from din.shared.security.payload import Opened, PayloadSecurity, seal_for_audit, seal_to_site
+from din.shared.security.policy import LOCAL_PATH, CryptoPolicy, Level, PayloadProtection
+from din.shared.security.principals import (
     AUDIT,
     KEYMANAGER,
     OPERATOR,
@@ -133,7 +133,7 @@ from shared.security.principals import (
     site_principal,
     tenant_principal,
 )
-from shared.security.settings import SecuredServiceSettings
+from din.shared.security.settings import SecuredServiceSettings
 
 __all__ = [
     "AGENT_GRACE_S",

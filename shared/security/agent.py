@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from shared import envelope
-from shared.envelope import InvalidToken, Keyring, PathPolicy, PublicIdentity
-from shared.security import b64url
-from shared.security.bucket import EntryKeys, read_entry
-from shared.security.keyfiles import PrincipalKeys
+from din.shared import envelope
+from din.shared.envelope import InvalidToken, Keyring, PathPolicy, PublicIdentity
+from din.shared.security import b64url
+from din.shared.security.bucket import EntryKeys, read_entry
+from din.shared.security.keyfiles import PrincipalKeys
 
 log = logging.getLogger(__name__)
 

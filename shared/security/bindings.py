@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared.envelope import InvalidToken, Reason
+from din.shared.envelope import InvalidToken, Reason
 
 BOUND_HEADER_PREFIXES = ("Din-Tensor-", "Content-Type")
 """Request headers that change how the body is read: bound into the AAD."""

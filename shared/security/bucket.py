@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from shared import envelope
-from shared.envelope import Identity, InvalidToken, PublicIdentity, Reason
-from shared.naming import token
+from din.shared import envelope
+from din.shared.envelope import Identity, InvalidToken, PublicIdentity, Reason
+from din.shared.naming import token
 
 _ENTRY_HEADER = "Din-Keys-Entry"
 

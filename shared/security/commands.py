@@ -6,10 +6,10 @@ import secrets
 import time
 from collections.abc import Mapping
 
-from shared import envelope
-from shared.contracts.keys import KeyAction, KeyCommandV1
-from shared.envelope import InvalidToken, PublicIdentity, Reason, ReplayGuard
-from shared.security.keyfiles import PrincipalKeys
+from din.shared import envelope
+from din.shared.contracts.keys import KeyAction, KeyCommandV1
+from din.shared.envelope import InvalidToken, PublicIdentity, Reason, ReplayGuard
+from din.shared.security.keyfiles import PrincipalKeys
 
 _COMMAND_CONTEXT = {"Din-Keys-Command": "v1"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared import envelope
+from din.shared import envelope
 
 SIGNER_HEADER = "Din-Signer"
 """Principal that signed a result (``Din-Sig`` carries the signature)."""

@@ -11,13 +11,13 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import envelope
-from shared.bus.files import write_secret
-from shared.envelope import Identity, InvalidToken, PublicIdentity, SiteIdentity
-from shared.naming import token
-from shared.security import b64url
-from shared.security.principals import KEYMANAGER, principals_of, site_of
-from shared.topology import Topology
+from din.shared import envelope
+from din.shared.bus.files import write_secret
+from din.shared.envelope import Identity, InvalidToken, PublicIdentity, SiteIdentity
+from din.shared.naming import token
+from din.shared.security import b64url
+from din.shared.security.principals import KEYMANAGER, principals_of, site_of
+from din.shared.topology import Topology
 
 KEYS_BUCKET = "DIN_KEYS"
 KEY_FILE_FORMAT = "din.keys.principal.v1"

@@ -6,13 +6,13 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
-from shared import envelope
-from shared.envelope import InvalidToken, Reason, ReplayGuard, Sealed
-from shared.security.agent import KeyAgent
-from shared.security.headers import SIGNER_HEADER, signed_headers
-from shared.security.keyfiles import PrincipalKeys
-from shared.security.principals import AUDIT, site_of, site_principal
-from shared.security.settings import SecuredServiceSettings
+from din.shared import envelope
+from din.shared.envelope import InvalidToken, Reason, ReplayGuard, Sealed
+from din.shared.security.agent import KeyAgent
+from din.shared.security.headers import SIGNER_HEADER, signed_headers
+from din.shared.security.keyfiles import PrincipalKeys
+from din.shared.security.principals import AUDIT, site_of, site_principal
+from din.shared.security.settings import SecuredServiceSettings
 
 
 class Opened:

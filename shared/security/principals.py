@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shared.naming import token
-from shared.topology import Topology
+from din.shared.naming import token
+from din.shared.topology import Topology
 
 KEYMANAGER = "keymanager"
 OPERATOR = "operator"

@@ -19,9 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import nats  # noqa: E402
-
-from shared.contracts.events import HealthV1  # noqa: E402
-from shared.naming import Subjects  # noqa: E402
+from din.shared.contracts.events import HealthV1  # noqa: E402
+from din.shared.naming import Subjects  # noqa: E402
 
 FLEET_IN_VIEW = 1_000_000
 """The executors a fake scheduler says it counts: it stands for one that has heard its whole fleet."""

@@ -15,21 +15,21 @@ from pathlib import Path
 import nats
 import numpy as np
 from aiokafka import AIOKafkaConsumer
+from din.shared.bus.connect import nats_servers
+from din.shared.bus.kafka import OPERATOR, KafkaAccess
+from din.shared.bus.permissions import tenant_user
+from din.shared.contracts.events import HealthV1
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from din.shared.naming import Subjects
+from din.shared.security import CryptoPolicy, PrincipalKeys
+from din.shared.tensors import encode_request_json
+from din.shared.topology import Topology
 
 from din.client import DinClient
 from din.stack.launcher import CONTROL_SERVICES, GATEWAY, SERVICE_KINDS, PortPlan, Stack, executors_in_view
 from din.stack.processes import ManagedProcess
-from shared.bus.connect import nats_servers
-from shared.bus.kafka import OPERATOR, KafkaAccess
-from shared.bus.permissions import tenant_user
-from shared.contracts.events import HealthV1
-from shared.contracts.inference import RequestHeaders
-from shared.credentials import issue_token, read_credentials
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
-from shared.naming import Subjects
-from shared.security import CryptoPolicy, PrincipalKeys
-from shared.tensors import encode_request_json
-from shared.topology import Topology
 from tests.support import three_site_topology, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +99,7 @@ class Network:
             env["DIN_NATS_CREDS"] = str(self.stack.bus.issue_executor(executor_id, site))
         proc = ManagedProcess(
             name=f"executor-{executor_id}",
-            argv=[sys.executable, "-m", "services.executor"],
+            argv=[sys.executable, "-m", "din.services.executor"],
             log_path=self.stack.run_dir / "logs" / f"executor-{executor_id}.log",
             env=env,
             cwd=REPO_ROOT,

@@ -7,14 +7,14 @@ import asyncio
 import json
 
 import pytest
+from din.shared.bus.permissions import service_inbox
+from din.shared.naming import Subjects, Topics
+from din.shared.workqueue import work_stream_config
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import RetentionPolicy
 from nats.js.errors import NotFoundError
 
-from shared.bus.permissions import service_inbox
-from shared.naming import Subjects, Topics
-from shared.workqueue import work_stream_config
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -192,8 +192,8 @@ async def test_an_event_kept_while_kafka_was_out_of_reach_keeps_the_time_it_happ
     finally sent: here the log starts (as when Kafka comes back) a while after the event was emitted."""
     import time
 
-    from shared.contracts.events import ProbeV1
-    from shared.eventlog import EventLog
+    from din.shared.contracts.events import ProbeV1
+    from din.shared.eventlog import EventLog
 
     topic = await smoke_topic(kafka_bootstrap, kafka_operator, unique)
     log = EventLog(kafka_bootstrap, client_id=f"din-test-{unique}", topic_scope=unique, client_kwargs=kafka_operator)

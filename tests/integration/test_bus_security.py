@@ -13,12 +13,12 @@ import contextlib
 
 import nats
 import pytest
+from din.shared.bus.nats_auth import NatsAuthority
+from din.shared.bus.permissions import operator
+from din.shared.naming import Subjects
 from nats.errors import Error as NatsError
 
 from din.stack.bus import service_permissions
-from shared.bus.nats_auth import NatsAuthority
-from shared.bus.permissions import operator
-from shared.naming import Subjects
 from tests.support import wait_for
 
 pytestmark = pytest.mark.usefixtures("closed_bus")

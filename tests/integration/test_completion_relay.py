@@ -12,11 +12,11 @@ import signal
 import sys
 
 import pytest
+from din.shared.completionstream import relay_durable
+from din.shared.contracts.events import CompletionV1
+from din.shared.naming import Subjects, Topics, completions_stream
 
 from din.stack.processes import ManagedProcess
-from shared.completionstream import relay_durable
-from shared.contracts.events import CompletionV1
-from shared.naming import Subjects, Topics, completions_stream
 from tests.integration.network import REPO_ROOT
 from tests.integration.test_telemetry_service import read_topic
 from tests.support import free_port, wait_for
@@ -67,7 +67,7 @@ async def test_completions_published_while_telemetry_is_killed_all_reach_kafka(
     env = telemetry_env(nats_network, kafka_access, unique)
 
     def start(n: int) -> ManagedProcess:
-        return ManagedProcess(name=f"telemetry-{n}", argv=[sys.executable, "-m", "services.telemetry"],
+        return ManagedProcess(name=f"telemetry-{n}", argv=[sys.executable, "-m", "din.services.telemetry"],
                               log_path=tmp_path / f"telemetry-{n}.log", env=env, cwd=REPO_ROOT).start()
 
     connections = {site: await nats_network.connect(site) for site in SITES}

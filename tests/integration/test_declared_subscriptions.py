@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from din.shared.bus.permissions import SERVICE_INBOX_ROOT, TENANT_INBOX_ROOT
+from din.shared.channels import INSTANCE_HEALTH
+from din.shared.credentials import write_credentials
+from din.shared.naming import SERVICES, Subjects
 
 from din.service_operations import service_class
-from shared.bus.permissions import SERVICE_INBOX_ROOT, TENANT_INBOX_ROOT
-from shared.channels import INSTANCE_HEALTH
-from shared.credentials import write_credentials
-from shared.naming import SERVICES, Subjects
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -36,13 +36,13 @@ async def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_pa
     write_credentials(credentials, [t.name for t in test_topology.tenants])
     await recorded_topics(unique)
     def build(case: str):
-        from services.admission.settings import AdmissionSettings
-        from services.classifier.settings import ClassifierSettings
-        from services.executor.settings import ExecutorSettings
-        from services.gateway.settings import GatewaySettings
-        from services.keymanager.settings import KeyManagerSettings
-        from services.scheduler.settings import SchedulerSettings
-        from services.telemetry.settings import TelemetrySettings
+        from din.services.admission.settings import AdmissionSettings
+        from din.services.classifier.settings import ClassifierSettings
+        from din.services.executor.settings import ExecutorSettings
+        from din.services.gateway.settings import GatewaySettings
+        from din.services.keymanager.settings import KeyManagerSettings
+        from din.services.scheduler.settings import SchedulerSettings
+        from din.services.telemetry.settings import TelemetrySettings
 
         name, site, executor_id = case.split("-")[0], test_topology.hub.name, f"{unique}-1"
         # Each logs in to NATS as its own user (the session Kafka's CA is the bus_ca_file: NATS clients are plain).

@@ -9,12 +9,12 @@ from collections import Counter
 
 import nats
 import pytest
+from din.bench.tally import Load
+from din.shared.bus.permissions import tenant_user
+from din.shared.naming import work_stream
 
-from bench.tally import Load
 from din.client import DinClient
 from din.workload import load_digits_test, mixed_plan, run_workload
-from shared.bus.permissions import tenant_user
-from shared.naming import work_stream
 from tests.integration.network import running_network
 
 

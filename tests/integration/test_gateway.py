@@ -19,13 +19,13 @@ import pytest
 import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+from din.shared.bus.permissions import tenant_user
+from din.shared.naming import Subjects
+from din.shared.security import CryptoPolicy
+from din.shared.tensors import tensors_to_arrays
 from tritonclient.utils import InferenceServerException
 
 from din.client import decode_answer
-from shared.bus.permissions import tenant_user
-from shared.naming import Subjects
-from shared.security import CryptoPolicy
-from shared.tensors import tensors_to_arrays
 from tests.integration.network import running_network
 from tests.support import wait_for
 

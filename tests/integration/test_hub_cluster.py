@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 import nats
 import numpy as np
 import pytest
+from din.shared.bus.connect import nats_servers
+from din.shared.bus.permissions import tenant_user
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.contracts.keys import KeyAction
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from din.shared.naming import Subjects, work_stream
+from din.shared.security import KEYS_BUCKET, OPERATOR, CryptoPolicy, PrincipalKeys, key_file, tenant_principal
+from din.shared.tensors import encode_request_json
 
 from din.client import DinClient
 from din.commands.keys import send_command
 from din.stack.brokers import NatsServerSpec
 from din.stack.wan import ToxiproxyClient
-from shared.bus.connect import nats_servers
-from shared.bus.permissions import tenant_user
-from shared.contracts.inference import RequestHeaders
-from shared.contracts.keys import KeyAction
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
-from shared.naming import Subjects, work_stream
-from shared.security import KEYS_BUCKET, OPERATOR, CryptoPolicy, PrincipalKeys, key_file, tenant_principal
-from shared.tensors import encode_request_json
 from tests.integration.network import Network, running_network
 from tests.support import wait_for
 

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 import pytest
+from din.shared.naming import Topics
+from din.shared.topology import Topology
 
 from din.commands.report import KAFKA_USER as REPORT_USER
 from din.commands.report import REPORT_TOPICS
@@ -30,8 +32,6 @@ from din.stack.launcher import (
     forget_data,
     kept_data_dir,
 )
-from shared.naming import Topics
-from shared.topology import Topology
 from tests.integration.network import INFERENCE_TOPOLOGY, RAW_CLIENT_POLICY, Network
 
 pytestmark = pytest.mark.integration

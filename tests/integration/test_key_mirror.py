@@ -13,6 +13,15 @@ import sys
 import nats
 import numpy as np
 import pytest
+from din.services.keymanager.mirrors import STALLED_AFTER_S
+from din.shared.bus.permissions import tenant_user
+from din.shared.contracts.events import HealthV1
+from din.shared.contracts.keys import KeyAction
+from din.shared.envelope import Identity
+from din.shared.naming import Subjects
+from din.shared.security import KEYMANAGER, OPERATOR, CryptoPolicy, KeyAgent, PrincipalKeys, site_principal
+from din.shared.security.bucket import EntryKeys, sign_entry
+from din.shared.security.keyfiles import KEYS_BUCKET, key_file
 from nats.js.api import KeyValueConfig
 from nats.js.errors import KeyNotFoundError
 
@@ -20,15 +29,6 @@ from din.client import DinClient, DinRequestError
 from din.commands.keys import send_command
 from din.stack.processes import ManagedProcess
 from din.stack.wan import ToxiproxyClient
-from services.keymanager.mirrors import STALLED_AFTER_S
-from shared.bus.permissions import tenant_user
-from shared.contracts.events import HealthV1
-from shared.contracts.keys import KeyAction
-from shared.envelope import Identity
-from shared.naming import Subjects
-from shared.security import KEYMANAGER, OPERATOR, CryptoPolicy, KeyAgent, PrincipalKeys, site_principal
-from shared.security.bucket import EntryKeys, sign_entry
-from shared.security.keyfiles import KEYS_BUCKET, key_file
 from tests.integration.network import REPO_ROOT, running_network
 from tests.support import three_site_topology, wait_for
 
@@ -115,7 +115,7 @@ def start_factory_executor(network, executor_id: str, models: str) -> ManagedPro
     env = {**network.stack.environments()["executor-factory-1"], "DIN_EXECUTOR_ID": executor_id,
            "DIN_EXECUTOR_MODELS": models, "PYTHONUNBUFFERED": "1",
            "DIN_NATS_CREDS": str(network.stack.bus.issue_executor(executor_id, "factory"))}
-    proc = ManagedProcess(name=f"executor-{executor_id}", argv=[sys.executable, "-m", "services.executor"],
+    proc = ManagedProcess(name=f"executor-{executor_id}", argv=[sys.executable, "-m", "din.services.executor"],
                           log_path=network.stack.run_dir / "logs" / f"executor-{executor_id}.log", env=env,
                           cwd=REPO_ROOT).start()
     network.stack.processes.append(proc)

@@ -22,12 +22,12 @@ import sys
 import nats
 import numpy as np
 import pytest
+from din.shared.bus.permissions import tenant_user
+from din.shared.naming import Subjects, micro_name
 
 from din.client import DinRequestError
 from din.commands.nats_env import nats_cli, nats_env
 from din.stack.launcher import service_instances
-from shared.bus.permissions import tenant_user
-from shared.naming import Subjects, micro_name
 from tests.integration.network import running_network
 from tests.support import wait_for
 

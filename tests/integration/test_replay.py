@@ -15,6 +15,16 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from din.shared import envelope
+from din.shared.bus.kafka import OPERATOR, KafkaAccess
+from din.shared.bus.nats_auth import NATS_DIR
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1
+from din.shared.contracts.telemetry import RecordedRequestV1
+from din.shared.credentials import issue_token, write_credentials
+from din.shared.naming import Subjects, Topics
+from din.shared.recording import request_record, write_replay_keys
+from din.shared.topology import Topology
 
 from din.cli import build_parser
 from din.client import DinClient
@@ -27,16 +37,6 @@ from din.replay.reader import RecordRange, ReplayError, TopicReader
 from din.replay.recorded import RecordedWindow, read_events, read_requests
 from din.replay.whatif import placing_decisions
 from din.workload import load_digits_test, mixed_plan, run_workload
-from shared import envelope
-from shared.bus.kafka import OPERATOR, KafkaAccess
-from shared.bus.nats_auth import NATS_DIR
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1
-from shared.contracts.telemetry import RecordedRequestV1
-from shared.credentials import issue_token, write_credentials
-from shared.naming import Subjects, Topics
-from shared.recording import request_record, write_replay_keys
-from shared.topology import Topology
 from tests.integration.network import running_network
 from tests.support import make_job, wait_for
 
@@ -126,7 +126,7 @@ async def test_corrupt_and_undecryptable_records_are_skipped_counted_and_reporte
         assert window.corrupt[topic] == 2
         assert any("2 corrupt record(s) skipped" in line for line in window.skipped_summary())
 
-        from shared.recording import load_replay_keys
+        from din.shared.recording import load_replay_keys
 
         window = await read_requests(reader, RecordRange(since_ms=0), scope=unique, keyring=load_replay_keys(key_file))
         assert len(window.requests) == 21 and window.undecryptable == 1 and not window.metadata_only
@@ -175,16 +175,16 @@ class InProcessStack:
 
     def __init__(self, nats_network, kafka: KafkaAccess, scope: str, topology_file: Path, model_repo: Path,
                  credentials: Path, metrics_port: int, models: dict[str, list[str]] | None = None) -> None:
-        from services.admission.main import create_runtime as admission
-        from services.admission.settings import AdmissionSettings
-        from services.classifier.main import create_runtime as classifier
-        from services.classifier.settings import ClassifierSettings
-        from services.executor.main import create_runtime as executor
-        from services.executor.settings import ExecutorSettings
-        from services.scheduler.main import create_runtime as scheduler
-        from services.scheduler.settings import SchedulerSettings
-        from services.telemetry.main import create_runtime as telemetry
-        from services.telemetry.settings import TelemetrySettings
+        from din.services.admission.main import create_runtime as admission
+        from din.services.admission.settings import AdmissionSettings
+        from din.services.classifier.main import create_runtime as classifier
+        from din.services.classifier.settings import ClassifierSettings
+        from din.services.executor.main import create_runtime as executor
+        from din.services.executor.settings import ExecutorSettings
+        from din.services.scheduler.main import create_runtime as scheduler
+        from din.services.scheduler.settings import SchedulerSettings
+        from din.services.telemetry.main import create_runtime as telemetry
+        from din.services.telemetry.settings import TelemetrySettings
 
         hub = nats_network.hub_url
 

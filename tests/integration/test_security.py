@@ -20,19 +20,16 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-
-from din.client import DinClient, DinRequestError
-from din.commands.keys import send_command
-from shared import envelope
-from shared.bus.permissions import tenant_user
-from shared.contracts.events import CompletionV1
-from shared.contracts.inference import RequestHeaders
-from shared.contracts.job import JobV1
-from shared.contracts.keys import KeyAction
-from shared.envelope import DataKey, Keyring
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
-from shared.naming import Subjects, Topics
-from shared.security import (
+from din.shared import envelope
+from din.shared.bus.permissions import tenant_user
+from din.shared.contracts.events import CompletionV1
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.contracts.job import JobV1
+from din.shared.contracts.keys import KeyAction
+from din.shared.envelope import DataKey, Keyring
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from din.shared.naming import Subjects, Topics
+from din.shared.security import (
     OPERATOR,
     CryptoPolicy,
     KeyAgent,
@@ -43,6 +40,9 @@ from shared.security import (
     site_principal,
     tenant_principal,
 )
+
+from din.client import DinClient, DinRequestError
+from din.commands.keys import send_command
 from tests.integration.network import running_network
 from tests.support import make_job, three_site_topology, wait_for
 

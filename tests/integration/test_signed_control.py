@@ -12,14 +12,14 @@ from collections.abc import Awaitable, Callable
 
 import nats
 import pytest
+from din.shared.bus.connect import nats_servers
+from din.shared.contracts.events import CompletionV1, LoadModelV1, PressureV1
+from din.shared.contracts.federation import SiteSummaryV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
+from din.shared.naming import Subjects
+from din.shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file, site_principal
 
-from shared.bus.connect import nats_servers
-from shared.contracts.events import CompletionV1, LoadModelV1, PressureV1
-from shared.contracts.federation import SiteSummaryV1
-from shared.contracts.inference import SlaClass
-from shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
-from shared.naming import Subjects
-from shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file, site_principal
 from tests.integration.network import running_network
 from tests.integration.test_telemetry_service import http_get
 from tests.support import make_heartbeat, wait_for

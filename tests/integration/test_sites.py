@@ -20,15 +20,15 @@ import uuid
 import nats
 import numpy as np
 import pytest
+from din.bench.tally import Load, Tally
+from din.shared.bus.permissions import tenant_inbox, tenant_user
+from din.shared.contracts.job import JobV1
+from din.shared.naming import Subjects
+from din.shared.security import CryptoPolicy
 
-from bench.tally import Load, Tally
 from din.client import DinClient
 from din.stack.supervision import RestartPolicy, Supervisor
 from din.stack.wan import ToxiproxyClient
-from shared.bus.permissions import tenant_inbox, tenant_user
-from shared.contracts.job import JobV1
-from shared.naming import Subjects
-from shared.security import CryptoPolicy
 from tests.integration.network import decode_json, running_network
 from tests.support import make_job, subject_covers, three_site_topology, wait_for
 

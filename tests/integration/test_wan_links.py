@@ -14,13 +14,13 @@ import urllib.request
 
 import nats
 import pytest
+from din.shared.naming import Subjects
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from din.cli import main
 from din.stack.launcher import PortPlan, Stack
 from din.stack.wan import ToxiproxyClient, toxics_for
-from shared.naming import Subjects
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration

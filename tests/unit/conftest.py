@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from services.keymanager.authority import KeyAuthority
-from shared.security import (
+from din.services.keymanager.authority import KeyAuthority
+from din.shared.security import (
     AUDIT,
     KEYMANAGER,
     KEYSTORE_FILE,
@@ -20,6 +19,7 @@ from shared.security import (
     site_principal,
     tenant_principal,
 )
+
 from tests.support import ManualClock
 from tests.unit.test_security_keys import TOPOLOGY
 

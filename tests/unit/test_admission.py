@@ -1,16 +1,16 @@
 import json
 
 import pytest
+from din.services.admission.gate import AdmissionGate
+from din.services.admission.intake import DEFAULT_TIMEOUT_MS, peek_request_id, read_intake
+from din.services.admission.quota import QuotaLedger, daily_budgets, quota_shares
+from din.shared.catalog import ModelCatalog, ModelEntry
+from din.shared.contracts.events import PressureV1
+from din.shared.contracts.inference import RequestHeaders, SlaClass
+from din.shared.credentials import TenantVerifier, issue_token
+from din.shared.errors import DinError, ErrorCode
+from din.shared.topology import Topology
 
-from services.admission.gate import AdmissionGate
-from services.admission.intake import DEFAULT_TIMEOUT_MS, peek_request_id, read_intake
-from services.admission.quota import QuotaLedger, daily_budgets, quota_shares
-from shared.catalog import ModelCatalog, ModelEntry
-from shared.contracts.events import PressureV1
-from shared.contracts.inference import RequestHeaders, SlaClass
-from shared.credentials import TenantVerifier, issue_token
-from shared.errors import DinError, ErrorCode
-from shared.topology import Topology
 from tests.support import ManualClock, three_site_topology
 
 NOW = 1_700_000_000.0

@@ -10,10 +10,9 @@ import threading
 
 import numpy as np
 import pytest
-
-from services.executor.batcher import BatchOutput, DynamicBatcher
-from shared.contracts.inference import SlaClass
-from shared.errors import DinError, ErrorCode
+from din.services.executor.batcher import BatchOutput, DynamicBatcher
+from din.shared.contracts.inference import SlaClass
+from din.shared.errors import DinError, ErrorCode
 
 
 class GatedRunner:

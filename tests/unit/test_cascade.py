@@ -5,8 +5,7 @@ import math
 import numpy as np
 import onnxruntime
 import pytest
-
-from bench.cascade_policy import (
+from din.bench.cascade_policy import (
     CascadePolicy,
     Confidence,
     calibrate,
@@ -14,8 +13,8 @@ from bench.cascade_policy import (
     cross_fit,
     evaluate_cascade,
 )
-from shared.errors import DinError, ErrorCode
-from zoo.build import load_test_split
+from din.shared.errors import DinError, ErrorCode
+from din.zoo.build import load_test_split
 
 PROBABILITIES = np.array(
     [

@@ -4,9 +4,8 @@ import math
 
 import numpy as np
 import pytest
-
-from shared.cascade import EscalationCalibrator, answer_confidence, parse_cascade, parse_threshold
-from shared.errors import DinError, ErrorCode
+from din.shared.cascade import EscalationCalibrator, answer_confidence, parse_cascade, parse_threshold
+from din.shared.errors import DinError, ErrorCode
 
 
 @pytest.mark.parametrize("raw, expected", [("0.8", 0.8), (" 0 ", 0.0), (1.01, 1.01), (2, 2.0)])

@@ -1,9 +1,10 @@
 import json
 
-from services.classifier.policy import WorkloadPolicy, size_class
-from shared.catalog import ModelCatalog, ModelEntry
-from shared.contracts.inference import SlaClass
-from shared.topology import TenantSpec
+from din.services.classifier.policy import WorkloadPolicy, size_class
+from din.shared.catalog import ModelCatalog, ModelEntry
+from din.shared.contracts.inference import SlaClass
+from din.shared.topology import TenantSpec
+
 from tests.support import make_job
 
 SIG = json.dumps([["input", "FP32", [64]]])

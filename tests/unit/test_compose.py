@@ -12,6 +12,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from din.services.admission.settings import AdmissionSettings
+from din.services.classifier.settings import ClassifierSettings
+from din.services.executor.settings import ExecutorSettings
+from din.services.gateway.settings import GatewaySettings
+from din.services.keymanager.settings import KeyManagerSettings
+from din.services.scheduler.settings import SchedulerSettings
+from din.services.telemetry.settings import TelemetrySettings
+from din.shared.bus.kafka import BROKER_USER, USERS
+from din.shared.bus.permissions import service_inbox
+from din.shared.credentials import read_credentials
+from din.shared.naming import Subjects
+from din.shared.topology import load_topology
 from pydantic import AliasChoices
 
 from din.cli import build_parser
@@ -30,18 +42,6 @@ from din.probe import PROBE_USER, connect_options
 from din.stack.brokers import REPO_ROOT, nats_server_binary
 from din.stack.launcher import DEFAULT_TOPOLOGY, SERVICE_KINDS, service_environments, service_instances
 from din.stack.wan import TOXIPROXY_VERSION, toxics_for
-from services.admission.settings import AdmissionSettings
-from services.classifier.settings import ClassifierSettings
-from services.executor.settings import ExecutorSettings
-from services.gateway.settings import GatewaySettings
-from services.keymanager.settings import KeyManagerSettings
-from services.scheduler.settings import SchedulerSettings
-from services.telemetry.settings import TelemetrySettings
-from shared.bus.kafka import BROKER_USER, USERS
-from shared.bus.permissions import service_inbox
-from shared.credentials import read_credentials
-from shared.naming import Subjects
-from shared.topology import load_topology
 
 SETTINGS = {
     "admission": AdmissionSettings,
@@ -140,7 +140,7 @@ def test_every_service_instance_runs(topology, services):
     for inst in service_instances(topology):
         assert inst.name in services, f"{inst.name} missing from docker-compose.yml"
         service = services[inst.name]
-        assert service["command"] == ["python", "-m", f"services.{inst.service}"]
+        assert service["command"] == ["python", "-m", f"din.services.{inst.service}"]
         assert (REPO_ROOT / "services" / inst.service / "__main__.py").is_file()
         assert "build" in service and (REPO_ROOT / service["build"]["dockerfile"]).is_file()
 

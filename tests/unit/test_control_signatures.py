@@ -5,15 +5,23 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from din.services.telemetry.metrics import OTHER, TelemetryMetrics
+from din.shared.contracts.events import CompletionV1, LoadModelV1, PressureV1, ProbeV1
+from din.shared.contracts.federation import SiteSummaryV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.envelope import Identity
+from din.shared.naming import Subjects
+from din.shared.security import (
+    OPERATOR,
+    ControlRefused,
+    ControlSigner,
+    ControlVerifier,
+    Refusal,
+    may_sign,
+    verify_reply,
+)
+from din.shared.security.control import MAX_INTERVAL_S, MAX_SKEW_S, NONCE_HEADER, TIME_HEADER
 
-from services.telemetry.metrics import OTHER, TelemetryMetrics
-from shared.contracts.events import CompletionV1, LoadModelV1, PressureV1, ProbeV1
-from shared.contracts.federation import SiteSummaryV1
-from shared.contracts.inference import SlaClass
-from shared.envelope import Identity
-from shared.naming import Subjects
-from shared.security import OPERATOR, ControlRefused, ControlSigner, ControlVerifier, Refusal, may_sign, verify_reply
-from shared.security.control import MAX_INTERVAL_S, MAX_SKEW_S, NONCE_HEADER, TIME_HEADER
 from tests.support import make_heartbeat
 
 NOW = 1_800_000_000.0

@@ -1,6 +1,5 @@
 import pytest
-
-from shared.credentials import InvalidCredential, TenantVerifier, issue_token, read_credentials, write_credentials
+from din.shared.credentials import InvalidCredential, TenantVerifier, issue_token, read_credentials, write_credentials
 
 SECRET = "11" * 32
 

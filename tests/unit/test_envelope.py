@@ -18,9 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from shared import envelope
-from shared.envelope import (
+from din.shared import envelope
+from din.shared.envelope import (
     DataKey,
     Identity,
     InvalidToken,
@@ -33,7 +32,8 @@ from shared.envelope import (
     SealRefused,
     SiteIdentity,
 )
-from shared.errors import DinError, ErrorCode, error_reply
+from din.shared.errors import DinError, ErrorCode, error_reply
+
 from tests.support import T0, ManualClock
 
 # RFC 7748 section 6.1 (Alice) and RFC 8032 section 7.1 (TEST 1).

@@ -2,9 +2,8 @@
 its lease cannot have lapsed."""
 
 import pytest
-
-from services.executor.fencing import Continuity
-from shared.lifecycle import FenceReason
+from din.services.executor.fencing import Continuity
+from din.shared.lifecycle import FenceReason
 
 LIMIT = 0.5
 

@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import yaml
-
-from services.executor.settings import ExecutorSettings
+from din.services.executor.settings import ExecutorSettings
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = dict(id="e1", models="m", model_repo="/models", site="cloud", nats_url="nats://localhost:4222",

@@ -1,9 +1,8 @@
 import asyncio
 
+from din.shared.contracts.job import JobV1
+from din.shared.fair_input import UNKNOWN, FairInput, job_tenant, request_tenant
 from nats.aio.msg import Msg
-
-from shared.contracts.job import JobV1
-from shared.fair_input import UNKNOWN, FairInput, job_tenant, request_tenant
 
 
 def msg(subject: str, headers: dict[str, str] | None = None, data: bytes = b"") -> Msg:

@@ -3,8 +3,7 @@
 from collections import Counter
 
 import pytest
-
-from shared.fairness import FairClock, FairQueue
+from din.shared.fairness import FairClock, FairQueue
 
 
 def flooded(queue: FairQueue, tenant: str, count: int, cost: float = 1.0) -> None:

@@ -3,8 +3,7 @@
 from dataclasses import dataclass, field
 
 import pytest
-
-from services.scheduler.federation import (
+from din.services.scheduler.federation import (
     DOWN_AFTER_MS,
     LinkHealth,
     RemoteSites,
@@ -12,15 +11,15 @@ from services.scheduler.federation import (
     choose_site,
     summarize,
 )
-from services.scheduler.links import LinkTable
-from services.scheduler.placement import Placement
-from services.scheduler.registry import ExecutorRegistry, ExecutorState
-from shared.contracts.events import HeartbeatV1, ModelLoadedV1
-from shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1, WorkloadClassV1
-from shared.errors import DinError, ErrorCode
-from shared.topology import Topology
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.placement import Placement
+from din.services.scheduler.registry import ExecutorRegistry, ExecutorState
+from din.shared.contracts.events import HeartbeatV1, ModelLoadedV1
+from din.shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1, WorkloadClassV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.topology import Topology
 
 NOW_MS = 1_000_000.0
 HOME = "factory"

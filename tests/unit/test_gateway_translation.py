@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
-from services.gateway.completions import read_completion, stream_event, whole_completion
-from services.gateway.oip import (
+from din.services.gateway.completions import read_completion, stream_event, whole_completion
+from din.services.gateway.oip import (
     HEADER_LENGTH,
     http_error,
     http_response,
@@ -16,11 +15,11 @@ from services.gateway.oip import (
     read_infer_body,
     request_options,
 )
-from shared.bus.permissions import gateway_replies, gateway_reply, is_tenant_reply
-from shared.contracts.inference import InferResponseV1, ServedByV1, SlaClass, StreamChunkV1
-from shared.contracts.options import DEFAULT_TIMEOUT_MS
-from shared.errors import DinError, ErrorCode
-from shared.tensors import TENSOR_NAME_HEADER, array_to_tensor, decode_request, tensors_to_arrays
+from din.shared.bus.permissions import gateway_replies, gateway_reply, is_tenant_reply
+from din.shared.contracts.inference import InferResponseV1, ServedByV1, SlaClass, StreamChunkV1
+from din.shared.contracts.options import DEFAULT_TIMEOUT_MS
+from din.shared.errors import DinError, ErrorCode
+from din.shared.tensors import TENSOR_NAME_HEADER, array_to_tensor, decode_request, tensors_to_arrays
 
 TOKEN = "din1.acme.9999999999.abc"
 NOW_MS = 1_000_000.0
@@ -159,9 +158,8 @@ def test_completions_refuse_what_they_cannot_serve_and_join_the_stream():
 
 
 def test_grpc_requests_decode_from_raw_or_typed_contents_and_answer_raw():
+    from din.services.gateway.grpc_api import decode_infer, encode_infer
     from tritonclient.grpc import service_pb2 as pb
-
-    from services.gateway.grpc_api import decode_infer, encode_infer
 
     raw = pb.ModelInferRequest(model_name="m", id="g")
     raw.inputs.add(name="a", datatype="FP16", shape=[1, 2])

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from din.shared.bus.connect import nats_servers
+from din.shared.settings import ServiceSettings
+from din.shared.topology import Topology
+from din.shared.workqueue import work_stream_config
 
 from din.stack.brokers import NatsSecurity
 from din.stack.launcher import (
@@ -16,10 +20,6 @@ from din.stack.launcher import (
     service_environments,
     stack_wan_links,
 )
-from shared.bus.connect import nats_servers
-from shared.settings import ServiceSettings
-from shared.topology import Topology
-from shared.workqueue import work_stream_config
 from tests.support import three_site_topology
 
 

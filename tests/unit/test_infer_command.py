@@ -7,6 +7,8 @@ import io
 import json
 
 import pytest
+from din.shared.contracts.inference import InferResponseV1, ServedByV1, StreamChunkV1
+from din.shared.errors import DinError, ErrorCode
 
 from din.cli import build_parser
 from din.client import DinRequestError, NoAnswerError
@@ -20,8 +22,6 @@ from din.commands.infer import (
     stream_summary,
     stream_text,
 )
-from shared.contracts.inference import InferResponseV1, ServedByV1, StreamChunkV1
-from shared.errors import DinError, ErrorCode
 
 
 def parse(*argv: str):

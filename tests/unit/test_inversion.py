@@ -3,12 +3,11 @@
 import numpy as np
 import onnxruntime
 import pytest
-
-from shared.contracts.model_config import ModelConfigV1
-from shared.privacy import protect
-from zoo.build import split_model_name
-from zoo.digits import INPUT_NAME, load_digits_split
-from zoo.inversion import ATTACK_ALPHAS, fit_decoder, reconstruct, recovered_variance
+from din.shared.contracts.model_config import ModelConfigV1
+from din.shared.privacy import protect
+from din.zoo.build import split_model_name
+from din.zoo.digits import INPUT_NAME, load_digits_split
+from din.zoo.inversion import ATTACK_ALPHAS, fit_decoder, reconstruct, recovered_variance
 
 FEATURES, TRAIN, TEST = 16, 800, 400
 

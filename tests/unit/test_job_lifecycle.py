@@ -1,11 +1,10 @@
 """The job lifecycle rules (shared.lifecycle): how a job ends at an executor and when the scheduler closes it."""
 
 import pytest
-
-from shared.contracts.inference import RequestHeaders, SlaClass
-from shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageKind, StageV1, WorkloadClassV1
-from shared.errors import ErrorCode
-from shared.lifecycle import (
+from din.shared.contracts.inference import RequestHeaders, SlaClass
+from din.shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageKind, StageV1, WorkloadClassV1
+from din.shared.errors import ErrorCode
+from din.shared.lifecycle import (
     MAX_ATTEMPTS,
     Outcome,
     Redispatch,
@@ -32,6 +31,7 @@ from shared.lifecycle import (
     watchdog_at_ms,
     watchdog_error,
 )
+
 from tests.support import NOW_MS, make_job
 
 MARGIN_MS = 5.0
@@ -225,7 +225,7 @@ def test_the_watchdog_speaks_after_the_executor_had_its_say():
 
 
 def test_leases_derive_from_the_heartbeat_interval_and_the_claims():
-    from shared.lifecycle import loss_timeout_s, stall_limit_s
+    from din.shared.lifecycle import loss_timeout_s, stall_limit_s
 
     assert loss_timeout_s(0.5) == 1.5
     assert stall_limit_s(0.5, loss_timeout_s(0.5)) == pytest.approx(0.5)
@@ -233,7 +233,7 @@ def test_leases_derive_from_the_heartbeat_interval_and_the_claims():
 
 
 def test_a_job_is_exposed_from_its_dispatch_less_the_clock_slack():
-    from shared.lifecycle import EXPOSURE_SLACK_MS, exposed_ms
+    from din.shared.lifecycle import EXPOSURE_SLACK_MS, exposed_ms
 
     placed = job(stamps_ms={"scheduled": NOW_MS})
     assert exposed_ms(placed, NOW_MS + 50, pulled=False, pull_wait_ms=1000) == NOW_MS - EXPOSURE_SLACK_MS
@@ -245,7 +245,7 @@ def test_a_job_is_exposed_from_its_dispatch_less_the_clock_slack():
 
 
 def test_a_fenced_job_goes_back_to_the_scheduler_only_while_it_still_holds_that_dispatch():
-    from shared.lifecycle import dispatch_key, fenced_job, takes_back
+    from din.shared.lifecycle import dispatch_key, fenced_job, takes_back
 
     held = job(attempt=1)
     headers = completion_headers(Outcome.FENCED, "r1", dispatch_key(held))

@@ -5,15 +5,9 @@ from __future__ import annotations
 import stat
 
 import pytest
-
-from din.commands.replay import REPLAY_TOPICS, WHAT_IF_TOPICS
-from din.commands.report import REPORT_TOPICS
-from din.service_operations import RECEIVE, SEND, operations
-from din.stack.brokers import KafkaSpec
-from din.stack.launcher import DEFAULT_TOPOLOGY, service_environments, service_instances
-from services.telemetry.decisions import DecisionFeed
-from services.telemetry.settings import TelemetrySettings
-from shared.bus.kafka import (
+from din.services.telemetry.decisions import DecisionFeed
+from din.services.telemetry.settings import TelemetrySettings
+from din.shared.bus.kafka import (
     BROKER_USER,
     GROUPS,
     OPERATOR,
@@ -29,10 +23,16 @@ from shared.bus.kafka import (
     kafka_client_kwargs,
     may,
 )
-from shared.bus.tls import BusCA
-from shared.naming import SERVICES, Topics
-from shared.settings import ServiceSettings
-from shared.topology import load_topology
+from din.shared.bus.tls import BusCA
+from din.shared.naming import SERVICES, Topics
+from din.shared.settings import ServiceSettings
+from din.shared.topology import load_topology
+
+from din.commands.replay import REPLAY_TOPICS, WHAT_IF_TOPICS
+from din.commands.report import REPORT_TOPICS
+from din.service_operations import RECEIVE, SEND, operations
+from din.stack.brokers import KafkaSpec
+from din.stack.launcher import DEFAULT_TOPOLOGY, service_environments, service_instances
 
 BASES = (*Topics.ALL, Topics.SMOKE)
 ADMIN = (Operation.CREATE, Operation.DELETE, Operation.ALTER, Operation.ALTER_CONFIGS)

@@ -8,13 +8,8 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
-from nats.js.api import ConsumerConfig, StreamInfo
-from nats.js.errors import BucketNotFoundError, NotFoundError
-
-from din.stack.bus import service_permissions
-from din.stack.launcher import service_instances
-from services.keymanager.main import look_at_mirror, mirror_config, mirror_consumer_config, mirror_seen
-from services.keymanager.mirrors import (
+from din.services.keymanager.main import look_at_mirror, mirror_config, mirror_consumer_config, mirror_seen
+from din.services.keymanager.mirrors import (
     STALLED_AFTER_S,
     MirrorAction,
     MirrorLedger,
@@ -24,12 +19,17 @@ from services.keymanager.mirrors import (
     judge,
     mirror_specs,
 )
-from shared.bus import permissions as rules
-from shared.envelope import Identity
-from shared.security import KeyAgent, PrincipalKeys
-from shared.security import agent as agent_module
-from shared.security.agent import HUB_SOURCE, SITE_SOURCE
-from shared.topology import Topology
+from din.shared.bus import permissions as rules
+from din.shared.envelope import Identity
+from din.shared.security import KeyAgent, PrincipalKeys
+from din.shared.security import agent as agent_module
+from din.shared.security.agent import HUB_SOURCE, SITE_SOURCE
+from din.shared.topology import Topology
+from nats.js.api import ConsumerConfig, StreamInfo
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from din.stack.bus import service_permissions
+from din.stack.launcher import service_instances
 from tests.integration.network import INFERENCE_TOPOLOGY
 from tests.support import subject_covers, wait_for
 

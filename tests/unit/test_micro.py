@@ -5,12 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
-from shared import __version__
-from shared.contracts.micro import MicroInfoV1, MicroPingV1, MicroStatsV1
-from shared.errors import DinError, ErrorCode, error_reply
-from shared.micro import MicroDiscovery, subject_matches
-from shared.naming import InvalidNameError, Subjects, micro_name
+from din.shared import __version__
+from din.shared.contracts.micro import MicroInfoV1, MicroPingV1, MicroStatsV1
+from din.shared.errors import DinError, ErrorCode, error_reply
+from din.shared.micro import MicroDiscovery, subject_matches
+from din.shared.naming import InvalidNameError, Subjects, micro_name
 
 
 def msg(subject: str = "din.v1.infer.acme.m") -> SimpleNamespace:

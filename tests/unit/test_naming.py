@@ -1,6 +1,5 @@
 import pytest
-
-from shared.naming import InvalidNameError, Subjects, Topics, token, work_stream
+from din.shared.naming import InvalidNameError, Subjects, Topics, token, work_stream
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,9 @@ that stays current."""
 import random
 
 import pytest
-
-from bench.placement import scan_all_reference
-from services.scheduler.links import LinkTable
-from services.scheduler.placement import (
+from din.bench.placement import scan_all_reference
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.placement import (
     MAX_ALTERNATIVES,
     NEAR_TIE,
     NEAR_TIE_MS,
@@ -16,12 +15,12 @@ from services.scheduler.placement import (
     Placement,
     pick_executor,
 )
-from services.scheduler.registry import CLASSES, ExecutorPool, ExecutorRegistry
-from shared.contracts.events import HeartbeatV1, ModelLoadedV1
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1, WorkloadClassV1
-from shared.errors import DinError
-from shared.topology import Topology
+from din.services.scheduler.registry import CLASSES, ExecutorPool, ExecutorRegistry
+from din.shared.contracts.events import HeartbeatV1, ModelLoadedV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1, WorkloadClassV1
+from din.shared.errors import DinError
+from din.shared.topology import Topology
 
 NOW_MS = 1_000_000.0
 SITES = ("cloud", "factory", "branch")

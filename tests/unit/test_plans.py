@@ -9,17 +9,17 @@ from __future__ import annotations
 import random
 
 import pytest
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.plans import Plan, is_multi_stage, make_plan, place_job, stage_placer
+from din.services.scheduler.registry import ExecutorState
+from din.services.scheduler.split_point import LOCAL, NO_SPLIT
+from din.shared.catalog import ModelCatalog
+from din.shared.contracts.events import HeartbeatV1, ModelLoadedV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1, StageKind, WorkloadClassV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.topology import Topology
 
-from services.scheduler.links import LinkTable
-from services.scheduler.plans import Plan, is_multi_stage, make_plan, place_job, stage_placer
-from services.scheduler.registry import ExecutorState
-from services.scheduler.split_point import LOCAL, NO_SPLIT
-from shared.catalog import ModelCatalog
-from shared.contracts.events import HeartbeatV1, ModelLoadedV1
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1, StageKind, WorkloadClassV1
-from shared.errors import DinError, ErrorCode
-from shared.topology import Topology
 from tests.unit.test_security_keys import TOPOLOGY as SITES_TOPOLOGY
 
 NOW_MS = 1_000_000.0

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from shared.errors import DinError, ErrorCode
-from shared.privacy import Protection, dequantize, protect, quantize, wire_bytes
+from din.shared.errors import DinError, ErrorCode
+from din.shared.privacy import Protection, dequantize, protect, quantize, wire_bytes
 
 
 @pytest.fixture

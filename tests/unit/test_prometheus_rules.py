@@ -15,13 +15,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from din.services.telemetry.metrics import (
+    METRIC_NAMES,
+    METRICS,
+    SERIES_SUFFIXES,
+    TelemetryMetrics,
+    exported_series_names,
+)
+from din.services.telemetry.relay import RelayLedger
+from din.shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
+from din.shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
+from din.shared.errors import DinError, ErrorCode
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.telemetry.metrics import METRIC_NAMES, METRICS, SERIES_SUFFIXES, TelemetryMetrics, exported_series_names
-from services.telemetry.relay import RelayLedger
-from shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
-from shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
-from shared.errors import DinError, ErrorCode
 from tests.support import ManualClock
 from tests.unit.test_telemetry_metrics import TARGETS, completion, heartbeat
 

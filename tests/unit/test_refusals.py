@@ -1,5 +1,5 @@
-from services.admission.refusals import RefusalTally
-from shared.errors import DinError, ErrorCode
+from din.services.admission.refusals import RefusalTally
+from din.shared.errors import DinError, ErrorCode
 
 OVERLOADED = DinError(ErrorCode.OVERLOADED, "past capacity", retry_after_ms=100)
 

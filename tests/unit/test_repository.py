@@ -6,13 +6,12 @@ import threading
 
 import numpy as np
 import pytest
-
-from services.executor.repository import ModelRepository
-from shared.catalog import ModelCatalog
-from shared.contracts.model_config import DEFAULT_MAX_BATCH_SIZE, ModelConfigV1
-from shared.errors import DinError, ErrorCode
-from zoo import build as zoo
-from zoo.build import load_test_split
+from din.services.executor.repository import ModelRepository
+from din.shared.catalog import ModelCatalog
+from din.shared.contracts.model_config import DEFAULT_MAX_BATCH_SIZE, ModelConfigV1
+from din.shared.errors import DinError, ErrorCode
+from din.zoo import build as zoo
+from din.zoo.build import load_test_split
 
 
 @pytest.fixture
@@ -211,7 +210,7 @@ def test_a_missing_config_is_an_unknown_model(small_copy):
 def test_a_bad_model_config_is_left_out_naming_its_file_and_the_rest_is_served(tmp_path):
     import json
 
-    from shared.catalog import ModelCatalog
+    from din.shared.catalog import ModelCatalog
 
     good = {"name": "good", "versions": ["1"], "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 2]}],
             "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]}

@@ -3,9 +3,10 @@ says an executor is dead, and which relayed heartbeats change anything."""
 
 from __future__ import annotations
 
-from services.scheduler.registry import ExecutorRegistry
-from services.scheduler.rosters import PER_MODEL, HubRosters, LostExecutors, roster, sample
-from shared.contracts.federation import SiteRosterV1
+from din.services.scheduler.registry import ExecutorRegistry
+from din.services.scheduler.rosters import PER_MODEL, HubRosters, LostExecutors, roster, sample
+from din.shared.contracts.federation import SiteRosterV1
+
 from tests.support import NOW_MS, make_heartbeat
 
 

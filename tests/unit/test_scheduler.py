@@ -1,14 +1,13 @@
 import pytest
-
-from services.scheduler.inflight import InflightJob, InflightTable
-from services.scheduler.links import SAME_SITE_RTT_MS, LinkTable
-from services.scheduler.placement import pick_executor
-from services.scheduler.registry import ExecutorRegistry, Finished, finished_by
-from shared.contracts.events import CompletionV1, HeartbeatV1, ModelLoadedV1
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1, WorkloadClassV1
-from shared.errors import DinError, ErrorCode
-from shared.topology import Topology
+from din.services.scheduler.inflight import InflightJob, InflightTable
+from din.services.scheduler.links import SAME_SITE_RTT_MS, LinkTable
+from din.services.scheduler.placement import pick_executor
+from din.services.scheduler.registry import ExecutorRegistry, Finished, finished_by
+from din.shared.contracts.events import CompletionV1, HeartbeatV1, ModelLoadedV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1, WorkloadClassV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.topology import Topology
 
 NOW_MS = 1_000_000.0
 

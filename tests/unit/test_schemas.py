@@ -6,20 +6,20 @@ import json
 import re
 import typing
 
+import din.shared.contracts
 import pytest
 import yaml
+from din.shared import envelope
+from din.shared.contracts import MESSAGE_MODELS
+from din.shared.contracts.inference import STREAM_SEQ_HEADER, RequestHeaders
+from din.shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
+from din.shared.contracts.job import STAGE_DONE_HEADER
+from din.shared.naming import Subjects, Topics
+from din.shared.security import SIGNER_HEADER
+from din.shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
 from pydantic import BaseModel
 
-import shared.contracts
 from din.schemas import ASYNCAPI_FILE, DEFAULT_OUT_DIR, JSON_DIR, render_schemas, subject_pattern
-from shared import envelope
-from shared.contracts import MESSAGE_MODELS
-from shared.contracts.inference import STREAM_SEQ_HEADER, RequestHeaders
-from shared.contracts.job import HEADER_PREFIX as JOB_HEADER_PREFIX
-from shared.contracts.job import STAGE_DONE_HEADER
-from shared.naming import Subjects, Topics
-from shared.security import SIGNER_HEADER
-from shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
 
 RERUN = "run `din schemas` and commit the result"
 
@@ -83,7 +83,7 @@ def _models_reachable(roots) -> set[type[BaseModel]]:
 
 
 def test_every_contract_field_has_a_description():
-    exported = [getattr(shared.contracts, name) for name in shared.contracts.__all__]
+    exported = [getattr(din.shared.contracts, name) for name in din.shared.contracts.__all__]
     roots = [*MESSAGE_MODELS.values(), *(m for m in exported if isinstance(m, type) and issubclass(m, BaseModel))]
     missing = [
         f"{model.__name__}.{name}"

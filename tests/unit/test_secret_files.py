@@ -2,9 +2,8 @@ import os
 import threading
 
 import pytest
-
-from shared.bus.files import write_secret
-from shared.bus.nats_auth import creds_text, read_creds
+from din.shared.bus.files import write_secret
+from din.shared.bus.nats_auth import creds_text, read_creds
 
 
 def test_a_secret_file_is_private_and_leaves_no_temporary_file(tmp_path):

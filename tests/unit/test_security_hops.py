@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from din.client import DinClient, DinRequestError
-from services.admission.ingress import RequestOpener
-from shared import envelope
-from shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
-from shared.envelope import InvalidToken, Reason, SealRefused
-from shared.errors import ErrorCode
-from shared.security import (
+from din.services.admission.ingress import RequestOpener
+from din.shared import envelope
+from din.shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
+from din.shared.envelope import InvalidToken, Reason, SealRefused
+from din.shared.errors import ErrorCode
+from din.shared.security import (
     ANSWER_FIELD,
     ANSWER_PLAIN,
     AUDIT,
@@ -34,6 +32,8 @@ from shared.security import (
     stage_binding,
     without_envelope,
 )
+
+from din.client import DinClient, DinRequestError
 from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH
 from tests.unit.test_security_rotation import deliver
 

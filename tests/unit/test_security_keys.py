@@ -6,10 +6,9 @@ import json
 import stat
 
 import pytest
-
-from shared import envelope
-from shared.envelope import InvalidToken, Reason
-from shared.security import (
+from din.shared import envelope
+from din.shared.envelope import InvalidToken, Reason
+from din.shared.security import (
     AUDIT,
     KEYMANAGER,
     KEYSTORE_FILE,
@@ -31,7 +30,8 @@ from shared.security import (
     tenant_principal,
     unlock_key,
 )
-from shared.topology import Topology
+from din.shared.topology import Topology
+
 from tests.support import three_site_topology
 
 TOPOLOGY = Topology.model_validate(three_site_topology("keys", {}, [
@@ -178,9 +178,9 @@ def test_secured_settings_need_a_key_file_unless_security_is_off(monkeypatch):
 
 
 def test_key_commands_must_be_signed_by_the_operator_fresh_and_once(keys_dir):
-    from shared.contracts.keys import KeyAction
-    from shared.envelope import ReplayGuard
-    from shared.security import new_key_command, sign_key_command, verify_key_command
+    from din.shared.contracts.keys import KeyAction
+    from din.shared.envelope import ReplayGuard
+    from din.shared.security import new_key_command, sign_key_command, verify_key_command
 
     operator = PrincipalKeys.load(key_file(keys_dir, OPERATOR))
     tenant = PrincipalKeys.load(key_file(keys_dir, tenant_principal("acme")))

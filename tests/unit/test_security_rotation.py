@@ -7,11 +7,10 @@ hand it over. The clock is injected, so grace windows are exact.
 from __future__ import annotations
 
 import pytest
-
-from services.keymanager.authority import KeyAuthority
-from shared import envelope
-from shared.envelope import DataKey, InvalidToken, Keyring, Reason, ReplayGuard, SealRefused
-from shared.security import (
+from din.services.keymanager.authority import KeyAuthority
+from din.shared import envelope
+from din.shared.envelope import DataKey, InvalidToken, Keyring, Reason, ReplayGuard, SealRefused
+from din.shared.security import (
     AUDIT,
     KEYMANAGER,
     KEYSTORE_FILE,
@@ -23,6 +22,7 @@ from shared.security import (
     sign_entry,
     site_principal,
 )
+
 from tests.support import T0
 from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH
 

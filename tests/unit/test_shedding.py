@@ -3,10 +3,9 @@
 from collections import Counter
 
 import pytest
-
-from services.admission.shedding import DRAIN, RATE_WINDOW_MS, LoadShedder, fair_shares
-from shared.contracts.events import PressureV1
-from shared.errors import DinError
+from din.services.admission.shedding import DRAIN, RATE_WINDOW_MS, LoadShedder, fair_shares
+from din.shared.contracts.events import PressureV1
+from din.shared.errors import DinError
 
 T0 = 1_700_000_000_000.0
 
@@ -112,7 +111,7 @@ def test_waiting_without_a_backlog_is_not_congestion():
 
 
 def test_the_schedulers_meter_reads_the_rate_and_the_wait_before_compute():
-    from services.scheduler.reports import ServiceMeter
+    from din.services.scheduler.reports import ServiceMeter
 
     meter = ServiceMeter(window_ms=1_000.0)
     for i in range(100):

@@ -3,9 +3,8 @@
 from dataclasses import replace
 
 import pytest
-
-from services.scheduler.links import LinkTable
-from services.scheduler.split_point import (
+from din.services.scheduler.links import LinkTable
+from din.services.scheduler.split_point import (
     LOCAL,
     NO_SPLIT,
     PRIVACY,
@@ -17,7 +16,7 @@ from services.scheduler.split_point import (
     candidates_from_layers,
     choose_split_point,
 )
-from shared.errors import DinError, ErrorCode
+from din.shared.errors import DinError, ErrorCode
 
 # A CNN-like profile: the input is large, the deeper point is small; heads are slow at the edge.
 SHALLOW = SplitCandidate("conv1", intermediate_bytes=400_000, head_ms=4.0, tail_ms=6.0, leakage=0.9)

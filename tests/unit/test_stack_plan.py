@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from din.shared.settings import ServiceSettings
+from din.shared.topology import Topology, load_topology
 from pydantic import ValidationError
 
 from din.cli import build_parser, describe_error
@@ -16,8 +18,6 @@ from din.stack.launcher import (
     service_environments,
     service_instances,
 )
-from shared.settings import ServiceSettings
-from shared.topology import Topology, load_topology
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_each_service_settings_accept_the_launcher_environment(topology, monkeyp
     import os
 
     try:
-        module = importlib.import_module(f"services.{kind}.settings")
+        module = importlib.import_module(f"din.services.{kind}.settings")
     except ModuleNotFoundError as exc:
         pytest.skip(f"services.{kind}.settings not written yet ({exc.name})")
     classes = [c for _, c in inspect.getmembers(module, inspect.isclass)

@@ -6,8 +6,7 @@ import io
 
 import numpy as np
 import pytest
-
-from services.executor.stages import (
+from din.services.executor.stages import (
     MAX_PROMPT_CHARS,
     DecodeState,
     decode_state,
@@ -17,10 +16,10 @@ from services.executor.stages import (
     next_token,
     prompt_tokens,
 )
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1, StageKind, StageV1
-from shared.errors import DinError, ErrorCode
-from shared.tensors import decode_binary
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1, StageKind, StageV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.tensors import decode_binary
 
 VOCAB = "\n abch"
 HIDDEN = 8

@@ -1,7 +1,7 @@
 """Stream chunks put back in order (``shared.streaming.InOrder``)."""
 
-from shared.contracts.inference import StreamChunkV1
-from shared.streaming import InOrder
+from din.shared.contracts.inference import StreamChunkV1
+from din.shared.streaming import InOrder
 
 
 def chunk(seq: int, done: bool = False) -> StreamChunkV1:

@@ -5,22 +5,22 @@ from __future__ import annotations
 import random
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-from services.telemetry.alerts import SlaWatch, describe
-from services.telemetry.decisions import DecisionFeed
-from services.telemetry.metrics import METRIC_NAMES, OTHER, TelemetryMetrics
-from services.telemetry.settings import TelemetrySettings
-from services.telemetry.window import SlidingQuantiles
-from shared.contracts.events import (
+from din.services.telemetry.alerts import SlaWatch, describe
+from din.services.telemetry.decisions import DecisionFeed
+from din.services.telemetry.metrics import METRIC_NAMES, OTHER, TelemetryMetrics
+from din.services.telemetry.settings import TelemetrySettings
+from din.services.telemetry.window import SlidingQuantiles
+from din.shared.contracts.events import (
     AdmissionDecisionV1,
     CompletionV1,
     HeartbeatV1,
     SchedulingDecisionV1,
 )
-from shared.contracts.inference import SlaClass
-from shared.contracts.telemetry import SlaViolationV1
-from shared.naming import Topics
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.telemetry import SlaViolationV1
+from din.shared.naming import Topics
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.support import ManualClock, make_heartbeat
 
 TARGETS = {SlaClass.REALTIME: 50.0, SlaClass.INTERACTIVE: 500.0, SlaClass.BATCH: 5000.0}

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from services.telemetry.metrics import METRIC_NAMES, METRICS, exported_series_names
-from services.telemetry.settings import TelemetrySettings
-from services.telemetry.topics import topic_plan
+from din.services.telemetry.metrics import METRIC_NAMES, METRICS, exported_series_names
+from din.services.telemetry.settings import TelemetrySettings
+from din.services.telemetry.topics import topic_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "din.json"

@@ -6,11 +6,10 @@ import json
 from types import SimpleNamespace
 
 import pytest
-
-from shared import envelope
-from shared.contracts.inference import SlaClass
-from shared.contracts.job import JobV1
-from shared.recording import (
+from din.shared import envelope
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1
+from din.shared.recording import (
     REQUEST_EVENT_TYPE,
     CorruptRecord,
     load_replay_keys,
@@ -19,6 +18,7 @@ from shared.recording import (
     request_record,
     write_replay_keys,
 )
+
 from tests.support import make_job
 
 RECEIVED_MS = 1_700_000_000_123.456

@@ -4,10 +4,9 @@ import json
 
 import numpy as np
 import pytest
-
-from shared.contracts.inference import Datatype, InferResponseV1, ServedByV1, TensorV1
-from shared.errors import DinError, ErrorCode
-from shared.tensors import (
+from din.shared.contracts.inference import Datatype, InferResponseV1, ServedByV1, TensorV1
+from din.shared.errors import DinError, ErrorCode
+from din.shared.tensors import (
     CONTENT_TYPE_HEADER,
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_TENSOR,

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from shared.topology import PathType, Topology, TopologyError, load_topology
+from din.shared.topology import PathType, Topology, TopologyError, load_topology
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,11 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-
-from shared.contracts.model_config import ModelConfigV1
-from zoo import build as zoo
-from zoo import digits
-from zoo.text import CharLMRecipe
+from din.shared.contracts.model_config import ModelConfigV1
+from din.zoo import build as zoo
+from din.zoo import digits
+from din.zoo.text import CharLMRecipe
 
 
 def _session(path) -> onnxruntime.InferenceSession:

@@ -7,11 +7,10 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-
-from services.executor.repository import ModelRepository
-from shared.tensors import validate_inputs
-from zoo import text as zoo_text
-from zoo.text import (
+from din.services.executor.repository import ModelRepository
+from din.shared.tensors import validate_inputs
+from din.zoo import text as zoo_text
+from din.zoo.text import (
     CharLMRecipe,
     Corpus,
     decode,
