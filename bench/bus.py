@@ -42,6 +42,7 @@ from pathlib import Path
 import nats
 import numpy as np
 import uvloop
+
 from din.bench import RESULTS_DIR, write_results
 from din.shared.bus.connect import nats_options
 from din.shared.bus.permissions import Permissions, service_inbox
@@ -219,10 +220,9 @@ def measure_din(din_dir: Path, seconds: float, concurrency: int, rounds: int) ->
 
 async def _din_path(stack, row: np.ndarray, seconds: float, concurrency: int, rounds: int) -> dict:
     from din.bench.inference_path import closed_loop
+    from din.client import DinClient
     from din.shared.bus.permissions import tenant_user
     from din.shared.credentials import issue_token, read_credentials
-
-    from din.client import DinClient
 
     token = issue_token("bench", read_credentials(stack.credentials_file)["bench"])
     client = await DinClient.connect(stack.hub_url, "bench", token, stack.tenant_keys("bench"),

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import uvloop
+
+from din.client import DinClient
 from din.shared.bus.permissions import tenant_user
 from din.shared.credentials import issue_token, read_credentials
 from din.shared.topology import Topology
-
-from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
 

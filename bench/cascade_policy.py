@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from din.shared.cascade import Confidence, confidence
 from din.shared.errors import DinError, ErrorCode
 

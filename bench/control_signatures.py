@@ -30,7 +30,6 @@ from din.shared.contracts.inference import SlaClass
 from din.shared.envelope import Identity
 from din.shared.naming import Subjects
 from din.shared.security import ControlSigner, ControlVerifier
-
 from tests.support import make_heartbeat
 
 ROUNDS = 5

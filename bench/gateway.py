@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import uvloop
+
 from din.bench import RESULTS_DIR, write_results
 
 TENANT = "bench"
@@ -47,10 +48,9 @@ def _binary_body(row: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 async def _measure(stack, row: np.ndarray, requests: int, rounds: int) -> dict:
+    from din.client import DinClient
     from din.shared.bus.permissions import tenant_user
     from din.shared.credentials import issue_token, read_credentials
-
-    from din.client import DinClient
 
     token = issue_token(TENANT, read_credentials(stack.credentials_file)[TENANT])
     client = await DinClient.connect(stack.hub_url, TENANT, token, None,
@@ -120,7 +120,6 @@ def run_gateway_bench(requests: int = 300, rounds: int = 3, out: Path = RESULTS_
     """Start the stack, measure the three ways, write the results; returns the exit code."""
     from din.shared.security import CryptoPolicy
     from din.shared.topology import Topology
-
     from din.stack.launcher import DEFAULT_MODEL_REPO, PortPlan, Stack
     from din.workload import load_digits_test
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from din.bench.cascade_policy import (
     CascadeEvaluation,
     CascadePolicy,
@@ -388,8 +389,9 @@ def charlm_stats(repo: Path) -> dict[str, Any]:
 
 def run_multistage(repo: Path) -> MultistageReport:
     """Build the zoo in ``repo`` if it is not current, then measure every table."""
-    from din.zoo.build import build_zoo
     from threadpoolctl import threadpool_limits
+
+    from din.zoo.build import build_zoo
 
     begun = time.perf_counter()
     repo = Path(repo)

@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import uvloop
+
 from din.bench.sites import _percentile
 from din.bench.tally import Load, Tally
 from din.shared.credentials import issue_token, read_credentials
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.topology import Topology
-
 from din.stack.launcher import PortPlan, Stack
 
 TENANTS = ("acme", "globex")

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
 from din.shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1
 from din.shared.privacy import Protection, protect, wire_bytes
 from din.zoo.inversion import fit_decoder, reconstruct

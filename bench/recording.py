@@ -32,7 +32,11 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+
 from din.bench import RESULTS_DIR, write_results
+from din.client import DinClient, DinRequestError, NoAnswerError
+from din.replay.reader import RecordRange, TopicReader
+from din.replay.recorded import read_requests
 from din.services.telemetry.settings import TelemetrySettings
 from din.services.telemetry.topics import ensure_topics, topic_plan
 from din.shared.bus.kafka import OPERATOR, KafkaAccess
@@ -45,10 +49,6 @@ from din.shared.naming import Topics
 from din.shared.recording import request_record
 from din.shared.tensors import encode_binary
 from din.shared.topology import load_topology
-
-from din.client import DinClient, DinRequestError, NoAnswerError
-from din.replay.reader import RecordRange, TopicReader
-from din.replay.recorded import read_requests
 from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack
 from din.workload import load_digits_test
 

@@ -23,15 +23,14 @@ import time
 import uuid
 from pathlib import Path
 
-from din.shared.bus.permissions import tenant_user
-from din.shared.credentials import issue_token, read_credentials
-from din.shared.naming import Topics
-from din.shared.topology import load_topology
-
 from din.client import DinClient, DinRequestError, NoAnswerError
 from din.replay.reader import RecordRange
 from din.replay.recorded import load_window
 from din.replay.report import render_report
+from din.shared.bus.permissions import tenant_user
+from din.shared.credentials import issue_token, read_credentials
+from din.shared.naming import Topics
+from din.shared.topology import load_topology
 from din.stack.launcher import DEFAULT_MODEL_REPO, DEFAULT_TOPOLOGY, PortPlan, Stack
 from din.workload import load_digits_test
 

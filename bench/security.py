@@ -44,6 +44,7 @@ from pathlib import Path
 import nats
 import numpy as np
 import uvloop
+
 from din.bench import RESULTS_DIR, write_results
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.envelope import DataKey, InvalidToken
@@ -302,10 +303,9 @@ def measure_din(din_dir: Path, seconds: float, concurrency: int) -> list[dict]:
 
 async def _measure_din_path(stack, security: bool, row: np.ndarray, seconds: float, concurrency: int) -> dict:
     from din.bench.inference_path import closed_loop
+    from din.client import DinClient
     from din.shared.bus.permissions import tenant_user
     from din.shared.credentials import issue_token, read_credentials
-
-    from din.client import DinClient
 
     token = issue_token(TENANT, read_credentials(stack.credentials_file)[TENANT])
     client = await DinClient.connect(stack.hub_url, TENANT, token, stack.tenant_keys(TENANT) if security else None,

@@ -36,13 +36,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import uvloop
+
 from din.bench.tally import Load, Tally
 from din.shared.contracts.events import HealthV1, HeartbeatV1, ModelLoadedV1
 from din.shared.credentials import issue_token, read_credentials
 from din.shared.naming import Subjects
 from din.shared.security import ControlSigner, PrincipalKeys, key_file, site_principal
 from din.shared.topology import Topology
-
 from din.stack.launcher import PortPlan, Stack
 from din.stack.supervision import RestartPolicy, Supervisor
 from din.stack.wan import ToxiproxyClient

@@ -35,15 +35,15 @@ from pathlib import Path
 
 import numpy as np
 import uvloop
+
 from din.bench.cascade import CascadeMeasurement, measure_paths
+from din.client import DinClient
 from din.shared.bus.permissions import tenant_user
 from din.shared.credentials import issue_token, read_credentials
 from din.shared.topology import Topology
-from din.zoo.text import load_corpus
-
-from din.client import DinClient
 from din.stack.launcher import PortPlan, Stack
 from din.workload import load_digits_test
+from din.zoo.text import load_corpus
 
 HEADS = ["digits-large-head-hidden_1", "digits-large-head-hidden_2"]
 TAILS = ["digits-large-tail-hidden_1", "digits-large-tail-hidden_2", "digits-large"]

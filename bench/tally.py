@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import nats
 import numpy as np
+
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects

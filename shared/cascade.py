@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+
 from din.shared.errors import DinError, ErrorCode
 
 

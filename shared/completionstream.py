@@ -12,8 +12,9 @@ restarted one resumes where it stopped. Telemetry and ``din up`` create it
 
 from __future__ import annotations
 
-from din.shared.naming import Subjects, completions_stream, token
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StreamConfig
+
+from din.shared.naming import Subjects, completions_stream, token
 
 MIB = 1024 * 1024
 RELAY_DURABLE = "telemetry"

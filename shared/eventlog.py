@@ -32,8 +32,9 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     TopicAuthorizationFailedError,
 )
-from din.shared.naming import Topics
 from pydantic import BaseModel
+
+from din.shared.naming import Topics
 
 log = logging.getLogger(__name__)
 

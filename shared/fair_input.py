@@ -18,9 +18,10 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 
+from nats.aio.msg import Msg
+
 from din.shared.contracts.job import HEADER_PREFIX
 from din.shared.fairness import FairClock, FairQueue
-from nats.aio.msg import Msg
 
 UNKNOWN = ""
 MAX_QUEUED = 200_000

@@ -17,6 +17,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.nuid import NUID
+
 from din.shared import __version__
 from din.shared.contracts.micro import (
     MicroEndpointInfoV1,
@@ -27,9 +31,6 @@ from din.shared.contracts.micro import (
 )
 from din.shared.errors import ErrorV1, error_observer
 from din.shared.naming import MICRO_VERBS, Subjects, micro_name
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from nats.nuid import NUID
 
 Handler = Callable[[Msg], Awaitable[None]]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+
 from din.shared.contracts.inference import Datatype
 from din.shared.contracts.model_config import DEFAULT_MAX_BATCH_SIZE, ModelConfigV1, TensorConfigV1
 from din.shared.tensors import WIRE_DTYPES

@@ -22,6 +22,7 @@ import math
 from enum import StrEnum
 
 import numpy as np
+
 from din.shared.errors import DinError, ErrorCode
 
 FLOAT_BYTES = 4

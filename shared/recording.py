@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from din.shared import envelope
 from din.shared.contracts.job import JobV1
 from din.shared.contracts.options import ServingOptionsV1, lookup_in, option_headers, read_options, wire_options
 from din.shared.contracts.telemetry import RecordedRequestV1
 from din.shared.errors import DinError
 from din.shared.eventlog import EVENT_TYPE_HEADER
-from pydantic import ValidationError
 
 REQUEST_EVENT_TYPE = f"din.v1.{RecordedRequestV1.__name__}"
 

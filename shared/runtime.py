@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import uvloop
+from faststream import BaseMiddleware, FastStream
+from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
 from din.shared import __version__, lifecycle
 from din.shared.bus.connect import broker_options, nats_servers
 from din.shared.bus.kafka import kafka_client_kwargs
@@ -41,11 +47,6 @@ from din.shared.micro import EndpointCounter, MicroDiscovery
 from din.shared.naming import Subjects, Topics
 from din.shared.settings import ServiceSettings
 from din.shared.tracing import Tracing
-from faststream import BaseMiddleware, FastStream
-from faststream.nats import NatsBroker
-from faststream.specification import AsyncAPI
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
 Handler = Callable[[Msg], Awaitable[None]]
 SubjectOf = str | Callable[[Any], str]

@@ -9,9 +9,10 @@ environment serves every process. Nothing outside settings classes reads
 
 from __future__ import annotations
 
-from din.shared.naming import token
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from din.shared.naming import token
 
 
 def _plain(name: str) -> AliasChoices:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
+
 from din.shared.contracts.inference import Datatype, InferRequestV1, InferResponseV1, TensorV1
 from din.shared.errors import DinError, ErrorCode
-from pydantic import ValidationError
 
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_TENSOR = "application/vnd.din.tensor"

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from din.shared.naming import token
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from din.shared.naming import token
 
 
 class TopologyError(ValueError):

@@ -5,8 +5,9 @@ Both the scheduler and the site's executors create it when missing, whoever star
 
 from __future__ import annotations
 
-from din.shared.naming import Subjects, work_stream
 from nats.js.api import RetentionPolicy, StreamConfig
+
+from din.shared.naming import Subjects, work_stream
 
 WORK_MAX_AGE_S = 600.0
 """A job older than this is past any deadline DIN accepts; the stream drops it."""

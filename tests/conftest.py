@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from din.shared.bus.connect import nats_options
 from din.shared.bus.kafka import KafkaAccess
 from din.shared.bus.permissions import OPERATOR_USER, tenant_user
 from din.shared.topology import Topology
-
 from din.stack.bus import BusCredentials
 from tests.support import three_site_topology
 
@@ -187,7 +187,6 @@ def session_kafka(tmp_path_factory):
             yield SessionKafka(KafkaAccess(container.get_bootstrap_server()))
         return
     from din.shared.bus.kafka import apply_acls
-
     from din.stack.brokers import KafkaSpec
     from din.stack.launcher import PortPlan, check_ports, wait_kafka_ready
 
@@ -248,9 +247,8 @@ def unique() -> str:
 def zoo_dir() -> Path:
     """The model zoo (real models trained on scikit-learn's digits) that set-up built in the default model
     repository; built there first only when it is missing or older than the recipes."""
-    from din.zoo.build import build_zoo
-
     from din.stack.launcher import DEFAULT_MODEL_REPO
+    from din.zoo.build import build_zoo
 
     build_zoo(DEFAULT_MODEL_REPO)
     return DEFAULT_MODEL_REPO

@@ -34,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
 from din.shared.contracts.model_config import (
     CONFIG_FILE,
     DEFAULT_MAX_BATCH_SIZE,

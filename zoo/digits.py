@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from din.shared.contracts.model_config import TensorConfigV1
 
 TASK = "image-classification"

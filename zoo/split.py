@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 import onnx.utils
+
 from din.shared.errors import DinError, ErrorCode
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from din.shared.bus.files import write_secret
 from din.shared.bus.kafka import BROKER_USER, KAFKA_DIR, MECHANISM, USERS, KafkaAccess, KafkaUsers, ensure_kafka_users
 from din.shared.bus.tls import BusCA
-
 from din.stack.processes import ManagedProcess, StackError, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,6 @@ from din.shared.bus.nats_auth import NATS_DIR, SYSTEM_ACCOUNT, SYSTEM_USER, Nats
 from din.shared.bus.permissions import OPERATOR_USER, Permissions, tenant_user
 from din.shared.bus.tls import DEFAULT_HOSTS, BusCA
 from din.shared.topology import Topology
-
 from din.stack.brokers import NatsSecurity
 
 EXECUTOR = "executor"

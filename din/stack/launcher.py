@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePath
 
 import yaml
+
 from din.services.telemetry.settings import TelemetrySettings
 from din.services.telemetry.topics import ensure_topics, topic_plan
 from din.shared.bus.connect import nats_options, nats_servers
@@ -57,7 +58,6 @@ from din.shared.security import (
     tenant_principal,
 )
 from din.shared.topology import Topology
-
 from din.stack.brokers import (
     DEFAULT_KAFKA_LIBS,
     REPO_ROOT,
@@ -572,9 +572,10 @@ async def _await_health(
     counts at least that many live executors); raise on exit or timeout. ``options`` gives the connect options
     for a server URL (the operator's credentials on a closed bus)."""
     import nats
-    from din.shared.contracts.events import HealthV1
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
+
+    from din.shared.contracts.events import HealthV1
 
     connections = {}
     try:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from din.shared.topology import LinkConditions, Topology
-
 from din.stack.processes import LOCAL_BIN, ManagedProcess, StackError, local_tool
 
 TOXIPROXY_VERSION = "v2.12.0"

@@ -11,6 +11,8 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from din.shared.contracts.inference import (
     JSON_CONTENT_TYPE,
     TENSOR_CONTENT_TYPE,
@@ -29,7 +31,6 @@ from din.shared.contracts.options import (
     read_options,
 )
 from din.shared.errors import DinError, ErrorCode
-from pydantic import ValidationError
 
 
 @dataclass(frozen=True)

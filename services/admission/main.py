@@ -20,6 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from faststream.nats.annotations import NatsMessage
+from nats.aio.msg import Msg
+
 from din.services.admission.gate import AdmissionGate
 from din.services.admission.ingress import RequestOpener, Unsealed
 from din.services.admission.intake import Intake, admitted_job, peek_request_id
@@ -52,8 +55,6 @@ from din.shared.security import (
 )
 from din.shared.sensitivity import header_labels, marks_sensitive
 from din.shared.topology import load_topology
-from faststream.nats.annotations import NatsMessage
-from nats.aio.msg import Msg
 
 PASSTHROUGH_PREFIXES = ("Din-Tensor-", "Content-Type")
 SILENT_REASONS = (Reason.REPLAY, Reason.STALE)

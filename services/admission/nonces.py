@@ -9,10 +9,11 @@ per sealed request and keeps working while the site is cut off from the hub.
 
 from __future__ import annotations
 
-from din.shared.naming import token
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyWrongLastSequenceError
+
+from din.shared.naming import token
 
 
 def nonce_bucket(site: str) -> str:

@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from din.shared.security import SecuredServiceSettings
-from din.shared.sensitivity import SENSITIVE_LABELS
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
+
+from din.shared.security import SecuredServiceSettings
+from din.shared.sensitivity import SENSITIVE_LABELS
 
 
 class AdmissionSettings(SecuredServiceSettings):

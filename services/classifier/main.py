@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from nats.aio.msg import Msg
+
 from din.services.classifier.policy import WorkloadPolicy
 from din.services.classifier.settings import ClassifierSettings
 from din.shared import lifecycle
@@ -20,7 +22,6 @@ from din.shared.naming import Subjects, Topics
 from din.shared.runtime import Service, job_endpoint
 from din.shared.security import payload_size
 from din.shared.topology import load_topology
-from nats.aio.msg import Msg
 
 
 class Classifier(Service):

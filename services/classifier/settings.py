@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from din.shared.sensitivity import SENSITIVE_LABELS
-from din.shared.settings import ServiceSettings
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
+
+from din.shared.sensitivity import SENSITIVE_LABELS
+from din.shared.settings import ServiceSettings
 
 
 class ClassifierSettings(ServiceSettings):

@@ -49,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from din.shared.contracts.inference import SlaClass
 from din.shared.errors import DinError, ErrorCode
 from din.shared.fairness import FairClock, FairQueue

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
+
 from din.services.executor.answers import now_ms, rounded
 from din.services.executor.batcher import DynamicBatcher, ItemResult
 from din.services.executor.stages import DecodeState, next_token, prompt_tokens

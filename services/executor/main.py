@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from nats.aio.msg import Msg
+
 from din.services.executor import generation, pulling
 from din.services.executor.answers import AnswerWriter, now_ms
 from din.services.executor.batcher import DynamicBatcher, ItemResult
@@ -49,7 +51,6 @@ from din.shared.naming import Subjects, Topics
 from din.shared.runtime import Service, control, endpoint, job_endpoint
 from din.shared.security import ControlRefused, ControlSigner, ControlVerifier, Opened, PayloadSecurity
 from din.shared.tensors import decode_request, validate_inputs
-from nats.aio.msg import Msg
 
 DRAIN_NOTICE_S = 0.2
 DRAIN_WAIT_S = 10.0

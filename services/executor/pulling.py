@@ -12,15 +12,16 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from din.shared.lifecycle import Settlement
-from din.shared.naming import Subjects, work_stream
-from din.shared.workqueue import work_stream_config
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig
 from nats.js.errors import ServiceUnavailableError
+
+from din.shared.lifecycle import Settlement
+from din.shared.naming import Subjects, work_stream
+from din.shared.workqueue import work_stream_config
 
 PULL_ACK_WAIT_S = 0.6
 """A pulled job unclaimed this long is offered to another executor: short against deadlines (a realtime job's

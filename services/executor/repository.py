@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+
 from din.shared.contracts.model_config import CONFIG_FILE, MODEL_FILE, ModelConfigV1, TensorConfigV1
 from din.shared.errors import DinError, ErrorCode
 from din.shared.model_graph import GraphError, interface, mismatches, open_session

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
 from din.services.executor.batcher import BatchOutput, DynamicBatcher
 from din.services.executor.repository import ModelHandle, ModelRepository
 from din.shared.contracts.events import ModelLoadedV1

@@ -3,12 +3,13 @@
 from pathlib import Path
 from typing import Annotated
 
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
 from din.shared.lifecycle import DEADLINE_MARGIN_MS
 from din.shared.naming import token
 from din.shared.security import SecuredServiceSettings
 from din.shared.topology import load_topology
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
 
 
 class ExecutorSettings(SecuredServiceSettings):

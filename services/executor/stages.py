@@ -18,6 +18,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+
 from din.shared.contracts.job import JobV1, StageV1
 from din.shared.errors import DinError, ErrorCode
 from din.shared.privacy import Protection, parse_protection, protect

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from pydantic import ValidationError
+
 from din.shared.contracts.gateway import CompletionChoiceV1, CompletionRequestV1, CompletionUsageV1, CompletionV1
 from din.shared.contracts.inference import StreamChunkV1
 from din.shared.errors import DinError, ErrorCode
-from pydantic import ValidationError
 
 PROMPT_INPUT = "prompt"
 SSE_DONE = b"data: [DONE]\n\n"

@@ -13,15 +13,16 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
+from multidict import CIMultiDict
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
 from din.services.gateway.oip import OipRequest, binary_array
 from din.shared.catalog import ModelEntry
 from din.shared.contracts.gateway import ModelMetadataV1, ServerMetadataV1
 from din.shared.contracts.inference import Datatype, InferRequestV1, InferResponseV1, RequestedOutputV1, TensorV1
 from din.shared.errors import DinError, ErrorCode
 from din.shared.tensors import WIRE_DTYPES
-from multidict import CIMultiDict
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,

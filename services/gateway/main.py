@@ -21,6 +21,9 @@ from collections.abc import AsyncIterator, Mapping
 import grpc
 import numpy as np
 from aiohttp import web
+from nats.aio.msg import Msg
+from tritonclient.grpc.service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
+
 from din.services.gateway.completions import (
     SSE_DONE,
     error_event,
@@ -44,7 +47,7 @@ from din.services.gateway.oip import (
 from din.services.gateway.settings import GatewaySettings
 from din.shared.bus.permissions import gateway_replies, gateway_reply
 from din.shared.catalog import ModelCatalog, ModelEntry
-from din.shared.contracts.gateway import ModelMetadataV1, ServerMetadataV1
+from din.shared.contracts.gateway import ModelMetadataV1, ModelReadyV1, ServerLiveV1, ServerMetadataV1, ServerReadyV1
 from din.shared.contracts.inference import STREAM_SEQ_HEADER, InferResponseV1, StreamChunkV1
 from din.shared.contracts.options import RequestOptionsV1, option_headers
 from din.shared.errors import DIN_ERROR_HEADER, DinError, ErrorCode, ErrorReplyV1
@@ -52,8 +55,6 @@ from din.shared.naming import InvalidNameError, Subjects
 from din.shared.runtime import Service
 from din.shared.streaming import InOrder
 from din.shared.tensors import decode_response, encode_request_json
-from nats.aio.msg import Msg
-from tritonclient.grpc.service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 
 VERSION = "0.1.0"
 NO_RESPONDERS = "503"
@@ -136,10 +137,11 @@ class Gateway(Service):
         return _json(SERVER.model_dump_json())
 
     async def on_live(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return _json(ServerLiveV1(live=True).model_dump_json())
 
     async def on_ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.nc.is_connected else 503)
+        ready = self.nc.is_connected
+        return _json(ServerReadyV1(ready=ready).model_dump_json(), status=200 if ready else 503)
 
     def _model(self, request: web.Request) -> ModelEntry:
         """The model the URL names (and its version, when it names one)."""
@@ -170,10 +172,11 @@ class Gateway(Service):
 
     async def on_model_ready(self, request: web.Request) -> web.Response:
         try:
-            self._model(request)
+            entry = self._model(request)
         except DinError as error:
             return _error(error)
-        return web.Response(status=200 if self.nc.is_connected else 503)
+        ready = self.nc.is_connected
+        return _json(ModelReadyV1(name=entry.name, ready=ready).model_dump_json(), status=200 if ready else 503)
 
     # ------------------------------------------------------------------ inference
 
@@ -321,8 +324,8 @@ def _din_error(data: bytes) -> dict:
     return {"code": error.code, "message": error.message, "retry_after_ms": error.retry_after_ms}
 
 
-def _json(text: str) -> web.Response:
-    return web.Response(text=text, content_type="application/json")
+def _json(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, content_type="application/json", status=status)
 
 
 def _error(error: DinError, request_id: str | None = None) -> web.Response:

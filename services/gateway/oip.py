@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
 from din.shared.catalog import ModelEntry
 from din.shared.contracts.gateway import HttpErrorV1, ModelMetadataV1, TensorMetadataV1
 from din.shared.contracts.inference import (

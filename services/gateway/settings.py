@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-from din.shared.settings import ServiceSettings
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
+
+from din.shared.settings import ServiceSettings
 
 
 class GatewaySettings(ServiceSettings):

@@ -16,6 +16,24 @@ import asyncio
 import contextlib
 import time
 
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    ExternalStream,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+    StreamConsumerSource,
+    StreamInfo,
+    StreamSource,
+)
+from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
+
 from din.services.keymanager.authority import KeyAuthority
 from din.services.keymanager.commands import command_result, run_command
 from din.services.keymanager.distribution import KeyDistribution
@@ -45,23 +63,6 @@ from din.shared.security import (
     verify_key_command,
 )
 from din.shared.topology import Topology, load_topology
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    DiscardPolicy,
-    ExternalStream,
-    KeyValueConfig,
-    StorageType,
-    StreamConfig,
-    StreamConsumerSource,
-    StreamInfo,
-    StreamSource,
-)
-from nats.js.errors import NotFoundError
-from nats.js.kv import KeyValue
 
 EXPIRY_INTERVAL_S = 1.0
 RECOVERY_TIMEOUT_S = 30.0

@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from din.shared.security import CryptoPolicy
-from din.shared.settings import ServiceSettings
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
+
+from din.shared.security import CryptoPolicy
+from din.shared.settings import ServiceSettings
 
 
 class KeyManagerSettings(ServiceSettings):

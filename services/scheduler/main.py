@@ -18,6 +18,11 @@ import asyncio
 import time
 import uuid
 
+from faststream.nats.annotations import NatsMessage
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
 from din.services.scheduler.federation import LinkHealth, RemoteSites, SiteDecision, choose_site, summarize
 from din.services.scheduler.inflight import InflightJob, InflightTable
 from din.services.scheduler.links import LinkTable
@@ -57,10 +62,6 @@ from din.shared.security import (
 )
 from din.shared.topology import load_topology
 from din.shared.workqueue import work_stream_config
-from faststream.nats.annotations import NatsMessage
-from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 
 ROLL_CALL_WAIT_S = 0.2
 NEWS_GAP_S = 0.1

@@ -5,10 +5,11 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from din.shared.lifecycle import DEADLINE_MARGIN_MS
-from din.shared.security import SecuredServiceSettings
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
+
+from din.shared.lifecycle import DEADLINE_MARGIN_MS
+from din.shared.security import SecuredServiceSettings
 
 
 class SchedulingMode(StrEnum):

@@ -13,13 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer
+from pydantic import BaseModel, ValidationError
+
 from din.services.telemetry.metrics import TelemetryMetrics
 from din.services.telemetry.settings import TelemetrySettings
 from din.services.telemetry.topics import scoped
 from din.shared.bus.kafka import kafka_client_kwargs
 from din.shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
 from din.shared.naming import Topics
-from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger("din.telemetry")
 

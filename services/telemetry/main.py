@@ -26,6 +26,11 @@ import contextlib
 import time
 from typing import TypeVar
 
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import BadRequestError
+from pydantic import BaseModel
+
 from din.services.telemetry.alerts import describe
 from din.services.telemetry.decisions import DecisionFeed
 from din.services.telemetry.httpd import MetricsServer
@@ -48,10 +53,6 @@ from din.shared.eventlog import event_type
 from din.shared.naming import Subjects, Topics, completions_stream
 from din.shared.runtime import Service, endpoint
 from din.shared.security import ControlRefused, ControlVerifier, PayloadSecurity, Refusal
-from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import BadRequestError
-from pydantic import BaseModel
 
 COMPLETION_TYPE = f"din.v1.{CompletionV1.__name__}"
 HEARTBEAT_TYPE = f"din.v1.{HeartbeatV1.__name__}"

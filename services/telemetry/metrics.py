@@ -18,12 +18,6 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from din.services.telemetry.alerts import REPORTED_QUANTILES, SlaWatch
-from din.services.telemetry.relay import RelayLedger
-from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, SchedulingDecisionV1
-from din.shared.contracts.federation import SiteSummaryV1
-from din.shared.contracts.inference import SlaClass
-from din.shared.errors import ErrorCode
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -33,6 +27,13 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 from prometheus_client.utils import floatToGoString
+
+from din.services.telemetry.alerts import REPORTED_QUANTILES, SlaWatch
+from din.services.telemetry.relay import RelayLedger
+from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, SchedulingDecisionV1
+from din.shared.contracts.federation import SiteSummaryV1
+from din.shared.contracts.inference import SlaClass
+from din.shared.errors import ErrorCode
 
 LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
 from din.shared.contracts.inference import SlaClass
 from din.shared.security import SecuredServiceSettings
 from din.shared.topology import load_topology
-from pydantic import AliasChoices, Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 HOUR_MS = 3_600_000
 DEFAULT_SLA_TARGETS_MS = {SlaClass.REALTIME: 50.0, SlaClass.INTERACTIVE: 500.0, SlaClass.BATCH: 5000.0}

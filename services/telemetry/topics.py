@@ -17,6 +17,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
 from din.services.telemetry.settings import HOUR_MS, TelemetrySettings
 from din.shared.naming import Topics
 

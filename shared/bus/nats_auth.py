@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nkeys
+
 from din.shared.bus.files import write_secret
 from din.shared.bus.permissions import Permissions
 

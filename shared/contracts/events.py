@@ -6,9 +6,10 @@ replay them; heartbeats and health travel on NATS.
 
 from __future__ import annotations
 
+from pydantic import BaseModel, Field
+
 from din.shared.contracts.inference import SlaClass
 from din.shared.contracts.job import StageV1, WorkloadClassV1
-from pydantic import BaseModel, Field
 
 
 class ModelLoadedV1(BaseModel):

@@ -8,8 +8,9 @@ bounded sample of each site's executors (a few per model).
 
 from __future__ import annotations
 
-from din.shared.contracts.events import HeartbeatV1
 from pydantic import BaseModel, Field
+
+from din.shared.contracts.events import HeartbeatV1
 
 
 class ModelSummaryV1(BaseModel):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from din.shared.contracts.inference import Datatype
 from pydantic import BaseModel, ConfigDict, Field
+
+from din.shared.contracts.inference import Datatype
 
 
 class ServerMetadataV1(BaseModel):
@@ -19,6 +20,25 @@ class ServerMetadataV1(BaseModel):
     name: str = Field(description="Server name ('din').")
     version: str = Field(description="DIN's version.")
     extensions: list[str] = Field(description="Open Inference Protocol extensions served (binary_tensor_data).")
+
+
+class ServerLiveV1(BaseModel):
+    """``GET /v2/health/live``: the OIP liveness body (Triton's clients read only the status, KServe's the body)."""
+
+    live: bool = Field(description="Whether the gateway answers.")
+
+
+class ServerReadyV1(BaseModel):
+    """``GET /v2/health/ready``: the OIP readiness body, with status 200 when ready and 503 when not."""
+
+    ready: bool = Field(description="Whether the gateway can send requests on (its NATS connection is up).")
+
+
+class ModelReadyV1(BaseModel):
+    """``GET /v2/models/{name}[/versions/{version}]/ready``: the OIP model readiness body (200 ready)."""
+
+    name: str = Field(description="Model name.")
+    ready: bool = Field(description="Whether the network serves the model (and version).")
 
 
 class TensorMetadataV1(BaseModel):

@@ -10,9 +10,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from din.shared.contracts.inference import SlaClass
 from din.shared.contracts.options import ServingOptionsV1
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 HEADER_PREFIX = "Din-Job-"
 STAGE_DONE_HEADER = "Din-Stage-Done"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from din.shared.contracts.inference import Datatype
 from pydantic import BaseModel, ConfigDict, Field
+
+from din.shared.contracts.inference import Datatype
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, TypeVar
 
+from pydantic import BaseModel, Field, ValidationError
+
 from din.shared.cascade import TARGET_PREFIX, parse_cascade
 from din.shared.contracts.inference import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, RequestHeaders, SlaClass
 from din.shared.errors import DinError, ErrorCode
 from din.shared.privacy import parse_protection
-from pydantic import BaseModel, Field, ValidationError
 
 MAX_TIMEOUT_MS = 600_000
 DEFAULT_TIMEOUT_MS = {SlaClass.REALTIME: 1_000, SlaClass.INTERACTIVE: 5_000, SlaClass.BATCH: 60_000}

@@ -8,9 +8,10 @@ is that metadata. ``shared.recording`` writes and reads it.
 
 from __future__ import annotations
 
+from pydantic import BaseModel, Field
+
 from din.shared.contracts.inference import SlaClass
 from din.shared.contracts.options import ServingOptionsV1
-from pydantic import BaseModel, Field
 
 
 class RecordedRequestV1(ServingOptionsV1):

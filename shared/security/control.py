@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
+from pydantic import BaseModel, ValidationError
+
 from din.shared import envelope
 from din.shared.contracts.events import CompletionV1, HeartbeatV1, LoadModelV1, PressureV1, ProbeV1
 from din.shared.contracts.federation import SiteRosterV1, SiteSummaryV1
@@ -39,7 +41,6 @@ from din.shared.envelope import Identity, InvalidToken, ReplayGuard
 from din.shared.naming import Subjects
 from din.shared.security.agent import KeyAgent
 from din.shared.security.principals import KEYMANAGER, OPERATOR, site_of, site_principal
-from pydantic import BaseModel, ValidationError
 
 SIGNER_HEADER = "Din-Ctl-Signer"
 """Principal that signed a control message."""

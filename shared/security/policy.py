@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from din.shared.topology import PathType, Topology
 from pydantic import BaseModel, Field, field_validator
+
+from din.shared.topology import PathType, Topology
 
 
 class Level(StrEnum):

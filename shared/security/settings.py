@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from din.shared.settings import ServiceSettings
 from pydantic import AliasChoices, Field, model_validator
+
+from din.shared.settings import ServiceSettings
 
 
 class SecuredServiceSettings(ServiceSettings):

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import nats  # noqa: E402
+
 from din.shared.contracts.events import HealthV1  # noqa: E402
 from din.shared.naming import Subjects  # noqa: E402
 

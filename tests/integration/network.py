@@ -15,6 +15,8 @@ from pathlib import Path
 import nats
 import numpy as np
 from aiokafka import AIOKafkaConsumer
+
+from din.client import DinClient
 from din.shared.bus.connect import nats_servers
 from din.shared.bus.kafka import OPERATOR, KafkaAccess
 from din.shared.bus.permissions import tenant_user
@@ -26,8 +28,6 @@ from din.shared.naming import Subjects
 from din.shared.security import CryptoPolicy, PrincipalKeys
 from din.shared.tensors import encode_request_json
 from din.shared.topology import Topology
-
-from din.client import DinClient
 from din.stack.launcher import CONTROL_SERVICES, GATEWAY, SERVICE_KINDS, PortPlan, Stack, executors_in_view
 from din.stack.processes import ManagedProcess
 from tests.support import three_site_topology, wait_for

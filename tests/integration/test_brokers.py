@@ -7,14 +7,14 @@ import asyncio
 import json
 
 import pytest
-from din.shared.bus.permissions import service_inbox
-from din.shared.naming import Subjects, Topics
-from din.shared.workqueue import work_stream_config
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import RetentionPolicy
 from nats.js.errors import NotFoundError
 
+from din.shared.bus.permissions import service_inbox
+from din.shared.naming import Subjects, Topics
+from din.shared.workqueue import work_stream_config
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration

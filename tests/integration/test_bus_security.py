@@ -13,11 +13,11 @@ import contextlib
 
 import nats
 import pytest
+from nats.errors import Error as NatsError
+
 from din.shared.bus.nats_auth import NatsAuthority
 from din.shared.bus.permissions import operator
 from din.shared.naming import Subjects
-from nats.errors import Error as NatsError
-
 from din.stack.bus import service_permissions
 from tests.support import wait_for
 

@@ -13,13 +13,13 @@ import json
 import nats
 import numpy as np
 import pytest
+
+from din.client import DinRequestError
 from din.shared.contracts.events import CompletionV1
 from din.shared.contracts.inference import InferResponseV1, RequestHeaders
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects
 from din.shared.tensors import encode_request_json
-
-from din.client import DinRequestError
 from tests.integration.network import running_network
 from tests.support import wait_for
 

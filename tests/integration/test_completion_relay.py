@@ -12,10 +12,10 @@ import signal
 import sys
 
 import pytest
+
 from din.shared.completionstream import relay_durable
 from din.shared.contracts.events import CompletionV1
 from din.shared.naming import Subjects, Topics, completions_stream
-
 from din.stack.processes import ManagedProcess
 from tests.integration.network import REPO_ROOT
 from tests.integration.test_telemetry_service import read_topic

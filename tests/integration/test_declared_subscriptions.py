@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
+from din.service_operations import service_class
 from din.shared.bus.permissions import SERVICE_INBOX_ROOT, TENANT_INBOX_ROOT
 from din.shared.channels import INSTANCE_HEALTH
 from din.shared.credentials import write_credentials
 from din.shared.naming import SERVICES, Subjects
-
-from din.service_operations import service_class
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration

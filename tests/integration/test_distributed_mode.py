@@ -9,11 +9,11 @@ from collections import Counter
 
 import nats
 import pytest
+
 from din.bench.tally import Load
+from din.client import DinClient
 from din.shared.bus.permissions import tenant_user
 from din.shared.naming import work_stream
-
-from din.client import DinClient
 from din.workload import load_digits_test, mixed_plan, run_workload
 from tests.integration.network import running_network
 

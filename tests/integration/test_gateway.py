@@ -1,5 +1,6 @@
-"""The HTTP gateway over a real stack, with the clients people have: tritonclient (JSON and binary), a KServe-style
-body, tritonclient over gRPC, and the OpenAI client (whole and streamed completions).
+"""The HTTP gateway over a real stack, with the clients people have: tritonclient (JSON and binary, and over gRPC),
+KServe's own clients (``kserve.InferenceRESTClient`` JSON and binary, ``kserve.InferenceGRPCClient``), and the
+OpenAI client (whole and streamed completions).
 
 One module-scoped stack: one site, one executor serving digits-small and charlm (with its prefill part). Tenant
 ``acme`` may send in clear (the gateway holds no keys); ``sealed`` may not, so the gateway's requests for it are
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 
 import nats
 import numpy as np
@@ -19,13 +22,14 @@ import pytest
 import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from din.client import decode_answer
 from din.shared.bus.permissions import tenant_user
 from din.shared.naming import Subjects
 from din.shared.security import CryptoPolicy
 from din.shared.tensors import tensors_to_arrays
-from tritonclient.utils import InferenceServerException
-
-from din.client import decode_answer
+from din.stack.brokers import REPO_ROOT
 from tests.integration.network import running_network
 from tests.support import wait_for
 
@@ -146,6 +150,28 @@ def test_kserve_body_with_model_name_and_input_parameters(base_url, auth, digits
                           json={**body, "model_name": "digits-large"}, headers=dict(auth))
     assert wrong.status_code == 400 and wrong.json()["code"] == "bad_request"
 
+
+def test_kserve_clients_rest_and_grpc(network, base_url, digits, local_labels, tmp_path):
+    """KServe's own clients, in a process of their own (``kserve_client.py``): REST health, model readiness and an
+    inference with a JSON body and with the binary extension, a refused token as HTTP 401; gRPC readiness, an
+    inference, and no token as ``UNAUTHENTICATED``."""
+    pixels = digits[0][:3]
+    np.save(tmp_path / "pixels.npy", pixels)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.integration.kserve_client", f"http://{base_url}",
+         f"127.0.0.1:{network.stack.ports.gateway_grpc_port(0)}", network.token("acme"), str(tmp_path / "pixels.npy")],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    labels = local_labels(pixels).tolist()
+    rest, grpc = seen["rest"], seen["grpc"]
+    assert rest["live"] and rest["ready"] and rest["model_ready"]
+    assert rest["json"] == {"id": "kserve-rest-json", "labels": labels}
+    assert rest["binary"] == {"id": "kserve-rest-binary", "labels": labels}
+    assert rest["refused"] == 401
+    assert grpc["ready"] and grpc["model_ready"]
+    assert grpc["infer"] == {"id": "kserve-grpc", "labels": labels}
+    assert grpc["refused"] == "UNAUTHENTICATED"
 
 async def test_kserve_body_over_nats(network, digits, local_labels):
     """The same full OIP body straight on the request subject: admission takes model_name, model_version and

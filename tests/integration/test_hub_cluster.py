@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import nats
 import numpy as np
 import pytest
+
+from din.client import DinClient
+from din.commands.keys import send_command
 from din.shared.bus.connect import nats_servers
 from din.shared.bus.permissions import tenant_user
 from din.shared.contracts.inference import RequestHeaders
@@ -28,9 +31,6 @@ from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects, work_stream
 from din.shared.security import KEYS_BUCKET, OPERATOR, CryptoPolicy, PrincipalKeys, key_file, tenant_principal
 from din.shared.tensors import encode_request_json
-
-from din.client import DinClient
-from din.commands.keys import send_command
 from din.stack.brokers import NatsServerSpec
 from din.stack.wan import ToxiproxyClient
 from tests.integration.network import Network, running_network

@@ -17,14 +17,14 @@ from collections import Counter
 import nats
 import numpy as np
 import pytest
+
+from din.client import DinRequestError
 from din.shared.contracts.events import LoadModelV1, ModelLoadedV1
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects, Topics
 from din.shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file
 from din.shared.tensors import encode_binary, encode_request_json
-
-from din.client import DinRequestError
 from tests.integration.network import read_events, running_network
 from tests.support import wait_for
 

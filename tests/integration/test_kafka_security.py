@@ -18,14 +18,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
+
+from din.replay.reader import RecordRange, ReplayError, TopicReader
+from din.replay.recorded import read_requests
 from din.shared.bus.kafka import OPERATOR, KafkaAccess
 from din.shared.contracts.telemetry import SlaViolationV1
 from din.shared.eventlog import EventLog
 from din.shared.naming import Topics
 from din.shared.recording import request_record
-
-from din.replay.reader import RecordRange, ReplayError, TopicReader
-from din.replay.recorded import read_requests
 from tests.support import make_job, wait_for
 
 pytestmark = pytest.mark.integration

@@ -14,13 +14,13 @@ import time
 
 import numpy as np
 import pytest
-from din.shared.naming import Topics
-from din.shared.topology import Topology
 
 from din.commands.report import KAFKA_USER as REPORT_USER
 from din.commands.report import REPORT_TOPICS
 from din.replay.reader import RecordRange
 from din.replay.recorded import load_window
+from din.shared.naming import Topics
+from din.shared.topology import Topology
 from din.stack.brokers import KafkaStore
 from din.stack.launcher import (
     GATEWAY,

@@ -13,6 +13,11 @@ import sys
 import nats
 import numpy as np
 import pytest
+from nats.js.api import KeyValueConfig
+from nats.js.errors import KeyNotFoundError
+
+from din.client import DinClient, DinRequestError
+from din.commands.keys import send_command
 from din.services.keymanager.mirrors import STALLED_AFTER_S
 from din.shared.bus.permissions import tenant_user
 from din.shared.contracts.events import HealthV1
@@ -22,11 +27,6 @@ from din.shared.naming import Subjects
 from din.shared.security import KEYMANAGER, OPERATOR, CryptoPolicy, KeyAgent, PrincipalKeys, site_principal
 from din.shared.security.bucket import EntryKeys, sign_entry
 from din.shared.security.keyfiles import KEYS_BUCKET, key_file
-from nats.js.api import KeyValueConfig
-from nats.js.errors import KeyNotFoundError
-
-from din.client import DinClient, DinRequestError
-from din.commands.keys import send_command
 from din.stack.processes import ManagedProcess
 from din.stack.wan import ToxiproxyClient
 from tests.integration.network import REPO_ROOT, running_network

@@ -19,13 +19,13 @@ from pathlib import Path
 import nats
 import pytest
 import yaml
-from din.shared.contracts.events import HealthV1
-from din.shared.credentials import read_credentials
-from din.shared.topology import load_topology
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from din.cli import main
+from din.shared.contracts.events import HealthV1
+from din.shared.credentials import read_credentials
+from din.shared.topology import load_topology
 from din.stack.launcher import PortPlan, Stack, port_roles, read_state
 from din.stack.processes import StackError, pid_alive, port_is_free
 from din.stack.supervision import RestartPolicy, Supervisor

@@ -24,14 +24,14 @@ import nats
 import numpy as np
 import onnxruntime as ort
 import pytest
+
+from din.client import DinRequestError
 from din.shared.contracts.events import CompletionV1, SchedulingDecisionV1
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.contracts.job import JobV1, StageKind, StageV1
 from din.shared.naming import Subjects, Topics
 from din.shared.security import CryptoPolicy
 from din.zoo.text import generate, onnx_stepper
-
-from din.client import DinRequestError
 from tests.integration.network import read_events, running_network
 from tests.support import THREE_SITE_LINKS, wait_for
 

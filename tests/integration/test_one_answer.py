@@ -17,9 +17,9 @@ import signal
 import time
 
 import pytest
+
 from din.bench.tally import Load
 from din.shared.security import CryptoPolicy
-
 from tests.integration.network import running_network
 from tests.support import three_site_topology, wait_for
 

@@ -22,11 +22,11 @@ import sys
 import nats
 import numpy as np
 import pytest
-from din.shared.bus.permissions import tenant_user
-from din.shared.naming import Subjects, micro_name
 
 from din.client import DinRequestError
 from din.commands.nats_env import nats_cli, nats_env
+from din.shared.bus.permissions import tenant_user
+from din.shared.naming import Subjects, micro_name
 from din.stack.launcher import service_instances
 from tests.integration.network import running_network
 from tests.support import wait_for

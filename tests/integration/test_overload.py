@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from din.bench.overload import OVERLOAD_TOPOLOGY, CountingLoad
 from din.shared.naming import Topics
 from din.shared.security import CryptoPolicy
-
 from tests.integration.network import read_events, running_network
 
 FLOOD = 3000

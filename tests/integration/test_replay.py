@@ -15,16 +15,6 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from din.shared import envelope
-from din.shared.bus.kafka import OPERATOR, KafkaAccess
-from din.shared.bus.nats_auth import NATS_DIR
-from din.shared.contracts.inference import SlaClass
-from din.shared.contracts.job import JobV1
-from din.shared.contracts.telemetry import RecordedRequestV1
-from din.shared.credentials import issue_token, write_credentials
-from din.shared.naming import Subjects, Topics
-from din.shared.recording import request_record, write_replay_keys
-from din.shared.topology import Topology
 
 from din.cli import build_parser
 from din.client import DinClient
@@ -36,6 +26,16 @@ from din.replay.outcomes import final_outcomes, replay_request_id
 from din.replay.reader import RecordRange, ReplayError, TopicReader
 from din.replay.recorded import RecordedWindow, read_events, read_requests
 from din.replay.whatif import placing_decisions
+from din.shared import envelope
+from din.shared.bus.kafka import OPERATOR, KafkaAccess
+from din.shared.bus.nats_auth import NATS_DIR
+from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.job import JobV1
+from din.shared.contracts.telemetry import RecordedRequestV1
+from din.shared.credentials import issue_token, write_credentials
+from din.shared.naming import Subjects, Topics
+from din.shared.recording import request_record, write_replay_keys
+from din.shared.topology import Topology
 from din.workload import load_digits_test, mixed_plan, run_workload
 from tests.integration.network import running_network
 from tests.support import make_job, wait_for

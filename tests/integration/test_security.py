@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+
+from din.client import DinClient, DinRequestError
+from din.commands.keys import send_command
 from din.shared import envelope
 from din.shared.bus.permissions import tenant_user
 from din.shared.contracts.events import CompletionV1
@@ -40,9 +43,6 @@ from din.shared.security import (
     site_principal,
     tenant_principal,
 )
-
-from din.client import DinClient, DinRequestError
-from din.commands.keys import send_command
 from tests.integration.network import running_network
 from tests.support import make_job, three_site_topology, wait_for
 

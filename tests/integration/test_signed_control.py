@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import nats
 import pytest
+
 from din.shared.bus.connect import nats_servers
 from din.shared.contracts.events import CompletionV1, LoadModelV1, PressureV1
 from din.shared.contracts.federation import SiteSummaryV1
@@ -19,7 +20,6 @@ from din.shared.contracts.inference import SlaClass
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects
 from din.shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file, site_principal
-
 from tests.integration.network import running_network
 from tests.integration.test_telemetry_service import http_get
 from tests.support import make_heartbeat, wait_for

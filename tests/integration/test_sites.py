@@ -20,13 +20,13 @@ import uuid
 import nats
 import numpy as np
 import pytest
+
 from din.bench.tally import Load, Tally
+from din.client import DinClient
 from din.shared.bus.permissions import tenant_inbox, tenant_user
 from din.shared.contracts.job import JobV1
 from din.shared.naming import Subjects
 from din.shared.security import CryptoPolicy
-
-from din.client import DinClient
 from din.stack.supervision import RestartPolicy, Supervisor
 from din.stack.wan import ToxiproxyClient
 from tests.integration.network import decode_json, running_network

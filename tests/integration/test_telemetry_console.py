@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
 from din.shared.bus.kafka import KAFKA_DIR, OPERATOR, KafkaUsers
 from din.shared.contracts.inference import SlaClass
 from din.shared.naming import Topics
 from din.shared.recording import request_record
-
 from tests.support import make_job
 
 pytestmark = pytest.mark.integration

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from din.client import DinRequestError
 from din.services.telemetry.main import create_runtime
 from din.services.telemetry.settings import TelemetrySettings
 from din.shared.contracts.events import CompletionV1
 from din.shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
 from din.shared.errors import ErrorCode
 from din.shared.naming import Subjects
-
-from din.client import DinRequestError
 from tests.integration.network import running_network
 from tests.integration.test_telemetry_service import http_get, samples, total
 from tests.support import free_port, make_heartbeat, wait_for

@@ -10,14 +10,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from prometheus_client.parser import text_string_to_metric_families
+
 from din.services.telemetry.main import create_runtime
 from din.services.telemetry.settings import TelemetrySettings
 from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1
 from din.shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
 from din.shared.contracts.telemetry import SlaViolationV1
 from din.shared.naming import Subjects, Topics
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.support import free_port, make_heartbeat, wait_for
 
 pytestmark = pytest.mark.integration

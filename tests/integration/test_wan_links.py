@@ -14,11 +14,11 @@ import urllib.request
 
 import nats
 import pytest
-from din.shared.naming import Subjects
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from din.cli import main
+from din.shared.naming import Subjects
 from din.stack.launcher import PortPlan, Stack
 from din.stack.wan import ToxiproxyClient, toxics_for
 from tests.support import wait_for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from din.services.keymanager.authority import KeyAuthority
 from din.shared.security import (
     AUDIT,
@@ -19,7 +20,6 @@ from din.shared.security import (
     site_principal,
     tenant_principal,
 )
-
 from tests.support import ManualClock
 from tests.unit.test_security_keys import TOPOLOGY
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from din.services.admission.gate import AdmissionGate
 from din.services.admission.intake import DEFAULT_TIMEOUT_MS, peek_request_id, read_intake
 from din.services.admission.quota import QuotaLedger, daily_budgets, quota_shares
@@ -10,7 +11,6 @@ from din.shared.contracts.inference import RequestHeaders, SlaClass
 from din.shared.credentials import TenantVerifier, issue_token
 from din.shared.errors import DinError, ErrorCode
 from din.shared.topology import Topology
-
 from tests.support import ManualClock, three_site_topology
 
 NOW = 1_700_000_000.0

@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from din.services.executor.batcher import BatchOutput, DynamicBatcher
 from din.shared.contracts.inference import SlaClass
 from din.shared.errors import DinError, ErrorCode

@@ -5,14 +5,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
+from din.service_operations import service_class
 from din.shared.bus import permissions as rules
 from din.shared.bus.permissions import Permissions, is_tenant_reply
 from din.shared.channels import CHANNELS
 from din.shared.micro import MicroDiscovery
 from din.shared.naming import Subjects
 from din.shared.topology import Topology
-
-from din.service_operations import service_class
 from din.stack.bus import service_permissions
 from din.stack.launcher import service_instances
 from tests.integration.network import INFERENCE_TOPOLOGY

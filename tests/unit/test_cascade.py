@@ -5,6 +5,7 @@ import math
 import numpy as np
 import onnxruntime
 import pytest
+
 from din.bench.cascade_policy import (
     CascadePolicy,
     Confidence,

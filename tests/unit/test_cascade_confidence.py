@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from din.shared.cascade import EscalationCalibrator, answer_confidence, parse_cascade, parse_threshold
 from din.shared.errors import DinError, ErrorCode
 

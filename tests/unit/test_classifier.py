@@ -4,7 +4,6 @@ from din.services.classifier.policy import WorkloadPolicy, size_class
 from din.shared.catalog import ModelCatalog, ModelEntry
 from din.shared.contracts.inference import SlaClass
 from din.shared.topology import TenantSpec
-
 from tests.support import make_job
 
 SIG = json.dumps([["input", "FP32", [64]]])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from din.services.telemetry.metrics import TelemetryMetrics
 from din.services.telemetry.relay import RelayLedger, RelayState, relay_state
 from din.services.telemetry.settings import TelemetrySettings
 from din.shared.completionstream import completions_stream_config, relay_consumer_config, relay_durable
 from din.shared.contracts.inference import SlaClass
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def test_a_site_lags_only_while_a_completion_waits_longer_than_the_threshold():

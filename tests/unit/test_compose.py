@@ -12,18 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from din.services.admission.settings import AdmissionSettings
-from din.services.classifier.settings import ClassifierSettings
-from din.services.executor.settings import ExecutorSettings
-from din.services.gateway.settings import GatewaySettings
-from din.services.keymanager.settings import KeyManagerSettings
-from din.services.scheduler.settings import SchedulerSettings
-from din.services.telemetry.settings import TelemetrySettings
-from din.shared.bus.kafka import BROKER_USER, USERS
-from din.shared.bus.permissions import service_inbox
-from din.shared.credentials import read_credentials
-from din.shared.naming import Subjects
-from din.shared.topology import load_topology
 from pydantic import AliasChoices
 
 from din.cli import build_parser
@@ -39,6 +27,18 @@ from din.compose import (
 )
 from din.compose import drifted as compose_drifted
 from din.probe import PROBE_USER, connect_options
+from din.services.admission.settings import AdmissionSettings
+from din.services.classifier.settings import ClassifierSettings
+from din.services.executor.settings import ExecutorSettings
+from din.services.gateway.settings import GatewaySettings
+from din.services.keymanager.settings import KeyManagerSettings
+from din.services.scheduler.settings import SchedulerSettings
+from din.services.telemetry.settings import TelemetrySettings
+from din.shared.bus.kafka import BROKER_USER, USERS
+from din.shared.bus.permissions import service_inbox
+from din.shared.credentials import read_credentials
+from din.shared.naming import Subjects
+from din.shared.topology import load_topology
 from din.stack.brokers import REPO_ROOT, nats_server_binary
 from din.stack.launcher import DEFAULT_TOPOLOGY, SERVICE_KINDS, service_environments, service_instances
 from din.stack.wan import TOXIPROXY_VERSION, toxics_for

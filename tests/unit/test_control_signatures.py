@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
 from din.services.telemetry.metrics import OTHER, TelemetryMetrics
 from din.shared.contracts.events import CompletionV1, LoadModelV1, PressureV1, ProbeV1
 from din.shared.contracts.federation import SiteSummaryV1
@@ -21,7 +22,6 @@ from din.shared.security import (
     verify_reply,
 )
 from din.shared.security.control import MAX_INTERVAL_S, MAX_SKEW_S, NONCE_HEADER, TIME_HEADER
-
 from tests.support import make_heartbeat
 
 NOW = 1_800_000_000.0

@@ -1,4 +1,5 @@
 import pytest
+
 from din.shared.credentials import InvalidCredential, TenantVerifier, issue_token, read_credentials, write_credentials
 
 SECRET = "11" * 32

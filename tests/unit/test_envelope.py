@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from din.shared import envelope
 from din.shared.envelope import (
     DataKey,
@@ -33,7 +34,6 @@ from din.shared.envelope import (
     SiteIdentity,
 )
 from din.shared.errors import DinError, ErrorCode, error_reply
-
 from tests.support import T0, ManualClock
 
 # RFC 7748 section 6.1 (Alice) and RFC 8032 section 7.1 (TEST 1).

@@ -1,13 +1,13 @@
 """What an executor reports about a job (services.executor.answers): completion fields and the latency breakdown."""
 
 import pytest
+
 from din.services.executor.answers import AnswerWriter, latency_breakdown
 from din.services.executor.batcher import ItemResult
 from din.shared.contracts.job import JobV1, StageKind, StageV1
 from din.shared.errors import DinError, ErrorCode
 from din.shared.lifecycle import Outcome
 from din.shared.security import PayloadProtection
-
 from tests.support import NOW_MS, make_job
 
 WRITER = AnswerWriter("edge", "e1")

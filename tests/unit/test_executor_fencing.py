@@ -2,6 +2,7 @@
 its lease cannot have lapsed."""
 
 import pytest
+
 from din.services.executor.fencing import Continuity
 from din.shared.lifecycle import FenceReason
 

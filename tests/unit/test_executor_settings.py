@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import yaml
+
 from din.services.executor.settings import ExecutorSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,8 +1,9 @@
 import asyncio
 
+from nats.aio.msg import Msg
+
 from din.shared.contracts.job import JobV1
 from din.shared.fair_input import UNKNOWN, FairInput, job_tenant, request_tenant
-from nats.aio.msg import Msg
 
 
 def msg(subject: str, headers: dict[str, str] | None = None, data: bytes = b"") -> Msg:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 import pytest
+
 from din.services.scheduler.federation import (
     DOWN_AFTER_MS,
     LinkHealth,

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from din.services.gateway.completions import read_completion, stream_event, whole_completion
 from din.services.gateway.oip import (
     HEADER_LENGTH,
@@ -158,8 +159,9 @@ def test_completions_refuse_what_they_cannot_serve_and_join_the_stream():
 
 
 def test_grpc_requests_decode_from_raw_or_typed_contents_and_answer_raw():
-    from din.services.gateway.grpc_api import decode_infer, encode_infer
     from tritonclient.grpc import service_pb2 as pb
+
+    from din.services.gateway.grpc_api import decode_infer, encode_infer
 
     raw = pb.ModelInferRequest(model_name="m", id="g")
     raw.inputs.add(name="a", datatype="FP16", shape=[1, 2])

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from din.shared.bus.connect import nats_servers
 from din.shared.settings import ServiceSettings
 from din.shared.topology import Topology
 from din.shared.workqueue import work_stream_config
-
 from din.stack.brokers import NatsSecurity
 from din.stack.launcher import (
     PortPlan,

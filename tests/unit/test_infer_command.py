@@ -7,8 +7,6 @@ import io
 import json
 
 import pytest
-from din.shared.contracts.inference import InferResponseV1, ServedByV1, StreamChunkV1
-from din.shared.errors import DinError, ErrorCode
 
 from din.cli import build_parser
 from din.client import DinRequestError, NoAnswerError
@@ -22,6 +20,8 @@ from din.commands.infer import (
     stream_summary,
     stream_text,
 )
+from din.shared.contracts.inference import InferResponseV1, ServedByV1, StreamChunkV1
+from din.shared.errors import DinError, ErrorCode
 
 
 def parse(*argv: str):

@@ -3,6 +3,7 @@
 import numpy as np
 import onnxruntime
 import pytest
+
 from din.shared.contracts.model_config import ModelConfigV1
 from din.shared.privacy import protect
 from din.zoo.build import split_model_name

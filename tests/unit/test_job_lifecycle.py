@@ -1,6 +1,7 @@
 """The job lifecycle rules (shared.lifecycle): how a job ends at an executor and when the scheduler closes it."""
 
 import pytest
+
 from din.shared.contracts.inference import RequestHeaders, SlaClass
 from din.shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageKind, StageV1, WorkloadClassV1
 from din.shared.errors import ErrorCode
@@ -31,7 +32,6 @@ from din.shared.lifecycle import (
     watchdog_at_ms,
     watchdog_error,
 )
-
 from tests.support import NOW_MS, make_job
 
 MARGIN_MS = 5.0

@@ -5,6 +5,10 @@ from __future__ import annotations
 import stat
 
 import pytest
+
+from din.commands.replay import REPLAY_TOPICS, WHAT_IF_TOPICS
+from din.commands.report import REPORT_TOPICS
+from din.service_operations import RECEIVE, SEND, operations
 from din.services.telemetry.decisions import DecisionFeed
 from din.services.telemetry.settings import TelemetrySettings
 from din.shared.bus.kafka import (
@@ -27,10 +31,6 @@ from din.shared.bus.tls import BusCA
 from din.shared.naming import SERVICES, Topics
 from din.shared.settings import ServiceSettings
 from din.shared.topology import load_topology
-
-from din.commands.replay import REPLAY_TOPICS, WHAT_IF_TOPICS
-from din.commands.report import REPORT_TOPICS
-from din.service_operations import RECEIVE, SEND, operations
 from din.stack.brokers import KafkaSpec
 from din.stack.launcher import DEFAULT_TOPOLOGY, service_environments, service_instances
 

@@ -8,6 +8,9 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
+from nats.js.api import ConsumerConfig, StreamInfo
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
 from din.services.keymanager.main import look_at_mirror, mirror_config, mirror_consumer_config, mirror_seen
 from din.services.keymanager.mirrors import (
     STALLED_AFTER_S,
@@ -25,9 +28,6 @@ from din.shared.security import KeyAgent, PrincipalKeys
 from din.shared.security import agent as agent_module
 from din.shared.security.agent import HUB_SOURCE, SITE_SOURCE
 from din.shared.topology import Topology
-from nats.js.api import ConsumerConfig, StreamInfo
-from nats.js.errors import BucketNotFoundError, NotFoundError
-
 from din.stack.bus import service_permissions
 from din.stack.launcher import service_instances
 from tests.integration.network import INFERENCE_TOPOLOGY

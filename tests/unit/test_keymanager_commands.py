@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+
 from din.services.keymanager.commands import command_result, run_command
 from din.services.keymanager.distribution import KeyDistribution
 from din.shared.contracts.keys import KeyAction
 from din.shared.errors import DinError, ErrorCode
 from din.shared.security import EntryKeys, new_key_command
-
 from tests.unit.conftest import ACME, BRANCH, HUB, build_authority
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
 from din.shared import __version__
 from din.shared.contracts.micro import MicroInfoV1, MicroPingV1, MicroStatsV1
 from din.shared.errors import DinError, ErrorCode, error_reply

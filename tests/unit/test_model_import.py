@@ -8,17 +8,17 @@ import shutil
 
 import numpy as np
 import pytest
+from skl2onnx import to_onnx
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+from din.model_import import ModelImportError, add_model
 from din.services.executor.repository import ModelRepository
 from din.shared.catalog import REFRESH_S, ModelCatalog
 from din.shared.contracts.inference import Datatype
 from din.shared.contracts.model_config import ModelConfigV1
 from din.shared.errors import DinError
 from din.shared.model_graph import GraphError, mismatches, read_graph
-from skl2onnx import to_onnx
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
-
-from din.model_import import ModelImportError, add_model
 
 
 @pytest.fixture(scope="module")

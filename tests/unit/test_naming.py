@@ -1,4 +1,5 @@
 import pytest
+
 from din.shared.naming import InvalidNameError, Subjects, Topics, token, work_stream
 
 

@@ -4,6 +4,7 @@ that stays current."""
 import random
 
 import pytest
+
 from din.bench.placement import scan_all_reference
 from din.services.scheduler.links import LinkTable
 from din.services.scheduler.placement import (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from din.services.scheduler.links import LinkTable
 from din.services.scheduler.plans import Plan, is_multi_stage, make_plan, place_job, stage_placer
 from din.services.scheduler.registry import ExecutorState
@@ -19,7 +20,6 @@ from din.shared.contracts.inference import SlaClass
 from din.shared.contracts.job import JobV1, StageKind, WorkloadClassV1
 from din.shared.errors import DinError, ErrorCode
 from din.shared.topology import Topology
-
 from tests.unit.test_security_keys import TOPOLOGY as SITES_TOPOLOGY
 
 NOW_MS = 1_000_000.0

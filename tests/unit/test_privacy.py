@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from din.shared.errors import DinError, ErrorCode
 from din.shared.privacy import Protection, dequantize, protect, quantize, wire_bytes
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
 from din.services.telemetry.metrics import (
     METRIC_NAMES,
     METRICS,
@@ -26,8 +28,6 @@ from din.services.telemetry.relay import RelayLedger
 from din.shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
 from din.shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
 from din.shared.errors import DinError, ErrorCode
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.support import ManualClock
 from tests.unit.test_telemetry_metrics import TARGETS, completion, heartbeat
 

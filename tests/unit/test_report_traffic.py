@@ -5,9 +5,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, SchedulingDecisionV1
-from din.shared.contracts.options import MAX_REQUEST_ID
-from din.shared.recording import parse_request_record, request_record
 
 from din.replay.compare import recorded_outcomes
 from din.replay.outcomes import (
@@ -21,6 +18,9 @@ from din.replay.outcomes import (
 from din.replay.reader import RecordRange
 from din.replay.recorded import RecordedWindow
 from din.replay.report import render_report, window_traffic
+from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, SchedulingDecisionV1
+from din.shared.contracts.options import MAX_REQUEST_ID
+from din.shared.recording import parse_request_record, request_record
 from tests.support import make_job
 
 T0 = 1_700_000_000_000.0

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from din.services.executor.repository import ModelRepository
 from din.shared.catalog import ModelCatalog
 from din.shared.contracts.model_config import DEFAULT_MAX_BATCH_SIZE, ModelConfigV1

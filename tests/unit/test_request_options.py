@@ -9,6 +9,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
+
+from din.cli import build_parser
+from din.client import BUILD_OPTIONS, DinClient
+from din.commands.infer import OPTIONS_NOT_OFFERED, request_options
+from din.replay.driver import replay_headers
 from din.services.admission.intake import Intake, admitted_job, read_intake
 from din.shared.contracts.inference import JSON_CONTENT_TYPE, RequestHeaders, SlaClass
 from din.shared.contracts.job import JobV1
@@ -22,11 +27,6 @@ from din.shared.contracts.options import (
 )
 from din.shared.errors import DinError, ErrorCode
 from din.shared.recording import parse_request_record, request_record
-
-from din.cli import build_parser
-from din.client import BUILD_OPTIONS, DinClient
-from din.commands.infer import OPTIONS_NOT_OFFERED, request_options
-from din.replay.driver import replay_headers
 
 NOW_MS = 1_700_000_000_000.0
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [0.1, 0.2]}]}).encode()

@@ -6,7 +6,6 @@ from __future__ import annotations
 from din.services.scheduler.registry import ExecutorRegistry
 from din.services.scheduler.rosters import PER_MODEL, HubRosters, LostExecutors, roster, sample
 from din.shared.contracts.federation import SiteRosterV1
-
 from tests.support import NOW_MS, make_heartbeat
 
 

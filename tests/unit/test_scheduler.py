@@ -1,4 +1,5 @@
 import pytest
+
 from din.services.scheduler.inflight import InflightJob, InflightTable
 from din.services.scheduler.links import SAME_SITE_RTT_MS, LinkTable
 from din.services.scheduler.placement import pick_executor

@@ -6,9 +6,12 @@ import json
 import re
 import typing
 
-import din.shared.contracts
 import pytest
 import yaml
+from pydantic import BaseModel
+
+import din.shared.contracts
+from din.schemas import ASYNCAPI_FILE, DEFAULT_OUT_DIR, JSON_DIR, render_schemas, subject_pattern
 from din.shared import envelope
 from din.shared.contracts import MESSAGE_MODELS
 from din.shared.contracts.inference import STREAM_SEQ_HEADER, RequestHeaders
@@ -17,9 +20,6 @@ from din.shared.contracts.job import STAGE_DONE_HEADER
 from din.shared.naming import Subjects, Topics
 from din.shared.security import SIGNER_HEADER
 from din.shared.tensors import TENSOR_DATATYPE_HEADER, TENSOR_NAME_HEADER, TENSOR_SHAPE_HEADER
-from pydantic import BaseModel
-
-from din.schemas import ASYNCAPI_FILE, DEFAULT_OUT_DIR, JSON_DIR, render_schemas, subject_pattern
 
 RERUN = "run `din schemas` and commit the result"
 

@@ -2,6 +2,7 @@ import os
 import threading
 
 import pytest
+
 from din.shared.bus.files import write_secret
 from din.shared.bus.nats_auth import creds_text, read_creds
 

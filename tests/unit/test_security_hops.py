@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from din.client import DinClient, DinRequestError
 from din.services.admission.ingress import RequestOpener
 from din.shared import envelope
 from din.shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
@@ -32,8 +34,6 @@ from din.shared.security import (
     stage_binding,
     without_envelope,
 )
-
-from din.client import DinClient, DinRequestError
 from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH
 from tests.unit.test_security_rotation import deliver
 

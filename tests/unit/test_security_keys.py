@@ -6,6 +6,7 @@ import json
 import stat
 
 import pytest
+
 from din.shared import envelope
 from din.shared.envelope import InvalidToken, Reason
 from din.shared.security import (
@@ -31,7 +32,6 @@ from din.shared.security import (
     unlock_key,
 )
 from din.shared.topology import Topology
-
 from tests.support import three_site_topology
 
 TOPOLOGY = Topology.model_validate(three_site_topology("keys", {}, [

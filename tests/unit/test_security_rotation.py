@@ -7,6 +7,7 @@ hand it over. The clock is injected, so grace windows are exact.
 from __future__ import annotations
 
 import pytest
+
 from din.services.keymanager.authority import KeyAuthority
 from din.shared import envelope
 from din.shared.envelope import DataKey, InvalidToken, Keyring, Reason, ReplayGuard, SealRefused
@@ -22,7 +23,6 @@ from din.shared.security import (
     sign_entry,
     site_principal,
 )
-
 from tests.support import T0
 from tests.unit.conftest import ACME, BRANCH, FACTORY, HUB, INITECH
 

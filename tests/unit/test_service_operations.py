@@ -6,15 +6,15 @@ import sys
 import types
 
 import pytest
+
+import din.service_operations as service_operations
+from din.schemas import asyncapi_document
+from din.service_operations import InvalidDeclaration, MissingServiceClass, operations, service_class
 from din.shared.channels import CHANNELS, PARTIES, TOPIC_CHANNELS
 from din.shared.contracts.inference import STREAM_SEQ_HEADER
 from din.shared.contracts.job import STAGE_DONE_HEADER
 from din.shared.naming import Subjects, Topics
 from din.shared.runtime import Service, control, endpoint, job_endpoint
-
-import din.service_operations as service_operations
-from din.schemas import asyncapi_document
-from din.service_operations import InvalidDeclaration, MissingServiceClass, operations, service_class
 
 
 class Prober(Service):

@@ -3,6 +3,7 @@
 from collections import Counter
 
 import pytest
+
 from din.services.admission.shedding import DRAIN, RATE_WINDOW_MS, LoadShedder, fair_shares
 from din.shared.contracts.events import PressureV1
 from din.shared.errors import DinError

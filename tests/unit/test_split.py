@@ -7,12 +7,13 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from din.services.executor.repository import ModelRepository
 from din.shared.errors import DinError, ErrorCode
 from din.zoo import build as zoo
 from din.zoo.digits import ModelRecipe
 from din.zoo.split import check_split_point, split_model
-from onnx import TensorProto, helper, numpy_helper
 
 
 def _session(path) -> onnxruntime.InferenceSession:

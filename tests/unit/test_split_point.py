@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import pytest
+
 from din.services.scheduler.links import LinkTable
 from din.services.scheduler.split_point import (
     LOCAL,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from din.shared.settings import ServiceSettings
-from din.shared.topology import Topology, load_topology
 from pydantic import ValidationError
 
 from din.cli import build_parser, describe_error
 from din.commands.stack import parse_services
+from din.shared.settings import ServiceSettings
+from din.shared.topology import Topology, load_topology
 from din.stack.launcher import (
     DEFAULT_TOPOLOGY,
     PortPlan,

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+
 from din.services.executor.stages import (
     MAX_PROMPT_CHARS,
     DecodeState,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from din.services.telemetry.alerts import SlaWatch, describe
 from din.services.telemetry.decisions import DecisionFeed
 from din.services.telemetry.metrics import METRIC_NAMES, OTHER, TelemetryMetrics
@@ -19,8 +21,6 @@ from din.shared.contracts.events import (
 from din.shared.contracts.inference import SlaClass
 from din.shared.contracts.telemetry import SlaViolationV1
 from din.shared.naming import Topics
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.support import ManualClock, make_heartbeat
 
 TARGETS = {SlaClass.REALTIME: 50.0, SlaClass.INTERACTIVE: 500.0, SlaClass.BATCH: 5000.0}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from din.services.telemetry.metrics import METRIC_NAMES, METRICS, exported_series_names
 from din.services.telemetry.settings import TelemetrySettings
 from din.services.telemetry.topics import topic_plan

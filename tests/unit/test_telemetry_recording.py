@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+
 from din.shared import envelope
 from din.shared.contracts.inference import SlaClass
 from din.shared.contracts.job import JobV1
@@ -18,7 +19,6 @@ from din.shared.recording import (
     request_record,
     write_replay_keys,
 )
-
 from tests.support import make_job
 
 RECEIVED_MS = 1_700_000_000_123.456

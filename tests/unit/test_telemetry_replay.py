@@ -7,6 +7,13 @@ from types import SimpleNamespace
 from xml.etree import ElementTree
 
 import pytest
+
+from din.replay.compare import NO_OUTCOME, Comparison, Outcome, recorded_outcomes
+from din.replay.reader import RecordRange, ReplayError, TopicReader, parse_offsets, parse_time
+from din.replay.recorded import RecordedWindow
+from din.replay.report import bucket_seconds, render_report
+from din.replay.svg import bar_chart, line_chart, time_ticks
+from din.replay.whatif import POLICIES, what_if
 from din.shared.contracts.events import (
     AdmissionDecisionV1,
     AlternativeV1,
@@ -18,13 +25,6 @@ from din.shared.contracts.job import WorkloadClassV1
 from din.shared.contracts.telemetry import SlaViolationV1
 from din.shared.recording import parse_request_record, request_record
 from din.shared.topology import Topology
-
-from din.replay.compare import NO_OUTCOME, Comparison, Outcome, recorded_outcomes
-from din.replay.reader import RecordRange, ReplayError, TopicReader, parse_offsets, parse_time
-from din.replay.recorded import RecordedWindow
-from din.replay.report import bucket_seconds, render_report
-from din.replay.svg import bar_chart, line_chart, time_ticks
-from din.replay.whatif import POLICIES, what_if
 from tests.support import ManualClock, make_heartbeat, make_job
 
 T0 = 1_700_000_000_000.0

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+
 from din.shared.contracts.inference import Datatype, InferResponseV1, ServedByV1, TensorV1
 from din.shared.errors import DinError, ErrorCode
 from din.shared.tensors import (

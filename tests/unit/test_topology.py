@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from din.shared.topology import PathType, Topology, TopologyError, load_topology
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from din.shared.topology import LinkConditions, LinkSpec, load_topology
 
 from din.commands.links import describe, parse_bandwidth, parse_duration_ms, parse_loss, topology_links
+from din.shared.topology import LinkConditions, LinkSpec, load_topology
 from din.stack.launcher import DEFAULT_TOPOLOGY, PortPlan, check_ports, nats_specs, port_roles, stack_wan_links
 from din.stack.wan import conditions_of, toxics_for
 

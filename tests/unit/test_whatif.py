@@ -6,6 +6,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
+from din.replay.reader import RecordRange
+from din.replay.recorded import RecordedWindow
+from din.replay.whatif import LinkFacts, build_jobs, placing_decisions, what_if
 from din.services.scheduler.links import LinkTable
 from din.services.scheduler.placement import pick_executor
 from din.services.scheduler.registry import ExecutorRegistry
@@ -14,10 +18,6 @@ from din.shared.contracts.events import AlternativeV1, ClassificationV1, Schedul
 from din.shared.contracts.job import WorkloadClassV1
 from din.shared.recording import parse_request_record, request_record
 from din.shared.topology import Topology
-
-from din.replay.reader import RecordRange
-from din.replay.recorded import RecordedWindow
-from din.replay.whatif import LinkFacts, build_jobs, placing_decisions, what_if
 from tests.support import make_heartbeat, make_job, three_site_topology
 
 T0 = 1_700_000_000_000.0

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+
 from din.shared.contracts.model_config import ModelConfigV1
 from din.zoo import build as zoo
 from din.zoo import digits

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+
 from din.services.executor.repository import ModelRepository
 from din.shared.tensors import validate_inputs
 from din.zoo import text as zoo_text
