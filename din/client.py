@@ -22,6 +22,7 @@ subject; this one adds encoding, sealing, verification and error decoding.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -81,6 +82,8 @@ NO_RESPONDERS_STATUS = "503"
 STATUS_HEADER = "Status"
 
 
+log = logging.getLogger("din.client")
+
 class DinRequestError(Exception):
     """The network answered with an error; ``error`` holds its code, message and retry hint."""
 
@@ -89,12 +92,40 @@ class DinRequestError(Exception):
         self.error = error
 
 
+class RefusedAnswer(DinRequestError):
+    """An answer that could not be authenticated (unsigned, mis-signed, another request's, from a revoked site):
+    ``send`` and ``stream`` count it and go on waiting for the real answer until the deadline."""
+
+
 class NoAnswerError(Exception):
     """No answer arrived: the network is not running or not reachable from this client."""
 
 
 class NoRespondersError(NoAnswerError):
     """Nobody listens on the request subject: no admission service runs."""
+
+
+class Refusals:
+    """The answers one request refused as unauthenticated: logged as they come, the last raised if no real answer
+    follows before the deadline."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: RefusedAnswer | None = None
+
+    def note(self, refused: RefusedAnswer, reply: str) -> None:
+        self.count += 1
+        self.last = refused
+        log.warning("refused an answer on %s that could not be authenticated (%s); waiting for the real one",
+                    reply, refused.error.message)
+
+    def raise_last(self) -> None:
+        """Raise the last refusal, saying how many there were, when some answer was refused."""
+        if self.last is not None:
+            error = self.last.error.model_copy(update={
+                "message": f"no authentic answer before the deadline: {self.count} refused "
+                           f"({self.last.error.message})"})
+            raise RefusedAnswer(error) from None
 
 
 @dataclass
@@ -137,8 +168,7 @@ class DinClient:
         self.security = security or PayloadSecurity(None)
         self._reader = tenant_principal(tenant)
         self._inbox = nc.new_inbox()
-        self._pending: dict[str, asyncio.Future] = {}
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._answers: dict[str, asyncio.Queue] = {}
         self._subscription = None
 
     @classmethod
@@ -176,14 +206,9 @@ class DinClient:
         self._subscription = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_answer)
 
     async def _on_answer(self, msg: Msg) -> None:
-        token = msg.subject[len(self._inbox) + 1 :]
-        stream = self._streams.get(token)
-        if stream is not None:
-            stream.put_nowait(msg)
-            return
-        future = self._pending.pop(token, None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        answers = self._answers.get(msg.subject[len(self._inbox) + 1 :])
+        if answers is not None:
+            answers.put_nowait(msg)
 
     async def __aenter__(self) -> DinClient:
         return self
@@ -270,24 +295,35 @@ class DinClient:
         sealed = self.security.seal(body, reader=self._reader, aad=aad)
         return sealed.body, {**headers, **sealed.to_headers()}
 
-    def open_answer(self, request_id: str, data: bytes, headers: Mapping[str, str] | None) -> InferResult:
+    def open_answer(self, request_id: str, data: bytes, headers: Mapping[str, str] | None,
+                    reply: str | None = None) -> InferResult:
         """Decode an answer: an error as ``DinRequestError``, a result checked (signature, seal) and decoded.
 
-        A result that cannot be authenticated raises ``DinRequestError`` with code ``unauthenticated``.
+        With keys, an answer that cannot be authenticated raises ``RefusedAnswer`` (code ``unauthenticated``): a
+        result not signed by a site, or not sealed to this request; an error not signed by a site for ``reply``,
+        the subject the request was answered on (without ``reply`` no error can be checked).
         """
-        data, signer, encrypted = self._open(request_id, data, headers)
+        data, signer, encrypted = self._open(request_id, data, headers, reply=reply)
         response = InferResponseV1.model_validate_json(data)
         return InferResult(response, tensors_to_arrays(response.outputs), signer, encrypted)
 
-    def open_chunk(self, request_id: str, data: bytes, headers: Mapping[str, str] | None) -> StreamChunkV1:
+    def open_chunk(self, request_id: str, data: bytes, headers: Mapping[str, str] | None,
+                   reply: str | None = None) -> StreamChunkV1:
         """Decode one message of a token stream, checked like an answer and bound to its position in the stream."""
         seq = headers.get(STREAM_SEQ_HEADER) if headers else None
-        plain, _, _ = self._open(request_id, data, headers, seq=int(seq) if seq and seq.isdigit() else None)
+        plain, _, _ = self._open(request_id, data, headers, seq=int(seq) if seq and seq.isdigit() else None,
+                                 reply=reply)
         return StreamChunkV1.model_validate_json(plain)
 
     def _open(self, request_id: str, data: bytes, headers: Mapping[str, str] | None,
-              seq: int | None = None) -> tuple[bytes, str | None, bool]:
+              seq: int | None = None, reply: str | None = None) -> tuple[bytes, str | None, bool]:
         if headers and DIN_ERROR_HEADER in headers:
+            if self.security.enabled:
+                try:
+                    self.security.verify_error(data, headers, reply or "")
+                except InvalidToken as refused:
+                    self.security.refused(refused)
+                    raise RefusedAnswer(refused.to_model(request_id)) from None
             raise DinRequestError(ErrorReplyV1.model_validate_json(data).error)
         signer = None
         encrypted = False
@@ -305,24 +341,30 @@ class DinClient:
                     raise InvalidToken()
             except InvalidToken as refused:
                 self.security.refused(refused)
-                raise DinRequestError(refused.to_model(request_id)) from None
+                raise RefusedAnswer(refused.to_model(request_id)) from None
             data, encrypted = opened.plaintext, opened.confidential
         return data, signer, encrypted
 
-    async def request(self, subject: str, body: bytes, headers: dict[str, str], token: str, wait_s: float) -> Msg:
-        """Publish with reply subject ``<inbox>.<token>`` and wait for the single answer."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending[token] = future
+    async def answers(self, subject: str, body: bytes, headers: dict[str, str], token: str, wait_s: float
+                      ) -> AsyncIterator[Msg]:
+        """Publish with reply subject ``<inbox>.<token>`` and yield every message answered there until ``wait_s``
+        has passed (then ``NoAnswerError``) or the caller stops; the server's no-responders status raises
+        ``NoRespondersError``."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._answers[token] = queue
+        ends_at = time.monotonic() + wait_s
         try:
             await self._nc.publish(subject, body, reply=f"{self._inbox}.{token}", headers=headers)
-            msg = await asyncio.wait_for(future, wait_s)
-        except TimeoutError:
-            raise NoAnswerError(f"no answer within {wait_s:.1f}s") from None
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), max(0.0, ends_at - time.monotonic()))
+                except TimeoutError:
+                    raise NoAnswerError(f"no answer within {wait_s:.1f}s") from None
+                if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
+                    raise NoRespondersError("no admission service is listening: is the DIN stack running?")
+                yield msg
         finally:
-            self._pending.pop(token, None)
-        if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
-            raise NoRespondersError("no admission service is listening: is the DIN stack running?")
-        return msg
+            self._answers.pop(token, None)
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], **options) -> InferResult:
         """Send one request and wait for its single answer; raise ``DinRequestError`` on a DIN error."""
@@ -331,11 +373,24 @@ class DinClient:
         return await self.send(model, body, headers, (timeout_ms / 1000.0 if timeout_ms else 60.0) + CLIENT_GRACE_S)
 
     async def send(self, model: str, body: bytes, headers: dict[str, str], wait_s: float) -> InferResult:
-        """Seal an already-built request (e.g. a recorded one being replayed), send it, check and open the answer."""
+        """Seal an already-built request (e.g. a recorded one being replayed), send it, check and open the answer.
+
+        An answer that cannot be authenticated is refused (counted in ``security.refusals``) and the client goes
+        on waiting for the real one; if none comes within ``wait_s``, the last refusal is raised."""
         token = uuid.uuid4().hex
-        body, headers = self.seal(model, body, headers, f"{self._inbox}.{token}")
-        msg = await self.request(Subjects.infer(self.tenant, model), body, headers, token, wait_s)
-        return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers)
+        reply = f"{self._inbox}.{token}"
+        body, headers = self.seal(model, body, headers, reply)
+        refusals = Refusals()
+        try:
+            async for msg in self.answers(Subjects.infer(self.tenant, model), body, headers, token, wait_s):
+                try:
+                    return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers, reply=reply)
+                except RefusedAnswer as refused:
+                    refusals.note(refused, reply)
+        except NoAnswerError:
+            refusals.raise_last()
+            raise
+        raise NoAnswerError(f"no answer within {wait_s:.1f}s")
 
     async def generate(
         self, model: str, prompt: str, max_tokens: int, *, timeout_ms: int | None = None, **options
@@ -358,23 +413,21 @@ class DinClient:
         token = uuid.uuid4().hex
         reply = f"{self._inbox}.{token}"
         body, headers = self.seal(model, body, headers, reply)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[token] = queue
-        ends_at = time.monotonic() + wait_s
         order = InOrder()
+        refusals = Refusals()
         try:
-            await self._nc.publish(Subjects.infer(self.tenant, model), body, reply=reply, headers=headers)
-            while True:
+            async for msg in self.answers(Subjects.infer(self.tenant, model), body, headers, token, wait_s):
                 try:
-                    msg = await asyncio.wait_for(queue.get(), max(0.0, ends_at - time.monotonic()))
-                except TimeoutError:
-                    raise NoAnswerError(f"the stream stopped after {order.expected} chunks and no end came") from None
-                if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
-                    raise NoRespondersError("no admission service is listening: is the DIN stack running?")
-                chunk = self.open_chunk(request_id, msg.data, msg.headers)
+                    chunk = self.open_chunk(request_id, msg.data, msg.headers, reply=reply)
+                except RefusedAnswer as refused:
+                    refusals.note(refused, reply)
+                    continue
                 for ready in order.add(chunk.seq, chunk):
                     yield ready
                     if ready.done:
                         return
-        finally:
-            self._streams.pop(token, None)
+        except NoRespondersError:
+            raise
+        except NoAnswerError:
+            refusals.raise_last()
+            raise NoAnswerError(f"the stream stopped after {order.expected} chunks and no end came") from None

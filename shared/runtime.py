@@ -176,6 +176,9 @@ class ServiceRuntime:
         )
         self.ready = False
         self.handler_errors = 0
+        self.error_signer: Callable[[bytes, dict[str, str], str], dict[str, str]] | None = None
+        """Signs an error answer for its reply subject (``PayloadSecurity.sign_error``): set by a service holding
+        its site's keys; None answers errors unsigned."""
         self.dead_lettered = 0
         self.detail: Callable[[], dict[str, str]] = dict
         self._hot: list[tuple[str, str | None, Handler, Callable[[Msg], str] | None, EndpointCounter]] = []
@@ -410,9 +413,8 @@ class ServiceRuntime:
                 self.handler_errors += 1
                 self.log.exception("unhandled error on %s", msg.subject)
                 if msg.reply:
-                    body, headers = error_reply(DinError(ErrorCode.INTERNAL, "internal error"),
-                                                _echoed_request_id(msg.headers))
-                    await self.nc.publish(msg.reply, body, headers=headers)
+                    await self.answer_error(msg.reply, DinError(ErrorCode.INTERNAL, "internal error"),
+                                            _echoed_request_id(msg.headers))
 
         return guarded
 
@@ -482,11 +484,24 @@ class ServiceRuntime:
         if msg.reply:
             await nc.publish(msg.reply, b"")
 
+    def sign_errors(self, security: Any) -> None:
+        """Sign every error this service answers with ``security``'s site identity (when security is on)."""
+        if security.enabled:
+            self.error_signer = security.sign_error
+
+    def error_answer(self, reply_to: str, error: DinError, request_id: str | None) -> tuple[bytes, dict[str, str]]:
+        """``error`` as the body and headers of the answer on ``reply_to``, signed by this service's site when it
+        holds keys (``error_signer``), so a client tells it from a forgery."""
+        body, headers = error_reply(error, request_id)
+        if self.error_signer is not None:
+            self.error_signer(body, headers, reply_to)
+        return body, headers
+
     async def answer_error(self, reply_to: str, error: DinError, request_id: str | None) -> None:
-        """Send ``error`` as the single answer to ``reply_to``."""
+        """Send ``error`` as the single answer to ``reply_to`` (signed: ``error_answer``)."""
         if not reply_to:
             return
-        body, headers = error_reply(error, request_id)
+        body, headers = self.error_answer(reply_to, error, request_id)
         await self.nc.publish(reply_to, body, headers=headers)
 
 

@@ -91,6 +91,7 @@ class Admission(Service):
         )
         self.runtime.fair_weights.update(self.topology.tenant_weights())
         self.security = PayloadSecurity.from_settings(settings)
+        self.runtime.sign_errors(self.security)
         self.verifier = ControlVerifier(self.security.agent)
         self.audit = audit_reader(self.topology, settings.site)
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)

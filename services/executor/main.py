@@ -104,6 +104,7 @@ class Executor(Service):
         )
         self.models = ServedModels(self.repository, self.batcher)
         self.security = PayloadSecurity.from_settings(settings)
+        self.runtime.sign_errors(self.security)
         self.seals = ExecutorSeals(self.security, settings.site)
         self.signer = ControlSigner.of(self.security.agent)
         self.verifier = ControlVerifier(self.security.agent)
@@ -329,7 +330,7 @@ class Executor(Service):
             lifecycle.give_back(job, self.settings.id)
             await self.hand_back(run)
         elif outcome == Outcome.FAILED:
-            body, headers = error_reply(error, job.request_id)
+            body, headers = self.runtime.error_answer(job.reply_to, error, job.request_id)
             await self.nc.publish(job.reply_to, body, headers=headers)
         if lifecycle.reports_completion(outcome):
             await self.complete(run, outcome, error=error)

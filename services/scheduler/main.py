@@ -137,6 +137,7 @@ class Scheduler(Service):
         self.enqueues: set[asyncio.Task] = set()
         self.news = asyncio.Event()
         self.security = PayloadSecurity.from_settings(settings)
+        self.runtime.sign_errors(self.security)
         self.signer = ControlSigner.of(self.security.agent)
         self.verifier = ControlVerifier(self.security.agent)
         self.runtime.on_start(self.start_keys)

@@ -123,8 +123,23 @@ class PayloadSecurity:
         headers[envelope.SIGNATURE_HEADER] = self.agent.sign(hashlib.sha256(body).digest(), signed_headers(headers))
         return headers
 
+    def sign_error(self, body: bytes, headers: dict[str, str], reply_to: str) -> dict[str, str]:
+        """Add ``Din-Signer`` and ``Din-Sig`` to an error answer's ``headers``: Ed25519 over SHA-256 of the reply
+        subject and the body (``error_digest``), so the error answers that one request and no other."""
+        headers[SIGNER_HEADER] = self.principal
+        headers[envelope.SIGNATURE_HEADER] = self.agent.sign(error_digest(reply_to, body), signed_headers(headers))
+        return headers
+
+    def verify_error(self, body: bytes, headers: Mapping[str, str], reply_to: str) -> str:
+        """Check an error answer's signature for the request answered on ``reply_to``; return the signing site's
+        principal or raise ``InvalidToken``."""
+        return self._verify(error_digest(reply_to, body), headers)
+
     def verify_answer(self, body: bytes, headers: Mapping[str, str]) -> str:
         """Check an answer's signature; return the signing site's principal or raise ``InvalidToken``."""
+        return self._verify(hashlib.sha256(body).digest(), headers)
+
+    def _verify(self, digest: bytes, headers: Mapping[str, str]) -> str:
         try:
             signer = headers[SIGNER_HEADER]
             signature = headers[envelope.SIGNATURE_HEADER]
@@ -135,7 +150,7 @@ class PayloadSecurity:
             raise InvalidToken(Reason.UNKNOWN_KEY)
         if signer in self.agent.revoked:
             raise InvalidToken(Reason.REVOKED)
-        envelope.verify_result(public, hashlib.sha256(body).digest(), signed_headers(headers), signature)
+        envelope.verify_result(public, digest, signed_headers(headers), signature)
         return signer
 
     def detail(self) -> dict[str, str]:
@@ -148,6 +163,11 @@ class PayloadSecurity:
             out["key_entries_refused"] = str(self.agent.refused)
             out["key_source"] = self.agent.source or ""
         return out
+
+
+def error_digest(reply_to: str, body: bytes) -> bytes:
+    """What an error answer's signature covers: the reply subject it answers on, and its body."""
+    return hashlib.sha256(b"din-error\0" + reply_to.encode() + b"\0" + body).digest()
 
 
 def seal_to_site(

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from din.client import DinClient, DinRequestError
+from din.client import DinClient, DinRequestError, RefusedAnswer
 from din.services.admission.ingress import RequestOpener
 from din.shared import envelope
 from din.shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
@@ -214,11 +214,22 @@ def test_forged_or_misdirected_results_are_refused_by_the_client(net):
     initech = client_for(net[INITECH], "initech")
     with pytest.raises(DinRequestError):
         initech.open_answer("req-1", body, headers)
-    # Errors are passed through as they are (they carry no payload).
+    # An error counts only when a site signed it for the reply subject it came on.
+    error = b'{"error": {"code": "overloaded", "message": "m", "retriable": true, "status": 503}}'
+    signed = net[FACTORY].sign_error(error, {"Din-Error": "overloaded"}, REPLY)
     with pytest.raises(DinRequestError) as info:
-        client.open_answer("req-1", b'{"error": {"code": "overloaded", "message": "m", "retriable": true, '
-                                    b'"status": 503}}', {"Din-Error": "overloaded"})
-    assert info.value.error.code == ErrorCode.OVERLOADED
+        client.open_answer("req-1", error, signed, reply=REPLY)
+    assert info.value.error.code == ErrorCode.OVERLOADED and not isinstance(info.value, RefusedAnswer)
+    for forged, headers_, reply in (
+        (error, {"Din-Error": "overloaded"}, REPLY),                                   # unsigned
+        (error, signed, REPLY + ".other"),                                             # another request's
+        (error.replace(b"overloaded", b"forbidden_"), signed, REPLY),                  # tampered after signing
+        (error, {**signed, SIGNER_HEADER: BRANCH}, REPLY),                             # claims another site
+        (error, signed, None),                                                         # nothing to check it for
+    ):
+        with pytest.raises(RefusedAnswer) as info:
+            client.open_answer("req-1", forged, headers_, reply=reply)
+        assert info.value.error.code == ErrorCode.UNAUTHENTICATED
     assert client.open_answer("req-1", body, headers).signer == FACTORY
 
 
