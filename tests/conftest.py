@@ -260,3 +260,14 @@ def digits(zoo_dir):
     from din.workload import load_digits_test
 
     return load_digits_test(zoo_dir)
+
+
+@pytest.fixture(scope="session")
+def local_labels(zoo_dir):
+    """digits-small's labels (the version networks serve, v2) computed here with onnxruntime, to compare with the
+    network's answers."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(zoo_dir / "digits-small" / "2" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["label"], {"input": x.astype("float32")})[0]

@@ -16,7 +16,6 @@ import sys
 
 import nats
 import numpy as np
-import onnxruntime as ort
 import openai
 import pytest
 import requests
@@ -65,12 +64,6 @@ def auth(network) -> dict[str, str]:
     """The acme token header (tritonclient adds its own headers to the dict it is given: pass a copy)."""
     return {"Authorization": f"Bearer {network.token('acme')}"}
 
-
-@pytest.fixture(scope="module")
-def local_labels(zoo_dir):
-    session = ort.InferenceSession(str(zoo_dir / "digits-small" / "2" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["label"], {"input": x.astype(np.float32)})[0]
 
 
 def _inputs(pixels: np.ndarray, binary: bool) -> list:

@@ -14,7 +14,6 @@ import asyncio
 
 import nats
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from din.client import DinRequestError
@@ -34,13 +33,6 @@ def network(kafka_access, zoo_dir, tmp_path_factory):
     with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), "centralized") as net:
         yield net
 
-
-@pytest.fixture(scope="module")
-def local_labels(zoo_dir):
-    """digits-small's labels computed here, with the version the network serves."""
-    session = ort.InferenceSession(str(zoo_dir / "digits-small" / "2" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["label"], {"input": x.astype(np.float32)})[0]
 
 
 async def test_forged_answers_are_refused_and_the_real_answer_awaited(network, digits, local_labels):
