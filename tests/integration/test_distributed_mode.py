@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections import Counter
@@ -17,6 +18,8 @@ from din.shared.naming import work_stream
 from din.workload import load_digits_test, mixed_plan, run_workload
 from tests.integration.network import running_network
 
+LOOSE_TIMEOUT_MS = 10_000
+
 
 @pytest.fixture(scope="module")
 def network(kafka_access, zoo_dir, tmp_path_factory):
@@ -30,7 +33,9 @@ async def test_a_mixed_workload_is_served_from_site_work_queues(network, zoo_dir
     clients = {t: await DinClient.connect(network.hub_url, t, network.token(t),
                                          options=network.stack.nats_options(user=tenant_user(t))) for t in tenants}
     try:
-        report = await run_workload(clients, mixed_plan(tenants, 400, len(x)), x, y, concurrency=32)
+        # Deadlines that a loaded 2-core machine meets: this test is about where the work runs, not how fast.
+        plan = [dataclasses.replace(p, timeout_ms=LOOSE_TIMEOUT_MS) for p in mixed_plan(tenants, 400, len(x))]
+        report = await run_workload(clients, plan, x, y, concurrency=32)
     finally:
         for client in clients.values():
             await client.close()
