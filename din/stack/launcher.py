@@ -99,7 +99,7 @@ EXECUTOR = "executor"
 GATEWAY = "gateway"
 """The HTTP gateway: one at every site with a control plane, started after its admission."""
 SERVICE_KINDS = (*SINGLETON_SERVICES, EXECUTOR, *CONTROL_SERVICES, GATEWAY)
-SECURED_SERVICES = ("keymanager", "telemetry", "admission", "scheduler", EXECUTOR)
+SECURED_SERVICES = ("keymanager", "telemetry", "admission", "classifier", "scheduler", EXECUTOR)
 """Services that hold keys; ``DIN_SECURITY`` switches them all on or off together."""
 
 
@@ -430,6 +430,8 @@ def service_environments(
         elif inst.service == "admission":
             env["DIN_ADMISSION_CREDENTIALS_FILE"] = str(credentials_path)
             env["DIN_ADMISSION_KEY_FILE"] = site_keys
+        elif inst.service == "classifier":
+            env["DIN_CLASSIFIER_KEY_FILE"] = site_keys
         elif inst.service == "scheduler":
             env["DIN_SCHEDULER_MODE"] = mode
             env["DIN_SCHEDULER_KEY_FILE"] = site_keys

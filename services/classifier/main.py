@@ -1,7 +1,9 @@
 """Classifier's front door: jobs from admission on ``din.v1.classify``, classified jobs on to the scheduler.
 
-The classifier decides from the job header alone: it holds no keys and passes the
-sealed body and its envelope on untouched.
+The classifier decides from the job header alone: it opens no payload and passes the
+sealed body and its envelope on untouched. It holds its site's identity only to sign
+the errors it answers (a job that expired on the way, a tenant without policy), as
+every service that answers clients does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from din.shared.errors import DinError, ErrorCode
 from din.shared.fair_input import job_tenant
 from din.shared.naming import Subjects, Topics
 from din.shared.runtime import Service, job_endpoint
-from din.shared.security import payload_size
+from din.shared.security import PayloadSecurity, payload_size
 from din.shared.topology import load_topology
 
 
@@ -32,6 +34,7 @@ class Classifier(Service):
 
     def __init__(self, settings: ClassifierSettings) -> None:
         super().__init__(settings)
+        self.runtime.sign_errors(PayloadSecurity.from_settings(settings))
         topology = load_topology(settings.topology)
         self.runtime.fair_weights.update(topology.tenant_weights())
         self.policy = WorkloadPolicy(

@@ -5,12 +5,12 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
+from din.shared.security.settings import SecuredServiceSettings
 from din.shared.sensitivity import SENSITIVE_LABELS
-from din.shared.settings import ServiceSettings
 
 
-class ClassifierSettings(ServiceSettings):
-    """Where the tenant policies and the model catalog are."""
+class ClassifierSettings(SecuredServiceSettings):
+    """Where the tenant policies and the model catalog are, and the key file whose identity signs its errors."""
 
     model_config = SettingsConfigDict(env_prefix="DIN_CLASSIFIER_", extra="ignore", populate_by_name=True)
 

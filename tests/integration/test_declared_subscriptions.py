@@ -54,7 +54,7 @@ async def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_pa
         factories = {
             "admission": lambda: AdmissionSettings(topology=topology, model_repo=zoo_dir,
                                                    credentials_file=credentials, security=False, **common),
-            "classifier": lambda: ClassifierSettings(topology=topology, model_repo=zoo_dir, **common),
+            "classifier": lambda: ClassifierSettings(topology=topology, model_repo=zoo_dir, security=False, **common),
             "scheduler": lambda: SchedulerSettings(**scheduler, **common),
             "scheduler-distributed": lambda: SchedulerSettings(**scheduler, mode="distributed", **common),
             "executor": lambda: ExecutorSettings(**executor, **common),

@@ -202,7 +202,7 @@ class InProcessStack:
             scheduler(SchedulerSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
                                         **plaintext, **common("scheduler"))),
             classifier(ClassifierSettings(nats_url=hub, site="cloud", topology=topology_file, model_repo=model_repo,
-                                          **common("classifier"))),
+                                          **plaintext, **common("classifier"))),
             *[executor(ExecutorSettings(nats_url=nats_network.url(site), site=site, id=f"{site}-1",
                                         models=served, model_repo=model_repo, **plaintext,
                                         **common("executor", site, f"{site}-1")))

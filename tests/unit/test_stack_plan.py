@@ -129,7 +129,7 @@ def test_service_environments(topology):
         **hub, **secured, "DIN_TELEMETRY_METRICS_PORT": "9999", "DIN_TELEMETRY_METRICS_HOST": "127.0.0.1",
         "DIN_TELEMETRY_KEY_FILE": "/run/keys/site-cloud.json", "DIN_TELEMETRY_HEARTBEAT_SITE": "cloud",
     }
-    assert envs["classifier"] == hub_control
+    assert envs["classifier"] == {**hub_control, **secured, "DIN_CLASSIFIER_KEY_FILE": hub_keys}
     assert envs["keymanager"] == {
         **hub, **secured, "DIN_KEYMANAGER_KEYSTORE": "/run/keys/keystore.json",
         "DIN_KEYMANAGER_MASTER_KEY_FILE": "/run/keys/master.key",
