@@ -43,8 +43,8 @@ from din.shared.contracts.inference import (
     SlaClass,
     StreamChunkV1,
 )
-from din.shared.contracts.options import RequestOptionsV1, option_headers
-from din.shared.envelope import InvalidToken
+from din.shared.contracts.options import SPLIT_NONE, RequestOptionsV1, option_headers
+from din.shared.envelope import InvalidToken, Reason
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
 from din.shared.naming import Subjects
 from din.shared.security import (
@@ -57,6 +57,7 @@ from din.shared.security import (
     site_of,
     tenant_principal,
 )
+from din.shared.sensitivity import header_labels, marks_sensitive
 from din.shared.streaming import InOrder
 from din.shared.tensors import encode_binary, encode_request_json, tensors_to_arrays
 
@@ -103,6 +104,14 @@ class NoAnswerError(Exception):
 
 class NoRespondersError(NoAnswerError):
     """Nobody listens on the request subject: no admission service runs."""
+
+
+def confined(headers: Mapping[str, str]) -> bool:
+    """Whether a request's answer may come only from its tenant's sensitive sites: its labels mark it sensitive and
+    it is not split (a split job's tail may run anywhere the tenant is served: only protected intermediates leave
+    the confined site)."""
+    split = headers.get(RequestHeaders.SPLIT, SPLIT_NONE) not in ("", SPLIT_NONE)
+    return marks_sensitive(header_labels(headers.get(RequestHeaders.LABELS))) and not split
 
 
 class Refusals:
@@ -296,27 +305,29 @@ class DinClient:
         return sealed.body, {**headers, **sealed.to_headers()}
 
     def open_answer(self, request_id: str, data: bytes, headers: Mapping[str, str] | None,
-                    reply: str | None = None) -> InferResult:
+                    reply: str | None = None, sensitive: bool = False) -> InferResult:
         """Decode an answer: an error as ``DinRequestError``, a result checked (signature, seal) and decoded.
 
         With keys, an answer that cannot be authenticated raises ``RefusedAnswer`` (code ``unauthenticated``): a
-        result not signed by a site, or not sealed to this request; an error not signed by a site for ``reply``,
-        the subject the request was answered on (without ``reply`` no error can be checked).
+        result not signed by a site, not sealed to this request, or signed by a site that may not serve it (the
+        tenant's ``TenantSites``; for a ``sensitive`` request only its confined sites); an error not signed by a
+        site for ``reply``, the subject the request was answered on (without ``reply`` no error can be checked).
         """
-        data, signer, encrypted = self._open(request_id, data, headers, reply=reply)
+        data, signer, encrypted = self._open(request_id, data, headers, reply=reply, sensitive=sensitive)
         response = InferResponseV1.model_validate_json(data)
         return InferResult(response, tensors_to_arrays(response.outputs), signer, encrypted)
 
     def open_chunk(self, request_id: str, data: bytes, headers: Mapping[str, str] | None,
-                   reply: str | None = None) -> StreamChunkV1:
+                   reply: str | None = None, sensitive: bool = False) -> StreamChunkV1:
         """Decode one message of a token stream, checked like an answer and bound to its position in the stream."""
         seq = headers.get(STREAM_SEQ_HEADER) if headers else None
         plain, _, _ = self._open(request_id, data, headers, seq=int(seq) if seq and seq.isdigit() else None,
-                                 reply=reply)
+                                 reply=reply, sensitive=sensitive)
         return StreamChunkV1.model_validate_json(plain)
 
     def _open(self, request_id: str, data: bytes, headers: Mapping[str, str] | None,
-              seq: int | None = None, reply: str | None = None) -> tuple[bytes, str | None, bool]:
+              seq: int | None = None, reply: str | None = None, sensitive: bool = False
+              ) -> tuple[bytes, str | None, bool]:
         if headers and DIN_ERROR_HEADER in headers:
             if self.security.enabled:
                 try:
@@ -332,6 +343,9 @@ class DinClient:
                 if not is_sealed(headers):
                     raise InvalidToken()
                 signer = self.security.verify_answer(data, headers)
+                sites = self.security.agent.sites
+                if sites is not None and site_of(signer) not in sites.allowed(sensitive):
+                    raise InvalidToken(Reason.WRONG_SITE)
                 opened = self.security.open(
                     data, headers, reader=self._reader,
                     allow_integrity=self.security.agent.integrity_allowed(site_of(signer)),
@@ -379,12 +393,14 @@ class DinClient:
         on waiting for the real one; if none comes within ``wait_s``, the last refusal is raised."""
         token = uuid.uuid4().hex
         reply = f"{self._inbox}.{token}"
+        sensitive = confined(headers)
         body, headers = self.seal(model, body, headers, reply)
         refusals = Refusals()
         try:
             async for msg in self.answers(Subjects.infer(self.tenant, model), body, headers, token, wait_s):
                 try:
-                    return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers, reply=reply)
+                    return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers, reply=reply,
+                                            sensitive=sensitive)
                 except RefusedAnswer as refused:
                     refusals.note(refused, reply)
         except NoAnswerError:
@@ -412,13 +428,14 @@ class DinClient:
         request_id = headers[RequestHeaders.REQUEST_ID]
         token = uuid.uuid4().hex
         reply = f"{self._inbox}.{token}"
+        sensitive = confined(headers)
         body, headers = self.seal(model, body, headers, reply)
         order = InOrder()
         refusals = Refusals()
         try:
             async for msg in self.answers(Subjects.infer(self.tenant, model), body, headers, token, wait_s):
                 try:
-                    chunk = self.open_chunk(request_id, msg.data, msg.headers, reply=reply)
+                    chunk = self.open_chunk(request_id, msg.data, msg.headers, reply=reply, sensitive=sensitive)
                 except RefusedAnswer as refused:
                     refusals.note(refused, reply)
                     continue

@@ -156,6 +156,7 @@ class Reason(StrEnum):
     BAD_SIGNATURE = "bad_signature"
     STALE = "stale"
     REPLAY = "replay"
+    WRONG_SITE = "wrong_site"
 
 
 class InvalidToken(DinError):

@@ -18,9 +18,11 @@ from din.shared.security import (
     CryptoPolicy,
     EntryKeys,
     KeyAgent,
+    TenantSites,
     b64url,
     key_holders,
     sign_entry,
+    tenant_principal,
 )
 from din.shared.topology import Topology
 
@@ -123,6 +125,15 @@ class KeyAuthority:
         }
         return EntryKeys.POLICY, sign_entry(self.issuer, EntryKeys.POLICY, body)
 
+    def sites_entries(self) -> list[Entry]:
+        """For each tenant, where its requests may be served (``TenantSites``), for its clients to check results by."""
+        out = []
+        for spec in self.topology.tenants:
+            key = EntryKeys.sites(tenant_principal(spec.name))
+            body = {**TenantSites.of(self.topology, spec.name).to_dict(), "issued_ms": self._issued_ms()}
+            out.append((key, sign_entry(self.issuer, key, body)))
+        return out
+
     def publication(self) -> list[Entry]:
         """Everything, in the order holders need it: public identities, revocations, DEKs, and the policy last.
 
@@ -137,6 +148,7 @@ class KeyAuthority:
         for reader in self.readers():
             for record in sorted(self.records[reader].values(), key=lambda r: r.dek.version):
                 entries += self._dek_entries(record)
+        entries += self.sites_entries()
         entries.append(self.policy_entry())
         return entries
 

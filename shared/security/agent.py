@@ -21,6 +21,7 @@ from din.shared.envelope import InvalidToken, Keyring, PathPolicy, PublicIdentit
 from din.shared.security import b64url
 from din.shared.security.bucket import EntryKeys, read_entry
 from din.shared.security.keyfiles import PrincipalKeys
+from din.shared.security.principals import TenantSites
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class KeyAgent:
         self.revoked: frozenset[str] = frozenset()
         self.policy: PathPolicy | None = None
         self.plaintext_ingress: frozenset[str] = frozenset()
+        self.sites: TenantSites | None = None
+        """A tenant's agent: where its requests may be served (None until the key manager says)."""
         self.deks: dict[tuple[str, int], DekState] = {}
         self.applied = 0
         self.refused = 0
@@ -74,7 +77,7 @@ class KeyAgent:
         if deleted:
             return False
         kind, _, rest = key.partition(".")
-        if kind == "dek" and rest.split(".", 1)[0] != self.principal:
+        if kind in ("dek", "sites") and rest.split(".", 1)[0] != self.principal:
             return False
         try:
             body = read_entry(value, key, self.keys.keymanager)
@@ -85,6 +88,8 @@ class KeyAgent:
                 self._apply_public(rest, body)
             elif kind == "dek":
                 self._apply_dek(rest, body)
+            elif kind == "sites":
+                self.sites = TenantSites.from_dict(body)
             elif key == EntryKeys.REVOKED:
                 self._apply_revoked(body)
             elif key == EntryKeys.POLICY:

@@ -32,6 +32,11 @@ class EntryKeys:
         return f"pub.{token(principal, what='principal')}"
 
     @staticmethod
+    def sites(tenant: str) -> str:
+        """The entry saying where tenant principal ``tenant``'s requests may be served (``TenantSites``)."""
+        return f"sites.{token(tenant, what='tenant')}"
+
+    @staticmethod
     def dek(holder: str, reader: str, version: int) -> str:
         """The entry holding ``version`` of ``reader``'s DEK, wrapped to ``holder``."""
         return f"dek.{token(holder, what='holder')}.{token(reader, what='reader')}.{int(version)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from din.shared.naming import token
 from din.shared.topology import Topology
@@ -35,6 +36,36 @@ def serving_sites(topology: Topology, tenant: str) -> list[str]:
     if spec.always_sensitive and spec.sensitive_sites:
         return list(spec.sensitive_sites)
     return [s.name for s in topology.sites]
+
+
+@dataclass(frozen=True)
+class TenantSites:
+    """Where one tenant's requests may be served, as the key manager tells the tenant's clients (a signed bucket
+    entry): every site that serves the tenant, and the sites its sensitive data is confined to (None: anywhere it
+    is served). A client refuses a result signed by any other site."""
+
+    serving: frozenset[str]
+    sensitive: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, topology: Topology, tenant: str) -> TenantSites:
+        spec = topology.tenant(tenant)
+        return cls(frozenset(serving_sites(topology, tenant)),
+                   frozenset(spec.sensitive_sites) if spec.sensitive_sites else None)
+
+    def allowed(self, sensitive: bool) -> frozenset[str]:
+        """The sites that may answer a request (a sensitive one: only its confined sites)."""
+        return self.sensitive if sensitive and self.sensitive is not None else self.serving
+
+    def to_dict(self) -> dict:
+        sensitive = None if self.sensitive is None else sorted(self.sensitive)
+        return {"serving": sorted(self.serving), "sensitive": sensitive}
+
+    @classmethod
+    def from_dict(cls, body: dict) -> TenantSites:
+        sensitive = body["sensitive"]
+        return cls(frozenset(str(s) for s in body["serving"]),
+                   None if sensitive is None else frozenset(str(s) for s in sensitive))
 
 
 def audit_reader(topology: Topology, site: str) -> str:

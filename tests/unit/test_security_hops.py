@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from din.client import DinClient, DinRequestError, RefusedAnswer
+from din.client import DinClient, DinRequestError, RefusedAnswer, confined
 from din.services.admission.ingress import RequestOpener
 from din.shared import envelope
 from din.shared.contracts.inference import InferResponseV1, RequestHeaders, ServedByV1
@@ -25,6 +25,7 @@ from din.shared.security import (
     SIGNER_HEADER,
     PayloadProtection,
     PayloadSecurity,
+    TenantSites,
     check_binding,
     payload_size,
     request_binding,
@@ -231,6 +232,35 @@ def test_forged_or_misdirected_results_are_refused_by_the_client(net):
             client.open_answer("req-1", forged, headers_, reply=reply)
         assert info.value.error.code == ErrorCode.UNAUTHENTICATED
     assert client.open_answer("req-1", body, headers).signer == FACTORY
+
+
+def test_a_result_from_a_site_that_may_not_serve_the_request_is_refused(net):
+    client = client_for(net[ACME])
+    assert client.security.agent.sites == TenantSites(frozenset({"cloud", "factory", "branch"}),
+                                                      frozenset({"factory"}))
+    assert net[INITECH].agent.sites == TenantSites(frozenset({"branch"}), frozenset({"branch"})), "its own only"
+    from_hub = answer(net[HUB], "req-1")
+    assert client.open_answer("req-1", *from_hub).signer == HUB, "ordinary data: any site that serves acme"
+    before = client.security.refusals[Reason.WRONG_SITE.value]
+    with pytest.raises(RefusedAnswer):
+        client.open_answer("req-1", *from_hub, sensitive=True)
+    assert client.security.refusals[Reason.WRONG_SITE.value] == before + 1
+    assert client.open_answer("req-1", *answer(net[FACTORY], "req-1"), sensitive=True).signer == FACTORY
+    initech = client_for(net[INITECH], "initech")
+    with pytest.raises(RefusedAnswer):
+        initech.open_answer("req-1", *answer(net[HUB], "req-1", tenant="initech"))
+
+
+@pytest.mark.parametrize(("headers", "confined_to_sensitive_sites"), [
+    ({RequestHeaders.LABELS: "pii"}, True),
+    ({RequestHeaders.LABELS: "blue, PII"}, True),
+    ({RequestHeaders.LABELS: "blue"}, False),
+    ({}, False),
+    ({RequestHeaders.LABELS: "pii", RequestHeaders.SPLIT: "auto"}, False),
+    ({RequestHeaders.LABELS: "pii", RequestHeaders.SPLIT: "none"}, True),
+])
+def test_which_requests_only_their_sensitive_sites_may_answer(headers, confined_to_sensitive_sites):
+    assert confined(headers) is confined_to_sensitive_sites
 
 
 def test_audit_seal_and_payload_size(net):
