@@ -22,6 +22,7 @@ subject; this one adds encoding, sealing, verification and error decoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -84,6 +85,7 @@ STATUS_HEADER = "Status"
 
 
 log = logging.getLogger("din.client")
+
 
 class DinRequestError(Exception):
     """The network answered with an error; ``error`` holds its code, message and retry hint."""
@@ -397,12 +399,14 @@ class DinClient:
         body, headers = self.seal(model, body, headers, reply)
         refusals = Refusals()
         try:
-            async for msg in self.answers(Subjects.infer(self.tenant, model), body, headers, token, wait_s):
-                try:
-                    return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers, reply=reply,
-                                            sensitive=sensitive)
-                except RefusedAnswer as refused:
-                    refusals.note(refused, reply)
+            async with contextlib.aclosing(self.answers(Subjects.infer(self.tenant, model), body, headers, token,
+                                                        wait_s)) as answers:
+                async for msg in answers:
+                    try:
+                        return self.open_answer(headers[RequestHeaders.REQUEST_ID], msg.data, msg.headers,
+                                                reply=reply, sensitive=sensitive)
+                    except RefusedAnswer as refused:
+                        refusals.note(refused, reply)
         except NoAnswerError:
             refusals.raise_last()
             raise
@@ -433,16 +437,18 @@ class DinClient:
         order = InOrder()
         refusals = Refusals()
         try:
-            async for msg in self.answers(Subjects.infer(self.tenant, model), body, headers, token, wait_s):
-                try:
-                    chunk = self.open_chunk(request_id, msg.data, msg.headers, reply=reply, sensitive=sensitive)
-                except RefusedAnswer as refused:
-                    refusals.note(refused, reply)
-                    continue
-                for ready in order.add(chunk.seq, chunk):
-                    yield ready
-                    if ready.done:
-                        return
+            async with contextlib.aclosing(self.answers(Subjects.infer(self.tenant, model), body, headers, token,
+                                                        wait_s)) as answers:
+                async for msg in answers:
+                    try:
+                        chunk = self.open_chunk(request_id, msg.data, msg.headers, reply=reply, sensitive=sensitive)
+                    except RefusedAnswer as refused:
+                        refusals.note(refused, reply)
+                        continue
+                    for ready in order.add(chunk.seq, chunk):
+                        yield ready
+                        if ready.done:
+                            return
         except NoRespondersError:
             raise
         except NoAnswerError:

@@ -269,7 +269,7 @@ class KafkaStore:
         for kept in sorted(self.users_dir.glob("*.password")) if self.users_dir.exists() else ():
             write_secret(target.root / kept.name, kept.read_text())
 
-    def unknown_users(self, users: KafkaUsers) -> list[str]:
+    def unknown_users(self) -> list[str]:
         """The users the kept log has no SCRAM credential for (added to DIN after it was formatted)."""
         if not self.formatted:
             return []
@@ -421,7 +421,7 @@ class KafkaSpec:
             if self.store is not None:
                 self.store.keep(users, secure=not self.insecure)
         elif self.store is not None and users is not None:
-            self.pending_users = tuple(self.store.unknown_users(users))
+            self.pending_users = tuple(self.store.unknown_users())
         return ManagedProcess(
             name="kafka", argv=[*jvm, "kafka.Kafka", str(props)], log_path=run_dir / "logs" / "kafka.log"
         )
