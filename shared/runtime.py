@@ -179,6 +179,9 @@ class ServiceRuntime:
         self.error_signer: Callable[[bytes, dict[str, str], str], dict[str, str]] | None = None
         """Signs an error answer for its reply subject (``PayloadSecurity.sign_error``): set by a service holding
         its site's keys; None answers errors unsigned."""
+        self.job_facts: Any = None
+        """Tags the job headers this service hands on and verifies the ones it takes (``JobFacts``, set by
+        ``bind_jobs`` when security is on); None trusts job headers as they come."""
         self.dead_lettered = 0
         self.detail: Callable[[], dict[str, str]] = dict
         self._hot: list[tuple[str, str | None, Handler, Callable[[Msg], str] | None, EndpointCounter]] = []
@@ -263,6 +266,8 @@ class ServiceRuntime:
         answer)."""
 
         async def on_message(msg: Msg) -> None:
+            if not self.authentic_job(msg):
+                return
             try:
                 job = JobV1.from_headers(msg.headers)
             except ValueError:
@@ -344,6 +349,8 @@ class ServiceRuntime:
             left_to_sender=str(self.left_to_sender),
             permission_denials=str(self.permission_denials),
         )
+        if self.job_facts is not None:
+            detail.update(self.job_facts.detail())
         return HealthV1(
             service=self.name,
             instance=self.instance,
@@ -436,14 +443,16 @@ class ServiceRuntime:
         )
 
     async def hand_on(self, subject: str, body: bytes, headers: dict[str, str], job: JobV1, missing: str, *,
-                      owns_answer: bool = True) -> None:
+                      to_site: str, owns_answer: bool = True) -> None:
         """Publish ``job`` to the next service on its path, which acknowledges taking it (``job_endpoint``s do,
         once their handler has run); until then this service still owns the job's answer. When nobody
         subscribes there (NATS answers a publish with a reply subject and no interest with a 503 status) the
         client is answered ``unavailable`` at once; when nobody acknowledges it by its deadline (the next service
         died holding it), ``deadline_exceeded``. ``missing`` names the next service, for the client's message.
         ``owns_answer`` False: the receiver owns the answer even untaken (a scheduler's watchdog holds every job
-        handed back to it), so only the 503 is answered here."""
+        handed back to it), so only the 503 is answered here. The job header is tagged for ``to_site``, the
+        receiver's site (``tag_job``)."""
+        self.tag_job(headers, to_site)
         self._sequence += 1
         handle = f"{self._undelivered_prefix}.{self._sequence}"
         self._undelivered[handle] = _HandedOn(job.reply_to, job.request_id, missing,
@@ -483,6 +492,31 @@ class ServiceRuntime:
         """Tell the sender of a handed-on job that it was taken (see ``hand_on``)."""
         if msg.reply:
             await nc.publish(msg.reply, b"")
+
+    def bind_jobs(self, job_facts: Any) -> None:
+        """Tag every job header this service hands on and refuse every job it takes whose tag does not verify
+        (``shared.security.JobFacts``)."""
+        self.job_facts = job_facts
+
+    def authentic_job(self, msg: Msg) -> bool:
+        """Whether ``msg``'s job header is vouched for (always, without ``bind_jobs``); a job that is not is
+        dead-lettered, neither answered nor acknowledged (its reply subject is not to be trusted; a genuine
+        sender answers its client when nobody takes the job)."""
+        if self.job_facts is None:
+            return True
+        try:
+            self.job_facts.verify(msg.headers)
+        except DinError as refused:
+            reason = getattr(refused, "reason", refused.code)
+            self.dead_letter(msg, f"unauthenticated job header ({reason.value})")
+            return False
+        return True
+
+    def tag_job(self, headers: dict[str, str], to_site: str) -> dict[str, str]:
+        """``headers`` with their job header tagged for ``to_site`` (unchanged without ``bind_jobs``)."""
+        if self.job_facts is not None:
+            self.job_facts.tag(headers, to_site)
+        return headers
 
     def sign_errors(self, security: Any) -> None:
         """Sign every error this service answers with ``security``'s site identity (when security is on)."""

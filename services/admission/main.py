@@ -46,6 +46,7 @@ from din.shared.runtime import Service, control, endpoint
 from din.shared.security import (
     ControlRefused,
     ControlVerifier,
+    JobFacts,
     PayloadSecurity,
     audit_reader,
     held_readers,
@@ -92,6 +93,8 @@ class Admission(Service):
         self.runtime.fair_weights.update(self.topology.tenant_weights())
         self.security = PayloadSecurity.from_settings(settings)
         self.runtime.sign_errors(self.security)
+        if self.security.enabled:
+            self.runtime.bind_jobs(JobFacts(self.security, settings.site))
         self.verifier = ControlVerifier(self.security.agent)
         self.audit = audit_reader(self.topology, settings.site)
         self.opener = RequestOpener(self.security, settings.max_payload_bytes)
@@ -114,9 +117,10 @@ class Admission(Service):
         if self.nonces is not None:
             await self.nonces.start(self.nc)
         held = held_readers(self.topology, self.settings.site)
+        readers = [self.audit, site_principal(self.settings.site),
+                   *(tenant_principal(t.name) for t in self.topology.tenants if tenant_principal(t.name) in held)]
         await self.security.start(
-            self.nc, readers=lambda agent: [self.audit, *(tenant_principal(t.name) for t in self.topology.tenants
-                                                          if tenant_principal(t.name) in held)],
+            self.nc, readers=lambda agent: readers,
             timeout_s=self.settings.keys_wait_s,
         )
 
@@ -276,7 +280,7 @@ class Admission(Service):
         )
         await self.runtime.hand_on(Subjects.classify(self.settings.site), body,
                                    {**job.to_headers(), **passthrough, **envelope_headers}, job,
-                                   f"classifier at site {self.settings.site}")
+                                   f"classifier at site {self.settings.site}", to_site=self.settings.site)
         self.counts["admitted"] += 1
         self._keep(job, admitted.unsealed.plaintext, passthrough)
         self._decision(job.request_id, job.tenant, job.model, job.sla_class, True, "ok", "",

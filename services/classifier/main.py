@@ -1,9 +1,11 @@
 """Classifier's front door: jobs from admission on ``din.v1.classify``, classified jobs on to the scheduler.
 
 The classifier decides from the job header alone: it opens no payload and passes the
-sealed body and its envelope on untouched. It holds its site's identity only to sign
-the errors it answers (a job that expired on the way, a tenant without policy), as
-every service that answers clients does.
+sealed body and its envelope on untouched. It takes only jobs whose header admission
+tagged, and tags the header it hands on (``shared.security.JobFacts``), with its site's
+data key, the only one it holds; its site's identity signs the errors it answers (a job
+that expired on the way, a tenant without policy), as every service that answers
+clients does.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from din.shared.errors import DinError, ErrorCode
 from din.shared.fair_input import job_tenant
 from din.shared.naming import Subjects, Topics
 from din.shared.runtime import Service, job_endpoint
-from din.shared.security import PayloadSecurity, payload_size
+from din.shared.security import JobFacts, PayloadSecurity, payload_size, site_principal
 from din.shared.topology import load_topology
 
 
@@ -34,7 +36,12 @@ class Classifier(Service):
 
     def __init__(self, settings: ClassifierSettings) -> None:
         super().__init__(settings)
-        self.runtime.sign_errors(PayloadSecurity.from_settings(settings))
+        self.security = PayloadSecurity.from_settings(settings)
+        self.runtime.sign_errors(self.security)
+        if self.security.enabled:
+            self.runtime.bind_jobs(JobFacts(self.security, settings.site))
+        self.runtime.on_start(self._start_keys)
+        self.runtime.on_drain(self.security.stop)
         topology = load_topology(settings.topology)
         self.runtime.fair_weights.update(topology.tenant_weights())
         self.policy = WorkloadPolicy(
@@ -42,8 +49,12 @@ class Classifier(Service):
         )
         self.counts = {"classified": 0, "expired_on_arrival": 0}
 
-    def detail(self) -> dict[str, int]:
-        return self.counts
+    def detail(self) -> dict[str, object]:
+        return {**self.counts, **self.security.detail()}
+
+    async def _start_keys(self) -> None:
+        site = site_principal(self.settings.site)
+        await self.security.start(self.nc, readers=lambda agent: [site], timeout_s=self.settings.keys_wait_s)
 
     @job_endpoint("classify", lambda s: Subjects.classify(s.site), queue="classifier", span="classifier classify",
                   fair_by=job_tenant,
@@ -68,7 +79,7 @@ class Classifier(Service):
         headers = {k: v for k, v in msg.headers.items() if not k.startswith(HEADER_PREFIX)}
         headers.update(job.to_headers())
         await self.runtime.hand_on(Subjects.schedule(self.settings.site), msg.data, headers, job,
-                                   f"scheduler at site {self.settings.site}")
+                                   f"scheduler at site {self.settings.site}", to_site=self.settings.site)
         self.counts["classified"] += 1
         self.runtime.events.emit(
             Topics.CLASSIFICATIONS,

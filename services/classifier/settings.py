@@ -10,7 +10,8 @@ from din.shared.sensitivity import SENSITIVE_LABELS
 
 
 class ClassifierSettings(SecuredServiceSettings):
-    """Where the tenant policies and the model catalog are, and the key file whose identity signs its errors."""
+    """Where the tenant policies and the model catalog are, and the key file of its site (its identity signs its
+    errors, its site's data key tags the jobs it hands on)."""
 
     model_config = SettingsConfigDict(env_prefix="DIN_CLASSIFIER_", extra="ignore", populate_by_name=True)
 

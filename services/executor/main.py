@@ -49,7 +49,7 @@ from din.shared.errors import DinError, ErrorCode, error_reply
 from din.shared.lifecycle import FenceReason, Outcome, Settlement
 from din.shared.naming import Subjects, Topics
 from din.shared.runtime import Service, control, endpoint, job_endpoint
-from din.shared.security import ControlRefused, ControlSigner, ControlVerifier, Opened, PayloadSecurity
+from din.shared.security import ControlRefused, ControlSigner, ControlVerifier, JobFacts, Opened, PayloadSecurity
 from din.shared.tensors import decode_request, validate_inputs
 
 DRAIN_NOTICE_S = 0.2
@@ -106,6 +106,8 @@ class Executor(Service):
         self.security = PayloadSecurity.from_settings(settings)
         self.runtime.sign_errors(self.security)
         self.seals = ExecutorSeals(self.security, settings.site)
+        if self.security.enabled:
+            self.runtime.bind_jobs(JobFacts(self.security, settings.site))
         self.signer = ControlSigner.of(self.security.agent)
         self.verifier = ControlVerifier(self.security.agent)
         self.answers = AnswerWriter(settings.site, settings.id)
@@ -192,11 +194,12 @@ class Executor(Service):
 
     async def take_pulled(self, msg: Msg) -> None:
         """A job pulled from the site queue: served, or termed when it is not a job (dead-lettered)."""
-        try:
-            job = JobV1.from_headers(msg.headers)
-        except ValueError:
-            self.runtime.dead_letter(msg, "missing or invalid job header")
-            job = None
+        job = None
+        if self.runtime.authentic_job(msg):
+            try:
+                job = JobV1.from_headers(msg.headers)
+            except ValueError:
+                self.runtime.dead_letter(msg, "missing or invalid job header")
         run = self.accept(job, msg) if job is not None else None
         if run is None:
             await pulling.settle(msg, lifecycle.settlement(None))
@@ -376,7 +379,7 @@ class Executor(Service):
         body, headers = self.seals.hand_back(run.job, run.body, run.headers, run.opened)
         scheduler_site = run.job.scheduler_site or self.settings.site
         await self.runtime.hand_on(Subjects.schedule(scheduler_site), body, headers, run.job,
-                                   f"scheduler at site {scheduler_site}", owns_answer=False)
+                                   f"scheduler at site {scheduler_site}", to_site=scheduler_site, owns_answer=False)
 
     async def split_head_done(self, run: Run, result: ItemResult) -> Outcome:
         self.guard(run)
@@ -389,6 +392,7 @@ class Executor(Service):
         """Send a stage's output to the next stage as the plan says: to its executor, or to its site's queue."""
         following = lifecycle.hand_on(run.job, now_ms())
         body, headers = self.seals.hand_off(run.job, following, payload, payload_headers, run.opened)
+        self.runtime.tag_job(headers, following.site)
         if following.executor is not None:
             await self.nc.publish(Subjects.execute(following.site, following.executor), body, headers=headers)
         else:

@@ -69,6 +69,9 @@ class ExecutorSeals:
         or cannot be authenticated."""
         if job.plan and not (0 <= job.stage < len(job.plan) and job.plan[job.stage].site == self.site):
             raise UnreadableJob(f"stage {job.stage} of the job's plan is not for site {self.site}")
+        allowed = job.plan[job.stage].sites if job.plan else job.workload and job.workload.allowed_sites
+        if allowed is not None and self.site not in allowed:
+            raise UnreadableJob(f"the job may not run at site {self.site}")
         security = self.security
         if not security.enabled:
             return body, None

@@ -49,6 +49,7 @@ from din.shared.security import (
     ControlRefused,
     ControlSigner,
     ControlVerifier,
+    JobFacts,
     PayloadSecurity,
     Refusal,
     check_binding,
@@ -138,6 +139,8 @@ class Scheduler(Service):
         self.news = asyncio.Event()
         self.security = PayloadSecurity.from_settings(settings)
         self.runtime.sign_errors(self.security)
+        if self.security.enabled:
+            self.runtime.bind_jobs(JobFacts(self.security, settings.site))
         self.signer = ControlSigner.of(self.security.agent)
         self.verifier = ControlVerifier(self.security.agent)
         self.runtime.on_start(self.start_keys)
@@ -296,7 +299,8 @@ class Scheduler(Service):
         executor = placement.executor
         assign(job, placement, centralized=self.centralized, now_ms=now_ms())
         job.scheduler_site = self.settings.site
-        headers = {**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id, **sealed_headers}
+        headers = self.runtime.tag_job({**passthrough, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id,
+                                        **sealed_headers}, executor.site)
         entry = InflightJob.dispatched(job, body, passthrough, aad, executor.id, executor.site)
         replaced = self.inflight.add(entry, lifecycle.watchdog_at_ms(job.deadline_ms, self.transit_ms(executor.site)))
         if replaced is not None:
@@ -353,7 +357,8 @@ class Scheduler(Service):
         self.counts["forwarded"] += 1
         self.record(job, None, reason, forwarded_to=site)
         await self.runtime.hand_on(Subjects.schedule(site), wire, {**passthrough, **job.to_headers(), **sealed_headers},
-                                   job, f"scheduler at site {site} reachable from site {self.settings.site}")
+                                   job, f"scheduler at site {site} reachable from site {self.settings.site}",
+                                   to_site=site)
 
     async def enqueue(self, job: JobV1, body: bytes, headers: dict[str, str]) -> None:
         """Distributed mode: put the job in its site's work queue, asking again while the queue cannot take it

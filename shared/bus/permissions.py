@@ -196,8 +196,9 @@ def admission(topology: Topology, site: str, user: str, instance: str | None) ->
 
 
 def classifier(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
-    """A site's classifier: its site's admitted requests in, its site's scheduler out."""
-    return _service(user, site, "classifier", instance) + Permissions(
+    """A site's classifier: its site's admitted requests in, its site's scheduler out; watches the keys bucket
+    for its site's data key, which tags the jobs it hands on."""
+    return _service(user, site, "classifier", instance) + key_bucket_reader(topology) + Permissions(
         publish=(Subjects.schedule(site), ANY_TENANT_INBOX, OPERATOR_INBOXES), subscribe=(Subjects.classify(site),))
 
 

@@ -12,6 +12,7 @@ every name from ``shared.security``; the modules hold one concern each:
 ``bindings``    what each hop's seal binds (``request_binding``, ``stage_binding``, ``result_binding``)
 ``headers``     the envelope and signature headers on a message
 ``payload``     ``PayloadSecurity``: seal, open, sign and verify as one process
+``jobfacts``    ``JobFacts``: the job header (routing facts) tagged at every hop and verified by the next
 ``commands``    operator key commands, signed and verified
 ``control``     control messages (heartbeats, pressure, summaries, rosters, completions, probes, load
                 commands) signed by their sender, and who may sign which (``CONTROL_RULES``)
@@ -74,6 +75,12 @@ Hops (wire headers: ``Din-Env-*`` from ``shared.envelope``; ``Din-Signer`` and `
                              hold it to seal results) with AAD ``stage_binding``: request, stage, the next
                              stage's site, reply subject, tensor headers; the receiving executor refuses
                              one bound to another site. Token stream chunks go to the client like results.
+    every job hop            the ``Din-Job-V1`` header (tenant, model, labels, sensitivity, allowed sites,
+                             SLA class, deadline, plan, placement) carries a ``Din-Job-Tag`` for its receiver:
+                             a MAC under the receiving site's key, or the sending site's signature where the
+                             sender does not hold that key (``jobfacts``). The client's option headers
+                             (``Din-Labels``, ``Din-Sla-Class``, ``Din-Deadline-Ms``, ...) are in the AAD of
+                             its seal, so admission refuses a request whose options changed after sealing.
     Kafka                    payloads recorded for audit are sealed with ``seal_for_audit``.
     A tenant named in the policy's ``plaintext_ingress`` may send unsealed requests (raw
     NATS clients); admission seals them at once and the executor answers unsealed.
@@ -102,6 +109,7 @@ from din.shared.security.control import (
     verify_reply,
 )
 from din.shared.security.headers import ENVELOPE_PREFIX, SIGNER_HEADER, is_sealed, payload_size, without_envelope
+from din.shared.security.jobfacts import JOB_TAG_HEADER, JobFacts
 from din.shared.security.keyfiles import (
     KEY_FILE_FORMAT,
     KEYS_BUCKET,
@@ -164,6 +172,8 @@ __all__ = [
     "Opened",
     "PayloadProtection",
     "PayloadSecurity",
+    "JobFacts",
+    "JOB_TAG_HEADER",
     "PrincipalKeys",
     "Refusal",
     "SIGNER_HEADER",

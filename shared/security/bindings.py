@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from din.shared.contracts.inference import RequestHeaders
+from din.shared.contracts.options import RequestOptionsV1, wire_options
 from din.shared.envelope import InvalidToken, Reason
 
 BOUND_HEADER_PREFIXES = ("Din-Tensor-", "Content-Type")
 """Request headers that change how the body is read: bound into the AAD."""
+OPTION_HEADERS = frozenset(wire.header for _, wire in wire_options(RequestOptionsV1)) - {
+    RequestHeaders.REQUEST_ID, RequestHeaders.TRACEPARENT, RequestHeaders.TOKEN}
+"""Request headers that ask for an option (labels, SLA class, deadline, ...): bound into the AAD of the client's
+seal, so admission refuses a request whose options were changed, added or removed after sealing. Past
+admission the options travel in the job header, authenticated by its tag (``jobfacts``), so later hops leave
+them out of the comparison (``check_binding``)."""
 ANSWER_FIELD = "answer"
 ANSWER_PLAIN = "plain"
 
@@ -21,7 +29,7 @@ def request_binding(request_id: str, tenant: str, model: str, reply: str,
     """The AAD of a request: its id, tenant, model, reply subject, and the headers that say how to read the body."""
     aad = {"rid": request_id, "tenant": tenant, "model": model, "reply": reply}
     for name, value in (headers or {}).items():
-        if name.startswith(BOUND_HEADER_PREFIXES):
+        if name.startswith(BOUND_HEADER_PREFIXES) or name in OPTION_HEADERS:
             aad[name] = value
     return aad
 
@@ -39,8 +47,9 @@ def stage_binding(request_id: str, tenant: str, stage: int, site: str, reply: st
 
 
 def check_binding(aad: Mapping[str, str], expected: Mapping[str, str]) -> None:
-    """Refuse (``InvalidToken``) unless ``aad`` is ``expected``, give or take the answer mode."""
-    bound = {k: v for k, v in aad.items() if k != ANSWER_FIELD}
+    """Refuse (``InvalidToken``) unless ``aad`` is ``expected``, give or take the answer mode and the option headers
+    the client bound (admission checked those; the job header carries the options on)."""
+    bound = {k: v for k, v in aad.items() if k != ANSWER_FIELD and k not in OPTION_HEADERS}
     if bound != dict(expected) or (ANSWER_FIELD in aad and aad[ANSWER_FIELD] != ANSWER_PLAIN):
         raise InvalidToken(Reason.AAD_MISMATCH)
 

@@ -25,7 +25,15 @@ from din.shared.contracts.inference import RequestHeaders
 from din.shared.credentials import issue_token, read_credentials
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects
-from din.shared.security import CryptoPolicy, PrincipalKeys
+from din.shared.security import (
+    CryptoPolicy,
+    JobFacts,
+    KeyAgent,
+    PayloadSecurity,
+    PrincipalKeys,
+    key_file,
+    site_principal,
+)
 from din.shared.tensors import encode_request_json
 from din.shared.topology import Topology
 from din.stack.launcher import CONTROL_SERVICES, GATEWAY, SERVICE_KINDS, PortPlan, Stack, executors_in_view
@@ -106,6 +114,21 @@ class Network:
         ).start()
         self.stack.processes.append(proc)
         return proc
+
+    @contextlib.asynccontextmanager
+    async def site_job_facts(self, site: str, nc):
+        """``JobFacts`` with ``site``'s keys (its agent watching over ``nc``): tags job headers as a service of
+        that site would, for tests that hand jobs to a stage themselves."""
+        security = PayloadSecurity(KeyAgent(PrincipalKeys.load(key_file(self.stack.keys_dir, site_principal(site)))))
+        await security.start(nc, readers=lambda agent: [site_principal(site)])
+        try:
+            yield JobFacts(security, site)
+        finally:
+            await security.stop()
+
+    async def detail(self, service: str, instance: str | None = None) -> dict[str, str]:
+        """One instance's health detail (``health``)."""
+        return (await self.health(service, instance)).detail
 
     async def health(self, service: str, instance: str | None = None, timeout: float = 2.0) -> HealthV1:
         """One instance's health; a control-plane service's at the hub unless ``instance`` names its site."""

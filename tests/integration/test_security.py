@@ -35,6 +35,7 @@ from din.shared.naming import Subjects, Topics
 from din.shared.security import (
     OPERATOR,
     CryptoPolicy,
+    JobFacts,
     KeyAgent,
     PayloadSecurity,
     PrincipalKeys,
@@ -101,6 +102,11 @@ async def detail(network, service: str, instance: str | None = None) -> dict[str
 
 def refused_count(detail_: dict[str, str], reason: str) -> int:
     return int(detail_.get(f"auth_refused_{reason}", "0"))
+
+
+def job_refused(detail_: dict[str, str], reason: str) -> int:
+    """Jobs a service refused because their job header's tag did not verify (``JobFacts``), by reason."""
+    return int(detail_.get(f"job_refused_{reason}", "0"))
 
 
 class Sniffer:
@@ -500,7 +506,8 @@ async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network)
         job = make_job(request_id="from-branch", tenant="globex", model=MODEL, deadline_ms=int(now_ms) + 3000,
                        reply_to=job_reply, received_ms=now_ms)
         hub = await nats.connect(network.hub_url, **network.stack.nats_options())
-        await hub.publish(Subjects.schedule("cloud"), sealed.body, headers={**job.to_headers(), **sealed.to_headers()})
+        headers = JobFacts(branch, "branch").tag({**job.to_headers(), **sealed.to_headers()}, "cloud")
+        await hub.publish(Subjects.schedule("cloud"), sealed.body, headers=headers)
         await hub.flush()
         await hub.close()
 
@@ -515,10 +522,10 @@ async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network)
 
     async def give_back_refused() -> dict[str, str] | None:
         now = await detail(network, "scheduler")
-        return now if refused_count(now, "revoked") > refused_count(before, "revoked") else None
+        return now if job_refused(now, "revoked") > job_refused(before, "revoked") else None
 
     after = await wait_for(give_back_refused, 10, "the scheduler refusing the give-back from revoked branch")
-    assert refused_count(after, "revoked") == refused_count(before, "revoked") + 1
+    assert job_refused(after, "revoked") == job_refused(before, "revoked") + 1
     assert site_principal("branch") in after["revoked"]
     await branch.stop()
     await nc.close()

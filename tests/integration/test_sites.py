@@ -263,12 +263,14 @@ async def test_a_job_reaching_a_stage_past_its_deadline_is_answered_once_by_its_
                         reply_to=f"{inbox}.{rid}", received_ms=past - 1000)
 
     try:
-        for subject, stage in stages:
-            with pytest.raises(nats.errors.TimeoutError):
-                await nc.request(subject, b"{}", headers=late(f"awaited-{stage}").to_headers(), timeout=0.5)
-            await nc.publish(subject, b"{}", headers=late(f"late-{stage}").to_headers())
-        await wait_for(lambda: len(answers) >= 2, 5, "both unawaited late jobs answered")
-        await asyncio.sleep(0.2)
+        async with network.site_job_facts("factory", nc) as facts:
+            for subject, stage in stages:
+                with pytest.raises(nats.errors.TimeoutError):
+                    await nc.request(subject, b"{}", headers=facts.tag(late(f"awaited-{stage}").to_headers(),
+                                                                       "factory"), timeout=0.5)
+                await nc.publish(subject, b"{}", headers=facts.tag(late(f"late-{stage}").to_headers(), "factory"))
+            await wait_for(lambda: len(answers) >= 2, 5, "both unawaited late jobs answered")
+            await asyncio.sleep(0.2)
     finally:
         await nc.close()
     codes = sorted((msg.subject.rsplit(".", 1)[1], decode_json(msg.data)["error"]["code"]) for msg in answers)
