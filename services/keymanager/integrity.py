@@ -106,7 +106,7 @@ def judge_bucket(written: Mapping[str, bytes], manifest_seq: int | None, seen: M
 def _overwritten(key: str, found: bytes, written: bytes, issuer: PublicIdentity) -> Damage:
     try:
         issued = read_entry(found, key, issuer)["issued_ms"]
-    except InvalidToken:
+    except (InvalidToken, ValueError, KeyError, TypeError):
         return Damage.INVALID
     return Damage.STALE if issued <= entry_issued_ms(written) else Damage.INVALID
 

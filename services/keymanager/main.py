@@ -187,7 +187,11 @@ class KeyManager(Service):
         while True:
             await asyncio.sleep(self.settings.bucket_check_interval_s)
             before = self.keys.health.last
-            report = await self.keys.check()
+            try:
+                report = await self.keys.check()
+            except Exception:  # noqa: BLE001 - one failed look must not end the upkeep
+                self.log.exception("keys bucket look failed")
+                continue
             if report.summary() != before:
                 self.log.info("keys bucket: %s", report.summary())
 

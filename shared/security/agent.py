@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 from din.shared import envelope
 from din.shared.envelope import InvalidToken, Keyring, PathPolicy, PublicIdentity
@@ -40,7 +41,7 @@ SITE_LOOK_S = 2.0
 """How often an agent reading the hub's bucket looks for its site's mirror (created after the agent started)."""
 
 
-class Refused:
+class Refused(StrEnum):
     """Why the agent refused a bucket entry (its ``refusals`` counter keys)."""
 
     INVALID = "invalid"
@@ -162,7 +163,7 @@ class KeyAgent:
     def apply_unanchored(self) -> None:
         """Apply the entries kept for want of a manifest, checked only against their signatures and each other,
         and so every later one until a manifest arrives (the key manager recovering from a bucket that holds no
-        manifest, e.g. its first start: it keeps its revocations on its own disk too)."""
+        manifest: its first start, or a bucket emptied while it was down)."""
         self._unanchored = True
         pending, self._pending = self._pending, {}
         for key, (held, at) in pending.items():

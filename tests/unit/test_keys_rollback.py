@@ -186,3 +186,25 @@ async def test_the_status_answer_flags_a_damaged_bucket(keys):
     await keys.check()
     result = command_result(new_key_command(KeyAction.STATUS), keys.authority, "status", keys.health)
     assert result.bucket == "missing:1" and result.bucket_repairs == 1
+
+
+@pytest.mark.parametrize(("bucket", "action", "code"), [("intact", "status", 0), ("bucket_missing:1", "status", 1),
+                                                        ("missing:1", "rotate", 0)])
+def test_din_keys_warns_when_the_bucket_does_not_hold_what_it_reports(monkeypatch, capsys, bucket, action, code):
+    import argparse
+
+    from din.commands import keys as keys_command
+    from din.shared.contracts.keys import KeyCommandResultV1
+
+    async def answer(url, operator, sent, options=None, **fields):
+        return KeyCommandResultV1(action=sent, versions={ACME: 2}, revoked=[BRANCH], rotations=1, bucket=bucket,
+                                  bucket_repairs=3)
+
+    monkeypatch.setattr(keys_command, "_running", lambda args: ("/keys", "nats://hub", {}))
+    monkeypatch.setattr(keys_command.PrincipalKeys, "load", staticmethod(lambda path: None))
+    monkeypatch.setattr(keys_command, "send_command", answer)
+    args = argparse.Namespace(keys_command=action, reader=None, grace=None)
+    assert keys_command.cmd_command(args) == code
+    out = capsys.readouterr().out
+    assert f"revoked: {BRANCH}" in out
+    assert ("WARNING: keys bucket damaged" in out) == (bucket != "intact")
