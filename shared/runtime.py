@@ -175,6 +175,9 @@ class ServiceRuntime:
             otlp_endpoint=settings.otlp_endpoint,
         )
         self.ready = False
+        self.readiness: Callable[[], bool] = lambda: True
+        """Whether the service can serve right now, asked at each health answer once started (the key manager:
+        False while its bucket is damaged)."""
         self.handler_errors = 0
         self.error_signer: Callable[[bytes, dict[str, str], str], dict[str, str]] | None = None
         """Signs an error answer for its reply subject (``PayloadSecurity.sign_error``): set by a service holding
@@ -356,7 +359,7 @@ class ServiceRuntime:
             instance=self.instance,
             version=__version__,
             site=self.settings.site,
-            ready=self.ready,
+            ready=self.ready and self.readiness(),
             detail=detail,
         )
 

@@ -153,6 +153,11 @@ def cmd_command(args: argparse.Namespace) -> int:
         print(result.message)
     print(format_table(["READER", "VERSION"], [[r, str(v)] for r, v in sorted(result.versions.items())]))
     print(f"revoked: {', '.join(result.revoked) or 'none'}; rotations since start: {result.rotations}")
+    if result.bucket != "intact":
+        print(f"WARNING: keys bucket damaged ({result.bucket}): a process starting now may not see the keys and "
+              f"revocations above until the key manager has repaired it (repairs so far: {result.bucket_repairs})")
+        return 1 if args.keys_command == "status" else 0
+    print(f"keys bucket: intact (repairs so far: {result.bucket_repairs})")
     return 0
 
 

@@ -18,10 +18,12 @@ from din.shared.security import (
     CryptoPolicy,
     EntryKeys,
     KeyAgent,
+    Manifest,
     TenantSites,
     b64url,
     key_holders,
     sign_entry,
+    sign_manifest,
     tenant_principal,
 )
 from din.shared.topology import Topology
@@ -88,6 +90,7 @@ class KeyAuthority:
     def recover(self, agent: KeyAgent) -> None:
         """Rebuild state from what the bucket held, read by the key manager's own agent (the DEKs wrapped to itself)."""
         self.revoked |= set(agent.revoked)
+        self._last_issued = max(self._last_issued, agent.latest_issued_ms())
         for (reader, version), state in agent.deks.items():
             if reader not in self.records:
                 continue
@@ -151,6 +154,11 @@ class KeyAuthority:
         entries += self.sites_entries()
         entries.append(self.policy_entry())
         return entries
+
+    def manifest_value(self, listing: Mapping[str, int], seq: int) -> bytes:
+        """The ``manifest`` entry for the live entries ``listing`` (key: ``issued_ms``) and the revocations, to be
+        stored at stream sequence ``seq``; issued after every entry it lists."""
+        return sign_manifest(self.issuer, Manifest(self._issued_ms(), seq, dict(listing), frozenset(self.revoked)))
 
     # -- decisions
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from din.services.keymanager.authority import KeyAuthority
 from din.services.keymanager.distribution import KeyDistribution
+from din.services.keymanager.integrity import BucketHealth
 from din.shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
 from din.shared.errors import DinError, ErrorCode
 
@@ -28,7 +29,10 @@ async def run_command(command: KeyCommandV1, keys: KeyDistribution, *, revoke_gr
     return "status"
 
 
-def command_result(command: KeyCommandV1, authority: KeyAuthority, message: str) -> KeyCommandResultV1:
-    """The answer to ``command``: the keys as they are now."""
+def command_result(command: KeyCommandV1, authority: KeyAuthority, message: str,
+                   bucket: BucketHealth | None = None) -> KeyCommandResultV1:
+    """The answer to ``command``: the keys as they are now, and what the last look at the bucket found."""
+    bucket = bucket or BucketHealth()
     return KeyCommandResultV1(action=command.action, versions=authority.versions(), revoked=sorted(authority.revoked),
-                              rotations=authority.rotations, message=message)
+                              rotations=authority.rotations, message=message, bucket=bucket.last,
+                              bucket_repairs=bucket.repairs)

@@ -3,10 +3,13 @@
 At start it unwraps its own identity from the key store with the master key,
 creates the bucket at the hub's JetStream, recovers the DEK versions it wrapped to
 itself there, gives every reader without one a first version and publishes
-everything (``KeyAuthority.publication``). It keeps a mirror of the bucket in
+everything (``KeyAuthority.publication``), then a manifest of it signed for its
+stream sequence. It keeps a mirror of the bucket in
 every other site's JetStream domain (``mirrors``: created before it reports ready,
 looked at on schedule, recreated when missing). Then it rotates every DEK on
-schedule, deletes versions whose grace has passed, and answers signed operator
+schedule, deletes versions whose grace has passed, looks at its bucket every
+``bucket_check_interval_s`` (``integrity``: not ready while damaged, what was
+changed written back, a deleted bucket created again), and answers signed operator
 commands (rotate, revoke, status) on ``din.v1.control.keymanager.keymanager``.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable, Mapping
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -24,19 +28,19 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     ExternalStream,
-    KeyValueConfig,
     StorageType,
     StreamConfig,
     StreamConsumerSource,
     StreamInfo,
     StreamSource,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from din.services.keymanager.authority import KeyAuthority
 from din.services.keymanager.commands import command_result, run_command
 from din.services.keymanager.distribution import KeyDistribution
+from din.services.keymanager.integrity import Seen
 from din.services.keymanager.mirrors import (
     MirrorAction,
     MirrorLedger,
@@ -62,6 +66,7 @@ from din.shared.security import (
     read_master_key,
     verify_key_command,
 )
+from din.shared.security.bucket import keys_stream
 from din.shared.topology import Topology, load_topology
 
 EXPIRY_INTERVAL_S = 1.0
@@ -69,6 +74,10 @@ RECOVERY_TIMEOUT_S = 30.0
 KEYS_HISTORY = 1
 MIRROR_CALL_TIMEOUT_S = 2.0
 MIRROR_HEARTBEAT_S = 1.0
+BUCKET_CALL_TIMEOUT_S = 5.0
+WRONG_LAST_SEQUENCE = 10071
+"""JetStream's error code for a publish whose ``Nats-Expected-Last-Sequence`` is not the stream's last."""
+SEQUENCED_TRIES = 5
 MIRROR_START_WAIT_S = 5.0
 """How long start-up waits for new mirrors to catch up before the key manager reports ready anyway."""
 KEYS_BUCKET_CHANNEL = "keysBucket"
@@ -96,6 +105,11 @@ class KeyManager(Service):
         self.mirror_specs: list[MirrorSpec] = []
         self.counts = {"commands": 0, "commands_refused": 0}
         self.runtime.on_start(self.start_keys)
+        self.runtime.readiness = self.bucket_intact
+
+    def bucket_intact(self) -> bool:
+        """False while the last look at the keys bucket found it damaged (health reports not ready)."""
+        return self.keys is None or self.keys.health.ready
 
     def detail(self) -> dict[str, object]:
         keys = self.keys
@@ -110,7 +124,7 @@ class KeyManager(Service):
                 rotations=auth.rotations,
                 revoked=",".join(sorted(auth.revoked)),
                 versions=",".join(f"{r}:{v}" for r, v in auth.versions().items()),
-                **self.mirrors.detail(),
+                **self.mirrors.detail(), **keys.health.detail(),
             )
         return out
 
@@ -119,7 +133,8 @@ class KeyManager(Service):
         if not self.settings.security:
             return
         issuer, store = load_issuer(self.settings, self.topology)
-        bucket = await open_keys_bucket(self.nc, store, self.settings.replicas_in(store.kv_domain))
+        bucket = KeysBucket(self.nc, store, self.settings.replicas_in(store.kv_domain))
+        await bucket.open()
         authority = KeyAuthority(
             issuer, store.publics, self.topology, self.settings.policy,
             grace_s=self.settings.grace_s, revoke_grace_s=self.settings.revoke_grace_s,
@@ -138,6 +153,7 @@ class KeyManager(Service):
         self.runtime.spawn(self.scheduled_rotation(), name="rotation")
         self.runtime.spawn(self.expiry(), name="expiry")
         self.runtime.spawn(self.mirror_upkeep(), name="mirrors")
+        self.runtime.spawn(self.bucket_upkeep(), name="bucket")
 
     async def start_mirrors(self) -> None:
         """Give every reachable site its mirror, and give new ones a few seconds to catch up."""
@@ -165,6 +181,19 @@ class KeyManager(Service):
         while True:
             await asyncio.sleep(self.settings.mirror_check_interval_s)
             await self.keep_mirrors()
+
+    async def bucket_upkeep(self) -> None:
+        """Look at the keys bucket each ``bucket_check_interval_s``; repair what someone else changed."""
+        while True:
+            await asyncio.sleep(self.settings.bucket_check_interval_s)
+            before = self.keys.health.last
+            try:
+                report = await self.keys.check()
+            except Exception:  # noqa: BLE001 - one failed look must not end the upkeep
+                self.log.exception("keys bucket look failed")
+                continue
+            if report.summary() != before:
+                self.log.info("keys bucket: %s", report.summary())
 
     async def keep_mirrors(self) -> None:
         """Look at every site's mirror at once; create missing ones, replace foreign ones, record what was seen."""
@@ -214,13 +243,16 @@ class KeyManager(Service):
             return
         self.counts["commands"] += 1
         try:
+            if command.action == KeyAction.STATUS:
+                await keys.check()
             message = await run_command(command, keys, revoke_grace_s=self.settings.revoke_grace_s)
         except DinError as error:
             await self.runtime.answer_error(msg.reply, error, None)
             return
         if command.action == KeyAction.REVOKE:
             self.log.warning("revoked %s", command.principal)
-        await self.nc.publish(msg.reply, command_result(command, keys.authority, message).model_dump_json().encode())
+        result = command_result(command, keys.authority, message, keys.health)
+        await self.nc.publish(msg.reply, result.model_dump_json().encode())
 
 
 
@@ -234,16 +266,85 @@ def load_issuer(settings: KeyManagerSettings, topology: Topology) -> tuple[Ident
     return store.identity(KEYMANAGER, master), store
 
 
-async def open_keys_bucket(nc: NatsClient, store: KeyStore, replicas: int = 1) -> KeyValue:
-    """The keys bucket at the hub's JetStream, created on first start (``replicas`` times in a clustered hub)."""
-    js = nc.jetstream(domain=store.kv_domain)
-    try:
-        return await js.key_value(store.bucket)
-    except Exception:  # noqa: BLE001 - first start: create it
-        return await js.create_key_value(
-            KeyValueConfig(bucket=store.bucket, history=KEYS_HISTORY, storage=StorageType.FILE, replicas=replicas,
-                           description="DIN public identities, wrapped data keys, revocations, crypto policy")
-        )
+class KeysBucket:
+    """The keys bucket at the hub's JetStream, as ``KeyDistribution`` writes and looks at it (``Bucket``)."""
+
+    def __init__(self, nc: NatsClient, store: KeyStore, replicas: int = 1) -> None:
+        self.js = nc.jetstream(domain=store.kv_domain, timeout=BUCKET_CALL_TIMEOUT_S)
+        self.name = store.bucket
+        self.stream = keys_stream(store.bucket)
+        self.replicas = replicas
+        self.kv: KeyValue | None = None
+        self.last_seq = 0
+
+    async def open(self) -> KeyValue:
+        """The bucket, created on first start (``replicas`` times in a clustered hub)."""
+        try:
+            self.kv = await self.js.key_value(self.name)
+        except BucketNotFoundError:
+            await self.recreate()
+        return self.kv
+
+    async def recreate(self) -> None:
+        """Create the bucket, its sequence going on after the last one written (a watch that outlived the old
+        bucket resumes past what it saw, so it must find the new entries there)."""
+        await self.js.add_stream(keys_bucket_config(self.name, self.replicas, first_seq=self.last_seq + 1))
+        self.kv = await self.js.key_value(self.name)
+
+    async def put(self, key: str, value: bytes) -> int:
+        seq = await self.kv.put(key, value)
+        self.last_seq = max(self.last_seq, seq)
+        return seq
+
+    async def delete(self, key: str) -> None:
+        await self.kv.delete(key)
+
+    async def put_sequenced(self, key: str, value_at: Callable[[int], bytes]) -> tuple[int, bytes]:
+        """Publish ``value_at(n)`` with ``Nats-Expected-Last-Sequence: n - 1``: stored at ``n`` or not at all
+        (tried again, a few times, when another write came in between)."""
+        for _ in range(SEQUENCED_TRIES):
+            last = (await self.js.stream_info(self.stream)).state.last_seq
+            value = value_at(last + 1)
+            try:
+                ack = await self.js.publish(f"$KV.{self.name}.{key}", value,
+                                            headers={"Nats-Expected-Last-Sequence": str(last)})
+            except BadRequestError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                continue
+            self.last_seq = max(self.last_seq, ack.seq)
+            return ack.seq, value
+        raise RuntimeError(f"{key}: the keys bucket kept moving under {SEQUENCED_TRIES} sequenced writes")
+
+    async def snapshot(self) -> Mapping[str, Seen] | None:
+        """Every live entry, read through one ordered consumer (None: no bucket)."""
+        try:
+            self.kv = await self.js.key_value(self.name)
+        except BucketNotFoundError:
+            return None
+        watcher = await self.kv.watchall()
+        seen: dict[str, Seen] = {}
+        try:
+            while (entry := await watcher.updates(timeout=BUCKET_CALL_TIMEOUT_S)) is not None:
+                if entry.operation in ("DEL", "PURGE"):
+                    seen.pop(entry.key, None)
+                else:
+                    seen[entry.key] = Seen(entry.value or b"", entry.revision)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return seen
+
+
+def keys_bucket_config(bucket: str, replicas: int = 1, first_seq: int | None = None) -> StreamConfig:
+    """The keys bucket's stream, as nats.py's ``create_key_value`` makes one (``KEYS_HISTORY`` values a key),
+    starting at ``first_seq``."""
+    return StreamConfig(
+        name=keys_stream(bucket), subjects=[f"$KV.{bucket}.>"],
+        description="DIN public identities, wrapped data keys, revocations, crypto policy, manifest",
+        max_msgs_per_subject=KEYS_HISTORY, discard=DiscardPolicy.NEW, allow_rollup_hdrs=True, deny_delete=True,
+        allow_direct=True, storage=StorageType.FILE, num_replicas=replicas, first_seq=first_seq,
+    )
 
 
 def mirror_consumer_config(spec: MirrorSpec) -> ConsumerConfig:
@@ -306,7 +407,7 @@ def mirror_seen(info: StreamInfo, consumer: bool | None = True) -> MirrorSeen:
 async def read_own_keys(nc: NatsClient, issuer: Identity, store: KeyStore) -> KeyAgent:
     """What the bucket holds, read as the key manager's own agent (the DEKs it wrapped to itself)."""
     own = KeyAgent(PrincipalKeys(issuer, issuer.public, store.bucket, store.kv_domain))
-    await own.watch(nc, timeout_s=RECOVERY_TIMEOUT_S, site_first=False)
+    await own.watch(nc, timeout_s=RECOVERY_TIMEOUT_S, site_first=False, unanchored=True)
     await own.stop()
     return own
 

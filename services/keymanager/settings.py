@@ -47,6 +47,11 @@ class KeyManagerSettings(ServiceSettings):
         default=5.0, gt=0,
         description="Seconds between looks at every site's mirror of the keys bucket (a missing one is recreated).",
     )
+    bucket_check_interval_s: float = Field(
+        default=2.0, gt=0,
+        description=("Seconds between looks at the keys bucket: entries deleted or overwritten by anyone else are "
+                     "written back, a deleted bucket is created again; not ready while damaged."),
+    )
 
     @model_validator(mode="after")
     def _key_files_when_secured(self) -> "KeyManagerSettings":

@@ -43,3 +43,10 @@ class KeyCommandResultV1(BaseModel):
     revoked: list[str] = Field(description="Revoked principals.")
     rotations: int = Field(description="Rotations done since the key manager started.")
     message: str = Field(default="", description="What was done, for people.")
+    bucket: str = Field(
+        default="unchecked",
+        description=("What the key manager's last look at the DIN_KEYS bucket found: 'intact', or the damaged entries "
+                     "by reason ('missing:1,stale:2'; repaired at that look, checked again at the next). While it "
+                     "is not 'intact', a process starting now may not see these versions and revocations."),
+    )
+    bucket_repairs: int = Field(default=0, description="Repairs of the bucket since the key manager started.")

@@ -49,8 +49,12 @@ The key-value bucket ``DIN_KEYS`` (JetStream at the hub site), every value signe
                                          with its state: pending, active, or retired at ``not_after``
     ``revoked``                          revoked principals
     ``policy``                           the per-path crypto policy, resolved per site
+    ``sites.<tenant>``                   where a tenant's requests may be served
+    ``manifest``                         every live entry's ``issued_ms`` and the revocations,
+                                         signed for the stream sequence it is stored at
     A value is ``{"body": <canonical JSON text>, "sig": <Ed25519 over body and key name>}``;
-    each body carries ``issued_ms`` so an older value cannot replace a newer one.
+    each body carries ``issued_ms`` so an older value cannot replace a newer one, and the manifest
+    tells a process that just started which values are current (``Manifest``).
     Holders watch the bucket (``KeyAgent``) and install DEKs as they appear. Every other site's
     JetStream holds a mirror of it (``KeysMirror``, kept by the key manager); an agent reads its
     own server's copy first, so a site cut off from the hub still hands its processes their keys.
@@ -96,7 +100,7 @@ from din.shared.security.bindings import (
     result_binding,
     stage_binding,
 )
-from din.shared.security.bucket import EntryKeys, read_entry, sign_entry
+from din.shared.security.bucket import EntryKeys, Manifest, read_entry, read_manifest, sign_entry, sign_manifest
 from din.shared.security.commands import new_key_command, sign_key_command, verify_key_command
 from din.shared.security.control import (
     CONTROL_RULES,
@@ -158,6 +162,7 @@ __all__ = [
     "DekState",
     "ENVELOPE_PREFIX",
     "EntryKeys",
+    "Manifest",
     "KEYMANAGER",
     "KEYSTORE_FILE",
     "KEYSTORE_FORMAT",
@@ -194,6 +199,7 @@ __all__ = [
     "payload_size",
     "principals_of",
     "read_entry",
+    "read_manifest",
     "read_master_key",
     "request_binding",
     "result_binding",
@@ -202,6 +208,7 @@ __all__ = [
     "TenantSites",
     "serving_sites",
     "sign_entry",
+    "sign_manifest",
     "sign_key_command",
     "site_of",
     "site_principal",

@@ -5,6 +5,12 @@ site's mirror of it (kept by the key manager), so a process started while its si
 gets its keys. While a site has no mirror yet, the agent reads the hub's bucket across the leaf, and moves to the
 mirror once there is one. Either way every entry must verify under the key manager's key and be no older than what
 the agent holds.
+
+A process that just started holds nothing yet, so the bucket's signed ``manifest`` (``Manifest``) is its floor: the
+agent applies no other entry before it holds a manifest read at the stream sequence it was signed for, then refuses
+any entry older than the manifest lists for its key, or absent from a manifest newer than it (a deleted DEK
+re-published), and takes every manifest's revocations, so neither an old entry nor an old manifest written back
+into the bucket undoes a revocation or a rotation. Each refusal is counted by reason (``refusals``).
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 from din.shared import envelope
 from din.shared.envelope import InvalidToken, Keyring, PathPolicy, PublicIdentity
 from din.shared.security import b64url
-from din.shared.security.bucket import EntryKeys, read_entry
+from din.shared.security.bucket import EntryKeys, Manifest, read_entry, read_manifest
 from din.shared.security.keyfiles import PrincipalKeys
 from din.shared.security.principals import TenantSites
 
@@ -31,6 +39,17 @@ SITE_SOURCE = "site"
 HUB_SOURCE = "hub"
 SITE_LOOK_S = 2.0
 """How often an agent reading the hub's bucket looks for its site's mirror (created after the agent started)."""
+
+
+class Refused(StrEnum):
+    """Why the agent refused a bucket entry (its ``refusals`` counter keys)."""
+
+    INVALID = "invalid"
+    """Does not verify under the key manager's key (garbage, unsigned, forged, or a manifest off its sequence)."""
+    STALE = "stale"
+    """Older than what the agent holds, or than the manifest lists for that key."""
+    WITHDRAWN = "withdrawn"
+    """Absent from a manifest newer than it: the key manager deleted that entry."""
 
 
 @dataclass
@@ -62,7 +81,12 @@ class KeyAgent:
         self.deks: dict[tuple[str, int], DekState] = {}
         self.applied = 0
         self.refused = 0
+        self.refusals: Counter[str] = Counter()
+        self.manifest: Manifest | None = None
+        """The newest manifest read (None until one verified: nothing else is applied before)."""
         self._issued: dict[str, int] = {}
+        self._pending: dict[str, tuple[bytes, int | None]] = {}
+        self._unanchored = False
         self._changed: asyncio.Condition | None = None
         self._watcher = None
         self._task: asyncio.Task | None = None
@@ -72,18 +96,29 @@ class KeyAgent:
 
     # -- pure logic
 
-    def apply(self, key: str, value: bytes, *, deleted: bool = False) -> bool:
-        """Apply one bucket entry; return True when it changed what this agent knows."""
+    def apply(self, key: str, value: bytes, *, deleted: bool = False, revision: int | None = None) -> bool:
+        """Apply one bucket entry read at stream sequence ``revision``; return True when it changed what this agent
+        knows. Before the first manifest, entries are kept and applied once it arrives."""
         if deleted:
             return False
+        if key == EntryKeys.MANIFEST:
+            return self._apply_manifest(value, revision)
         kind, _, rest = key.partition(".")
         if kind in ("dek", "sites") and rest.split(".", 1)[0] != self.principal:
+            return False
+        manifest = self.manifest
+        if manifest is None and not self._unanchored:
+            self._pending.pop(key, None)
+            self._pending[key] = (value, revision)
             return False
         try:
             body = read_entry(value, key, self.keys.keymanager)
             issued = body["issued_ms"]
-            if issued < self._issued.get(key, -1):
-                return False
+            listed = manifest.floor(key) if manifest is not None else None
+            if issued < self._issued.get(key, -1) or (listed is not None and issued < listed):
+                return self._refuse(key, Refused.STALE)
+            if manifest is not None and listed is None and issued <= manifest.issued_ms:
+                return self._refuse(key, Refused.WITHDRAWN)
             if kind == "pub":
                 self._apply_public(rest, body)
             elif kind == "dek":
@@ -91,20 +126,48 @@ class KeyAgent:
             elif kind == "sites":
                 self.sites = TenantSites.from_dict(body)
             elif key == EntryKeys.REVOKED:
-                self._apply_revoked(body)
+                self._apply_revoked(body["principals"])
             elif key == EntryKeys.POLICY:
                 self.policy = PathPolicy(integrity_only=frozenset(str(s) for s in body["integrity_only"]))
                 self.plaintext_ingress = frozenset(str(t) for t in body["plaintext_ingress"])
             else:
                 return False
         except (InvalidToken, ValueError, KeyError, TypeError, IndexError) as exc:
-            self.refused += 1
-            log.warning("key entry %s refused (%s)", key, getattr(exc, "reason", exc.__class__.__name__))
-            return False
+            return self._refuse(key, Refused.INVALID, getattr(exc, "reason", exc.__class__.__name__))
         self._issued[key] = issued
         self.applied += 1
         self.keyring.prune()
         return True
+
+    def _apply_manifest(self, value: bytes, revision: int | None) -> bool:
+        try:
+            manifest = read_manifest(value, revision, self.keys.keymanager)
+        except InvalidToken as exc:
+            return self._refuse(EntryKeys.MANIFEST, Refused.INVALID, exc.reason)
+        if self.manifest is not None and manifest.issued_ms <= self.manifest.issued_ms:
+            return manifest.issued_ms == self.manifest.issued_ms or self._refuse(EntryKeys.MANIFEST, Refused.STALE)
+        self.manifest = manifest
+        self._apply_revoked(manifest.revoked)
+        self.applied += 1
+        pending, self._pending = self._pending, {}
+        for key, (held, at) in pending.items():
+            self.apply(key, held, revision=at)
+        return True
+
+    def _refuse(self, key: str, reason: str, detail: object = None) -> bool:
+        self.refused += 1
+        self.refusals[reason] += 1
+        log.warning("key entry %s refused (%s%s)", key, reason, f": {detail}" if detail else "")
+        return False
+
+    def apply_unanchored(self) -> None:
+        """Apply the entries kept for want of a manifest, checked only against their signatures and each other,
+        and so every later one until a manifest arrives (the key manager recovering from a bucket that holds no
+        manifest: its first start, or a bucket emptied while it was down)."""
+        self._unanchored = True
+        pending, self._pending = self._pending, {}
+        for key, (held, at) in pending.items():
+            self.apply(key, held, revision=at)
 
     def _apply_public(self, principal: str, body: dict) -> None:
         public = PublicIdentity.from_dict(body["identity"])
@@ -131,11 +194,16 @@ class KeyAgent:
             self.keyring.retire(reader, dek.version, now=now, grace_s=float(not_after) - now)
         self.deks[(reader, dek.version)] = DekState(active, None if not_after is None else float(not_after))
 
-    def _apply_revoked(self, body: dict) -> None:
-        principals = frozenset(str(p) for p in body["principals"])
+    def _apply_revoked(self, listed: Iterable[str]) -> None:
+        principals = frozenset(str(p) for p in listed)
         for principal in principals - self.revoked:
             self.keyring.revoke(principal)
         self.revoked = self.revoked | principals
+
+    def latest_issued_ms(self) -> int:
+        """The newest ``issued_ms`` this agent applied (manifest included); -1 before any."""
+        held = max(self._issued.values(), default=-1)
+        return max(held, self.manifest.issued_ms if self.manifest is not None else -1)
 
     def ready_for(self, readers: Iterable[str]) -> bool:
         """True once the policy is known and every one of ``readers`` has a DEK that seals."""
@@ -158,7 +226,7 @@ class KeyAgent:
 
     async def watch(
         self, nc, *, ready: Callable[[KeyAgent], bool] | None = None, timeout_s: float = 60.0,
-        site_first: bool = True,
+        site_first: bool = True, unanchored: bool = False,
     ) -> None:
         """Watch the bucket and return once its current content is applied and ``ready(self)`` holds.
 
@@ -167,6 +235,9 @@ class KeyAgent:
         key manager recovering what it wrote). ``source`` says which: ``site`` or ``hub``. Raises
         ``TimeoutError`` with a one-line message when either does not happen in ``timeout_s``. An agent that
         starts on the hub's bucket with ``site_first`` moves to its site's mirror when one appears.
+
+        The current content is applied once it holds a verified manifest; with ``unanchored`` (the key manager
+        recovering), a bucket without one is applied on signatures alone (``apply_unanchored``).
         """
         self._changed = asyncio.Condition()
         deadline = time.monotonic() + timeout_s
@@ -175,8 +246,12 @@ class KeyAgent:
         if site_first and self.source == HUB_SOURCE and self.keys.kv_domain is not None:
             self._mover = asyncio.create_task(self._move_to_site(nc), name=f"keys-{self.principal}-site")
         try:
-            await asyncio.wait_for(self._wait(lambda: self._initial and (ready is None or ready(self))),
-                                   max(0.1, deadline - time.monotonic()))
+            await asyncio.wait_for(self._wait(lambda: self._initial), max(0.1, deadline - time.monotonic()))
+            if unanchored and self.manifest is None:
+                self.apply_unanchored()
+            await asyncio.wait_for(
+                self._wait(lambda: (self.manifest is not None or self._unanchored) and (ready is None or ready(self))),
+                max(0.1, deadline - time.monotonic()))
         except TimeoutError:
             raise TimeoutError(
                 f"{self.principal}: keys not distributed within {timeout_s:.0f}s: is the key manager running?"
@@ -238,7 +313,8 @@ class KeyAgent:
         async for entry in watcher:
             if entry is not None:
                 try:
-                    self.apply(entry.key, entry.value or b"", deleted=entry.operation in ("DEL", "PURGE"))
+                    self.apply(entry.key, entry.value or b"", deleted=entry.operation in ("DEL", "PURGE"),
+                               revision=entry.revision)
                 except Exception:  # noqa: BLE001 - one bad entry must not stop key distribution
                     self.refused += 1
                     log.exception("key entry %s could not be applied", entry.key)

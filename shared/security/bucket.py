@@ -3,6 +3,14 @@
 A value is ``{"body": <canonical JSON text>, "sig": <Ed25519 over body and key name>}``; each body carries
 ``issued_ms`` so an older value cannot replace a newer one.
 
+A process that starts has no memory of what it saw before, so the bucket says itself what is current: after every
+change the key manager writes the ``manifest`` entry (``Manifest``): every live entry's ``issued_ms``, the
+revocation list, and the stream sequence the manifest itself is stored at (published with JetStream's
+``Nats-Expected-Last-Sequence``, so the key manager knows that sequence before it signs). A manifest read at any
+other sequence was re-published by someone else (an old one, or the current one moved) and is refused; an entry
+older than the manifest lists, or absent from a manifest newer than it, is refused; revocations travel in every
+manifest.
+
 The bucket lives in the hub's JetStream domain; every other site's domain holds a mirror of it (``KeysMirror``),
 a stream of the same name fed from the hub, so a process started at a site while its link to the hub is cut still
 reads its keys there. A mirror carries the key manager's signed values unchanged: it cannot forge an entry.
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from din.shared import envelope
 from din.shared.envelope import Identity, InvalidToken, PublicIdentity, Reason
@@ -25,6 +34,7 @@ class EntryKeys:
 
     REVOKED = "revoked"
     POLICY = "policy"
+    MANIFEST = "manifest"
 
     @staticmethod
     def public(principal: str) -> str:
@@ -96,3 +106,49 @@ def read_entry(value: bytes, key: str, issuer: PublicIdentity) -> dict:
     except (ValueError, TypeError):
         raise InvalidToken(Reason.MALFORMED) from None
     return body
+
+
+def entry_issued_ms(value: bytes) -> int:
+    """The ``issued_ms`` of a value its writer made with ``sign_entry`` (read without verifying: the writer's own)."""
+    return int(json.loads(json.loads(value)["body"])["issued_ms"])
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the bucket holds as the key manager last wrote it: each live entry's ``issued_ms``, the revoked
+    principals, and the stream sequence this manifest was written at (``seq``)."""
+
+    issued_ms: int
+    seq: int
+    entries: Mapping[str, int]
+    revoked: frozenset[str]
+
+    def body(self) -> dict[str, object]:
+        """The signed body of this manifest."""
+        return {"issued_ms": self.issued_ms, "seq": self.seq, "entries": dict(sorted(self.entries.items())),
+                "revoked": sorted(self.revoked)}
+
+    def floor(self, key: str) -> int | None:
+        """The oldest ``issued_ms`` of ``key`` still current (None: the manifest lists no such entry)."""
+        return self.entries.get(key)
+
+
+def sign_manifest(issuer: Identity, manifest: Manifest) -> bytes:
+    """The ``manifest`` entry's value."""
+    return sign_entry(issuer, EntryKeys.MANIFEST, manifest.body())
+
+
+def read_manifest(value: bytes, revision: int | None, issuer: PublicIdentity) -> Manifest:
+    """The manifest in ``value``, read at stream sequence ``revision``; raises ``InvalidToken`` when it does not
+    verify or was stored at another sequence than the one it was signed for (``revision`` None: not checked, for
+    a value not read from a stream)."""
+    body = read_entry(value, EntryKeys.MANIFEST, issuer)
+    try:
+        entries = {str(k): int(v) for k, v in body["entries"].items()}
+        manifest = Manifest(body["issued_ms"], int(body["seq"]), entries,
+                            frozenset(str(p) for p in body["revoked"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise InvalidToken(Reason.MALFORMED) from None
+    if revision is not None and revision != manifest.seq:
+        raise InvalidToken(Reason.REPLAY)
+    return manifest

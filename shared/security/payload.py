@@ -161,6 +161,7 @@ class PayloadSecurity:
             out["key_versions"] = ",".join(f"{r}:{v}" for r, v in self.agent.versions().items())
             out["revoked"] = ",".join(sorted(self.agent.revoked))
             out["key_entries_refused"] = str(self.agent.refused)
+            out.update({f"key_entries_refused_{reason}": str(n) for reason, n in sorted(self.agent.refusals.items())})
             out["key_source"] = self.agent.source or ""
         return out
 

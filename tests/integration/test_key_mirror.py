@@ -25,7 +25,7 @@ from din.shared.contracts.keys import KeyAction
 from din.shared.envelope import Identity
 from din.shared.naming import Subjects
 from din.shared.security import KEYMANAGER, OPERATOR, CryptoPolicy, KeyAgent, PrincipalKeys, site_principal
-from din.shared.security.bucket import EntryKeys, sign_entry
+from din.shared.security.bucket import EntryKeys, Manifest, sign_entry, sign_manifest
 from din.shared.security.keyfiles import KEYS_BUCKET, key_file
 from din.stack.processes import ManagedProcess
 from din.stack.wan import ToxiproxyClient
@@ -220,8 +220,9 @@ async def test_a_deleted_mirror_is_recreated_and_reported(network):
 
 async def test_a_forged_bucket_at_a_site_gives_no_keys_and_is_replaced_by_the_mirror(network):
     """Someone with the factory's JetStream puts a bucket of its own where the mirror was, its entries signed by
-    another key. An agent started there refuses every entry and gets no keys; the key manager (paused while the
-    forgery is planted and read, so the test sees the forgery) replaces it with the mirror again."""
+    another key. An agent started there refuses the forged manifest, so it applies nothing else and gets no keys;
+    the key manager (paused while the forgery is planted and read, so the test sees the forgery) replaces it with
+    the mirror again."""
     before = int((await synced_mirrors(network))["mirrors_replaced"])
     network.kill("keymanager", signal.SIGSTOP)
     try:
@@ -234,6 +235,8 @@ async def test_a_forged_bucket_at_a_site_gives_no_keys_and_is_replaced_by_the_mi
             for key, body in ((EntryKeys.POLICY, {"integrity_only": [], "plaintext_ingress": [TENANT]}),
                               (EntryKeys.public(FACTORY), {"identity": forger.public.to_dict()})):
                 await forged.put(key, sign_entry(forger, key, {**body, "issued_ms": 2**62}))
+            last = (await js.stream_info(f"KV_{KEYS_BUCKET}")).state.last_seq
+            await forged.put(EntryKeys.MANIFEST, sign_manifest(forger, Manifest(2**62, last + 1, {}, frozenset())))
             agent = KeyAgent(network.keys(TENANT))
             with pytest.raises(TimeoutError):
                 await agent.watch(nc, ready=lambda a: a.policy is not None, timeout_s=3.0)
@@ -242,7 +245,7 @@ async def test_a_forged_bucket_at_a_site_gives_no_keys_and_is_replaced_by_the_mi
             await nc.close()
     finally:
         network.kill("keymanager", signal.SIGCONT)
-    assert agent.source == "site" and agent.refused == 2 and agent.applied == 0
+    assert agent.source == "site" and agent.refusals == {"invalid": 1} and agent.applied == 0
 
     async def replaced() -> bool:
         return int((await key_manager(network))["mirrors_replaced"]) > before

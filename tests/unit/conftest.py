@@ -1,10 +1,14 @@
-"""Fixtures shared by the unit tests: a key store for the security tests, with an injected clock."""
+"""Fixtures shared by the unit tests: a key store for the security tests, with an injected clock, and a keys bucket
+played in memory with JetStream's sequences."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 
 from din.services.keymanager.authority import KeyAuthority
+from din.services.keymanager.integrity import Seen
 from din.shared.security import (
     AUDIT,
     KEYMANAGER,
@@ -63,5 +67,56 @@ def authority(keys_dir, clock) -> KeyAuthority:
 
 @pytest.fixture
 def agents(keys_dir, clock) -> dict[str, KeyAgent]:
-    return {p: KeyAgent(PrincipalKeys.load(key_file(keys_dir, p)), clock=clock)
-            for p in (HUB, FACTORY, BRANCH, ACME, INITECH, AUDIT)}
+    """One agent per principal, fed entries directly (no manifest: signatures and their own floor only)."""
+    out = {p: KeyAgent(PrincipalKeys.load(key_file(keys_dir, p)), clock=clock)
+           for p in (HUB, FACTORY, BRANCH, ACME, INITECH, AUDIT)}
+    for agent in out.values():
+        agent.apply_unanchored()
+    return out
+
+
+def new_agent(keys_dir, principal: str, clock) -> KeyAgent:
+    """An agent as a process that just started makes it."""
+    return KeyAgent(PrincipalKeys.load(key_file(keys_dir, principal)), clock=clock)
+
+
+class MemoryBucket:
+    """The keys bucket as JetStream keeps it, in memory: one value a key, each stored at the next stream
+    sequence; ``Nats-Expected-Last-Sequence`` for ``put_sequenced``. Anyone may ``put`` (the attacker too)."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, Seen] | None = {}
+        self.seq = 0
+
+    @property
+    def values(self) -> dict[str, bytes]:
+        return {key: seen.value for key, seen in (self.live or {}).items()}
+
+    async def put(self, key: str, value: bytes) -> int:
+        if self.live is None:
+            raise RuntimeError("no bucket")
+        self.seq += 1
+        self.live.pop(key, None)
+        self.live[key] = Seen(value, self.seq)
+        return self.seq
+
+    async def delete(self, key: str) -> None:
+        if self.live is None:
+            raise RuntimeError("no bucket")
+        self.seq += 1
+        self.live.pop(key, None)
+
+    async def put_sequenced(self, key: str, value_at: Callable[[int], bytes]) -> tuple[int, bytes]:
+        value = value_at(self.seq + 1)
+        return await self.put(key, value), value
+
+    async def snapshot(self) -> dict[str, Seen] | None:
+        return None if self.live is None else dict(self.live)
+
+    async def recreate(self) -> None:
+        self.live = {}
+
+    def feed(self, agent: KeyAgent) -> None:
+        """Hand ``agent`` every live entry in stream order, as a new watch does."""
+        for key, seen in sorted((self.live or {}).items(), key=lambda item: item[1].revision):
+            agent.apply(key, seen.value, revision=seen.revision)

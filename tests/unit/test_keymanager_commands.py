@@ -1,4 +1,4 @@
-"""The key manager's writes and operator commands without NATS: a dict plays the keys bucket."""
+"""The key manager's writes and operator commands without NATS: ``MemoryBucket`` plays the keys bucket."""
 
 from __future__ import annotations
 
@@ -9,31 +9,18 @@ from din.services.keymanager.distribution import KeyDistribution
 from din.shared.contracts.keys import KeyAction
 from din.shared.errors import DinError, ErrorCode
 from din.shared.security import EntryKeys, new_key_command
-from tests.unit.conftest import ACME, BRANCH, HUB, build_authority
-
-
-class DictBucket:
-    """The keys bucket as a dict."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, bytes] = {}
-
-    async def put(self, key: str, value: bytes) -> None:
-        self.values[key] = value
-
-    async def delete(self, key: str) -> None:
-        self.values.pop(key, None)
+from tests.unit.conftest import ACME, BRANCH, HUB, MemoryBucket, build_authority
 
 
 @pytest.fixture
 def keys(keys_dir, clock) -> KeyDistribution:
-    return KeyDistribution(build_authority(keys_dir, clock), DictBucket(), activation_delay_s=0.0)
+    return KeyDistribution(build_authority(keys_dir, clock), MemoryBucket(), activation_delay_s=0.0)
 
 
 async def test_start_publishes_a_first_version_of_every_reader(keys, agents):
     created = await keys.publish_all()
     assert sorted(created) == keys.authority.readers()
-    assert keys.published == len(keys.bucket.values)
+    assert keys.published == len(keys.bucket.values) - 1  # and the manifest
     for key, value in keys.bucket.values.items():
         for agent in agents.values():
             agent.apply(key, value)

@@ -1,7 +1,8 @@
 """Key distribution without NATS: the key manager's entries applied by holders' agents, rotation, revocation, expiry.
 
 ``deliver`` plays the bucket: every entry goes to every agent, as a watcher would
-hand it over. The clock is injected, so grace windows are exact.
+hand it over (without the manifest: ``test_keys_rollback`` covers it). The clock is
+injected, so grace windows are exact.
 """
 
 from __future__ import annotations
@@ -105,12 +106,14 @@ def test_a_holder_starting_after_a_rotation_gets_the_same_state(authority, agent
     deliver(pending, agents)
     deliver(authority.activate(FACTORY, version, grace_s=10), agents)
     late = KeyAgent(PrincipalKeys.load(key_file(keys_dir, FACTORY)), clock=clock)
+    late.apply_unanchored()
     deliver(authority.publication(), {"late": late})
     assert late.keyring.current_version(FACTORY) == 2
     old = envelope.seal(b"x", reader=FACTORY, aad=AAD, keyring=_ring(authority, FACTORY, 1), sender=HUB)
     assert opens(late, old, FACTORY) == b"x"
     clock.now += 11
     late_after = KeyAgent(PrincipalKeys.load(key_file(keys_dir, FACTORY)), clock=clock)
+    late_after.apply_unanchored()
     deliver(authority.publication(), {"late": late_after})
     with pytest.raises(InvalidToken) as info:
         opens(late_after, old, FACTORY)
@@ -183,6 +186,7 @@ def test_the_key_manager_recovers_its_versions_from_the_bucket(authority, restar
     store = KeyStore.load(keys_dir / KEYSTORE_FILE)
     issuer = authority.issuer
     own = KeyAgent(PrincipalKeys(issuer, issuer.public, store.bucket, store.kv_domain), clock=clock)
+    own.apply_unanchored()
     deliver(authority.publication() + activation, {"km": own})
     restarted = restart_authority()
     restarted.recover(own)
