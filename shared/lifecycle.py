@@ -352,6 +352,19 @@ def reset_for_redispatch(job: JobV1) -> None:
     job.plan, job.stage, job.split_chosen = [], 0, None
 
 
+def watchdog_may_answer(deadline_ms: float, heard_ms: float | None) -> bool:
+    """Whether the watchdog may answer an overdue job whose executor is still in view, having last heard from it
+    a message the executor sent at ``heard_ms`` (its own clock; None: not in view, answer).
+
+    An executor never answers a job at or past its deadline by its own clock, and NATS delivers one
+    connection's messages in the order they were published: once the scheduler has taken a heartbeat or
+    completion the executor sent at or after the deadline, any answer it gave the job was published earlier, so
+    its completion has arrived already (``caught_up``). Until then the executor may still be writing an answer it
+    decided on in time (a loaded event loop can hold written messages back for hundreds of ms), so the watchdog
+    waits; an executor that stays silent is lost after its heartbeats stop, and its jobs are answered then."""
+    return heard_ms is None or heard_ms >= deadline_ms
+
+
 def watchdog_error(assigned_executor: str | None, executor_alive: bool) -> ErrorCode:
     """The code the watchdog answers an open job with (``watchdog_at_ms``): ``EXECUTOR_LOST`` when the
     executor it was assigned to has gone, else ``DEADLINE_EXCEEDED``."""

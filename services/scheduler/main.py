@@ -134,7 +134,7 @@ class Scheduler(Service):
         self.counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
                        "multi_stage": 0, "streams_interrupted": 0, "forwarded": 0,
                        "expired_on_arrival": 0, "out_of_view": 0, "taken_back": 0, "pardons": 0,
-                       "watchdog_deferred": 0}
+                       "watchdog_deferred": 0, "watchdog_waits": 0}
         self.enqueues: set[asyncio.Task] = set()
         self.news = asyncio.Event()
         self.security = PayloadSecurity.from_settings(settings)
@@ -189,6 +189,7 @@ class Scheduler(Service):
             event = self.verifier.open("completed", msg.subject, msg.data, msg.headers)
         except ControlRefused:
             return
+        self.registry.heard(event.executor, event.at_ms)
         fenced = lifecycle.fenced_job(msg.headers)
         if fenced is not None:
             await self.take_back(*fenced, sender=event.executor)
@@ -429,12 +430,17 @@ class Scheduler(Service):
         await self.redispatch_all(self.inflight.on_executor(executor_id))
 
     async def answer_overdue(self, now: float) -> None:
-        """The watchdog's answer to every open job no executor answered (``lifecycle.watchdog_at_ms``); an
-        executor that is draining (leaving) counts as lost."""
+        """The watchdog's answer to every open job no executor answered (``lifecycle.watchdog_at_ms``), once its
+        executor, if still in view, is heard from past the deadline (``lifecycle.watchdog_may_answer``: checked
+        again each tick until then); an executor that is draining (leaving) counts as lost."""
         for entry in self.inflight.due(now):
+            state = self.registry.get(entry.executor) if entry.executor is not None else None
+            if not lifecycle.watchdog_may_answer(entry.job.deadline_ms, state and state.heard_ms):
+                self.counts["watchdog_waits"] += 1
+                self.inflight.add(entry, now + self.settings.watchdog_interval_ms)
+                continue
             self.release(entry)
             self.counts["deadline_answers"] += 1
-            state = self.registry.get(entry.executor) if entry.executor is not None else None
             code = lifecycle.watchdog_error(entry.executor, state is not None and not state.heartbeat.draining)
             await self.runtime.answer_error(
                 entry.job.reply_to, DinError(code, f"no answer from site {entry.site} before the deadline"),

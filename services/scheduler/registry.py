@@ -74,6 +74,13 @@ class ExecutorState:
     last_seen: float
     dispatched: dict[SlaClass, int] = field(default_factory=lambda: {c: 0 for c in SlaClass})
     finished: deque[Finished] = field(default_factory=lambda: deque(maxlen=RECENT_COMPLETIONS))
+    completed_ms: float = 0.0
+    """When the executor sent the latest completion taken from it (its clock, epoch ms)."""
+
+    @property
+    def heard_ms(self) -> float:
+        """When the executor sent the latest message taken from it, heartbeat or completion (its clock)."""
+        return max(self.heartbeat.sent_ms, self.completed_ms)
 
     @property
     def id(self) -> str:
@@ -323,6 +330,12 @@ class ExecutorRegistry:
         if state is not None:
             state.dispatched[sla] += 1
             self._rekey(state)
+
+    def heard(self, executor_id: str, sent_ms: float) -> None:
+        """A completion ``executor_id`` sent at ``sent_ms`` (its clock) was taken (``ExecutorState.heard_ms``)."""
+        state = self._executors.get(executor_id)
+        if state is not None and sent_ms > state.completed_ms:
+            state.completed_ms = sent_ms
 
     def note_completion(self, executor_id: str, sla: SlaClass, finished: Finished | None = None) -> None:
         """A job counted on ``executor_id`` is off it; ``finished`` says when it was there, when its own

@@ -2,6 +2,7 @@
 
 import pytest
 
+from din.services.scheduler.registry import ExecutorRegistry
 from din.shared.contracts.inference import RequestHeaders, SlaClass
 from din.shared.contracts.job import STAGE_DONE_HEADER, JobV1, StageKind, StageV1, WorkloadClassV1
 from din.shared.errors import ErrorCode
@@ -31,8 +32,9 @@ from din.shared.lifecycle import (
     untaken_answer_at_ms,
     watchdog_at_ms,
     watchdog_error,
+    watchdog_may_answer,
 )
-from tests.support import NOW_MS, make_job
+from tests.support import NOW_MS, make_heartbeat, make_job
 
 MARGIN_MS = 5.0
 
@@ -271,3 +273,25 @@ def test_a_stage_reached_past_the_deadline_leaves_the_answer_to_the_sender_that_
     assert expired_on_arrival(late, NOW_MS - 1, MARGIN_MS).code == ErrorCode.DEADLINE_EXCEEDED
     assert expired_on_arrival(late, NOW_MS - 10, MARGIN_MS) is None
     assert untaken_answer_at_ms(NOW_MS) > NOW_MS, "the sender waits for an acknowledgement sent just in time"
+
+
+def test_the_watchdog_answers_a_live_executors_job_only_once_heard_from_past_the_deadline():
+    """The executor's answer, decided in time, may still sit in its write buffer at the deadline: only a message
+    the executor sent at or after the deadline (delivered after that answer's completion) proves it is silent."""
+    deadline = 10_000.0
+    assert not watchdog_may_answer(deadline, deadline - 1.0)
+    assert not watchdog_may_answer(deadline, 0.0)
+    assert watchdog_may_answer(deadline, deadline)
+    assert watchdog_may_answer(deadline, None), "an executor out of view has nothing in flight to wait for"
+
+
+def test_the_registry_hears_an_executor_by_its_heartbeats_and_completions():
+    registry = ExecutorRegistry()
+    registry.observe(make_heartbeat("e1", "cloud", ["m"], sent_ms=100.0), now=1.0)
+    assert registry.get("e1").heard_ms == 100.0
+    registry.heard("e1", 250.0)
+    registry.heard("e1", 200.0)
+    assert registry.get("e1").heard_ms == 250.0
+    registry.observe(make_heartbeat("e1", "cloud", ["m"], sent_ms=300.0), now=2.0)
+    assert registry.get("e1").heard_ms == 300.0
+    registry.heard("nobody", 1.0)
