@@ -76,6 +76,23 @@ async def consumer(network):
         await nc.close()
 
 
+async def freeze_holding(network, victim, load: Load, timeout_ms: int) -> int:
+    """SIGSTOP ``victim`` and send jobs in tens until it holds one (the consumer shows it pending); frozen between
+    two pulls it takes none, so it is thawed and frozen again (up to five times). Returns how many it holds."""
+    held = 0
+    for _ in range(5):
+        os.kill(victim.pid, signal.SIGSTOP)
+        for _ in range(4):
+            await load.send("globex", "digits-small", 10, every_s=0.0, timeout_ms=timeout_ms)
+            await asyncio.sleep(0.3)
+            held = (await consumer(network)).num_ack_pending
+            if held:
+                return held
+        os.kill(victim.pid, signal.SIGCONT)
+        await asyncio.sleep(0.3)
+    return held
+
+
 async def test_a_dead_executors_pulled_jobs_are_served_by_another_before_their_deadline(network):
     """Jobs a frozen, then killed, executor had pulled are offered again once their short claim lapses and
     served by the site's other executor before their 2 s deadline (the claim used to last 3 s). Jobs are sent
@@ -86,14 +103,8 @@ async def test_a_dead_executors_pulled_jobs_are_served_by_another_before_their_d
     load = Load(network.hub_url, {"globex": network.token("globex")}, network.stack.nats_options())
     try:
         async with load:
-            os.kill(victim.pid, signal.SIGSTOP)
             try:
-                for _ in range(10):
-                    await load.send("globex", "digits-small", 10, every_s=0.0, timeout_ms=2000)
-                    await asyncio.sleep(0.3)
-                    held = (await consumer(network)).num_ack_pending
-                    if held:
-                        break
+                held = await freeze_holding(network, victim, load, timeout_ms=2000)
             finally:
                 network.kill("executor-cloud-2")
             outcome = await load.settle()
@@ -114,14 +125,8 @@ async def test_an_executor_paused_past_its_claims_answers_none_of_the_jobs_offer
     load = Load(network.hub_url, {"globex": network.token("globex")}, network.stack.nats_options())
     try:
         async with load:
-            os.kill(victim.pid, signal.SIGSTOP)
             try:
-                for _ in range(10):
-                    await load.send("globex", "digits-small", 10, every_s=0.0, timeout_ms=30000)
-                    await asyncio.sleep(0.3)
-                    held = (await consumer(network)).num_ack_pending
-                    if held:
-                        break
+                held = await freeze_holding(network, victim, load, timeout_ms=30000)
                 await load.settle()
             finally:
                 os.kill(victim.pid, signal.SIGCONT)
