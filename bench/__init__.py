@@ -9,6 +9,8 @@ Every benchmark is a module here run by a ``din bench...`` command (``din/comman
   under each protection) and ``cascade_policy`` (threshold calibration and cross-fitted evaluation);
 * ``recording`` (``din bench-recording``): what recording to Kafka costs, and how fast replay reads;
 * ``security`` (``din bench-security``): payload security on against off;
+* ``control_signatures``, ``job_facts``, ``token_proofs`` (``python -m din.bench.<name>``): in process, what
+  signing control messages, tagging job headers and request-bound token proofs cost;
 * ``placement`` (``din bench-placement``): placement and heartbeat cost at 100 to 100,000 executors, in process;
 * ``sites`` (``din bench-sites``): a control plane per site against one at the hub over WAN links, a partition
   and control-plane kills;
@@ -23,6 +25,9 @@ Results go to ``bench/results/`` unless a command is given ``--out``.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -35,6 +40,17 @@ def write_results(out: Path, stem: str, json_text: str, markdown: str) -> None:
     (out / f"{stem}.md").write_text(markdown.rstrip("\n") + "\n")
     print(markdown)
     print(f"\nwrote {out / (stem + '.json')} and {stem}.md")
+
+
+def per_call_us(run: Callable[[int], object], calls: int, rounds: int = 5) -> float:
+    """Median over ``rounds`` rounds of microseconds per call of ``run(i)`` (``i`` counts the calls of a round)."""
+    figures = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for i in range(calls):
+            run(i)
+        figures.append((time.perf_counter() - started) / calls * 1e6)
+    return statistics.median(figures)
 
 
 def number_list(kind: type[int] | type[float]):

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from din.bench import per_call_us
 from din.shared.contracts.events import CompletionV1
 from din.shared.contracts.inference import SlaClass
 from din.shared.envelope import Identity
@@ -48,22 +49,11 @@ def _cases() -> dict[str, tuple[str, str, bytes, dict[str, str] | None]]:
     }
 
 
-def _per_message_us(run, messages: int) -> float:
-    """Median over ``ROUNDS`` rounds of microseconds per call of ``run(i)``."""
-    rounds = []
-    for _ in range(ROUNDS):
-        started = time.perf_counter()
-        for i in range(messages):
-            run(i)
-        rounds.append((time.perf_counter() - started) / messages * 1e6)
-    return statistics.median(rounds)
-
-
 def _measure_case(signer: ControlSigner, agent, channel: str, subject: str, body: bytes,
                   extra: dict[str, str] | None, messages: int) -> dict:
     off = ControlVerifier(None)
-    unsigned = _per_message_us(lambda i: off.open(channel, subject, body, extra), messages)
-    sign = _per_message_us(lambda i: signer.headers(subject, body, extra), messages)
+    unsigned = per_call_us(lambda _: off.open(channel, subject, body, extra), messages, ROUNDS)
+    sign = per_call_us(lambda _: signer.headers(subject, body, extra), messages, ROUNDS)
     verify_rounds = []
     on = ControlVerifier(agent, max_entries=messages * ROUNDS + 1)
     for _ in range(ROUNDS):

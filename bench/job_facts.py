@@ -22,12 +22,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from din.bench import RESULTS_DIR, write_results
+from din.bench import RESULTS_DIR, per_call_us, write_results
 from din.shared.contracts.job import JobV1, WorkloadClassV1
 from din.shared.envelope import DataKey, Identity, Keyring, sign_result
 from din.shared.security import JobFacts, PayloadSecurity, site_principal
@@ -57,17 +55,6 @@ def _facts(site: str, identity: Identity, keyring: Keyring) -> JobFacts:
     return JobFacts(PayloadSecurity(agent), site)
 
 
-def _per_call_us(run, messages: int) -> float:
-    """Median over ``ROUNDS`` rounds of microseconds per call of ``run()``."""
-    rounds = []
-    for _ in range(ROUNDS):
-        started = time.perf_counter()
-        for _ in range(messages):
-            run()
-        rounds.append((time.perf_counter() - started) / messages * 1e6)
-    return statistics.median(rounds)
-
-
 def measure(messages: int) -> dict:
     headers = _job_headers()
     identity = Identity.generate(site_principal("cloud"))
@@ -78,11 +65,11 @@ def measure(messages: int) -> dict:
     mac_tagged = cloud.tag(dict(headers), "cloud")
     sig_tagged = edge.tag(dict(headers), "cloud")
     figures = {
-        "decode_us": _per_call_us(lambda: JobV1.from_headers(headers), messages),
-        "mac_tag_us": _per_call_us(lambda: cloud.tag(dict(headers), "cloud"), messages),
-        "mac_verify_us": _per_call_us(lambda: cloud.verify(mac_tagged), messages),
-        "sig_tag_us": _per_call_us(lambda: edge.tag(dict(headers), "cloud"), messages // 10),
-        "sig_verify_us": _per_call_us(lambda: cloud.verify(sig_tagged), messages // 10),
+        "decode_us": per_call_us(lambda _: JobV1.from_headers(headers), messages, ROUNDS),
+        "mac_tag_us": per_call_us(lambda _: cloud.tag(dict(headers), "cloud"), messages, ROUNDS),
+        "mac_verify_us": per_call_us(lambda _: cloud.verify(mac_tagged), messages, ROUNDS),
+        "sig_tag_us": per_call_us(lambda _: edge.tag(dict(headers), "cloud"), messages // 10, ROUNDS),
+        "sig_verify_us": per_call_us(lambda _: cloud.verify(sig_tagged), messages // 10, ROUNDS),
     }
     assert not cloud.refusals, cloud.refusals
     figures = {k: round(v, 1) for k, v in figures.items()}

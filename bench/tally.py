@@ -18,6 +18,7 @@ import nats
 import numpy as np
 
 from din.shared.contracts.inference import RequestHeaders
+from din.shared.credentials import request_proof
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects
 from din.shared.tensors import encode_request_json
@@ -82,14 +83,16 @@ class Load:
     async def request(self, tenant: str, model: str, *, timeout_ms: int = 3000, labels: str | None = None) -> str:
         """Send one request with its timeout and, as ``DinClient`` does, the absolute deadline; its id."""
         rid = uuid.uuid4().hex[:12]
-        headers = {RequestHeaders.TOKEN: self.tokens[tenant], RequestHeaders.REQUEST_ID: rid,
+        reply = f"{self.inbox}.{rid}"
+        headers = {RequestHeaders.TOKEN: request_proof(self.tokens[tenant], model, rid, reply),
+                   RequestHeaders.REQUEST_ID: rid,
                    RequestHeaders.TIMEOUT_MS: str(timeout_ms),
                    RequestHeaders.DEADLINE_MS: str(int(time.time() * 1000.0) + timeout_ms)}
         if labels:
             headers[RequestHeaders.LABELS] = labels
         self.tally.sent.append(rid)
         self.tally.sent_at[rid] = time.perf_counter()
-        await self.nc.publish(Subjects.infer(tenant, model), BODY, reply=f"{self.inbox}.{rid}", headers=headers)
+        await self.nc.publish(Subjects.infer(tenant, model), BODY, reply=reply, headers=headers)
         return rid
 
     async def send(self, tenant: str, model: str, count: int, *, every_s: float = 0.02, **options) -> list[str]:

@@ -45,6 +45,7 @@ from din.shared.contracts.inference import (
     StreamChunkV1,
 )
 from din.shared.contracts.options import SPLIT_NONE, RequestOptionsV1, option_headers
+from din.shared.credentials import request_proof
 from din.shared.envelope import InvalidToken, Reason
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
 from din.shared.naming import Subjects
@@ -299,7 +300,11 @@ class DinClient:
         return encode_request_json({n: np.asarray(a) for n, a in inputs.items()}), headers
 
     def seal(self, model: str, body: bytes, headers: dict[str, str], reply: str) -> tuple[bytes, dict[str, str]]:
-        """Seal a built request to this tenant's data key, bound to its id, model and ``reply`` subject."""
+        """Put the token's proof for this request in its headers (bound to its id, model and ``reply`` subject,
+        issued now: the token itself never leaves the client) and seal it to this tenant's data key, bound to
+        the same."""
+        headers = {**headers, RequestHeaders.TOKEN: request_proof(self._token, model,
+                                                                  headers[RequestHeaders.REQUEST_ID], reply)}
         if not self.security.enabled:
             return body, headers
         aad = request_binding(headers[RequestHeaders.REQUEST_ID], self.tenant, model, reply, headers)

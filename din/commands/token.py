@@ -1,5 +1,7 @@
-"""``din token``: a signed token for a tenant of the running stack (or of one named by ``--keys-dir``, such as a
-docker compose stack), for clients such as the nats CLI."""
+"""``din token``: a tenant's signed token of the running stack (or of one named by ``--keys-dir``, such as a
+docker compose stack), for the HTTP gateway's ``Authorization: Bearer``; with ``--model`` and ``--request-id``, the
+short-lived proof of one request made from it, for clients such as the nats CLI (``Din-Token`` and
+``Din-Request-Id`` headers)."""
 
 from __future__ import annotations
 
@@ -8,15 +10,18 @@ from pathlib import Path
 
 from din.commands.target import add_stack_arguments, credentials_of, keys_dir_of, nats_of, stack_state
 from din.shared.bus.permissions import tenant_user
-from din.shared.credentials import issue_token, read_credentials
+from din.shared.credentials import issue_token, read_credentials, request_proof
 from din.shared.security import PrincipalKeys, key_file, tenant_principal
 from din.stack.processes import StackError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    token = subparsers.add_parser("token", help="print a signed token for a tenant of the running stack")
+    token = subparsers.add_parser("token", help="print a tenant's signed token, or one request's proof made from it")
     token.add_argument("--tenant", required=True)
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds the token stays valid")
+    token.add_argument("--model", help="print the proof for one request of this model (with --request-id)")
+    token.add_argument("--request-id", help="the id the request will carry (its Din-Request-Id header)")
+    token.add_argument("--reply", help="bind the proof to this reply subject too (else any reply)")
     add_stack_arguments(token, nats=False)
     token.set_defaults(handler=cmd_token)
 
@@ -50,5 +55,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     _, secrets = running_credentials(args)
     if args.tenant not in secrets:
         raise StackError(f"tenant {args.tenant!r} is not in this network: {', '.join(sorted(secrets))}")
-    print(issue_token(args.tenant, secrets[args.tenant], ttl_s=args.ttl))
+    if (args.model is None) != (args.request_id is None):
+        raise StackError("a request's proof needs both --model and --request-id")
+    token = issue_token(args.tenant, secrets[args.tenant], ttl_s=args.ttl)
+    print(token if args.model is None else request_proof(token, args.model, args.request_id, args.reply))
     return 0

@@ -30,6 +30,7 @@ from din.shared.contracts.options import (
     parse_request_id,
     read_options,
 )
+from din.shared.credentials import Presented
 from din.shared.errors import DinError, ErrorCode
 
 
@@ -43,6 +44,8 @@ class Intake:
 
     options: RequestOptionsV1
     content_type: str
+    credential: Presented | None = None
+    """The token or proof that authenticated it (set by the gate)."""
 
     @property
     def request_id(self) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from faststream.nats.annotations import NatsMessage
 from nats.aio.msg import Msg
 
-from din.services.admission.gate import AdmissionGate
+from din.services.admission.gate import AdmissionGate, Replayed
 from din.services.admission.ingress import RequestOpener, Unsealed
 from din.services.admission.intake import Intake, admitted_job, peek_request_id
 from din.services.admission.nonces import SharedNonces
@@ -89,6 +89,7 @@ class Admission(Service):
             shedder=LoadShedder(self.topology.tenant_weights(), target_ms=settings.shed_target_ms,
                                 instances=self.topology.replicas_at(settings.site), shed_factor=settings.shed_factor),
             models={t.name: frozenset(t.models) for t in self.topology.tenants if t.models is not None},
+            proof_window_s=settings.proof_window_s, bearer_tokens=settings.bearer_tokens,
         )
         self.runtime.fair_weights.update(self.topology.tenant_weights())
         self.security = PayloadSecurity.from_settings(settings)
@@ -111,7 +112,8 @@ class Admission(Service):
         self.runtime.on_drain(self._record_refusals)
 
     def detail(self) -> dict[str, object]:
-        return {**self.counts, **self.gate.shedder.detail(), **self.security.detail(), **self.verifier.detail()}
+        return {**self.counts, **self.gate.shedder.detail(), **self.gate.credential_detail(), **self.security.detail(),
+                **self.verifier.detail()}
 
     async def _start_keys(self) -> None:
         if self.nonces is not None:
@@ -217,9 +219,14 @@ class Admission(Service):
                 raise DinError(ErrorCode.UNKNOWN_TENANT, f"tenant {tenant!r} is not known to this network")
             unsealed = self.opener.unseal(tenant, model, msg.reply, msg.headers, msg.data)
             await self._claim(unsealed)
-            return Admitted(tenant, model, unsealed, self.gate.admit(tenant, model, msg.headers, unsealed.plaintext))
+            sealed = unsealed.envelope.get(H_NONCE) is not None
+            intake = self.gate.admit(tenant, model, msg.headers, unsealed.plaintext, reply=msg.reply, sealed=sealed)
+            await self._claim_proof(intake, sealed)
+            return Admitted(tenant, model, unsealed, intake)
         except InvalidToken as refused:
             await self._refuse_envelope(msg, refused)
+        except Replayed as replayed:
+            self._replayed(msg, replayed)
         except (DinError, InvalidNameError) as exc:
             await self._refuse(msg, exc if isinstance(exc, DinError) else DinError(ErrorCode.BAD_REQUEST, str(exc)))
         return None
@@ -264,6 +271,20 @@ class Admission(Service):
         nonce = unsealed.envelope.get(H_NONCE)
         if self.nonces is not None and nonce is not None and not await self.nonces.claim(nonce):
             raise InvalidToken(Reason.REPLAY)
+
+    async def _claim_proof(self, intake: Intake, sealed: bool) -> None:
+        """With several admissions at this site, an unsealed request's token proof is accepted once by all."""
+        proof = intake.credential.nonce if intake.credential is not None else None
+        if self.nonces is not None and proof is not None and not sealed and not await self.nonces.claim(f"p{proof}"):
+            raise self.gate.refused_replay()
+
+    def _replayed(self, msg: Msg, replayed: Replayed) -> None:
+        """A request whose proof was used before: counted and recorded, not answered (the reply subject is the
+        original requester's)."""
+        self.counts["refused"] += 1
+        raw_tenant, raw_model = self._raw_target(msg)
+        self._decision(peek_request_id(msg.headers, msg.data) or "", raw_tenant, raw_model, None, False,
+                       replayed.code.value, "token proof used before", len(msg.data))
 
     def _job(self, admitted: Admitted, reply_to: str, traceparent: str | None, received_ms: float) -> JobV1:
         """The job of an admitted request: every option it asked for, and where its answer goes."""

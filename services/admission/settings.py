@@ -27,6 +27,16 @@ class AdmissionSettings(SecuredServiceSettings):
         "at one of the tenant's sensitive sites, and handed there unopened from any other site.",
     )
     max_payload_bytes: int = Field(default=4 * 1024 * 1024, description="Largest request body accepted.")
+    proof_window_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="A request's token proof (din2) is accepted this long either side of the time it was issued, "
+        "and once.",
+    )
+    bearer_tokens: bool = Field(
+        default=False,
+        description="Also accept a bare tenant token (din1) on the bus, reusable by whoever captures it until it "
+        "expires; off, only request-bound proofs are accepted (clients made before proofs need it on).",
+    )
     shed_factor: float = Field(
         default=1.0, description="Before any job has completed: shed new requests once in-flight jobs exceed the "
         "executors' capacity times this."

@@ -48,8 +48,9 @@ from din.services.gateway.settings import GatewaySettings
 from din.shared.bus.permissions import gateway_replies, gateway_reply
 from din.shared.catalog import ModelCatalog, ModelEntry
 from din.shared.contracts.gateway import ModelMetadataV1, ModelReadyV1, ServerLiveV1, ServerMetadataV1, ServerReadyV1
-from din.shared.contracts.inference import STREAM_SEQ_HEADER, InferResponseV1, StreamChunkV1
+from din.shared.contracts.inference import STREAM_SEQ_HEADER, InferResponseV1, RequestHeaders, StreamChunkV1
 from din.shared.contracts.options import RequestOptionsV1, option_headers
+from din.shared.credentials import request_proof
 from din.shared.errors import DIN_ERROR_HEADER, DinError, ErrorCode, ErrorReplyV1
 from din.shared.naming import InvalidNameError, Subjects
 from din.shared.runtime import Service
@@ -241,7 +242,8 @@ class Gateway(Service):
                 reply = gateway_reply(tenant, self.settings.site, token)
             except InvalidNameError:
                 raise DinError(ErrorCode.UNAUTHENTICATED, "credential missing, invalid or expired") from None
-            await self.nc.publish(subject, body, reply=reply, headers=headers)
+            proof = request_proof(options.token or "", model, options.request_id or "", reply)
+            await self.nc.publish(subject, body, reply=reply, headers={**headers, RequestHeaders.TOKEN: proof})
             while True:
                 try:
                     msg = await asyncio.wait_for(queue.get(), max(0.0, ends_at - time.monotonic()))

@@ -22,7 +22,7 @@ from din.shared.bus.kafka import OPERATOR, KafkaAccess
 from din.shared.bus.permissions import tenant_user
 from din.shared.contracts.events import HealthV1
 from din.shared.contracts.inference import RequestHeaders
-from din.shared.credentials import issue_token, read_credentials
+from din.shared.credentials import issue_token, read_credentials, request_proof
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects
 from din.shared.security import (
@@ -220,7 +220,9 @@ class Network:
         request_id = f"barrier-{uuid.uuid4().hex[:8]}"
         body = encode_request_json({"input": np.zeros((1, 64), dtype=np.float32)})
         await nc.publish(Subjects.infer("globex", "digits-small"), body, reply=inbox,
-                         headers={RequestHeaders.TOKEN: self.token("globex"), RequestHeaders.REQUEST_ID: request_id,
+                         headers={RequestHeaders.TOKEN: request_proof(self.token("globex"), "digits-small",
+                                                                      request_id, inbox),
+                                  RequestHeaders.REQUEST_ID: request_id,
                                   **(headers or {})})
 
         def answered() -> bool:

@@ -17,6 +17,7 @@ import pytest
 from din.client import DinRequestError
 from din.shared.contracts.events import CompletionV1
 from din.shared.contracts.inference import InferResponseV1, RequestHeaders
+from din.shared.credentials import request_proof
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects
 from din.shared.tensors import encode_request_json
@@ -90,7 +91,8 @@ async def test_a_realistic_threshold_escalates_some_answers_each_once_and_keeps_
     for i in range(count):
         await nc.publish(
             "din.v1.infer.globex.digits-large", encode_request_json({"input": x[i : i + 1]}), reply=inbox,
-            headers={RequestHeaders.TOKEN: token, RequestHeaders.REQUEST_ID: f"cascade-{i}",
+            headers={RequestHeaders.TOKEN: request_proof(token, "digits-large", f"cascade-{i}", inbox),
+                     RequestHeaders.REQUEST_ID: f"cascade-{i}",
                      RequestHeaders.CASCADE: "0.8", RequestHeaders.TIMEOUT_MS: "5000"},
         )
         await wait_for(lambda sent=i + 1: len(answers) >= sent, 5, f"an answer to cascade-{i}", interval=0.001)
@@ -142,7 +144,9 @@ async def test_an_invalid_cascade_threshold_is_a_structured_bad_request(network,
 async def test_cascade_in_json_parameters_works_without_headers(network, digits):
     x, _ = digits
     body = json.loads(encode_request_json({"input": x[:1]}))
-    body["parameters"] = {"cascade": 1.5, "token": network.token("globex")}
+    body["id"] = "cascade-in-parameters"
+    body["parameters"] = {"cascade": 1.5,
+                          "token": request_proof(network.token("globex"), "digits-small", body["id"])}
     nc = await nats.connect(network.hub_url, max_reconnect_attempts=0, **network.stack.nats_options())
     try:
         msg = await nc.request("din.v1.infer.globex.digits-small", json.dumps(body).encode(), timeout=5)

@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from din.client import decode_answer
 from din.shared.bus.permissions import tenant_user
+from din.shared.credentials import request_proof
 from din.shared.naming import Subjects
 from din.shared.security import CryptoPolicy
 from din.shared.tensors import tensors_to_arrays
@@ -170,9 +171,10 @@ async def test_kserve_body_over_nats(network, digits, local_labels):
     """The same full OIP body straight on the request subject: admission takes model_name, model_version and
     per-input parameters."""
     pixels = digits[0][:2]
+    proof = request_proof(network.token("acme"), "digits-small", "kn-1")
     body = {"model_name": "digits-small", "model_version": "2", "inputs": [
         {"name": "input", "shape": [2, 64], "datatype": "FP32", "data": pixels.reshape(-1).tolist(),
-         "parameters": {"content_type": "np"}}], "parameters": {"token": network.token("acme")}}
+         "parameters": {"content_type": "np"}}], "parameters": {"token": proof}}
     nc = await nats.connect(network.hub_url, **network.stack.nats_options(user=tenant_user("acme")))
     try:
         msg = await nc.request(Subjects.infer("acme", "digits-small"), json.dumps(body).encode(), timeout=10,

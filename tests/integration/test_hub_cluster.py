@@ -27,6 +27,7 @@ from din.shared.bus.connect import nats_servers
 from din.shared.bus.permissions import tenant_user
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.contracts.keys import KeyAction
+from din.shared.credentials import request_proof
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects, work_stream
 from din.shared.security import KEYS_BUCKET, OPERATOR, CryptoPolicy, PrincipalKeys, key_file, tenant_principal
@@ -111,7 +112,9 @@ class Load:
         while not self.stopped:
             request_id = f"{self.name}-{n}-{uuid.uuid4().hex[:6]}"
             self.sent[request_id] = self.phase
-            headers = {RequestHeaders.TOKEN: self.network.token(TENANT), RequestHeaders.REQUEST_ID: request_id,
+            headers = {RequestHeaders.TOKEN: request_proof(self.network.token(TENANT), "digits-small", request_id,
+                                                           inbox),
+                       RequestHeaders.REQUEST_ID: request_id,
                        RequestHeaders.TIMEOUT_MS: str(TIMEOUT_MS)}
             try:
                 await self.nc.publish(Subjects.infer(TENANT, "digits-small"), body, reply=inbox, headers=headers)

@@ -21,6 +21,7 @@ import pytest
 from din.client import DinRequestError
 from din.shared.contracts.events import LoadModelV1, ModelLoadedV1
 from din.shared.contracts.inference import RequestHeaders
+from din.shared.credentials import request_proof
 from din.shared.errors import DIN_ERROR_HEADER, ERROR_CODE_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects, Topics
 from din.shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file
@@ -56,6 +57,9 @@ async def test_json_and_binary_requests_are_answered_with_correct_labels(network
     assert np.mean(np.array(labels) == y[:60]) > 0.9
 
 
+BARE = "bare:"
+
+
 async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits):
     """N mixed requests on one inbox: exactly N answers, each error structured with code and request id."""
     x, _ = digits
@@ -83,6 +87,10 @@ async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits)
          {**auth, RequestHeaders.DEADLINE_MS: str(int(time.time() * 1000) - 5)}, "deadline_exceeded"),
         ("no-token", "acme", "digits-small", good, {}, "unauthenticated"),
         ("forged-token", "acme", "digits-small", good, {RequestHeaders.TOKEN: token[:-2] + "00"}, "unauthenticated"),
+        ("bare-token", "acme", "digits-small", good, {RequestHeaders.TOKEN: BARE + token}, "unauthenticated"),
+        ("proof-for-another-model", "acme", "digits-small", good,
+         {RequestHeaders.TOKEN: request_proof(token, "digits-large", "proof-for-another-model-0")},
+         "unauthenticated"),
         ("bad-sla", "acme", "digits-small", good, {**auth, RequestHeaders.SLA_CLASS: "gold"}, "bad_request"),
         ("binary-bad-shape", "acme", "digits-small", binary_body[:-4],
          {**auth, **binary_headers}, "bad_tensor"),
@@ -111,6 +119,10 @@ async def test_each_request_good_or_bad_gets_exactly_one_answer(network, digits)
     for round_ in range(rounds):
         for name, tenant, model, body, headers, _ in cases:
             subject = f"din.v1.infer.{tenant}.{model}"
+            if headers.get(RequestHeaders.TOKEN) == token:
+                headers = {**headers, RequestHeaders.TOKEN: request_proof(token, model, f"{name}-{round_}", inbox)}
+            elif headers.get(RequestHeaders.TOKEN, "").startswith(BARE):
+                headers = {**headers, RequestHeaders.TOKEN: token}
             await nc.publish(subject, body, reply=inbox,
                              headers={**headers, RequestHeaders.REQUEST_ID: f"{name}-{round_}",
                                       RequestHeaders.TIMEOUT_MS: headers.get(RequestHeaders.TIMEOUT_MS, "3000")}

@@ -24,7 +24,9 @@ import pytest
 from din.bench.tally import Load, Tally
 from din.client import DinClient
 from din.shared.bus.permissions import tenant_inbox, tenant_user
+from din.shared.contracts.inference import RequestHeaders
 from din.shared.contracts.job import JobV1
+from din.shared.credentials import request_proof
 from din.shared.naming import Subjects
 from din.shared.security import CryptoPolicy
 from din.stack.supervision import RestartPolicy, Supervisor
@@ -346,3 +348,69 @@ async def test_a_replay_to_another_admission_of_the_site_is_refused(network):
     refused = [int((await network.health("admission", i)).detail.get("auth_refused_replay", 0))
                for i in ("branch", "branch-2")]
     assert sum(refused) >= 19 and min(refused) > 0, f"both admissions should have seen replays: {refused}"
+
+
+async def test_a_captured_token_proof_is_good_for_nothing_else(network):
+    """A party that sees a tenant's plaintext request at branch (two admissions) sends its token proof again:
+    the same request over and over (dropped at both admissions, unanswered), the proof on another request id,
+    on another model, on its own reply subject, a bare token and a proof issued a minute ago (each answered
+    ``unauthenticated``), while the tenant's own requests beside it are all answered."""
+    token = network.token("globex")
+    nc = await nats.connect(network.stack.nats_urls["branch"], **network.stack.nats_options("branch"))
+    inbox = f"{tenant_inbox('globex', 'branch')}.proofs{uuid.uuid4().hex[:12]}"
+    answers: dict[str, list[str]] = {}
+
+    async def answered(msg) -> None:
+        code = json.loads(msg.data)["error"]["code"] if "Din-Error" in (msg.headers or {}) else "ok"
+        answers.setdefault(msg.subject.rsplit(".", 1)[1], []).append(code)
+
+    def request(request_id: str, proof: str, model: str = "digits-small") -> tuple[str, bytes, dict[str, str]]:
+        return (Subjects.infer("globex", model), b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": '
+                b'"FP32", "data": [' + b",".join([b"0.0"] * 64) + b"]}]}",
+                {RequestHeaders.TOKEN: proof, RequestHeaders.REQUEST_ID: request_id,
+                 RequestHeaders.TIMEOUT_MS: "5000"})
+
+    before = [(await network.health("admission", i)).detail for i in ("branch", "branch-2")]
+    try:
+        await nc.subscribe(f"{inbox}.*", cb=answered)
+        async with at(network, "branch") as load:
+            beside = asyncio.create_task(load.send("globex", "digits-small", 40, every_s=0.05, timeout_ms=5000))
+            captured = request("captured", request_proof(token, "digits-small", "captured", f"{inbox}.captured"))
+            await nc.publish(captured[0], captured[1], reply=f"{inbox}.captured", headers=captured[2])
+            await wait_for(lambda: "captured" in answers, 10, "the answer to the captured request")
+            for _ in range(10):
+                await nc.publish(captured[0], captured[1], reply=f"{inbox}.captured", headers=captured[2])
+            proof = captured[2][RequestHeaders.TOKEN]
+            attacks = {
+                "other-id": request("other-id", proof),
+                "other-model": request("captured", proof, "digits-large"),
+                "bare": request("bare", token),
+                "minute-old": request("minute-old", request_proof(token, "digits-small", "minute-old",
+                                                                  f"{inbox}.minute-old", now=time.time() - 60)),
+            }
+            for name, (subject, body, headers) in attacks.items():
+                await nc.publish(subject, body, reply=f"{inbox}.{name}", headers=headers)
+            own = request("own-reply", proof)
+            await nc.publish(own[0], own[1], reply=f"{inbox}.own-reply", headers={**own[2],
+                             RequestHeaders.REQUEST_ID: "captured"})
+            await wait_for(lambda: all(name in answers for name in (*attacks, "own-reply")), 10,
+                           lambda: f"an answer to every attack (got {sorted(answers)})")
+            await beside
+            beside_outcome = await load.settle()
+        barrier = request("barrier", request_proof(token, "digits-small", "barrier", f"{inbox}.barrier"))
+        await nc.publish(barrier[0], barrier[1], reply=f"{inbox}.barrier", headers=barrier[2])
+        await wait_for(lambda: "barrier" in answers, 10, "the answer to a fresh request after the replays")
+    finally:
+        await nc.close()
+    assert answers["captured"] == ["ok"], "the replays were answered"
+    assert {name: answers[name] for name in (*attacks, "own-reply")} == {
+        name: ["unauthenticated"] for name in (*attacks, "own-reply")}
+    assert beside_outcome == {"ok": 40, "unanswered": 0, "duplicated": 0}, beside_outcome
+    after = [(await network.health("admission", i)).detail for i in ("branch", "branch-2")]
+
+    def grown(reason: str) -> int:
+        key = f"credential_refused_{reason}"
+        return sum(int(a[key]) - int(b[key]) for a, b in zip(after, before, strict=True))
+
+    assert grown("replay") == 10 and grown("bearer") == 1 and grown("stale") == 1
+    assert grown("signature") == 3

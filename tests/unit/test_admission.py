@@ -1,14 +1,15 @@
+import itertools
 import json
 
 import pytest
 
-from din.services.admission.gate import AdmissionGate
+from din.services.admission.gate import AdmissionGate, Replayed
 from din.services.admission.intake import DEFAULT_TIMEOUT_MS, peek_request_id, read_intake
 from din.services.admission.quota import QuotaLedger, daily_budgets, quota_shares
 from din.shared.catalog import ModelCatalog, ModelEntry
 from din.shared.contracts.events import PressureV1
 from din.shared.contracts.inference import RequestHeaders, SlaClass
-from din.shared.credentials import TenantVerifier, issue_token
+from din.shared.credentials import TenantVerifier, issue_token, request_proof
 from din.shared.errors import DinError, ErrorCode
 from din.shared.topology import Topology
 from tests.support import ManualClock, three_site_topology
@@ -40,8 +41,14 @@ def gate(rate=100.0, burst=2, clock=None) -> AdmissionGate:
     )
 
 
-def headers(**extra) -> dict[str, str]:
-    return {RequestHeaders.TOKEN: issue_token("acme", SECRET, now=NOW), **extra}
+_ids = itertools.count()
+
+
+def headers(model: str = "digits-small", **extra) -> dict[str, str]:
+    """A request's headers with a fresh id and the token's proof for it (any reply subject)."""
+    request_id = f"r{next(_ids)}"
+    proof = request_proof(issue_token("acme", SECRET, now=NOW), model, request_id, now=NOW)
+    return {RequestHeaders.TOKEN: proof, RequestHeaders.REQUEST_ID: request_id, **extra}
 
 
 def refused(code: ErrorCode, call) -> DinError:
@@ -96,9 +103,10 @@ def test_gate_admits_a_good_request():
 def test_gate_refuses_unknown_tenant_model_version_and_bad_credentials():
     g = gate()
     refused(ErrorCode.UNKNOWN_TENANT, lambda: g.admit("nobody", "digits-small", headers(), GOOD_BODY))
-    refused(ErrorCode.UNKNOWN_MODEL, lambda: g.admit("acme", "resnet", headers(), GOOD_BODY))
+    refused(ErrorCode.UNKNOWN_MODEL, lambda: g.admit("acme", "resnet", headers("resnet"), GOOD_BODY))
     refused(ErrorCode.UNKNOWN_MODEL,
-            lambda: g.admit("acme", "digits-large", headers(**{RequestHeaders.MODEL_VERSION: "9"}), GOOD_BODY))
+            lambda: g.admit("acme", "digits-large", headers("digits-large", **{RequestHeaders.MODEL_VERSION: "9"}),
+                            GOOD_BODY))
     refused(ErrorCode.UNAUTHENTICATED, lambda: g.admit("acme", "digits-small", {}, GOOD_BODY))
     forged = {RequestHeaders.TOKEN: issue_token("acme", "cd" * 32, now=NOW)}
     refused(ErrorCode.UNAUTHENTICATED, lambda: g.admit("acme", "digits-small", forged, GOOD_BODY))
@@ -156,7 +164,7 @@ def test_invalid_cascade_thresholds_are_bad_requests(raw):
 
 
 def test_a_cascade_needs_another_variant_and_no_pinned_version():
-    assert gate().admit("acme", "digits-large", headers(**{RequestHeaders.CASCADE: "0.9"}),
+    assert gate().admit("acme", "digits-large", headers("digits-large", **{RequestHeaders.CASCADE: "0.9"}),
                         GOOD_BODY).options.cascade_threshold == 0.9
     refused(ErrorCode.BAD_REQUEST, lambda: gate().admit(
         "acme", "digits-small", headers(**{RequestHeaders.CASCADE: "0.9", RequestHeaders.MODEL_VERSION: "2"}),
@@ -164,7 +172,8 @@ def test_a_cascade_needs_another_variant_and_no_pinned_version():
     lonely = AdmissionGate(TenantVerifier({"acme": SECRET}), QuotaLedger({"acme": (100.0, 2)}, clock=ManualClock(0.0)),
                            ModelCatalog([catalog().get("digits-large")]), max_payload=4096, wall_clock=lambda: NOW)
     error = refused(ErrorCode.BAD_REQUEST,
-                    lambda: lonely.admit("acme", "digits-large", headers(**{RequestHeaders.CASCADE: "0.9"}), GOOD_BODY))
+                    lambda: lonely.admit("acme", "digits-large",
+                        headers("digits-large", **{RequestHeaders.CASCADE: "0.9"}), GOOD_BODY))
     assert "no other variant" in error.message
 
 
@@ -266,22 +275,25 @@ def test_split_none_is_no_split_so_it_combines_with_a_cascade():
 
 def test_gate_admits_generation_only_for_a_model_with_a_prefill_part():
     g = staged_gate()
-    assert g.admit("acme", "charlm", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY).options.max_tokens == 16
+    assert g.admit("acme", "charlm",
+        headers("charlm", **{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY).options.max_tokens == 16
     error = refused(ErrorCode.BAD_REQUEST,
-                    lambda: g.admit("acme", "digits-large", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY))
+                    lambda: g.admit("acme", "digits-large",
+                        headers("digits-large", **{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY))
     assert "does not generate tokens" in error.message
     unlisted = staged_gate(prefill_listed=False)  # charlm names a prefill part the catalog does not hold
     refused(ErrorCode.BAD_REQUEST,
-            lambda: unlisted.admit("acme", "charlm", headers(**{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY))
+            lambda: unlisted.admit("acme", "charlm", headers("charlm", **{RequestHeaders.MAX_TOKENS: "16"}), GOOD_BODY))
 
 
 def test_gate_admits_only_split_points_the_catalog_lists():
     g = staged_gate()
     for split in ("hidden_1", "hidden_2", "auto", "none"):
-        admitted = g.admit("acme", "digits-large", headers(**{RequestHeaders.SPLIT: split}), GOOD_BODY)
+        admitted = g.admit("acme", "digits-large", headers("digits-large", **{RequestHeaders.SPLIT: split}), GOOD_BODY)
         assert admitted.options.split == split
     error = refused(ErrorCode.BAD_REQUEST,
-                    lambda: g.admit("acme", "digits-large", headers(**{RequestHeaders.SPLIT: "hidden_3"}), GOOD_BODY))
+                    lambda: g.admit("acme", "digits-large",
+                        headers("digits-large", **{RequestHeaders.SPLIT: "hidden_3"}), GOOD_BODY))
     assert "'hidden_3'" in error.message and "hidden_1, hidden_2" in error.message
     error = refused(ErrorCode.BAD_REQUEST,
                     lambda: g.admit("acme", "digits-small", headers(**{RequestHeaders.SPLIT: "hidden_1"}), GOOD_BODY))
@@ -305,9 +317,9 @@ def test_internal_parts_are_never_served_to_tenants():
                                                                        clock=ManualClock(0.0)),
                            staged_catalog(), max_payload=4096, wall_clock=lambda: NOW)
     for part in ("digits-large-head-hidden_1", "digits-large-tail-hidden_1", "charlm-prefill"):
-        error = refused(ErrorCode.FORBIDDEN, lambda part=part: parted.admit("acme", part, headers(), GOOD_BODY))
+        error = refused(ErrorCode.FORBIDDEN, lambda part=part: parted.admit("acme", part, headers(part), GOOD_BODY))
         assert "internal part" in error.message and error.to_model().status == 403 and not error.retriable
-    parted.admit("acme", "digits-large", headers(), GOOD_BODY)
+    parted.admit("acme", "digits-large", headers("digits-large"), GOOD_BODY)
 
 
 def test_the_topology_says_which_models_a_tenant_may_call():
@@ -316,7 +328,7 @@ def test_the_topology_says_which_models_a_tenant_may_call():
                             catalog(), max_payload=4096, wall_clock=lambda: NOW,
                             models={"acme": frozenset({"digits-small"})})
     limited.admit("acme", "digits-small", headers(), GOOD_BODY)
-    refused(ErrorCode.FORBIDDEN, lambda: limited.admit("acme", "digits-large", headers(), GOOD_BODY))
+    refused(ErrorCode.FORBIDDEN, lambda: limited.admit("acme", "digits-large", headers("digits-large"), GOOD_BODY))
     refused(ErrorCode.BAD_REQUEST, lambda: limited.admit("acme", "digits-small",
                                                          headers(**{RequestHeaders.CASCADE: "0.8"}), GOOD_BODY))
 
@@ -328,7 +340,7 @@ def test_a_daily_query_budget_per_model_refuses_with_the_wait_until_the_next_que
                              catalog(), max_payload=4096, wall_clock=lambda: NOW)
     for _ in range(2):
         budgeted.admit("acme", "digits-small", headers(), GOOD_BODY)
-    budgeted.admit("acme", "digits-large", headers(), GOOD_BODY)
+    budgeted.admit("acme", "digits-large", headers("digits-large"), GOOD_BODY)
     error = refused(ErrorCode.RATE_LIMITED, lambda: budgeted.admit("acme", "digits-small", headers(), GOOD_BODY))
     assert error.retry_after_ms == pytest.approx(86_400_000 / 2, rel=0.01)
     clock.advance(86_400 / 2)
@@ -341,3 +353,28 @@ def test_daily_budgets_are_split_among_a_sites_admissions():
     topology = Topology.model_validate(spec)
     assert daily_budgets(topology, "cloud") == {"acme": 1000}
     assert daily_budgets(topology, topology.sites[1].name) == {"acme": 500}
+
+
+def test_an_unsealed_requests_proof_is_accepted_once_a_sealed_ones_by_its_envelope():
+    g = gate(burst=10)
+    once = headers()
+    g.admit("acme", "digits-small", once, GOOD_BODY)
+    with pytest.raises(Replayed):
+        g.admit("acme", "digits-small", once, GOOD_BODY)
+    sealed = headers()
+    g.admit("acme", "digits-small", sealed, GOOD_BODY, sealed=True)
+    g.admit("acme", "digits-small", sealed, GOOD_BODY, sealed=True)
+    bare = {RequestHeaders.TOKEN: issue_token("acme", SECRET, now=NOW)}
+    refused(ErrorCode.UNAUTHENTICATED, lambda: g.admit("acme", "digits-small", bare, GOOD_BODY))
+    detail = g.credential_detail()
+    assert (detail["credential_refused_replay"], detail["credential_refused_bearer"]) == (1, 1)
+
+
+def test_a_proof_bound_to_a_reply_subject_is_refused_on_another():
+    g = gate()
+    request_id = "bound-1"
+    proof = request_proof(issue_token("acme", SECRET, now=NOW), "digits-small", request_id, "_INBOX.a", now=NOW)
+    bound = {RequestHeaders.TOKEN: proof, RequestHeaders.REQUEST_ID: request_id}
+    refused(ErrorCode.UNAUTHENTICATED, lambda: g.admit("acme", "digits-small", bound, GOOD_BODY, reply="_INBOX.b"))
+    g.admit("acme", "digits-small", bound, GOOD_BODY, reply="_INBOX.a")
+    assert g.credential_detail()["credential_refused_signature"] == 1
