@@ -537,6 +537,11 @@ def test_operator_commands_take_the_stack_url_and_key_folder(init_out, capsys):
     args = parser.parse_args(["token", "--tenant", "acme", "--keys-dir", keys])
     assert args.handler(args) == 0
     assert capsys.readouterr().out.startswith("din1.acme.")
+    args = parser.parse_args(["token", "--tenant", "acme", "--keys-dir", keys, "--model", "digits-small",
+                              "--request-id", "r-1"])
+    assert args.handler(args) == 0
+    proof = capsys.readouterr().out.strip().split(".")
+    assert proof[:2] == ["din2", "acme"] and proof[4] == "a", "a proof for one request, any reply subject"
 
 
 def test_infer_connects_as_the_tenant_over_tls_with_the_given_folder(init_out):
