@@ -21,6 +21,8 @@ import asyncio
 import base64
 import inspect
 import logging
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -614,7 +616,15 @@ class Service:
 
 
 def run_service(service: Service | ServiceRuntime) -> None:
-    """Run a service on uvloop until SIGINT or SIGTERM, then drain and exit."""
+    """Run a service on uvloop until SIGINT or SIGTERM, then drain and exit.
+
+    Once the service has drained (subscriptions, event log, traces) the process ends at once: the interpreter's
+    own teardown (a full garbage collection of every module) would only burn CPU, for seconds when a whole
+    stack stops together on two cores."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runtime = service.runtime if isinstance(service, Service) else service
     uvloop.run(runtime.app.run())
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
