@@ -17,9 +17,14 @@ Writes ``token_proofs.json`` and ``.md`` to ``bench/results/`` (or ``--out``).
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
-from din.bench import in_process_main, machine_facts, per_call_us
+from din.bench import RESULTS_DIR, per_call_us, write_results
 from din.shared.credentials import TenantVerifier, issue_token, request_proof
 from din.shared.envelope import ReplayGuard
 
@@ -59,7 +64,8 @@ def measure(messages: int) -> dict:
     sealed = figures["proof_make_us"] + figures["proof_verify_us"]
     unsealed = sealed + figures["single_use_us"]
     return {
-        "messages": messages, "rounds": ROUNDS, **machine_facts(),
+        "messages": messages, "rounds": ROUNDS, "python": platform.python_version(), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 1),
         "bytes": {"token": len(token), "proof": len(proofs[0])},
         "per_call": figures,
         "per_request": {"sealed_us": round(sealed, 2), "unsealed_us": round(unsealed, 2),
@@ -95,7 +101,13 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return in_process_main(argv, __doc__, "token_proofs", measure, markdown, count="--messages", default=20000)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    report = measure(args.messages)
+    write_results(args.out, "token_proofs", json.dumps(report, indent=2), markdown(report))
+    return 0
 
 
 if __name__ == "__main__":
