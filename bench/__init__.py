@@ -25,6 +25,8 @@ Results go to ``bench/results/`` unless a command is given ``--out``.
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -51,6 +53,19 @@ def per_call_us(run: Callable[[int], object], calls: int, rounds: int = 5) -> fl
             run(i)
         figures.append((time.perf_counter() - started) / calls * 1e6)
     return statistics.median(figures)
+
+
+def in_process_main(argv: list[str] | None, doc: str, stem: str, measure: Callable[[int], dict],
+                    markdown: Callable[[dict], str], *, default: int = 5000) -> int:
+    """The command line of an in-process benchmark: ``--messages`` calls per round and ``--out``; writes
+    ``<stem>.json`` and ``.md``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=default)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    report = measure(args.messages)
+    write_results(args.out, stem, json.dumps(report, indent=2), markdown(report))
+    return 0
 
 
 def number_list(kind: type[int] | type[float]):

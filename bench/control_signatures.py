@@ -16,16 +16,13 @@ Writes ``control_signatures.json`` and ``.md`` to ``bench/results/`` (or ``--out
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-from din.bench import per_call_us
+from din.bench import in_process_main, per_call_us
 from din.shared.contracts.events import CompletionV1
 from din.shared.contracts.inference import SlaClass
 from din.shared.envelope import Identity
@@ -105,16 +102,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    report = measure(args.messages)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "control_signatures.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "control_signatures.md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    return in_process_main(argv, __doc__, "control_signatures", measure, markdown, default=5000)
 
 
 if __name__ == "__main__":

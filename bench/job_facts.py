@@ -18,14 +18,11 @@ Writes ``job_facts.json`` and ``.md`` to ``bench/results/`` (or ``--out``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-from pathlib import Path
 from types import SimpleNamespace
 
-from din.bench import RESULTS_DIR, per_call_us, write_results
+from din.bench import in_process_main, per_call_us
 from din.shared.contracts.job import JobV1, WorkloadClassV1
 from din.shared.envelope import DataKey, Identity, Keyring, sign_result
 from din.shared.security import JobFacts, PayloadSecurity, site_principal
@@ -112,13 +109,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    report = measure(args.messages)
-    write_results(args.out, "job_facts", json.dumps(report, indent=2), markdown(report))
-    return 0
+    return in_process_main(argv, __doc__, "job_facts", measure, markdown, default=5000)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,12 @@ Writes ``token_proofs.json`` and ``.md`` to ``bench/results/`` (or ``--out``).
 
 from __future__ import annotations
 
-import argparse
-import json
+import itertools
 import os
 import platform
 import time
-from pathlib import Path
 
-from din.bench import RESULTS_DIR, per_call_us, write_results
+from din.bench import in_process_main, per_call_us
 from din.shared.credentials import TenantVerifier, issue_token, request_proof
 from din.shared.envelope import ReplayGuard
 
@@ -42,14 +40,12 @@ def measure(messages: int) -> dict:
     proofs = [request_proof(token, MODEL, rid, REPLY, now=now) for rid in ids]
     nonces = [verifier.verify("acme", p, now, model=MODEL, request_id=rid, reply=REPLY, bearer=False).nonce
               for p, rid in zip(proofs, ids, strict=True)]
-    guards = iter([ReplayGuard(60.0, lambda: now, max_entries=messages + 1) for _ in range(ROUNDS)])
-    guard = next(guards)
+    guard = ReplayGuard(60.0, lambda: now, max_entries=messages * ROUNDS + 1)
+    every_round = [f"{r}{nonce}" for r in range(ROUNDS) for nonce in nonces]
+    calls = itertools.count()
 
-    def single_use(i: int) -> None:
-        nonlocal guard
-        if i == 0 and len(guard):
-            guard = next(guards)
-        guard.check(nonces[i], now, now=now)
+    def single_use(_: int) -> None:
+        guard.check(every_round[next(calls)], now, now=now)
 
     figures = {
         "bare_verify_us": per_call_us(lambda _: verifier.verify("acme", token, now), messages, ROUNDS),
@@ -101,13 +97,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20000)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    report = measure(args.messages)
-    write_results(args.out, "token_proofs", json.dumps(report, indent=2), markdown(report))
-    return 0
+    return in_process_main(argv, __doc__, "token_proofs", measure, markdown, default=20000)
 
 
 if __name__ == "__main__":
