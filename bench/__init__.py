@@ -9,8 +9,9 @@ Every benchmark is a module here run by a ``din bench...`` command (``din/comman
   under each protection) and ``cascade_policy`` (threshold calibration and cross-fitted evaluation);
 * ``recording`` (``din bench-recording``): what recording to Kafka costs, and how fast replay reads;
 * ``security`` (``din bench-security``): payload security on against off;
-* ``control_signatures``, ``job_facts``, ``token_proofs`` (``python -m din.bench.<name>``): in process, what
-  signing control messages, tagging job headers and request-bound token proofs cost;
+* ``control_signatures``, ``job_facts``, ``token_proofs``, ``record_signatures`` (``python -m din.bench.<name>``): in
+  process, what signing control messages, tagging job headers, request-bound token proofs and signing Kafka
+  records cost;
 * ``placement`` (``din bench-placement``): placement and heartbeat cost at 100 to 100,000 executors, in process;
 * ``sites`` (``din bench-sites``): a control plane per site against one at the hub over WAN links, a partition
   and control-plane kills;
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -55,15 +58,20 @@ def per_call_us(run: Callable[[int], object], calls: int, rounds: int = 5) -> fl
     return statistics.median(figures)
 
 
+def machine_facts() -> dict[str, object]:
+    """Where an in-process benchmark ran: Python, machine, CPUs and the load at the time."""
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_1m": round(os.getloadavg()[0], 1)}
+
+
 def in_process_main(argv: list[str] | None, doc: str, stem: str, measure: Callable[[int], dict],
-                    markdown: Callable[[dict], str], *, default: int = 5000) -> int:
-    """The command line of an in-process benchmark: ``--messages`` calls per round and ``--out``; writes
-    ``<stem>.json`` and ``.md``."""
+                    markdown: Callable[[dict], str], *, count: str = "--messages", default: int = 5000) -> int:
+    """The command line of an in-process benchmark: ``count`` calls per round, ``--out``; writes ``stem``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=default)
+    parser.add_argument(count, type=int, default=default, dest="count")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    report = measure(args.messages)
+    report = measure(args.count)
     write_results(args.out, stem, json.dumps(report, indent=2), markdown(report))
     return 0
 

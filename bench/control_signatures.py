@@ -16,13 +16,11 @@ Writes ``control_signatures.json`` and ``.md`` to ``bench/results/`` (or ``--out
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from types import SimpleNamespace
 
-from din.bench import in_process_main, per_call_us
+from din.bench import in_process_main, machine_facts, per_call_us
 from din.shared.contracts.events import CompletionV1
 from din.shared.contracts.inference import SlaClass
 from din.shared.envelope import Identity
@@ -77,9 +75,7 @@ def measure(messages: int) -> dict:
     agent = SimpleNamespace(publics={identity.name: identity.public}, revoked=frozenset())
     signer = ControlSigner(identity)
     results = {name: _measure_case(signer, agent, *case, messages) for name, case in _cases().items()}
-    return {"messages": messages, "rounds": ROUNDS, "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 1),
-            "results": results}
+    return {"messages": messages, "rounds": ROUNDS, **machine_facts(), "results": results}
 
 
 def markdown(report: dict) -> str:

@@ -18,11 +18,9 @@ Writes ``job_facts.json`` and ``.md`` to ``bench/results/`` (or ``--out``).
 
 from __future__ import annotations
 
-import os
-import platform
 from types import SimpleNamespace
 
-from din.bench import in_process_main, per_call_us
+from din.bench import in_process_main, machine_facts, per_call_us
 from din.shared.contracts.job import JobV1, WorkloadClassV1
 from din.shared.envelope import DataKey, Identity, Keyring, sign_result
 from din.shared.security import JobFacts, PayloadSecurity, site_principal
@@ -73,8 +71,7 @@ def measure(messages: int) -> dict:
     per_request_added = HOPS_PER_REQUEST * (figures["mac_tag_us"] + figures["mac_verify_us"])
     per_request_decode = HOPS_PER_REQUEST * figures["decode_us"]
     return {
-        "messages": messages, "rounds": ROUNDS, "python": platform.python_version(), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 1), "job_header_bytes": len(headers["Din-Job-V1"]),
+        "messages": messages, "rounds": ROUNDS, **machine_facts(), "job_header_bytes": len(headers["Din-Job-V1"]),
         "tag_header_bytes": {"mac": len(mac_tagged["Din-Job-Tag"]), "sig": len(sig_tagged["Din-Job-Tag"])},
         "per_hop": figures,
         "per_request": {"hops": HOPS_PER_REQUEST, "added_us": round(per_request_added, 1),

@@ -18,11 +18,9 @@ Writes ``token_proofs.json`` and ``.md`` to ``bench/results/`` (or ``--out``).
 from __future__ import annotations
 
 import itertools
-import os
-import platform
 import time
 
-from din.bench import in_process_main, per_call_us
+from din.bench import in_process_main, machine_facts, per_call_us
 from din.shared.credentials import TenantVerifier, issue_token, request_proof
 from din.shared.envelope import ReplayGuard
 
@@ -60,8 +58,7 @@ def measure(messages: int) -> dict:
     sealed = figures["proof_make_us"] + figures["proof_verify_us"]
     unsealed = sealed + figures["single_use_us"]
     return {
-        "messages": messages, "rounds": ROUNDS, "python": platform.python_version(), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 1),
+        "messages": messages, "rounds": ROUNDS, **machine_facts(),
         "bytes": {"token": len(token), "proof": len(proofs[0])},
         "per_call": figures,
         "per_request": {"sealed_us": round(sealed, 2), "unsealed_us": round(unsealed, 2),

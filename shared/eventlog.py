@@ -11,6 +11,9 @@ Kafka login (``client_kwargs``, see ``shared.bus.kafka``); an event the broker
 refuses (a topic this user may not write, a failed login) is counted in
 ``refused`` and logged once per topic, never raised.
 
+With a ``signer`` (``shared.security.records.RecordSigner``, set once the process has its identity) every
+record is signed in the background task, so readers can tell DIN's records from planted ones.
+
 A caller that must know a record is in Kafka before it lets go of its source
 (telemetry acknowledging a completion in JetStream) uses ``produce`` instead:
 it waits for the producer and returns the record's acknowledgement to await.
@@ -47,6 +50,14 @@ REFUSALS = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError, Sasl
 """What the broker answers a client it does not let in or let write."""
 
 
+SEND_BATCH = 512
+"""At most this many queued events are encoded, signed and handed to the producer at once."""
+
+
+def _type_of(headers: list[tuple[str, bytes]]) -> bytes:
+    return next((value for name, value in headers if name == EVENT_TYPE_HEADER), b"")
+
+
 def event_type(model: BaseModel) -> str:
     """Versioned type name of an event, e.g. ``din.v1.SchedulingDecisionV1``."""
     return f"din.v1.{type(model).__name__}"
@@ -79,6 +90,8 @@ class EventLog:
         self.failed = 0
         self.refused = 0
         self._refused_topics: set[str] = set()
+        self.signer = None
+        """Signs each record (``RecordSigner``); None: records go unsigned (security off)."""
 
     def topic(self, base: str) -> str:
         """The concrete topic for ``base``, with this log's scope applied."""
@@ -111,8 +124,9 @@ class EventLog:
         event happened."""
         await self._connected.wait()
         topic = self.topic(base_topic)
-        future = await self._producer.send(topic, value, key=key.encode() if key else None,
-                                           headers=[(EVENT_TYPE_HEADER, type_name.encode())], timestamp_ms=timestamp_ms)
+        raw_key = key.encode() if key else None
+        headers = self._signed(topic, raw_key, [(EVENT_TYPE_HEADER, type_name.encode())], value, timestamp_ms)
+        future = await self._producer.send(topic, value, key=raw_key, headers=headers, timestamp_ms=timestamp_ms)
         future.add_done_callback(lambda done: self._count(done, topic))
         return future
 
@@ -151,10 +165,24 @@ class EventLog:
         self._producer = await self._connect()
         self._connected.set()
         while True:
-            topic, key, value, headers, emitted_ms = await self._queue.get()
+            batch = [await self._queue.get()]
+            while len(batch) < SEND_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._send_batch(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _send_batch(self, batch: list[QueuedEvent]) -> None:
+        """Encode, sign (one signature for the batch) and hand to the producer what the queue held."""
+        encoded = []
+        for topic, key, value, headers, emitted_ms in batch:
             if isinstance(value, BaseModel):
                 headers = [(EVENT_TYPE_HEADER, event_type(value).encode())]
                 value = value.model_dump_json().encode()
+            encoded.append((topic, key, value, headers, emitted_ms))
+        for topic, key, value, headers, emitted_ms in self._signed_all(encoded):
             try:
                 future = await self._producer.send(topic, value, key=key, headers=headers, timestamp_ms=emitted_ms)
                 future.add_done_callback(lambda done, topic=topic: self._count(done, topic))
@@ -163,8 +191,20 @@ class EventLog:
             except KafkaError as exc:
                 self.failed += 1
                 log.warning("event log: could not send to %s: %s", topic, exc)
-            finally:
-                self._queue.task_done()
+
+    def _signed_all(self, encoded: list[tuple]) -> list[tuple]:
+        if self.signer is None:
+            return encoded
+        leaves = [(topic, key, _type_of(headers), emitted_ms, value)
+                  for topic, key, value, headers, emitted_ms in encoded]
+        return [(topic, key, value, [*headers, signature], emitted_ms)
+                for (topic, key, value, headers, emitted_ms), signature in zip(encoded, self.signer.headers(leaves),
+                                                                              strict=True)]
+
+    def _signed(self, topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes,
+                timestamp_ms: int) -> list[tuple[str, bytes]]:
+        """``headers`` of one record sent on its own, signed when there is a signer."""
+        return self._signed_all([(topic, key, value, headers, timestamp_ms)])[0][3]
 
     def _refuse(self, topic: str, exc: BaseException) -> None:
         self.refused += 1

@@ -47,6 +47,7 @@ from din.shared.eventlog import EventLog
 from din.shared.fair_input import FairInput
 from din.shared.micro import EndpointCounter, MicroDiscovery
 from din.shared.naming import Subjects, Topics
+from din.shared.security.records import RecordSigner
 from din.shared.settings import ServiceSettings
 from din.shared.tracing import Tracing
 
@@ -523,10 +524,12 @@ class ServiceRuntime:
             self.job_facts.tag(headers, to_site)
         return headers
 
-    def sign_errors(self, security: Any) -> None:
-        """Sign every error this service answers with ``security``'s site identity (when security is on)."""
+    def sign_with(self, security: Any) -> None:
+        """Sign every error this service answers and every record it writes to Kafka with ``security``'s site
+        identity (when security is on)."""
         if security.enabled:
             self.error_signer = security.sign_error
+            self.events.signer = RecordSigner(security.agent.keys.identity)
 
     def error_answer(self, reply_to: str, error: DinError, request_id: str | None) -> tuple[bytes, dict[str, str]]:
         """``error`` as the body and headers of the answer on ``reply_to``, signed by this service's site when it

@@ -11,6 +11,7 @@ from pathlib import Path
 from din.client import DinClient, DinRequestError
 from din.commands.report import KAFKA_USER as REPORT_USER
 from din.commands.report import REPORT_TOPICS
+from din.replay.endpoints import Endpoints
 from din.replay.reader import RecordRange
 from din.replay.recorded import load_window
 from din.replay.report import render_report
@@ -78,18 +79,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(asyncio.run(_sites(stack, credentials, keys["acme"])))
         html = stack.run_dir / "report.html"
         asyncio.run(_write_report(stack.kafka_bootstrap, started_ms - 1000.0, html,
-                                  stack.kafka_access.client_kwargs(REPORT_USER)))
+                                  stack.kafka_access.client_kwargs(REPORT_USER), stack.keys_dir))
         print(f"\nEvery decision, completion and (sealed) request is in Kafka at {stack.kafka_bootstrap}; "
               f"the recorded window as a self-contained HTML report: {html}; logs under {stack.run_dir}.")
     print("Stack stopped.")
     return 0
 
 
-async def _write_report(bootstrap: str, since_ms: float, out: Path, client_kwargs: dict) -> None:
-    """Render the demo's recorded window (what `din report` does for any window, as its Kafka user)."""
+async def _write_report(bootstrap: str, since_ms: float, out: Path, client_kwargs: dict, keys_dir: Path) -> None:
+    """Render the demo's recorded window (what `din report` does for any window, as its Kafka user, checking
+    every record's signature)."""
     await asyncio.sleep(REPORT_SETTLE_S)
+    endpoints = Endpoints(kafka=bootstrap, nats=None, credentials=None, topology=None, keys_dir=keys_dir)
     window = await load_window(bootstrap, RecordRange(since_ms=since_ms, until_ms=None, offsets=None),
-                               requests=False, bases=REPORT_TOPICS, client_kwargs=client_kwargs)
+                               requests=False, bases=REPORT_TOPICS, client_kwargs=client_kwargs,
+                               verifier=endpoints.record_verifier())
     out.write_text(render_report(window, title="DIN demo", source=bootstrap, scope=None))
 
 

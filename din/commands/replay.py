@@ -110,7 +110,8 @@ async def run_replay(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     bases = WHAT_IF_TOPICS if args.what_if else REPLAY_TOPICS
     window = await load_window(endpoints.kafka, rng, scope=args.topic_scope, keyring=keyring, limit=args.limit,
-                               bases=bases, client_kwargs=endpoints.kafka_kwargs(KAFKA_USER))
+                               bases=bases, client_kwargs=endpoints.kafka_kwargs(KAFKA_USER),
+                               verifier=endpoints.record_verifier())
     read_s = time.perf_counter() - began
     records = sum(s.records for s in window.stats)
     print(f"read {len(window.requests)} recorded requests ({rng.describe()}) and {records - len(window.requests)} "

@@ -53,7 +53,8 @@ async def run_report(args: argparse.Namespace) -> int:
     endpoints = resolve_endpoints(args)
     rng = record_range(args)
     window = await load_window(endpoints.kafka, rng, scope=args.topic_scope, requests=bool(rng.offsets),
-                               bases=REPORT_TOPICS, client_kwargs=endpoints.kafka_kwargs(KAFKA_USER))
+                               bases=REPORT_TOPICS, client_kwargs=endpoints.kafka_kwargs(KAFKA_USER),
+                               verifier=endpoints.record_verifier())
     traffic = window_traffic(window)
     page = render_report(window, title=args.title, source=endpoints.kafka, scope=args.topic_scope, traffic=traffic)
     args.out.write_text(page)

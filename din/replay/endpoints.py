@@ -9,15 +9,18 @@ folder, credentials and topology then come from that key folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from din.commands.target import add_keys_dir_argument, env_kafka, env_nats_url, given_state
+from din.commands.target import add_keys_dir_argument, env_kafka, env_nats_url, given_state, keys_dir_of
 from din.replay.reader import RecordRange, ReplayError, parse_offsets, parse_time
 from din.shared.bus.connect import nats_options
 from din.shared.bus.kafka import KafkaAccess
 from din.shared.bus.nats_auth import NATS_DIR, NatsAuthority
 from din.shared.bus.tls import CA_CERT
+from din.shared.security.keyfiles import KEYSTORE_FILE, KeyStore
+from din.shared.security.records import RecordVerifier
 from din.shared.topology import Topology, TopologyError, load_topology
 from din.stack.launcher import DEFAULT_DIN_DIR, STATE_FILE_NAME, read_state
 
@@ -61,6 +64,24 @@ class Endpoints:
     credentials: Path | None
     topology: Path | None
     kafka_bus_dir: Path | None = None
+    keys_dir: Path | None = None
+
+    def record_verifier(self) -> RecordVerifier | None:
+        """A verifier of the records' signatures with the sites' public identities from the key folder's key
+        store and, for the records earlier runs left in Kafka, those of the runs beside it (``<din-dir>/runs/*``);
+        None when there is none (an insecure stack, no key folder: the records are read unverified)."""
+        if self.keys_dir is None or not (self.keys_dir / KEYSTORE_FILE).is_file():
+            return None
+        try:
+            current = KeyStore.load(self.keys_dir / KEYSTORE_FILE).publics
+        except ValueError as exc:
+            raise ReplayError(str(exc)) from None
+        former = []
+        for store in sorted(self.keys_dir.parent.parent.glob(f"*/{self.keys_dir.name}/{KEYSTORE_FILE}")):
+            if store.parent != self.keys_dir:
+                with contextlib.suppress(ValueError):
+                    former.append(KeyStore.load(store).publics)
+        return RecordVerifier(current, former=former)
 
     def kafka_kwargs(self, user: str) -> dict:
         """aiokafka keyword arguments reading as ``user`` (empty against an insecure Kafka)."""
@@ -118,4 +139,7 @@ def resolve_endpoints(args: argparse.Namespace) -> Endpoints:
     bus_dir = getattr(args, "bus_dir", None)
     if bus_dir is None and (keys_dir is not None or not getattr(args, "kafka", None)) and state.get("kafka_bus_dir"):
         bus_dir = Path(state["kafka_bus_dir"])
-    return Endpoints(kafka=kafka, nats=nats_url, credentials=credentials, topology=topology, kafka_bus_dir=bus_dir)
+    keys = Path(keys_dir) if keys_dir is not None else (keys_dir_of(state) if state.get("run_dir")
+                                                       or state.get("keys_dir") else None)
+    return Endpoints(kafka=kafka, nats=nats_url, credentials=credentials, topology=topology, kafka_bus_dir=bus_dir,
+                     keys_dir=keys)

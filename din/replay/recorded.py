@@ -5,7 +5,9 @@ then the decision, completion, heartbeat and alert topics over the time those
 requests were alive (from the first receipt to the last deadline). Records
 that do not decode are skipped and counted per topic; sealed requests are
 opened with the SRE's keyring when one is given, counted as undecryptable when
-they do not open, and kept as metadata only when no keyring is given.
+they do not open, and kept as metadata only when no keyring is given. With a ``RecordVerifier``
+(``shared.security.records``) a record its producer did not sign, or that was changed, is skipped and counted by
+topic and reason before it is decoded.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from din.shared.contracts.events import (
 from din.shared.contracts.telemetry import SlaViolationV1
 from din.shared.naming import Topics
 from din.shared.recording import CorruptRecord, RecordedRequest, open_recorded, parse_request_record
+from din.shared.security.records import ForgedRecord, RecordVerifier
 
 OUTCOME_SLACK_MS = 2_000.0
 HEARTBEAT_LEAD_MS = 5_000.0
@@ -65,6 +68,11 @@ class RecordedWindow:
     corrupt_examples: dict[str, str] = field(default_factory=dict)
     sealed: int = 0
     undecryptable: int = 0
+    forged: Counter = field(default_factory=Counter)
+    """Records refused by the verifier, per topic."""
+    forged_reasons: Counter = field(default_factory=Counter)
+    unverified: bool = False
+    """True when records were read without a verifier (no public keys at hand)."""
     missing_topics: list[str] = field(default_factory=list)
     stats: list[ReadStats] = field(default_factory=list)
     since_ms: float = 0.0
@@ -85,6 +93,13 @@ class RecordedWindow:
         """One line per kind of skipped record, for reports."""
         lines = [f"{n} corrupt record(s) skipped on {topic} (e.g. {self.corrupt_examples.get(topic, '?')})"
                  for topic, n in sorted(self.corrupt.items())]
+        lines += [f"{n} record(s) not signed by a DIN site skipped on {topic}"
+                  for topic, n in sorted(self.forged.items())]
+        if self.forged_reasons:
+            lines.append("refused records by reason: " + ", ".join(
+                f"{reason} {n}" for reason, n in sorted(self.forged_reasons.items())))
+        if self.unverified:
+            lines.append("records not verified: no public keys of the sites at hand (pass --keys-dir)")
         if self.undecryptable:
             lines.append(f"{self.undecryptable} sealed request(s) could not be decrypted with the key given: skipped")
         if self.missing_topics:
@@ -92,12 +107,28 @@ class RecordedWindow:
         return lines
 
 
+def authentic(record, window: RecordedWindow, verifier: RecordVerifier | None, topic: str) -> bool:
+    """Whether ``record`` may be read: signed by a DIN site (always, without a ``verifier``); else counted."""
+    if verifier is None:
+        return True
+    try:
+        verifier.check(record)
+    except ForgedRecord as refused:
+        window.forged[topic] += 1
+        window.forged_reasons[refused.reason.value] += 1
+        return False
+    return True
+
+
 def decode_requests(
-    records, window: RecordedWindow, keyring: envelope.Keyring | None, topic: str
+    records, window: RecordedWindow, keyring: envelope.Keyring | None, topic: str,
+    verifier: RecordVerifier | None = None,
 ) -> list[RecordedRequest]:
     """Parse request records into ``window``'s counters; return the usable ones."""
     kept = []
     for record in records:
+        if not authentic(record, window, verifier, topic):
+            continue
         try:
             recorded = parse_request_record(record)
         except CorruptRecord as exc:
@@ -118,14 +149,14 @@ def decode_requests(
 
 async def read_requests(
     reader: TopicReader, rng: RecordRange, *, scope: str | None, keyring: envelope.Keyring | None,
-    window: RecordedWindow | None = None, limit: int | None = None,
+    window: RecordedWindow | None = None, limit: int | None = None, verifier: RecordVerifier | None = None,
 ) -> RecordedWindow:
     """Read and decode the recorded requests of ``rng`` into a window (no other topics)."""
     window = window or RecordedWindow(rng=rng)
     topic = topic_name(Topics.REQUESTS, scope)
     stats = ReadStats(topic)
     async for batch in reader.read(topic, rng, stats=stats):
-        window.requests.extend(decode_requests(batch, window, keyring, topic))
+        window.requests.extend(decode_requests(batch, window, keyring, topic, verifier))
         if limit is not None and len(window.requests) >= limit:
             del window.requests[limit:]
             break
@@ -143,7 +174,7 @@ async def read_requests(
 
 async def read_events(
     reader: TopicReader, window: RecordedWindow, *, scope: str | None, bases: tuple[str, ...] = tuple(EVENT_TOPICS),
-    since_ms: float | None = None, until_ms: float | None = None,
+    since_ms: float | None = None, until_ms: float | None = None, verifier: RecordVerifier | None = None,
 ) -> RecordedWindow:
     """Add the events of ``bases`` recorded between ``since_ms`` and ``until_ms`` (default: the window's span)."""
     since = window.since_ms if since_ms is None else since_ms
@@ -160,6 +191,8 @@ async def read_events(
         target = _target(window, base)
         async for batch in reader.read(topic, rng, stats=stats, require_records=False):
             for record in batch:
+                if not authentic(record, window, verifier, topic):
+                    continue
                 try:
                     target.append(model.model_validate_json(record.value or b""))
                 except ValidationError as exc:
@@ -184,22 +217,24 @@ def _target(window: RecordedWindow, base: str) -> list:
 async def load_window(
     bootstrap: str, rng: RecordRange, *, scope: str | None = None, keyring: envelope.Keyring | None = None,
     requests: bool = True, limit: int | None = None, bases: tuple[str, ...] = tuple(EVENT_TOPICS),
-    client_kwargs: Mapping[str, Any] | None = None,
+    client_kwargs: Mapping[str, Any] | None = None, verifier: RecordVerifier | None = None,
 ) -> RecordedWindow:
     """Requests of ``rng`` (when ``requests``) and the events about them, from the Kafka at ``bootstrap``
-    (``client_kwargs``: the reader's login).
+    (``client_kwargs``: the reader's login), each record checked by ``verifier`` when one is given.
 
     Without ``requests`` (a report over a time range), the events of ``rng``'s
     time span are read directly.
     """
     async with TopicReader(bootstrap, client_kwargs=client_kwargs) as reader:
         if requests:
-            window = await read_requests(reader, rng, scope=scope, keyring=keyring, limit=limit)
-            return await read_events(reader, window, scope=scope, bases=bases)
-        window = RecordedWindow(rng=rng)
+            window = await read_requests(reader, rng, scope=scope, keyring=keyring, limit=limit,
+                                         window=RecordedWindow(rng=rng, unverified=verifier is None),
+                                         verifier=verifier)
+            return await read_events(reader, window, scope=scope, bases=bases, verifier=verifier)
+        window = RecordedWindow(rng=rng, unverified=verifier is None)
         window.since_ms = rng.since_ms if rng.since_ms is not None else 0.0
         window.until_ms = rng.until_ms if rng.until_ms is not None else time.time() * 1000.0 + 1.0
-        await read_events(reader, window, scope=scope, bases=bases)
+        await read_events(reader, window, scope=scope, bases=bases, verifier=verifier)
         if not (window.completions or window.admissions or window.schedulings):
             raise ReplayError(f"no decisions or completions recorded in {rng.describe()}"
                               + (f" (scope {scope})" if scope else ""))

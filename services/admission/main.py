@@ -93,7 +93,7 @@ class Admission(Service):
         )
         self.runtime.fair_weights.update(self.topology.tenant_weights())
         self.security = PayloadSecurity.from_settings(settings)
-        self.runtime.sign_errors(self.security)
+        self.runtime.sign_with(self.security)
         if self.security.enabled:
             self.runtime.bind_jobs(JobFacts(self.security, settings.site))
         self.verifier = ControlVerifier(self.security.agent)

@@ -37,7 +37,7 @@ class Classifier(Service):
     def __init__(self, settings: ClassifierSettings) -> None:
         super().__init__(settings)
         self.security = PayloadSecurity.from_settings(settings)
-        self.runtime.sign_errors(self.security)
+        self.runtime.sign_with(self.security)
         if self.security.enabled:
             self.runtime.bind_jobs(JobFacts(self.security, settings.site))
         self.runtime.on_start(self._start_keys)

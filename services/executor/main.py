@@ -104,7 +104,7 @@ class Executor(Service):
         )
         self.models = ServedModels(self.repository, self.batcher)
         self.security = PayloadSecurity.from_settings(settings)
-        self.runtime.sign_errors(self.security)
+        self.runtime.sign_with(self.security)
         self.seals = ExecutorSeals(self.security, settings.site)
         if self.security.enabled:
             self.runtime.bind_jobs(JobFacts(self.security, settings.site))

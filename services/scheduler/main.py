@@ -138,7 +138,7 @@ class Scheduler(Service):
         self.enqueues: set[asyncio.Task] = set()
         self.news = asyncio.Event()
         self.security = PayloadSecurity.from_settings(settings)
-        self.runtime.sign_errors(self.security)
+        self.runtime.sign_with(self.security)
         if self.security.enabled:
             self.runtime.bind_jobs(JobFacts(self.security, settings.site))
         self.signer = ControlSigner.of(self.security.agent)

@@ -2,7 +2,8 @@
 
 ``DecisionFeed.observe`` decodes one record and counts it (pure, testable without
 Kafka); ``DecisionFeed.follow`` is the consumer loop that feeds it and reconnects
-when Kafka goes away. A record that does not decode is counted and skipped.
+when Kafka goes away. A record that does not decode is counted and skipped; with a ``verifier``
+(``shared.security.records``) so is one its producer did not sign.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from din.services.telemetry.topics import scoped
 from din.shared.bus.kafka import kafka_client_kwargs
 from din.shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
 from din.shared.naming import Topics
+from din.shared.security.records import ForgedRecord, RecordVerifier
 
 log = logging.getLogger("din.telemetry")
 
@@ -40,8 +42,10 @@ DECISION_TOPICS: dict[str, tuple[type[BaseModel], str]] = {
 class DecisionFeed:
     """Reads the decision topics (under the run's topic scope) into ``metrics``."""
 
-    def __init__(self, metrics: TelemetryMetrics, settings: TelemetrySettings, *, client_id: str) -> None:
+    def __init__(self, metrics: TelemetryMetrics, settings: TelemetrySettings, *, client_id: str,
+                 verifier: RecordVerifier | None = None) -> None:
         self.metrics = metrics
+        self.verifier = verifier
         self.settings = settings
         self.client_id = client_id
         self.by_topic = {scoped(base, settings.topic_scope): spec for base, spec in DECISION_TOPICS.items()}
@@ -96,6 +100,17 @@ class DecisionFeed:
         while True:
             batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
             self.consumer_state = "assigned" if consumer.assignment() else "waiting"
-            for tp, records in batches.items():
+            for records in batches.values():
                 for record in records:
-                    self.observe(tp.topic, record.value)
+                    self.take(record)
+
+    def take(self, record) -> None:
+        """Observe one consumed record, unless its signature does not verify (counted invalid and by reason)."""
+        if self.verifier is not None:
+            try:
+                self.verifier.check(record)
+            except ForgedRecord:
+                self.invalid += 1
+                self.metrics.invalid(self.by_topic[record.topic][1])
+                return
+        self.observe(record.topic, record.value)

@@ -53,6 +53,7 @@ from din.shared.eventlog import event_type
 from din.shared.naming import Subjects, Topics, completions_stream
 from din.shared.runtime import Service, endpoint
 from din.shared.security import ControlRefused, ControlVerifier, PayloadSecurity, Refusal
+from din.shared.security.records import RecordVerifier
 
 COMPLETION_TYPE = f"din.v1.{CompletionV1.__name__}"
 HEARTBEAT_TYPE = f"din.v1.{HeartbeatV1.__name__}"
@@ -98,11 +99,14 @@ class Telemetry(Service):
             relay=self.relay,
         )
         self.server = MetricsServer(self.metrics.exposition, settings.metrics_host, settings.metrics_port)
-        self.decisions = DecisionFeed(self.metrics, settings, client_id=f"din-telemetry-{self.runtime.instance}")
+        self.security = PayloadSecurity.from_settings(settings)
+        self.runtime.sign_with(self.security)
+        self.decisions = DecisionFeed(
+            self.metrics, settings, client_id=f"din-telemetry-{self.runtime.instance}",
+            verifier=RecordVerifier.of_agent(self.security.agent) if self.security.enabled else None)
         self.counts = {"completions": 0, "heartbeats": 0, "summaries": 0, "invalid": 0, "alerts": 0}
         self.topics_ready = False
         self.topics_prepared = asyncio.Event()
-        self.security = PayloadSecurity.from_settings(settings)
         self.verifier = ControlVerifier(self.security.agent)
         self.stored_s = dict.fromkeys(self.relay.sites, 0.0)
         self.stream_verifiers = {site: self._stream_verifier(site) for site in self.relay.sites}
@@ -118,6 +122,7 @@ class Telemetry(Service):
             "invalid": self.counts["invalid"] + self.decisions.invalid,
             "metrics": self.server.url, "decision_consumer": self.decisions.consumer_state,
             **self.relay.detail(), **self.verifier.detail(),
+            **(self.decisions.verifier.detail() if self.decisions.verifier is not None else {}),
         }
 
     def _stream_verifier(self, site: str) -> ControlVerifier:

@@ -25,6 +25,7 @@ from din.replay.driver import ReplayDriver, served_into, stream_into
 from din.replay.outcomes import final_outcomes, replay_request_id
 from din.replay.reader import RecordRange, ReplayError, TopicReader
 from din.replay.recorded import RecordedWindow, read_events, read_requests
+from din.replay.report import render_report
 from din.replay.whatif import placing_decisions
 from din.shared import envelope
 from din.shared.bus.kafka import OPERATOR, KafkaAccess
@@ -35,6 +36,8 @@ from din.shared.contracts.telemetry import RecordedRequestV1
 from din.shared.credentials import issue_token, write_credentials
 from din.shared.naming import Subjects, Topics
 from din.shared.recording import request_record, write_replay_keys
+from din.shared.security.keyfiles import KEYSTORE_FILE, KeyStore
+from din.shared.security.records import RecordSigner, RecordVerifier
 from din.shared.topology import Topology
 from din.workload import load_digits_test, mixed_plan, run_workload
 from tests.integration.network import running_network
@@ -66,10 +69,10 @@ def job(i: int, tenant: str = "acme", received_ms: float | None = None) -> JobV1
                     deadline_ms=int(received) + 1000, reply_to="", received_ms=received)
 
 
-async def produce(kafka: KafkaAccess, topic: str, records) -> None:
-    """Write ``records`` as admission does (the only user that may write the requests topic)."""
+async def produce(kafka: KafkaAccess, topic: str, records, user: str = "admission") -> None:
+    """Write ``records`` as ``user`` does (admission: the only user that may write the requests topic)."""
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True, acks="all", linger_ms=5,
-                                max_batch_size=256 * 1024, **kafka.client_kwargs("admission"))
+                                max_batch_size=256 * 1024, **kafka.client_kwargs(user))
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key, headers=headers) for key, value, headers in records]
@@ -614,3 +617,45 @@ async def test_report_counts_a_multi_stage_request_once_and_its_stage_hand_offs_
         assert live["stage_hand_offs"] == {"split-head": 1, "cascade step 1": 1}
         assert live["models"] == {"digits-large-tail-hidden_1": 1, "digits-large": 1, "digits-small": 1}
         assert summary["completion_records"] == len(window.completions) and summary["replayed"] == {}
+
+
+SIGNED_TOPICS = (Topics.ADMISSION_DECISIONS, Topics.CLASSIFICATIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS)
+
+
+async def test_records_not_signed_by_a_din_site_are_skipped_counted_and_reported(wan_network, kafka_access, digits):
+    """Every record the live services write verifies under the sites' public identities; three completions planted
+    by someone holding telemetry's Kafka login (unsigned, a real one with its value changed, one signed by a
+    tenant's identity) are skipped and counted by reason, and the report renders the window."""
+    net = wan_network
+    x, _ = digits
+    began_ms = time.time() * 1000.0
+    ids = {f"signed-{i}" for i in range(6)}
+    async with net.client("acme") as acme:
+        for i, rid in enumerate(sorted(ids)):
+            await acme.infer("digits-small", {"input": x[i : i + 1]}, request_id=rid)
+    await recorded_until_done(kafka_access, net.topic_scope, began_ms - 1000, ids)
+    verifier = RecordVerifier(KeyStore.load(net.stack.keys_dir / KEYSTORE_FILE).publics)
+    topic = Topics.scoped(Topics.COMPLETIONS, net.topic_scope)
+    async with replay_reader(kafka_access) as reader:
+        genuine = [r async for batch in reader.read(topic, RecordRange(since_ms=began_ms - 1000)) for r in batch][-1]
+    kind = [("din-event-type", b"din.v1.CompletionV1")]
+    tenant = RecordSigner(net.keys("acme").identity)
+    await produce(kafka_access, topic, [
+        (genuine.key, genuine.value, kind),
+        (genuine.key, genuine.value + b" ", list(genuine.headers)),
+        (genuine.key, genuine.value, [*kind, tenant.header(topic, genuine.key, kind[0][1], 0, genuine.value)]),
+    ], user="telemetry")
+
+    async def planted_seen() -> RecordedWindow | None:
+        window = RecordedWindow(rng=RecordRange(since_ms=began_ms - 1000), since_ms=began_ms - 1000,
+                                until_ms=time.time() * 1000.0 + 1)
+        async with replay_reader(kafka_access) as reader:
+            await read_events(reader, window, scope=net.topic_scope, bases=SIGNED_TOPICS, verifier=verifier)
+        return window if window.forged[topic] >= 3 else None
+
+    window = await wait_for(planted_seen, 30, "the three planted completions refused")
+    assert dict(window.forged) == {topic: 3}, "every record the services wrote verifies"
+    assert dict(window.forged_reasons) == {"unsigned": 1, "bad_signature": 1, "unknown_signer": 1}
+    assert ids <= {c.request_id for c in window.completions}
+    assert any("not signed by a DIN site" in line for line in window.skipped_summary())
+    assert "not signed by a DIN site" in render_report(window, title="t", source="kafka", scope=net.topic_scope)
