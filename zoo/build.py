@@ -183,17 +183,67 @@ def _model_files() -> list[tuple[str, str]]:
     return files
 
 
-def build_zoo(out_dir: Path, *, force: bool = False) -> list[ModelConfigV1]:
+def build_zoo(out_dir: Path, *, force: bool = False, cache_dir: Path | None = None) -> list[ModelConfigV1]:
     """Build the zoo into ``out_dir`` and return each model's config, in ``model_names()`` order.
 
     When every file exists and the stamp matches the current recipes, nothing
     is trained and the configs already on disk are returned; ``force`` rebuilds
-    regardless.
+    regardless. With ``cache_dir``, a zoo built earlier from the same recipes and libraries (another checkout's)
+    is copied from ``<cache_dir>/<recipe digest>`` instead of trained again, and a zoo trained here is kept there.
     """
     out_dir = Path(out_dir)
     digest = recipe_digest()
     if not force and _is_built(out_dir, digest):
         return [ModelConfigV1.read(out_dir / name / CONFIG_FILE) for name in model_names()]
+    cached = Path(cache_dir) / digest if cache_dir is not None else None
+    if not force and cached is not None and _is_built(cached, digest) and _same_libraries(cached):
+        _copy_zoo(cached, out_dir)
+        return [ModelConfigV1.read(out_dir / name / CONFIG_FILE) for name in model_names()]
+    configs = _train_zoo(out_dir, digest)
+    if cached is not None:
+        _keep_in_cache(out_dir, cached)
+    return configs
+
+
+def default_cache_dir() -> Path:
+    """Where built zoos are kept for other checkouts: ``$DIN_CACHE_DIR/zoo``, else ``$XDG_CACHE_HOME/din/zoo``,
+    else ``~/.cache/din/zoo``."""
+    if os.environ.get("DIN_CACHE_DIR"):
+        return Path(os.environ["DIN_CACHE_DIR"]) / "zoo"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "din" / "zoo"
+
+
+def _zoo_files(root: Path) -> list[Path]:
+    """Every file a built zoo under ``root`` holds, its stamp last."""
+    files = [root / DATA_DIR / TEST_SPLIT_FILE]
+    files += [root / name / CONFIG_FILE for name in model_names()]
+    files += [root / name / version / MODEL_FILE for name, version in _model_files()]
+    return [*files, root / STAMP_FILE]
+
+
+def _copy_zoo(source: Path, target: Path) -> None:
+    """Copy a built zoo's files (and only those) from ``source`` to ``target``, the stamp last."""
+    (target / STAMP_FILE).unlink(missing_ok=True)
+    for path, copy in zip(_zoo_files(source), _zoo_files(target), strict=True):
+        _write_atomic(copy, path.read_bytes())
+
+
+def _same_libraries(root: Path) -> bool:
+    try:
+        return json.loads((root / STAMP_FILE).read_text()).get("libraries") == _library_versions()
+    except (OSError, ValueError):
+        return False
+
+
+def _keep_in_cache(built: Path, cached: Path) -> None:
+    """Keep a freshly trained zoo in the cache; a cache that cannot be written is only skipped."""
+    try:
+        _copy_zoo(built, cached)
+    except OSError:
+        pass
+
+
+def _train_zoo(out_dir: Path, digest: str) -> list[ModelConfigV1]:
 
     from threadpoolctl import threadpool_limits
 
@@ -268,10 +318,7 @@ def _is_built(out_dir: Path, digest: str) -> bool:
         return False
     if stamp.get("recipe") != digest:
         return False
-    expected = [out_dir / DATA_DIR / TEST_SPLIT_FILE]
-    expected += [out_dir / name / CONFIG_FILE for name in model_names()]
-    expected += [out_dir / name / version / MODEL_FILE for name, version in _model_files()]
-    return all(path.is_file() for path in expected)
+    return all(path.is_file() for path in _zoo_files(out_dir))
 
 
 def _build_split_models(out_dir: Path, split: DigitsSplit) -> list[ModelConfigV1]:

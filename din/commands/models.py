@@ -22,7 +22,7 @@ from din.shared.naming import Subjects
 from din.shared.security import OPERATOR, ControlSigner, PrincipalKeys, key_file
 from din.stack.launcher import DEFAULT_DIN_DIR, DEFAULT_MODEL_REPO, STATE_FILE_NAME, read_state, shown_path, state_nats
 from din.stack.processes import StackError
-from din.zoo.build import build_zoo
+from din.zoo.build import build_zoo, default_cache_dir
 
 LOAD_TIMEOUT_S = 30.0
 """How long a load command waits for the executor (opening and warming a large graph takes a while)."""
@@ -71,9 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_models(out: Path, force: bool = False) -> str:
-    """Build the zoo into ``out``; return a one-line summary."""
+    """Build the zoo into ``out`` (copied from the cache of built zoos when one was built from the same recipes);
+    return a one-line summary."""
     begun = time.monotonic()
-    configs = build_zoo(out, force=force)
+    configs = build_zoo(out, force=force, cache_dir=default_cache_dir())
     names = ", ".join(
         f"{c.name} (v{', v'.join(sorted(c.accuracy))}: accuracy "
         f"{', '.join(f'{a:.3f}' for _, a in sorted(c.accuracy.items()))})"

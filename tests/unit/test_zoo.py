@@ -169,3 +169,19 @@ def test_force_rebuilds_byte_identical_models(tmp_path, tiny_recipes):
     zoo.build_zoo(tmp_path, force=True)
     assert model_path.stat().st_mtime_ns != before
     assert model_path.read_bytes() == payload
+
+
+def test_a_zoo_built_once_is_copied_from_the_cache_not_trained_again(tmp_path, tiny_recipes, monkeypatch):
+    cache = tmp_path / "cache"
+    first = zoo.build_zoo(tmp_path / "one", cache_dir=cache)
+    assert (cache / zoo.recipe_digest() / "_stamp.json").is_file()
+
+    def no_training(*_):
+        raise AssertionError("trained again despite the cache")
+
+    monkeypatch.setattr(zoo, "_train_zoo", no_training)
+    assert zoo.build_zoo(tmp_path / "two", cache_dir=cache) == first
+    assert (tmp_path / "two" / "digits-small" / "1" / "model.onnx").read_bytes() == (
+        tmp_path / "one" / "digits-small" / "1" / "model.onnx").read_bytes()
+    (tmp_path / "two" / "digits-small" / "1" / "model.onnx").unlink()
+    assert zoo.build_zoo(tmp_path / "two", cache_dir=cache) == first
