@@ -11,6 +11,7 @@
   testcontainers instead (a single NATS server with JetStream).
 * ``unique``: ``t`` + 8 hex characters, for a test's own subjects and topics.
 * ``zoo_dir``: the model zoo set-up built (``.din/models``), reused rather than retrained.
+* A failed test that ran a stack gets the last lines of each of its services' logs in its report.
 
 Tests under ``tests/integration/`` are marked ``integration`` automatically.
 """
@@ -45,6 +46,27 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if INTEGRATION_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.integration)
+
+
+LOG_TAIL_LINES = 12
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Append the tail of every service log of the stacks a failed test used (``run_dir/logs``)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        run_dir = getattr(getattr(value, "stack", None), "run_dir", None)
+        if run_dir is None or not (Path(run_dir) / "logs").is_dir():
+            continue
+        tails = []
+        for log in sorted((Path(run_dir) / "logs").glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            tails.append(f"--- {log.name}\n" + "\n".join(line[:240] for line in lines))
+        report.sections.append((f"service logs of {name}", "\n".join(tails)))
 
 
 @dataclass

@@ -66,7 +66,7 @@ from din.shared.security import (
     read_master_key,
     verify_key_command,
 )
-from din.shared.security.bucket import keys_stream
+from din.shared.security.bucket import keys_stream, watch_content
 from din.shared.topology import Topology, load_topology
 
 EXPIRY_INTERVAL_S = 1.0
@@ -317,19 +317,24 @@ class KeysBucket:
         raise RuntimeError(f"{key}: the keys bucket kept moving under {SEQUENCED_TRIES} sequenced writes")
 
     async def snapshot(self) -> Mapping[str, Seen] | None:
-        """Every live entry, read through one ordered consumer (None: no bucket)."""
+        """Every live entry, read through one ordered consumer up to the end of the content (None: no bucket)."""
         try:
             self.kv = await self.js.key_value(self.name)
         except BucketNotFoundError:
             return None
-        watcher = await self.kv.watchall()
+        watcher, end = await watch_content(self.kv)
         seen: dict[str, Seen] = {}
         try:
-            while (entry := await watcher.updates(timeout=BUCKET_CALL_TIMEOUT_S)) is not None:
+            while end:
+                entry = await watcher.updates(timeout=BUCKET_CALL_TIMEOUT_S)
+                if entry is None:
+                    continue
                 if entry.operation in ("DEL", "PURGE"):
                     seen.pop(entry.key, None)
                 else:
                     seen[entry.key] = Seen(entry.value or b"", entry.revision)
+                if entry.revision >= end:
+                    break
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()

@@ -27,7 +27,7 @@ from enum import StrEnum
 from din.shared import envelope
 from din.shared.envelope import InvalidToken, Keyring, PathPolicy, PublicIdentity
 from din.shared.security import b64url
-from din.shared.security.bucket import EntryKeys, Manifest, read_entry, read_manifest
+from din.shared.security.bucket import EntryKeys, Manifest, read_entry, read_manifest, watch_content
 from din.shared.security.keyfiles import PrincipalKeys
 from din.shared.security.principals import TenantSites
 
@@ -285,10 +285,10 @@ class KeyAgent:
 
     async def _follow_bucket(self, bucket) -> None:
         """Watch ``bucket`` from now on (stopping the watch of another), keeping everything already applied."""
-        watcher = await bucket.watchall()
+        watcher, end = await watch_content(bucket)
         old_watcher, old_task = self._watcher, self._task
         self._watcher = watcher
-        self._task = asyncio.create_task(self._follow(watcher), name=f"keys-{self.principal}")
+        self._task = asyncio.create_task(self._follow(watcher, end), name=f"keys-{self.principal}")
         if old_watcher is not None:
             with contextlib.suppress(Exception):
                 await old_watcher.stop()
@@ -309,16 +309,20 @@ class KeyAgent:
             log.info("%s: keys now read from this site's mirror", self.principal)
             return
 
-    async def _follow(self, watcher) -> None:
+    async def _follow(self, watcher, end: int) -> None:
+        """Apply every entry ``watcher`` delivers; the bucket's content is in once the entry at ``end`` is."""
+        if not end:
+            self._initial = True
         async for entry in watcher:
-            if entry is not None:
-                try:
-                    self.apply(entry.key, entry.value or b"", deleted=entry.operation in ("DEL", "PURGE"),
-                               revision=entry.revision)
-                except Exception:  # noqa: BLE001 - one bad entry must not stop key distribution
-                    self.refused += 1
-                    log.exception("key entry %s could not be applied", entry.key)
-            else:
+            if entry is None:
+                continue
+            try:
+                self.apply(entry.key, entry.value or b"", deleted=entry.operation in ("DEL", "PURGE"),
+                           revision=entry.revision)
+            except Exception:  # noqa: BLE001 - one bad entry must not stop key distribution
+                self.refused += 1
+                log.exception("key entry %s could not be applied", entry.key)
+            if entry.revision >= end:
                 self._initial = True
             async with self._changed:
                 self._changed.notify_all()

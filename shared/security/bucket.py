@@ -57,6 +57,19 @@ def keys_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
+async def watch_content(kv):
+    """Watch every key of the bucket ``kv`` (nats.py's ``KeyValue``) from its current content on: the watcher and
+    the stream sequence that content ends at (0: the bucket holds nothing). The content is all delivered once an
+    entry at or past that sequence is: a watch delivers the last value of each key in sequence order.
+
+    nats.py's own end-of-content marker (a ``None`` update) is not to be trusted: when the server delivers the
+    entries before the watcher has read its consumer's info, the marker comes first, and whoever waited for it
+    reads an empty bucket.
+    """
+    state = (await kv.status()).stream_info.state
+    return await kv.watchall(), state.last_seq if state.messages else 0
+
+
 class KeysMirror:
     """How a site's mirror of the keys bucket is fed: through the hub's JetStream API, from a durable consumer of
     the hub's stream kept for that site, whose messages the hub delivers on a subject only that site's leaf lets in.

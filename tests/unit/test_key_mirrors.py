@@ -195,7 +195,8 @@ async def test_an_agent_reads_its_sites_mirror_before_the_hub(held, site_first, 
 
 
 class _Watcher:
-    """Yields the initial-content marker, then whatever is put; ``stop`` ends it."""
+    """Yields nats.py's end-of-content marker at once (as it may, before any entry), then whatever is put;
+    ``stop`` ends it."""
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -217,8 +218,15 @@ class _Watcher:
 
 
 class _Bucket:
-    def __init__(self) -> None:
+    """A bucket whose content ends at stream sequence ``end`` (0: empty)."""
+
+    def __init__(self, end: int = 0) -> None:
         self.watchers: list[_Watcher] = []
+        self.end = end
+
+    async def status(self):
+        return SimpleNamespace(stream_info=SimpleNamespace(
+            state=SimpleNamespace(messages=self.end, last_seq=self.end)))
 
     async def watchall(self) -> _Watcher:
         self.watchers.append(_Watcher())
@@ -255,6 +263,22 @@ async def test_an_agent_on_the_hubs_bucket_moves_to_its_sites_mirror_once_there(
     assert len(mirror.watchers) == 1 and hub.watchers[0].stopped
     await agent.stop()
     assert mirror.watchers[0].stopped
+
+
+async def test_an_agent_reads_the_bucket_up_to_the_end_of_its_content_not_up_to_the_first_marker():
+    """nats.py may say "no more" before the first entry; the agent waits for the entry at the content's end."""
+    bucket = _Bucket(end=2)
+    agent = _agent()
+    watching = asyncio.create_task(agent.watch(_WatchedConnection(cloud=bucket), timeout_s=5.0, unanchored=True))
+    await wait_for(lambda: bucket.watchers, 2.0, "the agent watching")
+    for revision in (1, 2):
+        await asyncio.sleep(0.05)
+        assert not watching.done(), f"the agent took the content as read before entry {revision}"
+        bucket.watchers[0].queue.put_nowait(
+            SimpleNamespace(key=f"pub.x{revision}", value=b"not an entry", operation=None, revision=revision))
+    await asyncio.wait_for(watching, 2.0)
+    assert agent.refused + sum(agent.refusals.values()) >= 2
+    await agent.stop()
 
 
 async def test_an_agent_with_neither_mirror_nor_hub_says_where_it_looked():
