@@ -7,8 +7,9 @@
    * ``plain``: the payload as it is;
    * ``sealed``: what DIN does per hop, with DIN's own code (``shared.security``):
      the client seals the request to the tenant's key bound to its id, tenant,
-     model and reply subject; the responder opens it (AAD check, replay guard),
-     seals the reply to the tenant; the client opens it;
+     model, reply subject and its answer key; the responder opens it (AAD check,
+     replay guard), seals the reply to the client's answer key (pairwise X25519
+     key, derived once per client); the client opens it;
    * ``sealed+signed``: plus the result signature (Ed25519 over SHA-256 of the
      body) that the responder adds and the client verifies, as DIN's executors do.
 
@@ -49,10 +50,14 @@ from din.bench import RESULTS_DIR, write_results
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.envelope import DataKey, InvalidToken
 from din.shared.security import (
+    ANSWER_KEY_FIELD,
     KeyAgent,
     KeyStore,
     PayloadSecurity,
     PrincipalKeys,
+    answer_keys,
+    check_binding,
+    encode_answer_key,
     init_keys,
     key_file,
     request_binding,
@@ -101,21 +106,20 @@ async def respond(url: str, keys_dir: Path, creds: str | None = None) -> None:
     async def plain(msg) -> None:
         await nc.publish(msg.reply, msg.data)
 
-    def opened(msg) -> bytes:
+    def answered(msg):
         headers = msg.headers
-        expected = request_binding(headers[RequestHeaders.REQUEST_ID], TENANT, MODEL, msg.reply, None)
-        return security.open(msg.data, headers, reader=reader, expected_aad=expected).plaintext
+        request_id = headers[RequestHeaders.REQUEST_ID]
+        opened = security.open(msg.data, headers, reader=reader)
+        check_binding(opened.aad, request_binding(request_id, TENANT, MODEL, msg.reply, None))
+        return security.seal_answer(opened.plaintext, answer_key=opened.aad[ANSWER_KEY_FIELD],
+                                    aad=result_binding(request_id, TENANT))
 
     async def sealed(msg) -> None:
-        payload = opened(msg)
-        reply = security.seal(payload, reader=reader, aad=result_binding(msg.headers[RequestHeaders.REQUEST_ID],
-                                                                         TENANT))
+        reply = answered(msg)
         await nc.publish(msg.reply, reply.body, headers=reply.to_headers())
 
     async def signed(msg) -> None:
-        payload = opened(msg)
-        reply = security.seal(payload, reader=reader, aad=result_binding(msg.headers[RequestHeaders.REQUEST_ID],
-                                                                         TENANT))
+        reply = answered(msg)
         await nc.publish(msg.reply, reply.body, headers=security.sign_answer(reply.body, reply.to_headers()))
 
     for mode, handler in zip(MODES, (plain, sealed, signed)):
@@ -154,6 +158,8 @@ class Client:
         self.inbox = nc.new_inbox()
         self.pending: dict[str, asyncio.Future] = {}
         self.reader = tenant_principal(TENANT)
+        self.answer = answer_keys()
+        self.answer_key = encode_answer_key(self.answer)
 
     async def start(self) -> None:
         async def on_reply(msg) -> None:
@@ -172,8 +178,8 @@ class Client:
         headers = {RequestHeaders.REQUEST_ID: token}
         body = payload
         if mode != "plain":
-            sealed = self.security.seal(payload, reader=self.reader,
-                                        aad=request_binding(token, TENANT, MODEL, reply, None))
+            aad = request_binding(token, TENANT, MODEL, reply, None) | {ANSWER_KEY_FIELD: self.answer_key}
+            sealed = self.security.seal(payload, reader=self.reader, aad=aad)
             body, headers = sealed.body, {**headers, **sealed.to_headers()}
         await self.nc.publish(SUBJECT.format(mode=mode), body, reply=reply, headers=headers)
         msg = await asyncio.wait_for(future, 10)
@@ -182,8 +188,8 @@ class Client:
         else:
             if mode == "sealed+signed":
                 self.security.verify_answer(msg.data, msg.headers)
-            answer = self.security.open(msg.data, msg.headers, reader=self.reader,
-                                        expected_aad=result_binding(token, TENANT)).plaintext
+            answer = self.security.open_answer(msg.data, msg.headers, answer=self.answer, signer=site_principal(SITE),
+                                               expected_aad=result_binding(token, TENANT)).plaintext
         if len(answer) != len(payload):
             raise InvalidToken()
 
@@ -274,10 +280,17 @@ def _crypto_row(security: PayloadSecurity, client: PayloadSecurity, size: int) -
     sealed = security.seal(payload, reader=reader, aad=aad)
     headers = sealed.to_headers()
     signed = security.sign_answer(sealed.body, dict(headers))
+    answer = answer_keys()
+    answer_key = encode_answer_key(answer)
+    answered = security.seal_answer(payload, answer_key=answer_key, aad=aad)
+    answered_headers = answered.to_headers()
     return {
         "size": size,
         "seal_us": round(_best_us(lambda: security.seal(payload, reader=reader, aad=aad), n), 2),
         "open_us": round(_best_us(lambda: client.open(sealed.body, headers, reader=reader, replay=False), n), 2),
+        "seal_answer_us": round(_best_us(lambda: security.seal_answer(payload, answer_key=answer_key, aad=aad), n), 2),
+        "open_answer_us": round(_best_us(lambda: client.open_answer(answered.body, answered_headers, answer=answer,
+                                                                    signer=site_principal(SITE)), n), 2),
         "sign_us": round(_best_us(lambda: security.sign_answer(sealed.body, dict(headers)), n), 2),
         "verify_us": round(_best_us(lambda: client.verify_answer(sealed.body, signed), n), 2),
     }
@@ -375,10 +388,11 @@ def markdown(report: dict) -> str:
             f"{', '.join(met)} |"
         )
     lines += ["", "In-process cost of each operation (best of 3, µs):", "",
-              "| payload | seal | open | sign (SHA-256 + Ed25519) | verify |", "|---:|---:|---:|---:|---:|"]
+              "| payload | seal (tenant key) | open | seal to an answer key | open as its client | "
+              "sign (SHA-256 + Ed25519) | verify |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for c in report["crypto"]:
-        lines.append(f"| {c['size'] // 1024} KB | {c['seal_us']} | {c['open_us']} | {c['sign_us']} | "
-                     f"{c['verify_us']} |")
+        lines.append(f"| {c['size'] // 1024} KB | {c['seal_us']} | {c['open_us']} | {c['seal_answer_us']} | "
+                     f"{c['open_answer_us']} | {c['sign_us']} | {c['verify_us']} |")
     one_kb = next(c for c in report["crypto"] if c["size"] == 1024)
     sealed_1k = next(s for s in report["summary"] if s["size"] == 1024 and s["mode"] == "sealed")
     lines += [

@@ -7,8 +7,10 @@
 With ``keys`` (the tenant's key file, written by ``din up``) every request is
 sealed to the tenant's data key, bound to its id, model and reply subject, and
 every result is checked: signed by a site the key manager vouches for, sealed to
-this tenant for this request. Without keys the client sends in clear, which
-admission accepts only from tenants the crypto policy lets in (or with security off).
+this client's answer key (made per client, sent bound in each request) for this
+request, so no site but the one that served it, and no other client, reads it.
+Without keys the client sends in clear, which admission accepts only from tenants
+the crypto policy lets in (or with security off).
 
 Generation streams tokens::
 
@@ -50,9 +52,12 @@ from din.shared.envelope import InvalidToken, Reason
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
 from din.shared.naming import Subjects
 from din.shared.security import (
+    ANSWER_KEY_FIELD,
     KeyAgent,
     PayloadSecurity,
     PrincipalKeys,
+    answer_keys,
+    encode_answer_key,
     is_sealed,
     request_binding,
     result_binding,
@@ -179,6 +184,7 @@ class DinClient:
         self._owns = owns_connection
         self.security = security or PayloadSecurity(None)
         self._reader = tenant_principal(tenant)
+        self._answer = answer_keys() if self.security.enabled else None
         self._inbox = nc.new_inbox()
         self._answers: dict[str, asyncio.Queue] = {}
         self._subscription = None
@@ -308,6 +314,7 @@ class DinClient:
         if not self.security.enabled:
             return body, headers
         aad = request_binding(headers[RequestHeaders.REQUEST_ID], self.tenant, model, reply, headers)
+        aad[ANSWER_KEY_FIELD] = encode_answer_key(self._answer)
         sealed = self.security.seal(body, reader=self._reader, aad=aad)
         return sealed.body, {**headers, **sealed.to_headers()}
 
@@ -353,13 +360,11 @@ class DinClient:
                 sites = self.security.agent.sites
                 if sites is not None and site_of(signer) not in sites.allowed(sensitive):
                     raise InvalidToken(Reason.WRONG_SITE)
-                opened = self.security.open(
-                    data, headers, reader=self._reader,
+                opened = self.security.open_answer(
+                    data, headers, answer=self._answer, signer=signer,
                     allow_integrity=self.security.agent.integrity_allowed(site_of(signer)),
                     expected_aad=result_binding(request_id, self.tenant, seq),
                 )
-                if opened.sender != signer:
-                    raise InvalidToken()
             except InvalidToken as refused:
                 self.security.refused(refused)
                 raise RefusedAnswer(refused.to_model(request_id)) from None

@@ -31,7 +31,7 @@ Wire format (version 1)
     ``Din-Env-V``       format version, ``"1"``
     ``Din-Env-Mode``    ``"aead"`` (AES-256-GCM, body = ciphertext || 16-byte tag)
                         or ``"mac"`` (integrity only: body = plaintext, HMAC-SHA256 in ``Din-Env-Tag``)
-    ``Din-Env-Kv``      DEK version, decimal
+    ``Din-Env-Kv``      DEK version, decimal; ``"0"``: the pairwise key of sender and reader
     ``Din-Env-Sender``  sending principal
     ``Din-Env-Reader``  reader whose DEK sealed the message
     ``Din-Env-Ts``      sealing time, Unix epoch milliseconds, decimal
@@ -48,6 +48,17 @@ Wire format (version 1)
     info ``b"din.envelope.v1/aead/"`` (or ``/mac/``) followed by one byte of reader
     length, the reader, and the version as 4 bytes big-endian; they are cached,
     so the hot path derives nothing.
+
+Pairwise keys (``Din-Env-Kv: 0``)
+    A payload meant for one reader only is sealed under the key that sender and
+    reader share without anyone else: X25519 of the sender's private key and the
+    reader's public key (static-static, as NaCl's box), through HKDF-SHA256 with
+    info ``b"din.envelope.v1/pair"`` and both public keys in order; the reader
+    derives it from its private key and the sender's public key, so the seal also
+    proves the sender (``seal_pair`` / ``open_pair``, cached per peer in
+    ``PairKeys``, so the hot path agrees on nothing). The reader is a principal, or
+    an *answer key*: a key pair a client makes for its answers and sends bound in
+    its request, so only that client opens them.
 
 Limits
     A DEK is shared by the reader and everyone allowed to seal to it, so the
@@ -89,6 +100,8 @@ __all__ = [
     "InstalledKey",
     "InvalidToken",
     "Keyring",
+    "PAIR_KEY_VERSION",
+    "PairKeys",
     "PathPolicy",
     "PublicIdentity",
     "Reason",
@@ -98,7 +111,9 @@ __all__ = [
     "Sealed",
     "SiteIdentity",
     "open",
+    "open_pair",
     "seal",
+    "seal_pair",
     "sign_result",
     "unwrap_dek",
     "unwrap_private",
@@ -110,6 +125,8 @@ __all__ = [
 FORMAT_VERSION = "1"
 MODE_AEAD = "aead"
 MODE_MAC = "mac"
+PAIR_KEY_VERSION = "0"
+"""``Din-Env-Kv`` of a payload sealed under the pairwise key of its sender and reader."""
 
 H_VERSION = "Din-Env-V"
 H_MODE = "Din-Env-Mode"
@@ -847,6 +864,47 @@ def seal(
     return Sealed(bytes(plaintext), headers)
 
 
+def _parse(sealed: Sealed) -> tuple[dict[str, str], bytes, bytes | None, bytes]:
+    """The authenticated headers, nonce, MAC tag (``mac`` mode) and associated data of ``sealed``."""
+    headers = sealed.headers
+    try:
+        authenticated = {name: headers[name] for name in _AUTHENTICATED_HEADERS}
+        mode = authenticated[H_MODE]
+        version_text = authenticated[H_KEY_VERSION]
+        ts_text = authenticated[H_TIMESTAMP]
+        if (
+            authenticated[H_VERSION] != FORMAT_VERSION
+            or mode not in (MODE_AEAD, MODE_MAC)
+            or not (version_text.isascii() and version_text.isdigit())
+            or not (ts_text.isascii() and ts_text.isdigit())
+        ):
+            raise ValueError("header")
+        nonce = _b64d(authenticated[H_NONCE], NONCE_BYTES)
+        tag = _b64d(headers[H_TAG], 32) if mode == MODE_MAC else None
+        return authenticated, nonce, tag, _canonical(authenticated)
+    except (KeyError, ValueError, TypeError, AttributeError, UnicodeError):
+        raise InvalidToken(Reason.MALFORMED) from None
+
+
+def _unseal(
+    sealed: Sealed, key: InstalledKey, authenticated: dict[str, str], nonce: bytes, tag: bytes | None,
+    associated: bytes, *, now: float, expected_aad: Mapping[str, str] | None, replay_guard: ReplayGuard | None,
+    allow_integrity_only: bool,
+) -> bytes:
+    if authenticated[H_MODE] == MODE_AEAD:
+        plaintext = key.decrypt(nonce, sealed.body, associated)
+    else:
+        key.verify_mac(associated, sealed.body, tag)
+        if not allow_integrity_only:
+            raise InvalidToken(Reason.MODE_NOT_ALLOWED)
+        plaintext = sealed.body
+    if expected_aad is not None and authenticated[H_AAD] != _aad_header(expected_aad):
+        raise InvalidToken(Reason.AAD_MISMATCH)
+    if replay_guard is not None:
+        replay_guard.check(authenticated[H_NONCE], int(authenticated[H_TIMESTAMP]) / 1000, now=now)
+    return plaintext
+
+
 def open(  # noqa: A001 - the Fernet-like name is the point; use as ``envelope.open``
     sealed: Sealed,
     *,
@@ -864,46 +922,106 @@ def open(  # noqa: A001 - the Fernet-like name is the point; use as ``envelope.o
     integrity-only message where confidentiality is required, routing metadata
     other than ``expected_aad`` (when given), and a stale or replayed message
     (when a ``replay_guard`` is given; checked only after authentication, so
-    forgeries cannot fill it).
+    forgeries cannot fill it). A pairwise-sealed message opens only with ``open_pair``.
     """
-    headers = sealed.headers
-    try:
-        authenticated = {name: headers[name] for name in _AUTHENTICATED_HEADERS}
-        mode = authenticated[H_MODE]
-        version_text = authenticated[H_KEY_VERSION]
-        ts_text = authenticated[H_TIMESTAMP]
-        if (
-            authenticated[H_VERSION] != FORMAT_VERSION
-            or mode not in (MODE_AEAD, MODE_MAC)
-            or not (version_text.isascii() and version_text.isdigit())
-            or not (ts_text.isascii() and ts_text.isdigit())
-        ):
-            raise ValueError("header")
-        nonce = _b64d(authenticated[H_NONCE], NONCE_BYTES)
-        tag = _b64d(headers[H_TAG], 32) if mode == MODE_MAC else None
-        associated = _canonical(authenticated)
-    except (KeyError, ValueError, TypeError, AttributeError, UnicodeError):
-        raise InvalidToken(Reason.MALFORMED) from None
-
+    authenticated, nonce, tag, associated = _parse(sealed)
     reader = authenticated[H_READER]
     if reader != expected_reader:
         raise InvalidToken(Reason.WRONG_READER)
+    if authenticated[H_KEY_VERSION] == PAIR_KEY_VERSION:
+        raise InvalidToken(Reason.UNKNOWN_KEY)
     now = keyring.clock() if now is None else now
-    key = keyring.opening_key(reader, int(version_text), sender=authenticated[H_SENDER], now=now)
+    key = keyring.opening_key(reader, int(authenticated[H_KEY_VERSION]), sender=authenticated[H_SENDER], now=now)
+    return _unseal(sealed, key, authenticated, nonce, tag, associated, now=now, expected_aad=expected_aad,
+                   replay_guard=replay_guard, allow_integrity_only=allow_integrity_only)
 
-    if mode == MODE_AEAD:
-        plaintext = key.decrypt(nonce, sealed.body, associated)
-    else:
-        key.verify_mac(associated, sealed.body, tag)
-        if not allow_integrity_only:
-            raise InvalidToken(Reason.MODE_NOT_ALLOWED)
-        plaintext = sealed.body
 
-    if expected_aad is not None and authenticated[H_AAD] != _aad_header(expected_aad):
-        raise InvalidToken(Reason.AAD_MISMATCH)
-    if replay_guard is not None:
-        replay_guard.check(authenticated[H_NONCE], int(ts_text) / 1000, now=now)
-    return plaintext
+class PairKeys:
+    """The pairwise keys of ``identity`` with its peers, derived once per peer public key and kept for the
+    ``max_peers`` most recent (answer keys come and go with clients)."""
+
+    __slots__ = ("identity", "max_peers", "_keys")
+
+    def __init__(self, identity: Identity, *, max_peers: int = 4096) -> None:
+        self.identity = identity
+        self.max_peers = max_peers
+        self._keys: dict[bytes, InstalledKey] = {}
+
+    def key(self, peer_x25519: bytes) -> InstalledKey:
+        """The key this identity shares with the holder of ``peer_x25519``; ``InvalidToken`` for a bad key."""
+        key = self._keys.get(peer_x25519)
+        if key is None:
+            own = self.identity.public.x25519
+            try:
+                shared = self.identity.agree(peer_x25519)
+            except (ValueError, TypeError):
+                raise InvalidToken(Reason.MALFORMED) from None
+            low, high = sorted((own, peer_x25519))
+            secret = _hkdf(shared, _LABEL + b"/pair" + low + high)
+            key = InstalledKey(DataKey("pair", 1, secret))
+            if len(self._keys) >= self.max_peers:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[peer_x25519] = key
+        return key
+
+
+def seal_pair(
+    plaintext: bytes,
+    *,
+    pairs: PairKeys,
+    reader: str,
+    reader_x25519: bytes,
+    aad: Mapping[str, str],
+    now: float | None = None,
+    confidential: bool = True,
+) -> Sealed:
+    """Seal ``plaintext`` for ``reader`` (a principal, or the name an answer key goes by) under the key only the
+    sender (``pairs.identity``) and the holder of ``reader_x25519`` can derive; otherwise like ``seal``."""
+    sender = pairs.identity.name
+    nonce = os.urandom(NONCE_BYTES)
+    headers = {
+        H_VERSION: FORMAT_VERSION,
+        H_MODE: MODE_AEAD if confidential else MODE_MAC,
+        H_KEY_VERSION: PAIR_KEY_VERSION,
+        H_SENDER: sender,
+        H_READER: token(reader, what="reader"),
+        H_TIMESTAMP: str(int((time.time() if now is None else now) * 1000)),
+        H_NONCE: _b64e(nonce),
+        H_AAD: _aad_header(aad),
+    }
+    key = pairs.key(reader_x25519)
+    associated = _canonical(headers)
+    if confidential:
+        return Sealed(key.encrypt(nonce, plaintext, associated), headers)
+    headers[H_TAG] = _b64e(key.mac(associated, plaintext))
+    return Sealed(bytes(plaintext), headers)
+
+
+def open_pair(
+    sealed: Sealed,
+    *,
+    pairs: PairKeys,
+    expected_reader: str,
+    sender_x25519: Callable[[str], bytes | None],
+    now: float | None = None,
+    expected_aad: Mapping[str, str] | None = None,
+    replay_guard: ReplayGuard | None = None,
+    allow_integrity_only: bool = False,
+) -> bytes:
+    """Authenticate and return the plaintext of a payload ``seal_pair`` sealed for ``expected_reader`` (whose key
+    ``pairs`` holds), or raise ``InvalidToken``. ``sender_x25519`` gives the public key of the named sender, None
+    when it is unknown or may not send here (refused ``unknown_key``); otherwise refused like ``open``."""
+    authenticated, nonce, tag, associated = _parse(sealed)
+    if authenticated[H_READER] != expected_reader:
+        raise InvalidToken(Reason.WRONG_READER)
+    if authenticated[H_KEY_VERSION] != PAIR_KEY_VERSION:
+        raise InvalidToken(Reason.UNKNOWN_KEY)
+    peer = sender_x25519(authenticated[H_SENDER])
+    if peer is None:
+        raise InvalidToken(Reason.UNKNOWN_KEY)
+    return _unseal(sealed, pairs.key(peer), authenticated, nonce, tag, associated,
+                   now=time.time() if now is None else now, expected_aad=expected_aad, replay_guard=replay_guard,
+                   allow_integrity_only=allow_integrity_only)
 
 
 # --------------------------------------------------------------------------- result signatures

@@ -1,30 +1,45 @@
 """The ingress hop: a tenant's sealed request opened at admission, or a plaintext one the policy lets in. No NATS here.
 
 A request sealed by its tenant travels on to the classifier and scheduler as it
-came (ciphertext and envelope headers); a plaintext request from a tenant in the
+came (ciphertext and envelope headers), once its binding holds the client's answer
+key (every answer is sealed to it); a plaintext request from a tenant in the
 policy's ``plaintext_ingress`` is sealed here, before it goes any further, and
 marked so the executor answers it unsealed.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from din.shared.contracts.inference import RequestHeaders
-from din.shared.envelope import InvalidToken, Reason
+from din.shared.envelope import H_AAD, InvalidToken, Reason
 from din.shared.errors import DinError, ErrorCode
 from din.shared.security import (
     ANSWER_FIELD,
+    ANSWER_KEY_FIELD,
     ANSWER_PLAIN,
     ENVELOPE_PREFIX,
     PayloadProtection,
     PayloadSecurity,
+    decode_answer_key,
     is_sealed,
     request_binding,
     tenant_principal,
 )
 
 AEAD_OVERHEAD = 16
+
+
+def claimed_answer_key(headers: dict[str, str] | None) -> str | None:
+    """The answer key a sealed request's binding names, as its headers claim it (the seal then proves it); None
+    when there is none or it is no X25519 public key."""
+    try:
+        claimed = json.loads((headers or {})[H_AAD]).get(ANSWER_KEY_FIELD)
+        decode_answer_key(claimed)
+    except (KeyError, ValueError, TypeError, AttributeError, InvalidToken):
+        return None
+    return claimed
 
 
 @dataclass
@@ -59,9 +74,15 @@ class RequestOpener:
                            f"payload of {len(body)} bytes exceeds the limit of {self.max_payload}")
         reader = tenant_principal(tenant)
         expected = request_binding((headers or {}).get(RequestHeaders.REQUEST_ID, ""), tenant, model, reply, headers)
+        answer_key = claimed_answer_key(headers)
+        if answer_key is not None:
+            expected[ANSWER_KEY_FIELD] = answer_key
         opened = self.security.open(body, headers, reader=reader, expected_aad=expected)
         if opened.sender != reader:
             raise InvalidToken(Reason.AAD_MISMATCH)
+        if answer_key is None:
+            raise DinError(ErrorCode.BAD_REQUEST, "a sealed request must bind the client's answer key "
+                           f"({ANSWER_KEY_FIELD}): answers are sealed to it")
         sealed_headers = {k: v for k, v in (headers or {}).items() if k.startswith(ENVELOPE_PREFIX)}
         return Unsealed(opened.plaintext, sealed_headers)
 

@@ -1,12 +1,15 @@
 """What an executor seals and opens: jobs in, answers and stream chunks out, stage hand-offs and hand-backs.
 
-A job arrives sealed to this executor's site (a later stage of a multi-stage
-job: to its tenant, bound to this stage and site); the answer goes out sealed
-to the tenant and signed by the site (unsealed, still signed, for a tenant the
-policy lets send in clear). A stage's output is sealed to the tenant and bound
-to the next stage's site; a job handed back to the scheduler is sealed again
-to the tenant with its original binding. With security off everything passes
-in clear (``opened`` is None). No NATS here: callers publish what this returns.
+Least knowledge: everything an executor sends is sealed for its one reader. A job
+arrives sealed to this executor's site by the scheduler (a later stage of a
+multi-stage job: by the previous stage's site, for this site alone, bound to this
+stage and site); the answer goes out sealed to the client's answer key and signed
+by the site (unsealed, still signed, for a tenant the policy lets send in clear).
+A stage's output is sealed for the next stage's site alone; a job handed back is
+sealed for the site of the scheduler that placed it, with its original binding.
+No tenant key is used, so a site opens only what it serves. With security off
+everything passes in clear (``opened`` is None). No NATS here: callers publish
+what this returns.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from din.shared.envelope import InvalidToken, SealRefused
 from din.shared.errors import DinError, ErrorCode
 from din.shared.security import (
     ANSWER_FIELD,
+    ANSWER_KEY_FIELD,
     ANSWER_PLAIN,
     Opened,
     PayloadProtection,
@@ -25,9 +29,9 @@ from din.shared.security import (
     check_binding,
     request_binding,
     result_binding,
+    site_of,
     site_principal,
     stage_binding,
-    tenant_principal,
     without_envelope,
 )
 
@@ -75,15 +79,17 @@ class ExecutorSeals:
         security = self.security
         if not security.enabled:
             return body, None
-        if job.stage > 0:
-            reader = tenant_principal(job.tenant)
-            expected = stage_binding(job.request_id, job.tenant, job.stage, self.site, job.reply_to, headers)
-        else:
-            reader = self.site_reader
-            expected = request_binding(job.request_id, job.tenant, job.model, job.reply_to, headers)
+        allow_integrity = security.agent.integrity_allowed(self.site)
         try:
-            opened = security.open(body, headers, reader=reader,
-                                   allow_integrity=security.agent.integrity_allowed(self.site))
+            if job.stage > 0:
+                previous = job.plan[job.stage - 1].site
+                opened = security.open_to_me(
+                    body, headers, senders=lambda sender: previous is not None and site_of(sender) == previous,
+                    allow_integrity=allow_integrity)
+                expected = stage_binding(job.request_id, job.tenant, job.stage, self.site, job.reply_to, headers)
+            else:
+                opened = security.open(body, headers, reader=self.site_reader, allow_integrity=allow_integrity)
+                expected = request_binding(job.request_id, job.tenant, job.model, job.reply_to, headers)
             check_binding(opened.aad, expected)
         except InvalidToken as refused:
             security.refused(refused)
@@ -91,42 +97,48 @@ class ExecutorSeals:
         return opened.plaintext, opened
 
     def answer(self, job: JobV1, result: bytes, opened: Opened | None, seq: int | None = None) -> Message:
-        """The result (or stream chunk ``seq``) as it goes to the client: sealed to the tenant (or plain) and
+        """The result (or stream chunk ``seq``) as it goes to the client: sealed to its answer key (or plain) and
         signed by this site."""
         if opened is None:
             return result, {}
         if _plain_answer(opened):
             return result, self.security.sign_answer(result, {})
+        answer_key = opened.aad.get(ANSWER_KEY_FIELD)
+        if answer_key is None:
+            raise DinError(ErrorCode.BAD_REQUEST, "a sealed request must carry the client's answer key")
         try:
-            sealed = self.security.seal(result, reader=tenant_principal(job.tenant),
-                                        aad=result_binding(job.request_id, job.tenant, seq),
-                                        confidential=opened.confidential)
-        except SealRefused as refused:
-            raise DinError(ErrorCode.INTERNAL, f"cannot seal the result: {refused.message}") from None
+            sealed = self.security.seal_answer(result, answer_key=answer_key,
+                                               aad=result_binding(job.request_id, job.tenant, seq),
+                                               confidential=opened.confidential)
+        except InvalidToken:
+            raise DinError(ErrorCode.BAD_REQUEST, "the request's answer key is not an X25519 public key") from None
         return sealed.body, self.security.sign_answer(sealed.body, sealed.to_headers())
 
     def hand_off(self, job: JobV1, following: StageV1, payload: bytes, payload_headers: dict[str, str],
                  opened: Opened | None) -> Message:
-        """A stage's output for ``following`` (``job`` already moved to it), sealed to the tenant and bound to
-        that stage's site (a site holds only the keys of tenants it may serve, so no new site learns a key)."""
+        """A stage's output for ``following`` (``job`` already moved to it), sealed for that stage's site alone
+        and bound to it, the answer key carried on."""
         body, sealed_headers = payload, {}
         if opened is not None:
             aad = stage_binding(job.request_id, job.tenant, job.stage, following.site, job.reply_to, payload_headers,
-                                plain_answer=_plain_answer(opened))
+                                plain_answer=_plain_answer(opened), answer_key=opened.aad.get(ANSWER_KEY_FIELD))
             sensitive = bool(job.workload and job.workload.sensitive)
-            sealed = self.security.seal(payload, reader=tenant_principal(job.tenant), aad=aad,
-                                        confidential=sensitive or not self.security.agent.integrity_allowed(
-                                            following.site))
+            try:
+                sealed = self.security.seal_to(payload, to=site_principal(following.site), aad=aad,
+                                               confidential=sensitive or not self.security.agent.integrity_allowed(
+                                                   following.site))
+            except SealRefused as refused:
+                raise DinError(ErrorCode.INTERNAL, f"cannot seal the hand-off: {refused.message}") from None
             body, sealed_headers = sealed.body, sealed.to_headers()
         return body, {**payload_headers, **job.to_headers(), RequestHeaders.REQUEST_ID: job.request_id,
                       **sealed_headers}
 
     def hand_back(self, job: JobV1, body: bytes, headers: dict[str, str], opened: Opened | None) -> Message:
-        """``job`` with its original body for the scheduler, sealed again to the tenant."""
+        """``job`` with its original body for the scheduler that placed it, sealed for that scheduler's site alone."""
         passthrough = {k: v for k, v in without_envelope(headers).items() if not k.startswith(JOB_HEADER_PREFIX)}
         sealed_headers: dict[str, str] = {}
         if opened is not None:
-            sealed = self.security.seal(body, reader=tenant_principal(job.tenant), aad=opened.aad,
-                                        confidential=opened.confidential)
+            sealed = self.security.seal_to(body, to=site_principal(job.scheduler_site or self.site), aad=opened.aad,
+                                           confidential=opened.confidential)
             body, sealed_headers = sealed.body, sealed.to_headers()
         return body, {**passthrough, **job.to_headers(), **sealed_headers}

@@ -38,24 +38,29 @@ from din.shared.contracts.events import CompletionV1, HeartbeatV1, ProbeV1
 from din.shared.contracts.federation import SiteRosterV1, SiteSummaryV1
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.contracts.job import HEADER_PREFIX, JobV1
-from din.shared.envelope import InvalidToken, SealRefused
+from din.shared.envelope import H_KEY_VERSION, H_SENDER, PAIR_KEY_VERSION, InvalidToken, SealRefused
 from din.shared.errors import DinError, ErrorCode
 from din.shared.fair_input import job_tenant
 from din.shared.lifecycle import Redispatch
 from din.shared.naming import Subjects, Topics
 from din.shared.runtime import Service, control, endpoint, job_endpoint
 from din.shared.security import (
+    ANSWER_FIELD,
+    ANSWER_KEY_FIELD,
+    ANSWER_PLAIN,
     CONTROL_RULES,
     ControlRefused,
     ControlSigner,
     ControlVerifier,
     JobFacts,
+    Opened,
     PayloadSecurity,
     Refusal,
     check_binding,
     held_readers,
     request_binding,
     seal_to_site,
+    site_of,
     site_principal,
     tenant_principal,
     verify_reply,
@@ -172,14 +177,29 @@ class Scheduler(Service):
             await self.dispatch(job, msg.data, passthrough, {})
             return
         try:
-            opened = self.security.open_from(msg.data, msg.headers, reader=tenant_principal(job.tenant))
+            opened = self.open_job(job, msg)
             check_binding(opened.aad, request_binding(job.request_id, job.tenant, job.model, job.reply_to,
                                                       passthrough))
         except InvalidToken as refused:
             self.security.refused(refused)
             self.runtime.dead_letter(msg, f"unauthenticated ({refused.reason.value})")
             return
+        if ANSWER_KEY_FIELD not in opened.aad and opened.aad.get(ANSWER_FIELD) != ANSWER_PLAIN:
+            self.close(job.request_id)
+            await self.refuse(job, DinError(ErrorCode.BAD_REQUEST, "a sealed request must carry the client's answer "
+                                            "key (answer_key in its binding): answers are sealed to it"))
+            return
         await self.dispatch(job, opened.plaintext, passthrough, opened.aad)
+
+    def open_job(self, job: JobV1, msg: Msg) -> Opened:
+        """A job as its client (through admission) sealed it to the tenant, or as a site sealed it for this site
+        alone: an executor handing it back, another site's scheduler forwarding it."""
+        if msg.headers and msg.headers.get(H_KEY_VERSION) == PAIR_KEY_VERSION:
+            sites = {site.name for site in self.topology.sites}
+            return self.security.open_to_me(
+                msg.data, msg.headers, senders=lambda sender: site_of(sender) in sites,
+                allow_integrity=self.security.agent.integrity_allowed(site_of(msg.headers.get(H_SENDER, ""))))
+        return self.security.open_from(msg.data, msg.headers, reader=tenant_principal(job.tenant))
 
     @endpoint("completed", completions_heard)
     async def on_completed(self, msg: Msg) -> None:
@@ -347,13 +367,13 @@ class Scheduler(Service):
 
     async def forward(self, job: JobV1, site: str, body: bytes, passthrough: dict[str, str], aad: dict[str, str],
                       reason: str) -> None:
-        """Send ``job`` to ``site``'s scheduler, sealed to its tenant again; that scheduler answers it from now on
+        """Send ``job`` to ``site``'s scheduler, sealed for that site alone; that scheduler answers it from now on
         (placing it at its own executors only)."""
         job.forwarded_from = self.settings.site
         job.stamps_ms["forwarded"] = now_ms()
         wire, sealed_headers = body, {}
         if self.security.enabled:
-            sealed = self.security.seal(body, reader=tenant_principal(job.tenant), aad=aad, confidential=True)
+            sealed = self.security.seal_to(body, to=site_principal(site), aad=aad, confidential=True)
             wire, sealed_headers = sealed.body, sealed.to_headers()
         self.counts["forwarded"] += 1
         self.record(job, None, reason, forwarded_to=site)

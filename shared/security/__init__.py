@@ -38,10 +38,20 @@ Data keys (DEKs) and readers
     A payload is sealed to a *reader*; the reader's DEK (``shared.envelope.Keyring``)
     opens it. ``key_holders`` decides who receives each reader's DEK:
     ``site-<s>``: the site and the hub site (whose scheduler seals jobs to it);
-    ``tenant-<t>``: the tenant, the hub site (admission opens requests, the
-    scheduler re-seals them) and every site that may serve the tenant (it seals
-    the result); ``audit``: the auditor and the hub site. The key manager holds
+    ``tenant-<t>``: the tenant, the hub site and every other control-plane site
+    that may serve the tenant (their admission opens requests, their scheduler
+    re-seals them): a site that only executes holds no tenant's key;
+    ``audit``: the auditor and the hub site. The key manager holds
     every DEK too, wrapped to itself, so it recovers its state from the bucket.
+
+Pairwise keys and answer keys (least knowledge)
+    What one site sends to one reader is sealed under the key only the two share
+    (``envelope.seal_pair``: X25519 of their identities, no DEK), and every answer
+    to the client's *answer key* (``answer_keys``): a key pair each client makes,
+    whose public half it binds into every request (``ANSWER_KEY_FIELD``), carried
+    on by every hop's seal. So a site opens the jobs placed there and the
+    intermediates handed to it, and nothing served elsewhere; no site opens an
+    answer; a client opens only its own.
 
 The key-value bucket ``DIN_KEYS`` (JetStream at the hub site), every value signed by the key manager
     ``pub.<principal>``                  a public identity
@@ -65,20 +75,22 @@ version is accepted until ``not_after`` (the grace window), so nothing in flight
 
 Hops (wire headers: ``Din-Env-*`` from ``shared.envelope``; ``Din-Signer`` and ``Din-Sig`` on results)
     client -> admission      sealed to ``tenant-<t>`` by the tenant; AAD = ``request_binding``
-                             (request id, tenant, model, reply subject, tensor headers).
-                             Forwarded to classifier and scheduler as it is.
+                             (request id, tenant, model, reply subject, tensor headers) and
+                             the client's answer key. Forwarded to classifier and scheduler as it is.
     scheduler -> executor    opened and re-sealed to ``site-<s>`` with the same AAD,
                              encrypted or, where the operator's policy allows for that
                              site's link, integrity-only (sensitive data is always encrypted).
-    executor -> client       the result sealed to ``tenant-<t>`` (AAD ``result_binding``) and
-                             signed by the site (Ed25519 over SHA-256 of the body and the
-                             envelope headers); the client verifies, then opens.
-    executor -> scheduler    a job handed back is re-sealed to ``tenant-<t>``.
-    executor -> executor     a multi-stage job's intermediate tensor or decode state, sealed to
-                             ``tenant-<t>`` (held only by sites that may serve the tenant, which already
-                             hold it to seal results) with AAD ``stage_binding``: request, stage, the next
-                             stage's site, reply subject, tensor headers; the receiving executor refuses
-                             one bound to another site. Token stream chunks go to the client like results.
+    executor -> client       the result sealed to the client's answer key (pairwise, AAD
+                             ``result_binding``) and signed by the site (Ed25519 over SHA-256 of the
+                             body and the envelope headers); the client verifies, then opens.
+    executor -> scheduler    a job handed back is sealed for the scheduler's site alone (pairwise).
+    scheduler -> scheduler   a job forwarded to another site is sealed for that site alone (pairwise).
+    executor -> executor     a multi-stage job's intermediate tensor or decode state, sealed for the
+                             next stage's site alone (pairwise; only the previous stage's site is
+                             accepted as its sender) with AAD ``stage_binding``: request, stage, the next
+                             stage's site, reply subject, tensor headers, answer key; the receiving
+                             executor refuses one bound to another site. Token stream chunks go to the
+                             client like results.
     every job hop            the ``Din-Job-V1`` header (tenant, model, labels, sensitivity, allowed sites,
                              SLA class, deadline, plan, placement) carries a ``Din-Job-Tag`` for its receiver:
                              a MAC under the receiving site's key, or the sending site's signature where the
@@ -93,6 +105,7 @@ Hops (wire headers: ``Din-Env-*`` from ``shared.envelope``; ``Din-Signer`` and `
 from din.shared.security.agent import AGENT_GRACE_S, DekState, KeyAgent
 from din.shared.security.bindings import (
     ANSWER_FIELD,
+    ANSWER_KEY_FIELD,
     ANSWER_PLAIN,
     BOUND_HEADER_PREFIXES,
     check_binding,
@@ -128,7 +141,16 @@ from din.shared.security.keyfiles import (
     read_master_key,
     unlock_key,
 )
-from din.shared.security.payload import Opened, PayloadSecurity, seal_for_audit, seal_to_site
+from din.shared.security.payload import (
+    ANSWER_READER,
+    Opened,
+    PayloadSecurity,
+    answer_keys,
+    decode_answer_key,
+    encode_answer_key,
+    seal_for_audit,
+    seal_to_site,
+)
 from din.shared.security.policy import LOCAL_PATH, CryptoPolicy, Level, PayloadProtection
 from din.shared.security.principals import (
     AUDIT,
@@ -151,7 +173,9 @@ from din.shared.security.settings import SecuredServiceSettings
 __all__ = [
     "AGENT_GRACE_S",
     "ANSWER_FIELD",
+    "ANSWER_KEY_FIELD",
     "ANSWER_PLAIN",
+    "ANSWER_READER",
     "AUDIT",
     "BOUND_HEADER_PREFIXES",
     "CONTROL_RULES",
@@ -205,6 +229,9 @@ __all__ = [
     "result_binding",
     "seal_for_audit",
     "seal_to_site",
+    "answer_keys",
+    "decode_answer_key",
+    "encode_answer_key",
     "TenantSites",
     "serving_sites",
     "sign_entry",

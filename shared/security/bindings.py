@@ -22,6 +22,9 @@ admission the options travel in the job header, authenticated by its tag (``jobf
 them out of the comparison (``check_binding``)."""
 ANSWER_FIELD = "answer"
 ANSWER_PLAIN = "plain"
+ANSWER_KEY_FIELD = "answer_key"
+"""The client's answer key (``payload.answer_keys``), bound in its request and carried by every hop's seal: the
+answer is sealed to it, so no site but the client's opens it."""
 
 
 def request_binding(request_id: str, tenant: str, model: str, reply: str,
@@ -35,21 +38,24 @@ def request_binding(request_id: str, tenant: str, model: str, reply: str,
 
 
 def stage_binding(request_id: str, tenant: str, stage: int, site: str, reply: str,
-                  headers: Mapping[str, str] | None, *, plain_answer: bool = False) -> dict[str, str]:
+                  headers: Mapping[str, str] | None, *, plain_answer: bool = False,
+                  answer_key: str | None = None) -> dict[str, str]:
     """The AAD of what a multi-stage job hands to stage ``stage`` at ``site``: the request, the stage, the site, the
     reply subject and the headers that say how to read the body; ``plain_answer`` when the client may be answered
-    in clear."""
+    in clear, else the client's ``answer_key``."""
     aad = request_binding(request_id, tenant, f"stage-{stage}", reply, headers)
     aad["site"] = site
     if plain_answer:
         aad[ANSWER_FIELD] = ANSWER_PLAIN
+    if answer_key is not None:
+        aad[ANSWER_KEY_FIELD] = answer_key
     return aad
 
 
 def check_binding(aad: Mapping[str, str], expected: Mapping[str, str]) -> None:
-    """Refuse (``InvalidToken``) unless ``aad`` is ``expected``, give or take the answer mode and the option headers
-    the client bound (admission checked those; the job header carries the options on)."""
-    bound = {k: v for k, v in aad.items() if k != ANSWER_FIELD and k not in OPTION_HEADERS}
+    """Refuse (``InvalidToken``) unless ``aad`` is ``expected``, give or take the answer mode, the answer key and
+    the option headers the client bound (admission checked those; the job header carries the options on)."""
+    bound = {k: v for k, v in aad.items() if k not in (ANSWER_FIELD, ANSWER_KEY_FIELD) and k not in OPTION_HEADERS}
     if bound != dict(expected) or (ANSWER_FIELD in aad and aad[ANSWER_FIELD] != ANSWER_PLAIN):
         raise InvalidToken(Reason.AAD_MISMATCH)
 

@@ -7,7 +7,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from din.shared import envelope
-from din.shared.envelope import InvalidToken, Reason, ReplayGuard, Sealed
+from din.shared.envelope import Identity, InvalidToken, PairKeys, Reason, ReplayGuard, Sealed, SealRefused
+from din.shared.security import b64url
 from din.shared.security.agent import KeyAgent
 from din.shared.security.headers import SIGNER_HEADER, signed_headers
 from din.shared.security.keyfiles import PrincipalKeys
@@ -57,6 +58,7 @@ class PayloadSecurity:
         self.enabled = agent is not None
         self.replay = ReplayGuard(replay_window_s, max_entries=max_entries)
         self.refusals: Counter[str] = Counter()
+        self._pairs: PairKeys | None = None
 
     @classmethod
     def from_settings(cls, settings: SecuredServiceSettings) -> PayloadSecurity:
@@ -117,6 +119,59 @@ class PayloadSecurity:
         return envelope.seal(plaintext, reader=reader, aad=aad, keyring=self.agent.keyring, sender=self.principal,
                              confidential=confidential)
 
+    @property
+    def pairs(self) -> PairKeys:
+        """This principal's pairwise keys (``envelope.seal_pair``)."""
+        if self._pairs is None:
+            self._pairs = PairKeys(self.agent.keys.identity)
+        return self._pairs
+
+    def _peer(self, principal: str) -> bytes | None:
+        public = self.agent.publics.get(principal)
+        return None if public is None or principal in self.agent.revoked else public.x25519
+
+    def seal_to(self, plaintext: bytes, *, to: str, aad: Mapping[str, str], confidential: bool = True) -> Sealed:
+        """Seal ``plaintext`` for principal ``to`` alone (its pairwise key with this one); raises ``SealRefused``
+        when ``to`` is unknown or revoked."""
+        peer = self._peer(to)
+        if peer is None:
+            raise SealRefused(f"no public key of {to}")
+        return envelope.seal_pair(plaintext, pairs=self.pairs, reader=to, reader_x25519=peer, aad=aad,
+                                  confidential=confidential)
+
+    def seal_answer(self, plaintext: bytes, *, answer_key: str, aad: Mapping[str, str],
+                    confidential: bool = True) -> Sealed:
+        """Seal an answer for the client that sent ``answer_key`` with its request (``answer_keys``); raises
+        ``InvalidToken`` for a key that is not one."""
+        return envelope.seal_pair(plaintext, pairs=self.pairs, reader=ANSWER_READER,
+                                  reader_x25519=decode_answer_key(answer_key), aad=aad, confidential=confidential)
+
+    def open_to_me(self, body: bytes, headers: Mapping[str, str] | None, *, senders: Callable[[str], bool],
+                   allow_integrity: bool = False, expected_aad: Mapping[str, str] | None = None,
+                   replay: bool = True) -> Opened:
+        """Authenticate a message sealed for this principal alone by a sender ``senders`` accepts (known, not
+        revoked); raise ``InvalidToken`` (not counted)."""
+        sealed = Sealed.from_headers(body, headers)
+        plaintext = envelope.open_pair(
+            sealed, pairs=self.pairs, expected_reader=self.principal,
+            sender_x25519=lambda name: self._peer(name) if senders(name) else None,
+            expected_aad=expected_aad, replay_guard=self.replay if replay else None,
+            allow_integrity_only=allow_integrity,
+        )
+        return Opened(plaintext, sealed)
+
+    def open_answer(self, body: bytes, headers: Mapping[str, str] | None, *, answer: PairKeys, signer: str,
+                    allow_integrity: bool = False, expected_aad: Mapping[str, str] | None = None) -> Opened:
+        """Authenticate an answer sealed by ``signer`` (the site whose signature it carries) to the client's
+        ``answer`` key; raise ``InvalidToken`` (not counted)."""
+        sealed = Sealed.from_headers(body, headers)
+        plaintext = envelope.open_pair(
+            sealed, pairs=answer, expected_reader=ANSWER_READER,
+            sender_x25519=lambda name: self._peer(name) if name == signer else None,
+            expected_aad=expected_aad, allow_integrity_only=allow_integrity,
+        )
+        return Opened(plaintext, sealed)
+
     def sign_answer(self, body: bytes, headers: dict[str, str]) -> dict[str, str]:
         """Add ``Din-Signer`` and ``Din-Sig`` to ``headers``: Ed25519 over SHA-256 of the body and envelope headers."""
         headers[SIGNER_HEADER] = self.principal
@@ -164,6 +219,32 @@ class PayloadSecurity:
             out.update({f"key_entries_refused_{reason}": str(n) for reason, n in sorted(self.agent.refusals.items())})
             out["key_source"] = self.agent.source or ""
         return out
+
+
+ANSWER_READER = "answer"
+"""The reader an answer sealed to a client's answer key names."""
+
+
+def answer_keys() -> PairKeys:
+    """A client's answer key: made for its session, its public half sent bound in every request it seals
+    (``ANSWER_KEY_FIELD``), so only that client opens the answers."""
+    return PairKeys(Identity.generate(ANSWER_READER))
+
+
+def encode_answer_key(answer: PairKeys) -> str:
+    """The public half of an answer key as it travels in a request's binding."""
+    return b64url.encode(answer.identity.public.x25519)
+
+
+def decode_answer_key(text: str) -> bytes:
+    """Inverse of ``encode_answer_key``; ``InvalidToken`` (malformed) for anything else."""
+    try:
+        key = b64url.decode(text)
+    except (ValueError, TypeError, UnicodeError):
+        raise InvalidToken(Reason.MALFORMED) from None
+    if len(key) != 32:
+        raise InvalidToken(Reason.MALFORMED)
+    return key
 
 
 def error_digest(reply_to: str, body: bytes) -> bytes:

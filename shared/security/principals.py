@@ -91,8 +91,9 @@ def key_holders(topology: Topology, revoked: Iterable[str] = ()) -> dict[str, fr
     readers: dict[str, set[str]] = {}
     for site in topology.sites:
         readers[site_principal(site.name)] = {site_principal(site.name), hub}
+    control = set(topology.control_sites())
     for tenant in topology.tenants:
-        sites = {site_principal(s) for s in serving_sites(topology, tenant.name)}
+        sites = {site_principal(s) for s in serving_sites(topology, tenant.name) if s in control}
         readers[tenant_principal(tenant.name)] = {tenant_principal(tenant.name), hub, *sites}
     readers[AUDIT] = {AUDIT, hub}
     for site in topology.control_sites():

@@ -33,12 +33,14 @@ from din.shared.envelope import DataKey, Keyring
 from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1
 from din.shared.naming import Subjects, Topics
 from din.shared.security import (
+    ANSWER_KEY_FIELD,
     OPERATOR,
     CryptoPolicy,
     JobFacts,
     KeyAgent,
     PayloadSecurity,
     PrincipalKeys,
+    encode_answer_key,
     key_file,
     request_binding,
     site_principal,
@@ -480,18 +482,20 @@ async def test_rotation_under_load_loses_no_request(network):
 async def test_a_revoked_site_gets_no_work_and_its_messages_are_refused(network):
     branch = PayloadSecurity(KeyAgent(PrincipalKeys.load(key_file(network.stack.keys_dir, site_principal("branch")))))
     nc = await nats.connect(network.stack.nats_urls["branch"], **network.stack.nats_options("branch"))
-    await branch.start(nc, readers=lambda a: [site_principal("branch"), tenant_principal("globex")])
+    await branch.start(nc, readers=lambda a: [site_principal("branch")])
     before = await detail(network, "scheduler")
     async with clients(network, "globex", "initech") as c:
         globex = c["globex"]
         # Branch signs a result before its revocation; afterwards the client refuses anything from it.
-        late = branch.seal(b"{}", reader=tenant_principal("globex"), aad={"rid": "late", "tenant": "globex"})
+        late = branch.seal_answer(b"{}", answer_key=encode_answer_key(globex._answer),
+                                  aad={"rid": "late", "tenant": "globex"})
         late_headers = branch.sign_answer(late.body, late.to_headers())
         # And a give-back sealed by branch to the scheduler (a real message shape, from branch's own keys).
         give_back_body, give_back_headers = globex.build({"input": SECRET}, request_id="from-branch")
         job_reply = f"{globex._inbox}.from-branch"
-        sealed = branch.seal(give_back_body, reader=tenant_principal("globex"), aad=request_binding(
-            "from-branch", "globex", MODEL, job_reply, give_back_headers))
+        sealed = branch.seal_to(give_back_body, to=site_principal("cloud"), aad=request_binding(
+            "from-branch", "globex", MODEL, job_reply, give_back_headers) | {
+            ANSWER_KEY_FIELD: encode_answer_key(globex._answer)})
 
         result = await key_command(network, KeyAction.REVOKE, principal=site_principal("branch"))
         assert site_principal("branch") in result.revoked

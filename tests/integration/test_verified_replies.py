@@ -15,6 +15,7 @@ clients where its requests may be served.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import nats
 import numpy as np
@@ -26,6 +27,7 @@ from din.shared.contracts.inference import InferResponseV1, RequestHeaders, Serv
 from din.shared.envelope import SIGNATURE_HEADER, SiteIdentity, sign_result
 from din.shared.errors import DIN_ERROR_HEADER, DinError, ErrorCode, error_reply
 from din.shared.security import (
+    ANSWER_KEY_FIELD,
     SIGNER_HEADER,
     KeyAgent,
     PayloadSecurity,
@@ -33,7 +35,6 @@ from din.shared.security import (
     key_file,
     result_binding,
     site_principal,
-    tenant_principal,
 )
 from tests.integration.network import running_network
 from tests.support import wait_for
@@ -104,7 +105,7 @@ async def test_a_compromised_hubs_results_for_data_it_may_not_serve_are_refused(
     x, _ = digits
     attacker = await nats.connect(nats_servers(network.hub_url), **network.stack.nats_options())
     hub = PayloadSecurity(KeyAgent(PrincipalKeys.load(key_file(network.stack.keys_dir, site_principal("cloud")))))
-    await hub.start(attacker, readers=lambda agent: [tenant_principal("acme")])
+    await hub.start(attacker)
     forged = 0
 
     async def forge(msg) -> None:
@@ -117,7 +118,8 @@ async def test_a_compromised_hubs_results_for_data_it_may_not_serve_are_refused(
             served_by=ServedByV1(site="factory", executor="factory-1", model="digits-small", model_version="2",
                                  degraded=False, batch_size=1),
         ).model_dump_json().encode()
-        sealed = hub.seal(fake, reader=tenant_principal("acme"), aad=result_binding(request_id, "acme"))
+        answer_key = json.loads(msg.headers["Din-Env-Aad"])[ANSWER_KEY_FIELD]   # in clear on the request
+        sealed = hub.seal_answer(fake, answer_key=answer_key, aad=result_binding(request_id, "acme"))
         await attacker.publish(msg.reply, sealed.body, headers=hub.sign_answer(sealed.body, sealed.to_headers()))
         forged += 1
 

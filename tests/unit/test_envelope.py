@@ -21,10 +21,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from din.shared import envelope
 from din.shared.envelope import (
+    PAIR_KEY_VERSION,
     DataKey,
     Identity,
     InvalidToken,
     Keyring,
+    PairKeys,
     PathPolicy,
     PublicIdentity,
     Reason,
@@ -32,6 +34,8 @@ from din.shared.envelope import (
     Sealed,
     SealRefused,
     SiteIdentity,
+    open_pair,
+    seal_pair,
 )
 from din.shared.errors import DinError, ErrorCode, error_reply
 from tests.support import T0, ManualClock
@@ -689,3 +693,29 @@ def test_result_signature_round_trip_and_refusals() -> None:
     # Payload and header boundary cannot be shifted.
     _refused(Reason.BAD_SIGNATURE, envelope.verify_result, site.public, b"",
              {"Din-Job-V1": '{"request_id":"req-1"}', "Din-Env-Kv": "2logits"}, signature)
+
+
+def test_a_pairwise_seal_opens_for_its_reader_alone_and_proves_its_sender():
+    alice, bob, eve = (PairKeys(Identity.generate(name)) for name in ("site-a", "site-b", "site-e"))
+    publics = {p.identity.name: p.identity.public.x25519 for p in (alice, bob, eve)}
+    sealed = seal_pair(b"secret", pairs=alice, reader="site-b", reader_x25519=publics["site-b"], aad={"rid": "r"})
+    assert sealed.headers["Din-Env-Kv"] == PAIR_KEY_VERSION and b"secret" not in sealed.body
+    assert open_pair(sealed, pairs=bob, expected_reader="site-b", sender_x25519=publics.get,
+                     expected_aad={"rid": "r"}) == b"secret"
+    for reason, pairs, reader, senders in (
+        (Reason.WRONG_READER, eve, "site-e", publics.get),                    # another reader
+        (Reason.BAD_TAG, eve, "site-b", publics.get),                          # eve claiming to be bob
+        (Reason.UNKNOWN_KEY, bob, "site-b", lambda name: None),               # a sender bob does not accept
+        (Reason.BAD_TAG, bob, "site-b", lambda name: publics["site-e"]),      # eve's key for alice's name
+    ):
+        with pytest.raises(InvalidToken) as info:
+            open_pair(sealed, pairs=pairs, expected_reader=reader, sender_x25519=senders)
+        assert info.value.reason == reason
+    forged = Sealed(sealed.body, {**sealed.headers, "Din-Env-Sender": "site-e"})
+    with pytest.raises(InvalidToken):
+        open_pair(forged, pairs=bob, expected_reader="site-b", sender_x25519=publics.get)
+    with pytest.raises(InvalidToken) as info:
+        envelope.open(sealed, keyring=Keyring(), expected_reader="site-b")
+    assert info.value.reason == Reason.UNKNOWN_KEY
+    with pytest.raises(InvalidToken):
+        seal_pair(b"x", pairs=alice, reader="site-b", reader_x25519=b"\x00" * 32, aad={})

@@ -20,6 +20,7 @@ from din.shared.envelope import InvalidToken, Reason, SealRefused
 from din.shared.errors import ErrorCode
 from din.shared.security import (
     ANSWER_FIELD,
+    ANSWER_KEY_FIELD,
     ANSWER_PLAIN,
     AUDIT,
     SIGNER_HEADER,
@@ -27,6 +28,7 @@ from din.shared.security import (
     PayloadSecurity,
     TenantSites,
     check_binding,
+    encode_answer_key,
     payload_size,
     request_binding,
     result_binding,
@@ -72,9 +74,10 @@ def result_json(rid: str) -> bytes:
     ).model_dump_json().encode()
 
 
-def answer(site: PayloadSecurity, rid: str, tenant: str = "acme", confidential: bool = True):
-    sealed = site.seal(result_json(rid), reader=f"tenant-{tenant}", aad=result_binding(rid, tenant),
-                       confidential=confidential)
+def answer(site: PayloadSecurity, rid: str, to: DinClient, tenant: str = "acme", confidential: bool = True):
+    """A site's answer to a request of client ``to``: sealed to its answer key, signed by the site."""
+    sealed = site.seal_answer(result_json(rid), answer_key=encode_answer_key(to._answer),
+                              aad=result_binding(rid, tenant), confidential=confidential)
     return sealed.body, site.sign_answer(sealed.body, sealed.to_headers())
 
 
@@ -113,19 +116,19 @@ def test_the_whole_path_sealed_hop_by_hop(net):
     at_site = executor.open(job.body, job.to_headers(), reader=FACTORY, allow_integrity=True)
     assert at_site.plaintext == unsealed.plaintext and not at_site.confidential
 
-    result_body, result_headers = answer(executor, "req-1", confidential=True)
+    result_body, result_headers = answer(executor, "req-1", client, confidential=True)
     result = client.open_answer("req-1", result_body, result_headers)
     assert result.signer == FACTORY and result.encrypted and result.response.id == "req-1"
 
 
 def test_integrity_only_is_refused_where_the_policy_does_not_allow_it(net):
     client = client_for(net[ACME])
-    mac_result = answer(net[BRANCH], "req-9", confidential=False)
+    mac_result = answer(net[BRANCH], "req-9", client, confidential=False)
     with pytest.raises(DinRequestError) as info:
         client.open_answer("req-9", *mac_result)
     assert info.value.error.code == ErrorCode.UNAUTHENTICATED
     assert net[ACME].refusals[Reason.MODE_NOT_ALLOWED.value] == 1
-    assert client.open_answer("req-8", *answer(net[FACTORY], "req-8", confidential=False)).encrypted is False
+    assert client.open_answer("req-8", *answer(net[FACTORY], "req-8", client, confidential=False)).encrypted is False
 
 
 def test_plaintext_ingress_only_for_tenants_the_policy_names(net, authority, agents):
@@ -193,7 +196,7 @@ def test_every_attack_is_refused_with_one_code_and_counted(net, authority, agent
 
 def test_forged_or_misdirected_results_are_refused_by_the_client(net):
     client = client_for(net[ACME])
-    body, headers = answer(net[FACTORY], "req-1")
+    body, headers = answer(net[FACTORY], "req-1", client)
 
     def rejected(reason: Reason, data, hdrs, rid="req-1"):
         before = client.security.refusals[reason.value]
@@ -211,10 +214,15 @@ def test_forged_or_misdirected_results_are_refused_by_the_client(net):
     rejected(Reason.BAD_SIGNATURE, body[:-1] + bytes([body[-1] ^ 1]), headers)    # tampered after signing
     rejected(Reason.AAD_MISMATCH, body, headers, rid="req-2")                     # another request's result
     rejected(Reason.MALFORMED, result_json("req-1"), {})                           # unsealed, unsigned
-    # A tenant cannot read or accept another tenant's result.
+    # A tenant cannot read or accept another tenant's result, nor another client of the same tenant.
     initech = client_for(net[INITECH], "initech")
     with pytest.raises(DinRequestError):
         initech.open_answer("req-1", body, headers)
+    with pytest.raises(RefusedAnswer):
+        client_for(net[ACME]).open_answer("req-1", body, headers)
+    # A result sealed to the tenant's data key (what any site that serves the tenant could open) is refused.
+    dek_sealed = net[FACTORY].seal(result_json("req-1"), reader=ACME, aad=result_binding("req-1", "acme"))
+    rejected(Reason.WRONG_READER, dek_sealed.body, net[FACTORY].sign_answer(dek_sealed.body, dek_sealed.to_headers()))
     # An error counts only when a site signed it for the reply subject it came on.
     error = b'{"error": {"code": "overloaded", "message": "m", "retriable": true, "status": 503}}'
     signed = net[FACTORY].sign_error(error, {"Din-Error": "overloaded"}, REPLY)
@@ -239,16 +247,16 @@ def test_a_result_from_a_site_that_may_not_serve_the_request_is_refused(net):
     assert client.security.agent.sites == TenantSites(frozenset({"cloud", "factory", "branch"}),
                                                       frozenset({"factory"}))
     assert net[INITECH].agent.sites == TenantSites(frozenset({"branch"}), frozenset({"branch"})), "its own only"
-    from_hub = answer(net[HUB], "req-1")
+    from_hub = answer(net[HUB], "req-1", client)
     assert client.open_answer("req-1", *from_hub).signer == HUB, "ordinary data: any site that serves acme"
     before = client.security.refusals[Reason.WRONG_SITE.value]
     with pytest.raises(RefusedAnswer):
         client.open_answer("req-1", *from_hub, sensitive=True)
     assert client.security.refusals[Reason.WRONG_SITE.value] == before + 1
-    assert client.open_answer("req-1", *answer(net[FACTORY], "req-1"), sensitive=True).signer == FACTORY
+    assert client.open_answer("req-1", *answer(net[FACTORY], "req-1", client), sensitive=True).signer == FACTORY
     initech = client_for(net[INITECH], "initech")
     with pytest.raises(RefusedAnswer):
-        initech.open_answer("req-1", *answer(net[HUB], "req-1", tenant="initech"))
+        initech.open_answer("req-1", *answer(net[HUB], "req-1", initech, tenant="initech"))
 
 
 @pytest.mark.parametrize(("headers", "confined_to_sensitive_sites"), [
@@ -312,10 +320,10 @@ def test_seal_to_site_follows_the_policy_and_never_relaxes_sensitive_data(net):
 
 def test_a_stage_hand_off_opens_only_as_the_stage_and_site_it_was_sealed_for(net):
     tensor = {"Din-Tensor-Name": "hidden_1", "Din-Tensor-Shape": "1,256", "Din-Tensor-Datatype": "FP32"}
-    sent = stage_binding("req-1", "acme", 1, "cloud", REPLY, tensor)
-    handed = net[FACTORY].seal(b"\x01" * 1024, reader=ACME, aad=sent)
+    sent = stage_binding("req-1", "acme", 1, "cloud", REPLY, tensor, answer_key="k")
+    handed = net[FACTORY].seal_to(b"\x01" * 1024, to=HUB, aad=sent)
     tail = PayloadSecurity(net[HUB].agent)
-    opened = tail.open(handed.body, handed.to_headers(), reader=ACME)
+    opened = tail.open_to_me(handed.body, handed.to_headers(), senders=lambda sender: sender == FACTORY)
     check_binding(opened.aad, stage_binding("req-1", "acme", 1, "cloud", REPLY, tensor))
     for wrong in (stage_binding("req-1", "acme", 1, "branch", REPLY, tensor),
                   stage_binding("req-1", "acme", 0, "cloud", REPLY, tensor),
@@ -324,6 +332,44 @@ def test_a_stage_hand_off_opens_only_as_the_stage_and_site_it_was_sealed_for(net
         refused(Reason.AAD_MISMATCH, check_binding, opened.aad, wrong)
     corrupted = bytearray(handed.body)
     corrupted[10] ^= 0xFF
-    refused(Reason.BAD_TAG, PayloadSecurity(net[HUB].agent).open, bytes(corrupted), handed.to_headers(), reader=ACME)
+    refused(Reason.BAD_TAG, PayloadSecurity(net[HUB].agent).open_to_me, bytes(corrupted), handed.to_headers(),
+            senders=lambda sender: True)
+    refused(Reason.UNKNOWN_KEY, PayloadSecurity(net[HUB].agent).open_to_me, handed.body, handed.to_headers(),
+            senders=lambda sender: sender == BRANCH)
     with pytest.raises(SealRefused):
-        net[FACTORY].seal(b"state", reader=INITECH, aad=sent)
+        net[FACTORY].seal_to(b"state", to="site-nowhere", aad=sent)
+
+
+def test_a_sites_keys_open_only_what_it_serves(net):
+    """Least knowledge: the answer opens for the requesting client alone, a hand-off for the next stage's site
+    alone, a hand-back for the scheduler's site alone; every other principal's keys open none of them."""
+    client = client_for(net[ACME])
+    body, headers = request(client)
+    opened = net[HUB].open_from(body, headers, reader=ACME)
+    job = seal_to_site(net[HUB], opened.plaintext, site="branch", aad=opened.aad)
+    at_branch = net[BRANCH].open(job.body, job.to_headers(), reader=BRANCH)
+    answer_key = at_branch.aad[ANSWER_KEY_FIELD]
+    result = net[BRANCH].seal_answer(result_json("req-1"), answer_key=answer_key, aad=result_binding("req-1", "acme"))
+    hand_off = net[BRANCH].seal_to(b"hidden", to=FACTORY, aad=stage_binding(
+        "req-1", "acme", 1, "factory", REPLY, {}, answer_key=answer_key))
+    hand_back = net[BRANCH].seal_to(opened.plaintext, to=HUB, aad=opened.aad)
+    signed = net[BRANCH].sign_answer(result.body, result.to_headers())
+    assert client.open_answer("req-1", result.body, signed).signer == BRANCH
+    sealed_for = {FACTORY: hand_off, HUB: hand_back}
+    for principal, security in net.items():
+        for reader, sealed in sealed_for.items():
+            if principal == reader:
+                continue
+            with pytest.raises(InvalidToken):
+                security.open_to_me(sealed.body, sealed.to_headers(), senders=lambda sender: True)
+            for dek_reader in (ACME, FACTORY, HUB, BRANCH):
+                with pytest.raises(InvalidToken):
+                    security.open(sealed.body, sealed.to_headers(), reader=dek_reader, replay=False)
+        with pytest.raises(InvalidToken):
+            security.open_to_me(result.body, result.to_headers(), senders=lambda sender: True)
+    with pytest.raises(RefusedAnswer):
+        client_for(net[ACME]).open_answer("req-1", result.body, signed)
+    assert net[FACTORY].open_to_me(hand_off.body, hand_off.to_headers(),
+                                   senders=lambda sender: sender == BRANCH).plaintext == b"hidden"
+    assert net[HUB].open_to_me(hand_back.body, hand_back.to_headers(),
+                               senders=lambda sender: sender == BRANCH).plaintext == opened.plaintext
