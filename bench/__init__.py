@@ -9,9 +9,9 @@ Every benchmark is a module here run by a ``din bench...`` command (``din/comman
   under each protection) and ``cascade_policy`` (threshold calibration and cross-fitted evaluation);
 * ``recording`` (``din bench-recording``): what recording to Kafka costs, and how fast replay reads;
 * ``security`` (``din bench-security``): payload security on against off;
-* ``control_signatures``, ``job_facts``, ``token_proofs``, ``record_signatures`` (``python -m din.bench.<name>``): in
-  process, what signing control messages, tagging job headers, request-bound token proofs and signing Kafka
-  records cost;
+* ``control_signatures``, ``job_facts``, ``token_proofs``, ``record_signatures``, ``per_hop_sealing``
+  (``python -m din.bench.<name>``): in process, what signing control messages, tagging job headers, request-bound
+  token proofs, signing Kafka records and sealing each hop for its one reader cost;
 * ``placement`` (``din bench-placement``): placement and heartbeat cost at 100 to 100,000 executors, in process;
 * ``sites`` (``din bench-sites``): a control plane per site against one at the hub over WAN links, a partition
   and control-plane kills;

@@ -373,3 +373,14 @@ def test_a_sites_keys_open_only_what_it_serves(net):
                                    senders=lambda sender: sender == BRANCH).plaintext == b"hidden"
     assert net[HUB].open_to_me(hand_back.body, hand_back.to_headers(),
                                senders=lambda sender: sender == BRANCH).plaintext == opened.plaintext
+
+
+def test_the_per_hop_sealing_bench_compares_each_case_with_the_tenant_key(tmp_path):
+    from din.bench import per_hop_sealing
+
+    assert per_hop_sealing.main(["--messages", "20", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "per_hop_sealing.json").read_text())
+    assert {(r["size"], r["case"]) for r in report["rows"]} == {
+        (size, case) for size in per_hop_sealing.SIZES for case in ("tenant key", "answer key", "site pair")}
+    assert all(r["ratio"] == 1.0 for r in report["rows"] if r["case"] == "tenant key")
+    assert report["first_contact_us"] > 0
