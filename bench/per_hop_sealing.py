@@ -74,7 +74,7 @@ def measure(messages: int) -> dict:
                          "ratio": round((figures["seal_us"] + figures["open_us"])
                                         / (before["seal_us"] + before["open_us"]), 3)})
     peers = [Identity.generate(f"peer-{i}").public.x25519 for i in range(min(messages, 2000))]
-    first = per_call_us(lambda i: PairKeys(site.identity).key(peers[i % len(peers)]), len(peers), ROUNDS)
+    first = per_call_us(lambda i: PairKeys(site.identity).key(peers[i % len(peers)], 0), len(peers), ROUNDS)
     return {"messages": messages, "rounds": ROUNDS, **machine_facts(), "rows": rows,
             "first_contact_us": round(first, 2)}
 

@@ -49,7 +49,7 @@ from din.shared.contracts.inference import (
 from din.shared.contracts.options import SPLIT_NONE, RequestOptionsV1, option_headers
 from din.shared.credentials import request_proof
 from din.shared.envelope import InvalidToken, Reason
-from din.shared.errors import DIN_ERROR_HEADER, ErrorReplyV1, ErrorV1
+from din.shared.errors import DIN_ERROR_HEADER, DinError, ErrorCode, ErrorReplyV1, ErrorV1
 from din.shared.naming import Subjects
 from din.shared.security import (
     ANSWER_KEY_FIELD,
@@ -62,6 +62,7 @@ from din.shared.security import (
     request_binding,
     result_binding,
     site_of,
+    site_principal,
     tenant_principal,
 )
 from din.shared.sensitivity import header_labels, marks_sensitive
@@ -177,13 +178,14 @@ class DinClient:
         *,
         security: PayloadSecurity | None = None,
         owns_connection: bool = False,
+        site: str | None = None,
     ) -> None:
         self._nc = nc
         self.tenant = tenant
+        self.site = site
         self._token = token
         self._owns = owns_connection
         self.security = security or PayloadSecurity(None)
-        self._reader = tenant_principal(tenant)
         self._answer = answer_keys() if self.security.enabled else None
         self._inbox = nc.new_inbox()
         self._answers: dict[str, asyncio.Queue] = {}
@@ -192,12 +194,14 @@ class DinClient:
     @classmethod
     async def connect(
         cls, url: str, tenant: str, token: str, keys: PrincipalKeys | None = None, *, keys_timeout_s: float = 30.0,
-        options: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None, site: str | None = None,
     ) -> DinClient:
-        """Connect as ``tenant``; with ``keys``, wait until the tenant's data key has been distributed.
+        """Connect as ``tenant``; with ``keys``, wait until the tenant's keys and sites have been distributed.
 
-        ``options`` are nats-py connect options: on a closed bus the tenant's credentials, its inbox prefix and
-        TLS (``shared.bus.connect.nats_options`` with the tenant's creds file and the site it connects at)."""
+        ``site`` is the site whose NATS server ``url`` is (None: the hub's): requests are sealed for the admission
+        that takes requests sent there alone. ``options`` are nats-py connect options: on a closed bus the
+        tenant's credentials, its inbox prefix and TLS (``shared.bus.connect.nats_options`` with the tenant's
+        creds file and the site it connects at)."""
         nc = await nats.connect(nats_servers(url), name=f"din-client-{tenant}", **(options or {}))
         try:
             security = None
@@ -206,7 +210,8 @@ class DinClient:
                     raise ValueError(f"key file of {keys.principal} cannot be used as tenant {tenant!r}")
                 security = PayloadSecurity(KeyAgent(keys))
                 await security.start(nc, readers=lambda agent: [tenant_principal(tenant)], timeout_s=keys_timeout_s)
-            client = cls(nc, tenant, token, security=security, owns_connection=True)
+                await security.agent.wait_until(lambda agent: agent.sites is not None, keys_timeout_s)
+            client = cls(nc, tenant, token, security=security, owns_connection=True, site=site)
             await client._listen()
         except BaseException:
             await nc.close()
@@ -307,15 +312,27 @@ class DinClient:
 
     def seal(self, model: str, body: bytes, headers: dict[str, str], reply: str) -> tuple[bytes, dict[str, str]]:
         """Put the token's proof for this request in its headers (bound to its id, model and ``reply`` subject,
-        issued now: the token itself never leaves the client) and seal it to this tenant's data key, bound to
-        the same."""
+        issued now: the token itself never leaves the client) and seal it for the admission of its entry site
+        alone (the pairwise key of this tenant and that site), bound to the same and to this client's answer
+        key."""
         headers = {**headers, RequestHeaders.TOKEN: request_proof(self._token, model,
                                                                   headers[RequestHeaders.REQUEST_ID], reply)}
         if not self.security.enabled:
             return body, headers
         aad = request_binding(headers[RequestHeaders.REQUEST_ID], self.tenant, model, reply, headers)
         aad[ANSWER_KEY_FIELD] = encode_answer_key(self._answer)
-        sealed = self.security.seal(body, reader=self._reader, aad=aad)
+        sites = self.security.agent.sites
+        sensitive = marks_sensitive(header_labels(headers.get(RequestHeaders.LABELS)))
+        entry = sites.entry(self.site, sensitive) if sites is not None else None
+        request_id = headers[RequestHeaders.REQUEST_ID]
+        if entry is None:
+            raise DinRequestError(DinError(ErrorCode.BAD_REQUEST, f"no admission known for site {self.site!r}: "
+                                           "the keys bucket has not said where requests are admitted"
+                                           ).to_model(request_id))
+        if site_principal(entry) in self.security.agent.revoked:
+            raise DinRequestError(DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, f"site {entry}, whose admission opens "
+                                           "these requests, is revoked").to_model(request_id))
+        sealed = self.security.seal_to(body, to=site_principal(entry), aad=aad)
         return sealed.body, {**headers, **sealed.to_headers()}
 
     def open_answer(self, request_id: str, data: bytes, headers: Mapping[str, str] | None,

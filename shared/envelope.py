@@ -53,10 +53,12 @@ Pairwise keys (``Din-Env-Kv: 0``)
     A payload meant for one reader only is sealed under the key that sender and
     reader share without anyone else: X25519 of the sender's private key and the
     reader's public key (static-static, as NaCl's box), through HKDF-SHA256 with
-    info ``b"din.envelope.v1/pair"`` and both public keys in order; the reader
-    derives it from its private key and the sender's public key, so the seal also
-    proves the sender (``seal_pair`` / ``open_pair``, cached per peer in
-    ``PairKeys``, so the hot path agrees on nothing). The reader is a principal, or
+    info ``b"din.envelope.v1/pair"`` and both public keys in order, then per hour
+    (``PAIR_EPOCH_S``, the epoch of ``Din-Env-Ts``) with info ``/pair-epoch`` and the
+    epoch as 8 bytes big-endian; the reader derives it from its private key and the
+    sender's public key, so the seal also proves the sender (``seal_pair`` /
+    ``open_pair``, cached per peer in ``PairKeys``, so the hot path agrees on nothing).
+    A pairwise message more than an epoch from the reader's clock is ``stale``. The reader is a principal, or
     an *answer key*: a key pair a client makes for its answers and sends bound in
     its request, so only that client opens them.
 
@@ -100,6 +102,7 @@ __all__ = [
     "InstalledKey",
     "InvalidToken",
     "Keyring",
+    "PAIR_EPOCH_S",
     "PAIR_KEY_VERSION",
     "PairKeys",
     "PathPolicy",
@@ -936,33 +939,51 @@ def open(  # noqa: A001 - the Fernet-like name is the point; use as ``envelope.o
                    replay_guard=replay_guard, allow_integrity_only=allow_integrity_only)
 
 
-class PairKeys:
-    """The pairwise keys of ``identity`` with its peers, derived once per peer public key and kept for the
-    ``max_peers`` most recent (answer keys come and go with clients)."""
+PAIR_EPOCH_S = 3600
+"""Pairwise keys roll every epoch of this many seconds (the epoch of a message is that of its ``Din-Env-Ts``):
+a pair of sites seals under a new key each hour, and a pairwise message more than an epoch old or ahead does
+not open (``stale``)."""
 
-    __slots__ = ("identity", "max_peers", "_keys")
+
+class PairKeys:
+    """The pairwise keys of ``identity`` with its peers: the X25519 agreement made once per peer public key, a key
+    derived from it per epoch, both kept for the ``max_peers`` most recent (answer keys come and go with clients)."""
+
+    __slots__ = ("identity", "max_peers", "_shared", "_keys")
 
     def __init__(self, identity: Identity, *, max_peers: int = 4096) -> None:
         self.identity = identity
         self.max_peers = max_peers
-        self._keys: dict[bytes, InstalledKey] = {}
+        self._shared: dict[bytes, bytes] = {}
+        self._keys: dict[tuple[bytes, int], InstalledKey] = {}
 
-    def key(self, peer_x25519: bytes) -> InstalledKey:
-        """The key this identity shares with the holder of ``peer_x25519``; ``InvalidToken`` for a bad key."""
-        key = self._keys.get(peer_x25519)
+    def key(self, peer_x25519: bytes, epoch: int) -> InstalledKey:
+        """The key this identity shares with the holder of ``peer_x25519`` in ``epoch``; ``InvalidToken`` for a
+        bad public key."""
+        key = self._keys.get((peer_x25519, epoch))
         if key is None:
-            own = self.identity.public.x25519
-            try:
-                shared = self.identity.agree(peer_x25519)
-            except (ValueError, TypeError):
-                raise InvalidToken(Reason.MALFORMED) from None
-            low, high = sorted((own, peer_x25519))
-            secret = _hkdf(shared, _LABEL + b"/pair" + low + high)
-            key = InstalledKey(DataKey("pair", 1, secret))
-            if len(self._keys) >= self.max_peers:
-                self._keys.pop(next(iter(self._keys)))
-            self._keys[peer_x25519] = key
+            shared = self._shared.get(peer_x25519)
+            if shared is None:
+                try:
+                    agreed = self.identity.agree(peer_x25519)
+                except (ValueError, TypeError):
+                    raise InvalidToken(Reason.MALFORMED) from None
+                low, high = sorted((self.identity.public.x25519, peer_x25519))
+                shared = _hkdf(agreed, _LABEL + b"/pair" + low + high)
+                _bounded_put(self._shared, peer_x25519, shared, self.max_peers)
+            key = InstalledKey(DataKey("pair", 1, _hkdf(shared, _LABEL + b"/pair-epoch" + struct.pack(">Q", epoch))))
+            _bounded_put(self._keys, (peer_x25519, epoch), key, 2 * self.max_peers)
         return key
+
+
+def _bounded_put(cache: dict, key, value, limit: int) -> None:
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def _epoch(seconds: float) -> int:
+    return int(seconds // PAIR_EPOCH_S)
 
 
 def seal_pair(
@@ -979,17 +1000,18 @@ def seal_pair(
     sender (``pairs.identity``) and the holder of ``reader_x25519`` can derive; otherwise like ``seal``."""
     sender = pairs.identity.name
     nonce = os.urandom(NONCE_BYTES)
+    now = time.time() if now is None else now
     headers = {
         H_VERSION: FORMAT_VERSION,
         H_MODE: MODE_AEAD if confidential else MODE_MAC,
         H_KEY_VERSION: PAIR_KEY_VERSION,
         H_SENDER: sender,
         H_READER: token(reader, what="reader"),
-        H_TIMESTAMP: str(int((time.time() if now is None else now) * 1000)),
+        H_TIMESTAMP: str(int(now * 1000)),
         H_NONCE: _b64e(nonce),
         H_AAD: _aad_header(aad),
     }
-    key = pairs.key(reader_x25519)
+    key = pairs.key(reader_x25519, _epoch(now))
     associated = _canonical(headers)
     if confidential:
         return Sealed(key.encrypt(nonce, plaintext, associated), headers)
@@ -1019,9 +1041,12 @@ def open_pair(
     peer = sender_x25519(authenticated[H_SENDER])
     if peer is None:
         raise InvalidToken(Reason.UNKNOWN_KEY)
-    return _unseal(sealed, pairs.key(peer), authenticated, nonce, tag, associated,
-                   now=time.time() if now is None else now, expected_aad=expected_aad, replay_guard=replay_guard,
-                   allow_integrity_only=allow_integrity_only)
+    now = time.time() if now is None else now
+    epoch = _epoch(int(authenticated[H_TIMESTAMP]) / 1000)
+    if abs(epoch - _epoch(now)) > 1:
+        raise InvalidToken(Reason.STALE)
+    return _unseal(sealed, pairs.key(peer, epoch), authenticated, nonce, tag, associated, now=now,
+                   expected_aad=expected_aad, replay_guard=replay_guard, allow_integrity_only=allow_integrity_only)
 
 
 # --------------------------------------------------------------------------- result signatures

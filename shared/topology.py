@@ -6,6 +6,7 @@ line that names the file, the place and what to do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
@@ -338,6 +339,15 @@ class Topology(_Strict):
         if (sensitive or spec.always_sensitive) and spec.sensitive_sites:
             return site in spec.sensitive_sites
         return True
+
+    def opening_site(self, here: str, tenant: str, sensitive: bool,
+                     usable: Callable[[str], bool] = lambda site: True) -> str | None:
+        """The control-plane site whose admission opens a request of ``tenant`` that reached the admission at
+        ``here``: ``here`` when it may, else the nearest ``usable`` control-plane site that may (None: none)."""
+        if not self.federated or self.may_open(here, tenant, sensitive):
+            return here
+        allowed = [s for s in self.control_sites() if self.may_open(s, tenant, sensitive) and usable(s)]
+        return min(allowed, key=lambda site: (self.bus_one_way_ms(here, site), site)) if allowed else None
 
     def bus_one_way_ms(self, a: str, b: str) -> float:
         """The configured one-way latency of NATS traffic between two sites: leaf servers reach each other only

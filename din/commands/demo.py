@@ -102,7 +102,7 @@ async def _client(stack: Stack, tenant: str, credentials: dict[str, str], keys: 
     """A client of ``tenant`` at ``site`` (default: the hub), logged in as the tenant's NATS user."""
     site = site or stack.topology.hub.name
     return await DinClient.connect(stack.nats_urls[site], tenant, issue_token(tenant, credentials[tenant]), keys,
-                                   options=stack.nats_options(site, tenant_user(tenant)))
+                                   options=stack.nats_options(site, tenant_user(tenant)), site=site)
 
 
 async def _multi_stage(stack: Stack, credentials: dict[str, str], keys: dict[str, PrincipalKeys],

@@ -165,7 +165,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 async def _infer(url: str, token: str, keys, options: dict, args: argparse.Namespace, row: np.ndarray,
                  truth: int) -> int:
-    async with await DinClient.connect(url, args.tenant, token, keys, options=options) as client:
+    async with await DinClient.connect(url, args.tenant, token, keys, options=options, site=args.site) as client:
         try:
             result = await client.infer(pick_model(args), {"input": row}, **request_options(args))
         except (DinRequestError, NoAnswerError) as exc:
@@ -175,7 +175,7 @@ async def _infer(url: str, token: str, keys, options: dict, args: argparse.Names
 
 
 async def _generate(url: str, token: str, keys, options: dict, args: argparse.Namespace) -> int:
-    async with await DinClient.connect(url, args.tenant, token, keys, options=options) as client:
+    async with await DinClient.connect(url, args.tenant, token, keys, options=options, site=args.site) as client:
         chunks = client.generate(pick_model(args), args.prompt, args.max_tokens, **request_options(args))
         try:
             last = await stream_text(chunks, sys.stdout)

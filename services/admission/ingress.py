@@ -1,10 +1,12 @@
 """The ingress hop: a tenant's sealed request opened at admission, or a plaintext one the policy lets in. No NATS here.
 
-A request sealed by its tenant travels on to the classifier and scheduler as it
+A client seals its request for its entry site alone (the pairwise key of its
+tenant and this site); it travels on to the classifier and scheduler here as it
 came (ciphertext and envelope headers), once its binding holds the client's answer
-key (every answer is sealed to it); a plaintext request from a tenant in the
-policy's ``plaintext_ingress`` is sealed here, before it goes any further, and
-marked so the executor answers it unsealed.
+key (every answer is sealed to it). A request sealed for another site's admission
+does not open here (``wrong_reader``). A plaintext request from a tenant in the
+policy's ``plaintext_ingress`` is sealed here for this site, before it goes any
+further, and marked so the executor answers it unsealed.
 """
 
 from __future__ import annotations
@@ -72,14 +74,12 @@ class RequestOpener:
         if len(body) > self.max_payload + AEAD_OVERHEAD:
             raise DinError(ErrorCode.PAYLOAD_TOO_LARGE,
                            f"payload of {len(body)} bytes exceeds the limit of {self.max_payload}")
-        reader = tenant_principal(tenant)
+        sender = tenant_principal(tenant)
         expected = request_binding((headers or {}).get(RequestHeaders.REQUEST_ID, ""), tenant, model, reply, headers)
         answer_key = claimed_answer_key(headers)
         if answer_key is not None:
             expected[ANSWER_KEY_FIELD] = answer_key
-        opened = self.security.open(body, headers, reader=reader, expected_aad=expected)
-        if opened.sender != reader:
-            raise InvalidToken(Reason.AAD_MISMATCH)
+        opened = self.security.open_to_me(body, headers, senders=lambda name: name == sender, expected_aad=expected)
         if answer_key is None:
             raise DinError(ErrorCode.BAD_REQUEST, "a sealed request must bind the client's answer key "
                            f"({ANSWER_KEY_FIELD}): answers are sealed to it")
@@ -96,5 +96,5 @@ class RequestOpener:
         if unsealed.envelope:
             return body, unsealed.envelope
         aad = request_binding(request_id, tenant, model, reply, passthrough) | {ANSWER_FIELD: ANSWER_PLAIN}
-        sealed = self.security.seal(unsealed.plaintext, reader=tenant_principal(tenant), aad=aad)
+        sealed = self.security.seal_to(unsealed.plaintext, to=self.security.principal, aad=aad)
         return sealed.body, sealed.to_headers()

@@ -238,15 +238,12 @@ class Admission(Service):
         labels = header_labels((headers or {}).get(RequestHeaders.LABELS))
         sensitive = marks_sensitive(labels, self.settings.sensitive_labels)
         here = self.settings.site
-        if self.topology.may_open(here, tenant, sensitive):
-            return None
         revoked = self.security.agent.revoked if self.security.enabled else ()
-        allowed = [s for s in self.topology.control_sites()
-                   if self.topology.may_open(s, tenant, sensitive) and site_principal(s) not in revoked]
-        if not allowed:
+        target = self.topology.opening_site(here, tenant, sensitive, lambda site: site_principal(site) not in revoked)
+        if target is None:
             raise DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR,
                            f"tenant {tenant!r}'s sensitive data may be opened at no usable site with a control plane")
-        return min(allowed, key=lambda site: (self.topology.bus_one_way_ms(here, site), site))
+        return None if target == here else target
 
     async def _hand_over(self, msg: Msg) -> bool:
         """Hand a request this site may not open to the nearest site that may; False when it stays here."""

@@ -38,7 +38,7 @@ from din.shared.contracts.events import CompletionV1, HeartbeatV1, ProbeV1
 from din.shared.contracts.federation import SiteRosterV1, SiteSummaryV1
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.contracts.job import HEADER_PREFIX, JobV1
-from din.shared.envelope import H_KEY_VERSION, H_SENDER, PAIR_KEY_VERSION, InvalidToken, SealRefused
+from din.shared.envelope import H_SENDER, InvalidToken, SealRefused
 from din.shared.errors import DinError, ErrorCode
 from din.shared.fair_input import job_tenant
 from din.shared.lifecycle import Redispatch
@@ -192,14 +192,15 @@ class Scheduler(Service):
         await self.dispatch(job, opened.plaintext, passthrough, opened.aad)
 
     def open_job(self, job: JobV1, msg: Msg) -> Opened:
-        """A job as its client (through admission) sealed it to the tenant, or as a site sealed it for this site
-        alone: an executor handing it back, another site's scheduler forwarding it."""
-        if msg.headers and msg.headers.get(H_KEY_VERSION) == PAIR_KEY_VERSION:
-            sites = {site.name for site in self.topology.sites}
-            return self.security.open_to_me(
-                msg.data, msg.headers, senders=lambda sender: site_of(sender) in sites,
-                allow_integrity=self.security.agent.integrity_allowed(site_of(msg.headers.get(H_SENDER, ""))))
-        return self.security.open_from(msg.data, msg.headers, reader=tenant_principal(job.tenant))
+        """A job sealed for this site alone: by its client (through admission), by this site's admission (a
+        request that came in clear), by an executor handing it back, or by another site's scheduler forwarding
+        it."""
+        sites = {site.name for site in self.topology.sites}
+        client = tenant_principal(job.tenant)
+        sender = (msg.headers or {}).get(H_SENDER, "")
+        return self.security.open_to_me(
+            msg.data, msg.headers, senders=lambda name: name == client or site_of(name) in sites,
+            allow_integrity=sender != client and self.security.agent.integrity_allowed(site_of(sender)))
 
     @endpoint("completed", completions_heard)
     async def on_completed(self, msg: Msg) -> None:

@@ -39,8 +39,9 @@ Data keys (DEKs) and readers
     opens it. ``key_holders`` decides who receives each reader's DEK:
     ``site-<s>``: the site and the hub site (whose scheduler seals jobs to it);
     ``tenant-<t>``: the tenant, the hub site and every other control-plane site
-    that may serve the tenant (their admission opens requests, their scheduler
-    re-seals them): a site that only executes holds no tenant's key;
+    that may serve the tenant (nothing on the inference path is sealed to it any
+    more: requests go pairwise to their entry site); a site that only executes
+    holds no tenant's key;
     ``audit``: the auditor and the hub site. The key manager holds
     every DEK too, wrapped to itself, so it recovers its state from the bucket.
 
@@ -74,9 +75,11 @@ it), activated ``activation_delay_s`` later (holders seal with it), and the old
 version is accepted until ``not_after`` (the grace window), so nothing in flight is lost.
 
 Hops (wire headers: ``Din-Env-*`` from ``shared.envelope``; ``Din-Signer`` and ``Din-Sig`` on results)
-    client -> admission      sealed to ``tenant-<t>`` by the tenant; AAD = ``request_binding``
-                             (request id, tenant, model, reply subject, tensor headers) and
-                             the client's answer key. Forwarded to classifier and scheduler as it is.
+    client -> admission      sealed by the tenant for its entry site alone (pairwise: the site whose
+                             admission takes requests sent where the client connects, from the signed
+                             ``sites.<tenant>`` entry); AAD = ``request_binding`` (request id, tenant,
+                             model, reply subject, tensor headers) and the client's answer key.
+                             Forwarded to classifier and scheduler as it is.
     scheduler -> executor    opened and re-sealed to ``site-<s>`` with the same AAD,
                              encrypted or, where the operator's policy allows for that
                              site's link, integrity-only (sensitive data is always encrypted).
@@ -99,7 +102,7 @@ Hops (wire headers: ``Din-Env-*`` from ``shared.envelope``; ``Din-Signer`` and `
                              its seal, so admission refuses a request whose options changed after sealing.
     Kafka                    payloads recorded for audit are sealed with ``seal_for_audit``.
     A tenant named in the policy's ``plaintext_ingress`` may send unsealed requests (raw
-    NATS clients); admission seals them at once and the executor answers unsealed.
+    NATS clients); admission seals them at once, for its own site, and the executor answers unsealed.
 """
 
 from din.shared.security.agent import AGENT_GRACE_S, DekState, KeyAgent

@@ -108,12 +108,6 @@ class PayloadSecurity:
         )
         return Opened(plaintext, sealed)
 
-    def open_from(self, body: bytes, headers: Mapping[str, str] | None, *, reader: str, **options) -> Opened:
-        """``open`` letting integrity-only through when the policy allows it on the sender site's link to the hub."""
-        sender = (headers or {}).get(envelope.H_SENDER, "")
-        return self.open(body, headers, reader=reader, allow_integrity=self.agent.integrity_allowed(site_of(sender)),
-                         **options)
-
     def seal(self, plaintext: bytes, *, reader: str, aad: Mapping[str, str], confidential: bool = True) -> Sealed:
         """Seal ``plaintext`` for ``reader`` as this principal; raises ``SealRefused`` without a current DEK."""
         return envelope.seal(plaintext, reader=reader, aad=aad, keyring=self.agent.keyring, sender=self.principal,
@@ -130,6 +124,12 @@ class PayloadSecurity:
         public = self.agent.publics.get(principal)
         return None if public is None or principal in self.agent.revoked else public.x25519
 
+    def _sender(self, principal: str, accepted: bool) -> bytes | None:
+        """The public key of a sender ``accepted`` here; a revoked one is refused as such."""
+        if accepted and principal in self.agent.revoked:
+            raise InvalidToken(Reason.REVOKED)
+        return self._peer(principal) if accepted else None
+
     def seal_to(self, plaintext: bytes, *, to: str, aad: Mapping[str, str], confidential: bool = True) -> Sealed:
         """Seal ``plaintext`` for principal ``to`` alone (its pairwise key with this one); raises ``SealRefused``
         when ``to`` is unknown or revoked."""
@@ -137,14 +137,15 @@ class PayloadSecurity:
         if peer is None:
             raise SealRefused(f"no public key of {to}")
         return envelope.seal_pair(plaintext, pairs=self.pairs, reader=to, reader_x25519=peer, aad=aad,
-                                  confidential=confidential)
+                                  confidential=confidential, now=self.agent.keyring.clock())
 
     def seal_answer(self, plaintext: bytes, *, answer_key: str, aad: Mapping[str, str],
                     confidential: bool = True) -> Sealed:
         """Seal an answer for the client that sent ``answer_key`` with its request (``answer_keys``); raises
         ``InvalidToken`` for a key that is not one."""
         return envelope.seal_pair(plaintext, pairs=self.pairs, reader=ANSWER_READER,
-                                  reader_x25519=decode_answer_key(answer_key), aad=aad, confidential=confidential)
+                                  reader_x25519=decode_answer_key(answer_key), aad=aad, confidential=confidential,
+                                  now=self.agent.keyring.clock())
 
     def open_to_me(self, body: bytes, headers: Mapping[str, str] | None, *, senders: Callable[[str], bool],
                    allow_integrity: bool = False, expected_aad: Mapping[str, str] | None = None,
@@ -154,7 +155,7 @@ class PayloadSecurity:
         sealed = Sealed.from_headers(body, headers)
         plaintext = envelope.open_pair(
             sealed, pairs=self.pairs, expected_reader=self.principal,
-            sender_x25519=lambda name: self._peer(name) if senders(name) else None,
+            sender_x25519=lambda name: self._sender(name, senders(name)), now=self.agent.keyring.clock(),
             expected_aad=expected_aad, replay_guard=self.replay if replay else None,
             allow_integrity_only=allow_integrity,
         )
@@ -167,7 +168,7 @@ class PayloadSecurity:
         sealed = Sealed.from_headers(body, headers)
         plaintext = envelope.open_pair(
             sealed, pairs=answer, expected_reader=ANSWER_READER,
-            sender_x25519=lambda name: self._peer(name) if name == signer else None,
+            sender_x25519=lambda name: self._sender(name, name == signer), now=self.agent.keyring.clock(),
             expected_aad=expected_aad, allow_integrity_only=allow_integrity,
         )
         return Opened(plaintext, sealed)

@@ -40,32 +40,54 @@ def serving_sites(topology: Topology, tenant: str) -> list[str]:
 
 @dataclass(frozen=True)
 class TenantSites:
-    """Where one tenant's requests may be served, as the key manager tells the tenant's clients (a signed bucket
-    entry): every site that serves the tenant, and the sites its sensitive data is confined to (None: anywhere it
-    is served). A client refuses a result signed by any other site."""
+    """Where one tenant's requests may be served and where they are admitted, as the key manager tells the
+    tenant's clients (a signed bucket entry): every site that serves the tenant, the sites its sensitive data is
+    confined to (None: anywhere it is served), and for each site the control-plane site whose admission opens
+    the requests sent there, ordinary and sensitive ones (``entries``: ``(site, ordinary, sensitive)``; ``hub``
+    for a client that names no site). A client refuses a result signed by any site not allowed, and seals each
+    request for its entry site alone."""
 
     serving: frozenset[str]
     sensitive: frozenset[str] | None = None
+    entries: tuple[tuple[str, str, str], ...] = ()
+    hub: str | None = None
 
     @classmethod
     def of(cls, topology: Topology, tenant: str) -> TenantSites:
         spec = topology.tenant(tenant)
+        entries = []
+        for site in topology.sites:
+            here = topology.control_site_for(site.name)
+            entries.append((site.name, topology.opening_site(here, tenant, False) or here,
+                            topology.opening_site(here, tenant, True) or here))
         return cls(frozenset(serving_sites(topology, tenant)),
-                   frozenset(spec.sensitive_sites) if spec.sensitive_sites else None)
+                   frozenset(spec.sensitive_sites) if spec.sensitive_sites else None, tuple(sorted(entries)),
+                   topology.hub.name)
 
     def allowed(self, sensitive: bool) -> frozenset[str]:
         """The sites that may answer a request (a sensitive one: only its confined sites)."""
         return self.sensitive if sensitive and self.sensitive is not None else self.serving
 
+    def entry(self, site: str | None, sensitive: bool = False) -> str | None:
+        """The site whose admission opens a request sent at ``site`` (None: at the hub), a ``sensitive`` one or
+        not; None when unknown."""
+        wanted = site or self.hub
+        return next((opens[1] if sensitive else opens[0] for name, *opens in self.entries if name == wanted), None)
+
     def to_dict(self) -> dict:
         sensitive = None if self.sensitive is None else sorted(self.sensitive)
-        return {"serving": sorted(self.serving), "sensitive": sensitive}
+        return {"serving": sorted(self.serving), "sensitive": sensitive,
+                "entries": {site: [ordinary, confined] for site, ordinary, confined in self.entries}, "hub": self.hub}
 
     @classmethod
     def from_dict(cls, body: dict) -> TenantSites:
         sensitive = body["sensitive"]
+        entries = body.get("entries") or {}
         return cls(frozenset(str(s) for s in body["serving"]),
-                   None if sensitive is None else frozenset(str(s) for s in sensitive))
+                   None if sensitive is None else frozenset(str(s) for s in sensitive),
+                   tuple(sorted((str(site), str(ordinary), str(confined))
+                                for site, (ordinary, confined) in entries.items())),
+                   None if body.get("hub") is None else str(body["hub"]))
 
 
 def audit_reader(topology: Topology, site: str) -> str:

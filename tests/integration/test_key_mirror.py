@@ -159,7 +159,7 @@ async def test_a_process_started_at_a_cut_off_site_gets_its_keys_there_and_a_rot
         assert health.detail["key_source"] == "site"
         client = await DinClient.connect(
             network.stack.nats_urls["factory"], TENANT, network.token(TENANT), network.keys(TENANT),
-            options=network.stack.nats_options("factory", user=tenant_user(TENANT)))
+            options=network.stack.nats_options("factory", user=tenant_user(TENANT)), site="factory")
         try:
             assert client.security.agent.source == "site"
             result = await wait_for(lambda: client.infer("digits-large", INPUT), 30.0,

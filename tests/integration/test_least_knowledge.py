@@ -2,10 +2,11 @@
 
 The attacker holds the factory's key file (its identity and every data key the key manager gives it) and the
 operator's NATS login at every site, so it sees every message that crosses any server. Tenants' clients send
-ordinary requests (served at cloud or branch) and ``pii`` ones (acme's, confined to the factory) side by side.
-Every sealed message seen is tried with the factory's keys: only the jobs served at the factory open; no answer
-opens (each is sealed to its client's answer key), nor any job, hand-off or hand-back served elsewhere; the
-factory, which runs no control plane here, holds no tenant's data key at all. Every request is answered.
+ordinary requests (served at cloud or branch) and ``pii`` ones (acme's, confined to the factory) side by side,
+from the hub and from the factory. Every sealed message seen is tried with the factory's keys: only what entered
+at the factory or was served there opens; no answer opens (each is sealed to its client's answer key), nor any
+request, job, hand-off or hand-back of the rest. Twice: with the edges only executing (one control plane, at the
+hub; the factory then holds no tenant's key at all) and with a control plane per site. Every request is answered.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections import Counter
 import nats
 import pytest
 
+from din.client import DinClient
+from din.shared.bus.permissions import tenant_user
 from din.shared.envelope import H_AAD, H_KEY_VERSION, H_READER, PAIR_KEY_VERSION, InvalidToken
 from din.shared.security import (
     ANSWER_READER,
@@ -35,21 +38,36 @@ pytestmark = pytest.mark.integration
 
 MODEL = "digits-small"
 FACTORY = site_principal("factory")
-LEAST_KNOWLEDGE_TOPOLOGY = three_site_topology(
-    "least-knowledge-tests",
-    {site: [{"id": f"{site}-1", "models": [MODEL]}] for site in ("cloud", "factory", "branch")},
-    [{"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
-     {"name": "globex", "rate_per_s": 5000, "burst": 5000}],
-)
-LEAST_KNOWLEDGE_TOPOLOGY["control_plane"] = "hub"
-"""The edges only execute: one control plane, at the hub, schedules every site."""
 
 
-@pytest.fixture(scope="module")
-def network(kafka_access, zoo_dir, tmp_path_factory):
+def topology(control_plane: str) -> dict:
+    spec = three_site_topology(
+        f"least-knowledge-{control_plane}",
+        {site: [{"id": f"{site}-1", "models": [MODEL]}] for site in ("cloud", "factory", "branch")},
+        [{"name": "acme", "sensitive_sites": ["factory"], "rate_per_s": 5000, "burst": 5000},
+         {"name": "globex", "rate_per_s": 5000, "burst": 5000}],
+    )
+    spec["control_plane"] = control_plane
+    return spec
+
+
+@pytest.fixture(scope="module", params=["hub", "per-site"])
+def network(request, kafka_access, zoo_dir, tmp_path_factory):
     with running_network(kafka_access, zoo_dir, tmp_path_factory.mktemp("din"), "centralized",
-                         topology_spec=LEAST_KNOWLEDGE_TOPOLOGY) as net:
+                         topology_spec=topology(request.param)) as net:
         yield net
+
+
+@contextlib.asynccontextmanager
+async def at_factory(network, tenant: str):
+    """A client of ``tenant`` connected at the factory's own server."""
+    client = await DinClient.connect(network.stack.nats_urls["factory"], tenant, network.token(tenant),
+                                     network.keys(tenant), site="factory",
+                                     options=network.stack.nats_options("factory", tenant_user(tenant)))
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @contextlib.asynccontextmanager
@@ -86,40 +104,46 @@ def factory_opens(factory: PayloadSecurity, body: bytes, headers: dict[str, str]
     return True
 
 
-async def test_a_compromised_sites_keys_open_only_the_jobs_it_serves(network, digits):
+async def test_a_compromised_sites_keys_open_only_what_entered_or_was_served_there(network, digits):
     x, _ = digits
     nc = await nats.connect(network.stack.nats_urls["factory"], **network.stack.nats_options("factory"))
     factory = PayloadSecurity(KeyAgent(PrincipalKeys.load(key_file(network.stack.keys_dir, FACTORY))))
     await factory.start(nc, readers=lambda agent: [FACTORY])
+    executes_only = "factory" not in network.topology.control_sites()
     try:
-        assert not [r for r in factory.agent.versions() if r.startswith("tenant-")], "the factory holds a tenant key"
+        if executes_only:
+            assert not [r for r in factory.agent.versions() if r.startswith("tenant-")], "it holds a tenant key"
         served_at: dict[str, str] = {}
+        entered_at_factory: set[str] = set()
         async with everything_seen(network) as seen, network.client("acme") as acme, \
-                network.client("globex") as globex:
+                network.client("globex") as globex, at_factory(network, "globex") as local:
             async def ask(client, i: int, labels: list[str] | None) -> None:
                 result = await client.infer(MODEL, {"input": x[i: i + 1]}, labels=labels)
                 assert result.encrypted
                 served_at[result.response.id] = result.response.served_by.site
+                if client is local:
+                    entered_at_factory.add(result.response.id)
 
             await asyncio.gather(*(ask(acme, i, ["pii"] if i % 2 else None) for i in range(20)),
-                                 *(ask(globex, i, None) for i in range(20)))
+                                 *(ask(globex, i, None) for i in range(20)),
+                                 *(ask(local, i, None) for i in range(10)))
             await asyncio.sleep(0.5)
         sealed = list(seen)
     finally:
         await factory.stop()
         await nc.close()
 
-    assert len(served_at) == 40, "every request answered"
+    assert len(served_at) == 50, "every request answered"
     sites = Counter(served_at.values())
-    assert sites["factory"] >= 10 and sum(n for site, n in sites.items() if site != "factory") >= 10, sites
+    elsewhere = {rid for rid, site in served_at.items() if site != "factory"} - entered_at_factory
+    assert sites["factory"] >= 10 and len(elsewhere) >= 10, sites
     opened, closed = Counter(), Counter()
     for _, body, headers in sealed:
         rid = json.loads(headers[H_AAD]).get("rid", "")
-        kind = "answer" if headers.get(H_READER) == ANSWER_READER else "job"
-        where = served_at.get(rid, "elsewhere")
-        (opened if factory_opens(factory, body, headers) else closed)[(kind, where == "factory")] += 1
+        kind = "answer" if headers.get(H_READER) == ANSWER_READER else "request or job"
+        (opened if factory_opens(factory, body, headers) else closed)[(kind, rid in elsewhere)] += 1
     assert opened[("answer", True)] == 0 and opened[("answer", False)] == 0, f"answers opened: {opened}"
-    assert opened[("job", False)] == 0, f"the factory opened jobs served elsewhere: {opened}"
-    assert opened[("job", True)] >= sites["factory"], f"the factory could not open its own jobs: {opened}"
-    assert closed[("answer", False)] + closed[("answer", True)] >= 40, closed
-    assert closed[("job", False)] >= sum(n for site, n in sites.items() if site != "factory"), closed
+    assert opened[("request or job", True)] == 0, f"the factory opened what it neither admitted nor served: {opened}"
+    assert opened[("request or job", False)] >= sites["factory"], f"the factory could not open its own jobs: {opened}"
+    assert closed[("answer", False)] + closed[("answer", True)] >= 50, closed
+    assert closed[("request or job", True)] >= len(elsewhere), closed

@@ -273,20 +273,19 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
         await attack("other-tenant", subject, body, headers)
         await attack("unsealed", subject, *c["globex"].build({"input": SECRET}, timeout_ms=3000))
 
-        # Retired: globex's data key rotates with a 1 s grace; a request sealed under the old version after it.
-        old_ring = Keyring()
-        old_ring.install(globex.security.agent.keyring.current_key(tenant_principal("globex")))
-        globex_principal = tenant_principal("globex")
-        result = await key_command(network, KeyAction.ROTATE, reader=globex_principal, grace_s=1.0)
-        assert result.versions[globex_principal] >= 2
-        retired_version = old_ring.current_version(globex_principal)
-        await wait_for(lambda: past_its_grace(globex, globex_principal, retired_version), 10,
-                       f"{globex_principal} v{retired_version} past its grace, as the keys bucket says")
+        # Sealed for another site's admission, and sealed more than an epoch of the pairwise keys ago.
         body, headers = globex.build({"input": SECRET}, timeout_ms=3000)
-        reply = f"{attacker_inbox}.retired"
-        old = envelope.seal(body, reader=globex_principal, keyring=old_ring, sender=globex_principal,
-                            aad=request_binding(headers[RequestHeaders.REQUEST_ID], "globex", MODEL, reply, headers))
-        await attack("retired", subject, old.body, {**headers, **old.to_headers()})
+        aad = request_binding(headers[RequestHeaders.REQUEST_ID], "globex", MODEL, f"{attacker_inbox}.other-site",
+                              headers) | {ANSWER_KEY_FIELD: encode_answer_key(globex._answer)}
+        elsewhere = globex.security.seal_to(body, to=site_principal("factory"), aad=aad)
+        await attack("other-site", subject, elsewhere.body, {**headers, **elsewhere.to_headers()})
+        body, headers = globex.build({"input": SECRET}, timeout_ms=3000)
+        aad = request_binding(headers[RequestHeaders.REQUEST_ID], "globex", MODEL, f"{attacker_inbox}.stale",
+                              headers) | {ANSWER_KEY_FIELD: encode_answer_key(globex._answer)}
+        old = envelope.seal_pair(body, pairs=globex.security.pairs, reader=site_principal("cloud"),
+                                 reader_x25519=globex.security.agent.publics[site_principal("cloud")].x25519,
+                                 aad=aad, now=time.time() - 3 * envelope.PAIR_EPOCH_S)
+        await attack("stale", subject, old.body, {**headers, **old.to_headers()})
 
         # Replays of a request and of a job captured on the bus, after their answers went out.
         seen = len(captured_requests)
@@ -323,7 +322,7 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
                                                              envelope.SIGNATURE_HEADER: forged_sig})
         assert caught.value.error.code.value == "unauthenticated"
 
-        tokens = ("tampered", "swapped", "unknown-key", "other-tenant", "unsealed", "retired")
+        tokens = ("tampered", "swapped", "unknown-key", "other-tenant", "unsealed", "other-site")
         await wait_for(lambda: {m.subject.rsplit(".", 1)[1] for m in answers} >= set(tokens), 10,
                        lambda: f"an answer to each attack (got {sorted(m.subject for m in answers)})")
         await wait_for(lambda: admission_refusals_grew(network, before["admission"]), 10,
@@ -344,6 +343,7 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
         assert (msg.headers[DIN_ERROR_HEADER], error.code.value, error.message) == (
             "unauthenticated", "unauthenticated", "message could not be authenticated"), token
     assert replay_watch == [], "a replay gets no answer (its reply subject is the original requester's)"
+    assert "stale" not in by_token, "a stale request gets no answer, like a replay"
 
     for service in ("admission", "classifier", "scheduler", "keymanager", "telemetry"):
         assert (await network.health(service)).ready, service
@@ -351,17 +351,9 @@ async def test_attacks_are_refused_counted_and_live_traffic_is_untouched(network
         assert (await network.health("executor", executor)).ready, executor
 
 
-def past_its_grace(client: DinClient, reader: str, version: int) -> bool:
-    """Whether ``client``'s keyring, fed by the keys bucket like every service's, no longer opens ``version``."""
-    try:
-        client.security.agent.keyring.opening_key(reader, version, sender=reader)
-    except envelope.InvalidToken:
-        return True
-    return False
-
-
-ATTACK_REASONS = ("bad_tag", "unknown_key", "wrong_reader", "malformed", "retired_key", "replay")
-"""What admission counts the attacks under: tampered, unknown key, other tenant's key, unsealed, retired, replay."""
+ATTACK_REASONS = ("bad_tag", "unknown_key", "wrong_reader", "malformed", "stale", "replay")
+"""What admission counts the attacks under: tampered, unknown key or another tenant's request, sealed for another
+site's admission, unsealed, sealed epochs ago, replay."""
 
 
 async def admission_refusals_grew(network, before: dict[str, str]) -> bool:

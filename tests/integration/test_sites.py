@@ -321,7 +321,8 @@ async def test_a_replay_to_another_admission_of_the_site_is_refused(network):
     site's admissions claim each nonce in the site's JetStream bucket, not only in their own memory."""
     client = await DinClient.connect(network.stack.nats_urls["branch"], "globex", network.token("globex"),
                                      network.keys("globex"),
-                                     options=network.stack.nats_options("branch", tenant_user("globex")))
+                                     options=network.stack.nats_options("branch", tenant_user("globex")),
+                                     site="branch")
     nc = await nats.connect(network.stack.nats_urls["branch"], **network.stack.nats_options("branch"))
     inbox = f"{tenant_inbox('globex', 'branch')}.replay{uuid.uuid4().hex[:12]}"  # the captured reply subject
     answers: dict[str, int] = {}

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from din.shared import envelope
 from din.shared.envelope import (
+    PAIR_EPOCH_S,
     PAIR_KEY_VERSION,
     DataKey,
     Identity,
@@ -719,3 +720,20 @@ def test_a_pairwise_seal_opens_for_its_reader_alone_and_proves_its_sender():
     assert info.value.reason == Reason.UNKNOWN_KEY
     with pytest.raises(InvalidToken):
         seal_pair(b"x", pairs=alice, reader="site-b", reader_x25519=b"\x00" * 32, aad={})
+
+
+def test_pairwise_keys_roll_each_epoch_and_a_message_an_epoch_away_is_stale():
+    alice, bob = PairKeys(Identity.generate("site-a")), PairKeys(Identity.generate("site-b"))
+    publics = {p.identity.name: p.identity.public.x25519 for p in (alice, bob)}
+    assert alice.key(publics["site-b"], 7).encrypt(b"\x00" * 12, b"x", b"") != \
+        alice.key(publics["site-b"], 8).encrypt(b"\x00" * 12, b"x", b"")
+    t = T0
+    sealed = seal_pair(b"m", pairs=alice, reader="site-b", reader_x25519=publics["site-b"], aad={}, now=t)
+    for later, opens in ((0, True), (PAIR_EPOCH_S, True), (2 * PAIR_EPOCH_S + 1, False)):
+        if opens:
+            assert open_pair(sealed, pairs=bob, expected_reader="site-b", sender_x25519=publics.get,
+                             now=t + later) == b"m"
+        else:
+            with pytest.raises(InvalidToken) as info:
+                open_pair(sealed, pairs=bob, expected_reader="site-b", sender_x25519=publics.get, now=t + later)
+            assert info.value.reason == Reason.STALE

@@ -174,7 +174,7 @@ class FakeClient:
 
 
 def run_generation(monkeypatch, client: FakeClient, *argv: str) -> int:
-    async def connect(url, tenant, token, keys, options=None):
+    async def connect(url, tenant, token, keys, options=None, site=None):
         return client
 
     monkeypatch.setattr("din.commands.infer.running_tenant",

@@ -107,7 +107,7 @@ def test_the_whole_path_sealed_hop_by_hop(net):
     # The scheduler (a separate process, with its own replay guard) opens, checks the job against the seal, re-seals.
     scheduler = PayloadSecurity(net[HUB].agent)
     passthrough = without_envelope({k: v for k, v in headers.items() if k.startswith(("Content-Type", "Din-Tensor"))})
-    opened = scheduler.open_from(forward_body, forward_env, reader=ACME)
+    opened = scheduler.open_to_me(forward_body, forward_env, senders=lambda sender: sender == ACME)
     check_binding(opened.aad, request_binding("req-1", "acme", MODEL, REPLY, passthrough))
     job = scheduler.seal(opened.plaintext, reader=FACTORY, aad=opened.aad, confidential=False)
     assert job.body == opened.plaintext, "factory's dedicated link is integrity-only by policy"
@@ -141,7 +141,8 @@ def test_plaintext_ingress_only_for_tenants_the_policy_names(net, authority, age
     body, env = opener.forward(unsealed, request_id="r", tenant="acme", model=MODEL, reply=REPLY, passthrough={},
                                body=b'{"inputs": []}')
     assert b"inputs" not in body, "sealed at admission before it goes on"
-    opened = net[FACTORY].open(body, env, reader=ACME)
+    refused(Reason.WRONG_READER, net[FACTORY].open_to_me, body, env, senders=lambda sender: True)
+    opened = PayloadSecurity(net[HUB].agent).open_to_me(body, env, senders=lambda sender: sender == HUB)
     assert opened.aad[ANSWER_FIELD] == ANSWER_PLAIN
     check_binding(opened.aad, request_binding("r", "acme", MODEL, REPLY, {}))
 
@@ -163,33 +164,37 @@ def test_every_attack_is_refused_with_one_code_and_counted(net, authority, agent
     attempt(Reason.BAD_TAG, headers, flipped)                                   # tampered ciphertext
     attempt(Reason.BAD_TAG, {**other_headers, RequestHeaders.REQUEST_ID: "req-1",
                              **{k: v for k, v in headers.items() if k != "Din-Env-Aad"}}, other_body)  # swapped
-    attempt(Reason.UNKNOWN_KEY, {**headers, "Din-Env-Kv": "99"}, body)         # unknown key version
+    attempt(Reason.UNKNOWN_KEY, {**headers, "Din-Env-Kv": "99"}, body)         # a data key, not the pair's
     attempt(Reason.AAD_MISMATCH, headers, body, reply="_INBOX.attacker.1")      # answer redirected
-    attempt(Reason.WRONG_READER, headers, body, tenant="initech")              # sealed for another tenant
+    attempt(Reason.UNKNOWN_KEY, headers, body, tenant="initech")               # another tenant's request
+    elsewhere = net[ACME].seal_to(b"{}", to=FACTORY, aad=request_binding("req-6", "acme", MODEL, REPLY, {}))
+    attempt(Reason.WRONG_READER, {RequestHeaders.REQUEST_ID: "req-6", **elsewhere.to_headers()}, elsewhere.body)
     opener.unseal("acme", MODEL, REPLY, headers, body)                          # the genuine one, once
     attempt(Reason.REPLAY, headers, body)                                       # replayed
     attempt(Reason.MALFORMED, {RequestHeaders.REQUEST_ID: "req-3"}, b"{}")     # unsealed
 
-    # Retired: sealed under v1, which stops opening once a rotation's grace has passed.
+    # Stale: sealed more than an epoch of the pairwise keys ago.
     old_body, old_headers = request(client, "req-4")
-    version, pending = authority.begin_rotation(ACME)
-    deliver(pending, agents)
-    deliver(authority.activate(ACME, version, grace_s=1), agents)
-    clock.now += 2
-    attempt(Reason.RETIRED_KEY, old_headers, old_body)
+    clock.now += 2 * envelope.PAIR_EPOCH_S + 1
+    attempt(Reason.STALE, old_headers, old_body)
 
-    # Revoked: branch holds acme's key, but its name is refused once revoked.
-    by_branch = net[BRANCH].seal(b"{}", reader=ACME, aad=request_binding("req-5", "acme", MODEL, REPLY, {}))
-    entries, _, _ = authority.revoke(BRANCH)
+    # Revoked: a tenant's requests are refused as soon as the key manager revokes it.
+    initech = client_for(net[INITECH], "initech")
+    by_initech, initech_headers = request(initech, "req-5")
+    entries, _, _ = authority.revoke(INITECH)
     deliver(entries, agents)
-    attempt(Reason.REVOKED, {RequestHeaders.REQUEST_ID: "req-5", **by_branch.to_headers()}, by_branch.body)
+    assert initech_headers[envelope.H_READER] == BRANCH, "initech's requests are opened at branch only"
+    at_branch = RequestOpener(net[BRANCH], max_payload=1 << 20)
+    error = refused(Reason.REVOKED, at_branch.unseal, "initech", MODEL, REPLY, initech_headers, by_initech)
+    hub.refused(error)
+    seen.append(error)
 
     assert {e.code for e in seen} == {ErrorCode.UNAUTHENTICATED}
     assert {str(e) for e in seen} == {InvalidToken.MESSAGE}
     assert {e.to_model("r").model_dump_json() for e in seen} == {seen[0].to_model("r").model_dump_json()}
     detail = hub.detail()
     assert detail["auth_refused"] == str(len(seen))
-    for reason in ("bad_tag", "unknown_key", "aad_mismatch", "wrong_reader", "replay", "malformed", "retired_key",
+    for reason in ("bad_tag", "unknown_key", "aad_mismatch", "wrong_reader", "replay", "malformed", "stale",
                    "revoked"):
         assert int(detail[f"auth_refused_{reason}"]) >= 1, reason
 
@@ -244,9 +249,16 @@ def test_forged_or_misdirected_results_are_refused_by_the_client(net):
 
 def test_a_result_from_a_site_that_may_not_serve_the_request_is_refused(net):
     client = client_for(net[ACME])
-    assert client.security.agent.sites == TenantSites(frozenset({"cloud", "factory", "branch"}),
-                                                      frozenset({"factory"}))
-    assert net[INITECH].agent.sites == TenantSites(frozenset({"branch"}), frozenset({"branch"})), "its own only"
+    assert client.security.agent.sites == TenantSites(
+        frozenset({"cloud", "factory", "branch"}), frozenset({"factory"}),
+        (("branch", "branch", "factory"), ("cloud", "cloud", "factory"), ("factory", "factory", "factory")), "cloud")
+    assert net[INITECH].agent.sites == TenantSites(
+        frozenset({"branch"}), frozenset({"branch"}),
+        (("branch", "branch", "branch"), ("cloud", "branch", "branch"), ("factory", "branch", "branch")),
+        "cloud"), "its own only: every request is opened at branch"
+    sites = client.security.agent.sites
+    assert (sites.entry(None), sites.entry("branch"), sites.entry("branch", sensitive=True)) == (
+        "cloud", "branch", "factory"), "sensitive data is sealed for the admission that may open it"
     from_hub = answer(net[HUB], "req-1", client)
     assert client.open_answer("req-1", *from_hub).signer == HUB, "ordinary data: any site that serves acme"
     before = client.security.refusals[Reason.WRONG_SITE.value]
@@ -345,7 +357,7 @@ def test_a_sites_keys_open_only_what_it_serves(net):
     alone, a hand-back for the scheduler's site alone; every other principal's keys open none of them."""
     client = client_for(net[ACME])
     body, headers = request(client)
-    opened = net[HUB].open_from(body, headers, reader=ACME)
+    opened = net[HUB].open_to_me(body, headers, senders=lambda sender: sender == ACME)
     job = seal_to_site(net[HUB], opened.plaintext, site="branch", aad=opened.aad)
     at_branch = net[BRANCH].open(job.body, job.to_headers(), reader=BRANCH)
     answer_key = at_branch.aad[ANSWER_KEY_FIELD]
@@ -384,3 +396,16 @@ def test_the_per_hop_sealing_bench_compares_each_case_with_the_tenant_key(tmp_pa
         (size, case) for size in per_hop_sealing.SIZES for case in ("tenant key", "answer key", "site pair")}
     assert all(r["ratio"] == 1.0 for r in report["rows"] if r["case"] == "tenant key")
     assert report["first_contact_us"] > 0
+
+
+def test_a_client_seals_each_request_for_its_entry_sites_admission_alone(net):
+    at_branch = DinClient(StubNats(), "acme", "token", security=net[ACME], site="branch")
+    body, headers = request(at_branch)
+    assert headers[envelope.H_READER] == BRANCH and request(client_for(net[ACME]))[1][envelope.H_READER] == HUB
+    refused(Reason.WRONG_READER, RequestOpener(net[HUB], max_payload=1 << 20).unseal, "acme", MODEL, REPLY, headers,
+            body)
+    for principal, security in net.items():
+        if principal != BRANCH:
+            with pytest.raises(InvalidToken):
+                security.open_to_me(body, headers, senders=lambda sender: True, replay=False)
+    assert RequestOpener(net[BRANCH], max_payload=1 << 20).unseal("acme", MODEL, REPLY, headers, body).plaintext
