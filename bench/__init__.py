@@ -64,6 +64,12 @@ def machine_facts() -> dict[str, object]:
             "load_1m": round(os.getloadavg()[0], 1)}
 
 
+def where_measured(report: dict) -> str:
+    """The sentence every in-process table opens with after its call count: rounds, machine and load."""
+    return (f"median of {report['rounds']} rounds (Python {report['python']}, {report['machine']}, {report['cpus']} "
+            f"CPUs at load {report['load_1m']}: absolute figures rise with the load, ratios less)")
+
+
 def in_process_main(argv: list[str] | None, doc: str, stem: str, measure: Callable[[int], dict],
                     markdown: Callable[[dict], str], *, count: str = "--messages", default: int = 5000) -> int:
     """The command line of an in-process benchmark: ``count`` calls per round, ``--out``; writes ``stem``."""

@@ -20,7 +20,7 @@ import statistics
 import time
 from types import SimpleNamespace
 
-from din.bench import in_process_main, machine_facts, per_call_us
+from din.bench import in_process_main, machine_facts, per_call_us, where_measured
 from din.shared.contracts.events import CompletionV1
 from din.shared.contracts.inference import SlaClass
 from din.shared.envelope import Identity
@@ -82,9 +82,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Signed control messages: cost per message",
         "",
-        f"In-process, {report['messages']} messages per round, median of {report['rounds']} rounds "
-        f"(Python {report['python']}, {report['machine']}, {report['cpus']} CPUs at load {report['load_1m']}: "
-        "absolute figures rise with the load, the ratio less). `unsigned` is what a receiver pays with security off "
+        f"In-process, {report['messages']} messages per round, {where_measured(report)}. "
+        f"`unsigned` is what a receiver pays with security off "
         "(decode and claims); `sign` the sender's cost; `verify` the receiver's with signatures on (signature, "
         "signer rule, replay guard, decode, claims).",
         "",

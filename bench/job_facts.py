@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from din.bench import in_process_main, machine_facts, per_call_us
+from din.bench import in_process_main, machine_facts, per_call_us, where_measured
 from din.shared.contracts.job import JobV1, WorkloadClassV1
 from din.shared.envelope import DataKey, Identity, Keyring, sign_result
 from din.shared.security import JobFacts, PayloadSecurity, site_principal
@@ -86,8 +86,7 @@ def markdown(report: dict) -> str:
         "# Job routing facts: cost of the per-hop tag",
         "",
         f"In-process, {report['messages']} calls per round ({report['messages'] // 10} for the signature form), "
-        f"median of {report['rounds']} rounds (Python {report['python']}, {report['machine']}, {report['cpus']} "
-        f"CPUs at load {report['load_1m']}: absolute figures rise with the load, ratios less). Job header "
+        f"{where_measured(report)}. Job header "
         f"{report['job_header_bytes']} B; the tag adds {report['tag_header_bytes']['mac']} B (MAC) or "
         f"{report['tag_header_bytes']['sig']} B (signature).",
         "",

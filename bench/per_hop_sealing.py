@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from din.bench import in_process_main, machine_facts, per_call_us
+from din.bench import in_process_main, machine_facts, per_call_us, where_measured
 from din.shared import envelope
 from din.shared.envelope import DataKey, Identity, Keyring, PairKeys, open_pair, seal_pair
 
@@ -83,9 +83,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Least knowledge: per-hop sealing against the tenant-key envelope",
         "",
-        f"In-process, {report['messages']} calls per round, median of {report['rounds']} rounds (Python "
-        f"{report['python']}, {report['machine']}, {report['cpus']} CPUs at load {report['load_1m']}: absolute "
-        "figures rise with the load, ratios less).",
+        f"In-process, {report['messages']} calls per round, {where_measured(report)}.",
         "",
         "| payload | case | seal µs | open µs | seal + open against the tenant key |",
         "|---:|---|---:|---:|---:|",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from din.bench import in_process_main, machine_facts, per_call_us
+from din.bench import in_process_main, machine_facts, per_call_us, where_measured
 from din.shared.contracts.events import CompletionV1
 from din.shared.contracts.inference import SlaClass
 from din.shared.envelope import Identity
@@ -78,9 +78,8 @@ def markdown(report: dict) -> str:
     return "\n".join([
         "# Signed records: cost per Kafka record",
         "",
-        f"In-process, {report['records']} calls per round, median of {report['rounds']} rounds (Python "
-        f"{report['python']}, {report['machine']}, {report['cpus']} CPUs at load {report['load_1m']}: absolute "
-        f"figures rise with the load, ratios less). A completion record of {report['bytes']['value']} B; the "
+        f"In-process, {report['records']} calls per round, {where_measured(report)}. "
+        f"A completion record of {report['bytes']['value']} B; the "
         f"signature header adds {report['bytes']['signature_header']} B.",
         "",
         "| per record | µs |",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from din.bench import in_process_main, machine_facts, per_call_us
+from din.bench import in_process_main, machine_facts, per_call_us, where_measured
 from din.shared.credentials import TenantVerifier, issue_token, request_proof
 from din.shared.envelope import ReplayGuard
 
@@ -73,9 +73,8 @@ def markdown(report: dict) -> str:
     return "\n".join([
         "# Token proofs: cost of a request-bound, single-use credential",
         "",
-        f"In-process, {report['messages']} calls per round, median of {report['rounds']} rounds (Python "
-        f"{report['python']}, {report['machine']}, {report['cpus']} CPUs at load {report['load_1m']}: absolute "
-        f"figures rise with the load, ratios less). Token {report['bytes']['token']} B, proof "
+        f"In-process, {report['messages']} calls per round, {where_measured(report)}. "
+        f"Token {report['bytes']['token']} B, proof "
         f"{report['bytes']['proof']} B.",
         "",
         "| per request | µs |",
