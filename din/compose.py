@@ -52,6 +52,7 @@ from din.stack.launcher import (
     DEFAULT_TOPOLOGY,
     PortPlan,
     ServiceInstance,
+    pool_instances,
     service_environments,
     service_instances,
 )
@@ -177,13 +178,16 @@ def published(port: int) -> str:
     return f"{BIND_ADDRESS}:{port}:{port}"
 
 
-def compose_environments(topology: Topology) -> dict[str, dict[str, str]]:
-    """``service_environments`` for the containers' addresses and paths, keyed by compose service name."""
+def compose_environments(topology: Topology, *, topology_path: PurePosixPath | str = CONTAINER_TOPOLOGY,
+                         pools: bool = False) -> dict[str, dict[str, str]]:
+    """``service_environments`` for the containers' addresses and paths, keyed by compose service name (``pools``:
+    of the pools' executors instead, see ``pool_instances``)."""
     return service_environments(
         topology,
         nats_urls=nats_urls(topology),
         kafka_bootstrap=kafka_bootstrap(),
-        topology_path=CONTAINER_TOPOLOGY,
+        topology_path=topology_path,
+        pools=pools,
         credentials_path=CONTAINER_CREDENTIALS,
         model_repo=CONTAINER_MODEL_REPO,
         telemetry_metrics_port=PORTS.telemetry_metrics,
@@ -557,7 +561,8 @@ def init_compose(topology_path: Path, *, run_dir: Path = Path(CONTAINER_RUN), in
     shutil.copyfile(topology_path, run_dir / "topology.yaml")
     hosts = {site.name: (nats_host(site.name), *DEFAULT_HOSTS) for site in topology.sites}
     hosts[topology.hub.name] = (nats_host(topology.hub.name), WAN_PROXY_HOST, *DEFAULT_HOSTS)
-    instances = [(i.service, i.site, i.name, i.instance) for i in service_instances(topology)]
+    instances = [(i.service, i.site, i.name, i.instance)
+                 for i in [*service_instances(topology), *pool_instances(topology)]]
     bus = BusCredentials.provision(keys / "bus", topology, instances, hosts=hosts)
     bus.nats.ensure(PROBE_USER, probe_permissions())
     done.append(f"bus credentials in {bus.root}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -31,3 +33,20 @@ def drifted_files(root: Path, files: dict[str, str], stale: list[str]) -> list[s
     """Relative paths whose content under ``root`` differs from ``files``, plus missing and ``stale`` ones."""
     changed = [rel for rel, text in files.items() if not (root / rel).is_file() or (root / rel).read_text() != text]
     return sorted(changed + stale)
+
+
+def check_or_write(check: bool, what: str, drifted: Callable[[], list[str]], write: Callable[[], list[Path]],
+                   *, current: str, command: str) -> int:
+    """A ``din <command> [--check]`` run: with ``check``, report the files of ``what`` that drifted (exit 1) or
+    say ``current``; else write them and say which."""
+    if check:
+        stale = drifted()
+        if stale:
+            print(f"din: {len(stale)} {what} out of date: {', '.join(stale)}", file=sys.stderr)
+            print(f"run `din {command}` and commit the result", file=sys.stderr)
+            return 1
+        print(current)
+        return 0
+    written = write()
+    print(f"wrote {len(written)} files: {', '.join(p.name for p in written)}")
+    return 0

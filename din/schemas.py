@@ -52,6 +52,7 @@ from din.shared.contracts import (
     ModelLoadedV1,
     PressureV1,
     ProbeV1,
+    ScalingDecisionV1,
     SchedulingDecisionV1,
     SiteRosterV1,
     SiteSummaryV1,
@@ -365,6 +366,7 @@ def messages() -> dict[str, dict]:
         "slaViolation": json_message(SlaViolationV1, "An SLA class crossed its latency target, or came back under."),
         "slaViolationEvent": event(SlaViolationV1, "An SLA violation alert.", "SLA class."),
         "spanEvent": event(SpanV1, "A finished trace span.", "Trace id."),
+        "scalingDecision": event(ScalingDecisionV1, "A change the autoscaler made to a pool, and why.", "Site."),
         "recordedRequest": {
             "summary": "An admitted request as the client sent it (the token never recorded), for replay.",
             "payload": _ref("JobBody"),

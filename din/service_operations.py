@@ -39,6 +39,7 @@ SERVICE_CLASSES = {
     "keymanager": "din.services.keymanager.main:KeyManager",
     "telemetry": "din.services.telemetry.main:Telemetry",
     "gateway": "din.services.gateway.main:Gateway",
+    "autoscaler": "din.services.autoscaler.main:Autoscaler",
 }
 """Where each service's class lives, by service name (``shared.naming.SERVICES``)."""
 

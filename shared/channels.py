@@ -224,6 +224,8 @@ _TOPICS = {
                                        "dropped."),
     Topics.ALERTS: ("slaViolationEvent", "SLA violation alerts."),
     Topics.SPANS: ("spanEvent", "Sampled trace spans of every hop; key: trace id."),
+    Topics.SCALING_DECISIONS: ("scalingDecision", "Every change the autoscaler made to a pool (an executor asked "
+                               "for, ready, failed, drained, replaced), its reason and signals; key: site."),
 }
 
 

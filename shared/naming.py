@@ -16,7 +16,7 @@ PREFIX = f"din.{API_VERSION}"
 TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 WILDCARD = "*"
 
-SERVICES = ("admission", "classifier", "scheduler", "executor", "telemetry", "keymanager", "gateway")
+SERVICES = ("admission", "classifier", "scheduler", "executor", "telemetry", "keymanager", "gateway", "autoscaler")
 
 
 class InvalidNameError(ValueError):
@@ -228,6 +228,7 @@ class Topics:
     DEAD_LETTER = _join("deadletter")
     ALERTS = _join("telemetry", "alerts")
     SPANS = _join("telemetry", "spans")
+    SCALING_DECISIONS = _join("autoscaler", "decisions")
     SMOKE = _join("smoke")
 
     ALL = (
@@ -240,6 +241,7 @@ class Topics:
         DEAD_LETTER,
         ALERTS,
         SPANS,
+        SCALING_DECISIONS,
     )
 
     @staticmethod

@@ -46,13 +46,63 @@ class ExecutorSpec(_Strict):
         return token(value, what="executor id")
 
 
+class PoolSpec(_Strict):
+    """Executors of one kind at a site that the autoscaler starts and stops, between ``min`` and ``max``.
+
+    Its executors are named ``<site>-<pool>-<n>`` (n from 1 to ``max``); each is an ordinary executor
+    once started (heartbeats, placement, draining). ``min: 0`` lets the model scale to zero when idle.
+    """
+
+    name: str = Field(description="Pool name, a subject token (unique at its site).")
+    models: list[str] = Field(min_length=1, description="Models each of its executors loads.")
+    min: int = Field(default=1, ge=0, description="Executors kept running at all times (0: scale to zero).")
+    max: int = Field(ge=1, le=64, description="Most executors the pool may run.")
+    capacity: int = Field(default=256, ge=1, description="Jobs each executor queues before it sheds load.")
+
+    @field_validator("name")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        return token(value, what="pool name")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolSpec:
+        if self.min > self.max:
+            raise ValueError(f"pool {self.name!r}: min {self.min} exceeds max {self.max}")
+        return self
+
+    def executor_id(self, site: str, n: int) -> str:
+        """The id of the pool's ``n``-th executor (from 1)."""
+        return f"{site}-{self.name}-{n}"
+
+    def executor_ids(self, site: str) -> list[str]:
+        """Every id the pool may use, in start order."""
+        return [self.executor_id(site, n) for n in range(1, self.max + 1)]
+
+
+class BurstSpec(_Strict):
+    """A site that is a provider's rented capacity (a cloud region): the autoscaler starts executors there only
+    when the on-prem sites cannot meet demand, for the models and tenants allowed to burst; sensitive data never
+    goes there."""
+
+    startup_s: float = Field(default=10.0, ge=0, description="How long the provider takes to start an executor, "
+                             "seconds (expected; the autoscaler measures the real one).")
+    max_executors: int = Field(default=8, ge=1, le=256, description="Most executors the provider rents out here "
+                               "at once, over all the site's pools.")
+
+
 class SiteSpec(_Strict):
     """A site: the hub (cloud/HQ) or an edge site with its own NATS leaf server."""
 
     name: str = Field(description="Site name, a subject token.")
     role: str = Field(description="'hub' for the one cloud/HQ site, 'edge' for leaf sites.")
     executors: list[ExecutorSpec] = Field(default_factory=list, description="Executors at the site.")
+    pools: list[PoolSpec] = Field(default_factory=list, description="Executors the autoscaler starts and stops "
+                                  "here, by pool.")
     cost_per_1k: float = Field(default=0.0, ge=0, description="Relative cost of 1,000 requests here.")
+    executor_hour_cost: float = Field(default=1.0, ge=0, description="Relative cost of running one executor here "
+                                      "for an hour (on-prem: the hardware's share; a burst site: the provider's "
+                                      "price).")
+    burst: BurstSpec | None = Field(default=None, description="Set when the site is rented capacity to burst to.")
     control_plane: bool = Field(
         default=True,
         description="With control_plane 'per-site': whether this site runs its own admission, classifier and "
@@ -90,7 +140,19 @@ class SiteSpec(_Strict):
                              "either server fails")
         if self.servers > 1 and self.role != "hub":
             raise ValueError(f"site {self.name!r}: only the hub runs as a cluster (servers > 1)")
+        pools = [p.name for p in self.pools]
+        if len(set(pools)) != len(pools):
+            raise ValueError(f"site {self.name!r}: pool names repeat: {pools}")
+        if self.burst is not None and self.role == "hub":
+            raise ValueError(f"site {self.name!r}: the hub cannot be a burst site")
+        if self.burst is not None and sum(p.min for p in self.pools) > self.burst.max_executors:
+            raise ValueError(f"site {self.name!r}: its pools' min executors exceed burst.max_executors")
         return self
+
+    @property
+    def pool_executor_ids(self) -> list[str]:
+        """Every executor id the site's pools may use."""
+        return [executor_id for pool in self.pools for executor_id in pool.executor_ids(self.name)]
 
     @property
     def jetstream_replicas(self) -> int:
@@ -204,6 +266,8 @@ class TenantSpec(_Strict):
         default=None, description="Sites allowed for its sensitive data; None means any site."
     )
     always_sensitive: bool = Field(default=False, description="Treat every request as sensitive.")
+    may_burst: bool = Field(default=True, description="Whether its requests that are not sensitive may run at "
+                            "burst sites (rented capacity); sensitive requests never do.")
     max_cost_per_1k: float | None = Field(default=None, description="Most it may pay per 1,000 requests.")
     models: list[str] | None = Field(
         default=None, description="The models the tenant may call (and cascade or degrade to); None: every model a "
@@ -238,6 +302,34 @@ class SecuritySpec(_Strict):
     )
 
 
+class ScalingSpec(_Strict):
+    """How the autoscaler sizes the pools (``services/autoscaler``): its targets, hysteresis and cool-downs."""
+
+    interval_s: float = Field(default=2.0, gt=0, le=60, description="Seconds between the autoscaler's looks.")
+    window_s: float = Field(default=10.0, gt=0, le=600, description="Seconds of recent traffic each look weighs.")
+    target_utilisation: float = Field(default=0.6, gt=0, lt=1, description="Busy share of an executor the pools "
+                                      "are sized for.")
+    scale_in_utilisation: float = Field(default=0.25, ge=0, lt=1, description="Below this busy share (and with "
+                                        "no queue) a pool gives back an executor: the gap to target_utilisation "
+                                        "is the hysteresis that keeps a flapping load from flapping the fleet.")
+    max_wait_ms: float = Field(default=50.0, gt=0, description="Mean wait in an executor's queue above which a "
+                               "pool grows whatever its utilisation says.")
+    scale_out_cooldown_s: float = Field(default=6.0, ge=0, description="Seconds after a pool grew before it "
+                                        "grows again (the new executor's effect must show first).")
+    scale_in_cooldown_s: float = Field(default=20.0, ge=0, description="Seconds after any change to a pool before "
+                                       "it shrinks.")
+    idle_to_zero_s: float = Field(default=60.0, gt=0, description="Seconds without a request before a pool with "
+                                  "min 0 stops its last executor.")
+    start_timeout_s: float = Field(default=60.0, gt=0, description="Seconds an executor may take to report ready "
+                                   "before the autoscaler counts the start as failed and stops it.")
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> ScalingSpec:
+        if self.scale_in_utilisation >= self.target_utilisation:
+            raise ValueError("scale_in_utilisation must be below target_utilisation (the hysteresis band)")
+        return self
+
+
 ControlPlane = Literal["per-site", "hub"]
 
 
@@ -249,6 +341,8 @@ class Topology(_Strict):
     links: list[LinkSpec] = Field(default_factory=list, description="Links between sites.")
     tenants: list[TenantSpec] = Field(min_length=1, description="Tenants allowed to send requests.")
     security: SecuritySpec = Field(default_factory=SecuritySpec, description="Crypto policy per path type.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="The autoscaler's policy (used when a "
+                                 "site has pools).")
     control_plane: ControlPlane = Field(
         default="per-site",
         description="'per-site': every site with control_plane true runs admission, classifier and scheduler on "
@@ -264,7 +358,8 @@ class Topology(_Strict):
         hubs = [s.name for s in self.sites if s.role == "hub"]
         if len(hubs) != 1:
             raise ValueError(f"exactly one site needs role 'hub', found {len(hubs)}")
-        executor_ids = [e.id for s in self.sites for e in s.executors]
+        executor_ids = [e.id for s in self.sites for e in s.executors] + [i for s in self.sites
+                                                                           for i in s.pool_executor_ids]
         if len(set(executor_ids)) != len(executor_ids):
             raise ValueError(f"executor ids repeat: {executor_ids}")
         for link in self.links:
@@ -273,10 +368,14 @@ class Topology(_Strict):
                     raise ValueError(f"link {list(link.between)} names unknown site {end!r}")
             if link.between[0] == link.between[1]:
                 raise ValueError(f"link joins site {link.between[0]!r} to itself")
+        burst = set(self.burst_sites())
         for tenant in self.tenants:
             for site in tenant.sensitive_sites or []:
                 if site not in names:
                     raise ValueError(f"tenant {tenant.name!r} allows unknown site {site!r}")
+                if site in burst:
+                    raise ValueError(f"tenant {tenant.name!r} names burst site {site!r} for sensitive data: "
+                                     "sensitive data never bursts")
         tenant_names = [t.name for t in self.tenants]
         for tenant in self.security.plaintext_ingress:
             if tenant not in tenant_names:
@@ -332,13 +431,41 @@ class Topology(_Strict):
     def tenant(self, name: str) -> TenantSpec:
         return next(t for t in self.tenants if t.name == name)
 
+    @property
+    def elastic(self) -> bool:
+        """Whether any site has pools (the network then runs an autoscaler)."""
+        return any(site.pools for site in self.sites)
+
+    def burst_sites(self) -> list[str]:
+        """Sites that are rented capacity (``SiteSpec.burst``)."""
+        return [s.name for s in self.sites if s.burst is not None]
+
+    def pool_of(self, executor_id: str) -> tuple[SiteSpec, PoolSpec] | None:
+        """The site and pool an executor id belongs to, or None for a fixed executor or an unknown id."""
+        for site in self.sites:
+            for pool in site.pools:
+                if executor_id in pool.executor_ids(site.name):
+                    return site, pool
+        return None
+
+    def allowed_sites(self, tenant: str, sensitive: bool) -> list[str] | None:
+        """The sites a request of ``tenant`` may run at (None: any): a sensitive one only at the tenant's sensitive
+        sites, and never at a burst site; one whose tenant may not burst, nowhere rented."""
+        spec = self.tenant(tenant)
+        sensitive = sensitive or spec.always_sensitive
+        burst = set(self.burst_sites())
+        if sensitive and spec.sensitive_sites:
+            return [s for s in spec.sensitive_sites if s not in burst]
+        if burst and (sensitive or not spec.may_burst):
+            return [s.name for s in self.sites if s.name not in burst]
+        return None
+
     def may_open(self, site: str, tenant: str, sensitive: bool) -> bool:
         """Whether a request of ``tenant`` may be opened at ``site``: its data is confined to its sensitive sites
-        when it is sensitive (or the tenant's always is)."""
-        spec = self.tenant(tenant)
-        if (sensitive or spec.always_sensitive) and spec.sensitive_sites:
-            return site in spec.sensitive_sites
-        return True
+        when it is sensitive (or the tenant's always is), and never opened at a burst site unless it may run
+        there."""
+        allowed = self.allowed_sites(tenant, sensitive)
+        return allowed is None or site in allowed
 
     def opening_site(self, here: str, tenant: str, sensitive: bool,
                      usable: Callable[[str], bool] = lambda site: True) -> str | None:

@@ -4,7 +4,6 @@ the two one-shot steps the compose file runs in containers (``init``, ``prepare-
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from din.compose import (
@@ -16,6 +15,7 @@ from din.compose import (
     prepare_compose_kafka,
     write_compose,
 )
+from din.generated import check_or_write
 from din.stack.launcher import DEFAULT_TOPOLOGY
 
 
@@ -56,17 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_compose(args: argparse.Namespace) -> int:
     """Write the compose files, or with ``--check`` report the ones that drifted."""
-    if args.check:
-        stale = drifted()
-        if stale:
-            print(f"din: {len(stale)} compose file(s) out of date: {', '.join(stale)}", file=sys.stderr)
-            print("run `din compose` and commit the result", file=sys.stderr)
-            return 1
-        print("docker-compose.yml and its configs are up to date")
-        return 0
-    written = write_compose()
-    print(f"wrote {len(written)} files: {', '.join(p.name for p in written)}")
-    return 0
+    return check_or_write(args.check, "compose file(s)", drifted, write_compose,
+                          current="docker-compose.yml and its configs are up to date",
+                          command="compose")
 
 
 def cmd_init(args: argparse.Namespace) -> int:

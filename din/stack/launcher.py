@@ -39,6 +39,7 @@ import yaml
 from din.services.telemetry.settings import TelemetrySettings
 from din.services.telemetry.topics import ensure_topics, topic_plan
 from din.shared.bus.connect import nats_options, nats_servers
+from din.shared.bus.files import write_secret
 from din.shared.bus.kafka import OPERATOR, KafkaAccess, apply_acls
 from din.shared.bus.nats_auth import NATS_DIR, NatsAuthority
 from din.shared.bus.permissions import OPERATOR_USER
@@ -57,7 +58,7 @@ from din.shared.security import (
     site_principal,
     tenant_principal,
 )
-from din.shared.topology import Topology
+from din.shared.topology import ExecutorSpec, Topology
 from din.stack.brokers import (
     DEFAULT_KAFKA_LIBS,
     REPO_ROOT,
@@ -96,10 +97,16 @@ SINGLETON_SERVICES = ("keymanager", TELEMETRY)
 CONTROL_SERVICES = ("scheduler", "classifier", "admission")
 """Services that run at every site with a control plane (only at the hub with ``control_plane: hub``)."""
 EXECUTOR = "executor"
+AUTOSCALER = "autoscaler"
+"""The autoscaler: once, at the hub, in a topology with pools; it starts and stops the pools' executors."""
 GATEWAY = "gateway"
 """The HTTP gateway: one at every site with a control plane, started after its admission."""
-SERVICE_KINDS = (*SINGLETON_SERVICES, EXECUTOR, *CONTROL_SERVICES, GATEWAY)
-SECURED_SERVICES = ("keymanager", "telemetry", "admission", "classifier", "scheduler", EXECUTOR)
+SERVICE_KINDS = (*SINGLETON_SERVICES, EXECUTOR, AUTOSCALER, *CONTROL_SERVICES, GATEWAY)
+SECURED_SERVICES = ("keymanager", "telemetry", "admission", "classifier", "scheduler", EXECUTOR, AUTOSCALER)
+POOL_ENVIRONMENTS = "pools.json"
+"""In a run's folder: every pool executor's environment, for the autoscaler's local provider."""
+AUTOSCALER_STATE = "autoscaler"
+"""In a run's folder: where the autoscaler's local provider keeps its executors' pids and logs."""
 """Services that hold keys; ``DIN_SECURITY`` switches them all on or off together."""
 
 
@@ -329,6 +336,8 @@ def service_instances(topology: Topology, services: Iterable[str] | None = None)
         for site in topology.sites:
             for executor in site.executors:
                 out.append(ServiceInstance(f"executor-{executor.id}", EXECUTOR, site.name, executor.id))
+    if AUTOSCALER in wanted and topology.elastic:
+        out.append(ServiceInstance(AUTOSCALER, AUTOSCALER, hub))
     for name in CONTROL_SERVICES:
         if name in wanted:
             out += [ServiceInstance(control_process_name(name, site, hub, n), name, site, replica_instance(site, n))
@@ -339,13 +348,24 @@ def service_instances(topology: Topology, services: Iterable[str] | None = None)
     return out
 
 
+def pool_instances(topology: Topology) -> list[ServiceInstance]:
+    """Every executor the topology's pools may run (the autoscaler starts them; the stack issues their
+    credentials up front)."""
+    return [ServiceInstance(f"executor-{executor_id}", EXECUTOR, site.name, executor_id)
+            for site in topology.sites for executor_id in site.pool_executor_ids]
+
+
 def executors_in_view(topology: Topology, instances: Iterable[ServiceInstance]) -> dict[str, int]:
     """How many executors each scheduler instance must count before the stack is ready: the ones the stack runs
-    at the sites it places on. A scheduler that answers ready has opened its subscriptions but not yet heard the
-    fleet; a request sent then would be refused ``no_eligible_executor``."""
+    at the sites it places on, and the pools' minimums there when it runs the autoscaler. A scheduler that
+    answers ready has opened its subscriptions but not yet heard the fleet; a request sent then would be refused
+    ``no_eligible_executor``."""
     instances = list(instances)
     executors = [i for i in instances if i.service == EXECUTOR]
+    scaled = any(i.service == AUTOSCALER for i in instances)
     return {i.name: sum(1 for e in executors if e.site in topology.scheduled_sites(i.site))
+            + (sum(p.min for s in topology.sites if s.name in topology.scheduled_sites(i.site) for p in s.pools)
+               if scaled else 0)
             for i in instances if i.service == "scheduler"}
 
 
@@ -375,6 +395,8 @@ def service_environments(
     bus_dir: str | Path | None = None,
     gateway_http_ports: Mapping[str, tuple[int, int]] | None = None,
     gateway_http_host: str = "127.0.0.1",
+    run_dir: str | Path | None = None,
+    pools: bool = False,
 ) -> dict[str, dict[str, str]]:
     """Environment of every service process, keyed by process name (see ``service_instances``).
 
@@ -388,6 +410,9 @@ def service_environments(
     secure Kafka (its CA and users); each service then logs in as its own Kafka user (its kind). ``bus_dir``: the
     bus folder of closed NATS servers; each instance then connects as its own NATS user (its process name).
     ``gateway_http_ports``: each control site's gateway HTTP and gRPC ports (default: the default port plan's).
+    ``run_dir``: the run's folder, where the autoscaler finds the pool executors' environments
+    (``POOL_ENVIRONMENTS``) and keeps its state; without one it runs with the Kubernetes provider (decides only).
+    ``pools``: the environments of the pools' executors instead (``pool_instances``).
     ``din up`` and ``docker-compose.yml`` both follow this function.
     """
     if mode not in SCHEDULER_MODES:
@@ -396,12 +421,14 @@ def service_environments(
     if missing:
         raise StackError(f"no NATS URL for site {missing[0]!r}")
     executors = {e.id: e for s in topology.sites for e in s.executors}
+    executors.update({executor_id: ExecutorSpec(id=executor_id, models=pool.models, capacity=pool.capacity)
+                      for s in topology.sites for pool in s.pools for executor_id in pool.executor_ids(s.name)})
     keys = PurePath(keys_dir) if keys_dir is not None else PurePath(credentials_path).parent / "keys"
     policy = (security_policy or CryptoPolicy(**topology.security.model_dump())).model_dump_json()
     kafka = KafkaAccess(kafka_bootstrap, Path(kafka_bus_dir) if kafka_bus_dir is not None else None)
     http_ports = gateway_http_ports or gateway_ports(topology, PortPlan())
     envs: dict[str, dict[str, str]] = {}
-    for inst in service_instances(topology, services):
+    for inst in pool_instances(topology) if pools else service_instances(topology, services):
         env = {
             "DIN_NATS_URL": nats_urls[inst.site],
             "DIN_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -443,6 +470,15 @@ def service_environments(
             env["DIN_TELEMETRY_KEY_FILE"] = site_keys
             if topology.hears_rosters(inst.site):
                 env["DIN_TELEMETRY_HEARTBEAT_SITE"] = inst.site
+        elif inst.service == AUTOSCALER:
+            env["DIN_AUTOSCALER_KEY_FILE"] = site_keys
+            if run_dir is None:
+                env["DIN_AUTOSCALER_PROVIDER"] = "kubernetes"
+            else:
+                env["DIN_AUTOSCALER_PROVIDER"] = "local"
+                env["DIN_AUTOSCALER_POOL_ENVIRONMENTS"] = str(PurePath(run_dir) / POOL_ENVIRONMENTS)
+                env["DIN_AUTOSCALER_STATE_DIR"] = str(PurePath(run_dir) / AUTOSCALER_STATE)
+                env["DIN_AUTOSCALER_LOG_DIR"] = str(PurePath(run_dir) / "logs")
         elif inst.service == GATEWAY:
             env["DIN_GATEWAY_HTTP_PORT"] = str(http_ports[inst.site][0])
             env["DIN_GATEWAY_GRPC_PORT"] = str(http_ports[inst.site][1])
@@ -820,7 +856,22 @@ def stop_from_state(state_file: Path, timeout_s: float = 10.0) -> list[str]:
         if _same_process(entry["pid"], entry.get("start_time")):
             terminate_group(entry["pid"], timeout_s)
             stopped.append(entry["name"])
+    stopped += _stop_left_pool_executors(state)
     Path(state_file).unlink(missing_ok=True)
+    return stopped
+
+
+def _stop_left_pool_executors(state: dict) -> list[str]:
+    """Pool executors an autoscaler left running (it was killed, so it could not drain them itself)."""
+    stopped = []
+    run_dir = state.get("run_dir")
+    for record in sorted(Path(run_dir, AUTOSCALER_STATE).glob("*.pid.json")) if run_dir else []:
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            held = json.loads(record.read_text())
+            if _same_process(held["pid"], held.get("start_time")):
+                terminate_group(held["pid"])
+                stopped.append(f"executor-{record.name.removesuffix('.pid.json')}")
+        record.unlink(missing_ok=True)
     return stopped
 
 
@@ -1003,13 +1054,18 @@ class Stack:
         """The key material a client of ``tenant`` connects with."""
         return PrincipalKeys.load(key_file(self.keys_dir, tenant_principal(tenant)))
 
+    @property
+    def runs_autoscaler(self) -> bool:
+        """Whether this stack runs the autoscaler (its topology has pools)."""
+        return any(i.service == AUTOSCALER for i in self.instances)
+
     def describe(self) -> str:
         """A table of where every process runs and logs."""
         rows = [[r.site, r.process, str(r.pid), r.address, shown_path(r.log)] for r in self.rows]
         return format_table(["SITE", "PROCESS", "PID", "ADDRESS", "LOG"], rows)
 
-    def environments(self) -> dict[str, dict[str, str]]:
-        """Environment of each service process of this stack."""
+    def environments(self, pools: bool = False) -> dict[str, dict[str, str]]:
+        """Environment of each service process of this stack (``pools``: of each pool executor instead)."""
         assert self.run_dir is not None, "environments() needs the run dir: call start() first"
         return service_environments(
             self.topology,
@@ -1028,6 +1084,8 @@ class Stack:
             kafka_bus_dir=self.kafka_access.bus_dir,
             bus_dir=None if self.bus is None else self.bus.root,
             gateway_http_ports=gateway_ports(self.topology, self.ports),
+            run_dir=self.run_dir,
+            pools=pools,
         )
 
     # -- lifecycle
@@ -1104,8 +1162,9 @@ class Stack:
         """Issue the run's bus credentials and close every NATS server with them (unless ``insecure``)."""
         if self.insecure:
             return
+        issued = [*self.instances, *(pool_instances(self.topology) if self.runs_autoscaler else [])]
         self.bus = BusCredentials.provision(
-            self.bus_dir, self.topology, [(i.service, i.site, i.name, i.instance) for i in self.instances])
+            self.bus_dir, self.topology, [(i.service, i.site, i.name, i.instance) for i in issued])
         for spec in self.nats:
             spec.security = self.bus.nats_security(spec.site, client_tls=self.client_tls, index=spec.index)
 
@@ -1188,6 +1247,9 @@ class Stack:
         if not self.instances:
             return
         envs = self.environments()
+        if self.runs_autoscaler:
+            pools = {i.instance: self.environments(pools=True)[i.name] for i in pool_instances(self.topology)}
+            write_secret(self.run_dir / POOL_ENVIRONMENTS, json.dumps(pools, indent=1))
         pending = []
         for inst in self.instances:
             env = {**envs[inst.name], "PYTHONUNBUFFERED": "1"}
@@ -1218,6 +1280,8 @@ class Stack:
         services = list(reversed(self.processes[self.broker_processes:]))
         relays = {i.name for i in self.instances if i.service == TELEMETRY}
         stop_all([p for p in services if p.name not in relays], timeout_s)
+        if self.run_dir is not None:
+            _stop_left_pool_executors({"run_dir": str(self.run_dir)})
         stop_all([p for p in services if p.name in relays], timeout_s)
         for proc in reversed(brokers):
             try:

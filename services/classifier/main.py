@@ -45,7 +45,7 @@ class Classifier(Service):
         topology = load_topology(settings.topology)
         self.runtime.fair_weights.update(topology.tenant_weights())
         self.policy = WorkloadPolicy(
-            topology.tenants, ModelCatalog.from_repository(settings.model_repo), settings.sensitive_labels
+            topology, ModelCatalog.from_repository(settings.model_repo), settings.sensitive_labels
         )
         self.counts = {"classified": 0, "expired_on_arrival": 0}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from din.shared.catalog import ModelCatalog, ModelEntry
 from din.shared.contracts.job import JobV1, WorkloadClassV1
-from din.shared.topology import TenantSpec
+from din.shared.topology import TenantSpec, Topology
 
 SIZE_CLASSES = ((16 * 1024, "small"), (256 * 1024, "medium"))
 
@@ -17,10 +17,11 @@ def size_class(input_bytes: int) -> str:
 
 
 class WorkloadPolicy:
-    """Classifies jobs of known tenants against the catalog."""
+    """Classifies jobs of the topology's tenants against the catalog."""
 
-    def __init__(self, tenants: list[TenantSpec], catalog: ModelCatalog, sensitive_labels: list[str]) -> None:
-        self._tenants = {t.name: t for t in tenants}
+    def __init__(self, topology: Topology, catalog: ModelCatalog, sensitive_labels: list[str]) -> None:
+        self._topology = topology
+        self._tenants = {t.name: t for t in topology.tenants}
         self._catalog = catalog
         self._sensitive = {label.lower() for label in sensitive_labels}
 
@@ -45,7 +46,7 @@ class WorkloadPolicy:
             input_bytes=input_bytes,
             size_class=size_class(input_bytes),
             sensitive=sensitive,
-            allowed_sites=list(tenant.sensitive_sites) if sensitive and tenant.sensitive_sites else None,
+            allowed_sites=self._topology.allowed_sites(tenant.name, sensitive),
             candidates=candidates,
         )
 

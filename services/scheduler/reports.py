@@ -26,6 +26,7 @@ def decision_record(job: JobV1, placement: Placement | None, reason: str, *, mod
         tenant=job.tenant,
         mode=mode,
         sla_class=job.sla_class,
+        model=job.model,
         chosen_executor=placement.executor.id if placement and centralized else None,
         chosen_site=placement.executor.site if placement else None,
         chosen_model=placement.model if placement else None,

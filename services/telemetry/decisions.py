@@ -1,4 +1,4 @@
-"""Admission and scheduling decisions from Kafka into the metrics (their services record them there).
+"""Admission, scheduling and scaling decisions from Kafka into the metrics (their services record them there).
 
 ``DecisionFeed.observe`` decodes one record and counts it (pure, testable without
 Kafka); ``DecisionFeed.follow`` is the consumer loop that feeds it and reconnects
@@ -21,6 +21,7 @@ from din.services.telemetry.settings import TelemetrySettings
 from din.services.telemetry.topics import scoped
 from din.shared.bus.kafka import kafka_client_kwargs
 from din.shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
+from din.shared.contracts.scaling import ScalingDecisionV1
 from din.shared.naming import Topics
 from din.shared.security.records import ForgedRecord, RecordVerifier
 
@@ -35,6 +36,7 @@ FETCH_MAX_WAIT_MS = 250
 DECISION_TOPICS: dict[str, tuple[type[BaseModel], str]] = {
     Topics.ADMISSION_DECISIONS: (AdmissionDecisionV1, "admission"),
     Topics.SCHEDULING_DECISIONS: (SchedulingDecisionV1, "scheduling"),
+    Topics.SCALING_DECISIONS: (ScalingDecisionV1, "autoscaler"),
 }
 """Each decision topic's contract and its event source (the ``source`` label of the telemetry metrics)."""
 
@@ -66,6 +68,8 @@ class DecisionFeed:
         self.decisions += 1
         if source == "admission":
             self.metrics.observe_admission(decision)
+        elif source == "autoscaler":
+            self.metrics.observe_scaling(decision)
         else:
             self.metrics.observe_scheduling(decision)
 

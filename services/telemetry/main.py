@@ -80,7 +80,7 @@ class Telemetry(Service):
 
     name = "telemetry"
     publishes = ("alerts", Topics.ALERTS, Topics.COMPLETIONS)
-    consumes = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS)
+    consumes = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.SCALING_DECISIONS)
 
     def __init__(self, settings: TelemetrySettings) -> None:
         super().__init__(settings)

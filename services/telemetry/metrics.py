@@ -33,6 +33,7 @@ from din.services.telemetry.relay import RelayLedger
 from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, SchedulingDecisionV1
 from din.shared.contracts.federation import SiteSummaryV1
 from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.scaling import ScalingDecisionV1
 from din.shared.errors import ErrorCode
 
 LATENCY_BUCKETS_S = (
@@ -62,6 +63,8 @@ UNKNOWN = "unknown"
 EXECUTOR_STALE_INTERVALS = 3
 EXECUTOR_FORGET_S = 300.0
 SITES_KEPT = 256
+POOLS_KEPT = 1024
+"""Most pools the pool gauges keep (a topology names them; the bound only guards against forged names)."""
 """Most sites whose summaries are kept for the per-site gauges (a flood of made-up site names stops there)."""
 LABEL_BUDGETS = {"tenant": 64, "model": 128, "site": 32, "executor": 512, "route": 64}
 """Most distinct values of each name label telemetry keeps series for, and (``route``) of the tenant, model and site
@@ -124,6 +127,16 @@ METRICS: tuple[MetricSpec, ...] = (
                "Jobs of the class the site's executors of the model could still take, from its latest summary."),
     MetricSpec("din_site_queue_depth", "gauge", ("site", "model"),
                "Jobs queued or in flight at the site's executors of the model, from its latest summary."),
+    MetricSpec("din_pool_desired_executors", "gauge", ("site", "pool"),
+               "Executors the autoscaler wants in the pool, from its latest decision (KEDA scales Kubernetes "
+               "pools on it)."),
+    MetricSpec("din_pool_cost_per_hour", "gauge", (),
+               "What the network's executors cost per hour, from the autoscaler's latest decision."),
+    MetricSpec("din_pool_decisions_total", "counter", ("site", "pool", "action"),
+               "Changes the autoscaler made to a pool (scale_out, started, start_failed, scale_in, stopped, "
+               "replaced)."),
+    MetricSpec("din_pool_cold_start_seconds", "histogram", ("site", "pool"),
+               "From asking the provider for an executor to its first ready health answer."),
     MetricSpec("din_sla_latency_seconds", "summary", ("sla_class",),
                "End-to-end latency per SLA class: quantiles 0.5, 0.95 and 0.99 over the sliding SLA window, count "
                "and sum of every completion since telemetry started."),
@@ -309,6 +322,8 @@ class TelemetryMetrics:
         self.admission = counter("din_admission_requests_total")
         self.rejects = counter("din_rejects_total")
         self.scheduling = counter("din_scheduling_decisions_total")
+        self.pool_decisions = counter("din_pool_decisions_total")
+        self.cold_starts = histogram("din_pool_cold_start_seconds", LATENCY_BUCKETS_S)
         self.events = counter("din_telemetry_events_total")
         self.invalid_events = counter("din_telemetry_invalid_events_total")
         self.folded = counter("din_telemetry_folded_labels_total")
@@ -316,8 +331,9 @@ class TelemetryMetrics:
         self._families = (
             self.requests, self.duration, self.phase_duration, self.ttft, self.tpot, self.batch, self.degraded,
             self.target_misses, self.handoffs, self.handoff_bytes, self.admission, self.rejects, self.scheduling,
-            self.events, self.invalid_events, self.folded,
+            self.pool_decisions, self.cold_starts, self.events, self.invalid_events, self.folded,
         )
+        self._pools: dict[tuple[str, str], ScalingDecisionV1] = {}
         self._executors: dict[str, _Executor] = {}
         self._sites: dict[str, tuple[SiteSummaryV1, float]] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -417,6 +433,19 @@ class TelemetryMetrics:
         self.scheduling.inc((sla, self.labels("site", decision.chosen_site),
                              self.labels("model", decision.chosen_model or UNKNOWN), outcome))
 
+    def observe_scaling(self, decision: ScalingDecisionV1) -> None:
+        """Keep a pool's latest size and count the change (pools are named by the topology: no label budget)."""
+        self.events.inc(("autoscaler",))
+        key = (decision.site, decision.pool)
+        if key not in self._pools and len(self._pools) >= POOLS_KEPT:
+            return
+        held = self._pools.get(key)
+        if held is None or held.at_ms <= decision.at_ms:
+            self._pools[key] = decision
+        self.pool_decisions.inc((*key, decision.action.value))
+        if decision.cold_start_ms is not None:
+            self.cold_starts.observe(key, decision.cold_start_ms / 1000.0)
+
     def _reject(self, refused_by: str, code: str | None, tenant: str, model: str, sla: str,
                 count: int = 1) -> None:
         self.rejects.inc((refused_by, _reason(code), tenant, model, sla), count)
@@ -434,6 +463,7 @@ class TelemetryMetrics:
         yield from self._site_gauges()
         yield from self._sla_families()
         yield from self._relay_gauges()
+        yield from self._pool_gauges()
         sent, dropped = self._recorded()
         specs = {m.name: m for m in METRICS}
         recorded = CounterMetricFamily("din_telemetry_recorded_events_total",
@@ -536,6 +566,17 @@ class TelemetryMetrics:
             oldest.add_metric([site], relay.oldest_s or 0.0)
             lagging.add_metric([site], 1.0 if site in behind else 0.0)
         return relayed, pending, oldest, lagging
+
+    def _pool_gauges(self) -> Iterable[Metric]:
+        specs = {m.name: m for m in METRICS}
+        desired = GaugeMetricFamily("din_pool_desired_executors", specs["din_pool_desired_executors"].help,
+                                    labels=("site", "pool"))
+        cost = GaugeMetricFamily("din_pool_cost_per_hour", specs["din_pool_cost_per_hour"].help)
+        for (site, pool), decision in sorted(self._pools.items()):
+            desired.add_metric([site, pool], decision.executors_after)
+        if self._pools:
+            cost.add_metric([], max(self._pools.values(), key=lambda d: d.at_ms).cost_per_hour)
+        return desired, cost
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric."""

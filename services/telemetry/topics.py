@@ -63,6 +63,7 @@ def topic_plan(settings: TelemetrySettings) -> list[TopicSpec]:
         TopicSpec(Topics.ALERTS, "SLA class", "telemetry", hours(settings.retention_alerts_h), p),
         TopicSpec(Topics.DEAD_LETTER, "service", "any service", hours(settings.retention_dead_letter_h), p),
         TopicSpec(Topics.SPANS, "trace id", "every service (sampled spans)", events, p),
+        TopicSpec(Topics.SCALING_DECISIONS, "site", "autoscaler", events, p),
     ]]
 
 

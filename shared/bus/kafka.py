@@ -87,6 +87,7 @@ WRITES: dict[str, tuple[str, ...]] = {
     "telemetry": (Topics.COMPLETIONS, Topics.HEARTBEATS, Topics.ALERTS, Topics.DEAD_LETTER, Topics.SPANS),
     "keymanager": (Topics.DEAD_LETTER, Topics.SPANS),
     "gateway": (Topics.SPANS,),
+    "autoscaler": (Topics.SCALING_DECISIONS, Topics.SPANS),
     OPERATOR: (Topics.SMOKE,),
 }
 """The base topics each user produces to: what each service's declarations say it sends (trace spans from every
@@ -94,7 +95,8 @@ service, dead letters from those with job or control endpoints that may dead-let
 smoke-test topic."""
 
 READS: dict[str, tuple[str, ...]] = {
-    "telemetry": (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS),
+    "telemetry": (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.SCALING_DECISIONS),
+    "autoscaler": (Topics.COMPLETIONS, Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS),
     "replay": (Topics.REQUESTS, Topics.ADMISSION_DECISIONS, Topics.CLASSIFICATIONS, Topics.SCHEDULING_DECISIONS,
                Topics.COMPLETIONS, Topics.HEARTBEATS),
     "report": (Topics.REQUESTS, Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS,
@@ -103,7 +105,7 @@ READS: dict[str, tuple[str, ...]] = {
 """The base topics each user consumes: telemetry its decision feed, ``din replay`` (and ``--what-if``) and
 ``din report`` what they read. The operator reads every DIN topic (``OPERATOR_OPERATIONS``)."""
 
-GROUPS: dict[str, str] = {"telemetry": "din-telemetry", OPERATOR: "console-consumer-"}
+GROUPS: dict[str, str] = {"telemetry": "din-telemetry", "autoscaler": "din-autoscaler", OPERATOR: "console-consumer-"}
 """Consumer-group prefixes per user: telemetry's ``din-telemetry[-<scope>]``, and the groups Kafka's console
 consumer makes up for the operator; ``din replay`` and ``din report`` assign partitions and need none."""
 

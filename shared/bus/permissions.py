@@ -288,6 +288,13 @@ def gateway(topology: Topology, site: str, user: str, instance: str | None) -> P
         publish=(pattern(Subjects.infer, ANY, ANY),), subscribe=(gateway_replies(site),))
 
 
+def autoscaler(topology: Topology, site: str, user: str, instance: str | None) -> Permissions:
+    """The autoscaler: asks the executors it starts whether they are ready (their health subjects, at any site);
+    reads the key bucket for the identities that sign the Kafka records it sizes pools from."""
+    return _service(user, site, "autoscaler", instance) + key_bucket_reader(topology) + Permissions(
+        publish=(pattern(Subjects.health, "executor", ANY),))
+
+
 def tenant(topology: Topology, name: str) -> Permissions:
     """A tenant's clients: publish its own requests, hear its own inboxes, read the key bucket (public identities
     and data keys wrapped to their holders); nothing else."""
@@ -335,4 +342,5 @@ SERVICE_RULES = {
     "telemetry": telemetry,
     "keymanager": keymanager,
     "gateway": gateway,
+    "autoscaler": autoscaler,
 }

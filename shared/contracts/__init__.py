@@ -27,10 +27,14 @@ from din.shared.contracts.inference import (
 )
 from din.shared.contracts.job import JobV1, StageKind, StageV1, WorkloadClassV1
 from din.shared.contracts.keys import KeyAction, KeyCommandResultV1, KeyCommandV1
+from din.shared.contracts.scaling import PoolSignalsV1, ScalingAction, ScalingDecisionV1
 from din.shared.contracts.telemetry import RecordedRequestV1, SlaViolationV1, SpanV1
 from din.shared.errors import ErrorReplyV1, ErrorV1
 
 __all__ = [
+    "PoolSignalsV1",
+    "ScalingAction",
+    "ScalingDecisionV1",
     "AdmissionDecisionV1",
     "AlternativeV1",
     "ClassificationV1",
@@ -92,4 +96,5 @@ MESSAGE_MODELS = {
     "din.v1.span": SpanV1,
     "din.v1.key_command": KeyCommandV1,
     "din.v1.key_command_result": KeyCommandResultV1,
+    "din.v1.scaling_decision": ScalingDecisionV1,
 }

@@ -109,6 +109,8 @@ class SchedulingDecisionV1(BaseModel):
     tenant: str = Field(description="Tenant.")
     mode: str = Field(description="centralized or distributed.")
     sla_class: SlaClass = Field(description="Service class.")
+    model: str | None = Field(default=None, description="Model the job asked for (None from schedulers that "
+                              "predate it).")
     chosen_executor: str | None = Field(description="Executor chosen (centralized mode).")
     chosen_site: str | None = Field(description="Site chosen; None when refused.")
     chosen_model: str | None = Field(description="Model variant chosen.")

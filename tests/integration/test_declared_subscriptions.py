@@ -37,6 +37,7 @@ async def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_pa
     await recorded_topics(unique)
     def build(case: str):
         from din.services.admission.settings import AdmissionSettings
+        from din.services.autoscaler.settings import AutoscalerSettings
         from din.services.classifier.settings import ClassifierSettings
         from din.services.executor.settings import ExecutorSettings
         from din.services.gateway.settings import GatewaySettings
@@ -64,6 +65,8 @@ async def settings_of(nats_network, kafka_access, test_topology, zoo_dir, tmp_pa
                                                    **common),
             "keymanager": lambda: KeyManagerSettings(topology=topology, security=False, **common),
             "gateway": lambda: GatewaySettings(model_repo=zoo_dir, http_port=free_port(), **common),
+            "autoscaler": lambda: AutoscalerSettings(topology=topology, provider="kubernetes", security=False,
+                                                     **common),
         }
         return factories[case]()
 

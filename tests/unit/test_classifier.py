@@ -3,7 +3,7 @@ import json
 from din.services.classifier.policy import WorkloadPolicy, size_class
 from din.shared.catalog import ModelCatalog, ModelEntry
 from din.shared.contracts.inference import SlaClass
-from din.shared.topology import TenantSpec
+from din.shared.topology import TenantSpec, Topology
 from tests.support import make_job
 
 SIG = json.dumps([["input", "FP32", [64]]])
@@ -20,7 +20,14 @@ TENANTS = [
     TenantSpec(name="initech", sensitive_sites=["branch"], always_sensitive=True),
     TenantSpec(name="globex"),
 ]
-POLICY = WorkloadPolicy(TENANTS, CATALOG, ["pii", "sensitive"])
+SITES = [{"name": "cloud", "role": "hub"}, {"name": "factory", "role": "edge"}, {"name": "branch", "role": "edge"}]
+
+
+def topology(tenants: list[TenantSpec], sites: list[dict] = SITES) -> Topology:
+    return Topology(name="classifier-tests", sites=sites, tenants=tenants)
+
+
+POLICY = WorkloadPolicy(topology(TENANTS), CATALOG, ["pii", "sensitive"])
 
 
 def job(tenant="acme", model="digits-large", labels=(), allow_degrade=False, min_accuracy=None, version=None):
@@ -61,8 +68,21 @@ def test_a_cascade_runs_the_least_accurate_variant_first_and_escalates_to_the_mo
 
 
 def test_a_tenant_limited_to_some_models_is_never_degraded_or_cascaded_to_others():
-    limited = WorkloadPolicy([TenantSpec(name="acme", models=["digits-large", "digits-tiny"])], CATALOG, ["pii"])
+    only_some = topology([TenantSpec(name="acme", models=["digits-large", "digits-tiny"])])
+    limited = WorkloadPolicy(only_some, CATALOG, ["pii"])
     degraded = limited.classify(job(allow_degrade=True), 10)
     assert degraded.candidates == ["digits-large", "digits-tiny"]
     cascade = make_job(tenant="acme", model="digits-large", sla_class=SlaClass.BATCH, cascade_threshold=0.8)
     assert limited.cascade_stages(cascade) == ("digits-tiny", "digits-large")
+
+
+def test_sensitive_data_never_bursts_and_a_tenant_that_may_not_burst_stays_on_prem():
+    rented = [*SITES, {"name": "rented", "role": "edge", "burst": {}, "pools": [{"name": "small", "models": ["x"],
+                                                                              "min": 0, "max": 2}]}]
+    tenants = [TenantSpec(name="acme", sensitive_sites=["factory"]), TenantSpec(name="globex"),
+               TenantSpec(name="hooli", may_burst=False)]
+    policy = WorkloadPolicy(topology(tenants, rented), CATALOG, ["pii"])
+    assert policy.classify(job(tenant="globex"), 10).allowed_sites is None
+    assert policy.classify(job(tenant="globex", labels=["pii"]), 10).allowed_sites == ["cloud", "factory", "branch"]
+    assert policy.classify(job(tenant="hooli"), 10).allowed_sites == ["cloud", "factory", "branch"]
+    assert policy.classify(job(tenant="acme", labels=["pii"]), 10).allowed_sites == ["factory"]

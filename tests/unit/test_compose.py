@@ -28,6 +28,7 @@ from din.compose import (
 from din.compose import drifted as compose_drifted
 from din.probe import PROBE_USER, connect_options
 from din.services.admission.settings import AdmissionSettings
+from din.services.autoscaler.settings import AutoscalerSettings
 from din.services.classifier.settings import ClassifierSettings
 from din.services.executor.settings import ExecutorSettings
 from din.services.gateway.settings import GatewaySettings
@@ -51,6 +52,7 @@ SETTINGS = {
     "scheduler": SchedulerSettings,
     "telemetry": TelemetrySettings,
     "gateway": GatewaySettings,
+    "autoscaler": AutoscalerSettings,
 }
 APP_DIR = "/app"
 BIND = "${DIN_BIND_ADDRESS:-127.0.0.1}"

@@ -102,7 +102,9 @@ def test_telemetry_may_join_its_consumer_group_under_any_scope():
         group = DecisionFeed(None, settings.model_copy(update={"topic_scope": scope}), client_id="t").group
         assert may("telemetry", Operation.READ, group, resource=Resource.GROUP)
         assert not may("admission", Operation.READ, group, resource=Resource.GROUP)
-    assert set(GROUPS) == {"telemetry", OPERATOR}
+    assert set(GROUPS) == {"telemetry", "autoscaler", OPERATOR}
+    assert may("autoscaler", Operation.READ, "din-autoscaler-run1", resource=Resource.GROUP)
+    assert not may("autoscaler", Operation.READ, group, resource=Resource.GROUP)
 
 
 def test_users_are_generated_once_secret_and_kept(tmp_path):

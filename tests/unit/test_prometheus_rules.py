@@ -27,6 +27,7 @@ from din.services.telemetry.metrics import (
 from din.services.telemetry.relay import RelayLedger
 from din.shared.contracts.events import AdmissionDecisionV1, SchedulingDecisionV1
 from din.shared.contracts.federation import ModelSummaryV1, SiteSummaryV1
+from din.shared.contracts.scaling import ScalingDecisionV1
 from din.shared.errors import DinError, ErrorCode
 from tests.support import ManualClock
 from tests.unit.test_telemetry_metrics import TARGETS, completion, heartbeat
@@ -195,6 +196,10 @@ def every_family_fed() -> TelemetryMetrics:
         request_id="r", tenant="acme", mode="centralized", sla_class="realtime", chosen_executor="cloud-1",
         chosen_site="cloud", chosen_model="digits-small", degraded=False, predicted_ms=2.0, reason="ok",
         alternatives=[], attempt=1, at_ms=0.0))
+    metrics.observe_scaling(ScalingDecisionV1(
+        site="cloud", pool="small", models=["digits-small"], action="started", executor="cloud-small-1",
+        executors_before=1, executors_after=1, reason="ready", cost_per_hour=2.0, cold_start_ms=3200.0,
+        provider="local", at_ms=0.0))
     metrics.invalid("completion")
     metrics.sla.evaluate(clock(), 0.0)
     return metrics

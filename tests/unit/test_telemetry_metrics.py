@@ -19,6 +19,7 @@ from din.shared.contracts.events import (
     SchedulingDecisionV1,
 )
 from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.scaling import ScalingDecisionV1
 from din.shared.contracts.telemetry import SlaViolationV1
 from din.shared.naming import Topics
 from tests.support import ManualClock, make_heartbeat
@@ -216,7 +217,8 @@ def test_decision_feed_counts_decisions_of_its_scoped_topics_and_skips_garbage()
     feed = DecisionFeed(metrics, settings, client_id="t")
     admissions, placements = Topics.scoped(Topics.ADMISSION_DECISIONS, "run1"), Topics.scoped(
         Topics.SCHEDULING_DECISIONS, "run1")
-    assert set(feed.by_topic) == {admissions, placements} and feed.group == "din-telemetry-run1"
+    scaling = Topics.scoped(Topics.SCALING_DECISIONS, "run1")
+    assert set(feed.by_topic) == {admissions, placements, scaling} and feed.group == "din-telemetry-run1"
     refusal = AdmissionDecisionV1(request_id="r", tenant="acme", model="m", admitted=False, reason="rate_limited",
                                   input_bytes=1, at_ms=0.0)
     feed.observe(admissions, refusal.model_dump_json().encode())
@@ -227,6 +229,24 @@ def test_decision_feed_counts_decisions_of_its_scoped_topics_and_skips_garbage()
     assert value(s, "din_rejects_total", stage="admission", reason="rate_limited") == 1
     assert value(s, "din_telemetry_invalid_events_total", source="admission") == 1
     assert value(s, "din_telemetry_invalid_events_total", source="scheduling") == 1
+
+
+def test_scaling_decisions_give_each_pool_its_desired_size_the_cost_and_the_cold_starts():
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
+
+    def decision(action, after, at_ms, **kw):
+        return ScalingDecisionV1(site="cloud", pool="small", models=["digits-small"], action=action,
+                                 executors_before=after - 1, executors_after=after, reason="r",
+                                 cost_per_hour=after * 1.5, provider="local", at_ms=at_ms, **kw)
+
+    metrics.observe_scaling(decision("scale_out", 2, 10.0))
+    metrics.observe_scaling(decision("started", 2, 20.0, cold_start_ms=2500.0))
+    metrics.observe_scaling(decision("scale_out", 1, 5.0))
+    s = scrape(metrics)
+    assert value(s, "din_pool_desired_executors", site="cloud", pool="small") == 2, "an older decision is not newer"
+    assert value(s, "din_pool_cost_per_hour") == 3.0
+    assert value(s, "din_pool_decisions_total", site="cloud", pool="small", action="scale_out") == 2
+    assert value(s, "din_pool_cold_start_seconds_count", site="cloud", pool="small") == 1
 
 
 def test_an_alert_is_described_in_one_line():
