@@ -3,8 +3,8 @@
 ``size_pools`` takes every pool's ``PoolView`` (what it runs now, what it saw, when it last changed) and returns
 a ``Verdict`` per pool: the size it should have and why. The rules, in order:
 
-1. **From zero**: a pool at 0, with no other executor of its models at its site, starts one when its models are
-   asked for (a refusal for want of capacity, or a job seen at the site).
+1. **From zero**: a pool at 0, with no other executor of its models at its site, starts one when requests for
+   its models wait (the scheduler holds them, ``awaiting_executor``) or are refused for want of capacity.
 2. **Out**: the site's executors of the pool's models are needed at ``ceil(busy / target_utilisation)`` (busy:
    executors' worth of compute over the window); a pool grows to cover what its site lacks, or by one when jobs
    wait in executors' queues past ``max_wait_ms``, or when requests are refused for capacity while its executors
@@ -12,7 +12,8 @@ a ``Verdict`` per pool: the size it should have and why. The rules, in order:
    ``scale_out_cooldown_s`` of its last growth.
 3. **In**: below ``scale_in_utilisation`` per executor, nothing waiting and nothing refused, a pool gives back one
    executor, if the rest would still be under ``target_utilisation`` (the band between the two is the
-   hysteresis); not within ``scale_in_cooldown_s`` of its last change. A burst pool gives back first: an on-prem
+   hysteresis); not within ``scale_in_cooldown_s`` of its last change. It keeps its last executor when that is
+   the only one of its models at its site (only rule 4 stops it); a burst pool gives back all it can. A burst pool gives back first: an on-prem
    pool of the same model waits while a burst pool of it runs above its min.
 4. **To zero**: a pool with ``min: 0`` whose models saw nothing for ``idle_to_zero_s`` stops its last executor.
 Pools at one site serving one model share its need: what a pool is granted in a look counts as already
@@ -74,9 +75,9 @@ def _wants_out(view: PoolView, spec: ScalingSpec, now_s: float) -> Verdict | Non
     if view.last_out_s is not None and now_s - view.last_out_s < spec.scale_out_cooldown_s:
         return None
     if total == 0:
-        if s.refused_per_s > 0 or s.completions_per_s > 0:
-            return Verdict(1, f"cold start: {s.refused_per_s:g}/s refused for capacity, "
-                              f"{s.completions_per_s:g}/s served, no executor of the models here")
+        if s.refused_per_s > 0:
+            return Verdict(1, f"cold start: {s.refused_per_s:g}/s waiting or refused for capacity, no executor "
+                              "of the models here")
         return None
     needed = _needed(s, spec.target_utilisation)
     if needed > total:
@@ -97,7 +98,8 @@ def _wants_in(view: PoolView, spec: ScalingSpec, now_s: float) -> Verdict | None
         return None
     if view.pool.min == 0 and s.idle_s is not None and s.idle_s >= spec.idle_to_zero_s:
         return Verdict(0, f"idle for {s.idle_s:g} s (idle_to_zero_s {spec.idle_to_zero_s:g})")
-    if view.wanted <= view.pool.min or s.refused_per_s > 0 or s.queue_wait_ms > spec.max_wait_ms / 2:
+    floor = view.pool.min if view.burst or view.fixed else max(1, view.pool.min)
+    if view.wanted <= floor or s.refused_per_s > 0 or s.queue_wait_ms > spec.max_wait_ms / 2:
         return None
     if s.busy / total < spec.scale_in_utilisation and (total == 1 or s.busy / (total - 1) < spec.target_utilisation):
         return Verdict(view.wanted - 1, f"executors {s.busy / total:.3g} busy each (below "

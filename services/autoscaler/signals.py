@@ -12,11 +12,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, SchedulingDecisionV1
-from din.shared.contracts.scaling import PoolSignalsV1
+from din.shared.contracts.scaling import AWAITING_EXECUTOR, PoolSignalsV1
 from din.shared.errors import ErrorCode
 
-CAPACITY_REFUSALS = frozenset({ErrorCode.OVERLOADED.value, ErrorCode.NO_ELIGIBLE_EXECUTOR.value})
-"""Refusals that say the network lacked capacity for a request (not that the request was wrong)."""
+CAPACITY_REFUSALS = frozenset({ErrorCode.OVERLOADED.value, ErrorCode.NO_ELIGIBLE_EXECUTOR.value, AWAITING_EXECUTOR})
+"""Refusals that say the network lacked capacity for a request (not that the request was wrong), and the
+scheduler holding a job while a pool scales from zero."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from din.services.scheduler.coldstart import ColdStarts, Held, cold_startable
 from din.services.scheduler.federation import LinkHealth, RemoteSites, SiteDecision, choose_site, summarize
 from din.services.scheduler.inflight import InflightJob, InflightTable
 from din.services.scheduler.links import LinkTable
@@ -38,6 +39,7 @@ from din.shared.contracts.events import CompletionV1, HeartbeatV1, ProbeV1
 from din.shared.contracts.federation import SiteRosterV1, SiteSummaryV1
 from din.shared.contracts.inference import RequestHeaders
 from din.shared.contracts.job import HEADER_PREFIX, JobV1
+from din.shared.contracts.scaling import AWAITING_EXECUTOR
 from din.shared.envelope import H_SENDER, InvalidToken, SealRefused
 from din.shared.errors import DinError, ErrorCode
 from din.shared.fair_input import job_tenant
@@ -139,9 +141,11 @@ class Scheduler(Service):
         self.counts = {"scheduled": 0, "refused": 0, "degraded": 0, "redispatched": 0, "deadline_answers": 0,
                        "multi_stage": 0, "streams_interrupted": 0, "forwarded": 0,
                        "expired_on_arrival": 0, "out_of_view": 0, "taken_back": 0, "pardons": 0,
-                       "watchdog_deferred": 0, "watchdog_waits": 0}
+                       "watchdog_deferred": 0, "watchdog_waits": 0, "awaiting_executor": 0}
         self.enqueues: set[asyncio.Task] = set()
         self.news = asyncio.Event()
+        self.cold = ColdStarts()
+        self.fleet_grew = False
         self.security = PayloadSecurity.from_settings(settings)
         self.runtime.sign_with(self.security)
         if self.security.enabled:
@@ -150,6 +154,7 @@ class Scheduler(Service):
         self.verifier = ControlVerifier(self.security.agent)
         self.runtime.on_start(self.start_keys)
         self.runtime.on_start(self.start_background)
+        self.runtime.on_drain(self.release_held)
         self.runtime.on_drain(self.finish_enqueues)
 
     @property
@@ -255,6 +260,7 @@ class Scheduler(Service):
             self.log.info("discovered executor %s at %s serving %s", heartbeat.executor, heartbeat.site,
                           ", ".join(m.name for m in heartbeat.models))
             self.news.set()
+            self.fleet_grew = True
 
     async def stop_using(self, executor: str, site: str) -> None:
         """An executor at a revoked site spoke: it gets no more work, and its jobs are placed again."""
@@ -302,6 +308,38 @@ class Scheduler(Service):
         self.record(job, None, error.code.value)
         await self.runtime.answer_error(job.reply_to, error, job.request_id)
 
+    def hold_for_cold_start(self, job: JobV1, body: bytes, passthrough: dict[str, str], aad: dict[str, str]) -> bool:
+        """Hold a job no live executor can take while a pool may start one for it (``coldstart``); False when it
+        may not wait (no such pool, past its cutoff, too many held)."""
+        until = lifecycle.cutoff_ms(job.deadline_ms, self.settings.deadline_margin_ms)
+        if until <= now_ms() or not cold_startable(job, self.topology, self.sites):
+            return False
+        first = job.request_id not in self.cold.held
+        if not self.cold.hold(Held(job, body, passthrough, aad, until)):
+            return False
+        if first:
+            self.counts["awaiting_executor"] += 1
+            self.record(job, None, AWAITING_EXECUTOR)
+        return True
+
+    async def try_held(self, now: float) -> None:
+        """Held jobs: placed once an executor of their models came into view, refused at their cutoff."""
+        for held in self.cold.due(now):
+            await self.refuse(held.job, DinError(ErrorCode.NO_ELIGIBLE_EXECUTOR, "no executor of "
+                                                 f"{held.job.model} started before the deadline"))
+        if self.fleet_grew and self.cold:
+            self.fleet_grew = False
+            live = set(self.registry.models())
+            for held in self.cold.servable(live.__contains__):
+                await self.dispatch(held.job, held.body, held.passthrough, held.aad)
+
+    async def release_held(self) -> None:
+        """Stopping: the held jobs are answered ``unavailable`` (nobody else would answer them)."""
+        for held in self.cold.take_all():
+            await self.runtime.answer_error(held.job.reply_to, DinError(
+                ErrorCode.UNAVAILABLE, "the scheduler stopped while the job waited for an executor to start"),
+                held.job.request_id)
+
     async def dispatch(self, job: JobV1, body: bytes, passthrough: dict[str, str], aad: dict[str, str]) -> None:
         """Place ``job`` and send it on, or answer it with the reason it cannot run.
 
@@ -313,7 +351,9 @@ class Scheduler(Service):
                 return
             wire, sealed_headers = self.seal_for(placement.executor.site, job, body, aad)
         except DinError as error:
-            await self.refuse(job, error)
+            if not (error.code is ErrorCode.NO_ELIGIBLE_EXECUTOR and self.hold_for_cold_start(job, body, passthrough,
+                                                                                          aad)):
+                await self.refuse(job, error)
             return
         except SealRefused as error:
             await self.refuse(job, DinError(ErrorCode.INTERNAL, str(error)))
@@ -491,6 +531,8 @@ class Scheduler(Service):
                 else:
                     self.counts["watchdog_deferred"] += 1
             self.remote.expire(now_ms())
+            if self.cold:
+                await self.try_held(now_ms())
 
     async def caught_up(self) -> bool:
         """Whether every heartbeat and completion the bus had sent this scheduler by now has reached its handler

@@ -12,6 +12,10 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+AWAITING_EXECUTOR = "awaiting_executor"
+"""The reason of a scheduling decision that holds a job while a pool scales from zero (no placement yet): the
+autoscaler's cue to start an executor of the job's model."""
+
 
 class ScalingAction(StrEnum):
     """What the autoscaler did to a pool."""

@@ -26,7 +26,8 @@ ELASTIC_TOPOLOGY = {
     "sites": [
         {"name": "cloud", "role": "hub",
          "pools": [{"name": "small", "models": ["digits-small"], "min": 1, "max": 2},
-                   {"name": "broken", "models": ["digits-small"], "min": 0, "max": 1}]},
+                   {"name": "broken", "models": ["digits-small"], "min": 0, "max": 1},
+                   {"name": "large", "models": ["digits-large"], "min": 0, "max": 1}]},
         {"name": "rented", "role": "edge", "control_plane": False, "executor_hour_cost": 3.0,
          "burst": {"startup_s": 3, "max_executors": 1},
          "pools": [{"name": "small", "models": ["digits-small"], "min": 0, "max": 2}]},
@@ -123,3 +124,21 @@ async def test_an_executor_that_cannot_start_is_a_recorded_failure_backed_off_no
     detail = await network.detail("autoscaler", None)
     assert int(detail["starts_failed"]) >= 1
     assert (await pools(network))["cloud/broken"].startswith("0/")
+
+
+async def test_the_first_request_for_an_idle_model_waits_for_its_cold_start_and_the_pool_goes_back_to_zero(
+        network):
+    assert (await pools(network))["cloud/large"] == "0/0"
+    load = Load(network.hub_url, {"globex": network.token("globex")}, network.stack.nats_options())
+    async with load:
+        first = await load.request("globex", "digits-large", timeout_ms=30000)
+        outcome = await load.settle(40.0)
+        assert outcome == {"ok": 1, "unanswered": 0, "duplicated": 0}
+        await wait_pools(network, {"cloud/large": "0/0"}, timeout_s=60.0)
+    made = [d for d in await decisions(network) if d.pool == "large"]
+    actions = [d.action.value for d in made]
+    assert actions[:2] == ["scale_out", "started"] and "cold start" in made[0].reason
+    assert made[1].cold_start_ms > 0
+    assert "scale_in" in actions and actions[-1] == "stopped"
+    assert int((await network.detail("scheduler"))["awaiting_executor"]) >= 1
+    assert first

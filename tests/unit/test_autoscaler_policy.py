@@ -124,4 +124,8 @@ def test_a_pool_at_zero_starts_on_demand_unless_other_executors_cover_it():
     assert "cold start" in size_pools([cold], TOPOLOGY, 1000.0)[("cloud", "small")].reason
     covered = PoolView("cloud", cold.pool, False, 0, 1, signals(busy=0.1, executors=1))
     assert size_pools([covered], TOPOLOGY, 1000.0)[("cloud", "small")].size == 0
+    history = PoolView("cloud", cold.pool, False, 0, 0, signals(done=5.0, executors=0))
+    assert size_pools([history], TOPOLOGY, 1000.0)[("cloud", "small")].size == 0, "served before: not demand now"
+    last = PoolView("cloud", cold.pool, False, 1, 0, signals(busy=0.0, idle=1.0))
+    assert size_pools([last], TOPOLOGY, 1000.0)[("cloud", "small")].size == 1, "only idleness stops the last"
     assert rented.pools[0].min == 0
