@@ -16,7 +16,8 @@ from din.shared.naming import Topics
 
 EXIT_ERROR = 2
 KAFKA_USER = "report"
-REPORT_TOPICS = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS, Topics.ALERTS)
+REPORT_TOPICS = (Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS, Topics.ALERTS,
+                 Topics.SCALING_DECISIONS)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,19 +25,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser(
         "report",
         help="turn a recorded window into a self-contained HTML report with plots",
-        description="Reads the decisions, completions and SLA alerts recorded in a time range (or the window of "
-        "an offset range of recorded requests) and writes one HTML file: latency CDF per SLA class, throughput "
-        "per site, rejects and SLA violations over time, model mix and degradation rates. Every figure counts "
-        "requests, each once by its final outcome (the stages of a multi-stage or cascade job that handed it on "
-        "are counted apart, as stage hand-offs), and covers live traffic: what din replay sent is shown per "
-        "replay run. It loads nothing from the network when opened.",
+        description="Reads the decisions, completions, SLA alerts and autoscaler decisions recorded in a time "
+        "range (or the window of an offset range of recorded requests) and writes one HTML file: latency CDF per "
+        "SLA class, throughput per site, rejects and SLA violations over time, model mix and degradation rates, "
+        "and (when the autoscaler recorded any) elastic capacity: each pool's desired executors over time, its "
+        "decisions and cold starts. Every figure counts requests, each once by its final outcome (the stages of "
+        "a multi-stage or cascade job that handed it on are counted apart, as stage hand-offs; a job the "
+        "scheduler held while a pool scaled from zero counts by how it ended), and covers live traffic: what din "
+        "replay sent is shown per replay run. It loads nothing from the network when opened.",
     )
     add_source_arguments(report)
     report.add_argument("--out", type=Path, default=Path("din-report.html"), help="HTML file to write "
                                                                                   "(default: %(default)s)")
     report.add_argument("--title", default="DIN recorded window", help="report title")
     report.add_argument("--json", type=Path, help="also write the request counts (live, per replay run, stage "
-                                                  "hand-offs) as JSON to this file")
+                                                  "hand-offs) and the elastic capacity as JSON to this file")
     report.set_defaults(handler=cmd_report)
 
 
@@ -62,7 +65,9 @@ async def run_report(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({len(page) / 1024:.0f} KiB): {live.requests} live requests ({len(live.answered)} "
           f"answered), {traffic.replayed_requests} replayed in {len(traffic.replayed)} run(s), shown apart; "
           f"{traffic.hand_offs()} stage hand-offs of {len(window.completions)} completion records, not counted as "
-          f"completions; {len(window.alerts)} alerts")
+          f"completions; {len(window.alerts)} alerts"
+          + (f"; {len(window.scalings)} scaling decisions over {len(traffic.elastic.pools)} pool(s)"
+             if traffic.elastic is not None else ""))
     if args.json is not None:
         args.json.write_text(json.dumps(traffic.summary(), indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import shutil
@@ -14,6 +15,9 @@ from pathlib import Path
 
 from din.commands.links import links_table
 from din.commands.models import build_models
+from din.shared.bus.connect import nats_servers
+from din.shared.contracts.events import HealthV1
+from din.shared.naming import Subjects
 from din.shared.topology import load_topology
 from din.stack.brokers import (
     DEFAULT_KAFKA_LIBS,
@@ -24,6 +28,7 @@ from din.stack.brokers import (
     resolve_kafka_jars,
 )
 from din.stack.launcher import (
+    AUTOSCALER,
     DEFAULT_DIN_DIR,
     DEFAULT_MODEL_REPO,
     DEFAULT_TOPOLOGY,
@@ -37,6 +42,7 @@ from din.stack.launcher import (
     kept_data_dir,
     read_state,
     shown_path,
+    state_nats,
     state_processes_alive,
     stop_from_state,
 )
@@ -50,6 +56,8 @@ EXIT_DEGRADED = 1
 SUPERVISING = "supervising"
 """``din up`` prints a line starting with this once the stack is ready and supervised."""
 UP_LOG = "up.log"
+HEALTH_TIMEOUT_S = 2.0
+"""How long ``din status`` waits for the autoscaler's health answer."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -273,6 +281,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for p in state.get("processes", [])
     ]
     print(format_table(["SITE", "PROCESS", "PID", "STATE", "RESTARTS", "ADDRESS", "LOG"], rows))
+    scaler = next((p for p in state.get("processes", []) if p["name"] == AUTOSCALER), None)
+    if scaler is not None and scaler["pid"] in alive_pids:
+        print("\n".join(autoscaler_lines(ask_autoscaler(state, scaler["site"]))))
     url = (state.get("urls") or {}).get("toxiproxy")
     if url:
         try:
@@ -290,6 +301,59 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{len(stopped)} stopped ({', '.join(stopped)}): `din down` cleans up, then `din up`")
         return EXIT_DEGRADED
     return 0
+
+
+def pool_rows(pools: str) -> list[list[str]]:
+    """``[site, pool, ready, wanted]`` rows of the autoscaler's ``pools`` health detail
+    (``cloud/small:1/2,rented/small:0/0``); entries that do not parse are shown whole."""
+    rows = []
+    for entry in filter(None, pools.split(",")):
+        name, _, sizes = entry.rpartition(":")
+        site, _, pool = name.partition("/")
+        ready, _, wanted = sizes.partition("/")
+        rows.append([site, pool, ready, wanted] if site and pool and ready and wanted else [entry, "?", "?", "?"])
+    return rows
+
+
+def autoscaler_lines(health: HealthV1 | str) -> list[str]:
+    """What ``din status`` says of the autoscaler: each pool's ready and wanted executors, the network's executor
+    cost per hour, decisions and failed starts, from its health answer (or why there is none)."""
+    if isinstance(health, str):
+        return [f"autoscaler: {health}"]
+    detail = health.detail
+    state = "ready" if health.ready else "NOT READY"
+    lines = [f"autoscaler ({detail.get('provider', '?')} provider, {state}): executors cost "
+             f"{detail.get('cost_per_hour', '?')}/h; {detail.get('decisions', '?')} decisions, "
+             f"{detail.get('starts_failed', '?')} failed starts"]
+    rows = pool_rows(detail.get("pools", ""))
+    if rows:
+        lines += ["  " + line for line in format_table(["SITE", "POOL", "READY", "WANTED"], rows).splitlines()]
+    else:
+        lines.append("  no pools")
+    return lines
+
+
+def ask_autoscaler(state: dict, site: str, timeout_s: float = HEALTH_TIMEOUT_S) -> HealthV1 | str:
+    """The running stack's autoscaler's health answer (asked as the operator at ``site``), or why there is none."""
+    import nats
+
+    async def ask() -> HealthV1:
+        url, options = state_nats(state, site)
+        nc = await nats.connect(nats_servers(url), connect_timeout=timeout_s, allow_reconnect=False,
+                                max_reconnect_attempts=0, **options)
+        try:
+            reply = await nc.request(Subjects.health(AUTOSCALER), b"{}", timeout=timeout_s)
+        finally:
+            await nc.close()
+        return HealthV1.model_validate_json(reply.data)
+
+    try:
+        return asyncio.run(ask())
+    except (StackError, ValueError) as exc:
+        return f"no health answer ({str(exc).splitlines()[0]})"
+    except Exception as exc:  # noqa: BLE001 - no responders, timeout, refused connection: said, not raised
+        why = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+        return f"no health answer ({why})"
 
 
 def cmd_down(args: argparse.Namespace) -> int:

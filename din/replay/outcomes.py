@@ -10,7 +10,9 @@ that site's own. Only one of them says how the request ended:
   the next stage, a cascade's first step that escalated) never does: it is a stage
   figure, not a completion of the request;
 * otherwise the last (by time) of its completions that are not hand-offs and of
-  the scheduler's refusals of it (a forward to another site's scheduler is not one);
+  the scheduler's refusals of it (a forward to another site's scheduler is not one, nor
+  is ``awaiting_executor``: the scheduler holding the job while a pool scales from zero;
+  its later placement or its refusal at the deadline follows in its own record);
 * without one, admission's refusal (a hand-over to another site's admission is not one);
 * else ``no_outcome_recorded``.
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, SchedulingDecisionV1
 from din.shared.contracts.options import MAX_REQUEST_ID
+from din.shared.contracts.scaling import AWAITING_EXECUTOR
 
 NO_OUTCOME = "no_outcome_recorded"
 REPLAY_ID_PREFIX = "replay-"
@@ -70,6 +73,18 @@ def is_forward(decision: SchedulingDecisionV1) -> bool:
         decision.chosen_site is None and decision.reason.startswith("forwarded to "))
 
 
+def is_awaiting(decision: SchedulingDecisionV1) -> bool:
+    """Whether a scheduling decision holds the job while a pool scales from zero (``awaiting_executor``): not an
+    end of the request; its placement, or its refusal at the deadline, is recorded after it."""
+    return decision.chosen_site is None and decision.reason == AWAITING_EXECUTOR
+
+
+def ends_request(decision: SchedulingDecisionV1) -> bool:
+    """Whether a scheduling decision refused its request: no site chosen, and neither a forward to another site's
+    scheduler nor a hold while a pool scales from zero."""
+    return decision.chosen_site is None and not is_forward(decision) and not is_awaiting(decision)
+
+
 @dataclass
 class Outcome:
     """How one request ended; for a replayed one also how it was served (cascade escalation, split point, the
@@ -95,6 +110,8 @@ class Outcome:
     """Where it ended: ``admission``, ``scheduler``, ``executor``, or None (no outcome recorded)."""
     hand_offs: list[CompletionV1] = field(default_factory=list)
     """Its stages' completions that handed it on (stage figures, not completions of the request)."""
+    awaited_executor: bool = False
+    """The scheduler held it while a pool scaled from zero (an ``awaiting_executor`` record) before its outcome."""
 
     @property
     def run(self) -> str | None:
@@ -147,10 +164,12 @@ def final_outcomes(admissions: Iterable[AdmissionDecisionV1], schedulings: Itera
             o.code, o.stage, o.at_ms, o.count = d.reason, "admission", d.at_ms, d.count
     ends: list[tuple[float, int, SchedulingDecisionV1 | CompletionV1]] = []
     for d in schedulings:
-        if d.chosen_site is None and not is_forward(d):
+        if ends_request(d):
             ends.append((d.at_ms, 0, d))
-        else:
-            outcome(d.request_id, d.tenant, d.sla_class.value)
+            continue
+        o = outcome(d.request_id, d.tenant, d.sla_class.value)
+        if o is not None and is_awaiting(d):
+            o.awaited_executor = True
     ends.extend((c.at_ms, 1, c) for c in distinct(completions))
     for _, _, end in sorted(ends, key=lambda e: (e[0], e[1])):
         o = outcome(end.request_id, end.tenant, end.sla_class.value)

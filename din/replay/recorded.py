@@ -1,7 +1,7 @@
 """A recorded window: the requests of a range and every event recorded about them, decoded and counted.
 
 ``load_window`` reads the requests topic for the range the SRE asked for,
-then the decision, completion, heartbeat and alert topics over the time those
+then the decision, completion, heartbeat, alert and autoscaler topics over the time those
 requests were alive (from the first receipt to the last deadline). Records
 that do not decode are skipped and counted per topic; sealed requests are
 opened with the SRE's keyring when one is given, counted as undecryptable when
@@ -29,6 +29,7 @@ from din.shared.contracts.events import (
     HeartbeatV1,
     SchedulingDecisionV1,
 )
+from din.shared.contracts.scaling import ScalingDecisionV1
 from din.shared.contracts.telemetry import SlaViolationV1
 from din.shared.naming import Topics
 from din.shared.recording import CorruptRecord, RecordedRequest, open_recorded, parse_request_record
@@ -44,6 +45,7 @@ EVENT_TOPICS: dict[str, type[BaseModel]] = {
     Topics.COMPLETIONS: CompletionV1,
     Topics.HEARTBEATS: HeartbeatV1,
     Topics.ALERTS: SlaViolationV1,
+    Topics.SCALING_DECISIONS: ScalingDecisionV1,
 }
 
 
@@ -64,6 +66,8 @@ class RecordedWindow:
     completions: list[CompletionV1] = field(default_factory=list)
     heartbeats: list[HeartbeatV1] = field(default_factory=list)
     alerts: list[SlaViolationV1] = field(default_factory=list)
+    scalings: list[ScalingDecisionV1] = field(default_factory=list)
+    """The autoscaler's changes to its pools."""
     corrupt: Counter = field(default_factory=Counter)
     corrupt_examples: dict[str, str] = field(default_factory=dict)
     sealed: int = 0
@@ -211,6 +215,7 @@ def _target(window: RecordedWindow, base: str) -> list:
         Topics.COMPLETIONS: window.completions,
         Topics.HEARTBEATS: window.heartbeats,
         Topics.ALERTS: window.alerts,
+        Topics.SCALING_DECISIONS: window.scalings,
     }[base]
 
 

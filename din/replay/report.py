@@ -14,7 +14,10 @@ against their targets, rejects, alerts), then
 * requests answered over time per site (replayed traffic as its own series),
 * rejects by stage and reason, and SLA target misses and alerts, over time,
 * model mix per SLA class, and the degradation (cascade to a smaller variant) rate over time,
-* replayed traffic per run and SLA class, and the stage hand-offs.
+* replayed traffic per run and SLA class, and the stage hand-offs,
+* elastic capacity, when the autoscaler recorded decisions (``elastic.py``): each pool's desired executors over
+  time, its decisions (action, executor, size before and after, reason, cold start), counts by action, the cold
+  starts, the network's executor cost per hour, and how the requests held while a pool scaled from zero ended.
 
 SLA alerts are telemetry's, which watches all traffic (replays included).
 Everything is inline (SVG, CSS); the file loads nothing.
@@ -29,16 +32,23 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from din.replay.elastic import ACTIONS, ElasticCapacity, elastic_capacity, spread
 from din.replay.outcomes import Outcome, final_outcomes, stage_name
 from din.replay.recorded import RecordedWindow
 from din.replay.svg import bar_chart, line_chart
 from din.services.telemetry.settings import DEFAULT_SLA_TARGETS_MS
 from din.shared.contracts.inference import SlaClass
+from din.shared.contracts.scaling import ScalingAction
 
 CDF_POINTS = 400
 TARGET_BUCKETS = 60
 NICE_BUCKETS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
 MAX_REJECT_SERIES = 7
+MAX_SCALING_ROWS = 300
+"""Most scaling decisions listed in the HTML table (all of them are in ``--json``)."""
+MAX_SCALING_MARKERS = 60
+TROUBLES = {ScalingAction.START_FAILED: "#d62728", ScalingAction.REPLACED: "#ff7f0e"}
+"""Pool events marked on the desired-executors plot, with their colour."""
 REPLAYED = "replayed (all sites)"
 CLASSES = [c.value for c in SlaClass]
 
@@ -134,6 +144,7 @@ class Traffic:
             "models": dict(Counter(o.model for o in answered)),
             "by_class": by_class,
             "stage_hand_offs": dict(self.hand_offs()),
+            "awaited_executor": sum(o.count for o in self.outcomes if o.awaited_executor),
         }
 
 
@@ -144,6 +155,8 @@ class WindowTraffic:
     live: Traffic
     replayed: dict[str, Traffic]
     completion_records: int
+    elastic: ElasticCapacity | None = None
+    """The autoscaler's decisions, when it recorded any in the window."""
 
     @property
     def replayed_requests(self) -> int:
@@ -153,13 +166,16 @@ class WindowTraffic:
         return sum(self.live.hand_offs().values()) + sum(sum(t.hand_offs().values()) for t in self.replayed.values())
 
     def summary(self) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "live": self.live.summary(),
             "replayed": {run: t.summary() for run, t in sorted(self.replayed.items())},
             "replayed_requests": self.replayed_requests,
             "stage_hand_offs": self.hand_offs(),
             "completion_records": self.completion_records,
         }
+        if self.elastic is not None:
+            found["elastic_capacity"] = self.elastic.summary()
+        return found
 
 
 def window_traffic(window: RecordedWindow) -> WindowTraffic:
@@ -169,7 +185,8 @@ def window_traffic(window: RecordedWindow) -> WindowTraffic:
     replayed: dict[str, Traffic] = defaultdict(Traffic)
     for o in sorted(outcomes.values(), key=lambda o: o.at_ms or 0.0):
         (live if o.run is None else replayed[o.run]).outcomes.append(o)
-    return WindowTraffic(live, dict(replayed), len(window.completions))
+    elastic = elastic_capacity(window.scalings, outcomes.values(), window.schedulings)
+    return WindowTraffic(live, dict(replayed), len(window.completions), elastic)
 
 
 def latency_cdf(traffic: Traffic) -> dict[str, list[tuple[float, float]]]:
@@ -285,6 +302,54 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body or '<tr><td colspan=99>none</td></tr>'}</tbody></table>"
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _spread_cells(values: list[float]) -> list[str]:
+    found = spread(values)
+    return [str(found["count"]), _ms(found["median_ms"]), _ms(found["max_ms"])]
+
+
+def elastic_section(capacity: ElasticCapacity | None, start_ms: float, end_ms: float) -> str:
+    """The "Elastic capacity" section's HTML, or nothing when the autoscaler recorded no decision."""
+    if capacity is None:
+        return ""
+    decisions = capacity.decisions
+    desired = capacity.desired(start_ms, end_ms)
+    most = max((y for points in desired.values() for _, y in points), default=0.0)
+    troubles = [d for d in decisions if d.action in TROUBLES][:MAX_SCALING_MARKERS]
+    markers = [(d.at_ms, f"{d.site}/{d.pool} {d.action.value}: {d.reason}", TROUBLES[d.action]) for d in troubles]
+    plot = line_chart(desired, title="Desired executors per pool (dashed: failed starts, replacements)",
+                      x_label="time (UTC)", y_label="executors wanted", x_clock=True, step=True,
+                      y_max=max(most + 1.0, 3.0), markers=markers, width=660)
+    counts = _table(["site/pool", "burst", *ACTIONS, "cold starts", "median ms", "max ms"], [
+        [key, "yes" if p.burst else "no", *(str(p.actions().get(a, 0)) for a in ACTIONS),
+         *_spread_cells(p.cold_starts())] for key, p in sorted(capacity.pools.items())]
+        + [["all pools", "", *(str(capacity.actions().get(a, 0)) for a in ACTIONS),
+            *_spread_cells(capacity.cold_starts())]])
+    by_pool = sorted(decisions, key=lambda d: (d.site, d.pool, d.at_ms))
+    table = _table(["time", "site/pool", "action", "executor", "before→after", "reason", "cold start ms"], [
+        [_utc(d.at_ms), f"{d.site}/{d.pool}", d.action.value, d.executor or "-",
+         f"{d.executors_before}→{d.executors_after}", d.reason, _ms(d.cold_start_ms)]
+        for d in by_pool[:MAX_SCALING_ROWS]])
+    cut = (f'<p class="note">the first {MAX_SCALING_ROWS} of {len(decisions):,} decisions are listed; '
+           "din report --json has them all</p>" if len(decisions) > MAX_SCALING_ROWS else "")
+    held = _table(["held while a pool scaled from zero (live), ended", "requests"],
+                  [[k, str(v)] for k, v in sorted(capacity.held.items())])
+    cold, waits = spread(capacity.cold_starts()), spread(capacity.held_wait_ms)
+    last, peak = capacity.cost_per_hour()
+    facts = (f"{len(decisions):,} decisions over {len(capacity.pools)} pool(s); {cold['count']} cold start(s), "
+             f"median {_ms(cold['median_ms'])} ms, max {_ms(cold['max_ms'])} ms; executor cost {last:,.3f}/h "
+             f"after the last decision (at most {peak:,.3f}/h). {sum(capacity.held.values()):,} live request(s) "
+             "held while a pool scaled from zero, each counted once by its final outcome"
+             + (f" ({capacity.held_replayed:,} replayed, apart)" if capacity.held_replayed else "")
+             + (f"; {waits['count']} placed after a median wait of {_ms(waits['median_ms'])} ms, max "
+                f"{_ms(waits['max_ms'])} ms" if waits["count"] else "") + ".")
+    return (f'<h2>Elastic capacity</h2><p class="meta">{html.escape(facts)}</p>'
+            f'<div class="grid"><figure>{plot}</figure><div>{counts}{held}</div></div>{table}{cut}')
+
+
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1360px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -306,7 +371,7 @@ def render_report(window: RecordedWindow, *, title: str = "DIN recorded window",
     start = window.since_ms
     end = window.until_ms
     times = [c.at_ms for c in window.completions] + [d.at_ms for d in window.admissions] + \
-            [d.at_ms for d in window.schedulings]
+            [d.at_ms for d in window.schedulings] + [d.at_ms for d in window.scalings]
     if times:
         start, end = min(times), max(times)
     buckets = _Buckets(start, end)
@@ -392,6 +457,7 @@ def render_report(window: RecordedWindow, *, title: str = "DIN recorded window",
 {mix_table}
 <h2>Replayed traffic (din replay), per run</h2>{replay_table}
 <h2>Stage hand-offs (multi-stage and cascade jobs; not completions of requests)</h2>{hand_off_table}
+{elastic_section(traffic.elastic, start, end)}
 {notes}
 </body></html>
 """

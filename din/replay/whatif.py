@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from din.replay.outcomes import is_forward
+from din.replay.outcomes import is_awaiting, is_forward
 from din.replay.reader import ReplayError
 from din.replay.recorded import RecordedWindow
 from din.services.scheduler.inflight import InflightJob
@@ -101,10 +101,11 @@ class Placing:
 
 def placing_decisions(window: RecordedWindow) -> dict[str, SchedulingDecisionV1]:
     """The decision that placed (or refused) each request the first time: its first dispatch's decision by the
-    scheduler that kept it (a forward to another site's scheduler is not one)."""
+    scheduler that kept it (a forward to another site's scheduler is not one, nor a hold while a pool scales from
+    zero)."""
     found: dict[str, SchedulingDecisionV1] = {}
     for d in sorted(window.schedulings, key=lambda d: d.at_ms):
-        if d.attempt == 1 and not is_forward(d):
+        if d.attempt == 1 and not is_forward(d) and not is_awaiting(d):
             found.setdefault(d.request_id, d)
     return found
 

@@ -13,9 +13,10 @@ a ``Verdict`` per pool: the size it should have and why. The rules, in order:
 3. **In**: below ``scale_in_utilisation`` per executor, nothing waiting and nothing refused, a pool gives back one
    executor, if the rest would still be under ``target_utilisation`` (the band between the two is the
    hysteresis); not within ``scale_in_cooldown_s`` of its last change. It keeps its last executor when that is
-   the only one of its models at its site (only rule 4 stops it); a burst pool gives back all it can. A burst pool gives back first: an on-prem
-   pool of the same model waits while a burst pool of it runs above its min.
+   the only one of its models at its site (only rule 4 stops it); a burst pool gives back all it can, and
+   first: an on-prem pool of the same model waits while a burst pool of it runs above its min.
 4. **To zero**: a pool with ``min: 0`` whose models saw nothing for ``idle_to_zero_s`` stops its last executor.
+
 Pools at one site serving one model share its need: what a pool is granted in a look counts as already
 serving for the pools after it. Beyond their max, the rest is the shortfall:
 

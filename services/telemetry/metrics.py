@@ -33,7 +33,7 @@ from din.services.telemetry.relay import RelayLedger
 from din.shared.contracts.events import AdmissionDecisionV1, CompletionV1, HeartbeatV1, SchedulingDecisionV1
 from din.shared.contracts.federation import SiteSummaryV1
 from din.shared.contracts.inference import SlaClass
-from din.shared.contracts.scaling import ScalingDecisionV1
+from din.shared.contracts.scaling import AWAITING_EXECUTOR, ScalingDecisionV1
 from din.shared.errors import ErrorCode
 
 LATENCY_BUCKETS_S = (
@@ -111,7 +111,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("din_rejects_total", "counter", (REFUSED_BY_LABEL, "reason", "tenant", "model", "sla_class"),
                "Requests refused or failed, by the stage that gave up (admission, scheduler, executor) and why."),
     MetricSpec("din_scheduling_decisions_total", "counter", ("sla_class", "site", "model", "outcome"),
-               "Scheduler placements (outcome placed or degraded) and refusals (site and model 'none')."),
+               "Scheduler placements (outcome placed or degraded), refusals (site and model 'none') and jobs held "
+               "while a pool scales from zero (outcome awaiting; their placement or refusal is counted after)."),
     MetricSpec("din_executor_up", "gauge", ("executor", "site"),
                "1 while the executor's heartbeats arrive, 0 once it missed three."),
     MetricSpec("din_executor_utilization_ratio", "gauge", ("executor", "site"),
@@ -421,9 +422,16 @@ class TelemetryMetrics:
             self._reject(REFUSED_BY_ADMISSION, decision.reason, tenant, model, sla, decision.count)
 
     def observe_scheduling(self, decision: SchedulingDecisionV1) -> None:
-        """Count a placement or a refusal by the scheduler."""
+        """Count a placement or a refusal by the scheduler; a job held while a pool scales from zero
+        (``awaiting_executor``) is neither: it counts as ``awaiting``, and its placement or refusal follows."""
         self.events.inc(("scheduling",))
         sla = decision.sla_class.value
+        if decision.chosen_site is None and decision.reason == AWAITING_EXECUTOR:
+            self.scheduling.inc((sla, "none", "none", "awaiting"))
+            return
+        if decision.forwarded_to is not None:
+            self.scheduling.inc((sla, self.labels("site", decision.forwarded_to), "none", "forwarded"))
+            return
         if decision.chosen_site is None:
             self.scheduling.inc((sla, "none", "none", "refused"))
             self._reject(REFUSED_BY_SCHEDULER, decision.reason, self.labels("tenant", decision.tenant),

@@ -100,7 +100,7 @@ READS: dict[str, tuple[str, ...]] = {
     "replay": (Topics.REQUESTS, Topics.ADMISSION_DECISIONS, Topics.CLASSIFICATIONS, Topics.SCHEDULING_DECISIONS,
                Topics.COMPLETIONS, Topics.HEARTBEATS),
     "report": (Topics.REQUESTS, Topics.ADMISSION_DECISIONS, Topics.SCHEDULING_DECISIONS, Topics.COMPLETIONS,
-               Topics.ALERTS),
+               Topics.ALERTS, Topics.SCALING_DECISIONS),
 }
 """The base topics each user consumes: telemetry its decision feed, ``din replay`` (and ``--what-if``) and
 ``din report`` what they read. The operator reads every DIN topic (``OPERATOR_OPERATIONS``)."""

@@ -19,7 +19,7 @@ from din.shared.contracts.events import (
     SchedulingDecisionV1,
 )
 from din.shared.contracts.inference import SlaClass
-from din.shared.contracts.scaling import ScalingDecisionV1
+from din.shared.contracts.scaling import AWAITING_EXECUTOR, ScalingDecisionV1
 from din.shared.contracts.telemetry import SlaViolationV1
 from din.shared.naming import Topics
 from tests.support import ManualClock, make_heartbeat
@@ -125,6 +125,30 @@ def test_rejects_by_refusing_service_and_reason_with_unknown_reasons_folded():
     assert value(s, "din_rejects_total", stage="scheduler", reason="no_eligible_executor") == 1
     assert value(s, "din_scheduling_decisions_total", outcome="degraded", site="cloud") == 1
     assert value(s, "din_scheduling_decisions_total", outcome="refused") == 1
+
+
+def test_a_job_held_for_a_cold_start_is_awaiting_not_a_reject():
+    metrics = TelemetryMetrics(TARGETS, clock=ManualClock(1000.0))
+
+    def decision(site, reason, at_ms, model=None):
+        return SchedulingDecisionV1(
+            request_id="r", tenant="acme", mode="centralized", sla_class="interactive",
+            chosen_executor=f"{site}-pool-1" if site else None, chosen_site=site, chosen_model=model, degraded=False,
+            predicted_ms=3.0 if site else None, reason=reason, alternatives=[], attempt=1, at_ms=at_ms)
+
+    metrics.observe_scheduling(decision(None, AWAITING_EXECUTOR, 0.0))
+    s = scrape(metrics)
+    assert value(s, "din_scheduling_decisions_total", outcome="awaiting", site="none") == 1
+    assert not [x for x in s.get("din_scheduling_decisions_total", []) if x.labels["outcome"] == "refused"]
+    assert not s.get("din_rejects_total"), "a held job is not refused"
+    metrics.observe_scheduling(decision("cloud", "fastest", 900.0, "digits-small"))
+    metrics.observe_scheduling(decision(None, AWAITING_EXECUTOR, 1000.0))
+    metrics.observe_scheduling(decision(None, "no_eligible_executor", 5000.0))
+    s = scrape(metrics)
+    assert value(s, "din_scheduling_decisions_total", outcome="awaiting") == 2
+    assert value(s, "din_scheduling_decisions_total", outcome="placed", site="cloud") == 1
+    assert value(s, "din_rejects_total", stage="scheduler", reason="no_eligible_executor") == 1
+    assert value(s, "din_rejects_total") == 1, "only the refusal at the deadline is a reject"
 
 
 def test_executor_gauges_from_heartbeats_and_liveness():
