@@ -51,10 +51,12 @@ class Load:
     """Requests from the NATS server at ``url``, answered on one inbox and counted in ``tally``.
 
     ``options``: nats-py connect options; on a closed bus the operator's at that site (raw requests of any
-    tenant are answered into the operator's inboxes, its ``inbox_prefix``)."""
+    tenant are answered into the operator's inboxes, its ``inbox_prefix``). ``body``: every request's body
+    (default one zero image)."""
 
-    def __init__(self, url: str, tokens: dict[str, str], options: dict | None = None) -> None:
+    def __init__(self, url: str, tokens: dict[str, str], options: dict | None = None, body: bytes = BODY) -> None:
         self.url = url
+        self.body = body
         self.tokens = tokens
         self.options = options or {}
         self.tally = Tally()
@@ -92,7 +94,7 @@ class Load:
             headers[RequestHeaders.LABELS] = labels
         self.tally.sent.append(rid)
         self.tally.sent_at[rid] = time.perf_counter()
-        await self.nc.publish(Subjects.infer(tenant, model), BODY, reply=reply, headers=headers)
+        await self.nc.publish(Subjects.infer(tenant, model), self.body, reply=reply, headers=headers)
         return rid
 
     async def send(self, tenant: str, model: str, count: int, *, every_s: float = 0.02, **options) -> list[str]:

@@ -486,6 +486,44 @@ def _check_prefill(payload: bytes, params: Mapping[str, np.ndarray], tokens: np.
         raise RuntimeError(f"the prefill graph differs from the step by {error:g} over {len(tokens)} tokens")
 
 
+WIDE_RECIPE = ModelRecipe("digits-wide", "1", "mlp",
+                          {"hidden_layer_sizes": [3072, 3072], "max_iter": 6, "random_state": 0})
+"""A heavy digits model for benchmarks whose executors must be the bottleneck (``din bench-elastic``): ~19 M
+parameters, a few ms per image on one core; not in the zoo every run builds."""
+
+
+def build_wide_model(out_dir: Path, max_batch_size: int) -> ModelConfigV1:
+    """Train ``WIDE_RECIPE`` on the digits (deterministic, ~15 s here) into the repository at ``out_dir``, once:
+    an existing build of the same recipe and batch size is kept."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
+    recipe = WIDE_RECIPE
+    config_path = out_dir / recipe.name / CONFIG_FILE
+    stamp = hashlib.sha256(json.dumps([recipe.params, max_batch_size, ZOO_FORMAT]).encode()).hexdigest()[:16]
+    if config_path.is_file() and (out_dir / recipe.name / "_recipe").is_file() \
+            and (out_dir / recipe.name / "_recipe").read_text() == stamp:
+        return ModelConfigV1.model_validate_json(config_path.read_text())
+    split = load_digits_split()
+    estimator = make_estimator(recipe)
+    with threadpool_limits(limits=2), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        estimator.fit(split.x_train, split.y_train)
+    payload = to_onnx(estimator, recipe, "Two 3072-wide hidden layers on 8x8 digits: heavy, for benchmarks.") \
+        .SerializeToString()
+    _write_atomic(out_dir / recipe.name / recipe.version / MODEL_FILE, payload)
+    config = ModelConfigV1(
+        name=recipe.name, task=TASK, family="digits-wide", description="Wide MLP (3072, 3072) on 8x8 digits.",
+        versions=[recipe.version], inputs=INPUTS, outputs=OUTPUTS, max_batch_size=max_batch_size,
+        accuracy={recipe.version: _onnx_accuracy(payload, split.x_test, split.y_test)},
+        input_bytes_per_item=INPUT_BYTES_PER_ITEM, parameter_count=parameter_count(estimator))
+    _write_config(out_dir, config)
+    _write_atomic(out_dir / recipe.name / "_recipe", stamp.encode())
+    return config
+
+
 def _write_config(out_dir: Path, config: ModelConfigV1) -> None:
     _write_atomic(out_dir / config.name / CONFIG_FILE, config.to_json().encode())
 

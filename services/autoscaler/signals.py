@@ -37,9 +37,10 @@ class TrafficWindow:
         self._last: dict[tuple[str, str] | str, float] = {}
 
     def completion(self, event: CompletionV1, at_s: float) -> None:
-        """Count one completion (its share of its batch's compute is its busy time)."""
+        """Count one completion (its share of its batch's compute, by rows, is its busy time)."""
         compute = event.timings_ms.get("compute", 0.0)
-        done = _Done(at_s, compute / max(1, event.batch_size), event.timings_ms.get("queue", 0.0))
+        share = (event.items or 1) / max(1, event.batch_size)
+        done = _Done(at_s, compute * min(1.0, share), event.timings_ms.get("queue", 0.0))
         key = (event.site, event.model)
         self._done.setdefault(key, deque()).append(done)
         self._last[key] = max(self._last.get(key, at_s), at_s)

@@ -119,6 +119,7 @@ class AnswerWriter:
             ok=error is None,
             error_code=error.code.value if error else None,
             batch_size=result.batch_size if result else 0,
+            items=result.items if result else None,
             degraded=degraded(job, model),
             timings_ms=rounded(timings),
             at_ms=now,

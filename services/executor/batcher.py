@@ -88,6 +88,12 @@ class ItemResult:
     queue_ms: float
     compute_ms: float
 
+    @property
+    def items(self) -> int | None:
+        """Rows of the batch that were this item's (its outputs' first dimension)."""
+        first = next(iter(self.outputs.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else None
+
 
 @dataclass(frozen=True)
 class BatcherStats:

@@ -158,6 +158,9 @@ class CompletionV1(BaseModel):
     ok: bool = Field(description="True when a result was returned.")
     error_code: str | None = Field(default=None, description="Error code when not ok.")
     batch_size: int = Field(description="Size of the batch it ran in.")
+    items: int | None = Field(default=None, description="Rows of that batch that were this job's (a request may "
+                              "carry several inputs); its share of the batch's compute is items / batch_size. "
+                              "None from executors that predate it (count 1).")
     degraded: bool = Field(description="True when a smaller variant answered.")
     timings_ms: dict[str, float] = Field(description="Latency breakdown, ms.")
     at_ms: float = Field(description="Epoch ms of completion.")

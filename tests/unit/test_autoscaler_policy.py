@@ -129,3 +129,11 @@ def test_a_pool_at_zero_starts_on_demand_unless_other_executors_cover_it():
     last = PoolView("cloud", cold.pool, False, 1, 0, signals(busy=0.0, idle=1.0))
     assert size_pools([last], TOPOLOGY, 1000.0)[("cloud", "small")].size == 1, "only idleness stops the last"
     assert rented.pools[0].min == 0
+
+
+def test_a_job_of_many_rows_counts_its_rows_share_of_the_batch():
+    window = TrafficWindow(window_s=10.0)
+    window.completion(completion(compute=40.0, batch=32).model_copy(update={"items": 32}), at_s=100.0)
+    window.completion(completion(compute=40.0, batch=32), at_s=100.0)
+    seen = window.signals("cloud", ["digits-small"], executors=1, now_s=100.0)
+    assert seen.busy == pytest.approx((40.0 + 40.0 / 32) / 10_000.0)
