@@ -136,4 +136,4 @@ def test_a_job_of_many_rows_counts_its_rows_share_of_the_batch():
     window.completion(completion(compute=40.0, batch=32).model_copy(update={"items": 32}), at_s=100.0)
     window.completion(completion(compute=40.0, batch=32), at_s=100.0)
     seen = window.signals("cloud", ["digits-small"], executors=1, now_s=100.0)
-    assert seen.busy == pytest.approx((40.0 + 40.0 / 32) / 10_000.0)
+    assert seen.busy == pytest.approx((40.0 + 40.0 / 32) / 10_000.0, abs=1e-4)
