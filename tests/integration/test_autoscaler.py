@@ -11,6 +11,9 @@ the rules themselves are unit-tested in ``tests/unit/test_autoscaler_policy.py``
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -142,3 +145,20 @@ async def test_the_first_request_for_an_idle_model_waits_for_its_cold_start_and_
     assert "scale_in" in actions and actions[-1] == "stopped"
     assert int((await network.detail("scheduler"))["awaiting_executor"]) >= 1
     assert first
+
+
+async def test_a_pool_executor_killed_under_the_autoscaler_is_replaced_and_serves_again(network):
+    await wait_pools(network, {"cloud/small": "1/1"})
+    record = network.stack.run_dir / "autoscaler" / "cloud-small-1.pid.json"
+    os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
+
+    async def replaced() -> bool:
+        return any(d.action.value == "replaced" and d.executor == "cloud-small-1" for d in await decisions(network))
+
+    await wait_for(replaced, 30.0, "a replaced decision for cloud-small-1", interval=1.0)
+    await wait_pools(network, {"cloud/small": "1/1"}, timeout_s=60.0)
+    await network.wait_live_executors(1)
+    load = Load(network.hub_url, {"globex": network.token("globex")}, network.stack.nats_options())
+    async with load:
+        await load.send("globex", "digits-small", 20, every_s=0.02, timeout_ms=10000)
+        assert await load.settle(20.0) == {"ok": 20, "unanswered": 0, "duplicated": 0}
