@@ -160,11 +160,13 @@ async def test_every_dashboard_query_evaluates_against_scraped_telemetry(
             assert result.get("status") == "success", f"{title}: {expr}: {result.get('error')}"
             if not result["data"]["result"]:
                 empty.append(title)
-        # rejects, admission, scheduling and multi-stage hand-offs need events this test does not send;
-        # everything else has data
+        # rejects, admission, scheduling, multi-stage hand-offs and the autoscaler's decisions need events this
+        # test does not send; everything else has data
         assert set(empty) <= {"Rejects by stage and reason", "Admission decisions", "Scheduling decisions",
                               "Requests over their SLA target", "Invalid events (dead-lettered or skipped)",
-                              "Multi-stage hand-offs (per s) and bytes handed on (per s)"}, empty
+                              "Multi-stage hand-offs (per s) and bytes handed on (per s)",
+                              "Autoscaler: desired executors per pool, cost per hour, cold start p90 (s), changes "
+                              "per min"}, empty
     finally:
         prometheus.terminate()
         prometheus.wait(10)
