@@ -174,18 +174,14 @@ async def _capacity(load: Load, seconds: float, window: int = 8) -> float:
     return done / (time.perf_counter() - start)
 
 
-async def _running(stack: Stack, costs: dict[str, float]) -> tuple[float, int]:
-    """Executors running now, priced: the autoscaler's wanted ones per site, or the fixed fleet."""
+async def _running(stack: Stack, costs: dict[str, float], nc: nats.NATS) -> tuple[float, int]:
+    """Executors running now, priced: the autoscaler's wanted ones per site (asked over ``nc``), or the fixed
+    fleet."""
     fixed = {s.name: len(s.executors) for s in stack.topology.sites}
     if not stack.topology.elastic:
         return sum(costs[s] * n for s, n in fixed.items()), sum(fixed.values())
-    nc_url, options = stack.nats_urls["cloud"], stack.nats_options("cloud")
-    nc = await nats.connect(nc_url, **options)
-    try:
-        reply = await nc.request(Subjects.health("autoscaler"), b"", timeout=1.0)
-        pools = HealthV1.model_validate_json(reply.data).detail["pools"]
-    finally:
-        await nc.close()
+    reply = await nc.request(Subjects.health("autoscaler"), b"", timeout=1.0)
+    pools = HealthV1.model_validate_json(reply.data).detail["pools"]
     running = dict(fixed)
     for entry in filter(None, pools.split(",")):
         where, counts = entry.split(":")
@@ -209,7 +205,7 @@ async def _run_trace(stack: Stack, name: str, base: float, body: bytes) -> Fleet
             if t >= next_sample:
                 next_sample += 1.0
                 with contextlib.suppress(Exception):
-                    per_hour, executors = await _running(stack, costs)
+                    per_hour, executors = await _running(stack, costs, load.nc)
                     run.cost += per_hour / 3600.0
                     run.executor_seconds += executors
                     run.most_executors = max(run.most_executors, executors)

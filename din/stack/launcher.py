@@ -36,6 +36,7 @@ from pathlib import Path, PurePath
 
 import yaml
 
+from din.services.autoscaler.providers import recorded_executors
 from din.services.telemetry.settings import TelemetrySettings
 from din.services.telemetry.topics import ensure_topics, topic_plan
 from din.shared.bus.connect import nats_options, nats_servers
@@ -73,8 +74,9 @@ from din.stack.bus import BusCredentials
 from din.stack.processes import (
     ManagedProcess,
     StackError,
-    pid_alive,
     port_is_free,
+    same_process,
+    start_time,
     stop_all,
     terminate_group,
     wait_for_port,
@@ -787,22 +789,6 @@ def wait_nats_mesh(specs: list[NatsServerSpec], procs: list[ManagedProcess], tim
 # --------------------------------------------------------------------------- state file
 
 
-def _start_time(pid: int) -> str | None:
-    """Kernel start time of ``pid`` (Linux), to tell a pid from a later process reusing it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _same_process(pid: int, start_time: str | None) -> bool:
-    """True when ``pid`` still runs and is the process recorded with ``start_time``."""
-    if not pid_alive(pid):
-        return False
-    return start_time is None or _start_time(pid) in (None, start_time)
-
-
 def read_state(state_file: Path) -> dict | None:
     """The state of the running stack, or None when there is none."""
     try:
@@ -831,9 +817,9 @@ def state_nats(state: dict, site: str | None = None, user: str = OPERATOR_USER) 
 
 def state_processes_alive(state: dict) -> list[dict]:
     """Entries of ``state['processes']`` (and the supervisor) whose process still runs."""
-    alive = [p for p in state.get("processes", []) if _same_process(p["pid"], p.get("start_time"))]
+    alive = [p for p in state.get("processes", []) if same_process(p["pid"], p.get("start_time"))]
     sup = state.get("supervisor")
-    if sup and sup["pid"] != os.getpid() and _same_process(sup["pid"], sup.get("start_time")):
+    if sup and sup["pid"] != os.getpid() and same_process(sup["pid"], sup.get("start_time")):
         alive.append({"name": "din up (supervisor)", **sup})
     return alive
 
@@ -845,15 +831,15 @@ def stop_from_state(state_file: Path, timeout_s: float = 10.0) -> list[str]:
         return []
     stopped = []
     sup = state.get("supervisor")
-    if sup and sup["pid"] != os.getpid() and _same_process(sup["pid"], sup.get("start_time")):
+    if sup and sup["pid"] != os.getpid() and same_process(sup["pid"], sup.get("start_time")):
         # A foreground `din up` stops its own processes cleanly on SIGTERM.
         os.kill(sup["pid"], signal.SIGTERM)
         deadline = time.monotonic() + timeout_s * 3
-        while time.monotonic() < deadline and _same_process(sup["pid"], sup.get("start_time")):
+        while time.monotonic() < deadline and same_process(sup["pid"], sup.get("start_time")):
             time.sleep(0.1)
         stopped.append("din up (supervisor)")
     for entry in reversed(state.get("processes", [])):
-        if _same_process(entry["pid"], entry.get("start_time")):
+        if same_process(entry["pid"], entry.get("start_time")):
             terminate_group(entry["pid"], timeout_s)
             stopped.append(entry["name"])
     stopped += _stop_left_pool_executors(state)
@@ -863,16 +849,11 @@ def stop_from_state(state_file: Path, timeout_s: float = 10.0) -> list[str]:
 
 def _stop_left_pool_executors(state: dict) -> list[str]:
     """Pool executors an autoscaler left running (it was killed, so it could not drain them itself)."""
-    stopped = []
     run_dir = state.get("run_dir")
-    for record in sorted(Path(run_dir, AUTOSCALER_STATE).glob("*.pid.json")) if run_dir else []:
-        with contextlib.suppress(ValueError, KeyError, OSError):
-            held = json.loads(record.read_text())
-            if _same_process(held["pid"], held.get("start_time")):
-                terminate_group(held["pid"])
-                stopped.append(f"executor-{record.name.removesuffix('.pid.json')}")
-        record.unlink(missing_ok=True)
-    return stopped
+    left = recorded_executors(Path(run_dir, AUTOSCALER_STATE), forget=True) if run_dir else {}
+    for pid in left.values():
+        terminate_group(pid)
+    return [f"executor-{executor_id}" for executor_id in left]
 
 
 # --------------------------------------------------------------------------- the stack
@@ -1316,7 +1297,7 @@ class Stack:
         """What ``din status`` and ``din down`` need to find this stack again."""
         sup = None
         if self.supervisor_pid is not None:
-            sup = {"pid": self.supervisor_pid, "start_time": _start_time(self.supervisor_pid)}
+            sup = {"pid": self.supervisor_pid, "start_time": start_time(self.supervisor_pid)}
         return {
             "version": 1,
             "started_at": self._started_at,
@@ -1343,7 +1324,7 @@ class Stack:
                     "name": row.process,
                     "site": row.site,
                     "pid": row.pid,
-                    "start_time": _start_time(row.pid) if row.pid else None,
+                    "start_time": start_time(row.pid) if row.pid else None,
                     "address": row.address,
                     "log": str(row.log),
                     "restarts": row.restarts,

@@ -129,6 +129,22 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def start_time(pid: int) -> str | None:
+    """Kernel start time of ``pid`` (Linux), to tell a pid from a later process reusing it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def same_process(pid: int, started: str | None) -> bool:
+    """True when ``pid`` still runs and is the process recorded with start time ``started``."""
+    if not pid_alive(pid):
+        return False
+    return started is None or start_time(pid) in (None, started)
+
+
 def _wait_gone(pid: int, timeout_s: float) -> bool:
     """Wait up to ``timeout_s`` for ``pid`` to exit, reaping it when it is our child."""
     deadline = time.monotonic() + timeout_s

@@ -236,12 +236,13 @@ class Autoscaler(Service):
     async def observe_fleet(self, now: float) -> None:
         """Move every held executor on: ready, failed, lost, or gone."""
         held = [(fleet, slot) for fleet in self.fleets.values() for slot in list(fleet.slots.values())]
-        asking = [(f, s) for f, s in held if s.phase is Phase.STARTING
-                  or self.provider.liveness(s.executor_id) is Liveness.UNKNOWN]
-        answers = await asyncio.gather(*(self.ready(s.executor_id) for _, s in asking))
-        ready = {s.executor_id for (_, s), ok in zip(asking, answers, strict=True) if ok}
+        liveness = {slot.executor_id: self.provider.liveness(slot.executor_id) for _, slot in held}
+        asking = [s.executor_id for _, s in held if s.phase is Phase.STARTING
+                  or liveness[s.executor_id] is Liveness.UNKNOWN]
+        answers = await asyncio.gather(*(self.ready(executor_id) for executor_id in asking))
+        ready = {executor_id for executor_id, ok in zip(asking, answers, strict=True) if ok}
         for fleet, slot in held:
-            alive = self.provider.liveness(slot.executor_id)
+            alive = liveness[slot.executor_id]
             if slot.phase is Phase.STARTING:
                 if alive is Liveness.EXITED:
                     self.start_failed(fleet, slot.executor_id, "its process exited before it was ready", now)

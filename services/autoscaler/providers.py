@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from din.stack.processes import pid_alive
+from din.stack.processes import pid_alive, same_process, start_time
 
 
 class ProviderError(RuntimeError):
@@ -85,11 +85,23 @@ class KedaScaled:
         return None
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+PID_RECORD = ".pid.json"
+"""Each started executor's record in the state folder: ``<executor id>.pid.json``, its pid and start time."""
+
+
+def recorded_executors(state_dir: Path, *, forget: bool = False) -> dict[str, int]:
+    """The executors recorded in ``state_dir`` that still run, by id, with their pids; the records of gone ones
+    are removed (all of them with ``forget``)."""
+    running = {}
+    for record in sorted(Path(state_dir).glob(f"*{PID_RECORD}")):
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            held = json.loads(record.read_text())
+            if same_process(held["pid"], held.get("start_time")):
+                running[record.name.removesuffix(PID_RECORD)] = held["pid"]
+                if not forget:
+                    continue
+        record.unlink(missing_ok=True)
+    return running
 
 
 class LocalProcesses:
@@ -106,15 +118,7 @@ class LocalProcesses:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.cwd = cwd
         self._children: dict[str, subprocess.Popen] = {}
-        self._adopted: dict[str, int] = {}
-        for record in self.state_dir.glob("*.pid.json"):
-            executor_id = record.name.removesuffix(".pid.json")
-            with contextlib.suppress(ValueError, KeyError, OSError):
-                held = json.loads(record.read_text())
-                if pid_alive(held["pid"]) and _start_time(held["pid"]) == held.get("start_time"):
-                    self._adopted[executor_id] = held["pid"]
-                    continue
-            record.unlink(missing_ok=True)
+        self._adopted: dict[str, int] = recorded_executors(self.state_dir)
 
     @classmethod
     def from_file(cls, environments: Path, state_dir: Path, log_dir: Path | None = None) -> LocalProcesses:
@@ -143,8 +147,8 @@ class LocalProcesses:
             log.close()
         self._children[executor_id] = child
         self._adopted.pop(executor_id, None)
-        record = {"pid": child.pid, "start_time": _start_time(child.pid)}
-        (self.state_dir / f"{executor_id}.pid.json").write_text(json.dumps(record))
+        record = {"pid": child.pid, "start_time": start_time(child.pid)}
+        (self.state_dir / f"{executor_id}{PID_RECORD}").write_text(json.dumps(record))
 
     def _signal(self, executor_id: str, sig: signal.Signals) -> None:
         pid = self._pid(executor_id)
@@ -178,7 +182,7 @@ class LocalProcesses:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=0.5)
         self._adopted.pop(executor_id, None)
-        (self.state_dir / f"{executor_id}.pid.json").unlink(missing_ok=True)
+        (self.state_dir / f"{executor_id}{PID_RECORD}").unlink(missing_ok=True)
 
     def adopted(self) -> list[str]:
         return sorted(self._adopted)

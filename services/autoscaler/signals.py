@@ -63,9 +63,12 @@ class TrafficWindow:
 
     def _trim(self, now_s: float) -> None:
         start = now_s - self.window_s
-        for queue in (*self._done.values(), *self._refused.values()):
-            while queue and (queue[0].at_s if isinstance(queue[0], _Done) else queue[0][0]) < start:
-                queue.popleft()
+        for done in self._done.values():
+            while done and done[0].at_s < start:
+                done.popleft()
+        for refused in self._refused.values():
+            while refused and refused[0][0] < start:
+                refused.popleft()
 
     def signals(self, site: str, models: Iterable[str], executors: int, now_s: float) -> PoolSignalsV1:
         """The figures of ``models`` at ``site`` over the window (``executors``: how many serve them there)."""
