@@ -283,8 +283,15 @@ class KafkaStore:
         self.marker.write_text(json.dumps({"secure": secure}) + "\n")
 
     def size_bytes(self) -> int:
-        """Bytes the kept log takes on disk."""
-        return sum(f.stat().st_size for f in self.log_dir.rglob("*") if f.is_file()) if self.log_dir.exists() else 0
+        """Bytes the kept log takes on disk; a running broker renames and deletes files while this walks them."""
+        total = 0
+        for folder, _, files in os.walk(self.log_dir):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:
+                    continue
+        return total
 
 
 @dataclass
